@@ -1,0 +1,2 @@
+//! ka-core: the ka cloning protocol as pure state machines.
+#![forbid(unsafe_code)]

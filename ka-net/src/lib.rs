@@ -1,0 +1,1 @@
+//! ka-net: the tokio shell and data plane of ka.

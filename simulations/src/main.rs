@@ -1,0 +1,2 @@
+//! Deterministic many-node simulations of the ka protocol.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Shared helpers for ka's integration tests.
