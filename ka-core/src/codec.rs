@@ -1,4 +1,29 @@
-//! The wire codec of control messages.
+//! The wire codec: every control message and the handshake of a data connection.
+//!
+//! A frame is `[length: u32 BE][tag: u8][body]`, where `length` counts the tag
+//! and the body and never exceeds [`MAX_FRAME`]. Integers are big-endian,
+//! strings are a `u16` length then UTF-8 bounded by [`MAX_STRING`], lists a
+//! `u16` count checked against the bytes that remain before anything is
+//! allocated. So decoding arbitrary bytes never panics, and never allocates
+//! more than one frame's worth. The protocol version travels in the messages
+//! that open a conversation ([`Message::Challenge`], [`Message::Join`],
+//! [`Message::DataHello`]), so a peer of another version is refused with a
+//! reason instead of being misread.
+
+use bytes::{Buf, BufMut, BytesMut};
+use core::fmt;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::ids::{Epoch, NodeId};
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The largest frame (tag and body) a peer may send.
+pub const MAX_FRAME: usize = 64 * 1024;
+/// The longest string field in bytes.
+pub const MAX_STRING: usize = 1024;
+/// Size of the length prefix.
+const LEN_PREFIX: usize = 4;
 
 /// Why bytes could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -7,12 +32,731 @@ pub enum DecodeError {
     #[error("incomplete frame")]
     Incomplete,
     /// A tag this version does not know.
-    #[error("unknown tag {0}")]
+    #[error("unknown message tag {0}")]
     UnknownTag(u8),
-    /// A length above the fixed bound.
-    #[error("length {0} exceeds the bound")]
+    /// A length above its fixed bound.
+    #[error("length {0} exceeds the protocol bound")]
     TooLong(u64),
     /// A structurally invalid value.
     #[error("invalid frame: {0}")]
     Invalid(&'static str),
+}
+
+macro_rules! bytes32 {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+        pub struct $name(pub [u8; 32]);
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}(", stringify!($name))?;
+                for b in &self.0[..4] {
+                    write!(f, "{b:02x}")?;
+                }
+                write!(f, "…)")
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                for b in &self.0 {
+                    write!(f, "{b:02x}")?;
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+bytes32!(
+    /// A fresh random challenge a server sends so a proof cannot be replayed.
+    Nonce
+);
+bytes32!(
+    /// A keyed MAC proving knowledge of the session secret.
+    Tag
+);
+bytes32!(
+    /// The keyed BLAKE3 digest of a logical image.
+    Digest
+);
+
+/// Why a join, a data connection or a request was refused. The code lets the
+/// shell pick an exit status; the detail is for the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalCode {
+    /// The peer speaks another protocol version.
+    VersionMismatch,
+    /// The peer asked for another session.
+    WrongSession,
+    /// The proof of the session secret did not verify.
+    BadProof,
+    /// The session already has every node it waits for.
+    SessionFull,
+    /// Another live node already uses this name.
+    NameInUse,
+    /// The data a rejoining node lacks can no longer be served to it.
+    CannotResume,
+    /// The session ended or was aborted.
+    SessionOver,
+    /// A data connection for a node or epoch this peer does not expect.
+    NotExpected,
+}
+
+impl RefusalCode {
+    const ALL: [RefusalCode; 8] = [
+        RefusalCode::VersionMismatch,
+        RefusalCode::WrongSession,
+        RefusalCode::BadProof,
+        RefusalCode::SessionFull,
+        RefusalCode::NameInUse,
+        RefusalCode::CannotResume,
+        RefusalCode::SessionOver,
+        RefusalCode::NotExpected,
+    ];
+
+    fn code(self) -> u8 {
+        Self::ALL.iter().position(|c| *c == self).expect("listed") as u8
+    }
+}
+
+/// A refusal with its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// What kind of refusal.
+    pub code: RefusalCode,
+    /// A sentence for the operator saying what to do.
+    pub detail: String,
+}
+
+/// Who a node takes its data from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upstream {
+    /// The upstream node, or `None` for the source itself.
+    pub node: Option<NodeId>,
+    /// Where its data port listens.
+    pub addr: SocketAddr,
+}
+
+/// A node's identity and options as it joins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Join {
+    /// The protocol version the node speaks.
+    pub version: u16,
+    /// The session it wants to join.
+    pub session: String,
+    /// Its name, unique in the session (hostname or inventory name).
+    pub name: String,
+    /// Its MAC address, for the report and the boot-mode flip.
+    pub mac: [u8; 6],
+    /// Where its own data port listens for its downstream.
+    pub data_addr: SocketAddr,
+    /// It waits for the source's release before leaving (the original `-w`).
+    pub wait_release: bool,
+    /// Its sink can be read back (file, block device), so it can serve any
+    /// offset it has written; otherwise it serves only from a bounded ring.
+    pub readable: bool,
+    /// The contiguous prefix it already holds (non-zero after a restart).
+    pub have: u64,
+    /// MAC over the server's nonce, the session and the name.
+    pub proof: Tag,
+}
+
+/// Where a node's data stands, sent periodically; it doubles as the heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// End of the contiguous prefix received from upstream.
+    pub received: u64,
+    /// End of the contiguous prefix written to the sink.
+    pub written: u64,
+    /// The lowest offset it can still serve to a downstream.
+    pub holds_from: u64,
+}
+
+/// Every message of the protocol, control and data handshake alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Server → client, first on every connection: version and a fresh nonce.
+    Challenge {
+        /// The server's protocol version.
+        version: u16,
+        /// The nonce the client's proof must cover.
+        nonce: Nonce,
+    },
+    /// Node → source: ask for a place in the session.
+    Join(Join),
+    /// Source → node: admitted.
+    Welcome {
+        /// The node's identifier for the session.
+        node: NodeId,
+        /// How often the node must report progress (its heartbeat), in ms.
+        heartbeat_ms: u32,
+        /// Silence after which either side declares the other gone, in ms.
+        dead_after_ms: u32,
+    },
+    /// Any server → client: refused, with the reason.
+    Refused(Refusal),
+    /// Source → node: where to take data from and whom to serve.
+    Topology {
+        /// The topology generation this instruction belongs to.
+        epoch: Epoch,
+        /// Who feeds this node, or `None` while it waits for a place.
+        upstream: Option<Upstream>,
+        /// The nodes this node must accept and serve.
+        downstreams: Vec<NodeId>,
+    },
+    /// Source → node: the image is complete; its size and keyed digest.
+    ImageDone {
+        /// Total logical size of the image.
+        total: u64,
+        /// Keyed digest of the logical image.
+        digest: Digest,
+    },
+    /// Source → node: you may leave now.
+    Release,
+    /// Source → node: the session is over without success.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+    /// Source → node: the source is alive (sent when it has nothing else to say).
+    Heartbeat,
+    /// Node → source: data progress and heartbeat.
+    Progress(Progress),
+    /// Node → source: the node's check of its copy.
+    Verified {
+        /// Whether its digest matched.
+        ok: bool,
+        /// Why not, when not.
+        reason: String,
+    },
+    /// Node → source: the node cannot go on (disk error, sink died).
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// Operator → source: start now with the nodes present (the original `-g`).
+    Go {
+        /// The session to start.
+        session: String,
+        /// MAC over the nonce and session.
+        proof: Tag,
+    },
+    /// Source → operator: what the go did.
+    GoAck {
+        /// Whether this go started the stream (false if it had already started).
+        started: bool,
+        /// Nodes in the session.
+        nodes: u32,
+    },
+    /// Downstream → upstream, after the upstream's challenge on a data connection.
+    DataHello {
+        /// The downstream's protocol version.
+        version: u16,
+        /// The session.
+        session: String,
+        /// The downstream node.
+        node: NodeId,
+        /// The topology generation it connects for.
+        epoch: Epoch,
+        /// The offset it wants data from: its own contiguous prefix.
+        from: u64,
+        /// MAC over the nonce, session, node, epoch and offset.
+        proof: Tag,
+    },
+    /// Upstream → downstream: admitted; records from `from` follow.
+    DataAccepted {
+        /// The offset the records start at.
+        from: u64,
+    },
+}
+
+mod tag {
+    pub const CHALLENGE: u8 = 1;
+    pub const JOIN: u8 = 2;
+    pub const WELCOME: u8 = 3;
+    pub const REFUSED: u8 = 4;
+    pub const TOPOLOGY: u8 = 5;
+    pub const IMAGE_DONE: u8 = 6;
+    pub const RELEASE: u8 = 7;
+    pub const ABORT: u8 = 8;
+    pub const HEARTBEAT: u8 = 9;
+    pub const PROGRESS: u8 = 10;
+    pub const VERIFIED: u8 = 11;
+    pub const FAILED: u8 = 12;
+    pub const GO: u8 = 13;
+    pub const GO_ACK: u8 = 14;
+    pub const DATA_HELLO: u8 = 15;
+    pub const DATA_ACCEPTED: u8 = 16;
+}
+
+impl Message {
+    /// Appends this message as one frame to `out`.
+    ///
+    /// # Panics
+    /// If a string field is longer than [`MAX_STRING`] or a list longer than
+    /// fits a frame: callers build messages from bounded values, so this is a
+    /// programming error, not a peer's.
+    pub fn encode(&self, out: &mut BytesMut) {
+        let start = out.len();
+        out.put_u32(0);
+        match self {
+            Message::Challenge { version, nonce } => {
+                out.put_u8(tag::CHALLENGE);
+                out.put_u16(*version);
+                out.put_slice(&nonce.0);
+            }
+            Message::Join(j) => {
+                out.put_u8(tag::JOIN);
+                out.put_u16(j.version);
+                put_str(out, &j.session);
+                put_str(out, &j.name);
+                out.put_slice(&j.mac);
+                put_addr(out, &j.data_addr);
+                out.put_u8(u8::from(j.wait_release) | (u8::from(j.readable) << 1));
+                out.put_u64(j.have);
+                out.put_slice(&j.proof.0);
+            }
+            Message::Welcome { node, heartbeat_ms, dead_after_ms } => {
+                out.put_u8(tag::WELCOME);
+                out.put_u32(node.0);
+                out.put_u32(*heartbeat_ms);
+                out.put_u32(*dead_after_ms);
+            }
+            Message::Refused(r) => {
+                out.put_u8(tag::REFUSED);
+                out.put_u8(r.code.code());
+                put_str(out, &r.detail);
+            }
+            Message::Topology { epoch, upstream, downstreams } => {
+                out.put_u8(tag::TOPOLOGY);
+                out.put_u64(epoch.0);
+                match upstream {
+                    None => out.put_u8(0),
+                    Some(Upstream { node: None, addr }) => {
+                        out.put_u8(1);
+                        put_addr(out, addr);
+                    }
+                    Some(Upstream { node: Some(n), addr }) => {
+                        out.put_u8(2);
+                        out.put_u32(n.0);
+                        put_addr(out, addr);
+                    }
+                }
+                let count = u16::try_from(downstreams.len()).expect("downstream list fits a frame");
+                out.put_u16(count);
+                for d in downstreams {
+                    out.put_u32(d.0);
+                }
+            }
+            Message::ImageDone { total, digest } => {
+                out.put_u8(tag::IMAGE_DONE);
+                out.put_u64(*total);
+                out.put_slice(&digest.0);
+            }
+            Message::Release => out.put_u8(tag::RELEASE),
+            Message::Abort { reason } => {
+                out.put_u8(tag::ABORT);
+                put_str(out, reason);
+            }
+            Message::Heartbeat => out.put_u8(tag::HEARTBEAT),
+            Message::Progress(p) => {
+                out.put_u8(tag::PROGRESS);
+                out.put_u64(p.received);
+                out.put_u64(p.written);
+                out.put_u64(p.holds_from);
+            }
+            Message::Verified { ok, reason } => {
+                out.put_u8(tag::VERIFIED);
+                out.put_u8(u8::from(*ok));
+                put_str(out, reason);
+            }
+            Message::Failed { reason } => {
+                out.put_u8(tag::FAILED);
+                put_str(out, reason);
+            }
+            Message::Go { session, proof } => {
+                out.put_u8(tag::GO);
+                put_str(out, session);
+                out.put_slice(&proof.0);
+            }
+            Message::GoAck { started, nodes } => {
+                out.put_u8(tag::GO_ACK);
+                out.put_u8(u8::from(*started));
+                out.put_u32(*nodes);
+            }
+            Message::DataHello { version, session, node, epoch, from, proof } => {
+                out.put_u8(tag::DATA_HELLO);
+                out.put_u16(*version);
+                put_str(out, session);
+                out.put_u32(node.0);
+                out.put_u64(epoch.0);
+                out.put_u64(*from);
+                out.put_slice(&proof.0);
+            }
+            Message::DataAccepted { from } => {
+                out.put_u8(tag::DATA_ACCEPTED);
+                out.put_u64(*from);
+            }
+        }
+        let len = out.len() - start - LEN_PREFIX;
+        assert!(len <= MAX_FRAME, "frame of {len} bytes exceeds MAX_FRAME");
+        out[start..start + LEN_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+    }
+
+    /// Encodes into a fresh buffer.
+    pub fn to_bytes(&self) -> BytesMut {
+        let mut out = BytesMut::new();
+        self.encode(&mut out);
+        out
+    }
+
+    /// Takes one whole frame off the front of `buf` and decodes it.
+    ///
+    /// Returns `Ok(None)` when `buf` does not yet hold a whole frame (read
+    /// more and call again); an error means the peer is broken or hostile and
+    /// the connection should be closed. A frame that decodes with bytes left
+    /// over is an error too: a peer of this version never sends one.
+    pub fn decode(buf: &mut BytesMut) -> Result<Option<Message>, DecodeError> {
+        if buf.len() < LEN_PREFIX {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes(buf[..LEN_PREFIX].try_into().expect("4 bytes")) as usize;
+        if len > MAX_FRAME {
+            return Err(DecodeError::TooLong(len as u64));
+        }
+        if len == 0 {
+            return Err(DecodeError::Invalid("empty frame"));
+        }
+        if buf.len() < LEN_PREFIX + len {
+            return Ok(None);
+        }
+        buf.advance(LEN_PREFIX);
+        let frame = buf.split_to(len);
+        let mut r = Reader(&frame[..]);
+        let msg = r.message()?;
+        if !r.0.is_empty() {
+            return Err(DecodeError::Invalid("trailing bytes in frame"));
+        }
+        Ok(Some(msg))
+    }
+
+    /// Decodes a buffer that must hold exactly one frame.
+    pub fn decode_exact(bytes: &[u8]) -> Result<Message, DecodeError> {
+        let mut buf = BytesMut::from(bytes);
+        match Message::decode(&mut buf)? {
+            Some(m) if buf.is_empty() => Ok(m),
+            Some(_) => Err(DecodeError::Invalid("bytes after the frame")),
+            None => Err(DecodeError::Incomplete),
+        }
+    }
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    assert!(s.len() <= MAX_STRING, "string field of {} bytes exceeds MAX_STRING", s.len());
+    out.put_u16(s.len() as u16);
+    out.put_slice(s.as_bytes());
+}
+
+fn put_addr(out: &mut BytesMut, addr: &SocketAddr) {
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            out.put_u8(4);
+            out.put_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.put_u8(6);
+            out.put_slice(&ip.octets());
+        }
+    }
+    out.put_u16(addr.port());
+}
+
+/// Bounds-checked reads from one frame; every read can fail, none can panic.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        if self.0.len() < n {
+            return Err(DecodeError::Invalid("frame ends inside a field"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn bool(&mut self) -> Result<bool, DecodeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DecodeError::Invalid("boolean out of range")),
+        }
+    }
+    fn bytes32(&mut self) -> Result<[u8; 32], DecodeError> {
+        Ok(self.take(32)?.try_into().expect("32"))
+    }
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let len = self.u16()? as usize;
+        if len > MAX_STRING {
+            return Err(DecodeError::TooLong(len as u64));
+        }
+        let raw = self.take(len)?;
+        core::str::from_utf8(raw)
+            .map(str::to_owned)
+            .map_err(|_| DecodeError::Invalid("string is not UTF-8"))
+    }
+    fn addr(&mut self) -> Result<SocketAddr, DecodeError> {
+        let ip = match self.u8()? {
+            4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(self.take(4)?).expect("4"))),
+            6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(self.take(16)?).expect("16"))),
+            _ => return Err(DecodeError::Invalid("unknown address family")),
+        };
+        Ok(SocketAddr::new(ip, self.u16()?))
+    }
+
+    fn message(&mut self) -> Result<Message, DecodeError> {
+        Ok(match self.u8()? {
+            tag::CHALLENGE => Message::Challenge { version: self.u16()?, nonce: Nonce(self.bytes32()?) },
+            tag::JOIN => {
+                let version = self.u16()?;
+                let session = self.string()?;
+                let name = self.string()?;
+                let mac = self.take(6)?.try_into().expect("6");
+                let data_addr = self.addr()?;
+                let flags = self.u8()?;
+                if flags > 3 {
+                    return Err(DecodeError::Invalid("unknown join flags"));
+                }
+                Message::Join(Join {
+                    version,
+                    session,
+                    name,
+                    mac,
+                    data_addr,
+                    wait_release: flags & 1 != 0,
+                    readable: flags & 2 != 0,
+                    have: self.u64()?,
+                    proof: Tag(self.bytes32()?),
+                })
+            }
+            tag::WELCOME => Message::Welcome {
+                node: NodeId(self.u32()?),
+                heartbeat_ms: self.u32()?,
+                dead_after_ms: self.u32()?,
+            },
+            tag::REFUSED => {
+                let code = *RefusalCode::ALL
+                    .get(self.u8()? as usize)
+                    .ok_or(DecodeError::Invalid("unknown refusal code"))?;
+                Message::Refused(Refusal { code, detail: self.string()? })
+            }
+            tag::TOPOLOGY => {
+                let epoch = Epoch(self.u64()?);
+                let upstream = match self.u8()? {
+                    0 => None,
+                    1 => Some(Upstream { node: None, addr: self.addr()? }),
+                    2 => {
+                        let node = Some(NodeId(self.u32()?));
+                        Some(Upstream { node, addr: self.addr()? })
+                    }
+                    _ => return Err(DecodeError::Invalid("unknown upstream kind")),
+                };
+                let count = self.u16()? as usize;
+                // Check the count against what is left before allocating.
+                if count * 4 > self.0.len() {
+                    return Err(DecodeError::Invalid("list longer than its frame"));
+                }
+                let mut downstreams = Vec::with_capacity(count);
+                for _ in 0..count {
+                    downstreams.push(NodeId(self.u32()?));
+                }
+                Message::Topology { epoch, upstream, downstreams }
+            }
+            tag::IMAGE_DONE => Message::ImageDone { total: self.u64()?, digest: Digest(self.bytes32()?) },
+            tag::RELEASE => Message::Release,
+            tag::ABORT => Message::Abort { reason: self.string()? },
+            tag::HEARTBEAT => Message::Heartbeat,
+            tag::PROGRESS => Message::Progress(Progress {
+                received: self.u64()?,
+                written: self.u64()?,
+                holds_from: self.u64()?,
+            }),
+            tag::VERIFIED => Message::Verified { ok: self.bool()?, reason: self.string()? },
+            tag::FAILED => Message::Failed { reason: self.string()? },
+            tag::GO => Message::Go { session: self.string()?, proof: Tag(self.bytes32()?) },
+            tag::GO_ACK => Message::GoAck { started: self.bool()?, nodes: self.u32()? },
+            tag::DATA_HELLO => Message::DataHello {
+                version: self.u16()?,
+                session: self.string()?,
+                node: NodeId(self.u32()?),
+                epoch: Epoch(self.u64()?),
+                from: self.u64()?,
+                proof: Tag(self.bytes32()?),
+            },
+            tag::DATA_ACCEPTED => Message::DataAccepted { from: self.u64()? },
+            other => return Err(DecodeError::UnknownTag(other)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
+            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
+        ]
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        ".{0,40}"
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        let join = (
+            any::<u16>(),
+            text(),
+            text(),
+            any::<[u8; 6]>(),
+            addr(),
+            any::<(bool, bool)>(),
+            any::<u64>(),
+            any::<[u8; 32]>(),
+        )
+            .prop_map(|(version, session, name, mac, data_addr, (w, r), have, proof)| {
+                Message::Join(Join {
+                    version,
+                    session,
+                    name,
+                    mac,
+                    data_addr,
+                    wait_release: w,
+                    readable: r,
+                    have,
+                    proof: Tag(proof),
+                })
+            });
+        let upstream = prop_oneof![
+            Just(None),
+            addr().prop_map(|addr| Some(Upstream { node: None, addr })),
+            (any::<u32>(), addr()).prop_map(|(n, addr)| Some(Upstream { node: Some(NodeId(n)), addr })),
+        ];
+        prop_oneof![
+            (any::<u16>(), any::<[u8; 32]>()).prop_map(|(version, n)| Message::Challenge { version, nonce: Nonce(n) }),
+            join,
+            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(n, h, d)| Message::Welcome {
+                node: NodeId(n),
+                heartbeat_ms: h,
+                dead_after_ms: d
+            }),
+            (0..RefusalCode::ALL.len(), text())
+                .prop_map(|(c, detail)| Message::Refused(Refusal { code: RefusalCode::ALL[c], detail })),
+            (any::<u64>(), upstream, proptest::collection::vec(any::<u32>(), 0..20)).prop_map(|(e, upstream, d)| {
+                Message::Topology { epoch: Epoch(e), upstream, downstreams: d.into_iter().map(NodeId).collect() }
+            }),
+            (any::<u64>(), any::<[u8; 32]>()).prop_map(|(total, d)| Message::ImageDone { total, digest: Digest(d) }),
+            Just(Message::Release),
+            text().prop_map(|reason| Message::Abort { reason }),
+            Just(Message::Heartbeat),
+            any::<(u64, u64, u64)>().prop_map(|(received, written, holds_from)| Message::Progress(Progress {
+                received,
+                written,
+                holds_from
+            })),
+            (any::<bool>(), text()).prop_map(|(ok, reason)| Message::Verified { ok, reason }),
+            text().prop_map(|reason| Message::Failed { reason }),
+            (text(), any::<[u8; 32]>()).prop_map(|(session, p)| Message::Go { session, proof: Tag(p) }),
+            (any::<bool>(), any::<u32>()).prop_map(|(started, nodes)| Message::GoAck { started, nodes }),
+            (any::<u16>(), text(), any::<u32>(), any::<u64>(), any::<u64>(), any::<[u8; 32]>()).prop_map(
+                |(version, session, n, e, from, p)| Message::DataHello {
+                    version,
+                    session,
+                    node: NodeId(n),
+                    epoch: Epoch(e),
+                    from,
+                    proof: Tag(p)
+                }
+            ),
+            any::<u64>().prop_map(|from| Message::DataAccepted { from }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_message_round_trips(msg in message()) {
+            let bytes = msg.to_bytes();
+            prop_assert_eq!(Message::decode_exact(&bytes), Ok(msg));
+        }
+
+        #[test]
+        fn frames_split_anywhere_decode_the_same(msgs in proptest::collection::vec(message(), 1..5), cut in 0usize..400) {
+            let mut all = BytesMut::new();
+            for m in &msgs { m.encode(&mut all); }
+            let cut = cut.min(all.len());
+            let mut buf = BytesMut::from(&all[..cut]);
+            let mut decoded = Vec::new();
+            while let Some(m) = Message::decode(&mut buf).unwrap() { decoded.push(m); }
+            buf.extend_from_slice(&all[cut..]);
+            while let Some(m) = Message::decode(&mut buf).unwrap() { decoded.push(m); }
+            prop_assert_eq!(decoded, msgs);
+            prop_assert!(buf.is_empty());
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            // Errors are fine; panics and unbounded loops are not.
+            for _ in 0..bytes.len() + 1 {
+                match Message::decode(&mut buf) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+
+        #[test]
+        fn garbage_inside_a_valid_length_never_panics(body in proptest::collection::vec(any::<u8>(), 1..300)) {
+            let mut framed = BytesMut::new();
+            framed.put_u32(body.len() as u32);
+            framed.put_slice(&body);
+            let _ = Message::decode(&mut framed);
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_buffering() {
+        let mut buf = BytesMut::from(&((MAX_FRAME as u32) + 1).to_be_bytes()[..]);
+        assert_eq!(Message::decode(&mut buf), Err(DecodeError::TooLong(MAX_FRAME as u64 + 1)));
+    }
+
+    #[test]
+    fn huge_list_count_is_refused_without_allocating() {
+        let mut buf = BytesMut::new();
+        let body_start = {
+            buf.put_u32(0);
+            buf.len()
+        };
+        buf.put_u8(tag::TOPOLOGY);
+        buf.put_u64(1);
+        buf.put_u8(0);
+        buf.put_u16(u16::MAX);
+        let len = (buf.len() - body_start) as u32;
+        buf[..4].copy_from_slice(&len.to_be_bytes());
+        assert!(matches!(Message::decode(&mut buf), Err(DecodeError::Invalid(_))));
+    }
 }

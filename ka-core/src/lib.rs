@@ -1,5 +1,71 @@
 //! ka-core: the ka cloning protocol as pure state machines.
+//!
+//! ka clones one machine (the *source*) onto many *nodes* by streaming an
+//! image through a chain (or a tree) of TCP connections: each node writes
+//! what it receives and forwards the same bytes downstream. This crate holds
+//! the whole protocol — who joins, when to start, who feeds whom, what to do
+//! when a node dies or lags, when a copy counts as verified — and none of the
+//! I/O. It never touches a socket, a file, a thread or a clock, and bulk image
+//! bytes never pass through it: it tells the data plane which byte range to
+//! move where, and the data plane reports offsets back.
+//!
+//! # The calling contract
+//!
+//! [`source::Source`] (the coordinator, which also feeds the head of the
+//! chain) and [`node::Node`] have one shape:
+//!
+//! 1. Feed every input through a `handle_*(now, …)` method: a connection
+//!    opened or closed, a decoded [`codec::Message`] on a connection, a
+//!    progress report from the data plane, the end of the image, a disk
+//!    error, a timeout. `now` is a [`time::Time`] the caller supplies; so are
+//!    the nonces of challenges (fresh random bytes in the shell, a seeded
+//!    generator in the simulator).
+//! 2. After each input, drain the outputs until each returns `None`:
+//!    `poll_transmit()` gives `(ConnId, Message)` pairs to encode and send;
+//!    `poll_action()` gives instructions for the data plane and the shell
+//!    (serve offset O to node N on connection C, connect to the upstream,
+//!    close, read back, exit); `poll_event()` gives what happened, for logs
+//!    and the display.
+//! 3. Last, `poll_timeout()` gives the next deadline with a short reason;
+//!    call `handle_timeout(now)` when it passes. It may change after any input.
+//!
+//! Connections are named by the shell with [`ids::ConnId`]s. Every connection
+//! starts with a [`codec::Message::Challenge`] from the accepting side; the
+//! first message of the connecting side says what it is: a
+//! [`codec::Message::Join`] (a node's control connection), a
+//! [`codec::Message::DataHello`] (a data connection from a downstream, after
+//! which raw [`record`]s flow), or a [`codec::Message::Go`] (an operator).
+//! Each carries a MAC over the challenge's nonce made with the session
+//! secret ([`auth`]), so strangers are refused before they get a place or a
+//! byte.
+//!
+//! # What keeps repair always possible
+//!
+//! Offsets only flow downstream, and an upstream drops data only below what
+//! its whole subtree has acknowledged (a readable sink — file, block device —
+//! never drops anything; it serves from what it wrote). So when a node dies,
+//! its nearest live ancestor holds everything its children still lack, and
+//! [`topology::Topology::remove`] links them there; each resumes from its own
+//! offset. The source keeps history down to the lowest offset any live node
+//! still needs ([`source::SourceAction::TrimHistory`]).
+//!
+//! # Modules
+//!
+//! - [`codec`]: frames and messages; [`record`]: the data-connection framing.
+//! - [`source`], [`node`]: the two machines; [`topology`]: the tree;
+//!   [`range_set`]: offsets held; [`config`]: every timeout and policy.
+//! - [`auth`]: proofs of the secret; [`time`], [`ids`]: the value types.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+pub mod auth;
 pub mod codec;
+pub mod config;
+pub mod ids;
+pub mod node;
+pub mod range_set;
 pub mod record;
+pub mod source;
+mod timer;
+pub mod time;
+pub mod topology;

@@ -1,0 +1,117 @@
+//! Settings of the source and node machines. Every duration the protocol
+//! waits on lives here, so the shell and the simulator set them alike.
+
+use core::net::SocketAddr;
+use core::time::Duration;
+
+/// What the source does with a node that stays too slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowPolicy {
+    /// Report it and leave it where it is.
+    Keep,
+    /// Move it to the tail, so it slows nobody downstream of it.
+    MoveToTail,
+    /// Drop it from the session (reported KO), so it slows nobody at all.
+    Drop,
+}
+
+/// How the source runs a session.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// The session's name; nodes must ask for it.
+    pub session: String,
+    /// Start as soon as this many nodes have joined; more are refused.
+    pub expected_nodes: u32,
+    /// With `join_timeout`: the fewest nodes to start with when it passes.
+    pub min_nodes: u32,
+    /// Start (or abort, below `min_nodes`) this long after the source began.
+    pub join_timeout: Option<Duration>,
+    /// Children per node: 1 makes a chain, k a k-ary tree.
+    pub arity: u32,
+    /// Node names in inventory order; the chain follows it, then nodes not
+    /// listed, by address.
+    pub order: Vec<String>,
+    /// How often the source sends a heartbeat and expects one from each node.
+    pub heartbeat: Duration,
+    /// Silence after which a node is declared dead.
+    pub dead_after: Duration,
+    /// Gap between releases of nodes that wait for release (the original `-d`).
+    pub release_delay: Duration,
+    /// What to do with a node that stays too slow.
+    pub slow_policy: SlowPolicy,
+    /// A node lagging its upstream by more than this many bytes…
+    pub slow_lag: u64,
+    /// …for this long is too slow.
+    pub slow_window: Duration,
+    /// The source can re-read any offset (a file or device), so it never has
+    /// to keep history; a stream source (command, stdin) cannot.
+    pub seekable: bool,
+    /// Where the source's data port listens.
+    pub data_addr: SocketAddr,
+}
+
+impl SourceConfig {
+    /// Defaults for a session of `expected_nodes` nodes: a chain, 250 ms
+    /// heartbeats and death after 1 s of silence.
+    pub fn new(session: impl Into<String>, expected_nodes: u32, data_addr: SocketAddr) -> Self {
+        SourceConfig {
+            session: session.into(),
+            expected_nodes,
+            min_nodes: 1,
+            join_timeout: None,
+            arity: 1,
+            order: Vec::new(),
+            heartbeat: Duration::from_millis(250),
+            dead_after: Duration::from_millis(1000),
+            release_delay: Duration::ZERO,
+            slow_policy: SlowPolicy::MoveToTail,
+            slow_lag: 256 << 20,
+            slow_window: Duration::from_secs(5),
+            seekable: true,
+            data_addr,
+        }
+    }
+}
+
+/// How a node takes part in a session.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The session to join.
+    pub session: String,
+    /// This node's name.
+    pub name: String,
+    /// This node's MAC address.
+    pub mac: [u8; 6],
+    /// Where this node's data port listens.
+    pub data_addr: SocketAddr,
+    /// Stay until the source releases us (the original `-w`).
+    pub wait_release: bool,
+    /// Our sink can be read back, so we can serve any offset we wrote.
+    pub readable: bool,
+    /// Verify by reading the written target back, not only the received stream.
+    pub verify_readback: bool,
+    /// Delay before reconnecting to the source or an upstream after a loss.
+    pub reconnect_delay: Duration,
+    /// Heartbeat until the source's welcome says otherwise.
+    pub heartbeat: Duration,
+    /// Source silence after which we consider it gone, until its welcome says otherwise.
+    pub dead_after: Duration,
+}
+
+impl NodeConfig {
+    /// Defaults for a node named `name` with a readable sink.
+    pub fn new(session: impl Into<String>, name: impl Into<String>, data_addr: SocketAddr) -> Self {
+        NodeConfig {
+            session: session.into(),
+            name: name.into(),
+            mac: [0; 6],
+            data_addr,
+            wait_release: false,
+            readable: true,
+            verify_readback: false,
+            reconnect_delay: Duration::from_millis(200),
+            heartbeat: Duration::from_millis(250),
+            dead_after: Duration::from_millis(1000),
+        }
+    }
+}

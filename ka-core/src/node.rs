@@ -1,0 +1,758 @@
+//! The node side: joins a session, takes data from its upstream, serves its
+//! downstreams, checks its copy and waits to be released.
+//!
+//! The control connection (to the source) and the data connections (to the
+//! upstream, from the downstreams) live independently: losing the source does
+//! not stop the data, and losing an upstream does not lose the place.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::auth::{data_proof, join_proof, tags_equal, SessionKey};
+use crate::codec::{Digest, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, PROTOCOL_VERSION};
+use crate::config::NodeConfig;
+use crate::ids::{ConnId, Epoch, NodeId};
+use crate::range_set::RangeSet;
+use crate::source::message_name;
+use crate::time::Time;
+use crate::timer::TimerTable;
+use core::net::SocketAddr;
+use core::time::Duration;
+
+/// Where the node's control conversation with the source stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlState {
+    /// Not connected: waiting to (re)connect to the source.
+    AwaitingSource,
+    /// Connected: waiting for the source's challenge.
+    AwaitingChallenge(ConnId),
+    /// Join sent: waiting for the welcome.
+    AwaitingWelcome(ConnId),
+    /// Admitted: heartbeats flow.
+    Joined(ConnId),
+}
+
+/// Where the node's copy stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the whole image and the source's digest.
+    AwaitingImage,
+    /// Waiting for the read-back check of the written target.
+    AwaitingReadback,
+    /// Copy checked; waiting for the source's release.
+    AwaitingRelease,
+    /// Left the session: released, refused, aborted or failed.
+    Done,
+}
+
+/// An instruction for the node's shell and data plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeAction {
+    /// Open the control connection to the source; answer with
+    /// [`Node::handle_source_connected`] or [`Node::handle_connect_failed`].
+    ConnectSource,
+    /// Open a data connection to the upstream; answer with
+    /// [`Node::handle_upstream_connected`] or [`Node::handle_connect_failed`].
+    ConnectUpstream {
+        /// Where the upstream's data port listens.
+        addr: SocketAddr,
+        /// The topology generation it is for.
+        epoch: Epoch,
+    },
+    /// Records starting at `from` follow on `conn`: write them, forward them.
+    Receive {
+        /// The data connection from the upstream.
+        conn: ConnId,
+        /// The first offset that will arrive.
+        from: u64,
+    },
+    /// Serve records from `from` to a downstream on `conn`.
+    Serve {
+        /// The data connection to the downstream.
+        conn: ConnId,
+        /// The downstream.
+        node: NodeId,
+        /// The first offset to send.
+        from: u64,
+    },
+    /// Close a connection.
+    Close {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// Read the written target back and report its digest with
+    /// [`Node::handle_readback`].
+    ReadBack,
+    /// Leave: the session is over for this node.
+    Exit {
+        /// Whether this node's copy verified.
+        ok: bool,
+        /// Why it leaves.
+        reason: String,
+    },
+}
+
+/// Something that happened to the node, for its log and console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// Admitted to the session.
+    Welcomed {
+        /// Our identifier.
+        node: NodeId,
+    },
+    /// The source refused us.
+    Refused(Refusal),
+    /// Our place changed.
+    Placed {
+        /// Who feeds us now (`None`: the source; absent: nobody yet).
+        upstream: Option<Option<NodeId>>,
+        /// Whom we feed.
+        downstreams: Vec<NodeId>,
+    },
+    /// Data is flowing from the upstream, from this offset.
+    Receiving {
+        /// The offset.
+        from: u64,
+    },
+    /// The data connection to the upstream was lost or refused.
+    UpstreamLost {
+        /// Why.
+        reason: String,
+    },
+    /// The source went silent or its connection dropped.
+    SourceLost,
+    /// The copy was checked.
+    Verified {
+        /// Whether it matched the source's digest.
+        ok: bool,
+        /// Why not, when not.
+        reason: String,
+    },
+    /// We leave the session.
+    Left {
+        /// Whether our copy verified.
+        ok: bool,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpstreamConn {
+    /// Asked the shell to connect.
+    Connecting,
+    /// Connected; waiting for the upstream's challenge.
+    AwaitingChallenge(ConnId),
+    /// Hello sent; waiting for acceptance.
+    AwaitingAccept(ConnId),
+    /// Records flow.
+    Receiving(ConnId),
+}
+
+impl UpstreamConn {
+    fn conn(self) -> Option<ConnId> {
+        match self {
+            UpstreamConn::Connecting => None,
+            UpstreamConn::AwaitingChallenge(c) | UpstreamConn::AwaitingAccept(c) | UpstreamConn::Receiving(c) => Some(c),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Inbound {
+    Challenged(Nonce),
+    Serving(NodeId),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    /// Send progress (our heartbeat).
+    Heartbeat = 0,
+    /// The source has been silent too long.
+    SourceSilence = 1,
+    /// Try the source again.
+    ConnectSource = 2,
+    /// Try the upstream again.
+    ConnectUpstream = 3,
+}
+
+const TIMER_REASONS: [&str; 4] = ["heartbeat", "source silence", "reconnect to source", "reconnect to upstream"];
+
+/// The node's protocol state machine. Driven like [`crate::source::Source`]:
+/// `handle_*` in, then drain `poll_transmit`, `poll_action`, `poll_event`, and
+/// arm `poll_timeout`.
+pub struct Node {
+    config: NodeConfig,
+    key: Box<dyn SessionKey>,
+    id: Option<NodeId>,
+    control: ControlState,
+    phase: Phase,
+    heartbeat: Duration,
+    dead_after: Duration,
+    last_heard: Time,
+    epoch: Epoch,
+    upstream: Option<Upstream>,
+    upstream_conn: Option<UpstreamConn>,
+    /// Downstreams we must serve, with the epoch that assigned them to us.
+    downstreams: BTreeMap<NodeId, Epoch>,
+    inbound: BTreeMap<ConnId, Inbound>,
+    received: RangeSet,
+    written: RangeSet,
+    holds_from: u64,
+    image: Option<(u64, Digest)>,
+    stream_end: Option<(u64, Digest)>,
+    verdict: Option<Result<(), String>>,
+    timers: TimerTable<4>,
+    transmits: VecDeque<(ConnId, Message)>,
+    actions: VecDeque<NodeAction>,
+    events: VecDeque<NodeEvent>,
+}
+
+impl Node {
+    /// A node that already holds the image's first `have` bytes (0 on a fresh
+    /// target; more after a restart) and starts by connecting to its source.
+    pub fn new(now: Time, config: NodeConfig, key: Box<dyn SessionKey>, have: u64) -> Self {
+        let mut received = RangeSet::new();
+        received.insert(0..have);
+        let written = received.clone();
+        let mut node = Node {
+            heartbeat: config.heartbeat,
+            dead_after: config.dead_after,
+            config,
+            key,
+            id: None,
+            control: ControlState::AwaitingSource,
+            phase: Phase::AwaitingImage,
+            last_heard: now,
+            epoch: Epoch(0),
+            upstream: None,
+            upstream_conn: None,
+            downstreams: BTreeMap::new(),
+            inbound: BTreeMap::new(),
+            received,
+            written,
+            holds_from: 0,
+            image: None,
+            stream_end: None,
+            verdict: None,
+            timers: TimerTable::new(),
+            transmits: VecDeque::new(),
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+        };
+        node.actions.push_back(NodeAction::ConnectSource);
+        node
+    }
+
+    // ----- inputs -----
+
+    /// The control connection to the source is open.
+    pub fn handle_source_connected(&mut self, now: Time, conn: ConnId) {
+        if self.phase == Phase::Done {
+            return self.actions.push_back(NodeAction::Close { conn });
+        }
+        self.control = ControlState::AwaitingChallenge(conn);
+        self.last_heard = now;
+        self.timers.set(Timer::SourceSilence as usize, now + self.dead_after);
+    }
+
+    /// The data connection to the upstream is open.
+    pub fn handle_upstream_connected(&mut self, _now: Time, conn: ConnId) {
+        if self.upstream_conn == Some(UpstreamConn::Connecting) {
+            self.upstream_conn = Some(UpstreamConn::AwaitingChallenge(conn));
+        } else {
+            // The topology changed while connecting: this connection is for a
+            // link that no longer exists.
+            self.actions.push_back(NodeAction::Close { conn });
+        }
+    }
+
+    /// A connection attempt (to the source, or to the upstream) failed.
+    pub fn handle_connect_failed(&mut self, now: Time, to_source: bool, reason: String) {
+        if to_source {
+            if self.control == ControlState::AwaitingSource && self.phase != Phase::Done {
+                self.timers.set(Timer::ConnectSource as usize, now + self.config.reconnect_delay);
+            }
+        } else if self.upstream_conn == Some(UpstreamConn::Connecting) {
+            self.upstream_conn = None;
+            self.events.push_back(NodeEvent::UpstreamLost { reason });
+            self.timers.set(Timer::ConnectUpstream as usize, now + self.config.reconnect_delay);
+        }
+    }
+
+    /// A downstream connected to our data port; `nonce` must be fresh.
+    pub fn handle_connected(&mut self, _now: Time, conn: ConnId, nonce: Nonce) {
+        self.inbound.insert(conn, Inbound::Challenged(nonce));
+        self.transmits.push_back((conn, Message::Challenge { version: PROTOCOL_VERSION, nonce }));
+    }
+
+    /// A message arrived on `conn`.
+    pub fn handle_message(&mut self, now: Time, conn: ConnId, msg: Message) {
+        match self.control {
+            ControlState::AwaitingChallenge(c) | ControlState::AwaitingWelcome(c) | ControlState::Joined(c)
+                if c == conn =>
+            {
+                return self.on_control(now, conn, msg);
+            }
+            _ => {}
+        }
+        if self.upstream_conn.and_then(UpstreamConn::conn) == Some(conn) {
+            return self.on_upstream(now, conn, msg);
+        }
+        if let Some(&Inbound::Challenged(nonce)) = self.inbound.get(&conn) {
+            return self.on_downstream_hello(conn, nonce, msg);
+        }
+        self.close(conn);
+    }
+
+    /// A connection closed.
+    pub fn handle_closed(&mut self, now: Time, conn: ConnId) {
+        match self.control {
+            ControlState::AwaitingChallenge(c) | ControlState::AwaitingWelcome(c) | ControlState::Joined(c)
+                if c == conn =>
+            {
+                return self.lose_source(now);
+            }
+            _ => {}
+        }
+        if self.upstream_conn.and_then(UpstreamConn::conn) == Some(conn) {
+            self.upstream_conn = None;
+            if !self.has_everything() {
+                self.events.push_back(NodeEvent::UpstreamLost { reason: "data connection closed".into() });
+                self.timers.set(Timer::ConnectUpstream as usize, now + self.config.reconnect_delay);
+            }
+            return;
+        }
+        self.inbound.remove(&conn);
+    }
+
+    /// The data plane's latest offsets. Offsets only grow; smaller values are ignored.
+    pub fn handle_progress(&mut self, _now: Time, progress: Progress) {
+        self.received.insert(0..progress.received);
+        self.written.insert(0..progress.written);
+        self.holds_from = self.holds_from.max(progress.holds_from);
+    }
+
+    /// The upstream sent the end of the image; everything up to `total` is
+    /// written and flushed, and `digest` is the keyed digest of what we wrote.
+    pub fn handle_stream_end(&mut self, now: Time, total: u64, digest: Digest) {
+        self.received.insert(0..total);
+        self.written.insert(0..total);
+        self.stream_end = Some((total, digest));
+        if let Some(UpstreamConn::Receiving(c)) = self.upstream_conn {
+            self.upstream_conn = None;
+            self.actions.push_back(NodeAction::Close { conn: c });
+        }
+        self.timers.stop(Timer::ConnectUpstream as usize);
+        self.check_copy(now);
+    }
+
+    /// The read-back of the written target produced `digest`.
+    pub fn handle_readback(&mut self, now: Time, digest: Digest) {
+        if self.phase != Phase::AwaitingReadback {
+            return;
+        }
+        let expected = self.image.map(|(_, d)| d);
+        let verdict = if expected == Some(digest) {
+            Ok(())
+        } else {
+            Err("read-back digest of the written target differs from the source's: the disk did not keep what was written".into())
+        };
+        self.conclude(now, verdict);
+    }
+
+    /// The sink failed (disk error, command died): we cannot go on.
+    pub fn handle_sink_error(&mut self, _now: Time, reason: String) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        if let ControlState::Joined(c) = self.control {
+            self.transmits.push_back((c, Message::Failed { reason: reason.clone() }));
+        }
+        self.leave(false, format!("sink failed: {reason}"));
+    }
+
+    /// A deadline from [`Node::poll_timeout`] passed.
+    pub fn handle_timeout(&mut self, now: Time) {
+        if self.timers.expire(Timer::Heartbeat as usize, now) {
+            if let ControlState::Joined(c) = self.control {
+                self.transmits.push_back((c, Message::Progress(self.progress())));
+                self.timers.set(Timer::Heartbeat as usize, now + self.heartbeat);
+            }
+        }
+        if self.timers.expire(Timer::SourceSilence as usize, now) {
+            if now.saturating_since(self.last_heard) >= self.dead_after {
+                if let Some(c) = self.control_conn() {
+                    self.actions.push_back(NodeAction::Close { conn: c });
+                }
+                self.lose_source(now);
+            } else {
+                self.timers.set(Timer::SourceSilence as usize, self.last_heard + self.dead_after);
+            }
+        }
+        if self.timers.expire(Timer::ConnectSource as usize, now)
+            && self.control == ControlState::AwaitingSource
+            && self.phase != Phase::Done
+        {
+            self.actions.push_back(NodeAction::ConnectSource);
+        }
+        if self.timers.expire(Timer::ConnectUpstream as usize, now) {
+            self.connect_upstream();
+        }
+    }
+
+    // ----- outputs -----
+
+    /// The next message to send, and on which connection.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<(ConnId, Message)> {
+        self.transmits.pop_front()
+    }
+
+    /// The next instruction for the shell and data plane.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<NodeAction> {
+        self.actions.pop_front()
+    }
+
+    /// The next thing that happened.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<NodeEvent> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`Node::handle_timeout`] next, and why.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<(Time, &'static str)> {
+        if self.phase == Phase::Done {
+            return None;
+        }
+        self.timers.next().map(|(t, i)| (t, TIMER_REASONS[i]))
+    }
+
+    // ----- views -----
+
+    /// Our identifier, once admitted.
+    pub fn id(&self) -> Option<NodeId> {
+        self.id
+    }
+
+    /// The control conversation's state.
+    pub fn control(&self) -> ControlState {
+        self.control
+    }
+
+    /// Where our copy stands.
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
+    /// Our upstream, if placed.
+    pub fn upstream(&self) -> Option<Upstream> {
+        self.upstream
+    }
+
+    /// The downstreams we serve.
+    pub fn downstreams(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.downstreams.keys().copied()
+    }
+
+    /// What we have received.
+    pub fn received(&self) -> &RangeSet {
+        &self.received
+    }
+
+    /// What we have written.
+    pub fn written(&self) -> &RangeSet {
+        &self.written
+    }
+
+    /// The verdict on our copy, once checked.
+    pub fn verdict(&self) -> Option<&Result<(), String>> {
+        self.verdict.as_ref()
+    }
+
+    /// The progress we report.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            received: self.received.prefix_end(),
+            written: self.written.prefix_end(),
+            holds_from: if self.config.readable { 0 } else { self.holds_from },
+        }
+    }
+
+    // ----- internals -----
+
+    fn control_conn(&self) -> Option<ConnId> {
+        match self.control {
+            ControlState::AwaitingSource => None,
+            ControlState::AwaitingChallenge(c) | ControlState::AwaitingWelcome(c) | ControlState::Joined(c) => Some(c),
+        }
+    }
+
+    fn has_everything(&self) -> bool {
+        self.stream_end.is_some()
+    }
+
+    fn close(&mut self, conn: ConnId) {
+        self.inbound.remove(&conn);
+        self.actions.push_back(NodeAction::Close { conn });
+    }
+
+    fn lose_source(&mut self, now: Time) {
+        self.control = ControlState::AwaitingSource;
+        self.timers.stop(Timer::Heartbeat as usize);
+        self.timers.stop(Timer::SourceSilence as usize);
+        if self.phase == Phase::Done {
+            return;
+        }
+        // The data keeps flowing between nodes; only the coordination is lost.
+        self.events.push_back(NodeEvent::SourceLost);
+        self.timers.set(Timer::ConnectSource as usize, now + self.config.reconnect_delay);
+    }
+
+    fn on_control(&mut self, now: Time, conn: ConnId, msg: Message) {
+        self.last_heard = now;
+        match (self.control, msg) {
+            (ControlState::AwaitingChallenge(_), Message::Challenge { version, nonce }) => {
+                if version != PROTOCOL_VERSION {
+                    let reason = format!(
+                        "the source speaks protocol v{version}, this node v{PROTOCOL_VERSION}: run the same ka version on both"
+                    );
+                    return self.leave(false, reason);
+                }
+                let proof = join_proof(&*self.key, &nonce, &self.config.session, &self.config.name);
+                let join = Join {
+                    version: PROTOCOL_VERSION,
+                    session: self.config.session.clone(),
+                    name: self.config.name.clone(),
+                    mac: self.config.mac,
+                    data_addr: self.config.data_addr,
+                    wait_release: self.config.wait_release,
+                    readable: self.config.readable,
+                    have: self.received.prefix_end(),
+                    proof,
+                };
+                self.transmits.push_back((conn, Message::Join(join)));
+                self.control = ControlState::AwaitingWelcome(conn);
+            }
+            (ControlState::AwaitingWelcome(_), Message::Welcome { node, heartbeat_ms, dead_after_ms }) => {
+                self.id = Some(node);
+                self.heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(10)));
+                self.dead_after = Duration::from_millis(u64::from(dead_after_ms.max(50)));
+                self.control = ControlState::Joined(conn);
+                self.events.push_back(NodeEvent::Welcomed { node });
+                self.transmits.push_back((conn, Message::Progress(self.progress())));
+                self.timers.set(Timer::Heartbeat as usize, now + self.heartbeat);
+                self.timers.set(Timer::SourceSilence as usize, now + self.dead_after);
+                // A source that restarted knows nothing of us: say again what we
+                // concluded, so it need not wait.
+                if let Some(v) = self.verdict.clone() {
+                    let (ok, reason) = match v {
+                        Ok(()) => (true, String::new()),
+                        Err(e) => (false, e),
+                    };
+                    self.transmits.push_back((conn, Message::Verified { ok, reason }));
+                }
+            }
+            (_, Message::Refused(refusal)) => {
+                self.events.push_back(NodeEvent::Refused(refusal.clone()));
+                let reason = format!("refused by the source: {}", refusal.detail);
+                self.leave(false, reason);
+            }
+            (ControlState::Joined(_), Message::Topology { epoch, upstream, downstreams }) => {
+                self.on_topology(now, epoch, upstream, downstreams)
+            }
+            (ControlState::Joined(_), Message::ImageDone { total, digest }) => {
+                self.image = Some((total, digest));
+                self.check_copy(now);
+            }
+            (ControlState::Joined(_), Message::Release) => {
+                let ok = matches!(self.verdict, Some(Ok(())));
+                self.leave(ok, "released by the source".into());
+            }
+            (_, Message::Abort { reason }) => self.leave(false, format!("the source aborted: {reason}")),
+            (ControlState::Joined(_), Message::Heartbeat) => {}
+            (_, other) => {
+                let reason = format!("the source sent an unexpected {}", message_name(&other));
+                self.events.push_back(NodeEvent::UpstreamLost { reason });
+                self.actions.push_back(NodeAction::Close { conn });
+                self.lose_source(now);
+            }
+        }
+    }
+
+    fn on_topology(&mut self, _now: Time, epoch: Epoch, upstream: Option<Upstream>, downstreams: Vec<NodeId>) {
+        if epoch < self.epoch {
+            return;
+        }
+        self.epoch = epoch;
+        if upstream != self.upstream {
+            if let Some(c) = self.upstream_conn.take().and_then(UpstreamConn::conn) {
+                self.actions.push_back(NodeAction::Close { conn: c });
+            }
+            self.upstream = upstream;
+            self.timers.stop(Timer::ConnectUpstream as usize);
+            self.connect_upstream();
+        }
+        // Downstreams no longer ours lose their connection; new ones are
+        // expected from this epoch on.
+        let kept: BTreeMap<NodeId, Epoch> = downstreams
+            .iter()
+            .map(|&d| (d, self.downstreams.get(&d).copied().unwrap_or(epoch)))
+            .collect();
+        let dropped: Vec<ConnId> = self
+            .inbound
+            .iter()
+            .filter(|(_, i)| matches!(i, Inbound::Serving(n) if !kept.contains_key(n)))
+            .map(|(&c, _)| c)
+            .collect();
+        for c in dropped {
+            self.close(c);
+        }
+        self.downstreams = kept;
+        self.events.push_back(NodeEvent::Placed { upstream: upstream.map(|u| u.node), downstreams });
+    }
+
+    fn connect_upstream(&mut self) {
+        if self.has_everything() || self.phase == Phase::Done || self.upstream_conn.is_some() {
+            return;
+        }
+        if let Some(up) = self.upstream {
+            self.upstream_conn = Some(UpstreamConn::Connecting);
+            self.actions.push_back(NodeAction::ConnectUpstream { addr: up.addr, epoch: self.epoch });
+        }
+    }
+
+    fn on_upstream(&mut self, now: Time, conn: ConnId, msg: Message) {
+        match (self.upstream_conn, msg) {
+            (Some(UpstreamConn::AwaitingChallenge(_)), Message::Challenge { nonce, .. }) => {
+                let Some(id) = self.id else {
+                    return self.drop_upstream(now, conn, "connected upstream before being admitted".into());
+                };
+                let from = self.received.prefix_end();
+                let proof = data_proof(&*self.key, &nonce, &self.config.session, id, self.epoch, from);
+                let hello = Message::DataHello {
+                    version: PROTOCOL_VERSION,
+                    session: self.config.session.clone(),
+                    node: id,
+                    epoch: self.epoch,
+                    from,
+                    proof,
+                };
+                self.transmits.push_back((conn, hello));
+                self.upstream_conn = Some(UpstreamConn::AwaitingAccept(conn));
+            }
+            (Some(UpstreamConn::AwaitingAccept(_)), Message::DataAccepted { from }) => {
+                self.upstream_conn = Some(UpstreamConn::Receiving(conn));
+                self.actions.push_back(NodeAction::Receive { conn, from });
+                self.events.push_back(NodeEvent::Receiving { from });
+            }
+            (_, Message::Refused(r)) => self.drop_upstream(now, conn, format!("upstream refused us: {}", r.detail)),
+            (_, other) => self.drop_upstream(now, conn, format!("upstream sent an unexpected {}", message_name(&other))),
+        }
+    }
+
+    fn drop_upstream(&mut self, now: Time, conn: ConnId, reason: String) {
+        self.upstream_conn = None;
+        self.actions.push_back(NodeAction::Close { conn });
+        self.events.push_back(NodeEvent::UpstreamLost { reason });
+        self.timers.set(Timer::ConnectUpstream as usize, now + self.config.reconnect_delay);
+    }
+
+    fn on_downstream_hello(&mut self, conn: ConnId, nonce: Nonce, msg: Message) {
+        let Message::DataHello { version, session, node, epoch, from, proof } = msg else {
+            return self.refuse_downstream(conn, RefusalCode::NotExpected, "expected a data hello".into());
+        };
+        if version != PROTOCOL_VERSION || session != self.config.session {
+            return self.refuse_downstream(conn, RefusalCode::WrongSession, "another session or version".into());
+        }
+        if !tags_equal(&proof, &data_proof(&*self.key, &nonce, &session, node, epoch, from)) {
+            return self.refuse_downstream(conn, RefusalCode::BadProof, "data connection without the session secret".into());
+        }
+        match self.downstreams.get(&node) {
+            Some(&assigned) if epoch >= assigned => {}
+            _ => {
+                return self.refuse_downstream(conn, RefusalCode::NotExpected, format!("{node} is not our downstream at {epoch}"))
+            }
+        }
+        if !self.config.readable && from < self.holds_from {
+            return self.refuse_downstream(
+                conn,
+                RefusalCode::CannotResume,
+                format!("offset {from} has left our buffer (we hold from {})", self.holds_from),
+            );
+        }
+        // One connection per downstream: a reconnect replaces the old one.
+        let old: Vec<ConnId> = self
+            .inbound
+            .iter()
+            .filter(|(_, i)| matches!(i, Inbound::Serving(n) if *n == node))
+            .map(|(&c, _)| c)
+            .collect();
+        for c in old {
+            self.close(c);
+        }
+        self.inbound.insert(conn, Inbound::Serving(node));
+        self.transmits.push_back((conn, Message::DataAccepted { from }));
+        self.actions.push_back(NodeAction::Serve { conn, node, from });
+    }
+
+    fn refuse_downstream(&mut self, conn: ConnId, code: RefusalCode, detail: String) {
+        self.transmits.push_back((conn, Message::Refused(Refusal { code, detail })));
+        self.close(conn);
+    }
+
+    fn check_copy(&mut self, now: Time) {
+        if self.phase != Phase::AwaitingImage {
+            return;
+        }
+        let (Some((total, digest)), Some((got_total, got_digest))) = (self.image, self.stream_end) else {
+            return;
+        };
+        if got_total != total {
+            return self.conclude(now, Err(format!("received {got_total} bytes, the image has {total}")));
+        }
+        if got_digest != digest {
+            return self.conclude(now, Err("digest of the received image differs from the source's".into()));
+        }
+        if self.config.verify_readback {
+            self.phase = Phase::AwaitingReadback;
+            self.actions.push_back(NodeAction::ReadBack);
+        } else {
+            self.conclude(now, Ok(()));
+        }
+    }
+
+    fn conclude(&mut self, _now: Time, verdict: Result<(), String>) {
+        let (ok, reason) = match &verdict {
+            Ok(()) => (true, String::new()),
+            Err(e) => (false, e.clone()),
+        };
+        self.verdict = Some(verdict);
+        self.phase = Phase::AwaitingRelease;
+        self.events.push_back(NodeEvent::Verified { ok, reason: reason.clone() });
+        if let ControlState::Joined(c) = self.control {
+            self.transmits.push_back((c, Message::Verified { ok, reason }));
+        }
+    }
+
+    fn leave(&mut self, ok: bool, reason: String) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        self.phase = Phase::Done;
+        let conns: Vec<ConnId> = self
+            .control_conn()
+            .into_iter()
+            .chain(self.upstream_conn.take().and_then(UpstreamConn::conn))
+            .chain(self.inbound.keys().copied())
+            .collect();
+        self.inbound.clear();
+        for c in conns {
+            self.actions.push_back(NodeAction::Close { conn: c });
+        }
+        self.control = ControlState::AwaitingSource;
+        self.events.push_back(NodeEvent::Left { ok, reason: reason.clone() });
+        self.actions.push_back(NodeAction::Exit { ok, reason });
+    }
+}

@@ -1,0 +1,1069 @@
+//! The source side: the coordinator of a session, which also feeds the head
+//! of the chain.
+//!
+//! It admits nodes (checking version, session and proof of the secret),
+//! decides when to start, lays out the chain, watches heartbeats and
+//! progress, relinks around dead or slow nodes, collects each node's check of
+//! its copy, releases nodes and keeps the final report.
+
+use core::time::Duration;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::auth::{data_proof, go_proof, join_proof, tags_equal, SessionKey};
+use crate::codec::{Digest, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, PROTOCOL_VERSION};
+use crate::config::{SlowPolicy, SourceConfig};
+use crate::ids::{ConnId, Epoch, NodeId};
+use crate::time::Time;
+use crate::timer::TimerTable;
+use crate::topology::{Parent, Topology};
+
+/// What the source waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceState {
+    /// Waiting for nodes to join (or for a go, or the join deadline).
+    AwaitingNodes,
+    /// Streaming: waiting for every node to verify its copy.
+    Streaming,
+    /// Every node is done; waiting for the releases to go out.
+    Releasing,
+    /// The session ended; the report is final.
+    Finished,
+    /// The session was aborted; the report is final.
+    Aborted,
+}
+
+/// Why the stream started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartTrigger {
+    /// Every expected node joined.
+    AllJoined,
+    /// An operator said go.
+    Go,
+    /// The join deadline passed with enough nodes.
+    Deadline,
+}
+
+/// An instruction for the source's data plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceAction {
+    /// Begin reading the image (sent once, at start).
+    StartReading,
+    /// Stream image records to this admitted data connection, from `from`.
+    Serve {
+        /// The data connection.
+        conn: ConnId,
+        /// The node it feeds.
+        node: NodeId,
+        /// The first offset to send.
+        from: u64,
+    },
+    /// Close a connection: a refused stranger, a dead or dropped node, a child
+    /// that moved elsewhere.
+    Close {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// Image history below this offset will never be asked for again; a
+    /// stream source may free it.
+    TrimHistory {
+        /// Everything below may go.
+        below: u64,
+    },
+}
+
+/// Something that happened, for logs, the progress display and the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceEvent {
+    /// A node was admitted.
+    Joined {
+        /// Its identifier.
+        node: NodeId,
+        /// Its name.
+        name: String,
+        /// It had joined before (restart or reconnect).
+        rejoin: bool,
+    },
+    /// A connection was refused.
+    Refused {
+        /// The connection.
+        conn: ConnId,
+        /// Why.
+        refusal: Refusal,
+    },
+    /// The stream started.
+    Started {
+        /// Nodes placed.
+        nodes: u32,
+        /// Why now.
+        trigger: StartTrigger,
+    },
+    /// A node got a new upstream.
+    Relinked {
+        /// The node.
+        node: NodeId,
+        /// Its new upstream (`None`: the source).
+        upstream: Parent,
+    },
+    /// A node was declared dead.
+    Dead {
+        /// The node.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// A node stayed too slow and the policy applied.
+    Slow {
+        /// The node.
+        node: NodeId,
+        /// What was done.
+        policy: SlowPolicy,
+    },
+    /// A node reported the check of its copy.
+    Verified {
+        /// The node.
+        node: NodeId,
+        /// Whether its digest matched.
+        ok: bool,
+        /// Why not, when not.
+        reason: String,
+    },
+    /// A node reported it cannot go on.
+    Failed {
+        /// The node.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// A node was released.
+    Released {
+        /// The node.
+        node: NodeId,
+    },
+    /// The whole image has been read and its digest published.
+    ImageDone {
+        /// Its logical size.
+        total: u64,
+    },
+    /// The session ended.
+    Finished {
+        /// Nodes verified OK.
+        ok: u32,
+        /// Nodes that failed.
+        ko: u32,
+    },
+    /// The session was aborted.
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A node's line in the final report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeReport {
+    /// Its identifier.
+    pub node: NodeId,
+    /// Its name.
+    pub name: String,
+    /// Its MAC address.
+    pub mac: [u8; 6],
+    /// `Ok` once its copy verified; `Err` with the reason it failed; `None`
+    /// while undecided.
+    pub outcome: Option<Result<(), String>>,
+    /// Bytes of the image it had received, as last reported.
+    pub received: u64,
+    /// When it first joined.
+    pub joined_at: Time,
+    /// When its outcome was decided.
+    pub finished_at: Option<Time>,
+    /// How many times it was declared dead (and came back, if it is OK).
+    pub deaths: u32,
+}
+
+impl NodeReport {
+    /// Whether the node verified its copy.
+    pub fn is_ok(&self) -> bool {
+        matches!(self.outcome, Some(Ok(())))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct NodeRecord {
+    report: NodeReport,
+    data_addr: core::net::SocketAddr,
+    wait_release: bool,
+    readable: bool,
+    /// The control connection while the node is live.
+    conn: Option<ConnId>,
+    /// The data connection this source serves it on, if it is a child.
+    data_conn: Option<ConnId>,
+    progress: Progress,
+    last_heard: Time,
+    /// Since when it has lagged its upstream by more than `slow_lag`.
+    slow_since: Option<Time>,
+    /// The slow policy already acted on it.
+    slow_handled: bool,
+    released: bool,
+}
+
+impl NodeRecord {
+    fn live(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// No longer waits for anything from the stream.
+    fn settled(&self) -> bool {
+        !self.live() || self.report.outcome.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ConnRole {
+    /// Challenged; the first message decides what it is.
+    Challenged(Nonce),
+    /// A node's control connection.
+    Control(NodeId),
+    /// A data connection feeding a node.
+    Data(NodeId),
+}
+
+/// The source's timers.
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    /// Heartbeats out, liveness checks in.
+    Tick = 0,
+    /// The join deadline.
+    JoinDeadline = 1,
+    /// The next paced release.
+    Release = 2,
+}
+
+const TIMER_REASONS: [&str; 3] = ["heartbeat tick", "join deadline", "next release"];
+
+/// The source's protocol state machine.
+///
+/// Drive it like every machine of this crate: feed each input through a
+/// `handle_*` method with the current time, then drain `poll_transmit`,
+/// `poll_action` and `poll_event` until they return `None`, and arm a timer
+/// for `poll_timeout`; when it fires call `handle_timeout`.
+pub struct Source {
+    config: SourceConfig,
+    key: Box<dyn SessionKey>,
+    state: SourceState,
+    conns: BTreeMap<ConnId, ConnRole>,
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    names: BTreeMap<String, NodeId>,
+    topology: Topology,
+    epoch: Epoch,
+    image: Option<(u64, Digest)>,
+    /// How far the image has been read.
+    read: u64,
+    /// Nodes still needing data, by received offset: the minimum bounds history.
+    needy: BTreeSet<(u64, NodeId)>,
+    history_low: u64,
+    release_queue: VecDeque<NodeId>,
+    timers: TimerTable<3>,
+    next_id: u32,
+    transmits: VecDeque<(ConnId, Message)>,
+    actions: VecDeque<SourceAction>,
+    events: VecDeque<SourceEvent>,
+}
+
+impl Source {
+    /// A source that starts waiting for nodes at `now`.
+    pub fn new(now: Time, config: SourceConfig, key: Box<dyn SessionKey>) -> Self {
+        let mut timers = TimerTable::new();
+        timers.set(Timer::Tick as usize, now + config.heartbeat);
+        if let Some(t) = config.join_timeout {
+            timers.set(Timer::JoinDeadline as usize, now + t);
+        }
+        Source {
+            topology: Topology::new(config.arity),
+            config,
+            key,
+            state: SourceState::AwaitingNodes,
+            conns: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            names: BTreeMap::new(),
+            epoch: Epoch(0),
+            image: None,
+            read: 0,
+            needy: BTreeSet::new(),
+            history_low: 0,
+            release_queue: VecDeque::new(),
+            timers,
+            next_id: 1,
+            transmits: VecDeque::new(),
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    // ----- inputs -----
+
+    /// A peer connected (on the control or data port); `nonce` must be fresh
+    /// and unpredictable: the peer's proof will have to cover it.
+    pub fn handle_connected(&mut self, _now: Time, conn: ConnId, nonce: Nonce) {
+        self.conns.insert(conn, ConnRole::Challenged(nonce));
+        self.transmits.push_back((conn, Message::Challenge { version: PROTOCOL_VERSION, nonce }));
+    }
+
+    /// A message arrived on `conn`.
+    pub fn handle_message(&mut self, now: Time, conn: ConnId, msg: Message) {
+        let Some(&role) = self.conns.get(&conn) else {
+            return;
+        };
+        match (role, msg) {
+            (ConnRole::Challenged(nonce), Message::Join(join)) => self.on_join(now, conn, nonce, join),
+            (ConnRole::Challenged(nonce), Message::Go { session, proof }) => {
+                if session != self.config.session || !tags_equal(&proof, &go_proof(&*self.key, &nonce, &session)) {
+                    self.refuse(conn, RefusalCode::BadProof, "go refused: wrong session or secret".into());
+                    return;
+                }
+                let started = self.state == SourceState::AwaitingNodes && self.live_count() > 0;
+                if started {
+                    self.start(now, StartTrigger::Go);
+                }
+                let nodes = self.live_count() as u32;
+                self.transmits.push_back((conn, Message::GoAck { started, nodes }));
+                self.conns.remove(&conn);
+                self.actions.push_back(SourceAction::Close { conn });
+            }
+            (ConnRole::Challenged(nonce), Message::DataHello { version, session, node, epoch, from, proof }) => {
+                self.on_data_hello(conn, nonce, version, &session, node, epoch, from, &proof)
+            }
+            (ConnRole::Control(id), msg) => self.on_node_message(now, conn, id, msg),
+            (_, other) => {
+                let detail = format!("unexpected message {:?} at this point", message_name(&other));
+                self.refuse(conn, RefusalCode::NotExpected, detail);
+            }
+        }
+    }
+
+    /// A connection closed (or failed).
+    pub fn handle_closed(&mut self, now: Time, conn: ConnId) {
+        match self.conns.remove(&conn) {
+            Some(ConnRole::Control(id)) => {
+                let record = self.nodes.get_mut(&id).filter(|r| r.conn == Some(conn));
+                if let Some(r) = record.filter(|r| r.released) {
+                    // A released node leaving is the expected end, not a death.
+                    r.conn = None;
+                } else if self.nodes.get(&id).is_some_and(|r| r.conn == Some(conn)) {
+                    self.declare_dead(now, id, "control connection lost".into());
+                }
+            }
+            Some(ConnRole::Data(id)) => {
+                if let Some(r) = self.nodes.get_mut(&id) {
+                    if r.data_conn == Some(conn) {
+                        r.data_conn = None;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// An operator on this machine said go (the original `-g`).
+    pub fn handle_go(&mut self, now: Time) {
+        if self.state == SourceState::AwaitingNodes && self.live_count() > 0 {
+            self.start(now, StartTrigger::Go);
+        }
+    }
+
+    /// The data plane has read the image up to `offset`.
+    pub fn handle_image_progress(&mut self, _now: Time, offset: u64) {
+        self.read = self.read.max(offset);
+    }
+
+    /// The data plane reached the end of the image and computed its digest.
+    pub fn handle_image_done(&mut self, now: Time, total: u64, digest: Digest) {
+        if self.image.is_some() {
+            return;
+        }
+        self.read = total;
+        self.image = Some((total, digest));
+        self.events.push_back(SourceEvent::ImageDone { total });
+        let conns: Vec<ConnId> = self.nodes.values().filter_map(|r| r.conn).collect();
+        for c in conns {
+            self.transmits.push_back((c, Message::ImageDone { total, digest }));
+        }
+        self.check_complete(now);
+    }
+
+    /// The image could not be read: nothing can succeed any more.
+    pub fn handle_image_failed(&mut self, now: Time, reason: String) {
+        self.abort(now, format!("the image could not be read: {reason}"));
+    }
+
+    /// A deadline from [`Source::poll_timeout`] passed.
+    pub fn handle_timeout(&mut self, now: Time) {
+        if self.timers.expire(Timer::Tick as usize, now) {
+            self.tick(now);
+        }
+        if self.timers.expire(Timer::JoinDeadline as usize, now) && self.state == SourceState::AwaitingNodes {
+            let live = self.live_count() as u32;
+            if live >= self.config.min_nodes.max(1) {
+                self.start(now, StartTrigger::Deadline);
+            } else {
+                self.abort(
+                    now,
+                    format!(
+                        "only {live} of {} nodes joined before the join deadline (at least {} needed): \
+                         check that the nodes reach this source and use its session and secret",
+                        self.config.expected_nodes, self.config.min_nodes
+                    ),
+                );
+            }
+        }
+        if self.timers.expire(Timer::Release as usize, now) {
+            self.release_next(now);
+        }
+    }
+
+    // ----- outputs -----
+
+    /// The next control message to send, and on which connection.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<(ConnId, Message)> {
+        self.transmits.pop_front()
+    }
+
+    /// The next instruction for the data plane.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<SourceAction> {
+        self.actions.pop_front()
+    }
+
+    /// The next thing that happened.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<SourceEvent> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`Source::handle_timeout`] next, and why.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<(Time, &'static str)> {
+        if matches!(self.state, SourceState::Finished | SourceState::Aborted) {
+            return None;
+        }
+        self.timers.next().map(|(t, i)| (t, TIMER_REASONS[i]))
+    }
+
+    // ----- views -----
+
+    /// What the source waits for now.
+    pub fn state(&self) -> SourceState {
+        self.state
+    }
+
+    /// The current data-flow tree.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The current topology generation.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The lowest offset any node may still ask the source for.
+    pub fn history_low(&self) -> u64 {
+        self.history_low
+    }
+
+    /// Whether `node` is connected and not declared dead.
+    pub fn is_live(&self, node: NodeId) -> bool {
+        self.nodes.get(&node).is_some_and(NodeRecord::live)
+    }
+
+    /// The last progress `node` reported.
+    pub fn progress(&self, node: NodeId) -> Option<Progress> {
+        self.nodes.get(&node).map(|r| r.progress)
+    }
+
+    /// The report, one line per node that ever joined, in identifier order.
+    pub fn report(&self) -> Vec<NodeReport> {
+        self.nodes.values().map(|r| r.report.clone()).collect()
+    }
+
+    /// The session's configuration.
+    pub fn config(&self) -> &SourceConfig {
+        &self.config
+    }
+
+    // ----- internals -----
+
+    fn live_count(&self) -> usize {
+        self.nodes.values().filter(|r| r.live()).count()
+    }
+
+    fn refuse(&mut self, conn: ConnId, code: RefusalCode, detail: String) {
+        let refusal = Refusal { code, detail };
+        self.transmits.push_back((conn, Message::Refused(refusal.clone())));
+        self.events.push_back(SourceEvent::Refused { conn, refusal });
+        self.conns.remove(&conn);
+        self.actions.push_back(SourceAction::Close { conn });
+    }
+
+    fn on_join(&mut self, now: Time, conn: ConnId, nonce: Nonce, join: Join) {
+        if join.version != PROTOCOL_VERSION {
+            let detail = format!(
+                "node speaks protocol v{}, this source v{PROTOCOL_VERSION}: run the same ka version on both",
+                join.version
+            );
+            return self.refuse(conn, RefusalCode::VersionMismatch, detail);
+        }
+        if join.session != self.config.session {
+            let detail = format!(
+                "node asked for session {:?}, this source serves {:?}: pass --session {:?}",
+                join.session, self.config.session, self.config.session
+            );
+            return self.refuse(conn, RefusalCode::WrongSession, detail);
+        }
+        if !tags_equal(&join.proof, &join_proof(&*self.key, &nonce, &join.session, &join.name)) {
+            let detail = "the node's secret does not match this session's: give it the source's secret file".into();
+            return self.refuse(conn, RefusalCode::BadProof, detail);
+        }
+        if matches!(self.state, SourceState::Releasing | SourceState::Finished | SourceState::Aborted) {
+            return self.refuse(conn, RefusalCode::SessionOver, "the session is over".into());
+        }
+        if let Some(&id) = self.names.get(&join.name) {
+            if self.nodes[&id].live() {
+                // A node that restarts faster than its death is noticed proves
+                // with the secret that it is the same node; the old connection
+                // is a zombie.
+                self.declare_dead(now, id, "superseded by a new join under the same name".into());
+            }
+        }
+        // Death during the join forgets the node, so look again.
+        let existing = self.names.get(&join.name).copied();
+        if existing.is_none() {
+            let admitted = self.nodes.len() as u32;
+            if admitted >= self.config.expected_nodes {
+                let detail = format!(
+                    "the session already has its {} nodes: start this node in a later session",
+                    self.config.expected_nodes
+                );
+                return self.refuse(conn, RefusalCode::SessionFull, detail);
+            }
+        }
+        let streaming = self.state == SourceState::Streaming;
+        let parent = if streaming {
+            match self.place_for(join.have) {
+                Some(p) => Some(p),
+                None => {
+                    let detail = format!(
+                        "this node lacks data from offset {} that no one holds any more (stream source); \
+                         it cannot join this session",
+                        join.have
+                    );
+                    return self.refuse(conn, RefusalCode::CannotResume, detail);
+                }
+            }
+        } else {
+            None
+        };
+        let id = existing.unwrap_or_else(|| {
+            let id = NodeId(self.next_id);
+            self.next_id += 1;
+            id
+        });
+        let rejoin = existing.is_some();
+        let deaths = existing.map_or(0, |id| self.nodes[&id].report.deaths);
+        let record = NodeRecord {
+            report: NodeReport {
+                node: id,
+                name: join.name.clone(),
+                mac: join.mac,
+                outcome: None,
+                received: join.have,
+                joined_at: existing.map_or(now, |id| self.nodes[&id].report.joined_at),
+                finished_at: None,
+                deaths,
+            },
+            data_addr: join.data_addr,
+            wait_release: join.wait_release,
+            readable: join.readable,
+            conn: Some(conn),
+            data_conn: None,
+            progress: Progress { received: join.have, written: join.have, holds_from: 0 },
+            last_heard: now,
+            slow_since: None,
+            slow_handled: false,
+            released: false,
+        };
+        self.nodes.insert(id, record);
+        self.names.insert(join.name.clone(), id);
+        self.conns.insert(conn, ConnRole::Control(id));
+        self.transmits.push_back((
+            conn,
+            Message::Welcome {
+                node: id,
+                heartbeat_ms: self.config.heartbeat.as_millis() as u32,
+                dead_after_ms: self.config.dead_after.as_millis() as u32,
+            },
+        ));
+        self.events.push_back(SourceEvent::Joined { node: id, name: join.name, rejoin });
+        if let Some((total, digest)) = self.image {
+            self.transmits.push_back((conn, Message::ImageDone { total, digest }));
+        }
+        if let Some(parent) = parent {
+            self.topology.attach(id, parent);
+            self.mark_needy(id);
+            self.bump_epoch();
+            self.send_topology(id);
+            self.send_topology_to_parent(parent);
+            self.events.push_back(SourceEvent::Relinked { node: id, upstream: parent });
+        } else if self.state == SourceState::AwaitingNodes && self.live_count() as u32 >= self.config.expected_nodes {
+            self.start(now, StartTrigger::AllJoined);
+        }
+    }
+
+    /// Where a node that holds `have` bytes can be fed from now: the first
+    /// open slot that holds what it lacks, else the source if it does.
+    fn place_for(&self, have: u64) -> Option<Parent> {
+        let slot = self.topology.open_slots().next().unwrap_or(None);
+        if self.holds(slot, have) {
+            return Some(slot);
+        }
+        self.holds(None, have).then_some(None)
+    }
+
+    /// Whether `parent` can serve a newcomer from `offset`.
+    fn holds(&self, parent: Parent, offset: u64) -> bool {
+        match parent {
+            None => self.config.seekable || offset >= self.history_low,
+            Some(n) => {
+                let r = &self.nodes[&n];
+                r.readable || offset >= r.progress.holds_from.max(r.progress.received)
+            }
+        }
+    }
+
+    fn on_data_hello(
+        &mut self,
+        conn: ConnId,
+        nonce: Nonce,
+        version: u16,
+        session: &str,
+        node: NodeId,
+        epoch: Epoch,
+        from: u64,
+        proof: &crate::codec::Tag,
+    ) {
+        if version != PROTOCOL_VERSION || session != self.config.session {
+            return self.refuse(conn, RefusalCode::WrongSession, "data connection for another session or version".into());
+        }
+        if !tags_equal(proof, &data_proof(&*self.key, &nonce, session, node, epoch, from)) {
+            return self.refuse(conn, RefusalCode::BadProof, "data connection without the session secret".into());
+        }
+        if self.topology.parent(node) != Some(None) || !self.is_live(node) {
+            return self.refuse(conn, RefusalCode::NotExpected, format!("{node} is not fed by the source at {epoch}"));
+        }
+        if !self.holds(None, from) {
+            return self.refuse(conn, RefusalCode::CannotResume, format!("offset {from} is no longer held"));
+        }
+        let record = self.nodes.get_mut(&node).expect("live child has a record");
+        if let Some(old) = record.data_conn.replace(conn) {
+            self.conns.remove(&old);
+            self.actions.push_back(SourceAction::Close { conn: old });
+        }
+        self.conns.insert(conn, ConnRole::Data(node));
+        self.transmits.push_back((conn, Message::DataAccepted { from }));
+        self.actions.push_back(SourceAction::Serve { conn, node, from });
+    }
+
+    fn on_node_message(&mut self, now: Time, conn: ConnId, id: NodeId, msg: Message) {
+        let Some(record) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        record.last_heard = now;
+        match msg {
+            Message::Progress(p) => self.on_progress(now, id, p),
+            Message::Verified { ok, reason } => {
+                let record = self.nodes.get_mut(&id).expect("checked");
+                if record.report.outcome.is_some() {
+                    return;
+                }
+                record.report.outcome = Some(if ok { Ok(()) } else { Err(format!("verification failed: {reason}")) });
+                record.report.finished_at = Some(now);
+                if ok {
+                    record.report.received = self.image.map_or(record.report.received, |(t, _)| t);
+                }
+                self.unmark_needy(id);
+                self.events.push_back(SourceEvent::Verified { node: id, ok, reason });
+                self.settle(now, Some(id));
+            }
+            Message::Failed { reason } => {
+                self.events.push_back(SourceEvent::Failed { node: id, reason: reason.clone() });
+                self.remove_node(now, id, format!("node failed: {reason}"));
+            }
+            Message::Heartbeat => {}
+            other => {
+                let _ = conn;
+                let reason = format!("protocol violation: unexpected {} from a joined node", message_name(&other));
+                self.declare_dead(now, id, reason);
+            }
+        }
+    }
+
+    fn on_progress(&mut self, now: Time, id: NodeId, p: Progress) {
+        let record = self.nodes.get_mut(&id).expect("caller checked");
+        // Offsets only grow; a stale or reordered report must not move them back.
+        let was = record.progress.received;
+        record.progress.received = record.progress.received.max(p.received);
+        record.progress.written = record.progress.written.max(p.written);
+        record.progress.holds_from = record.progress.holds_from.max(p.holds_from);
+        record.report.received = record.progress.received;
+        let received = record.progress.received;
+        if received != was && self.needy.remove(&(was, id)) {
+            self.needy.insert((received, id));
+            self.update_history_low();
+        }
+        self.check_slow(now, id);
+    }
+
+    fn check_slow(&mut self, now: Time, id: NodeId) {
+        if self.state != SourceState::Streaming || self.config.slow_lag == 0 {
+            return;
+        }
+        let Some(parent) = self.topology.parent(id) else {
+            return;
+        };
+        let upstream_at = match parent {
+            None => self.read,
+            Some(p) => self.nodes[&p].progress.received,
+        };
+        let record = self.nodes.get_mut(&id).expect("placed nodes have records");
+        if record.slow_handled || record.report.outcome.is_some() {
+            return;
+        }
+        // Lagging behind an upstream that has the data means the bottleneck is
+        // this node (or its link), not anyone above it.
+        if upstream_at.saturating_sub(record.progress.received) <= self.config.slow_lag {
+            record.slow_since = None;
+            return;
+        }
+        let since = *record.slow_since.get_or_insert(now);
+        if now.saturating_since(since) < self.config.slow_window {
+            return;
+        }
+        record.slow_handled = true;
+        let policy = self.config.slow_policy;
+        self.events.push_back(SourceEvent::Slow { node: id, policy });
+        match policy {
+            SlowPolicy::Keep => {}
+            SlowPolicy::Drop => {
+                let reason = format!(
+                    "dropped: stayed more than {} bytes behind its upstream for {:?}",
+                    self.config.slow_lag, self.config.slow_window
+                );
+                if let Some(conn) = self.nodes[&id].conn {
+                    self.transmits.push_back((conn, Message::Abort { reason: reason.clone() }));
+                }
+                self.remove_node(now, id, reason);
+            }
+            SlowPolicy::MoveToTail => {
+                if self.topology.children(Some(id)).is_empty() {
+                    return; // already a leaf: it slows nobody
+                }
+                let old_parent = self.topology.parent(id).expect("placed");
+                let orphans = self.topology.remove(id);
+                let slot = self.topology.open_slots().next().unwrap_or(None);
+                self.topology.attach(id, slot);
+                self.bump_epoch();
+                for &o in &orphans {
+                    self.send_topology(o);
+                    self.events.push_back(SourceEvent::Relinked { node: o, upstream: old_parent });
+                }
+                self.send_topology_to_parent(old_parent);
+                self.send_topology(id);
+                self.send_topology_to_parent(slot);
+                self.events.push_back(SourceEvent::Relinked { node: id, upstream: slot });
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Time) {
+        self.timers.set(Timer::Tick as usize, now + self.config.heartbeat);
+        let dead_after = self.config.dead_after;
+        let silent: Vec<(NodeId, Duration)> = self
+            .nodes
+            .iter()
+            .filter(|(_, r)| r.live() && !r.released)
+            .map(|(&id, r)| (id, now.saturating_since(r.last_heard)))
+            .filter(|(_, quiet)| *quiet >= dead_after)
+            .collect();
+        for (id, quiet) in silent {
+            self.declare_dead(now, id, format!("no heartbeat for {:.1} s", quiet.as_secs_f64()));
+        }
+        let conns: Vec<ConnId> = self.nodes.values().filter(|r| r.live()).filter_map(|r| r.conn).collect();
+        for c in conns {
+            self.transmits.push_back((c, Message::Heartbeat));
+        }
+    }
+
+    fn start(&mut self, now: Time, trigger: StartTrigger) {
+        let mut live: Vec<&NodeRecord> = self.nodes.values().filter(|r| r.live()).collect();
+        // Inventory order first, then by address, then by name: deterministic.
+        let rank = |r: &NodeRecord| {
+            self.config.order.iter().position(|n| *n == r.report.name).unwrap_or(usize::MAX)
+        };
+        live.sort_by(|a, b| {
+            (rank(a), a.data_addr, &a.report.name).cmp(&(rank(b), b.data_addr, &b.report.name))
+        });
+        let order: Vec<NodeId> = live.iter().map(|r| r.report.node).collect();
+        self.topology = Topology::build(self.config.arity, &order);
+        self.state = SourceState::Streaming;
+        self.timers.stop(Timer::JoinDeadline as usize);
+        self.bump_epoch();
+        for &id in &order {
+            self.mark_needy(id);
+            self.send_topology(id);
+        }
+        self.actions.push_back(SourceAction::StartReading);
+        self.events.push_back(SourceEvent::Started { nodes: order.len() as u32, trigger });
+        self.check_complete(now);
+    }
+
+    fn bump_epoch(&mut self) {
+        self.epoch = Epoch(self.epoch.0 + 1);
+    }
+
+    /// Tells `id` its upstream and downstreams as of the current epoch.
+    fn send_topology(&mut self, id: NodeId) {
+        let Some(record) = self.nodes.get(&id) else {
+            return;
+        };
+        let Some(conn) = record.conn else {
+            return;
+        };
+        let upstream = self.topology.parent(id).map(|p| match p {
+            None => Upstream { node: None, addr: self.config.data_addr },
+            Some(n) => Upstream { node: Some(n), addr: self.nodes[&n].data_addr },
+        });
+        let downstreams = self.topology.children(Some(id)).to_vec();
+        self.transmits.push_back((conn, Message::Topology { epoch: self.epoch, upstream, downstreams }));
+    }
+
+    /// Tells a parent its new list of children; for the source itself, closes
+    /// data connections to nodes it no longer feeds.
+    fn send_topology_to_parent(&mut self, parent: Parent) {
+        match parent {
+            Some(p) => self.send_topology(p),
+            None => {
+                let children: BTreeSet<NodeId> = self.topology.children(None).iter().copied().collect();
+                let stale: Vec<(NodeId, ConnId)> = self
+                    .nodes
+                    .iter()
+                    .filter(|(id, _)| !children.contains(id))
+                    .filter_map(|(&id, r)| r.data_conn.map(|c| (id, c)))
+                    .collect();
+                for (id, c) in stale {
+                    self.nodes.get_mut(&id).expect("listed").data_conn = None;
+                    self.conns.remove(&c);
+                    self.actions.push_back(SourceAction::Close { conn: c });
+                }
+            }
+        }
+    }
+
+    fn mark_needy(&mut self, id: NodeId) {
+        let r = &self.nodes[&id];
+        if r.report.outcome.is_none() {
+            self.needy.insert((r.progress.received, id));
+        }
+    }
+
+    fn unmark_needy(&mut self, id: NodeId) {
+        let received = self.nodes[&id].progress.received;
+        if self.needy.remove(&(received, id)) {
+            self.update_history_low();
+        }
+    }
+
+    fn update_history_low(&mut self) {
+        // With nobody waiting, keep what has been read: a late or restarted
+        // node may still come.
+        let low = self.needy.first().map_or(self.history_low, |&(o, _)| o);
+        if low > self.history_low {
+            self.history_low = low;
+            self.actions.push_back(SourceAction::TrimHistory { below: low });
+        }
+    }
+
+    fn declare_dead(&mut self, now: Time, id: NodeId, reason: String) {
+        let Some(record) = self.nodes.get(&id) else {
+            return;
+        };
+        if !record.live() {
+            return;
+        }
+        self.events.push_back(SourceEvent::Dead { node: id, reason: reason.clone() });
+        if self.state == SourceState::AwaitingNodes {
+            // Death during the join: the node no longer counts towards the
+            // start; if it comes back it joins again.
+            let record = self.nodes.remove(&id).expect("checked");
+            self.names.remove(&record.report.name);
+            if let Some(c) = record.conn {
+                self.conns.remove(&c);
+                self.actions.push_back(SourceAction::Close { conn: c });
+            }
+            return;
+        }
+        self.nodes.get_mut(&id).expect("checked").report.deaths += 1;
+        self.remove_node(now, id, reason);
+    }
+
+    /// Takes a node out of the running: closes its connections, relinks its
+    /// children to its upstream, and records why unless its copy was already
+    /// verified.
+    fn remove_node(&mut self, now: Time, id: NodeId, reason: String) {
+        let record = self.nodes.get_mut(&id).expect("caller checked");
+        let conn = record.conn.take();
+        let data_conn = record.data_conn.take();
+        if record.report.outcome.is_none() {
+            record.report.outcome = Some(Err(reason));
+            record.report.finished_at = Some(now);
+        }
+        for c in conn.into_iter().chain(data_conn) {
+            self.conns.remove(&c);
+            self.actions.push_back(SourceAction::Close { conn: c });
+        }
+        self.unmark_needy(id);
+        self.needy.retain(|&(_, n)| n != id);
+        self.release_queue.retain(|&n| n != id);
+        let mut parent = None;
+        if let Some(p) = self.topology.parent(id) {
+            parent = p;
+            let orphans = self.topology.remove(id);
+            self.bump_epoch();
+            for &o in &orphans {
+                self.send_topology(o);
+                self.events.push_back(SourceEvent::Relinked { node: o, upstream: p });
+            }
+            self.send_topology_to_parent(p);
+        }
+        self.settle(now, parent);
+    }
+
+    /// Called when a node settled at or below `from`: releases whoever no
+    /// longer serves anyone and ends the session when everyone has settled.
+    fn settle(&mut self, now: Time, from: Parent) {
+        if self.state != SourceState::Streaming {
+            return;
+        }
+        // A node that does not wait for the session's end may leave as soon as
+        // it and everything it feeds are done, since no repair can need it.
+        let mut candidates: Vec<NodeId> = Vec::new();
+        if let Some(id) = from.filter(|&id| self.topology.contains(id)) {
+            candidates.push(id);
+            candidates.extend(self.topology.ancestors(id));
+        }
+        for n in candidates {
+            let r = &self.nodes[&n];
+            if r.wait_release || r.released || !r.live() || !matches!(r.report.outcome, Some(Ok(()))) {
+                continue;
+            }
+            if self.subtree_settled(n) {
+                self.release(n);
+            }
+        }
+        self.check_complete(now);
+    }
+
+    fn subtree_settled(&self, n: NodeId) -> bool {
+        let mut stack = vec![n];
+        while let Some(x) = stack.pop() {
+            if !self.nodes[&x].settled() {
+                return false;
+            }
+            stack.extend_from_slice(self.topology.children(Some(x)));
+        }
+        true
+    }
+
+    fn release(&mut self, n: NodeId) {
+        let r = self.nodes.get_mut(&n).expect("caller checked");
+        r.released = true;
+        if let Some(c) = r.conn {
+            self.transmits.push_back((c, Message::Release));
+        }
+        self.events.push_back(SourceEvent::Released { node: n });
+    }
+
+    fn check_complete(&mut self, now: Time) {
+        if self.state != SourceState::Streaming || self.image.is_none() && !self.nodes.values().all(|r| !r.live()) {
+            return;
+        }
+        if !self.nodes.values().all(NodeRecord::settled) {
+            return;
+        }
+        self.state = SourceState::Releasing;
+        let order: Vec<NodeId> = self.topology.breadth_first().flatten().collect();
+        let others: Vec<NodeId> = self.nodes.keys().copied().filter(|n| !self.topology.contains(*n)).collect();
+        self.release_queue = order
+            .into_iter()
+            .chain(others)
+            .filter(|n| self.nodes[n].live() && !self.nodes[n].released)
+            .collect();
+        self.release_next(now);
+    }
+
+    fn release_next(&mut self, now: Time) {
+        if let Some(n) = self.release_queue.pop_front() {
+            self.release(n);
+        }
+        if self.release_queue.is_empty() {
+            self.finish();
+        } else {
+            self.timers.set(Timer::Release as usize, now + self.config.release_delay);
+        }
+    }
+
+    fn finish(&mut self) {
+        self.state = SourceState::Finished;
+        let ok = self.nodes.values().filter(|r| r.report.is_ok()).count() as u32;
+        let ko = self.nodes.len() as u32 - ok;
+        self.events.push_back(SourceEvent::Finished { ok, ko });
+    }
+
+    fn abort(&mut self, now: Time, reason: String) {
+        if matches!(self.state, SourceState::Finished | SourceState::Aborted) {
+            return;
+        }
+        self.state = SourceState::Aborted;
+        for r in self.nodes.values_mut() {
+            if r.report.outcome.is_none() {
+                r.report.outcome = Some(Err(format!("session aborted: {reason}")));
+                r.report.finished_at = Some(now);
+            }
+            if let Some(c) = r.conn {
+                self.transmits.push_back((c, Message::Abort { reason: reason.clone() }));
+            }
+        }
+        self.events.push_back(SourceEvent::Aborted { reason });
+    }
+}
+
+/// A short name of a message, for error texts.
+pub(crate) fn message_name(m: &Message) -> &'static str {
+    match m {
+        Message::Challenge { .. } => "Challenge",
+        Message::Join(_) => "Join",
+        Message::Welcome { .. } => "Welcome",
+        Message::Refused(_) => "Refused",
+        Message::Topology { .. } => "Topology",
+        Message::ImageDone { .. } => "ImageDone",
+        Message::Release => "Release",
+        Message::Abort { .. } => "Abort",
+        Message::Heartbeat => "Heartbeat",
+        Message::Progress(_) => "Progress",
+        Message::Verified { .. } => "Verified",
+        Message::Failed { .. } => "Failed",
+        Message::Go { .. } => "Go",
+        Message::GoAck { .. } => "GoAck",
+        Message::DataHello { .. } => "DataHello",
+        Message::DataAccepted { .. } => "DataAccepted",
+    }
+}
