@@ -262,6 +262,8 @@ pub struct Source {
     needy: BTreeSet<(u64, NodeId)>,
     history_low: u64,
     release_queue: VecDeque<NodeId>,
+    /// Live nodes whose outcome is undecided: the session ends at zero.
+    unsettled: usize,
     timers: TimerTable<3>,
     next_id: u32,
     transmits: VecDeque<(ConnId, Message)>,
@@ -291,6 +293,7 @@ impl Source {
             needy: BTreeSet::new(),
             history_low: 0,
             release_queue: VecDeque::new(),
+            unsettled: 0,
             timers,
             next_id: 1,
             transmits: VecDeque::new(),
@@ -592,7 +595,9 @@ impl Source {
             slow_handled: false,
             released: false,
         };
+        // Any earlier record of this name was settled (dead) by now.
         self.nodes.insert(id, record);
+        self.unsettled += 1;
         self.names.insert(join.name.clone(), id);
         self.conns.insert(conn, ConnRole::Control(id));
         self.transmits.push_back((
@@ -614,7 +619,8 @@ impl Source {
             self.send_topology(id);
             self.send_topology_to_parent(parent);
             self.events.push_back(SourceEvent::Relinked { node: id, upstream: parent });
-        } else if self.state == SourceState::AwaitingNodes && self.live_count() as u32 >= self.config.expected_nodes {
+        } else if self.state == SourceState::AwaitingNodes && self.nodes.len() as u32 >= self.config.expected_nodes {
+            // While awaiting nodes every record is a live node: the dead are forgotten.
             self.start(now, StartTrigger::AllJoined);
         }
     }
@@ -687,6 +693,7 @@ impl Source {
                 }
                 record.report.outcome = Some(if ok { Ok(()) } else { Err(format!("verification failed: {reason}")) });
                 record.report.finished_at = Some(now);
+                self.unsettled -= 1;
                 if ok {
                     record.report.received = self.image.map_or(record.report.received, |(t, _)| t);
                 }
@@ -806,9 +813,9 @@ impl Source {
     fn start(&mut self, now: Time, trigger: StartTrigger) {
         let mut live: Vec<&NodeRecord> = self.nodes.values().filter(|r| r.live()).collect();
         // Inventory order first, then by address, then by name: deterministic.
-        let rank = |r: &NodeRecord| {
-            self.config.order.iter().position(|n| *n == r.report.name).unwrap_or(usize::MAX)
-        };
+        let ranks: BTreeMap<&str, usize> =
+            self.config.order.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+        let rank = |r: &NodeRecord| ranks.get(r.report.name.as_str()).copied().unwrap_or(usize::MAX);
         live.sort_by(|a, b| {
             (rank(a), a.data_addr, &a.report.name).cmp(&(rank(b), b.data_addr, &b.report.name))
         });
@@ -904,6 +911,7 @@ impl Source {
             // Death during the join: the node no longer counts towards the
             // start; if it comes back it joins again.
             let record = self.nodes.remove(&id).expect("checked");
+            self.unsettled -= 1;
             self.names.remove(&record.report.name);
             if let Some(c) = record.conn {
                 self.conns.remove(&c);
@@ -920,6 +928,9 @@ impl Source {
     /// verified.
     fn remove_node(&mut self, now: Time, id: NodeId, reason: String) {
         let record = self.nodes.get_mut(&id).expect("caller checked");
+        if !record.settled() {
+            self.unsettled -= 1;
+        }
         let conn = record.conn.take();
         let data_conn = record.data_conn.take();
         if record.report.outcome.is_none() {
@@ -953,34 +964,21 @@ impl Source {
         if self.state != SourceState::Streaming {
             return;
         }
-        // A node that does not wait for the session's end may leave as soon as
-        // it and everything it feeds are done, since no repair can need it.
-        let mut candidates: Vec<NodeId> = Vec::new();
-        if let Some(id) = from.filter(|&id| self.topology.contains(id)) {
-            candidates.push(id);
-            candidates.extend(self.topology.ancestors(id));
-        }
-        for n in candidates {
+        // A verified node that does not wait for the session's end leaves as
+        // soon as it feeds nobody, since no repair can need it any more; its
+        // leaving may make its own upstream such a leaf in turn.
+        let mut cur = from;
+        while let Some(n) = cur {
             let r = &self.nodes[&n];
-            if r.wait_release || r.released || !r.live() || !matches!(r.report.outcome, Some(Ok(()))) {
-                continue;
+            let leaf = self.topology.contains(n) && self.topology.children(Some(n)).is_empty();
+            if r.wait_release || r.released || !r.live() || !r.report.is_ok() || !leaf {
+                break;
             }
-            if self.subtree_settled(n) {
-                self.release(n);
-            }
+            cur = self.topology.parent(n).flatten();
+            self.topology.remove(n);
+            self.release(n);
         }
         self.check_complete(now);
-    }
-
-    fn subtree_settled(&self, n: NodeId) -> bool {
-        let mut stack = vec![n];
-        while let Some(x) = stack.pop() {
-            if !self.nodes[&x].settled() {
-                return false;
-            }
-            stack.extend_from_slice(self.topology.children(Some(x)));
-        }
-        true
     }
 
     fn release(&mut self, n: NodeId) {
@@ -993,10 +991,7 @@ impl Source {
     }
 
     fn check_complete(&mut self, now: Time) {
-        if self.state != SourceState::Streaming || self.image.is_none() && !self.nodes.values().all(|r| !r.live()) {
-            return;
-        }
-        if !self.nodes.values().all(NodeRecord::settled) {
+        if self.state != SourceState::Streaming || self.unsettled > 0 {
             return;
         }
         self.state = SourceState::Releasing;

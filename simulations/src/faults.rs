@@ -1,0 +1,115 @@
+//! Faults: what can go wrong, when, and to whom.
+//!
+//! A run either has no faults, an explicit schedule (tests), or a *swarm*:
+//! the seed first picks which kinds of fault are enabled and how often, then
+//! draws the schedule, so different seeds explore different mixes (as in
+//! TigerBeetle's VOPR). The schedule is printed, so any failure replays with
+//! `--seed N`.
+
+use core::fmt;
+use core::time::Duration;
+
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+/// One thing that goes wrong.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FaultKind {
+    /// The node's process is killed (kill -9): its sockets reset at once.
+    Crash,
+    /// The node's process is frozen (SIGSTOP) for a while, then continues.
+    Hang(Duration),
+    /// The node's port is cut for a while, then restored.
+    Cut(Duration),
+    /// The node's port becomes this many times slower for the rest of the run.
+    Slow(u32),
+    /// The node is killed and started again after a delay, keeping what it
+    /// had written (a file or disk target).
+    Restart(Duration),
+    /// The node's disk fails.
+    DiskError,
+}
+
+/// A fault at a time, on a node (by index, 0-based).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fault {
+    /// When it strikes.
+    pub at: Duration,
+    /// Which node.
+    pub node: usize,
+    /// What happens.
+    pub kind: FaultKind,
+}
+
+impl Fault {
+    /// When the fault has fully healed (the moment after which the run is
+    /// fault-free for this node): the end of a hang, cut or restart delay.
+    pub fn heals_at(&self) -> Duration {
+        match self.kind {
+            FaultKind::Hang(d) | FaultKind::Cut(d) | FaultKind::Restart(d) => self.at + d,
+            _ => self.at,
+        }
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let at = self.at.as_secs_f64();
+        match &self.kind {
+            FaultKind::Crash => write!(f, "{at:.3}s crash node{}", self.node),
+            FaultKind::Hang(d) => write!(f, "{at:.3}s hang node{} for {:.3}s", self.node, d.as_secs_f64()),
+            FaultKind::Cut(d) => write!(f, "{at:.3}s cut node{} for {:.3}s", self.node, d.as_secs_f64()),
+            FaultKind::Slow(x) => write!(f, "{at:.3}s slow node{} by {x}x", self.node),
+            FaultKind::Restart(d) => write!(f, "{at:.3}s restart node{} after {:.3}s", self.node, d.as_secs_f64()),
+            FaultKind::DiskError => write!(f, "{at:.3}s disk error on node{}", self.node),
+        }
+    }
+}
+
+/// Which late joins and faults a swarm enabled, for the printed options.
+#[derive(Debug, Clone, Default)]
+pub struct Swarm {
+    /// Enabled fault kinds, by name.
+    pub kinds: Vec<&'static str>,
+    /// The drawn schedule.
+    pub faults: Vec<Fault>,
+    /// Nodes that join late, with their start delay.
+    pub late: Vec<(usize, Duration)>,
+}
+
+/// Draws a swarm of faults for `nodes` nodes over a run expected to last
+/// `expected`. Faults strike in the middle 80 % of the run and at most a
+/// fifth of the nodes are hit, so a run still says something about survivors.
+pub fn swarm(rng: &mut ChaCha8Rng, nodes: usize, expected: Duration) -> Swarm {
+    const KINDS: [&str; 7] = ["crash", "hang", "cut", "slow", "restart", "disk", "late"];
+    let mut enabled: Vec<&'static str> = KINDS.iter().copied().filter(|_| rng.gen_bool(0.5)).collect();
+    if enabled.is_empty() {
+        enabled.push(KINDS[rng.gen_range(0..KINDS.len())]);
+    }
+    let max_hits = (nodes / 5).max(1);
+    let count = rng.gen_range(1..=max_hits.min(12));
+    let mut faults = Vec::new();
+    let mut late = Vec::new();
+    let exp = expected.as_secs_f64().max(0.5);
+    for _ in 0..count {
+        let node = rng.gen_range(0..nodes);
+        let at = Duration::from_secs_f64(exp * rng.gen_range(0.1..0.9));
+        let kind = match enabled[rng.gen_range(0..enabled.len())] {
+            "crash" => FaultKind::Crash,
+            "hang" => FaultKind::Hang(Duration::from_millis(rng.gen_range(200..3000))),
+            "cut" => FaultKind::Cut(Duration::from_millis(rng.gen_range(100..3000))),
+            "slow" => FaultKind::Slow(rng.gen_range(2..8)),
+            "restart" => FaultKind::Restart(Duration::from_millis(rng.gen_range(100..2000))),
+            "disk" => FaultKind::DiskError,
+            _ => {
+                if !late.iter().any(|&(n, _)| n == node) {
+                    late.push((node, Duration::from_millis(rng.gen_range(1..500))));
+                }
+                continue;
+            }
+        };
+        faults.push(Fault { at, node, kind });
+    }
+    faults.sort_by(|a, b| a.at.cmp(&b.at).then(a.node.cmp(&b.node)));
+    Swarm { kinds: enabled, faults, late }
+}
