@@ -199,8 +199,9 @@ struct NodeRecord {
     data_conn: Option<ConnId>,
     progress: Progress,
     last_heard: Time,
-    /// Since when it has lagged its upstream by more than `slow_lag`.
-    slow_since: Option<Time>,
+    /// Since when it has lagged its upstream by more than `slow_lag`, with
+    /// the upstream's offset and its own at that moment.
+    slow_since: Option<(Time, u64, u64)>,
     /// The slow policy already acted on it.
     slow_handled: bool,
     released: bool,
@@ -747,12 +748,20 @@ impl Source {
         }
         // Lagging behind an upstream that has the data means the bottleneck is
         // this node (or its link), not anyone above it.
-        if upstream_at.saturating_sub(record.progress.received) <= self.config.slow_lag {
+        let received = record.progress.received;
+        if upstream_at.saturating_sub(received) <= self.config.slow_lag {
             record.slow_since = None;
             return;
         }
-        let since = *record.slow_since.get_or_insert(now);
+        let (since, up0, own0) = *record.slow_since.get_or_insert((now, upstream_at, received));
         if now.saturating_since(since) < self.config.slow_window {
+            return;
+        }
+        // A node that lags but keeps pace (catching up after a repair, say)
+        // is not slow: only one that falls further behind is.
+        let (up_advance, own_advance) = (upstream_at - up0, received - own0);
+        if own_advance.saturating_mul(2) >= up_advance {
+            record.slow_since = Some((now, upstream_at, received));
             return;
         }
         record.slow_handled = true;

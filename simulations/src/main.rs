@@ -137,6 +137,10 @@ fn main() -> ExitCode {
     for f in &out.failures {
         println!("  KO {f}");
     }
+    if !out.verified_at.is_empty() {
+        let at = |q: f64| out.verified_at[((out.verified_at.len() - 1) as f64 * q) as usize].as_secs_f64();
+        println!("nodes verified at: p50 {:.3}s p90 {:.3}s max {:.3}s", at(0.5), at(0.9), at(1.0));
+    }
     let ratio = out.completion.as_secs_f64() / cfg.pipeline_bound().as_secs_f64();
     println!(
         "summary: nodes OK {} KO {} | simulated completion {:.3}s | pipeline bound {:.3}s (ratio {:.4}) | allowed {:.3}s ({}) | events {} | verdict {} | trace hash {:016x}",
