@@ -301,6 +301,8 @@ pub struct Sim {
     dirty: Vec<usize>,
     /// The topology generation last checked.
     checked_epoch: Option<ka_core::ids::Epoch>,
+    /// Why the source aborted, if it did.
+    aborted: Option<String>,
 }
 
 const SESSION: &str = "sim";
@@ -336,10 +338,11 @@ impl Sim {
         // Lag worth acting on: two seconds of transfer, judged over two seconds.
         scfg.slow_lag = (cfg.rate * 2.0) as u64;
         scfg.slow_window = Duration::from_secs(2);
-        if !swarm.late.is_empty() {
-            scfg.join_timeout = Some(Duration::from_millis(100));
-            scfg.min_nodes = (cfg.nodes - swarm.late.len()) as u32;
-        }
+        // Start when everyone is there, or 100 ms in with whoever is: nodes that
+        // come later (late, or restarted after dying before the start) join
+        // the running stream at the tail.
+        scfg.join_timeout = Some(Duration::from_millis(100));
+        scfg.min_nodes = 1;
         let source = Source::new(Time::ZERO, scfg, Box::new(SimKey(cfg.seed)));
         let nodes: Vec<Slot> = (0..cfg.nodes)
             .map(|i| Slot {
@@ -404,6 +407,7 @@ impl Sim {
             by_addr,
             dirty: Vec::new(),
             checked_epoch: None,
+            aborted: None,
         };
         for i in 0..sim.cfg.nodes {
             let delay = sim.swarm.late.iter().find(|&&(n, _)| n == i).map_or(Duration::ZERO, |&(_, d)| d);
@@ -461,11 +465,16 @@ impl Sim {
         self.final_checks(completion, bound);
         let report = self.source.report();
         let ok = report.iter().filter(|r| r.is_ok()).count();
-        let failures: Vec<String> = report
+        let mut failures: Vec<String> = report
             .iter()
             .filter(|r| !r.is_ok())
             .map(|r| format!("{}: {}", r.name, r.outcome.clone().map_or_else(|| "undecided".into(), |o| o.err().unwrap_or_default())))
             .collect();
+        for s in &self.nodes {
+            if !report.iter().any(|r| r.name == s.name) {
+                failures.push(format!("{}: never joined the session", s.name));
+            }
+        }
         let mut verified_at: Vec<Duration> = report
             .iter()
             .filter(|r| r.is_ok())
@@ -741,6 +750,9 @@ impl Sim {
             if matches!(ev, SourceEvent::Finished { .. } | SourceEvent::Aborted { .. }) {
                 self.finished_at = Some(now);
             }
+            if let SourceEvent::Aborted { reason } = &ev {
+                self.aborted = Some(reason.clone());
+            }
             self.trace(|| format!("source {ev:?}"));
         }
         let next = self.source.poll_timeout().map(|(t, _)| t);
@@ -970,11 +982,14 @@ impl Sim {
             let what = format!("node{i} advanced to granule {upto} without an upstream");
             return self.violate(what);
         };
-        let range = d.copied..upto;
         let held = match from {
             End::Source => self.granules,
             End::Node(u) => self.nodes[u].data.copied,
         };
+        // Offsets are floating point: one granule of rounding is noise, more
+        // is a node taking data its upstream does not have.
+        let upto = if upto == held + 1 { held } else { upto };
+        let range = d.copied..upto;
         if held < range.end {
             return self.violate(format!("node{i} copied granules {range:?} but its upstream {from:?} holds {held}"));
         }
@@ -1119,7 +1134,13 @@ impl Sim {
 
     fn arrive(&mut self, i: usize) {
         self.settle(i);
-        if self.nodes[i].data.copied < self.granules || self.nodes[i].data.ended {
+        if self.nodes[i].data.ended {
+            return;
+        }
+        if self.nodes[i].data.copied < self.granules {
+            // Rounding put us a hair ahead of our sender: look again a hop later.
+            let gen = self.nodes[i].data.gen;
+            self.schedule(self.now + self.latency(), Ev::Arrive { node: i, gen });
             return;
         }
         self.nodes[i].data.ended = true;
@@ -1332,6 +1353,18 @@ impl Sim {
                 .unwrap_or_default();
             return self.violate(format!("session did not finish by the time limit (source {state:?}){stuck}"));
         }
+        if let Some(reason) = &self.aborted {
+            // Aborting at the join deadline is right when too few nodes could
+            // have joined by then: the rest were late or struck down early.
+            let deadline = self.source.config().join_timeout.unwrap_or(Duration::ZERO);
+            let could_join = (0..self.cfg.nodes)
+                .filter(|&i| !self.swarm.late.iter().any(|&(n, _)| n == i))
+                .filter(|&i| !self.faults.iter().any(|f| f.node == i && f.at <= deadline))
+                .count() as u32;
+            if reason.contains("join deadline") && could_join < self.source.config().min_nodes {
+                return;
+            }
+        }
         if self.source.state() != SourceState::Finished {
             return self.violate(format!("session ended as {:?}", self.source.state()));
         }
@@ -1346,7 +1379,7 @@ impl Sim {
         };
         for (i, s) in self.nodes.iter().enumerate() {
             let Some(r) = report.iter().find(|r| r.name == s.name) else {
-                if excused(i) {
+                if excused(i) || s.gone {
                     continue;
                 }
                 let what = format!("node{i} never joined");
