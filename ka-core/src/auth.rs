@@ -30,14 +30,30 @@ fn covered(domain: &str, parts: &[&[u8]]) -> Vec<u8> {
 
 /// The proof a node sends in its join.
 pub fn join_proof(key: &dyn SessionKey, nonce: &Nonce, session: &str, name: &str) -> Tag {
-    key.mac(&covered("ka/join/v1", &[&nonce.0, session.as_bytes(), name.as_bytes()]))
+    key.mac(&covered(
+        "ka/join/v1",
+        &[&nonce.0, session.as_bytes(), name.as_bytes()],
+    ))
 }
 
 /// The proof a downstream sends when it opens a data connection.
-pub fn data_proof(key: &dyn SessionKey, nonce: &Nonce, session: &str, node: NodeId, epoch: Epoch, from: u64) -> Tag {
+pub fn data_proof(
+    key: &dyn SessionKey,
+    nonce: &Nonce,
+    session: &str,
+    node: NodeId,
+    epoch: Epoch,
+    from: u64,
+) -> Tag {
     key.mac(&covered(
         "ka/data/v1",
-        &[&nonce.0, session.as_bytes(), &node.0.to_be_bytes(), &epoch.0.to_be_bytes(), &from.to_be_bytes()],
+        &[
+            &nonce.0,
+            session.as_bytes(),
+            &node.0.to_be_bytes(),
+            &epoch.0.to_be_bytes(),
+            &from.to_be_bytes(),
+        ],
     ))
 }
 
@@ -49,7 +65,10 @@ pub fn go_proof(key: &dyn SessionKey, nonce: &Nonce, session: &str) -> Tag {
 /// Compares two tags in time independent of where they differ, so a
 /// stranger cannot learn a valid proof byte by byte from response timing.
 pub fn tags_equal(a: &Tag, b: &Tag) -> bool {
-    a.0.iter().zip(b.0.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.0.iter()
+        .zip(b.0.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 #[cfg(test)]
@@ -80,10 +99,19 @@ pub(crate) mod test_key {
         let k = TestKey(1);
         let join = join_proof(&k, &nonce, "s", "n");
         assert!(tags_equal(&join, &join_proof(&k, &nonce, "s", "n")));
-        assert!(!tags_equal(&join, &join_proof(&TestKey(2), &nonce, "s", "n")));
-        assert!(!tags_equal(&join, &join_proof(&k, &Nonce([8; 32]), "s", "n")));
+        assert!(!tags_equal(
+            &join,
+            &join_proof(&TestKey(2), &nonce, "s", "n")
+        ));
+        assert!(!tags_equal(
+            &join,
+            &join_proof(&k, &Nonce([8; 32]), "s", "n")
+        ));
         assert!(!tags_equal(&join, &go_proof(&k, &nonce, "s")));
         // Length prefixes keep ("ab","c") and ("a","bc") apart.
-        assert!(!tags_equal(&join_proof(&k, &nonce, "ab", "c"), &join_proof(&k, &nonce, "a", "bc")));
+        assert!(!tags_equal(
+            &join_proof(&k, &nonce, "ab", "c"),
+            &join_proof(&k, &nonce, "a", "bc")
+        ));
     }
 }

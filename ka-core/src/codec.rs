@@ -318,7 +318,11 @@ impl Message {
                 out.put_u64(j.have);
                 out.put_slice(&j.proof.0);
             }
-            Message::Welcome { node, heartbeat_ms, dead_after_ms } => {
+            Message::Welcome {
+                node,
+                heartbeat_ms,
+                dead_after_ms,
+            } => {
                 out.put_u8(tag::WELCOME);
                 out.put_u32(node.0);
                 out.put_u32(*heartbeat_ms);
@@ -329,7 +333,11 @@ impl Message {
                 out.put_u8(r.code.code());
                 put_str(out, &r.detail);
             }
-            Message::Topology { epoch, upstream, downstreams } => {
+            Message::Topology {
+                epoch,
+                upstream,
+                downstreams,
+            } => {
                 out.put_u8(tag::TOPOLOGY);
                 out.put_u64(epoch.0);
                 match upstream {
@@ -338,7 +346,10 @@ impl Message {
                         out.put_u8(1);
                         put_addr(out, addr);
                     }
-                    Some(Upstream { node: Some(n), addr }) => {
+                    Some(Upstream {
+                        node: Some(n),
+                        addr,
+                    }) => {
                         out.put_u8(2);
                         out.put_u32(n.0);
                         put_addr(out, addr);
@@ -386,7 +397,14 @@ impl Message {
                 out.put_u8(u8::from(*started));
                 out.put_u32(*nodes);
             }
-            Message::DataHello { version, session, node, epoch, from, proof } => {
+            Message::DataHello {
+                version,
+                session,
+                node,
+                epoch,
+                from,
+                proof,
+            } => {
                 out.put_u8(tag::DATA_HELLO);
                 out.put_u16(*version);
                 put_str(out, session);
@@ -454,7 +472,11 @@ impl Message {
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
-    assert!(s.len() <= MAX_STRING, "string field of {} bytes exceeds MAX_STRING", s.len());
+    assert!(
+        s.len() <= MAX_STRING,
+        "string field of {} bytes exceeds MAX_STRING",
+        s.len()
+    );
     out.put_u16(s.len() as u16);
     out.put_slice(s.as_bytes());
 }
@@ -519,8 +541,12 @@ impl Reader<'_> {
     }
     fn addr(&mut self) -> Result<SocketAddr, DecodeError> {
         let ip = match self.u8()? {
-            4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(self.take(4)?).expect("4"))),
-            6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(self.take(16)?).expect("16"))),
+            4 => IpAddr::V4(Ipv4Addr::from(
+                <[u8; 4]>::try_from(self.take(4)?).expect("4"),
+            )),
+            6 => IpAddr::V6(Ipv6Addr::from(
+                <[u8; 16]>::try_from(self.take(16)?).expect("16"),
+            )),
             _ => return Err(DecodeError::Invalid("unknown address family")),
         };
         Ok(SocketAddr::new(ip, self.u16()?))
@@ -528,7 +554,10 @@ impl Reader<'_> {
 
     fn message(&mut self) -> Result<Message, DecodeError> {
         Ok(match self.u8()? {
-            tag::CHALLENGE => Message::Challenge { version: self.u16()?, nonce: Nonce(self.bytes32()?) },
+            tag::CHALLENGE => Message::Challenge {
+                version: self.u16()?,
+                nonce: Nonce(self.bytes32()?),
+            },
             tag::JOIN => {
                 let version = self.u16()?;
                 let session = self.string()?;
@@ -560,16 +589,25 @@ impl Reader<'_> {
                 let code = *RefusalCode::ALL
                     .get(self.u8()? as usize)
                     .ok_or(DecodeError::Invalid("unknown refusal code"))?;
-                Message::Refused(Refusal { code, detail: self.string()? })
+                Message::Refused(Refusal {
+                    code,
+                    detail: self.string()?,
+                })
             }
             tag::TOPOLOGY => {
                 let epoch = Epoch(self.u64()?);
                 let upstream = match self.u8()? {
                     0 => None,
-                    1 => Some(Upstream { node: None, addr: self.addr()? }),
+                    1 => Some(Upstream {
+                        node: None,
+                        addr: self.addr()?,
+                    }),
                     2 => {
                         let node = Some(NodeId(self.u32()?));
-                        Some(Upstream { node, addr: self.addr()? })
+                        Some(Upstream {
+                            node,
+                            addr: self.addr()?,
+                        })
                     }
                     _ => return Err(DecodeError::Invalid("unknown upstream kind")),
                 };
@@ -582,21 +620,41 @@ impl Reader<'_> {
                 for _ in 0..count {
                     downstreams.push(NodeId(self.u32()?));
                 }
-                Message::Topology { epoch, upstream, downstreams }
+                Message::Topology {
+                    epoch,
+                    upstream,
+                    downstreams,
+                }
             }
-            tag::IMAGE_DONE => Message::ImageDone { total: self.u64()?, digest: Digest(self.bytes32()?) },
+            tag::IMAGE_DONE => Message::ImageDone {
+                total: self.u64()?,
+                digest: Digest(self.bytes32()?),
+            },
             tag::RELEASE => Message::Release,
-            tag::ABORT => Message::Abort { reason: self.string()? },
+            tag::ABORT => Message::Abort {
+                reason: self.string()?,
+            },
             tag::HEARTBEAT => Message::Heartbeat,
             tag::PROGRESS => Message::Progress(Progress {
                 received: self.u64()?,
                 written: self.u64()?,
                 holds_from: self.u64()?,
             }),
-            tag::VERIFIED => Message::Verified { ok: self.bool()?, reason: self.string()? },
-            tag::FAILED => Message::Failed { reason: self.string()? },
-            tag::GO => Message::Go { session: self.string()?, proof: Tag(self.bytes32()?) },
-            tag::GO_ACK => Message::GoAck { started: self.bool()?, nodes: self.u32()? },
+            tag::VERIFIED => Message::Verified {
+                ok: self.bool()?,
+                reason: self.string()?,
+            },
+            tag::FAILED => Message::Failed {
+                reason: self.string()?,
+            },
+            tag::GO => Message::Go {
+                session: self.string()?,
+                proof: Tag(self.bytes32()?),
+            },
+            tag::GO_ACK => Message::GoAck {
+                started: self.bool()?,
+                nodes: self.u32()?,
+            },
             tag::DATA_HELLO => Message::DataHello {
                 version: self.u16()?,
                 session: self.string()?,
@@ -618,8 +676,10 @@ mod tests {
 
     fn addr() -> impl Strategy<Value = SocketAddr> {
         prop_oneof![
-            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
-            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
+            (any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
+            (any::<[u8; 16]>(), any::<u16>())
+                .prop_map(|(ip, p)| SocketAddr::new(IpAddr::from(ip), p)),
         ]
     }
 
@@ -638,60 +698,94 @@ mod tests {
             any::<u64>(),
             any::<[u8; 32]>(),
         )
-            .prop_map(|(version, session, name, mac, data_addr, (w, r), have, proof)| {
-                Message::Join(Join {
-                    version,
-                    session,
-                    name,
-                    mac,
-                    data_addr,
-                    wait_release: w,
-                    readable: r,
-                    have,
-                    proof: Tag(proof),
-                })
-            });
+            .prop_map(
+                |(version, session, name, mac, data_addr, (w, r), have, proof)| {
+                    Message::Join(Join {
+                        version,
+                        session,
+                        name,
+                        mac,
+                        data_addr,
+                        wait_release: w,
+                        readable: r,
+                        have,
+                        proof: Tag(proof),
+                    })
+                },
+            );
         let upstream = prop_oneof![
             Just(None),
             addr().prop_map(|addr| Some(Upstream { node: None, addr })),
-            (any::<u32>(), addr()).prop_map(|(n, addr)| Some(Upstream { node: Some(NodeId(n)), addr })),
+            (any::<u32>(), addr()).prop_map(|(n, addr)| Some(Upstream {
+                node: Some(NodeId(n)),
+                addr
+            })),
         ];
         prop_oneof![
-            (any::<u16>(), any::<[u8; 32]>()).prop_map(|(version, n)| Message::Challenge { version, nonce: Nonce(n) }),
+            (any::<u16>(), any::<[u8; 32]>()).prop_map(|(version, n)| Message::Challenge {
+                version,
+                nonce: Nonce(n)
+            }),
             join,
             (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(n, h, d)| Message::Welcome {
                 node: NodeId(n),
                 heartbeat_ms: h,
                 dead_after_ms: d
             }),
-            (0..RefusalCode::ALL.len(), text())
-                .prop_map(|(c, detail)| Message::Refused(Refusal { code: RefusalCode::ALL[c], detail })),
-            (any::<u64>(), upstream, proptest::collection::vec(any::<u32>(), 0..20)).prop_map(|(e, upstream, d)| {
-                Message::Topology { epoch: Epoch(e), upstream, downstreams: d.into_iter().map(NodeId).collect() }
+            (0..RefusalCode::ALL.len(), text()).prop_map(|(c, detail)| Message::Refused(Refusal {
+                code: RefusalCode::ALL[c],
+                detail
+            })),
+            (
+                any::<u64>(),
+                upstream,
+                proptest::collection::vec(any::<u32>(), 0..20)
+            )
+                .prop_map(|(e, upstream, d)| {
+                    Message::Topology {
+                        epoch: Epoch(e),
+                        upstream,
+                        downstreams: d.into_iter().map(NodeId).collect(),
+                    }
+                }),
+            (any::<u64>(), any::<[u8; 32]>()).prop_map(|(total, d)| Message::ImageDone {
+                total,
+                digest: Digest(d)
             }),
-            (any::<u64>(), any::<[u8; 32]>()).prop_map(|(total, d)| Message::ImageDone { total, digest: Digest(d) }),
             Just(Message::Release),
             text().prop_map(|reason| Message::Abort { reason }),
             Just(Message::Heartbeat),
-            any::<(u64, u64, u64)>().prop_map(|(received, written, holds_from)| Message::Progress(Progress {
-                received,
-                written,
-                holds_from
-            })),
+            any::<(u64, u64, u64)>().prop_map(|(received, written, holds_from)| Message::Progress(
+                Progress {
+                    received,
+                    written,
+                    holds_from
+                }
+            )),
             (any::<bool>(), text()).prop_map(|(ok, reason)| Message::Verified { ok, reason }),
             text().prop_map(|reason| Message::Failed { reason }),
-            (text(), any::<[u8; 32]>()).prop_map(|(session, p)| Message::Go { session, proof: Tag(p) }),
-            (any::<bool>(), any::<u32>()).prop_map(|(started, nodes)| Message::GoAck { started, nodes }),
-            (any::<u16>(), text(), any::<u32>(), any::<u64>(), any::<u64>(), any::<[u8; 32]>()).prop_map(
-                |(version, session, n, e, from, p)| Message::DataHello {
+            (text(), any::<[u8; 32]>()).prop_map(|(session, p)| Message::Go {
+                session,
+                proof: Tag(p)
+            }),
+            (any::<bool>(), any::<u32>())
+                .prop_map(|(started, nodes)| Message::GoAck { started, nodes }),
+            (
+                any::<u16>(),
+                text(),
+                any::<u32>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<[u8; 32]>()
+            )
+                .prop_map(|(version, session, n, e, from, p)| Message::DataHello {
                     version,
                     session,
                     node: NodeId(n),
                     epoch: Epoch(e),
                     from,
                     proof: Tag(p)
-                }
-            ),
+                }),
             any::<u64>().prop_map(|from| Message::DataAccepted { from }),
         ]
     }
@@ -741,7 +835,10 @@ mod tests {
     #[test]
     fn oversized_length_is_refused_before_buffering() {
         let mut buf = BytesMut::from(&((MAX_FRAME as u32) + 1).to_be_bytes()[..]);
-        assert_eq!(Message::decode(&mut buf), Err(DecodeError::TooLong(MAX_FRAME as u64 + 1)));
+        assert_eq!(
+            Message::decode(&mut buf),
+            Err(DecodeError::TooLong(MAX_FRAME as u64 + 1))
+        );
     }
 
     #[test]
@@ -757,6 +854,9 @@ mod tests {
         buf.put_u16(u16::MAX);
         let len = (buf.len() - body_start) as u32;
         buf[..4].copy_from_slice(&len.to_be_bytes());
-        assert!(matches!(Message::decode(&mut buf), Err(DecodeError::Invalid(_))));
+        assert!(matches!(
+            Message::decode(&mut buf),
+            Err(DecodeError::Invalid(_))
+        ));
     }
 }

@@ -66,6 +66,6 @@ pub mod node;
 pub mod range_set;
 pub mod record;
 pub mod source;
-mod timer;
 pub mod time;
+mod timer;
 pub mod topology;

@@ -8,7 +8,9 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::auth::{data_proof, join_proof, tags_equal, SessionKey};
-use crate::codec::{Digest, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, PROTOCOL_VERSION};
+use crate::codec::{
+    Digest, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, PROTOCOL_VERSION,
+};
 use crate::config::NodeConfig;
 use crate::ids::{ConnId, Epoch, NodeId};
 use crate::range_set::RangeSet;
@@ -152,7 +154,9 @@ impl UpstreamConn {
     fn conn(self) -> Option<ConnId> {
         match self {
             UpstreamConn::Connecting => None,
-            UpstreamConn::AwaitingChallenge(c) | UpstreamConn::AwaitingAccept(c) | UpstreamConn::Receiving(c) => Some(c),
+            UpstreamConn::AwaitingChallenge(c)
+            | UpstreamConn::AwaitingAccept(c)
+            | UpstreamConn::Receiving(c) => Some(c),
         }
     }
 }
@@ -175,7 +179,12 @@ enum Timer {
     ConnectUpstream = 3,
 }
 
-const TIMER_REASONS: [&str; 4] = ["heartbeat", "source silence", "reconnect to source", "reconnect to upstream"];
+const TIMER_REASONS: [&str; 4] = [
+    "heartbeat",
+    "source silence",
+    "reconnect to source",
+    "reconnect to upstream",
+];
 
 /// The node's protocol state machine. Driven like [`crate::source::Source`]:
 /// `handle_*` in, then drain `poll_transmit`, `poll_action`, `poll_event`, and
@@ -252,7 +261,8 @@ impl Node {
         }
         self.control = ControlState::AwaitingChallenge(conn);
         self.last_heard = now;
-        self.timers.set(Timer::SourceSilence as usize, now + self.dead_after);
+        self.timers
+            .set(Timer::SourceSilence as usize, now + self.dead_after);
     }
 
     /// The data connection to the upstream is open.
@@ -270,25 +280,39 @@ impl Node {
     pub fn handle_connect_failed(&mut self, now: Time, to_source: bool, reason: String) {
         if to_source {
             if self.control == ControlState::AwaitingSource && self.phase != Phase::Done {
-                self.timers.set(Timer::ConnectSource as usize, now + self.config.reconnect_delay);
+                self.timers.set(
+                    Timer::ConnectSource as usize,
+                    now + self.config.reconnect_delay,
+                );
             }
         } else if self.upstream_conn == Some(UpstreamConn::Connecting) {
             self.upstream_conn = None;
             self.events.push_back(NodeEvent::UpstreamLost { reason });
-            self.timers.set(Timer::ConnectUpstream as usize, now + self.config.reconnect_delay);
+            self.timers.set(
+                Timer::ConnectUpstream as usize,
+                now + self.config.reconnect_delay,
+            );
         }
     }
 
     /// A downstream connected to our data port; `nonce` must be fresh.
     pub fn handle_connected(&mut self, _now: Time, conn: ConnId, nonce: Nonce) {
         self.inbound.insert(conn, Inbound::Challenged(nonce));
-        self.transmits.push_back((conn, Message::Challenge { version: PROTOCOL_VERSION, nonce }));
+        self.transmits.push_back((
+            conn,
+            Message::Challenge {
+                version: PROTOCOL_VERSION,
+                nonce,
+            },
+        ));
     }
 
     /// A message arrived on `conn`.
     pub fn handle_message(&mut self, now: Time, conn: ConnId, msg: Message) {
         match self.control {
-            ControlState::AwaitingChallenge(c) | ControlState::AwaitingWelcome(c) | ControlState::Joined(c)
+            ControlState::AwaitingChallenge(c)
+            | ControlState::AwaitingWelcome(c)
+            | ControlState::Joined(c)
                 if c == conn =>
             {
                 return self.on_control(now, conn, msg);
@@ -307,7 +331,9 @@ impl Node {
     /// A connection closed.
     pub fn handle_closed(&mut self, now: Time, conn: ConnId) {
         match self.control {
-            ControlState::AwaitingChallenge(c) | ControlState::AwaitingWelcome(c) | ControlState::Joined(c)
+            ControlState::AwaitingChallenge(c)
+            | ControlState::AwaitingWelcome(c)
+            | ControlState::Joined(c)
                 if c == conn =>
             {
                 return self.lose_source(now);
@@ -317,8 +343,13 @@ impl Node {
         if self.upstream_conn.and_then(UpstreamConn::conn) == Some(conn) {
             self.upstream_conn = None;
             if !self.has_everything() {
-                self.events.push_back(NodeEvent::UpstreamLost { reason: "data connection closed".into() });
-                self.timers.set(Timer::ConnectUpstream as usize, now + self.config.reconnect_delay);
+                self.events.push_back(NodeEvent::UpstreamLost {
+                    reason: "data connection closed".into(),
+                });
+                self.timers.set(
+                    Timer::ConnectUpstream as usize,
+                    now + self.config.reconnect_delay,
+                );
             }
             return;
         }
@@ -366,7 +397,12 @@ impl Node {
             return;
         }
         if let ControlState::Joined(c) = self.control {
-            self.transmits.push_back((c, Message::Failed { reason: reason.clone() }));
+            self.transmits.push_back((
+                c,
+                Message::Failed {
+                    reason: reason.clone(),
+                },
+            ));
         }
         self.leave(false, format!("sink failed: {reason}"));
     }
@@ -375,8 +411,10 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Time) {
         if self.timers.expire(Timer::Heartbeat as usize, now) {
             if let ControlState::Joined(c) = self.control {
-                self.transmits.push_back((c, Message::Progress(self.progress())));
-                self.timers.set(Timer::Heartbeat as usize, now + self.heartbeat);
+                self.transmits
+                    .push_back((c, Message::Progress(self.progress())));
+                self.timers
+                    .set(Timer::Heartbeat as usize, now + self.heartbeat);
             }
         }
         if self.timers.expire(Timer::SourceSilence as usize, now) {
@@ -386,7 +424,10 @@ impl Node {
                 }
                 self.lose_source(now);
             } else {
-                self.timers.set(Timer::SourceSilence as usize, self.last_heard + self.dead_after);
+                self.timers.set(
+                    Timer::SourceSilence as usize,
+                    self.last_heard + self.dead_after,
+                );
             }
         }
         if self.timers.expire(Timer::ConnectSource as usize, now)
@@ -476,7 +517,11 @@ impl Node {
         Progress {
             received: self.received.prefix_end(),
             written: self.written.prefix_end(),
-            holds_from: if self.config.readable { 0 } else { self.holds_from },
+            holds_from: if self.config.readable {
+                0
+            } else {
+                self.holds_from
+            },
         }
     }
 
@@ -485,7 +530,9 @@ impl Node {
     fn control_conn(&self) -> Option<ConnId> {
         match self.control {
             ControlState::AwaitingSource => None,
-            ControlState::AwaitingChallenge(c) | ControlState::AwaitingWelcome(c) | ControlState::Joined(c) => Some(c),
+            ControlState::AwaitingChallenge(c)
+            | ControlState::AwaitingWelcome(c)
+            | ControlState::Joined(c) => Some(c),
         }
     }
 
@@ -507,7 +554,10 @@ impl Node {
         }
         // The data keeps flowing between nodes; only the coordination is lost.
         self.events.push_back(NodeEvent::SourceLost);
-        self.timers.set(Timer::ConnectSource as usize, now + self.config.reconnect_delay);
+        self.timers.set(
+            Timer::ConnectSource as usize,
+            now + self.config.reconnect_delay,
+        );
     }
 
     fn on_control(&mut self, now: Time, conn: ConnId, msg: Message) {
@@ -535,15 +585,25 @@ impl Node {
                 self.transmits.push_back((conn, Message::Join(join)));
                 self.control = ControlState::AwaitingWelcome(conn);
             }
-            (ControlState::AwaitingWelcome(_), Message::Welcome { node, heartbeat_ms, dead_after_ms }) => {
+            (
+                ControlState::AwaitingWelcome(_),
+                Message::Welcome {
+                    node,
+                    heartbeat_ms,
+                    dead_after_ms,
+                },
+            ) => {
                 self.id = Some(node);
                 self.heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(10)));
                 self.dead_after = Duration::from_millis(u64::from(dead_after_ms.max(50)));
                 self.control = ControlState::Joined(conn);
                 self.events.push_back(NodeEvent::Welcomed { node });
-                self.transmits.push_back((conn, Message::Progress(self.progress())));
-                self.timers.set(Timer::Heartbeat as usize, now + self.heartbeat);
-                self.timers.set(Timer::SourceSilence as usize, now + self.dead_after);
+                self.transmits
+                    .push_back((conn, Message::Progress(self.progress())));
+                self.timers
+                    .set(Timer::Heartbeat as usize, now + self.heartbeat);
+                self.timers
+                    .set(Timer::SourceSilence as usize, now + self.dead_after);
                 // A source that restarted knows nothing of us: say again what we
                 // concluded, so it need not wait.
                 if let Some(v) = self.verdict.clone() {
@@ -551,7 +611,8 @@ impl Node {
                         Ok(()) => (true, String::new()),
                         Err(e) => (false, e),
                     };
-                    self.transmits.push_back((conn, Message::Verified { ok, reason }));
+                    self.transmits
+                        .push_back((conn, Message::Verified { ok, reason }));
                 }
             }
             (_, Message::Refused(refusal)) => {
@@ -559,9 +620,14 @@ impl Node {
                 let reason = format!("refused by the source: {}", refusal.detail);
                 self.leave(false, reason);
             }
-            (ControlState::Joined(_), Message::Topology { epoch, upstream, downstreams }) => {
-                self.on_topology(now, epoch, upstream, downstreams)
-            }
+            (
+                ControlState::Joined(_),
+                Message::Topology {
+                    epoch,
+                    upstream,
+                    downstreams,
+                },
+            ) => self.on_topology(now, epoch, upstream, downstreams),
             (ControlState::Joined(_), Message::ImageDone { total, digest }) => {
                 self.image = Some((total, digest));
                 self.check_copy(now);
@@ -570,7 +636,9 @@ impl Node {
                 let ok = matches!(self.verdict, Some(Ok(())));
                 self.leave(ok, "released by the source".into());
             }
-            (_, Message::Abort { reason }) => self.leave(false, format!("the source aborted: {reason}")),
+            (_, Message::Abort { reason }) => {
+                self.leave(false, format!("the source aborted: {reason}"))
+            }
             (ControlState::Joined(_), Message::Heartbeat) => {}
             (_, other) => {
                 let reason = format!("the source sent an unexpected {}", message_name(&other));
@@ -581,7 +649,13 @@ impl Node {
         }
     }
 
-    fn on_topology(&mut self, _now: Time, epoch: Epoch, upstream: Option<Upstream>, downstreams: Vec<NodeId>) {
+    fn on_topology(
+        &mut self,
+        _now: Time,
+        epoch: Epoch,
+        upstream: Option<Upstream>,
+        downstreams: Vec<NodeId>,
+    ) {
         if epoch < self.epoch {
             return;
         }
@@ -610,7 +684,10 @@ impl Node {
             self.close(c);
         }
         self.downstreams = kept;
-        self.events.push_back(NodeEvent::Placed { upstream: upstream.map(|u| u.node), downstreams });
+        self.events.push_back(NodeEvent::Placed {
+            upstream: upstream.map(|u| u.node),
+            downstreams,
+        });
     }
 
     fn connect_upstream(&mut self) {
@@ -619,7 +696,10 @@ impl Node {
         }
         if let Some(up) = self.upstream {
             self.upstream_conn = Some(UpstreamConn::Connecting);
-            self.actions.push_back(NodeAction::ConnectUpstream { addr: up.addr, epoch: self.epoch });
+            self.actions.push_back(NodeAction::ConnectUpstream {
+                addr: up.addr,
+                epoch: self.epoch,
+            });
         }
     }
 
@@ -627,10 +707,21 @@ impl Node {
         match (self.upstream_conn, msg) {
             (Some(UpstreamConn::AwaitingChallenge(_)), Message::Challenge { nonce, .. }) => {
                 let Some(id) = self.id else {
-                    return self.drop_upstream(now, conn, "connected upstream before being admitted".into());
+                    return self.drop_upstream(
+                        now,
+                        conn,
+                        "connected upstream before being admitted".into(),
+                    );
                 };
                 let from = self.received.prefix_end();
-                let proof = data_proof(&*self.key, &nonce, &self.config.session, id, self.epoch, from);
+                let proof = data_proof(
+                    &*self.key,
+                    &nonce,
+                    &self.config.session,
+                    id,
+                    self.epoch,
+                    from,
+                );
                 let hello = Message::DataHello {
                     version: PROTOCOL_VERSION,
                     session: self.config.session.clone(),
@@ -647,8 +738,14 @@ impl Node {
                 self.actions.push_back(NodeAction::Receive { conn, from });
                 self.events.push_back(NodeEvent::Receiving { from });
             }
-            (_, Message::Refused(r)) => self.drop_upstream(now, conn, format!("upstream refused us: {}", r.detail)),
-            (_, other) => self.drop_upstream(now, conn, format!("upstream sent an unexpected {}", message_name(&other))),
+            (_, Message::Refused(r)) => {
+                self.drop_upstream(now, conn, format!("upstream refused us: {}", r.detail))
+            }
+            (_, other) => self.drop_upstream(
+                now,
+                conn,
+                format!("upstream sent an unexpected {}", message_name(&other)),
+            ),
         }
     }
 
@@ -656,30 +753,63 @@ impl Node {
         self.upstream_conn = None;
         self.actions.push_back(NodeAction::Close { conn });
         self.events.push_back(NodeEvent::UpstreamLost { reason });
-        self.timers.set(Timer::ConnectUpstream as usize, now + self.config.reconnect_delay);
+        self.timers.set(
+            Timer::ConnectUpstream as usize,
+            now + self.config.reconnect_delay,
+        );
     }
 
     fn on_downstream_hello(&mut self, conn: ConnId, nonce: Nonce, msg: Message) {
-        let Message::DataHello { version, session, node, epoch, from, proof } = msg else {
-            return self.refuse_downstream(conn, RefusalCode::NotExpected, "expected a data hello".into());
+        let Message::DataHello {
+            version,
+            session,
+            node,
+            epoch,
+            from,
+            proof,
+        } = msg
+        else {
+            return self.refuse_downstream(
+                conn,
+                RefusalCode::NotExpected,
+                "expected a data hello".into(),
+            );
         };
         if version != PROTOCOL_VERSION || session != self.config.session {
-            return self.refuse_downstream(conn, RefusalCode::WrongSession, "another session or version".into());
+            return self.refuse_downstream(
+                conn,
+                RefusalCode::WrongSession,
+                "another session or version".into(),
+            );
         }
-        if !tags_equal(&proof, &data_proof(&*self.key, &nonce, &session, node, epoch, from)) {
-            return self.refuse_downstream(conn, RefusalCode::BadProof, "data connection without the session secret".into());
+        if !tags_equal(
+            &proof,
+            &data_proof(&*self.key, &nonce, &session, node, epoch, from),
+        ) {
+            return self.refuse_downstream(
+                conn,
+                RefusalCode::BadProof,
+                "data connection without the session secret".into(),
+            );
         }
         match self.downstreams.get(&node) {
             Some(&assigned) if epoch >= assigned => {}
             _ => {
-                return self.refuse_downstream(conn, RefusalCode::NotExpected, format!("{node} is not our downstream at {epoch}"))
+                return self.refuse_downstream(
+                    conn,
+                    RefusalCode::NotExpected,
+                    format!("{node} is not our downstream at {epoch}"),
+                )
             }
         }
         if !self.config.readable && from < self.holds_from {
             return self.refuse_downstream(
                 conn,
                 RefusalCode::CannotResume,
-                format!("offset {from} has left our buffer (we hold from {})", self.holds_from),
+                format!(
+                    "offset {from} has left our buffer (we hold from {})",
+                    self.holds_from
+                ),
             );
         }
         // One connection per downstream: a reconnect replaces the old one.
@@ -693,12 +823,15 @@ impl Node {
             self.close(c);
         }
         self.inbound.insert(conn, Inbound::Serving(node));
-        self.transmits.push_back((conn, Message::DataAccepted { from }));
-        self.actions.push_back(NodeAction::Serve { conn, node, from });
+        self.transmits
+            .push_back((conn, Message::DataAccepted { from }));
+        self.actions
+            .push_back(NodeAction::Serve { conn, node, from });
     }
 
     fn refuse_downstream(&mut self, conn: ConnId, code: RefusalCode, detail: String) {
-        self.transmits.push_back((conn, Message::Refused(Refusal { code, detail })));
+        self.transmits
+            .push_back((conn, Message::Refused(Refusal { code, detail })));
         self.close(conn);
     }
 
@@ -706,14 +839,21 @@ impl Node {
         if self.phase != Phase::AwaitingImage {
             return;
         }
-        let (Some((total, digest)), Some((got_total, got_digest))) = (self.image, self.stream_end) else {
+        let (Some((total, digest)), Some((got_total, got_digest))) = (self.image, self.stream_end)
+        else {
             return;
         };
         if got_total != total {
-            return self.conclude(now, Err(format!("received {got_total} bytes, the image has {total}")));
+            return self.conclude(
+                now,
+                Err(format!("received {got_total} bytes, the image has {total}")),
+            );
         }
         if got_digest != digest {
-            return self.conclude(now, Err("digest of the received image differs from the source's".into()));
+            return self.conclude(
+                now,
+                Err("digest of the received image differs from the source's".into()),
+            );
         }
         if self.config.verify_readback {
             self.phase = Phase::AwaitingReadback;
@@ -730,9 +870,13 @@ impl Node {
         };
         self.verdict = Some(verdict);
         self.phase = Phase::AwaitingRelease;
-        self.events.push_back(NodeEvent::Verified { ok, reason: reason.clone() });
+        self.events.push_back(NodeEvent::Verified {
+            ok,
+            reason: reason.clone(),
+        });
         if let ControlState::Joined(c) = self.control {
-            self.transmits.push_back((c, Message::Verified { ok, reason }));
+            self.transmits
+                .push_back((c, Message::Verified { ok, reason }));
         }
     }
 
@@ -752,7 +896,10 @@ impl Node {
             self.actions.push_back(NodeAction::Close { conn: c });
         }
         self.control = ControlState::AwaitingSource;
-        self.events.push_back(NodeEvent::Left { ok, reason: reason.clone() });
+        self.events.push_back(NodeEvent::Left {
+            ok,
+            reason: reason.clone(),
+        });
         self.actions.push_back(NodeAction::Exit { ok, reason });
     }
 }

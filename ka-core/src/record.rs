@@ -93,16 +93,28 @@ mod tests {
     #[test]
     fn header_round_trips() {
         for kind in [RecordKind::Data, RecordKind::Zero] {
-            let h = RecordHeader { kind, offset: 1 << 40, len: 4096 };
+            let h = RecordHeader {
+                kind,
+                offset: 1 << 40,
+                len: 4096,
+            };
             assert_eq!(RecordHeader::decode(&h.encode()), Ok(h));
         }
-        let end = RecordHeader { kind: RecordKind::End, offset: 7, len: 0 };
+        let end = RecordHeader {
+            kind: RecordKind::End,
+            offset: 7,
+            len: 0,
+        };
         assert_eq!(RecordHeader::decode(&end.encode()), Ok(end));
     }
 
     #[test]
     fn oversized_data_record_is_refused() {
-        let h = RecordHeader { kind: RecordKind::Data, offset: 0, len: RecordHeader::MAX_DATA_LEN + 1 };
+        let h = RecordHeader {
+            kind: RecordKind::Data,
+            offset: 0,
+            len: RecordHeader::MAX_DATA_LEN + 1,
+        };
         assert!(RecordHeader::decode(&h.encode()).is_err());
     }
 }

@@ -10,7 +10,9 @@ use core::time::Duration;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::auth::{data_proof, go_proof, join_proof, tags_equal, SessionKey};
-use crate::codec::{Digest, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, PROTOCOL_VERSION};
+use crate::codec::{
+    Digest, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, PROTOCOL_VERSION,
+};
 use crate::config::{SlowPolicy, SourceConfig};
 use crate::ids::{ConnId, Epoch, NodeId};
 use crate::time::Time;
@@ -309,7 +311,13 @@ impl Source {
     /// and unpredictable: the peer's proof will have to cover it.
     pub fn handle_connected(&mut self, _now: Time, conn: ConnId, nonce: Nonce) {
         self.conns.insert(conn, ConnRole::Challenged(nonce));
-        self.transmits.push_back((conn, Message::Challenge { version: PROTOCOL_VERSION, nonce }));
+        self.transmits.push_back((
+            conn,
+            Message::Challenge {
+                version: PROTOCOL_VERSION,
+                nonce,
+            },
+        ));
     }
 
     /// A message arrived on `conn`.
@@ -318,10 +326,18 @@ impl Source {
             return;
         };
         match (role, msg) {
-            (ConnRole::Challenged(nonce), Message::Join(join)) => self.on_join(now, conn, nonce, join),
+            (ConnRole::Challenged(nonce), Message::Join(join)) => {
+                self.on_join(now, conn, nonce, join)
+            }
             (ConnRole::Challenged(nonce), Message::Go { session, proof }) => {
-                if session != self.config.session || !tags_equal(&proof, &go_proof(&*self.key, &nonce, &session)) {
-                    self.refuse(conn, RefusalCode::BadProof, "go refused: wrong session or secret".into());
+                if session != self.config.session
+                    || !tags_equal(&proof, &go_proof(&*self.key, &nonce, &session))
+                {
+                    self.refuse(
+                        conn,
+                        RefusalCode::BadProof,
+                        "go refused: wrong session or secret".into(),
+                    );
                     return;
                 }
                 let started = self.state == SourceState::AwaitingNodes && self.live_count() > 0;
@@ -329,16 +345,20 @@ impl Source {
                     self.start(now, StartTrigger::Go);
                 }
                 let nodes = self.live_count() as u32;
-                self.transmits.push_back((conn, Message::GoAck { started, nodes }));
+                self.transmits
+                    .push_back((conn, Message::GoAck { started, nodes }));
                 self.conns.remove(&conn);
                 self.actions.push_back(SourceAction::Close { conn });
             }
-            (ConnRole::Challenged(nonce), Message::DataHello { version, session, node, epoch, from, proof }) => {
-                self.on_data_hello(conn, nonce, version, &session, node, epoch, from, &proof)
+            (ConnRole::Challenged(nonce), hello @ Message::DataHello { .. }) => {
+                self.on_data_hello(conn, nonce, hello)
             }
             (ConnRole::Control(id), msg) => self.on_node_message(now, conn, id, msg),
             (_, other) => {
-                let detail = format!("unexpected message {:?} at this point", message_name(&other));
+                let detail = format!(
+                    "unexpected message {:?} at this point",
+                    message_name(&other)
+                );
                 self.refuse(conn, RefusalCode::NotExpected, detail);
             }
         }
@@ -389,7 +409,8 @@ impl Source {
         self.events.push_back(SourceEvent::ImageDone { total });
         let conns: Vec<ConnId> = self.nodes.values().filter_map(|r| r.conn).collect();
         for c in conns {
-            self.transmits.push_back((c, Message::ImageDone { total, digest }));
+            self.transmits
+                .push_back((c, Message::ImageDone { total, digest }));
         }
         self.check_complete(now);
     }
@@ -404,7 +425,9 @@ impl Source {
         if self.timers.expire(Timer::Tick as usize, now) {
             self.tick(now);
         }
-        if self.timers.expire(Timer::JoinDeadline as usize, now) && self.state == SourceState::AwaitingNodes {
+        if self.timers.expire(Timer::JoinDeadline as usize, now)
+            && self.state == SourceState::AwaitingNodes
+        {
             let live = self.live_count() as u32;
             if live >= self.config.min_nodes.max(1) {
                 self.start(now, StartTrigger::Deadline);
@@ -503,8 +526,10 @@ impl Source {
 
     fn refuse(&mut self, conn: ConnId, code: RefusalCode, detail: String) {
         let refusal = Refusal { code, detail };
-        self.transmits.push_back((conn, Message::Refused(refusal.clone())));
-        self.events.push_back(SourceEvent::Refused { conn, refusal });
+        self.transmits
+            .push_back((conn, Message::Refused(refusal.clone())));
+        self.events
+            .push_back(SourceEvent::Refused { conn, refusal });
         self.conns.remove(&conn);
         self.actions.push_back(SourceAction::Close { conn });
     }
@@ -524,11 +549,19 @@ impl Source {
             );
             return self.refuse(conn, RefusalCode::WrongSession, detail);
         }
-        if !tags_equal(&join.proof, &join_proof(&*self.key, &nonce, &join.session, &join.name)) {
-            let detail = "the node's secret does not match this session's: give it the source's secret file".into();
+        if !tags_equal(
+            &join.proof,
+            &join_proof(&*self.key, &nonce, &join.session, &join.name),
+        ) {
+            let detail =
+                "the node's secret does not match this session's: give it the source's secret file"
+                    .into();
             return self.refuse(conn, RefusalCode::BadProof, detail);
         }
-        if matches!(self.state, SourceState::Releasing | SourceState::Finished | SourceState::Aborted) {
+        if matches!(
+            self.state,
+            SourceState::Releasing | SourceState::Finished | SourceState::Aborted
+        ) {
             return self.refuse(conn, RefusalCode::SessionOver, "the session is over".into());
         }
         if let Some(&id) = self.names.get(&join.name) {
@@ -536,7 +569,11 @@ impl Source {
                 // A node that restarts faster than its death is noticed proves
                 // with the secret that it is the same node; the old connection
                 // is a zombie.
-                self.declare_dead(now, id, "superseded by a new join under the same name".into());
+                self.declare_dead(
+                    now,
+                    id,
+                    "superseded by a new join under the same name".into(),
+                );
             }
         }
         // Death during the join forgets the node, so look again.
@@ -590,7 +627,11 @@ impl Source {
             readable: join.readable,
             conn: Some(conn),
             data_conn: None,
-            progress: Progress { received: join.have, written: join.have, holds_from: 0 },
+            progress: Progress {
+                received: join.have,
+                written: join.have,
+                holds_from: 0,
+            },
             last_heard: now,
             slow_since: None,
             slow_handled: false,
@@ -609,9 +650,14 @@ impl Source {
                 dead_after_ms: self.config.dead_after.as_millis() as u32,
             },
         ));
-        self.events.push_back(SourceEvent::Joined { node: id, name: join.name, rejoin });
+        self.events.push_back(SourceEvent::Joined {
+            node: id,
+            name: join.name,
+            rejoin,
+        });
         if let Some((total, digest)) = self.image {
-            self.transmits.push_back((conn, Message::ImageDone { total, digest }));
+            self.transmits
+                .push_back((conn, Message::ImageDone { total, digest }));
         }
         if let Some(parent) = parent {
             self.topology.attach(id, parent);
@@ -619,8 +665,13 @@ impl Source {
             self.bump_epoch();
             self.send_topology(id);
             self.send_topology_to_parent(parent);
-            self.events.push_back(SourceEvent::Relinked { node: id, upstream: parent });
-        } else if self.state == SourceState::AwaitingNodes && self.nodes.len() as u32 >= self.config.expected_nodes {
+            self.events.push_back(SourceEvent::Relinked {
+                node: id,
+                upstream: parent,
+            });
+        } else if self.state == SourceState::AwaitingNodes
+            && self.nodes.len() as u32 >= self.config.expected_nodes
+        {
             // While awaiting nodes every record is a live node: the dead are forgotten.
             self.start(now, StartTrigger::AllJoined);
         }
@@ -647,28 +698,48 @@ impl Source {
         }
     }
 
-    fn on_data_hello(
-        &mut self,
-        conn: ConnId,
-        nonce: Nonce,
-        version: u16,
-        session: &str,
-        node: NodeId,
-        epoch: Epoch,
-        from: u64,
-        proof: &crate::codec::Tag,
-    ) {
+    fn on_data_hello(&mut self, conn: ConnId, nonce: Nonce, hello: Message) {
+        let Message::DataHello {
+            version,
+            session,
+            node,
+            epoch,
+            from,
+            proof,
+        } = hello
+        else {
+            return;
+        };
         if version != PROTOCOL_VERSION || session != self.config.session {
-            return self.refuse(conn, RefusalCode::WrongSession, "data connection for another session or version".into());
+            return self.refuse(
+                conn,
+                RefusalCode::WrongSession,
+                "data connection for another session or version".into(),
+            );
         }
-        if !tags_equal(proof, &data_proof(&*self.key, &nonce, session, node, epoch, from)) {
-            return self.refuse(conn, RefusalCode::BadProof, "data connection without the session secret".into());
+        if !tags_equal(
+            &proof,
+            &data_proof(&*self.key, &nonce, &session, node, epoch, from),
+        ) {
+            return self.refuse(
+                conn,
+                RefusalCode::BadProof,
+                "data connection without the session secret".into(),
+            );
         }
         if self.topology.parent(node) != Some(None) || !self.is_live(node) {
-            return self.refuse(conn, RefusalCode::NotExpected, format!("{node} is not fed by the source at {epoch}"));
+            return self.refuse(
+                conn,
+                RefusalCode::NotExpected,
+                format!("{node} is not fed by the source at {epoch}"),
+            );
         }
         if !self.holds(None, from) {
-            return self.refuse(conn, RefusalCode::CannotResume, format!("offset {from} is no longer held"));
+            return self.refuse(
+                conn,
+                RefusalCode::CannotResume,
+                format!("offset {from} is no longer held"),
+            );
         }
         let record = self.nodes.get_mut(&node).expect("live child has a record");
         if let Some(old) = record.data_conn.replace(conn) {
@@ -676,8 +747,10 @@ impl Source {
             self.actions.push_back(SourceAction::Close { conn: old });
         }
         self.conns.insert(conn, ConnRole::Data(node));
-        self.transmits.push_back((conn, Message::DataAccepted { from }));
-        self.actions.push_back(SourceAction::Serve { conn, node, from });
+        self.transmits
+            .push_back((conn, Message::DataAccepted { from }));
+        self.actions
+            .push_back(SourceAction::Serve { conn, node, from });
     }
 
     fn on_node_message(&mut self, now: Time, conn: ConnId, id: NodeId, msg: Message) {
@@ -692,24 +765,38 @@ impl Source {
                 if record.report.outcome.is_some() {
                     return;
                 }
-                record.report.outcome = Some(if ok { Ok(()) } else { Err(format!("verification failed: {reason}")) });
+                record.report.outcome = Some(if ok {
+                    Ok(())
+                } else {
+                    Err(format!("verification failed: {reason}"))
+                });
                 record.report.finished_at = Some(now);
                 self.unsettled -= 1;
                 if ok {
                     record.report.received = self.image.map_or(record.report.received, |(t, _)| t);
                 }
                 self.unmark_needy(id);
-                self.events.push_back(SourceEvent::Verified { node: id, ok, reason });
+                self.events.push_back(SourceEvent::Verified {
+                    node: id,
+                    ok,
+                    reason,
+                });
                 self.settle(now, Some(id));
             }
             Message::Failed { reason } => {
-                self.events.push_back(SourceEvent::Failed { node: id, reason: reason.clone() });
+                self.events.push_back(SourceEvent::Failed {
+                    node: id,
+                    reason: reason.clone(),
+                });
                 self.remove_node(now, id, format!("node failed: {reason}"));
             }
             Message::Heartbeat => {}
             other => {
                 let _ = conn;
-                let reason = format!("protocol violation: unexpected {} from a joined node", message_name(&other));
+                let reason = format!(
+                    "protocol violation: unexpected {} from a joined node",
+                    message_name(&other)
+                );
                 self.declare_dead(now, id, reason);
             }
         }
@@ -753,7 +840,9 @@ impl Source {
             record.slow_since = None;
             return;
         }
-        let (since, up0, own0) = *record.slow_since.get_or_insert((now, upstream_at, received));
+        let (since, up0, own0) = *record
+            .slow_since
+            .get_or_insert((now, upstream_at, received));
         if now.saturating_since(since) < self.config.slow_window {
             return;
         }
@@ -766,7 +855,8 @@ impl Source {
         }
         record.slow_handled = true;
         let policy = self.config.slow_policy;
-        self.events.push_back(SourceEvent::Slow { node: id, policy });
+        self.events
+            .push_back(SourceEvent::Slow { node: id, policy });
         match policy {
             SlowPolicy::Keep => {}
             SlowPolicy::Drop => {
@@ -775,7 +865,12 @@ impl Source {
                     self.config.slow_lag, self.config.slow_window
                 );
                 if let Some(conn) = self.nodes[&id].conn {
-                    self.transmits.push_back((conn, Message::Abort { reason: reason.clone() }));
+                    self.transmits.push_back((
+                        conn,
+                        Message::Abort {
+                            reason: reason.clone(),
+                        },
+                    ));
                 }
                 self.remove_node(now, id, reason);
             }
@@ -790,18 +885,25 @@ impl Source {
                 self.bump_epoch();
                 for &o in &orphans {
                     self.send_topology(o);
-                    self.events.push_back(SourceEvent::Relinked { node: o, upstream: old_parent });
+                    self.events.push_back(SourceEvent::Relinked {
+                        node: o,
+                        upstream: old_parent,
+                    });
                 }
                 self.send_topology_to_parent(old_parent);
                 self.send_topology(id);
                 self.send_topology_to_parent(slot);
-                self.events.push_back(SourceEvent::Relinked { node: id, upstream: slot });
+                self.events.push_back(SourceEvent::Relinked {
+                    node: id,
+                    upstream: slot,
+                });
             }
         }
     }
 
     fn tick(&mut self, now: Time) {
-        self.timers.set(Timer::Tick as usize, now + self.config.heartbeat);
+        self.timers
+            .set(Timer::Tick as usize, now + self.config.heartbeat);
         let dead_after = self.config.dead_after;
         let silent: Vec<(NodeId, Duration)> = self
             .nodes
@@ -811,9 +913,18 @@ impl Source {
             .filter(|(_, quiet)| *quiet >= dead_after)
             .collect();
         for (id, quiet) in silent {
-            self.declare_dead(now, id, format!("no heartbeat for {:.1} s", quiet.as_secs_f64()));
+            self.declare_dead(
+                now,
+                id,
+                format!("no heartbeat for {:.1} s", quiet.as_secs_f64()),
+            );
         }
-        let conns: Vec<ConnId> = self.nodes.values().filter(|r| r.live()).filter_map(|r| r.conn).collect();
+        let conns: Vec<ConnId> = self
+            .nodes
+            .values()
+            .filter(|r| r.live())
+            .filter_map(|r| r.conn)
+            .collect();
         for c in conns {
             self.transmits.push_back((c, Message::Heartbeat));
         }
@@ -822,9 +933,19 @@ impl Source {
     fn start(&mut self, now: Time, trigger: StartTrigger) {
         let mut live: Vec<&NodeRecord> = self.nodes.values().filter(|r| r.live()).collect();
         // Inventory order first, then by address, then by name: deterministic.
-        let ranks: BTreeMap<&str, usize> =
-            self.config.order.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
-        let rank = |r: &NodeRecord| ranks.get(r.report.name.as_str()).copied().unwrap_or(usize::MAX);
+        let ranks: BTreeMap<&str, usize> = self
+            .config
+            .order
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
+        let rank = |r: &NodeRecord| {
+            ranks
+                .get(r.report.name.as_str())
+                .copied()
+                .unwrap_or(usize::MAX)
+        };
         live.sort_by(|a, b| {
             (rank(a), a.data_addr, &a.report.name).cmp(&(rank(b), b.data_addr, &b.report.name))
         });
@@ -838,7 +959,10 @@ impl Source {
             self.send_topology(id);
         }
         self.actions.push_back(SourceAction::StartReading);
-        self.events.push_back(SourceEvent::Started { nodes: order.len() as u32, trigger });
+        self.events.push_back(SourceEvent::Started {
+            nodes: order.len() as u32,
+            trigger,
+        });
         self.check_complete(now);
     }
 
@@ -855,11 +979,24 @@ impl Source {
             return;
         };
         let upstream = self.topology.parent(id).map(|p| match p {
-            None => Upstream { node: None, addr: self.config.data_addr },
-            Some(n) => Upstream { node: Some(n), addr: self.nodes[&n].data_addr },
+            None => Upstream {
+                node: None,
+                addr: self.config.data_addr,
+            },
+            Some(n) => Upstream {
+                node: Some(n),
+                addr: self.nodes[&n].data_addr,
+            },
         });
         let downstreams = self.topology.children(Some(id)).to_vec();
-        self.transmits.push_back((conn, Message::Topology { epoch: self.epoch, upstream, downstreams }));
+        self.transmits.push_back((
+            conn,
+            Message::Topology {
+                epoch: self.epoch,
+                upstream,
+                downstreams,
+            },
+        ));
     }
 
     /// Tells a parent its new list of children; for the source itself, closes
@@ -868,7 +1005,8 @@ impl Source {
         match parent {
             Some(p) => self.send_topology(p),
             None => {
-                let children: BTreeSet<NodeId> = self.topology.children(None).iter().copied().collect();
+                let children: BTreeSet<NodeId> =
+                    self.topology.children(None).iter().copied().collect();
                 let stale: Vec<(NodeId, ConnId)> = self
                     .nodes
                     .iter()
@@ -904,7 +1042,8 @@ impl Source {
         let low = self.needy.first().map_or(self.history_low, |&(o, _)| o);
         if low > self.history_low {
             self.history_low = low;
-            self.actions.push_back(SourceAction::TrimHistory { below: low });
+            self.actions
+                .push_back(SourceAction::TrimHistory { below: low });
         }
     }
 
@@ -915,7 +1054,10 @@ impl Source {
         if !record.live() {
             return;
         }
-        self.events.push_back(SourceEvent::Dead { node: id, reason: reason.clone() });
+        self.events.push_back(SourceEvent::Dead {
+            node: id,
+            reason: reason.clone(),
+        });
         if self.state == SourceState::AwaitingNodes {
             // Death during the join: the node no longer counts towards the
             // start; if it comes back it joins again.
@@ -960,7 +1102,10 @@ impl Source {
             self.bump_epoch();
             for &o in &orphans {
                 self.send_topology(o);
-                self.events.push_back(SourceEvent::Relinked { node: o, upstream: p });
+                self.events.push_back(SourceEvent::Relinked {
+                    node: o,
+                    upstream: p,
+                });
             }
             self.send_topology_to_parent(p);
         }
@@ -1005,7 +1150,12 @@ impl Source {
         }
         self.state = SourceState::Releasing;
         let order: Vec<NodeId> = self.topology.breadth_first().flatten().collect();
-        let others: Vec<NodeId> = self.nodes.keys().copied().filter(|n| !self.topology.contains(*n)).collect();
+        let others: Vec<NodeId> = self
+            .nodes
+            .keys()
+            .copied()
+            .filter(|n| !self.topology.contains(*n))
+            .collect();
         self.release_queue = order
             .into_iter()
             .chain(others)
@@ -1021,7 +1171,8 @@ impl Source {
         if self.release_queue.is_empty() {
             self.finish();
         } else {
-            self.timers.set(Timer::Release as usize, now + self.config.release_delay);
+            self.timers
+                .set(Timer::Release as usize, now + self.config.release_delay);
         }
     }
 
@@ -1043,7 +1194,12 @@ impl Source {
                 r.report.finished_at = Some(now);
             }
             if let Some(c) = r.conn {
-                self.transmits.push_back((c, Message::Abort { reason: reason.clone() }));
+                self.transmits.push_back((
+                    c,
+                    Message::Abort {
+                        reason: reason.clone(),
+                    },
+                ));
             }
         }
         self.events.push_back(SourceEvent::Aborted { reason });

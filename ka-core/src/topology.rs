@@ -26,7 +26,10 @@ pub struct Topology {
 impl Topology {
     /// An empty tree where each node feeds at most `arity` children.
     pub fn new(arity: u32) -> Self {
-        Topology { arity: arity.max(1) as usize, ..Default::default() }
+        Topology {
+            arity: arity.max(1) as usize,
+            ..Default::default()
+        }
     }
 
     /// Lays `order` out as a complete `arity`-ary tree under the source:
@@ -85,7 +88,10 @@ impl Topology {
         let siblings = self.children.entry(parent).or_default();
         // The orphans take the removed node's position among its siblings, so a
         // chain keeps its order.
-        let at = siblings.iter().position(|&c| c == node).expect("child listed under its parent");
+        let at = siblings
+            .iter()
+            .position(|&c| c == node)
+            .expect("child listed under its parent");
         siblings.splice(at..=at, orphans.iter().copied());
         if siblings.is_empty() {
             self.children.remove(&parent);
@@ -99,7 +105,8 @@ impl Topology {
     /// The parents with room for one more child, in breadth-first order from
     /// the source: the first of them is where a newcomer belongs.
     pub fn open_slots(&self) -> impl Iterator<Item = Parent> + '_ {
-        self.breadth_first().filter(move |p| self.children(*p).len() < self.arity)
+        self.breadth_first()
+            .filter(move |p| self.children(*p).len() < self.arity)
     }
 
     /// Every parent, the source first, then nodes in breadth-first order.
@@ -136,12 +143,18 @@ impl Topology {
             }
             for &c in self.children(p) {
                 if self.parent.get(&c) != Some(&p) {
-                    return Err(format!("{c} listed under {p:?} but its parent is {:?}", self.parent.get(&c)));
+                    return Err(format!(
+                        "{c} listed under {p:?} but its parent is {:?}",
+                        self.parent.get(&c)
+                    ));
                 }
             }
         }
         if seen != self.parent.len() {
-            return Err(format!("{} placed nodes, {seen} reachable from the source", self.parent.len()));
+            return Err(format!(
+                "{} placed nodes, {seen} reachable from the source",
+                self.parent.len()
+            ));
         }
         Ok(())
     }

@@ -57,10 +57,25 @@ impl fmt::Display for Fault {
         let at = self.at.as_secs_f64();
         match &self.kind {
             FaultKind::Crash => write!(f, "{at:.3}s crash node{}", self.node),
-            FaultKind::Hang(d) => write!(f, "{at:.3}s hang node{} for {:.3}s", self.node, d.as_secs_f64()),
-            FaultKind::Cut(d) => write!(f, "{at:.3}s cut node{} for {:.3}s", self.node, d.as_secs_f64()),
+            FaultKind::Hang(d) => write!(
+                f,
+                "{at:.3}s hang node{} for {:.3}s",
+                self.node,
+                d.as_secs_f64()
+            ),
+            FaultKind::Cut(d) => write!(
+                f,
+                "{at:.3}s cut node{} for {:.3}s",
+                self.node,
+                d.as_secs_f64()
+            ),
             FaultKind::Slow(x) => write!(f, "{at:.3}s slow node{} by {x}x", self.node),
-            FaultKind::Restart(d) => write!(f, "{at:.3}s restart node{} after {:.3}s", self.node, d.as_secs_f64()),
+            FaultKind::Restart(d) => write!(
+                f,
+                "{at:.3}s restart node{} after {:.3}s",
+                self.node,
+                d.as_secs_f64()
+            ),
             FaultKind::DiskError => write!(f, "{at:.3}s disk error on node{}", self.node),
         }
     }
@@ -82,7 +97,11 @@ pub struct Swarm {
 /// fifth of the nodes are hit, so a run still says something about survivors.
 pub fn swarm(rng: &mut ChaCha8Rng, nodes: usize, expected: Duration) -> Swarm {
     const KINDS: [&str; 7] = ["crash", "hang", "cut", "slow", "restart", "disk", "late"];
-    let mut enabled: Vec<&'static str> = KINDS.iter().copied().filter(|_| rng.gen_bool(0.5)).collect();
+    let mut enabled: Vec<&'static str> = KINDS
+        .iter()
+        .copied()
+        .filter(|_| rng.gen_bool(0.5))
+        .collect();
     if enabled.is_empty() {
         enabled.push(KINDS[rng.gen_range(0..KINDS.len())]);
     }
@@ -111,5 +130,9 @@ pub fn swarm(rng: &mut ChaCha8Rng, nodes: usize, expected: Duration) -> Swarm {
         faults.push(Fault { at, node, kind });
     }
     faults.sort_by(|a, b| a.at.cmp(&b.at).then(a.node.cmp(&b.node)));
-    Swarm { kinds: enabled, faults, late }
+    Swarm {
+        kinds: enabled,
+        faults,
+        late,
+    }
 }

@@ -60,7 +60,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 64MiB"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 64MiB"))?;
     let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" => 1 << 10,
@@ -69,9 +71,14 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "kb" => 1000,
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
-        _ => return Err(format!("unknown size unit {unit:?}: use K, M, G, KiB, MiB or GiB")),
+        _ => {
+            return Err(format!(
+                "unknown size unit {unit:?}: use K, M, G, KiB, MiB or GiB"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s} is too large"))
 }
 
 /// A seed when none is given: derived from the address of a stack value and
@@ -138,8 +145,15 @@ fn main() -> ExitCode {
         println!("  KO {f}");
     }
     if !out.verified_at.is_empty() {
-        let at = |q: f64| out.verified_at[((out.verified_at.len() - 1) as f64 * q) as usize].as_secs_f64();
-        println!("nodes verified at: p50 {:.3}s p90 {:.3}s max {:.3}s", at(0.5), at(0.9), at(1.0));
+        let at = |q: f64| {
+            out.verified_at[((out.verified_at.len() - 1) as f64 * q) as usize].as_secs_f64()
+        };
+        println!(
+            "nodes verified at: p50 {:.3}s p90 {:.3}s max {:.3}s",
+            at(0.5),
+            at(0.9),
+            at(1.0)
+        );
     }
     let ratio = out.completion.as_secs_f64() / cfg.pipeline_bound().as_secs_f64();
     println!(

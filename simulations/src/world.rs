@@ -85,7 +85,8 @@ impl SimConfig {
     /// latency per level of the tree.
     pub fn pipeline_bound(&self) -> Duration {
         let depth = tree_depth(self.nodes, self.arity.max(1) as usize);
-        Duration::from_secs_f64(self.size as f64 / self.effective_rate()) + self.latency * depth as u32
+        Duration::from_secs_f64(self.size as f64 / self.effective_rate())
+            + self.latency * depth as u32
     }
 
     fn effective_rate(&self) -> f64 {
@@ -183,7 +184,11 @@ enum Input {
 #[derive(Debug)]
 enum Ev {
     /// An input reaches a process (if it is still the same incarnation).
-    Deliver { to: End, incarnation: u32, input: Input },
+    Deliver {
+        to: End,
+        incarnation: u32,
+        input: Input,
+    },
     /// A machine's timer.
     Timer { to: End, incarnation: u32 },
     /// Recompute a node's data rate (gen guards against stale ones).
@@ -208,8 +213,12 @@ enum Content {
 impl Content {
     fn copy_from(&mut self, other: &Content, granules: core::ops::Range<usize>) {
         match (self, other) {
-            (Content::Bytes(d), Content::Bytes(s)) => d[granules.clone()].copy_from_slice(&s[granules]),
-            (Content::Tags(d), Content::Tags(s)) => d[granules.clone()].copy_from_slice(&s[granules]),
+            (Content::Bytes(d), Content::Bytes(s)) => {
+                d[granules.clone()].copy_from_slice(&s[granules])
+            }
+            (Content::Tags(d), Content::Tags(s)) => {
+                d[granules.clone()].copy_from_slice(&s[granules])
+            }
             _ => unreachable!("one content kind per run"),
         }
     }
@@ -321,7 +330,10 @@ impl Sim {
         } else {
             let g = 1u64 << 20;
             let n = cfg.size.div_ceil(g) as usize;
-            (g, Content::Tags((0..n).map(|_| image_rng.next_u64()).collect()))
+            (
+                g,
+                Content::Tags((0..n).map(|_| image_rng.next_u64()).collect()),
+            )
         };
         let granules = cfg.size.div_ceil(granule) as usize;
         let source_digest = source_data.digest();
@@ -329,7 +341,11 @@ impl Sim {
         let swarm = match &cfg.faults {
             Faults::None => Swarm::default(),
             Faults::Swarm => swarm(&mut fault_rng, cfg.nodes, expected),
-            Faults::Schedule(f, late) => Swarm { kinds: vec!["schedule"], faults: f.clone(), late: late.clone() },
+            Faults::Schedule(f, late) => Swarm {
+                kinds: vec!["schedule"],
+                faults: f.clone(),
+                late: late.clone(),
+            },
         };
         let source_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 9000);
         let mut scfg = SourceConfig::new(SESSION, cfg.nodes as u32, source_addr);
@@ -378,7 +394,11 @@ impl Sim {
             })
             .collect();
         let faults = swarm.faults.clone();
-        let by_addr = nodes.iter().enumerate().map(|(i, s): (usize, &Slot)| (s.addr, i)).collect();
+        let by_addr = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, s): (usize, &Slot)| (s.addr, i))
+            .collect();
         let mut sim = Sim {
             cfg,
             now: Time::ZERO,
@@ -410,7 +430,12 @@ impl Sim {
             aborted: None,
         };
         for i in 0..sim.cfg.nodes {
-            let delay = sim.swarm.late.iter().find(|&&(n, _)| n == i).map_or(Duration::ZERO, |&(_, d)| d);
+            let delay = sim
+                .swarm
+                .late
+                .iter()
+                .find(|&&(n, _)| n == i)
+                .map_or(Duration::ZERO, |&(_, d)| d);
             sim.schedule(Time::ZERO + delay, Ev::Start(i));
         }
         for f in 0..sim.faults.len() {
@@ -428,12 +453,20 @@ impl Sim {
 
     /// Runs to the end (or to a generous time limit) and reports.
     pub fn run(mut self) -> Outcome {
-        let last_heal = self.faults.iter().map(Fault::heals_at).max().unwrap_or(Duration::ZERO);
+        let last_heal = self
+            .faults
+            .iter()
+            .map(Fault::heals_at)
+            .max()
+            .unwrap_or(Duration::ZERO);
         let pipeline = self.cfg.pipeline_bound();
         let (bound, bound_kind) = if self.faults.is_empty() && self.swarm.late.is_empty() {
             // Joining and the data handshakes cost a fixed dozen or so hops
             // before the first byte; the 5 % is for everything else.
-            (pipeline.mul_f64(1.05) + self.latency() * 16, "pipeline bound x 1.05 + 16 hops of setup")
+            (
+                pipeline.mul_f64(1.05) + self.latency() * 16,
+                "pipeline bound x 1.05 + 16 hops of setup",
+            )
         } else {
             // After the last fault heals: detection, relink and reconnection,
             // then at worst a whole image from the slowest port (a slowed node
@@ -445,7 +478,10 @@ impl Sim {
             let slow = f64::from(slowest.max().unwrap_or(1));
             let detect = Duration::from_millis(1000 + 250 + 200 + 500);
             let stream = pipeline.mul_f64(slow) + pipeline;
-            (last_heal + detect + stream + Duration::from_secs(2), "last heal + detection + re-stream at the slowest rate + pipeline")
+            (
+                last_heal + detect + stream + Duration::from_secs(2),
+                "last heal + detection + re-stream at the slowest rate + pipeline",
+            )
         };
         let limit = Time::ZERO + bound * 4 + Duration::from_secs(30);
         while let Some(Reverse((at, _, idx))) = self.queue.pop() {
@@ -461,14 +497,25 @@ impl Sim {
                 break;
             }
         }
-        let completion = self.finished_at.unwrap_or(self.now).saturating_since(Time::ZERO);
+        let completion = self
+            .finished_at
+            .unwrap_or(self.now)
+            .saturating_since(Time::ZERO);
         self.final_checks(completion, bound);
         let report = self.source.report();
         let ok = report.iter().filter(|r| r.is_ok()).count();
         let mut failures: Vec<String> = report
             .iter()
             .filter(|r| !r.is_ok())
-            .map(|r| format!("{}: {}", r.name, r.outcome.clone().map_or_else(|| "undecided".into(), |o| o.err().unwrap_or_default())))
+            .map(|r| {
+                format!(
+                    "{}: {}",
+                    r.name,
+                    r.outcome
+                        .clone()
+                        .map_or_else(|| "undecided".into(), |o| o.err().unwrap_or_default())
+                )
+            })
             .collect();
         for s in &self.nodes {
             if !report.iter().any(|r| r.name == s.name) {
@@ -532,7 +579,11 @@ impl Sim {
 
     fn step(&mut self, ev: Ev) {
         match ev {
-            Ev::Deliver { to, incarnation, input } => self.deliver(to, incarnation, input),
+            Ev::Deliver {
+                to,
+                incarnation,
+                input,
+            } => self.deliver(to, incarnation, input),
             Ev::Timer { to, incarnation } => match to {
                 End::Source => {
                     if self.source_timer.is_some_and(|t| t <= self.now) {
@@ -543,7 +594,10 @@ impl Sim {
                 }
                 End::Node(i) => {
                     let s = &self.nodes[i];
-                    if s.incarnation == incarnation && !s.frozen && s.timer_at.is_some_and(|t| t <= self.now) {
+                    if s.incarnation == incarnation
+                        && !s.frozen
+                        && s.timer_at.is_some_and(|t| t <= self.now)
+                    {
                         self.nodes[i].timer_at = None;
                         self.with_node(i, |n, now| n.handle_timeout(now));
                     }
@@ -603,7 +657,14 @@ impl Sim {
     fn send(&mut self, from: End, to: End, input: Input) {
         let at = self.arrival(from, to);
         let incarnation = self.incarnation(to);
-        self.schedule(at, Ev::Deliver { to, incarnation, input });
+        self.schedule(
+            at,
+            Ev::Deliver {
+                to,
+                incarnation,
+                input,
+            },
+        );
     }
 
     fn other_end(&self, conn: ConnId, me: End) -> Option<(End, u32)> {
@@ -616,11 +677,15 @@ impl Sim {
     }
 
     fn transmit(&mut self, from: End, conn: ConnId, msg: Message) {
-        let Some(c) = self.conns.get(conn.0 as usize) else { return };
+        let Some(c) = self.conns.get(conn.0 as usize) else {
+            return;
+        };
         if !c.open {
             return;
         }
-        let Some((to, inc)) = self.other_end(conn, from) else { return };
+        let Some((to, inc)) = self.other_end(conn, from) else {
+            return;
+        };
         if self.incarnation(to) != inc {
             return;
         }
@@ -628,7 +693,9 @@ impl Sim {
     }
 
     fn close(&mut self, from: End, conn: ConnId) {
-        let Some(c) = self.conns.get_mut(conn.0 as usize) else { return };
+        let Some(c) = self.conns.get_mut(conn.0 as usize) else {
+            return;
+        };
         if !c.open {
             return;
         }
@@ -651,20 +718,45 @@ impl Sim {
         match reachable {
             Some(to) => {
                 let conn = ConnId(self.conns.len() as u64);
-                self.conns.push(Conn { client: (from, self.incarnation(from)), server: (to, self.incarnation(to)), open: true });
+                self.conns.push(Conn {
+                    client: (from, self.incarnation(from)),
+                    server: (to, self.incarnation(to)),
+                    open: true,
+                });
                 let mut nonce = [0u8; 32];
                 self.rng.fill_bytes(&mut nonce);
                 // The kernel completes the handshake even for a frozen process.
-                self.send(from, to, Input::Accepted { conn, nonce: Nonce(nonce) });
+                self.send(
+                    from,
+                    to,
+                    Input::Accepted {
+                        conn,
+                        nonce: Nonce(nonce),
+                    },
+                );
                 let back = self.arrival(to, from) + self.latency();
                 let incarnation = self.incarnation(from);
-                self.schedule(back, Ev::Deliver { to: from, incarnation, input: Input::Connected { conn, to_source } });
+                self.schedule(
+                    back,
+                    Ev::Deliver {
+                        to: from,
+                        incarnation,
+                        input: Input::Connected { conn, to_source },
+                    },
+                );
             }
             None => {
                 // A reset from a dead host's kernel, or nobody at that address.
                 let at = self.arrival(from, from) + self.latency();
                 let incarnation = self.incarnation(from);
-                self.schedule(at, Ev::Deliver { to: from, incarnation, input: Input::ConnectFailed { to_source } });
+                self.schedule(
+                    at,
+                    Ev::Deliver {
+                        to: from,
+                        incarnation,
+                        input: Input::ConnectFailed { to_source },
+                    },
+                );
             }
         }
     }
@@ -707,10 +799,14 @@ impl Sim {
                 self.stop_flows_on(c);
                 self.with_node(i, |n, now| n.handle_closed(now, c))
             }
-            Input::Accepted { conn, nonce } => self.with_node(i, |n, now| n.handle_connected(now, conn, nonce)),
+            Input::Accepted { conn, nonce } => {
+                self.with_node(i, |n, now| n.handle_connected(now, conn, nonce))
+            }
             Input::Connected { conn, to_source } => {
                 if !self.conns[conn.0 as usize].open {
-                    return self.with_node(i, |n, now| n.handle_connect_failed(now, to_source, "reset".into()));
+                    return self.with_node(i, |n, now| {
+                        n.handle_connect_failed(now, to_source, "reset".into())
+                    });
                 }
                 if to_source {
                     self.with_node(i, |n, now| n.handle_source_connected(now, conn))
@@ -718,9 +814,9 @@ impl Sim {
                     self.with_node(i, |n, now| n.handle_upstream_connected(now, conn))
                 }
             }
-            Input::ConnectFailed { to_source } => {
-                self.with_node(i, |n, now| n.handle_connect_failed(now, to_source, "connection refused".into()))
-            }
+            Input::ConnectFailed { to_source } => self.with_node(i, |n, now| {
+                n.handle_connect_failed(now, to_source, "connection refused".into())
+            }),
         }
     }
 
@@ -736,7 +832,9 @@ impl Sim {
                 SourceAction::StartReading => {}
                 SourceAction::Serve { conn, node, from } => {
                     if !self.source.config().seekable && from < self.source.history_low() {
-                        self.violate(format!("source asked to serve {node} from {from} below its history"));
+                        self.violate(format!(
+                            "source asked to serve {node} from {from} below its history"
+                        ));
                     }
                     if let Some((End::Node(i), _)) = self.other_end(conn, End::Source) {
                         self.source_outflows.push((conn, i));
@@ -747,7 +845,10 @@ impl Sim {
             }
         }
         while let Some(ev) = self.source.poll_event() {
-            if matches!(ev, SourceEvent::Finished { .. } | SourceEvent::Aborted { .. }) {
+            if matches!(
+                ev,
+                SourceEvent::Finished { .. } | SourceEvent::Aborted { .. }
+            ) {
                 self.finished_at = Some(now);
             }
             if let SourceEvent::Aborted { reason } = &ev {
@@ -756,16 +857,24 @@ impl Sim {
             self.trace(|| format!("source {ev:?}"));
         }
         let next = self.source.poll_timeout().map(|(t, _)| t);
-        if next.is_some() && next != self.source_timer {
+        if let Some(at) = next.filter(|_| next != self.source_timer) {
             self.source_timer = next;
-            self.schedule(next.expect("checked"), Ev::Timer { to: End::Source, incarnation: 0 });
+            self.schedule(
+                at,
+                Ev::Timer {
+                    to: End::Source,
+                    incarnation: 0,
+                },
+            );
         }
     }
 
     fn with_node(&mut self, i: usize, f: impl FnOnce(&mut Node, Time)) {
         let now = self.now;
         self.report_progress(i);
-        let Some(machine) = self.nodes[i].machine.as_mut() else { return };
+        let Some(machine) = self.nodes[i].machine.as_mut() else {
+            return;
+        };
         f(machine, now);
         self.drain_node(i);
     }
@@ -779,21 +888,33 @@ impl Sim {
         let received = self.offset_now(i);
         let s = &mut self.nodes[i];
         if received < s.max_reported {
-            let what = format!("node{i} offset went back from {} to {received}", s.max_reported);
+            let what = format!(
+                "node{i} offset went back from {} to {received}",
+                s.max_reported
+            );
             self.violate(what);
             return;
         }
         s.max_reported = received;
         let now = self.now;
         if let Some(m) = s.machine.as_mut() {
-            m.handle_progress(now, Progress { received, written: received, holds_from: 0 });
+            m.handle_progress(
+                now,
+                Progress {
+                    received,
+                    written: received,
+                    holds_from: 0,
+                },
+            );
         }
     }
 
     fn drain_node(&mut self, i: usize) {
         let me = End::Node(i);
         loop {
-            let Some(machine) = self.nodes[i].machine.as_mut() else { return };
+            let Some(machine) = self.nodes[i].machine.as_mut() else {
+                return;
+            };
             if let Some((conn, msg)) = machine.poll_transmit() {
                 self.transmit(me, conn, msg);
                 continue;
@@ -809,11 +930,21 @@ impl Sim {
             }
             break;
         }
-        let next = self.nodes[i].machine.as_ref().and_then(|m| m.poll_timeout()).map(|(t, _)| t);
-        if next.is_some() && next != self.nodes[i].timer_at {
+        let next = self.nodes[i]
+            .machine
+            .as_ref()
+            .and_then(|m| m.poll_timeout())
+            .map(|(t, _)| t);
+        if let Some(at) = next.filter(|_| next != self.nodes[i].timer_at) {
             self.nodes[i].timer_at = next;
             let incarnation = self.nodes[i].incarnation;
-            self.schedule(next.expect("checked"), Ev::Timer { to: me, incarnation });
+            self.schedule(
+                at,
+                Ev::Timer {
+                    to: me,
+                    incarnation,
+                },
+            );
         }
     }
 
@@ -826,13 +957,17 @@ impl Sim {
             }
             NodeAction::ConnectUpstream { addr, .. } => self.connect(me, addr, false),
             NodeAction::Receive { conn, from } => {
-                let Some((up, inc)) = self.other_end(conn, me) else { return };
+                let Some((up, inc)) = self.other_end(conn, me) else {
+                    return;
+                };
                 if self.incarnation(up) != inc {
                     return;
                 }
                 let have = self.offset_now(i);
                 if from != have {
-                    self.violate(format!("node{i} asked to receive from {from} but holds {have}"));
+                    self.violate(format!(
+                        "node{i} asked to receive from {from} but holds {have}"
+                    ));
                 }
                 self.settle(i);
                 self.nodes[i].data.inflow = Some((conn, up));
@@ -841,7 +976,9 @@ impl Sim {
                 self.retime(i);
             }
             NodeAction::Serve { conn, node, from } => {
-                let Some((End::Node(d), _)) = self.other_end(conn, me) else { return };
+                let Some((End::Node(d), _)) = self.other_end(conn, me) else {
+                    return;
+                };
                 // A readable sink serves anything it wrote; a later offset is
                 // served as it arrives.
                 let _ = (node, from);
@@ -886,7 +1023,11 @@ impl Sim {
         if t >= d.t0 {
             return d.rate;
         }
-        d.hist.iter().rev().find(|&&(t0, _, _)| t >= t0).map_or(0.0, |&(_, _, r)| r)
+        d.hist
+            .iter()
+            .rev()
+            .find(|&&(t0, _, _)| t >= t0)
+            .map_or(0.0, |&(_, _, r)| r)
     }
 
     fn offset_now(&self, i: usize) -> u64 {
@@ -898,7 +1039,14 @@ impl Sim {
     fn frontier(&self, e: End) -> f64 {
         match e {
             End::Source => self.cfg.size as f64,
-            End::Node(u) => self.offset_at(u, Time::from_nanos(self.now.as_nanos().saturating_sub(self.latency().as_nanos() as u64))),
+            End::Node(u) => self.offset_at(
+                u,
+                Time::from_nanos(
+                    self.now
+                        .as_nanos()
+                        .saturating_sub(self.latency().as_nanos() as u64),
+                ),
+            ),
         }
     }
 
@@ -910,7 +1058,14 @@ impl Sim {
                 if self.frontier(e) >= self.cfg.size as f64 {
                     return f64::INFINITY;
                 }
-                self.rate_at(u, Time::from_nanos(self.now.as_nanos().saturating_sub(self.latency().as_nanos() as u64)))
+                self.rate_at(
+                    u,
+                    Time::from_nanos(
+                        self.now
+                            .as_nanos()
+                            .saturating_sub(self.latency().as_nanos() as u64),
+                    ),
+                )
             }
         }
     }
@@ -951,7 +1106,9 @@ impl Sim {
         let mut chain = vec![i];
         loop {
             let x = *chain.last().expect("non-empty");
-            let Some((_, End::Node(u))) = self.nodes[x].data.inflow else { break };
+            let Some((_, End::Node(u))) = self.nodes[x].data.inflow else {
+                break;
+            };
             if self.nodes[u].data.copied >= self.granules_at(x) || chain.contains(&u) {
                 break;
             }
@@ -991,9 +1148,12 @@ impl Sim {
         let upto = if upto == held + 1 { held } else { upto };
         let range = d.copied..upto;
         if held < range.end {
-            return self.violate(format!("node{i} copied granules {range:?} but its upstream {from:?} holds {held}"));
+            return self.violate(format!(
+                "node{i} copied granules {range:?} but its upstream {from:?} holds {held}"
+            ));
         }
-        let mut content = core::mem::replace(&mut self.nodes[i].data.content, Content::Tags(Vec::new()));
+        let mut content =
+            core::mem::replace(&mut self.nodes[i].data.content, Content::Tags(Vec::new()));
         match from {
             End::Source => content.copy_from(&self.source_data, range),
             End::Node(u) => content.copy_from(&self.nodes[u].data.content, range),
@@ -1030,7 +1190,9 @@ impl Sim {
         let off = self.offset_at(i, self.now);
         let (rate, following) = match self.nodes[i].data.inflow {
             Some((conn, from)) if self.conns[conn.0 as usize].open && off < size => {
-                let cap = self.port_rate(End::Node(i)).min(self.port_rate(from) / self.fan_out(from) as f64);
+                let cap = self
+                    .port_rate(End::Node(i))
+                    .min(self.port_rate(from) / self.fan_out(from) as f64);
                 let cap = self.cfg.disk_rate.map_or(cap, |r| cap.min(r));
                 let reachable = self.frontier(from);
                 if off + 1.0 < reachable {
@@ -1059,9 +1221,19 @@ impl Sim {
         // The sender's stream as seen from here changes one hop after the
         // sender's own rate did: look again then.
         if let Some((_, End::Node(u))) = self.nodes[i].data.inflow {
-            let seen = Time::from_nanos(self.now.as_nanos().saturating_sub(self.latency().as_nanos() as u64));
+            let seen = Time::from_nanos(
+                self.now
+                    .as_nanos()
+                    .saturating_sub(self.latency().as_nanos() as u64),
+            );
             let ud = &self.nodes[u].data;
-            let next = ud.hist.iter().map(|h| h.0).chain([ud.t0]).filter(|&b| b > seen).min();
+            let next = ud
+                .hist
+                .iter()
+                .map(|h| h.0)
+                .chain([ud.t0])
+                .filter(|&b| b > seen)
+                .min();
             if let Some(b) = next {
                 self.schedule(b + self.latency(), Ev::Retime { node: i, gen });
             }
@@ -1107,7 +1279,9 @@ impl Sim {
     }
 
     fn stop_flows_on(&mut self, conn: ConnId) {
-        let Some(c) = self.conns.get(conn.0 as usize) else { return };
+        let Some(c) = self.conns.get(conn.0 as usize) else {
+            return;
+        };
         let ends = [c.client.0, c.server.0];
         for end in ends {
             if let End::Node(i) = end {
@@ -1255,7 +1429,9 @@ impl Sim {
                 if self.nodes[i].machine.is_some() && !self.nodes[i].data.ended {
                     self.nodes[i].disk_failed = true;
                     self.nodes[i].gone = true;
-                    self.with_node(i, |n, now| n.handle_sink_error(now, "I/O error writing the target".into()));
+                    self.with_node(i, |n, now| {
+                        n.handle_sink_error(now, "I/O error writing the target".into())
+                    });
                 }
             }
         }
@@ -1317,9 +1493,13 @@ impl Sim {
             if let Some((conn, End::Node(u))) = self.nodes[i].data.inflow {
                 if self.conns[conn.0 as usize].open {
                     let mine = self.offset_at(i, self.now);
-                    let theirs = self.offset_at(u, self.now).max(self.nodes[i].data.inflow_from);
+                    let theirs = self
+                        .offset_at(u, self.now)
+                        .max(self.nodes[i].data.inflow_from);
                     if mine > theirs + 1.0 {
-                        return self.violate(format!("node{i} at {mine} is ahead of its upstream node{u} at {theirs}"));
+                        return self.violate(format!(
+                            "node{i} at {mine} is ahead of its upstream node{u} at {theirs}"
+                        ));
                     }
                 }
             }
@@ -1351,7 +1531,9 @@ impl Sim {
                     )
                 })
                 .unwrap_or_default();
-            return self.violate(format!("session did not finish by the time limit (source {state:?}){stuck}"));
+            return self.violate(format!(
+                "session did not finish by the time limit (source {state:?}){stuck}"
+            ));
         }
         if let Some(reason) = &self.aborted {
             // Aborting at the join deadline is right when too few nodes could
@@ -1374,8 +1556,14 @@ impl Sim {
         // as long as the report names it.
         let margin = Duration::from_millis(1500);
         let excused = |i: usize| {
-            self.faults.iter().any(|f| f.node == i && f.heals_at() + margin > completion)
-                || self.swarm.late.iter().any(|&(n, d)| n == i && d + margin > completion)
+            self.faults
+                .iter()
+                .any(|f| f.node == i && f.heals_at() + margin > completion)
+                || self
+                    .swarm
+                    .late
+                    .iter()
+                    .any(|&(n, d)| n == i && d + margin > completion)
         };
         for (i, s) in self.nodes.iter().enumerate() {
             let Some(r) = report.iter().find(|r| r.name == s.name) else {
@@ -1395,7 +1583,8 @@ impl Sim {
             match &r.outcome {
                 Some(Ok(())) => {
                     if s.data.content != self.source_data {
-                        let what = format!("node{i} reported OK but its copy differs from the source");
+                        let what =
+                            format!("node{i} reported OK but its copy differs from the source");
                         return self.violate(what);
                     }
                 }

@@ -22,8 +22,16 @@ fn fault_kind() -> impl Strategy<Value = FaultKind> {
 }
 
 fn scenario() -> impl Strategy<Value = SimConfig> {
-    (2usize..12, 1u32..4, 16u64..1024, any::<u64>(), 0usize..5, 0usize..3, any::<bool>()).prop_flat_map(
-        |(nodes, arity, kib, seed, nfaults, nlate, drop)| {
+    (
+        2usize..12,
+        1u32..4,
+        16u64..1024,
+        any::<u64>(),
+        0usize..5,
+        0usize..3,
+        any::<bool>(),
+    )
+        .prop_flat_map(|(nodes, arity, kib, seed, nfaults, nlate, drop)| {
             let faults = proptest::collection::vec((0u64..1500, 0..nodes, fault_kind()), nfaults);
             let late = proptest::collection::vec((0..nodes, 1u64..800), nlate);
             (faults, late).prop_map(move |(faults, late)| {
@@ -32,10 +40,18 @@ fn scenario() -> impl Strategy<Value = SimConfig> {
                 // 10 Mbit/s ports: a run lasts long enough for faults to land mid-stream.
                 cfg.rate = 10e6 / 8.0;
                 cfg.latency = Duration::from_micros(200);
-                cfg.slow_policy = if drop { SlowPolicy::Drop } else { SlowPolicy::MoveToTail };
+                cfg.slow_policy = if drop {
+                    SlowPolicy::Drop
+                } else {
+                    SlowPolicy::MoveToTail
+                };
                 let mut faults: Vec<Fault> = faults
                     .into_iter()
-                    .map(|(ms, node, kind)| Fault { at: Duration::from_millis(ms), node, kind })
+                    .map(|(ms, node, kind)| Fault {
+                        at: Duration::from_millis(ms),
+                        node,
+                        kind,
+                    })
                     .collect();
                 faults.sort_by_key(|f| f.at);
                 let mut late_nodes: Vec<(usize, Duration)> = Vec::new();
@@ -47,8 +63,7 @@ fn scenario() -> impl Strategy<Value = SimConfig> {
                 cfg.faults = Faults::Schedule(faults, late_nodes);
                 cfg
             })
-        },
-    )
+        })
 }
 
 proptest! {
@@ -91,24 +106,43 @@ fn fault_free_chain_meets_the_pipeline_bound() {
     assert!(out.verdict.is_ok(), "{:?}", out.verdict);
     assert_eq!(out.ok, 200);
     let ratio = out.completion.as_secs_f64() / bound.as_secs_f64();
-    assert!(ratio < 1.05, "completion {:?} vs bound {bound:?}", out.completion);
+    assert!(
+        ratio < 1.05,
+        "completion {:?} vs bound {bound:?}",
+        out.completion
+    );
 }
 
 #[test]
 fn middle_node_crash_is_healed_and_named() {
     let mut cfg = SimConfig::new(8, 256 << 20, 3);
-    cfg.faults = Faults::Schedule(vec![Fault { at: Duration::from_millis(1000), node: 4, kind: FaultKind::Crash }], vec![]);
+    cfg.faults = Faults::Schedule(
+        vec![Fault {
+            at: Duration::from_millis(1000),
+            node: 4,
+            kind: FaultKind::Crash,
+        }],
+        vec![],
+    );
     let out = run(cfg);
     assert!(out.verdict.is_ok(), "{:?}", out.verdict);
     assert_eq!((out.ok, out.ko), (7, 1));
-    assert!(out.failures[0].starts_with("node00004: control connection lost"), "{:?}", out.failures);
+    assert!(
+        out.failures[0].starts_with("node00004: control connection lost"),
+        "{:?}",
+        out.failures
+    );
 }
 
 #[test]
 fn frozen_node_is_declared_dead_then_rejoins_and_finishes() {
     let mut cfg = SimConfig::new(6, 512 << 20, 4);
     cfg.faults = Faults::Schedule(
-        vec![Fault { at: Duration::from_millis(500), node: 2, kind: FaultKind::Hang(Duration::from_millis(1500)) }],
+        vec![Fault {
+            at: Duration::from_millis(500),
+            node: 2,
+            kind: FaultKind::Hang(Duration::from_millis(1500)),
+        }],
         vec![],
     );
     let out = run(cfg);
@@ -120,7 +154,11 @@ fn frozen_node_is_declared_dead_then_rejoins_and_finishes() {
 fn short_cut_is_not_a_death() {
     let mut cfg = SimConfig::new(6, 256 << 20, 5);
     cfg.faults = Faults::Schedule(
-        vec![Fault { at: Duration::from_millis(500), node: 3, kind: FaultKind::Cut(Duration::from_millis(600)) }],
+        vec![Fault {
+            at: Duration::from_millis(500),
+            node: 3,
+            kind: FaultKind::Cut(Duration::from_millis(600)),
+        }],
         vec![],
     );
     let out = run(cfg);
@@ -132,7 +170,11 @@ fn short_cut_is_not_a_death() {
 fn restarted_node_catches_up_and_finishes() {
     let mut cfg = SimConfig::new(5, 512 << 20, 6);
     cfg.faults = Faults::Schedule(
-        vec![Fault { at: Duration::from_millis(1500), node: 1, kind: FaultKind::Restart(Duration::from_millis(300)) }],
+        vec![Fault {
+            at: Duration::from_millis(1500),
+            node: 1,
+            kind: FaultKind::Restart(Duration::from_millis(300)),
+        }],
         vec![],
     );
     let out = run(cfg);
