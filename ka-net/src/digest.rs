@@ -11,21 +11,34 @@
 //! - for every maximal run of consecutive zero blocks, one `Zero` header
 //!   `{offset: run start, len: run length}`;
 //! - for every non-zero block, one `Data` header `{offset, len: block length}`
-//!   followed by the block's bytes;
+//!   and the block's bytes as its payload;
 //! - last, one `End` header `{offset: image size, len: 0}`.
 //!
-//! The digest is `BLAKE3-keyed(session key, concatenation of the 17-byte
-//! headers and payloads)`.
+//! With `K` the 32-byte session key and `H_K` keyed BLAKE3:
 //!
-//! The digest is therefore a function of the image content and size only, not of
-//! how records happened to be cut on the wire, which source produced them, or
-//! where a transfer was resumed. The same [`ImageHasher`] runs on the source,
-//! on every node as the bytes pass, and over a read-back of the written disk
-//! ([`digest_source`]), and all three must agree.
+//! ```text
+//! layout  = H_K(all canonical 17-byte headers, in order)
+//! content = H_K(all Data payloads, in order)
+//! digest  = H_K(layout ‖ content)
+//! ```
 //!
-//! The cost of canonicalising at a node is a zero test per block; for real data
-//! it stops at the first non-zero word, so only blocks that really are zero are
-//! scanned in full (and those are not hashed).
+//! The headers fix where every payload byte belongs, so the pair determines
+//! the image exactly as one interleaved stream would. Hashing them as two
+//! streams is a measured choice: BLAKE3 hashes 8 chunks at once (AVX2) only in
+//! subtrees aligned to its chunk counter, and a 17-byte header before every
+//! 64 KiB block breaks that alignment: one interleaved stream hashed about
+//! 20 % slower than raw BLAKE3 on the development machine. The content stream is plain,
+//! aligned BLAKE3 at full speed; the layout stream costs 17 bytes per block.
+//!
+//! The digest is a function of the image content and size only, not of how
+//! records were cut on the wire, which source produced them, or where a
+//! transfer was resumed. The same [`ImageHasher`] runs on the source, on every
+//! node as the bytes pass, and over a read-back of the written disk
+//! ([`digest_source`]); all must agree.
+//!
+//! Canonicalising at a node costs a zero test per block; for real data it stops
+//! at the first non-zero bytes, so only blocks that really are zero are scanned
+//! in full (and those are not hashed).
 
 use std::fmt;
 
@@ -96,7 +109,11 @@ pub fn is_zero(bytes: &[u8]) -> bool {
 /// misaligned piece is copied into a one-block staging buffer.
 #[derive(Clone)]
 pub struct ImageHasher {
-    hasher: blake3::Hasher,
+    key: [u8; 32],
+    /// Keyed hash of the canonical headers.
+    layout: blake3::Hasher,
+    /// Keyed hash of the Data payloads.
+    content: blake3::Hasher,
     /// Image bytes accounted for so far (hashed, pending in a zero run, or staged).
     position: u64,
     /// Start of the zero run not yet hashed, if the last block was zero.
@@ -117,7 +134,9 @@ impl ImageHasher {
     /// A hasher for a new image, keyed with the session key.
     pub fn new(key: &SessionKey) -> Self {
         ImageHasher {
-            hasher: blake3::Hasher::new_keyed(&key.0),
+            key: key.0,
+            layout: blake3::Hasher::new_keyed(&key.0),
+            content: blake3::Hasher::new_keyed(&key.0),
             position: 0,
             zero_run: None,
             partial: Vec::new(),
@@ -155,13 +174,26 @@ impl ImageHasher {
                 self.flush_partial();
             }
         }
-        let mut blocks = bytes.chunks_exact(BLOCK as usize);
-        for block in &mut blocks {
-            let start = self.position;
-            self.position += BLOCK;
-            self.block(start, block);
+        // Whole blocks straight from the caller's buffer; consecutive data
+        // blocks go to the content hasher in one call, so BLAKE3 sees long
+        // aligned runs.
+        let whole = bytes.len() - bytes.len() % BLOCK as usize;
+        let mut run_start = 0; // start in `bytes` of the pending data run
+        for (i, block) in bytes[..whole].chunks_exact(BLOCK as usize).enumerate() {
+            let at = i * BLOCK as usize;
+            let start = self.position + at as u64;
+            if is_zero(block) {
+                self.content.update(&bytes[run_start..at]);
+                run_start = at + BLOCK as usize;
+                self.zero_run.get_or_insert(start);
+            } else {
+                self.close_zero_run(start);
+                self.hash_header(RecordKind::Data, start, BLOCK);
+            }
         }
-        let rest = blocks.remainder();
+        self.content.update(&bytes[run_start..whole]);
+        self.position += whole as u64;
+        let rest = &bytes[whole..];
         if !rest.is_empty() {
             self.partial.extend_from_slice(rest);
             self.position += rest.len() as u64;
@@ -220,7 +252,10 @@ impl ImageHasher {
         }
         self.close_zero_run(size);
         self.hash_header(RecordKind::End, size, 0);
-        Ok(ImageDigest(*self.hasher.finalize().as_bytes()))
+        let mut top = blake3::Hasher::new_keyed(&self.key);
+        top.update(self.layout.finalize().as_bytes());
+        top.update(self.content.finalize().as_bytes());
+        Ok(ImageDigest(*top.finalize().as_bytes()))
     }
 
     fn flush_partial(&mut self) {
@@ -238,7 +273,7 @@ impl ImageHasher {
         } else {
             self.close_zero_run(start);
             self.hash_header(RecordKind::Data, start, bytes.len() as u64);
-            self.hasher.update(bytes);
+            self.content.update(bytes);
         }
     }
 
@@ -249,7 +284,7 @@ impl ImageHasher {
     }
 
     fn hash_header(&mut self, kind: RecordKind, offset: u64, len: u64) {
-        self.hasher
+        self.layout
             .update(&RecordHeader { kind, offset, len }.encode());
     }
 }
@@ -298,6 +333,7 @@ mod tests {
     /// incremental hasher against.
     fn reference_digest(key: &SessionKey, image: &[u8]) -> ImageDigest {
         let mut h = blake3::Hasher::new_keyed(&key.0);
+        let mut c = blake3::Hasher::new_keyed(&key.0);
         let mut run: Option<u64> = None;
         let mut off = 0u64;
         for block in image.chunks(BLOCK as usize) {
@@ -322,7 +358,7 @@ mod tests {
                     }
                     .encode(),
                 );
-                h.update(block);
+                c.update(block);
             }
             off += block.len() as u64;
         }
@@ -344,7 +380,10 @@ mod tests {
             }
             .encode(),
         );
-        ImageDigest(*h.finalize().as_bytes())
+        let mut top = blake3::Hasher::new_keyed(&key.0);
+        top.update(h.finalize().as_bytes());
+        top.update(c.finalize().as_bytes());
+        ImageDigest(*top.finalize().as_bytes())
     }
 
     /// An image with data blocks, zero blocks, a zero run inside a data block
