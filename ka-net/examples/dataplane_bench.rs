@@ -81,6 +81,21 @@ fn plain_send(addr: &str, input: &Path) {
     report(start, "-");
 }
 
+/// The sender as in `plain_send`, with sendfile(2): the kernel sends from the
+/// page cache without a user-space copy.
+fn sendfile_send(addr: &str, input: &Path) {
+    let s = TcpStream::connect(addr).unwrap();
+    let start = Instant::now();
+    let f = std::fs::File::open(input).unwrap();
+    let len = f.metadata().unwrap().len() as i64;
+    let mut off: i64 = 0;
+    while off < len {
+        let n = nix::sys::sendfile::sendfile64(s.as_fd(), f.as_fd(), Some(&mut off), BUF).unwrap();
+        assert!(n > 0);
+    }
+    report(start, "-");
+}
+
 fn plain_recv(out: &Path) {
     let l = listen();
     let (mut s, _) = l.accept().unwrap();
@@ -249,15 +264,20 @@ fn run(
     let inp = input.to_str().unwrap();
     let o: Vec<&str> = outs.iter().map(|p| p.to_str().unwrap()).collect();
     let (receivers, sender) = match scenario {
-        "plain" | "splice" | "splice+hash" => {
+        "plain" | "sendfile" | "splice" | "splice+hash" => {
             let mode = match scenario {
-                "plain" => "plain-recv",
+                "plain" | "sendfile" => "plain-recv",
                 "splice" => "splice-recv",
                 _ => "splice-hash-recv",
             };
             let (c, mut r) = spawn(&[mode, o[0]]);
             let addr = read_port(&mut r);
-            let s = spawn(&["plain-send", &addr, inp]);
+            let send = if scenario == "sendfile" {
+                "sendfile-send"
+            } else {
+                "plain-send"
+            };
+            let s = spawn(&[send, &addr, inp]);
             (vec![(c, r)], s)
         }
         "ka 1 hop" | "ka 1 hop, src no hash" => {
@@ -354,6 +374,7 @@ fn main() {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.get(1).copied() {
         Some("plain-send") => return plain_send(a[2], Path::new(a[3])),
+        Some("sendfile-send") => return sendfile_send(a[2], Path::new(a[3])),
         Some("plain-recv") => return plain_recv(Path::new(a[2])),
         Some("splice-recv") => return splice_recv(Path::new(a[2]), false),
         Some("splice-hash-recv") => return splice_recv(Path::new(a[2]), true),
@@ -404,6 +425,7 @@ fn main() {
     );
     let scenarios = [
         "plain",
+        "sendfile",
         "splice",
         "splice+hash",
         "ka 1 hop",

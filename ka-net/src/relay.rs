@@ -19,7 +19,10 @@
 use std::sync::mpsc as std_mpsc;
 
 use ka_core::record::{RecordHeader, RecordKind};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::digest::{ImageDigest, ImageHasher};
@@ -512,12 +515,18 @@ impl std::fmt::Debug for SendEnd {
 /// position, normally 0). `progress` hears the offset sent so far.
 ///
 /// A reader thread produces records while this task writes them, so reading
-/// the source and writing the socket overlap. If the source stops at a limit
-/// (a node serving from its own disk, see [`ImageSource::set_limit`]) the send
-/// ends there without `End` and `size` is that limit.
-pub async fn send_image<W: AsyncWrite + Unpin>(
+/// the source and writing the socket overlap. A file or block device source
+/// is sent with `sendfile(2)`: its data goes from the page cache to the
+/// socket without a user-space copy (the reader only probes each block for
+/// zeros, and reads data into memory only when it must hash it). Other
+/// sources go through pooled buffers.
+///
+/// If the source stops at a limit (a node serving from its own disk, see
+/// [`ImageSource::set_limit`]) the send ends there without `End` and `size` is
+/// that limit.
+pub async fn send_image(
     mut source: Box<dyn ImageSource>,
-    downstream: &mut W,
+    downstream: &mut TcpStream,
     hasher: Option<ImageHasher>,
     mut progress: impl FnMut(u64),
 ) -> Result<SendEnd, Error> {
@@ -529,61 +538,67 @@ pub async fn send_image<W: AsyncWrite + Unpin>(
             });
         }
     }
-    let (full_tx, mut full_rx) = mpsc::channel::<(RecordHeader, Vec<u8>)>(DEPTH);
+    // A second handle on the source file for sendfile in this task.
+    let sendfile_from = match source.as_file_source() {
+        Some(fs) => Some(
+            fs.file()
+                .try_clone()
+                .map_err(|e| Error::io("duplicating the source file handle", e))?,
+        ),
+        None => None,
+    };
+    // Records travel with their payload buffer, or without one (sendfile).
+    let (full_tx, mut full_rx) = mpsc::channel::<(RecordHeader, Option<Vec<u8>>)>(DEPTH);
     let (free_tx, free_rx) = std_mpsc::channel::<Vec<u8>>();
     let (done_tx, done_rx) = oneshot::channel();
-    for _ in 0..DEPTH {
-        free_tx.send(new_buf()).expect("receiver alive");
+    let zero_copy = sendfile_from.is_some();
+    if !zero_copy {
+        for _ in 0..DEPTH {
+            free_tx.send(new_buf()).expect("receiver alive");
+        }
     }
     std::thread::Builder::new()
         .name("ka-reader".into())
         .spawn(move || {
             let mut hasher = hasher;
-            let result = (|| -> Result<Option<ImageDigest>, Error> {
-                while let Ok(mut buf) = free_rx.recv() {
-                    let Some(h) = source.next_record(&mut buf[HEADROOM..])? else {
-                        return Ok(None);
-                    };
-                    if let Some(hs) = hasher.as_mut() {
-                        let payload = if h.kind == RecordKind::Data {
-                            &buf[HEADROOM..HEADROOM + h.len as usize]
-                        } else {
-                            &[][..]
-                        };
-                        if let Some(d) = hs.record(&h, payload)? {
-                            let _ = full_tx.blocking_send((h, buf));
-                            return Ok(Some(d));
-                        }
-                    }
-                    let end = h.kind == RecordKind::End;
-                    if full_tx.blocking_send((h, buf)).is_err() || end {
-                        return Ok(None);
-                    }
-                }
-                Ok(None)
-            })();
+            let result = if zero_copy {
+                read_extents(source.as_mut(), &mut hasher, &full_tx)
+            } else {
+                read_records(source.as_mut(), &mut hasher, &full_tx, &free_rx)
+            };
             let _ = done_tx.send((source, result));
         })
         .map_err(|e| Error::io("starting the reader thread", e))?;
 
     let mut size = None;
-    while let Some((h, mut buf)) = full_rx.recv().await {
-        let len = if h.kind == RecordKind::Data {
-            h.len as usize
-        } else {
-            0
+    while let Some((h, buf)) = full_rx.recv().await {
+        let sent = match (buf, &sendfile_from) {
+            (Some(mut buf), _) => {
+                let len = if h.kind == RecordKind::Data {
+                    h.len as usize
+                } else {
+                    0
+                };
+                let from = HEADROOM - RecordHeader::SIZE;
+                buf[from..HEADROOM].copy_from_slice(&h.encode());
+                let r = downstream.write_all(&buf[from..HEADROOM + len]).await;
+                let _ = free_tx.send(buf);
+                r
+            }
+            (None, Some(file)) if h.kind == RecordKind::Data => {
+                // MSG_MORE: the header waits for its payload in one segment.
+                match send_more(downstream, &h.encode(), true).await {
+                    Ok(()) => sendfile_all(downstream, file, h.offset, h.len).await,
+                    Err(e) => Err(e),
+                }
+            }
+            (None, _) => send_more(downstream, &h.encode(), false).await,
         };
-        let from = HEADROOM - RecordHeader::SIZE;
-        buf[from..HEADROOM].copy_from_slice(&h.encode());
-        downstream
-            .write_all(&buf[from..HEADROOM + len])
-            .await
-            .map_err(|e| Error::io(format!("sending at offset {}", h.offset), e))?;
+        sent.map_err(|e| Error::io(format!("sending at offset {}", h.offset), e))?;
         progress(h.end());
         if h.kind == RecordKind::End {
             size = Some(h.offset);
         }
-        let _ = free_tx.send(buf);
     }
     downstream
         .flush()
@@ -601,6 +616,122 @@ pub async fn send_image<W: AsyncWrite + Unpin>(
     })
 }
 
+type RecordTx = mpsc::Sender<(RecordHeader, Option<Vec<u8>>)>;
+
+/// Reader loop for any source: records with their payload in pooled buffers.
+fn read_records(
+    source: &mut dyn ImageSource,
+    hasher: &mut Option<ImageHasher>,
+    full_tx: &RecordTx,
+    free_rx: &std_mpsc::Receiver<Vec<u8>>,
+) -> Result<Option<ImageDigest>, Error> {
+    let mut digest = None;
+    while let Ok(mut buf) = free_rx.recv() {
+        let Some(h) = source.next_record(&mut buf[HEADROOM..])? else {
+            break;
+        };
+        if let Some(hs) = hasher.as_mut() {
+            let len = if h.kind == RecordKind::Data {
+                h.len as usize
+            } else {
+                0
+            };
+            digest = hs.record(&h, &buf[HEADROOM..HEADROOM + len])?;
+        }
+        if full_tx.blocking_send((h, Some(buf))).is_err() || h.kind == RecordKind::End {
+            break;
+        }
+    }
+    Ok(digest)
+}
+
+/// Reader loop for a file source sent with sendfile: headers only; payloads
+/// are read into memory only to hash them.
+fn read_extents(
+    source: &mut dyn ImageSource,
+    hasher: &mut Option<ImageHasher>,
+    full_tx: &RecordTx,
+) -> Result<Option<ImageDigest>, Error> {
+    let fs = source.as_file_source().expect("checked by send_image");
+    let mut hash_buf = if hasher.is_some() {
+        vec![0u8; BUF_SIZE]
+    } else {
+        Vec::new()
+    };
+    let mut digest = None;
+    while let Some(h) = fs.next_extent(BUF_SIZE)? {
+        if let Some(hs) = hasher.as_mut() {
+            let len = if h.kind == RecordKind::Data {
+                h.len as usize
+            } else {
+                0
+            };
+            fs.read_at(&mut hash_buf[..len], h.offset)?;
+            digest = hs.record(&h, &hash_buf[..len])?;
+        }
+        if full_tx.blocking_send((h, None)).is_err() || h.kind == RecordKind::End {
+            break;
+        }
+    }
+    Ok(digest)
+}
+
+/// Writes all of `bytes` to the socket, with `MSG_MORE` if more follows.
+async fn send_more(s: &TcpStream, bytes: &[u8], more: bool) -> std::io::Result<()> {
+    use nix::sys::socket::{send, MsgFlags};
+    let flags = if more {
+        MsgFlags::from_bits_retain(libc::MSG_MORE) | MsgFlags::MSG_NOSIGNAL
+    } else {
+        MsgFlags::MSG_NOSIGNAL
+    };
+    let fd = s.as_raw_fd();
+    let mut off = 0;
+    while off < bytes.len() {
+        s.writable().await?;
+        match s.try_io(Interest::WRITABLE, || {
+            send(fd, &bytes[off..], flags).map_err(std::io::Error::from)
+        }) {
+            Ok(n) => off += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Sends `len` bytes of `file` at `offset` with `sendfile(2)`.
+async fn sendfile_all(
+    s: &TcpStream,
+    file: &std::fs::File,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    // SAFETY: the socket outlives this call; the borrowed fd is used only
+    // inside it.
+    let sock = unsafe { BorrowedFd::borrow_raw(s.as_raw_fd()) };
+    let mut off = offset as i64;
+    let end = (offset + len) as i64;
+    while off < end {
+        s.writable().await?;
+        match s.try_io(Interest::WRITABLE, || {
+            let count = (end - off) as usize;
+            nix::sys::sendfile::sendfile64(sock, file, Some(&mut off), count)
+                .map_err(std::io::Error::from)
+        }) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the source file is shorter than the image",
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -609,7 +740,7 @@ mod tests {
     use crate::source::{open_source, FileSource, SourceSpec};
     use std::os::unix::fs::FileExt;
     use std::time::Duration;
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpListener;
 
     const KEY: SessionKey = SessionKey([9; 32]);
     const B: usize = BLOCK as usize;

@@ -65,6 +65,13 @@ pub trait ImageSource: Send {
     /// `Ok(None)` there. Lets a node serve a downstream only what it has
     /// already written. The default (streams) ignores it.
     fn set_limit(&mut self, _limit: u64) {}
+
+    /// The file-backed source behind this one, if any, so the sender can send
+    /// `Data` payloads with `sendfile(2)` instead of copying them through
+    /// user space.
+    fn as_file_source(&mut self) -> Option<&mut FileSource> {
+        None
+    }
 }
 
 /// Opens a source.
@@ -140,7 +147,15 @@ pub struct FileSource {
     /// and shrinks at a change, so the bytes read past a data/zero boundary
     /// (read again by the next call) stay a fraction of the run.
     read_size: usize,
+    /// One block of scratch space for the probes of [`Self::next_extent`].
+    scratch: Vec<u8>,
     ended: bool,
+}
+
+/// What [`FileSource::prologue`] found at the current position.
+enum Step {
+    Record(Option<RecordHeader>),
+    InData { region_end: u64 },
 }
 
 impl FileSource {
@@ -191,6 +206,7 @@ impl FileSource {
             data_end: 0,
             seek_data,
             read_size: 2 * BLOCK as usize,
+            scratch: Vec::new(),
             ended: false,
         })
     }
@@ -233,7 +249,8 @@ impl FileSource {
         Ok(Some((start, align_up(end).min(self.size))))
     }
 
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+    /// Reads exactly `buf.len()` image bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         self.file.read_exact_at(buf, offset).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 Error::Invalid(format!(
@@ -244,6 +261,96 @@ impl FileSource {
                 Error::io(format!("reading {} at {offset}", self.path.display()), e)
             }
         })
+    }
+
+    /// What comes at `pos`: a record decided without reading (End, a hole,
+    /// nothing before the limit), or a data region to scan, ending at
+    /// `region_end`.
+    fn prologue(&mut self) -> Result<Step, Error> {
+        if self.pos >= self.size {
+            if self.ended || self.limit < self.size {
+                return Ok(Step::Record(None));
+            }
+            self.ended = true;
+            return Ok(Step::Record(Some(RecordHeader {
+                kind: RecordKind::End,
+                offset: self.size,
+                len: 0,
+            })));
+        }
+        let stop = self.limit.min(self.size);
+        if self.pos >= stop {
+            return Ok(Step::Record(None));
+        }
+        if self.pos >= self.data_end {
+            match self.find_data()? {
+                None => return Ok(Step::Record(Some(self.zero_record(stop)))),
+                Some((start, end)) => {
+                    self.data_end = end;
+                    let hole_end = align_down(start).min(stop);
+                    if hole_end > self.pos {
+                        return Ok(Step::Record(Some(self.zero_record(hole_end))));
+                    }
+                }
+            }
+        }
+        Ok(Step::InData {
+            region_end: self.data_end.min(stop),
+        })
+    }
+
+    /// Whether the block at `off` (cut at `region_end`) is all zero. Reads a
+    /// small probe first: a data block almost always shows a non-zero byte
+    /// in it, so only zero blocks are read whole.
+    fn block_is_zero(&mut self, off: u64, region_end: u64) -> Result<bool, Error> {
+        const PROBE: usize = 512;
+        let len = (region_end - off).min(BLOCK) as usize;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize(BLOCK as usize, 0);
+        let probe = len.min(PROBE);
+        let result = self.read_at(&mut scratch[..probe], off).and_then(|()| {
+            if !is_zero(&scratch[..probe]) {
+                return Ok(false);
+            }
+            self.read_at(&mut scratch[probe..len], off + probe as u64)?;
+            Ok(is_zero(&scratch[probe..len]))
+        });
+        self.scratch = scratch;
+        result
+    }
+
+    /// The next record *without* reading a `Data` payload into memory: the
+    /// payload is the file's bytes at the record's offset, for the sender to
+    /// pass to `sendfile(2)` straight from the page cache. Data records are at
+    /// most `max_len` bytes.
+    pub fn next_extent(&mut self, max_len: usize) -> Result<Option<RecordHeader>, Error> {
+        let region_end = match self.prologue()? {
+            Step::Record(r) => return Ok(r),
+            Step::InData { region_end } => region_end,
+        };
+        let first_zero = self.block_is_zero(self.pos, region_end)?;
+        let mut end = (self.pos + BLOCK).min(region_end);
+        while end < region_end && (first_zero || end - self.pos < max_len as u64) {
+            if self.block_is_zero(end, region_end)? != first_zero {
+                break;
+            }
+            end = (end + BLOCK).min(region_end);
+        }
+        if first_zero {
+            return Ok(Some(self.zero_record(end)));
+        }
+        let h = RecordHeader {
+            kind: RecordKind::Data,
+            offset: self.pos,
+            len: end - self.pos,
+        };
+        self.pos = end;
+        Ok(Some(h))
+    }
+
+    /// The open file or device, e.g. for `sendfile(2)` of extents.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     fn zero_record(&mut self, end: u64) -> RecordHeader {
@@ -263,36 +370,12 @@ impl ImageSource for FileSource {
             !buf.is_empty() && buf.len() as u64 % BLOCK == 0,
             "buffer must be whole blocks"
         );
-        if self.pos >= self.size {
-            if self.ended || self.limit < self.size {
-                return Ok(None);
-            }
-            self.ended = true;
-            return Ok(Some(RecordHeader {
-                kind: RecordKind::End,
-                offset: self.size,
-                len: 0,
-            }));
-        }
-        let stop = self.limit.min(self.size);
-        if self.pos >= stop {
-            return Ok(None);
-        }
-        if self.pos >= self.data_end {
-            match self.find_data()? {
-                None => return Ok(Some(self.zero_record(stop))),
-                Some((start, end)) => {
-                    self.data_end = end;
-                    let hole_end = align_down(start).min(stop);
-                    if hole_end > self.pos {
-                        return Ok(Some(self.zero_record(hole_end)));
-                    }
-                }
-            }
-        }
+        let region_end = match self.prologue()? {
+            Step::Record(r) => return Ok(r),
+            Step::InData { region_end } => region_end,
+        };
         // In a data region: read and split off leading zero blocks or the
         // leading run of data blocks.
-        let region_end = self.data_end.min(stop);
         let mut zero_end = None;
         loop {
             let at = zero_end.unwrap_or(self.pos);
@@ -362,6 +445,10 @@ impl ImageSource for FileSource {
 
     fn set_limit(&mut self, limit: u64) {
         self.limit = limit;
+    }
+
+    fn as_file_source(&mut self) -> Option<&mut FileSource> {
+        Some(self)
     }
 }
 
@@ -618,6 +705,45 @@ mod tests {
                     "runs are merged: {recs:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn extents_for_sendfile_match_buffered_records() {
+        let (f, img) = sparse_file();
+        for max in [B, 4 * B] {
+            let mut buffered = FileSource::open(f.path()).unwrap();
+            let (recs, _) = drain(&mut buffered, max);
+            let mut src = FileSource::open(f.path()).unwrap();
+            let mut extents = Vec::new();
+            let mut got = Vec::new();
+            while let Some(h) = src.next_extent(max).unwrap() {
+                if h.kind == RecordKind::Data {
+                    let mut payload = vec![0u8; h.len as usize];
+                    src.read_at(&mut payload, h.offset).unwrap();
+                    assert!(
+                        !payload.chunks(B).any(is_zero),
+                        "zero block in a data extent"
+                    );
+                    got.extend_from_slice(&payload);
+                } else if h.kind == RecordKind::Zero {
+                    got.resize(got.len() + h.len as usize, 0);
+                }
+                extents.push(h);
+            }
+            // Cuts may differ (the buffered reader adapts its read size);
+            // which bytes are data may not.
+            let data = |v: &[RecordHeader]| {
+                v.iter()
+                    .filter(|h| h.kind == RecordKind::Data)
+                    .flat_map(|h| (h.offset..h.end()).step_by(B))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(data(&extents), data(&recs), "max {max}");
+            assert!(extents
+                .iter()
+                .all(|h| h.kind != RecordKind::Data || h.len <= max as u64));
+            assert!(got == img);
         }
     }
 
