@@ -323,6 +323,26 @@ pub fn digest_source(
     }
 }
 
+/// Re-reads everything `sink` has written (data regions from disk, zero
+/// regions checked to read as zero) and checks its digest against
+/// `expected`, the source's. Returns the digest read back.
+pub fn verify_readback(
+    sink: &dyn crate::sink::ImageSink,
+    key: &SessionKey,
+    expected: &ImageDigest,
+) -> Result<ImageDigest, Error> {
+    let mut source = sink.readback()?;
+    let mut buf = vec![0u8; crate::relay::BUF_SIZE];
+    let got = digest_source(source.as_mut(), ImageHasher::new(key), &mut buf)?;
+    if got != *expected {
+        return Err(Error::DigestMismatch {
+            expected: *expected,
+            got,
+        });
+    }
+    Ok(got)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

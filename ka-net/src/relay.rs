@@ -16,12 +16,13 @@
 //! record header is placed, so a record goes out with one `write` of header
 //! and payload together.
 
+use std::collections::VecDeque;
 use std::sync::mpsc as std_mpsc;
 
 use ka_core::record::{RecordHeader, RecordKind};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -117,6 +118,8 @@ pub struct NodeWriter {
     /// Offset the sink has taken everything before.
     written: u64,
     failed: Option<String>,
+    /// A read handle on a file sink, for forwarding with sendfile.
+    forward_file: Option<std::sync::Arc<std::fs::File>>,
 }
 
 impl std::fmt::Debug for NodeWriter {
@@ -140,6 +143,7 @@ impl NodeWriter {
             });
         }
         let start = sink.position();
+        let forward_file = sink.forward_file().map(std::sync::Arc::new);
         let (jobs_tx, jobs_rx) = std_mpsc::channel();
         let (replies_tx, replies_rx) = mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
@@ -156,6 +160,7 @@ impl NodeWriter {
             queued: start,
             written: start,
             failed: None,
+            forward_file,
         })
     }
 
@@ -353,17 +358,26 @@ fn writer_thread(
 /// the relay carries on without it. On an error (the upstream closed or sent a
 /// bad record, or the sink failed) the writer has settled: everything before
 /// `writer.position()` is written, and a new relay may resume there.
-pub async fn relay<R, W>(
+pub async fn relay<R>(
     upstream: &mut R,
     writer: &mut NodeWriter,
-    mut downstream: Option<&mut W>,
+    downstream: Option<&mut TcpStream>,
     mut events: impl FnMut(RelayEvent),
 ) -> Result<RelayEnd, Error>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
 {
-    let result = relay_inner(upstream, writer, &mut downstream, &mut events).await;
+    let file = if downstream.is_some() {
+        writer.forward_file.clone()
+    } else {
+        None
+    };
+    let mut fwd = Forwarder {
+        ds: downstream,
+        file,
+        pending: VecDeque::new(),
+    };
+    let result = relay_inner(upstream, writer, &mut fwd, &mut events).await;
     match result {
         Ok(end) => Ok(end),
         Err(e) => {
@@ -374,31 +388,79 @@ where
     }
 }
 
-async fn forward<W: AsyncWrite + Unpin>(
-    downstream: &mut Option<&mut W>,
-    bytes: &[u8],
-    at: u64,
-    events: &mut impl FnMut(RelayEvent),
-) {
-    if let Some(ds) = downstream {
-        if let Err(error) = ds.write_all(bytes).await {
-            *downstream = None;
-            events(RelayEvent::DownstreamLost { at, error });
+/// A record (or piece of one) waiting to be forwarded from the sink's file.
+struct Pending {
+    /// The record header to send first, if this is a record's first piece.
+    header: Option<[u8; RecordHeader::SIZE]>,
+    /// Image bytes to send from the file after the header.
+    data: Option<(u64, u64)>,
+    /// Sendable once the sink has written everything before this offset.
+    ready_at: u64,
+    /// Offset of the record, for [`RelayEvent::DownstreamLost`].
+    record: u64,
+}
+
+/// The forward leg. With a file sink, records are forwarded after they are
+/// written, with `sendfile(2)` from the page cache the writer just filled (no
+/// user-space copy, and the same path serves a downstream from disk); with
+/// any other sink, straight from the receive buffer.
+struct Forwarder<'a> {
+    ds: Option<&'a mut TcpStream>,
+    file: Option<std::sync::Arc<std::fs::File>>,
+    pending: VecDeque<Pending>,
+}
+
+impl Forwarder<'_> {
+    fn lost(&mut self, at: u64, error: std::io::Error, events: &mut impl FnMut(RelayEvent)) {
+        self.ds = None;
+        self.pending.clear();
+        events(RelayEvent::DownstreamLost { at, error });
+    }
+
+    /// Forwards bytes from a receive buffer now (copy mode).
+    async fn copy(&mut self, bytes: &[u8], record: u64, events: &mut impl FnMut(RelayEvent)) {
+        if let Some(ds) = self.ds.as_mut() {
+            if let Err(error) = ds.write_all(bytes).await {
+                self.lost(record, error, events);
+            }
+        }
+    }
+
+    /// Sends every queued record the sink has written (sendfile mode).
+    async fn flush_ready(&mut self, written: u64, events: &mut impl FnMut(RelayEvent)) {
+        while let (Some(ds), Some(p), Some(file)) =
+            (self.ds.as_mut(), self.pending.front(), self.file.as_deref())
+        {
+            if p.ready_at > written {
+                return;
+            }
+            let mut r = Ok(());
+            if let Some(h) = &p.header {
+                r = send_more(ds, h, p.data.is_some()).await;
+            }
+            if let (Ok(()), Some((offset, len))) = (&r, p.data) {
+                r = sendfile_all(ds, file, offset, len).await;
+            }
+            let record = p.record;
+            self.pending.pop_front();
+            if let Err(error) = r {
+                self.lost(record, error, events);
+            }
         }
     }
 }
 
-async fn relay_inner<R, W>(
+async fn relay_inner<R>(
     upstream: &mut R,
     writer: &mut NodeWriter,
-    downstream: &mut Option<&mut W>,
+    fwd: &mut Forwarder<'_>,
     events: &mut impl FnMut(RelayEvent),
 ) -> Result<RelayEnd, Error>
 where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
 {
     writer.check()?;
+    let sendfile = fwd.file.is_some();
     loop {
         let at = writer.position();
         let mut hb = [0u8; RecordHeader::SIZE];
@@ -432,13 +494,22 @@ where
                             Error::io(format!("reading the upstream at offset {offset}"), e)
                         });
                     }
-                    let from = if first {
-                        buf[HEADROOM - RecordHeader::SIZE..HEADROOM].copy_from_slice(&hb);
-                        HEADROOM - RecordHeader::SIZE
+                    if sendfile {
+                        fwd.pending.push_back(Pending {
+                            header: first.then_some(hb),
+                            data: Some((offset, n as u64)),
+                            ready_at: offset + n as u64,
+                            record: h.offset,
+                        });
                     } else {
-                        HEADROOM
-                    };
-                    forward(downstream, &buf[from..HEADROOM + n], h.offset, events).await;
+                        let from = if first {
+                            buf[HEADROOM - RecordHeader::SIZE..HEADROOM].copy_from_slice(&hb);
+                            HEADROOM - RecordHeader::SIZE
+                        } else {
+                            HEADROOM
+                        };
+                        fwd.copy(&buf[from..HEADROOM + n], h.offset, events).await;
+                    }
                     writer
                         .submit(
                             Job::Data {
@@ -454,8 +525,34 @@ where
                     first = false;
                 }
             }
-            RecordKind::Zero => {
-                forward(downstream, &hb, h.offset, events).await;
+            RecordKind::Zero | RecordKind::End => {
+                if sendfile {
+                    fwd.pending.push_back(Pending {
+                        header: Some(hb),
+                        data: None,
+                        ready_at: h.offset,
+                        record: h.offset,
+                    });
+                } else {
+                    fwd.copy(&hb, h.offset, events).await;
+                }
+                if h.kind == RecordKind::End {
+                    writer.submit(Job::End { size: h.offset }, events).await?;
+                    let digest = writer.settle(events).await?;
+                    fwd.flush_ready(writer.written, events).await;
+                    if let Some(ds) = fwd.ds.as_mut() {
+                        if let Err(error) = ds.flush().await {
+                            fwd.lost(h.offset, error, events);
+                        }
+                    }
+                    let digest = digest.ok_or_else(|| {
+                        Error::WriterFailed("the writer finished without a digest".into())
+                    })?;
+                    return Ok(RelayEnd {
+                        size: h.offset,
+                        digest,
+                    });
+                }
                 writer
                     .submit(
                         Job::Zero {
@@ -466,27 +563,9 @@ where
                     )
                     .await?;
             }
-            RecordKind::End => {
-                forward(downstream, &hb, h.offset, events).await;
-                if let Some(ds) = downstream.as_mut() {
-                    if let Err(error) = ds.flush().await {
-                        events(RelayEvent::DownstreamLost {
-                            at: h.offset,
-                            error,
-                        });
-                    }
-                }
-                writer.submit(Job::End { size: h.offset }, events).await?;
-                let digest = writer.settle(events).await?.ok_or_else(|| {
-                    Error::WriterFailed("the writer finished without a digest".into())
-                })?;
-                return Ok(RelayEnd {
-                    size: h.offset,
-                    digest,
-                });
-            }
         }
         writer.poll_replies(events)?;
+        fwd.flush_ready(writer.written, events).await;
     }
 }
 
@@ -818,9 +897,7 @@ mod tests {
             let node2 = tokio::spawn(async move {
                 let sink = open_sink(&SinkSpec::File(o2), size).unwrap();
                 let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
-                let end = relay(&mut n2_in, &mut w, None::<&mut TcpStream>, |_| {})
-                    .await
-                    .unwrap();
+                let end = relay(&mut n2_in, &mut w, None, |_| {}).await.unwrap();
                 (end, w.into_parts().await.unwrap().0)
             });
             let sent = sender.await.unwrap();
@@ -841,6 +918,60 @@ mod tests {
             let d =
                 digest_source(rb.as_mut(), ImageHasher::new(&KEY), &mut vec![0; BUF_SIZE]).unwrap();
             assert_eq!(d, end1.digest, "read-back digest differs");
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    /// source → node 1 (writing to `sink1`, forwarding) → node 2 (file);
+    /// returns node 2's bytes and digest.
+    async fn two_hops(
+        path: &std::path::Path,
+        sink1: SinkSpec,
+        out2: &std::path::Path,
+    ) -> (Vec<u8>, ImageDigest) {
+        let (mut src_out, mut n1_in) = pair().await;
+        let (mut n1_out, mut n2_in) = pair().await;
+        let source = open_source(&SourceSpec::File(path.to_owned())).unwrap();
+        let size = source.size();
+        let sender = tokio::spawn(async move {
+            send_image(source, &mut src_out, None, |_| {})
+                .await
+                .unwrap()
+        });
+        let node1 = tokio::spawn(async move {
+            let mut w =
+                NodeWriter::new(open_sink(&sink1, size).unwrap(), ImageHasher::new(&KEY)).unwrap();
+            relay(&mut n1_in, &mut w, Some(&mut n1_out), |e| {
+                assert!(!matches!(e, RelayEvent::DownstreamLost { .. }), "{e:?}")
+            })
+            .await
+            .unwrap()
+        });
+        let sink2 = open_sink(&SinkSpec::File(out2.to_owned()), size).unwrap();
+        let mut w2 = NodeWriter::new(sink2, ImageHasher::new(&KEY)).unwrap();
+        let end = relay(&mut n2_in, &mut w2, None, |_| {}).await.unwrap();
+        sender.await.unwrap();
+        node1.await.unwrap();
+        (std::fs::read(out2).unwrap(), end.digest)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forwarding_by_copy_and_by_sendfile_give_identical_output() {
+        tokio::time::timeout(DEADLINE, async {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, img) = image(dir.path());
+            // A file sink forwards with sendfile from its page cache…
+            let via_file = SinkSpec::File(dir.path().join("n1-file"));
+            let (a, da) = two_hops(&path, via_file, &dir.path().join("n2-a")).await;
+            // …a command sink forwards from the receive buffers.
+            let via_cmd =
+                SinkSpec::Command(format!("cat > {}", dir.path().join("n1-cmd").display()));
+            let (b, db) = two_hops(&path, via_cmd, &dir.path().join("n2-b")).await;
+            assert!(a == img, "sendfile path differs from the image");
+            assert!(b == img, "copy path differs from the image");
+            assert_eq!(da, db);
+            assert!(std::fs::read(dir.path().join("n1-cmd")).unwrap() == img);
         })
         .await
         .expect("test timed out");
@@ -880,7 +1011,7 @@ mod tests {
                 up.write_all(&sent).await.unwrap();
                 drop(up);
             });
-            let err = relay(&mut down, &mut writer, None::<&mut TcpStream>, |_| {})
+            let err = relay(&mut down, &mut writer, None, |_| {})
                 .await
                 .unwrap_err();
             cut.await.unwrap();
@@ -897,9 +1028,7 @@ mod tests {
                 tokio::spawn(
                     async move { send_image(source, &mut up, None, |_| {}).await.unwrap() },
                 );
-            let end = relay(&mut down, &mut writer, None::<&mut TcpStream>, |_| {})
-                .await
-                .unwrap();
+            let end = relay(&mut down, &mut writer, None, |_| {}).await.unwrap();
             sender.await.unwrap();
             assert!(std::fs::read(&out).unwrap() == img, "resumed copy differs");
             let mut whole = open_source(&SourceSpec::File(path)).unwrap();
@@ -974,9 +1103,7 @@ mod tests {
             bad[0] = 77;
             bytes.extend_from_slice(&bad);
             up.write_all(&bytes).await.unwrap();
-            let err = relay(&mut down, &mut w, None::<&mut TcpStream>, |_| {})
-                .await
-                .unwrap_err();
+            let err = relay(&mut down, &mut w, None, |_| {}).await.unwrap_err();
             assert!(
                 matches!(err, Error::Record { at, .. } if at == BLOCK),
                 "{err}"
@@ -1007,9 +1134,7 @@ mod tests {
             let sink =
                 open_sink(&SinkSpec::Command(format!("cat > {}", out.display())), None).unwrap();
             let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
-            let end = relay(&mut down, &mut w, None::<&mut TcpStream>, |_| {})
-                .await
-                .unwrap();
+            let end = relay(&mut down, &mut w, None, |_| {}).await.unwrap();
             let sent = sender.await.unwrap();
             assert_eq!(end.size, 4_000_000);
             assert_eq!(Some(end.digest), sent.digest);

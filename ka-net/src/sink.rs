@@ -68,6 +68,13 @@ pub trait ImageSink: Send {
     /// position (see [`ImageSource::set_limit`]); [`Error::NotReadable`] for
     /// sinks that cannot be read back.
     fn readback(&self) -> Result<Box<dyn ImageSource>, Error>;
+
+    /// A handle to read written bytes from by offset, for forwarding them to
+    /// a downstream with `sendfile(2)` from the page cache; `None` (the
+    /// default) for sinks whose bytes cannot be read back.
+    fn forward_file(&self) -> Option<File> {
+        None
+    }
 }
 
 /// Opens a sink for an image of `expected_size` bytes (`None` when the source
@@ -286,6 +293,10 @@ impl ImageSink for FileSink {
         Ok(())
     }
 
+    fn forward_file(&self) -> Option<File> {
+        self.file.try_clone().ok()
+    }
+
     fn readback(&self) -> Result<Box<dyn ImageSource>, Error> {
         let size = self.size.unwrap_or(self.pos);
         let mut src = FileSource::open_sized(&self.path, Some(size))?;
@@ -474,6 +485,32 @@ mod tests {
             digest(sink.readback().unwrap().as_mut()),
             digest(src.as_mut())
         );
+    }
+
+    #[test]
+    fn verify_readback_catches_corruption_in_data_and_in_zero_regions() {
+        let (src_file, img) = image_file();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.img");
+        let mut src = FileSource::open(src_file.path()).unwrap();
+        let mut sink = FileSink::open(&out, Some(img.len() as u64)).unwrap();
+        copy(&mut src, &mut sink);
+        let want = digest(&mut FileSource::open(src_file.path()).unwrap());
+        crate::digest::verify_readback(&sink, &KEY, &want).unwrap();
+        let f = OpenOptions::new().write(true).open(&out).unwrap();
+        // A flipped byte in data, then a stray byte in a hole.
+        for (at, byte) in [(15 * B as u64, 0u8), (700 * B as u64 + 3, 1u8)] {
+            let mut old = [0u8];
+            File::open(&out)
+                .unwrap()
+                .read_exact_at(&mut old, at)
+                .unwrap();
+            f.write_all_at(&[byte ^ old[0] ^ 0x5a], at).unwrap();
+            let err = crate::digest::verify_readback(&sink, &KEY, &want).unwrap_err();
+            assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+            f.write_all_at(&old, at).unwrap();
+        }
+        crate::digest::verify_readback(&sink, &KEY, &want).unwrap();
     }
 
     #[test]
