@@ -50,9 +50,9 @@ pub trait ImageSource: Send {
     /// reached.
     fn next_record(&mut self, buf: &mut [u8]) -> Result<Option<RecordHeader>, Error>;
 
-    /// Restarts the stream at `offset` (a multiple of [`BLOCK`], or the image
-    /// size). Only seekable sources can; the others return
-    /// [`Error::NotSeekable`].
+    /// Restarts the stream at `offset` (any offset up to the image size; a
+    /// node resumes where its copy stops). Only seekable sources can; the
+    /// others return [`Error::NotSeekable`].
     fn seek(&mut self, offset: u64) -> Result<(), Error>;
 
     /// The offset of the next record.
@@ -304,7 +304,8 @@ impl FileSource {
     /// in it, so only zero blocks are read whole.
     fn block_is_zero(&mut self, off: u64, region_end: u64) -> Result<bool, Error> {
         const PROBE: usize = 512;
-        let len = (region_end - off).min(BLOCK) as usize;
+        // The block containing `off`, from `off` (a resume may start mid-block).
+        let len = ((align_down(off) + BLOCK).min(region_end) - off) as usize;
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.resize(BLOCK as usize, 0);
         let probe = len.min(PROBE);
@@ -329,7 +330,7 @@ impl FileSource {
             Step::InData { region_end } => region_end,
         };
         let first_zero = self.block_is_zero(self.pos, region_end)?;
-        let mut end = (self.pos + BLOCK).min(region_end);
+        let mut end = (align_down(self.pos) + BLOCK).min(region_end);
         while end < region_end && (first_zero || end - self.pos < max_len as u64) {
             if self.block_is_zero(end, region_end)? != first_zero {
                 break;
@@ -379,7 +380,12 @@ impl ImageSource for FileSource {
         let mut zero_end = None;
         loop {
             let at = zero_end.unwrap_or(self.pos);
-            let n = (region_end - at).min(self.read_size.min(buf.len()) as u64) as usize;
+            let mut n = (region_end - at).min(self.read_size.min(buf.len()) as u64) as usize;
+            if at % BLOCK != 0 {
+                // Resumed mid-block: classify the rest of that block alone, so
+                // later records fall on block boundaries again.
+                n = n.min((align_up(at) - at) as usize);
+            }
             if n == 0 {
                 break;
             }
@@ -393,7 +399,7 @@ impl ImageSource for FileSource {
                     .map(|b| b.len())
                     .sum::<usize>();
                 self.read_size = if data == n {
-                    (n * 2).min(buf.len())
+                    (align_up(n as u64) as usize * 2).min(buf.len())
                 } else {
                     2 * BLOCK as usize
                 };
@@ -416,16 +422,17 @@ impl ImageSource for FileSource {
                 break;
             }
             // The whole read was zero: keep extending the zero run.
-            self.read_size = (n * 2).min(buf.len());
+            self.read_size = (align_up(n as u64) as usize * 2).min(buf.len());
         }
         let end = zero_end.expect("a zero run was found");
         Ok(Some(self.zero_record(end)))
     }
 
     fn seek(&mut self, offset: u64) -> Result<(), Error> {
-        if offset > self.size || (offset % BLOCK != 0 && offset != self.size) {
+        if offset > self.size {
             return Err(Error::Invalid(format!(
-                "cannot seek to {offset}: not a block boundary of the image"
+                "cannot seek to {offset}: beyond the image end ({})",
+                self.size
             )));
         }
         self.pos = offset;
@@ -748,24 +755,63 @@ mod tests {
     }
 
     #[test]
-    fn file_source_restarts_at_any_block() {
+    fn file_source_restarts_at_any_offset_in_both_modes() {
         let (f, img) = sparse_file();
         let mut src = FileSource::open(f.path()).unwrap();
-        for start in [0usize, 3 * B, 5 * B, 8 * B, 20 * B, 40 * B, img.len()] {
-            src.seek(start as u64).unwrap();
-            let mut buf = vec![0u8; 4 * B];
-            let mut got = vec![0u8; start];
-            while let Some(h) = src.next_record(&mut buf).unwrap() {
-                assert_eq!(h.offset, got.len() as u64);
-                match h.kind {
-                    RecordKind::Data => got.extend_from_slice(&buf[..h.len as usize]),
-                    RecordKind::Zero => got.resize(got.len() + h.len as usize, 0),
-                    RecordKind::End => assert_eq!(h.offset, img.len() as u64),
+        let starts = [
+            0,
+            3 * B,
+            5 * B,
+            8 * B,
+            20 * B,
+            40 * B,
+            img.len(),
+            1,
+            3 * B + 7,
+            9 * B + 4,
+            40 * B + 60,
+        ];
+        for extents in [false, true] {
+            for start in starts {
+                src.seek(start as u64).unwrap();
+                let mut buf = vec![0u8; 4 * B];
+                let mut got = vec![0u8; start];
+                loop {
+                    let h = if extents {
+                        src.next_extent(4 * B)
+                    } else {
+                        src.next_record(&mut buf)
+                    };
+                    let Some(h) = h.unwrap() else { break };
+                    assert_eq!(h.offset, got.len() as u64);
+                    if h.offset != start as u64 && h.kind != RecordKind::End {
+                        assert_eq!(
+                            h.offset % BLOCK,
+                            0,
+                            "back on block boundaries after a resume: start {start} extents {extents} {h:?}"
+                        );
+                    }
+                    match h.kind {
+                        RecordKind::Data if extents => {
+                            let mut p = vec![0u8; h.len as usize];
+                            src.read_at(&mut p, h.offset).unwrap();
+                            got.extend_from_slice(&p);
+                        }
+                        RecordKind::Data => got.extend_from_slice(&buf[..h.len as usize]),
+                        RecordKind::Zero => got.resize(got.len() + h.len as usize, 0),
+                        RecordKind::End => assert_eq!(h.offset, img.len() as u64),
+                    }
                 }
+                assert!(
+                    got[start..] == img[start..],
+                    "restart at {start}, extents {extents}"
+                );
             }
-            assert!(got[start..] == img[start..], "restart at {start}");
         }
-        assert!(src.seek(5).is_err(), "a non-block offset is refused");
+        assert!(
+            src.seek(img.len() as u64 + 1).is_err(),
+            "beyond the end is refused"
+        );
     }
 
     #[test]
