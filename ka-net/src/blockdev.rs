@@ -387,18 +387,17 @@ pub(crate) mod tests {
         let sfdisk = Command::new("sh")
             .arg("-c")
             .arg(format!(
-                "echo 'start=2048, size=20480, type=83' | sfdisk -q {}",
+                "echo 'start=2048, size=20480, type=83' | sfdisk -q --no-reread {}",
                 dev.path.display()
             ))
             .status()
             .expect("sfdisk");
         assert!(sfdisk.success(), "sfdisk failed");
-        let partscan = Command::new("losetup").args(["-P"]).arg(&dev.path).status(); // rescan
-        let _ = partscan;
         let part = PathBuf::from(format!("{}p1", dev.path.display()));
         let mut waited = 0;
         while !part.exists() {
-            // partx asks the kernel to add the partition if the rescan did not.
+            // The loop device was attached without partition scanning, so
+            // partx tells the kernel about the partition (BLKPG).
             let _ = Command::new("partx").args(["-a"]).arg(&dev.path).status();
             std::thread::sleep(std::time::Duration::from_millis(50));
             waited += 1;
@@ -431,6 +430,36 @@ pub(crate) mod tests {
             "{msg}"
         );
         // Unmounted again: accepted.
+        check_target(&dev.path, 1 << 20).unwrap();
+    }
+
+    #[test]
+    fn active_swap_is_refused() {
+        let dev = LoopDev::new(16 << 20);
+        let mkswap = Command::new("mkswap")
+            .arg("-q")
+            .arg(&dev.path)
+            .status()
+            .expect("mkswap");
+        assert!(mkswap.success(), "mkswap failed");
+        let on = Command::new("swapon")
+            .arg(&dev.path)
+            .status()
+            .expect("swapon");
+        assert!(on.success(), "swapon failed");
+        let res = check_target(&dev.path, 1 << 20);
+        let off = Command::new("swapoff")
+            .arg(&dev.path)
+            .status()
+            .expect("swapoff");
+        assert!(
+            off.success(),
+            "swapoff failed: {} stays in use",
+            dev.path.display()
+        );
+        let err = res.unwrap_err();
+        assert!(matches!(err, BlockDeviceError::Swap { .. }), "{err}");
+        assert!(err.to_string().contains("swapoff"), "{err}");
         check_target(&dev.path, 1 << 20).unwrap();
     }
 
