@@ -323,6 +323,32 @@ pub fn digest_source(
     }
 }
 
+/// Rebuilds the running digest of what `sink` already holds, by reading it
+/// back up to its position: how a node that restarted (and lost its hasher
+/// with its process) resumes hashing where its copy stops, then asks its
+/// upstream only for the rest.
+pub fn rehash_written(
+    sink: &dyn crate::sink::ImageSink,
+    key: &SessionKey,
+) -> Result<ImageHasher, Error> {
+    let mut source = sink.readback()?;
+    let mut hasher = ImageHasher::new(key);
+    let mut buf = vec![0u8; crate::relay::BUF_SIZE];
+    while let Some(h) = source.next_record(&mut buf)? {
+        match h.kind {
+            RecordKind::Data => hasher.data(h.offset, &buf[..h.len as usize])?,
+            RecordKind::Zero => hasher.zero(h.offset, h.len)?,
+            RecordKind::End => break,
+        }
+    }
+    if hasher.position() != sink.position() {
+        return Err(Error::Truncated {
+            at: hasher.position(),
+        });
+    }
+    Ok(hasher)
+}
+
 /// Re-reads everything `sink` has written (data regions from disk, zero
 /// regions checked to read as zero) and checks its digest against
 /// `expected`, the source's. Returns the digest read back.

@@ -96,7 +96,9 @@ pub mod relay;
 pub mod sink;
 pub mod source;
 
-pub use digest::{digest_source, verify_readback, ImageDigest, ImageHasher, SessionKey, BLOCK};
+pub use digest::{
+    digest_source, rehash_written, verify_readback, ImageDigest, ImageHasher, SessionKey, BLOCK,
+};
 pub use relay::{relay, send_image, NodeWriter, RelayEnd, RelayEvent, SendEnd, BUF_SIZE};
 pub use sink::{open_sink, ImageSink, SinkSpec};
 pub use source::{open_source, ImageSource, SourceSpec};

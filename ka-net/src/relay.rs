@@ -1045,6 +1045,58 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restarted_node_rehashes_what_it_has_and_fetches_only_the_rest() {
+        tokio::time::timeout(DEADLINE, async {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, img) = image(dir.path());
+            let out = dir.path().join("node");
+            let size = Some(img.len() as u64);
+            // First life: receives 7 MiB, then the process "dies" (all state dropped).
+            {
+                let (mut up, mut down) = pair().await;
+                let mut src = open_source(&SourceSpec::File(path.clone())).unwrap();
+                src.set_limit(7 << 20);
+                let sender = tokio::spawn(async move {
+                    send_image(src, &mut up, None, |_| {}).await.unwrap();
+                });
+                let sink = open_sink(&SinkSpec::File(out.clone()), size).unwrap();
+                let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
+                let err = relay(&mut down, &mut w, None, |_| {}).await.unwrap_err();
+                sender.await.unwrap();
+                assert!(
+                    matches!(err, Error::UpstreamClosed { at } if at == 7 << 20),
+                    "{err}"
+                );
+            }
+            // Second life: reopen, resume at what the disk holds, rehash it.
+            let mut sink = open_sink(&SinkSpec::File(out.clone()), size).unwrap();
+            sink.resume(7 << 20).unwrap();
+            let hasher = crate::digest::rehash_written(sink.as_ref(), &KEY).unwrap();
+            assert_eq!(hasher.position(), 7 << 20);
+            let mut w = NodeWriter::new(sink, hasher).unwrap();
+            let (mut up, mut down) = pair().await;
+            let mut src = open_source(&SourceSpec::File(path.clone())).unwrap();
+            src.seek(7 << 20).unwrap();
+            let sender =
+                tokio::spawn(async move { send_image(src, &mut up, None, |_| {}).await.unwrap() });
+            let end = relay(&mut down, &mut w, None, |_| {}).await.unwrap();
+            let sent = sender.await.unwrap();
+            assert_eq!(sent.size, img.len() as u64);
+            assert!(std::fs::read(&out).unwrap() == img);
+            let mut whole = open_source(&SourceSpec::File(path)).unwrap();
+            let want = digest_source(
+                whole.as_mut(),
+                ImageHasher::new(&KEY),
+                &mut vec![0; BUF_SIZE],
+            )
+            .unwrap();
+            assert_eq!(end.digest, want);
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lost_downstream_does_not_stop_the_node() {
         tokio::time::timeout(DEADLINE, async {
             let dir = tempfile::tempdir().unwrap();
