@@ -1097,6 +1097,54 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn block_device_source_streams_by_sendfile_to_a_block_device_node() {
+        use crate::blockdev::tests::LoopDev;
+        tokio::time::timeout(DEADLINE, async {
+            let dir = tempfile::tempdir().unwrap();
+            let (_, img) = image(dir.path());
+            let src_dev = LoopDev::new(24 << 20);
+            let dst_dev = LoopDev::new(32 << 20);
+            std::fs::write(&dst_dev.path, vec![0x77u8; 32 << 20]).unwrap(); // old content
+            let mut whole = vec![0u8; 24 << 20];
+            whole[..img.len()].copy_from_slice(&img);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&src_dev.path)
+                .unwrap()
+                .write_all_at(&whole, 0)
+                .unwrap();
+            let source = open_source(&SourceSpec::File(src_dev.path.clone())).unwrap();
+            assert_eq!(
+                source.size(),
+                Some(24 << 20),
+                "a device source is the whole device"
+            );
+            let (mut up, mut down) = pair().await;
+            let sender = tokio::spawn(async move {
+                send_image(source, &mut up, Some(ImageHasher::new(&KEY)), |_| {})
+                    .await
+                    .unwrap()
+            });
+            let sink = open_sink(&SinkSpec::File(dst_dev.path.clone()), Some(24 << 20)).unwrap();
+            let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
+            let end = relay(&mut down, &mut w, None, |_| {}).await.unwrap();
+            let sent = sender.await.unwrap();
+            assert_eq!(Some(end.digest), sent.digest);
+            let (sink, _) = w.into_parts().await.unwrap();
+            crate::digest::verify_readback(sink.as_ref(), &KEY, &end.digest).unwrap();
+            drop(sink);
+            let mut got = vec![0u8; 24 << 20];
+            std::fs::File::open(&dst_dev.path)
+                .unwrap()
+                .read_exact_at(&mut got, 0)
+                .unwrap();
+            assert!(got == whole, "target device differs");
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lost_downstream_does_not_stop_the_node() {
         tokio::time::timeout(DEADLINE, async {
             let dir = tempfile::tempdir().unwrap();
