@@ -1,1 +1,196 @@
 //! ka-net: the tokio shell and data plane of ka.
+//!
+//! # The data plane
+//!
+//! An image travels as a sequence of records ([`ka_core::record`]): `Data`
+//! with payload, `Zero` (a run of zeros, header only) and a final `End` at the
+//! image size. The data plane moves records; who connects to whom, and when,
+//! is decided by the protocol core.
+//!
+//! - [`open_source`] turns a [`SourceSpec`] (file or block device, command
+//!   output, directory as GNU tar, stdin) into an [`ImageSource`]. Files and
+//!   block devices find holes with `SEEK_DATA`/`SEEK_HOLE` and can restart at
+//!   any block ([`ImageSource::seek`]); streams run once. Every source scans
+//!   data for all-zero [`BLOCK`]s (64 KiB), which become `Zero` records, so
+//!   zeros never cross the network.
+//! - [`open_sink`] turns a [`SinkSpec`] (file or block device, command input,
+//!   untar into a directory) into an [`ImageSink`]. Files and block devices
+//!   never receive zeros as bytes (holes are skipped or punched; devices zero
+//!   ranges with `fallocate`/`BLKZEROOUT`), can [`resume`](ImageSink::resume)
+//!   and can be [read back](ImageSink::readback). Block devices are checked
+//!   ([`blockdev`]: size, mounts, swap, holders, over all partitions, then
+//!   `O_EXCL`) before one byte is written.
+//! - [`send_image`] streams a source to a socket; [`relay`] receives from an
+//!   upstream socket into a [`NodeWriter`] (hash + sink) and forwards to an
+//!   optional downstream, reporting [`RelayEvent`]s as it goes.
+//! - [`ImageHasher`] computes the session digest; [`verify_readback`] re-reads
+//!   a written target and checks it against the source's digest.
+//!
+//! A node's drive loop, in short:
+//!
+//! ```no_run
+//! # async fn node(mut up: tokio::net::TcpStream, mut down: tokio::net::TcpStream,
+//! #               key: ka_net::SessionKey, size: u64) -> Result<(), ka_net::Error> {
+//! use ka_net::*;
+//! let sink = open_sink(&SinkSpec::File("/dev/sda".into()), Some(size))?;
+//! let mut writer = NodeWriter::new(sink, ImageHasher::new(&key))?;
+//! let end = relay(&mut up, &mut writer, Some(&mut down), |event| match event {
+//!     RelayEvent::Written(offset) => { /* report progress to the core */ }
+//!     RelayEvent::DownstreamLost { at, .. } => { /* tell the core */ }
+//! })
+//! .await?; // on error: reconnect and relay again from writer.position()
+//! let (sink, _) = writer.into_parts().await?;
+//! verify_readback(sink.as_ref(), &key, &end.digest)?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Design decisions
+//!
+//! **Digest.** BLAKE3 keyed with the session key over the canonical record
+//! stream, a function of the image bytes and size only (not of record cuts or
+//! resume points): see [`digest`] for the definition. Headers and payloads are
+//! hashed as two keyed streams because interleaving a 17-byte header every
+//! 64 KiB broke BLAKE3's SIMD alignment and cost ~20 % (measured).
+//!
+//! **Buffers.** Payload buffers are [`BUF_SIZE`] = 1 MiB, allocated once per
+//! leg in a pool of 8 and recycled (no allocation per block), with 64 bytes
+//! of headroom so a record's header and payload leave in one `write`. A node
+//! holds at most 8 MiB of image data in memory whatever the image size
+//! (peak RSS measured ~11 MiB).
+//!
+//! **Threads.** Sources and sinks are blocking (file and pipe I/O blocks;
+//! tokio would push it to a blocking thread anyway). Each leg has one thread
+//! doing disk work (the [`NodeWriter`] hashes and writes; the sender's reader
+//! probes and reads) and the async task doing socket work, handing owned
+//! buffers through channels, so the two overlap on two cores.
+//!
+//! **Copy path.** Measured on loopback (see `examples/dataplane_bench.rs`):
+//! splice(2) socket → pipe → file did not beat a plain `read`/`write` loop
+//! with one buffer, and once the node must also *hash* the bytes it needs them
+//! in user space anyway; reading them back through an `mmap` of the page
+//! cache cost more than the copy it saved. So a node receives with `read`
+//! into its buffer, hashes from it and writes it with `pwrite`. What did win
+//! is `sendfile(2)` from the page cache on the *sending* side: a file source
+//! is sent without a user-space copy (the reader only probes each block for
+//! zeros), and a node whose sink is a file or block device forwards to its
+//! downstream with `sendfile` from the pages it has just written, which is
+//! also how it serves a downstream from its own disk. Sinks without a file
+//! (commands, untar) forward from the receive buffer.
+//!
+//! **Zeros.** Zero detection works per 64 KiB block: small enough to find the
+//! free space of a used file system, large enough that headers are noise. A
+//! data block is rejected after its first non-zero bytes, so the check costs
+//! nothing on real data.
+//!
+//! # Measurements
+//!
+//! BENCH_TABLE
+#![warn(missing_docs)]
+
+use std::io;
+
+pub mod blockdev;
+pub mod digest;
+pub mod process;
+pub mod relay;
+pub mod sink;
+pub mod source;
+
+pub use digest::{
+    digest_source, rehash_written, verify_readback, ImageDigest, ImageHasher, SessionKey, BLOCK,
+};
+pub use relay::{relay, send_image, NodeWriter, RelayEnd, RelayEvent, SendEnd, BUF_SIZE};
+pub use sink::{open_sink, ImageSink, SinkSpec};
+pub use source::{open_source, ImageSource, SourceSpec};
+
+/// Errors of the data plane. Messages name the file, device or command
+/// involved and, where the user can act, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, e.g. "writing /dev/sda at 4096".
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A block device cannot be used as it is.
+    #[error(transparent)]
+    BlockDevice(#[from] blockdev::BlockDeviceError),
+    /// A source or sink command failed.
+    #[error("`{command}` failed ({status}){}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
+    Command {
+        /// The command (or a label for it).
+        command: String,
+        /// Its exit status, as the OS describes it.
+        status: String,
+        /// The end of its standard error.
+        stderr: String,
+    },
+    /// A record or write did not start where the stream stands.
+    #[error("record out of order: expected offset {expected}, got {got}")]
+    OutOfOrder {
+        /// The offset the stream is at.
+        expected: u64,
+        /// The offset that came.
+        got: u64,
+    },
+    /// A stream source or sink was asked to move.
+    #[error(
+        "a stream cannot move from offset {at} to {wanted}: resume needs a file or block device"
+    )]
+    NotSeekable {
+        /// Where the stream is.
+        at: u64,
+        /// Where it was asked to go.
+        wanted: u64,
+    },
+    /// The sink (a command or untar) cannot be read back.
+    #[error("`{0}` cannot be read back: verify and serve downstream from the source instead")]
+    NotReadable(String),
+    /// A stream ended before its `End` record.
+    #[error("image stream ended early at offset {at}")]
+    Truncated {
+        /// Where it ended.
+        at: u64,
+    },
+    /// The upstream closed the connection between records.
+    #[error("upstream closed the data connection at offset {at}")]
+    UpstreamClosed {
+        /// The offset of the next record expected.
+        at: u64,
+    },
+    /// A record header failed to decode.
+    #[error("bad record header at offset {at}: {error}")]
+    Record {
+        /// The offset of the next record expected.
+        at: u64,
+        /// The decoding error.
+        error: ka_core::codec::DecodeError,
+    },
+    /// A request that makes no sense (a non-directory for tar, a bad offset).
+    #[error("{0}")]
+    Invalid(String),
+    /// A written copy does not match the source's digest.
+    #[error("the written image does not match the source (digest {got}, expected {expected}): the copy is corrupt")]
+    DigestMismatch {
+        /// The source's digest.
+        expected: digest::ImageDigest,
+        /// The digest of what was read back.
+        got: digest::ImageDigest,
+    },
+    /// The data-plane worker thread is gone after an earlier error.
+    #[error("the disk writer failed earlier: {0}")]
+    WriterFailed(String),
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Child processes behind command and tar sources and sinks.
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::Error;
+
+/// How much of a child's standard error is kept for the error message: enough
+/// for tar's or a shell's last complaint, bounded whatever the child prints.
+const STDERR_TAIL: usize = 4096;
+
+/// A child process whose standard error is drained into a bounded tail (so a
+/// chatty child never blocks on a full pipe) and which is killed, by its own
+/// PID, if dropped before it was waited for.
+#[derive(Debug)]
+pub struct Supervised {
+    child: Child,
+    label: String,
+    tail: Arc<Mutex<Vec<u8>>>,
+    drain: Option<JoinHandle<()>>,
+    waited: bool,
+}
+
+impl Supervised {
+    /// Spawns `command` with standard error captured; `label` names it in errors.
+    pub fn spawn(mut command: Command, label: String) -> Result<Self, Error> {
+        command.stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .map_err(|e| Error::io(format!("starting `{label}`"), e))?;
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let tail = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&tail);
+        let drain = std::thread::Builder::new()
+            .name("ka-stderr".into())
+            .spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = stderr.read(&mut buf) {
+                    let mut t = sink.lock().expect("stderr tail lock");
+                    t.extend_from_slice(&buf[..n]);
+                    let excess = t.len().saturating_sub(STDERR_TAIL);
+                    t.drain(..excess);
+                }
+            })
+            .map_err(|e| Error::io("starting a stderr reader thread", e))?;
+        Ok(Supervised {
+            child,
+            label,
+            tail,
+            drain: Some(drain),
+            waited: false,
+        })
+    }
+
+    /// The child.
+    pub fn child(&self) -> &Child {
+        &self.child
+    }
+
+    /// The child, e.g. to take its pipes.
+    pub fn child_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// Waits for the child; an exit other than success becomes
+    /// [`Error::Command`] with the tail of its standard error.
+    pub fn wait_success(&mut self) -> Result<(), Error> {
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| Error::io(format!("waiting for `{}`", self.label), e))?;
+        self.waited = true;
+        if let Some(d) = self.drain.take() {
+            // The child has exited, so its stderr reaches EOF unless a
+            // grandchild still holds it; the reader then ends with it.
+            let _ = d.join();
+        }
+        if status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&self.tail.lock().expect("stderr tail lock"))
+            .trim()
+            .to_string();
+        Err(Error::Command {
+            command: self.label.clone(),
+            status: status.to_string(),
+            stderr,
+        })
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if !self.waited {
+            // An abandoned transfer: stop the child rather than leak it.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
