@@ -194,6 +194,10 @@ pub enum Message {
         heartbeat_ms: u32,
         /// Silence after which either side declares the other gone, in ms.
         dead_after_ms: u32,
+        /// The image's size when the source knows it before streaming (a file
+        /// or device), so a node can refuse a target too small before
+        /// writing a byte.
+        image_size: Option<u64>,
     },
     /// Any server → client: refused, with the reason.
     Refused(Refusal),
@@ -322,11 +326,13 @@ impl Message {
                 node,
                 heartbeat_ms,
                 dead_after_ms,
+                image_size,
             } => {
                 out.put_u8(tag::WELCOME);
                 out.put_u32(node.0);
                 out.put_u32(*heartbeat_ms);
                 out.put_u32(*dead_after_ms);
+                out.put_u64(image_size.unwrap_or(u64::MAX));
             }
             Message::Refused(r) => {
                 out.put_u8(tag::REFUSED);
@@ -584,6 +590,7 @@ impl Reader<'_> {
                 node: NodeId(self.u32()?),
                 heartbeat_ms: self.u32()?,
                 dead_after_ms: self.u32()?,
+                image_size: Some(self.u64()?).filter(|&s| s != u64::MAX),
             },
             tag::REFUSED => {
                 let code = *RefusalCode::ALL
@@ -727,11 +734,18 @@ mod tests {
                 nonce: Nonce(n)
             }),
             join,
-            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(n, h, d)| Message::Welcome {
-                node: NodeId(n),
-                heartbeat_ms: h,
-                dead_after_ms: d
-            }),
+            (
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                proptest::option::of(0..u64::MAX)
+            )
+                .prop_map(|(n, h, d, image_size)| Message::Welcome {
+                    node: NodeId(n),
+                    heartbeat_ms: h,
+                    dead_after_ms: d,
+                    image_size,
+                }),
             (0..RefusalCode::ALL.len(), text()).prop_map(|(c, detail)| Message::Refused(Refusal {
                 code: RefusalCode::ALL[c],
                 detail

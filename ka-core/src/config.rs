@@ -48,6 +48,8 @@ pub struct SourceConfig {
     pub seekable: bool,
     /// Where the source's data port listens.
     pub data_addr: SocketAddr,
+    /// The image's size, when known before streaming (a file or device).
+    pub image_size: Option<u64>,
 }
 
 impl SourceConfig {
@@ -69,6 +71,7 @@ impl SourceConfig {
             slow_window: Duration::from_secs(5),
             seekable: true,
             data_addr,
+            image_size: None,
         }
     }
 }

@@ -210,6 +210,7 @@ pub struct Node {
     image: Option<(u64, Digest)>,
     stream_end: Option<(u64, Digest)>,
     verdict: Option<Result<(), String>>,
+    image_size: Option<u64>,
     timers: TimerTable<4>,
     transmits: VecDeque<(ConnId, Message)>,
     actions: VecDeque<NodeAction>,
@@ -243,6 +244,7 @@ impl Node {
             image: None,
             stream_end: None,
             verdict: None,
+            image_size: None,
             timers: TimerTable::new(),
             transmits: VecDeque::new(),
             actions: VecDeque::new(),
@@ -472,6 +474,12 @@ impl Node {
 
     // ----- views -----
 
+    /// The image's size, once the source said it (in its welcome, or with
+    /// the end of the image).
+    pub fn image_size(&self) -> Option<u64> {
+        self.image_size.or(self.image.map(|(total, _)| total))
+    }
+
     /// Our identifier, once admitted.
     pub fn id(&self) -> Option<NodeId> {
         self.id
@@ -591,11 +599,13 @@ impl Node {
                     node,
                     heartbeat_ms,
                     dead_after_ms,
+                    image_size,
                 },
             ) => {
                 self.id = Some(node);
                 self.heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(10)));
                 self.dead_after = Duration::from_millis(u64::from(dead_after_ms.max(50)));
+                self.image_size = image_size.or(self.image_size);
                 self.control = ControlState::Joined(conn);
                 self.events.push_back(NodeEvent::Welcomed { node });
                 self.transmits

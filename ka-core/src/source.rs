@@ -648,6 +648,7 @@ impl Source {
                 node: id,
                 heartbeat_ms: self.config.heartbeat.as_millis() as u32,
                 dead_after_ms: self.config.dead_after.as_millis() as u32,
+                image_size: self.config.image_size,
             },
         ));
         self.events.push_back(SourceEvent::Joined {

@@ -364,6 +364,7 @@ fn node_verifies_only_when_its_digest_matches() {
                 node: NodeId(1),
                 heartbeat_ms: 250,
                 dead_after_ms: 1000,
+                image_size: None,
             },
         );
         node.handle_message(

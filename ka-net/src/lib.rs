@@ -94,6 +94,7 @@ pub mod digest;
 pub mod process;
 pub mod relay;
 pub mod sink;
+pub mod shell;
 pub mod source;
 
 pub use digest::{

@@ -1,0 +1,228 @@
+//! One task per TCP connection.
+//!
+//! While a connection is a conversation the task writes the frames the driver
+//! sends and reads the peer's frames back to the driver. After the frames
+//! that open a data stream (`DataHello` on the serving side, `DataAccepted`
+//! on the receiving side) it stops reading frames, since raw records follow,
+//! and waits for the driver to hand it a data job: serve records from an
+//! offset, or receive them into the node's writer. Data jobs run here, on the
+//! raw socket, so image bytes never pass through the driver.
+
+use std::path::PathBuf;
+
+use futures_util::{SinkExt, StreamExt};
+use ka_core::codec::Message;
+use ka_core::ids::ConnId;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::Framed;
+
+use super::wire::MessageCodec;
+use crate::digest::{ImageDigest, ImageHasher};
+use crate::relay::{relay, send_image, NodeWriter, RelayEnd, RelayEvent};
+use crate::source::{FileSource, ImageSource};
+use crate::Error;
+
+/// How far an image has been written where a server reads it from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Written {
+    /// Everything before this offset is written.
+    pub upto: u64,
+    /// The image's size, once it is complete.
+    pub size: Option<u64>,
+}
+
+/// Serve records to a downstream from a file that is, or is being, written.
+pub struct ServeJob {
+    /// The first offset to send.
+    pub from: u64,
+    /// The file (or block device) to read.
+    pub path: PathBuf,
+    /// How far it is written; serving follows it until the image is complete.
+    pub written: watch::Receiver<Written>,
+    /// Hash what is sent (the source's one full pass from offset 0).
+    pub hasher: Option<ImageHasher>,
+}
+
+/// Receive records from the upstream into the node's writer.
+pub struct ReceiveJob {
+    /// The node's writer, lent for the duration of the stream.
+    pub writer: NodeWriter,
+    /// Where to publish how far the sink has been written, for serving.
+    pub written: watch::Sender<Written>,
+}
+
+/// What the driver tells a connection task.
+pub enum Command {
+    /// Send a frame.
+    Send(Message),
+    /// Close the connection (after the frames already queued).
+    Close,
+    /// Turn into a data connection that serves records.
+    Serve(ServeJob),
+    /// Turn into a data connection that receives records.
+    Receive(ReceiveJob),
+}
+
+/// What a connection task tells the driver.
+pub enum Event {
+    /// A frame arrived.
+    Frame(ConnId, Message),
+    /// The connection ended; why, for the log.
+    Closed(ConnId, String),
+    /// The node's sink has taken everything before this offset.
+    Progress(u64),
+    /// A receive job ended; the writer comes back.
+    Received {
+        /// The connection.
+        conn: ConnId,
+        /// The node's writer.
+        writer: NodeWriter,
+        /// The end of the image, or why the stream stopped.
+        result: Result<RelayEnd, Error>,
+    },
+    /// A serve job ended.
+    Served {
+        /// The connection.
+        conn: ConnId,
+        /// The digest if the job hashed the image, or why it stopped.
+        result: Result<Option<ImageDigest>, Error>,
+    },
+}
+
+/// Progress reports to the driver at most every this many bytes: the core
+/// only needs them for heartbeats and the display.
+const PROGRESS_STEP: u64 = 4 << 20;
+
+/// Starts the task of connection `conn` over `stream`.
+pub fn spawn(
+    conn: ConnId,
+    stream: TcpStream,
+    events: mpsc::UnboundedSender<Event>,
+) -> (mpsc::UnboundedSender<Command>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let _ = stream.set_nodelay(true);
+    let handle = tokio::spawn(run(conn, stream, rx, events));
+    (tx, handle)
+}
+
+async fn run(
+    conn: ConnId,
+    stream: TcpStream,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let mut framed = Framed::new(stream, MessageCodec);
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            frame = framed.next(), if reading => match frame {
+                Some(Ok(msg)) => {
+                    if matches!(msg, Message::DataAccepted { .. } | Message::DataHello { .. }) {
+                        reading = false;
+                    }
+                    if events.send(Event::Frame(conn, msg)).is_err() {
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    let _ = events.send(Event::Closed(conn, format!("bad frame: {e}")));
+                    return;
+                }
+                None => {
+                    let _ = events.send(Event::Closed(conn, "closed by the peer".into()));
+                    return;
+                }
+            },
+            command = commands.recv() => match command {
+                None | Some(Command::Close) => return,
+                Some(Command::Send(msg)) => {
+                    if let Err(e) = framed.send(msg).await {
+                        let _ = events.send(Event::Closed(conn, format!("send failed: {e}")));
+                        return;
+                    }
+                }
+                Some(Command::Serve(job)) => {
+                    let mut stream = framed.into_parts().io;
+                    tokio::select! {
+                        result = serve(&mut stream, job) => {
+                            let _ = events.send(Event::Served { conn, result });
+                            // Let the downstream read to the end; it closes first.
+                            let mut sink = [0u8; 64];
+                            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), stream.read(&mut sink)).await;
+                        }
+                        _ = closed(&mut commands) => {}
+                    }
+                    return;
+                }
+                Some(Command::Receive(job)) => {
+                    let parts = framed.into_parts();
+                    receive(conn, parts.read_buf.freeze(), parts.io, job, &mut commands, &events).await;
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// Resolves when the driver closes the connection or goes away.
+async fn closed(commands: &mut mpsc::UnboundedReceiver<Command>) {
+    loop {
+        match commands.recv().await {
+            None | Some(Command::Close) => return,
+            Some(_) => {}
+        }
+    }
+}
+
+async fn serve(stream: &mut TcpStream, job: ServeJob) -> Result<Option<ImageDigest>, Error> {
+    let ServeJob { mut from, path, mut written, mut hasher } = job;
+    loop {
+        let w = *written.borrow_and_update();
+        if w.size.is_some() || w.upto > from {
+            let mut source = FileSource::open_sized(&path, w.size)?;
+            source.seek(from)?;
+            if w.size.is_none() {
+                source.set_limit(w.upto);
+            }
+            let end = send_image(Box::new(source), stream, hasher.take(), |_| {}).await?;
+            if w.size.is_some() {
+                return Ok(end.digest);
+            }
+            from = end.size;
+        } else if written.changed().await.is_err() {
+            return Err(Error::Invalid("the node stopped writing before the image was complete".into()));
+        }
+    }
+}
+
+async fn receive(
+    conn: ConnId,
+    leftover: bytes::Bytes,
+    stream: TcpStream,
+    job: ReceiveJob,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    events: &mpsc::UnboundedSender<Event>,
+) {
+    let ReceiveJob { mut writer, written } = job;
+    // Records may already sit in the frame reader's buffer: read them first.
+    let mut upstream = (&leftover[..]).chain(stream);
+    let mut reported = writer.written();
+    let result = tokio::select! {
+        result = relay(&mut upstream, &mut writer, None, |event| {
+            if let RelayEvent::Written(offset) = event {
+                written.send_modify(|w| w.upto = w.upto.max(offset));
+                if offset >= reported + PROGRESS_STEP {
+                    reported = offset;
+                    let _ = events.send(Event::Progress(offset));
+                }
+            }
+        }) => result,
+        _ = closed(commands) => Err(Error::Invalid("the data connection was closed by this node".into())),
+    };
+    if let Ok(end) = &result {
+        written.send_replace(Written { upto: end.size, size: Some(end.size) });
+    }
+    let _ = events.send(Event::Received { conn, writer, result });
+}

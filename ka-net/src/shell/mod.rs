@@ -1,0 +1,56 @@
+//! The async shell: drives the ka-core machines over tokio sockets and the data plane.
+//!
+//! One *driver task* owns each machine ([`run_source`], [`run_node`]) and
+//! `select!`s over its connections' events, the data plane's progress,
+//! `sleep_until(poll_timeout)` and new connections, as quinn's connection
+//! driver does. Every TCP connection has its own task ([`conn`]): it writes
+//! the frames the machine transmits, reads the peer's frames while the
+//! connection is a conversation, and, once the machine turns it into a data
+//! connection, hands the raw socket to the data plane (sending records to a
+//! downstream, or receiving them into the node's writer).
+//!
+//! A process listens on one port: every connection starts with the
+//! acceptor's challenge, and the first answer says whether it is a node's
+//! control connection, a downstream's data connection or an operator's go.
+
+pub mod conn;
+pub mod key;
+pub mod node;
+pub mod source;
+pub mod wire;
+
+use std::time::Instant;
+
+use ka_core::time::Time;
+
+pub use key::{load_or_generate_secret, session_key, Secret};
+pub use node::{run_node, NodeOptions, NodeOutcome};
+pub use source::{go, run_source, SourceOptions, SourceReport};
+
+/// The clock of a driver: nanoseconds since the driver started, as ka-core's [`Time`].
+#[derive(Debug, Clone, Copy)]
+pub struct Clock(Instant);
+
+impl Clock {
+    /// A clock starting now.
+    pub fn start() -> Self {
+        Clock(Instant::now())
+    }
+
+    /// The time now.
+    pub fn now(&self) -> Time {
+        Time::from_nanos(self.0.elapsed().as_nanos() as u64)
+    }
+
+    /// The instant of a core deadline, for `sleep_until`.
+    pub fn instant(&self, t: Time) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.0) + std::time::Duration::from_nanos(t.as_nanos())
+    }
+}
+
+/// A fresh unpredictable nonce for a challenge.
+pub fn nonce() -> ka_core::codec::Nonce {
+    let mut n = [0u8; 32];
+    getrandom::getrandom(&mut n).expect("the OS random source is available");
+    ka_core::codec::Nonce(n)
+}
