@@ -122,7 +122,15 @@ pub enum StateError {
     },
     /// The node selection was wrong; nothing was changed.
     #[error("{0}; nothing was changed")]
-    Select(#[from] SelectError),
+    Select(SelectError),
+}
+
+// By hand rather than `#[from]`: that would also make the selection error
+// the `source`, and `ka` would print its message twice.
+impl From<SelectError> for StateError {
+    fn from(e: SelectError) -> Self {
+        StateError::Select(e)
+    }
 }
 
 /// The boot modes of a cluster, kept in a state directory.

@@ -17,10 +17,10 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/ka";
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClusterArgs {
     /// Inventory file naming the cluster (see docs/inventory.md).
-    #[arg(long, short = 'i', value_name = "FILE", default_value = DEFAULT_INVENTORY)]
+    #[arg(long, short = 'i', value_name = "FILE", default_value = DEFAULT_INVENTORY, global = true)]
     pub inventory: PathBuf,
     /// Directory where boot modes persist.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR, global = true)]
     pub state_dir: PathBuf,
 }
 
