@@ -65,7 +65,7 @@ fn files_are_byte_identical_with_both_clients_and_large_blocks() {
 }
 
 #[test]
-fn tsize_reports_the_file_size() {
+fn server_acknowledges_tsize_blksize_and_windowsize() {
     let (dir, inv) = setup();
     let server = KaTftp::start(&inv, &dir.path().join("state"), &[]);
     // atftp prints the server's OACK in trace mode.
@@ -76,6 +76,8 @@ fn tsize_reports_the_file_size() {
         "tsize 0",
         "--option",
         "blksize 1024",
+        "--option",
+        "windowsize 4",
         "-g",
         "-r",
         "pxelinux.0",
@@ -91,7 +93,39 @@ fn tsize_reports_the_file_size() {
         text.contains("blksize: 1024"),
         "OACK without blksize: {text}"
     );
+    assert!(
+        text.contains("windowsize: 4"),
+        "OACK without windowsize: {text}"
+    );
     assert_same(&dir.path().join("p"), &dir.path().join("root/pxelinux.0"));
+}
+
+#[test]
+fn inventory_edits_are_picked_up_without_restart() {
+    let (dir, inv) = setup();
+    let state = dir.path().join("state");
+    let server = KaTftp::start(&inv, &state, &[]);
+    let path = "pxelinux.cfg/01-52-54-00-09-00-99";
+    assert!(fetch_text(&server, dir.path(), path).contains("machines not in the inventory"));
+    let mut text = fs::read_to_string(&inv).unwrap();
+    text.push_str("\n[[node]]\nname = \"late\"\nmac = \"52:54:00:09:00:99\"\nip = \"10.9.0.99\"\n");
+    fs::write(&inv, &text).unwrap();
+    let o = ka(&[
+        "pxe",
+        "set",
+        "-i",
+        inv.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "-m",
+        "install",
+        "late",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(fetch_text(&server, dir.path(), path).contains("ka.name=late"));
+    // A broken edit keeps the last good inventory serving.
+    fs::write(&inv, "this is not toml [").unwrap();
+    assert!(fetch_text(&server, dir.path(), path).contains("ka.name=late"));
 }
 
 fn fetch_text(server: &KaTftp, dir: &Path, remote: &str) -> String {

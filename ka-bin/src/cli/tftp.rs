@@ -41,7 +41,7 @@ pub struct TftpArgs {
 /// and the error is logged.
 struct BootFiles {
     state: BootState,
-    inventory: Mutex<(Option<SystemTime>, Arc<Inventory>)>,
+    inventory: Mutex<(Option<(SystemTime, u64)>, Arc<Inventory>)>,
     last_modes: Mutex<Modes>,
 }
 
@@ -49,7 +49,7 @@ impl BootFiles {
     fn inventory(&self) -> Arc<Inventory> {
         let mut cached = self.inventory.lock().expect("inventory lock");
         let path = cached.1.path.clone();
-        let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let mtime = file_version(&path);
         if mtime.is_some() && mtime != cached.0 {
             match Inventory::load(&path) {
                 Ok(inv) => {
@@ -83,10 +83,17 @@ impl GeneratedFiles for BootFiles {
     }
 }
 
+/// Modification time and size: the size catches an edit within the
+/// timestamp granularity of coarse file systems.
+fn file_version(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
 /// Runs `ka tftp` until interrupted.
 pub fn run(args: TftpArgs) -> Result<()> {
     let inv = Inventory::load(&args.cluster.inventory)?;
-    let mtime = std::fs::metadata(&inv.path).and_then(|m| m.modified()).ok();
+    let mtime = file_version(&inv.path);
     let root = args
         .root
         .clone()
