@@ -41,7 +41,7 @@ pub struct TftpArgs {
 /// and the error is logged.
 struct BootFiles {
     state: BootState,
-    inventory: Mutex<(Option<(SystemTime, u64)>, Arc<Inventory>)>,
+    inventory: Mutex<(Option<FileVersion>, Arc<Inventory>)>,
     last_modes: Mutex<Modes>,
 }
 
@@ -83,9 +83,48 @@ impl GeneratedFiles for BootFiles {
     }
 }
 
+/// Names the boot files a node will ask for but the root lacks: a missing
+/// `ldlinux.c32` shows up only as a hung node on a serial console, so say it
+/// here, with where to get it.
+fn warn_about_missing_files(root: &std::path::Path, inv: &Inventory) {
+    let b = &inv.boot;
+    let mut wanted = vec![
+        (b.kernel.as_str(), "the ka netboot kernel"),
+        (b.initramfs.as_str(), "the ka netboot initramfs"),
+        (
+            b.bios_boot_file.as_str(),
+            "Debian pxelinux: /usr/lib/PXELINUX/pxelinux.0",
+        ),
+        (
+            "ldlinux.c32",
+            "Debian syslinux-common: /usr/lib/syslinux/modules/bios/ldlinux.c32",
+        ),
+        (
+            b.uefi_boot_file.as_str(),
+            "Debian ipxe: /usr/lib/ipxe/ipxe.efi",
+        ),
+    ];
+    if b.local_boot == crate::boot::inventory::LocalBoot::Chain {
+        for m in ["chain.c32", "libcom32.c32", "libutil.c32"] {
+            wanted.push((m, "Debian syslinux-common: /usr/lib/syslinux/modules/bios/, for local_boot = \"chain\""));
+        }
+    }
+    for (file, hint) in wanted {
+        if !root.join(file).is_file() {
+            tracing::warn!(
+                "{} is missing from the TFTP root ({hint})",
+                root.join(file).display()
+            );
+        }
+    }
+}
+
+/// An inventory file's modification time and size.
+type FileVersion = (SystemTime, u64);
+
 /// Modification time and size: the size catches an edit within the
 /// timestamp granularity of coarse file systems.
-fn file_version(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+fn file_version(path: &std::path::Path) -> Option<FileVersion> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
 }
@@ -106,6 +145,7 @@ pub fn run(args: TftpArgs) -> Result<()> {
         inventory: Mutex::new((mtime, Arc::new(inv))),
         last_modes: Mutex::new(modes),
     });
+    warn_about_missing_files(&root, &files.inventory());
     let mut config = TftpConfig::new(args.listen, &root);
     config.block_size_limit = args.blksize_limit;
     config.window_size_limit = args.windowsize_limit;
