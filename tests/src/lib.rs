@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The `ka` binary next to the running test (`target/<profile>/ka`).
@@ -125,6 +125,7 @@ pub struct KaTftp {
     pub guard: ChildGuard,
     /// Where it listens.
     pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
 }
 
 impl KaTftp {
@@ -141,10 +142,20 @@ impl KaTftp {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start ka tftp");
         let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().expect("log lock");
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
         let guard = ChildGuard {
             child,
             what: "ka tftp".into(),
@@ -166,7 +177,12 @@ impl KaTftp {
             .next()
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no address in ka tftp's first line: {line}"));
-        KaTftp { guard, addr }
+        KaTftp { guard, addr, log }
+    }
+
+    /// Everything the server logged so far (one line per request).
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
     }
 
     /// Fetches `remote` with tftp-hpa in binary mode into `local`; returns
@@ -251,6 +267,30 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// `text` without ANSI escape sequences (cursor moves, colours): firmware
+/// consoles scatter them through their output.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        if chars.next_if_eq(&'[').is_some() {
+            // CSI: parameters, then one final byte in @..~.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            chars.next();
+        }
+    }
+    out
+}
+
 /// Standard output as text.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -259,4 +299,13 @@ pub fn stdout(o: &Output) -> String {
 /// Standard error as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn strip_ansi_removes_cursor_moves_and_colours() {
+        let raw = "Loading x...\x1b[25;27H\x1b[25;28Hok \x1b[0;1mbold\x1b[0m\x1bc!";
+        assert_eq!(super::strip_ansi(raw), "Loading x...ok bold!");
+    }
 }

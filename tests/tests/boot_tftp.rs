@@ -232,8 +232,7 @@ fn unknown_machines_get_the_local_default() {
             "{path}: {text}"
         );
     }
-    assert!(fetch_text(&server, d, "boot.ipxe")
-        .contains("chain tftp://10.9.0.1/ipxe/${netX/mac:hexhyp}.ipxe"));
+    assert!(fetch_text(&server, d, "boot.ipxe").contains("chain ipxe/${netX/mac:hexhyp}.ipxe"));
     // An unknown hex-IP name is "not found", so pxelinux moves on to `default`.
     let o = server.get_hpa("pxelinux.cfg/0A0900FE", &d.join("x"));
     assert!(
