@@ -238,8 +238,7 @@ kernel_args = "nomodeset"
             "{script}"
         );
         assert!(
-            script
-                .contains("initrd --name initrd.img /ka/initramfs.img\nboot\n"),
+            script.contains("initrd --name initrd.img /ka/initramfs.img\nboot\n"),
             "{script}"
         );
     }
@@ -290,7 +289,6 @@ kernel_args = "nomodeset"
         // Unknown hex IPs fall through so pxelinux reaches `default`.
         assert_eq!(generated_file(&inv, &modes, "pxelinux.cfg/C0A80A63"), None);
         assert_eq!(generated_file(&inv, &modes, "pxelinux.0"), None);
-        assert!(text(&inv, &modes, "boot.ipxe")
-            .contains("chain ipxe/${netX/mac:hexhyp}.ipxe"));
+        assert!(text(&inv, &modes, "boot.ipxe").contains("chain ipxe/${netX/mac:hexhyp}.ipxe"));
     }
 }
