@@ -278,6 +278,68 @@ mod tests {
         }
     }
 
+    /// Starts a server for `root` with one generated file on its own thread
+    /// (the server is executor-agnostic) and returns its address.
+    fn start(root: &Path) -> SocketAddr {
+        let root = root.to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            futures_lite::future::block_on(async move {
+                let generated: Arc<dyn GeneratedFiles> =
+                    Arc::new(|path: &str, client: SocketAddr| {
+                        (path == "gen/hello").then(|| format!("hello {}", client.ip()).into_bytes())
+                    });
+                let config = TftpConfig::new("127.0.0.1:0".parse().unwrap(), root);
+                let server = TftpServer::bind(config, generated).await.unwrap();
+                tx.send(server.local_addr()).unwrap();
+                server.serve().await.unwrap();
+            })
+        });
+        rx.recv_timeout(Duration::from_secs(10)).unwrap()
+    }
+
+    /// Sends a request (`opcode` 1 read, 2 write) and returns the first reply.
+    fn request(
+        server: SocketAddr,
+        opcode: u8,
+        path: &str,
+    ) -> (std::net::UdpSocket, SocketAddr, Vec<u8>) {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut pkt = vec![0, opcode];
+        pkt.extend_from_slice(path.as_bytes());
+        pkt.extend_from_slice(b"\0octet\0");
+        sock.send_to(&pkt, server).unwrap();
+        let mut buf = [0u8; 1024];
+        let (n, from) = sock.recv_from(&mut buf).unwrap();
+        (sock, from, buf[..n].to_vec())
+    }
+
+    #[test]
+    fn serves_generated_and_disk_files_and_refuses_the_rest() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("disk.txt"), "on disk").unwrap();
+        let server = start(root.path());
+
+        let (sock, from, reply) = request(server, 1, "gen/hello");
+        assert_eq!(reply, b"\0\x03\0\x01hello 127.0.0.1", "one DATA block");
+        sock.send_to(&[0, 4, 0, 1], from).unwrap();
+
+        let (sock, from, reply) = request(server, 1, "./disk.txt");
+        assert_eq!(reply, b"\0\x03\0\x01on disk");
+        sock.send_to(&[0, 4, 0, 1], from).unwrap();
+
+        for (opcode, path, code) in [
+            (1, "../etc/passwd", 2),
+            (1, "/etc/passwd", 2),
+            (1, "missing", 1),
+            (2, "upload", 0),
+        ] {
+            let (_, _, reply) = request(server, opcode, path);
+            assert_eq!(&reply[..4], &[0, 5, 0, code], "{path}: {reply:?}");
+        }
+    }
+
     #[test]
     fn open_inside_refuses_symlinks_out_and_directories() {
         let root = tempfile::tempdir().unwrap();

@@ -515,7 +515,7 @@ impl Inventory {
     /// `node[001-004]`, groups such as `@rack1`, or every node with `all`.
     /// Returns the nodes in inventory order, each once. Any unknown name fails
     /// the whole selection, so a typo never half-applies a change.
-    pub fn select<S: AsRef<str>>(&self, specs: &[S], all: bool) -> Result<Vec<&Node>, SelectError> {
+    pub fn select<T: AsRef<str>>(&self, specs: &[T], all: bool) -> Result<Vec<&Node>, SelectError> {
         let mut chosen = vec![false; self.nodes.len()];
         let mut unknown = Vec::new();
         if all {
