@@ -1,11 +1,52 @@
 //! `ka`: clone one machine onto many.
-use clap::Parser;
+//!
+//! A thin dispatcher: each subcommand group lives in `ka_bin::cli::*`.
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ka_bin::cli;
 
 /// Clone one machine onto many, through a self-healing chain of TCP connections.
 #[derive(Parser)]
 #[command(name = "ka", version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
+#[derive(Subcommand)]
+enum Command {
+    /// Per-node boot modes: install, local, shell (the successor of ka_pxe_step).
+    Pxe(cli::pxe::PxeArgs),
+    /// Serve PXE files and per-node boot configs over TFTP.
+    Tftp(cli::tftp::TftpArgs),
+    /// DHCP server configuration and MAC harvesting.
+    Dhcp(cli::dhcp::DhcpArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Request logs are what an administrator watches `ka tftp` for; the
+    // other commands stay quiet unless something is wrong.
+    let level = match cli.command {
+        Command::Tftp(_) => tracing::Level::INFO,
+        _ => tracing::Level::WARN,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = match cli.command {
+        Command::Pxe(args) => cli::pxe::run(args),
+        Command::Tftp(args) => cli::tftp::run(args),
+        Command::Dhcp(args) => cli::dhcp::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ka: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,4 +1,5 @@
 //! ka-net: the tokio shell and data plane of ka.
+<<<<<<< HEAD
 //!
 //! # The data plane
 //!
@@ -195,3 +196,8 @@ impl Error {
         }
     }
 }
+=======
+#![warn(missing_docs)]
+
+pub mod tftp;
+>>>>>>> boot

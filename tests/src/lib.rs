@@ -1,1 +1,311 @@
 //! Shared helpers for ka's integration tests.
+//!
+//! Tests here run the real `ka` binary and real Debian daemons and clients.
+//! The rules they follow: a missing tool fails the test with the package to
+//! install (never a silent skip), every wait is bounded, every child process
+//! is killed by its PID, temporary directories are cleaned up, and traffic
+//! goes to 127.0.0.1 only.
+#![warn(missing_docs)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The `ka` binary next to the running test (`target/<profile>/ka`).
+///
+/// Panics with the build command if it is missing: `cargo test` does not
+/// build binaries of other crates for integration tests.
+pub fn ka_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/ka
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("ka"))
+        .expect("test executable lives in target/<profile>/deps");
+    assert!(
+        bin.is_file(),
+        "{} is missing; build it first: cargo build --release -p ka-bin",
+        bin.display()
+    );
+    bin
+}
+
+/// The path of `tool`, or a panic naming the Debian package that provides it.
+pub fn require_tool(tool: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path).chain(["/usr/sbin", "/sbin"].map(PathBuf::from));
+    for dir in dirs {
+        let p = dir.join(tool);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("`{tool}` not found: install the Debian package `{package}` (apt-get install {package}; scripts/test does this from scripts/apt-packages.txt)");
+}
+
+/// Runs `cmd` to completion, killing it after `timeout`. Output is captured.
+pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
+    let desc = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
+    // Drain the pipes on threads so a chatty child never blocks on a full pipe.
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        out.read_to_end(&mut v).ok();
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        err.read_to_end(&mut v).ok();
+        v
+    });
+    let status = wait_timeout(&mut child, timeout).unwrap_or_else(|| {
+        kill(&mut child);
+        panic!("{desc} did not finish within {timeout:?}; killed it");
+    });
+    Output {
+        status,
+        stdout: t_out.join().expect("stdout reader"),
+        stderr: t_err.join().expect("stderr reader"),
+    }
+}
+
+/// Runs `ka` with `args`, bounded by 60 s.
+pub fn ka(args: &[&str]) -> Output {
+    run(Command::new(ka_bin()).args(args), Duration::from_secs(60))
+}
+
+/// Waits for `child` up to `timeout`; `None` if it is still running.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills `child` by its PID and reaps it.
+pub fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = wait_timeout(child, Duration::from_secs(5));
+}
+
+/// A child process killed (by PID) when dropped, even when a test panics.
+pub struct ChildGuard {
+    /// The process.
+    pub child: Child,
+    /// What it is, for messages.
+    pub what: String,
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// A running `ka tftp` on 127.0.0.1 at a port the kernel chose.
+pub struct KaTftp {
+    /// The process.
+    pub guard: ChildGuard,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl KaTftp {
+    /// Starts `ka tftp` for `inventory` and `state_dir` with extra `args`,
+    /// and waits (at most 20 s) for it to report its address.
+    pub fn start(inventory: &Path, state_dir: &Path, args: &[&str]) -> KaTftp {
+        let mut child = Command::new(ka_bin())
+            .arg("tftp")
+            .arg("--inventory")
+            .arg(inventory)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ka tftp");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().expect("log lock");
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let guard = ChildGuard {
+            child,
+            what: "ka tftp".into(),
+        };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep reading so the server never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("ka tftp did not report its address within 20 s");
+        let addr = line
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in ka tftp's first line: {line}"));
+        KaTftp { guard, addr, log }
+    }
+
+    /// Everything the server logged so far (one line per request).
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Fetches `remote` with tftp-hpa in binary mode into `local`; returns
+    /// the client's output (tftp-hpa exits 0 even on errors, so callers check
+    /// the output and the file).
+    pub fn get_hpa(&self, remote: &str, local: &Path) -> Output {
+        let tftp = require_tool("tftp", "tftp-hpa");
+        run(
+            Command::new(tftp)
+                .args([
+                    "-m",
+                    "binary",
+                    &self.addr.ip().to_string(),
+                    &self.addr.port().to_string(),
+                    "-c",
+                    "get",
+                    remote,
+                ])
+                .arg(local),
+            Duration::from_secs(60),
+        )
+    }
+
+    /// Fetches `remote` with atftp and `options` (e.g. `"blksize 1468"`).
+    pub fn get_atftp(&self, remote: &str, local: &Path, options: &[&str]) -> Output {
+        let mut cmd = Command::new(require_tool("atftp", "atftp"));
+        cmd.args(["-g", "-r", remote, "-l"]).arg(local);
+        for o in options {
+            cmd.args(["--option", o]);
+        }
+        cmd.args([&self.addr.ip().to_string(), &self.addr.port().to_string()]);
+        run(&mut cmd, Duration::from_secs(60))
+    }
+}
+
+/// Writes a test inventory into `dir`: network 10.9.0.0/24, TFTP root
+/// `dir/root`, nodes n01–n04 (MACs 52:54:00:09:00:01…, IPs 10.9.0.11…) in
+/// group `rack1`, and returns its path.
+pub fn write_inventory(dir: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"[network]
+subnet = "10.9.0.0/24"
+gateway = "10.9.0.1"
+
+[boot]
+server = "10.9.0.1"
+tftp_root = "root"
+kernel = "ka/vmlinuz"
+initramfs = "ka/initramfs.img"
+console = "ttyS0,115200"
+
+[session]
+name = "t"
+source = "10.9.0.1:4000"
+disk = "/dev/vda"
+
+[[range]]
+names = "n[01-04]"
+mac_base = "52:54:00:09:00:01"
+ip_base = "10.9.0.11"
+groups = ["rack1"]
+{extra}"#
+    );
+    std::fs::create_dir_all(dir.join("root")).expect("tftp root");
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text).expect("write inventory");
+    path
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so files are incompressible
+/// and a wrong block shows up as a mismatch.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// `text` without ANSI escape sequences (cursor moves, colours): firmware
+/// consoles scatter them through their output.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        if chars.next_if_eq(&'[').is_some() {
+            // CSI: parameters, then one final byte in @..~.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            chars.next();
+        }
+    }
+    out
+}
+
+/// Standard output as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Standard error as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn strip_ansi_removes_cursor_moves_and_colours() {
+        let raw = "Loading x...\x1b[25;27H\x1b[25;28Hok \x1b[0;1mbold\x1b[0m\x1bc!";
+        assert_eq!(super::strip_ansi(raw), "Loading x...ok bold!");
+    }
+}

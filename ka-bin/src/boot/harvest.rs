@@ -1,0 +1,425 @@
+//! MAC harvesting: turn DHCP traffic into inventory entries.
+//!
+//! As with the original Ka, power the nodes on one by one in the order you
+//! want them numbered; their DHCP requests land in the DHCP server's leases
+//! and logs, and `ka dhcp harvest` turns the MACs, in the order they were
+//! first seen, into `[[node]]` blocks. It reads:
+//!
+//! - ISC dhcpd leases files (`lease … { starts …; hardware ethernet …; }`),
+//!   ordered by each lease's `starts` time, since dhcpd rewrites the file in
+//!   its own order;
+//! - dnsmasq lease files (`<expiry> <mac> <ip> <name> <client-id>`), ordered
+//!   by expiry (with one lease time, the order the leases were given);
+//! - syslog or journal lines with `DHCPDISCOVER` or `DHCPREQUEST` from dhcpd
+//!   (`DHCPDISCOVER from <mac> via eth0`) or dnsmasq
+//!   (`DHCPDISCOVER(br0) <mac>`, `DHCPREQUEST(br0) <ip> <mac>`), in line order.
+//!
+//! Files are taken in the order given; a MAC seen twice keeps its first place.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use super::inventory::Inventory;
+use super::mac::Mac;
+
+/// Where a MAC was first seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sighting {
+    /// The MAC address.
+    pub mac: Mac,
+    /// `file:line` of the first sighting.
+    pub origin: String,
+}
+
+/// The kind of a DHCP record file, detected from its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// ISC dhcpd `dhcpd.leases`.
+    IscLeases,
+    /// dnsmasq `dnsmasq.leases`.
+    DnsmasqLeases,
+    /// Syslog or journal lines.
+    Syslog,
+}
+
+/// Guesses what `text` is.
+pub fn detect(text: &str) -> FileKind {
+    let mut lines = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    if text.lines().any(|l| {
+        let l = l.trim_start();
+        l.starts_with("lease ") && l.trim_end().ends_with('{')
+    }) {
+        return FileKind::IscLeases;
+    }
+    if lines.clone().next().is_some()
+        && lines.all(|l| dnsmasq_lease(l).is_some() || l.starts_with("duid "))
+    {
+        return FileKind::DnsmasqLeases;
+    }
+    FileKind::Syslog
+}
+
+fn dnsmasq_lease(line: &str) -> Option<(u64, Mac)> {
+    let mut f = line.split_whitespace();
+    let expiry = f.next()?.parse().ok()?;
+    let mac = strict_mac(f.next()?)?;
+    f.next()?.parse::<Ipv4Addr>().ok()?;
+    Some((expiry, mac))
+}
+
+/// A MAC written with colons, as DHCP servers log them; bare hex is not
+/// accepted here so transaction IDs are never mistaken for MACs.
+fn strict_mac(token: &str) -> Option<Mac> {
+    let t = token.trim_matches(|c: char| matches!(c, '(' | ')' | ',' | ';' | ':' | '[' | ']'));
+    if t.matches(':').count() != 5 {
+        return None;
+    }
+    t.parse().ok()
+}
+
+/// The MACs in one file, in the order they were first seen there.
+pub fn scan(name: &str, text: &str) -> Vec<Sighting> {
+    // (sort key, line, mac); the key orders leases files by time.
+    let mut seen: Vec<(String, usize, Mac)> = Vec::new();
+    match detect(text) {
+        FileKind::IscLeases => {
+            let mut start: Option<(usize, String, Option<Mac>)> = None;
+            for (i, line) in text.lines().enumerate() {
+                let l = line.trim().trim_end_matches(';');
+                if l.starts_with("lease ") && l.ends_with('{') {
+                    start = Some((i + 1, "~".to_string(), None));
+                } else if l == "}" {
+                    if let Some((line_no, key, Some(mac))) = start.take() {
+                        seen.push((key, line_no, mac));
+                    }
+                } else if let Some((_, key, mac)) = start.as_mut() {
+                    if let Some(rest) = l.strip_prefix("starts ") {
+                        *key = isc_time(rest).unwrap_or_else(|| "~".into());
+                    } else if let Some(rest) = l.strip_prefix("hardware ethernet ") {
+                        *mac = strict_mac(rest.trim());
+                    }
+                }
+            }
+        }
+        FileKind::DnsmasqLeases => {
+            for (i, line) in text.lines().enumerate() {
+                if let Some((expiry, mac)) = dnsmasq_lease(line.trim()) {
+                    seen.push((format!("{expiry:020}"), i + 1, mac));
+                }
+            }
+        }
+        FileKind::Syslog => {
+            for (i, line) in text.lines().enumerate() {
+                let mut tokens = line.split_whitespace();
+                if tokens
+                    .by_ref()
+                    .any(|t| t.starts_with("DHCPDISCOVER") || t.starts_with("DHCPREQUEST"))
+                {
+                    if let Some(mac) = tokens.find_map(strict_mac) {
+                        seen.push((String::new(), i + 1, mac));
+                    }
+                }
+            }
+        }
+    }
+    seen.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    let mut unique = HashSet::new();
+    seen.into_iter()
+        .filter(|(_, _, mac)| unique.insert(*mac))
+        .map(|(_, line, mac)| Sighting {
+            mac,
+            origin: format!("{name}:{line}"),
+        })
+        .collect()
+}
+
+/// `starts 3 2026/11/25 10:00:01` or `starts epoch 1764064801` as a sortable
+/// RFC 3339 string.
+fn isc_time(rest: &str) -> Option<String> {
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    match f.as_slice() {
+        ["epoch", secs] => {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.parse().ok()?);
+            Some(humantime::format_rfc3339_seconds(t).to_string())
+        }
+        [_weekday, date, time] => {
+            let date = date.replace('/', "-");
+            Some(
+                humantime::parse_rfc3339(&format!("{date}T{time}Z"))
+                    .ok()
+                    .map(|t| humantime::format_rfc3339_seconds(t).to_string())?,
+            )
+        }
+        _ => None,
+    }
+}
+
+/// MACs across files (in the order given), each at its first sighting.
+pub fn harvest(files: &[(String, String)]) -> Vec<Sighting> {
+    let mut unique = HashSet::new();
+    files
+        .iter()
+        .flat_map(|(name, text)| scan(name, text))
+        .filter(|s| unique.insert(s.mac))
+        .collect()
+}
+
+/// A name pattern such as `node{:03}` (zero-padded to 3) or `n{}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamePattern {
+    prefix: String,
+    width: usize,
+    suffix: String,
+}
+
+impl NamePattern {
+    /// Parses `prefix{}suffix` or `prefix{:0N}suffix`.
+    pub fn parse(s: &str) -> Result<NamePattern, String> {
+        let err = || {
+            format!("bad --pattern `{s}`: write one placeholder, like node{{:03}} (zero-padded) or node{{}}")
+        };
+        let open = s.find('{').ok_or_else(err)?;
+        let close = open + s[open..].find('}').ok_or_else(err)?;
+        let spec = &s[open + 1..close];
+        let width = match spec {
+            "" => 0,
+            _ => spec
+                .strip_prefix(":0")
+                .and_then(|w| w.parse().ok())
+                .ok_or_else(err)?,
+        };
+        let (prefix, suffix) = (&s[..open], &s[close + 1..]);
+        if suffix.contains(['{', '}']) || prefix.contains('}') {
+            return Err(err());
+        }
+        Ok(NamePattern {
+            prefix: prefix.to_string(),
+            width,
+            suffix: suffix.to_string(),
+        })
+    }
+
+    /// The name for number `n`.
+    pub fn name(&self, n: u64) -> String {
+        format!("{}{:0w$}{}", self.prefix, n, self.suffix, w = self.width)
+    }
+}
+
+/// A harvested machine, ready for the inventory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewNode {
+    /// Its name from the pattern.
+    pub name: String,
+    /// Its MAC.
+    pub mac: Mac,
+    /// Its IP from the base.
+    pub ip: Ipv4Addr,
+    /// Where the MAC was first seen.
+    pub origin: String,
+}
+
+/// Names and addresses the sightings. Number `start` gets `ip_base`, and
+/// each next number the next IP. With an inventory, MACs it already has are
+/// skipped, and numbers whose name or IP it already uses are passed over.
+pub fn assign(
+    sightings: &[Sighting],
+    pattern: &NamePattern,
+    ip_base: Ipv4Addr,
+    start: u64,
+    inventory: Option<&Inventory>,
+) -> Result<Vec<NewNode>, String> {
+    let mut out = Vec::new();
+    let mut n = start;
+    for s in sightings {
+        if inventory.is_some_and(|inv| inv.node_by_mac(&s.mac).is_some()) {
+            continue;
+        }
+        loop {
+            let ip = u32::from(ip_base)
+                .checked_add(u32::try_from(n - start).map_err(|_| "too many nodes".to_string())?)
+                .map(Ipv4Addr::from)
+                .ok_or_else(|| format!("--ip-base {ip_base} runs past 255.255.255.255"))?;
+            let name = pattern.name(n);
+            n += 1;
+            if let Some(inv) = inventory {
+                if inv.node(&name).is_some() || inv.node_by_ip(ip).is_some() {
+                    continue;
+                }
+                if !inv.network.contains(ip) {
+                    return Err(format!(
+                        "{ip} for {name} is outside the subnet {} of {}; choose another --ip-base",
+                        inv.network,
+                        inv.path.display()
+                    ));
+                }
+            }
+            out.push(NewNode {
+                name,
+                mac: s.mac,
+                ip,
+                origin: s.origin.clone(),
+            });
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The `[[node]]` blocks for `nodes`, to append to an inventory.
+pub fn to_toml(nodes: &[NewNode]) -> String {
+    let mut out = format!(
+        "# {} machine(s) harvested by `ka dhcp harvest`, in the order first seen.\n",
+        nodes.len()
+    );
+    for n in nodes {
+        write!(
+            out,
+            "\n[[node]]\nname = \"{}\"\nmac = \"{}\"\nip = \"{}\"\n# first seen: {}\n",
+            n.name, n.mac, n.ip, n.origin
+        )
+        .unwrap();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn macs(s: &[Sighting]) -> Vec<String> {
+        s.iter().map(|s| s.mac.to_string()).collect()
+    }
+
+    #[test]
+    fn isc_leases_are_ordered_by_start_time() {
+        let text = "\
+# The format of this file is documented in the dhcpd.leases(5) manual page.
+lease 10.0.0.12 {
+  starts 3 2026/11/25 10:00:05;
+  hardware ethernet 52:54:00:00:00:02;
+}
+lease 10.0.0.11 {
+  starts 3 2026/11/25 10:00:01;
+  hardware ethernet 52:54:00:00:00:01;
+}
+lease 10.0.0.13 {
+  starts epoch 1795600810;
+  hardware ethernet 52:54:00:00:00:03;
+}
+";
+        assert_eq!(detect(text), FileKind::IscLeases);
+        let s = scan("dhcpd.leases", text);
+        assert_eq!(
+            macs(&s),
+            [
+                "52:54:00:00:00:01",
+                "52:54:00:00:00:02",
+                "52:54:00:00:00:03"
+            ]
+        );
+        assert_eq!(s[0].origin, "dhcpd.leases:6");
+    }
+
+    #[test]
+    fn dnsmasq_leases_and_syslog() {
+        let leases = "1764068400 52:54:00:00:00:0b 10.0.0.51 * 01:52:54:00:00:00:0b\n\
+                      1764068300 52:54:00:00:00:0a 10.0.0.50 n1 *\n";
+        assert_eq!(detect(leases), FileKind::DnsmasqLeases);
+        assert_eq!(
+            macs(&scan("l", leases)),
+            ["52:54:00:00:00:0a", "52:54:00:00:00:0b"]
+        );
+        let log = "\
+Nov 25 10:00:01 boot dnsmasq-dhcp[99]: 1234567 DHCPDISCOVER(br0) 52:54:00:00:00:0c
+Nov 25 10:00:01 boot dnsmasq-dhcp[99]: 1234567 DHCPOFFER(br0) 10.0.0.52 52:54:00:00:00:0c
+Nov 25 10:00:02 boot dhcpd[7]: DHCPREQUEST for 10.0.0.9 from 52:54:00:00:00:0d (h) via eth0
+Nov 25 10:00:03 boot dnsmasq-dhcp[99]: DHCPREQUEST(br0) 10.0.0.52 52:54:00:00:00:0c
+Nov 25 10:00:04 boot sshd[3]: Accepted key for root from 10.0.0.2
+";
+        assert_eq!(detect(log), FileKind::Syslog);
+        let s = scan("syslog", log);
+        assert_eq!(macs(&s), ["52:54:00:00:00:0c", "52:54:00:00:00:0d"]);
+        assert_eq!(s[1].origin, "syslog:3");
+    }
+
+    #[test]
+    fn patterns() {
+        assert_eq!(NamePattern::parse("node{:03}").unwrap().name(7), "node007");
+        assert_eq!(NamePattern::parse("n{}-a").unwrap().name(12), "n12-a");
+        assert!(NamePattern::parse("node").is_err());
+        assert!(NamePattern::parse("node{:3}").is_err());
+    }
+
+    #[test]
+    fn assign_counts_up_and_skips_what_the_inventory_has() {
+        let inv = Inventory::parse(
+            r#"
+[network]
+subnet = "10.0.0.0/24"
+[boot]
+server = "10.0.0.1"
+tftp_root = "/t"
+kernel = "k"
+initramfs = "i"
+[session]
+name = "s"
+source = "10.0.0.1:4000"
+disk = "/dev/vda"
+[[node]]
+name = "node001"
+mac = "52:54:00:00:00:01"
+ip = "10.0.0.101"
+"#,
+            std::path::Path::new("c.toml"),
+        )
+        .unwrap();
+        let sightings: Vec<Sighting> = [
+            "52:54:00:00:00:09",
+            "52:54:00:00:00:01",
+            "52:54:00:00:00:05",
+        ]
+        .iter()
+        .map(|m| Sighting {
+            mac: m.parse().unwrap(),
+            origin: "x:1".into(),
+        })
+        .collect();
+        let p = NamePattern::parse("node{:03}").unwrap();
+        let base: Ipv4Addr = "10.0.0.101".parse().unwrap();
+        let got = assign(&sightings, &p, base, 1, Some(&inv)).unwrap();
+        let pairs: Vec<(String, String, String)> = got
+            .iter()
+            .map(|n| (n.name.clone(), n.mac.to_string(), n.ip.to_string()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                (
+                    "node002".into(),
+                    "52:54:00:00:00:09".into(),
+                    "10.0.0.102".into()
+                ),
+                (
+                    "node003".into(),
+                    "52:54:00:00:00:05".into(),
+                    "10.0.0.103".into()
+                ),
+            ]
+        );
+        let toml = to_toml(&got);
+        assert!(
+            toml.contains(
+                "[[node]]\nname = \"node002\"\nmac = \"52:54:00:00:00:09\"\nip = \"10.0.0.102\"\n"
+            ),
+            "{toml}"
+        );
+        let far: Ipv4Addr = "10.0.1.1".parse().unwrap();
+        assert!(assign(&sightings, &p, far, 1, Some(&inv))
+            .unwrap_err()
+            .contains("outside the subnet"));
+    }
+}

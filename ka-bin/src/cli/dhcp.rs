@@ -1,0 +1,130 @@
+//! `ka dhcp`: DHCP configuration for an existing server, and MAC harvesting.
+
+use std::io::Read;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+
+use crate::boot::dhcp::{self, Format};
+use crate::boot::harvest::{self, NamePattern};
+use crate::boot::Inventory;
+
+/// Arguments of `ka dhcp`.
+#[derive(Debug, Args)]
+pub struct DhcpArgs {
+    #[command(subcommand)]
+    command: DhcpCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum DhcpCommand {
+    /// Write static host entries and PXE boot files for your DHCP server.
+    ///
+    /// BIOS clients get boot.bios_boot_file (pxelinux.0), UEFI x86-64 clients
+    /// boot.uefi_boot_file (ipxe.efi), and iPXE itself boot.ipxe_script.
+    /// Check the result with `dhcpd -t -cf FILE`, `dnsmasq --test
+    /// --conf-file=FILE` or `kea-dhcp4 -t FILE`.
+    Config {
+        /// Which DHCP server reads it.
+        #[arg(long, short = 'f', value_enum)]
+        format: Format,
+        /// Inventory file naming the cluster.
+        #[arg(long, short = 'i', value_name = "FILE", default_value = super::DEFAULT_INVENTORY)]
+        inventory: PathBuf,
+        /// Write here (atomically) instead of to standard output.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Print [[node]] entries for the MACs seen in DHCP leases or logs.
+    ///
+    /// Power nodes on one at a time in the order you want them numbered, then
+    /// run this on the DHCP server's leases file or log (ISC dhcpd leases,
+    /// dnsmasq leases, syslog/journal lines from dhcpd or dnsmasq). MACs keep
+    /// the order they were first seen.
+    Harvest {
+        /// Leases files or logs; `-` or none reads standard input.
+        files: Vec<PathBuf>,
+        /// Name pattern: `{}` is the number, `{:03}` zero-pads it to 3 digits.
+        #[arg(long, default_value = "node{:03}")]
+        pattern: String,
+        /// IP of the first new node; the next ones count up from it.
+        #[arg(long, value_name = "IP")]
+        ip_base: Ipv4Addr,
+        /// Number of the first new node.
+        #[arg(long, default_value_t = 1)]
+        start: u64,
+        /// Skip MACs this inventory already has, and names and IPs it uses.
+        #[arg(long, short = 'i', value_name = "FILE")]
+        inventory: Option<PathBuf>,
+    },
+}
+
+/// Runs `ka dhcp`.
+pub fn run(args: DhcpArgs) -> Result<()> {
+    match args.command {
+        DhcpCommand::Config {
+            format,
+            inventory,
+            output,
+        } => {
+            let inv = Inventory::load(&inventory)?;
+            let text = dhcp::render(&inv, format);
+            match output {
+                Some(path) => {
+                    super::write_atomically(&path, text.as_bytes())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("wrote {} ({} hosts)", path.display(), inv.nodes.len());
+                }
+                None => print!("{text}"),
+            }
+        }
+        DhcpCommand::Harvest {
+            files,
+            pattern,
+            ip_base,
+            start,
+            inventory,
+        } => {
+            let pattern = NamePattern::parse(&pattern).map_err(anyhow::Error::msg)?;
+            let inv = inventory.as_ref().map(Inventory::load).transpose()?;
+            let mut texts = Vec::new();
+            if files.is_empty() || files.iter().any(|f| f.as_os_str() == "-") {
+                if files.len() > 1 {
+                    bail!("`-` (standard input) cannot be mixed with files");
+                }
+                let mut s = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .context("reading standard input")?;
+                texts.push(("<stdin>".to_string(), s));
+            } else {
+                for f in &files {
+                    // Logs may hold stray non-UTF-8 bytes; they never matter here.
+                    let bytes =
+                        std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+                    texts.push((
+                        f.display().to_string(),
+                        String::from_utf8_lossy(&bytes).into_owned(),
+                    ));
+                }
+            }
+            let seen = harvest::harvest(&texts);
+            let nodes = harvest::assign(&seen, &pattern, ip_base, start, inv.as_ref())
+                .map_err(anyhow::Error::msg)?;
+            print!("{}", harvest::to_toml(&nodes));
+            eprintln!(
+                "{} MAC(s) seen, {} new{}",
+                seen.len(),
+                nodes.len(),
+                if inv.is_some() {
+                    " (not in the inventory)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    Ok(())
+}

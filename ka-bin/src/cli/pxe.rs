@@ -1,0 +1,141 @@
+//! `ka pxe`: set and show per-node boot modes (the successor of
+//! `ka_pxe_step`), and print the boot configs they produce.
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+
+use super::ClusterArgs;
+use crate::boot::modes::{BootState, Mode};
+use crate::boot::render;
+use crate::boot::Inventory;
+
+/// Arguments of `ka pxe`.
+#[derive(Debug, Args)]
+pub struct PxeArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    #[command(subcommand)]
+    command: PxeCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum PxeCommand {
+    /// Set the boot mode of nodes; it applies at their next PXE boot.
+    ///
+    /// Nodes are names (node007), ranges (node[001-016]) or groups (@rack1).
+    /// An unknown name changes nothing.
+    Set {
+        /// install: join the clone session; local: boot the disk; shell: netboot to a shell.
+        #[arg(long, short = 'm', value_enum)]
+        mode: Mode,
+        /// Every node of the inventory.
+        #[arg(long, conflicts_with = "nodes")]
+        all: bool,
+        /// Nodes to set.
+        #[arg(value_name = "NODE", required_unless_present = "all")]
+        nodes: Vec<String>,
+    },
+    /// Show every node with its MAC, IP, mode and since when.
+    Show {
+        /// Print JSON (an array of objects) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the boot config a node gets now (what `ka tftp` serves it).
+    Render {
+        /// The node.
+        node: String,
+        /// Print its iPXE script instead of its pxelinux config.
+        #[arg(long)]
+        ipxe: bool,
+    },
+}
+
+/// Runs `ka pxe`.
+pub fn run(args: PxeArgs) -> Result<()> {
+    let inv = Inventory::load(&args.cluster.inventory)?;
+    let state = BootState::new(&args.cluster.state_dir);
+    match args.command {
+        PxeCommand::Set { mode, all, nodes } => {
+            let changed = state.set_modes(&inv, &nodes, all, mode)?;
+            let names: Vec<&str> = changed.iter().map(|n| n.name.as_str()).collect();
+            println!(
+                "{} node(s) now boot {mode}: {}",
+                names.len(),
+                names.join(" ")
+            );
+        }
+        PxeCommand::Show { json } => {
+            let modes = state.load()?;
+            let rows: Vec<[String; 5]> = inv
+                .nodes
+                .iter()
+                .map(|n| {
+                    let m = modes.get(&n.name);
+                    let since = match m.since {
+                        Some(t) => humantime::format_rfc3339_seconds(t).to_string(),
+                        None => "-".to_string(),
+                    };
+                    [
+                        n.name.clone(),
+                        n.mac.to_string(),
+                        n.ip.to_string(),
+                        m.mode.to_string(),
+                        since,
+                    ]
+                })
+                .collect();
+            if json {
+                let list: Vec<_> = rows
+                    .iter()
+                    .map(|[name, mac, ip, mode, since]| {
+                        serde_json::json!({
+                            "name": name, "mac": mac, "ip": ip, "mode": mode,
+                            "since": (since != "-").then_some(since),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_table(["NODE", "MAC", "IP", "MODE", "SINCE"], &rows);
+            }
+        }
+        PxeCommand::Render { node, ipxe } => {
+            let n = inv.node(&node).with_context(|| {
+                format!(
+                    "no node `{node}` in {}; run `ka pxe show`",
+                    inv.path.display()
+                )
+            })?;
+            let m = state.load()?.get(&n.name);
+            let text = if ipxe {
+                render::ipxe(&inv, Some(n), m)
+            } else {
+                render::pxelinux(&inv, Some(n), m)
+            };
+            print!("{text}");
+        }
+    }
+    Ok(())
+}
+
+fn print_table<const N: usize>(head: [&str; N], rows: &[[String; N]]) {
+    let mut width = head.map(str::len);
+    for row in rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: [&str; N]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(head);
+    for row in rows {
+        line(row.each_ref().map(String::as_str));
+    }
+}

@@ -1,0 +1,175 @@
+//! `ka tftp`: serve the TFTP root and the per-node boot configs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ka_net::tftp::{GeneratedFiles, TftpConfig, TftpServer};
+
+use super::ClusterArgs;
+use crate::boot::modes::{BootState, Modes};
+use crate::boot::render;
+use crate::boot::Inventory;
+
+/// Arguments of `ka tftp`.
+#[derive(Debug, Args)]
+pub struct TftpArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:69")]
+    listen: SocketAddr,
+    /// Directory to serve instead of the inventory's boot.tftp_root.
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Largest block size to grant (e.g. 1468 for networks that drop fragments).
+    #[arg(long, value_name = "BYTES")]
+    blksize_limit: Option<u16>,
+    /// Largest window size to grant.
+    #[arg(long, value_name = "BLOCKS")]
+    windowsize_limit: Option<u16>,
+}
+
+/// Renders boot configs from the inventory and the modes as of each request.
+///
+/// The modes file is read on every request (it is small), so `ka pxe set`
+/// takes effect at once. The inventory is re-read when its modification time
+/// changes; if the new version is broken, the last good one keeps serving
+/// and the error is logged.
+struct BootFiles {
+    state: BootState,
+    inventory: Mutex<(Option<FileVersion>, Arc<Inventory>)>,
+    last_modes: Mutex<Modes>,
+}
+
+impl BootFiles {
+    fn inventory(&self) -> Arc<Inventory> {
+        let mut cached = self.inventory.lock().expect("inventory lock");
+        let path = cached.1.path.clone();
+        let mtime = file_version(&path);
+        if mtime.is_some() && mtime != cached.0 {
+            match Inventory::load(&path) {
+                Ok(inv) => {
+                    tracing::info!(inventory = %path.display(), nodes = inv.nodes.len(), "inventory reloaded");
+                    *cached = (mtime, Arc::new(inv));
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "inventory changed but is invalid, still serving the previous one:\n{e}"
+                    );
+                    cached.0 = mtime;
+                }
+            }
+        }
+        cached.1.clone()
+    }
+
+    fn modes(&self) -> Modes {
+        let mut last = self.last_modes.lock().expect("modes lock");
+        match self.state.load() {
+            Ok(m) => *last = m,
+            Err(e) => tracing::error!("{e}; using the last modes read"),
+        }
+        last.clone()
+    }
+}
+
+impl GeneratedFiles for BootFiles {
+    fn generate(&self, path: &str, _client: SocketAddr) -> Option<Vec<u8>> {
+        render::generated_file(&self.inventory(), &self.modes(), path)
+    }
+}
+
+/// Names the boot files a node will ask for but the root lacks: a missing
+/// `ldlinux.c32` shows up only as a hung node on a serial console, so say it
+/// here, with where to get it.
+fn warn_about_missing_files(root: &std::path::Path, inv: &Inventory) {
+    let b = &inv.boot;
+    let mut wanted = vec![
+        (b.kernel.as_str(), "the ka netboot kernel"),
+        (b.initramfs.as_str(), "the ka netboot initramfs"),
+        (
+            b.bios_boot_file.as_str(),
+            "Debian pxelinux: /usr/lib/PXELINUX/pxelinux.0",
+        ),
+        (
+            "ldlinux.c32",
+            "Debian syslinux-common: /usr/lib/syslinux/modules/bios/ldlinux.c32",
+        ),
+        (
+            b.uefi_boot_file.as_str(),
+            "Debian ipxe: /usr/lib/ipxe/ipxe.efi",
+        ),
+    ];
+    if b.local_boot == crate::boot::inventory::LocalBoot::Chain {
+        for m in ["chain.c32", "libcom32.c32", "libutil.c32"] {
+            wanted.push((m, "Debian syslinux-common: /usr/lib/syslinux/modules/bios/, for local_boot = \"chain\""));
+        }
+    }
+    for (file, hint) in wanted {
+        if !root.join(file).is_file() {
+            tracing::warn!(
+                "{} is missing from the TFTP root ({hint})",
+                root.join(file).display()
+            );
+        }
+    }
+}
+
+/// An inventory file's modification time and size.
+type FileVersion = (SystemTime, u64);
+
+/// Modification time and size: the size catches an edit within the
+/// timestamp granularity of coarse file systems.
+fn file_version(path: &std::path::Path) -> Option<FileVersion> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Runs `ka tftp` until interrupted.
+pub fn run(args: TftpArgs) -> Result<()> {
+    let inv = Inventory::load(&args.cluster.inventory)?;
+    let mtime = file_version(&inv.path);
+    let root = args
+        .root
+        .clone()
+        .unwrap_or_else(|| inv.boot.tftp_root.clone());
+    let state = BootState::new(&args.cluster.state_dir);
+    let modes = state.load()?;
+    let nodes = inv.nodes.len();
+    let files = Arc::new(BootFiles {
+        state,
+        inventory: Mutex::new((mtime, Arc::new(inv))),
+        last_modes: Mutex::new(modes),
+    });
+    warn_about_missing_files(&root, &files.inventory());
+    let mut config = TftpConfig::new(args.listen, &root);
+    config.block_size_limit = args.blksize_limit;
+    config.window_size_limit = args.windowsize_limit;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let server = TftpServer::bind(config, files).await?;
+        // Tests and scripts that pass port 0 read the real address here.
+        println!(
+            "ka tftp: serving {} and boot configs for {nodes} nodes on {}",
+            root.display(),
+            server.local_addr()
+        );
+        use std::io::Write;
+        std::io::stdout().flush().ok();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = server.serve() => r?,
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted, stopping"),
+            _ = term.recv() => tracing::info!("terminated, stopping"),
+        }
+        Ok(())
+    })
+}
