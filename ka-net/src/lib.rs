@@ -1,5 +1,4 @@
 //! ka-net: the tokio shell and data plane of ka.
-<<<<<<< HEAD
 //!
 //! # The data plane
 //!
@@ -97,6 +96,7 @@ pub mod relay;
 pub mod sink;
 pub mod shell;
 pub mod source;
+pub mod tftp;
 
 pub use digest::{
     digest_source, rehash_written, verify_readback, ImageDigest, ImageHasher, SessionKey, BLOCK,
@@ -196,8 +196,3 @@ impl Error {
         }
     }
 }
-=======
-#![warn(missing_docs)]
-
-pub mod tftp;
->>>>>>> boot
