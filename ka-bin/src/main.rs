@@ -16,6 +16,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve an image to a session of nodes (the source; the original ka-d-server).
+    Serve(cli::clone::ServeArgs),
+    /// Join a session and write its image to a target (a node; the original ka-d-client).
+    Join(cli::clone::JoinArgs),
+    /// Start a waiting session now with the nodes present (the original -g).
+    Go(cli::clone::GoArgs),
+    /// Clone a generated image onto local nodes, verify every copy, print the report.
+    Demo(cli::clone::DemoArgs),
     /// Per-node boot modes: install, local, shell (the successor of ka_pxe_step).
     Pxe(cli::pxe::PxeArgs),
     /// Serve PXE files and per-node boot configs over TFTP.
@@ -38,15 +46,19 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Pxe(args) => cli::pxe::run(args),
-        Command::Tftp(args) => cli::tftp::run(args),
-        Command::Dhcp(args) => cli::dhcp::run(args),
+        Command::Serve(args) => cli::clone::serve(args),
+        Command::Join(args) => cli::clone::join(args),
+        Command::Go(args) => cli::clone::go(args),
+        Command::Demo(args) => cli::clone::demo(args),
+        Command::Pxe(args) => cli::pxe::run(args).map(|()| 0),
+        Command::Tftp(args) => cli::tftp::run(args).map(|()| 0),
+        Command::Dhcp(args) => cli::dhcp::run(args).map(|()| 0),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("ka: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(cli::clone::EXIT_COULD_NOT_RUN)
         }
     }
 }

@@ -456,7 +456,7 @@ fn main() {
                     assert_eq!(d, want, "{scenario}: digests differ");
                 }
             }
-            if best[i].map_or(true, |b| wall < b.0) {
+            if best[i].is_none_or(|b| wall < b.0) {
                 best[i] = Some((wall, cpu, node_cpu, rss));
             }
         }

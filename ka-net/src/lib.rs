@@ -93,8 +93,8 @@ pub mod blockdev;
 pub mod digest;
 pub mod process;
 pub mod relay;
-pub mod sink;
 pub mod shell;
+pub mod sink;
 pub mod source;
 pub mod tftp;
 

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+pub mod clone;
 pub mod dhcp;
 pub mod pxe;
 pub mod tftp;

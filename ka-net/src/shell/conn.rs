@@ -60,9 +60,9 @@ pub enum Command {
     /// Close the connection (after the frames already queued).
     Close,
     /// Turn into a data connection that serves records.
-    Serve(ServeJob),
+    Serve(Box<ServeJob>),
     /// Turn into a data connection that receives records.
-    Receive(ReceiveJob),
+    Receive(Box<ReceiveJob>),
 }
 
 /// What a connection task tells the driver.
@@ -146,7 +146,7 @@ async fn run(
                 Some(Command::Serve(job)) => {
                     let mut stream = framed.into_parts().io;
                     tokio::select! {
-                        result = serve(&mut stream, job) => {
+                        result = serve(&mut stream, *job) => {
                             let _ = events.send(Event::Served { conn, result });
                             // Let the downstream read to the end; it closes first.
                             let mut sink = [0u8; 64];
@@ -158,7 +158,7 @@ async fn run(
                 }
                 Some(Command::Receive(job)) => {
                     let parts = framed.into_parts();
-                    receive(conn, parts.read_buf.freeze(), parts.io, job, &mut commands, &events).await;
+                    receive(conn, parts.read_buf.freeze(), parts.io, *job, &mut commands, &events).await;
                     return;
                 }
             },
@@ -177,7 +177,12 @@ async fn closed(commands: &mut mpsc::UnboundedReceiver<Command>) {
 }
 
 async fn serve(stream: &mut TcpStream, job: ServeJob) -> Result<Option<ImageDigest>, Error> {
-    let ServeJob { mut from, path, mut written, mut hasher } = job;
+    let ServeJob {
+        mut from,
+        path,
+        mut written,
+        mut hasher,
+    } = job;
     loop {
         let w = *written.borrow_and_update();
         if w.size.is_some() || w.upto > from {
@@ -192,7 +197,9 @@ async fn serve(stream: &mut TcpStream, job: ServeJob) -> Result<Option<ImageDige
             }
             from = end.size;
         } else if written.changed().await.is_err() {
-            return Err(Error::Invalid("the node stopped writing before the image was complete".into()));
+            return Err(Error::Invalid(
+                "the node stopped writing before the image was complete".into(),
+            ));
         }
     }
 }
@@ -205,7 +212,10 @@ async fn receive(
     commands: &mut mpsc::UnboundedReceiver<Command>,
     events: &mpsc::UnboundedSender<Event>,
 ) {
-    let ReceiveJob { mut writer, written } = job;
+    let ReceiveJob {
+        mut writer,
+        written,
+    } = job;
     // Records may already sit in the frame reader's buffer: read them first.
     let mut upstream = (&leftover[..]).chain(stream);
     let mut reported = writer.written();
@@ -222,7 +232,14 @@ async fn receive(
         _ = closed(commands) => Err(Error::Invalid("the data connection was closed by this node".into())),
     };
     if let Ok(end) = &result {
-        written.send_replace(Written { upto: end.size, size: Some(end.size) });
+        written.send_replace(Written {
+            upto: end.size,
+            size: Some(end.size),
+        });
     }
-    let _ = events.send(Event::Received { conn, writer, result });
+    let _ = events.send(Event::Received {
+        conn,
+        writer,
+        result,
+    });
 }

@@ -33,6 +33,9 @@ pub struct NodeOptions {
     pub key: SessionKey,
     /// Where to listen for downstreams (the port is chosen by the system).
     pub listen_ip: IpAddr,
+    /// How long to keep looking for the source before giving up: nodes often
+    /// boot before the source is started.
+    pub wait: Duration,
 }
 
 /// How a node's session ended.
@@ -47,22 +50,34 @@ pub struct NodeOutcome {
 }
 
 enum Internal {
-    Connected { conn: ConnId, stream: TcpStream, to_source: bool },
-    ConnectFailed { to_source: bool, reason: String },
+    Connected {
+        conn: ConnId,
+        stream: TcpStream,
+        to_source: bool,
+    },
+    ConnectFailed {
+        to_source: bool,
+        reason: String,
+    },
     ReadBack(Result<Digest, String>),
 }
 
 /// Joins the session at `opts.server` and runs until released, refused or
 /// failed. `on_event` sees every event, for the console.
-pub async fn run_node(mut opts: NodeOptions, mut on_event: impl FnMut(&Node, &NodeEvent)) -> Result<NodeOutcome, Error> {
+pub async fn run_node(
+    mut opts: NodeOptions,
+    mut on_event: impl FnMut(&Node, &NodeEvent),
+) -> Result<NodeOutcome, Error> {
     let clock = Clock::start();
     let listener = TcpListener::bind(SocketAddr::new(opts.listen_ip, 0))
         .await
         .map_err(|e| Error::io("listening for downstream nodes", e))?;
-    let port = listener.local_addr().map_err(|e| Error::io("reading the listen address", e))?.port();
+    let port = listener
+        .local_addr()
+        .map_err(|e| Error::io("reading the listen address", e))?
+        .port();
     opts.config.data_addr = SocketAddr::new(route_to(opts.server, opts.listen_ip), port);
     let key = opts.key.clone();
-    let readback = opts.config.verify_readback;
     let mut node = Node::new(clock.now(), opts.config, Box::new(key.clone()), 0);
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
     let (internal_tx, mut internal) = mpsc::unbounded_channel::<Internal>();
@@ -86,10 +101,16 @@ pub async fn run_node(mut opts: NodeOptions, mut on_event: impl FnMut(&Node, &No
         }
         while let Some(action) = node.poll_action() {
             match action {
-                NodeAction::ConnectSource => connect(next_id(&mut next_conn), opts.server, true, &internal_tx),
+                NodeAction::ConnectSource => {
+                    connect(next_id(&mut next_conn), opts.server, true, &internal_tx)
+                }
                 NodeAction::ConnectUpstream { addr, .. } => {
                     // The source's data port is the address we reached it at.
-                    let addr = if node.upstream().is_some_and(|u| u.node.is_none()) { opts.server } else { addr };
+                    let addr = if node.upstream().is_some_and(|u| u.node.is_none()) {
+                        opts.server
+                    } else {
+                        addr
+                    };
                     connect(next_id(&mut next_conn), addr, false, &internal_tx);
                 }
                 NodeAction::Receive { conn, from } => {
@@ -100,23 +121,38 @@ pub async fn run_node(mut opts: NodeOptions, mut on_event: impl FnMut(&Node, &No
                     match w {
                         Ok(w) if w.position() == from => {
                             if let Some(tx) = conns.get(&conn) {
-                                let _ = tx.send(Command::Receive(ReceiveJob { writer: w, written: written_tx.clone() }));
+                                let _ = tx.send(Command::Receive(Box::new(ReceiveJob {
+                                    writer: w,
+                                    written: written_tx.clone(),
+                                })));
                             } else {
                                 writer = Some(w);
                             }
                         }
                         Ok(w) => {
-                            let reason = format!("upstream offered offset {from}, the target is at {}", w.position());
+                            let reason = format!(
+                                "upstream offered offset {from}, the target is at {}",
+                                w.position()
+                            );
                             writer = Some(w);
                             node.handle_sink_error(clock.now(), reason);
                         }
                         Err(e) => node.handle_sink_error(clock.now(), e.to_string()),
                     }
                 }
-                NodeAction::Serve { conn, node: _, from } => {
+                NodeAction::Serve {
+                    conn,
+                    node: _,
+                    from,
+                } => {
                     if let Some(tx) = conns.get(&conn) {
-                        let job = ServeJob { from, path: opts.target.clone(), written: written_rx.clone(), hasher: None };
-                        let _ = tx.send(Command::Serve(job));
+                        let job = ServeJob {
+                            from,
+                            path: opts.target.clone(),
+                            written: written_rx.clone(),
+                            hasher: None,
+                        };
+                        let _ = tx.send(Command::Serve(Box::new(job)));
                     }
                 }
                 NodeAction::Close { conn } => {
@@ -126,7 +162,10 @@ pub async fn run_node(mut opts: NodeOptions, mut on_event: impl FnMut(&Node, &No
                 }
                 NodeAction::ReadBack => {
                     let Some(w) = writer.take() else {
-                        node.handle_sink_error(clock.now(), "read-back requested while the target is busy".into());
+                        node.handle_sink_error(
+                            clock.now(),
+                            "read-back requested while the target is busy".into(),
+                        );
                         continue;
                     };
                     let (key, tx, expected) = (key.clone(), internal_tx.clone(), expected);
@@ -134,7 +173,8 @@ pub async fn run_node(mut opts: NodeOptions, mut on_event: impl FnMut(&Node, &No
                         let result = match w.into_parts().await {
                             Err(e) => Err(e.to_string()),
                             Ok((sink, _)) => tokio::task::spawn_blocking(move || {
-                                let expected = crate::digest::ImageDigest(expected.unwrap_or_default().0);
+                                let expected =
+                                    crate::digest::ImageDigest(expected.unwrap_or_default().0);
                                 match verify_readback(sink.as_ref(), &key, &expected) {
                                     Ok(d) => Ok(Digest(d.0)),
                                     Err(Error::DigestMismatch { got, .. }) => Ok(Digest(got.0)),
@@ -148,9 +188,26 @@ pub async fn run_node(mut opts: NodeOptions, mut on_event: impl FnMut(&Node, &No
                     });
                 }
                 NodeAction::Exit { ok, reason } => {
-                    break 'session NodeOutcome { ok, reason, written: written_rx.borrow().upto };
+                    break 'session NodeOutcome {
+                        ok,
+                        reason,
+                        written: written_rx.borrow().upto,
+                    };
                 }
             }
+        }
+        if node.id().is_none()
+            && clock.now().saturating_since(ka_core::time::Time::ZERO) > opts.wait
+        {
+            let reason = format!(
+                "no source answered at {} within {:?}: is `ka serve` running there?",
+                opts.server, opts.wait
+            );
+            break 'session NodeOutcome {
+                ok: false,
+                reason,
+                written: 0,
+            };
         }
         let deadline = node.poll_timeout().map(|(t, _)| clock.instant(t));
         tokio::select! {
@@ -208,9 +265,6 @@ pub async fn run_node(mut opts: NodeOptions, mut on_event: impl FnMut(&Node, &No
                             }
                             Err(e) => node.handle_sink_error(now, e.to_string()),
                         }
-                        if readback && node.phase() == &ka_core::node::Phase::AwaitingReadback {
-                            // The read-back action was issued while the writer was lent.
-                        }
                     }
                     Event::Served { conn, result } => {
                         if let Err(e) = result {
@@ -237,7 +291,11 @@ fn next_id(counter: &mut u64) -> ConnId {
     ConnId(*counter)
 }
 
-fn open_writer(target: &std::path::Path, size: Option<u64>, key: &SessionKey) -> Result<NodeWriter, Error> {
+fn open_writer(
+    target: &std::path::Path,
+    size: Option<u64>,
+    key: &SessionKey,
+) -> Result<NodeWriter, Error> {
     let sink = open_sink(&SinkSpec::File(target.to_path_buf()), size)?;
     NodeWriter::new(sink, ImageHasher::new(key))
 }
@@ -246,7 +304,10 @@ fn open_writer(target: &std::path::Path, size: Option<u64>, key: &SessionKey) ->
 /// than our own disk: the cure is another upstream, not giving up.
 fn is_upstream_fault(e: &Error) -> bool {
     match e {
-        Error::UpstreamClosed { .. } | Error::Record { .. } | Error::Truncated { .. } | Error::Invalid(_) => true,
+        Error::UpstreamClosed { .. }
+        | Error::Record { .. }
+        | Error::Truncated { .. }
+        | Error::Invalid(_) => true,
         Error::Io { context, .. } => context.contains("upstream"),
         _ => false,
     }
@@ -255,10 +316,21 @@ fn is_upstream_fault(e: &Error) -> bool {
 fn connect(conn: ConnId, addr: SocketAddr, to_source: bool, tx: &mpsc::UnboundedSender<Internal>) {
     let tx = tx.clone();
     tokio::spawn(async move {
-        let msg = match tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => Internal::Connected { conn, stream, to_source },
-            Ok(Err(e)) => Internal::ConnectFailed { to_source, reason: format!("{addr}: {e}") },
-            Err(_) => Internal::ConnectFailed { to_source, reason: format!("{addr}: no answer within 3 s") },
+        let msg = match tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr)).await
+        {
+            Ok(Ok(stream)) => Internal::Connected {
+                conn,
+                stream,
+                to_source,
+            },
+            Ok(Err(e)) => Internal::ConnectFailed {
+                to_source,
+                reason: format!("{addr}: {e}"),
+            },
+            Err(_) => Internal::ConnectFailed {
+                to_source,
+                reason: format!("{addr}: no answer within 3 s"),
+            },
         };
         let _ = tx.send(msg);
     });
@@ -278,7 +350,11 @@ fn route_to(server: SocketAddr, listen_ip: IpAddr) -> IpAddr {
     if !listen_ip.is_unspecified() {
         return listen_ip;
     }
-    let bind: SocketAddr = if server.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let bind: SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
     std::net::UdpSocket::bind(bind)
         .and_then(|s| s.connect(server).and_then(|_| s.local_addr()))
         .map(|a| a.ip())

@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use ka_core::codec::{Digest, Message};
 use ka_core::config::SourceConfig;
 use ka_core::ids::ConnId;
-use ka_core::source::{NodeReport, Source, SourceAction, SourceEvent, SourceState};
+use ka_core::source::{NodeReport, Source, SourceAction, SourceEvent};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
@@ -45,26 +45,40 @@ pub struct SourceReport {
     pub aborted: Option<String>,
 }
 
+/// How often the display is refreshed between events.
+const REFRESH: Duration = Duration::from_millis(200);
+
 /// Runs a session on `listener` until it finishes or aborts. `go` starts it
-/// early with the nodes present (the original `-g`); `on_event` sees every
-/// event with the machine, for the display.
+/// early with the nodes present (the original `-g`); `display` sees every
+/// event with the machine (`Some`), and the machine alone every
+/// [`REFRESH`] or so (`None`), for live progress.
 pub async fn run_source(
     mut opts: SourceOptions,
     listener: TcpListener,
     mut go: mpsc::UnboundedReceiver<()>,
-    mut on_event: impl FnMut(&Source, &SourceEvent),
+    mut display: impl FnMut(&Source, Option<&SourceEvent>),
 ) -> Result<SourceReport, Error> {
     let clock = Clock::start();
     let size = open_source(&SourceSpec::File(opts.image.clone()))?
         .size()
-        .ok_or_else(|| Error::Invalid(format!("{}: the image size is unknown", opts.image.display())))?;
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: the image size is unknown",
+                opts.image.display()
+            ))
+        })?;
     opts.config.image_size = Some(size);
     opts.config.seekable = true;
-    opts.config.data_addr = listener.local_addr().map_err(|e| Error::io("reading the listen address", e))?;
+    opts.config.data_addr = listener
+        .local_addr()
+        .map_err(|e| Error::io("reading the listen address", e))?;
     let key = opts.key.clone();
     let mut source = Source::new(clock.now(), opts.config, Box::new(key.clone()));
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
-    let (_image_written, image_watch) = watch::channel(Written { upto: size, size: Some(size) });
+    let (_image_written, image_watch) = watch::channel(Written {
+        upto: size,
+        size: Some(size),
+    });
     let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Command>> = HashMap::new();
     let mut tasks = Vec::new();
     let mut next_conn = 0u64;
@@ -73,6 +87,7 @@ pub async fn run_source(
     let (digest_tx, mut digest_rx) = mpsc::unbounded_channel::<Result<Digest, Error>>();
     let mut started_at = None;
     let mut go_open = true;
+    let mut refreshed = clock.now();
     let aborted = loop {
         while let Some((c, m)) = source.poll_transmit() {
             if let Some(tx) = conns.get(&c) {
@@ -82,15 +97,24 @@ pub async fn run_source(
         while let Some(action) = source.poll_action() {
             match action {
                 SourceAction::StartReading => started_at = Some(clock.now()),
-                SourceAction::Serve { conn, node: _, from } => {
+                SourceAction::Serve {
+                    conn,
+                    node: _,
+                    from,
+                } => {
                     // The first full pass from offset 0 also computes the digest.
                     let hasher = (from == 0 && digest.is_none() && hashing.is_none()).then(|| {
                         hashing = Some(conn);
                         ImageHasher::new(&key)
                     });
                     if let Some(tx) = conns.get(&conn) {
-                        let job = ServeJob { from, path: opts.image.clone(), written: image_watch.clone(), hasher };
-                        let _ = tx.send(Command::Serve(job));
+                        let job = ServeJob {
+                            from,
+                            path: opts.image.clone(),
+                            written: image_watch.clone(),
+                            hasher,
+                        };
+                        let _ = tx.send(Command::Serve(Box::new(job)));
                     }
                 }
                 SourceAction::Close { conn } => {
@@ -102,8 +126,12 @@ pub async fn run_source(
             }
         }
         let mut done = None;
+        if clock.now().saturating_since(refreshed) >= REFRESH {
+            refreshed = clock.now();
+            display(&source, None);
+        }
         while let Some(ev) = source.poll_event() {
-            on_event(&source, &ev);
+            display(&source, Some(&ev));
             match ev {
                 SourceEvent::Finished { .. } => done = Some(None),
                 SourceEvent::Aborted { reason } => done = Some(Some(reason)),
@@ -175,8 +203,12 @@ pub async fn run_source(
         let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
     }
     let streaming = started_at.map_or(Duration::ZERO, |t| clock.now().saturating_since(t));
-    let _ = source.state() == SourceState::Finished;
-    Ok(SourceReport { nodes: source.report(), size, streaming, aborted })
+    Ok(SourceReport {
+        nodes: source.report(),
+        size,
+        streaming,
+        aborted,
+    })
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -188,7 +220,11 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// Tells the source at `server` to start now with the nodes present; returns
 /// whether this started the stream and how many nodes it has.
-pub async fn go(server: SocketAddr, session: &str, key: &SessionKey) -> Result<(bool, u32), String> {
+pub async fn go(
+    server: SocketAddr,
+    session: &str,
+    key: &SessionKey,
+) -> Result<(bool, u32), String> {
     let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(server))
         .await
         .map_err(|_| format!("no answer from {server} within 5 s"))?
@@ -199,7 +235,10 @@ pub async fn go(server: SocketAddr, session: &str, key: &SessionKey) -> Result<(
     };
     let proof = ka_core::auth::go_proof(key, &nonce, session);
     framed
-        .send(Message::Go { session: session.to_string(), proof })
+        .send(Message::Go {
+            session: session.to_string(),
+            proof,
+        })
         .await
         .map_err(|e| format!("sending go: {e}"))?;
     match next_frame(&mut framed).await? {

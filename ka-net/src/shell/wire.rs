@@ -13,7 +13,8 @@ impl Decoder for MessageCodec {
     type Error = std::io::Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Message>, std::io::Error> {
-        Message::decode(src).map_err(|e: DecodeError| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        Message::decode(src)
+            .map_err(|e: DecodeError| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 }
 
