@@ -59,11 +59,17 @@ pub fn run(args: PxeArgs) -> Result<()> {
         PxeCommand::Set { mode, all, nodes } => {
             let changed = state.set_modes(&inv, &nodes, all, mode)?;
             let names: Vec<&str> = changed.iter().map(|n| n.name.as_str()).collect();
-            println!(
-                "{} node(s) now boot {mode}: {}",
-                names.len(),
+            // A whole cluster's names would bury the answer; `ka pxe show` lists them.
+            let shown = if names.len() > 16 {
+                format!(
+                    "{} … {} (see `ka pxe show`)",
+                    names[..8].join(" "),
+                    names[names.len() - 1]
+                )
+            } else {
                 names.join(" ")
-            );
+            };
+            println!("{} node(s) now boot {mode}: {shown}", names.len());
         }
         PxeCommand::Show { json } => {
             let modes = state.load()?;
