@@ -210,9 +210,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
                     args.listen
                 )
             })?;
+        let bound = listener.local_addr().unwrap_or(args.listen);
         eprintln!(
-            "ka: session {:?} waiting for {} nodes on {}",
-            args.session, args.nodes, args.listen
+            "ka: session {:?} waiting for {} nodes on {bound}",
+            args.session, args.nodes
         );
         let (_go, go_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut display = Display::new(args.json);

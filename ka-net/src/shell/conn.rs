@@ -152,7 +152,12 @@ async fn run(
                             let mut sink = [0u8; 64];
                             let _ = tokio::time::timeout(std::time::Duration::from_secs(30), stream.read(&mut sink)).await;
                         }
-                        _ = closed(&mut commands) => {}
+                        _ = closed(&mut commands) => {
+                            // The driver must still hear that this job ended:
+                            // it may have been the one computing the digest.
+                            let stopped = Error::Invalid("the data connection was closed by its server".into());
+                            let _ = events.send(Event::Served { conn, result: Err(stopped) });
+                        }
                     }
                     return;
                 }

@@ -56,6 +56,7 @@ enum Internal {
         to_source: bool,
     },
     ConnectFailed {
+        conn: ConnId,
         to_source: bool,
         reason: String,
     },
@@ -87,6 +88,9 @@ pub async fn run_node(
     let mut next_conn = 0u64;
     let mut writer: Option<NodeWriter> = None;
     let mut expected: Option<Digest> = None;
+    // Only the latest attempt to reach an upstream counts: the topology may
+    // have moved on while an older one was connecting.
+    let mut upstream_attempt: Option<ConnId> = None;
     let outcome = 'session: loop {
         while let Some((c, m)) = node.poll_transmit() {
             if let ka_core::codec::Message::ImageDone { digest, .. } = &m {
@@ -100,6 +104,13 @@ pub async fn run_node(
             on_event(&node, &ev);
         }
         while let Some(action) = node.poll_action() {
+            // An action handler may feed the machine (a sink that fails to
+            // open): whatever it transmits goes out before a close or exit.
+            while let Some((c, m)) = node.poll_transmit() {
+                if let Some(tx) = conns.get(&c) {
+                    let _ = tx.send(Command::Send(m));
+                }
+            }
             match action {
                 NodeAction::ConnectSource => {
                     connect(next_id(&mut next_conn), opts.server, true, &internal_tx)
@@ -111,7 +122,9 @@ pub async fn run_node(
                     } else {
                         addr
                     };
-                    connect(next_id(&mut next_conn), addr, false, &internal_tx);
+                    let id = next_id(&mut next_conn);
+                    upstream_attempt = Some(id);
+                    connect(id, addr, false, &internal_tx);
                 }
                 NodeAction::Receive { conn, from } => {
                     let w = match writer.take() {
@@ -223,6 +236,8 @@ pub async fn run_node(
             Some(msg) = internal.recv() => {
                 let now = clock.now();
                 match msg {
+                    Internal::Connected { conn, .. } | Internal::ConnectFailed { conn, .. }
+                        if !is_source_attempt(&msg) && upstream_attempt != Some(conn) => {}
                     Internal::Connected { conn, stream, to_source } => {
                         let (tx, handle) = conn::spawn(conn, stream, events_tx.clone());
                         conns.insert(conn, tx);
@@ -233,7 +248,7 @@ pub async fn run_node(
                             node.handle_upstream_connected(now, conn);
                         }
                     }
-                    Internal::ConnectFailed { to_source, reason } => node.handle_connect_failed(now, to_source, reason),
+                    Internal::ConnectFailed { to_source, reason, .. } => node.handle_connect_failed(now, to_source, reason),
                     Internal::ReadBack(Ok(d)) => node.handle_readback(now, d),
                     Internal::ReadBack(Err(e)) => node.handle_sink_error(now, format!("reading the target back: {e}")),
                 }
@@ -286,6 +301,19 @@ pub async fn run_node(
     Ok(outcome)
 }
 
+fn is_source_attempt(msg: &Internal) -> bool {
+    matches!(
+        msg,
+        Internal::Connected {
+            to_source: true,
+            ..
+        } | Internal::ConnectFailed {
+            to_source: true,
+            ..
+        }
+    )
+}
+
 fn next_id(counter: &mut u64) -> ConnId {
     *counter += 1;
     ConnId(*counter)
@@ -324,10 +352,12 @@ fn connect(conn: ConnId, addr: SocketAddr, to_source: bool, tx: &mpsc::Unbounded
                 to_source,
             },
             Ok(Err(e)) => Internal::ConnectFailed {
+                conn,
                 to_source,
                 reason: format!("{addr}: {e}"),
             },
             Err(_) => Internal::ConnectFailed {
+                conn,
                 to_source,
                 reason: format!("{addr}: no answer within 3 s"),
             },

@@ -1,0 +1,430 @@
+//! Real cloning with real processes on loopback: `ka serve` and `ka join`
+//! as separate processes, checked by what lands on disk and by the reports.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ka_tests::{ka_bin, pseudo_random, require_tool, wait_timeout, ChildGuard};
+
+/// A ka process whose output goes to a file in the test's directory.
+struct Proc {
+    guard: ChildGuard,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Proc {
+    fn start(dir: &Path, label: &str, args: &[&str]) -> Proc {
+        let out = dir.join(format!("{label}.out"));
+        let err = dir.join(format!("{label}.err"));
+        let child = Command::new(ka_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).unwrap())
+            .stderr(File::create(&err).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting ka {args:?}: {e}"));
+        Proc {
+            guard: ChildGuard {
+                child,
+                what: label.into(),
+            },
+            out,
+            err,
+        }
+    }
+
+    /// Waits (bounded) and returns (exit code, stdout, stderr).
+    fn finish(mut self, timeout: Duration) -> (i32, String, String) {
+        let status = wait_timeout(&mut self.guard.child, timeout).unwrap_or_else(|| {
+            panic!(
+                "{} did not finish within {timeout:?}:\n{}\n{}",
+                self.guard.what,
+                read(&self.out),
+                read(&self.err)
+            )
+        });
+        (
+            status.code().unwrap_or(-1),
+            read(&self.out),
+            read(&self.err),
+        )
+    }
+}
+
+fn read(p: &Path) -> String {
+    let mut s = String::new();
+    File::open(p)
+        .and_then(|mut f| f.read_to_string(&mut s))
+        .ok();
+    s
+}
+
+struct Session {
+    dir: tempfile::TempDir,
+    port: std::cell::Cell<u16>,
+    secret: PathBuf,
+    image: PathBuf,
+}
+
+impl Session {
+    /// A session directory with a secret and a sparse image of `size` bytes:
+    /// random data, written zeros and never-written holes.
+    fn new(size: u64) -> Session {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        // A secret of its own, so tests running side by side never mix.
+        let bytes = pseudo_random(
+            32,
+            size ^ u64::from(std::process::id()) ^ dir.path().as_os_str().len() as u64,
+        );
+        std::fs::write(
+            &secret,
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        )
+        .unwrap();
+        let image = dir.path().join("image.img");
+        let f = File::create(&image).unwrap();
+        f.set_len(size).unwrap();
+        let block = 1 << 20;
+        let mut off = 0u64;
+        let mut i = 0u64;
+        while off < size {
+            match i % 4 {
+                0 | 1 => f.write_all_at(&pseudo_random(block, i), off).unwrap(),
+                2 => f.write_all_at(&vec![0u8; block], off).unwrap(),
+                _ => {} // a hole
+            }
+            off += block as u64;
+            i += 1;
+        }
+        Session {
+            dir,
+            port: std::cell::Cell::new(0),
+            secret,
+            image,
+        }
+    }
+
+    fn server(&self) -> String {
+        format!("127.0.0.1:{}", self.port.get())
+    }
+
+    /// Starts `ka serve` on a port the kernel picks and learns it from its
+    /// first line, so parallel tests never race for a port.
+    fn serve(&self, nodes: u32, extra: &[&str]) -> Proc {
+        let listen = "127.0.0.1:0".to_string();
+        let n = nodes.to_string();
+        let mut args = vec![
+            "serve",
+            "--nodes",
+            &n,
+            "--listen",
+            &listen,
+            "--secret-file",
+            self.secret.to_str().unwrap(),
+            "--image",
+            self.image.to_str().unwrap(),
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let p = Proc::start(self.dir.path(), "serve", &args);
+        for _ in 0..500 {
+            let text = read(&p.err);
+            if let Some(port) = text
+                .lines()
+                .find_map(|l| l.split("nodes on 127.0.0.1:").nth(1))
+            {
+                self.port.set(port.trim().parse().expect("a port number"));
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "ka serve did not start listening within 10 s: {}",
+            read(&p.err)
+        );
+    }
+
+    fn join(&self, name: &str, target: &Path, extra: &[&str]) -> Proc {
+        let server = self.server();
+        let mut args = vec![
+            "join",
+            "--server",
+            &server,
+            "--secret-file",
+            self.secret.to_str().unwrap(),
+            "--target",
+            target.to_str().unwrap(),
+            "--name",
+            name,
+            "--wait",
+            "60s",
+        ];
+        args.extend_from_slice(extra);
+        Proc::start(self.dir.path(), name, &args)
+    }
+
+    fn target(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.img"))
+    }
+}
+
+fn same_content(a: &Path, b: &Path) -> bool {
+    let (mut fa, mut fb) = (File::open(a).unwrap(), File::open(b).unwrap());
+    if fa.metadata().unwrap().len() != fb.metadata().unwrap().len() {
+        return false;
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = fa.read(&mut ba).unwrap();
+        let mut got = 0;
+        while got < n {
+            let m = fb.read(&mut bb[got..n]).unwrap();
+            assert!(m > 0);
+            got += m;
+        }
+        if ba[..n] != bb[..n] {
+            return false;
+        }
+        if n == 0 {
+            return true;
+        }
+    }
+}
+
+/// The nodes' lines of the source's final JSON report: (name, ok, reason).
+fn report(stdout: &str) -> Vec<(String, bool, String)> {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("{\"report\""))
+        .unwrap_or_else(|| panic!("no report in:\n{stdout}"));
+    let mut out = Vec::new();
+    for node in line.split("{\"name\":").skip(1) {
+        let name = node.split('"').nth(1).unwrap().to_string();
+        let ok = node.contains("\"ok\":true");
+        let reason = node
+            .split("\"reason\":\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("")
+            .to_string();
+        out.push((name, ok, reason));
+    }
+    out
+}
+
+#[test]
+fn five_nodes_clone_a_sparse_image_identically() {
+    let s = Session::new(256 << 20);
+    let serve = s.serve(5, &[]);
+    let names = ["n1", "n2", "n3", "n4", "n5"];
+    let nodes: Vec<Proc> = names
+        .iter()
+        .map(|n| s.join(n, &s.target(n), &["--verify", "readback"]))
+        .collect();
+    let (code, out, err) = serve.finish(Duration::from_secs(180));
+    assert_eq!(code, 0, "serve failed:\n{out}\n{err}");
+    let rep = report(&out);
+    assert_eq!(rep.len(), 5, "{out}");
+    assert!(rep.iter().all(|(_, ok, _)| *ok), "{rep:?}");
+    for (n, p) in names.iter().zip(nodes) {
+        let (code, _, err) = p.finish(Duration::from_secs(30));
+        assert_eq!(code, 0, "{n}: {err}");
+        let t = s.target(n);
+        assert!(
+            same_content(&s.image, &t),
+            "{n}'s copy differs from the image"
+        );
+        // Zeros were never written: the copy is as sparse as the image's data.
+        let allocated = std::fs::metadata(&t).unwrap().blocks() * 512;
+        assert!(
+            allocated <= (256 << 20) / 2 + (8 << 20),
+            "{n}: {allocated} bytes allocated"
+        );
+    }
+}
+
+#[test]
+fn a_node_with_the_wrong_secret_is_refused_and_the_others_finish() {
+    let s = Session::new(32 << 20);
+    let serve = s.serve(2, &[]);
+    let wrong = s.dir.path().join("wrong-secret");
+    std::fs::write(&wrong, "cd".repeat(32)).unwrap();
+    assert_ne!(std::fs::read_to_string(&s.secret).unwrap(), "cd".repeat(32));
+    let server = s.server();
+    let intruder = Proc::start(
+        s.dir.path(),
+        "intruder",
+        &[
+            "join",
+            "--server",
+            &server,
+            "--secret-file",
+            wrong.to_str().unwrap(),
+            "--target",
+            s.target("intruder").to_str().unwrap(),
+            "--name",
+            "intruder",
+            "--wait",
+            "20s",
+        ],
+    );
+    let (code, _, err) = intruder.finish(Duration::from_secs(30));
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("secret"),
+        "the refusal should name the secret: {err}"
+    );
+    assert!(
+        !s.target("intruder").exists(),
+        "a refused node must not write anything"
+    );
+    let a = s.join("a", &s.target("a"), &[]);
+    let b = s.join("b", &s.target("b"), &[]);
+    let (code, out, err) = serve.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(report(&out).iter().all(|(n, ok, _)| *ok && n != "intruder"));
+    for p in [a, b] {
+        assert_eq!(p.finish(Duration::from_secs(30)).0, 0);
+    }
+    assert!(same_content(&s.image, &s.target("a")) && same_content(&s.image, &s.target("b")));
+}
+
+#[test]
+fn wrong_session_is_refused_with_the_reason() {
+    let s = Session::new(8 << 20);
+    let serve = s.serve(1, &[]);
+    let other = s.join("stray", &s.target("stray"), &["--session", "other"]);
+    let (code, _, err) = other.finish(Duration::from_secs(30));
+    assert_ne!(code, 0);
+    assert!(err.contains("session"), "{err}");
+    let ok = s.join("a", &s.target("a"), &[]);
+    assert_eq!(serve.finish(Duration::from_secs(60)).0, 0);
+    assert_eq!(ok.finish(Duration::from_secs(30)).0, 0);
+}
+
+#[test]
+fn go_starts_with_fewer_nodes() {
+    let s = Session::new(16 << 20);
+    let serve = s.serve(5, &[]);
+    let a = s.join("a", &s.target("a"), &[]);
+    let b = s.join("b", &s.target("b"), &[]);
+    // Say go once the source has admitted both.
+    let mut joined = false;
+    for _ in 0..1000 {
+        if read(&serve.out).matches("Joined {").count() >= 2 {
+            joined = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        joined,
+        "the nodes did not join within 20 s: {}",
+        read(&serve.err)
+    );
+    let server = s.server();
+    let out = ka_tests::run(
+        Command::new(ka_bin()).args([
+            "go",
+            "--server",
+            &server,
+            "--secret-file",
+            s.secret.to_str().unwrap(),
+        ]),
+        Duration::from_secs(20),
+    );
+    let started = String::from_utf8_lossy(&out.stdout).contains("started with 2 nodes");
+    assert!(
+        started,
+        "go: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, out, err) = serve.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(report(&out).len(), 2);
+    for p in [a, b] {
+        assert_eq!(p.finish(Duration::from_secs(30)).0, 0);
+    }
+}
+
+#[test]
+fn an_unwritable_target_fails_that_node_only() {
+    let s = Session::new(16 << 20);
+    let serve = s.serve(2, &[]);
+    let ro = s.dir.path().join("read-only");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::write(ro.join("x.img"), b"").unwrap();
+    // A directory where a file is expected: no process, root or not, can write it.
+    let bad = s.join("bad", &ro, &[]);
+    let good = s.join("good", &s.target("good"), &[]);
+    let (code, out, err) = serve.finish(Duration::from_secs(60));
+    assert_eq!(code, 1, "some nodes failed must exit 1:\n{out}\n{err}");
+    let rep = report(&out);
+    let bad_line = rep
+        .iter()
+        .find(|(n, _, _)| n == "bad")
+        .expect("bad is in the report");
+    assert!(!bad_line.1 && !bad_line.2.is_empty(), "{rep:?}");
+    assert!(rep.iter().any(|(n, ok, _)| n == "good" && *ok), "{rep:?}");
+    assert_ne!(bad.finish(Duration::from_secs(30)).0, 0);
+    assert_eq!(good.finish(Duration::from_secs(30)).0, 0);
+    assert!(same_content(&s.image, &s.target("good")));
+}
+
+#[test]
+fn a_block_device_too_small_is_refused_before_any_write() {
+    let losetup = require_tool("losetup", "util-linux");
+    let s = Session::new(64 << 20);
+    let backing = s.dir.path().join("small-disk");
+    let f = File::create(&backing).unwrap();
+    f.set_len(16 << 20).unwrap();
+    let out = Command::new(&losetup)
+        .args(["-f", "--show"])
+        .arg(&backing)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "losetup failed (this test needs root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    struct Detach(PathBuf, String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new(&self.0).args(["-d", &self.1]).status();
+        }
+    }
+    let _detach = Detach(losetup, dev.clone());
+    let serve = s.serve(2, &[]);
+    let small = s.join("small", Path::new(&dev), &[]);
+    let good = s.join("good", &s.target("good"), &[]);
+    let (small_code, _, small_err) = small.finish(Duration::from_secs(60));
+    assert_ne!(small_code, 0, "{small_err}");
+    assert_eq!(good.finish(Duration::from_secs(60)).0, 0);
+    let (code, out, err) = serve.finish(Duration::from_secs(60));
+    assert_eq!(code, 1, "{out}\n{err}");
+    let rep = report(&out);
+    let line = rep.iter().find(|(n, _, _)| n == "small").unwrap();
+    assert!(!line.1, "{rep:?}");
+    assert!(
+        line.2.contains("small") || line.2.contains("size") || line.2.contains("bytes"),
+        "reason should name the size: {}",
+        line.2
+    );
+    // Not one byte reached the device.
+    let mut head = vec![0u8; 1 << 20];
+    File::open(&dev).unwrap().read_exact(&mut head).unwrap();
+    assert!(
+        head.iter().all(|&b| b == 0),
+        "the refused device was written to"
+    );
+    let _ = std::io::stdout().flush();
+}
