@@ -1150,6 +1150,71 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn node_serves_a_late_downstream_from_its_own_disk() {
+        tokio::time::timeout(DEADLINE, async {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, img) = image(dir.path());
+            let size = Some(img.len() as u64);
+            // Node A has 9 MiB of the image so far (its upstream is slow).
+            let out_a = dir.path().join("a");
+            let mut sink_a = open_sink(&SinkSpec::File(out_a), size).unwrap();
+            let mut src = FileSource::open(&path).unwrap();
+            let mut buf = vec![0u8; BUF_SIZE];
+            while sink_a.position() < 9 << 20 {
+                let h = src.next_record(&mut buf).unwrap().unwrap();
+                match h.kind {
+                    RecordKind::Data => {
+                        sink_a.write_data(h.offset, &buf[..h.len as usize]).unwrap()
+                    }
+                    RecordKind::Zero => sink_a.write_zero(h.offset, h.len).unwrap(),
+                    RecordKind::End => unreachable!(),
+                }
+            }
+            let have = sink_a.position();
+            // Node B joined late with 2 MiB; A serves it from disk up to what A has.
+            let out_b = dir.path().join("b");
+            let mut sink_b = open_sink(&SinkSpec::File(out_b.clone()), size).unwrap();
+            let head = img[..2 << 20].to_vec();
+            sink_b.write_data(0, &head).unwrap();
+            let hasher_b = crate::digest::rehash_written(sink_b.as_ref(), &KEY).unwrap();
+            let mut w_b = NodeWriter::new(sink_b, hasher_b).unwrap();
+            let (mut up, mut down) = pair().await;
+            let mut from_disk = sink_a.readback().unwrap();
+            from_disk.seek(w_b.position()).unwrap();
+            let serve =
+                tokio::spawn(
+                    async move { send_image(from_disk, &mut up, None, |_| {}).await.unwrap() },
+                );
+            let err = relay(&mut down, &mut w_b, None, |_| {}).await.unwrap_err();
+            let served = serve.await.unwrap();
+            assert_eq!(served.size, have, "served exactly what A had written");
+            assert!(
+                matches!(err, Error::UpstreamClosed { at } if at == have),
+                "{err}"
+            );
+            // The rest comes from the source, live.
+            let (mut up, mut down) = pair().await;
+            let mut rest = open_source(&SourceSpec::File(path.clone())).unwrap();
+            rest.seek(have).unwrap();
+            let sender =
+                tokio::spawn(async move { send_image(rest, &mut up, None, |_| {}).await.unwrap() });
+            let end = relay(&mut down, &mut w_b, None, |_| {}).await.unwrap();
+            sender.await.unwrap();
+            assert!(std::fs::read(&out_b).unwrap() == img);
+            let mut whole = open_source(&SourceSpec::File(path)).unwrap();
+            let want = digest_source(
+                whole.as_mut(),
+                ImageHasher::new(&KEY),
+                &mut vec![0; BUF_SIZE],
+            )
+            .unwrap();
+            assert_eq!(end.digest, want);
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lost_downstream_does_not_stop_the_node() {
         tokio::time::timeout(DEADLINE, async {
             let dir = tempfile::tempdir().unwrap();
