@@ -239,7 +239,10 @@ impl NodeWriter {
             if let Some(b) = self.free.pop() {
                 return Ok(b);
             }
-            if self.allocated < DEPTH {
+            // With nothing in flight, every buffer not in `free` was lost
+            // with a cancelled relay future: allocate again rather than wait
+            // for a reply that will never come.
+            if self.allocated < DEPTH || self.in_flight == 0 {
                 self.allocated += 1;
                 return Ok(new_buf());
             }
@@ -1212,6 +1215,53 @@ mod tests {
         })
         .await
         .expect("test timed out");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relay_cancelled_mid_record_many_times_still_completes() {
+        tokio::time::timeout(DEADLINE, async {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, img) = image(dir.path());
+            let out = dir.path().join("node");
+            let sink = open_sink(&SinkSpec::File(out.clone()), Some(img.len() as u64)).unwrap();
+            let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
+            // More cancellations than there are buffers: a lost buffer must
+            // not leave the writer waiting forever.
+            for _ in 0..2 * DEPTH {
+                let (mut up, mut down) = pair().await;
+                let at = w.position();
+                let h = RecordHeader {
+                    kind: RecordKind::Data,
+                    offset: at,
+                    len: BLOCK,
+                };
+                let mut bytes = h.encode().to_vec();
+                bytes.extend_from_slice(&img[at as usize..at as usize + B / 2]);
+                up.write_all(&bytes).await.unwrap(); // half a record, then silence
+                let cut = tokio::time::timeout(
+                    Duration::from_millis(50),
+                    relay(&mut down, &mut w, None, |_| {}),
+                )
+                .await;
+                assert!(
+                    cut.is_err(),
+                    "relay should still be waiting for the rest of the record"
+                );
+                assert_eq!(w.position(), at, "nothing of the half record is taken");
+            }
+            let (mut up, mut down) = pair().await;
+            let mut source = open_source(&SourceSpec::File(path)).unwrap();
+            source.seek(w.position()).unwrap();
+            let sender =
+                tokio::spawn(
+                    async move { send_image(source, &mut up, None, |_| {}).await.unwrap() },
+                );
+            relay(&mut down, &mut w, None, |_| {}).await.unwrap();
+            sender.await.unwrap();
+            assert!(std::fs::read(&out).unwrap() == img);
+        })
+        .await
+        .expect("test timed out: a cancelled relay leaked the writer's buffers");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
