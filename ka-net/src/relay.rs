@@ -366,6 +366,10 @@ fn writer_thread(
 /// the relay carries on without it. On an error (the upstream closed or sent a
 /// bad record, or the sink failed) the writer has settled: everything before
 /// `writer.position()` is written, and a new relay may resume there.
+///
+/// Dropping the future (to relink) is safe for the writer, which keeps
+/// everything it was given and resumes at `writer.position()`, but not for
+/// the connections: either may be left mid-record, so close both.
 pub async fn relay<R>(
     upstream: &mut R,
     writer: &mut NodeWriter,
