@@ -324,6 +324,9 @@ impl CommandSink {
         command.stdin(Stdio::piped()).stdout(Stdio::null());
         let mut child = Supervised::spawn(command, label.clone())?;
         let stdin = child.child_mut().stdin.take();
+        if let Some(pipe) = &stdin {
+            crate::process::widen_pipe(pipe);
+        }
         Ok(CommandSink {
             stdin,
             child,

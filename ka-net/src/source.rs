@@ -595,6 +595,7 @@ impl CommandSource {
         command.stdin(Stdio::null()).stdout(Stdio::piped());
         let mut child = crate::process::Supervised::spawn(command, label)?;
         let stdout = child.child_mut().stdout.take().expect("stdout is piped");
+        crate::process::widen_pipe(&stdout);
         Ok(CommandSource {
             stream: StreamSource::new(stdout),
             child,
