@@ -369,6 +369,12 @@ fn hash_speeds(input: &Path) {
     );
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -411,6 +417,8 @@ fn main() {
             f.write_all_at(&buf, i * BUF as u64).unwrap();
         }
     }
+    // Other work on the machine skews wall-clock rates; say how much there was.
+    println!("load average at the start: {}", loadavg());
     hash_speeds(&input);
     let outs = [dir.path().join("out1"), dir.path().join("out2")];
     println!(
@@ -477,4 +485,5 @@ fn main() {
         "all outputs identical to the input; ka digest {}",
         ka_digest.unwrap_or_default()
     );
+    println!("load average at the end: {}", loadavg());
 }
