@@ -87,20 +87,22 @@
 //! `cargo run --release -p ka-net --example dataplane_bench` (1 GiB of
 //! random data on tmpfs, copied to tmpfs over loopback TCP, every process on
 //! the same 2-vCPU VM, best of 5 interleaved runs). The machine was shared
-//! with two other engineers' compilers (load average 4–5 on 2 cores during
-//! the run; BLAKE3 measured 1.2 GB/s instead of its 2.1–2.4 GB/s when
-//! quiet), so the MB/s column swings by ±50 % between runs; CPU seconds per
-//! GiB (user + system, all processes of the scenario) are the stable figure.
+//! with two other engineers' compilers (load average ~4 on 2 cores during
+//! the run; BLAKE3 measured 1.8 GB/s instead of the ~2.4 GB/s seen in quiet
+//! moments), so the MB/s column swings by tens of percent between runs (an
+//! earlier run under load 4.5–5 gave ka 1 hop 0.42 and 0.49 of plain); CPU
+//! seconds per GiB (user + system, all processes of the scenario) are the
+//! stable figure.
 //!
 //! ```text
 //! scenario                  MB/s   ratio  CPU s/GiB all  CPU s/GiB node  peak RSS
-//! plain (read/write loop)    897    1.00           1.88            1.16     5 MiB
-//! sendfile sender            687    0.77           1.71            1.41     5 MiB
-//! splice receiver            549    0.61           1.94            1.29     5 MiB
-//! splice + hash via mmap     378    0.42           2.77            2.15     5 MiB
-//! ka 1 hop                   374    0.42           2.94            1.92    11 MiB
-//! ka 1 hop, src no hash      440    0.49           2.34            2.09    10 MiB
-//! ka 2 hops                  253    0.28           5.83            2.60    11 MiB
+//! plain (read/write loop)    963    1.00           1.99            1.10     5 MiB
+//! sendfile sender            897    0.93           1.49            1.19     5 MiB
+//! splice receiver            829    0.86           2.03            1.25     5 MiB
+//! splice + hash via mmap     529    0.55           3.15            1.98     5 MiB
+//! ka 1 hop                   534    0.55           3.74            2.24    10 MiB
+//! ka 1 hop, src no hash      654    0.68           2.70            2.37    11 MiB
+//! ka 2 hops                  318    0.33           6.44            2.77    11 MiB
 //! ```
 //!
 //! Reading it:
@@ -112,9 +114,10 @@
 //!   buffer, buffer → page cache) 25 %, tmpfs page allocation most of the
 //!   rest. The excess is the hash itself (~0.5 s/GiB at 2 GB/s, more when
 //!   contended); the node adds almost nothing else.
-//! - With the source not hashing, ka spends 2.34 CPU s/GiB against plain's
-//!   1.88: CPU-bound on 2 cores, one hop can reach at most ~0.80 of the
-//!   plain copy here, and did not reach the 0.90 target. On separate
+//! - With the source not hashing, ka spends 2.3–2.7 CPU s/GiB against
+//!   plain's 1.9–2.0: CPU-bound on 2 cores, one hop can reach at most
+//!   ~0.75–0.80 of the plain copy here, and measured 0.5–0.7: the 0.90
+//!   target is not met on this machine. On separate
 //!   machines (a real cluster) the node's hash runs on its writer thread
 //!   beside the receive thread, and the limit becomes the slower of the
 //!   network and the node's hash rate (~2 GB/s per core).
