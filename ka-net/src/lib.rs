@@ -117,8 +117,8 @@
 //! - With the source not hashing, ka spends 2.3–2.7 CPU s/GiB against
 //!   plain's 1.9–2.0: CPU-bound on 2 cores, one hop can reach at most
 //!   ~0.75–0.80 of the plain copy here, and measured 0.5–0.7: the 0.90
-//!   target is not met on this machine. On separate
-//!   machines (a real cluster) the node's hash runs on its writer thread
+//!   target is not met on this machine. On separate machines (a real
+//!   cluster) the node's hash runs on its writer thread
 //!   beside the receive thread, and the limit becomes the slower of the
 //!   network and the node's hash rate (~2 GB/s per core).
 //! - The sender with `sendfile` costs ~0.3 s/GiB against ~0.7 for a
@@ -128,6 +128,11 @@
 //! - splice on the receive side saved nothing over `read` here, and hashing
 //!   the spliced bytes through `mmap` cost more than the copy it avoided:
 //!   the plain receive path stays.
+//! - Where the node hashes made no measurable difference: hashing in the
+//!   receive task instead of the writer thread gave 2.5 vs 2.6 node CPU
+//!   s/GiB over four alternating runs each, within the noise; the writer
+//!   thread keeps the receive loop free for the sockets. 256 KiB buffers
+//!   did no better than 1 MiB.
 //! - With two hops on one machine, three processes share two cores; the
 //!   figure says little about a chain on separate machines.
 //! - Node memory stays ~11 MiB for any image size (8 × 1 MiB buffers).
