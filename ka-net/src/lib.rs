@@ -60,9 +60,10 @@
 //!
 //! **Threads.** Sources and sinks are blocking (file and pipe I/O blocks;
 //! tokio would push it to a blocking thread anyway). Each leg has one thread
-//! doing disk work (the [`NodeWriter`] hashes and writes; the sender's reader
-//! probes and reads) and the async task doing socket work, handing owned
-//! buffers through channels, so the two overlap on two cores.
+//! doing disk work (the [`NodeWriter`] writes; the sender's reader probes,
+//! reads and hashes) and the async task doing socket work (on a node, also
+//! the hash), handing owned buffers through channels, so the two overlap on
+//! two cores.
 //!
 //! **Copy path.** Measured on loopback (see `examples/dataplane_bench.rs`):
 //! splice(2) socket → pipe → file did not beat a plain `read`/`write` loop
@@ -118,9 +119,9 @@
 //!   plain's 1.9–2.0: CPU-bound on 2 cores, one hop can reach at most
 //!   ~0.75–0.80 of the plain copy here, and measured 0.5–0.7: the 0.90
 //!   target is not met on this machine. On separate machines (a real
-//!   cluster) the node's hash runs on its writer thread
-//!   beside the receive thread, and the limit becomes the slower of the
-//!   network and the node's hash rate (~2 GB/s per core).
+//!   cluster) the node's receive+hash task runs beside its writer thread,
+//!   and the limit becomes the slower of the network and the node's
+//!   receive+hash rate.
 //! - The sender with `sendfile` costs ~0.3 s/GiB against ~0.7 for a
 //!   read/write sender; hashing at the source adds a read and the hash
 //!   (~0.6 s/GiB). A seekable source may publish its digest from a separate
@@ -128,11 +129,15 @@
 //! - splice on the receive side saved nothing over `read` here, and hashing
 //!   the spliced bytes through `mmap` cost more than the copy it avoided:
 //!   the plain receive path stays.
-//! - Where the node hashes made no measurable difference: hashing in the
-//!   receive task instead of the writer thread gave 2.5 vs 2.6 node CPU
-//!   s/GiB over four alternating runs each, within the noise; the writer
-//!   thread keeps the receive loop free for the sockets. 256 KiB buffers
-//!   did no better than 1 MiB.
+//! - Where the node hashes: a profile of a node hashing on its writer thread
+//!   put ~75 % of the node's CPU on that thread (hash plus tmpfs writes) and
+//!   ~25 % on the receiving task, so the hash moved to the receiving task
+//!   (recv + hash against write: ~1.7 vs ~1.4 s/GiB under the profiler, the
+//!   best balance two cores allow). Wall-clock A/B runs on the loaded
+//!   machine were within the noise (1 GiB in 1.70 vs 1.75 s mean over four
+//!   alternating runs); the balance is what a dedicated node gains from.
+//!   Hashing 1 MiB blocks the receiving task for ~0.4 ms between awaits.
+//!   256 KiB buffers did no better than 1 MiB.
 //! - With two hops on one machine, three processes share two cores; the
 //!   figure says little about a chain on separate machines.
 //! - Node memory stays ~11 MiB for any image size (8 × 1 MiB buffers).

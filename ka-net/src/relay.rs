@@ -4,10 +4,11 @@
 //! Two threads per leg, handing owned buffers to each other through channels:
 //!
 //! - on a node, the async task reads a record from the upstream socket into a
-//!   pooled buffer and hands it to the [`NodeWriter`] thread, which hashes it
-//!   and writes it to the sink, then returns the buffer. Socket I/O and
-//!   hash+disk I/O run in parallel on the machine's cores, while a fixed pool
-//!   bounds the memory in flight. The downstream gets each record once it is
+//!   pooled buffer, hashes it, and hands it to the [`NodeWriter`] thread,
+//!   which writes it to the sink, then returns the buffer. Receiving and
+//!   hashing on one core, writing to the page cache on the other, run in
+//!   parallel (a profile showed writing the costlier half), while a fixed
+//!   pool bounds the memory in flight. The downstream gets each record once it is
 //!   written, by `sendfile(2)` from the sink's page cache (file and block
 //!   device sinks), or straight from the receive buffer (other sinks).
 //! - on the source, a reader thread produces records from the
@@ -104,17 +105,24 @@ enum Job {
 struct Reply {
     buf: Option<Vec<u8>>,
     written: u64,
-    result: Result<Option<ImageDigest>, Error>,
+    result: Result<(), Error>,
 }
 
-/// A node's sink and running digest, owned by a dedicated writer thread that
-/// outlives any one upstream connection: after a relay fails, the same writer
+/// A node's sink, owned by a dedicated writer thread, and its running digest;
+/// it outlives any one upstream connection: after a relay fails, the same writer
 /// is given to the next [`relay`] (from the new upstream), resuming at
 /// [`position`](Self::position).
 pub struct NodeWriter {
     jobs: Option<std_mpsc::Sender<Job>>,
     replies: mpsc::UnboundedReceiver<Reply>,
-    thread: Option<std::thread::JoinHandle<(Box<dyn ImageSink>, ImageHasher)>>,
+    thread: Option<std::thread::JoinHandle<Box<dyn ImageSink>>>,
+    /// The running digest of everything submitted: hashed on the receiving
+    /// task, not the writer thread, because writing to the page cache is the
+    /// costlier half (a profile put ~75 % of a node's CPU on a writer thread
+    /// that also hashed); this balances the two threads.
+    hasher: ImageHasher,
+    /// The digest, once `End` was submitted.
+    end_digest: Option<ImageDigest>,
     free: Vec<Vec<u8>>,
     allocated: usize,
     in_flight: usize,
@@ -153,7 +161,7 @@ impl NodeWriter {
         let (replies_tx, replies_rx) = mpsc::unbounded_channel();
         let thread = std::thread::Builder::new()
             .name("ka-writer".into())
-            .spawn(move || writer_thread(sink, hasher, jobs_rx, replies_tx))
+            .spawn(move || writer_thread(sink, jobs_rx, replies_tx))
             .map_err(|e| Error::io("starting the writer thread", e))?;
         Ok(NodeWriter {
             jobs: Some(jobs_tx),
@@ -166,6 +174,8 @@ impl NodeWriter {
             written: start,
             failed: None,
             forward_file,
+            hasher,
+            end_digest: None,
         })
     }
 
@@ -186,22 +196,18 @@ impl NodeWriter {
         }
     }
 
-    fn handle(
-        &mut self,
-        reply: Reply,
-        events: &mut impl FnMut(RelayEvent),
-    ) -> Result<Option<ImageDigest>, Error> {
+    fn handle(&mut self, reply: Reply, events: &mut impl FnMut(RelayEvent)) -> Result<(), Error> {
         self.in_flight -= 1;
         if let Some(buf) = reply.buf {
             self.free.push(buf);
         }
         match reply.result {
-            Ok(digest) => {
+            Ok(()) => {
                 if reply.written > self.written {
                     self.written = reply.written;
                     events(RelayEvent::Written(reply.written));
                 }
-                Ok(digest)
+                Ok(())
             }
             Err(e) => {
                 self.failed = Some(e.to_string());
@@ -210,16 +216,13 @@ impl NodeWriter {
         }
     }
 
-    async fn next_reply(
-        &mut self,
-        events: &mut impl FnMut(RelayEvent),
-    ) -> Result<Option<ImageDigest>, Error> {
+    async fn next_reply(&mut self, events: &mut impl FnMut(RelayEvent)) -> Result<(), Error> {
         match self.replies.recv().await {
             Some(r) => self.handle(r, events),
             None => {
                 self.failed
                     .get_or_insert_with(|| "writer thread exited".into());
-                self.check().map(|()| None)
+                self.check()
             }
         }
     }
@@ -255,6 +258,23 @@ impl NodeWriter {
             self.next_reply(events).await?;
         }
         self.check()?;
+        // No await from here on: a cancelled relay leaves the hasher and the
+        // writer agreeing on the position.
+        let hashed = match &job {
+            Job::Data { offset, buf, len } => {
+                self.hasher.data(*offset, &buf[HEADROOM..HEADROOM + len])
+            }
+            Job::Zero { offset, len } => self.hasher.zero(*offset, *len),
+            Job::End { size } => self.hasher.clone().finish(*size).map(|d| {
+                self.end_digest = Some(d);
+            }),
+        };
+        if let Err(e) = hashed {
+            if let Job::Data { buf, .. } = job {
+                self.free.push(buf);
+            }
+            return Err(e);
+        }
         let end = match &job {
             Job::Data { offset, len, .. } => offset + *len as u64,
             Job::Zero { offset, len } => offset + len,
@@ -273,19 +293,12 @@ impl NodeWriter {
         Ok(())
     }
 
-    /// Waits until the writer has handled everything submitted; returns the
-    /// digest if an `End` was among it.
-    async fn settle(
-        &mut self,
-        events: &mut impl FnMut(RelayEvent),
-    ) -> Result<Option<ImageDigest>, Error> {
-        let mut digest = None;
+    /// Waits until the writer has handled everything submitted.
+    async fn settle(&mut self, events: &mut impl FnMut(RelayEvent)) -> Result<(), Error> {
         while self.in_flight > 0 {
-            if let Some(d) = self.next_reply(events).await? {
-                digest = Some(d);
-            }
+            self.next_reply(events).await?;
         }
-        Ok(digest)
+        Ok(())
     }
 
     /// Stops the writer thread and returns the sink (e.g. to read it back) and
@@ -294,19 +307,19 @@ impl NodeWriter {
         let _ = self.settle(&mut |_| {}).await;
         self.jobs = None; // closes the channel: the thread returns
         let thread = self.thread.take().expect("thread present until into_parts");
-        tokio::task::spawn_blocking(move || thread.join())
+        let sink = tokio::task::spawn_blocking(move || thread.join())
             .await
             .map_err(|e| Error::WriterFailed(e.to_string()))?
-            .map_err(|_| Error::WriterFailed("writer thread panicked".into()))
+            .map_err(|_| Error::WriterFailed("writer thread panicked".into()))?;
+        Ok((sink, self.hasher))
     }
 }
 
 fn writer_thread(
     mut sink: Box<dyn ImageSink>,
-    mut hasher: ImageHasher,
     jobs: std_mpsc::Receiver<Job>,
     replies: mpsc::UnboundedSender<Reply>,
-) -> (Box<dyn ImageSink>, ImageHasher) {
+) -> Box<dyn ImageSink> {
     let mut failed = false;
     for job in jobs {
         let (buf, result) = if failed {
@@ -320,26 +333,11 @@ fn writer_thread(
         } else {
             match job {
                 Job::Data { offset, buf, len } => {
-                    let data = &buf[HEADROOM..HEADROOM + len];
-                    let r = hasher
-                        .data(offset, data)
-                        .and_then(|()| sink.write_data(offset, data));
-                    (Some(buf), r.map(|()| None))
+                    let r = sink.write_data(offset, &buf[HEADROOM..HEADROOM + len]);
+                    (Some(buf), r)
                 }
-                Job::Zero { offset, len } => (
-                    None,
-                    hasher
-                        .zero(offset, len)
-                        .and_then(|()| sink.write_zero(offset, len))
-                        .map(|()| None),
-                ),
-                Job::End { size } => {
-                    let r = hasher
-                        .clone()
-                        .finish(size)
-                        .and_then(|d| sink.finish(size).map(|()| Some(d)));
-                    (None, r)
-                }
+                Job::Zero { offset, len } => (None, sink.write_zero(offset, len)),
+                Job::End { size } => (None, sink.finish(size)),
             }
         };
         failed |= result.is_err();
@@ -354,7 +352,7 @@ fn writer_thread(
             break;
         }
     }
-    (sink, hasher)
+    sink
 }
 
 /// Receives records from `upstream` until `End`, hashing them and writing them
@@ -550,7 +548,8 @@ where
                 }
                 if h.kind == RecordKind::End {
                     writer.submit(Job::End { size: h.offset }, events).await?;
-                    let digest = writer.settle(events).await?;
+                    writer.settle(events).await?;
+                    let digest = writer.end_digest.take();
                     fwd.flush_ready(writer.written, events).await;
                     if let Some(ds) = fwd.ds.as_mut() {
                         if let Err(error) = ds.flush().await {
