@@ -88,47 +88,52 @@
 //! `cargo run --release -p ka-net --example dataplane_bench` (1 GiB of
 //! random data on tmpfs, copied to tmpfs over loopback TCP, every process on
 //! the same 2-vCPU VM, best of 5 interleaved runs). The machine was shared
-//! with two other engineers' compilers (load average ~4 on 2 cores during
-//! the run; BLAKE3 measured 1.8 GB/s instead of the ~2.4 GB/s seen in quiet
-//! moments), so the MB/s column swings by tens of percent between runs (an
-//! earlier run under load 4.5–5 gave ka 1 hop 0.42 and 0.49 of plain); CPU
+//! with two other engineers' compilers (load average 2.5–3.8 during the run;
+//! BLAKE3 measured 2.0 GB/s, 2.6 GB/s in a quiet moment), so the MB/s column
+//! swings by tens of percent between runs (three full runs gave ka 1 hop
+//! 0.42–0.59 and ka 1 hop without source hashing 0.49–0.69 of plain); CPU
 //! seconds per GiB (user + system, all processes of the scenario) are the
-//! stable figure.
+//! stabler figure.
 //!
 //! ```text
 //! scenario                  MB/s   ratio  CPU s/GiB all  CPU s/GiB node  peak RSS
-//! plain (read/write loop)    963    1.00           1.99            1.10     5 MiB
-//! sendfile sender            897    0.93           1.49            1.19     5 MiB
-//! splice receiver            829    0.86           2.03            1.25     5 MiB
-//! splice + hash via mmap     529    0.55           3.15            1.98     5 MiB
-//! ka 1 hop                   534    0.55           3.74            2.24    10 MiB
-//! ka 1 hop, src no hash      654    0.68           2.70            2.37    11 MiB
-//! ka 2 hops                  318    0.33           6.44            2.77    11 MiB
+//! plain (read/write loop)    926    1.00           1.97            1.10     5 MiB
+//! sendfile sender            906    0.98           1.49            1.18     5 MiB
+//! splice receiver           1030    1.11           1.79            0.98     5 MiB
+//! splice + hash via mmap     481    0.52           3.06            2.23    34 MiB
+//! ka 1 hop                   546    0.59           3.58            2.16    10 MiB
+//! ka 1 hop, src no hash      638    0.69           3.04            2.58    11 MiB
+//! ka 2 hops                  323    0.35           6.13            2.76    11 MiB
 //! ```
 //!
 //! Reading it:
 //!
 //! - Loopback puts the source, the node(s) and their kernels' TCP work on the
 //!   same two cores, so throughput is bounded by total CPU per GiB. A ka node
-//!   costs ~0.8–1.0 s/GiB more than the plain receiver, and a profile of the
-//!   node (perf) shows where: BLAKE3 26 %, the two kernel copies (socket →
-//!   buffer, buffer → page cache) 25 %, tmpfs page allocation most of the
-//!   rest. The excess is the hash itself (~0.5 s/GiB at 2 GB/s, more when
-//!   contended); the node adds almost nothing else.
-//! - With the source not hashing, ka spends 2.3–2.7 CPU s/GiB against
-//!   plain's 1.9–2.0: CPU-bound on 2 cores, one hop can reach at most
-//!   ~0.75–0.80 of the plain copy here, and measured 0.5–0.7: the 0.90
-//!   target is not met on this machine. On separate machines (a real
-//!   cluster) the node's receive+hash task runs beside its writer thread,
-//!   and the limit becomes the slower of the network and the node's
+//!   costs 1.1–1.5 s/GiB more than the plain receiver. A profile (perf)
+//!   shows BLAKE3 at 26–28 % of the node, the two kernel copies (socket →
+//!   buffer, buffer → page cache) at 18–25 %, tmpfs page allocation most of
+//!   the rest. The hash accounts for ~0.5 s/GiB of the excess (at 2 GB/s);
+//!   the remainder is not pinned down: likely the cost of handing 1 MiB
+//!   buffers between two threads (written on one core, read on the other)
+//!   and of scheduling four busy threads plus other load on two cores.
+//! - With the source not hashing, ka spent 2.3–3.0 CPU s/GiB against
+//!   plain's 1.8–2.0 over three runs: CPU-bound on 2 cores, one hop can
+//!   reach at most ~0.65–0.80 of the plain copy here, and measured 0.5–0.7:
+//!   the 0.90 target is not met on this machine. On separate machines (a
+//!   real cluster) the node's receive+hash task runs beside its writer
+//!   thread, and the limit becomes the slower of the network and the node's
 //!   receive+hash rate.
 //! - The sender with `sendfile` costs ~0.3 s/GiB against ~0.7 for a
 //!   read/write sender; hashing at the source adds a read and the hash
 //!   (~0.6 s/GiB). A seekable source may publish its digest from a separate
 //!   pass instead.
-//! - splice on the receive side saved nothing over `read` here, and hashing
-//!   the spliced bytes through `mmap` cost more than the copy it avoided:
-//!   the plain receive path stays.
+//! - splice on the receive side saved no consistent CPU over `read` (node
+//!   0.98–1.31 s/GiB against plain's 1.02–1.28 across runs), and a node must
+//!   hash the bytes, which splice keeps out of user space: hashing them
+//!   through an mmap window of the page cache cost as much as the copy it
+//!   avoided (node 1.98–2.39 s/GiB, RSS 34 MiB from the mapped window) and
+//!   ran slower. The plain receive path stays.
 //! - Where the node hashes: a profile of a node hashing on its writer thread
 //!   put ~75 % of the node's CPU on that thread (hash plus tmpfs writes) and
 //!   ~25 % on the receiving task, so the hash moved to the receiving task
