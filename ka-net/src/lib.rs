@@ -111,12 +111,14 @@
 //! - Loopback puts the source, the node(s) and their kernels' TCP work on the
 //!   same two cores, so throughput is bounded by total CPU per GiB. A ka node
 //!   costs 1.1–1.5 s/GiB more than the plain receiver. A profile (perf)
-//!   shows BLAKE3 at 26–28 % of the node, the two kernel copies (socket →
+//!   shows BLAKE3 at 26–36 % of the node, the two kernel copies (socket →
 //!   buffer, buffer → page cache) at 18–25 %, tmpfs page allocation most of
-//!   the rest. The hash accounts for ~0.5 s/GiB of the excess (at 2 GB/s);
-//!   the remainder is not pinned down: likely the cost of handing 1 MiB
-//!   buffers between two threads (written on one core, read on the other)
-//!   and of scheduling four busy threads plus other load on two cores.
+//!   the rest; the node's user time is 99 % BLAKE3, the data plane's own code
+//!   (channels, tokio, zero tests) under 1 %. In place BLAKE3 ran at ~1.3 GB/s
+//!   (0.8 s/GiB), not the 2.0 GB/s it reaches alone on a warm buffer: the
+//!   sender, the kernel's TCP work and other load share the two cores and
+//!   their caches. Pinning both node threads to one core (no cross-core
+//!   buffer handoff) saved only ~0.1–0.2 s/GiB.
 //! - With the source not hashing, ka spent 2.3–3.0 CPU s/GiB against
 //!   plain's 1.8–2.0 over three runs: CPU-bound on 2 cores, one hop can
 //!   reach at most ~0.65–0.80 of the plain copy here, and measured 0.5–0.7:
