@@ -23,6 +23,14 @@ pub struct Supervised {
     waited: bool,
 }
 
+/// Asks for a 1 MiB pipe buffer (the default `pipe-max-size`) instead of the
+/// default 64 KiB, so a stream moves in a few large reads or writes per
+/// buffer rather than sixteen small ones. Best effort: a smaller limit just
+/// keeps the default.
+pub fn widen_pipe(fd: &impl std::os::fd::AsRawFd) {
+    let _ = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+}
+
 impl Supervised {
     /// Spawns `command` with standard error captured; `label` names it in errors.
     pub fn spawn(mut command: Command, label: String) -> Result<Self, Error> {

@@ -94,12 +94,14 @@ pub fn open_sink(spec: &SinkSpec, expected_size: Option<u64>) -> Result<Box<dyn 
             let mut c = Command::new("tar");
             // -p and --same-owner restore modes and owners; --numeric-owner
             // keeps the source's uid/gid (the node's /etc/passwd is not the
-            // image's); all xattr namespaces (security.capability, ACLs…).
+            // image's); POSIX ACLs; all xattr namespaces
+            // (security.capability for ping and friends, user.*, trusted.*).
             c.args([
                 "-x",
                 "-p",
                 "--same-owner",
                 "--numeric-owner",
+                "--acls",
                 "--xattrs",
                 "--xattrs-include=*",
                 "-f",
@@ -322,6 +324,9 @@ impl CommandSink {
         command.stdin(Stdio::piped()).stdout(Stdio::null());
         let mut child = Supervised::spawn(command, label.clone())?;
         let stdin = child.child_mut().stdin.take();
+        if let Some(pipe) = &stdin {
+            crate::process::widen_pipe(pipe);
+        }
         Ok(CommandSink {
             stdin,
             child,
@@ -640,6 +645,36 @@ mod tests {
         );
     }
 
+    fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+        use std::ffi::CString;
+        let p = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let n = CString::new(name).unwrap();
+        // SAFETY: valid NUL-terminated strings and a value slice with its length.
+        let r = unsafe {
+            libc::setxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        assert_eq!(r, 0, "setxattr: {}", io::Error::last_os_error());
+    }
+
+    fn get_xattr(path: &Path, name: &str) -> Vec<u8> {
+        use std::ffi::CString;
+        let p = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let n = CString::new(name).unwrap();
+        let mut buf = vec![0u8; 256];
+        // SAFETY: valid NUL-terminated strings and a buffer with its length.
+        let r =
+            unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        assert!(r >= 0, "getxattr {name}: {}", io::Error::last_os_error());
+        buf.truncate(r as usize);
+        buf
+    }
+
     fn is_zero_run(b: &[u8]) -> bool {
         b.iter().all(|&x| x == 0)
     }
@@ -671,6 +706,13 @@ mod tests {
             .unwrap();
         std::fs::hard_link(p.join("sub/a.txt"), p.join("hard")).unwrap();
         symlink("sub/a.txt", p.join("soft")).unwrap();
+        let acl = Command::new("setfacl")
+            .args(["-m", "u:4242:r"])
+            .arg(p.join("sub/a.txt"))
+            .status()
+            .expect("setfacl (package acl)");
+        assert!(acl.success(), "setfacl failed");
+        set_xattr(&p.join("sub/a.txt"), "user.ka-test", b"kept");
         let sparse = File::create(p.join("sparse")).unwrap();
         sparse.set_len(100 << 20).unwrap();
         sparse.write_all_at(b"end", (100 << 20) - 3).unwrap();
@@ -694,6 +736,18 @@ mod tests {
         assert_eq!(
             std::fs::read_link(out.join("soft")).unwrap(),
             Path::new("sub/a.txt")
+        );
+        let facl = Command::new("getfacl")
+            .arg("-cn")
+            .arg(out.join("sub/a.txt"))
+            .output()
+            .expect("getfacl");
+        let facl = String::from_utf8_lossy(&facl.stdout).into_owned();
+        assert!(facl.contains("user:4242:r--"), "ACL lost: {facl}");
+        assert_eq!(
+            get_xattr(&out.join("sub/a.txt"), "user.ka-test"),
+            b"kept",
+            "xattr lost"
         );
         let s = std::fs::metadata(out.join("sparse")).unwrap();
         assert_eq!(s.len(), 100 << 20);

@@ -77,7 +77,7 @@ pub trait ImageSource: Send {
 /// Opens a source.
 ///
 /// A directory is archived by spawning GNU tar
-/// (`tar --sparse --numeric-owner --xattrs -cpf - -C DIR .`), not by the `tar`
+/// (`tar --sparse --numeric-owner --acls --xattrs -cpf - -C DIR .`), not by the `tar`
 /// crate: GNU tar is what the nodes' untar sink runs, it is present on every
 /// Debian-like system, and it already handles sparse files, hard links,
 /// devices, xattrs, numeric ownership and its own format quirks, which a crate
@@ -103,9 +103,16 @@ pub fn open_source(spec: &SourceSpec) -> Result<Box<dyn ImageSource>, Error> {
             let mut c = Command::new("tar");
             let mut dir_arg = OsString::from("--directory=");
             dir_arg.push(dir.as_os_str());
-            c.args(["--sparse", "--numeric-owner", "--xattrs", "-cpf", "-"])
-                .arg(dir_arg)
-                .arg(".");
+            c.args([
+                "--sparse",
+                "--numeric-owner",
+                "--acls",
+                "--xattrs",
+                "-cpf",
+                "-",
+            ])
+            .arg(dir_arg)
+            .arg(".");
             Box::new(CommandSource::spawn(
                 c,
                 format!("tar -c {}", dir.display()),
@@ -588,6 +595,7 @@ impl CommandSource {
         command.stdin(Stdio::null()).stdout(Stdio::piped());
         let mut child = crate::process::Supervised::spawn(command, label)?;
         let stdout = child.child_mut().stdout.take().expect("stdout is piped");
+        crate::process::widen_pipe(&stdout);
         Ok(CommandSource {
             stream: StreamSource::new(stdout),
             child,
