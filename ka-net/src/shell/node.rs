@@ -270,7 +270,7 @@ pub async fn run_node(
                         // else: a resume asks for this offset.
                         let at = w.position();
                         node.handle_progress(now, Progress { received: at, written: w.written(), holds_from: 0 });
-                        writer = Some(w);
+                        writer = Some(*w);
                         conns.remove(&conn);
                         match result {
                             Ok(end) => node.handle_stream_end(now, end.size, Digest(end.digest.0)),
