@@ -78,7 +78,7 @@ pub enum Event {
         /// The connection.
         conn: ConnId,
         /// The node's writer.
-        writer: NodeWriter,
+        writer: Box<NodeWriter>,
         /// The end of the image, or why the stream stopped.
         result: Result<RelayEnd, Error>,
     },
@@ -244,7 +244,7 @@ async fn receive(
     }
     let _ = events.send(Event::Received {
         conn,
-        writer,
+        writer: Box::new(writer),
         result,
     });
 }
