@@ -133,20 +133,26 @@ impl Session {
         ];
         args.extend_from_slice(extra);
         let p = Proc::start(self.dir.path(), "serve", &args);
+        self.learn_port(&p);
+        p
+    }
+
+    /// Reads the port a `ka serve` bound from its first line.
+    fn learn_port(&self, serve: &Proc) {
         for _ in 0..500 {
-            let text = read(&p.err);
+            let text = read(&serve.err);
             if let Some(port) = text
                 .lines()
                 .find_map(|l| l.split("nodes on 127.0.0.1:").nth(1))
             {
                 self.port.set(port.trim().parse().expect("a port number"));
-                return p;
+                return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!(
             "ka serve did not start listening within 10 s: {}",
-            read(&p.err)
+            read(&serve.err)
         );
     }
 
@@ -427,4 +433,182 @@ fn a_block_device_too_small_is_refused_before_any_write() {
         "the refused device was written to"
     );
     let _ = std::io::stdout().flush();
+}
+
+#[test]
+fn command_mode_streams_a_command_into_commands() {
+    let s = Session::new(24 << 20);
+    let listen = "127.0.0.1:0";
+    let cmd = format!("cat {}", s.image.display());
+    let serve = Proc::start(
+        s.dir.path(),
+        "serve",
+        &[
+            "serve",
+            "--nodes",
+            "3",
+            "--listen",
+            listen,
+            "--secret-file",
+            s.secret.to_str().unwrap(),
+            "--command",
+            &cmd,
+            "--spool-dir",
+            s.dir.path().to_str().unwrap(),
+            "--json",
+        ],
+    );
+    s.learn_port(&serve);
+    let outs: Vec<PathBuf> = (0..3)
+        .map(|i| s.dir.path().join(format!("out{i}")))
+        .collect();
+    let nodes: Vec<Proc> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, out)| {
+            let sink = format!("cat > {}", out.display());
+            let name = format!("c{i}");
+            let server = s.server();
+            Proc::start(
+                s.dir.path(),
+                &name,
+                &[
+                    "join",
+                    "--server",
+                    &server,
+                    "--secret-file",
+                    s.secret.to_str().unwrap(),
+                    "--command",
+                    &sink,
+                    "--name",
+                    &name,
+                    "--spool-dir",
+                    s.dir.path().to_str().unwrap(),
+                    "--wait",
+                    "60s",
+                ],
+            )
+        })
+        .collect();
+    let (code, out, err) = serve.finish(Duration::from_secs(120));
+    assert_eq!(code, 0, "{out}\n{err}");
+    for (p, o) in nodes.into_iter().zip(&outs) {
+        let (code, _, err) = p.finish(Duration::from_secs(30));
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            same_content(&s.image, o),
+            "{} differs from the command's output",
+            o.display()
+        );
+    }
+    // Spools are removed once the processes are done.
+    let spools = std::fs::read_dir(s.dir.path()).unwrap().filter(|e| {
+        e.as_ref()
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".spool")
+    });
+    assert_eq!(spools.count(), 0);
+}
+
+#[test]
+fn tar_mode_clones_a_tree_with_links_modes_and_sparse_files() {
+    let s = Session::new(1 << 20);
+    let tree = s.dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc/deep")).unwrap();
+    std::fs::write(tree.join("etc/hostname"), "golden\n").unwrap();
+    std::fs::write(tree.join("etc/deep/data.bin"), pseudo_random(3 << 20, 9)).unwrap();
+    std::os::unix::fs::symlink("hostname", tree.join("etc/name-link")).unwrap();
+    std::fs::hard_link(tree.join("etc/hostname"), tree.join("etc/hard")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        tree.join("etc/hostname"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    let sparse = File::create(tree.join("sparse.img")).unwrap();
+    sparse.set_len(64 << 20).unwrap();
+    sparse.write_all_at(b"tail", (64 << 20) - 4).unwrap();
+    let serve = Proc::start(
+        s.dir.path(),
+        "serve",
+        &[
+            "serve",
+            "--nodes",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--secret-file",
+            s.secret.to_str().unwrap(),
+            "--tar",
+            tree.to_str().unwrap(),
+            "--spool-dir",
+            s.dir.path().to_str().unwrap(),
+            "--json",
+        ],
+    );
+    s.learn_port(&serve);
+    let dests: Vec<PathBuf> = (0..2)
+        .map(|i| s.dir.path().join(format!("dest{i}")))
+        .collect();
+    let nodes: Vec<Proc> = dests
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let name = format!("t{i}");
+            let server = s.server();
+            Proc::start(
+                s.dir.path(),
+                &name,
+                &[
+                    "join",
+                    "--server",
+                    &server,
+                    "--secret-file",
+                    s.secret.to_str().unwrap(),
+                    "--untar",
+                    d.to_str().unwrap(),
+                    "--name",
+                    &name,
+                    "--spool-dir",
+                    s.dir.path().to_str().unwrap(),
+                    "--wait",
+                    "60s",
+                ],
+            )
+        })
+        .collect();
+    let (code, out, err) = serve.finish(Duration::from_secs(120));
+    assert_eq!(code, 0, "{out}\n{err}");
+    for (p, d) in nodes.into_iter().zip(&dests) {
+        let (code, _, err) = p.finish(Duration::from_secs(30));
+        assert_eq!(code, 0, "{err}");
+        assert!(same_content(
+            &tree.join("etc/deep/data.bin"),
+            &d.join("etc/deep/data.bin")
+        ));
+        assert_eq!(
+            std::fs::read_to_string(d.join("etc/hostname")).unwrap(),
+            "golden\n"
+        );
+        assert_eq!(
+            std::fs::read_link(d.join("etc/name-link")).unwrap(),
+            PathBuf::from("hostname")
+        );
+        let meta = std::fs::metadata(d.join("etc/hostname")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+        assert_eq!(
+            meta.ino(),
+            std::fs::metadata(d.join("etc/hard")).unwrap().ino(),
+            "hard link kept"
+        );
+        let sp = std::fs::metadata(d.join("sparse.img")).unwrap();
+        assert_eq!(sp.len(), 64 << 20);
+        assert!(
+            sp.blocks() * 512 < 1 << 20,
+            "sparse file stayed sparse: {} bytes allocated",
+            sp.blocks() * 512
+        );
+    }
 }

@@ -14,8 +14,11 @@ use ka_core::config::{NodeConfig, SlowPolicy, SourceConfig};
 use ka_core::node::NodeEvent;
 use ka_core::source::{NodeReport, Source, SourceEvent};
 use ka_net::shell::{
-    self, load_or_generate_secret, session_key, NodeOptions, Secret, SourceOptions, SourceReport,
+    self, load_or_generate_secret, session_key, ImageInput, NodeOptions, Secret, SourceOptions,
+    SourceReport, Target,
 };
+use ka_net::sink::SinkSpec;
+use ka_net::source::SourceSpec;
 
 /// The port ka listens on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 4715;
@@ -43,8 +46,20 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub secret_file: Option<PathBuf>,
     /// The image: a regular file or a block device.
-    #[arg(long, value_name = "PATH")]
-    pub image: PathBuf,
+    #[arg(long, value_name = "PATH", group = "input")]
+    pub image: Option<PathBuf>,
+    /// Clone the standard output of this shell command.
+    #[arg(long, value_name = "CMD", group = "input")]
+    pub command: Option<String>,
+    /// Clone this directory tree (as GNU tar: permissions, owners, links, sparse files).
+    #[arg(long, value_name = "DIR", group = "input")]
+    pub tar: Option<PathBuf>,
+    /// Clone this process's standard input.
+    #[arg(long, group = "input")]
+    pub stdin: bool,
+    /// Where a stream (--command, --tar, --stdin) is spooled so any node can be served again.
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
     /// Children per node: 1 makes a chain, more a tree.
     #[arg(long, default_value_t = 1)]
     pub arity: u32,
@@ -90,8 +105,17 @@ pub struct JoinArgs {
     #[arg(long, value_name = "FILE")]
     pub secret_file: PathBuf,
     /// Where to write the image: a regular file or a block device.
-    #[arg(long, value_name = "PATH")]
-    pub target: PathBuf,
+    #[arg(long, value_name = "PATH", group = "output")]
+    pub target: Option<PathBuf>,
+    /// Feed the image to the standard input of this shell command.
+    #[arg(long, value_name = "CMD", group = "output")]
+    pub command: Option<String>,
+    /// Untar the image into this directory.
+    #[arg(long, value_name = "DIR", group = "output")]
+    pub untar: Option<PathBuf>,
+    /// Where a --command or --untar image is received before it is fed on.
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
     /// This node's name (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
@@ -200,6 +224,26 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     config.slow_policy = args.slow_policy;
     config.order = args.order;
     let key = session_key(&secret, &args.session);
+    let spool = spool_path(
+        args.spool_dir.as_deref(),
+        &format!("ka-source-{}", args.session),
+    );
+    let input = match (args.image, args.command, args.tar, args.stdin) {
+        (Some(p), _, _, _) => ImageInput::File(p),
+        (_, Some(c), _, _) => ImageInput::Stream {
+            spec: SourceSpec::Command(c),
+            spool: spool.clone(),
+        },
+        (_, _, Some(d), _) => ImageInput::Stream {
+            spec: SourceSpec::Tar(d),
+            spool: spool.clone(),
+        },
+        (_, _, _, true) => ImageInput::Stream {
+            spec: SourceSpec::Stdin,
+            spool: spool.clone(),
+        },
+        _ => bail!("say what to clone: --image PATH, --command CMD, --tar DIR or --stdin"),
+    };
     let rt = runtime()?;
     let report = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)
@@ -219,15 +263,24 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         let mut display = Display::new(args.json);
         let opts = SourceOptions {
             config,
-            image: args.image.clone(),
+            image: input,
             key,
         };
         shell::run_source(opts, listener, go_rx, |s, e| display.update(s, e))
             .await
             .map_err(|e| anyhow!("{e}"))
     })?;
+    let _ = std::fs::remove_file(&spool);
     print_report(&report, args.json);
     Ok(exit_code(&report))
+}
+
+/// A spool file in `dir` (or the temporary directory), unique to this process.
+fn spool_path(dir: Option<&Path>, stem: &str) -> PathBuf {
+    let dir = dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir);
+    dir.join(format!("{stem}-{}.spool", std::process::id()))
 }
 
 /// Runs `ka join`; returns the process exit code.
@@ -248,10 +301,23 @@ pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
     );
     config.wait_release = args.wait_release;
     config.verify_readback = args.verify.is_some();
+    let spool = spool_path(args.spool_dir.as_deref(), &format!("ka-node-{name}"));
+    let target = match (args.target, args.command, args.untar) {
+        (Some(p), _, _) => Target::File(p),
+        (_, Some(c), _) => Target::Stream {
+            spec: SinkSpec::Command(c),
+            spool: spool.clone(),
+        },
+        (_, _, Some(d)) => Target::Stream {
+            spec: SinkSpec::Untar(d),
+            spool: spool.clone(),
+        },
+        _ => bail!("say where the image goes: --target PATH, --command CMD or --untar DIR"),
+    };
     let opts = NodeOptions {
         config,
         server,
-        target: args.target,
+        target,
         key: session_key(&secret, &args.session),
         listen_ip: IpAddr::from([0, 0, 0, 0]),
         wait: args.wait,
@@ -259,7 +325,9 @@ pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
     let json = args.json;
     let outcome = runtime()?.block_on(shell::run_node(opts, |_, e| {
         print_node_event(&name, e, json)
-    }))?;
+    }));
+    let _ = std::fs::remove_file(&spool);
+    let outcome = outcome?;
     if json {
         println!(
             "{{\"event\":\"left\",\"ok\":{},\"reason\":{:?},\"written\":{}}}",
@@ -504,7 +572,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<u8> {
         let mut display = Display::new(false);
         let opts = SourceOptions {
             config,
-            image: image.clone(),
+            image: ImageInput::File(image.clone()),
             key: key.clone(),
         };
         let source = shell::run_source(opts, listener, go_rx, move |s, e| display.update(s, e));
@@ -519,7 +587,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<u8> {
             let opts = NodeOptions {
                 config,
                 server: addr,
-                target: target.clone(),
+                target: Target::File(target.clone()),
                 key: key.clone(),
                 listen_ip: IpAddr::from([127, 0, 0, 1]),
                 wait: Duration::from_secs(30),

@@ -17,6 +17,7 @@ pub mod conn;
 pub mod key;
 pub mod node;
 pub mod source;
+pub mod spool;
 pub mod wire;
 
 use std::time::Instant;
@@ -24,8 +25,8 @@ use std::time::Instant;
 use ka_core::time::Time;
 
 pub use key::{load_or_generate_secret, session_key, Secret};
-pub use node::{run_node, NodeOptions, NodeOutcome};
-pub use source::{go, run_source, SourceOptions, SourceReport};
+pub use node::{run_node, NodeOptions, NodeOutcome, Target};
+pub use source::{go, run_source, ImageInput, SourceOptions, SourceReport};
 
 /// The clock of a driver: nanoseconds since the driver started, as ka-core's [`Time`].
 #[derive(Debug, Clone, Copy)]

@@ -27,8 +27,8 @@ pub struct NodeOptions {
     pub config: NodeConfig,
     /// The source's address.
     pub server: SocketAddr,
-    /// The target: a regular file or a block device.
-    pub target: PathBuf,
+    /// Where the image goes.
+    pub target: Target,
     /// The session key.
     pub key: SessionKey,
     /// Where to listen for downstreams (the port is chosen by the system).
@@ -36,6 +36,32 @@ pub struct NodeOptions {
     /// How long to keep looking for the source before giving up: nodes often
     /// boot before the source is started.
     pub wait: Duration,
+}
+
+/// Where a node writes the image.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A regular file or a block device, written and served from directly.
+    File(PathBuf),
+    /// A command's input or a directory to untar into: the image is received
+    /// into the `spool` file (served from there) and fed to the sink once it
+    /// has all arrived ([`super::spool`]).
+    Stream {
+        /// The sink.
+        spec: SinkSpec,
+        /// The spool file to create.
+        spool: PathBuf,
+    },
+}
+
+impl Target {
+    /// The file the image is received into and served from.
+    pub fn file(&self) -> &std::path::Path {
+        match self {
+            Target::File(p) => p,
+            Target::Stream { spool, .. } => spool,
+        }
+    }
 }
 
 /// How a node's session ended.
@@ -61,6 +87,11 @@ enum Internal {
         reason: String,
     },
     ReadBack(Result<Digest, String>),
+    Fed {
+        result: Result<(), String>,
+        size: u64,
+        digest: Digest,
+    },
 }
 
 /// Joins the session at `opts.server` and runs until released, refused or
@@ -129,7 +160,7 @@ pub async fn run_node(
                 NodeAction::Receive { conn, from } => {
                     let w = match writer.take() {
                         Some(w) => Ok(w),
-                        None => open_writer(&opts.target, node.image_size(), &key),
+                        None => open_writer(opts.target.file(), node.image_size(), &key),
                     };
                     match w {
                         Ok(w) if w.position() == from => {
@@ -161,7 +192,7 @@ pub async fn run_node(
                     if let Some(tx) = conns.get(&conn) {
                         let job = ServeJob {
                             from,
-                            path: opts.target.clone(),
+                            path: opts.target.file().to_path_buf(),
                             written: written_rx.clone(),
                             hasher: None,
                         };
@@ -250,6 +281,8 @@ pub async fn run_node(
                     }
                     Internal::ConnectFailed { to_source, reason, .. } => node.handle_connect_failed(now, to_source, reason),
                     Internal::ReadBack(Ok(d)) => node.handle_readback(now, d),
+                    Internal::Fed { result: Ok(()), size, digest } => node.handle_stream_end(now, size, digest),
+                    Internal::Fed { result: Err(e), .. } => node.handle_sink_error(now, e),
                     Internal::ReadBack(Err(e)) => node.handle_sink_error(now, format!("reading the target back: {e}")),
                 }
             }
@@ -273,7 +306,18 @@ pub async fn run_node(
                         writer = Some(*w);
                         conns.remove(&conn);
                         match result {
-                            Ok(end) => node.handle_stream_end(now, end.size, Digest(end.digest.0)),
+                            Ok(end) => match &opts.target {
+                                Target::File(_) => node.handle_stream_end(now, end.size, Digest(end.digest.0)),
+                                Target::Stream { spec, spool } => {
+                                    // The sink gets the image only once all of it is here.
+                                    let (spec, spool, tx) = (spec.clone(), spool.clone(), internal_tx.clone());
+                                    let digest = Digest(end.digest.0);
+                                    tokio::task::spawn_blocking(move || {
+                                        let result = super::spool::feed_sink(&spool, end.size, &spec).map_err(|e| e.to_string());
+                                        let _ = tx.send(Internal::Fed { result, size: end.size, digest });
+                                    });
+                                }
+                            },
                             Err(e) if is_upstream_fault(&e) => {
                                 tracing::info!(error = %e, "upstream stream stopped");
                                 node.handle_closed(now, conn);
@@ -325,6 +369,10 @@ fn open_writer(
     key: &SessionKey,
 ) -> Result<NodeWriter, Error> {
     let sink = open_sink(&SinkSpec::File(target.to_path_buf()), size)?;
+    if size.is_none() {
+        // Served to downstreams while its size is unknown: see reach_ahead.
+        super::spool::reach_ahead(target)?;
+    }
     NodeWriter::new(sink, ImageHasher::new(key))
 }
 

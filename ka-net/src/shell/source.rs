@@ -22,12 +22,27 @@ use crate::digest::{digest_source, ImageHasher, SessionKey};
 use crate::source::{open_source, SourceSpec};
 use crate::Error;
 
+/// Where the image comes from.
+#[derive(Debug, Clone)]
+pub enum ImageInput {
+    /// A regular file or a block device, served directly.
+    File(PathBuf),
+    /// A stream (command output, tar of a directory, stdin), copied into the
+    /// `spool` file as it is read and served from there ([`super::spool`]).
+    Stream {
+        /// The stream.
+        spec: SourceSpec,
+        /// The spool file to create.
+        spool: PathBuf,
+    },
+}
+
 /// What the source serves and how.
 pub struct SourceOptions {
     /// The protocol settings (session, node count, timeouts, policies).
     pub config: SourceConfig,
-    /// The image: a regular file or a block device.
-    pub image: PathBuf,
+    /// The image.
+    pub image: ImageInput,
     /// The session key.
     pub key: SessionKey,
 }
@@ -59,32 +74,48 @@ pub async fn run_source(
     mut display: impl FnMut(&Source, Option<&SourceEvent>),
 ) -> Result<SourceReport, Error> {
     let clock = Clock::start();
-    let size = open_source(&SourceSpec::File(opts.image.clone()))?
-        .size()
-        .ok_or_else(|| {
-            Error::Invalid(format!(
-                "{}: the image size is unknown",
-                opts.image.display()
-            ))
-        })?;
-    opts.config.image_size = Some(size);
+    let key = opts.key.clone();
+    let (digest_tx, mut digest_rx) = mpsc::unbounded_channel::<Result<(u64, Digest), Error>>();
+    // What servers read from, and how far it is written.
+    let (path, image_written, image_watch, mut size) = match &opts.image {
+        ImageInput::File(path) => {
+            let size = open_source(&SourceSpec::File(path.clone()))?
+                .size()
+                .ok_or_else(|| {
+                    Error::Invalid(format!("{}: the image size is unknown", path.display()))
+                })?;
+            let (tx, rx) = watch::channel(Written {
+                upto: size,
+                size: Some(size),
+            });
+            (path.clone(), tx, rx, Some(size))
+        }
+        ImageInput::Stream { spec, spool } => {
+            let stream = open_source(spec)?;
+            let (tx, rx) = watch::channel(Written::default());
+            let (tx2, key2, spool2, done) =
+                (tx.clone(), key.clone(), spool.clone(), digest_tx.clone());
+            tokio::task::spawn_blocking(move || {
+                let r = super::spool::spool_source(stream, &spool2, &key2, &tx2);
+                let _ = done.send(r.map(|(size, d)| (size, Digest(d.0))));
+            });
+            (spool.clone(), tx, rx, None)
+        }
+    };
+    opts.config.image_size = size;
+    // A file is re-read, a stream is re-read from its spool: any offset can
+    // be served again.
     opts.config.seekable = true;
     opts.config.data_addr = listener
         .local_addr()
         .map_err(|e| Error::io("reading the listen address", e))?;
-    let key = opts.key.clone();
     let mut source = Source::new(clock.now(), opts.config, Box::new(key.clone()));
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
-    let (_image_written, image_watch) = watch::channel(Written {
-        upto: size,
-        size: Some(size),
-    });
     let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Command>> = HashMap::new();
     let mut tasks = Vec::new();
     let mut next_conn = 0u64;
     let mut digest: Option<Digest> = None;
     let mut hashing: Option<ConnId> = None;
-    let (digest_tx, mut digest_rx) = mpsc::unbounded_channel::<Result<Digest, Error>>();
     let mut started_at = None;
     let mut go_open = true;
     let mut refreshed = clock.now();
@@ -103,14 +134,17 @@ pub async fn run_source(
                     from,
                 } => {
                     // The first full pass from offset 0 also computes the digest.
-                    let hasher = (from == 0 && digest.is_none() && hashing.is_none()).then(|| {
-                        hashing = Some(conn);
-                        ImageHasher::new(&key)
-                    });
+                    // (A stream's digest comes from its spooling instead.)
+                    let file = matches!(opts.image, ImageInput::File(_));
+                    let hasher =
+                        (file && from == 0 && digest.is_none() && hashing.is_none()).then(|| {
+                            hashing = Some(conn);
+                            ImageHasher::new(&key)
+                        });
                     if let Some(tx) = conns.get(&conn) {
                         let job = ServeJob {
                             from,
-                            path: opts.image.clone(),
+                            path: path.clone(),
                             written: image_watch.clone(),
                             hasher,
                         };
@@ -163,21 +197,23 @@ pub async fn run_source(
                     }
                     Event::Served { conn, result } => match result {
                         Ok(Some(d)) => {
+                            let total = size.expect("only a file image is hashed while served");
                             digest = Some(Digest(d.0));
-                            source.handle_image_done(now, size, Digest(d.0));
+                            source.handle_image_done(now, total, Digest(d.0));
                         }
                         Ok(None) => {}
                         Err(e) => {
                             tracing::info!(conn = %conn, error = %e, "serving a node stopped");
                             if hashing == Some(conn) && digest.is_none() {
                                 // The hashing pass died with its node: hash on our own.
-                                let (path, key, tx) = (opts.image.clone(), key.clone(), digest_tx.clone());
+                                let (path, key, tx) = (path.clone(), key.clone(), digest_tx.clone());
+                                let total = size.unwrap_or_default();
                                 tokio::task::spawn_blocking(move || {
                                     let r = open_source(&SourceSpec::File(path)).and_then(|mut s| {
                                         let mut buf = vec![0u8; crate::relay::BUF_SIZE];
                                         digest_source(s.as_mut(), ImageHasher::new(&key), &mut buf)
                                     });
-                                    let _ = tx.send(r.map(|d| Digest(d.0)));
+                                    let _ = tx.send(r.map(|d| (total, Digest(d.0))));
                                 });
                             }
                         }
@@ -186,9 +222,10 @@ pub async fn run_source(
                 }
             }
             Some(result) = digest_rx.recv() => match result {
-                Ok(d) => {
+                Ok((total, d)) => {
                     digest = Some(d);
-                    source.handle_image_done(clock.now(), size, d);
+                    size = Some(total);
+                    source.handle_image_done(clock.now(), total, d);
                 }
                 Err(e) => source.handle_image_failed(clock.now(), e.to_string()),
             },
@@ -203,9 +240,10 @@ pub async fn run_source(
         let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
     }
     let streaming = started_at.map_or(Duration::ZERO, |t| clock.now().saturating_since(t));
+    drop(image_written);
     Ok(SourceReport {
         nodes: source.report(),
-        size,
+        size: size.unwrap_or_default(),
         streaming,
         aborted,
     })
