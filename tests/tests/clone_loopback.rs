@@ -612,3 +612,34 @@ fn tar_mode_clones_a_tree_with_links_modes_and_sparse_files() {
         );
     }
 }
+
+#[test]
+fn a_node_without_server_finds_its_source_by_broadcast() {
+    let s = Session::new(8 << 20);
+    let serve = s.serve(1, &[]);
+    // The loopback network's broadcast address: nothing leaves this machine.
+    let to = format!("127.255.255.255:{}", s.port.get());
+    let node = Proc::start(
+        s.dir.path(),
+        "finder",
+        &[
+            "join",
+            "--discover-to",
+            &to,
+            "--secret-file",
+            s.secret.to_str().unwrap(),
+            "--target",
+            s.target("finder").to_str().unwrap(),
+            "--name",
+            "finder",
+            "--wait",
+            "30s",
+        ],
+    );
+    let (code, out, err) = serve.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, _, err) = node.finish(Duration::from_secs(30));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("found the source at 127.0.0.1"), "{err}");
+    assert!(same_content(&s.image, &s.target("finder")));
+}

@@ -95,9 +95,13 @@ fn parse_policy(s: &str) -> Result<SlowPolicy, String> {
 /// `ka join`: a node (the original ka-d-client).
 #[derive(Debug, clap::Args)]
 pub struct JoinArgs {
-    /// The source, HOST or HOST:PORT.
+    /// The source, HOST or HOST:PORT; without it the node finds the source of
+    /// its session by UDP broadcast.
     #[arg(long)]
-    pub server: String,
+    pub server: Option<String>,
+    /// Where discovery broadcasts go when --server is not given.
+    #[arg(long, default_value_t = SocketAddr::from(([255, 255, 255, 255], DEFAULT_PORT)))]
+    pub discover_to: SocketAddr,
     /// Session name to join.
     #[arg(long, default_value = DEFAULT_SESSION)]
     pub session: String,
@@ -136,9 +140,12 @@ pub struct JoinArgs {
 /// `ka go`: start a waiting session now with the nodes present (the original -g).
 #[derive(Debug, clap::Args)]
 pub struct GoArgs {
-    /// The source, HOST or HOST:PORT.
+    /// The source, HOST or HOST:PORT; without it, found by UDP broadcast.
     #[arg(long)]
-    pub server: String,
+    pub server: Option<String>,
+    /// Where discovery broadcasts go when --server is not given.
+    #[arg(long, default_value_t = SocketAddr::from(([255, 255, 255, 255], DEFAULT_PORT)))]
+    pub discover_to: SocketAddr,
     /// Session name.
     #[arg(long, default_value = DEFAULT_SESSION)]
     pub session: String,
@@ -255,6 +262,18 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
                 )
             })?;
         let bound = listener.local_addr().unwrap_or(args.listen);
+        // Nodes without --server find us by broadcast on the same port number.
+        let discovery = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), bound.port());
+        let _answering =
+            match shell::discovery::answer(discovery, args.session.clone(), bound.port()).await {
+                Ok(task) => Some(task),
+                Err(e) => {
+                    eprintln!(
+                        "ka: not answering discovery on UDP {discovery} ({e}); nodes need --server"
+                    );
+                    None
+                }
+            };
         eprintln!(
             "ka: session {:?} waiting for {} nodes on {bound}",
             args.session, args.nodes
@@ -286,7 +305,25 @@ fn spool_path(dir: Option<&Path>, stem: &str) -> PathBuf {
 /// Runs `ka join`; returns the process exit code.
 pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
     let (secret, _) = load_or_generate_secret(Some(&args.secret_file)).map_err(|e| anyhow!(e))?;
-    let server = resolve(&args.server)?;
+    let rt = runtime()?;
+    let server = match &args.server {
+        Some(s) => resolve(s)?,
+        None => {
+            eprintln!(
+                "ka: looking for the source of session {:?} by broadcast to {}",
+                args.session, args.discover_to
+            );
+            let found = rt
+                .block_on(shell::discovery::find(
+                    &args.session,
+                    args.discover_to,
+                    args.wait,
+                ))
+                .map_err(|e| anyhow!(e))?;
+            eprintln!("ka: found the source at {found}");
+            found
+        }
+    };
     let name = match args.name {
         Some(n) => n,
         None => nix::unistd::gethostname()
@@ -323,7 +360,7 @@ pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
         wait: args.wait,
     };
     let json = args.json;
-    let outcome = runtime()?.block_on(shell::run_node(opts, |_, e| {
+    let outcome = rt.block_on(shell::run_node(opts, |_, e| {
         print_node_event(&name, e, json)
     }));
     let _ = std::fs::remove_file(&spool);
@@ -346,9 +383,19 @@ pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
 /// Runs `ka go`.
 pub fn go(args: GoArgs) -> anyhow::Result<u8> {
     let (secret, _) = load_or_generate_secret(Some(&args.secret_file)).map_err(|e| anyhow!(e))?;
-    let server = resolve(&args.server)?;
+    let rt = runtime()?;
+    let server = match &args.server {
+        Some(s) => resolve(s)?,
+        None => rt
+            .block_on(shell::discovery::find(
+                &args.session,
+                args.discover_to,
+                Duration::from_secs(10),
+            ))
+            .map_err(|e| anyhow!(e))?,
+    };
     let key = session_key(&secret, &args.session);
-    let (started, nodes) = runtime()?
+    let (started, nodes) = rt
         .block_on(shell::go(server, &args.session, &key))
         .map_err(|e| anyhow!(e))?;
     if started {

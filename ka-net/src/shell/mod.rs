@@ -14,6 +14,7 @@
 //! control connection, a downstream's data connection or an operator's go.
 
 pub mod conn;
+pub mod discovery;
 pub mod key;
 pub mod node;
 pub mod source;
