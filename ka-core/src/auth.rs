@@ -7,7 +7,7 @@
 //! side that checks it, so a recorded proof cannot be replayed, and a domain
 //! string, so a proof for one purpose is never valid for another.
 
-use crate::codec::{Nonce, Tag};
+use crate::codec::{Message, Nonce, RefusalCode, Tag, PROTOCOL_VERSION};
 use crate::ids::{Epoch, NodeId};
 
 /// A keyed MAC over the session secret.
@@ -60,6 +60,51 @@ pub fn data_proof(
 /// The proof an operator's `go` carries.
 pub fn go_proof(key: &dyn SessionKey, nonce: &Nonce, session: &str) -> Tag {
     key.mac(&covered("ka/go/v1", &[&nonce.0, session.as_bytes()]))
+}
+
+/// What a verified data hello asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataRequest {
+    /// The downstream node.
+    pub node: NodeId,
+    /// The topology generation it connects for.
+    pub epoch: Epoch,
+    /// The offset it wants data from.
+    pub from: u64,
+}
+
+/// Checks the first message on a data connection: a
+/// [`Message::DataHello`] of this protocol version and `session`, whose
+/// proof covers the `nonce` this side sent. Returns the request, or the
+/// refusal to send back. Who may connect is the caller's question.
+pub fn check_data_hello(
+    key: &dyn SessionKey,
+    nonce: &Nonce,
+    session: &str,
+    msg: Message,
+) -> Result<DataRequest, (RefusalCode, String)> {
+    let Message::DataHello {
+        version,
+        session: theirs,
+        node,
+        epoch,
+        from,
+        proof,
+    } = msg
+    else {
+        return Err((RefusalCode::NotExpected, "expected a data hello".into()));
+    };
+    if version != PROTOCOL_VERSION || theirs != session {
+        let detail = format!("data connection for session {theirs:?} v{version}; this is {session:?} v{PROTOCOL_VERSION}");
+        return Err((RefusalCode::WrongSession, detail));
+    }
+    if !tags_equal(&proof, &data_proof(key, nonce, session, node, epoch, from)) {
+        return Err((
+            RefusalCode::BadProof,
+            "data connection without the session secret".into(),
+        ));
+    }
+    Ok(DataRequest { node, epoch, from })
 }
 
 /// Compares two tags in time independent of where they differ, so a

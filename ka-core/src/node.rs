@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::auth::{data_proof, join_proof, tags_equal, SessionKey};
+use crate::auth::{check_data_hello, data_proof, join_proof, DataRequest, SessionKey};
 use crate::codec::{
     Digest, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, PROTOCOL_VERSION,
 };
@@ -770,38 +770,11 @@ impl Node {
     }
 
     fn on_downstream_hello(&mut self, conn: ConnId, nonce: Nonce, msg: Message) {
-        let Message::DataHello {
-            version,
-            session,
-            node,
-            epoch,
-            from,
-            proof,
-        } = msg
-        else {
-            return self.refuse_downstream(
-                conn,
-                RefusalCode::NotExpected,
-                "expected a data hello".into(),
-            );
-        };
-        if version != PROTOCOL_VERSION || session != self.config.session {
-            return self.refuse_downstream(
-                conn,
-                RefusalCode::WrongSession,
-                "another session or version".into(),
-            );
-        }
-        if !tags_equal(
-            &proof,
-            &data_proof(&*self.key, &nonce, &session, node, epoch, from),
-        ) {
-            return self.refuse_downstream(
-                conn,
-                RefusalCode::BadProof,
-                "data connection without the session secret".into(),
-            );
-        }
+        let DataRequest { node, epoch, from } =
+            match check_data_hello(&*self.key, &nonce, &self.config.session, msg) {
+                Ok(request) => request,
+                Err((code, detail)) => return self.refuse_downstream(conn, code, detail),
+            };
         match self.downstreams.get(&node) {
             Some(&assigned) if epoch >= assigned => {}
             _ => {

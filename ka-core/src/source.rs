@@ -9,7 +9,7 @@
 use core::time::Duration;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::auth::{data_proof, go_proof, join_proof, tags_equal, SessionKey};
+use crate::auth::{check_data_hello, go_proof, join_proof, tags_equal, DataRequest, SessionKey};
 use crate::codec::{
     Digest, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, PROTOCOL_VERSION,
 };
@@ -700,34 +700,11 @@ impl Source {
     }
 
     fn on_data_hello(&mut self, conn: ConnId, nonce: Nonce, hello: Message) {
-        let Message::DataHello {
-            version,
-            session,
-            node,
-            epoch,
-            from,
-            proof,
-        } = hello
-        else {
-            return;
-        };
-        if version != PROTOCOL_VERSION || session != self.config.session {
-            return self.refuse(
-                conn,
-                RefusalCode::WrongSession,
-                "data connection for another session or version".into(),
-            );
-        }
-        if !tags_equal(
-            &proof,
-            &data_proof(&*self.key, &nonce, &session, node, epoch, from),
-        ) {
-            return self.refuse(
-                conn,
-                RefusalCode::BadProof,
-                "data connection without the session secret".into(),
-            );
-        }
+        let DataRequest { node, epoch, from } =
+            match check_data_hello(&*self.key, &nonce, &self.config.session, hello) {
+                Ok(request) => request,
+                Err((code, detail)) => return self.refuse(conn, code, detail),
+            };
         if self.topology.parent(node) != Some(None) || !self.is_live(node) {
             return self.refuse(
                 conn,

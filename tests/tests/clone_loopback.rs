@@ -643,3 +643,19 @@ fn a_node_without_server_finds_its_source_by_broadcast() {
     assert!(err.contains("found the source at 127.0.0.1"), "{err}");
     assert!(same_content(&s.image, &s.target("finder")));
 }
+
+#[test]
+fn the_demo_clones_and_verifies_every_copy() {
+    let out = ka_tests::run(
+        Command::new(ka_bin()).args(["demo", "--nodes", "3", "--size", "48MiB"]),
+        Duration::from_secs(120),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("3/3 nodes OK"), "{stdout}");
+    assert!(stdout.contains("3/3 copies byte-identical"), "{stdout}");
+}

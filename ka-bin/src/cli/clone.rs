@@ -95,19 +95,9 @@ fn parse_policy(s: &str) -> Result<SlowPolicy, String> {
 /// `ka join`: a node (the original ka-d-client).
 #[derive(Debug, clap::Args)]
 pub struct JoinArgs {
-    /// The source, HOST or HOST:PORT; without it the node finds the source of
-    /// its session by UDP broadcast.
-    #[arg(long)]
-    pub server: Option<String>,
-    /// Where discovery broadcasts go when --server is not given.
-    #[arg(long, default_value_t = SocketAddr::from(([255, 255, 255, 255], DEFAULT_PORT)))]
-    pub discover_to: SocketAddr,
-    /// Session name to join.
-    #[arg(long, default_value = DEFAULT_SESSION)]
-    pub session: String,
-    /// File holding the session secret the source printed or wrote.
-    #[arg(long, value_name = "FILE")]
-    pub secret_file: PathBuf,
+    /// The session and how to reach its source.
+    #[command(flatten)]
+    pub reach: Reach,
     /// Where to write the image: a regular file or a block device.
     #[arg(long, value_name = "PATH", group = "output")]
     pub target: Option<PathBuf>,
@@ -140,7 +130,17 @@ pub struct JoinArgs {
 /// `ka go`: start a waiting session now with the nodes present (the original -g).
 #[derive(Debug, clap::Args)]
 pub struct GoArgs {
-    /// The source, HOST or HOST:PORT; without it, found by UDP broadcast.
+    /// The session and how to reach its source.
+    #[command(flatten)]
+    pub reach: Reach,
+}
+
+/// A session, its secret, and how to reach its source: named, or found by
+/// UDP broadcast (the original's way, for nodes that boot before the source).
+#[derive(Debug, clap::Args)]
+pub struct Reach {
+    /// The source, HOST or HOST:PORT; without it the source of the session is
+    /// found by UDP broadcast.
     #[arg(long)]
     pub server: Option<String>,
     /// Where discovery broadcasts go when --server is not given.
@@ -149,9 +149,38 @@ pub struct GoArgs {
     /// Session name.
     #[arg(long, default_value = DEFAULT_SESSION)]
     pub session: String,
-    /// File holding the session secret.
+    /// File holding the session secret the source printed or wrote.
     #[arg(long, value_name = "FILE")]
     pub secret_file: PathBuf,
+}
+
+impl Reach {
+    /// The session's key, from the secret file.
+    fn key(&self) -> anyhow::Result<ka_net::digest::SessionKey> {
+        let (secret, _) =
+            load_or_generate_secret(Some(&self.secret_file)).map_err(|e| anyhow!(e))?;
+        Ok(session_key(&secret, &self.session))
+    }
+
+    /// The source's address: as given, or found by broadcast within `wait`.
+    fn locate(&self, rt: &tokio::runtime::Runtime, wait: Duration) -> anyhow::Result<SocketAddr> {
+        if let Some(s) = &self.server {
+            return resolve(s);
+        }
+        eprintln!(
+            "ka: looking for the source of session {:?} by broadcast to {}",
+            self.session, self.discover_to
+        );
+        let found = rt
+            .block_on(shell::discovery::find(
+                &self.session,
+                self.discover_to,
+                wait,
+            ))
+            .map_err(|e| anyhow!(e))?;
+        eprintln!("ka: found the source at {found}");
+        Ok(found)
+    }
 }
 
 /// `ka demo`: the whole job on this machine.
@@ -304,26 +333,9 @@ fn spool_path(dir: Option<&Path>, stem: &str) -> PathBuf {
 
 /// Runs `ka join`; returns the process exit code.
 pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
-    let (secret, _) = load_or_generate_secret(Some(&args.secret_file)).map_err(|e| anyhow!(e))?;
+    let key = args.reach.key()?;
     let rt = runtime()?;
-    let server = match &args.server {
-        Some(s) => resolve(s)?,
-        None => {
-            eprintln!(
-                "ka: looking for the source of session {:?} by broadcast to {}",
-                args.session, args.discover_to
-            );
-            let found = rt
-                .block_on(shell::discovery::find(
-                    &args.session,
-                    args.discover_to,
-                    args.wait,
-                ))
-                .map_err(|e| anyhow!(e))?;
-            eprintln!("ka: found the source at {found}");
-            found
-        }
-    };
+    let server = args.reach.locate(&rt, args.wait)?;
     let name = match args.name {
         Some(n) => n,
         None => nix::unistd::gethostname()
@@ -332,7 +344,7 @@ pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
             .ok_or_else(|| anyhow!("cannot read the host name: pass --name"))?,
     };
     let mut config = NodeConfig::new(
-        args.session.clone(),
+        args.reach.session.clone(),
         name.clone(),
         SocketAddr::from(([0, 0, 0, 0], 0)),
     );
@@ -355,7 +367,7 @@ pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
         config,
         server,
         target,
-        key: session_key(&secret, &args.session),
+        key,
         listen_ip: IpAddr::from([0, 0, 0, 0]),
         wait: args.wait,
     };
@@ -382,21 +394,11 @@ pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
 
 /// Runs `ka go`.
 pub fn go(args: GoArgs) -> anyhow::Result<u8> {
-    let (secret, _) = load_or_generate_secret(Some(&args.secret_file)).map_err(|e| anyhow!(e))?;
+    let key = args.reach.key()?;
     let rt = runtime()?;
-    let server = match &args.server {
-        Some(s) => resolve(s)?,
-        None => rt
-            .block_on(shell::discovery::find(
-                &args.session,
-                args.discover_to,
-                Duration::from_secs(10),
-            ))
-            .map_err(|e| anyhow!(e))?,
-    };
-    let key = session_key(&secret, &args.session);
+    let server = args.reach.locate(&rt, Duration::from_secs(10))?;
     let (started, nodes) = rt
-        .block_on(shell::go(server, &args.session, &key))
+        .block_on(shell::go(server, &args.reach.session, &key))
         .map_err(|e| anyhow!(e))?;
     if started {
         println!("started with {nodes} nodes");
