@@ -114,23 +114,29 @@ impl Session {
         format!("127.0.0.1:{}", self.port.get())
     }
 
-    /// Starts `ka serve` on a port the kernel picks and learns it from its
-    /// first line, so parallel tests never race for a port.
+    /// Starts `ka serve` of the session's image file.
     fn serve(&self, nodes: u32, extra: &[&str]) -> Proc {
-        let listen = "127.0.0.1:0".to_string();
+        self.serve_input(nodes, &["--image", self.image.to_str().unwrap()], extra)
+    }
+
+    /// Starts `ka serve` of `input` (`--image P`, `--command C`, `--tar D`) on
+    /// a port the kernel picks and learns it from its first line, so parallel
+    /// tests never race for a port.
+    fn serve_input(&self, nodes: u32, input: &[&str], extra: &[&str]) -> Proc {
         let n = nodes.to_string();
+        let secret = self.secret.to_str().unwrap();
+        let spool = self.dir.path().to_str().unwrap();
         let mut args = vec![
             "serve",
             "--nodes",
             &n,
             "--listen",
-            &listen,
+            "127.0.0.1:0",
             "--secret-file",
-            self.secret.to_str().unwrap(),
-            "--image",
-            self.image.to_str().unwrap(),
-            "--json",
+            secret,
         ];
+        args.extend_from_slice(input);
+        args.extend_from_slice(&["--spool-dir", spool, "--json"]);
         args.extend_from_slice(extra);
         let p = Proc::start(self.dir.path(), "serve", &args);
         self.learn_port(&p);
@@ -157,20 +163,26 @@ impl Session {
     }
 
     fn join(&self, name: &str, target: &Path, extra: &[&str]) -> Proc {
+        self.join_output(name, &["--target", target.to_str().unwrap()], extra)
+    }
+
+    /// Starts `ka join` writing to `output` (`--target P`, `--command C`,
+    /// `--untar D`).
+    fn join_output(&self, name: &str, output: &[&str], extra: &[&str]) -> Proc {
         let server = self.server();
+        let secret = self.secret.to_str().unwrap();
+        let spool = self.dir.path().to_str().unwrap();
         let mut args = vec![
             "join",
             "--server",
             &server,
             "--secret-file",
-            self.secret.to_str().unwrap(),
-            "--target",
-            target.to_str().unwrap(),
+            secret,
             "--name",
             name,
-            "--wait",
-            "60s",
         ];
+        args.extend_from_slice(output);
+        args.extend_from_slice(&["--spool-dir", spool, "--wait", "60s"]);
         args.extend_from_slice(extra);
         Proc::start(self.dir.path(), name, &args)
     }
@@ -438,27 +450,8 @@ fn a_block_device_too_small_is_refused_before_any_write() {
 #[test]
 fn command_mode_streams_a_command_into_commands() {
     let s = Session::new(24 << 20);
-    let listen = "127.0.0.1:0";
     let cmd = format!("cat {}", s.image.display());
-    let serve = Proc::start(
-        s.dir.path(),
-        "serve",
-        &[
-            "serve",
-            "--nodes",
-            "3",
-            "--listen",
-            listen,
-            "--secret-file",
-            s.secret.to_str().unwrap(),
-            "--command",
-            &cmd,
-            "--spool-dir",
-            s.dir.path().to_str().unwrap(),
-            "--json",
-        ],
-    );
-    s.learn_port(&serve);
+    let serve = s.serve_input(3, &["--command", &cmd], &[]);
     let outs: Vec<PathBuf> = (0..3)
         .map(|i| s.dir.path().join(format!("out{i}")))
         .collect();
@@ -466,27 +459,10 @@ fn command_mode_streams_a_command_into_commands() {
         .iter()
         .enumerate()
         .map(|(i, out)| {
-            let sink = format!("cat > {}", out.display());
-            let name = format!("c{i}");
-            let server = s.server();
-            Proc::start(
-                s.dir.path(),
-                &name,
-                &[
-                    "join",
-                    "--server",
-                    &server,
-                    "--secret-file",
-                    s.secret.to_str().unwrap(),
-                    "--command",
-                    &sink,
-                    "--name",
-                    &name,
-                    "--spool-dir",
-                    s.dir.path().to_str().unwrap(),
-                    "--wait",
-                    "60s",
-                ],
+            s.join_output(
+                &format!("c{i}"),
+                &["--command", &format!("cat > {}", out.display())],
+                &[],
             )
         })
         .collect();
@@ -530,54 +506,14 @@ fn tar_mode_clones_a_tree_with_links_modes_and_sparse_files() {
     let sparse = File::create(tree.join("sparse.img")).unwrap();
     sparse.set_len(64 << 20).unwrap();
     sparse.write_all_at(b"tail", (64 << 20) - 4).unwrap();
-    let serve = Proc::start(
-        s.dir.path(),
-        "serve",
-        &[
-            "serve",
-            "--nodes",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--secret-file",
-            s.secret.to_str().unwrap(),
-            "--tar",
-            tree.to_str().unwrap(),
-            "--spool-dir",
-            s.dir.path().to_str().unwrap(),
-            "--json",
-        ],
-    );
-    s.learn_port(&serve);
+    let serve = s.serve_input(2, &["--tar", tree.to_str().unwrap()], &[]);
     let dests: Vec<PathBuf> = (0..2)
         .map(|i| s.dir.path().join(format!("dest{i}")))
         .collect();
     let nodes: Vec<Proc> = dests
         .iter()
         .enumerate()
-        .map(|(i, d)| {
-            let name = format!("t{i}");
-            let server = s.server();
-            Proc::start(
-                s.dir.path(),
-                &name,
-                &[
-                    "join",
-                    "--server",
-                    &server,
-                    "--secret-file",
-                    s.secret.to_str().unwrap(),
-                    "--untar",
-                    d.to_str().unwrap(),
-                    "--name",
-                    &name,
-                    "--spool-dir",
-                    s.dir.path().to_str().unwrap(),
-                    "--wait",
-                    "60s",
-                ],
-            )
-        })
+        .map(|(i, d)| s.join_output(&format!("t{i}"), &["--untar", d.to_str().unwrap()], &[]))
         .collect();
     let (code, out, err) = serve.finish(Duration::from_secs(120));
     assert_eq!(code, 0, "{out}\n{err}");
