@@ -40,8 +40,13 @@ fn main() -> ExitCode {
         Command::Tftp(_) => tracing::Level::INFO,
         _ => tracing::Level::WARN,
     };
+    // RUST_LOG adds detail (e.g. RUST_LOG=info for one line per node event,
+    // in that node's span); the default keeps each command quiet.
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(level.into())
+        .from_env_lossy();
     tracing_subscriber::fmt()
-        .with_max_level(level)
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -4,13 +4,16 @@
 //! Exit codes scripts can trust: 0 when every node verified its copy, 1 when
 //! the session ran but some nodes failed, 2 when it could not run at all.
 
+use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use ka_core::config::{NodeConfig, SlowPolicy, SourceConfig};
+use ka_core::ids::NodeId;
 use ka_core::node::NodeEvent;
 use ka_core::source::{NodeReport, Source, SourceEvent};
 use ka_net::shell::{
@@ -418,11 +421,15 @@ fn print_node_event(name: &str, e: &NodeEvent, json: bool) {
     }
 }
 
-/// The source's live view: one line per node on a terminal, JSON lines for scripts.
+/// The source's live view: one line per node on a terminal (state, bytes,
+/// rate, ETA), JSON lines for scripts, and a tracing span per node for logs.
 struct Display {
     json: bool,
     tty: bool,
     lines: usize,
+    /// Per node: when and at what offset it was last drawn, and its smoothed rate.
+    rates: HashMap<NodeId, (Instant, u64, f64)>,
+    spans: HashMap<NodeId, tracing::Span>,
 }
 
 impl Display {
@@ -431,10 +438,45 @@ impl Display {
             json,
             tty: std::io::stderr().is_terminal(),
             lines: 0,
+            rates: HashMap::new(),
+            spans: HashMap::new(),
+        }
+    }
+
+    /// Logs an event in the span of the node it concerns (`RUST_LOG=info`).
+    fn log(&mut self, source: &Source, event: &SourceEvent) {
+        let node = match event {
+            SourceEvent::Joined { node, .. }
+            | SourceEvent::Relinked { node, .. }
+            | SourceEvent::Dead { node, .. }
+            | SourceEvent::Slow { node, .. }
+            | SourceEvent::Verified { node, .. }
+            | SourceEvent::Failed { node, .. }
+            | SourceEvent::Released { node } => Some(*node),
+            _ => None,
+        };
+        match node {
+            Some(n) => {
+                let name = source
+                    .report()
+                    .into_iter()
+                    .find(|r| r.node == n)
+                    .map(|r| r.name)
+                    .unwrap_or_default();
+                let span = self
+                    .spans
+                    .entry(n)
+                    .or_insert_with(|| tracing::info_span!("node", id = %n, name = %name));
+                span.in_scope(|| tracing::info!(?event));
+            }
+            None => tracing::info!(?event),
         }
     }
 
     fn update(&mut self, source: &Source, event: Option<&SourceEvent>) {
+        if let Some(e) = event {
+            self.log(source, e);
+        }
         match event {
             Some(e) if self.json => println!("{{\"event\":{:?}}}", format!("{e:?}")),
             Some(e) if !self.tty => eprintln!("ka: {e:?}"),
@@ -470,13 +512,34 @@ impl Display {
         self.clear();
         let size = source.config().image_size.unwrap_or(0).max(1);
         let mut err = std::io::stderr();
+        let now = Instant::now();
         for r in source.report() {
             let got = source
                 .progress(r.node)
                 .map_or(r.received, |p| p.received.max(r.received));
+            let (then, before, smoothed) = *self.rates.entry(r.node).or_insert((now, got, 0.0));
+            let dt = now.duration_since(then).as_secs_f64();
+            let rate = if dt >= 0.5 {
+                let instant = got.saturating_sub(before) as f64 / dt;
+                let smoothed = if smoothed == 0.0 {
+                    instant
+                } else {
+                    0.7 * smoothed + 0.3 * instant
+                };
+                self.rates.insert(r.node, (now, got, smoothed));
+                smoothed
+            } else {
+                smoothed
+            };
+            let eta = if rate > 0.0 && got < size && r.outcome.is_none() {
+                format!("ETA {:>4.0}s", (size - got) as f64 / rate)
+            } else {
+                String::new()
+            };
             let pct = (got as f64 / size as f64 * 100.0).min(100.0);
             let bar_len = (pct / 5.0) as usize;
             let state = match &r.outcome {
+                None if source.is_live(r.node) && got >= size => "verifying".to_string(),
                 None if source.is_live(r.node) => "receiving".to_string(),
                 None => "lost".to_string(),
                 Some(Ok(())) => "OK".to_string(),
@@ -484,11 +547,13 @@ impl Display {
             };
             let _ = writeln!(
                 err,
-                "{:<16} [{:<20}] {:5.1}% {:>10} {}",
+                "{:<16} [{:<20}] {:5.1}% {:>10} {:>9.1} MB/s {:<9} {}",
                 r.name,
                 "#".repeat(bar_len),
                 pct,
                 human(got),
+                rate / 1e6,
+                eta,
                 state
             );
             self.lines += 1;
