@@ -429,6 +429,28 @@ impl Message {
         out[start..start + LEN_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
     }
 
+    /// The message's name, for error texts.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Challenge { .. } => "Challenge",
+            Message::Join(_) => "Join",
+            Message::Welcome { .. } => "Welcome",
+            Message::Refused(_) => "Refused",
+            Message::Topology { .. } => "Topology",
+            Message::ImageDone { .. } => "ImageDone",
+            Message::Release => "Release",
+            Message::Abort { .. } => "Abort",
+            Message::Heartbeat => "Heartbeat",
+            Message::Progress(_) => "Progress",
+            Message::Verified { .. } => "Verified",
+            Message::Failed { .. } => "Failed",
+            Message::Go { .. } => "Go",
+            Message::GoAck { .. } => "GoAck",
+            Message::DataHello { .. } => "DataHello",
+            Message::DataAccepted { .. } => "DataAccepted",
+        }
+    }
+
     /// Encodes into a fresh buffer.
     pub fn to_bytes(&self) -> BytesMut {
         let mut out = BytesMut::new();

@@ -54,7 +54,8 @@
 //! - [`codec`]: frames and messages; [`record`]: the data-connection framing.
 //! - [`source`], [`node`]: the two machines; [`topology`]: the tree;
 //!   [`range_set`]: offsets held; [`config`]: every timeout and policy.
-//! - [`auth`]: proofs of the secret; [`time`], [`ids`]: the value types.
+//! - [`auth`]: proofs of the secret; [`time`], [`ids`]: the value types;
+//!   [`units`]: sizes as operators write them.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -69,3 +70,4 @@ pub mod source;
 pub mod time;
 mod timer;
 pub mod topology;
+pub mod units;

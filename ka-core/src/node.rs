@@ -14,7 +14,6 @@ use crate::codec::{
 use crate::config::NodeConfig;
 use crate::ids::{ConnId, Epoch, NodeId};
 use crate::range_set::RangeSet;
-use crate::source::message_name;
 use crate::time::Time;
 use crate::timer::TimerTable;
 use core::net::SocketAddr;
@@ -651,7 +650,7 @@ impl Node {
             }
             (ControlState::Joined(_), Message::Heartbeat) => {}
             (_, other) => {
-                let reason = format!("the source sent an unexpected {}", message_name(&other));
+                let reason = format!("the source sent an unexpected {}", other.name());
                 self.events.push_back(NodeEvent::UpstreamLost { reason });
                 self.actions.push_back(NodeAction::Close { conn });
                 self.lose_source(now);
@@ -754,7 +753,7 @@ impl Node {
             (_, other) => self.drop_upstream(
                 now,
                 conn,
-                format!("upstream sent an unexpected {}", message_name(&other)),
+                format!("upstream sent an unexpected {}", other.name()),
             ),
         }
     }

@@ -353,12 +353,9 @@ impl Source {
             (ConnRole::Challenged(nonce), hello @ Message::DataHello { .. }) => {
                 self.on_data_hello(conn, nonce, hello)
             }
-            (ConnRole::Control(id), msg) => self.on_node_message(now, conn, id, msg),
+            (ConnRole::Control(id), msg) => self.on_node_message(now, id, msg),
             (_, other) => {
-                let detail = format!(
-                    "unexpected message {:?} at this point",
-                    message_name(&other)
-                );
+                let detail = format!("unexpected message {:?} at this point", other.name());
                 self.refuse(conn, RefusalCode::NotExpected, detail);
             }
         }
@@ -731,7 +728,7 @@ impl Source {
             .push_back(SourceAction::Serve { conn, node, from });
     }
 
-    fn on_node_message(&mut self, now: Time, conn: ConnId, id: NodeId, msg: Message) {
+    fn on_node_message(&mut self, now: Time, id: NodeId, msg: Message) {
         let Some(record) = self.nodes.get_mut(&id) else {
             return;
         };
@@ -770,10 +767,9 @@ impl Source {
             }
             Message::Heartbeat => {}
             other => {
-                let _ = conn;
                 let reason = format!(
                     "protocol violation: unexpected {} from a joined node",
-                    message_name(&other)
+                    other.name()
                 );
                 self.declare_dead(now, id, reason);
             }
@@ -1181,27 +1177,5 @@ impl Source {
             }
         }
         self.events.push_back(SourceEvent::Aborted { reason });
-    }
-}
-
-/// A short name of a message, for error texts.
-pub(crate) fn message_name(m: &Message) -> &'static str {
-    match m {
-        Message::Challenge { .. } => "Challenge",
-        Message::Join(_) => "Join",
-        Message::Welcome { .. } => "Welcome",
-        Message::Refused(_) => "Refused",
-        Message::Topology { .. } => "Topology",
-        Message::ImageDone { .. } => "ImageDone",
-        Message::Release => "Release",
-        Message::Abort { .. } => "Abort",
-        Message::Heartbeat => "Heartbeat",
-        Message::Progress(_) => "Progress",
-        Message::Verified { .. } => "Verified",
-        Message::Failed { .. } => "Failed",
-        Message::Go { .. } => "Go",
-        Message::GoAck { .. } => "GoAck",
-        Message::DataHello { .. } => "DataHello",
-        Message::DataAccepted { .. } => "DataAccepted",
     }
 }

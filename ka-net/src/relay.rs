@@ -837,6 +837,17 @@ mod tests {
     /// Every network test finishes well within this or fails.
     const DEADLINE: Duration = Duration::from_secs(60);
 
+    /// The session digest of a whole image file, computed apart from any relay.
+    fn file_digest(path: &std::path::Path) -> ImageDigest {
+        let mut whole = open_source(&SourceSpec::File(path.to_path_buf())).unwrap();
+        digest_source(
+            whole.as_mut(),
+            ImageHasher::new(&KEY),
+            &mut vec![0; BUF_SIZE],
+        )
+        .unwrap()
+    }
+
     async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
@@ -1042,13 +1053,7 @@ mod tests {
             let end = relay(&mut down, &mut writer, None, |_| {}).await.unwrap();
             sender.await.unwrap();
             assert!(std::fs::read(&out).unwrap() == img, "resumed copy differs");
-            let mut whole = open_source(&SourceSpec::File(path)).unwrap();
-            let want = digest_source(
-                whole.as_mut(),
-                ImageHasher::new(&KEY),
-                &mut vec![0; BUF_SIZE],
-            )
-            .unwrap();
+            let want = file_digest(&path);
             assert_eq!(end.digest, want, "resumed digest differs");
         })
         .await
@@ -1094,13 +1099,7 @@ mod tests {
             let sent = sender.await.unwrap();
             assert_eq!(sent.size, img.len() as u64);
             assert!(std::fs::read(&out).unwrap() == img);
-            let mut whole = open_source(&SourceSpec::File(path)).unwrap();
-            let want = digest_source(
-                whole.as_mut(),
-                ImageHasher::new(&KEY),
-                &mut vec![0; BUF_SIZE],
-            )
-            .unwrap();
+            let want = file_digest(&path);
             assert_eq!(end.digest, want);
         })
         .await
@@ -1207,13 +1206,7 @@ mod tests {
             let end = relay(&mut down, &mut w_b, None, |_| {}).await.unwrap();
             sender.await.unwrap();
             assert!(std::fs::read(&out_b).unwrap() == img);
-            let mut whole = open_source(&SourceSpec::File(path)).unwrap();
-            let want = digest_source(
-                whole.as_mut(),
-                ImageHasher::new(&KEY),
-                &mut vec![0; BUF_SIZE],
-            )
-            .unwrap();
+            let want = file_digest(&path);
             assert_eq!(end.digest, want);
         })
         .await

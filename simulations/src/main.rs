@@ -15,7 +15,7 @@ struct Cli {
     #[arg(long, default_value_t = 16)]
     nodes: usize,
     /// Image size (bytes; suffixes K, M, G, KiB, MiB, GiB).
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "64MiB", value_parser = ka_core::units::parse_size)]
     size: u64,
     /// Seed for every random choice (random if omitted; always printed).
     #[arg(long)]
@@ -54,31 +54,6 @@ enum Policy {
     Keep,
     Tail,
     Drop,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 64MiB"))?;
-    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "kb" => 1000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        _ => {
-            return Err(format!(
-                "unknown size unit {unit:?}: use K, M, G, KiB, MiB or GiB"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s} is too large"))
 }
 
 /// A seed when none is given: derived from the address of a stack value and

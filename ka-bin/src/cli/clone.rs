@@ -193,33 +193,11 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 4)]
     pub nodes: u32,
     /// Image size (e.g. 256MiB, 1GiB).
-    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "256MiB", value_parser = ka_core::units::parse_size)]
     pub size: u64,
     /// Keep the work directory (image and copies) instead of removing it.
     #[arg(long)]
     pub keep: bool,
-}
-
-/// Parses sizes like `4096`, `64KiB`, `256MiB`, `1GiB` (also K, M, G, KB, MB, GB).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 256MiB"))?;
-    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "kb" => 1000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        _ => return Err(format!("unknown size unit {unit:?}: use KiB, MiB or GiB")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s} is too large"))
 }
 
 fn resolve(server: &str) -> anyhow::Result<SocketAddr> {

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::conn::{self, Command, Event, ReceiveJob, ServeJob, Written};
 use super::{nonce, Clock};
-use crate::digest::{verify_readback, ImageHasher, SessionKey};
+use crate::digest::{digest_source, ImageHasher, SessionKey};
 use crate::relay::NodeWriter;
 use crate::sink::{open_sink, SinkSpec};
 use crate::Error;
@@ -118,30 +118,18 @@ pub async fn run_node(
     let mut tasks = Vec::new();
     let mut next_conn = 0u64;
     let mut writer: Option<NodeWriter> = None;
-    let mut expected: Option<Digest> = None;
     // Only the latest attempt to reach an upstream counts: the topology may
     // have moved on while an older one was connecting.
     let mut upstream_attempt: Option<ConnId> = None;
     let outcome = 'session: loop {
-        while let Some((c, m)) = node.poll_transmit() {
-            if let ka_core::codec::Message::ImageDone { digest, .. } = &m {
-                expected = Some(*digest);
-            }
-            if let Some(tx) = conns.get(&c) {
-                let _ = tx.send(Command::Send(m));
-            }
-        }
+        send_transmits(&mut node, &conns);
         while let Some(ev) = node.poll_event() {
             on_event(&node, &ev);
         }
         while let Some(action) = node.poll_action() {
             // An action handler may feed the machine (a sink that fails to
             // open): whatever it transmits goes out before a close or exit.
-            while let Some((c, m)) = node.poll_transmit() {
-                if let Some(tx) = conns.get(&c) {
-                    let _ = tx.send(Command::Send(m));
-                }
-            }
+            send_transmits(&mut node, &conns);
             match action {
                 NodeAction::ConnectSource => {
                     connect(next_id(&mut next_conn), opts.server, true, &internal_tx)
@@ -212,18 +200,20 @@ pub async fn run_node(
                         );
                         continue;
                     };
-                    let (key, tx, expected) = (key.clone(), internal_tx.clone(), expected);
+                    // Only the digest of what reads back is computed here; the
+                    // machine compares it with the source's.
+                    let (key, tx) = (key.clone(), internal_tx.clone());
                     tokio::spawn(async move {
                         let result = match w.into_parts().await {
                             Err(e) => Err(e.to_string()),
                             Ok((sink, _)) => tokio::task::spawn_blocking(move || {
-                                let expected =
-                                    crate::digest::ImageDigest(expected.unwrap_or_default().0);
-                                match verify_readback(sink.as_ref(), &key, &expected) {
-                                    Ok(d) => Ok(Digest(d.0)),
-                                    Err(Error::DigestMismatch { got, .. }) => Ok(Digest(got.0)),
-                                    Err(e) => Err(e.to_string()),
-                                }
+                                let mut buf = vec![0u8; crate::relay::BUF_SIZE];
+                                sink.readback()
+                                    .and_then(|mut rb| {
+                                        digest_source(rb.as_mut(), ImageHasher::new(&key), &mut buf)
+                                    })
+                                    .map(|d| Digest(d.0))
+                                    .map_err(|e| e.to_string())
                             })
                             .await
                             .unwrap_or_else(|e| Err(e.to_string())),
@@ -343,6 +333,15 @@ pub async fn run_node(
         let _ = w.into_parts().await;
     }
     Ok(outcome)
+}
+
+/// Hands the frames the machine wants sent to their connections' tasks.
+fn send_transmits(node: &mut Node, conns: &HashMap<ConnId, mpsc::UnboundedSender<Command>>) {
+    while let Some((c, m)) = node.poll_transmit() {
+        if let Some(tx) = conns.get(&c) {
+            let _ = tx.send(Command::Send(m));
+        }
+    }
 }
 
 fn is_source_attempt(msg: &Internal) -> bool {
