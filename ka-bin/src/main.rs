@@ -30,6 +30,8 @@ enum Command {
     Tftp(cli::tftp::TftpArgs),
     /// DHCP server configuration and MAC harvesting.
     Dhcp(cli::dhcp::DhcpArgs),
+    /// The netboot image install-mode nodes boot: build it, or run inside it.
+    Netboot(cli::netboot::NetbootArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
         Command::Pxe(args) => cli::pxe::run(args).map(|()| 0),
         Command::Tftp(args) => cli::tftp::run(args).map(|()| 0),
         Command::Dhcp(args) => cli::dhcp::run(args).map(|()| 0),
+        Command::Netboot(args) => cli::netboot::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -301,6 +301,8 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+pub mod vmlab;
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -165,7 +165,7 @@ fn per_mac_config_follows_the_mode_without_restart() {
     let install = fetch_text(&server, d, by_mac);
     assert!(
         install.contains(
-            "APPEND ka.server=10.9.0.1:4000 ka.session=t ka.name=n02 ka.target=/dev/vda ka.mode=install console=ttyS0,115200"
+            "APPEND ka.server=10.9.0.1:4000 ka.session=t ka.name=n02 ka.target=/dev/vda ka.mode=install ka.ip=10.9.0.12/24 ka.gateway=10.9.0.1 console=ttyS0,115200"
         ),
         "{install}"
     );

@@ -9,6 +9,7 @@
 //! [`modes::BootState::clone_verified`] and the node's next boot is local.
 
 pub mod dhcp;
+pub mod flip;
 pub mod harvest;
 pub mod hostlist;
 pub mod inventory;

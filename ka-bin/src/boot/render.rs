@@ -19,15 +19,30 @@ use super::inventory::{Inventory, LocalBoot, Node};
 use super::mac::Mac;
 use super::modes::{Mode, Modes, NodeMode, DEFAULT_MODE};
 
-/// The kernel command line of a node booting the ka netboot image.
+/// The kernel command line of a node booting the ka netboot image: where to
+/// clone from and onto, and the node's identity (its name is its host name;
+/// its address and the network's settings), which the netboot image writes
+/// into the verified copy. The contract is in `docs/netboot.md`.
 pub fn kernel_cmdline(inv: &Inventory, node: &Node, mode: Mode) -> String {
+    let net = &inv.network;
     let mut args = vec![
         format!("ka.server={}", inv.session.source),
         format!("ka.session={}", inv.session.name),
         format!("ka.name={}", node.name),
         format!("ka.target={}", node.disk),
         format!("ka.mode={mode}"),
+        format!("ka.ip={}/{}", node.ip, net.prefix),
     ];
+    if let Some(g) = net.gateway {
+        args.push(format!("ka.gateway={g}"));
+    }
+    if !net.dns.is_empty() {
+        let dns: Vec<String> = net.dns.iter().map(|d| d.to_string()).collect();
+        args.push(format!("ka.dns={}", dns.join(",")));
+    }
+    if let Some(d) = &net.domain {
+        args.push(format!("ka.domain={d}"));
+    }
     if let Some(console) = &inv.boot.console {
         args.push(format!("console={console}"));
     }
@@ -225,7 +240,7 @@ kernel_args = "nomodeset"
         assert!(
             by_mac.contains(
                 "APPEND ka.server=192.168.10.1:4000 ka.session=lab ka.name=node011 \
-                 ka.target=/dev/vda ka.mode=install console=ttyS0 quiet nomodeset\n"
+                 ka.target=/dev/vda ka.mode=install ka.ip=192.168.10.11/24 console=ttyS0 quiet nomodeset\n"
             ),
             "{by_mac}"
         );

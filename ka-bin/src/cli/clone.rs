@@ -23,6 +23,10 @@ use ka_net::shell::{
 use ka_net::sink::SinkSpec;
 use ka_net::source::SourceSpec;
 
+use crate::boot::flip::{Flipped, VerifiedFlip};
+use crate::boot::{BootState, Inventory};
+use crate::netboot::identity::{RootPartition, Step as IdentityStep};
+
 /// The port ka listens on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 4715;
 /// The session name unless told otherwise.
@@ -32,6 +36,8 @@ pub const DEFAULT_SESSION: &str = "ka";
 pub const EXIT_SOME_FAILED: u8 = 1;
 /// The session could not run.
 pub const EXIT_COULD_NOT_RUN: u8 = 2;
+/// `ka join --identity`: the copy is verified but the identity step failed.
+pub const EXIT_NO_IDENTITY: u8 = 3;
 
 /// `ka serve`: the source (the original ka-d-server).
 #[derive(Debug, clap::Args)]
@@ -84,6 +90,13 @@ pub struct ServeArgs {
     /// Print JSON lines (events and a final report) instead of the live display.
     #[arg(long)]
     pub json: bool,
+    /// Inventory of the nodes: each one whose clone is verified is flipped to
+    /// local boot in --boot-state (after_clone in the inventory).
+    #[arg(long, value_name = "FILE", requires = "boot_state")]
+    pub inventory: Option<PathBuf>,
+    /// Boot-mode directory to flip verified nodes in (`ka pxe`/`ka tftp` --state-dir).
+    #[arg(long, value_name = "DIR", requires = "inventory")]
+    pub boot_state: Option<PathBuf>,
 }
 
 fn parse_policy(s: &str) -> Result<SlowPolicy, String> {
@@ -128,6 +141,14 @@ pub struct JoinArgs {
     /// Print JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Once the copy is verified, give it this node's identity: KEY=VALUE
+    /// items hostname, domain, ip (ADDR/PREFIX), gateway, dns, mac (see docs/netboot.md).
+    #[arg(long, value_name = "KEY=VALUE,…", value_delimiter = ',')]
+    pub identity: Vec<String>,
+    /// With --identity: the partition of --target holding the root file
+    /// system (a number, `auto`: the first with an etc/, `whole`: no partitions).
+    #[arg(long, value_name = "N|auto|whole", default_value = "auto")]
+    pub root_partition: RootPartition,
 }
 
 /// `ka go`: start a waiting session now with the nodes present (the original -g).
@@ -261,6 +282,13 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         },
         _ => bail!("say what to clone: --image PATH, --command CMD, --tar DIR or --stdin"),
     };
+    let flip = match (&args.inventory, &args.boot_state) {
+        (Some(inv), Some(dir)) => Some(VerifiedFlip::new(
+            Inventory::load(inv)?,
+            BootState::new(dir),
+        )),
+        _ => None,
+    };
     let rt = runtime()?;
     let report = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)
@@ -295,13 +323,33 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             image: input,
             key,
         };
-        shell::run_source(opts, listener, go_rx, |s, e| display.update(s, e))
-            .await
-            .map_err(|e| anyhow!("{e}"))
+        shell::run_source(opts, listener, go_rx, |s, e| {
+            if let (Some(flip), Some(e)) = (&flip, e) {
+                report_flip(flip.on_event(s, e));
+            }
+            display.update(s, e)
+        })
+        .await
+        .map_err(|e| anyhow!("{e}"))
     })?;
     let _ = std::fs::remove_file(&spool);
     print_report(&report, args.json);
     Ok(exit_code(&report))
+}
+
+fn report_flip(flipped: Option<(String, Flipped)>) {
+    match flipped {
+        Some((name, Flipped::To(mode))) => {
+            eprintln!("ka: {name}: clone verified, boot mode now {mode}")
+        }
+        Some((name, Flipped::Kept)) => {
+            eprintln!("ka: {name}: clone verified, boot mode kept (after_clone = \"keep\")")
+        }
+        Some((name, Flipped::Failed(why))) => {
+            eprintln!("ka: {name}: clone verified, but its boot mode was not flipped: {why}")
+        }
+        None => {}
+    }
 }
 
 /// A spool file in `dir` (or the temporary directory), unique to this process.
@@ -314,6 +362,14 @@ fn spool_path(dir: Option<&Path>, stem: &str) -> PathBuf {
 
 /// Runs `ka join`; returns the process exit code.
 pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
+    // Checked before cloning: a typo must not cost a whole clone.
+    let identity = IdentityStep::from_args(
+        &args.identity,
+        args.root_partition,
+        args.target.as_deref(),
+        args.untar.as_deref(),
+    )
+    .map_err(|e| anyhow!(e))?;
     let key = args.reach.key()?;
     let rt = runtime()?;
     let server = args.reach.locate(&rt, args.wait)?;
@@ -370,7 +426,15 @@ pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
             outcome.reason
         );
     }
-    Ok(if outcome.ok { 0 } else { EXIT_SOME_FAILED })
+    if !outcome.ok {
+        return Ok(EXIT_SOME_FAILED);
+    }
+    // After the verdict: the digest covers the copy exactly as sent; the
+    // identity is this node's own change on top of it.
+    match identity {
+        Some(step) if !step.run_and_report(&name, json) => Ok(EXIT_NO_IDENTITY),
+        _ => Ok(0),
+    }
 }
 
 /// Runs `ka go`.

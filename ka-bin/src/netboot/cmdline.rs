@@ -1,0 +1,403 @@
+//! The kernel command-line contract of the netboot image: the `ka.*`
+//! arguments a node boots with (rendered per node from the inventory by
+//! `ka tftp`) and what the image does with them. `docs/netboot.md` is the
+//! reference for administrators; [`Plan::parse`] is the one parser.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::identity::{parse_cidr, valid_hostname, Identity, RootPartition};
+use crate::boot::Mac;
+
+/// What the node boots into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetbootMode {
+    /// Join the session and clone the disk.
+    Install,
+    /// Bring the network up and give a shell, for repairs.
+    Shell,
+}
+
+/// Where the session secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// `ka.secret=<64 hex digits>`: on the command line itself.
+    Inline(String),
+    /// `ka.secret=file:/PATH`: a file in the image (`ka netboot build --secret-file`
+    /// puts one at `/etc/ka/secret`, the default).
+    File(PathBuf),
+    /// `ka.secret=tftp:PATH` (from the DHCP next-server) or
+    /// `ka.secret=tftp://HOST[:PORT]/PATH`.
+    Tftp {
+        /// The TFTP server and port; `None`: the DHCP lease's next-server, port 69.
+        server: Option<String>,
+        /// The file on the server.
+        path: String,
+    },
+}
+
+/// Where the image looks for a secret when the command line names none.
+pub const DEFAULT_SECRET_FILE: &str = "/etc/ka/secret";
+
+/// Everything a netboot node does, read from its kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// `ka.mode=install|shell` (default install).
+    pub mode: NetbootMode,
+    /// `ka.server=HOST[:PORT]`; `None`: find the source by broadcast.
+    pub server: Option<String>,
+    /// `ka.session=NAME` (default `ka`).
+    pub session: String,
+    /// `ka.name=NAME`: the node's name in the session and the inventory.
+    pub name: Option<String>,
+    /// `ka.target=/dev/…`: the disk to clone onto.
+    pub target: Option<PathBuf>,
+    /// `ka.secret=…` (default `file:/etc/ka/secret`).
+    pub secret: SecretSource,
+    /// The identity to apply after the clone verified; `None` with `ka.identity=off`.
+    pub identity: Option<Identity>,
+    /// `ka.root=auto|whole|N`: where the cloned root file system is.
+    pub root: RootPartition,
+    /// `BOOTIF=01-aa-bb-…` (pxelinux `IPAPPEND 2`, ka's iPXE scripts): the NIC that booted.
+    pub boot_mac: Option<Mac>,
+    /// `ka.iface=NAME`: run DHCP on this interface instead of the boot NIC.
+    pub iface: Option<String>,
+    /// `ka.wait=DURATION` (default 30m): how long to look for the source.
+    pub wait: Duration,
+    /// `ka.verify=readback`: read the disk back and check it too.
+    pub verify_readback: bool,
+    /// `ka.fail_delay=DURATION|never` (default 60s): wait before rebooting
+    /// after a failure; `None`: never reboot, stay at a shell.
+    pub fail_delay: Option<Duration>,
+}
+
+/// The `ka.*` keys the image understands.
+pub const KEYS: &[&str] = &[
+    "mode",
+    "server",
+    "session",
+    "name",
+    "target",
+    "secret",
+    "hostname",
+    "domain",
+    "ip",
+    "gateway",
+    "dns",
+    "identity",
+    "root",
+    "iface",
+    "wait",
+    "verify",
+    "fail_delay",
+];
+
+/// Splits a kernel command line as the kernel does: on spaces, where a
+/// double-quoted stretch (`ka.x="a b"`) stays one argument, without its quotes.
+pub fn split(cmdline: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    out.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        out.push(cur);
+    }
+    out
+}
+
+impl Plan {
+    /// Reads the plan from a kernel command line (`/proc/cmdline`). Other
+    /// arguments are ignored; an unknown `ka.` key is an error (a typo must
+    /// not silently change what a node does to its disk).
+    pub fn parse(cmdline: &str) -> Result<Plan, String> {
+        let mut plan = Plan {
+            mode: NetbootMode::Install,
+            server: None,
+            session: crate::cli::clone::DEFAULT_SESSION.to_string(),
+            name: None,
+            target: None,
+            secret: SecretSource::File(PathBuf::from(DEFAULT_SECRET_FILE)),
+            identity: None,
+            root: RootPartition::Auto,
+            boot_mac: None,
+            iface: None,
+            wait: Duration::from_secs(30 * 60),
+            verify_readback: false,
+            fail_delay: Some(Duration::from_secs(60)),
+        };
+        let mut hostname = None;
+        let mut identity_on = true;
+        let mut id = Identity::default();
+        for arg in split(cmdline) {
+            let (key, value) = arg.split_once('=').unwrap_or((&arg, ""));
+            if key == "BOOTIF" {
+                // `01-` is the ARP hardware type (Ethernet) pxelinux puts first.
+                let mac = value.strip_prefix("01-").unwrap_or(value);
+                plan.boot_mac = Some(mac.parse().map_err(|e| format!("BOOTIF: {e}"))?);
+                continue;
+            }
+            let Some(key) = key.strip_prefix("ka.") else {
+                continue;
+            };
+            let bad = |what: &str| format!("ka.{key}={value}: {what}");
+            match key {
+                "mode" => {
+                    plan.mode = match value {
+                        "install" => NetbootMode::Install,
+                        "shell" => NetbootMode::Shell,
+                        _ => return Err(bad("use install or shell")),
+                    }
+                }
+                "server" => plan.server = Some(value.to_string()).filter(|s| !s.is_empty()),
+                "session" if !value.is_empty() => plan.session = value.to_string(),
+                "name" if !value.is_empty() => plan.name = Some(value.to_string()),
+                "target" if value.starts_with("/dev/") => plan.target = Some(value.into()),
+                "target" => return Err(bad("not a device path like /dev/sda")),
+                "secret" => plan.secret = parse_secret(value).map_err(|e| bad(&e))?,
+                "hostname" => hostname = Some(value.to_string()),
+                "domain" => id.domain = Some(value.to_string()).filter(|d| !d.is_empty()),
+                "ip" => id.ip = Some(parse_cidr(value).map_err(|e| bad(&e))?),
+                "gateway" => {
+                    id.gateway = Some(value.parse().map_err(|_| bad("not an IPv4 address"))?)
+                }
+                "dns" => {
+                    id.dns = value
+                        .split(',')
+                        .filter(|d| !d.is_empty())
+                        .map(|d| {
+                            d.parse()
+                                .map_err(|_| bad(&format!("`{d}` is not an IPv4 address")))
+                        })
+                        .collect::<Result<_, _>>()?
+                }
+                "identity" => {
+                    identity_on = match value {
+                        "on" | "1" | "yes" => true,
+                        "off" | "0" | "no" => false,
+                        _ => return Err(bad("use on or off")),
+                    }
+                }
+                "root" => plan.root = value.parse().map_err(|e: String| bad(&e))?,
+                "iface" if !value.is_empty() => plan.iface = Some(value.to_string()),
+                "wait" => {
+                    plan.wait = humantime::parse_duration(value)
+                        .map_err(|_| bad("not a duration like 30m or 90s"))?
+                }
+                "verify" if value == "readback" => plan.verify_readback = true,
+                "verify" if value == "off" || value.is_empty() => plan.verify_readback = false,
+                "fail_delay" if value == "never" => plan.fail_delay = None,
+                "fail_delay" => {
+                    plan.fail_delay = Some(
+                        humantime::parse_duration(value)
+                            .map_err(|_| bad("a duration like 60s, or never"))?,
+                    )
+                }
+                _ if KEYS.contains(&key) => return Err(bad("empty or invalid value")),
+                _ => {
+                    return Err(format!(
+                        "unknown argument ka.{key}: the netboot image knows ka.{}",
+                        KEYS.join(", ka.")
+                    ))
+                }
+            }
+        }
+        if plan.mode == NetbootMode::Install {
+            if plan.target.is_none() {
+                return Err(
+                    "ka.target= is missing: name the disk to clone onto, e.g. ka.target=/dev/sda"
+                        .into(),
+                );
+            }
+            if plan.name.is_none() {
+                return Err("ka.name= is missing: the node's name in the inventory".into());
+            }
+        }
+        if identity_on {
+            // The host name defaults to the node's name: both come from the
+            // inventory, where names are unique, so no two clones share one.
+            id.hostname = match (hostname, &plan.name) {
+                (Some(h), _) => h,
+                (None, Some(n)) if valid_hostname(n) => n.clone(),
+                (None, Some(n)) => {
+                    return Err(format!(
+                        "the node name `{n}` is not a valid host name: add ka.hostname=, or ka.identity=off"
+                    ))
+                }
+                (None, None) => String::new(),
+            };
+            id.mac = plan.boot_mac;
+            if !id.hostname.is_empty() {
+                id.check()?;
+                plan.identity = Some(id);
+            }
+        }
+        Ok(plan)
+    }
+}
+
+fn parse_secret(value: &str) -> Result<SecretSource, String> {
+    if let Some(rest) = value.strip_prefix("tftp://") {
+        let (server, path) = rest
+            .split_once('/')
+            .ok_or("tftp://HOST[:PORT]/PATH needs a path")?;
+        if server.is_empty() || path.is_empty() {
+            return Err("tftp://HOST[:PORT]/PATH needs a host and a path".into());
+        }
+        return Ok(SecretSource::Tftp {
+            server: Some(server.to_string()),
+            path: path.to_string(),
+        });
+    }
+    if let Some(path) = value.strip_prefix("tftp:") {
+        if path.is_empty() {
+            return Err("tftp:PATH needs a path".into());
+        }
+        return Ok(SecretSource::Tftp {
+            server: None,
+            path: path.to_string(),
+        });
+    }
+    if let Some(path) = value.strip_prefix("file:") {
+        if !path.starts_with('/') {
+            return Err("file:PATH needs an absolute path".into());
+        }
+        return Ok(SecretSource::File(path.into()));
+    }
+    if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(SecretSource::Inline(value.to_string()));
+    }
+    Err("use 64 hex digits, file:/PATH, tftp:PATH or tftp://HOST[:PORT]/PATH".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str =
+        "BOOT_IMAGE=ka/vmlinuz initrd=initrd.img ka.server=10.9.0.1:4715 ka.session=lab \
+        ka.name=n01 ka.target=/dev/vda ka.mode=install ka.ip=10.9.0.11/24 ka.gateway=10.9.0.1 \
+        ka.dns=10.9.0.1,10.9.0.2 ka.domain=lab.example console=ttyS0,115200 quiet \
+        ka.secret=tftp:ka/secret BOOTIF=01-52-54-00-09-00-01";
+
+    #[test]
+    fn an_install_line_from_ka_tftp() {
+        let p = Plan::parse(LINE).unwrap();
+        assert_eq!(p.mode, NetbootMode::Install);
+        assert_eq!(p.server.as_deref(), Some("10.9.0.1:4715"));
+        assert_eq!(p.session, "lab");
+        assert_eq!(p.name.as_deref(), Some("n01"));
+        assert_eq!(p.target, Some(PathBuf::from("/dev/vda")));
+        assert_eq!(
+            p.secret,
+            SecretSource::Tftp {
+                server: None,
+                path: "ka/secret".into()
+            }
+        );
+        let mac: Mac = "52:54:00:09:00:01".parse().unwrap();
+        assert_eq!(p.boot_mac, Some(mac));
+        let id = p.identity.unwrap();
+        assert_eq!(id.hostname, "n01");
+        assert_eq!(id.ip, Some(("10.9.0.11".parse().unwrap(), 24)));
+        assert_eq!(id.gateway, Some("10.9.0.1".parse().unwrap()));
+        assert_eq!(id.dns.len(), 2);
+        assert_eq!(id.domain.as_deref(), Some("lab.example"));
+        assert_eq!(id.mac, Some(mac));
+        assert_eq!(p.root, RootPartition::Auto);
+        assert_eq!(p.fail_delay, Some(Duration::from_secs(60)));
+        assert_eq!(p.wait, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn defaults_overrides_and_quotes() {
+        let p = Plan::parse(
+            "ka.name=n1 ka.target=/dev/sda ka.hostname=web-1 ka.root=2 ka.fail_delay=never \
+             ka.wait=90s ka.verify=readback ka.iface=\"eth 1\" ka.secret=file:/s",
+        )
+        .unwrap();
+        assert_eq!(p.server, None);
+        assert_eq!(p.session, "ka");
+        assert_eq!(p.identity.unwrap().hostname, "web-1");
+        assert_eq!(p.root, RootPartition::Number(2));
+        assert_eq!(p.fail_delay, None);
+        assert_eq!(p.wait, Duration::from_secs(90));
+        assert!(p.verify_readback);
+        assert_eq!(p.iface.as_deref(), Some("eth 1"));
+        assert_eq!(p.secret, SecretSource::File("/s".into()));
+        let p = Plan::parse("ka.name=n1 ka.target=/dev/sda ka.identity=off").unwrap();
+        assert_eq!(p.identity, None);
+        assert_eq!(p.secret, SecretSource::File(DEFAULT_SECRET_FILE.into()));
+        let hex = "ab".repeat(32);
+        let p = Plan::parse(&format!("ka.mode=shell ka.secret={hex}")).unwrap();
+        assert_eq!(p.mode, NetbootMode::Shell);
+        assert_eq!(p.secret, SecretSource::Inline(hex));
+        let p = Plan::parse("ka.name=n1 ka.target=/dev/sda ka.secret=tftp://10.0.0.1:6969/ka/s")
+            .unwrap();
+        assert_eq!(
+            p.secret,
+            SecretSource::Tftp {
+                server: Some("10.0.0.1:6969".into()),
+                path: "ka/s".into()
+            }
+        );
+    }
+
+    #[test]
+    fn mistakes_are_refused_with_the_reason() {
+        for (line, why) in [
+            ("ka.name=n1", "ka.target= is missing"),
+            ("ka.target=/dev/sda", "ka.name= is missing"),
+            ("ka.name=n1 ka.target=sda", "not a device path"),
+            (
+                "ka.name=n1 ka.target=/dev/sda ka.sever=x",
+                "unknown argument ka.sever",
+            ),
+            (
+                "ka.name=n1 ka.target=/dev/sda ka.ip=10.0.0.1",
+                "prefix length",
+            ),
+            (
+                "ka.name=n1 ka.target=/dev/sda ka.secret=abc",
+                "64 hex digits",
+            ),
+            ("ka.name=n_1 ka.target=/dev/sda", "not a valid host name"),
+            (
+                "ka.name=n1 ka.target=/dev/sda ka.mode=wipe",
+                "use install or shell",
+            ),
+            (
+                "ka.name=n1 ka.target=/dev/sda ka.gateway=10.0.0.1",
+                "without an ip",
+            ),
+            ("ka.name=n1 ka.target=/dev/sda BOOTIF=01-zz", "BOOTIF"),
+            ("ka.name=n1 ka.target=/dev/sda ka.wait=soon", "duration"),
+        ] {
+            let err = Plan::parse(line).unwrap_err();
+            assert!(err.contains(why), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn split_keeps_quoted_spaces() {
+        assert_eq!(split(" a  b=\"c d\" \"e\"\n"), ["a", "b=c d", "e"]);
+        assert_eq!(split(""), Vec::<String>::new());
+    }
+}

@@ -1,0 +1,439 @@
+//! `ka netboot install`: what a node does inside the netboot image, after
+//! the init has mounted the basics and loaded the modules. Reads the plan
+//! from the kernel command line, brings the network up by DHCP, fetches the
+//! session secret, joins the session onto the target disk (showing
+//! progress), and applies the node's identity to the verified copy.
+//!
+//! The exit code tells the init what to do next (see [`Exit`]).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+
+use super::cmdline::{NetbootMode, Plan, SecretSource};
+use crate::cli::clone::{self, JoinArgs, Reach};
+
+/// What the init does after `ka netboot install`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// The copy is verified and has its identity: reboot into it.
+    Done = 0,
+    /// The clone failed (the fail delay has passed): reboot, to try again.
+    Failed = 1,
+    /// Nothing was written (bad command line, no network, no source; the
+    /// fail delay has passed): reboot, to try again.
+    CouldNotRun = 2,
+    /// The copy is verified but has not got its identity: do not reboot
+    /// (it would come up as a second copy of the source); stay at a shell.
+    NoIdentity = 3,
+    /// A failure with `ka.fail_delay=never`: stay at a shell.
+    Stay = 4,
+    /// `ka.mode=shell`: the network is up; give a shell.
+    Shell = 10,
+}
+
+/// Where the image's DHCP script records the lease (see `udhcpc.script`).
+pub const LEASE_FILE: &str = "/run/ka/lease";
+/// The DHCP script in the image.
+pub const DHCP_SCRIPT: &str = "/etc/ka/udhcpc.script";
+
+/// Runs the node's part; `cmdline` is normally `/proc/cmdline`. With
+/// `dry_run`, prints the plan and the `ka join` it would run, and stops.
+pub fn run(cmdline: &Path, dry_run: bool) -> Exit {
+    let text = match fs::read_to_string(cmdline) {
+        Ok(t) => t,
+        Err(e) => {
+            return fail(
+                Some(Duration::from_secs(60)),
+                Exit::CouldNotRun,
+                &format!("reading {}: {e}", cmdline.display()),
+            )
+        }
+    };
+    let plan = match Plan::parse(&text) {
+        Ok(p) => p,
+        Err(e) => {
+            return fail(
+                Some(Duration::from_secs(60)),
+                Exit::CouldNotRun,
+                &format!("the kernel command line is wrong: {e}"),
+            )
+        }
+    };
+    if dry_run {
+        println!("{plan:#?}");
+        match join_args(&plan, Path::new("/run/ka/secret")) {
+            Ok(a) => println!("would run: ka join {}", describe_join(&a)),
+            Err(e) => println!("would not join: {e:#}"),
+        }
+        return Exit::Done;
+    }
+    say(&format!(
+        "node {} joining session {:?} onto {}",
+        plan.name.as_deref().unwrap_or("?"),
+        plan.session,
+        plan.target
+            .as_ref()
+            .map_or("-".into(), |t| t.display().to_string())
+    ));
+    if let Err(e) = network_up(&plan) {
+        return fail(
+            plan.fail_delay,
+            Exit::CouldNotRun,
+            &format!("no network: {e:#}"),
+        );
+    }
+    if plan.mode == NetbootMode::Shell {
+        say("shell mode (ka.mode=shell): the network is up; nothing is written");
+        return Exit::Shell;
+    }
+    let secret = match fetch_secret(&plan) {
+        Ok(p) => p,
+        Err(e) => {
+            return fail(
+                plan.fail_delay,
+                Exit::CouldNotRun,
+                &format!("no session secret: {e:#}"),
+            )
+        }
+    };
+    let args = match join_args(&plan, &secret) {
+        Ok(a) => a,
+        Err(e) => return fail(plan.fail_delay, Exit::CouldNotRun, &format!("{e:#}")),
+    };
+    let target = args.target.clone().unwrap_or_default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || progress(&target, &stop))
+    };
+    let code = clone::join(args);
+    stop.store(true, Ordering::Relaxed);
+    let _ = ticker.join();
+    match code {
+        Ok(0) => {
+            say("the copy is verified and has this node's identity");
+            Exit::Done
+        }
+        Ok(clone::EXIT_NO_IDENTITY) => {
+            say("the copy is verified, but it has NOT got this node's identity (see above).");
+            say("Not rebooting: the disk would come up as a second copy of the source.");
+            say("Fix it from this shell, or `ka pxe set --mode install` this node and reboot it.");
+            Exit::NoIdentity
+        }
+        Ok(c) if c == clone::EXIT_SOME_FAILED => fail(
+            plan.fail_delay,
+            Exit::Failed,
+            "the clone failed (see above)",
+        ),
+        Ok(other) => fail(
+            plan.fail_delay,
+            Exit::CouldNotRun,
+            &format!("ka join ended with code {other}"),
+        ),
+        Err(e) => fail(plan.fail_delay, Exit::CouldNotRun, &format!("{e:#}")),
+    }
+}
+
+fn say(text: &str) {
+    eprintln!("ka-netboot: {text}");
+}
+
+/// Prints why, waits the fail delay (a shell is on the second console
+/// meanwhile), and returns what the init should do.
+fn fail(delay: Option<Duration>, code: Exit, why: &str) -> Exit {
+    say(&format!("FAILED: {why}"));
+    match delay {
+        None => {
+            say("ka.fail_delay=never: staying here; a shell follows");
+            Exit::Stay
+        }
+        Some(d) => {
+            say(&format!(
+                "rebooting in {} (a shell is on the second console meanwhile)",
+                humantime::format_duration(d)
+            ));
+            std::thread::sleep(d);
+            code
+        }
+    }
+}
+
+/// The `ka join` arguments for `plan`, with the secret in `secret_file`.
+pub fn join_args(plan: &Plan, secret_file: &Path) -> anyhow::Result<JoinArgs> {
+    let target = plan
+        .target
+        .clone()
+        .ok_or_else(|| anyhow!("ka.target= is missing"))?;
+    Ok(JoinArgs {
+        reach: Reach {
+            server: plan.server.clone(),
+            discover_to: std::net::SocketAddr::from(([255, 255, 255, 255], clone::DEFAULT_PORT)),
+            session: plan.session.clone(),
+            secret_file: secret_file.to_path_buf(),
+        },
+        target: Some(target),
+        command: None,
+        untar: None,
+        spool_dir: None,
+        name: plan.name.clone(),
+        wait_release: false,
+        verify: plan.verify_readback.then(|| "readback".to_string()),
+        wait: plan.wait,
+        json: false,
+        identity: plan
+            .identity
+            .as_ref()
+            .map(|i| i.to_items())
+            .unwrap_or_default(),
+        root_partition: plan.root,
+    })
+}
+
+/// `args` as a `ka join` command line, for people reading the console.
+pub fn describe_join(a: &JoinArgs) -> String {
+    let mut s = String::new();
+    if let Some(server) = &a.reach.server {
+        s.push_str(&format!("--server {server} "));
+    }
+    s.push_str(&format!(
+        "--session {} --secret-file {} --name {} --target {} --wait {}",
+        a.reach.session,
+        a.reach.secret_file.display(),
+        a.name.as_deref().unwrap_or("?"),
+        a.target
+            .as_ref()
+            .map_or("?".into(), |t| t.display().to_string()),
+        humantime::format_duration(a.wait),
+    ));
+    if a.verify.is_some() {
+        s.push_str(" --verify readback");
+    }
+    if !a.identity.is_empty() {
+        s.push_str(&format!(
+            " --identity {} --root-partition {}",
+            a.identity.join(","),
+            a.root_partition
+        ));
+    }
+    s
+}
+
+/// Brings the boot NIC up by DHCP (busybox udhcpc with the image's script,
+/// which applies the lease and records it in [`LEASE_FILE`]). Tries the NIC
+/// named by `ka.iface`, else the one whose MAC is `BOOTIF`, else every
+/// Ethernet interface in turn.
+fn network_up(plan: &Plan) -> anyhow::Result<()> {
+    // Drivers probe asynchronously after insmod: give the NIC time to appear.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let candidates = loop {
+        let c = interfaces(plan)?;
+        if !c.is_empty() || Instant::now() >= deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if candidates.is_empty() {
+        match (&plan.iface, plan.boot_mac) {
+            (Some(i), _) => bail!("no interface {i} (ka.iface): is its driver in the image? (ka netboot build --module)"),
+            (None, Some(m)) => bail!("no interface has the boot MAC {m}: is its driver in the image? (ka netboot build --module)"),
+            (None, None) => bail!("no network interface: is the NIC's driver in the image? (ka netboot build --module)"),
+        }
+    }
+    let mut errors = Vec::new();
+    for iface in &candidates {
+        say(&format!("DHCP on {iface}"));
+        let out = Command::new("udhcpc")
+            .args([
+                "-i",
+                iface,
+                "-s",
+                DHCP_SCRIPT,
+                "-f",
+                "-q",
+                "-n",
+                "-t",
+                "6",
+                "-T",
+                "3",
+                "-A",
+                "2",
+            ])
+            .status();
+        match out {
+            Ok(s) if s.success() && Path::new(LEASE_FILE).exists() => {
+                let lease = fs::read_to_string(LEASE_FILE).unwrap_or_default();
+                say(&format!(
+                    "{iface} is up: {}",
+                    lease.split_whitespace().collect::<Vec<_>>().join(" ")
+                ));
+                return Ok(());
+            }
+            Ok(s) => errors.push(format!("{iface}: no lease ({s})")),
+            Err(e) => errors.push(format!("{iface}: cannot run udhcpc: {e}")),
+        }
+    }
+    bail!("{}", errors.join("; "))
+}
+
+/// Candidate interfaces for DHCP, in the order to try them.
+fn interfaces(plan: &Plan) -> anyhow::Result<Vec<String>> {
+    let mut all = Vec::new();
+    for e in fs::read_dir("/sys/class/net").context("reading /sys/class/net")? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        // ARPHRD_ETHER = 1: skips loopback, tunnels and the like.
+        let ty = fs::read_to_string(e.path().join("type")).unwrap_or_default();
+        if ty.trim() != "1" {
+            continue;
+        }
+        let mac = fs::read_to_string(e.path().join("address")).unwrap_or_default();
+        all.push((name, mac.trim().to_string()));
+    }
+    all.sort();
+    if let Some(i) = &plan.iface {
+        return Ok(all
+            .into_iter()
+            .filter(|(n, _)| n == i)
+            .map(|(n, _)| n)
+            .collect());
+    }
+    if let Some(m) = plan.boot_mac {
+        return Ok(all
+            .into_iter()
+            .filter(|(_, mac)| mac.parse().ok() == Some(m))
+            .map(|(n, _)| n)
+            .collect());
+    }
+    Ok(all.into_iter().map(|(n, _)| n).collect())
+}
+
+/// A value of the lease the DHCP script recorded.
+fn lease_value(key: &str) -> Option<String> {
+    let text = fs::read_to_string(LEASE_FILE).ok()?;
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, v)| *k == key && !v.trim().is_empty())
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// Puts the session secret in a file `ka join` reads, and returns its path.
+fn fetch_secret(plan: &Plan) -> anyhow::Result<PathBuf> {
+    let file = PathBuf::from("/run/ka/secret");
+    fs::create_dir_all("/run/ka")?;
+    match &plan.secret {
+        SecretSource::Inline(hex) => {
+            fs::write(&file, format!("{hex}\n"))?;
+            Ok(file)
+        }
+        SecretSource::File(p) => {
+            if !p.is_file() {
+                bail!(
+                    "{} is not in the image: build it with `ka netboot build --secret-file`, or boot with ka.secret=",
+                    p.display()
+                );
+            }
+            Ok(p.clone())
+        }
+        SecretSource::Tftp { server, path } => {
+            let server = match server {
+                Some(s) => s.clone(),
+                None => lease_value("siaddr")
+                    .filter(|s| s != "0.0.0.0")
+                    .or_else(|| lease_value("serverid"))
+                    .ok_or_else(|| {
+                        anyhow!(
+                            "the DHCP lease names no boot server: use ka.secret=tftp://HOST/PATH"
+                        )
+                    })?,
+            };
+            let (host, port) = match server.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.to_string()),
+                None => (server.clone(), "69".to_string()),
+            };
+            say(&format!(
+                "fetching the session secret {path} from {host}:{port} over TFTP"
+            ));
+            let out = Command::new("tftp")
+                .args(["-g", "-r", path, "-l"])
+                .arg(&file)
+                .args([&host, &port])
+                .output()
+                .context("running busybox tftp")?;
+            if !out.status.success() {
+                let _ = fs::remove_file(&file);
+                bail!(
+                    "tftp {host} {port} could not fetch {path}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(file)
+        }
+    }
+}
+
+/// Prints how much has been written to `target` every few seconds, until
+/// `stop`: the node's console shows the clone moving.
+fn progress(target: &Path, stop: &AtomicBool) {
+    let name = fs::canonicalize(target)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let Some(name) = name else { return };
+    let stat = PathBuf::from(format!("/sys/class/block/{name}/stat"));
+    let written = || -> Option<u64> {
+        // Field 7 of the block layer's stat file: sectors written (of 512 bytes).
+        let text = fs::read_to_string(&stat).ok()?;
+        Some(text.split_whitespace().nth(6)?.parse::<u64>().ok()? * 512)
+    };
+    let Some(start) = written() else { return };
+    let t0 = Instant::now();
+    let mut last = (t0, start);
+    let mut next = t0 + Duration::from_secs(5);
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+        if Instant::now() < next {
+            continue;
+        }
+        next += Duration::from_secs(5);
+        let Some(now_bytes) = written() else { return };
+        if now_bytes == last.1 {
+            continue;
+        }
+        let rate = (now_bytes - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-3);
+        say(&format!(
+            "{:.1} MiB written to {} ({:.1} MB/s)",
+            (now_bytes - start) as f64 / (1 << 20) as f64,
+            target.display(),
+            rate / 1e6
+        ));
+        last = (Instant::now(), now_bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_arguments_from_a_command_line() {
+        let plan = Plan::parse(
+            "ka.server=10.9.0.1:4715 ka.session=lab ka.name=n01 ka.target=/dev/vda \
+             ka.ip=10.9.0.11/24 ka.root=1 BOOTIF=01-52-54-00-09-00-01",
+        )
+        .unwrap();
+        let a = join_args(&plan, Path::new("/run/ka/secret")).unwrap();
+        assert_eq!(
+            describe_join(&a),
+            "--server 10.9.0.1:4715 --session lab --secret-file /run/ka/secret --name n01 \
+             --target /dev/vda --wait 30m --identity hostname=n01,ip=10.9.0.11/24,mac=52:54:00:09:00:01 \
+             --root-partition 1"
+        );
+        assert!(!a.wait_release);
+    }
+}

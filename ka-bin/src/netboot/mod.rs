@@ -1,0 +1,16 @@
+//! The netboot image: what install-mode nodes boot to clone their disk.
+//!
+//! [`build`] makes the initramfs (busybox, `ka` and its libraries, NIC and
+//! disk drivers in load order, an init) and lays out a TFTP root for `ka
+//! tftp`. Inside the image, [`install`] reads the node's plan from the
+//! kernel command line ([`cmdline`], the contract in `docs/netboot.md`),
+//! joins the session, and the copy gets the node's own identity
+//! ([`identity`]) once it is verified.
+
+pub mod archive;
+pub mod build;
+pub mod cmdline;
+pub mod elf;
+pub mod identity;
+pub mod install;
+pub mod modules;

@@ -1,0 +1,713 @@
+//! The whole job, end to end, on machines no one here wrote: three QEMU
+//! virtual machines with empty disks PXE-boot (SeaBIOS + iPXE ROM) against
+//! dnsmasq configured by `ka dhcp config` and `ka tftp`, boot the netboot
+//! image `ka netboot build` made from Debian's kernel, join the session `ka
+//! serve` runs, clone a bootable disk image, get their own identities,
+//! are flipped to local boot by the source, reboot, and boot their new
+//! disks (extlinux, the same kernel, a tiny initrd) to print a marker with
+//! their own host name.
+//!
+//! Everything runs in a network namespace the test makes (a bridge, one
+//! tap per VM); every process is killed by PID and the namespace deleted
+//! when the test ends, however it ends.
+//!
+//! Needs root, the Debian packages in scripts/apt-packages.txt, and a
+//! Debian kernel fetched by `scripts/fetch-kernel` (scripts/test runs it).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ka_bin::boot::{BootState, Inventory, Mode};
+use ka_bin::netboot::archive::Archive;
+use ka_bin::netboot::modules::ModuleIndex;
+use ka_tests::vmlab::VmNet;
+use ka_tests::{ka, ka_bin, require_tool, run, stderr, stdout, strip_ansi, ChildGuard};
+
+const VMS: usize = 3;
+const SERVER: &str = "10.77.0.1";
+/// The marker the cloned system prints, followed by what it found.
+const MARKER: &str = "KA-CLONED-SYSTEM";
+
+fn mac(i: usize) -> String {
+    format!("52:54:00:77:00:{:02x}", i + 1)
+}
+
+fn name(i: usize) -> String {
+    format!("vm{}", i + 1)
+}
+
+fn ip(i: usize) -> String {
+    format!("10.77.0.{}", 11 + i)
+}
+
+/// The unpacked Debian kernel package: `$KA_TEST_KERNEL_DIR`, or what
+/// `scripts/fetch-kernel` left in `target/ka-kernel/current`.
+fn kernel_tree() -> PathBuf {
+    let dir = std::env::var_os("KA_TEST_KERNEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ka-kernel/current")
+        });
+    assert!(
+        dir.join("boot").is_dir() && dir.join("lib/modules").is_dir(),
+        "no Debian kernel in {}: run `scripts/fetch-kernel` (apt-get download linux-image-<version>-amd64 \
+         and dpkg -x it; scripts/test does this), or set KA_TEST_KERNEL_DIR to an unpacked kernel package",
+        dir.display()
+    );
+    dir
+}
+
+fn kernel_version(tree: &Path) -> String {
+    let versions: Vec<String> = fs::read_dir(tree.join("lib/modules"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        versions.len(),
+        1,
+        "one kernel expected in {}",
+        tree.display()
+    );
+    versions[0].clone()
+}
+
+fn check(o: &std::process::Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// The tiny initrd of the cloned system: loads the disk and ext4 drivers,
+/// mounts the root read-only, prints the marker with the host name, the
+/// address ka wrote for it and its machine-id, and powers off (qemu exits).
+fn system_initrd(tree: &Path, version: &str) -> Vec<u8> {
+    let index = ModuleIndex::open(&tree.join("lib/modules").join(version)).unwrap();
+    let order = index
+        .load_order(&["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"])
+        .unwrap();
+    let mut a = Archive::new();
+    for d in ["proc", "sys", "dev", "mnt"] {
+        a.dir(d, 0o755);
+    }
+    a.char_device("dev/console", 5, 1, 0o600);
+    a.copy("bin/busybox", Path::new("/bin/busybox"), 0o755);
+    for applet in [
+        "sh", "mount", "umount", "insmod", "cat", "grep", "cut", "sleep", "poweroff", "echo",
+    ] {
+        a.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    let mut list = String::new();
+    for m in &order {
+        a.copy(&format!("lib/{}.ko", m.name), &m.path, 0o644);
+        list.push_str(&format!("/lib/{}.ko\n", m.name));
+    }
+    a.file("modules", list, 0o644);
+    a.file(
+        "init",
+        format!(
+            r#"#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /modules); do insmod $m; done
+n=0
+while [ ! -b /dev/vda1 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
+mount -t ext4 -o ro /dev/vda1 /mnt
+addr=$(grep '^Address=' /mnt/etc/systemd/network/10-ka.network | cut -d= -f2)
+echo "{MARKER} host=$(cat /mnt/etc/hostname) addr=$addr machine-id=[$(cat /mnt/etc/machine-id)] end"
+umount /mnt
+poweroff -f
+"#
+        ),
+        0o755,
+    );
+    a.write_gz(Vec::new()).unwrap()
+}
+
+/// The source's disk: an MBR with syslinux's boot code, one bootable ext4
+/// partition holding extlinux, the kernel, the tiny initrd and an /etc that
+/// says it is the source. Returns its size.
+fn source_disk(dir: &Path, tree: &Path, version: &str) -> u64 {
+    let rootdir = dir.join("rootfs");
+    fs::create_dir_all(rootdir.join("boot/extlinux")).unwrap();
+    fs::create_dir_all(rootdir.join("etc/systemd/network")).unwrap();
+    fs::copy(
+        tree.join(format!("boot/vmlinuz-{version}")),
+        rootdir.join("boot/vmlinuz"),
+    )
+    .unwrap();
+    fs::write(
+        rootdir.join("boot/initrd.img"),
+        system_initrd(tree, version),
+    )
+    .unwrap();
+    fs::write(
+        rootdir.join("boot/extlinux/extlinux.conf"),
+        "DEFAULT system\nPROMPT 0\nTIMEOUT 0\nLABEL system\n  KERNEL /boot/vmlinuz\n  \
+         INITRD /boot/initrd.img\n  APPEND console=ttyS0,115200 quiet\n",
+    )
+    .unwrap();
+    fs::write(rootdir.join("etc/hostname"), "ka-source\n").unwrap();
+    fs::write(
+        rootdir.join("etc/hosts"),
+        "127.0.0.1\tlocalhost\n127.0.1.1\tka-source\n",
+    )
+    .unwrap();
+    fs::write(
+        rootdir.join("etc/machine-id"),
+        "5ca1ab1e5ca1ab1e5ca1ab1e5ca1ab1e\n",
+    )
+    .unwrap();
+
+    // The partition as its own file first: mke2fs fills it from the
+    // directory, extlinux needs it mounted.
+    let part = dir.join("part.img");
+    let part_mib = 24u64;
+    let mke2fs = require_tool("mke2fs", "e2fsprogs");
+    // No 64bit feature: syslinux's ext4 reader predates it.
+    check(
+        &run(
+            Command::new(mke2fs)
+                .args(["-q", "-F", "-t", "ext4", "-O", "^64bit", "-L", "root", "-d"])
+                .arg(&rootdir)
+                .arg(&part)
+                .arg(format!("{part_mib}M")),
+            Duration::from_secs(60),
+        ),
+        "mke2fs",
+    );
+    let mnt = dir.join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    check(
+        &run(
+            Command::new(require_tool("mount", "mount"))
+                .args(["-o", "loop"])
+                .arg(&part)
+                .arg(&mnt),
+            Duration::from_secs(30),
+        ),
+        "mount -o loop",
+    );
+    let installed = run(
+        Command::new(require_tool("extlinux", "extlinux"))
+            .arg("--install")
+            .arg(mnt.join("boot/extlinux")),
+        Duration::from_secs(30),
+    );
+    // Unmount (which frees the loop device) before judging.
+    check(
+        &run(Command::new("umount").arg(&mnt), Duration::from_secs(30)),
+        "umount",
+    );
+    check(&installed, "extlinux --install");
+
+    let disk = dir.join("disk.img");
+    let offset = 1u64 << 20;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::create(&disk).unwrap();
+        f.set_len(offset + part_mib * (1 << 20)).unwrap();
+        f.write_all_at(&fs::read(&part).unwrap(), offset).unwrap();
+    }
+    let mut sfdisk = Command::new(require_tool("sfdisk", "fdisk"));
+    sfdisk
+        .args(["-q", "--no-reread", "--no-tell-kernel"])
+        .arg(&disk)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = sfdisk.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\nstart=2048, type=83, bootable\n")
+        .unwrap();
+    check(&child.wait_with_output().unwrap(), "sfdisk");
+    // syslinux's MBR code: boots the active partition's boot sector
+    // (extlinux's). Only the 440 bytes of code, not the partition table.
+    let mbr = fs::read("/usr/lib/syslinux/mbr/mbr.bin")
+        .expect("/usr/lib/syslinux/mbr/mbr.bin: install the Debian package `syslinux-common`");
+    assert!(mbr.len() <= 440);
+    {
+        use std::os::unix::fs::FileExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)
+            .unwrap()
+            .write_all_at(&mbr, 0)
+            .unwrap();
+    }
+    fs::remove_file(&part).unwrap();
+    fs::metadata(&disk).unwrap().len()
+}
+
+fn inventory(dir: &Path) -> PathBuf {
+    let mut text = format!(
+        r#"[network]
+subnet = "10.77.0.0/24"
+gateway = "{SERVER}"
+dns = ["{SERVER}"]
+domain = "lab.test"
+
+[boot]
+server = "{SERVER}"
+tftp_root = "root"
+kernel = "ka/vmlinuz"
+initramfs = "ka/initramfs.img"
+console = "ttyS0,115200"
+kernel_args = "quiet ka.secret=tftp:ka/secret ka.fail_delay=never"
+
+[session]
+name = "pxe"
+source = "{SERVER}:4715"
+disk = "/dev/vda"
+"#
+    );
+    for i in 0..VMS {
+        text.push_str(&format!(
+            "\n[[node]]\nname = \"{}\"\nmac = \"{}\"\nip = \"{}\"\n",
+            name(i),
+            mac(i),
+            ip(i)
+        ));
+    }
+    let path = dir.join("cluster.toml");
+    fs::write(&path, text).unwrap();
+    path
+}
+
+/// A child whose standard error (and optionally output) is collected.
+struct Daemon {
+    guard: ChildGuard,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+}
+
+fn collect(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            let mut s = into.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+}
+
+fn daemon(mut cmd: Command, what: &str) -> Daemon {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let out = Arc::new(Mutex::new(String::new()));
+    let err = Arc::new(Mutex::new(String::new()));
+    collect(child.stdout.take().unwrap(), out.clone());
+    collect(child.stderr.take().unwrap(), err.clone());
+    Daemon {
+        guard: ChildGuard {
+            child,
+            what: what.into(),
+        },
+        out,
+        err,
+    }
+}
+
+impl Daemon {
+    fn out(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+    fn err(&self) -> String {
+        self.err.lock().unwrap().clone()
+    }
+    /// Waits until `pred` holds on (stdout, stderr), or panics after `limit`.
+    fn wait_for(&mut self, limit: Duration, what: &str, pred: impl Fn(&str, &str) -> bool) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if pred(&self.out(), &self.err()) {
+                return;
+            }
+            let exited = self.guard.child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "{} {}: waiting for {what}\nstdout:\n{}\nstderr:\n{}",
+                self.guard.what,
+                exited.map_or("timed out".to_string(), |s| format!("exited ({s})")),
+                self.out(),
+                self.err()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A QEMU machine on a tap of the lab, its serial console collected.
+struct Vm {
+    name: String,
+    guard: ChildGuard,
+    console: Arc<Mutex<String>>,
+}
+
+fn start_vm(lab: &VmNet, i: usize, disk: &Path) -> Vm {
+    let qemu = require_tool("qemu-system-x86_64", "qemu-system-x86");
+    assert!(
+        Path::new("/usr/lib/ipxe/qemu/efi-virtio.rom").exists()
+            || Path::new("/usr/lib/ipxe/qemu/pxe-virtio.rom").exists(),
+        "QEMU's network boot ROM is missing: install the Debian package `ipxe-qemu`"
+    );
+    let mut cmd = lab.command(qemu);
+    cmd.args([
+        // This machine's KVM cannot run real-mode firmware (NOTES-pxe.md).
+        "-accel",
+        "tcg",
+        "-m",
+        "320",
+        "-smp",
+        "1",
+        "-nographic",
+        "-no-reboot",
+        "-boot",
+        "order=nc",
+    ])
+    .arg("-drive")
+    .arg(format!("file={},format=raw,if=virtio", disk.display()))
+    .args([
+        "-netdev",
+        &format!("tap,id=n0,ifname={},script=no,downscript=no", lab.taps[i]),
+        "-device",
+        &format!("virtio-net-pci,netdev=n0,mac={}", mac(i)),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("start qemu");
+    let console = Arc::new(Mutex::new(String::new()));
+    let mut out = child.stdout.take().unwrap();
+    let sink = console.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let err = child.stderr.take().unwrap();
+    collect(err, console.clone());
+    Vm {
+        name: name(i),
+        guard: ChildGuard {
+            child,
+            what: format!("qemu {}", name(i)),
+        },
+        console,
+    }
+}
+
+impl Vm {
+    fn console(&self) -> String {
+        strip_ansi(&self.console.lock().unwrap())
+    }
+}
+
+/// Whether the console shows `text`, ignoring line breaks and spaces:
+/// SeaBIOS copies the screen to the serial port lazily.
+fn shows(console: &str, text: &str) -> bool {
+    let squash = |s: &str| s.split_whitespace().collect::<String>();
+    squash(console).contains(&squash(text))
+}
+
+/// Waits until every VM's qemu has exited (a reboot ends qemu with
+/// -no-reboot; the cloned system powers off), or panics with every console.
+fn wait_all_exit(vms: &mut [Vm], limit: Duration, phase: &str) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut running = Vec::new();
+        for vm in vms.iter_mut() {
+            if vm.guard.child.try_wait().unwrap().is_none() {
+                running.push(vm.name.clone());
+            }
+        }
+        if running.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let consoles: Vec<String> = vms
+                .iter()
+                .map(|v| format!("===== {} =====\n{}", v.name, v.console()))
+                .collect();
+            panic!(
+                "{phase}: {running:?} still running after {limit:?}\n{}",
+                consoles.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
+    let t0 = Instant::now();
+    let tree = kernel_tree();
+    let version = kernel_version(&tree);
+    let dnsmasq = require_tool("dnsmasq", "dnsmasq-base");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+
+    // The TFTP root, as an administrator makes it.
+    let root = d.join("root");
+    let o = run(
+        Command::new(ka_bin())
+            .args(["netboot", "build", "--out"])
+            .arg(&root)
+            .arg("--kernel-tree")
+            .arg(&tree),
+        Duration::from_secs(180),
+    );
+    check(&o, "ka netboot build");
+    let built = stdout(&o);
+    // Dependencies first: virtio_ring before virtio before the drivers.
+    let order = built.split("loaded in this order: ").nth(1).unwrap_or("");
+    let pos = |m: &str| order.split_whitespace().position(|x| x == m);
+    assert!(
+        pos("virtio_ring") < pos("virtio") && pos("virtio") < pos("virtio_net"),
+        "{built}"
+    );
+    assert!(
+        pos("virtio_ring").is_some() && pos("ext4").is_some(),
+        "{built}"
+    );
+    for f in [
+        "pxelinux.0",
+        "ldlinux.c32",
+        "chain.c32",
+        "ka/vmlinuz",
+        "ka/initramfs.img",
+    ] {
+        assert!(
+            root.join(f).is_file(),
+            "{f} missing from the TFTP root:\n{built}"
+        );
+    }
+
+    // The session secret, published on TFTP (docs/netboot.md says why that
+    // gives no confidentiality on the boot network).
+    let secret: String = ka_tests::pseudo_random(32, 42)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    fs::write(d.join("secret"), format!("{secret}\n")).unwrap();
+    fs::write(root.join("ka/secret"), format!("{secret}\n")).unwrap();
+
+    let inv = inventory(d);
+    let state = d.join("state");
+    let inv_s = inv.to_str().unwrap();
+    let state_s = state.to_str().unwrap();
+    check(
+        &ka(&[
+            "pxe",
+            "set",
+            "-i",
+            inv_s,
+            "--state-dir",
+            state_s,
+            "-m",
+            "install",
+            "--all",
+        ]),
+        "ka pxe set",
+    );
+    let conf = d.join("dnsmasq.conf");
+    check(
+        &ka(&[
+            "dhcp",
+            "config",
+            "--format",
+            "dnsmasq",
+            "-i",
+            inv_s,
+            "-o",
+            conf.to_str().unwrap(),
+        ]),
+        "ka dhcp config",
+    );
+
+    let image_size = source_disk(d, &tree, &version);
+    let disks: Vec<PathBuf> = (0..VMS)
+        .map(|i| {
+            let p = d.join(format!("{}.img", name(i)));
+            fs::File::create(&p).unwrap().set_len(64 << 20).unwrap();
+            p
+        })
+        .collect();
+    let prepared = t0.elapsed();
+
+    let lab = VmNet::create(&format!("{SERVER}/24"), VMS);
+
+    let mut dhcp = lab.command(&dnsmasq);
+    dhcp.arg(format!("--conf-file={}", conf.display()))
+        .args([
+            "--no-daemon",
+            "--port=0",
+            "--interface=br0",
+            "--bind-interfaces",
+            "--user=root",
+            "--log-dhcp",
+            "--log-facility=-",
+        ])
+        .arg(format!("--dhcp-leasefile={}", d.join("leases").display()))
+        .arg("--pid-file=");
+    let mut dhcp = daemon(dhcp, "dnsmasq");
+
+    let mut tftp = lab.command(ka_bin());
+    tftp.args([
+        "tftp",
+        "-i",
+        inv_s,
+        "--state-dir",
+        state_s,
+        "--listen",
+        &format!("{SERVER}:69"),
+    ]);
+    let mut tftp = daemon(tftp, "ka tftp");
+    tftp.wait_for(Duration::from_secs(20), "its address", |out, _| {
+        out.contains("serving")
+    });
+
+    let mut serve = lab.command(ka_bin());
+    serve
+        .args(["serve", "--image"])
+        .arg(d.join("disk.img"))
+        .args([
+            "--nodes",
+            "3",
+            "--session",
+            "pxe",
+            "--listen",
+            &format!("{SERVER}:4715"),
+        ])
+        .arg("--secret-file")
+        .arg(d.join("secret"))
+        .args(["--inventory", inv_s, "--boot-state", state_s, "--json"]);
+    let mut serve = daemon(serve, "ka serve");
+    serve.wait_for(Duration::from_secs(20), "listening", |_, err| {
+        err.contains("waiting for 3 nodes")
+    });
+
+    // Install: PXE → iPXE script → kernel + ka initramfs → ka join → identity → reboot.
+    let mut vms: Vec<Vm> = (0..VMS).map(|i| start_vm(&lab, i, &disks[i])).collect();
+    wait_all_exit(&mut vms, Duration::from_secs(600), "install");
+    let installed = t0.elapsed();
+    for (i, vm) in vms.iter().enumerate() {
+        let c = vm.console();
+        for want in [
+            format!("ipxe/{}.ipxe", mac(i).replace(':', "-")),
+            format!("is up: interface=eth0 ip={}/24", ip(i)),
+            "fetching the session secret ka/secret".to_string(),
+            format!("identity applied: host name {}", name(i)),
+            "rebooting into the new system".to_string(),
+        ] {
+            assert!(
+                shows(&c, &want),
+                "{}: no `{want}` on the console:\n{c}",
+                vm.name
+            );
+        }
+    }
+    drop(vms);
+
+    // The source's final report: three nodes, each verified.
+    serve.wait_for(Duration::from_secs(60), "its final report", |out, _| {
+        out.contains("{\"report\"")
+    });
+    let report_line = serve
+        .out()
+        .lines()
+        .find(|l| l.starts_with("{\"report\""))
+        .unwrap()
+        .to_string();
+    let report: serde_json::Value = serde_json::from_str(&report_line).unwrap();
+    let nodes = report["report"]["nodes"].as_array().unwrap();
+    let mut names: Vec<&str> = nodes.iter().map(|n| n["name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["vm1", "vm2", "vm3"], "{report_line}");
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n["ok"] == true && n["bytes"] == image_size),
+        "{report_line}\n{}",
+        serve.err()
+    );
+    assert_eq!(report["report"]["size"], image_size);
+    let verified = serve
+        .out()
+        .lines()
+        .filter(|l| l.contains("Verified {") && l.contains("ok: true"))
+        .count();
+    assert_eq!(verified, VMS, "{}", serve.out());
+    let status = ka_tests::wait_timeout(&mut serve.guard.child, Duration::from_secs(30))
+        .expect("ka serve exits after its report");
+    assert!(status.success(), "ka serve: {status}\n{}", serve.err());
+
+    // The source flipped every node to local boot.
+    let modes = BootState::new(&state).load().unwrap();
+    let inventory = Inventory::load(&inv).unwrap();
+    for n in &inventory.nodes {
+        assert_eq!(modes.get(&n.name).mode, Mode::Local, "{}", n.name);
+        assert!(
+            serve
+                .err()
+                .contains(&format!("{}: clone verified, boot mode now local", n.name)),
+            "{}",
+            serve.err()
+        );
+    }
+
+    // Local: PXE → iPXE script says local → sanboot the disk → extlinux → the clone.
+    let mut vms: Vec<Vm> = (0..VMS).map(|i| start_vm(&lab, i, &disks[i])).collect();
+    wait_all_exit(&mut vms, Duration::from_secs(300), "local boot");
+    for (i, vm) in vms.iter().enumerate() {
+        let c = vm.console();
+        let want = format!(
+            "{MARKER} host={} addr={}/24 machine-id=[] end",
+            name(i),
+            ip(i)
+        );
+        assert!(shows(&c, &want), "{}: no `{want}`:\n{c}", vm.name);
+        assert!(shows(&c, "Booting from SAN device 0x80"), "{c}");
+        assert!(
+            !shows(&c, "ka/initramfs.img"),
+            "{}: booted the installer again:\n{c}",
+            vm.name
+        );
+    }
+    let leases = fs::read_to_string(d.join("leases")).unwrap_or_default();
+    for i in 0..VMS {
+        assert!(leases.contains(&ip(i)), "{leases}\n{}", dhcp.err());
+    }
+    dhcp.wait_for(Duration::from_secs(1), "DHCP log", |_, err| {
+        err.contains("DHCPACK")
+    });
+    drop(tftp);
+    eprintln!(
+        "pxe_clone_vms: prepared in {:.0?}, installed {VMS} VMs in {:.0?}, booted them from disk in {:.0?}; total {:.0?}",
+        prepared,
+        installed - prepared,
+        t0.elapsed() - installed,
+        t0.elapsed()
+    );
+}
