@@ -92,7 +92,7 @@ pub struct ServeArgs {
     pub json: bool,
     /// Inventory of the nodes: each one whose clone is verified is flipped to
     /// local boot in --boot-state (after_clone in the inventory).
-    #[arg(long, value_name = "FILE", requires = "boot_state")]
+    #[arg(long, short = 'i', value_name = "FILE", requires = "boot_state")]
     pub inventory: Option<PathBuf>,
     /// Boot-mode directory to flip verified nodes in (`ka pxe`/`ka tftp` --state-dir).
     #[arg(long, value_name = "DIR", requires = "inventory")]
