@@ -217,23 +217,11 @@ fn same_content(a: &Path, b: &Path) -> bool {
 
 /// The nodes' lines of the source's final JSON report: (name, ok, reason).
 fn report(stdout: &str) -> Vec<(String, bool, String)> {
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("{\"report\""))
-        .unwrap_or_else(|| panic!("no report in:\n{stdout}"));
-    let mut out = Vec::new();
-    for node in line.split("{\"name\":").skip(1) {
-        let name = node.split('"').nth(1).unwrap().to_string();
-        let ok = node.contains("\"ok\":true");
-        let reason = node
-            .split("\"reason\":\"")
-            .nth(1)
-            .and_then(|r| r.split('"').next())
-            .unwrap_or("")
-            .to_string();
-        out.push((name, ok, reason));
-    }
-    out
+    ka_tests::final_report(stdout)
+        .nodes
+        .into_iter()
+        .map(|n| (n.name, n.ok, n.reason))
+        .collect()
 }
 
 #[test]
@@ -250,6 +238,21 @@ fn five_nodes_clone_a_sparse_image_identically() {
     let rep = report(&out);
     assert_eq!(rep.len(), 5, "{out}");
     assert!(rep.iter().all(|(_, ok, _)| *ok), "{rep:?}");
+    // Scripts can follow the session: one verified event per node, and the
+    // stream's start before any of them.
+    let events = ka_tests::events(&out);
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    let started = kinds
+        .iter()
+        .position(|k| *k == "started")
+        .expect("a started event");
+    for n in names {
+        let verified = events
+            .iter()
+            .position(|e| e["event"] == "verified" && e["node"] == n && e["ok"] == true)
+            .unwrap_or_else(|| panic!("no verified event for {n}:\n{out}"));
+        assert!(verified > started, "{n} verified before the start:\n{out}");
+    }
     for (n, p) in names.iter().zip(nodes) {
         let (code, _, err) = p.finish(Duration::from_secs(30));
         assert_eq!(code, 0, "{n}: {err}");
@@ -335,7 +338,8 @@ fn go_starts_with_fewer_nodes() {
     // Say go once the source has admitted both.
     let mut joined = false;
     for _ in 0..1000 {
-        if read(&serve.out).matches("Joined {").count() >= 2 {
+        let events = ka_tests::events(&read(&serve.out));
+        if events.iter().filter(|e| e["event"] == "joined").count() >= 2 {
             joined = true;
             break;
         }
