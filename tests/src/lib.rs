@@ -328,9 +328,9 @@ pub fn final_report(stdout: &str) -> FinalReport {
     }
     stdout
         .lines()
-        .filter_map(|l| serde_json::from_str::<Line>(l).ok())
+        .rev()
+        .find_map(|l| serde_json::from_str::<Line>(l).ok())
         .map(|l| l.report)
-        .last()
         .unwrap_or_else(|| panic!("no final report in:\n{stdout}"))
 }
 
