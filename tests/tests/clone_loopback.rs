@@ -23,6 +23,8 @@ impl Proc {
         let err = dir.join(format!("{label}.err"));
         let child = Command::new(ka_bin())
             .args(args)
+            // Whatever ka writes beside itself stays in the test's directory.
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(File::create(&out).unwrap())
             .stderr(File::create(&err).unwrap())
@@ -656,4 +658,99 @@ fn a_node_of_another_protocol_version_is_refused_and_the_others_finish() {
     assert!(rep[0].1, "{rep:?}");
     assert_eq!(node.finish(Duration::from_secs(30)).0, 0);
     assert!(same_content(&s.image, &s.target("a")));
+}
+
+#[test]
+fn a_node_that_boots_before_its_source_keeps_looking_and_joins() {
+    let s = Session::new(8 << 20);
+    // A port for the source-to-be: free now, reserved by nothing.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    s.port.set(port);
+    let mut early = s.join("early", &s.target("early"), &[]);
+    // The node has been refused (nothing listens) for a while and is still
+    // looking, quietly.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        early.guard.child.try_wait().unwrap().is_none() && read(&early.err).lines().count() <= 3,
+        "the node should wait quietly:\n{}",
+        read(&early.err)
+    );
+    let listen = format!("127.0.0.1:{port}");
+    let serve = Proc::start(
+        s.dir.path(),
+        "serve",
+        &[
+            "serve",
+            "--nodes",
+            "1",
+            "--listen",
+            &listen,
+            "--secret-file",
+            s.secret.to_str().unwrap(),
+            "--image",
+            s.image.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let (code, out, err) = serve.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, _, err) = early.finish(Duration::from_secs(30));
+    assert_eq!(code, 0, "{err}");
+    assert!(same_content(&s.image, &s.target("early")));
+}
+
+#[test]
+fn a_source_without_a_secret_file_writes_one_for_its_nodes() {
+    let s = Session::new(8 << 20);
+    let serve = Proc::start(
+        s.dir.path(),
+        "serve",
+        &[
+            "serve",
+            "--nodes",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--image",
+            s.image.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    s.learn_port(&serve);
+    let err = read(&serve.err);
+    assert!(err.contains("wrote it to ka-secret-ka"), "{err}");
+    let generated = s.dir.path().join("ka-secret-ka");
+    let hex = std::fs::read_to_string(&generated).unwrap();
+    assert_eq!(hex.trim().len(), 64, "{hex:?}");
+    assert_ne!(
+        hex.trim(),
+        std::fs::read_to_string(&s.secret).unwrap().trim(),
+        "a fresh secret, not the test's"
+    );
+    let server = s.server();
+    let node = Proc::start(
+        s.dir.path(),
+        "n",
+        &[
+            "join",
+            "--server",
+            &server,
+            "--secret-file",
+            generated.to_str().unwrap(),
+            "--target",
+            s.target("n").to_str().unwrap(),
+            "--name",
+            "n",
+            "--wait",
+            "30s",
+        ],
+    );
+    let (code, out, err) = serve.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(node.finish(Duration::from_secs(30)).0, 0);
+    assert!(same_content(&s.image, &s.target("n")));
 }
