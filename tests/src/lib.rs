@@ -291,6 +291,58 @@ pub fn strip_ansi(text: &str) -> String {
     out
 }
 
+/// The final report `ka serve --json` prints as its last object.
+#[derive(Debug, serde::Deserialize)]
+pub struct FinalReport {
+    /// The image's size.
+    pub size: u64,
+    /// Seconds from the start of the stream to the end of the session.
+    pub seconds: f64,
+    /// Why the session was aborted, if it was.
+    pub aborted: Option<String>,
+    /// One entry per node that ever joined.
+    pub nodes: Vec<NodeResult>,
+}
+
+/// One node's line of the final report.
+#[derive(Debug, serde::Deserialize)]
+pub struct NodeResult {
+    /// Its name.
+    pub name: String,
+    /// Whether its copy verified.
+    pub ok: bool,
+    /// Why not, when not.
+    pub reason: String,
+    /// Bytes it had received.
+    pub bytes: u64,
+    /// How many times it was declared dead.
+    pub deaths: u32,
+}
+
+/// Parses the final report out of `ka serve --json`'s standard output;
+/// panics with the output when there is none.
+pub fn final_report(stdout: &str) -> FinalReport {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        report: FinalReport,
+    }
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Line>(l).ok())
+        .map(|l| l.report)
+        .unwrap_or_else(|| panic!("no final report in:\n{stdout}"))
+}
+
+/// The JSON events `ka serve --json` printed, in order.
+pub fn events(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("event").is_some())
+        .collect()
+}
+
 /// Standard output as text.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

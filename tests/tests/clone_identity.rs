@@ -45,8 +45,16 @@ fn source_image(dir: &Path) -> PathBuf {
     let root = dir.join("rootfs");
     fs::create_dir_all(root.join("etc/systemd/network")).unwrap();
     fs::write(root.join("etc/hostname"), "source\n").unwrap();
-    fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n127.0.1.1 source\n").unwrap();
-    fs::write(root.join("etc/machine-id"), "0123456789abcdef0123456789abcdef\n").unwrap();
+    fs::write(
+        root.join("etc/hosts"),
+        "127.0.0.1 localhost\n127.0.1.1 source\n",
+    )
+    .unwrap();
+    fs::write(
+        root.join("etc/machine-id"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .unwrap();
     // Followed from the machine running ka, this link would hit its own file.
     std::os::unix::fs::symlink("/etc/resolv.conf", root.join("etc/resolv.conf")).unwrap();
     let part = dir.join("part.img");
@@ -92,7 +100,9 @@ fn read_back(dir: &Path, dev: &str, files: &[&str]) -> Vec<String> {
     fs::create_dir_all(&mnt).unwrap();
     check(
         &run(
-            Command::new("mount").args(["-o", "ro", &format!("{dev}p1")]).arg(&mnt),
+            Command::new("mount")
+                .args(["-o", "ro", &format!("{dev}p1")])
+                .arg(&mnt),
             Duration::from_secs(30),
         ),
         "mount",
@@ -109,7 +119,10 @@ fn read_back(dir: &Path, dev: &str, files: &[&str]) -> Vec<String> {
             }
         })
         .collect();
-    check(&run(Command::new("umount").arg(&mnt), Duration::from_secs(30)), "umount");
+    check(
+        &run(Command::new("umount").arg(&mnt), Duration::from_secs(30)),
+        "umount",
+    );
     out
 }
 
@@ -124,7 +137,17 @@ fn clones_get_their_own_identity_and_boot_local() {
     let state = d.join("state");
     let (inv_s, state_s) = (inv.to_str().unwrap(), state.to_str().unwrap());
     check(
-        &ka(&["pxe", "set", "-i", inv_s, "--state-dir", state_s, "-m", "install", "--all"]),
+        &ka(&[
+            "pxe",
+            "set",
+            "-i",
+            inv_s,
+            "--state-dir",
+            state_s,
+            "-m",
+            "install",
+            "--all",
+        ]),
         "ka pxe set",
     );
     let disks: Vec<PathBuf> = (1..=2)
@@ -138,22 +161,48 @@ fn clones_get_their_own_identity_and_boot_local() {
 
     // A typo or an impossible target is refused before anything is cloned.
     let o = ka(&[
-        "join", "--server", "127.0.0.1:9", "--secret-file", secret.to_str().unwrap(),
-        "--target", disks[0].to_str().unwrap(), "--identity", "hostname=n01",
+        "join",
+        "--server",
+        "127.0.0.1:9",
+        "--secret-file",
+        secret.to_str().unwrap(),
+        "--target",
+        disks[0].to_str().unwrap(),
+        "--identity",
+        "hostname=n01",
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("losetup -P"), "{}", stderr(&o));
     let o = ka(&[
-        "join", "--server", "127.0.0.1:9", "--secret-file", secret.to_str().unwrap(),
-        "--target", &loops[0].0, "--identity", "hostname=n01,colour=red",
+        "join",
+        "--server",
+        "127.0.0.1:9",
+        "--secret-file",
+        secret.to_str().unwrap(),
+        "--target",
+        &loops[0].0,
+        "--identity",
+        "hostname=n01,colour=red",
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert!(stderr(&o).contains("unknown identity item `colour`"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unknown identity item `colour`"),
+        "{}",
+        stderr(&o)
+    );
 
     let serve_err = d.join("serve.err");
     let mut serve = ChildGuard {
         child: Command::new(ka_bin())
-            .args(["serve", "--nodes", "2", "--listen", "127.0.0.1:0", "--json", "--image"])
+            .args([
+                "serve",
+                "--nodes",
+                "2",
+                "--listen",
+                "127.0.0.1:0",
+                "--json",
+                "--image",
+            ])
             .arg(&image)
             .arg("--secret-file")
             .arg(&secret)
@@ -168,7 +217,10 @@ fn clones_get_their_own_identity_and_boot_local() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let addr = loop {
         let err = fs::read_to_string(&serve_err).unwrap_or_default();
-        if let Some(a) = err.lines().find_map(|l| l.split("waiting for 2 nodes on ").nth(1)) {
+        if let Some(a) = err
+            .lines()
+            .find_map(|l| l.split("waiting for 2 nodes on ").nth(1))
+        {
             break a.trim().to_string();
         }
         assert!(Instant::now() < deadline, "ka serve did not start:\n{err}");
@@ -200,7 +252,10 @@ fn clones_get_their_own_identity_and_boot_local() {
         let status = wait_timeout(&mut j.child, Duration::from_secs(120)).expect("join finishes");
         let text = fs::read_to_string(&err).unwrap();
         assert!(status.success(), "{}: {status}\n{text}", j.what);
-        assert!(text.contains(&format!("identity applied: host name {}", j.what)), "{text}");
+        assert!(
+            text.contains(&format!("identity applied: host name {}", j.what)),
+            "{text}"
+        );
         assert!(text.contains("left etc/resolv.conf alone"), "{text}");
     }
     let status = wait_timeout(&mut serve.child, Duration::from_secs(30)).expect("serve ends");
@@ -216,14 +271,32 @@ fn clones_get_their_own_identity_and_boot_local() {
         let got = read_back(
             d,
             &lo.0,
-            &["etc/hostname", "etc/hosts", "etc/machine-id", "etc/systemd/network/10-ka.network", "etc/resolv.conf"],
+            &[
+                "etc/hostname",
+                "etc/hosts",
+                "etc/machine-id",
+                "etc/systemd/network/10-ka.network",
+                "etc/resolv.conf",
+            ],
         );
         assert_eq!(got[0], format!("n0{n}\n"));
-        assert!(got[1].contains(&format!("10.9.0.1{n}\tn0{n}.lab.test n0{n}\n")), "{}", got[1]);
+        assert!(
+            got[1].contains(&format!("10.9.0.1{n}\tn0{n}.lab.test n0{n}\n")),
+            "{}",
+            got[1]
+        );
         assert!(!got[1].contains("source"), "{}", got[1]);
         assert_eq!(got[2], "");
-        assert!(got[3].contains(&format!("MACAddress=52:54:00:09:00:0{n}\n")), "{}", got[3]);
-        assert!(got[3].contains(&format!("Address=10.9.0.1{n}/24\n")), "{}", got[3]);
+        assert!(
+            got[3].contains(&format!("MACAddress=52:54:00:09:00:0{n}\n")),
+            "{}",
+            got[3]
+        );
+        assert!(
+            got[3].contains(&format!("Address=10.9.0.1{n}/24\n")),
+            "{}",
+            got[3]
+        );
         assert_eq!(got[4], "-> /etc/resolv.conf");
     }
     let src = Loop::attach(&image);
@@ -235,10 +308,17 @@ fn clones_get_their_own_identity_and_boot_local() {
     let modes = BootState::new(&state).load().unwrap();
     let inventory = Inventory::load(&inv).unwrap();
     for n in &inventory.nodes {
-        let want = if ["n01", "n02"].contains(&n.name.as_str()) { Mode::Local } else { Mode::Install };
+        let want = if ["n01", "n02"].contains(&n.name.as_str()) {
+            Mode::Local
+        } else {
+            Mode::Install
+        };
         assert_eq!(modes.get(&n.name).mode, want, "{}", n.name);
     }
     for n in ["n01", "n02"] {
-        assert!(err.contains(&format!("{n}: clone verified, boot mode now local")), "{err}");
+        assert!(
+            err.contains(&format!("{n}: clone verified, boot mode now local")),
+            "{err}"
+        );
     }
 }

@@ -433,7 +433,7 @@ fn shows(console: &str, text: &str) -> bool {
 
 /// Waits until every VM's qemu has exited (a reboot ends qemu with
 /// -no-reboot; the cloned system powers off), or panics with every console.
-fn wait_all_exit(vms: &mut [Vm], limit: Duration, phase: &str) {
+fn wait_all_exit(vms: &mut [Vm], limit: Duration, phase: &str, context: &dyn Fn() -> String) {
     let deadline = Instant::now() + limit;
     loop {
         let mut running = Vec::new();
@@ -451,8 +451,9 @@ fn wait_all_exit(vms: &mut [Vm], limit: Duration, phase: &str) {
                 .map(|v| format!("===== {} =====\n{}", v.name, v.console()))
                 .collect();
             panic!(
-                "{phase}: {running:?} still running after {limit:?}\n{}",
-                consoles.join("\n")
+                "{phase}: {running:?} still running after {limit:?}\n{}\n{}",
+                consoles.join("\n"),
+                context()
             );
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -602,7 +603,10 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
         ])
         .arg("--secret-file")
         .arg(d.join("secret"))
-        .args(["--inventory", inv_s, "--boot-state", state_s, "--json"]);
+        .args(["--inventory", inv_s, "--boot-state", state_s, "--json"])
+        // Emulated machines on a busy shared host can stall for seconds;
+        // the default 1 s would declare them dead mid-clone.
+        .args(["--dead-after", "20s"]);
     let mut serve = daemon(serve, "ka serve");
     serve.wait_for(Duration::from_secs(20), "listening", |_, err| {
         err.contains("waiting for 3 nodes")
@@ -610,7 +614,18 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
 
     // Install: PXE → iPXE script → kernel + ka initramfs → ka join → identity → reboot.
     let mut vms: Vec<Vm> = (0..VMS).map(|i| start_vm(&lab, i, &disks[i])).collect();
-    wait_all_exit(&mut vms, Duration::from_secs(600), "install");
+    let daemons = |serve: &Daemon, tftp: &Daemon, dhcp: &Daemon| {
+        format!(
+            "===== ka serve =====\n{}\n{}\n===== ka tftp =====\n{}\n===== dnsmasq =====\n{}",
+            serve.out(),
+            serve.err(),
+            tftp.err(),
+            dhcp.err()
+        )
+    };
+    wait_all_exit(&mut vms, Duration::from_secs(600), "install", &|| {
+        daemons(&serve, &tftp, &dhcp)
+    });
     let installed = t0.elapsed();
     for (i, vm) in vms.iter().enumerate() {
         let c = vm.console();
@@ -637,6 +652,7 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
     let report_line = serve
         .out()
         .lines()
+        .rev()
         .find(|l| l.starts_with("{\"report\""))
         .unwrap()
         .to_string();
@@ -656,7 +672,8 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
     let verified = serve
         .out()
         .lines()
-        .filter(|l| l.contains("Verified {") && l.contains("ok: true"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "verified" && v["ok"] == true)
         .count();
     assert_eq!(verified, VMS, "{}", serve.out());
     let status = ka_tests::wait_timeout(&mut serve.guard.child, Duration::from_secs(30))
@@ -679,7 +696,9 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
 
     // Local: PXE → iPXE script says local → sanboot the disk → extlinux → the clone.
     let mut vms: Vec<Vm> = (0..VMS).map(|i| start_vm(&lab, i, &disks[i])).collect();
-    wait_all_exit(&mut vms, Duration::from_secs(300), "local boot");
+    wait_all_exit(&mut vms, Duration::from_secs(300), "local boot", &|| {
+        daemons(&serve, &tftp, &dhcp)
+    });
     for (i, vm) in vms.iter().enumerate() {
         let c = vm.console();
         let want = format!(

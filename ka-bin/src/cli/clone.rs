@@ -4,18 +4,16 @@
 //! Exit codes scripts can trust: 0 when every node verified its copy, 1 when
 //! the session ran but some nodes failed, 2 when it could not run at all.
 
-use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use ka_core::config::{NodeConfig, SlowPolicy, SourceConfig};
-use ka_core::ids::NodeId;
 use ka_core::node::NodeEvent;
-use ka_core::source::{NodeReport, Source, SourceEvent};
+use ka_core::source::NodeReport;
+
+use super::display::{human, print_report, Display};
 use ka_net::shell::{
     self, load_or_generate_secret, session_key, ImageInput, NodeOptions, Secret, SourceOptions,
     SourceReport, Target,
@@ -97,6 +95,10 @@ pub struct ServeArgs {
     /// Boot-mode directory to flip verified nodes in (`ka pxe`/`ka tftp` --state-dir).
     #[arg(long, value_name = "DIR", requires = "inventory")]
     pub boot_state: Option<PathBuf>,
+    /// Declare a silent node dead after this long (default 1s); longer for
+    /// nodes that may stall, e.g. emulated machines on a busy host.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub dead_after: Option<Duration>,
 }
 
 fn parse_policy(s: &str) -> Result<SlowPolicy, String> {
@@ -261,6 +263,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     config.release_delay = args.release_delay;
     config.slow_policy = args.slow_policy;
     config.order = args.order;
+    if let Some(d) = args.dead_after {
+        config.dead_after = d;
+        // Several heartbeats per dead_after, so one lost beat is not a death.
+        config.heartbeat = config.heartbeat.min(d / 4);
+    }
     let key = session_key(&secret, &args.session);
     let spool = spool_path(
         args.spool_dir.as_deref(),
@@ -323,33 +330,32 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             image: input,
             key,
         };
-        shell::run_source(opts, listener, go_rx, |s, e| {
+        let report = shell::run_source(opts, listener, go_rx, |s, e| {
             if let (Some(flip), Some(e)) = (&flip, e) {
-                report_flip(flip.on_event(s, e));
+                if let Some(text) = describe_flip(flip.on_event(s, e)) {
+                    display.note(&text);
+                }
             }
             display.update(s, e)
         })
-        .await
-        .map_err(|e| anyhow!("{e}"))
+        .await;
+        display.finish();
+        report.map_err(|e| anyhow!("{e}"))
     })?;
     let _ = std::fs::remove_file(&spool);
     print_report(&report, args.json);
     Ok(exit_code(&report))
 }
 
-fn report_flip(flipped: Option<(String, Flipped)>) {
-    match flipped {
-        Some((name, Flipped::To(mode))) => {
-            eprintln!("ka: {name}: clone verified, boot mode now {mode}")
+fn describe_flip(flipped: Option<(String, Flipped)>) -> Option<String> {
+    let (name, flipped) = flipped?;
+    Some(match flipped {
+        Flipped::To(mode) => format!("{name}: clone verified, boot mode now {mode}"),
+        Flipped::Kept => format!("{name}: clone verified, boot mode kept (after_clone = \"keep\")"),
+        Flipped::Failed(why) => {
+            format!("{name}: clone verified, but its boot mode was not flipped: {why}")
         }
-        Some((name, Flipped::Kept)) => {
-            eprintln!("ka: {name}: clone verified, boot mode kept (after_clone = \"keep\")")
-        }
-        Some((name, Flipped::Failed(why))) => {
-            eprintln!("ka: {name}: clone verified, but its boot mode was not flipped: {why}")
-        }
-        None => {}
-    }
+    })
 }
 
 /// A spool file in `dir` (or the temporary directory), unique to this process.
@@ -463,157 +469,6 @@ fn print_node_event(name: &str, e: &NodeEvent, json: bool) {
     }
 }
 
-/// The source's live view: one line per node on a terminal (state, bytes,
-/// rate, ETA), JSON lines for scripts, and a tracing span per node for logs.
-struct Display {
-    json: bool,
-    tty: bool,
-    lines: usize,
-    /// Per node: when and at what offset it was last drawn, and its smoothed rate.
-    rates: HashMap<NodeId, (Instant, u64, f64)>,
-    spans: HashMap<NodeId, tracing::Span>,
-}
-
-impl Display {
-    fn new(json: bool) -> Self {
-        Display {
-            json,
-            tty: std::io::stderr().is_terminal(),
-            lines: 0,
-            rates: HashMap::new(),
-            spans: HashMap::new(),
-        }
-    }
-
-    /// Logs an event in the span of the node it concerns (`RUST_LOG=info`).
-    fn log(&mut self, source: &Source, event: &SourceEvent) {
-        let node = match event {
-            SourceEvent::Joined { node, .. }
-            | SourceEvent::Relinked { node, .. }
-            | SourceEvent::Dead { node, .. }
-            | SourceEvent::Slow { node, .. }
-            | SourceEvent::Verified { node, .. }
-            | SourceEvent::Failed { node, .. }
-            | SourceEvent::Released { node } => Some(*node),
-            _ => None,
-        };
-        match node {
-            Some(n) => {
-                let name = source
-                    .report()
-                    .into_iter()
-                    .find(|r| r.node == n)
-                    .map(|r| r.name)
-                    .unwrap_or_default();
-                let span = self
-                    .spans
-                    .entry(n)
-                    .or_insert_with(|| tracing::info_span!("node", id = %n, name = %name));
-                span.in_scope(|| tracing::info!(?event));
-            }
-            None => tracing::info!(?event),
-        }
-    }
-
-    fn update(&mut self, source: &Source, event: Option<&SourceEvent>) {
-        if let Some(e) = event {
-            self.log(source, e);
-        }
-        match event {
-            Some(e) if self.json => println!("{{\"event\":{:?}}}", format!("{e:?}")),
-            Some(e) if !self.tty => eprintln!("ka: {e:?}"),
-            Some(SourceEvent::Dead { node, reason }) => {
-                self.note(&format!("{node} declared dead: {reason}"))
-            }
-            Some(SourceEvent::Slow { node, policy }) => {
-                self.note(&format!("{node} too slow: {policy:?}"))
-            }
-            Some(SourceEvent::Refused { refusal, .. }) => {
-                self.note(&format!("refused a peer: {}", refusal.detail))
-            }
-            Some(_) => {}
-            None if self.tty && !self.json => self.redraw(source),
-            None => {}
-        }
-    }
-
-    fn note(&mut self, text: &str) {
-        self.clear();
-        eprintln!("ka: {text}");
-    }
-
-    fn clear(&mut self) {
-        let mut err = std::io::stderr();
-        for _ in 0..self.lines {
-            let _ = write!(err, "\x1b[1A\x1b[2K");
-        }
-        self.lines = 0;
-    }
-
-    fn redraw(&mut self, source: &Source) {
-        self.clear();
-        let size = source.config().image_size.unwrap_or(0).max(1);
-        let mut err = std::io::stderr();
-        let now = Instant::now();
-        for r in source.report() {
-            let got = source
-                .progress(r.node)
-                .map_or(r.received, |p| p.received.max(r.received));
-            let (then, before, smoothed) = *self.rates.entry(r.node).or_insert((now, got, 0.0));
-            let dt = now.duration_since(then).as_secs_f64();
-            let rate = if dt >= 0.5 {
-                let instant = got.saturating_sub(before) as f64 / dt;
-                let smoothed = if smoothed == 0.0 {
-                    instant
-                } else {
-                    0.7 * smoothed + 0.3 * instant
-                };
-                self.rates.insert(r.node, (now, got, smoothed));
-                smoothed
-            } else {
-                smoothed
-            };
-            let eta = if rate > 0.0 && got < size && r.outcome.is_none() {
-                format!("ETA {:>4.0}s", (size - got) as f64 / rate)
-            } else {
-                String::new()
-            };
-            let pct = (got as f64 / size as f64 * 100.0).min(100.0);
-            let bar_len = (pct / 5.0) as usize;
-            let state = match &r.outcome {
-                None if source.is_live(r.node) && got >= size => "verifying".to_string(),
-                None if source.is_live(r.node) => "receiving".to_string(),
-                None => "lost".to_string(),
-                Some(Ok(())) => "OK".to_string(),
-                Some(Err(e)) => format!("KO {e}"),
-            };
-            let _ = writeln!(
-                err,
-                "{:<16} [{:<20}] {:5.1}% {:>10} {:>9.1} MB/s {:<9} {}",
-                r.name,
-                "#".repeat(bar_len),
-                pct,
-                human(got),
-                rate / 1e6,
-                eta,
-                state
-            );
-            self.lines += 1;
-        }
-    }
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", UNITS[u])
-}
-
 fn exit_code(report: &SourceReport) -> u8 {
     if report.aborted.is_some() && report.nodes.is_empty() {
         EXIT_COULD_NOT_RUN
@@ -625,74 +480,6 @@ fn exit_code(report: &SourceReport) -> u8 {
     } else {
         EXIT_SOME_FAILED
     }
-}
-
-/// Prints the final report: a table on a terminal, one JSON object for scripts.
-pub fn print_report(report: &SourceReport, json: bool) {
-    let secs = report.streaming.as_secs_f64().max(1e-9);
-    if json {
-        let nodes: Vec<String> = report
-            .nodes
-            .iter()
-            .map(|n| {
-                let (ok, reason) = match &n.outcome {
-                    Some(Ok(())) => (true, String::new()),
-                    Some(Err(e)) => (false, e.clone()),
-                    None => (false, "undecided".into()),
-                };
-                let t = n.finished_at.map_or(0.0, |f| f.saturating_since(n.joined_at).as_secs_f64());
-                format!(
-                    "{{\"name\":{:?},\"ok\":{ok},\"reason\":{reason:?},\"bytes\":{},\"seconds\":{t:.3},\"deaths\":{}}}",
-                    n.name, n.received, n.deaths
-                )
-            })
-            .collect();
-        println!(
-            "{{\"report\":{{\"size\":{},\"seconds\":{secs:.3},\"aborted\":{},\"nodes\":[{}]}}}}",
-            report.size,
-            report
-                .aborted
-                .as_ref()
-                .map_or("null".to_string(), |a| format!("{a:?}")),
-            nodes.join(",")
-        );
-        return;
-    }
-    println!(
-        "{:<16} {:<4} {:>12} {:>9} {:>9}  reason",
-        "node", "", "bytes", "seconds", "MB/s"
-    );
-    for n in &report.nodes {
-        let t = n
-            .finished_at
-            .map_or(0.0, |f| f.saturating_since(n.joined_at).as_secs_f64());
-        let (status, reason) = match &n.outcome {
-            Some(Ok(())) => ("OK", String::new()),
-            Some(Err(e)) => ("KO", e.clone()),
-            None => ("KO", "undecided".into()),
-        };
-        let rate = if t > 0.0 {
-            n.received as f64 / t / 1e6
-        } else {
-            0.0
-        };
-        println!(
-            "{:<16} {:<4} {:>12} {:>9.2} {:>9.1}  {reason}",
-            n.name, status, n.received, t, rate
-        );
-    }
-    let ok = report.nodes.iter().filter(|n| n.is_ok()).count();
-    println!(
-        "{ok}/{} nodes OK; {} in {:.2} s of streaming ({:.1} MB/s per node){}",
-        report.nodes.len(),
-        human(report.size),
-        secs,
-        report.size as f64 / secs / 1e6,
-        report
-            .aborted
-            .as_ref()
-            .map_or(String::new(), |a| format!("; aborted: {a}"))
-    );
 }
 
 /// Runs `ka demo`; returns the process exit code.
@@ -731,7 +518,7 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<u8> {
             image: ImageInput::File(image.clone()),
             key: key.clone(),
         };
-        let source = shell::run_source(opts, listener, go_rx, move |s, e| display.update(s, e));
+        let source = shell::run_source(opts, listener, go_rx, |s, e| display.update(s, e));
         let mut nodes = Vec::new();
         for (i, target) in targets.iter().enumerate() {
             let mut config = NodeConfig::new(
@@ -750,7 +537,9 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<u8> {
             };
             nodes.push(tokio::spawn(shell::run_node(opts, |_, _| {})));
         }
-        let report = source.await.map_err(|e| anyhow!("{e}"))?;
+        let report = source.await;
+        display.finish();
+        let report = report.map_err(|e| anyhow!("{e}"))?;
         for n in nodes {
             let _ = n.await;
         }

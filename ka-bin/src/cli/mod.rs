@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 pub mod clone;
 pub mod dhcp;
+pub mod display;
 pub mod netboot;
 pub mod pxe;
 pub mod tftp;

@@ -1,0 +1,397 @@
+//! What the source shows while a session runs and when it ends.
+//!
+//! Three audiences, three forms: an operator at a terminal gets one live
+//! progress bar per node (indicatif) and a final table; a script (`--json`)
+//! gets one JSON object per line — events, progress at most once a second
+//! per node, and a final `report` object; logs (`RUST_LOG`) get every event
+//! in a tracing span per node. Without a terminal and without `--json`,
+//! events are printed as plain lines so a redirected log still says what
+//! happened.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ka_core::ids::NodeId;
+use ka_core::source::{NodeReport, Source, SourceEvent};
+use ka_net::shell::SourceReport;
+use serde::Serialize;
+use serde_json::json;
+
+/// How often a node's progress is printed in JSON mode: often enough for a
+/// script to act at a given fraction, rarely enough to keep logs readable.
+const JSON_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// The source's live view. Feed it every callback of `run_source`.
+pub struct Display {
+    json: bool,
+    started: Instant,
+    bars: Option<Bars>,
+    /// Per node: when its progress was last printed as JSON, and at what offset.
+    json_progress: HashMap<NodeId, (Instant, u64)>,
+    spans: HashMap<NodeId, tracing::Span>,
+}
+
+/// One bar per node, drawn together on standard error.
+struct Bars {
+    multi: MultiProgress,
+    per_node: HashMap<NodeId, ProgressBar>,
+}
+
+impl Display {
+    /// A display for `--json` or, when standard error is a terminal, with
+    /// live bars.
+    pub fn new(json: bool) -> Self {
+        let bars = (!json && std::io::stderr().is_terminal()).then(|| Bars {
+            multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+            per_node: HashMap::new(),
+        });
+        Display {
+            json,
+            started: Instant::now(),
+            bars,
+            json_progress: HashMap::new(),
+            spans: HashMap::new(),
+        }
+    }
+
+    /// Shows one event (`Some`) or refreshes progress (`None`).
+    pub fn update(&mut self, source: &Source, event: Option<&SourceEvent>) {
+        match event {
+            Some(e) => {
+                self.log(source, e);
+                if self.json {
+                    let line = self.event_json(source, e);
+                    println!("{line}");
+                } else if let Some(text) = describe(source, e) {
+                    match &self.bars {
+                        Some(bars) => bars.multi.suspend(|| eprintln!("ka: {text}")),
+                        None => eprintln!("ka: {text}"),
+                    }
+                }
+                self.refresh(source);
+            }
+            None => self.refresh(source),
+        }
+    }
+
+    /// Prints a line for the operator on standard error without tearing the
+    /// bars (e.g. a node's boot mode flipped after its clone verified).
+    pub fn note(&self, text: &str) {
+        match &self.bars {
+            Some(bars) => bars.multi.suspend(|| eprintln!("ka: {text}")),
+            None => eprintln!("ka: {text}"),
+        }
+    }
+
+    /// Clears the bars, leaving the terminal to the final report.
+    pub fn finish(&mut self) {
+        if let Some(bars) = &self.bars {
+            for bar in bars.per_node.values() {
+                bar.abandon();
+            }
+            let _ = bars.multi.clear();
+        }
+    }
+
+    fn seconds(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn refresh(&mut self, source: &Source) {
+        if self.json {
+            self.json_progress(source);
+        }
+        let Some(bars) = &mut self.bars else { return };
+        let size = source.config().image_size;
+        for r in source.report() {
+            let got = received(source, &r);
+            let bar = bars.per_node.entry(r.node).or_insert_with(|| {
+                let bar = bars
+                    .multi
+                    .add(ProgressBar::new(size.unwrap_or(0)).with_prefix(r.name.clone()));
+                bar.set_style(bar_style(size.is_some()));
+                bar
+            });
+            if let Some(size) = size {
+                bar.set_length(size);
+            }
+            bar.set_position(got);
+            let state = state(source, &r, got, size);
+            if r.outcome.is_some() && !bar.is_finished() {
+                bar.finish_with_message(state);
+            } else if !bar.is_finished() {
+                bar.set_message(state);
+            }
+        }
+    }
+
+    fn json_progress(&mut self, source: &Source) {
+        let now = Instant::now();
+        let t = self.seconds();
+        for r in source.report() {
+            if r.outcome.is_some() {
+                continue;
+            }
+            let got = received(source, &r);
+            let due = self
+                .json_progress
+                .get(&r.node)
+                .is_none_or(|(at, before)| *before != got && now - *at >= JSON_PROGRESS_EVERY);
+            if due {
+                self.json_progress.insert(r.node, (now, got));
+                println!(
+                    "{}",
+                    json!({"event": "progress", "t": t, "node": r.name, "id": r.node.0,
+                           "bytes": got, "size": source.config().image_size})
+                );
+            }
+        }
+    }
+
+    /// Logs an event in the span of the node it concerns (`RUST_LOG=info`).
+    fn log(&mut self, source: &Source, event: &SourceEvent) {
+        match event_node(event) {
+            Some(n) => {
+                let name = name_of(source, n);
+                let span = self
+                    .spans
+                    .entry(n)
+                    .or_insert_with(|| tracing::info_span!("node", id = %n, name = %name));
+                span.in_scope(|| tracing::info!(?event));
+            }
+            None => tracing::info!(?event),
+        }
+    }
+
+    fn event_json(&self, source: &Source, event: &SourceEvent) -> serde_json::Value {
+        let mut v = match event {
+            SourceEvent::Joined { name, rejoin, .. } => {
+                json!({"event": "joined", "rejoin": rejoin, "node": name})
+            }
+            SourceEvent::Refused { refusal, .. } => {
+                json!({"event": "refused", "code": format!("{:?}", refusal.code), "reason": refusal.detail})
+            }
+            SourceEvent::Started { nodes, trigger } => {
+                json!({"event": "started", "nodes": nodes, "trigger": format!("{trigger:?}")})
+            }
+            SourceEvent::Relinked { upstream, .. } => json!({"event": "relinked",
+                "upstream": upstream.map(|u| name_of(source, u))}),
+            SourceEvent::Dead { reason, .. } => json!({"event": "dead", "reason": reason}),
+            SourceEvent::Slow { policy, .. } => {
+                json!({"event": "slow", "policy": format!("{policy:?}")})
+            }
+            SourceEvent::Verified { ok, reason, .. } => {
+                json!({"event": "verified", "ok": ok, "reason": reason})
+            }
+            SourceEvent::Failed { reason, .. } => json!({"event": "failed", "reason": reason}),
+            SourceEvent::Released { .. } => json!({"event": "released"}),
+            SourceEvent::ImageDone { total } => json!({"event": "image_done", "size": total}),
+            other => json!({"event": "other", "detail": format!("{other:?}")}),
+        };
+        v["t"] = json!(self.seconds());
+        if let Some(n) = event_node(event) {
+            v["id"] = json!(n.0);
+            v["node"] = json!(name_of(source, n));
+        }
+        v
+    }
+}
+
+/// A sentence for the operator about an event worth interrupting the bars
+/// for; progress-like events are left to the bars.
+fn describe(source: &Source, event: &SourceEvent) -> Option<String> {
+    let name = |n: NodeId| name_of(source, n);
+    Some(match event {
+        SourceEvent::Joined { node, rejoin, .. } => {
+            format!(
+                "{} {}",
+                name(*node),
+                if *rejoin { "rejoined" } else { "joined" }
+            )
+        }
+        SourceEvent::Refused { refusal, .. } => format!("refused a peer: {}", refusal.detail),
+        SourceEvent::Started { nodes, trigger } => {
+            format!("streaming to {nodes} node(s) ({trigger:?})")
+        }
+        SourceEvent::Relinked { node, upstream } => format!(
+            "{} now fed by {}",
+            name(*node),
+            upstream.map_or("the source".to_string(), name)
+        ),
+        SourceEvent::Dead { node, reason } => format!("{} declared dead: {reason}", name(*node)),
+        SourceEvent::Slow { node, policy } => format!("{} too slow: {policy:?}", name(*node)),
+        SourceEvent::Verified {
+            node,
+            ok: false,
+            reason,
+        } => {
+            format!("{} copy does not match: {reason}", name(*node))
+        }
+        SourceEvent::Failed { node, reason } => format!("{} failed: {reason}", name(*node)),
+        _ => return None,
+    })
+}
+
+fn event_node(event: &SourceEvent) -> Option<NodeId> {
+    match event {
+        SourceEvent::Joined { node, .. }
+        | SourceEvent::Relinked { node, .. }
+        | SourceEvent::Dead { node, .. }
+        | SourceEvent::Slow { node, .. }
+        | SourceEvent::Verified { node, .. }
+        | SourceEvent::Failed { node, .. }
+        | SourceEvent::Released { node } => Some(*node),
+        _ => None,
+    }
+}
+
+fn name_of(source: &Source, node: NodeId) -> String {
+    source
+        .report()
+        .into_iter()
+        .find(|r| r.node == node)
+        .map_or_else(|| node.to_string(), |r| r.name)
+}
+
+/// What a node has, from its latest progress or its report.
+fn received(source: &Source, r: &NodeReport) -> u64 {
+    source
+        .progress(r.node)
+        .map_or(r.received, |p| p.received.max(r.received))
+}
+
+fn state(source: &Source, r: &NodeReport, got: u64, size: Option<u64>) -> String {
+    match &r.outcome {
+        None if source.is_live(r.node) && size.is_some_and(|s| got >= s) => "verifying".into(),
+        None if source.is_live(r.node) => "receiving".into(),
+        None => "lost".into(),
+        Some(Ok(())) => "OK".into(),
+        Some(Err(e)) => format!("KO {e}"),
+    }
+}
+
+fn bar_style(known_size: bool) -> ProgressStyle {
+    // The templates are constants; a typo is a programming error caught by
+    // the display tests.
+    let template = if known_size {
+        "{prefix:<16} [{bar:24}] {percent:>3}% {bytes:>10} {binary_bytes_per_sec:>12} ETA {eta:>4} {msg}"
+    } else {
+        "{prefix:<16} {spinner} {bytes:>10} {binary_bytes_per_sec:>12} {msg}"
+    };
+    ProgressStyle::with_template(template)
+        .expect("valid progress template")
+        .progress_chars("#>-")
+}
+
+/// Human-readable binary size.
+pub fn human(bytes: u64) -> String {
+    indicatif::BinaryBytes(bytes).to_string()
+}
+
+/// One node's line of the final report, for scripts.
+#[derive(Serialize)]
+struct JsonNode<'a> {
+    name: &'a str,
+    mac: String,
+    ok: bool,
+    reason: String,
+    bytes: u64,
+    seconds: f64,
+    deaths: u32,
+}
+
+/// Seconds from a node's join to its outcome.
+fn node_seconds(n: &NodeReport) -> f64 {
+    n.finished_at
+        .map_or(0.0, |f| f.saturating_since(n.joined_at).as_secs_f64())
+}
+
+fn outcome(n: &NodeReport) -> (bool, String) {
+    match &n.outcome {
+        Some(Ok(())) => (true, String::new()),
+        Some(Err(e)) => (false, e.clone()),
+        None => (false, "undecided".into()),
+    }
+}
+
+/// Prints the final report: a table on standard output, or one JSON object.
+pub fn print_report(report: &SourceReport, json: bool) {
+    let secs = report.streaming.as_secs_f64().max(1e-9);
+    if json {
+        let nodes: Vec<JsonNode> = report
+            .nodes
+            .iter()
+            .map(|n| {
+                let (ok, reason) = outcome(n);
+                JsonNode {
+                    name: &n.name,
+                    mac: n.mac.map(|b| format!("{b:02x}")).join(":"),
+                    ok,
+                    reason,
+                    bytes: n.received,
+                    seconds: node_seconds(n),
+                    deaths: n.deaths,
+                }
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({"report": {"size": report.size, "seconds": secs,
+                              "aborted": report.aborted, "nodes": nodes}})
+        );
+        return;
+    }
+    println!(
+        "{:<16} {:<4} {:>12} {:>9} {:>9}  reason",
+        "node", "", "bytes", "seconds", "MB/s"
+    );
+    for n in &report.nodes {
+        let t = node_seconds(n);
+        let (ok, reason) = outcome(n);
+        let rate = if t > 0.0 {
+            n.received as f64 / t / 1e6
+        } else {
+            0.0
+        };
+        println!(
+            "{:<16} {:<4} {:>12} {:>9.2} {:>9.1}  {reason}",
+            n.name,
+            if ok { "OK" } else { "KO" },
+            n.received,
+            t,
+            rate
+        );
+    }
+    let ok = report.nodes.iter().filter(|n| n.is_ok()).count();
+    println!(
+        "{ok}/{} nodes OK; {} in {:.2} s of streaming ({:.1} MB/s per node){}",
+        report.nodes.len(),
+        human(report.size),
+        secs,
+        report.size as f64 / secs / 1e6,
+        report
+            .aborted
+            .as_ref()
+            .map_or(String::new(), |a| format!("; aborted: {a}"))
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bar_templates_are_valid() {
+        // `bar_style` panics on a template typo; build both.
+        bar_style(true);
+        bar_style(false);
+    }
+
+    #[test]
+    fn human_sizes_are_binary() {
+        assert_eq!(human(0), "0 B");
+        assert_eq!(human(256 << 20), "256.00 MiB");
+    }
+}
