@@ -44,6 +44,12 @@ fn ip(i: usize) -> String {
     format!("10.77.0.{}", 11 + i)
 }
 
+/// The last VM is handed pxelinux.0 by DHCP, as a BIOS machine with a plain
+/// PXE ROM would be; the others, whose ROM is iPXE, get ka's iPXE script.
+fn via_pxelinux(i: usize) -> bool {
+    i == VMS - 1
+}
+
 /// The unpacked Debian kernel package: `$KA_TEST_KERNEL_DIR`, or what
 /// `scripts/fetch-kernel` left in `target/ka-kernel/current`.
 fn kernel_tree() -> PathBuf {
@@ -174,11 +180,15 @@ fn source_disk(dir: &Path, tree: &Path, version: &str) -> u64 {
     let part = dir.join("part.img");
     let part_mib = 24u64;
     let mke2fs = require_tool("mke2fs", "e2fsprogs");
-    // No 64bit feature: syslinux's ext4 reader predates it.
+    // No 64bit feature: syslinux's ext4 reader predates it. 4 KiB blocks:
+    // with the 1 KiB blocks mke2fs picks for small file systems, extlinux
+    // fails to load the kernel ("I/O error").
     check(
         &run(
             Command::new(mke2fs)
-                .args(["-q", "-F", "-t", "ext4", "-O", "^64bit", "-L", "root", "-d"])
+                .args([
+                    "-q", "-F", "-t", "ext4", "-b", "4096", "-O", "^64bit", "-L", "root", "-d",
+                ])
                 .arg(&rootdir)
                 .arg(&part)
                 .arg(format!("{part_mib}M")),
@@ -547,6 +557,16 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
         "ka dhcp config",
     );
 
+    // Test only: steer the last VM to pxelinux (its ROM is iPXE too, which
+    // `ka dhcp config` rightly sends to ka's iPXE script). dnsmasq takes the
+    // last matching dhcp-boot; the console checks below prove it did.
+    let mut dhcp_conf = fs::read_to_string(&conf).unwrap();
+    dhcp_conf.push_str(&format!(
+        "dhcp-mac=set:pxelinux-test,{}\ndhcp-boot=tag:pxelinux-test,pxelinux.0,,{SERVER}\n",
+        mac(VMS - 1)
+    ));
+    fs::write(&conf, dhcp_conf).unwrap();
+
     let image_size = source_disk(d, &tree, &version);
     let disks: Vec<PathBuf> = (0..VMS)
         .map(|i| {
@@ -629,8 +649,13 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
     let installed = t0.elapsed();
     for (i, vm) in vms.iter().enumerate() {
         let c = vm.console();
+        let boot_path = if via_pxelinux(i) {
+            "PXELINUX".to_string()
+        } else {
+            format!("ipxe/{}.ipxe... ok", mac(i).replace(':', "-"))
+        };
         for want in [
-            format!("ipxe/{}.ipxe", mac(i).replace(':', "-")),
+            boot_path,
             format!("is up: interface=eth0 ip={}/24", ip(i)),
             "fetching the session secret ka/secret".to_string(),
             format!("identity applied: host name {}", name(i)),
@@ -644,6 +669,31 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
         }
     }
     drop(vms);
+    // What each path fetched: ka tftp logs every request.
+    let log = tftp.err();
+    for i in 0..VMS {
+        let config = if via_pxelinux(i) {
+            format!("pxelinux.cfg/01-{}", mac(i).replace(':', "-"))
+        } else {
+            format!("ipxe/{}.ipxe", mac(i).replace(':', "-"))
+        };
+        assert!(
+            log.contains(&format!("path=\"{config}\"")),
+            "{config} not served:\n{log}"
+        );
+    }
+    for f in [
+        "pxelinux.0",
+        "ldlinux.c32",
+        "ka/vmlinuz",
+        "ka/initramfs.img",
+        "ka/secret",
+    ] {
+        assert!(
+            log.contains(&format!("path=\"{f}\"")),
+            "{f} not served:\n{log}"
+        );
+    }
 
     // The source's final report: three nodes, each verified.
     serve.wait_for(Duration::from_secs(60), "its final report", |out, _| {
@@ -707,7 +757,14 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
             ip(i)
         );
         assert!(shows(&c, &want), "{}: no `{want}`:\n{c}", vm.name);
-        assert!(shows(&c, "Booting from SAN device 0x80"), "{c}");
+        // The network boot chose the disk (never the BIOS falling through).
+        let local = if via_pxelinux(i) {
+            "PXELINUX"
+        } else {
+            "Booting from SAN device 0x80"
+        };
+        assert!(shows(&c, local), "{}: {local}?\n{c}", vm.name);
+        assert!(!shows(&c, "Booting from Hard Disk"), "{}:\n{c}", vm.name);
         assert!(
             !shows(&c, "ka/initramfs.img"),
             "{}: booted the installer again:\n{c}",

@@ -394,13 +394,17 @@ impl Mounted {
     /// that accepts it.
     fn any(dev: &Path) -> io::Result<Mounted> {
         let types = fs::read_to_string("/proc/filesystems")?;
-        let dir = tempfile::Builder::new().prefix("ka-identity-").tempdir()?;
-        let mut last = io::Error::other("the kernel knows no block file systems");
-        for fstype in types
+        let mut types: Vec<&str> = types
             .lines()
             .filter(|l| !l.starts_with("nodev"))
             .map(str::trim)
-        {
+            .collect();
+        // Root file systems first: the ext4 driver also answers to ext3 and
+        // ext2, and logs a complaint for each one tried before ext4.
+        types.sort_by_key(|t| !["ext4", "xfs", "btrfs"].contains(t));
+        let dir = tempfile::Builder::new().prefix("ka-identity-").tempdir()?;
+        let mut last = io::Error::other("the kernel knows no block file systems");
+        for fstype in types {
             match nix::mount::mount(
                 Some(dev),
                 dir.path(),
