@@ -315,6 +315,8 @@ pub struct Sim {
 }
 
 const SESSION: &str = "sim";
+/// The identity of the simulated image.
+const IMAGE_ID: ka_core::codec::ImageId = ka_core::codec::ImageId([0x5a; 32]);
 
 impl Sim {
     /// Builds the world for `cfg`: draws the swarm, makes the source image.
@@ -359,6 +361,8 @@ impl Sim {
         // the running stream at the tail.
         scfg.join_timeout = Some(Duration::from_millis(100));
         scfg.min_nodes = 1;
+        scfg.image_id = IMAGE_ID;
+        scfg.image_size = Some(cfg.size);
         let source = Source::new(Time::ZERO, scfg, Box::new(SimKey(cfg.seed)));
         let nodes: Vec<Slot> = (0..cfg.nodes)
             .map(|i| Slot {
@@ -985,6 +989,11 @@ impl Sim {
                 self.nodes[i].data.outflows.push((conn, d));
             }
             NodeAction::Close { conn } => self.close(me, conn),
+            NodeAction::StartOver => {
+                // The simulated image never changes: a node that kept a prefix
+                // must be let to keep it.
+                self.violate(format!("node{i} was told to start over"));
+            }
             NodeAction::ReadBack => {
                 let digest = self.nodes[i].data.content.digest();
                 self.with_node(i, |n, now| n.handle_readback(now, digest));
@@ -1357,7 +1366,11 @@ impl Sim {
         s.data.ended = false;
         s.max_reported = have;
         let now = self.now;
-        s.machine = Some(Node::new(now, cfg, Box::new(SimKey(self.cfg.seed)), have));
+        let resume = Some(ka_core::node::Resume {
+            image: IMAGE_ID,
+            have,
+        });
+        s.machine = Some(Node::new(now, cfg, Box::new(SimKey(self.cfg.seed)), resume));
         self.trace(|| format!("node{i:05} starts holding {have}"));
         self.drain_node(i);
     }

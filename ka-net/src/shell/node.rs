@@ -110,7 +110,7 @@ pub async fn run_node(
         .port();
     opts.config.data_addr = SocketAddr::new(route_to(opts.server, opts.listen_ip), port);
     let key = opts.key.clone();
-    let mut node = Node::new(clock.now(), opts.config, Box::new(key.clone()), 0);
+    let mut node = Node::new(clock.now(), opts.config, Box::new(key.clone()), None);
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
     let (internal_tx, mut internal) = mpsc::unbounded_channel::<Internal>();
     let (written_tx, written_rx) = watch::channel(Written::default());
@@ -220,6 +220,10 @@ pub async fn run_node(
                         };
                         let _ = tx.send(Internal::ReadBack(result));
                     });
+                }
+                NodeAction::StartOver => {
+                    writer = None;
+                    written_tx.send_replace(Written::default());
                 }
                 NodeAction::Exit { ok, reason } => {
                     break 'session NodeOutcome {
