@@ -20,7 +20,7 @@
 //! with their prefixes: they count towards `expected_nodes`, and the chain
 //! it lays out puts the nodes holding most nearest to the source, so every
 //! upstream holds at least what its downstream lacks. Nodes that had already
-//! verified and left are handed in by the shell from its own record
+//! verified and left (or failed) are handed in by the shell from its record
 //! ([`Source::handle_restored`]) so the report still accounts for them.
 
 use core::time::Duration;
@@ -206,8 +206,8 @@ pub struct NodeReport {
     /// Where its copy went on from at its latest join: more than 0 when it
     /// came back (after its own restart or the source's) holding a prefix.
     pub resumed_from: u64,
-    /// It verified under an earlier run of this source and did not come back;
-    /// the shell's record says so ([`Source::handle_restored`]).
+    /// Its outcome was decided under an earlier run of this source and it did
+    /// not come back; the shell's record says so ([`Source::handle_restored`]).
     pub restored: bool,
 }
 
@@ -428,23 +428,33 @@ impl Source {
         self.read = self.read.max(offset);
     }
 
-    /// A node this session verified under an earlier run of this source
-    /// (the shell keeps a record across restarts) and that has not come back:
-    /// it counts towards the nodes expected and is reported OK. If it does
-    /// come back, its join replaces this line. Call before any join.
-    pub fn handle_restored(&mut self, now: Time, name: String, mac: [u8; 6]) {
+    /// A node whose outcome was decided under an earlier run of this source
+    /// (the shell keeps a record across restarts): verified, or failed and
+    /// why. It counts towards the nodes expected and keeps its report line;
+    /// if it does come back, its join replaces the line. Call before any join.
+    pub fn handle_restored(
+        &mut self,
+        now: Time,
+        name: String,
+        mac: [u8; 6],
+        outcome: Result<(), String>,
+    ) {
         if self.state != SourceState::AwaitingNodes || self.names.contains_key(&name) {
             return;
         }
         let id = NodeId(self.next_id);
         self.next_id += 1;
-        let received = self.config.image_size.unwrap_or(0);
+        let received = if outcome.is_ok() {
+            self.config.image_size.unwrap_or(0)
+        } else {
+            0
+        };
         let record = NodeRecord {
             report: NodeReport {
                 node: id,
                 name: name.clone(),
                 mac,
-                outcome: Some(Ok(())),
+                outcome: Some(outcome),
                 received,
                 joined_at: now,
                 finished_at: Some(now),

@@ -919,7 +919,7 @@ fn node_gives_up_when_the_source_stays_away() {
 #[test]
 fn nodes_verified_before_a_restart_count_and_are_reported() {
     let mut src = file_source(3, 1000);
-    src.handle_restored(Time::ZERO, "x".into(), [1; 6]);
+    src.handle_restored(Time::ZERO, "x".into(), [1; 6], Ok(()));
     join_holding(&mut src, t(1), 1, "a", 0, IMAGE);
     assert_eq!(src.state(), SourceState::AwaitingNodes);
     join_holding(&mut src, t(1), 2, "b", 0, IMAGE);
@@ -929,7 +929,7 @@ fn nodes_verified_before_a_restart_count_and_are_reported() {
     assert!(x.is_ok() && x.restored);
     // If x does come back, its join replaces the restored line.
     let mut src = file_source(2, 1000);
-    src.handle_restored(Time::ZERO, "x".into(), [1; 6]);
+    src.handle_restored(Time::ZERO, "x".into(), [1; 6], Ok(()));
     join_holding(&mut src, t(1), 1, "x", 1000, IMAGE);
     let x = src.report().into_iter().find(|r| r.name == "x").unwrap();
     assert!(!x.restored && x.outcome.is_none());
