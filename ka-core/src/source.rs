@@ -430,8 +430,11 @@ impl Source {
 
     /// A node whose outcome was decided under an earlier run of this source
     /// (the shell keeps a record across restarts): verified, or failed and
-    /// why. It counts towards the nodes expected and keeps its report line;
-    /// if it does come back, its join replaces the line. Call before any join.
+    /// why. It keeps its report line (and its name: no other node takes its
+    /// place), and if it comes back its join replaces the line. A verified
+    /// one counts towards the nodes the start waits for; a failed one only
+    /// once it rejoins (it may have been declared dead just before the
+    /// restart). Call before any join.
     pub fn handle_restored(
         &mut self,
         now: Time,
@@ -479,7 +482,7 @@ impl Source {
         };
         self.nodes.insert(id, record);
         self.names.insert(name, id);
-        if self.nodes.len() as u32 >= self.config.expected_nodes {
+        if self.present() >= self.config.expected_nodes {
             self.start(now, StartTrigger::AllJoined);
         }
     }
@@ -513,7 +516,7 @@ impl Source {
         if self.timers.expire(Timer::JoinDeadline as usize, now)
             && self.state == SourceState::AwaitingNodes
         {
-            let live = self.live_count() as u32;
+            let live = self.present();
             if live >= self.config.min_nodes.max(1) {
                 self.start(now, StartTrigger::Deadline);
             } else {
@@ -607,6 +610,17 @@ impl Source {
 
     fn live_count(&self) -> usize {
         self.nodes.values().filter(|r| r.live()).count()
+    }
+
+    /// The nodes that count towards the start: those joined (while awaiting
+    /// nodes, the dead are forgotten) and those restored as verified. A node
+    /// restored as failed may be about to come back, so it waits to be counted
+    /// until it does.
+    fn present(&self) -> u32 {
+        self.nodes
+            .values()
+            .filter(|r| r.live() || (r.report.restored && r.report.is_ok()))
+            .count() as u32
     }
 
     /// Whether the whole image can be served (read to its end, or a file of
@@ -772,9 +786,8 @@ impl Source {
                 upstream: parent,
             });
         } else if self.state == SourceState::AwaitingNodes
-            && self.nodes.len() as u32 >= self.config.expected_nodes
+            && self.present() >= self.config.expected_nodes
         {
-            // While awaiting nodes every record is a live node: the dead are forgotten.
             self.start(now, StartTrigger::AllJoined);
         }
     }

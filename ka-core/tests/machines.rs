@@ -1005,3 +1005,38 @@ fn slow_child_of_a_stream_source_is_judged_against_the_spool() {
         "{evs:?}"
     );
 }
+
+#[test]
+fn a_node_restored_as_failed_is_waited_for_and_may_come_back() {
+    // Before the restart b had been declared dead (frozen, say); a had verified.
+    let mut src = file_source(2, 1000);
+    src.handle_restored(Time::ZERO, "a".into(), [1; 6], Ok(()));
+    src.handle_restored(
+        Time::ZERO,
+        "b".into(),
+        [2; 6],
+        Err("no heartbeat for 1.0 s".into()),
+    );
+    assert_eq!(src.state(), SourceState::AwaitingNodes, "b may come back");
+    let answers = join_holding(&mut src, t(1), 1, "c", 0, IMAGE);
+    assert_eq!(
+        refusal(&answers),
+        Some(RefusalCode::SessionFull),
+        "b's place is kept for b"
+    );
+    assert_eq!(
+        resume_from(&join_holding(&mut src, t(2), 2, "b", 600, IMAGE)),
+        Some(600)
+    );
+    assert_eq!(src.state(), SourceState::Streaming);
+    let report = src.report();
+    let b = report.iter().find(|r| r.name == "b").unwrap();
+    assert!(b.outcome.is_none() && !b.restored);
+    assert!(report.iter().find(|r| r.name == "a").unwrap().is_ok());
+    // Every node verified before the restart: nothing left to do.
+    let mut src = file_source(2, 1000);
+    src.handle_restored(Time::ZERO, "a".into(), [1; 6], Ok(()));
+    src.handle_restored(Time::ZERO, "b".into(), [2; 6], Ok(()));
+    assert_eq!(src.state(), SourceState::Finished);
+    assert!(src.report().iter().all(|r| r.is_ok()));
+}

@@ -135,27 +135,30 @@ impl Session {
     }
 
     fn serve(&self, label: &str, nodes: u32) -> Proc {
+        self.serve_with(label, nodes, &[])
+    }
+
+    /// `ka serve` of the session's image, paced, with `extra` arguments.
+    fn serve_with(&self, label: &str, nodes: u32, extra: &[&str]) -> Proc {
         let (n, listen) = (nodes.to_string(), format!("127.0.0.1:{}", self.port));
-        let p = Proc::start(
-            self.dir.path(),
-            label,
-            &[
-                "serve",
-                "--nodes",
-                &n,
-                "--listen",
-                &listen,
-                "--secret-file",
-                self.secret.to_str().unwrap(),
-                "--image",
-                self.image.to_str().unwrap(),
-                "--state-dir",
-                self.state.to_str().unwrap(),
-                "--max-rate",
-                PACE,
-                "--json",
-            ],
-        );
+        let mut args = vec![
+            "serve",
+            "--nodes",
+            &n,
+            "--listen",
+            &listen,
+            "--secret-file",
+            self.secret.to_str().unwrap(),
+            "--image",
+            self.image.to_str().unwrap(),
+            "--state-dir",
+            self.state.to_str().unwrap(),
+            "--max-rate",
+            PACE,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let p = Proc::start(self.dir.path(), label, &args);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !read(&p.err).contains("waiting for") {
             assert!(
@@ -388,4 +391,66 @@ fn a_recorded_prefix_of_another_image_starts_over() {
     assert_eq!(welcomed["resumed_from"].as_u64(), Some(0));
     assert_eq!(left["received"].as_u64(), Some(SIZE));
     assert!(same_content(&s.image, &target), "the copy differs");
+}
+
+/// Leaves on `name`'s target the first `have` bytes of the image and a
+/// record of them, as a node killed at that point would have.
+fn leave_prefix(s: &Session, name: &str, have: u64) {
+    let mut bytes = std::fs::read(&s.image).unwrap();
+    bytes.truncate(have as usize);
+    std::fs::write(s.target(name), bytes).unwrap();
+    std::fs::create_dir_all(&s.state).unwrap();
+    ka_net::shell::resume::NodeState {
+        session: "ka".into(),
+        name: name.into(),
+        target: s.target(name),
+        image: ka_net::shell::resume::image_identity(&s.image).unwrap(),
+        size: Some(SIZE),
+        durable: have,
+    }
+    .save(&s.state_file(name))
+    .unwrap();
+}
+
+#[test]
+fn a_restarted_source_still_reports_the_node_that_finished_before_it_died() {
+    let s = Session::new();
+    // Two children of the source, both resuming: a nearly done, b barely
+    // started. (Nobody is served from 0, so the source hashes the image on
+    // its own and a can verify and leave long before b is done.)
+    leave_prefix(&s, "a", SIZE * 3 / 4);
+    leave_prefix(&s, "b", 8 << 20);
+    let first = s.serve_with("serve-first", 2, &["--arity", "2"]);
+    let a = s.join("a", "a");
+    let b = s.join("b", "b");
+    let (code, out, err) = a.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (welcomed, _) = node_summary(&out);
+    assert_eq!(welcomed["resumed_from"].as_u64(), Some(SIZE * 3 / 4));
+    first.kill9();
+    let had = s.durable("b").unwrap();
+    assert!(had < SIZE, "b must still be receiving when the source dies");
+    let again = s.serve_with("serve-again", 2, &["--arity", "2"]);
+    let (code, out, err) = again.finish(Duration::from_secs(90));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("1 node outcome(s) restored"), "{err}");
+    let rep = report(&out);
+    assert_eq!(rep.len(), 2, "{rep:?}");
+    let a_line = rep.iter().find(|n| n["name"] == "a").unwrap();
+    assert!(
+        a_line["ok"] == true && a_line["restored"] == true,
+        "a finished under the first source and must be reported OK: {a_line}"
+    );
+    let b_line = rep.iter().find(|n| n["name"] == "b").unwrap();
+    assert!(
+        b_line["ok"] == true && b_line["restored"] == false,
+        "{b_line}"
+    );
+    assert!(b_line["resumed_from"].as_u64().unwrap() >= had, "{b_line}");
+    let (code, out, err) = b.finish(Duration::from_secs(30));
+    assert_eq!(code, 0, "{out}\n{err}");
+    for n in ["a", "b"] {
+        assert!(same_content(&s.image, &s.target(n)), "{n}'s copy differs");
+    }
+    assert_eq!(std::fs::read_dir(&s.state).unwrap().count(), 0);
 }

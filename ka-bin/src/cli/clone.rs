@@ -97,8 +97,9 @@ pub struct ServeArgs {
     /// serve` restarted with the same arguments on the same image goes on
     /// with the session: the nodes rejoin and resume, and nodes that had
     /// already finished are still reported. Removed when the session ends.
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
+    /// [default: /var/lib/ka, if usable]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Print JSON lines (events and a final report) instead of the live display.
     #[arg(long)]
     pub json: bool,
@@ -276,6 +277,18 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         );
     }
     let key = session_key(&secret, &args.session);
+    let state_dir = match args.state_dir {
+        Some(dir) => Some(dir),
+        // The default is a convenience: without it a restart of the source
+        // cannot account for nodes that already finished, nothing worse.
+        None => match shell::resume::prepare_state_dir(Path::new(DEFAULT_STATE_DIR)) {
+            Ok(()) => Some(PathBuf::from(DEFAULT_STATE_DIR)),
+            Err(e) => {
+                eprintln!("ka: {e}; going on without a session record");
+                None
+            }
+        },
+    };
     let spool = spool_path(
         args.spool_dir.as_deref(),
         &format!("ka-source-{}", args.session),
@@ -329,7 +342,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             config,
             image: input,
             key,
-            state_dir: Some(args.state_dir.clone()),
+            state_dir,
             max_rate: args.max_rate,
         };
         shell::run_source(opts, listener, go_rx, |s, e| display.update(s, e))

@@ -189,13 +189,16 @@ pub async fn run_source(
     };
     if let Some(p) = &state_path {
         match SourceState::load(p) {
-            Ok(Some(st)) if st.session == session && st.image == image_id => {
+            Ok(Some(st))
+                if st.session == session && st.image == image_id && !st.outcomes.is_empty() =>
+            {
                 tracing::info!(
                     outcomes = st.outcomes.len(),
                     "going on with the session of an earlier run on this image"
                 );
                 eprintln!(
-                    "ka: going on with an interrupted session on this image: {} node outcome(s) restored from {}",
+                    "ka: going on with an interrupted session on this image: {} node outcome(s) restored from {} \
+                     (remove it to start a fresh session)",
                     st.outcomes.len(),
                     p.display()
                 );
