@@ -300,6 +300,10 @@ struct JsonNode<'a> {
     bytes: u64,
     seconds: f64,
     deaths: u32,
+    /// Where it resumed from after a restart (0: from the start).
+    resumed_from: u64,
+    /// Its outcome comes from the session record of a restarted source.
+    restored: bool,
 }
 
 /// Seconds from a node's join to its outcome.
@@ -333,12 +337,14 @@ pub fn print_report(report: &SourceReport, json: bool) {
                     bytes: n.received,
                     seconds: node_seconds(n),
                     deaths: n.deaths,
+                    resumed_from: n.resumed_from,
+                    restored: n.restored,
                 }
             })
             .collect();
         println!(
             "{}",
-            json!({"report": {"size": report.size, "seconds": secs,
+            json!({"report": {"size": report.size, "seconds": secs, "expected": report.expected,
                               "aborted": report.aborted, "nodes": nodes}})
         );
         return;
@@ -365,6 +371,13 @@ pub fn print_report(report: &SourceReport, json: bool) {
         );
     }
     let ok = report.nodes.iter().filter(|n| n.is_ok()).count();
+    let missing = (report.expected as usize).saturating_sub(report.nodes.len());
+    if missing > 0 {
+        println!(
+            "{missing} of the {} nodes waited for never joined",
+            report.expected
+        );
+    }
     println!(
         "{ok}/{} nodes OK; {} in {:.2} s of streaming ({:.1} MB/s per node){}",
         report.nodes.len(),
