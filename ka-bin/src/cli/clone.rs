@@ -78,10 +78,17 @@ pub struct ServeArgs {
     /// What to do with a node that keeps falling behind: keep, tail or drop.
     #[arg(long, default_value = "tail", value_parser = parse_policy)]
     pub slow_policy: SlowPolicy,
+    /// A node is too slow once it lags its upstream by more than this (e.g. 256MiB)…
+    #[arg(long, default_value = "256MiB", value_parser = ka_core::units::parse_size)]
+    pub slow_lag: u64,
+    /// …for this long while gaining on it less than half as fast.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub slow_window: Duration,
     /// Node names in chain order (an inventory's order); others follow by address.
     #[arg(long, value_delimiter = ',')]
     pub order: Vec<String>,
-    /// Print JSON lines (events and a final report) instead of the live display.
+    /// Print JSON lines (events, every node's progress about five times a second,
+    /// and a final report) instead of the live display.
     #[arg(long)]
     pub json: bool,
 }
@@ -239,6 +246,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     config.min_nodes = args.min_nodes;
     config.release_delay = args.release_delay;
     config.slow_policy = args.slow_policy;
+    config.slow_lag = args.slow_lag;
+    config.slow_window = args.slow_window;
     config.order = args.order;
     let key = session_key(&secret, &args.session);
     let spool = spool_path(
@@ -468,7 +477,8 @@ impl Display {
                 self.note(&format!("refused a peer: {}", refusal.detail))
             }
             Some(_) => {}
-            None if self.tty && !self.json => self.redraw(source),
+            None if self.json => print_progress(source),
+            None if self.tty => self.redraw(source),
             None => {}
         }
     }
@@ -537,6 +547,26 @@ impl Display {
             self.lines += 1;
         }
     }
+}
+
+/// One JSON line of every node's progress, so scripts can act at a point of
+/// the stream (a test that kills a node half-way, a dashboard).
+fn print_progress(source: &Source) {
+    let nodes: Vec<String> = source
+        .report()
+        .iter()
+        .map(|r| {
+            let received = source
+                .progress(r.node)
+                .map_or(r.received, |p| p.received.max(r.received));
+            format!(
+                "{{\"name\":{:?},\"received\":{received},\"live\":{}}}",
+                r.name,
+                source.is_live(r.node)
+            )
+        })
+        .collect();
+    println!("{{\"progress\":[{}]}}", nodes.join(","));
 }
 
 fn human(bytes: u64) -> String {
