@@ -32,7 +32,7 @@
 //! one lab exists at a time per process: [`Lab::new`] waits for the previous
 //! one to be dropped. (Cargo runs test binaries one after another.)
 //!
-//! The lab needs root and `ip`/`tc` (Debian `iproute2`); without them it
+//! The lab needs root and `ip`/`tc`/`bridge` (Debian `iproute2`); without them it
 //! panics with the reason, never skips.
 
 mod session;
@@ -109,6 +109,7 @@ pub struct Lab {
     rate: Rate,
     ip: PathBuf,
     tc: PathBuf,
+    bridge: PathBuf,
     dir: Option<tempfile::TempDir>,
     // Last: released only after `Drop::drop` cleaned up.
     _serial: MutexGuard<'static, ()>,
@@ -129,6 +130,7 @@ impl Lab {
         );
         let ip = require_tool("ip", "iproute2");
         let tc = require_tool("tc", "iproute2");
+        let bridge = require_tool("bridge", "iproute2");
         remove_stale_labs(&ip);
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let tag = format!("{PREFIX}{}-{n}", std::process::id());
@@ -155,6 +157,7 @@ impl Lab {
             rate,
             ip,
             tc,
+            bridge,
             dir: Some(dir),
             _serial: serial,
         };
@@ -214,6 +217,11 @@ impl Lab {
         &self.hosts[1..]
     }
 
+    /// The switch's namespace (the bridge `br0` and one port per host).
+    pub fn switch_netns(&self) -> &str {
+        &self.switch
+    }
+
     /// The rate every port was built with.
     pub fn rate(&self) -> Rate {
         self.rate
@@ -244,21 +252,45 @@ impl Lab {
         batch(&self.tc, Some(&self.switch), &ports);
     }
 
-    /// Unplugs `host`'s cable at the switch: its port goes down, every packet
-    /// to or from it is lost, and no connection is told (no reset, no FIN).
+    /// Cuts `host` off: the switch stops forwarding its port (bridge port
+    /// state *disabled*), so every frame to or from it is lost and neither
+    /// end is told (no carrier change, no reset, no FIN).
+    ///
+    /// Not `ip link set … down`: a veth's carrier going down and up was
+    /// measured to black the link out for about 1 s however short the cut
+    /// (link-state handling), which would make a short cut a long one.
     pub fn cut(&self, host: &Host) {
-        self.ip(&["-n", &self.switch, "link", "set", &host.port, "down"]);
-        let state = self.ip(&["-n", &self.switch, "-o", "link", "show", "dev", &host.port]);
-        assert!(
-            state.contains("state DOWN"),
-            "{}'s port is not down after the cut: {state}",
-            host.name
-        );
+        self.bridge_port_state(host, "0", "disabled");
     }
 
-    /// Plugs `host`'s cable back in.
+    /// Reconnects `host` (its port forwards again).
     pub fn restore(&self, host: &Host) {
-        self.ip(&["-n", &self.switch, "link", "set", &host.port, "up"]);
+        self.bridge_port_state(host, "3", "forwarding");
+    }
+
+    fn bridge_port_state(&self, host: &Host, state: &str, name: &str) {
+        checked(
+            &self.bridge,
+            &[
+                "-n",
+                &self.switch,
+                "link",
+                "set",
+                "dev",
+                &host.port,
+                "state",
+                state,
+            ],
+        );
+        let shown = checked(
+            &self.bridge,
+            &["-n", &self.switch, "link", "show", "dev", &host.port],
+        );
+        assert!(
+            shown.contains(&format!("state {name}")),
+            "{}'s port is not {name}: {shown}",
+            host.name
+        );
     }
 
     /// The fewest seconds any TCP stream can take to carry `bytes` of payload
