@@ -33,7 +33,7 @@ impl Lab {
     /// byte and its progress is linear in time.
     pub fn session(&self, size: u64) -> Session<'_> {
         assert!(
-            size > 0 && size % (1 << 20) == 0,
+            size > 0 && size.is_multiple_of(1 << 20),
             "the image size must be a positive multiple of 1 MiB"
         );
         let image = self.dir().join("image.img");
@@ -361,6 +361,7 @@ impl Serve {
             events: parse_events(&lines),
             transcript,
             ended: Instant::now(),
+            lines,
         }
     }
 }
@@ -424,6 +425,8 @@ pub struct Finished {
     pub transcript: String,
     /// When the lab saw it exit.
     pub ended: Instant,
+    /// Everything it printed on standard output, stamped.
+    pub lines: Vec<Line>,
 }
 
 impl Finished {
@@ -440,6 +443,28 @@ impl Finished {
             .iter()
             .find(|e| e.kind == kind)
             .unwrap_or_else(|| panic!("no {kind} event:\n{}", self.transcript))
+    }
+
+    /// Every progress line: when it was read, and what each node (by name)
+    /// had received then.
+    pub fn progress(&self) -> Vec<(Instant, HashMap<String, u64>)> {
+        self.lines
+            .iter()
+            .filter_map(|l| {
+                if !l.text.starts_with("{\"progress\"") {
+                    return None;
+                }
+                let v: Value = serde_json::from_str(&l.text).ok()?;
+                let nodes = v["progress"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|n| {
+                        Some((n["name"].as_str()?.to_string(), n["received"].as_u64()?))
+                    })
+                    .collect();
+                Some((l.at, nodes))
+            })
+            .collect()
     }
 
     /// Events of `kind`.
