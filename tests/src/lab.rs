@@ -497,6 +497,7 @@ type Lines = Arc<Mutex<Vec<Line>>>;
 /// stamped; it is killed (by PID) when dropped.
 pub struct KaProc {
     child: Child,
+    started: Instant,
     label: String,
     out: Lines,
     err: Lines,
@@ -517,6 +518,7 @@ impl KaProc {
         read_lines(child.stderr.take().expect("piped stderr"), err.clone());
         KaProc {
             child,
+            started: Instant::now(),
             label: label.into(),
             out,
             err,
@@ -567,18 +569,25 @@ impl KaProc {
         err.iter().map(|l| format!("{}\n", l.text)).collect()
     }
 
-    /// Everything it printed, for failure messages.
+    /// Everything it printed, each line with the seconds since its start,
+    /// for failure messages.
     pub fn transcript(&self) -> String {
-        let out: String = self
-            .lines()
-            .iter()
-            .map(|l| format!("{}\n", l.text))
-            .collect();
+        let show = |lines: &[Line]| -> String {
+            lines
+                .iter()
+                .map(|l| {
+                    let t = l.at.saturating_duration_since(self.started).as_secs_f64();
+                    format!("[{t:7.3}] {}\n", l.text)
+                })
+                .collect()
+        };
+        let err = self.err.lock().unwrap_or_else(|e| e.into_inner()).clone();
         format!(
-            "--- {} stdout ---\n{out}--- {} stderr ---\n{}",
+            "--- {} stdout ---\n{}--- {} stderr ---\n{}",
             self.label,
+            show(&self.lines()),
             self.label,
-            self.stderr()
+            show(&err)
         )
     }
 

@@ -136,7 +136,8 @@ impl Session {
             secret,
         ];
         args.extend_from_slice(input);
-        args.extend_from_slice(&["--spool-dir", spool, "--json"]);
+        let state = self.state_dir();
+        args.extend_from_slice(&["--spool-dir", spool, "--state-dir", &state, "--json"]);
         args.extend_from_slice(extra);
         let p = Proc::start(self.dir.path(), "serve", &args);
         self.learn_port(&p);
@@ -182,13 +183,20 @@ impl Session {
             name,
         ];
         args.extend_from_slice(output);
-        args.extend_from_slice(&["--spool-dir", spool, "--wait", "60s"]);
+        let state = self.state_dir();
+        args.extend_from_slice(&["--spool-dir", spool, "--state-dir", &state, "--wait", "60s"]);
         args.extend_from_slice(extra);
         Proc::start(self.dir.path(), name, &args)
     }
 
     fn target(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.img"))
+    }
+
+    /// Where the processes of this test keep their restart state (not the
+    /// machine's /var/lib/ka, which tests running side by side would share).
+    fn state_dir(&self) -> String {
+        self.dir.path().join("state").to_str().unwrap().to_string()
     }
 }
 
@@ -288,6 +296,8 @@ fn a_node_with_the_wrong_secret_is_refused_and_the_others_finish() {
             s.target("intruder").to_str().unwrap(),
             "--name",
             "intruder",
+            "--state-dir",
+            &s.state_dir(),
             "--wait",
             "20s",
         ],
@@ -568,6 +578,8 @@ fn a_node_without_server_finds_its_source_by_broadcast() {
             s.target("finder").to_str().unwrap(),
             "--name",
             "finder",
+            "--state-dir",
+            &s.state_dir(),
             "--wait",
             "30s",
         ],

@@ -27,6 +27,8 @@ use ka_net::source::SourceSpec;
 pub const DEFAULT_PORT: u16 = 4715;
 /// The session name unless told otherwise.
 pub const DEFAULT_SESSION: &str = "ka";
+/// Where `ka serve` and `ka join` keep what lets them go on after a restart.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ka";
 
 /// The session failed for some nodes.
 pub const EXIT_SOME_FAILED: u8 = 1;
@@ -87,6 +89,22 @@ pub struct ServeArgs {
     /// Node names in chain order (an inventory's order); others follow by address.
     #[arg(long, value_delimiter = ',')]
     pub order: Vec<String>,
+    /// Declare a node dead after this long without a word from it (it then
+    /// leaves the chain, which heals around it). Nodes learn it from the
+    /// source and use it for the source in turn.
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub dead_after: Duration,
+    /// Cap the source's total send rate, shared among the nodes it feeds
+    /// directly (what udpcast calls --max-bitrate): e.g. 50MiB (bytes per
+    /// second) or 100Mbit. Leaves room on a shared network, or paces a test.
+    #[arg(long, value_name = "RATE", value_parser = ka_core::units::parse_rate)]
+    pub max_rate: Option<u64>,
+    /// Where the session's record is kept (nodes' outcomes), so that `ka
+    /// serve` restarted with the same arguments on the same image goes on
+    /// with the session: the nodes rejoin and resume, and nodes that had
+    /// already finished are still reported. Removed when the session ends.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
     /// Print JSON lines (events, every node's progress about five times a second,
     /// and a final report) instead of the live display.
     #[arg(long)]
@@ -129,9 +147,18 @@ pub struct JoinArgs {
     /// Also read the written target back and check it.
     #[arg(long, value_parser = ["readback"])]
     pub verify: Option<String>,
-    /// Keep looking for the source this long.
+    /// Keep looking for the source this long, at the start and whenever it
+    /// is lost (a source restarted on the same image is rejoined, and the
+    /// copy goes on where it was).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
     pub wait: Duration,
+    /// Where this node records how much of its --target is written and
+    /// durable, so that `ka join` restarted with the same arguments goes on
+    /// from there instead of from the start (created if missing; the record
+    /// is removed once the copy is checked). --command and --untar targets
+    /// always start over.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
     /// Print JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
@@ -249,6 +276,14 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     config.slow_lag = args.slow_lag;
     config.slow_window = args.slow_window;
     config.order = args.order;
+    config.dead_after = args.dead_after;
+    if args.dead_after <= config.heartbeat {
+        bail!(
+            "--dead-after {:?} is not longer than the heartbeat ({:?}): every node would be declared dead",
+            args.dead_after,
+            config.heartbeat
+        );
+    }
     let key = session_key(&secret, &args.session);
     let spool = spool_path(
         args.spool_dir.as_deref(),
@@ -303,6 +338,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             config,
             image: input,
             key,
+            state_dir: Some(args.state_dir.clone()),
+            max_rate: args.max_rate,
         };
         shell::run_source(opts, listener, go_rx, |s, e| display.update(s, e))
             .await
@@ -360,6 +397,12 @@ pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
         key,
         listen_ip: IpAddr::from([0, 0, 0, 0]),
         wait: args.wait,
+        state_dir: Some(args.state_dir.clone()),
+        rediscover: args
+            .reach
+            .server
+            .is_none()
+            .then_some(args.reach.discover_to),
     };
     let json = args.json;
     let outcome = rt.block_on(shell::run_node(opts, |_, e| {
@@ -369,8 +412,8 @@ pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
     let outcome = outcome?;
     if json {
         println!(
-            "{{\"event\":\"left\",\"ok\":{},\"reason\":{:?},\"written\":{}}}",
-            outcome.ok, outcome.reason, outcome.written
+            "{{\"event\":\"left\",\"ok\":{},\"reason\":{:?},\"written\":{},\"resumed_from\":{},\"received\":{}}}",
+            outcome.ok, outcome.reason, outcome.written, outcome.resumed_from, outcome.received
         );
     } else {
         eprintln!(
@@ -401,10 +444,34 @@ pub fn go(args: GoArgs) -> anyhow::Result<u8> {
 }
 
 fn print_node_event(name: &str, e: &NodeEvent, json: bool) {
-    if json {
-        println!("{{\"node\":{name:?},\"event\":{:?}}}", format!("{e:?}"));
-    } else {
-        eprintln!("ka: {name}: {e:?}");
+    match (e, json) {
+        (
+            NodeEvent::Welcomed {
+                node, resumed_from, ..
+            },
+            true,
+        ) => println!(
+            "{{\"node\":{name:?},\"event\":\"welcomed\",\"id\":\"{node}\",\"resumed_from\":{resumed_from}}}"
+        ),
+        (NodeEvent::StartedOver { had }, true) => {
+            println!("{{\"node\":{name:?},\"event\":\"started_over\",\"had\":{had}}}")
+        }
+        (_, true) => println!("{{\"node\":{name:?},\"event\":{:?}}}", format!("{e:?}")),
+        (
+            NodeEvent::Welcomed {
+                node, resumed_from, ..
+            },
+            false,
+        ) if *resumed_from > 0 => {
+            eprintln!("ka: {name}: joined as {node}; the copy goes on from byte {resumed_from}")
+        }
+        (NodeEvent::StartedOver { had }, false) => eprintln!(
+            "ka: {name}: the source serves another image than the {had} bytes on the target were of: starting over"
+        ),
+        (NodeEvent::SourceLost, false) => {
+            eprintln!("ka: {name}: lost the source; waiting for it to come back")
+        }
+        (_, false) => eprintln!("ka: {name}: {e:?}"),
     }
 }
 
@@ -608,14 +675,15 @@ pub fn print_report(report: &SourceReport, json: bool) {
                 };
                 let t = n.finished_at.map_or(0.0, |f| f.saturating_since(n.joined_at).as_secs_f64());
                 format!(
-                    "{{\"name\":{:?},\"ok\":{ok},\"reason\":{reason:?},\"bytes\":{},\"seconds\":{t:.3},\"deaths\":{}}}",
-                    n.name, n.received, n.deaths
+                    "{{\"name\":{:?},\"ok\":{ok},\"reason\":{reason:?},\"bytes\":{},\"seconds\":{t:.3},\"deaths\":{},\"resumed_from\":{},\"restored\":{}}}",
+                    n.name, n.received, n.deaths, n.resumed_from, n.restored
                 )
             })
             .collect();
         println!(
-            "{{\"report\":{{\"size\":{},\"seconds\":{secs:.3},\"aborted\":{},\"nodes\":[{}]}}}}",
+            "{{\"report\":{{\"size\":{},\"seconds\":{secs:.3},\"expected\":{},\"aborted\":{},\"nodes\":[{}]}}}}",
             report.size,
+            report.expected,
             report
                 .aborted
                 .as_ref()
@@ -648,6 +716,13 @@ pub fn print_report(report: &SourceReport, json: bool) {
         );
     }
     let ok = report.nodes.iter().filter(|n| n.is_ok()).count();
+    let missing = (report.expected as usize).saturating_sub(report.nodes.len());
+    if missing > 0 {
+        println!(
+            "{missing} of the {} nodes waited for never joined",
+            report.expected
+        );
+    }
     println!(
         "{ok}/{} nodes OK; {} in {:.2} s of streaming ({:.1} MB/s per node){}",
         report.nodes.len(),
@@ -696,6 +771,8 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<u8> {
             config,
             image: ImageInput::File(image.clone()),
             key: key.clone(),
+            state_dir: None,
+            max_rate: None,
         };
         let source = shell::run_source(opts, listener, go_rx, move |s, e| display.update(s, e));
         let mut nodes = Vec::new();
@@ -713,6 +790,8 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<u8> {
                 key: key.clone(),
                 listen_ip: IpAddr::from([127, 0, 0, 1]),
                 wait: Duration::from_secs(30),
+                state_dir: None,
+                rediscover: None,
             };
             nodes.push(tokio::spawn(shell::run_node(opts, |_, _| {})));
         }

@@ -68,8 +68,16 @@ impl Session<'_> {
         &self.secret
     }
 
+    /// The state directory of host `name` (`source`, `n1`, …) in the lab's
+    /// work directory, so that restarts find their records and nothing is
+    /// left in `/var/lib/ka`.
+    pub fn state_dir(&self, name: &str) -> PathBuf {
+        self.lab.dir().join(format!("state-{name}"))
+    }
+
     /// Starts `ka serve --json` for `nodes` nodes with the chain in the
-    /// lab's order (`n1` first), plus `extra` arguments.
+    /// lab's order (`n1` first) and the source's state directory, plus
+    /// `extra` arguments. The same call again restarts the same source.
     pub fn serve(&self, nodes: usize, extra: &[&str]) -> Serve {
         let order: Vec<String> = self.lab.nodes().iter().map(|h| h.name.clone()).collect();
         let mut args: Vec<String> = [
@@ -85,6 +93,8 @@ impl Session<'_> {
             "--json",
             "--order",
             &order.join(","),
+            "--state-dir",
+            path_str(&self.state_dir("source")),
         ]
         .map(String::from)
         .to_vec();
@@ -100,7 +110,8 @@ impl Session<'_> {
     }
 
     /// Starts `ka join --json` on node `i` (1-based), writing to its target,
-    /// looking for the source for 30 s unless `extra` says `--wait`.
+    /// with its own state directory, looking for the source for 30 s unless
+    /// `extra` says `--wait`. The same call again restarts the same node.
     pub fn join(&self, i: usize, extra: &[&str]) -> Join {
         let host = self.lab.node(i);
         let target = self.target(&host.name);
@@ -114,6 +125,8 @@ impl Session<'_> {
             &host.name,
             "--target",
             path_str(&target),
+            "--state-dir",
+            path_str(&self.state_dir(&host.name)),
             "--json",
         ]
         .map(String::from)
@@ -171,9 +184,10 @@ impl Session<'_> {
             let line = fin.report.node(&j.name);
             assert!(
                 line.ok,
-                "{} should be OK in the report: {line:?}\n{}",
+                "{} should be OK in the report: {line:?}\n{}\n{}",
                 j.name,
-                ctx()
+                ctx(),
+                j.proc.transcript()
             );
             let status = j.proc.wait_exit(Duration::from_secs(30));
             assert_eq!(
