@@ -83,6 +83,12 @@ pub struct ServeArgs {
     /// What to do with a node that keeps falling behind: keep, tail or drop.
     #[arg(long, default_value = "tail", value_parser = parse_policy)]
     pub slow_policy: SlowPolicy,
+    /// A node is too slow once it lags its upstream by more than this (e.g. 256MiB)…
+    #[arg(long, default_value = "256MiB", value_parser = ka_core::units::parse_size)]
+    pub slow_lag: u64,
+    /// …for this long while gaining on it less than half as fast.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub slow_window: Duration,
     /// Node names in chain order (an inventory's order); others follow by address.
     #[arg(long, value_delimiter = ',')]
     pub order: Vec<String>,
@@ -103,7 +109,8 @@ pub struct ServeArgs {
     /// [default: /var/lib/ka, if usable]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Print JSON lines (events and a final report) instead of the live display.
+    /// Print JSON lines (events, every node's progress about five times a second,
+    /// and a final report) instead of the live display.
     #[arg(long)]
     pub json: bool,
     /// Inventory of the nodes: each one whose clone is verified is flipped to
@@ -285,6 +292,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     config.min_nodes = args.min_nodes;
     config.release_delay = args.release_delay;
     config.slow_policy = args.slow_policy;
+    config.slow_lag = args.slow_lag;
+    config.slow_window = args.slow_window;
     config.order = args.order;
     config.dead_after = args.dead_after;
     if args.dead_after <= config.heartbeat {
