@@ -33,8 +33,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
 use ka_net::{
-    open_sink, open_source, relay, send_image, ImageHasher, NodeWriter, SessionKey, SinkSpec,
-    SourceSpec,
+    open_sink, open_source, relay, send_growing, send_image, ImageHasher, NodeWriter, RelayEvent,
+    SessionKey, SinkSpec, SourceSpec, Written,
 };
 
 const KEY: SessionKey = SessionKey([0x5a; 32]);
@@ -231,7 +231,26 @@ fn ka_node(out: &Path, size: u64, forward: Option<&str>) {
         let start = Instant::now();
         let sink = open_sink(&SinkSpec::File(out.to_owned()), Some(size)).unwrap();
         let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
-        let end = relay(&mut up, &mut w, down.as_mut(), |_| {}).await.unwrap();
+        // A downstream is served from the written file as it grows, as `ka join` does.
+        let (written, follow) = tokio::sync::watch::channel(Written::default());
+        let serve = down.take().map(|mut down| {
+            let from = ka_net::source::FileSource::open_sized(out, Some(size)).unwrap();
+            tokio::spawn(async move {
+                send_growing(from, &mut down, follow, |_| {}).await.unwrap();
+            })
+        });
+        let end = relay(&mut up, &mut w, |RelayEvent::Written(o)| {
+            written.send_modify(|w| w.upto = o);
+        })
+        .await
+        .unwrap();
+        written.send_replace(Written {
+            upto: end.size,
+            size: Some(end.size),
+        });
+        if let Some(serve) = serve {
+            serve.await.unwrap();
+        }
         report(start, &end.digest.to_string());
     });
 }

@@ -34,11 +34,15 @@
 //! use ka_net::*;
 //! let sink = open_sink(&SinkSpec::File("/dev/sda".into()), Some(size))?;
 //! let mut writer = NodeWriter::new(sink, ImageHasher::new(&key))?;
-//! let end = relay(&mut up, &mut writer, Some(&mut down), |event| match event {
-//!     RelayEvent::Written(offset) => { /* report progress to the core */ }
-//!     RelayEvent::DownstreamLost { at, .. } => { /* tell the core */ }
+//! // The downstream is served from what this node has written, as it grows.
+//! let (written, follow) = tokio::sync::watch::channel(Written::default());
+//! let from_disk = source::FileSource::open_sized("/dev/sda".as_ref(), Some(size))?;
+//! let serve = tokio::spawn(async move { send_growing(from_disk, &mut down, follow, |_| {}).await });
+//! let end = relay(&mut up, &mut writer, |RelayEvent::Written(offset)| {
+//!     written.send_modify(|w| w.upto = offset); // and report progress to the core
 //! })
 //! .await?; // on error: reconnect and relay again from writer.position()
+//! written.send_replace(Written { upto: end.size, size: Some(end.size) });
 //! let (sink, _) = writer.into_parts().await?;
 //! verify_readback(sink.as_ref(), &key, &end.digest)?;
 //! # Ok(()) }
@@ -162,9 +166,12 @@ pub mod source;
 pub mod tftp;
 
 pub use digest::{
-    digest_source, rehash_written, verify_readback, ImageDigest, ImageHasher, SessionKey, BLOCK,
+    digest_file, digest_source, rehash_written, verify_readback, ImageDigest, ImageHasher,
+    SessionKey, BLOCK,
 };
-pub use relay::{relay, send_image, NodeWriter, RelayEnd, RelayEvent, SendEnd, BUF_SIZE};
+pub use relay::{
+    relay, send_growing, send_image, NodeWriter, RelayEnd, RelayEvent, SendEnd, Written, BUF_SIZE,
+};
 pub use sink::{open_sink, ImageSink, SinkSpec};
 pub use source::{open_source, ImageSource, SourceSpec};
 

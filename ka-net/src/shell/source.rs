@@ -18,7 +18,7 @@ use tokio_util::codec::Framed;
 use super::conn::{self, Command, Event, ServeJob, Written};
 use super::wire::MessageCodec;
 use super::{nonce, Clock};
-use crate::digest::{digest_source, ImageHasher, SessionKey};
+use crate::digest::SessionKey;
 use crate::source::{open_source, SourceSpec};
 use crate::Error;
 
@@ -88,6 +88,15 @@ pub async fn run_source(
                 upto: size,
                 size: Some(size),
             });
+            // The digest comes from a pass of its own, started now: it runs
+            // while the nodes join (usually long enough to finish), and beside
+            // the stream otherwise, so no data connection ever waits for
+            // hashing; on separate machines the source's spare core does it.
+            let (path2, key2, done) = (path.clone(), key.clone(), digest_tx.clone());
+            tokio::task::spawn_blocking(move || {
+                let r = crate::digest::digest_file(&path2, &key2);
+                let _ = done.send(r.map(|d| (size, Digest(d.0))));
+            });
             (path.clone(), tx, rx, Some(size))
         }
         ImageInput::Stream { spec, spool } => {
@@ -114,8 +123,6 @@ pub async fn run_source(
     let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Command>> = HashMap::new();
     let mut tasks = Vec::new();
     let mut next_conn = 0u64;
-    let mut digest: Option<Digest> = None;
-    let mut hashing: Option<ConnId> = None;
     let mut started_at = None;
     let mut go_open = true;
     let mut refreshed = clock.now();
@@ -133,20 +140,11 @@ pub async fn run_source(
                     node: _,
                     from,
                 } => {
-                    // The first full pass from offset 0 also computes the digest.
-                    // (A stream's digest comes from its spooling instead.)
-                    let file = matches!(opts.image, ImageInput::File(_));
-                    let hasher =
-                        (file && from == 0 && digest.is_none() && hashing.is_none()).then(|| {
-                            hashing = Some(conn);
-                            ImageHasher::new(&key)
-                        });
                     if let Some(tx) = conns.get(&conn) {
                         let job = ServeJob {
                             from,
                             path: path.clone(),
                             written: image_watch.clone(),
-                            hasher,
                         };
                         let _ = tx.send(Command::Serve(Box::new(job)));
                     }
@@ -195,35 +193,16 @@ pub async fn run_source(
                         conns.remove(&c);
                         source.handle_closed(now, c);
                     }
-                    Event::Served { conn, result } => match result {
-                        Ok(Some(d)) => {
-                            let total = size.expect("only a file image is hashed while served");
-                            digest = Some(Digest(d.0));
-                            source.handle_image_done(now, total, Digest(d.0));
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
+                    Event::Served { conn, result } => {
+                        if let Err(e) = result {
                             tracing::info!(conn = %conn, error = %e, "serving a node stopped");
-                            if hashing == Some(conn) && digest.is_none() {
-                                // The hashing pass died with its node: hash on our own.
-                                let (path, key, tx) = (path.clone(), key.clone(), digest_tx.clone());
-                                let total = size.unwrap_or_default();
-                                tokio::task::spawn_blocking(move || {
-                                    let r = open_source(&SourceSpec::File(path)).and_then(|mut s| {
-                                        let mut buf = vec![0u8; crate::relay::BUF_SIZE];
-                                        digest_source(s.as_mut(), ImageHasher::new(&key), &mut buf)
-                                    });
-                                    let _ = tx.send(r.map(|d| (total, Digest(d.0))));
-                                });
-                            }
                         }
-                    },
+                    }
                     Event::Progress(_) | Event::Received { .. } => {}
                 }
             }
             Some(result) = digest_rx.recv() => match result {
                 Ok((total, d)) => {
-                    digest = Some(d);
                     size = Some(total);
                     source.handle_image_done(clock.now(), total, d);
                 }
