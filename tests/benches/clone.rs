@@ -5,7 +5,8 @@
 //! scripts/bench [--size-mib 1024] [--runs 3] [--chains 2,4,8] [--sparse-gib 4]
 //! ```
 //!
-//! (`scripts/bench` builds `ka` and runs `cargo bench -p ka-tests --bench clone`.)
+//! (`scripts/bench` builds `ka` and runs `cargo bench -p ka-tests --bench clone`;
+//! `KA_BIN=/path/to/ka` measures another build of `ka`.)
 //!
 //! Every scenario runs in fresh processes, rounds interleave the scenarios so
 //! that load from elsewhere on a shared machine spreads over all of them, and
@@ -48,7 +49,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use ka_tests::{ka_bin, require_tool};
+use ka_tests::require_tool;
 
 /// The plain copy's buffer.
 const BUF: usize = 1 << 20;
@@ -221,6 +222,14 @@ impl Drop for Running {
     }
 }
 
+/// The `ka` binary: `$KA_BIN` if set (to compare builds), else the one
+/// next to this benchmark.
+fn ka_binary() -> PathBuf {
+    std::env::var_os("KA_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(ka_tests::ka_bin)
+}
+
 /// This benchmark binary in one of its child roles.
 fn this(args: &[&str]) -> Command {
     let mut c = Command::new(std::env::current_exe().expect("own path"));
@@ -346,7 +355,7 @@ fn ka(w: &Work, nodes: usize, digest_ready: bool) -> Outcome {
     let n = nodes.to_string();
     let secret = w.secret.to_str().expect("utf-8 path");
     let mut serve = Running::start(
-        Command::new(ka_bin()).args([
+        Command::new(ka_binary()).args([
             "serve",
             "--nodes",
             &n,
@@ -375,7 +384,7 @@ fn ka(w: &Work, nodes: usize, digest_ready: bool) -> Outcome {
             let name = format!("n{i}");
             let out = w.out(i);
             Running::start(
-                Command::new(ka_bin()).args([
+                Command::new(ka_binary()).args([
                     "join",
                     "--server",
                     &server,
