@@ -323,6 +323,19 @@ pub fn digest_source(
     }
 }
 
+/// Bytes read per step when hashing a file: small enough that a piece is
+/// still in the core's own cache (L2) when the hash reads it after `pread`
+/// put it there.
+const HASH_READ: usize = 256 << 10;
+
+/// The session digest of the image in the file or block device at `path`:
+/// how a source computes its digest, in a pass of its own (see
+/// [`crate::shell::run_source`]).
+pub fn digest_file(path: &std::path::Path, key: &SessionKey) -> Result<ImageDigest, Error> {
+    let mut source = crate::source::FileSource::open(path)?;
+    digest_source(&mut source, ImageHasher::new(key), &mut vec![0; HASH_READ])
+}
+
 /// Rebuilds the running digest of what `sink` already holds, by reading it
 /// back up to its position: how a node that restarted (and lost its hasher
 /// with its process) resumes hashing where its copy stops, then asks its

@@ -143,6 +143,8 @@ pub struct FileSource {
     file: File,
     path: PathBuf,
     size: u64,
+    /// The file's or device's length when opened: the largest `size` can be.
+    len: u64,
     pos: u64,
     limit: u64,
     /// End (block-aligned, capped at `size`) of the data region `pos` lies in,
@@ -208,6 +210,7 @@ impl FileSource {
             file,
             path: path.to_owned(),
             size,
+            len,
             pos: 0,
             limit: u64::MAX,
             data_end: 0,
@@ -354,6 +357,29 @@ impl FileSource {
         };
         self.pos = end;
         Ok(Some(h))
+    }
+
+    /// Follows a file that is still being written: everything before `upto`
+    /// is written and may be read, and once the image is complete its
+    /// `size` is known and the source runs to its `End`. Returns whether
+    /// there is more to read from the current position now.
+    pub fn follow(&mut self, upto: u64, size: Option<u64>) -> Result<bool, Error> {
+        match size {
+            Some(size) if size > self.len => Err(Error::Invalid(format!(
+                "{} holds {} bytes, fewer than the {size} bytes of the image",
+                self.path.display(),
+                self.len
+            ))),
+            Some(size) => {
+                self.size = size;
+                self.limit = u64::MAX;
+                Ok(true)
+            }
+            None => {
+                self.limit = upto;
+                Ok(upto > self.pos)
+            }
+        }
     }
 
     /// The open file or device, e.g. for `sendfile(2)` of extents.

@@ -767,3 +767,48 @@ fn a_source_without_a_secret_file_writes_one_for_its_nodes() {
     assert_eq!(node.finish(Duration::from_secs(30)).0, 0);
     assert!(same_content(&s.image, &s.target("n")));
 }
+
+#[test]
+fn an_image_changed_after_it_was_hashed_fails_every_node_with_the_reason() {
+    let s = Session::new(16 << 20);
+    let serve = s.serve(2, &[]);
+    // The source hashes a file image as soon as it starts: wait for that.
+    let mut hashed = false;
+    for _ in 0..500 {
+        if ka_tests::events(&read(&serve.out))
+            .iter()
+            .any(|e| e["event"] == "image_done")
+        {
+            hashed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(hashed, "no image_done within 10 s: {}", read(&serve.out));
+    // Someone writes to the image before the nodes come: what they receive
+    // no longer matches the published digest.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.image)
+        .unwrap();
+    f.write_all_at(&[0x5a; 4096], 5 << 20).unwrap();
+    drop(f);
+    let nodes: Vec<Proc> = ["a", "b"]
+        .iter()
+        .map(|n| s.join(n, &s.target(n), &[]))
+        .collect();
+    let (code, out, err) = serve.finish(Duration::from_secs(60));
+    assert_eq!(code, 1, "failed nodes must exit 1:\n{out}\n{err}");
+    let rep = report(&out);
+    assert_eq!(rep.len(), 2, "{out}");
+    for (name, ok, reason) in &rep {
+        assert!(!ok, "{name} must be KO: {rep:?}");
+        assert!(
+            reason.contains("differs from the source"),
+            "{name}: {reason}"
+        );
+    }
+    for p in nodes {
+        assert_eq!(p.finish(Duration::from_secs(30)).0, 1);
+    }
+}

@@ -19,19 +19,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
 use super::wire::MessageCodec;
-use crate::digest::{ImageDigest, ImageHasher};
-use crate::relay::{relay, send_image, NodeWriter, RelayEnd, RelayEvent};
+use crate::relay::{relay, send_growing, NodeWriter, RelayEnd, RelayEvent};
 use crate::source::{FileSource, ImageSource};
 use crate::Error;
 
-/// How far an image has been written where a server reads it from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Written {
-    /// Everything before this offset is written.
-    pub upto: u64,
-    /// The image's size, once it is complete.
-    pub size: Option<u64>,
-}
+pub use crate::relay::Written;
 
 /// Serve records to a downstream from a file that is, or is being, written.
 pub struct ServeJob {
@@ -41,8 +33,6 @@ pub struct ServeJob {
     pub path: PathBuf,
     /// How far it is written; serving follows it until the image is complete.
     pub written: watch::Receiver<Written>,
-    /// Hash what is sent (the source's one full pass from offset 0).
-    pub hasher: Option<ImageHasher>,
     /// A cap on this connection's send rate in bytes per second, which may
     /// change while it sends (the source's `--max-rate`, shared among the
     /// connections it serves); `None`: as fast as the path allows.
@@ -90,8 +80,8 @@ pub enum Event {
     Served {
         /// The connection.
         conn: ConnId,
-        /// The digest if the job hashed the image, or why it stopped.
-        result: Result<Option<ImageDigest>, Error>,
+        /// Whether it sent the image to its end, or why it stopped.
+        result: Result<(), Error>,
     },
 }
 
@@ -154,14 +144,18 @@ async fn run(
                     tokio::select! {
                         _ = follow_pace(fd, pace) => unreachable!("pacing never ends"),
                         result = serve(&mut stream, *job) => {
+                            let sent_all = result.is_ok();
                             let _ = events.send(Event::Served { conn, result });
-                            // Let the downstream read to the end; it closes first.
-                            let mut sink = [0u8; 64];
-                            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), stream.read(&mut sink)).await;
+                            if sent_all {
+                                // Let the downstream read to the end; it closes first.
+                                let mut sink = [0u8; 64];
+                                let _ = tokio::time::timeout(std::time::Duration::from_secs(30), stream.read(&mut sink)).await;
+                            }
+                            // After a failure, close at once: the downstream
+                            // reconnects sooner.
                         }
                         _ = closed(&mut commands) => {
-                            // The driver must still hear that this job ended:
-                            // it may have been the one computing the digest.
+                            // The driver hears of every job's end, for its log.
                             let stopped = Error::Invalid("the data connection was closed by its server".into());
                             let _ = events.send(Event::Served { conn, result: Err(stopped) });
                         }
@@ -227,33 +221,31 @@ async fn closed(commands: &mut mpsc::UnboundedReceiver<Command>) {
     }
 }
 
-async fn serve(stream: &mut TcpStream, job: ServeJob) -> Result<Option<ImageDigest>, Error> {
+/// Serves the job's file from its offset to the image's end, in one stream
+/// that follows the file while it is being written.
+async fn serve(stream: &mut TcpStream, job: ServeJob) -> Result<(), Error> {
     let ServeJob {
-        mut from,
+        from,
         path,
         mut written,
-        mut hasher,
         pace: _,
     } = job;
-    loop {
+    // A node's target may not even exist before its first write.
+    let size = loop {
         let w = *written.borrow_and_update();
         if w.size.is_some() || w.upto > from {
-            let mut source = FileSource::open_sized(&path, w.size)?;
-            source.seek(from)?;
-            if w.size.is_none() {
-                source.set_limit(w.upto);
-            }
-            let end = send_image(Box::new(source), stream, hasher.take(), |_| {}).await?;
-            if w.size.is_some() {
-                return Ok(end.digest);
-            }
-            from = end.size;
-        } else if written.changed().await.is_err() {
+            break w.size;
+        }
+        if written.changed().await.is_err() {
             return Err(Error::Invalid(
-                "the node stopped writing before the image was complete".into(),
+                "the image stopped being written before it was complete".into(),
             ));
         }
-    }
+    };
+    let mut source = FileSource::open_sized(&path, size)?;
+    source.seek(from)?;
+    send_growing(source, stream, written, |_| {}).await?;
+    Ok(())
 }
 
 async fn receive(
@@ -272,13 +264,11 @@ async fn receive(
     let mut upstream = (&leftover[..]).chain(stream);
     let mut reported = writer.written();
     let result = tokio::select! {
-        result = relay(&mut upstream, &mut writer, None, |event| {
-            if let RelayEvent::Written(offset) = event {
-                written.send_modify(|w| w.upto = w.upto.max(offset));
-                if offset >= reported + PROGRESS_STEP {
-                    reported = offset;
-                    let _ = events.send(Event::Progress(offset));
-                }
+        result = relay(&mut upstream, &mut writer, |RelayEvent::Written(offset)| {
+            written.send_modify(|w| w.upto = w.upto.max(offset));
+            if offset >= reported + PROGRESS_STEP {
+                reported = offset;
+                let _ = events.send(Event::Progress(offset));
             }
         }) => result,
         _ = closed(commands) => Err(Error::Invalid("the data connection was closed by this node".into())),

@@ -409,7 +409,6 @@ pub async fn run_node(
                             from,
                             path: opts.target.file().to_path_buf(),
                             written: written_rx.clone(),
-                            hasher: None,
                             pace: None,
                         };
                         let _ = tx.send(Command::Serve(Box::new(job)));

@@ -19,7 +19,7 @@ use super::conn::{self, Command, Event, ServeJob, Written};
 use super::resume::{self, RecordedOutcome, SourceState};
 use super::wire::MessageCodec;
 use super::{nonce, Clock};
-use crate::digest::{digest_source, ImageHasher, SessionKey};
+use crate::digest::SessionKey;
 use crate::source::{open_source, SourceSpec};
 use crate::Error;
 
@@ -70,32 +70,6 @@ pub struct SourceReport {
     pub expected: u32,
 }
 
-/// Who computes the digest of a file image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Hashing {
-    /// The serve pass from offset 0 on this connection, as it sends.
-    Serving(ConnId),
-    /// A pass of its own over the whole image: nobody is served from 0 (a
-    /// restarted source resumes every node), or the hashing serve died.
-    Reading,
-}
-
-/// Reads the whole image at `path` on a blocking thread and sends its digest.
-fn hash_in_background(
-    path: PathBuf,
-    key: SessionKey,
-    total: u64,
-    tx: mpsc::UnboundedSender<Result<(u64, Digest), Error>>,
-) {
-    tokio::task::spawn_blocking(move || {
-        let r = open_source(&SourceSpec::File(path)).and_then(|mut s| {
-            let mut buf = vec![0u8; crate::relay::BUF_SIZE];
-            digest_source(s.as_mut(), ImageHasher::new(&key), &mut buf)
-        });
-        let _ = tx.send(r.map(|d| (total, Digest(d.0))));
-    });
-}
-
 /// The record of decided outcomes, as the state file holds it.
 fn outcomes_text(source: &Source) -> String {
     SourceState {
@@ -143,6 +117,15 @@ pub async fn run_source(
             let (tx, rx) = watch::channel(Written {
                 upto: size,
                 size: Some(size),
+            });
+            // The digest comes from a pass of its own, started now: it runs
+            // while the nodes join (usually long enough to finish), and beside
+            // the stream otherwise, so no data connection ever waits for
+            // hashing; on separate machines the source's spare core does it.
+            let (path2, key2, done) = (path.clone(), key.clone(), digest_tx.clone());
+            tokio::task::spawn_blocking(move || {
+                let r = crate::digest::digest_file(&path2, &key2);
+                let _ = done.send(r.map(|d| (size, Digest(d.0))));
             });
             (
                 path.clone(),
@@ -236,8 +219,6 @@ pub async fn run_source(
     let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Command>> = HashMap::new();
     let mut tasks = Vec::new();
     let mut next_conn = 0u64;
-    let mut digest: Option<Digest> = None;
-    let mut hashing: Option<Hashing> = None;
     let mut started_at = None;
     let mut go_open = true;
     let mut refreshed = clock.now();
@@ -255,28 +236,11 @@ pub async fn run_source(
                     node: _,
                     from,
                 } => {
-                    // The first full pass from offset 0 also computes the digest.
-                    // A restarted source serves its nodes from where they are,
-                    // so it reads the image through on its own instead. (A
-                    // stream's digest comes from its spooling.)
-                    let file = matches!(opts.image, ImageInput::File(_));
-                    let mut hasher = None;
-                    if file && digest.is_none() && hashing.is_none() {
-                        if from == 0 {
-                            hashing = Some(Hashing::Serving(conn));
-                            hasher = Some(ImageHasher::new(&key));
-                        } else {
-                            hashing = Some(Hashing::Reading);
-                            let total = size.unwrap_or_default();
-                            hash_in_background(path.clone(), key.clone(), total, digest_tx.clone());
-                        }
-                    }
                     if let Some(tx) = conns.get(&conn) {
                         let job = ServeJob {
                             from,
                             path: path.clone(),
                             written: image_watch.clone(),
-                            hasher,
                             pace: opts.max_rate.map(|_| pace_rx.clone()),
                         };
                         if tx.send(Command::Serve(Box::new(job))).is_ok() {
@@ -352,22 +316,8 @@ pub async fn run_source(
                         if serving.remove(&conn) {
                             repace(&serving);
                         }
-                        match result {
-                            Ok(Some(d)) => {
-                                let total = size.expect("only a file image is hashed while served");
-                                digest = Some(Digest(d.0));
-                                source.handle_image_done(now, total, Digest(d.0));
-                            }
-                            Ok(None) => {}
-                            Err(e) => {
-                                tracing::info!(conn = %conn, error = %e, "serving a node stopped");
-                                if hashing == Some(Hashing::Serving(conn)) && digest.is_none() {
-                                    // The hashing pass died with its node: hash on our own.
-                                    hashing = Some(Hashing::Reading);
-                                    let total = size.unwrap_or_default();
-                                    hash_in_background(path.clone(), key.clone(), total, digest_tx.clone());
-                                }
-                            }
+                        if let Err(e) = result {
+                            tracing::info!(conn = %conn, error = %e, "serving a node stopped");
                         }
                     }
                     Event::Progress(_) | Event::Received { .. } => {}
@@ -375,7 +325,6 @@ pub async fn run_source(
             }
             Some(result) = digest_rx.recv() => match result {
                 Ok((total, d)) => {
-                    digest = Some(d);
                     size = Some(total);
                     source.handle_image_done(clock.now(), total, d);
                 }
