@@ -16,8 +16,9 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::ids::{Epoch, NodeId};
 
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this crate speaks. Version 2 added image identities
+/// and resume offsets to [`Message::Join`] and [`Message::Welcome`].
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The largest frame (tag and body) a peer may send.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// The longest string field in bytes.
@@ -80,6 +81,15 @@ bytes32!(
 bytes32!(
     /// The keyed BLAKE3 digest of a logical image.
     Digest
+);
+bytes32!(
+    /// What a source calls the image it serves, so a node holding part of a
+    /// copy can tell whether a (restarted) source still serves the same one.
+    /// The source's shell derives it cheaply from what identifies the image
+    /// without reading it all (a file's size, modification time and inode; a
+    /// device's size and its first and last MiB); a stream gets a fresh random
+    /// one per source process, since it cannot be read again the same.
+    ImageId
 );
 
 /// Why a join, a data connection or a request was refused. The code lets the
@@ -157,8 +167,12 @@ pub struct Join {
     /// Its sink can be read back (file, block device), so it can serve any
     /// offset it has written; otherwise it serves only from a bounded ring.
     pub readable: bool,
-    /// The contiguous prefix it already holds (non-zero after a restart).
+    /// The contiguous prefix it already holds (non-zero after a restart, of
+    /// the node or of the source).
     pub have: u64,
+    /// The image that prefix belongs to, as a source named it in an earlier
+    /// welcome; `None` when `have` is 0.
+    pub image: Option<ImageId>,
     /// MAC over the server's nonce, the session and the name.
     pub proof: Tag,
 }
@@ -198,6 +212,11 @@ pub enum Message {
         /// or device), so a node can refuse a target too small before
         /// writing a byte.
         image_size: Option<u64>,
+        /// The image this source serves.
+        image: ImageId,
+        /// Where the node's copy goes on from: the `have` of its join when
+        /// that prefix belongs to this very image, else 0 (start over).
+        resume_from: u64,
     },
     /// Any server → client: refused, with the reason.
     Refused(Refusal),
@@ -318,8 +337,15 @@ impl Message {
                 put_str(out, &j.name);
                 out.put_slice(&j.mac);
                 put_addr(out, &j.data_addr);
-                out.put_u8(u8::from(j.wait_release) | (u8::from(j.readable) << 1));
+                out.put_u8(
+                    u8::from(j.wait_release)
+                        | (u8::from(j.readable) << 1)
+                        | (u8::from(j.image.is_some()) << 2),
+                );
                 out.put_u64(j.have);
+                if let Some(image) = &j.image {
+                    out.put_slice(&image.0);
+                }
                 out.put_slice(&j.proof.0);
             }
             Message::Welcome {
@@ -327,12 +353,16 @@ impl Message {
                 heartbeat_ms,
                 dead_after_ms,
                 image_size,
+                image,
+                resume_from,
             } => {
                 out.put_u8(tag::WELCOME);
                 out.put_u32(node.0);
                 out.put_u32(*heartbeat_ms);
                 out.put_u32(*dead_after_ms);
                 out.put_u64(image_size.unwrap_or(u64::MAX));
+                out.put_slice(&image.0);
+                out.put_u64(*resume_from);
             }
             Message::Refused(r) => {
                 out.put_u8(tag::REFUSED);
@@ -593,9 +623,15 @@ impl Reader<'_> {
                 let mac = self.take(6)?.try_into().expect("6");
                 let data_addr = self.addr()?;
                 let flags = self.u8()?;
-                if flags > 3 {
+                if flags > 7 {
                     return Err(DecodeError::Invalid("unknown join flags"));
                 }
+                let have = self.u64()?;
+                let image = if flags & 4 != 0 {
+                    Some(ImageId(self.bytes32()?))
+                } else {
+                    None
+                };
                 Message::Join(Join {
                     version,
                     session,
@@ -604,7 +640,8 @@ impl Reader<'_> {
                     data_addr,
                     wait_release: flags & 1 != 0,
                     readable: flags & 2 != 0,
-                    have: self.u64()?,
+                    have,
+                    image,
                     proof: Tag(self.bytes32()?),
                 })
             }
@@ -613,6 +650,8 @@ impl Reader<'_> {
                 heartbeat_ms: self.u32()?,
                 dead_after_ms: self.u32()?,
                 image_size: Some(self.u64()?).filter(|&s| s != u64::MAX),
+                image: ImageId(self.bytes32()?),
+                resume_from: self.u64()?,
             },
             tag::REFUSED => {
                 let code = *RefusalCode::ALL
@@ -725,10 +764,10 @@ mod tests {
             addr(),
             any::<(bool, bool)>(),
             any::<u64>(),
-            any::<[u8; 32]>(),
+            (proptest::option::of(any::<[u8; 32]>()), any::<[u8; 32]>()),
         )
             .prop_map(
-                |(version, session, name, mac, data_addr, (w, r), have, proof)| {
+                |(version, session, name, mac, data_addr, (w, r), have, (image, proof))| {
                     Message::Join(Join {
                         version,
                         session,
@@ -738,6 +777,7 @@ mod tests {
                         wait_release: w,
                         readable: r,
                         have,
+                        image: image.map(ImageId),
                         proof: Tag(proof),
                     })
                 },
@@ -760,13 +800,19 @@ mod tests {
                 any::<u32>(),
                 any::<u32>(),
                 any::<u32>(),
-                proptest::option::of(0..u64::MAX)
+                proptest::option::of(0..u64::MAX),
+                any::<[u8; 32]>(),
+                any::<u64>(),
             )
-                .prop_map(|(n, h, d, image_size)| Message::Welcome {
-                    node: NodeId(n),
-                    heartbeat_ms: h,
-                    dead_after_ms: d,
-                    image_size,
+                .prop_map(|(n, h, d, image_size, image, resume_from)| {
+                    Message::Welcome {
+                        node: NodeId(n),
+                        heartbeat_ms: h,
+                        dead_after_ms: d,
+                        image_size,
+                        image: ImageId(image),
+                        resume_from,
+                    }
                 }),
             (0..RefusalCode::ALL.len(), text()).prop_map(|(c, detail)| Message::Refused(Refusal {
                 code: RefusalCode::ALL[c],

@@ -4,6 +4,8 @@
 use core::net::SocketAddr;
 use core::time::Duration;
 
+use crate::codec::ImageId;
+
 /// What the source does with a node that stays too slow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlowPolicy {
@@ -50,6 +52,9 @@ pub struct SourceConfig {
     pub data_addr: SocketAddr,
     /// The image's size, when known before streaming (a file or device).
     pub image_size: Option<u64>,
+    /// The image's identity: a node holding a prefix of this image resumes
+    /// from it; a prefix of any other starts over.
+    pub image_id: ImageId,
 }
 
 impl SourceConfig {
@@ -72,6 +77,7 @@ impl SourceConfig {
             seekable: true,
             data_addr,
             image_size: None,
+            image_id: ImageId::default(),
         }
     }
 }
@@ -99,6 +105,10 @@ pub struct NodeConfig {
     pub heartbeat: Duration,
     /// Source silence after which we consider it gone, until its welcome says otherwise.
     pub dead_after: Duration,
+    /// How long to keep trying to reach the source (at the start, or after
+    /// losing it) before giving up: nodes often boot before the source is
+    /// started, and a source may be restarted.
+    pub source_wait: Duration,
 }
 
 impl NodeConfig {
@@ -115,6 +125,7 @@ impl NodeConfig {
             reconnect_delay: Duration::from_millis(200),
             heartbeat: Duration::from_millis(250),
             dead_after: Duration::from_millis(1000),
+            source_wait: Duration::from_secs(300),
         }
     }
 }

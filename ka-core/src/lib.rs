@@ -16,8 +16,9 @@
 //!
 //! 1. Feed every input through a `handle_*(now, …)` method: a connection
 //!    opened or closed, a decoded [`codec::Message`] on a connection, a
-//!    progress report from the data plane, the end of the image, a disk
-//!    error, a timeout. `now` is a [`time::Time`] the caller supplies; so are
+//!    progress report from the data plane, how much of the image can be
+//!    served (all of a file at once; a stream as it spools), the end of the
+//!    image, a disk error, a timeout. `now` is a [`time::Time`] the caller supplies; so are
 //!    the nonces of challenges (fresh random bytes in the shell, a seeded
 //!    generator in the simulator).
 //! 2. After each input, drain the outputs until each returns `None`:
@@ -49,13 +50,37 @@
 //! offset. The source keeps history down to the lowest offset any live node
 //! still needs ([`source::SourceAction::TrimHistory`]).
 //!
+//! # Restarts
+//!
+//! A node's copy outlives its place and its process. A node that loses its
+//! source (connection closed, or silent for `dead_after`) leaves its place —
+//! it closes its data connections, since a source that comes back may be a
+//! new process laying out a new chain — keeps what it holds, and keeps
+//! reconnecting for [`config::NodeConfig::source_wait`]. A node process
+//! started again is handed the prefix its shell found durable on disk
+//! ([`node::Resume`]). Either way its [`codec::Join`] says how much it holds
+//! (`have`) and of which image ([`codec::ImageId`]); the source's
+//! [`codec::Message::Welcome`] names the image it serves and where the copy
+//! goes on from: `have` when the image is the same, else 0, and the node
+//! starts over ([`node::NodeAction::StartOver`]). Its upstream then serves it
+//! only from there (`DataHello.from`).
+//!
+//! A source started again on the same image knows nothing of the session
+//! but what its shell kept: the outcomes already decided
+//! ([`source::Source::handle_restored`]). Rejoining nodes count towards
+//! `expected_nodes`, and the chain it lays out puts the nodes holding most
+//! nearest to it, so every upstream holds what its downstream lacks; nodes
+//! that had verified say so again. A topology generation ([`ids::Epoch`])
+//! only orders messages within one welcome: a node forgets its epoch when it
+//! is welcomed again, since a new source counts from the start.
+//!
 //! # Modules
 //!
 //! - [`codec`]: frames and messages; [`record`]: the data-connection framing.
 //! - [`source`], [`node`]: the two machines; [`topology`]: the tree;
 //!   [`range_set`]: offsets held; [`config`]: every timeout and policy.
 //! - [`auth`]: proofs of the secret; [`time`], [`ids`]: the value types;
-//!   [`units`]: sizes as operators write them.
+//!   [`units`]: sizes and rates as operators write them.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

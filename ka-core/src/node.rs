@@ -1,15 +1,22 @@
 //! The node side: joins a session, takes data from its upstream, serves its
 //! downstreams, checks its copy and waits to be released.
 //!
-//! The control connection (to the source) and the data connections (to the
-//! upstream, from the downstreams) live independently: losing the source does
-//! not stop the data, and losing an upstream does not lose the place.
+//! Losing an upstream does not lose the place: the node reconnects to the
+//! upstream it is told. Losing the source loses the place but never the copy:
+//! the node closes its data connections (the source that comes back, perhaps
+//! a new process, lays out a new chain), keeps what it holds, and keeps
+//! looking for the source; when it is welcomed again it says how much it
+//! holds and goes on from there. A node started again after it was killed
+//! does the same with the prefix its shell found durable on disk
+//! ([`Resume`]). A welcome for another image than the one held makes the node
+//! start over ([`NodeAction::StartOver`]).
 
 use std::collections::{BTreeMap, VecDeque};
 
 use crate::auth::{check_data_hello, data_proof, join_proof, DataRequest, SessionKey};
 use crate::codec::{
-    Digest, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, PROTOCOL_VERSION,
+    Digest, ImageId, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream,
+    PROTOCOL_VERSION,
 };
 use crate::config::NodeConfig;
 use crate::ids::{ConnId, Epoch, NodeId};
@@ -83,6 +90,10 @@ pub enum NodeAction {
     /// Read the written target back and report its digest with
     /// [`Node::handle_readback`].
     ReadBack,
+    /// What we held belongs to another image than the source serves: discard
+    /// it (the running digest with it) and write the image again from offset
+    /// 0. No data connection is open when this comes.
+    StartOver,
     /// Leave: the session is over for this node.
     Exit {
         /// Whether this node's copy verified.
@@ -99,6 +110,15 @@ pub enum NodeEvent {
     Welcomed {
         /// Our identifier.
         node: NodeId,
+        /// The image the source serves.
+        image: ImageId,
+        /// Where our copy goes on from (0 for a fresh start).
+        resumed_from: u64,
+    },
+    /// What we held belongs to another image: the copy starts over from 0.
+    StartedOver {
+        /// The prefix we held and discard.
+        had: u64,
     },
     /// The source refused us.
     Refused(Refusal),
@@ -176,14 +196,27 @@ enum Timer {
     ConnectSource = 2,
     /// Try the upstream again.
     ConnectUpstream = 3,
+    /// Give up on a source that does not answer (or does not come back).
+    SourceWait = 4,
 }
 
-const TIMER_REASONS: [&str; 4] = [
+const TIMER_REASONS: [&str; 5] = [
     "heartbeat",
     "source silence",
     "reconnect to source",
     "reconnect to upstream",
+    "give up waiting for the source",
 ];
+
+/// What a restarted node already holds: the durable prefix of a copy of one
+/// image, as its shell recorded them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    /// The image the prefix belongs to, as its source named it.
+    pub image: ImageId,
+    /// The end of the prefix written and flushed to stable storage.
+    pub have: u64,
+}
 
 /// The node's protocol state machine. Driven like [`crate::source::Source`]:
 /// `handle_*` in, then drain `poll_transmit`, `poll_action`, `poll_event`, and
@@ -210,19 +243,34 @@ pub struct Node {
     stream_end: Option<(u64, Digest)>,
     verdict: Option<Result<(), String>>,
     image_size: Option<u64>,
-    timers: TimerTable<4>,
+    /// The image our held prefix belongs to.
+    image_id: Option<ImageId>,
+    /// The prefix our last join claimed: a welcome resuming from less means
+    /// the source will not let us keep it.
+    join_have: u64,
+    /// When we last had the source (or started): `source_wait` runs from here.
+    source_since: Time,
+    timers: TimerTable<5>,
     transmits: VecDeque<(ConnId, Message)>,
     actions: VecDeque<NodeAction>,
     events: VecDeque<NodeEvent>,
 }
 
 impl Node {
-    /// A node that already holds the image's first `have` bytes (0 on a fresh
-    /// target; more after a restart) and starts by connecting to its source.
-    pub fn new(now: Time, config: NodeConfig, key: Box<dyn SessionKey>, have: u64) -> Self {
+    /// A node that starts by connecting to its source, holding nothing (a
+    /// fresh target) or what a restart found on disk.
+    pub fn new(
+        now: Time,
+        config: NodeConfig,
+        key: Box<dyn SessionKey>,
+        resume: Option<Resume>,
+    ) -> Self {
+        let have = resume.map_or(0, |r| r.have);
         let mut received = RangeSet::new();
         received.insert(0..have);
         let written = received.clone();
+        let mut timers = TimerTable::new();
+        timers.set(Timer::SourceWait as usize, now + config.source_wait);
         let mut node = Node {
             heartbeat: config.heartbeat,
             dead_after: config.dead_after,
@@ -244,7 +292,10 @@ impl Node {
             stream_end: None,
             verdict: None,
             image_size: None,
-            timers: TimerTable::new(),
+            image_id: resume.filter(|r| r.have > 0).map(|r| r.image),
+            join_have: 0,
+            source_since: now,
+            timers,
             transmits: VecDeque::new(),
             actions: VecDeque::new(),
             events: VecDeque::new(),
@@ -440,6 +491,20 @@ impl Node {
         if self.timers.expire(Timer::ConnectUpstream as usize, now) {
             self.connect_upstream();
         }
+        if self.timers.expire(Timer::SourceWait as usize, now)
+            && !matches!(self.control, ControlState::Joined(_))
+        {
+            let waited = now.saturating_since(self.source_since).as_secs_f64();
+            let reason = if self.id.is_some() {
+                format!("lost the source and it did not come back within {waited:.0} s")
+            } else {
+                format!("no source answered within {waited:.0} s")
+            };
+            if let Some(c) = self.control_conn() {
+                self.actions.push_back(NodeAction::Close { conn: c });
+            }
+            self.leave(false, reason);
+        }
     }
 
     // ----- outputs -----
@@ -477,6 +542,12 @@ impl Node {
     /// the end of the image).
     pub fn image_size(&self) -> Option<u64> {
         self.image_size.or(self.image.map(|(total, _)| total))
+    }
+
+    /// The image our copy belongs to: as a source last named it, or as a
+    /// restart found it.
+    pub fn image_id(&self) -> Option<ImageId> {
+        self.image_id
     }
 
     /// Our identifier, once admitted.
@@ -553,18 +624,51 @@ impl Node {
     }
 
     fn lose_source(&mut self, now: Time) {
+        let was_joined = matches!(self.control, ControlState::Joined(_));
         self.control = ControlState::AwaitingSource;
         self.timers.stop(Timer::Heartbeat as usize);
         self.timers.stop(Timer::SourceSilence as usize);
         if self.phase == Phase::Done {
             return;
         }
-        // The data keeps flowing between nodes; only the coordination is lost.
+        if was_joined {
+            self.source_since = now;
+            self.timers
+                .set(Timer::SourceWait as usize, now + self.config.source_wait);
+        }
+        // Our place came from the source: a source that comes back (perhaps a
+        // new process) lays out a new chain, so leave the old one now. What we
+        // hold stays, and the join says so.
+        if let Some(c) = self.upstream_conn.take().and_then(UpstreamConn::conn) {
+            self.actions.push_back(NodeAction::Close { conn: c });
+        }
+        self.upstream = None;
+        self.timers.stop(Timer::ConnectUpstream as usize);
+        let inbound: Vec<ConnId> = self.inbound.keys().copied().collect();
+        for c in inbound {
+            self.close(c);
+        }
+        self.downstreams.clear();
         self.events.push_back(NodeEvent::SourceLost);
         self.timers.set(
             Timer::ConnectSource as usize,
             now + self.config.reconnect_delay,
         );
+    }
+
+    /// The source does not know the image our prefix belongs to: forget the
+    /// prefix, its digest and any verdict on it.
+    fn start_over(&mut self) {
+        let had = self.received.prefix_end();
+        self.received = RangeSet::new();
+        self.written = RangeSet::new();
+        self.holds_from = 0;
+        self.stream_end = None;
+        self.image = None;
+        self.verdict = None;
+        self.phase = Phase::AwaitingImage;
+        self.events.push_back(NodeEvent::StartedOver { had });
+        self.actions.push_back(NodeAction::StartOver);
     }
 
     fn on_control(&mut self, now: Time, conn: ConnId, msg: Message) {
@@ -578,6 +682,8 @@ impl Node {
                     return self.leave(false, reason);
                 }
                 let proof = join_proof(&*self.key, &nonce, &self.config.session, &self.config.name);
+                let have = self.received.prefix_end();
+                self.join_have = have;
                 let join = Join {
                     version: PROTOCOL_VERSION,
                     session: self.config.session.clone(),
@@ -586,7 +692,8 @@ impl Node {
                     data_addr: self.config.data_addr,
                     wait_release: self.config.wait_release,
                     readable: self.config.readable,
-                    have: self.received.prefix_end(),
+                    have,
+                    image: self.image_id.filter(|_| have > 0),
                     proof,
                 };
                 self.transmits.push_back((conn, Message::Join(join)));
@@ -599,14 +706,33 @@ impl Node {
                     heartbeat_ms,
                     dead_after_ms,
                     image_size,
+                    image,
+                    resume_from,
                 },
             ) => {
                 self.id = Some(node);
                 self.heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(10)));
                 self.dead_after = Duration::from_millis(u64::from(dead_after_ms.max(50)));
-                self.image_size = image_size.or(self.image_size);
                 self.control = ControlState::Joined(conn);
-                self.events.push_back(NodeEvent::Welcomed { node });
+                self.timers.stop(Timer::SourceWait as usize);
+                // A new conversation: the source may be a new process whose
+                // topology generations start again from the beginning.
+                self.epoch = Epoch(0);
+                let have = self.received.prefix_end();
+                if (resume_from < self.join_have || self.image_id.is_some_and(|i| i != image))
+                    && have > 0
+                    && self.phase != Phase::Done
+                {
+                    self.start_over();
+                    self.image_size = None;
+                }
+                self.image_id = Some(image);
+                self.image_size = image_size.or(self.image_size);
+                self.events.push_back(NodeEvent::Welcomed {
+                    node,
+                    image,
+                    resumed_from: resume_from.min(self.received.prefix_end()),
+                });
                 self.transmits
                     .push_back((conn, Message::Progress(self.progress())));
                 self.timers

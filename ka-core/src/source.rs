@@ -5,6 +5,23 @@
 //! decides when to start, lays out the chain, watches heartbeats and
 //! progress, relinks around dead or slow nodes, collects each node's check of
 //! its copy, releases nodes and keeps the final report.
+//!
+//! # Restarts
+//!
+//! A node that rejoins says how much of the image it holds and of which
+//! image ([`Join::have`], [`Join::image`]); the source lets it keep that
+//! prefix when the image is the one it serves (its welcome says
+//! `resume_from`), and whoever feeds it serves it only from there. A rejoin
+//! under a live name supersedes the old connection, and a node keeps its
+//! identifier and its report line across rejoins.
+//!
+//! A source started again on the same image (a new process: it knows nothing
+//! of the session) admits the nodes coming back exactly like first joins, but
+//! with their prefixes: they count towards `expected_nodes`, and the chain
+//! it lays out puts the nodes holding most nearest to the source, so every
+//! upstream holds at least what its downstream lacks. Nodes that had already
+//! verified and left (or failed) are handed in by the shell from its record
+//! ([`Source::handle_restored`]) so the report still accounts for them.
 
 use core::time::Duration;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -84,6 +101,12 @@ pub enum SourceEvent {
         name: String,
         /// It had joined before (restart or reconnect).
         rejoin: bool,
+        /// Where its copy goes on from: the prefix it holds of this image (0
+        /// for a fresh start, or when what it held was of another image).
+        resumed_from: u64,
+        /// The prefix it claimed, when it was of another image and is
+        /// discarded (0 otherwise).
+        discarded: u64,
     },
     /// A connection was refused.
     Refused {
@@ -180,6 +203,12 @@ pub struct NodeReport {
     pub finished_at: Option<Time>,
     /// How many times it was declared dead (and came back, if it is OK).
     pub deaths: u32,
+    /// Where its copy went on from at its latest join: more than 0 when it
+    /// came back (after its own restart or the source's) holding a prefix.
+    pub resumed_from: u64,
+    /// Its outcome was decided under an earlier run of this source and it did
+    /// not come back; the shell's record says so ([`Source::handle_restored`]).
+    pub restored: bool,
 }
 
 impl NodeReport {
@@ -391,9 +420,71 @@ impl Source {
         }
     }
 
-    /// The data plane has read the image up to `offset`.
+    /// The data plane has read the image up to `offset`: what the source
+    /// can serve so far. A stream reports its spool's growth; a file or
+    /// device is all there from the start, so report its size once before
+    /// anything else. The slow policy judges the source's own children by it.
     pub fn handle_image_progress(&mut self, _now: Time, offset: u64) {
         self.read = self.read.max(offset);
+    }
+
+    /// A node whose outcome was decided under an earlier run of this source
+    /// (the shell keeps a record across restarts): verified, or failed and
+    /// why. It keeps its report line (and its name: no other node takes its
+    /// place), and if it comes back its join replaces the line. A verified
+    /// one counts towards the nodes the start waits for; a failed one only
+    /// once it rejoins (it may have been declared dead just before the
+    /// restart). Call before any join.
+    pub fn handle_restored(
+        &mut self,
+        now: Time,
+        name: String,
+        mac: [u8; 6],
+        outcome: Result<(), String>,
+    ) {
+        if self.state != SourceState::AwaitingNodes || self.names.contains_key(&name) {
+            return;
+        }
+        let id = NodeId(self.next_id);
+        self.next_id += 1;
+        let received = if outcome.is_ok() {
+            self.config.image_size.unwrap_or(0)
+        } else {
+            0
+        };
+        let record = NodeRecord {
+            report: NodeReport {
+                node: id,
+                name: name.clone(),
+                mac,
+                outcome: Some(outcome),
+                received,
+                joined_at: now,
+                finished_at: Some(now),
+                deaths: 0,
+                resumed_from: received,
+                restored: true,
+            },
+            data_addr: self.config.data_addr,
+            wait_release: false,
+            readable: true,
+            conn: None,
+            data_conn: None,
+            progress: Progress {
+                received,
+                written: received,
+                holds_from: 0,
+            },
+            last_heard: now,
+            slow_since: None,
+            slow_handled: true,
+            released: true,
+        };
+        self.nodes.insert(id, record);
+        self.names.insert(name, id);
+        if self.present() >= self.config.expected_nodes {
+            self.start(now, StartTrigger::AllJoined);
+        }
     }
 
     /// The data plane reached the end of the image and computed its digest.
@@ -425,7 +516,7 @@ impl Source {
         if self.timers.expire(Timer::JoinDeadline as usize, now)
             && self.state == SourceState::AwaitingNodes
         {
-            let live = self.live_count() as u32;
+            let live = self.present();
             if live >= self.config.min_nodes.max(1) {
                 self.start(now, StartTrigger::Deadline);
             } else {
@@ -521,6 +612,23 @@ impl Source {
         self.nodes.values().filter(|r| r.live()).count()
     }
 
+    /// The nodes that count towards the start: those joined (while awaiting
+    /// nodes, the dead are forgotten) and those restored as verified. A node
+    /// restored as failed may be about to come back, so it waits to be counted
+    /// until it does.
+    fn present(&self) -> u32 {
+        self.nodes
+            .values()
+            .filter(|r| r.live() || (r.report.restored && r.report.is_ok()))
+            .count() as u32
+    }
+
+    /// Whether the whole image can be served (read to its end, or a file of
+    /// known size reported readable).
+    fn image_readable(&self) -> bool {
+        self.image.is_some() || self.config.image_size.is_some_and(|s| self.read >= s)
+    }
+
     fn refuse(&mut self, conn: ConnId, code: RefusalCode, detail: String) {
         let refusal = Refusal { code, detail };
         self.transmits
@@ -585,15 +693,19 @@ impl Source {
                 return self.refuse(conn, RefusalCode::SessionFull, detail);
             }
         }
+        // A prefix counts only if it is of the image served here (a restarted
+        // source on a changed file, or another image, must not be mixed in).
+        let same_image = join.image == Some(self.config.image_id)
+            && self.config.image_size.is_none_or(|s| join.have <= s);
+        let have = if same_image { join.have } else { 0 };
         let streaming = self.state == SourceState::Streaming;
         let parent = if streaming {
-            match self.place_for(join.have) {
+            match self.place_for(have) {
                 Some(p) => Some(p),
                 None => {
                     let detail = format!(
-                        "this node lacks data from offset {} that no one holds any more (stream source); \
-                         it cannot join this session",
-                        join.have
+                        "this node lacks data from offset {have} that no one holds any more (stream source); \
+                         it cannot join this session"
                     );
                     return self.refuse(conn, RefusalCode::CannotResume, detail);
                 }
@@ -614,10 +726,12 @@ impl Source {
                 name: join.name.clone(),
                 mac: join.mac,
                 outcome: None,
-                received: join.have,
+                received: have,
                 joined_at: existing.map_or(now, |id| self.nodes[&id].report.joined_at),
                 finished_at: None,
                 deaths,
+                resumed_from: have,
+                restored: false,
             },
             data_addr: join.data_addr,
             wait_release: join.wait_release,
@@ -625,8 +739,8 @@ impl Source {
             conn: Some(conn),
             data_conn: None,
             progress: Progress {
-                received: join.have,
-                written: join.have,
+                received: have,
+                written: have,
                 holds_from: 0,
             },
             last_heard: now,
@@ -646,12 +760,16 @@ impl Source {
                 heartbeat_ms: self.config.heartbeat.as_millis() as u32,
                 dead_after_ms: self.config.dead_after.as_millis() as u32,
                 image_size: self.config.image_size,
+                image: self.config.image_id,
+                resume_from: have,
             },
         ));
         self.events.push_back(SourceEvent::Joined {
             node: id,
             name: join.name,
             rejoin,
+            resumed_from: have,
+            discarded: join.have - have,
         });
         if let Some((total, digest)) = self.image {
             self.transmits
@@ -668,9 +786,8 @@ impl Source {
                 upstream: parent,
             });
         } else if self.state == SourceState::AwaitingNodes
-            && self.nodes.len() as u32 >= self.config.expected_nodes
+            && self.present() >= self.config.expected_nodes
         {
-            // While awaiting nodes every record is a live node: the dead are forgotten.
             self.start(now, StartTrigger::AllJoined);
         }
     }
@@ -800,8 +917,19 @@ impl Source {
             return;
         };
         let upstream_at = match parent {
-            None => self.read,
             Some(p) => self.nodes[&p].progress.received,
+            // The source holds the whole image: it is never what holds a child
+            // back, so a child is judged against its fastest sibling (a lone
+            // child of the source cannot be told from a slow source).
+            None if self.image_readable() => self
+                .topology
+                .children(None)
+                .iter()
+                .filter(|&&c| c != id)
+                .map(|c| self.nodes[c].progress.received)
+                .max()
+                .unwrap_or(0),
+            None => self.read,
         };
         let record = self.nodes.get_mut(&id).expect("placed nodes have records");
         if record.slow_handled || record.report.outcome.is_some() {
@@ -920,8 +1048,18 @@ impl Source {
                 .copied()
                 .unwrap_or(usize::MAX)
         };
+        // Nodes holding most go nearest the source (after a restart they hold
+        // different prefixes), so every upstream holds what its downstream
+        // lacks; on a fresh start all hold nothing and the order is the
+        // inventory's.
+        let held = |r: &NodeRecord| core::cmp::Reverse(r.progress.received);
         live.sort_by(|a, b| {
-            (rank(a), a.data_addr, &a.report.name).cmp(&(rank(b), b.data_addr, &b.report.name))
+            (held(a), rank(a), a.data_addr, &a.report.name).cmp(&(
+                held(b),
+                rank(b),
+                b.data_addr,
+                &b.report.name,
+            ))
         });
         let order: Vec<NodeId> = live.iter().map(|r| r.report.node).collect();
         self.topology = Topology::build(self.config.arity, &order);

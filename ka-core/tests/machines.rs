@@ -5,10 +5,12 @@ use core::net::SocketAddr;
 use core::time::Duration;
 
 use ka_core::auth::{join_proof, SessionKey};
-use ka_core::codec::{Digest, Join, Message, Nonce, Progress, RefusalCode, Tag, PROTOCOL_VERSION};
+use ka_core::codec::{
+    Digest, ImageId, Join, Message, Nonce, Progress, RefusalCode, Tag, PROTOCOL_VERSION,
+};
 use ka_core::config::{NodeConfig, SlowPolicy, SourceConfig};
 use ka_core::ids::{ConnId, NodeId};
-use ka_core::node::{Node, NodeAction, Phase};
+use ka_core::node::{Node, NodeAction, NodeEvent, Phase};
 use ka_core::source::{Source, SourceAction, SourceEvent, SourceState, StartTrigger};
 use ka_core::time::Time;
 
@@ -50,6 +52,7 @@ fn join_msg(name: &str, nonce: &Nonce, key: &dyn SessionKey) -> Message {
         wait_release: false,
         readable: true,
         have: 0,
+        image: None,
         proof: join_proof(key, nonce, "s", name),
     })
 }
@@ -345,7 +348,7 @@ fn node_verifies_only_when_its_digest_matches() {
             Time::ZERO,
             NodeConfig::new("s", "a", addr(2)),
             Box::new(Key(1)),
-            0,
+            None,
         );
         assert_eq!(node.poll_action(), Some(NodeAction::ConnectSource));
         node.handle_source_connected(Time::ZERO, ConnId(1));
@@ -365,6 +368,8 @@ fn node_verifies_only_when_its_digest_matches() {
                 heartbeat_ms: 250,
                 dead_after_ms: 1000,
                 image_size: None,
+                image: ImageId([3; 32]),
+                resume_from: 0,
             },
         );
         node.handle_message(
@@ -393,7 +398,7 @@ fn node_refuses_a_downstream_it_was_not_given() {
         Time::ZERO,
         NodeConfig::new("s", "a", addr(2)),
         Box::new(Key(1)),
-        0,
+        None,
     );
     node.handle_connected(Time::ZERO, ConnId(5), Nonce([1; 32]));
     let proof = ka_core::auth::data_proof(
@@ -469,4 +474,569 @@ fn source_history_is_trimmed_only_below_the_slowest_live_node() {
     let answers = join(&mut src, t(3), 3, "b", &Key(1));
     assert_eq!(refusal(&answers), None);
     assert_eq!(src.topology().parent(NodeId(2)), Some(Some(NodeId(1))));
+}
+
+fn progress(received: u64) -> Message {
+    Message::Progress(Progress {
+        received,
+        written: received,
+        holds_from: 0,
+    })
+}
+
+/// Joins `name` holding `have` bytes of `image`; returns the source's answers.
+fn join_holding(
+    src: &mut Source,
+    now: Time,
+    conn: u64,
+    name: &str,
+    have: u64,
+    image: ImageId,
+) -> Vec<Message> {
+    let nonce = Nonce([conn as u8; 32]);
+    src.handle_connected(now, ConnId(conn), nonce);
+    let Message::Join(mut j) = join_msg(name, &nonce, &Key(1)) else {
+        unreachable!()
+    };
+    j.have = have;
+    j.image = Some(image);
+    src.handle_message(now, ConnId(conn), Message::Join(j));
+    drain(src)
+        .into_iter()
+        .filter(|(c, _)| *c == ConnId(conn))
+        .map(|(_, m)| m)
+        .collect()
+}
+
+fn resume_from(answers: &[Message]) -> Option<u64> {
+    answers.iter().find_map(|m| match m {
+        Message::Welcome { resume_from, .. } => Some(*resume_from),
+        _ => None,
+    })
+}
+
+const IMAGE: ImageId = ImageId([7; 32]);
+
+fn file_source(n: u32, size: u64) -> Source {
+    let mut cfg = SourceConfig::new("s", n, addr(1));
+    cfg.image_size = Some(size);
+    cfg.image_id = IMAGE;
+    let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
+    src.handle_image_progress(Time::ZERO, size);
+    src
+}
+
+#[test]
+fn restarted_source_resumes_each_node_from_its_prefix_holding_most_first() {
+    // A fresh source process on the same image: the nodes come back holding
+    // different prefixes.
+    let mut src = file_source(3, 1000);
+    assert_eq!(
+        resume_from(&join_holding(&mut src, t(1), 1, "a", 300, IMAGE)),
+        Some(300)
+    );
+    assert_eq!(
+        resume_from(&join_holding(&mut src, t(2), 2, "b", 600, IMAGE)),
+        Some(600)
+    );
+    assert_eq!(
+        resume_from(&join_holding(&mut src, t(3), 3, "c", 0, IMAGE)),
+        Some(0)
+    );
+    assert_eq!(src.state(), SourceState::Streaming);
+    // source -> b (600) -> a (300) -> c (0): every upstream holds what its
+    // downstream lacks.
+    let (a, b, c) = (NodeId(1), NodeId(2), NodeId(3));
+    assert_eq!(src.topology().children(None), &[b]);
+    assert_eq!(src.topology().children(Some(b)), &[a]);
+    assert_eq!(src.topology().children(Some(a)), &[c]);
+    // The source serves b only what it lacks.
+    let nonce = Nonce([40; 32]);
+    src.handle_connected(t(4), ConnId(40), nonce);
+    let epoch = src.epoch();
+    let proof = ka_core::auth::data_proof(&Key(1), &nonce, "s", b, epoch, 600);
+    src.handle_message(
+        t(4),
+        ConnId(40),
+        Message::DataHello {
+            version: PROTOCOL_VERSION,
+            session: "s".into(),
+            node: b,
+            epoch,
+            from: 600,
+            proof,
+        },
+    );
+    let actions: Vec<SourceAction> = std::iter::from_fn(|| src.poll_action()).collect();
+    assert!(actions.contains(&SourceAction::Serve {
+        conn: ConnId(40),
+        node: b,
+        from: 600
+    }));
+    let report = src.report();
+    let resumed: Vec<u64> = report.iter().map(|r| r.resumed_from).collect();
+    assert_eq!(resumed, vec![300, 600, 0]);
+}
+
+#[test]
+fn a_prefix_of_another_image_is_not_resumed() {
+    let mut src = file_source(2, 1000);
+    let answers = join_holding(&mut src, t(1), 1, "a", 500, ImageId([8; 32]));
+    assert_eq!(resume_from(&answers), Some(0));
+    assert!(events(&mut src).iter().any(|e| matches!(
+        e,
+        SourceEvent::Joined {
+            resumed_from: 0,
+            discarded: 500,
+            ..
+        }
+    )));
+    // A prefix longer than the image cannot be of it either.
+    assert_eq!(
+        resume_from(&join_holding(&mut src, t(2), 2, "b", 5000, IMAGE)),
+        Some(0)
+    );
+}
+
+/// A node that was welcomed on `conn` (image [`IMAGE`]) and told `epoch`.
+fn welcomed_node(resume: Option<ka_core::node::Resume>, conn: u64, resume_from: u64) -> Node {
+    let mut node = Node::new(
+        Time::ZERO,
+        NodeConfig::new("s", "a", addr(2)),
+        Box::new(Key(1)),
+        resume,
+    );
+    node.handle_source_connected(t(1), ConnId(conn));
+    node.handle_message(
+        t(1),
+        ConnId(conn),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([0; 32]),
+        },
+    );
+    node.handle_message(
+        t(1),
+        ConnId(conn),
+        Message::Welcome {
+            node: NodeId(1),
+            heartbeat_ms: 250,
+            dead_after_ms: 1000,
+            image_size: Some(1000),
+            image: IMAGE,
+            resume_from,
+        },
+    );
+    node
+}
+
+fn sent(node: &mut Node) -> Vec<(ConnId, Message)> {
+    std::iter::from_fn(|| node.poll_transmit()).collect()
+}
+
+fn actions(node: &mut Node) -> Vec<NodeAction> {
+    std::iter::from_fn(|| node.poll_action()).collect()
+}
+
+#[test]
+fn restarted_node_resumes_from_its_durable_prefix() {
+    let resume = ka_core::node::Resume {
+        image: IMAGE,
+        have: 400,
+    };
+    let mut node = Node::new(
+        Time::ZERO,
+        NodeConfig::new("s", "a", addr(2)),
+        Box::new(Key(1)),
+        Some(resume),
+    );
+    node.handle_source_connected(t(1), ConnId(1));
+    node.handle_message(
+        t(1),
+        ConnId(1),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([0; 32]),
+        },
+    );
+    let join = sent(&mut node)
+        .into_iter()
+        .find_map(|(_, m)| match m {
+            Message::Join(j) => Some(j),
+            _ => None,
+        })
+        .expect("a join");
+    assert_eq!((join.have, join.image), (400, Some(IMAGE)));
+    node.handle_message(
+        t(1),
+        ConnId(1),
+        Message::Welcome {
+            node: NodeId(1),
+            heartbeat_ms: 250,
+            dead_after_ms: 1000,
+            image_size: Some(1000),
+            image: IMAGE,
+            resume_from: 400,
+        },
+    );
+    assert!(!actions(&mut node).contains(&NodeAction::StartOver));
+    assert_eq!(node.received().prefix_end(), 400);
+}
+
+#[test]
+fn node_holding_another_image_starts_over() {
+    let resume = ka_core::node::Resume {
+        image: ImageId([8; 32]),
+        have: 400,
+    };
+    let mut node = welcomed_node(Some(resume), 1, 0);
+    let evs: Vec<NodeEvent> = std::iter::from_fn(|| node.poll_event()).collect();
+    assert!(
+        evs.contains(&NodeEvent::StartedOver { had: 400 }),
+        "{evs:?}"
+    );
+    assert!(actions(&mut node).contains(&NodeAction::StartOver));
+    assert_eq!(node.received().prefix_end(), 0);
+    assert_eq!(node.image_id(), Some(IMAGE));
+}
+
+#[test]
+fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
+    let mut node = welcomed_node(None, 1, 0);
+    // Placed at a late epoch, fed by node 5, feeding node 9.
+    node.handle_message(
+        t(2),
+        ConnId(1),
+        Message::Topology {
+            epoch: ka_core::ids::Epoch(50),
+            upstream: Some(ka_core::codec::Upstream {
+                node: Some(NodeId(5)),
+                addr: addr(5),
+            }),
+            downstreams: vec![NodeId(9)],
+        },
+    );
+    assert!(actions(&mut node)
+        .iter()
+        .any(|a| matches!(a, NodeAction::ConnectUpstream { .. })));
+    node.handle_upstream_connected(t(3), ConnId(2));
+    node.handle_message(
+        t(3),
+        ConnId(2),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([1; 32]),
+        },
+    );
+    node.handle_message(t(3), ConnId(2), Message::DataAccepted { from: 0 });
+    node.handle_connected(t(3), ConnId(3), Nonce([2; 32]));
+    let proof = ka_core::auth::data_proof(
+        &Key(1),
+        &Nonce([2; 32]),
+        "s",
+        NodeId(9),
+        ka_core::ids::Epoch(50),
+        0,
+    );
+    node.handle_message(
+        t(3),
+        ConnId(3),
+        Message::DataHello {
+            version: PROTOCOL_VERSION,
+            session: "s".into(),
+            node: NodeId(9),
+            epoch: ka_core::ids::Epoch(50),
+            from: 0,
+            proof,
+        },
+    );
+    sent(&mut node);
+    actions(&mut node);
+    node.handle_progress(
+        t(4),
+        Progress {
+            received: 400,
+            written: 400,
+            holds_from: 0,
+        },
+    );
+    // The source process dies: its connection resets.
+    node.handle_closed(t(5), ConnId(1));
+    let closed = actions(&mut node);
+    assert!(closed.contains(&NodeAction::Close { conn: ConnId(2) }));
+    assert!(closed.contains(&NodeAction::Close { conn: ConnId(3) }));
+    assert_eq!(node.upstream(), None);
+    assert_eq!(node.downstreams().count(), 0);
+    assert_eq!(node.phase(), &Phase::AwaitingImage, "the node goes on");
+    // It keeps trying, quietly, and comes back with what it holds.
+    node.handle_timeout(t(205));
+    assert!(actions(&mut node).contains(&NodeAction::ConnectSource));
+    node.handle_source_connected(t(2000), ConnId(10));
+    node.handle_message(
+        t(2000),
+        ConnId(10),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([3; 32]),
+        },
+    );
+    let join = sent(&mut node)
+        .into_iter()
+        .find_map(|(_, m)| match m {
+            Message::Join(j) => Some(j),
+            _ => None,
+        })
+        .expect("a join");
+    assert_eq!((join.have, join.image), (400, Some(IMAGE)));
+    node.handle_message(
+        t(2000),
+        ConnId(10),
+        Message::Welcome {
+            node: NodeId(3),
+            heartbeat_ms: 250,
+            dead_after_ms: 1000,
+            image_size: Some(1000),
+            image: IMAGE,
+            resume_from: 400,
+        },
+    );
+    // The new source's generations start again at 1: they must be obeyed.
+    node.handle_message(
+        t(2001),
+        ConnId(10),
+        Message::Topology {
+            epoch: ka_core::ids::Epoch(1),
+            upstream: Some(ka_core::codec::Upstream {
+                node: None,
+                addr: addr(1),
+            }),
+            downstreams: vec![],
+        },
+    );
+    assert!(actions(&mut node)
+        .iter()
+        .any(|a| matches!(a, NodeAction::ConnectUpstream { .. })));
+    node.handle_upstream_connected(t(2002), ConnId(11));
+    node.handle_message(
+        t(2002),
+        ConnId(11),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([4; 32]),
+        },
+    );
+    assert!(sent(&mut node)
+        .iter()
+        .any(|(c, m)| *c == ConnId(11) && matches!(m, Message::DataHello { from: 400, .. })));
+}
+
+#[test]
+fn verified_node_tells_a_restarted_source_its_verdict() {
+    let mut node = welcomed_node(None, 1, 0);
+    node.handle_message(
+        t(2),
+        ConnId(1),
+        Message::ImageDone {
+            total: 1000,
+            digest: Digest([5; 32]),
+        },
+    );
+    node.handle_stream_end(t(3), 1000, Digest([5; 32]));
+    assert_eq!(node.phase(), &Phase::AwaitingRelease);
+    node.handle_closed(t(4), ConnId(1));
+    node.handle_timeout(t(300));
+    node.handle_source_connected(t(300), ConnId(2));
+    node.handle_message(
+        t(300),
+        ConnId(2),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([3; 32]),
+        },
+    );
+    node.handle_message(
+        t(300),
+        ConnId(2),
+        Message::Welcome {
+            node: NodeId(1),
+            heartbeat_ms: 250,
+            dead_after_ms: 1000,
+            image_size: Some(1000),
+            image: IMAGE,
+            resume_from: 1000,
+        },
+    );
+    assert!(sent(&mut node)
+        .iter()
+        .any(|(c, m)| *c == ConnId(2) && matches!(m, Message::Verified { ok: true, .. })));
+}
+
+#[test]
+fn node_gives_up_when_the_source_stays_away() {
+    let mut cfg = NodeConfig::new("s", "a", addr(2));
+    cfg.source_wait = Duration::from_secs(2);
+    let mut node = Node::new(Time::ZERO, cfg, Box::new(Key(1)), None);
+    node.handle_source_connected(t(1), ConnId(1));
+    node.handle_message(
+        t(1),
+        ConnId(1),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([0; 32]),
+        },
+    );
+    node.handle_message(
+        t(1),
+        ConnId(1),
+        Message::Welcome {
+            node: NodeId(1),
+            heartbeat_ms: 250,
+            dead_after_ms: 1000,
+            image_size: Some(1000),
+            image: IMAGE,
+            resume_from: 0,
+        },
+    );
+    // Joined: the wait does not run.
+    node.handle_timeout(t(3000));
+    assert_ne!(node.phase(), &Phase::Done);
+    node.handle_closed(t(3000), ConnId(1));
+    let mut now = 3000;
+    while node.phase() != &Phase::Done && now < 10_000 {
+        now += 100;
+        node.handle_timeout(t(now));
+        for a in actions(&mut node) {
+            if a == NodeAction::ConnectSource {
+                node.handle_connect_failed(t(now), true, "refused".into());
+            }
+        }
+    }
+    assert!((5000..=5100).contains(&now), "gave up at {now} ms");
+    let evs: Vec<NodeEvent> = std::iter::from_fn(|| node.poll_event()).collect();
+    assert!(evs.iter().any(|e| matches!(e, NodeEvent::Left { ok: false, reason } if reason.contains("did not come back"))), "{evs:?}");
+}
+
+#[test]
+fn nodes_verified_before_a_restart_count_and_are_reported() {
+    let mut src = file_source(3, 1000);
+    src.handle_restored(Time::ZERO, "x".into(), [1; 6], Ok(()));
+    join_holding(&mut src, t(1), 1, "a", 0, IMAGE);
+    assert_eq!(src.state(), SourceState::AwaitingNodes);
+    join_holding(&mut src, t(1), 2, "b", 0, IMAGE);
+    assert_eq!(src.state(), SourceState::Streaming, "x counts towards 3");
+    assert_eq!(src.topology().len(), 2, "x is not placed");
+    let x = src.report().into_iter().find(|r| r.name == "x").unwrap();
+    assert!(x.is_ok() && x.restored);
+    // If x does come back, its join replaces the restored line.
+    let mut src = file_source(2, 1000);
+    src.handle_restored(Time::ZERO, "x".into(), [1; 6], Ok(()));
+    join_holding(&mut src, t(1), 1, "x", 1000, IMAGE);
+    let x = src.report().into_iter().find(|r| r.name == "x").unwrap();
+    assert!(!x.restored && x.outcome.is_none());
+    assert_eq!(src.report().len(), 1);
+}
+
+/// Drives progress reports until a Slow event or 10 steps; returns the events.
+fn drive_progress(
+    src: &mut Source,
+    mut each_step: impl FnMut(&mut Source, u64, Time),
+) -> Vec<SourceEvent> {
+    let mut evs = Vec::new();
+    for step in 1..=10u64 {
+        let now = t(step * 250);
+        each_step(src, step, now);
+        src.handle_timeout(now);
+        evs.extend(events(src));
+        if evs.iter().any(|e| matches!(e, SourceEvent::Slow { .. })) {
+            break;
+        }
+    }
+    evs
+}
+
+#[test]
+fn slow_child_of_the_source_is_judged_against_its_sibling() {
+    let mut cfg = SourceConfig::new("s", 2, addr(1));
+    cfg.arity = 2;
+    cfg.slow_lag = 1000;
+    cfg.slow_window = Duration::from_secs(1);
+    cfg.image_size = Some(10_000_000);
+    let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
+    src.handle_image_progress(Time::ZERO, 10_000_000);
+    join(&mut src, Time::ZERO, 1, "a", &Key(1));
+    join(&mut src, Time::ZERO, 2, "b", &Key(1));
+    assert_eq!(src.topology().children(None), &[NodeId(1), NodeId(2)]);
+    let evs = drive_progress(&mut src, |src, step, now| {
+        src.handle_message(now, ConnId(1), progress(step * 100_000));
+        src.handle_message(now, ConnId(2), progress(step * 10));
+    });
+    assert!(
+        evs.contains(&SourceEvent::Slow {
+            node: NodeId(2),
+            policy: SlowPolicy::MoveToTail
+        }),
+        "{evs:?}"
+    );
+    assert!(!evs.iter().any(|e| matches!(
+        e,
+        SourceEvent::Slow {
+            node: NodeId(1),
+            ..
+        }
+    )));
+}
+
+#[test]
+fn slow_child_of_a_stream_source_is_judged_against_the_spool() {
+    let mut cfg = SourceConfig::new("s", 1, addr(1));
+    cfg.slow_lag = 1000;
+    cfg.slow_window = Duration::from_secs(1);
+    let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
+    join(&mut src, Time::ZERO, 1, "a", &Key(1));
+    let evs = drive_progress(&mut src, |src, step, now| {
+        src.handle_image_progress(now, step * 100_000);
+        src.handle_message(now, ConnId(1), progress(step * 10));
+    });
+    assert!(
+        evs.contains(&SourceEvent::Slow {
+            node: NodeId(1),
+            policy: SlowPolicy::MoveToTail
+        }),
+        "{evs:?}"
+    );
+}
+
+#[test]
+fn a_node_restored_as_failed_is_waited_for_and_may_come_back() {
+    // Before the restart b had been declared dead (frozen, say); a had verified.
+    let mut src = file_source(2, 1000);
+    src.handle_restored(Time::ZERO, "a".into(), [1; 6], Ok(()));
+    src.handle_restored(
+        Time::ZERO,
+        "b".into(),
+        [2; 6],
+        Err("no heartbeat for 1.0 s".into()),
+    );
+    assert_eq!(src.state(), SourceState::AwaitingNodes, "b may come back");
+    let answers = join_holding(&mut src, t(1), 1, "c", 0, IMAGE);
+    assert_eq!(
+        refusal(&answers),
+        Some(RefusalCode::SessionFull),
+        "b's place is kept for b"
+    );
+    assert_eq!(
+        resume_from(&join_holding(&mut src, t(2), 2, "b", 600, IMAGE)),
+        Some(600)
+    );
+    assert_eq!(src.state(), SourceState::Streaming);
+    let report = src.report();
+    let b = report.iter().find(|r| r.name == "b").unwrap();
+    assert!(b.outcome.is_none() && !b.restored);
+    assert!(report.iter().find(|r| r.name == "a").unwrap().is_ok());
+    // Every node verified before the restart: nothing left to do.
+    let mut src = file_source(2, 1000);
+    src.handle_restored(Time::ZERO, "a".into(), [1; 6], Ok(()));
+    src.handle_restored(Time::ZERO, "b".into(), [2; 6], Ok(()));
+    assert_eq!(src.state(), SourceState::Finished);
+    assert!(src.report().iter().all(|r| r.is_ok()));
 }

@@ -23,9 +23,13 @@ pub enum FaultKind {
     Cut(Duration),
     /// The node's port becomes this many times slower for the rest of the run.
     Slow(u32),
-    /// The node is killed and started again after a delay, keeping what it
-    /// had written (a file or disk target).
+    /// The node is killed and started again after a delay, keeping the prefix
+    /// of its copy it had last recorded as durable (a file or disk target).
     Restart(Duration),
+    /// The source's process is killed and started again on the same image
+    /// after a delay (the fault's node is ignored): the nodes must wait,
+    /// rejoin and finish without starting over.
+    SourceRestart(Duration),
     /// The node's disk fails.
     DiskError,
 }
@@ -46,7 +50,10 @@ impl Fault {
     /// fault-free for this node): the end of a hang, cut or restart delay.
     pub fn heals_at(&self) -> Duration {
         match self.kind {
-            FaultKind::Hang(d) | FaultKind::Cut(d) | FaultKind::Restart(d) => self.at + d,
+            FaultKind::Hang(d)
+            | FaultKind::Cut(d)
+            | FaultKind::Restart(d)
+            | FaultKind::SourceRestart(d) => self.at + d,
             _ => self.at,
         }
     }
@@ -76,6 +83,13 @@ impl fmt::Display for Fault {
                 self.node,
                 d.as_secs_f64()
             ),
+            FaultKind::SourceRestart(d) => {
+                write!(
+                    f,
+                    "{at:.3}s restart the source after {:.3}s",
+                    d.as_secs_f64()
+                )
+            }
             FaultKind::DiskError => write!(f, "{at:.3}s disk error on node{}", self.node),
         }
     }
@@ -96,7 +110,9 @@ pub struct Swarm {
 /// `expected`. Faults strike in the middle 80 % of the run and at most a
 /// fifth of the nodes are hit, so a run still says something about survivors.
 pub fn swarm(rng: &mut ChaCha8Rng, nodes: usize, expected: Duration) -> Swarm {
-    const KINDS: [&str; 7] = ["crash", "hang", "cut", "slow", "restart", "disk", "late"];
+    const KINDS: [&str; 8] = [
+        "crash", "hang", "cut", "slow", "restart", "source", "disk", "late",
+    ];
     let mut enabled: Vec<&'static str> = KINDS
         .iter()
         .copied()
@@ -119,6 +135,16 @@ pub fn swarm(rng: &mut ChaCha8Rng, nodes: usize, expected: Duration) -> Swarm {
             "cut" => FaultKind::Cut(Duration::from_millis(rng.gen_range(100..3000))),
             "slow" => FaultKind::Slow(rng.gen_range(2..8)),
             "restart" => FaultKind::Restart(Duration::from_millis(rng.gen_range(100..2000))),
+            "source" => {
+                // One source restart per run: more say nothing new and stretch it.
+                if faults
+                    .iter()
+                    .any(|f: &Fault| matches!(f.kind, FaultKind::SourceRestart(_)))
+                {
+                    continue;
+                }
+                FaultKind::SourceRestart(Duration::from_millis(rng.gen_range(100..2000)))
+            }
             "disk" => FaultKind::DiskError,
             _ => {
                 if !late.iter().any(|&(n, _)| n == node) {

@@ -135,6 +135,12 @@ pub struct Outcome {
     /// When each verified node's copy was checked, sorted: shows whether the
     /// nodes a fault did not touch finished near the ideal time.
     pub verified_at: Vec<Duration>,
+    /// Per node (by index): where its last process started its copy from
+    /// (the durable prefix a restart found), and the bytes it received over
+    /// the network since.
+    pub resumed: Vec<(u64, u64)>,
+    /// How many times the slow policy acted.
+    pub slow: usize,
 }
 
 /// The stand-in keyed MAC: deterministic and cheap, keyed by the session.
@@ -201,6 +207,10 @@ enum Ev {
     Start(usize),
     /// A frozen node continues.
     Thaw(usize),
+    /// The source process starts again (after a restart fault).
+    SourceStart,
+    /// A restarted source has read its image through and knows its digest.
+    SourceHashed { incarnation: u32 },
 }
 
 /// Content of an image copy: real bytes in small runs, a tag per granule in large ones.
@@ -276,6 +286,16 @@ struct Slot {
     disk_failed: bool,
     /// Highest offset ever reported, to check that offsets only grow.
     max_reported: u64,
+    /// The prefix last recorded as durable (what a restart finds), and when.
+    durable: u64,
+    durable_at: Time,
+    /// Where this process started its copy from, and the bytes it has
+    /// received over the network since (closed inflows only).
+    started_from: u64,
+    received: f64,
+    /// What it held when the source last restarted: it must never ask for
+    /// less again (until it restarts itself).
+    floor: Option<u64>,
 }
 
 /// The simulation.
@@ -312,9 +332,28 @@ pub struct Sim {
     checked_epoch: Option<ka_core::ids::Epoch>,
     /// Why the source aborted, if it did.
     aborted: Option<String>,
+    /// The source's settings, to start it again the same.
+    source_config: SourceConfig,
+    /// The source process's generation; it is down between a restart fault
+    /// and its start.
+    source_incarnation: u32,
+    source_down: bool,
+    /// The outcomes the source's shell keeps on disk (name, MAC, outcome):
+    /// a restarted source is handed them.
+    source_record: Vec<(String, [u8; 6], Result<(), String>)>,
+    /// How many times the slow policy acted.
+    slow: usize,
 }
 
 const SESSION: &str = "sim";
+/// The identity of the simulated image.
+const IMAGE_ID: ka_core::codec::ImageId = ka_core::codec::ImageId([0x5a; 32]);
+/// A node records its durable prefix at least this often…
+const DURABLE_EVERY: Duration = Duration::from_secs(1);
+/// …or every this many bytes, as the shell does.
+const DURABLE_STEP: u64 = 64 << 20;
+/// How much faster than a port a restarted source reads and hashes its image.
+const HASH_SPEEDUP: f64 = 8.0;
 
 impl Sim {
     /// Builds the world for `cfg`: draws the swarm, makes the source image.
@@ -359,7 +398,11 @@ impl Sim {
         // the running stream at the tail.
         scfg.join_timeout = Some(Duration::from_millis(100));
         scfg.min_nodes = 1;
-        let source = Source::new(Time::ZERO, scfg, Box::new(SimKey(cfg.seed)));
+        scfg.image_id = IMAGE_ID;
+        scfg.image_size = Some(cfg.size);
+        let mut source = Source::new(Time::ZERO, scfg.clone(), Box::new(SimKey(cfg.seed)));
+        // A file image: all of it can be served from the start.
+        source.handle_image_progress(Time::ZERO, cfg.size);
         let nodes: Vec<Slot> = (0..cfg.nodes)
             .map(|i| Slot {
                 name: format!("node{i:05}"),
@@ -391,6 +434,11 @@ impl Sim {
                 gone: false,
                 disk_failed: false,
                 max_reported: 0,
+                durable: 0,
+                durable_at: Time::ZERO,
+                started_from: 0,
+                received: 0.0,
+                floor: None,
             })
             .collect();
         let faults = swarm.faults.clone();
@@ -428,6 +476,11 @@ impl Sim {
             dirty: Vec::new(),
             checked_epoch: None,
             aborted: None,
+            source_config: scfg,
+            source_incarnation: 0,
+            source_down: false,
+            source_record: Vec::new(),
+            slow: 0,
         };
         for i in 0..sim.cfg.nodes {
             let delay = sim
@@ -528,8 +581,19 @@ impl Sim {
             .filter_map(|r| r.finished_at.map(|t| t.saturating_since(Time::ZERO)))
             .collect();
         verified_at.sort();
+        let resumed = (0..self.nodes.len())
+            .map(|i| {
+                let current = self.nodes[i].data.inflow.map_or(0.0, |_| {
+                    self.offset_at(i, self.now) - self.nodes[i].data.inflow_from
+                });
+                let s = &self.nodes[i];
+                (s.started_from, (s.received + current.max(0.0)) as u64)
+            })
+            .collect();
         Outcome {
             verified_at,
+            resumed,
+            slow: self.slow,
             ok,
             ko: self.cfg.nodes - ok,
             completion,
@@ -586,7 +650,10 @@ impl Sim {
             } => self.deliver(to, incarnation, input),
             Ev::Timer { to, incarnation } => match to {
                 End::Source => {
-                    if self.source_timer.is_some_and(|t| t <= self.now) {
+                    if incarnation == self.source_incarnation
+                        && !self.source_down
+                        && self.source_timer.is_some_and(|t| t <= self.now)
+                    {
                         self.source_timer = None;
                         self.source.handle_timeout(self.now);
                         self.drain_source();
@@ -616,6 +683,14 @@ impl Sim {
             Ev::Fault(f) => self.fault(f),
             Ev::Start(i) => self.start_node(i),
             Ev::Thaw(i) => self.thaw(i),
+            Ev::SourceStart => self.start_source(),
+            Ev::SourceHashed { incarnation } => {
+                if incarnation == self.source_incarnation && !self.source_down {
+                    let (size, digest, now) = (self.cfg.size, self.source_digest, self.now);
+                    self.source.handle_image_done(now, size, digest);
+                    self.drain_source();
+                }
+            }
         }
         self.check_invariants();
     }
@@ -642,14 +717,14 @@ impl Sim {
 
     fn incarnation(&self, end: End) -> u32 {
         match end {
-            End::Source => 0,
+            End::Source => self.source_incarnation,
             End::Node(i) => self.nodes[i].incarnation,
         }
     }
 
     fn alive(&self, end: End) -> bool {
         match end {
-            End::Source => true,
+            End::Source => !self.source_down,
             End::Node(i) => self.nodes[i].machine.is_some(),
         }
     }
@@ -763,7 +838,11 @@ impl Sim {
 
     fn deliver(&mut self, to: End, incarnation: u32, input: Input) {
         match to {
-            End::Source => self.source_input(input),
+            End::Source => {
+                if incarnation == self.source_incarnation && !self.source_down {
+                    self.source_input(input)
+                }
+            }
             End::Node(i) => {
                 let s = &mut self.nodes[i];
                 if s.incarnation != incarnation || s.machine.is_none() {
@@ -854,16 +933,21 @@ impl Sim {
             if let SourceEvent::Aborted { reason } = &ev {
                 self.aborted = Some(reason.clone());
             }
+            if matches!(ev, SourceEvent::Slow { .. }) {
+                self.slow += 1;
+            }
+
             self.trace(|| format!("source {ev:?}"));
         }
         let next = self.source.poll_timeout().map(|(t, _)| t);
         if let Some(at) = next.filter(|_| next != self.source_timer) {
             self.source_timer = next;
+            let incarnation = self.source_incarnation;
             self.schedule(
                 at,
                 Ev::Timer {
                     to: End::Source,
-                    incarnation: 0,
+                    incarnation,
                 },
             );
         }
@@ -897,6 +981,13 @@ impl Sim {
         }
         s.max_reported = received;
         let now = self.now;
+        // The shell syncs the target and records the prefix now and then.
+        if received >= s.durable + DURABLE_STEP
+            || now.saturating_since(s.durable_at) >= DURABLE_EVERY
+        {
+            s.durable = s.durable.max(received - received % self.granule);
+            s.durable_at = now;
+        }
         if let Some(m) = s.machine.as_mut() {
             m.handle_progress(
                 now,
@@ -969,7 +1060,13 @@ impl Sim {
                         "node{i} asked to receive from {from} but holds {have}"
                     ));
                 }
+                if let Some(floor) = self.nodes[i].floor.filter(|&f| from < f) {
+                    self.violate(format!(
+                        "node{i} started over after the source restarted: receives from {from}, held {floor}"
+                    ));
+                }
                 self.settle(i);
+                self.account_inflow(i);
                 self.nodes[i].data.inflow = Some((conn, up));
                 self.nodes[i].data.inflow_from = have as f64;
                 self.nodes[i].data.following = false;
@@ -985,6 +1082,11 @@ impl Sim {
                 self.nodes[i].data.outflows.push((conn, d));
             }
             NodeAction::Close { conn } => self.close(me, conn),
+            NodeAction::StartOver => {
+                // The simulated image never changes: a node that kept a prefix
+                // must be let to keep it.
+                self.violate(format!("node{i} was told to start over"));
+            }
             NodeAction::ReadBack => {
                 let digest = self.nodes[i].data.content.digest();
                 self.with_node(i, |n, now| n.handle_readback(now, digest));
@@ -1287,6 +1389,7 @@ impl Sim {
             if let End::Node(i) = end {
                 if self.nodes[i].data.inflow.is_some_and(|(c, _)| c == conn) {
                     self.settle(i);
+                    self.account_inflow(i);
                     self.nodes[i].data.inflow = None;
                     self.retime(i);
                 }
@@ -1318,9 +1421,13 @@ impl Sim {
             return;
         }
         self.nodes[i].data.ended = true;
+        // The sink's finish flushed everything: the whole copy is durable.
+        self.nodes[i].durable = self.cfg.size;
         self.set_rate(i, 0.0);
+        // The first source hashes its image as it serves it from offset 0; a
+        // restarted one hashes it on its own (SourceHashed).
         let from_source = matches!(self.nodes[i].data.inflow, Some((_, End::Source)));
-        if from_source && !self.image_done {
+        if from_source && !self.image_done && self.source_incarnation == 0 {
             self.image_done = true;
             let (size, digest) = (self.cfg.size, self.source_digest);
             let now = self.now;
@@ -1344,12 +1451,20 @@ impl Sim {
         s.timer_at = None;
         let mut cfg = NodeConfig::new(SESSION, s.name.clone(), s.addr);
         cfg.mac = [2, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8];
-        // What a restarted node finds on its disk: the granules it had written.
-        let have = if s.data.copied >= self.granules {
+        // What a restarted node finds: the prefix it last recorded as durable
+        // (never more than it had copied; what lies beyond is written again).
+        let copied = if s.data.copied >= self.granules {
             self.cfg.size
         } else {
             s.data.copied as u64 * self.granule
         };
+        let have = s.durable.min(copied);
+        if have < self.cfg.size {
+            s.data.copied = (have / self.granule) as usize;
+        }
+        s.started_from = have;
+        s.received = 0.0;
+        s.floor = s.floor.map(|f| f.min(have));
         s.data.off0 = have as f64;
         s.data.t0 = self.now;
         s.data.rate = 0.0;
@@ -1357,7 +1472,11 @@ impl Sim {
         s.data.ended = false;
         s.max_reported = have;
         let now = self.now;
-        s.machine = Some(Node::new(now, cfg, Box::new(SimKey(self.cfg.seed)), have));
+        let resume = Some(ka_core::node::Resume {
+            image: IMAGE_ID,
+            have,
+        });
+        s.machine = Some(Node::new(now, cfg, Box::new(SimKey(self.cfg.seed)), resume));
         self.trace(|| format!("node{i:05} starts holding {have}"));
         self.drain_node(i);
     }
@@ -1368,6 +1487,7 @@ impl Sim {
             return;
         }
         self.settle(i);
+        self.account_inflow(i);
         self.nodes[i].machine = None;
         self.nodes[i].frozen = false;
         self.nodes[i].pending.clear();
@@ -1425,6 +1545,12 @@ impl Sim {
                 self.nodes[i].slow = x;
                 self.retime_around(i);
             }
+            FaultKind::SourceRestart(d) => {
+                if !self.source_down && self.finished_at.is_none() {
+                    self.kill_source();
+                    self.schedule(self.now + d, Ev::SourceStart);
+                }
+            }
             FaultKind::DiskError => {
                 if self.nodes[i].machine.is_some() && !self.nodes[i].data.ended {
                     self.nodes[i].disk_failed = true;
@@ -1435,6 +1561,78 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Adds what the node received on its current inflow to its count and
+    /// starts counting afresh from its offset now.
+    fn account_inflow(&mut self, i: usize) {
+        if self.nodes[i].data.inflow.is_some() {
+            let off = self.offset_at(i, self.now);
+            let d = &mut self.nodes[i].data;
+            self.nodes[i].received += (off - d.inflow_from).max(0.0);
+            self.nodes[i].data.inflow_from = off;
+        }
+    }
+
+    /// The source's process dies (kill -9): every connection to it resets,
+    /// and whoever it fed stops. Each live node's offset becomes its floor.
+    fn kill_source(&mut self) {
+        self.trace(|| "source killed".into());
+        // What the source's shell had written to its state file as outcomes
+        // were decided.
+        self.source_record = self
+            .source
+            .report()
+            .into_iter()
+            .filter_map(|r| r.outcome.map(|o| (r.name, r.mac, o)))
+            .collect();
+        let me = (End::Source, self.source_incarnation);
+        let mine: Vec<ConnId> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.open && (c.client == me || c.server == me))
+            .map(|(k, _)| ConnId(k as u64))
+            .collect();
+        for c in mine {
+            self.close(End::Source, c);
+        }
+        self.source_down = true;
+        self.source_timer = None;
+        self.source_incarnation += 1;
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].machine.is_some() {
+                let at = self.offset_now(i);
+                self.nodes[i].floor = Some(at);
+            }
+        }
+    }
+
+    /// The source starts again with the same settings on the same image,
+    /// knowing only what its shell recorded: the outcomes decided so far.
+    fn start_source(&mut self) {
+        let now = self.now;
+        // The nodes retry every 200 ms: a restarted source waits a second for
+        // them before starting with whoever is back (later ones join the stream).
+        let mut config = self.source_config.clone();
+        config.join_timeout = Some(Duration::from_secs(1));
+        let mut source = Source::new(now, config, Box::new(SimKey(self.cfg.seed)));
+        source.handle_image_progress(now, self.cfg.size);
+        for (name, mac, outcome) in self.source_record.clone() {
+            source.handle_restored(now, name, mac, outcome);
+        }
+        self.source = source;
+        self.source_down = false;
+        self.image_done = false;
+        self.source_outflows.clear();
+        let restored = self.source_record.len();
+        self.trace(|| format!("source starts again, {restored} outcomes restored"));
+        // It reads the whole image to publish its digest.
+        let hashing =
+            Duration::from_secs_f64(self.cfg.size as f64 / (self.cfg.rate * HASH_SPEEDUP));
+        let incarnation = self.source_incarnation;
+        self.schedule(now + hashing, Ev::SourceHashed { incarnation });
+        self.drain_source();
     }
 
     /// A node's port or process changed: it and everyone it serves recompute.
@@ -1585,6 +1783,22 @@ impl Sim {
                     if s.data.content != self.source_data {
                         let what =
                             format!("node{i} reported OK but its copy differs from the source");
+                        return self.violate(what);
+                    }
+                    // A node receives only what it lacks: its process never
+                    // takes more than the image beyond the prefix it started
+                    // with, whatever restarted (it, its upstreams, the source).
+                    let current = s
+                        .data
+                        .inflow
+                        .map_or(0.0, |_| self.offset_at(i, self.now) - s.data.inflow_from);
+                    let received = s.received + current.max(0.0);
+                    let lacked = (self.cfg.size - s.started_from) as f64;
+                    if received > lacked + self.granule as f64 + 1.0 {
+                        let what = format!(
+                            "node{i} received {received:.0} bytes but lacked only {lacked:.0} (started from {})",
+                            s.started_from
+                        );
                         return self.violate(what);
                     }
                 }

@@ -17,6 +17,7 @@ fn fault_kind() -> impl Strategy<Value = FaultKind> {
         (50u64..2500).prop_map(|ms| FaultKind::Cut(Duration::from_millis(ms))),
         (2u32..8).prop_map(FaultKind::Slow),
         (10u64..1500).prop_map(|ms| FaultKind::Restart(Duration::from_millis(ms))),
+        (10u64..1500).prop_map(|ms| FaultKind::SourceRestart(Duration::from_millis(ms))),
         Just(FaultKind::DiskError),
     ]
 }
@@ -180,4 +181,71 @@ fn restarted_node_catches_up_and_finishes() {
     let out = run(cfg);
     assert!(out.verdict.is_ok(), "{:?}", out.verdict);
     assert_eq!(out.ok, 5, "{:?}", out.failures);
+    // 1.5 s into a 4.3 s stream, the last durable record was at most a
+    // second old: the restarted process started from there and received
+    // only the rest.
+    let (from, received) = out.resumed[1];
+    assert!(from >= 64 << 20, "resumed from {from}");
+    assert!(received <= (512 << 20) - from + (1 << 20), "{received}");
+}
+
+#[test]
+fn restarted_source_lets_every_node_finish_without_starting_over() {
+    let mut cfg = SimConfig::new(8, 512 << 20, 11);
+    cfg.faults = Faults::Schedule(
+        vec![Fault {
+            at: Duration::from_millis(2000),
+            node: 0,
+            kind: FaultKind::SourceRestart(Duration::from_millis(800)),
+        }],
+        vec![],
+    );
+    let out = run(cfg);
+    assert!(out.verdict.is_ok(), "{:?}", out.verdict);
+    assert_eq!(out.ok, 8, "{:?}", out.failures);
+    // Nobody received a byte twice: the nodes went on from where they were.
+    for (i, &(from, received)) in out.resumed.iter().enumerate() {
+        assert_eq!(from, 0, "node{i} never restarted");
+        assert!(received <= (512 << 20) + (1 << 20), "node{i}: {received}");
+    }
+}
+
+#[test]
+fn source_restart_after_some_nodes_finished_still_accounts_for_them() {
+    // A tree finishes its leaves first; the source dies while the rest drain.
+    let mut cfg = SimConfig::new(12, 64 << 20, 12);
+    cfg.arity = 3;
+    let bound = cfg.pipeline_bound();
+    cfg.faults = Faults::Schedule(
+        vec![Fault {
+            at: bound.mul_f64(1.02),
+            node: 0,
+            kind: FaultKind::SourceRestart(Duration::from_millis(300)),
+        }],
+        vec![],
+    );
+    let out = run(cfg);
+    assert!(out.verdict.is_ok(), "{:?}", out.verdict);
+    assert_eq!(out.ok, 12, "{:?}", out.failures);
+}
+
+#[test]
+fn slow_head_of_a_tree_is_detected_against_its_sibling() {
+    // The two children of the source share its port: 62.5 MB/s each. The
+    // slowed one gets 15.6 MB/s, falls 250 MB (the simulator's slow lag)
+    // behind its sibling after 5.3 s and keeps falling further for 2 s; the
+    // sibling takes 17 s for the image.
+    let mut cfg = SimConfig::new(6, 1 << 30, 13);
+    cfg.arity = 2;
+    cfg.faults = Faults::Schedule(
+        vec![Fault {
+            at: Duration::from_millis(100),
+            node: 0,
+            kind: FaultKind::Slow(8),
+        }],
+        vec![],
+    );
+    let out = run(cfg);
+    assert!(out.verdict.is_ok(), "{:?}", out.verdict);
+    assert!(out.slow >= 1, "the slow source child was never judged slow");
 }

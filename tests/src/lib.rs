@@ -7,6 +7,8 @@
 //! goes to 127.0.0.1 only.
 #![warn(missing_docs)]
 
+pub mod lab;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -138,7 +138,8 @@ impl Session {
             secret,
         ];
         args.extend_from_slice(input);
-        args.extend_from_slice(&["--spool-dir", spool, "--json"]);
+        let state = self.state_dir();
+        args.extend_from_slice(&["--spool-dir", spool, "--state-dir", &state, "--json"]);
         args.extend_from_slice(extra);
         let p = Proc::start(self.dir.path(), "serve", &args);
         self.learn_port(&p);
@@ -184,13 +185,20 @@ impl Session {
             name,
         ];
         args.extend_from_slice(output);
-        args.extend_from_slice(&["--spool-dir", spool, "--wait", "60s"]);
+        let state = self.state_dir();
+        args.extend_from_slice(&["--spool-dir", spool, "--state-dir", &state, "--wait", "60s"]);
         args.extend_from_slice(extra);
         Proc::start(self.dir.path(), name, &args)
     }
 
     fn target(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.img"))
+    }
+
+    /// Where the processes of this test keep their restart state (not the
+    /// machine's /var/lib/ka, which tests running side by side would share).
+    fn state_dir(&self) -> String {
+        self.dir.path().join("state").to_str().unwrap().to_string()
     }
 }
 
@@ -293,6 +301,8 @@ fn a_node_with_the_wrong_secret_is_refused_and_the_others_finish() {
             s.target("intruder").to_str().unwrap(),
             "--name",
             "intruder",
+            "--state-dir",
+            &s.state_dir(),
             "--wait",
             "20s",
         ],
@@ -574,6 +584,8 @@ fn a_node_without_server_finds_its_source_by_broadcast() {
             s.target("finder").to_str().unwrap(),
             "--name",
             "finder",
+            "--state-dir",
+            &s.state_dir(),
             "--wait",
             "30s",
         ],
@@ -639,6 +651,7 @@ fn a_node_of_another_protocol_version_is_refused_and_the_others_finish() {
         wait_release: false,
         readable: true,
         have: 0,
+        image: None,
         proof: ka_core::auth::join_proof(&key, &nonce, "ka", "future"),
     };
     peer.write_all(&Message::Join(join).to_bytes()).unwrap();

@@ -14,6 +14,7 @@ use ka_core::node::NodeEvent;
 use ka_core::source::NodeReport;
 
 use super::display::{human, print_report, Display};
+use super::DEFAULT_STATE_DIR;
 use ka_net::shell::{
     self, load_or_generate_secret, session_key, ImageInput, NodeOptions, Secret, SourceOptions,
     SourceReport, Target,
@@ -82,10 +83,34 @@ pub struct ServeArgs {
     /// What to do with a node that keeps falling behind: keep, tail or drop.
     #[arg(long, default_value = "tail", value_parser = parse_policy)]
     pub slow_policy: SlowPolicy,
+    /// A node is too slow once it lags its upstream by more than this (e.g. 256MiB)…
+    #[arg(long, default_value = "256MiB", value_parser = ka_core::units::parse_size)]
+    pub slow_lag: u64,
+    /// …for this long while gaining on it less than half as fast.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub slow_window: Duration,
     /// Node names in chain order (an inventory's order); others follow by address.
     #[arg(long, value_delimiter = ',')]
     pub order: Vec<String>,
-    /// Print JSON lines (events and a final report) instead of the live display.
+    /// Declare a node dead after this long without a word from it (it then
+    /// leaves the chain, which heals around it). Nodes learn it from the
+    /// source and use it for the source in turn.
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub dead_after: Duration,
+    /// Cap the source's total send rate, shared among the nodes it feeds
+    /// directly (what udpcast calls --max-bitrate): e.g. 50MiB (bytes per
+    /// second) or 100Mbit. Leaves room on a shared network, or paces a test.
+    #[arg(long, value_name = "RATE", value_parser = ka_core::units::parse_rate)]
+    pub max_rate: Option<u64>,
+    /// Where the session's record is kept (nodes' outcomes), so that `ka
+    /// serve` restarted with the same arguments on the same image goes on
+    /// with the session: the nodes rejoin and resume, and nodes that had
+    /// already finished are still reported. Removed when the session ends.
+    /// [default: /var/lib/ka, if usable]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Print JSON lines (events, every node's progress about five times a second,
+    /// and a final report) instead of the live display.
     #[arg(long)]
     pub json: bool,
     /// Inventory of the nodes: each one whose clone is verified is flipped to
@@ -95,10 +120,6 @@ pub struct ServeArgs {
     /// Boot-mode directory to flip verified nodes in (`ka pxe`/`ka tftp` --state-dir).
     #[arg(long, value_name = "DIR", requires = "inventory")]
     pub boot_state: Option<PathBuf>,
-    /// Declare a silent node dead after this long (default 1s); longer for
-    /// nodes that may stall, e.g. emulated machines on a busy host.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub dead_after: Option<Duration>,
 }
 
 fn parse_policy(s: &str) -> Result<SlowPolicy, String> {
@@ -137,9 +158,18 @@ pub struct JoinArgs {
     /// Also read the written target back and check it.
     #[arg(long, value_parser = ["readback"])]
     pub verify: Option<String>,
-    /// Keep looking for the source this long.
+    /// Keep looking for the source this long, at the start and whenever it
+    /// is lost (a source restarted on the same image is rejoined, and the
+    /// copy goes on where it was).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
     pub wait: Duration,
+    /// Where this node records how much of its --target is written and
+    /// durable, so that `ka join` restarted with the same arguments goes on
+    /// from there instead of from the start (created if missing; the record
+    /// is removed once the copy is checked). --command and --untar targets
+    /// always start over.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
     /// Print JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
@@ -262,13 +292,30 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
     config.min_nodes = args.min_nodes;
     config.release_delay = args.release_delay;
     config.slow_policy = args.slow_policy;
+    config.slow_lag = args.slow_lag;
+    config.slow_window = args.slow_window;
     config.order = args.order;
-    if let Some(d) = args.dead_after {
-        config.dead_after = d;
-        // Several heartbeats per dead_after, so one lost beat is not a death.
-        config.heartbeat = config.heartbeat.min(d / 4);
+    config.dead_after = args.dead_after;
+    if args.dead_after <= config.heartbeat {
+        bail!(
+            "--dead-after {:?} is not longer than the heartbeat ({:?}): every node would be declared dead",
+            args.dead_after,
+            config.heartbeat
+        );
     }
     let key = session_key(&secret, &args.session);
+    let state_dir = match args.state_dir {
+        Some(dir) => Some(dir),
+        // The default is a convenience: without it a restart of the source
+        // cannot account for nodes that already finished, nothing worse.
+        None => match shell::resume::prepare_state_dir(Path::new(DEFAULT_STATE_DIR)) {
+            Ok(()) => Some(PathBuf::from(DEFAULT_STATE_DIR)),
+            Err(e) => {
+                eprintln!("ka: {e}; going on without a session record");
+                None
+            }
+        },
+    };
     let spool = spool_path(
         args.spool_dir.as_deref(),
         &format!("ka-source-{}", args.session),
@@ -329,6 +376,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
             config,
             image: input,
             key,
+            state_dir,
+            max_rate: args.max_rate,
         };
         let report = shell::run_source(opts, listener, go_rx, |s, e| {
             if let (Some(flip), Some(e)) = (&flip, e) {
@@ -413,6 +462,12 @@ pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
         key,
         listen_ip: IpAddr::from([0, 0, 0, 0]),
         wait: args.wait,
+        state_dir: Some(args.state_dir.clone()),
+        rediscover: args
+            .reach
+            .server
+            .is_none()
+            .then_some(args.reach.discover_to),
     };
     let json = args.json;
     let outcome = rt.block_on(shell::run_node(opts, |_, e| {
@@ -422,8 +477,8 @@ pub fn join(args: JoinArgs) -> anyhow::Result<u8> {
     let outcome = outcome?;
     if json {
         println!(
-            "{{\"event\":\"left\",\"ok\":{},\"reason\":{:?},\"written\":{}}}",
-            outcome.ok, outcome.reason, outcome.written
+            "{{\"event\":\"left\",\"ok\":{},\"reason\":{:?},\"written\":{},\"resumed_from\":{},\"received\":{}}}",
+            outcome.ok, outcome.reason, outcome.written, outcome.resumed_from, outcome.received
         );
     } else {
         eprintln!(
@@ -462,10 +517,34 @@ pub fn go(args: GoArgs) -> anyhow::Result<u8> {
 }
 
 fn print_node_event(name: &str, e: &NodeEvent, json: bool) {
-    if json {
-        println!("{{\"node\":{name:?},\"event\":{:?}}}", format!("{e:?}"));
-    } else {
-        eprintln!("ka: {name}: {e:?}");
+    match (e, json) {
+        (
+            NodeEvent::Welcomed {
+                node, resumed_from, ..
+            },
+            true,
+        ) => println!(
+            "{{\"node\":{name:?},\"event\":\"welcomed\",\"id\":\"{node}\",\"resumed_from\":{resumed_from}}}"
+        ),
+        (NodeEvent::StartedOver { had }, true) => {
+            println!("{{\"node\":{name:?},\"event\":\"started_over\",\"had\":{had}}}")
+        }
+        (_, true) => println!("{{\"node\":{name:?},\"event\":{:?}}}", format!("{e:?}")),
+        (
+            NodeEvent::Welcomed {
+                node, resumed_from, ..
+            },
+            false,
+        ) if *resumed_from > 0 => {
+            eprintln!("ka: {name}: joined as {node}; the copy goes on from byte {resumed_from}")
+        }
+        (NodeEvent::StartedOver { had }, false) => eprintln!(
+            "ka: {name}: the source serves another image than the {had} bytes on the target were of: starting over"
+        ),
+        (NodeEvent::SourceLost, false) => {
+            eprintln!("ka: {name}: lost the source; waiting for it to come back")
+        }
+        (_, false) => eprintln!("ka: {name}: {e:?}"),
     }
 }
 
@@ -517,6 +596,8 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<u8> {
             config,
             image: ImageInput::File(image.clone()),
             key: key.clone(),
+            state_dir: None,
+            max_rate: None,
         };
         let source = shell::run_source(opts, listener, go_rx, |s, e| display.update(s, e));
         let mut nodes = Vec::new();
@@ -534,6 +615,8 @@ pub fn demo(args: DemoArgs) -> anyhow::Result<u8> {
                 key: key.clone(),
                 listen_ip: IpAddr::from([127, 0, 0, 1]),
                 wait: Duration::from_secs(30),
+                state_dir: None,
+                rediscover: None,
             };
             nodes.push(tokio::spawn(shell::run_node(opts, |_, _| {})));
         }

@@ -2,15 +2,15 @@
 //!
 //! Three audiences, three forms: an operator at a terminal gets one live
 //! progress bar per node (indicatif) and a final table; a script (`--json`)
-//! gets one JSON object per line — events, progress at most once a second
-//! per node, and a final `report` object; logs (`RUST_LOG`) get every event
+//! gets one JSON object per line — events, every node's progress at each
+//! refresh (about five a second), and a final `report` object; logs (`RUST_LOG`) get every event
 //! in a tracing span per node. Without a terminal and without `--json`,
 //! events are printed as plain lines so a redirected log still says what
 //! happened.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ka_core::ids::NodeId;
@@ -19,17 +19,11 @@ use ka_net::shell::SourceReport;
 use serde::Serialize;
 use serde_json::json;
 
-/// How often a node's progress is printed in JSON mode: often enough for a
-/// script to act at a given fraction, rarely enough to keep logs readable.
-const JSON_PROGRESS_EVERY: Duration = Duration::from_secs(1);
-
 /// The source's live view. Feed it every callback of `run_source`.
 pub struct Display {
     json: bool,
     started: Instant,
     bars: Option<Bars>,
-    /// Per node: when its progress was last printed as JSON, and at what offset.
-    json_progress: HashMap<NodeId, (Instant, u64)>,
     spans: HashMap<NodeId, tracing::Span>,
 }
 
@@ -51,7 +45,6 @@ impl Display {
             json,
             started: Instant::now(),
             bars,
-            json_progress: HashMap::new(),
             spans: HashMap::new(),
         }
     }
@@ -127,27 +120,19 @@ impl Display {
         }
     }
 
-    fn json_progress(&mut self, source: &Source) {
-        let now = Instant::now();
-        let t = self.seconds();
-        for r in source.report() {
-            if r.outcome.is_some() {
-                continue;
-            }
-            let got = received(source, &r);
-            let due = self
-                .json_progress
-                .get(&r.node)
-                .is_none_or(|(at, before)| *before != got && now - *at >= JSON_PROGRESS_EVERY);
-            if due {
-                self.json_progress.insert(r.node, (now, got));
-                println!(
-                    "{}",
-                    json!({"event": "progress", "t": t, "node": r.name, "id": r.node.0,
-                           "bytes": got, "size": source.config().image_size})
-                );
-            }
-        }
+    /// One line of every node's progress at each refresh, so scripts can
+    /// act at a point of the stream (a test that kills a node half-way, a
+    /// dashboard).
+    fn json_progress(&self, source: &Source) {
+        let nodes: Vec<serde_json::Value> = source
+            .report()
+            .iter()
+            .map(|r| {
+                json!({"name": r.name, "received": received(source, r),
+                       "live": source.is_live(r.node)})
+            })
+            .collect();
+        println!("{}", json!({"progress": nodes, "t": self.seconds()}));
     }
 
     /// Logs an event in the span of the node it concerns (`RUST_LOG=info`).
@@ -300,6 +285,10 @@ struct JsonNode<'a> {
     bytes: u64,
     seconds: f64,
     deaths: u32,
+    /// Where it resumed from after a restart (0: from the start).
+    resumed_from: u64,
+    /// Its outcome comes from the session record of a restarted source.
+    restored: bool,
 }
 
 /// Seconds from a node's join to its outcome.
@@ -333,12 +322,14 @@ pub fn print_report(report: &SourceReport, json: bool) {
                     bytes: n.received,
                     seconds: node_seconds(n),
                     deaths: n.deaths,
+                    resumed_from: n.resumed_from,
+                    restored: n.restored,
                 }
             })
             .collect();
         println!(
             "{}",
-            json!({"report": {"size": report.size, "seconds": secs,
+            json!({"report": {"size": report.size, "seconds": secs, "expected": report.expected,
                               "aborted": report.aborted, "nodes": nodes}})
         );
         return;
@@ -365,6 +356,13 @@ pub fn print_report(report: &SourceReport, json: bool) {
         );
     }
     let ok = report.nodes.iter().filter(|n| n.is_ok()).count();
+    let missing = (report.expected as usize).saturating_sub(report.nodes.len());
+    if missing > 0 {
+        println!(
+            "{missing} of the {} nodes waited for never joined",
+            report.expected
+        );
+    }
     println!(
         "{ok}/{} nodes OK; {} in {:.2} s of streaming ({:.1} MB/s per node){}",
         report.nodes.len(),

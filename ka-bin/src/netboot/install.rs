@@ -187,6 +187,9 @@ pub fn join_args(plan: &Plan, secret_file: &Path) -> anyhow::Result<JoinArgs> {
         verify: plan.verify_readback.then(|| "readback".to_string()),
         wait: plan.wait,
         json: false,
+        // The initramfs's own tmpfs: a restarted `ka join` resumes within
+        // this boot; a reboot starts the clone over.
+        state_dir: std::path::PathBuf::from(crate::cli::DEFAULT_STATE_DIR),
         identity: plan
             .identity
             .as_ref()

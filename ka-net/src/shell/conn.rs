@@ -43,6 +43,10 @@ pub struct ServeJob {
     pub written: watch::Receiver<Written>,
     /// Hash what is sent (the source's one full pass from offset 0).
     pub hasher: Option<ImageHasher>,
+    /// A cap on this connection's send rate in bytes per second, which may
+    /// change while it sends (the source's `--max-rate`, shared among the
+    /// connections it serves); `None`: as fast as the path allows.
+    pub pace: Option<watch::Receiver<u64>>,
 }
 
 /// Receive records from the upstream into the node's writer.
@@ -143,9 +147,12 @@ async fn run(
                         return;
                     }
                 }
-                Some(Command::Serve(job)) => {
+                Some(Command::Serve(mut job)) => {
                     let mut stream = framed.into_parts().io;
+                    let pace = job.pace.take();
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
                     tokio::select! {
+                        _ = follow_pace(fd, pace) => unreachable!("pacing never ends"),
                         result = serve(&mut stream, *job) => {
                             let _ = events.send(Event::Served { conn, result });
                             // Let the downstream read to the end; it closes first.
@@ -171,6 +178,45 @@ async fn run(
     }
 }
 
+/// Keeps the kernel's pacing of socket `fd` at the rate `pace` says
+/// (`SO_MAX_PACING_RATE`: TCP spaces its segments out, whatever writes them,
+/// sendfile included). Never resolves; it is dropped with its connection.
+async fn follow_pace(fd: std::os::fd::RawFd, pace: Option<watch::Receiver<u64>>) {
+    let Some(mut pace) = pace else {
+        return std::future::pending().await;
+    };
+    loop {
+        let rate = *pace.borrow_and_update();
+        if let Err(e) = set_pacing_rate(fd, rate) {
+            tracing::warn!(error = %e, "cannot cap the send rate of a data connection");
+        }
+        if pace.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Caps the send rate of socket `fd` at `rate` bytes per second.
+fn set_pacing_rate(fd: std::os::fd::RawFd, rate: u64) -> std::io::Result<()> {
+    // SAFETY: `fd` is the socket of a connection this task owns and keeps
+    // open while pacing is followed; the option value is a plain u64 whose
+    // size is passed along.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MAX_PACING_RATE,
+            (&rate as *const u64).cast(),
+            std::mem::size_of::<u64>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Resolves when the driver closes the connection or goes away.
 async fn closed(commands: &mut mpsc::UnboundedReceiver<Command>) {
     loop {
@@ -187,6 +233,7 @@ async fn serve(stream: &mut TcpStream, job: ServeJob) -> Result<Option<ImageDige
         path,
         mut written,
         mut hasher,
+        pace: _,
     } = job;
     loop {
         let w = *written.borrow_and_update();

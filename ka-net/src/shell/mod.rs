@@ -17,6 +17,7 @@ pub mod conn;
 pub mod discovery;
 pub mod key;
 pub mod node;
+pub mod resume;
 pub mod source;
 pub mod spool;
 pub mod wire;

@@ -1,7 +1,7 @@
 //! The source's driver: runs [`ka_core::source::Source`] over a listener and
 //! serves the image to the nodes it feeds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
 use super::conn::{self, Command, Event, ServeJob, Written};
+use super::resume::{self, RecordedOutcome, SourceState};
 use super::wire::MessageCodec;
 use super::{nonce, Clock};
 use crate::digest::{digest_source, ImageHasher, SessionKey};
@@ -45,6 +46,13 @@ pub struct SourceOptions {
     pub image: ImageInput,
     /// The session key.
     pub key: SessionKey,
+    /// Where the record of decided outcomes is kept, so a source restarted
+    /// on the same image still accounts for every node ([`super::resume`]);
+    /// `None`: keep none.
+    pub state_dir: Option<PathBuf>,
+    /// A cap on the source's total send rate in bytes per second, shared
+    /// among the connections it serves (udpcast's `--max-bitrate`).
+    pub max_rate: Option<u64>,
 }
 
 /// The end of a session, for the final report.
@@ -58,6 +66,54 @@ pub struct SourceReport {
     pub streaming: Duration,
     /// Why the session was aborted, if it was.
     pub aborted: Option<String>,
+    /// How many nodes the session waited for.
+    pub expected: u32,
+}
+
+/// Who computes the digest of a file image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hashing {
+    /// The serve pass from offset 0 on this connection, as it sends.
+    Serving(ConnId),
+    /// A pass of its own over the whole image: nobody is served from 0 (a
+    /// restarted source resumes every node), or the hashing serve died.
+    Reading,
+}
+
+/// Reads the whole image at `path` on a blocking thread and sends its digest.
+fn hash_in_background(
+    path: PathBuf,
+    key: SessionKey,
+    total: u64,
+    tx: mpsc::UnboundedSender<Result<(u64, Digest), Error>>,
+) {
+    tokio::task::spawn_blocking(move || {
+        let r = open_source(&SourceSpec::File(path)).and_then(|mut s| {
+            let mut buf = vec![0u8; crate::relay::BUF_SIZE];
+            digest_source(s.as_mut(), ImageHasher::new(&key), &mut buf)
+        });
+        let _ = tx.send(r.map(|d| (total, Digest(d.0))));
+    });
+}
+
+/// The record of decided outcomes, as the state file holds it.
+fn outcomes_text(source: &Source) -> String {
+    SourceState {
+        session: source.config().session.clone(),
+        image: source.config().image_id,
+        outcomes: source
+            .report()
+            .into_iter()
+            .filter_map(|r| {
+                r.outcome.map(|outcome| RecordedOutcome {
+                    name: r.name,
+                    mac: r.mac,
+                    outcome,
+                })
+            })
+            .collect(),
+    }
+    .to_text()
 }
 
 /// How often the display is refreshed between events.
@@ -77,7 +133,7 @@ pub async fn run_source(
     let key = opts.key.clone();
     let (digest_tx, mut digest_rx) = mpsc::unbounded_channel::<Result<(u64, Digest), Error>>();
     // What servers read from, and how far it is written.
-    let (path, image_written, image_watch, mut size) = match &opts.image {
+    let (path, image_written, image_watch, mut size, image_id) = match &opts.image {
         ImageInput::File(path) => {
             let size = open_source(&SourceSpec::File(path.clone()))?
                 .size()
@@ -88,7 +144,13 @@ pub async fn run_source(
                 upto: size,
                 size: Some(size),
             });
-            (path.clone(), tx, rx, Some(size))
+            (
+                path.clone(),
+                tx,
+                rx,
+                Some(size),
+                resume::image_identity(path)?,
+            )
         }
         ImageInput::Stream { spec, spool } => {
             let stream = open_source(spec)?;
@@ -99,23 +161,83 @@ pub async fn run_source(
                 let r = super::spool::spool_source(stream, &spool2, &key2, &tx2);
                 let _ = done.send(r.map(|(size, d)| (size, Digest(d.0))));
             });
-            (spool.clone(), tx, rx, None)
+            (spool.clone(), tx, rx, None, resume::random_identity())
         }
     };
     opts.config.image_size = size;
+    opts.config.image_id = image_id;
+    let expected = opts.config.expected_nodes;
     // A file is re-read, a stream is re-read from its spool: any offset can
     // be served again.
     opts.config.seekable = true;
     opts.config.data_addr = listener
         .local_addr()
         .map_err(|e| Error::io("reading the listen address", e))?;
+    let session = opts.config.session.clone();
     let mut source = Source::new(clock.now(), opts.config, Box::new(key.clone()));
+    // A file is all there from the start; a stream's spool is followed below.
+    if let Some(size) = size {
+        source.handle_image_progress(clock.now(), size);
+    }
+    let mut image_progress = image_watch.clone();
+    let state_path = match &opts.state_dir {
+        Some(dir) => {
+            resume::prepare_state_dir(dir)?;
+            Some(SourceState::path(dir, &session, &image_id))
+        }
+        None => None,
+    };
+    if let Some(p) = &state_path {
+        match SourceState::load(p) {
+            Ok(Some(st))
+                if st.session == session && st.image == image_id && !st.outcomes.is_empty() =>
+            {
+                tracing::info!(
+                    outcomes = st.outcomes.len(),
+                    "going on with the session of an earlier run on this image"
+                );
+                eprintln!(
+                    "ka: going on with an interrupted session on this image: {} node outcome(s) restored from {} \
+                     (remove it to start a fresh session)",
+                    st.outcomes.len(),
+                    p.display()
+                );
+                for o in st.outcomes {
+                    source.handle_restored(clock.now(), o.name, o.mac, o.outcome);
+                }
+            }
+            Ok(_) => {}
+            Err(reason) => tracing::warn!(%reason, "ignoring an unreadable session record"),
+        }
+    }
+    // The record is rewritten by one task, latest content first, off the driver.
+    let (record_tx, mut record_rx) = watch::channel(outcomes_text(&source));
+    let recorder = state_path.clone().map(|path| {
+        tokio::spawn(async move {
+            while record_rx.changed().await.is_ok() {
+                let text = record_rx.borrow_and_update().clone();
+                let path = path.clone();
+                let r =
+                    tokio::task::spawn_blocking(move || SourceState::save_text(&path, &text)).await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "could not record the session's outcomes");
+                }
+            }
+        })
+    });
+    let (pace_tx, pace_rx) = watch::channel(opts.max_rate.unwrap_or(u64::MAX));
+    let mut serving: HashSet<ConnId> = HashSet::new();
+    let repace = |serving: &HashSet<ConnId>| {
+        if let Some(rate) = opts.max_rate {
+            pace_tx.send_replace((rate / serving.len().max(1) as u64).max(1));
+        }
+    };
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
     let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Command>> = HashMap::new();
     let mut tasks = Vec::new();
     let mut next_conn = 0u64;
     let mut digest: Option<Digest> = None;
-    let mut hashing: Option<ConnId> = None;
+    let mut hashing: Option<Hashing> = None;
     let mut started_at = None;
     let mut go_open = true;
     let mut refreshed = clock.now();
@@ -134,26 +256,41 @@ pub async fn run_source(
                     from,
                 } => {
                     // The first full pass from offset 0 also computes the digest.
-                    // (A stream's digest comes from its spooling instead.)
+                    // A restarted source serves its nodes from where they are,
+                    // so it reads the image through on its own instead. (A
+                    // stream's digest comes from its spooling.)
                     let file = matches!(opts.image, ImageInput::File(_));
-                    let hasher =
-                        (file && from == 0 && digest.is_none() && hashing.is_none()).then(|| {
-                            hashing = Some(conn);
-                            ImageHasher::new(&key)
-                        });
+                    let mut hasher = None;
+                    if file && digest.is_none() && hashing.is_none() {
+                        if from == 0 {
+                            hashing = Some(Hashing::Serving(conn));
+                            hasher = Some(ImageHasher::new(&key));
+                        } else {
+                            hashing = Some(Hashing::Reading);
+                            let total = size.unwrap_or_default();
+                            hash_in_background(path.clone(), key.clone(), total, digest_tx.clone());
+                        }
+                    }
                     if let Some(tx) = conns.get(&conn) {
                         let job = ServeJob {
                             from,
                             path: path.clone(),
                             written: image_watch.clone(),
                             hasher,
+                            pace: opts.max_rate.map(|_| pace_rx.clone()),
                         };
-                        let _ = tx.send(Command::Serve(Box::new(job)));
+                        if tx.send(Command::Serve(Box::new(job))).is_ok() {
+                            serving.insert(conn);
+                            repace(&serving);
+                        }
                     }
                 }
                 SourceAction::Close { conn } => {
                     if let Some(tx) = conns.remove(&conn) {
                         let _ = tx.send(Command::Close);
+                    }
+                    if serving.remove(&conn) {
+                        repace(&serving);
                     }
                 }
                 SourceAction::TrimHistory { .. } => {}
@@ -164,13 +301,29 @@ pub async fn run_source(
             refreshed = clock.now();
             display(&source, None);
         }
+        let mut outcomes_changed = false;
         while let Some(ev) = source.poll_event() {
             display(&source, Some(&ev));
             match ev {
                 SourceEvent::Finished { .. } => done = Some(None),
                 SourceEvent::Aborted { reason } => done = Some(Some(reason)),
+                SourceEvent::Verified { .. }
+                | SourceEvent::Dead { .. }
+                | SourceEvent::Failed { .. }
+                | SourceEvent::Slow { .. }
+                | SourceEvent::Joined { .. } => outcomes_changed = true,
                 _ => {}
             }
+        }
+        if outcomes_changed && state_path.is_some() {
+            let text = outcomes_text(&source);
+            record_tx.send_if_modified(|old| {
+                let changed = *old != text;
+                if changed {
+                    *old = text;
+                }
+                changed
+            });
         }
         if let Some(aborted) = done {
             break aborted;
@@ -195,29 +348,28 @@ pub async fn run_source(
                         conns.remove(&c);
                         source.handle_closed(now, c);
                     }
-                    Event::Served { conn, result } => match result {
-                        Ok(Some(d)) => {
-                            let total = size.expect("only a file image is hashed while served");
-                            digest = Some(Digest(d.0));
-                            source.handle_image_done(now, total, Digest(d.0));
+                    Event::Served { conn, result } => {
+                        if serving.remove(&conn) {
+                            repace(&serving);
                         }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::info!(conn = %conn, error = %e, "serving a node stopped");
-                            if hashing == Some(conn) && digest.is_none() {
-                                // The hashing pass died with its node: hash on our own.
-                                let (path, key, tx) = (path.clone(), key.clone(), digest_tx.clone());
-                                let total = size.unwrap_or_default();
-                                tokio::task::spawn_blocking(move || {
-                                    let r = open_source(&SourceSpec::File(path)).and_then(|mut s| {
-                                        let mut buf = vec![0u8; crate::relay::BUF_SIZE];
-                                        digest_source(s.as_mut(), ImageHasher::new(&key), &mut buf)
-                                    });
-                                    let _ = tx.send(r.map(|d| (total, Digest(d.0))));
-                                });
+                        match result {
+                            Ok(Some(d)) => {
+                                let total = size.expect("only a file image is hashed while served");
+                                digest = Some(Digest(d.0));
+                                source.handle_image_done(now, total, Digest(d.0));
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::info!(conn = %conn, error = %e, "serving a node stopped");
+                                if hashing == Some(Hashing::Serving(conn)) && digest.is_none() {
+                                    // The hashing pass died with its node: hash on our own.
+                                    hashing = Some(Hashing::Reading);
+                                    let total = size.unwrap_or_default();
+                                    hash_in_background(path.clone(), key.clone(), total, digest_tx.clone());
+                                }
                             }
                         }
-                    },
+                    }
                     Event::Progress(_) | Event::Received { .. } => {}
                 }
             }
@@ -230,6 +382,10 @@ pub async fn run_source(
                 Err(e) => source.handle_image_failed(clock.now(), e.to_string()),
             },
             Some(()) = go.recv(), if go_open => source.handle_go(clock.now()),
+            Ok(()) = image_progress.changed() => {
+                let upto = image_progress.borrow_and_update().upto;
+                source.handle_image_progress(clock.now(), upto);
+            }
             _ = sleep_until(deadline) => source.handle_timeout(clock.now()),
         }
         go_open = !go.is_closed();
@@ -241,11 +397,20 @@ pub async fn run_source(
     }
     let streaming = started_at.map_or(Duration::ZERO, |t| clock.now().saturating_since(t));
     drop(image_written);
+    // The session is over: its record has nothing left to resume.
+    drop(record_tx);
+    if let Some(task) = recorder {
+        let _ = task.await;
+    }
+    if let Some(p) = &state_path {
+        let _ = std::fs::remove_file(p);
+    }
     Ok(SourceReport {
         nodes: source.report(),
         size: size.unwrap_or_default(),
         streaming,
         aborted,
+        expected,
     })
 }
 

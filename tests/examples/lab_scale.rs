@@ -1,0 +1,330 @@
+//! How ka scales in the network-namespace lab: time to all-verified for
+//! chains of N nodes against the floor of the link, CPU busy %, the heal time
+//! after a node's death, and the simulator's prediction for the same run.
+//!
+//! Run through `scripts/lab-scale` (builds `ka`, the simulator and this),
+//! as root. Not a test: it prints numbers to read, on a machine that may be
+//! busy with other work, so it prints the load average beside them.
+//!
+//! ```text
+//! lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100]
+//! ```
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ka_tests::lab::{cpu_ticks, load_average, Lab, Rate};
+
+const SESSION: Duration = Duration::from_secs(300);
+
+struct Args {
+    nodes: Vec<usize>,
+    size: u64,
+    rate: Rate,
+}
+
+const USAGE: &str = "usage: lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100]";
+
+fn parse<T: std::str::FromStr>(flag: &str, value: &str) -> T {
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("bad value {value:?} for {flag}; {USAGE}"))
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        nodes: vec![1, 2, 4, 8, 16],
+        size: 64 << 20,
+        rate: Rate::mbit(100),
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .unwrap_or_else(|| panic!("{flag} needs a value; {USAGE}"));
+        match flag.as_str() {
+            "--nodes" => a.nodes = value.split(',').map(|n| parse(flag, n)).collect(),
+            "--size-mib" => a.size = parse::<u64>(flag, value) << 20,
+            "--rate-mbit" => a.rate = Rate::mbit(parse(flag, value)),
+            _ => panic!("unknown argument {flag}; {USAGE}"),
+        }
+    }
+    a
+}
+
+/// When, and the machine's (busy, total) CPU ticks then.
+type CpuSample = (Instant, (u64, u64));
+
+/// `/proc/stat`, and the CPU time of the ka processes, sampled every 50 ms
+/// while a run lasts, so the machine's busy % can be taken over exactly the
+/// stream's interval and ka's own share told apart from other work.
+struct CpuSampler {
+    samples: Arc<Mutex<Vec<CpuSample>>>,
+    /// The last CPU time (clock ticks) seen of each ka process.
+    ka: Arc<Mutex<HashMap<i32, u64>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CpuSampler {
+    fn start(pids: Vec<i32>) -> CpuSampler {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let ka = Arc::new(Mutex::new(HashMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, k, st) = (samples.clone(), ka.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                s.lock().unwrap().push((Instant::now(), cpu_ticks()));
+                for &pid in &pids {
+                    if let Some(t) = process_ticks(pid) {
+                        k.lock().unwrap().insert(pid, t);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        CpuSampler { samples, ka, stop }
+    }
+
+    /// Busy % of the whole machine (all cores) between `from` and `to`, and
+    /// the CPU seconds the ka processes used in all.
+    fn finish(&self, from: Instant, to: Instant) -> (f64, f64) {
+        self.stop.store(true, Ordering::Relaxed);
+        let s = self.samples.lock().unwrap();
+        let at = |t: Instant| {
+            s.iter()
+                .min_by_key(|(i, _)| if *i > t { *i - t } else { t - *i })
+                .map(|(_, c)| *c)
+                .expect("CPU samples")
+        };
+        let (a, b) = (at(from), at(to));
+        let busy = (b.0 - a.0) as f64 * 100.0 / (b.1 - a.1).max(1) as f64;
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let ka = self.ka.lock().unwrap().values().sum::<u64>() as f64 / hz;
+        (busy, ka)
+    }
+}
+
+/// User plus system CPU time of `pid` so far, in clock ticks.
+fn process_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): state is the
+    // first, utime the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// One clean run of `n` nodes.
+struct Run {
+    /// Seconds from the stream's start to the last node verified.
+    last: f64,
+    /// … to the first.
+    first: f64,
+    /// The machine's busy % over that interval.
+    busy: f64,
+    /// CPU seconds all ka processes used.
+    ka_cpu: f64,
+    /// How fast a node's lag behind its upstream grew, in bytes/s, while the
+    /// head was between 25 and 75 % of the image: zero when every hop keeps
+    /// the link's rate and the lag is only forwarding granularity, positive
+    /// when hops run slower than the link.
+    lag_growth: Option<f64>,
+}
+
+/// The mean per-hop lag's growth from the source's progress lines (see
+/// [`Run::lag_growth`]). The lag itself is not usable: each node reports its
+/// progress on its own 250 ms heartbeat phase, which offsets it by up to 3 MB
+/// at 100 Mbit/s; the offsets are constant, so the growth is exact.
+fn lag_growth(fin: &ka_tests::lab::Finished, n: usize, size: u64) -> Option<f64> {
+    if n < 2 {
+        return None;
+    }
+    let t0 = fin.first("Started").at;
+    let mut points = Vec::new();
+    for (at, got) in fin.progress() {
+        let r: Vec<u64> = (1..=n)
+            .map(|i| got.get(&format!("n{i}")).copied().unwrap_or(0))
+            .collect();
+        if !(size / 4..size * 3 / 4).contains(&r[0]) {
+            continue;
+        }
+        let lag = r.windows(2).map(|w| w[0] as f64 - w[1] as f64).sum::<f64>() / (n - 1) as f64;
+        points.push(((at - t0).as_secs_f64(), lag));
+    }
+    if points.len() < 2 {
+        return None;
+    }
+    let k = points.len() as f64;
+    let (mt, ml) = (
+        points.iter().map(|p| p.0).sum::<f64>() / k,
+        points.iter().map(|p| p.1).sum::<f64>() / k,
+    );
+    let cov: f64 = points.iter().map(|p| (p.0 - mt) * (p.1 - ml)).sum();
+    let var: f64 = points.iter().map(|p| (p.0 - mt).powi(2)).sum();
+    (var > 0.0).then(|| cov / var)
+}
+
+fn run(n: usize, a: &Args) -> Run {
+    let lab = Lab::new(n, a.rate);
+    let s = lab.session(a.size);
+    let serve = s.serve(n, &[]);
+    wait_listening(&serve);
+    let joins = s.join_all(&[]);
+    let mut pids = vec![serve.proc.pid().as_raw()];
+    pids.extend(joins.iter().map(|j| j.proc.pid().as_raw()));
+    let cpu = CpuSampler::start(pids);
+    let fin = serve.finish(SESSION);
+    let started = fin.first("Started").at;
+    let verified: Vec<Instant> = fin.all("Verified").iter().map(|e| e.at).collect();
+    assert_eq!(
+        verified.len(),
+        n,
+        "not every node verified:\n{}",
+        fin.transcript
+    );
+    let last = *verified.iter().max().expect("verified");
+    let first = *verified.iter().min().expect("verified");
+    let (busy, ka_cpu) = cpu.finish(started, last);
+    let lag = lag_growth(&fin, n, a.size);
+    s.check(&fin, joins, &[]);
+    Run {
+        last: (last - started).as_secs_f64(),
+        first: (first - started).as_secs_f64(),
+        busy,
+        ka_cpu,
+        lag_growth: lag,
+    }
+}
+
+/// The 50 % kill on an 8-node chain (or the largest N asked, if smaller):
+/// (seconds from the kill to the death being declared, to the victim's
+/// downstream receiving again).
+fn heal(a: &Args) -> (usize, f64, f64) {
+    let n = a.nodes.iter().copied().max().unwrap_or(8).clamp(3, 8);
+    let victim = n / 2;
+    let lab = Lab::new(n, a.rate);
+    let s = lab.session(a.size);
+    let serve = s.serve(n, &[]);
+    wait_listening(&serve);
+    let joins = s.join_all(&[]);
+    let name = format!("n{victim}");
+    serve.wait_received(&name, a.size / 2, Duration::from_secs(60));
+    let killed = joins[victim - 1].proc.kill9();
+    let fin = serve.finish(SESSION);
+    let dead = fin.event("Dead", &name).expect("declared dead").at;
+    let (again, _) = joins[victim]
+        .event_after("Receiving", killed)
+        .expect("the downstream received again");
+    s.check(&fin, joins, &[(&name, "connection lost")]);
+    (
+        n,
+        (dead - killed).as_secs_f64(),
+        (again - killed).as_secs_f64(),
+    )
+}
+
+fn wait_listening(serve: &ka_tests::lab::Serve) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !serve.proc.stderr().contains("waiting for") {
+        assert!(Instant::now() < deadline, "{}", serve.proc.transcript());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The simulator's completion time for the same run, in seconds.
+fn simulate(n: usize, a: &Args) -> f64 {
+    let exe = std::env::current_exe().expect("own path");
+    let bin: PathBuf = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("simulations"))
+        .expect("target/<profile>/examples/<this>");
+    assert!(
+        bin.is_file(),
+        "{} is missing: cargo build --release -p simulations",
+        bin.display()
+    );
+    let out = Command::new(&bin)
+        .args(["--nodes", &n.to_string()])
+        .args(["--size", &a.size.to_string()])
+        .args(["--rate-mbit", &(a.rate.0 / 1_000_000).to_string()])
+        .args(["--seed", "1"])
+        .output()
+        .expect("running the simulator");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("simulated completion ")
+        .nth(1)
+        .and_then(|r| r.split('s').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no completion time in the simulator's output:\n{text}"))
+}
+
+fn main() {
+    let a = args();
+    let probe = Lab::new(1, a.rate);
+    let floor = probe.floor(a.size, a.rate).as_secs_f64();
+    let (payload, wire) = probe.frame();
+    drop(probe);
+    let raw = a.size as f64 / a.rate.bytes_per_sec();
+    // One 1 MiB relay buffer crossing one port: what each hop adds if a
+    // node forwards only whole buffers.
+    let hop = (1u64 << 20) as f64 * wire as f64 / payload as f64 / a.rate.bytes_per_sec();
+    println!(
+        "ka lab scale: {} MiB image, ports {} Mbit/s; floor {floor:.3} s ({payload} payload bytes per {wire}-byte frame; raw rate {raw:.3} s); load average {}",
+        a.size >> 20,
+        a.rate.0 / 1_000_000,
+        load_average()
+    );
+    println!(
+        "{:>3} {:>9} {:>6} {:>8} {:>5} {:>8} {:>9} {:>6} {:>6} {:>10} {:>7} {:>11} {:>15}",
+        "N",
+        "verified",
+        "×floor",
+        "first",
+        "CPU%",
+        "ka cores",
+        "simulator",
+        "×floor",
+        "ka/sim",
+        "floor+hops",
+        "per hop",
+        "lag growth",
+        "load avg after"
+    );
+    for &n in &a.nodes {
+        let r = run(n, &a);
+        let sim = simulate(n, &a);
+        println!(
+            "{n:>3} {:>8.3}s {:>6.3} {:>7.3}s {:>4.0}% {:>8.2} {sim:>8.3}s {:>6.3} {:>6.3} {:>9.3}s {:>7} {:>11} {:>15}",
+            r.last,
+            r.last / floor,
+            r.first,
+            r.busy,
+            r.ka_cpu / r.last,
+            sim / floor,
+            r.last / sim,
+            floor + (n as f64 - 1.0) * hop,
+            if n > 1 {
+                format!("{:.0}ms", (r.last - r.first) * 1000.0 / (n - 1) as f64)
+            } else {
+                "-".into()
+            },
+            r.lag_growth
+                .map_or("-".into(), |g| format!("{:+.2}MiB/s", g / (1 << 20) as f64)),
+            load_average()
+        );
+    }
+    let (n, dead, again) = heal(&a);
+    println!(
+        "heal ({n} nodes, n{} killed at 50 %): declared dead after {dead:.3} s, its downstream receiving again after {again:.3} s",
+        n / 2
+    );
+}

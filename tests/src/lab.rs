@@ -1,0 +1,715 @@
+//! The network-namespace lab: an isolated switched network on this machine,
+//! with real `ka` processes on it.
+//!
+//! [`Lab::new`] builds, for one test:
+//!
+//! - a *switch*: a Linux bridge `br0` alone in its own network namespace;
+//! - one namespace per host (the source and each node), each with one
+//!   interface `eth0`, the far end of a veth pair whose near end is a port of
+//!   the switch, named after the host (`src`, `n1`, `n2`, …);
+//! - addresses in 10.200.0.0/24 (source .1, node *i* .10+*i*) that exist only
+//!   inside these namespaces: no packet can reach or leave the host's own
+//!   network;
+//! - a rate limit on every port in both directions, a tc `tbf` on the host's
+//!   `eth0` (what the host sends) and one on its switch port (what it
+//!   receives), so each port is full duplex at its rate, like a switched
+//!   Ethernet port.
+//!
+//! There is no delay and no loss knob: this kernel has no `netem`, and a knob
+//! that silently did nothing would lie. Every link in the lab has the latency
+//! of a veth pair (microseconds) plus the queueing of its `tbf`.
+//!
+//! Interfaces are created directly inside the lab's namespaces, so none ever
+//! appears in the host's namespace and their short names cannot collide with
+//! another lab's. Namespaces and the work directory carry the test process's
+//! PID and a counter (`kalab-<pid>-<n>-…`). Dropping the [`Lab`] kills every
+//! process left in its namespaces (by PID) and deletes the namespaces and the
+//! work directory, even when the test failed; a lab whose test process was
+//! killed outright (no `Drop`) is removed by the next [`Lab::new`], which
+//! deletes every `kalab-<pid>-` namespace and directory whose PID is dead.
+//!
+//! Labs share the machine's CPU, and timing is what they measure, so at most
+//! one lab exists at a time per process: [`Lab::new`] waits for the previous
+//! one to be dropped. (Cargo runs test binaries one after another.)
+//!
+//! The lab needs root and `ip`/`tc`/`bridge` (Debian `iproute2`); without them it
+//! panics with the reason, never skips.
+
+mod session;
+
+pub use session::{Finished, Join, NodeLine, Report, Serve, Session, SourceEvent};
+
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::{ka_bin, require_tool, run, wait_timeout};
+
+/// The prefix of every namespace and work directory a lab makes.
+const PREFIX: &str = "kalab-";
+
+/// One lab at a time per process (see the module documentation).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Labs made by this process so far, for unique names.
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A port rate in bits per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate(pub u64);
+
+impl Rate {
+    /// `n` megabits (10⁶ bits) per second.
+    pub const fn mbit(n: u64) -> Rate {
+        Rate(n * 1_000_000)
+    }
+
+    /// Bytes on the wire per second.
+    pub fn bytes_per_sec(self) -> f64 {
+        self.0 as f64 / 8.0
+    }
+
+    /// A `tbf` bucket: about 5 ms at this rate, at least 16 KiB (a few full
+    /// frames, so the bucket never starves a single segment) and at most
+    /// 64 KiB (one GSO super-packet, so `tbf` need not split it).
+    fn burst(self) -> u64 {
+        ((self.0 / 8) / 200).clamp(16 << 10, 64 << 10)
+    }
+}
+
+/// One machine of the lab: the source or a node.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// `source`, or `n1`, `n2`, … for the nodes.
+    pub name: String,
+    /// Its network namespace.
+    pub netns: String,
+    /// Its address (on `eth0`).
+    pub addr: Ipv4Addr,
+    /// Its port on the switch (an interface in the switch's namespace).
+    pub port: String,
+}
+
+/// The source's address in every lab.
+pub const SOURCE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 1);
+
+/// A switched network of one source and some nodes (see the module
+/// documentation).
+pub struct Lab {
+    tag: String,
+    switch: String,
+    hosts: Vec<Host>,
+    rate: Rate,
+    ip: PathBuf,
+    tc: PathBuf,
+    bridge: PathBuf,
+    dir: Option<tempfile::TempDir>,
+    // Last: released only after `Drop::drop` cleaned up.
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Lab {
+    /// Builds a lab of a source and `nodes` nodes (`n1`…), every port at
+    /// `rate` both ways. Waits for any other lab of this process to go first.
+    pub fn new(nodes: usize, rate: Rate) -> Lab {
+        assert!(
+            (1..=200).contains(&nodes),
+            "a lab has 1 to 200 nodes, not {nodes}"
+        );
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the network-namespace lab needs root (network namespaces, veth, tc); CI runs as root — run the tests as root"
+        );
+        let ip = require_tool("ip", "iproute2");
+        let tc = require_tool("tc", "iproute2");
+        let bridge = require_tool("bridge", "iproute2");
+        remove_stale_labs(&ip);
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{PREFIX}{}-{n}", std::process::id());
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{tag}-"))
+            .tempdir()
+            .expect("creating the lab's work directory");
+        let mut hosts = vec![Host {
+            name: "source".into(),
+            netns: format!("{tag}-src"),
+            addr: SOURCE_ADDR,
+            port: "src".into(),
+        }];
+        hosts.extend((1..=nodes).map(|i| Host {
+            name: format!("n{i}"),
+            netns: format!("{tag}-n{i}"),
+            addr: Ipv4Addr::new(10, 200, 0, 10 + i as u8),
+            port: format!("n{i}"),
+        }));
+        let mut lab = Lab {
+            switch: format!("{tag}-sw"),
+            tag,
+            hosts,
+            rate,
+            ip,
+            tc,
+            bridge,
+            dir: Some(dir),
+            _serial: serial,
+        };
+        // From here on, a panic drops `lab`, which removes whatever was made.
+        lab.build();
+        lab
+    }
+
+    /// Builds the network with one batch of commands per namespace (each
+    /// `ip`/`tc` start costs more than the work it does).
+    fn build(&mut self) {
+        let sw = self.switch.clone();
+        let mut root: Vec<String> = vec![format!("netns add {sw}")];
+        let mut switch: Vec<String> = vec![
+            "link set lo up".into(),
+            "link add br0 type bridge forward_delay 0 stp_state 0".into(),
+            "link set br0 up".into(),
+        ];
+        for h in &self.hosts {
+            root.push(format!("netns add {}", h.netns));
+            switch.push(format!(
+                "link add {} master br0 type veth peer name eth0 netns {}",
+                h.port, h.netns
+            ));
+            switch.push(format!("link set {} up", h.port));
+        }
+        batch(&self.ip, None, &root);
+        batch(&self.ip, Some(&sw), &switch);
+        for h in &self.hosts {
+            let host = [
+                format!("addr add {}/24 dev eth0", h.addr),
+                "link set lo up".into(),
+                "link set eth0 up".into(),
+            ];
+            batch(&self.ip, Some(&h.netns), &host);
+        }
+        let hosts = self.hosts.clone();
+        self.set_rates(&hosts, self.rate);
+    }
+
+    /// The source's host.
+    pub fn source(&self) -> &Host {
+        &self.hosts[0]
+    }
+
+    /// Node `i`, counting from 1 (`n1`).
+    pub fn node(&self, i: usize) -> &Host {
+        assert!(
+            (1..self.hosts.len()).contains(&i),
+            "no node {i} in this lab"
+        );
+        &self.hosts[i]
+    }
+
+    /// Every node, in order (`n1`, `n2`, …).
+    pub fn nodes(&self) -> &[Host] {
+        &self.hosts[1..]
+    }
+
+    /// The switch's namespace (the bridge `br0` and one port per host).
+    pub fn switch_netns(&self) -> &str {
+        &self.switch
+    }
+
+    /// The rate every port was built with.
+    pub fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    /// The lab's work directory (images, targets, secrets), removed with it.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("the lab is alive").path()
+    }
+
+    /// Sets `host`'s port to `rate`, both ways.
+    pub fn set_rate(&self, host: &Host, rate: Rate) {
+        self.set_rates(std::slice::from_ref(host), rate);
+    }
+
+    fn set_rates(&self, hosts: &[Host], rate: Rate) {
+        let tbf = |dev: &str| {
+            format!(
+                "qdisc replace dev {dev} root tbf rate {}bit burst {} latency 50ms",
+                rate.0,
+                rate.burst()
+            )
+        };
+        for h in hosts {
+            batch(&self.tc, Some(&h.netns), &[tbf("eth0")]);
+        }
+        let ports: Vec<String> = hosts.iter().map(|h| tbf(&h.port)).collect();
+        batch(&self.tc, Some(&self.switch), &ports);
+    }
+
+    /// Cuts `host` off: the switch stops forwarding its port (bridge port
+    /// state *disabled*), so every frame to or from it is lost and neither
+    /// end is told (no carrier change, no reset, no FIN).
+    ///
+    /// Not `ip link set … down`: a veth's carrier going down and up was
+    /// measured to black the link out for about 1 s however short the cut
+    /// (link-state handling), which would make a short cut a long one.
+    pub fn cut(&self, host: &Host) {
+        self.bridge_port_state(host, "0", "disabled");
+    }
+
+    /// Reconnects `host` (its port forwards again).
+    pub fn restore(&self, host: &Host) {
+        self.bridge_port_state(host, "3", "forwarding");
+    }
+
+    fn bridge_port_state(&self, host: &Host, state: &str, name: &str) {
+        checked(
+            &self.bridge,
+            &[
+                "-n",
+                &self.switch,
+                "link",
+                "set",
+                "dev",
+                &host.port,
+                "state",
+                state,
+            ],
+        );
+        let shown = checked(
+            &self.bridge,
+            &["-n", &self.switch, "link", "show", "dev", &host.port],
+        );
+        assert!(
+            shown.contains(&format!("state {name}")),
+            "{}'s port is not {name}: {shown}",
+            host.name
+        );
+    }
+
+    /// The fewest seconds any TCP stream can take to carry `bytes` of payload
+    /// through one port at `rate`: each full frame of `MTU + 14` bytes on the
+    /// wire (what `tbf` counts) carries `MTU − 20 (IP) − 20 (TCP) − 12 (TCP
+    /// timestamps, when on)` bytes of payload.
+    pub fn floor(&self, bytes: u64, rate: Rate) -> Duration {
+        let (payload, wire) = self.frame();
+        Duration::from_secs_f64(bytes as f64 * wire as f64 / payload as f64 / rate.bytes_per_sec())
+    }
+
+    /// Payload bytes per full TCP segment and the bytes of its frame on the
+    /// wire, read from the source's interface and TCP settings.
+    pub fn frame(&self) -> (u64, u64) {
+        let ns = &self.source().netns;
+        let link = self.ip(&["-n", ns, "-o", "link", "show", "dev", "eth0"]);
+        let mtu: u64 = link
+            .split_whitespace()
+            .skip_while(|w| *w != "mtu")
+            .nth(1)
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("no mtu in {link}"));
+        let timestamps = self.exec_output(ns, &["cat", "/proc/sys/net/ipv4/tcp_timestamps"]);
+        let options = if timestamps.trim() == "0" { 0 } else { 12 };
+        (mtu - 20 - 20 - options, mtu + 14)
+    }
+
+    /// Runs `ka args…` on `host`; `label` names it in messages.
+    pub fn spawn_ka(&self, host: &Host, label: &str, args: &[String]) -> KaProc {
+        let mut cmd = Command::new(&self.ip);
+        cmd.args(["netns", "exec", &host.netns])
+            .arg(ka_bin())
+            .args(args);
+        KaProc::spawn(cmd, label)
+    }
+
+    /// Runs a short command on `host` and returns its standard output;
+    /// panics if it fails.
+    pub fn exec_output(&self, host_ns: &str, argv: &[&str]) -> String {
+        let out = run(
+            Command::new(&self.ip)
+                .args(["netns", "exec", host_ns])
+                .args(argv),
+            Duration::from_secs(20),
+        );
+        assert!(
+            out.status.success(),
+            "{argv:?} in {host_ns} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn ip(&self, args: &[&str]) -> String {
+        checked(&self.ip, args)
+    }
+
+    /// The namespaces this lab made (the switch last).
+    fn namespaces(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.hosts.iter().map(|h| h.netns.clone()).collect();
+        v.push(self.switch.clone());
+        v
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in self.namespaces() {
+            remove_namespace(&self.ip, &ns);
+        }
+        if let Some(dir) = self.dir.take() {
+            if let Err(e) = dir.close() {
+                eprintln!("lab {}: cannot remove its work directory: {e}", self.tag);
+            }
+        }
+    }
+}
+
+/// Runs `tool args…` (bounded), panicking with its error output if it fails.
+fn checked(tool: &Path, args: &[&str]) -> String {
+    let out = run(Command::new(tool).args(args), Duration::from_secs(20));
+    assert!(
+        out.status.success(),
+        "`{} {}` failed: {}",
+        tool.display(),
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `tool [-n ns] -batch -` on `lines`, panicking with its error
+/// output if any fails.
+fn batch(tool: &Path, ns: Option<&str>, lines: &[String]) {
+    use std::io::Write;
+    let mut cmd = Command::new(tool);
+    if let Some(ns) = ns {
+        cmd.args(["-n", ns]);
+    }
+    let mut child = cmd
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", tool.display()));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin
+        .write_all(lines.join("\n").as_bytes())
+        .and_then(|_| stdin.write_all(b"\n"))
+        .expect("writing a command batch");
+    drop(stdin);
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut err).ok();
+    }
+    let status = wait_timeout(&mut child, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("{} -batch did not finish within 20 s", tool.display()));
+    assert!(
+        status.success(),
+        "`{} {}-batch` failed on\n{}\n{}",
+        tool.display(),
+        ns.map_or(String::new(), |n| format!("-n {n} ")),
+        lines.join("\n"),
+        err.trim()
+    );
+}
+
+/// Kills every process in `ns` (by PID) and deletes it. Never panics: it runs
+/// from `Drop`, possibly while a test is already failing.
+fn remove_namespace(ip: &Path, ns: &str) {
+    for _ in 0..3 {
+        let Ok(out) = Command::new(ip).args(["netns", "pids", ns]).output() else {
+            break;
+        };
+        let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ok = Command::new(ip)
+        .args(["netns", "del", ns])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("lab: could not delete network namespace {ns}");
+    }
+}
+
+/// The PID in a lab name `kalab-<pid>-…`.
+fn lab_pid(name: &str) -> Option<i32> {
+    let rest = name.strip_prefix(PREFIX)?;
+    let (pid, _) = rest.split_once('-')?;
+    pid.parse().ok()
+}
+
+/// Removes namespaces and work directories of labs whose test process is
+/// gone (killed before its `Drop` could run).
+fn remove_stale_labs(ip: &Path) {
+    let stale = |name: &str| {
+        lab_pid(name).is_some_and(|pid| {
+            pid != std::process::id() as i32 && !Path::new(&format!("/proc/{pid}")).exists()
+        })
+    };
+    let list = checked(ip, &["netns", "list"]);
+    for ns in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        if stale(ns) {
+            eprintln!("lab: removing stale namespace {ns} of a dead test process");
+            remove_namespace(ip, ns);
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if stale(&name) && e.path().is_dir() {
+                eprintln!("lab: removing stale work directory {}", e.path().display());
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// A line a process printed, with the moment the lab read it.
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// When it was read (the process prints line by line, so this is within
+    /// a scheduling delay of when it was printed).
+    pub at: Instant,
+    /// The line, without its newline.
+    pub text: String,
+}
+
+type Lines = Arc<Mutex<Vec<Line>>>;
+
+/// A `ka` process in a lab namespace. Its output is read as it comes and
+/// stamped; it is killed (by PID) when dropped.
+pub struct KaProc {
+    child: Child,
+    started: Instant,
+    label: String,
+    out: Lines,
+    err: Lines,
+    status: Option<ExitStatus>,
+}
+
+impl KaProc {
+    fn spawn(mut cmd: Command, label: &str) -> KaProc {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {label} ({cmd:?}): {e}"));
+        let out = Lines::default();
+        let err = Lines::default();
+        read_lines(child.stdout.take().expect("piped stdout"), out.clone());
+        read_lines(child.stderr.take().expect("piped stderr"), err.clone());
+        KaProc {
+            child,
+            started: Instant::now(),
+            label: label.into(),
+            out,
+            err,
+            status: None,
+        }
+    }
+
+    /// Its PID (`ip netns exec` execs, so this is `ka` itself).
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// What it is, for messages.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Sends `signal`; returns when.
+    pub fn signal(&self, signal: Signal) -> Instant {
+        kill(self.pid(), signal)
+            .unwrap_or_else(|e| panic!("cannot send {signal} to {}: {e}", self.label));
+        Instant::now()
+    }
+
+    /// Kills it outright (SIGKILL): it gets no chance to say goodbye.
+    pub fn kill9(&self) -> Instant {
+        self.signal(Signal::SIGKILL)
+    }
+
+    /// Freezes it (SIGSTOP): its sockets stay open but it says nothing.
+    pub fn freeze(&self) -> Instant {
+        self.signal(Signal::SIGSTOP)
+    }
+
+    /// Thaws it (SIGCONT).
+    pub fn thaw(&self) -> Instant {
+        self.signal(Signal::SIGCONT)
+    }
+
+    /// Every line of standard output so far.
+    pub fn lines(&self) -> Vec<Line> {
+        self.out.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Standard error so far.
+    pub fn stderr(&self) -> String {
+        let err = self.err.lock().unwrap_or_else(|e| e.into_inner());
+        err.iter().map(|l| format!("{}\n", l.text)).collect()
+    }
+
+    /// Everything it printed, each line with the seconds since its start,
+    /// for failure messages.
+    pub fn transcript(&self) -> String {
+        let show = |lines: &[Line]| -> String {
+            lines
+                .iter()
+                .map(|l| {
+                    let t = l.at.saturating_duration_since(self.started).as_secs_f64();
+                    format!("[{t:7.3}] {}\n", l.text)
+                })
+                .collect()
+        };
+        let err = self.err.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        format!(
+            "--- {} stdout ---\n{}--- {} stderr ---\n{}",
+            self.label,
+            show(&self.lines()),
+            self.label,
+            show(&err)
+        )
+    }
+
+    /// Waits (at most `timeout`) for a line of standard output that
+    /// satisfies `pred`, looking at lines from index `from` on; returns it
+    /// and its index. Panics on timeout, describing `what` it waited for.
+    pub fn wait_line(
+        &self,
+        what: &str,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> (usize, Line) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(i) = (from..out.len()).find(|&i| pred(&out[i].text)) {
+                    return (i, out[i].clone());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not print {what} within {timeout:?}:\n{}",
+                self.label,
+                self.transcript()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status
+    }
+
+    /// Waits (at most `timeout`) for it to exit; panics with its output if it
+    /// does not.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        if let Some(s) = self.status {
+            return s;
+        }
+        let status = wait_timeout(&mut self.child, timeout).unwrap_or_else(|| {
+            panic!(
+                "{} did not exit within {timeout:?}:\n{}",
+                self.label,
+                self.transcript()
+            )
+        });
+        self.status = Some(status);
+        // Let the readers take the last lines.
+        std::thread::sleep(Duration::from_millis(20));
+        status
+    }
+}
+
+impl Drop for KaProc {
+    fn drop(&mut self) {
+        if self.try_exit().is_none() {
+            // A frozen process dies of SIGKILL too.
+            let _ = kill(self.pid(), Signal::SIGKILL);
+            let _ = wait_timeout(&mut self.child, Duration::from_secs(5));
+        }
+    }
+}
+
+fn read_lines(pipe: impl std::io::Read + Send + 'static, into: Lines) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            into.lock().unwrap_or_else(|e| e.into_inner()).push(Line {
+                at: Instant::now(),
+                text: line,
+            });
+        }
+    });
+}
+
+/// Busy and total CPU time of the whole machine so far (from `/proc/stat`,
+/// in clock ticks): sample before and after a run and compare.
+pub fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").expect("reading /proc/stat");
+    let cpu = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .expect("an aggregate cpu line in /proc/stat");
+    let v: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is in user).
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v[3] + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// The machine's load average, as `/proc/loadavg` prints it (1, 5, 15 min).
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lab_names_carry_the_pid() {
+        assert_eq!(lab_pid("kalab-1234-0-n3"), Some(1234));
+        assert_eq!(lab_pid("kalab-77-12-sw"), Some(77));
+        assert_eq!(lab_pid("kalab-x-0-sw"), None);
+        assert_eq!(lab_pid("other-1234-0"), None);
+    }
+
+    #[test]
+    fn bursts_stay_between_a_few_frames_and_one_gso_packet() {
+        assert_eq!(Rate::mbit(100).burst(), 62_500);
+        assert_eq!(Rate::mbit(1).burst(), 16 << 10);
+        assert_eq!(Rate::mbit(10_000).burst(), 64 << 10);
+    }
+}
