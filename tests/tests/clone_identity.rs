@@ -98,6 +98,12 @@ fn source_image(dir: &Path) -> PathBuf {
 fn read_back(dir: &Path, dev: &str, files: &[&str]) -> Vec<String> {
     let mnt = dir.join(format!("mnt-{}", dev.rsplit('/').next().unwrap()));
     fs::create_dir_all(&mnt).unwrap();
+    // Loop devices here do not always scan their partitions by themselves;
+    // partx adds them (an error for ones already known is harmless).
+    let _ = run(
+        Command::new(require_tool("partx", "util-linux")).args(["--add", dev]),
+        Duration::from_secs(30),
+    );
     check(
         &run(
             Command::new("mount")

@@ -643,7 +643,7 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
             dhcp.err()
         )
     };
-    wait_all_exit(&mut vms, Duration::from_secs(600), "install", &|| {
+    wait_all_exit(&mut vms, Duration::from_secs(720), "install", &|| {
         daemons(&serve, &tftp, &dhcp)
     });
     let installed = t0.elapsed();
@@ -746,7 +746,7 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
 
     // Local: PXE → iPXE script says local → sanboot the disk → extlinux → the clone.
     let mut vms: Vec<Vm> = (0..VMS).map(|i| start_vm(&lab, i, &disks[i])).collect();
-    wait_all_exit(&mut vms, Duration::from_secs(300), "local boot", &|| {
+    wait_all_exit(&mut vms, Duration::from_secs(420), "local boot", &|| {
         daemons(&serve, &tftp, &dhcp)
     });
     for (i, vm) in vms.iter().enumerate() {

@@ -25,7 +25,7 @@ enum NetbootCommand {
     /// libutil.c32 (Debian pxelinux and syslinux-common), ipxe.efi when
     /// Debian's ipxe is installed, the kernel as ka/vmlinuz and the image as
     /// ka/initramfs.img (the inventory's defaults). See docs/netboot.md.
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Inside the netboot image: clone this node as its kernel command line says.
     ///
     /// The image's init runs this; it reads ka.* arguments from
@@ -99,7 +99,7 @@ pub struct BuildArgs {
 /// Runs `ka netboot`; returns the exit code.
 pub fn run(args: NetbootArgs) -> Result<u8> {
     match args.command {
-        NetbootCommand::Build(b) => build_cmd(b).map(|()| 0),
+        NetbootCommand::Build(b) => build_cmd(*b).map(|()| 0),
         NetbootCommand::Install { cmdline, dry_run } => Ok(install::run(&cmdline, dry_run) as u8),
     }
 }

@@ -294,7 +294,23 @@ fn candidates(target: &Path, root: RootPartition) -> Result<Vec<PathBuf>, Identi
         return Ok(vec![target.to_path_buf()]);
     }
     reread_partitions(target)?;
-    let parts = wait_for_partitions(target, Duration::from_secs(10))?;
+    let mut parts = wait_for_partitions(target, Duration::from_secs(10))?;
+    if parts.is_empty() {
+        // Some block drivers ignore a re-read (loop devices on some
+        // kernels); util-linux's partx adds the partitions one by one
+        // (BLKPG) where it is installed. Without partitions this changes
+        // nothing, and the whole device is tried.
+        let added = std::process::Command::new("partx")
+            .arg("--add")
+            .arg(target)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if added {
+            parts = wait_for_partitions(target, Duration::from_secs(10))?;
+        }
+    }
     match root {
         RootPartition::Number(n) => parts
             .into_iter()
