@@ -73,9 +73,10 @@ fn kill_mid_chain_at(percent: u64) {
     let lab = Lab::new(8, RATE);
     let size = 64 * MIB;
     let (s, serve, joins) = start(&lab, size, &[], &[]);
-    // Progress reaches us up to a heartbeat (250 ms, 4-5 % of this image)
-    // late: aim that much early, so the kill lands about on `percent`.
-    serve.wait_received("n4", size * (percent - 4) / 100, WAIT);
+    // A node reports its progress every 250 ms (4-5 % of this image), so
+    // it is killed between the trigger and that much later: aim a little
+    // early, so the kill lands about on `percent`.
+    serve.wait_received("n4", size * (percent - 2) / 100, WAIT);
     let killed = joins[3].proc.kill9();
     let fin = serve.finish(SESSION);
     let dead = fin.event("Dead", "n4").expect("n4 declared dead");
@@ -83,8 +84,16 @@ fn kill_mid_chain_at(percent: u64) {
     let heal = joins[4]
         .event_after("Receiving", killed)
         .map(|(t, _)| secs(killed, t));
+    let asked: Vec<String> = joins[4]
+        .events()
+        .into_iter()
+        .filter(|(t, e)| {
+            *t >= killed && (e.starts_with("Receiving") || e.starts_with("UpstreamLost"))
+        })
+        .map(|(_, e)| e)
+        .collect();
     eprintln!(
-        "n4 killed at {at:.0} %: declared dead after {:.2} s, n5 receiving again after {heal:?} s; test {:.1} s",
+        "n4 killed at {at:.0} %: declared dead after {:.2} s, n5 receiving again after {heal:?} s ({asked:?}); test {:.1} s",
         secs(killed, dead.at),
         secs(t0, Instant::now())
     );

@@ -396,7 +396,9 @@ pub async fn run_node(
                             receiving_from = from;
                         }
                         Ok(false) => {}
-                        Err(reason) => node.handle_sink_error(clock.now(), reason),
+                        Err(refused) => {
+                            refused_receive(&mut node, clock.now(), conn, refused, &mut conns)
+                        }
                     }
                 }
                 NodeAction::Serve {
@@ -605,7 +607,7 @@ pub async fn run_node(
                                     receiving_from = from;
                                 }
                                 Ok(false) => {}
-                                Err(reason) => node.handle_sink_error(now, reason),
+                                Err(refused) => refused_receive(&mut node, now, conn, refused, &mut conns),
                             }
                         }
                     }
@@ -661,6 +663,36 @@ pub async fn run_node(
     Ok(outcome)
 }
 
+/// Why a receive could not begin.
+enum RefusedReceive {
+    /// The upstream offers bytes the target already holds: the machine asked
+    /// with an offset from before the previous upstream's relay had settled.
+    /// It now knows the target's position; asking again fixes it.
+    Behind,
+    /// The target cannot take the stream.
+    Sink(String),
+}
+
+/// Drops a data connection whose receive could not begin: a stale offset is
+/// asked again (as if the connection had closed), a sink failure fails us.
+fn refused_receive(
+    node: &mut Node,
+    now: ka_core::time::Time,
+    conn: ConnId,
+    refused: RefusedReceive,
+    conns: &mut HashMap<ConnId, mpsc::UnboundedSender<Command>>,
+) {
+    match refused {
+        RefusedReceive::Behind => {
+            if let Some(tx) = conns.remove(&conn) {
+                let _ = tx.send(Command::Close);
+            }
+            node.handle_closed(now, conn);
+        }
+        RefusedReceive::Sink(reason) => node.handle_sink_error(now, reason),
+    }
+}
+
 /// Lends the writer (opening it on the first receive) to the receive job on
 /// `conn`, which must start where the target stands. `Ok(false)`: the
 /// connection is already gone.
@@ -674,18 +706,22 @@ fn begin_receive(
     key: &SessionKey,
     conns: &HashMap<ConnId, mpsc::UnboundedSender<Command>>,
     written: &watch::Sender<Written>,
-) -> Result<bool, String> {
+) -> Result<bool, RefusedReceive> {
     let w = match writer.take() {
         Some(w) => w,
-        None => open_writer(target.file(), size, key).map_err(|e| e.to_string())?,
+        None => open_writer(target.file(), size, key)
+            .map_err(|e| RefusedReceive::Sink(e.to_string()))?,
     };
     if w.position() != from {
-        let reason = format!(
-            "upstream offered offset {from}, the target is at {}",
-            w.position()
-        );
+        let at = w.position();
         *writer = Some(w);
-        return Err(reason);
+        return Err(if from < at {
+            RefusedReceive::Behind
+        } else {
+            RefusedReceive::Sink(format!(
+                "upstream offered offset {from}, the target is at {at}"
+            ))
+        });
     }
     let Some(tx) = conns.get(&conn) else {
         *writer = Some(w);
