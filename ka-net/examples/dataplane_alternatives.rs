@@ -525,7 +525,7 @@ fn main() {
         );
     }
     println!(
-        "ratio: against plain:1 (sendfile sender); load {}",
+        "MB/s: best round; CPU s/GiB: least of any round; ratio: against plain:1 (sendfile sender); load {}",
         load().trim()
     );
 }
