@@ -963,6 +963,11 @@ mod tests {
             let node1 = tokio::spawn(node(n1_in, out1.clone(), size, tx1));
             let o1 = out1.clone();
             let forward = tokio::spawn(async move {
+                // Node 1's file exists only once it has written something.
+                let mut rx1 = rx1;
+                while rx1.borrow_and_update().upto == 0 {
+                    rx1.changed().await.unwrap();
+                }
                 let src = FileSource::open_sized(&o1, None).unwrap();
                 send_growing(src, &mut n1_out, rx1, |_| {}).await.unwrap()
             });
