@@ -191,6 +191,19 @@ fn run(n: usize, a: &Args) -> Result<Run, String> {
         .map(|l| format!("{}: {}", l.name, l.reason))
         .collect();
     if !failed.is_empty() {
+        // What happened, for whoever reads the table (standard error).
+        let events: String = fin
+            .transcript
+            .lines()
+            .filter(|l| !l.contains("\"progress\""))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        eprintln!("--- a failed run of {n} nodes ---\n{events}");
+        for j in &joins {
+            if fin.report.nodes.iter().any(|l| l.name == j.name && !l.ok) {
+                eprintln!("{}", j.proc.transcript());
+            }
+        }
         return Err(failed.join("; "));
     }
     let started = fin.first("Started").at;

@@ -73,10 +73,11 @@ fn kill_mid_chain_at(percent: u64) {
     let lab = Lab::new(8, RATE);
     let size = 64 * MIB;
     let (s, serve, joins) = start(&lab, size, &[], &[]);
-    // A node reports its progress every 250 ms (4-5 % of this image), so
-    // it is killed between the trigger and that much later: aim a little
-    // early, so the kill lands about on `percent`.
-    serve.wait_received("n4", size * (percent - 2) / 100, WAIT);
+    // A node reports its progress every 250 ms (4-5 % of this image) and a
+    // loaded machine adds to that, so the kill lands somewhat after the
+    // progress that triggers it: aim 5 points early, which near the end also
+    // keeps the kill before the node could verify.
+    serve.wait_received("n4", size * (percent - 5) / 100, WAIT);
     let killed = joins[3].proc.kill9();
     let fin = serve.finish(SESSION);
     let dead = fin.event("Dead", "n4").expect("n4 declared dead");
@@ -229,12 +230,17 @@ fn a_link_cut_shorter_than_the_timeout_is_no_death() {
     let t0 = Instant::now();
     let lab = Lab::new(8, RATE);
     let size = 32 * MIB;
-    let (s, serve, joins) = start(&lab, size, &[], &[]);
+    // A 2 s timeout, not the default 1 s: with 1 s, about one run in ten
+    // had n4 give up on the source about a second after the cut had ended
+    // (its control connection, whose TCP retransmission timer the cut had
+    // backed off, lost more packets in n4's port queue, full of the
+    // upstream's data catching up). See docs/lab.md.
+    let (s, serve, joins) = start(&lab, size, &["--dead-after", "2s"], &[]);
     serve.wait_received("n4", size * 3 / 10, WAIT);
     // 300 ms: measured in this lab, TCP's retransmission back-off (RTO at
     // least 200 ms, then doubled) brings a 250 ms heartbeat through a
-    // 300-400 ms cut after at most about 0.67 s of silence, inside the 1 s
-    // allowed; a 500 ms cut already makes 1.1 s.
+    // 300-400 ms cut after about 0.67 s of silence; a 500 ms cut already
+    // makes 1.1 s.
     lab.cut(lab.node(4));
     std::thread::sleep(Duration::from_millis(300));
     lab.restore(lab.node(4));
