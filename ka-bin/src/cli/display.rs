@@ -25,6 +25,9 @@ pub struct Display {
     started: Instant,
     bars: Option<Bars>,
     spans: HashMap<NodeId, tracing::Span>,
+    /// Every node's name from its join: a node that dies before the stream
+    /// starts leaves the source's report, but its death still needs a name.
+    names: HashMap<NodeId, String>,
 }
 
 /// One bar per node, drawn together on standard error.
@@ -46,6 +49,7 @@ impl Display {
             started: Instant::now(),
             bars,
             spans: HashMap::new(),
+            names: HashMap::new(),
         }
     }
 
@@ -53,11 +57,14 @@ impl Display {
     pub fn update(&mut self, source: &Source, event: Option<&SourceEvent>) {
         match event {
             Some(e) => {
+                if let SourceEvent::Joined { node, name, .. } = e {
+                    self.names.insert(*node, name.clone());
+                }
                 self.log(source, e);
                 if self.json {
                     let line = self.event_json(source, e);
                     println!("{line}");
-                } else if let Some(text) = describe(source, e) {
+                } else if let Some(text) = describe(&|n| self.name_of(source, n), e) {
                     match &self.bars {
                         Some(bars) => bars.multi.suspend(|| eprintln!("ka: {text}")),
                         None => eprintln!("ka: {text}"),
@@ -139,7 +146,7 @@ impl Display {
     fn log(&mut self, source: &Source, event: &SourceEvent) {
         match event_node(event) {
             Some(n) => {
-                let name = name_of(source, n);
+                let name = self.name_of(source, n);
                 let span = self
                     .spans
                     .entry(n)
@@ -162,7 +169,7 @@ impl Display {
                 json!({"event": "started", "nodes": nodes, "trigger": format!("{trigger:?}")})
             }
             SourceEvent::Relinked { upstream, .. } => json!({"event": "relinked",
-                "upstream": upstream.map(|u| name_of(source, u))}),
+                "upstream": upstream.map(|u| self.name_of(source, u))}),
             SourceEvent::Dead { reason, .. } => json!({"event": "dead", "reason": reason}),
             SourceEvent::Slow { policy, .. } => {
                 json!({"event": "slow", "policy": format!("{policy:?}")})
@@ -178,7 +185,7 @@ impl Display {
         v["t"] = json!(self.seconds());
         if let Some(n) = event_node(event) {
             v["id"] = json!(n.0);
-            v["node"] = json!(name_of(source, n));
+            v["node"] = json!(self.name_of(source, n));
         }
         v
     }
@@ -186,8 +193,7 @@ impl Display {
 
 /// A sentence for the operator about an event worth interrupting the bars
 /// for; progress-like events are left to the bars.
-fn describe(source: &Source, event: &SourceEvent) -> Option<String> {
-    let name = |n: NodeId| name_of(source, n);
+fn describe(name: &dyn Fn(NodeId) -> String, event: &SourceEvent) -> Option<String> {
     Some(match event {
         SourceEvent::Joined { node, rejoin, .. } => {
             format!(
@@ -232,12 +238,17 @@ fn event_node(event: &SourceEvent) -> Option<NodeId> {
     }
 }
 
-fn name_of(source: &Source, node: NodeId) -> String {
-    source
-        .report()
-        .into_iter()
-        .find(|r| r.node == node)
-        .map_or_else(|| node.to_string(), |r| r.name)
+impl Display {
+    /// A node's name: from the report, else from its join.
+    fn name_of(&self, source: &Source, node: NodeId) -> String {
+        source
+            .report()
+            .into_iter()
+            .find(|r| r.node == node)
+            .map(|r| r.name)
+            .or_else(|| self.names.get(&node).cloned())
+            .unwrap_or_else(|| node.to_string())
+    }
 }
 
 /// What a node has, from its latest progress or its report.
