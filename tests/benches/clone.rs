@@ -29,8 +29,9 @@
 //! wrote with the source's). MB/s is the image size over that time, the
 //! ratio is against the plain copy. CPU is user + system time of every
 //! process of the scenario (the source's background hashing included), per
-//! GiB delivered (image size × nodes). Peak RSS is the largest VmHWM of any
-//! node, sampled every 10 ms and at its end.
+//! GiB delivered (image size × nodes). Peak RSS is the largest VmHWM (the
+//! kernel's high-water mark of resident memory) of any node, read as its
+//! stream ends.
 //!
 //! Last, a sparse image (`--sparse-gib`, 10 % data, the rest holes and
 //! written zeros) is cloned to one node inside a private network namespace,
@@ -110,8 +111,10 @@ impl Running {
         let hwm = Arc::new(AtomicU64::new(0));
         let stop_sampling = Arc::new(AtomicBool::new(false));
         let (pid, peak, stop) = (child.id(), hwm.clone(), stop_sampling.clone());
-        // Sampled until the process is reaped (so its PID is never reused
-        // under us), and once more when sampling is stopped.
+        // VmHWM only grows: one read just before the process ends is enough,
+        // so sampling is sparse (it costs the measured processes nothing)
+        // and only a fallback should the process end first. It stops before
+        // the process is reaped, so its PID is never reused under us.
         let sampler = std::thread::spawn(move || loop {
             let stopping = stop.load(Ordering::Acquire);
             match vm_hwm_kib(pid) {
@@ -123,7 +126,7 @@ impl Running {
             if stopping {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(100));
         });
         Running {
             child,
