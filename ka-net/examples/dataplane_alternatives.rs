@@ -24,6 +24,8 @@
 //! - `recv+hash256|write`: the same, receiving and hashing 256 KiB at a time
 //!   into the buffer, so the hash reads what `recv` just put in the cache.
 //! - `recv|write+hash`: a thread that writes then hashes each buffer.
+//! - `recv+write|hash`: receive and write on one thread (the buffer is still
+//!   in its cache for the write), hash on another.
 //! - `recv|write|hash`: writer and hasher threads of their own (ka's shape).
 //! - `splice+mmap`: socket → pipe → file by `splice(2)`, hashed through a
 //!   populated read-only mapping of the page cache just written.
@@ -264,6 +266,36 @@ fn receive(variant: &str, out: &Path, bufsz: usize) {
             drop(full_tx);
             writer.join().expect("writer");
             h.finish(off).expect("digest").to_string()
+        }
+        "recv+write|hash" => {
+            let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize, u64)>(RING);
+            let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+            for _ in 0..RING {
+                free_tx.send(vec![0u8; bufsz]).expect("ring");
+            }
+            let hasher = std::thread::spawn(move || {
+                let mut h = ImageHasher::new(&KEY);
+                let mut end = 0;
+                for (buf, n, off) in full_rx {
+                    h.data(off, &buf[..n]).expect("hash");
+                    end = off + n as u64;
+                    let _ = free_tx.send(buf);
+                }
+                h.finish(end).expect("digest").to_string()
+            });
+            let mut off = 0u64;
+            loop {
+                let mut buf = free_rx.recv().expect("buffer");
+                let n = recv_full(&s, &mut buf);
+                if n == 0 {
+                    break;
+                }
+                f.write_all_at(&buf[..n], off).expect("write");
+                full_tx.send((buf, n, off)).expect("hasher alive");
+                off += n as u64;
+            }
+            drop(full_tx);
+            hasher.join().expect("hasher")
         }
         "recv|write+hash" => receive_ring(&s, bufsz, move |full, free| {
             let mut h = ImageHasher::new(&KEY);

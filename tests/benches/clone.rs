@@ -380,7 +380,7 @@ fn ka(w: &Work, nodes: usize, digest_ready: bool) -> Outcome {
         .trim()
         .to_string();
     if digest_ready {
-        serve.expect("ImageDone", deadline);
+        serve.expect("\"event\":\"image_done\"", deadline);
     }
     let mut joins: Vec<Running> = (0..nodes)
         .map(|i| {
@@ -405,7 +405,7 @@ fn ka(w: &Work, nodes: usize, digest_ready: bool) -> Outcome {
             )
         })
         .collect();
-    let (started, _) = serve.expect("Started", deadline);
+    let (started, _) = serve.expect("\"event\":\"started\"", deadline);
     let mut last = started;
     for j in &mut joins {
         let (t, line) = j.expect("Verified", deadline);
