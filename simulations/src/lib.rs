@@ -5,7 +5,11 @@
 //! byte, which [`world::Outcome::trace_hash`] lets a run check of itself. The
 //! real ka-core machines (source and nodes) run unchanged over a simulated
 //! switched network and disks ([`world`]), with faults drawn from a seeded
-//! swarm ([`faults`]). Checkers run after every event (the tree is a tree, a
+//! swarm ([`faults`]). Its links are calibrated against the real data plane:
+//! image data moves at the payload share of the port rate (1448 of every
+//! 1514 bytes at MTU 1500), and each relaying node adds the hop latency plus
+//! twice ka-net's 2 ms forward delay, so a fault-free chain of N nodes takes
+//! the image's payload time plus N − 1 such hops. Checkers run after every event (the tree is a tree, a
 //! chain stays a simple path, data flows only downstream, offsets only grow,
 //! nobody copies data its upstream does not hold) and at the end (every
 //! survivor's copy equals the source's, every failure is named, the run

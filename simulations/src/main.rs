@@ -32,6 +32,15 @@ struct Cli {
     /// One-way hop latency in microseconds.
     #[arg(long, default_value_t = 50)]
     latency_us: u64,
+    /// Link MTU in bytes: image data moves at the port rate times the
+    /// payload share of a full TCP segment's frame (1448/1514 at 1500).
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u32).range(68..=65535))]
+    mtu: u32,
+    /// How long a node holds received bytes before forwarding them, in
+    /// microseconds (the real node's FORWARD_DELAY is 2 ms); each hop of data
+    /// costs the latency plus twice this.
+    #[arg(long, default_value_t = 2000)]
+    forward_delay_us: u64,
     /// What to do with a node that stays too slow.
     #[arg(long, value_enum, default_value_t = Policy::Tail)]
     slow_policy: Policy,
@@ -75,6 +84,8 @@ fn main() -> ExitCode {
     cfg.arity = cli.arity;
     cfg.rate = cli.rate_mbit * 1e6 / 8.0;
     cfg.latency = std::time::Duration::from_micros(cli.latency_us);
+    cfg.mtu = cli.mtu;
+    cfg.forward_delay = std::time::Duration::from_micros(cli.forward_delay_us);
     cfg.slow_policy = match cli.slow_policy {
         Policy::Keep => SlowPolicy::Keep,
         Policy::Tail => SlowPolicy::MoveToTail,
@@ -82,13 +93,21 @@ fn main() -> ExitCode {
     };
     cfg.trace = cli.trace;
     println!(
-        "options: --nodes {} --size {} --seed {seed} --faults {:?} --arity {} --rate-mbit {} --latency-us {}",
+        "options: --nodes {} --size {} --seed {seed} --faults {:?} --arity {} --rate-mbit {} --latency-us {} --mtu {} --forward-delay-us {}",
         cli.nodes,
         cli.size,
         cli.faults,
         cli.arity,
         cli.rate_mbit,
-        cli.latency_us
+        cli.latency_us,
+        cli.mtu,
+        cli.forward_delay_us
+    );
+    let (payload, wire) = cfg.frame();
+    println!(
+        "link: {payload} payload bytes per {wire}-byte frame, {:.3} MB/s of image per port; a data hop costs {:.3} ms",
+        cfg.payload_rate() / 1e6,
+        cfg.data_hop().as_secs_f64() * 1e3
     );
     let sim = simulations::world::Sim::new(cfg.clone());
     let swarm = sim.swarm().clone();

@@ -6,10 +6,29 @@
 //! frozen). Image data moves as a *fluid*: each receiving node's offset grows
 //! linearly at a rate limited by its port, its upstream's port (shared among
 //! that upstream's children) and its disk, and, once caught up, by its
-//! upstream's own rate one hop-latency later. That keeps a 10,000-node run to
+//! upstream's own rate one data hop later. That keeps a 10,000-node run to
 //! a few events per node instead of one per packet, while the content itself
 //! is really copied (bytes in small runs, per-granule tags in large ones) from
 //! the upstream's copy, so the end check compares real copies.
+//!
+//! The link model is calibrated against the real data plane in the
+//! network-namespace lab (`scripts/lab-scale`):
+//!
+//! - **Frame overhead.** Image data moves at a port's *payload* rate: a TCP
+//!   segment at MTU 1500 with timestamps carries 1448 bytes in a 1514-byte
+//!   frame ([`SimConfig::frame`], [`SimConfig::payload_rate`]). Control
+//!   messages are too small to matter and pay only the latency.
+//! - **Forward delay.** A real node holds received bytes up to ka-net's
+//!   `FORWARD_DELAY` (2 ms) in a part-filled buffer before it writes and
+//!   forwards them, and what gathered meanwhile then takes about as long
+//!   again to leave at the port rate. So a node's stream reaches its
+//!   downstream `latency + 2 × forward_delay` after it reached the node
+//!   ([`SimConfig::data_hop`]). The source serves from its image and adds no
+//!   forward delay.
+//!
+//! A fault-free chain of N nodes therefore completes in about
+//! `size / payload_rate + (N − 1) × data_hop`, plus a few control-message
+//! latencies to set up and to verify.
 
 use core::net::{IpAddr, Ipv4Addr, SocketAddr};
 use core::time::Duration;
@@ -54,8 +73,17 @@ pub struct SimConfig {
     pub arity: u32,
     /// Port rate in bytes per second, each direction.
     pub rate: f64,
-    /// One-way latency of a hop (node to node through the switch).
+    /// One-way latency of a hop (node to node through the switch), for
+    /// control messages and data alike.
     pub latency: Duration,
+    /// The links' MTU in bytes (1500: Ethernet). Image data pays the frame
+    /// overhead of a TCP stream at this MTU; see [`SimConfig::frame`].
+    pub mtu: u32,
+    /// How long a real node holds received bytes in a part-filled buffer
+    /// before it writes them and so forwards them: ka-net's
+    /// `relay::FORWARD_DELAY` (2 ms). Each hop of data costs
+    /// `latency + 2 × forward_delay`; see [`SimConfig::data_hop`].
+    pub forward_delay: Duration,
     /// Disk write rate in bytes per second (`None`: faster than the port).
     pub disk_rate: Option<f64>,
     /// What the source does with a slow node.
@@ -65,7 +93,8 @@ pub struct SimConfig {
 }
 
 impl SimConfig {
-    /// A run of `nodes` nodes and `size` bytes with 1 Gbit/s ports and 50 µs hops.
+    /// A run of `nodes` nodes and `size` bytes with 1 Gbit/s ports, 50 µs
+    /// hops, MTU 1500 and the real node's 2 ms forward delay.
     pub fn new(nodes: usize, size: u64, seed: u64) -> Self {
         SimConfig {
             nodes,
@@ -75,24 +104,56 @@ impl SimConfig {
             arity: 1,
             rate: 125e6,
             latency: Duration::from_micros(50),
+            mtu: 1500,
+            forward_delay: Duration::from_millis(2),
             disk_rate: None,
             slow_policy: SlowPolicy::MoveToTail,
             trace: false,
         }
     }
 
-    /// The analytic pipeline bound: the image at the port rate plus one hop
-    /// latency per level of the tree.
+    /// The analytic pipeline bound: the image at the port's payload rate
+    /// (shared by a parent's children, capped by the disk) plus one data hop
+    /// per level of the tree below the first. The first level pays only the
+    /// latency: the source serves from its image, with no relay buffer.
     pub fn pipeline_bound(&self) -> Duration {
-        let depth = tree_depth(self.nodes, self.arity.max(1) as usize);
+        let depth = tree_depth(self.nodes, self.arity.max(1) as usize) as u32;
         Duration::from_secs_f64(self.size as f64 / self.effective_rate())
-            + self.latency * depth as u32
+            + self.latency * depth
+            + self.forward_delay * 2 * depth.saturating_sub(1)
     }
 
     fn effective_rate(&self) -> f64 {
         // A parent's port is shared by its children.
-        let r = self.rate / f64::from(self.arity.max(1).min(self.nodes.max(1) as u32));
+        let r = self.payload_rate() / f64::from(self.arity.max(1).min(self.nodes.max(1) as u32));
         self.disk_rate.map_or(r, |d| r.min(d))
+    }
+
+    /// Payload bytes per full TCP segment and the bytes the port counts for
+    /// its frame, at [`SimConfig::mtu`]: MTU − 20 (IPv4) − 20 (TCP) − 12
+    /// (the timestamp option Linux sends by default), and MTU + 14 (the
+    /// Ethernet header; a port's shaper does not count the FCS). At 1500:
+    /// 1448 of 1514. The lab computes the same (`tests/src/lab.rs`,
+    /// `Lab::frame`), from the interface's MTU and the TCP settings.
+    pub fn frame(&self) -> (u32, u32) {
+        (self.mtu.saturating_sub(20 + 20 + 12), self.mtu + 14)
+    }
+
+    /// The rate at which image data moves through a port: the port rate
+    /// times the payload share of each frame. A bulk stream fills whole
+    /// segments, so partial frames are negligible.
+    pub fn payload_rate(&self) -> f64 {
+        let (payload, wire) = self.frame();
+        self.rate * f64::from(payload) / f64::from(wire)
+    }
+
+    /// How long after a node's stream reaches it the same bytes reach its
+    /// downstream: the hop latency plus twice the forward delay. A real
+    /// node holds what it receives up to `forward_delay` before writing it,
+    /// then sends what gathered meanwhile at the port rate, which takes as
+    /// long again.
+    pub fn data_hop(&self) -> Duration {
+        self.latency + self.forward_delay * 2
     }
 }
 
@@ -357,7 +418,13 @@ const HASH_SPEEDUP: f64 = 8.0;
 
 impl Sim {
     /// Builds the world for `cfg`: draws the swarm, makes the source image.
+    /// Panics if `cfg.mtu` is below 68, the least an IPv4 link may have.
     pub fn new(cfg: SimConfig) -> Self {
+        assert!(
+            cfg.mtu >= 68,
+            "MTU {} is below IPv4's minimum of 68: give at least 68 (1500 for Ethernet)",
+            cfg.mtu
+        );
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let mut image_rng = ChaCha8Rng::seed_from_u64(rng.next_u64());
         let mut fault_rng = ChaCha8Rng::seed_from_u64(rng.next_u64());
@@ -391,7 +458,7 @@ impl Sim {
         scfg.arity = cfg.arity;
         scfg.slow_policy = cfg.slow_policy;
         // Lag worth acting on: two seconds of transfer, judged over two seconds.
-        scfg.slow_lag = (cfg.rate * 2.0) as u64;
+        scfg.slow_lag = (cfg.payload_rate() * 2.0) as u64;
         scfg.slow_window = Duration::from_secs(2);
         // Start when everyone is there, or 100 ms in with whoever is: nodes that
         // come later (late, or restarted after dying before the start) join
@@ -697,8 +764,18 @@ impl Sim {
 
     // ----- the network -----
 
+    /// How long a control message takes over a hop. Control messages are a
+    /// few dozen bytes: their share of the port and their frame overhead are
+    /// negligible next to the image's, so they pay only the latency.
     fn latency(&self) -> Duration {
         self.cfg.latency
+    }
+
+    /// When the bytes a node's stream holds now were at its sender: one data
+    /// hop ago (latency plus the forward delay, see [`SimConfig::data_hop`]).
+    fn hop_ago(&self) -> Time {
+        let hop = self.cfg.data_hop().as_nanos() as u64;
+        Time::from_nanos(self.now.as_nanos().saturating_sub(hop))
     }
 
     fn cut_until(&self, end: End) -> Option<Time> {
@@ -1137,18 +1214,12 @@ impl Sim {
     }
 
     /// What of the sender's stream has reached a receiver by now: the sender's
-    /// offset one hop ago (a node that has everything serves from its disk).
+    /// offset one data hop ago (a node that has everything serves from its
+    /// disk; the source serves from its image at once).
     fn frontier(&self, e: End) -> f64 {
         match e {
             End::Source => self.cfg.size as f64,
-            End::Node(u) => self.offset_at(
-                u,
-                Time::from_nanos(
-                    self.now
-                        .as_nanos()
-                        .saturating_sub(self.latency().as_nanos() as u64),
-                ),
-            ),
+            End::Node(u) => self.offset_at(u, self.hop_ago()),
         }
     }
 
@@ -1160,27 +1231,22 @@ impl Sim {
                 if self.frontier(e) >= self.cfg.size as f64 {
                     return f64::INFINITY;
                 }
-                self.rate_at(
-                    u,
-                    Time::from_nanos(
-                        self.now
-                            .as_nanos()
-                            .saturating_sub(self.latency().as_nanos() as u64),
-                    ),
-                )
+                self.rate_at(u, self.hop_ago())
             }
         }
     }
 
+    /// The rate at which image data leaves or enters a port: the payload
+    /// share of its raw rate (see [`SimConfig::payload_rate`]).
     fn port_rate(&self, e: End) -> f64 {
         match e {
-            End::Source => self.cfg.rate,
+            End::Source => self.cfg.payload_rate(),
             End::Node(u) => {
                 let s = &self.nodes[u];
                 if s.frozen || s.cut_until.is_some_and(|t| t > self.now) || s.machine.is_none() {
                     0.0
                 } else {
-                    self.cfg.rate / f64::from(s.slow)
+                    self.cfg.payload_rate() / f64::from(s.slow)
                 }
             }
         }
@@ -1269,7 +1335,7 @@ impl Sim {
     fn set_rate(&mut self, i: usize, rate: f64) -> bool {
         let off = self.offset_at(i, self.now);
         let now = self.now;
-        let horizon = self.latency() * 4;
+        let horizon = self.cfg.data_hop() * 4;
         let d = &mut self.nodes[i].data;
         if (rate - d.rate).abs() <= 1e-9 {
             return false;
@@ -1320,14 +1386,10 @@ impl Sim {
         d.following = following;
         d.gen += 1;
         let gen = d.gen;
-        // The sender's stream as seen from here changes one hop after the
-        // sender's own rate did: look again then.
+        // The sender's stream as seen from here changes one data hop after
+        // the sender's own rate did: look again then.
         if let Some((_, End::Node(u))) = self.nodes[i].data.inflow {
-            let seen = Time::from_nanos(
-                self.now
-                    .as_nanos()
-                    .saturating_sub(self.latency().as_nanos() as u64),
-            );
+            let seen = self.hop_ago();
             let ud = &self.nodes[u].data;
             let next = ud
                 .hist
@@ -1337,7 +1399,7 @@ impl Sim {
                 .filter(|&b| b > seen)
                 .min();
             if let Some(b) = next {
-                self.schedule(b + self.latency(), Ev::Retime { node: i, gen });
+                self.schedule(b + self.cfg.data_hop(), Ev::Retime { node: i, gen });
             }
         }
         if rate > 0.0 {
@@ -1364,7 +1426,7 @@ impl Sim {
     }
 
     /// A sender's rate changed: receivers catching up recompute now; every
-    /// receiver feels the change itself one hop later.
+    /// receiver feels the change itself one data hop later.
     fn propagate(&mut self, from: End) {
         let outflows = self.outflows(from).to_vec();
         for (conn, d) in outflows {
@@ -1375,7 +1437,7 @@ impl Sim {
                 self.retime(d);
             }
             let gen = self.nodes[d].data.gen;
-            let at = self.now + self.latency();
+            let at = self.now + self.cfg.data_hop();
             self.schedule(at, Ev::Retime { node: d, gen });
         }
     }
@@ -1417,7 +1479,7 @@ impl Sim {
         if self.nodes[i].data.copied < self.granules {
             // Rounding put us a hair ahead of our sender: look again a hop later.
             let gen = self.nodes[i].data.gen;
-            self.schedule(self.now + self.latency(), Ev::Arrive { node: i, gen });
+            self.schedule(self.now + self.cfg.data_hop(), Ev::Arrive { node: i, gen });
             return;
         }
         self.nodes[i].data.ended = true;

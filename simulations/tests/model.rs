@@ -231,10 +231,11 @@ fn source_restart_after_some_nodes_finished_still_accounts_for_them() {
 
 #[test]
 fn slow_head_of_a_tree_is_detected_against_its_sibling() {
-    // The two children of the source share its port: 62.5 MB/s each. The
-    // slowed one gets 15.6 MB/s, falls 250 MB (the simulator's slow lag)
-    // behind its sibling after 5.3 s and keeps falling further for 2 s; the
-    // sibling takes 17 s for the image.
+    // The two children of the source share its port: 59.8 MB/s of payload
+    // each (1448/1514 of 62.5 MB/s). The slowed one gets 14.9 MB/s, falls
+    // 239 MB (the simulator's slow lag, two seconds of payload) behind its
+    // sibling after 5.3 s and keeps falling further for 2 s; the sibling
+    // takes 18 s for the image.
     let mut cfg = SimConfig::new(6, 1 << 30, 13);
     cfg.arity = 2;
     cfg.faults = Faults::Schedule(
@@ -248,4 +249,119 @@ fn slow_head_of_a_tree_is_detected_against_its_sibling() {
     let out = run(cfg);
     assert!(out.verdict.is_ok(), "{:?}", out.verdict);
     assert!(out.slow >= 1, "the slow source child was never judged slow");
+}
+
+/// The image's time at 100 Mbit/s through 1514-byte frames carrying 1448
+/// payload bytes each (MTU 1500, TCP timestamps), written out here rather
+/// than taken from the simulator so a wrong frame computation shows.
+fn stream_secs_at_100_mbit(size: u64) -> f64 {
+    size as f64 / (100e6 / 8.0 * 1448.0 / 1514.0)
+}
+
+/// A fault-free chain of `nodes` at 100 Mbit/s.
+fn chain_at_100_mbit(nodes: usize, size: u64) -> SimConfig {
+    let mut cfg = SimConfig::new(nodes, size, 1);
+    cfg.rate = 100e6 / 8.0;
+    cfg
+}
+
+#[test]
+fn fault_free_chain_takes_the_payload_stream_plus_a_data_hop_per_node() {
+    // Joining, the data handshake and the final verification cost a handful
+    // of control-message latencies (50 µs each) on top of the model.
+    let setup = 20.0 * 50e-6;
+    for forward_delay_us in [0u64, 2000, 10_000] {
+        for nodes in [1usize, 2, 4, 8, 16] {
+            let mut cfg = chain_at_100_mbit(nodes, 64 << 20);
+            cfg.forward_delay = Duration::from_micros(forward_delay_us);
+            let hop = 50e-6 + 2.0 * forward_delay_us as f64 * 1e-6;
+            let model = stream_secs_at_100_mbit(64 << 20) + (nodes - 1) as f64 * hop;
+            let out = run(cfg);
+            assert!(out.verdict.is_ok(), "{:?}", out.verdict);
+            assert_eq!(out.ok, nodes);
+            let got = out.completion.as_secs_f64();
+            assert!(
+                got >= model && got <= model + setup,
+                "{nodes} nodes, forward delay {forward_delay_us} µs: completion {got:.6}s, model {model:.6}s"
+            );
+        }
+    }
+}
+
+#[test]
+fn each_node_of_a_chain_verifies_one_data_hop_after_its_upstream() {
+    // 2 ms forward delay (the default) and 50 µs latency: 4.05 ms a hop.
+    let out = run(chain_at_100_mbit(16, 8 << 20));
+    assert!(out.verdict.is_ok(), "{:?}", out.verdict);
+    assert_eq!(out.verified_at.len(), 16);
+    for pair in out.verified_at.windows(2) {
+        let gap = (pair[1] - pair[0]).as_secs_f64();
+        assert!(
+            (gap - 4.05e-3).abs() < 50e-6,
+            "verifications {:?} apart, expected 4.05 ms",
+            pair[1] - pair[0]
+        );
+    }
+}
+
+#[test]
+fn frame_overhead_follows_the_mtu() {
+    let mut cfg = chain_at_100_mbit(4, 64 << 20);
+    assert_eq!(cfg.frame(), (1448, 1514));
+    let standard = run(cfg.clone());
+    cfg.mtu = 9000;
+    assert_eq!(cfg.frame(), (8948, 9014));
+    let jumbo = run(cfg);
+    assert!(standard.verdict.is_ok(), "{:?}", standard.verdict);
+    assert!(jumbo.verdict.is_ok(), "{:?}", jumbo.verdict);
+    // Everything but the stream is the same: the difference is the
+    // overhead saved, 64 MiB × (1514/1448 − 9014/8948) at 12.5 MB/s.
+    let raw = (64u64 << 20) as f64 / 12.5e6;
+    let saved = raw * (1514.0 / 1448.0 - 9014.0 / 8948.0);
+    let measured = (standard.completion - jumbo.completion).as_secs_f64();
+    assert!(
+        (measured - saved).abs() < 1e-4,
+        "MTU 9000 saved {measured:.6}s over 1500, the frames say {saved:.6}s"
+    );
+    assert!(
+        jumbo.completion.as_secs_f64() > raw,
+        "{:?}",
+        jumbo.completion
+    );
+}
+
+#[test]
+fn pipeline_bound_uses_the_payload_rate_and_data_hops() {
+    let cfg = chain_at_100_mbit(8, 64 << 20);
+    // Eight levels: eight latencies, seven relays' forward delays.
+    let want = stream_secs_at_100_mbit(64 << 20) + 8.0 * 50e-6 + 7.0 * 4e-3;
+    let got = cfg.pipeline_bound().as_secs_f64();
+    assert!(
+        (got - want).abs() < 1e-6,
+        "bound {got:.6}s, want {want:.6}s"
+    );
+    // A tree of 7 with two children each: three levels, each child getting
+    // half its parent's port.
+    let mut tree = cfg.clone();
+    tree.nodes = 7;
+    tree.arity = 2;
+    let want = 2.0 * stream_secs_at_100_mbit(64 << 20) + 3.0 * 50e-6 + 2.0 * 4e-3;
+    let got = tree.pipeline_bound().as_secs_f64();
+    assert!(
+        (got - want).abs() < 1e-6,
+        "tree bound {got:.6}s, want {want:.6}s"
+    );
+    let out = run(tree);
+    assert!(out.verdict.is_ok(), "{:?}", out.verdict);
+    assert_eq!(out.ok, 7);
+    // The run itself: every node's port carries payload only (a parent's is
+    // split between its two children), and the leaves are two data hops
+    // below the source's children; setup and verification cost a handful
+    // of 50 µs latencies.
+    let model = 2.0 * stream_secs_at_100_mbit(64 << 20) + 2.0 * 4.05e-3;
+    let got = out.completion.as_secs_f64();
+    assert!(
+        got >= model && got <= model + 20.0 * 50e-6,
+        "tree of 7: completion {got:.6}s, model {model:.6}s"
+    );
 }
