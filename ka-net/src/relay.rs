@@ -520,11 +520,15 @@ where
                     // downstream): on a slow link a node forwards small
                     // pieces instead of adding a whole buffer's time to every
                     // hop; on a fast one buffers fill first.
-                    let mut forward_by = None;
+                    // One timer per buffer, armed by its first byte (not
+                    // one per read: a slow link delivers a packet per read).
+                    let mut forward_by = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+                    let mut armed = false;
                     let mut failure = None;
                     while filled < want {
                         let dst = &mut buf.payload_mut()[filled..want];
-                        match read_some(upstream, dst, writer, events, forward_by).await {
+                        let deadline = armed.then_some(forward_by.as_mut());
+                        match read_some(upstream, dst, writer, events, deadline).await {
                             Ok(Some(Ok(0))) => {
                                 failure = Some(Error::UpstreamClosed {
                                     at: offset + filled as u64,
@@ -533,7 +537,10 @@ where
                             }
                             Ok(Some(Ok(n))) => {
                                 filled += n;
-                                forward_by.get_or_insert_with(|| Instant::now() + FORWARD_DELAY);
+                                if !armed {
+                                    armed = true;
+                                    forward_by.as_mut().reset(Instant::now() + FORWARD_DELAY);
+                                }
                             }
                             Ok(Some(Err(e))) => {
                                 failure = Some(read_error(e, offset + filled as u64));
@@ -597,7 +604,7 @@ async fn read_some<R>(
     dst: &mut [u8],
     writer: &mut NodeWriter,
     events: &mut impl FnMut(RelayEvent),
-    deadline: Option<Instant>,
+    mut deadline: Option<std::pin::Pin<&mut tokio::time::Sleep>>,
 ) -> Result<Option<std::io::Result<usize>>, Error>
 where
     R: AsyncRead + Unpin,
@@ -616,14 +623,14 @@ where
                 }
             },
             r = &mut read => return Ok(Some(r)),
-            () = sleep_until_or_never(deadline) => return Ok(None),
+            () = sleep_or_never(&mut deadline) => return Ok(None),
         }
     }
 }
 
-async fn sleep_until_or_never(deadline: Option<Instant>) {
+async fn sleep_or_never(deadline: &mut Option<std::pin::Pin<&mut tokio::time::Sleep>>) {
     match deadline {
-        Some(t) => tokio::time::sleep_until(t).await,
+        Some(sleep) => sleep.as_mut().await,
         None => std::future::pending().await,
     }
 }
