@@ -209,6 +209,10 @@ pub struct NodeReport {
     /// Its outcome was decided under an earlier run of this source and it did
     /// not come back; the shell's record says so ([`Source::handle_restored`]).
     pub restored: bool,
+    /// The source has released it (told it the session is over for it). A
+    /// verified node that died before its release is still OK (its copy
+    /// checked), but was not released: an administrator should look at it.
+    pub released: bool,
 }
 
 impl NodeReport {
@@ -285,6 +289,10 @@ pub struct Source {
     conns: BTreeMap<ConnId, ConnRole>,
     nodes: BTreeMap<NodeId, NodeRecord>,
     names: BTreeMap<String, NodeId>,
+    /// Nodes that died while the session was still waiting for its nodes
+    /// and have not come back, by name: no longer counted towards the start,
+    /// but the report still names them (as failed).
+    lost_before_start: BTreeMap<String, NodeReport>,
     topology: Topology,
     epoch: Epoch,
     image: Option<(u64, Digest)>,
@@ -319,6 +327,7 @@ impl Source {
             conns: BTreeMap::new(),
             nodes: BTreeMap::new(),
             names: BTreeMap::new(),
+            lost_before_start: BTreeMap::new(),
             epoch: Epoch(0),
             image: None,
             read: 0,
@@ -464,6 +473,7 @@ impl Source {
                 deaths: 0,
                 resumed_from: received,
                 restored: true,
+                released: true,
             },
             data_addr: self.config.data_addr,
             wait_release: false,
@@ -596,9 +606,20 @@ impl Source {
         self.nodes.get(&node).map(|r| r.progress)
     }
 
-    /// The report, one line per node that ever joined, in identifier order.
+    /// The report, one line per node that ever joined, in identifier order
+    /// (a node that died before the start and never came back included).
     pub fn report(&self) -> Vec<NodeReport> {
-        self.nodes.values().map(|r| r.report.clone()).collect()
+        let mut report: Vec<NodeReport> = self
+            .nodes
+            .values()
+            .map(|r| NodeReport {
+                released: r.released,
+                ..r.report.clone()
+            })
+            .chain(self.lost_before_start.values().cloned())
+            .collect();
+        report.sort_by_key(|r| r.node);
+        report
     }
 
     /// The session's configuration.
@@ -732,6 +753,7 @@ impl Source {
                 deaths,
                 resumed_from: have,
                 restored: false,
+                released: false,
             },
             data_addr: join.data_addr,
             wait_release: join.wait_release,
@@ -750,6 +772,7 @@ impl Source {
         };
         // Any earlier record of this name was settled (dead) by now.
         self.nodes.insert(id, record);
+        self.lost_before_start.remove(&join.name);
         self.unsettled += 1;
         self.names.insert(join.name.clone(), id);
         self.conns.insert(conn, ConnRole::Control(id));
@@ -1180,6 +1203,13 @@ impl Source {
                 self.conns.remove(&c);
                 self.actions.push_back(SourceAction::Close { conn: c });
             }
+            let mut report = record.report;
+            report.outcome = Some(Err(format!(
+                "lost before the start ({reason}) and did not come back"
+            )));
+            report.finished_at = Some(now);
+            report.deaths += 1;
+            self.lost_before_start.insert(report.name.clone(), report);
             return;
         }
         self.nodes.get_mut(&id).expect("checked").report.deaths += 1;
@@ -1291,7 +1321,7 @@ impl Source {
     fn finish(&mut self) {
         self.state = SourceState::Finished;
         let ok = self.nodes.values().filter(|r| r.report.is_ok()).count() as u32;
-        let ko = self.nodes.len() as u32 - ok;
+        let ko = (self.nodes.len() + self.lost_before_start.len()) as u32 - ok;
         self.events.push_back(SourceEvent::Finished { ok, ko });
     }
 

@@ -1040,3 +1040,35 @@ fn a_node_restored_as_failed_is_waited_for_and_may_come_back() {
     assert_eq!(src.state(), SourceState::Finished);
     assert!(src.report().iter().all(|r| r.is_ok()));
 }
+
+#[test]
+fn a_node_lost_before_the_start_is_reported_failed_unless_it_comes_back() {
+    let mut src = source(4);
+    for (i, n) in ["a", "b", "c"].iter().enumerate() {
+        join(&mut src, Time::ZERO, i as u64 + 1, n, &Key(1));
+    }
+    src.handle_closed(t(10), ConnId(2));
+    src.handle_closed(t(10), ConnId(3));
+    assert!(events(&mut src).iter().any(|e| matches!(
+        e,
+        SourceEvent::Dead {
+            node: NodeId(2),
+            ..
+        }
+    )));
+    // c comes back before the start; b does not.
+    join(&mut src, t(20), 4, "c", &Key(1));
+    src.handle_go(t(30));
+    assert_eq!(src.state(), SourceState::Streaming);
+    assert!(!src.topology().contains(NodeId(2)));
+    let report = src.report();
+    let names: Vec<&str> = report.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"], "one line per node, in id order");
+    let b = &report[1];
+    assert!(
+        matches!(&b.outcome, Some(Err(e)) if e.contains("lost before the start")),
+        "{b:?}"
+    );
+    assert_eq!(b.deaths, 1);
+    assert_eq!(report[2].outcome, None, "c came back and is in the session");
+}

@@ -289,21 +289,16 @@ fn a_node_killed_while_nodes_are_still_joining() {
     assert_eq!(said, "started with 6 nodes");
     let fin = serve.finish(SESSION);
     eprintln!("test {:.1} s", secs(t0, Instant::now()));
-    // Named where the source saw it die; its place was never taken, and the
-    // report never calls it OK.
+    // Named where the source saw it die, and in the report as failed: its
+    // place was never taken.
     assert!(fin.event("Dead", "n4").is_some());
-    assert!(
-        fin.report.nodes.iter().all(|n| n.name != "n4" || !n.ok),
-        "{:?}",
-        fin.report
-    );
     let started: serde_json::Value = serde_json::from_str(&fin.first("Started").text).unwrap();
     assert_eq!(
         (started["nodes"].as_u64(), started["trigger"].as_str()),
         (Some(6), Some("Go")),
         "{started}"
     );
-    s.check(&fin, joins, &[]);
+    s.check(&fin, joins, &[("n4", "lost before the start")]);
 }
 
 #[test]
@@ -339,10 +334,19 @@ fn a_node_killed_during_the_release_phase() {
             j.name
         );
     }
-    // Its copy had verified before it died: the report keeps that, and
-    // counts the death.
+    // Its copy had verified before it died: the report keeps that, counts
+    // the death, and says it was never released.
     let line = fin.report.node("n5");
-    assert!(line.ok && line.deaths == 1, "{line:?}");
+    assert!(line.ok && line.deaths == 1 && !line.released, "{line:?}");
+    assert!(line.reason.contains("lost before its release"), "{line:?}");
+    assert!(
+        fin.report
+            .nodes
+            .iter()
+            .all(|n| n.name == "n5" || n.released),
+        "{:?}",
+        fin.report
+    );
     assert!(s.identical(&victim.target));
     s.check(&fin, joins, &[]);
 }

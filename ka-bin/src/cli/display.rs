@@ -300,6 +300,8 @@ struct JsonNode<'a> {
     resumed_from: u64,
     /// Its outcome comes from the session record of a restarted source.
     restored: bool,
+    /// The source released it; false for a node lost after it verified.
+    released: bool,
 }
 
 /// Seconds from a node's join to its outcome.
@@ -310,6 +312,9 @@ fn node_seconds(n: &NodeReport) -> f64 {
 
 fn outcome(n: &NodeReport) -> (bool, String) {
     match &n.outcome {
+        // Its copy checked, but it went away before the source let it go
+        // (it may not have rebooted into its system): worth a look.
+        Some(Ok(())) if !n.released => (true, "verified, then lost before its release".into()),
         Some(Ok(())) => (true, String::new()),
         Some(Err(e)) => (false, e.clone()),
         None => (false, "undecided".into()),
@@ -335,6 +340,7 @@ pub fn print_report(report: &SourceReport, json: bool) {
                     deaths: n.deaths,
                     resumed_from: n.resumed_from,
                     restored: n.restored,
+                    released: n.released,
                 }
             })
             .collect();

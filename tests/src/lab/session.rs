@@ -491,6 +491,8 @@ pub struct NodeLine {
     pub seconds: f64,
     /// How many times it was declared dead.
     pub deaths: u64,
+    /// Whether the source released it.
+    pub released: bool,
 }
 
 impl Report {
@@ -513,6 +515,9 @@ impl Report {
                 bytes: n["bytes"].as_u64().unwrap_or(0),
                 seconds: n["seconds"].as_f64().unwrap_or(0.0),
                 deaths: n["deaths"].as_u64().unwrap_or(0),
+                released: n["released"]
+                    .as_bool()
+                    .unwrap_or_else(|| panic!("no released field: {line}")),
             })
             .collect();
         Some(Report {
