@@ -35,7 +35,9 @@ pub struct SourceConfig {
     pub order: Vec<String>,
     /// How often the source sends a heartbeat and expects one from each node.
     pub heartbeat: Duration,
-    /// Silence after which a node is declared dead.
+    /// Silence after which a node is declared dead. Counted in time the
+    /// source was running: a source that was stopped or starved (its tick
+    /// came late) does not take its own stall for its nodes' silence.
     pub dead_after: Duration,
     /// Gap between releases of nodes that wait for release (the original `-d`).
     pub release_delay: Duration,
@@ -103,7 +105,9 @@ pub struct NodeConfig {
     pub reconnect_delay: Duration,
     /// Heartbeat until the source's welcome says otherwise.
     pub heartbeat: Duration,
-    /// Source silence after which we consider it gone, until its welcome says otherwise.
+    /// Source silence after which we consider it gone, until its welcome says
+    /// otherwise. After a stall of the node itself (its check came more than a
+    /// heartbeat late) the source gets one more heartbeat to be heard.
     pub dead_after: Duration,
     /// How long to keep trying to reach the source (at the start, or after
     /// losing it) before giving up: nodes often boot before the source is

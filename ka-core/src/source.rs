@@ -304,6 +304,9 @@ pub struct Source {
     release_queue: VecDeque<NodeId>,
     /// Live nodes whose outcome is undecided: the session ends at zero.
     unsettled: usize,
+    /// When the heartbeat tick is due: a tick that comes later than this
+    /// means the source itself was not running (stopped, starved of CPU).
+    tick_due: Time,
     timers: TimerTable<3>,
     next_id: u32,
     transmits: VecDeque<(ConnId, Message)>,
@@ -315,7 +318,8 @@ impl Source {
     /// A source that starts waiting for nodes at `now`.
     pub fn new(now: Time, config: SourceConfig, key: Box<dyn SessionKey>) -> Self {
         let mut timers = TimerTable::new();
-        timers.set(Timer::Tick as usize, now + config.heartbeat);
+        let tick_due = now + config.heartbeat;
+        timers.set(Timer::Tick as usize, tick_due);
         if let Some(t) = config.join_timeout {
             timers.set(Timer::JoinDeadline as usize, now + t);
         }
@@ -335,6 +339,7 @@ impl Source {
             history_low: 0,
             release_queue: VecDeque::new(),
             unsettled: 0,
+            tick_due,
             timers,
             next_id: 1,
             transmits: VecDeque::new(),
@@ -1027,8 +1032,18 @@ impl Source {
     }
 
     fn tick(&mut self, now: Time) {
-        self.timers
-            .set(Timer::Tick as usize, now + self.config.heartbeat);
+        // Silence is counted in time the source was awake to hear: while it
+        // was stalled, whatever the nodes sent waits unread in its sockets,
+        // so a late tick moves every node's last word on by its lateness
+        // rather than declaring the whole chain dead at once.
+        let late = now.saturating_since(self.tick_due);
+        if late > Duration::ZERO {
+            for r in self.nodes.values_mut() {
+                r.last_heard = (r.last_heard + late).min(now);
+            }
+        }
+        self.tick_due = now + self.config.heartbeat;
+        self.timers.set(Timer::Tick as usize, self.tick_due);
         let dead_after = self.config.dead_after;
         let silent: Vec<(NodeId, Duration)> = self
             .nodes

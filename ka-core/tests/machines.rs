@@ -1072,3 +1072,80 @@ fn a_node_lost_before_the_start_is_reported_failed_unless_it_comes_back() {
     assert_eq!(b.deaths, 1);
     assert_eq!(report[2].outcome, None, "c came back and is in the session");
 }
+
+#[test]
+fn a_stalled_source_does_not_declare_its_nodes_dead_but_still_finds_the_silent_one() {
+    let mut src = source(3);
+    for (i, n) in ["a", "b", "c"].iter().enumerate() {
+        join(&mut src, Time::ZERO, i as u64 + 1, n, &Key(1));
+    }
+    events(&mut src);
+    let hear = |src: &mut Source, ms: u64, conns: &[u64]| {
+        for &c in conns {
+            src.handle_message(t(ms), ConnId(c), Message::Progress(Progress::default()));
+        }
+    };
+    for ms in (250..=1000).step_by(250) {
+        hear(&mut src, ms, &[1, 2, 3]);
+        src.handle_timeout(t(ms));
+    }
+    // The source does not run for 3 s (SIGSTOP, a starved machine): its
+    // next tick comes late, before the nodes' buffered messages are read.
+    src.handle_timeout(t(4000));
+    let dead = |evs: &[SourceEvent]| {
+        evs.iter()
+            .filter_map(|e| match e {
+                SourceEvent::Dead { node, .. } => Some(*node),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        dead(&events(&mut src)),
+        [],
+        "a stall is not the nodes' silence"
+    );
+    // From then on b stays silent: it alone is declared dead, once it has
+    // been silent for dead_after of the source's waking time.
+    let mut b_dead_at = None;
+    for ms in (4000..=6000).step_by(250) {
+        hear(&mut src, ms, &[1, 3]);
+        src.handle_timeout(t(ms));
+        let d = dead(&events(&mut src));
+        if !d.is_empty() {
+            assert_eq!(d, [NodeId(2)]);
+            b_dead_at.get_or_insert(ms);
+        }
+    }
+    let at = b_dead_at.expect("the silent node is still found");
+    assert!((4750..=5250).contains(&at), "b declared dead at {at} ms");
+    assert!(src.is_live(NodeId(1)) && src.is_live(NodeId(3)));
+}
+
+#[test]
+fn a_stalled_node_does_not_take_its_own_stall_for_the_sources_silence() {
+    let mut node = welcomed_node(None, 1, 0);
+    actions(&mut node);
+    let closes = |acts: Vec<NodeAction>| {
+        acts.iter()
+            .any(|a| matches!(a, NodeAction::Close { conn } if *conn == ConnId(1)))
+    };
+    // The node's process does not run from 1 ms to 4 s; the source's
+    // heartbeats wait unread in its socket.
+    node.handle_timeout(t(4000));
+    assert!(
+        !closes(actions(&mut node)),
+        "the stall was taken for silence"
+    );
+    // The source really is silent from then on: lost once what it may have
+    // sent during the stall had a heartbeat (250 ms) to arrive.
+    let mut lost_at = None;
+    for ms in (4050..=6000).step_by(50) {
+        node.handle_timeout(t(ms));
+        if closes(actions(&mut node)) {
+            lost_at.get_or_insert(ms);
+        }
+    }
+    let at = lost_at.expect("a silent source is still noticed");
+    assert!((4250..=4300).contains(&at), "source lost at {at} ms");
+}
