@@ -7,8 +7,14 @@
 //! busy with other work, so it prints the load average beside them.
 //!
 //! ```text
-//! lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100]
+//! lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16]
 //! ```
+//!
+//! `--plain-nodes` (default: the largest N) also runs a chain of plain TCP
+//! relays, no ka, over the same lab: each relay writes what it reads to a
+//! file and forwards it as it comes, with no hashing and no protocol. What
+//! that chain cannot do, the lab machine cannot do; it is the baseline that
+//! tells ka's shortfall from the emulation's.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -25,9 +31,11 @@ struct Args {
     nodes: Vec<usize>,
     size: u64,
     rate: Rate,
+    plain_nodes: Option<Vec<usize>>,
 }
 
-const USAGE: &str = "usage: lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100]";
+const USAGE: &str =
+    "usage: lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16]";
 
 fn parse<T: std::str::FromStr>(flag: &str, value: &str) -> T {
     value
@@ -40,6 +48,7 @@ fn args() -> Args {
         nodes: vec![1, 2, 4, 8, 16],
         size: 64 << 20,
         rate: Rate::mbit(100),
+        plain_nodes: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -51,6 +60,9 @@ fn args() -> Args {
             "--nodes" => a.nodes = value.split(',').map(|n| parse(flag, n)).collect(),
             "--size-mib" => a.size = parse::<u64>(flag, value) << 20,
             "--rate-mbit" => a.rate = Rate::mbit(parse(flag, value)),
+            "--plain-nodes" => {
+                a.plain_nodes = Some(value.split(',').map(|n| parse(flag, n)).collect())
+            }
             _ => panic!("unknown argument {flag}; {USAGE}"),
         }
     }
@@ -295,7 +307,123 @@ fn simulate(n: usize, a: &Args) -> f64 {
         .unwrap_or_else(|| panic!("no completion time in the simulator's output:\n{text}"))
 }
 
+/// The port the plain relays listen on.
+const PLAIN_PORT: u16 = 7100;
+
+/// `--relay OUT NEXT`: one hop of the plain chain. Listens on
+/// [`PLAIN_PORT`], connects on to NEXT (`-` for the tail), then copies what
+/// it receives to OUT and to NEXT as it comes, 64 KiB at a time at most.
+fn plain_relay(out: &str, next: &str) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(("0.0.0.0", PLAIN_PORT)).expect("listen");
+    let mut next = (next != "-").then(|| {
+        let s =
+            std::net::TcpStream::connect((next, PLAIN_PORT)).expect("connect to the next relay");
+        s.set_nodelay(true).expect("nodelay");
+        s
+    });
+    println!("LISTENING");
+    let (mut up, _) = listener.accept().expect("accept");
+    let mut file = std::fs::File::create(out).expect("create the copy");
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = up.read(&mut buf).expect("receive");
+        if n == 0 {
+            break;
+        }
+        file.write_all(&buf[..n]).expect("write the copy");
+        if let Some(s) = next.as_mut() {
+            s.write_all(&buf[..n]).expect("forward");
+        }
+    }
+    println!("DONE");
+}
+
+/// `--send IMAGE NEXT`: the head of the plain chain.
+fn plain_send(image: &str, next: &str) {
+    let mut s =
+        std::net::TcpStream::connect((next, PLAIN_PORT)).expect("connect to the first relay");
+    let mut f = std::fs::File::open(image).expect("open the image");
+    std::io::copy(&mut f, &mut s).expect("send");
+    println!("SENT");
+}
+
+/// Seconds from the plain chain's start to its first and last copy, and the
+/// machine's busy % meanwhile.
+fn plain_chain(n: usize, a: &Args) -> (f64, f64, f64) {
+    let lab = Lab::new(n, a.rate);
+    let me = std::env::current_exe().expect("own path");
+    let image = lab.dir().join("plain-image");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&image).expect("create the plain image");
+        let mut x = 0x2545f4914f6cdd1du64;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..a.size >> 20 {
+            for b in block.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+            }
+            f.write_all(&block).expect("write the plain image");
+        }
+    }
+    // From the tail back, so each relay's next one already listens.
+    let mut relays = Vec::new();
+    for i in (1..=n).rev() {
+        let next = if i == n {
+            "-".to_string()
+        } else {
+            lab.node(i + 1).addr.to_string()
+        };
+        let out = lab.dir().join(format!("plain-n{i}"));
+        let args = ["--relay".to_string(), out.display().to_string(), next];
+        let relay = lab.spawn_program(lab.node(i), &format!("relay n{i}"), &me, &args);
+        relay.wait_line("LISTENING", 0, Duration::from_secs(20), |l| {
+            l == "LISTENING"
+        });
+        relays.push(relay);
+    }
+    let before = (Instant::now(), cpu_ticks());
+    let args = [
+        "--send".to_string(),
+        image.display().to_string(),
+        lab.node(1).addr.to_string(),
+    ];
+    let mut send = lab.spawn_program(lab.source(), "plain send", &me, &args);
+    let started = Instant::now();
+    let mut done = Vec::new();
+    for r in &relays {
+        let (_, line) = r.wait_line("DONE", 0, SESSION, |l| l == "DONE");
+        done.push(line.at);
+    }
+    let after = cpu_ticks();
+    assert!(send.wait_exit(SESSION).success(), "{}", send.transcript());
+    let (first, last) = (
+        *done.iter().min().expect("relays"),
+        *done.iter().max().expect("relays"),
+    );
+    let busy = 100.0 * (after.0 - (before.1).0) as f64 / (after.1 - (before.1).1).max(1) as f64;
+    let image_bytes = std::fs::read(&image).expect("read the plain image");
+    for i in 1..=n {
+        let copy = std::fs::read(lab.dir().join(format!("plain-n{i}"))).expect("read a copy");
+        assert!(copy == image_bytes, "plain relay n{i}'s copy differs");
+    }
+    (
+        first.duration_since(started).as_secs_f64(),
+        last.duration_since(started).as_secs_f64(),
+        busy,
+    )
+}
+
 fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    match argv.get(1).map(String::as_str) {
+        Some("--relay") => return plain_relay(&argv[2], &argv[3]),
+        Some("--send") => return plain_send(&argv[2], &argv[3]),
+        _ => {}
+    }
     let a = args();
     let probe = Lab::new(1, a.rate);
     let floor = probe.floor(a.size, a.rate).as_secs_f64();
@@ -354,6 +482,18 @@ fn main() {
             r.lag_growth
                 .map_or("-".into(), |g| format!("{:+.2}MiB/s", g / (1 << 20) as f64)),
             load_average()
+        );
+    }
+    let plain = a
+        .plain_nodes
+        .clone()
+        .unwrap_or_else(|| a.nodes.iter().max().into_iter().copied().collect());
+    for n in plain {
+        let (first, last, busy) = plain_chain(n, &a);
+        println!(
+            "plain TCP relays, no ka, {n} nodes: last copy {last:.3}s = {:.3} x floor, first {first:.3}s = {:.3} x floor, CPU {busy:.0}%",
+            last / floor,
+            first / floor
         );
     }
     match heal(&a) {

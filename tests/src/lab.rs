@@ -343,9 +343,21 @@ impl Lab {
 
     /// Runs `ka args…` on `host`; `label` names it in messages.
     pub fn spawn_ka(&self, host: &Host, label: &str, args: &[String]) -> KaProc {
+        self.spawn_program(host, label, &ka_bin(), args)
+    }
+
+    /// Starts any `program` with `args` on `host` (e.g. a plain TCP relay to
+    /// compare ka with), watched like a ka process.
+    pub fn spawn_program(
+        &self,
+        host: &Host,
+        label: &str,
+        program: &Path,
+        args: &[String],
+    ) -> KaProc {
         let mut cmd = Command::new(&self.ip);
         cmd.args(["netns", "exec", &host.netns])
-            .arg(ka_bin())
+            .arg(program)
             .args(args);
         KaProc::spawn(cmd, label)
     }
