@@ -230,9 +230,6 @@ pub struct Node {
     heartbeat: Duration,
     dead_after: Duration,
     last_heard: Time,
-    /// When the source-silence check is due: a check that comes later than
-    /// this means the node itself was not running.
-    silence_due: Time,
     epoch: Epoch,
     upstream: Option<Upstream>,
     upstream_conn: Option<UpstreamConn>,
@@ -283,7 +280,6 @@ impl Node {
             control: ControlState::AwaitingSource,
             phase: Phase::AwaitingImage,
             last_heard: now,
-            silence_due: now,
             epoch: Epoch(0),
             upstream: None,
             upstream_conn: None,
@@ -317,7 +313,8 @@ impl Node {
         }
         self.control = ControlState::AwaitingChallenge(conn);
         self.last_heard = now;
-        self.arm_silence(now + self.dead_after);
+        self.timers
+            .set(Timer::SourceSilence as usize, now + self.dead_after);
     }
 
     /// The data connection to the upstream is open.
@@ -462,12 +459,6 @@ impl Node {
         self.leave(false, format!("sink failed: {reason}"));
     }
 
-    /// Checks the source's silence at `at`.
-    fn arm_silence(&mut self, at: Time) {
-        self.silence_due = at;
-        self.timers.set(Timer::SourceSilence as usize, at);
-    }
-
     /// A deadline from [`Node::poll_timeout`] passed.
     pub fn handle_timeout(&mut self, now: Time) {
         if self.timers.expire(Timer::Heartbeat as usize, now) {
@@ -478,12 +469,11 @@ impl Node {
                     .set(Timer::Heartbeat as usize, now + self.heartbeat);
             }
         }
-        if self.timers.expire(Timer::SourceSilence as usize, now) {
+        if let Some(late) = self.timers.overdue(Timer::SourceSilence as usize, now) {
             // A check that comes more than a heartbeat late means this node
             // was not running (stopped, starved of CPU): what the source
             // sent meanwhile waits unread, so the silence cannot be judged
             // yet. It gets one heartbeat of waking time to arrive.
-            let late = now.saturating_since(self.silence_due);
             if late > self.heartbeat {
                 let quiet = now.saturating_since(self.last_heard);
                 let allowed = self.dead_after.saturating_sub(self.heartbeat);
@@ -497,7 +487,10 @@ impl Node {
                 }
                 self.lose_source(now);
             } else {
-                self.arm_silence(self.last_heard + self.dead_after);
+                self.timers.set(
+                    Timer::SourceSilence as usize,
+                    self.last_heard + self.dead_after,
+                );
             }
         }
         if self.timers.expire(Timer::ConnectSource as usize, now)
@@ -755,7 +748,8 @@ impl Node {
                     .push_back((conn, Message::Progress(self.progress())));
                 self.timers
                     .set(Timer::Heartbeat as usize, now + self.heartbeat);
-                self.arm_silence(now + self.dead_after);
+                self.timers
+                    .set(Timer::SourceSilence as usize, now + self.dead_after);
                 // A source that restarted knows nothing of us: say again what we
                 // concluded, so it need not wait.
                 if let Some(v) = self.verdict.clone() {

@@ -239,7 +239,6 @@ struct NodeRecord {
     slow_since: Option<(Time, u64, u64)>,
     /// The slow policy already acted on it.
     slow_handled: bool,
-    released: bool,
 }
 
 impl NodeRecord {
@@ -304,9 +303,6 @@ pub struct Source {
     release_queue: VecDeque<NodeId>,
     /// Live nodes whose outcome is undecided: the session ends at zero.
     unsettled: usize,
-    /// When the heartbeat tick is due: a tick that comes later than this
-    /// means the source itself was not running (stopped, starved of CPU).
-    tick_due: Time,
     timers: TimerTable<3>,
     next_id: u32,
     transmits: VecDeque<(ConnId, Message)>,
@@ -318,8 +314,7 @@ impl Source {
     /// A source that starts waiting for nodes at `now`.
     pub fn new(now: Time, config: SourceConfig, key: Box<dyn SessionKey>) -> Self {
         let mut timers = TimerTable::new();
-        let tick_due = now + config.heartbeat;
-        timers.set(Timer::Tick as usize, tick_due);
+        timers.set(Timer::Tick as usize, now + config.heartbeat);
         if let Some(t) = config.join_timeout {
             timers.set(Timer::JoinDeadline as usize, now + t);
         }
@@ -339,7 +334,6 @@ impl Source {
             history_low: 0,
             release_queue: VecDeque::new(),
             unsettled: 0,
-            tick_due,
             timers,
             next_id: 1,
             transmits: VecDeque::new(),
@@ -409,7 +403,7 @@ impl Source {
         match self.conns.remove(&conn) {
             Some(ConnRole::Control(id)) => {
                 let record = self.nodes.get_mut(&id).filter(|r| r.conn == Some(conn));
-                if let Some(r) = record.filter(|r| r.released) {
+                if let Some(r) = record.filter(|r| r.report.released) {
                     // A released node leaving is the expected end, not a death.
                     r.conn = None;
                 } else if self.nodes.get(&id).is_some_and(|r| r.conn == Some(conn)) {
@@ -493,7 +487,6 @@ impl Source {
             last_heard: now,
             slow_since: None,
             slow_handled: true,
-            released: true,
         };
         self.nodes.insert(id, record);
         self.names.insert(name, id);
@@ -525,8 +518,8 @@ impl Source {
 
     /// A deadline from [`Source::poll_timeout`] passed.
     pub fn handle_timeout(&mut self, now: Time) {
-        if self.timers.expire(Timer::Tick as usize, now) {
-            self.tick(now);
+        if let Some(late) = self.timers.overdue(Timer::Tick as usize, now) {
+            self.tick(now, late);
         }
         if self.timers.expire(Timer::JoinDeadline as usize, now)
             && self.state == SourceState::AwaitingNodes
@@ -617,10 +610,7 @@ impl Source {
         let mut report: Vec<NodeReport> = self
             .nodes
             .values()
-            .map(|r| NodeReport {
-                released: r.released,
-                ..r.report.clone()
-            })
+            .map(|r| r.report.clone())
             .chain(self.lost_before_start.values().cloned())
             .collect();
         report.sort_by_key(|r| r.node);
@@ -773,7 +763,6 @@ impl Source {
             last_heard: now,
             slow_since: None,
             slow_handled: false,
-            released: false,
         };
         // Any earlier record of this name was settled (dead) by now.
         self.nodes.insert(id, record);
@@ -1031,24 +1020,24 @@ impl Source {
         }
     }
 
-    fn tick(&mut self, now: Time) {
+    /// The heartbeat tick, `late` after it was due.
+    fn tick(&mut self, now: Time, late: Duration) {
         // Silence is counted in time the source was awake to hear: while it
         // was stalled, whatever the nodes sent waits unread in its sockets,
         // so a late tick moves every node's last word on by its lateness
         // rather than declaring the whole chain dead at once.
-        let late = now.saturating_since(self.tick_due);
         if late > Duration::ZERO {
             for r in self.nodes.values_mut() {
                 r.last_heard = (r.last_heard + late).min(now);
             }
         }
-        self.tick_due = now + self.config.heartbeat;
-        self.timers.set(Timer::Tick as usize, self.tick_due);
+        self.timers
+            .set(Timer::Tick as usize, now + self.config.heartbeat);
         let dead_after = self.config.dead_after;
         let silent: Vec<(NodeId, Duration)> = self
             .nodes
             .iter()
-            .filter(|(_, r)| r.live() && !r.released)
+            .filter(|(_, r)| r.live() && !r.report.released)
             .map(|(&id, r)| (id, now.saturating_since(r.last_heard)))
             .filter(|(_, quiet)| *quiet >= dead_after)
             .collect();
@@ -1282,7 +1271,7 @@ impl Source {
         while let Some(n) = cur {
             let r = &self.nodes[&n];
             let leaf = self.topology.contains(n) && self.topology.children(Some(n)).is_empty();
-            if r.wait_release || r.released || !r.live() || !r.report.is_ok() || !leaf {
+            if r.wait_release || r.report.released || !r.live() || !r.report.is_ok() || !leaf {
                 break;
             }
             cur = self.topology.parent(n).flatten();
@@ -1294,7 +1283,7 @@ impl Source {
 
     fn release(&mut self, n: NodeId) {
         let r = self.nodes.get_mut(&n).expect("caller checked");
-        r.released = true;
+        r.report.released = true;
         if let Some(c) = r.conn {
             self.transmits.push_back((c, Message::Release));
         }
@@ -1316,7 +1305,7 @@ impl Source {
         self.release_queue = order
             .into_iter()
             .chain(others)
-            .filter(|n| self.nodes[n].live() && !self.nodes[n].released)
+            .filter(|n| self.nodes[n].live() && !self.nodes[n].report.released)
             .collect();
         self.release_next(now);
     }

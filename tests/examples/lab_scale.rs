@@ -353,22 +353,8 @@ fn plain_send(image: &str, next: &str) {
 fn plain_chain(n: usize, a: &Args) -> (f64, f64, f64) {
     let lab = Lab::new(n, a.rate);
     let me = std::env::current_exe().expect("own path");
-    let image = lab.dir().join("plain-image");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&image).expect("create the plain image");
-        let mut x = 0x2545f4914f6cdd1du64;
-        let mut block = vec![0u8; 1 << 20];
-        for _ in 0..a.size >> 20 {
-            for b in block.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
-            }
-            f.write_all(&block).expect("write the plain image");
-        }
-    }
+    // The same image a ka session gets (its secret goes unused).
+    let session = lab.session(a.size);
     // From the tail back, so each relay's next one already listens.
     let mut relays = Vec::new();
     for i in (1..=n).rev() {
@@ -388,7 +374,7 @@ fn plain_chain(n: usize, a: &Args) -> (f64, f64, f64) {
     let before = (Instant::now(), cpu_ticks());
     let args = [
         "--send".to_string(),
-        image.display().to_string(),
+        session.image.display().to_string(),
         lab.node(1).addr.to_string(),
     ];
     let mut send = lab.spawn_program(lab.source(), "plain send", &me, &args);
@@ -405,10 +391,9 @@ fn plain_chain(n: usize, a: &Args) -> (f64, f64, f64) {
         *done.iter().max().expect("relays"),
     );
     let busy = 100.0 * (after.0 - (before.1).0) as f64 / (after.1 - (before.1).1).max(1) as f64;
-    let image_bytes = std::fs::read(&image).expect("read the plain image");
     for i in 1..=n {
-        let copy = std::fs::read(lab.dir().join(format!("plain-n{i}"))).expect("read a copy");
-        assert!(copy == image_bytes, "plain relay n{i}'s copy differs");
+        let copy = lab.dir().join(format!("plain-n{i}"));
+        assert!(session.identical(&copy), "plain relay n{i}'s copy differs");
     }
     (
         first.duration_since(started).as_secs_f64(),

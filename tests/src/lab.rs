@@ -182,8 +182,8 @@ impl Lab {
         let mut switch: Vec<String> = vec![
             "link set lo up".into(),
             // A switch forwards frames; it does not run the host's
-            // firewall on them (bridge netfilter cost a tenth of the CPU at
-            // 8 nodes).
+            // firewall on them (its `br_nf_*` hooks showed in every profile
+            // of an 8-node run).
             "link add br0 type bridge forward_delay 0 stp_state 0 \
              nf_call_iptables 0 nf_call_ip6tables 0 nf_call_arptables 0"
                 .into(),
