@@ -25,8 +25,9 @@ pub struct Display {
     started: Instant,
     bars: Option<Bars>,
     spans: HashMap<NodeId, tracing::Span>,
-    /// Every node's name from its join: a node that dies before the stream
-    /// starts leaves the source's report, but its death still needs a name.
+    /// Every node's name from its join: a node superseded by a new join under
+    /// its name before the start leaves the source's report under its old
+    /// identifier, but that death still needs a name.
     names: HashMap<NodeId, String>,
 }
 
