@@ -188,11 +188,11 @@ fn receive(variant: &str, out: &Path, bufsz: usize) {
                 l
             })
             .expect("listener");
-            let (mut up, _) = l.accept().await.expect("accept");
+            let (up, _) = l.accept().await.expect("accept");
             let start = Instant::now();
             let sink = open_sink(&SinkSpec::File(out.to_owned()), Some(size)).expect("sink");
             let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).expect("writer");
-            let end = relay(&mut up, &mut w, |_| {}).await.expect("relay");
+            let end = relay(&up, &[], &mut w, |_| {}).await.expect("relay");
             report(start, &end.digest.to_string());
         });
     }

@@ -260,17 +260,21 @@ async fn receive(
         mut writer,
         written,
     } = job;
-    // Records may already sit in the frame reader's buffer: read them first.
-    let mut upstream = (&leftover[..]).chain(stream);
+    // Progress is published from the relay's receiving thread: the serving
+    // tasks that follow `written` wake without another thread in between.
     let mut reported = writer.written();
+    let published = written.clone();
+    let progress = events.clone();
+    let on_written = move |RelayEvent::Written(offset)| {
+        published.send_modify(|w| w.upto = w.upto.max(offset));
+        if offset >= reported + PROGRESS_STEP {
+            reported = offset;
+            let _ = progress.send(Event::Progress(offset));
+        }
+    };
+    // Records may already sit in the frame reader's buffer: they are read first.
     let result = tokio::select! {
-        result = relay(&mut upstream, &mut writer, |RelayEvent::Written(offset)| {
-            written.send_modify(|w| w.upto = w.upto.max(offset));
-            if offset >= reported + PROGRESS_STEP {
-                reported = offset;
-                let _ = events.send(Event::Progress(offset));
-            }
-        }) => result,
+        result = relay(&stream, &leftover, &mut writer, on_written) => result,
         _ = closed(commands) => Err(Error::Invalid("the data connection was closed by this node".into())),
     };
     if let Ok(end) = &result {
