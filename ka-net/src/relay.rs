@@ -395,11 +395,13 @@ pub async fn relay(
             return Err(e);
         }
     };
+    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let upstream = Upstream {
         socket,
         leftover: leftover.to_vec(),
         read: 0,
         stop: stop_rx,
+        stopped: stopped.clone(),
     };
     let (done_tx, done_rx) = oneshot::channel::<()>();
     let position = lent.sink.position();
@@ -431,6 +433,7 @@ pub async fn relay(
         writer,
         thread: Some(thread),
         stop: stop_tx,
+        stopped,
     };
     // An error here means the thread panicked; joining says so.
     let _ = done_rx.await;
@@ -443,6 +446,7 @@ struct RelayGuard<'a> {
     writer: &'a mut NodeWriter,
     thread: Option<std::thread::JoinHandle<Received>>,
     stop: std::os::unix::net::UnixStream,
+    stopped: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RelayGuard<'_> {
@@ -469,6 +473,8 @@ impl Drop for RelayGuard<'_> {
             // waiting for the socket or about to, and wait for it; it writes
             // what it received and stops.
             use std::io::Write;
+            self.stopped
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = (&self.stop).write_all(&[1]);
             let _ = self.join();
         }
@@ -482,7 +488,11 @@ struct Upstream {
     socket: std::net::TcpStream,
     leftover: Vec<u8>,
     read: usize,
+    /// Readable once the relay is dropped: wakes a waiting thread.
     stop: std::os::unix::net::UnixStream,
+    /// Set once the relay is dropped: stops a thread that never waits
+    /// (its upstream always has more).
+    stopped: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What waiting on the upstream found.
@@ -662,16 +672,30 @@ impl Receiver {
         }
     }
 
+    /// Before each read: stops if the relay was dropped, and writes the
+    /// pending bytes if their time has come while the upstream kept sending
+    /// (reads go first and `poll` only when nothing is there, so a busy
+    /// upstream never passes through [`Receiver::wait`]).
+    fn before_read(&mut self) -> Result<(), Error> {
+        if self.up.stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Invalid("the relay was stopped".into()));
+        }
+        match self.due {
+            Some(due) if std::time::Instant::now() >= due => self.write_piece(),
+            _ => Ok(()),
+        }
+    }
+
     /// Reads an exact number of bytes outside the image (a record header).
     fn read_header(&mut self, at: u64) -> Result<RecordHeader, Error> {
         let mut hb = [0u8; RecordHeader::SIZE];
         let mut got = 0;
         while got < hb.len() {
-            self.wait()?;
+            self.before_read()?;
             match self.up.read(&mut hb[got..]) {
                 Ok(Some(0)) => return Err(Error::UpstreamClosed { at }),
                 Ok(Some(n)) => got += n,
-                Ok(None) => {}
+                Ok(None) => self.wait()?,
                 Err(e) => return Err(read_error(e, at)),
             }
         }
@@ -696,7 +720,7 @@ impl Receiver {
                     written: 0,
                 });
             }
-            self.wait()?;
+            self.before_read()?;
             let p = self.piece.as_mut().expect("a piece to fill");
             let want = (BUF_SIZE - p.filled).min(len.min(BUF_SIZE as u64) as usize);
             let at = p.offset + p.filled as u64;
@@ -712,7 +736,7 @@ impl Receiver {
                         self.due = Some(std::time::Instant::now() + FORWARD_DELAY);
                     }
                 }
-                Ok(None) => {}
+                Ok(None) => self.wait()?,
                 Err(e) => return Err(read_error(e, at)),
             }
         }
@@ -1567,6 +1591,66 @@ mod tests {
         })
         .await
         .expect("test timed out: a cancelled relay leaked the writer's buffers");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relay_dropped_while_its_upstream_never_pauses_stops_at_once() {
+        tokio::time::timeout(DEADLINE, async {
+            let dir = tempfile::tempdir().unwrap();
+            // A sink slower than loopback: the socket stays full.
+            let slow = format!(
+                "dd bs=512 of={} status=none",
+                dir.path().join("node").display()
+            );
+            let sink = open_sink(&SinkSpec::Command(slow), None).unwrap();
+            let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
+            let (up, down) = pair().await;
+            // Records without end, from a thread of its own (the runtime's
+            // workers may block in the relay's drop): the receiving thread
+            // always finds more to read and never waits on the socket,
+            // where the stop signal is.
+            let up = up.into_std().unwrap();
+            up.set_nonblocking(false).unwrap();
+            let flood = std::thread::spawn(move || {
+                use std::io::Write;
+                let chunk = vec![7u8; B];
+                for i in 0.. {
+                    let h = RecordHeader {
+                        kind: RecordKind::Data,
+                        offset: i * BLOCK,
+                        len: BLOCK,
+                    };
+                    let sent = (&up)
+                        .write_all(&h.encode())
+                        .and_then(|()| (&up).write_all(&chunk));
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+            });
+            let started = std::time::Instant::now();
+            let cut = tokio::time::timeout(
+                Duration::from_millis(300),
+                relay(&down, &[], &mut w, |_| {}),
+            )
+            .await;
+            assert!(cut.is_err(), "the stream has no end: {cut:?}");
+            // The drop (inside the timeout) stopped and joined the thread.
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the dropped relay took {:?} to stop",
+                started.elapsed()
+            );
+            // The writer is whole again.
+            let at = w.position();
+            assert!(at > 0, "bytes arrived before the drop");
+            drop(down);
+            flood.join().unwrap();
+            let (sink, _) = w.into_parts().await.unwrap();
+            assert_eq!(sink.position(), at, "everything received was written");
+        })
+        .await
+        .expect("test timed out: a dropped relay kept its thread reading");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
