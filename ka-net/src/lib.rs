@@ -72,14 +72,14 @@
 //!   producing copies of a torn image.
 //! - A *stream* source (command, tar, stdin) is hashed inline as it is
 //!   spooled, since it can be read only once.
-//! - A *node* hashes on a thread of its own, after the writer thread has
-//!   written each buffer (see [`relay()`]): the receiving task only receives,
-//!   so the node's three stages (receive, write, hash) run in parallel and
-//!   the socket is drained at the rate of the slowest, not of their sum.
+//! - A *node* hashes on a thread of its own, a whole buffer at a time,
+//!   behind the receiving thread that reads the socket and writes the disk
+//!   (see [`relay()`]): the socket is drained at the rate of receiving and
+//!   writing, and the hash follows on the other core.
 //!
 //! **Buffers.** A node's buffers are [`BUF_SIZE`] = 1 MiB, page-aligned,
-//! allocated once per upstream connection in a pool of 8 and reused only
-//! after both the writer and the hasher are done with them: no allocation
+//! allocated once per node in a pool of 8 and reused only after they are
+//! both written and hashed: no allocation
 //! per block, and at most 8 MiB of image data in memory whatever the image
 //! size (peak RSS of a node ~14 MiB, 4 GiB image included). 4 MiB buffers
 //! and 256 KiB buffers measured no better.
@@ -90,14 +90,24 @@
 //! same path serves a late or resumed downstream from disk, so neither a
 //! repair nor a slow downstream is limited by a memory buffer.
 //!
-//! **Per-hop delay.** What a node forwards is what its writer has written,
-//! so the receive side decides how long a byte waits at each hop. A buffer
-//! goes to the writer when it is full *or* [`FORWARD_DELAY`] (2 ms) after
-//! its first byte came, and the receiving task handles the writer's
-//! progress while it waits for the upstream (a quiet upstream must not hold
-//! back what is already written). On a fast link buffers fill long before
-//! the deadline; on a 100 Mbit/s link a hop costs a few milliseconds instead
-//! of a whole buffer's time twice over (170 ms measured in the lab before).
+//! **Per-hop delay.** What a node forwards is what it has written, so the
+//! receive side decides how long a byte waits at each hop. The receiving
+//! thread writes the bytes gathered in its buffer when the buffer is full
+//! *or* [`FORWARD_DELAY`] (2 ms) after the first of them came; it publishes
+//! each write on the node's `written` watch, on which the serving task of
+//! each downstream waits and sends the new extent by `sendfile(2)` at once.
+//! On a fast link buffers fill long before the deadline; on a 100 Mbit/s
+//! link a hop costs a few milliseconds instead of a whole buffer's time
+//! twice over (170 ms measured in the lab before).
+//!
+//! **Wakeups per piece.** On a 100 Mbit/s link a node forwards a 25 KB
+//! piece every 2 ms, and in a VM every thread wakeup costs tens of
+//! microseconds. The first design moved each piece through six of them
+//! (receive task, writer thread, hasher thread, back, a reader thread, the
+//! sending task) and a node used five times the CPU of a plain
+//! read-write-forward loop. Now a piece costs one (receiving thread →
+//! serving task); the hasher wakes once per 1 MiB buffer, and the receiving
+//! thread reads before it polls, so a busy socket costs no `poll` at all.
 //!
 //! **Copy path.** Measured on loopback (`examples/dataplane_alternatives.rs`
 //! has every variant): `sendfile(2)` on the sending side cuts the sender's

@@ -1,14 +1,16 @@
 //! The fast path: moving records from a source to a socket, and from an
 //! upstream socket into a node's sink.
 //!
-//! - On a node ([`relay`]), three stages hand owned buffers down a pipeline:
-//!   the async task reads each record from the upstream socket into a pooled
-//!   buffer, the [`NodeWriter`]'s writer thread writes it to the sink, and its
-//!   hasher thread hashes it, then returns the buffer to the pool. A buffer
-//!   is reused only once it is both written and hashed; the pool bounds the
-//!   memory in flight whatever the image size. The three run in parallel, so
-//!   the receiving task never stalls on hashing (nor on the disk), and on a
-//!   machine with spare cores receiving, writing and hashing each get one.
+//! - On a node ([`relay`]), one receiving thread reads the upstream socket
+//!   into a pooled buffer and writes each piece to the sink itself, so a
+//!   received byte reaches the disk without changing threads; the
+//!   [`NodeWriter`]'s hasher thread hashes whole buffers behind it and
+//!   returns them to the pool. A buffer is reused only once it is written
+//!   and hashed; the pool bounds the memory in flight whatever the image
+//!   size. Receiving and writing share a thread because on a slow link
+//!   every thread handoff is a wakeup, and wakeups (not copies) were what a
+//!   node spent its CPU on; hashing keeps a thread of its own so that on a
+//!   fast link it runs beside them on the other core.
 //! - A node does not forward from its receive buffers: it serves each
 //!   downstream from what it has written ([`send_growing`], following the
 //!   writer's progress), with `sendfile(2)` from the page cache the writer
