@@ -31,7 +31,7 @@
 //! A node's drive loop, in short:
 //!
 //! ```no_run
-//! # async fn node(mut up: tokio::net::TcpStream, mut down: tokio::net::TcpStream,
+//! # async fn node(up: tokio::net::TcpStream, mut down: tokio::net::TcpStream,
 //! #               key: ka_net::SessionKey, size: u64) -> Result<(), ka_net::Error> {
 //! use ka_net::*;
 //! let sink = open_sink(&SinkSpec::File("/dev/sda".into()), Some(size))?;
@@ -40,8 +40,10 @@
 //! let (written, follow) = tokio::sync::watch::channel(Written::default());
 //! let from_disk = source::FileSource::open_sized("/dev/sda".as_ref(), Some(size))?;
 //! let serve = tokio::spawn(async move { send_growing(from_disk, &mut down, follow, |_| {}).await });
-//! let end = relay(&mut up, &mut writer, |RelayEvent::Written(offset)| {
-//!     written.send_modify(|w| w.upto = offset); // and report progress to the core
+//! // Progress comes from the receiving thread: it publishes straight to the server.
+//! let publish = written.clone();
+//! let end = relay(&up, &[], &mut writer, move |RelayEvent::Written(offset)| {
+//!     publish.send_modify(|w| w.upto = offset); // and report progress to the core
 //! })
 //! .await?; // on error: reconnect and relay again from writer.position()
 //! written.send_replace(Written { upto: end.size, size: Some(end.size) });
