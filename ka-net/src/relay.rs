@@ -65,6 +65,13 @@ const MAX_QUEUED_JOBS: usize = 4 * DEPTH;
 /// loopback speeds buffers fill long before it runs out.
 pub const FORWARD_DELAY: Duration = Duration::from_millis(2);
 
+/// While a piece waits for its deadline, a node's receiving thread is woken
+/// by its upstream socket only once this much has arrived: on a slow link
+/// the deadline comes first and the thread wakes once per piece instead of
+/// once per packet; on a fast link it wakes per 64 KiB (a GSO packet's
+/// worth) rather than per segment.
+const WAKE_BATCH: usize = 64 << 10;
+
 /// A pooled payload buffer: [`BUF_SIZE`] page-aligned bytes with room for a
 /// record header just before them.
 struct Buf {
@@ -404,6 +411,7 @@ pub async fn relay(
         read: 0,
         stop: stop_rx,
         stopped: stopped.clone(),
+        wake_at: 1,
     };
     let (done_tx, done_rx) = oneshot::channel::<()>();
     let position = lent.sink.position();
@@ -495,23 +503,17 @@ struct Upstream {
     /// Set once the relay is dropped: stops a thread that never waits
     /// (its upstream always has more).
     stopped: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-/// What waiting on the upstream found.
-enum Ready {
-    /// Bytes (or the end of the stream, or an error) can be read.
-    Readable,
-    /// The deadline passed first.
-    Deadline,
+    /// The socket's `SO_RCVLOWAT` as last set.
+    wake_at: usize,
 }
 
 impl Upstream {
     /// Waits until the upstream can be read, or `deadline` passes; an error
     /// if the relay was stopped.
-    fn wait(&self, deadline: Option<std::time::Instant>) -> Result<Ready, Error> {
+    fn wait(&self, deadline: Option<std::time::Instant>) -> Result<(), Error> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         if self.read < self.leftover.len() {
-            return Ok(Ready::Readable);
+            return Ok(());
         }
         loop {
             let timeout = match deadline {
@@ -519,7 +521,7 @@ impl Upstream {
                 Some(d) => {
                     let left = d.saturating_duration_since(std::time::Instant::now());
                     if left.is_zero() {
-                        return Ok(Ready::Deadline);
+                        return Ok(());
                     }
                     // Whole milliseconds, rounded up: never wake early.
                     let ms = left.as_micros().div_ceil(1000).min(u16::MAX as u128) as u16;
@@ -531,17 +533,45 @@ impl Upstream {
                 PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
             ];
             match poll(&mut fds, timeout) {
-                Ok(0) => return Ok(Ready::Deadline),
+                Ok(0) => return Ok(()),
                 Ok(_) => {
                     if fds[1].any().unwrap_or(false) {
                         return Err(Error::Invalid("the relay was stopped".into()));
                     }
-                    return Ok(Ready::Readable);
+                    return Ok(());
                 }
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(Error::io("waiting for the upstream", e.into())),
             }
         }
+    }
+
+    /// Makes `poll` report the socket readable only once `bytes` are there
+    /// (or it is closed). A read still takes whatever is there.
+    fn set_wake_at(&mut self, bytes: usize) -> Result<(), Error> {
+        if bytes == self.wake_at {
+            return Ok(());
+        }
+        let value = bytes as libc::c_int;
+        // SAFETY: the socket is open for the life of `self`; the option
+        // value is a plain int whose size is passed along.
+        let r = unsafe {
+            libc::setsockopt(
+                self.socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(Error::io(
+                "setting the upstream's SO_RCVLOWAT",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        self.wake_at = bytes;
+        Ok(())
     }
 
     /// Reads what is there into `dst` (the leftover first); `Ok(None)` if
@@ -595,6 +625,9 @@ impl Receiver {
     /// and queues it for hashing, and hands back what it borrowed.
     fn run(mut self) -> Received {
         let mut result = self.receive();
+        // The socket goes back as it came (best effort: it is being closed
+        // or handed back for frames).
+        let _ = self.up.set_wake_at(1);
         if let Err(e) = self.write_piece().and_then(|()| self.hand_over_piece()) {
             result = result.and(Err(e));
         }
@@ -663,14 +696,35 @@ impl Receiver {
         }
     }
 
-    /// Waits for the upstream, writing the pending bytes when their time
-    /// comes: bytes wait in the buffer at most [`FORWARD_DELAY`].
+    /// Waits for the upstream once a read found nothing there. While a piece
+    /// is open the socket wakes the thread only for [`WAKE_BATCH`] bytes
+    /// (`SO_RCVLOWAT`) and the piece's deadline catches the rest: on a slow
+    /// link the thread wakes once per piece, not once per packet, and the
+    /// bytes that came meanwhile are read before the piece is written.
     fn wait(&mut self) -> Result<(), Error> {
-        loop {
-            match self.up.wait(self.due)? {
-                Ready::Readable => return Ok(()),
-                Ready::Deadline => self.write_piece()?,
+        self.write_if_due()?;
+        let lowat = if self.due.is_some() { WAKE_BATCH } else { 1 };
+        self.up.set_wake_at(lowat)?;
+        // Readable or past the deadline: either way read what is there
+        // first; the next read or wait writes the piece.
+        self.up.wait(self.due)
+    }
+
+    /// Writes the pending bytes once their deadline has passed, and while
+    /// bytes keep coming keeps the cadence: the next piece is due
+    /// [`FORWARD_DELAY`] later, whenever its first byte comes.
+    fn write_if_due(&mut self) -> Result<(), Error> {
+        let now = std::time::Instant::now();
+        match self.due {
+            Some(due) if now >= due => {
+                let pending = self.piece.as_ref().is_some_and(|p| p.filled > p.written);
+                self.write_piece()?;
+                if pending {
+                    self.due = Some(now + FORWARD_DELAY);
+                }
+                Ok(())
             }
+            _ => Ok(()),
         }
     }
 
@@ -682,10 +736,7 @@ impl Receiver {
         if self.up.stopped.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Error::Invalid("the relay was stopped".into()));
         }
-        match self.due {
-            Some(due) if std::time::Instant::now() >= due => self.write_piece(),
-            _ => Ok(()),
-        }
+        self.write_if_due()
     }
 
     /// Reads an exact number of bytes outside the image (a record header).
