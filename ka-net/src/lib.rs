@@ -110,12 +110,12 @@
 //! read-write-forward loop. Now a piece costs one (receiving thread →
 //! serving task); the hasher wakes once per 1 MiB buffer, and the receiving
 //! thread reads before it polls, so a busy socket costs no `poll` at all.
-//! While a piece waits for its deadline the socket's `SO_RCVLOWAT` is
-//! 64 KiB: on a slow link the thread wakes at the deadline, once per piece,
-//! instead of once per packet, and drains what came before it writes; the
-//! next deadline follows 2 ms later while bytes keep coming. (Session 3
-//! tried `SO_RCVLOWAT` in the async receive task and it cost more than it
-//! saved there; in a thread of its own it cut a node's wakeups sixfold.)
+//! On a fast link (buffers fill before their deadline) the socket's
+//! `SO_RCVLOWAT` is 64 KiB while a piece is open, so the thread wakes per
+//! 64 KiB rather than per segment. On a slow link it wakes per packet:
+//! batching there too (waking once per piece, at its deadline) cut a node's
+//! `poll`s sixfold but made a lab run's hops slower now and then, for a
+//! reason not yet found (docs/lab.md has the runs).
 //!
 //! **Copy path.** Measured on loopback (`examples/dataplane_alternatives.rs`
 //! has every variant): `sendfile(2)` on the sending side cuts the sender's
