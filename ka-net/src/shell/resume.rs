@@ -255,7 +255,8 @@ impl NodeState {
 }
 
 /// Flushes what has been written to the target at `path` to stable storage
-/// (`fdatasync` through a handle of our own: the writer thread owns its own).
+/// (`fdatasync` through a handle of our own: the sink, and its handle, are
+/// with the relay's receiving thread).
 pub fn sync_target(path: &Path) -> std::io::Result<()> {
     OpenOptions::new().read(true).open(path)?.sync_data()
 }
