@@ -1651,6 +1651,53 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bytes_of_an_unfinished_record_are_written_and_published_while_the_upstream_is_quiet() {
+        tokio::time::timeout(DEADLINE, async {
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("node");
+            let sink = open_sink(&SinkSpec::File(out.clone()), None).unwrap();
+            let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
+            let (mut up, down) = pair().await;
+            let (tx, mut rx) = watch::channel(Written::default());
+            // Half a record, then silence: a slow link's upstream between
+            // packets. What came must reach the disk, and the watch a
+            // downstream server follows, without waiting for the rest.
+            let h = RecordHeader {
+                kind: RecordKind::Data,
+                offset: 0,
+                len: 4 * BLOCK,
+            };
+            let half = vec![5u8; 2 * B + 100];
+            let mut bytes = h.encode().to_vec();
+            bytes.extend_from_slice(&half);
+            up.write_all(&bytes).await.unwrap();
+            let relay = relay(&down, &[], &mut w, move |RelayEvent::Written(o)| {
+                tx.send_modify(|w| w.upto = o);
+            });
+            let sent_at = std::time::Instant::now();
+            let watch_half = async {
+                while rx.borrow_and_update().upto < half.len() as u64 {
+                    rx.changed().await.unwrap();
+                }
+                sent_at.elapsed()
+            };
+            let waited = tokio::select! {
+                _ = relay => panic!("the record is not finished; the relay cannot end"),
+                waited = watch_half => waited,
+            };
+            assert!(
+                waited < Duration::from_secs(1),
+                "published after {waited:?}, not within a few forward delays"
+            );
+            assert_eq!(w.position(), half.len() as u64);
+            drop(up);
+            assert!(std::fs::read(&out).unwrap()[..half.len()] == half[..]);
+        })
+        .await
+        .expect("test timed out: received bytes were held back");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn relay_dropped_while_its_upstream_never_pauses_stops_at_once() {
         tokio::time::timeout(DEADLINE, async {
             let dir = tempfile::tempdir().unwrap();
