@@ -165,7 +165,8 @@ impl Lent {
     /// A buffer to receive into: a free one, a new one while fewer than
     /// [`DEPTH`] exist, or the next the hasher returns (back-pressure: the
     /// receiver never runs more than `DEPTH` buffers ahead of the hash).
-    fn take_buf(&mut self) -> Result<Buf, Error> {
+    /// Gives up once `stopped` is set: a dropped relay waits for this thread.
+    fn take_buf(&mut self, stopped: &std::sync::atomic::AtomicBool) -> Result<Buf, Error> {
         if let Ok(b) = self.free.try_recv() {
             return Ok(b);
         }
@@ -173,9 +174,19 @@ impl Lent {
             self.allocated += 1;
             return Ok(Buf::new());
         }
-        self.free
-            .recv()
-            .map_err(|_| Error::WriterFailed("the hasher thread exited".into()))
+        loop {
+            match self.free.recv_timeout(Duration::from_millis(100)) {
+                Ok(b) => return Ok(b),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Err(Error::Invalid("the relay was stopped".into()));
+                    }
+                }
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(Error::WriterFailed("the hasher thread exited".into()))
+                }
+            }
+        }
     }
 
     fn hash(&self, job: HashJob) -> Result<(), Error> {
@@ -636,6 +647,13 @@ impl Receiver {
         if let Err(e) = self.write_piece().and_then(|()| self.hand_over_piece()) {
             result = result.and(Err(e));
         }
+        if self.piece.take().is_some() {
+            // An empty buffer (the stream stopped just as it was taken): it
+            // goes with this thread, so the pool may make another. Kept in
+            // the count, it would be lost for good, and after a few such
+            // stops the next relay would wait forever for a buffer.
+            self.lent.allocated -= 1;
+        }
         Received {
             lent: self.lent,
             sink_failed: self.sink_failed,
@@ -769,7 +787,7 @@ impl Receiver {
             }
             if self.piece.is_none() {
                 let offset = self.lent.sink.position();
-                let buf = self.lent.take_buf()?;
+                let buf = self.lent.take_buf(&self.up.stopped)?;
                 self.piece = Some(Piece {
                     buf,
                     offset,
@@ -1755,6 +1773,62 @@ mod tests {
         })
         .await
         .expect("test timed out: a dropped relay kept its thread reading");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn upstreams_that_stop_just_after_a_full_buffer_do_not_drain_the_pool() {
+        tokio::time::timeout(DEADLINE, async {
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("node");
+            let sink = open_sink(&SinkSpec::File(out.clone()), None).unwrap();
+            let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
+            let whole = vec![3u8; BUF_SIZE];
+            // Each upstream sends a record that fills a buffer exactly, the
+            // header of the next, and closes: the receiving thread has just
+            // taken a fresh buffer for the next record when the stream stops.
+            // More such stops than the pool has buffers.
+            for _ in 0..2 * DEPTH {
+                let at = w.position();
+                let (mut up, down) = pair().await;
+                let mut bytes = Vec::new();
+                for (offset, len) in [(at, BUF_SIZE as u64), (at + BUF_SIZE as u64, BLOCK)] {
+                    let h = RecordHeader {
+                        kind: RecordKind::Data,
+                        offset,
+                        len,
+                    };
+                    bytes.extend_from_slice(&h.encode());
+                }
+                let (first, second) = bytes.split_at(RecordHeader::SIZE);
+                up.write_all(first).await.unwrap();
+                up.write_all(&whole).await.unwrap();
+                up.write_all(second).await.unwrap();
+                drop(up);
+                let err = relay(&down, &[], &mut w, |_| {}).await.unwrap_err();
+                assert!(matches!(err, Error::UpstreamClosed { .. }), "{err}");
+                assert_eq!(w.position(), at + BUF_SIZE as u64);
+            }
+            // And a whole image still goes through.
+            let at = w.position();
+            let (mut up, down) = pair().await;
+            let h = RecordHeader {
+                kind: RecordKind::Data,
+                offset: at,
+                len: BLOCK,
+            };
+            let end = RecordHeader {
+                kind: RecordKind::End,
+                offset: at + BLOCK,
+                len: 0,
+            };
+            up.write_all(&h.encode()).await.unwrap();
+            up.write_all(&whole[..B]).await.unwrap();
+            up.write_all(&end.encode()).await.unwrap();
+            let done = relay(&down, &[], &mut w, |_| {}).await.unwrap();
+            assert_eq!(done.size, at + BLOCK);
+        })
+        .await
+        .expect("test timed out: the writer's buffers ran out");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
