@@ -103,9 +103,10 @@
 //! twice over (170 ms measured in the lab before).
 //!
 //! **Wakeups per piece.** On a 100 Mbit/s link a node forwards a 25 KB
-//! piece every 2 ms, and in a VM every thread wakeup costs tens of
-//! microseconds. The first design moved each piece through six of them
-//! (receive task, writer thread, hasher thread, back, a reader thread, the
+//! piece every 2 ms, and in the development VM a node's extra CPU over a
+//! plain relay came to about 0.12 ms per extra context switch (both
+//! counted; docs/lab.md). The first design moved each piece through six thread
+//! handoffs (receive task, writer thread, hasher thread, back, a reader thread, the
 //! sending task) and a node used five times the CPU of a plain
 //! read-write-forward loop. Now a piece costs one (receiving thread →
 //! serving task); the hasher wakes once per 1 MiB buffer, and the receiving

@@ -137,6 +137,16 @@ pub struct RelayEnd {
     pub digest: ImageDigest,
 }
 
+/// The hasher thread is gone (it panicked, or its writer was dropped).
+fn hasher_gone() -> Error {
+    Error::WriterFailed("the hasher thread exited".into())
+}
+
+/// The relay was dropped while its receiving thread ran.
+fn relay_stopped() -> Error {
+    Error::Invalid("the relay was stopped".into())
+}
+
 /// What hashing is asked to do, in image order.
 enum HashJob {
     /// Hash `len` bytes of `buf` at `offset`, then return the buffer to the pool.
@@ -166,7 +176,7 @@ impl Lent {
     /// [`DEPTH`] exist, or the next the hasher returns (back-pressure: the
     /// receiver never runs more than `DEPTH` buffers ahead of the hash).
     /// Gives up once `stopped` is set: a dropped relay waits for this thread.
-    fn take_buf(&mut self, stopped: &std::sync::atomic::AtomicBool) -> Result<Buf, Error> {
+    fn take_buf(&mut self, stopped: &StopFlag) -> Result<Buf, Error> {
         if let Ok(b) = self.free.try_recv() {
             return Ok(b);
         }
@@ -177,22 +187,17 @@ impl Lent {
         loop {
             match self.free.recv_timeout(Duration::from_millis(100)) {
                 Ok(b) => return Ok(b),
-                Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                    if stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                        return Err(Error::Invalid("the relay was stopped".into()));
-                    }
+                Err(std_mpsc::RecvTimeoutError::Timeout) if stopped.is_set() => {
+                    return Err(relay_stopped())
                 }
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(Error::WriterFailed("the hasher thread exited".into()))
-                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return Err(hasher_gone()),
             }
         }
     }
 
     fn hash(&self, job: HashJob) -> Result<(), Error> {
-        self.hash
-            .send(job)
-            .map_err(|_| Error::WriterFailed("the hasher thread exited".into()))
+        self.hash.send(job).map_err(|_| hasher_gone())
     }
 }
 
@@ -261,13 +266,6 @@ impl NodeWriter {
             .map_or(self.position, |l| l.sink.position())
     }
 
-    /// The offset the sink has taken everything before (the same as
-    /// [`position`](Self::position): a relay writes all it received before
-    /// it returns).
-    pub fn written(&self) -> u64 {
-        self.position()
-    }
-
     fn check(&self) -> Result<(), Error> {
         match &self.failed {
             Some(msg) => Err(Error::WriterFailed(msg.clone())),
@@ -275,34 +273,27 @@ impl NodeWriter {
         }
     }
 
+    /// The sink and the pool, to lend to a relay's thread or to give up.
+    fn take_lent(&mut self) -> Result<Lent, Error> {
+        self.lent.take().ok_or_else(|| {
+            let why = self.failed.as_deref().unwrap_or("the sink was lost");
+            Error::WriterFailed(why.into())
+        })
+    }
+
     /// Takes back what a relay's thread borrowed.
-    fn restore(&mut self, ended: std::thread::Result<Received>) {
-        match ended {
-            Ok(r) => {
-                self.position = r.lent.sink.position();
-                if let Some(why) = r.sink_failed {
-                    self.failed.get_or_insert(why);
-                }
-                self.lent = Some(r.lent);
-            }
-            Err(_) => {
-                self.failed
-                    .get_or_insert_with(|| "the receiving thread panicked".into());
-            }
+    fn restore(&mut self, lent: Lent, sink_failed: Option<String>) {
+        self.position = lent.sink.position();
+        if let Some(why) = sink_failed {
+            self.failed.get_or_insert(why);
         }
+        self.lent = Some(lent);
     }
 
     /// Stops the hasher thread once it has hashed everything queued, and
     /// returns the sink (e.g. to read it back) and the hasher.
     pub async fn into_parts(mut self) -> Result<(Box<dyn ImageSink>, ImageHasher), Error> {
-        let lent = self.lent.take().ok_or_else(|| {
-            Error::WriterFailed(
-                self.failed
-                    .clone()
-                    .unwrap_or_else(|| "the sink was lost".into()),
-            )
-        })?;
-        let Lent { sink, hash, .. } = lent;
+        let Lent { sink, hash, .. } = self.take_lent()?;
         drop(hash); // closes the queue: the hasher finishes it and returns
         let hasher = self
             .hasher
@@ -392,33 +383,16 @@ pub async fn relay(
     events: impl FnMut(RelayEvent) + Send + 'static,
 ) -> Result<RelayEnd, Error> {
     writer.check()?;
-    let lent = writer.lent.take().ok_or_else(|| {
-        Error::WriterFailed(
-            writer
-                .failed
-                .clone()
-                .unwrap_or_else(|| "the sink was lost".into()),
-        )
-    })?;
-    let started = (|| {
-        let socket = upstream
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| Error::io("duplicating the upstream socket", e))?;
-        let (stop_tx, stop_rx) = std::os::unix::net::UnixStream::pair()
-            .map_err(|e| Error::io("making the relay's stop signal", e))?;
-        Ok::<_, Error>((std::net::TcpStream::from(socket), stop_tx, stop_rx))
-    })();
-    let (socket, stop_tx, stop_rx) = match started {
-        Ok(s) => s,
-        Err(e) => {
-            writer.lent = Some(lent);
-            return Err(e);
-        }
-    };
-    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let socket = upstream
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("duplicating the upstream socket", e))?;
+    let (stop_tx, stop_rx) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| Error::io("making the relay's stop signal", e))?;
+    let lent = writer.take_lent()?;
+    let stopped = StopFlag::default();
     let upstream = Upstream {
-        socket,
+        socket: std::net::TcpStream::from(socket),
         leftover: leftover.to_vec(),
         read: 0,
         stop: stop_rx,
@@ -463,27 +437,46 @@ pub async fn relay(
     guard.join()
 }
 
+/// Set once a relay is dropped; its receiving thread checks it between
+/// reads and while it waits for a buffer.
+#[derive(Clone, Default)]
+struct StopFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl StopFlag {
+    fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Stops and joins a relay's receiving thread, whether the relay finished
 /// or its future was dropped, and gives the writer back what it lent.
 struct RelayGuard<'a> {
     writer: &'a mut NodeWriter,
     thread: Option<std::thread::JoinHandle<Received>>,
     stop: std::os::unix::net::UnixStream,
-    stopped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stopped: StopFlag,
 }
 
 impl RelayGuard<'_> {
     fn join(&mut self) -> Result<RelayEnd, Error> {
         let thread = self.thread.take().expect("joined once");
         match thread.join() {
-            Ok(mut r) => {
-                let result = std::mem::replace(&mut r.result, Err(Error::Invalid(String::new())));
-                self.writer.restore(Ok(r));
+            Ok(Received {
+                lent,
+                sink_failed,
+                result,
+            }) => {
+                self.writer.restore(lent, sink_failed);
                 result
             }
-            Err(p) => {
-                self.writer.restore(Err(p));
-                Err(Error::WriterFailed("the receiving thread panicked".into()))
+            Err(_) => {
+                let why = "the receiving thread panicked";
+                self.writer.failed.get_or_insert_with(|| why.into());
+                Err(Error::WriterFailed(why.into()))
             }
         }
     }
@@ -496,8 +489,7 @@ impl Drop for RelayGuard<'_> {
             // waiting for the socket or about to, and wait for it; it writes
             // what it received and stops.
             use std::io::Write;
-            self.stopped
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.stopped.set();
             let _ = (&self.stop).write_all(&[1]);
             let _ = self.join();
         }
@@ -515,7 +507,7 @@ struct Upstream {
     stop: std::os::unix::net::UnixStream,
     /// Set once the relay is dropped: stops a thread that never waits
     /// (its upstream always has more).
-    stopped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stopped: StopFlag,
     /// The socket's `SO_RCVLOWAT` as last set.
     wake_at: usize,
 }
@@ -549,7 +541,7 @@ impl Upstream {
                 Ok(0) => return Ok(()),
                 Ok(_) => {
                     if fds[1].any().unwrap_or(false) {
-                        return Err(Error::Invalid("the relay was stopped".into()));
+                        return Err(relay_stopped());
                     }
                     return Ok(());
                 }
@@ -647,13 +639,6 @@ impl Receiver {
         if let Err(e) = self.write_piece().and_then(|()| self.hand_over_piece()) {
             result = result.and(Err(e));
         }
-        if self.piece.take().is_some() {
-            // An empty buffer (the stream stopped just as it was taken): it
-            // goes with this thread, so the pool may make another. Kept in
-            // the count, it would be lost for good, and after a few such
-            // stops the next relay would wait forever for a buffer.
-            self.lent.allocated -= 1;
-        }
         Received {
             lent: self.lent,
             sink_failed: self.sink_failed,
@@ -710,9 +695,13 @@ impl Receiver {
                 buf: p.buf,
                 len: p.filled,
             }),
-            Some(p) => {
-                // Nothing in it: keep it for the next piece.
-                self.piece = Some(p);
+            Some(_) => {
+                // Nothing in it (the stream stopped just as it was taken):
+                // it leaves the pool's count, so the pool may make another.
+                // Kept in the count, it would be lost with this thread, and
+                // after a few such stops the next relay would wait forever
+                // for a buffer.
+                self.lent.allocated -= 1;
                 Ok(())
             }
             None => Ok(()),
@@ -754,8 +743,8 @@ impl Receiver {
     /// (reads go first and `poll` only when nothing is there, so a busy
     /// upstream never passes through [`Receiver::wait`]).
     fn before_read(&mut self) -> Result<(), Error> {
-        if self.up.stopped.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(Error::Invalid("the relay was stopped".into()));
+        if self.up.stopped.is_set() {
+            return Err(relay_stopped());
         }
         self.write_if_due()
     }
@@ -797,7 +786,7 @@ impl Receiver {
             }
             self.before_read()?;
             let p = self.piece.as_mut().expect("a piece to fill");
-            let want = (BUF_SIZE - p.filled).min(len.min(BUF_SIZE as u64) as usize);
+            let want = len.min((BUF_SIZE - p.filled) as u64) as usize;
             let at = p.offset + p.filled as u64;
             let dst = &mut p.buf.payload_mut()[p.filled..p.filled + want];
             match self.up.read(dst) {
@@ -852,7 +841,7 @@ impl Receiver {
                     self.lent.hash(HashJob::End { size, reply })?;
                     let digest = digest
                         .recv()
-                        .map_err(|_| Error::WriterFailed("the hasher thread exited".into()))?
+                        .map_err(|_| hasher_gone())?
                         .map_err(Error::WriterFailed)?;
                     return Ok(RelayEnd { size, digest });
                 }
@@ -1443,7 +1432,6 @@ mod tests {
             cut.await.unwrap();
             assert!(matches!(err, Error::UpstreamClosed { .. }), "{err}");
             let resume_at = writer.position();
-            assert_eq!(resume_at, writer.written());
             assert_eq!(
                 resume_at, cut_at,
                 "every byte that came before the cut is kept"
@@ -1861,7 +1849,7 @@ mod tests {
                 matches!(err, Error::Record { at, .. } if at == BLOCK),
                 "{err}"
             );
-            assert_eq!(w.written(), BLOCK);
+            assert_eq!(w.position(), BLOCK);
         })
         .await
         .expect("test timed out");

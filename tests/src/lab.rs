@@ -199,7 +199,7 @@ impl Lab {
         }
         batch(&self.ip, None, &root);
         batch(&self.ip, Some(&sw), &switch);
-        bridge_netfilter_off(&sw);
+        self.bridge_netfilter_off();
         for h in &self.hosts {
             let host = [
                 format!("addr add {}/24 dev eth0", h.addr),
@@ -380,6 +380,22 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Stops the switch's bridge from passing frames through the host
+    /// firewall. The bridge's own `nf_call_*` options are not enough: the
+    /// kernel runs the `br_nf_*` hooks when either they or the switch
+    /// namespace's `bridge-nf-call-*` sysctls ask for it, and those are on
+    /// by default once `br_netfilter` is loaded (as on the development VM,
+    /// where `br_nf_pre_routing` was 14 % of ka's samples in a 16-node
+    /// profile). Without `br_netfilter` the files are absent and there is
+    /// nothing to turn off.
+    fn bridge_netfilter_off(&self) {
+        let script = "for f in /proc/sys/net/bridge/bridge-nf-call-iptables \
+                      /proc/sys/net/bridge/bridge-nf-call-ip6tables \
+                      /proc/sys/net/bridge/bridge-nf-call-arptables; do \
+                      if [ -e $f ]; then echo 0 > $f || exit 1; fi; done";
+        self.exec_output(&self.switch, &["sh", "-c", script]);
+    }
+
     fn ip(&self, args: &[&str]) -> String {
         checked(&self.ip, args)
     }
@@ -418,32 +434,7 @@ fn checked(tool: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Runs `tool [-n ns] -batch -` on `lines`, panicking with its error
-/// output if any fails.
 /// Turns generic receive offload on for `dev` in `ns`.
-/// Stops the switch namespace's bridge from passing frames through the
-/// host firewall. The bridge's own `nf_call_*` options are not enough: the
-/// kernel runs the `br_nf_*` hooks when either they or the namespace's
-/// `bridge-nf-call-*` sysctls (default on once `br_netfilter` is loaded, as
-/// it is wherever Docker runs) ask for it, and those hooks cost a quarter of
-/// the lab's CPU in a 16-node profile. Without `br_netfilter` the files are
-/// absent and there is nothing to turn off.
-fn bridge_netfilter_off(switch: &str) {
-    let script = "for f in /proc/sys/net/bridge/bridge-nf-call-iptables \
-                  /proc/sys/net/bridge/bridge-nf-call-ip6tables \
-                  /proc/sys/net/bridge/bridge-nf-call-arptables; do \
-                  if [ -e $f ]; then echo 0 > $f || exit 1; fi; done";
-    let out = Command::new("ip")
-        .args(["netns", "exec", switch, "sh", "-c", script])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run ip netns exec: {e}"));
-    assert!(
-        out.status.success(),
-        "turning bridge netfilter off in {switch} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn ethtool_gro(ns: Option<&str>, dev: &str) {
     let mut cmd = Command::new("ip");
     if let Some(ns) = ns {
@@ -460,6 +451,8 @@ fn ethtool_gro(ns: Option<&str>, dev: &str) {
     );
 }
 
+/// Runs `tool [-n ns] -batch -` on `lines`, panicking with its error
+/// output if any fails.
 fn batch(tool: &Path, ns: Option<&str>, lines: &[String]) {
     use std::io::Write;
     let mut cmd = Command::new(tool);

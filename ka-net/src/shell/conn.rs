@@ -262,7 +262,7 @@ async fn receive(
     } = job;
     // Progress is published from the relay's receiving thread: the serving
     // tasks that follow `written` wake without another thread in between.
-    let mut reported = writer.written();
+    let mut reported = writer.position();
     let published = written.clone();
     let progress = events.clone();
     let on_written = move |RelayEvent::Written(offset)| {

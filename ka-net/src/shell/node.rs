@@ -571,7 +571,7 @@ pub async fn run_node(
                             // else: a resume asks for this offset.
                             let at = w.position();
                             received_bytes += at.saturating_sub(receiving_from);
-                            node.handle_progress(now, Progress { received: at, written: w.written(), holds_from: 0 });
+                            node.handle_progress(now, Progress { received: at, written: w.position(), holds_from: 0 });
                             writer = Some(*w);
                             match result {
                                 Ok(end) => match &opts.target {
