@@ -192,7 +192,7 @@ fn receive(variant: &str, out: &Path, bufsz: usize) {
             let start = Instant::now();
             let sink = open_sink(&SinkSpec::File(out.to_owned()), Some(size)).expect("sink");
             let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).expect("writer");
-            let end = relay(&up, &[], &mut w, |_| {}).await.expect("relay");
+            let end = relay(&up, &[], &mut w, None, |_| {}).await.expect("relay");
             report(start, &end.digest.to_string());
         });
     }

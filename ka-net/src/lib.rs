@@ -39,10 +39,10 @@
 //! // The downstream is served from what this node has written, as it grows.
 //! let (written, follow) = tokio::sync::watch::channel(Written::default());
 //! let from_disk = source::FileSource::open_sized("/dev/sda".as_ref(), Some(size))?;
-//! let serve = tokio::spawn(async move { send_growing(from_disk, &mut down, follow, |_| {}).await });
+//! let serve = tokio::spawn(async move { send_growing(from_disk, &mut down, follow, None, |_| {}).await });
 //! // Progress comes from the receiving thread: it publishes straight to the server.
 //! let publish = written.clone();
-//! let end = relay(&up, &[], &mut writer, move |RelayEvent::Written(offset)| {
+//! let end = relay(&up, &[], &mut writer, None, move |RelayEvent::Written(offset)| {
 //!     publish.send_modify(|w| w.upto = offset); // and report progress to the core
 //! })
 //! .await?; // on error: reconnect and relay again from writer.position()
@@ -86,37 +86,46 @@
 //! size (peak RSS of a node ~14 MiB, 4 GiB image included). 4 MiB buffers
 //! and 256 KiB buffers measured no better.
 //!
-//! **Forwarding.** A node serves its downstream from what it has written,
+//! **Forwarding.** A node serves each downstream from what it has written,
 //! with `sendfile(2)` from the page cache the writer just filled, in one
 //! stream per downstream that follows the writer ([`send_growing`]). The
 //! same path serves a late or resumed downstream from disk, so neither a
-//! repair nor a slow downstream is limited by a memory buffer.
+//! repair nor a slow downstream is limited by a memory buffer. On a slow
+//! link, while a downstream keeps up, its serving task lends its socket to
+//! the receiving thread, which sends each piece on itself right after
+//! writing it ([`direct`]): one non-blocking `sendmsg` instead of a task
+//! wakeup, an `lseek`, a zero probe and two sends. The thread never waits
+//! for a downstream; one that falls behind gets its socket back (mid-record
+//! if need be) and is served from the file again until it catches up.
 //!
-//! **Per-hop delay.** What a node forwards is what it has written, so the
-//! receive side decides how long a byte waits at each hop. The receiving
-//! thread writes the bytes gathered in its buffer when the buffer is full
-//! *or* [`FORWARD_DELAY`] (2 ms) after the first of them came; it publishes
-//! each write on the node's `written` watch, on which the serving task of
-//! each downstream waits and sends the new extent by `sendfile(2)` at once.
-//! On a fast link buffers fill long before the deadline; on a 100 Mbit/s
-//! link a hop costs a few milliseconds instead of a whole buffer's time
-//! twice over (170 ms measured in the lab before).
+//! **Per-hop delay.** The receive side decides how long a byte waits at
+//! each hop. The receiving thread writes (and forwards) the bytes gathered
+//! in its buffer when the buffer is full *or* [`FORWARD_DELAY`] (2 ms)
+//! after the first of them came, and publishes each write on the node's
+//! `written` watch for the serving tasks that are not caught up. On a fast
+//! link buffers fill long before the deadline; on a 100 Mbit/s link a hop
+//! costs a few milliseconds instead of a whole buffer's time twice over
+//! (170 ms measured in the lab before).
 //!
 //! **Wakeups per piece.** On a 100 Mbit/s link a node forwards a 25 KB
 //! piece every 2 ms, and in the development VM a node's extra CPU over a
 //! plain relay came to about 0.12 ms per extra context switch (both
-//! counted; docs/lab.md). The first design moved each piece through six thread
-//! handoffs (receive task, writer thread, hasher thread, back, a reader thread, the
-//! sending task) and a node used five times the CPU of a plain
-//! read-write-forward loop. Now a piece costs one (receiving thread →
-//! serving task); the hasher wakes once per 1 MiB buffer, and the receiving
-//! thread reads before it polls, so a busy socket costs no `poll` at all.
-//! On a fast link (buffers fill before their deadline) the socket's
-//! `SO_RCVLOWAT` is 64 KiB while a piece is open, so the thread wakes per
-//! 64 KiB rather than per segment. On a slow link it wakes per packet:
-//! batching there too (waking once per piece, at its deadline) cut a node's
-//! `poll`s sixfold but made a lab run's hops slower now and then, for a
-//! reason not yet found (docs/lab.md has the runs).
+//! counted; docs/lab.md). The first design moved each piece through six
+//! thread handoffs (receive task, writer thread, hasher thread, back, a
+//! reader thread, the sending task) and a node used five times the CPU of
+//! a plain read-write-forward loop. Now a piece costs none: the receiving
+//! thread receives, writes and forwards it; the hasher wakes once per 1 MiB
+//! buffer; the upstream socket is taken out of the runtime's `epoll` (left
+//! there, each arriving packet woke a runtime thread for nothing: four
+//! wakeups per piece). The receiving thread reads before it polls, so a
+//! busy socket costs no `poll` at all. On a fast link (buffers fill before
+//! their deadline) the socket's `SO_RCVLOWAT` is 64 KiB while a piece is
+//! open, so the thread wakes per 64 KiB rather than per segment. On a slow
+//! link the thread sleeps from a piece's first byte to its deadline, as
+//! long as what arrives meanwhile fits a quarter of the socket's receive
+//! buffer (so the sender never waits for the window). `SO_RCVLOWAT` is not
+//! used there: raising it lets Linux clamp the receive window to it, a
+//! likely cause of the slower hops it gave in the lab (docs/lab.md).
 //!
 //! **Copy path.** Measured on loopback (`examples/dataplane_alternatives.rs`
 //! has every variant): `sendfile(2)` on the sending side cuts the sender's
@@ -147,6 +156,7 @@ use std::io;
 
 pub mod blockdev;
 pub mod digest;
+pub mod direct;
 pub mod process;
 pub mod relay;
 pub mod shell;

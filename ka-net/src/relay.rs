@@ -11,11 +11,13 @@
 //!   every thread handoff is a wakeup, and wakeups (not copies) were what a
 //!   node spent its CPU on; hashing keeps a thread of its own so that on a
 //!   fast link it runs beside them on the other core.
-//! - A node does not forward from its receive buffers: it serves each
-//!   downstream from what it has written ([`send_growing`], following the
-//!   writer's progress), with `sendfile(2)` from the page cache the writer
-//!   just filled. The same path serves a late or resumed downstream from
-//!   disk, so no memory buffer limits a slow downstream or a repair.
+//! - A node serves each downstream from what it has written
+//!   ([`send_growing`], following the writer's progress), with
+//!   `sendfile(2)` from the page cache the writer just filled. The same
+//!   path serves a late or resumed downstream from disk, so no memory
+//!   buffer limits a slow downstream or a repair. While a downstream keeps
+//!   up on a slow link, the receiving thread sends each piece to it itself,
+//!   right after writing it ([`crate::direct`]).
 //! - On the source, a reader thread produces records from the
 //!   [`ImageSource`] while the async task writes them to the socket
 //!   ([`send_image`]): by `sendfile(2)` for files and block devices (the
@@ -29,6 +31,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 
 use ka_core::record::{RecordHeader, RecordKind};
 use tokio::io::{AsyncWriteExt, Interest};
@@ -37,6 +40,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Duration;
 
 use crate::digest::{ImageDigest, ImageHasher};
+use crate::direct::{Downstreams, Feeding};
 use crate::sink::ImageSink;
 use crate::source::{FileSource, ImageSource};
 use crate::Error;
@@ -68,9 +72,10 @@ pub const FORWARD_DELAY: Duration = Duration::from_millis(2);
 /// On a fast link (buffers fill before their deadline), a node's receiving
 /// thread is woken by its upstream socket only once this much has arrived
 /// (`SO_RCVLOWAT`): per 64 KiB, a GSO packet's worth, rather than per
-/// segment. On a slow link it wakes per packet: batching there (waking at
-/// each piece's deadline) cut wakeups sixfold but made hops slower now and
-/// then (8 lab nodes at up to 1.05 × the floor instead of 1.02).
+/// segment. On a slow link it sleeps to each piece's deadline instead (see
+/// `Receiver::wait`): batching there with `SO_RCVLOWAT` made hops slower
+/// now and then (8 lab nodes at up to 1.05 × the floor instead of 1.02),
+/// likely because Linux clamps the receive window to a raised low mark.
 const WAKE_BATCH: usize = 64 << 10;
 
 /// A pooled payload buffer: [`BUF_SIZE`] page-aligned bytes with room for a
@@ -372,14 +377,21 @@ struct Received {
 /// byte received is written, and a new relay may resume at
 /// `writer.position()`.
 ///
+/// With `direct`, the receiving thread also sends each piece it writes to
+/// the downstreams whose serving tasks ([`send_growing`] with the same
+/// `direct`) have lent it their sockets. The upstream is read by that
+/// thread alone: a socket still registered with the tokio runtime (pass
+/// one made by `into_std`) would wake the runtime at every packet.
+///
 /// Dropping the future (to relink) stops the receiving thread and waits
 /// for it (it stops at once: it is waiting for the socket, or writing one
 /// piece), so the writer is whole again and holds everything received;
 /// the connection may be left mid-record: close it.
 pub async fn relay(
-    upstream: &TcpStream,
+    upstream: &impl AsFd,
     leftover: &[u8],
     writer: &mut NodeWriter,
+    direct: Option<&Arc<Downstreams>>,
     events: impl FnMut(RelayEvent) + Send + 'static,
 ) -> Result<RelayEnd, Error> {
     writer.check()?;
@@ -400,15 +412,22 @@ pub async fn relay(
         wake_at: 1,
     };
     let (done_tx, done_rx) = oneshot::channel::<()>();
+    // The buffer only grows (autotuning), so its size now is a safe bound.
+    let calm_below =
+        nix::sys::socket::getsockopt(&upstream.socket, nix::sys::socket::sockopt::RcvBuf)
+            .map_or(0, |size| size / 4);
     let position = lent.sink.position();
     let receiver = Receiver {
         up: upstream,
         lent,
+        feeding: direct.map(|d| d.start_feeding(position)),
         events: Box::new(events),
         reported: position,
         piece: None,
         due: None,
         fast: false,
+        last_write: usize::MAX,
+        calm_below,
         sink_failed: None,
     };
     let spawned = std::thread::Builder::new()
@@ -515,7 +534,9 @@ struct Upstream {
 impl Upstream {
     /// Waits until the upstream can be read, or `deadline` passes; an error
     /// if the relay was stopped.
-    fn wait(&self, deadline: Option<std::time::Instant>) -> Result<(), Error> {
+    /// With `sleep`, the socket is not watched: the thread sleeps to the
+    /// deadline (or until the relay is stopped).
+    fn wait(&self, deadline: Option<std::time::Instant>, sleep: bool) -> Result<(), Error> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         if self.read < self.leftover.len() {
             return Ok(());
@@ -533,14 +554,19 @@ impl Upstream {
                     PollTimeout::from(ms)
                 }
             };
+            let socket_events = if sleep {
+                PollFlags::empty()
+            } else {
+                PollFlags::POLLIN
+            };
             let mut fds = [
-                PollFd::new(self.socket.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
+                PollFd::new(self.socket.as_fd(), socket_events),
             ];
             match poll(&mut fds, timeout) {
                 Ok(0) => return Ok(()),
                 Ok(_) => {
-                    if fds[1].any().unwrap_or(false) {
+                    if fds[0].any().unwrap_or(false) {
                         return Err(relay_stopped());
                     }
                     return Ok(());
@@ -616,6 +642,8 @@ struct Piece {
 struct Receiver {
     up: Upstream,
     lent: Lent,
+    /// The downstreams lent to this thread, fed each piece once written.
+    feeding: Option<Feeding>,
     events: Box<dyn FnMut(RelayEvent) + Send>,
     /// The last offset `events` heard of.
     reported: u64,
@@ -625,6 +653,12 @@ struct Receiver {
     /// Whether the last piece was written because its buffer filled (a
     /// fast link), not because its deadline came.
     fast: bool,
+    /// The bytes of the last write: on a slow link, what arrives in one
+    /// [`FORWARD_DELAY`].
+    last_write: usize,
+    /// A quarter of the upstream socket's receive buffer: the most a
+    /// thread sleeping to its deadline may leave in it.
+    calm_below: usize,
     sink_failed: Option<String>,
 }
 
@@ -680,7 +714,16 @@ impl Receiver {
         }
         let at = p.offset + p.written as u64;
         let bytes = &p.buf.payload(p.filled)[p.written..];
+        self.last_write = bytes.len();
         let r = self.lent.sink.write_data(at, bytes);
+        if let (Ok(()), Some(feeding)) = (&r, &self.feeding) {
+            let header = RecordHeader {
+                kind: RecordKind::Data,
+                offset: at,
+                len: bytes.len() as u64,
+            };
+            feeding.written(&header, bytes, !self.fast);
+        }
         p.written = p.filled;
         r.map_err(|e| self.sink_error(e))?;
         self.report();
@@ -719,9 +762,14 @@ impl Receiver {
             1
         };
         self.up.set_wake_at(lowat)?;
+        // On a slow link, once a piece is open, the thread sleeps to its
+        // deadline instead of waking per packet, if what arrives meanwhile
+        // (about the last piece) fits the socket's buffer several times
+        // over: the sender never waits for the window.
+        let sleep = self.due.is_some() && !self.fast && self.last_write <= self.calm_below;
         // Readable or past the deadline: either way read what is there
         // first; the next read or wait writes the piece.
-        self.up.wait(self.due)
+        self.up.wait(self.due, sleep)
     }
 
     /// Writes the pending bytes once their deadline has passed. A deadline
@@ -824,6 +872,9 @@ impl Receiver {
                     self.hand_over_piece()?;
                     let r = self.lent.sink.write_zero(h.offset, h.len);
                     r.map_err(|e| self.sink_error(e))?;
+                    if let Some(feeding) = &self.feeding {
+                        feeding.written(&h, &[], !self.fast);
+                    }
                     self.report();
                     self.lent.hash(HashJob::Zero {
                         offset: h.offset,
@@ -906,14 +957,20 @@ pub async fn send_image(
 /// send waits for more at what is written so far, in one long-lived stream.
 /// How a node forwards to its downstream, and how any server serves.
 ///
+/// With `direct` (the node's [`Downstreams`], shared with its [`relay`]),
+/// the socket is lent to the receiving thread each time this send has
+/// caught up with the writer, and taken back when the downstream falls
+/// behind or the relay stops.
+///
 /// Fails if `written`'s sender goes away before the image is complete.
 pub async fn send_growing(
     source: FileSource,
     downstream: &mut TcpStream,
     written: watch::Receiver<Written>,
+    direct: Option<&Arc<Downstreams>>,
     progress: impl FnMut(u64),
 ) -> Result<SendEnd, Error> {
-    send_following(source, downstream, written, progress).await
+    send_following(source, downstream, written, direct, progress).await
 }
 
 /// [`send_growing`]'s loop, run on the calling task itself: it waits for
@@ -926,6 +983,7 @@ async fn send_following(
     mut source: FileSource,
     downstream: &mut TcpStream,
     mut written: watch::Receiver<Written>,
+    direct: Option<&Arc<Downstreams>>,
     mut progress: impl FnMut(u64),
 ) -> Result<SendEnd, Error> {
     let file = source
@@ -936,7 +994,31 @@ async fn send_following(
     source.follow(now.upto, now.size)?;
     let size = loop {
         let Some(h) = source.next_extent(BUF_SIZE)? else {
-            // Everything written so far is sent: wait for more.
+            // Everything written so far is sent. While the receiving thread
+            // is exactly there, it forwards each piece itself; this task
+            // sleeps until it falls behind or the relay stops.
+            let loan = match direct {
+                Some(d) => d.lend(downstream, source.position())?,
+                None => None,
+            };
+            if let Some(mut loan) = loan {
+                let back = loan.returned().await?;
+                drop(loan);
+                if let Some(rest) = back.unsent {
+                    let (offset, len) = rest.payload;
+                    let sent = match send_more(downstream, &rest.header_tail, len > 0).await {
+                        Ok(()) if len > 0 => sendfile_all(downstream, &file, offset, len).await,
+                        other => other,
+                    };
+                    sent.map_err(|e| Error::io(format!("sending at offset {offset}"), e))?;
+                }
+                source.seek(back.sent)?;
+                progress(back.sent);
+                let now = *written.borrow_and_update();
+                source.follow(now.upto, now.size)?;
+                continue;
+            }
+            // Wait for the writer to write more.
             loop {
                 if written.changed().await.is_err() {
                     return Err(Error::Invalid(
@@ -1250,18 +1332,24 @@ mod tests {
         out: std::path::PathBuf,
         size: Option<u64>,
         written: watch::Sender<Written>,
+        direct: Option<Arc<Downstreams>>,
     ) -> (RelayEnd, Box<dyn ImageSink>) {
         use std::sync::atomic::{AtomicU64, Ordering};
-        use std::sync::Arc;
         let sink = open_sink(&SinkSpec::File(out), size).unwrap();
         let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
         let last = Arc::new(AtomicU64::new(0));
         let (seen, publish) = (last.clone(), written.clone());
-        let end = relay(&up, &[], &mut w, move |RelayEvent::Written(o)| {
-            assert!(o > seen.load(Ordering::Relaxed), "progress must grow");
-            seen.store(o, Ordering::Relaxed);
-            publish.send_modify(|w| w.upto = o);
-        })
+        let end = relay(
+            &up,
+            &[],
+            &mut w,
+            direct.as_ref(),
+            move |RelayEvent::Written(o)| {
+                assert!(o > seen.load(Ordering::Relaxed), "progress must grow");
+                seen.store(o, Ordering::Relaxed);
+                publish.send_modify(|w| w.upto = o);
+            },
+        )
         .await
         .unwrap();
         assert_eq!(
@@ -1295,7 +1383,7 @@ mod tests {
             });
             // Node 1 writes, and serves node 2 from its file as it grows.
             let (tx1, rx1) = watch::channel(Written::default());
-            let node1 = tokio::spawn(node(n1_in, out1.clone(), size, tx1));
+            let node1 = tokio::spawn(node(n1_in, out1.clone(), size, tx1, None));
             let o1 = out1.clone();
             let forward = tokio::spawn(async move {
                 // Node 1's file exists only once it has written something.
@@ -1304,10 +1392,12 @@ mod tests {
                     rx1.changed().await.unwrap();
                 }
                 let src = FileSource::open_sized(&o1, None).unwrap();
-                send_growing(src, &mut n1_out, rx1, |_| {}).await.unwrap()
+                send_growing(src, &mut n1_out, rx1, None, |_| {})
+                    .await
+                    .unwrap()
             });
             let (tx2, _rx2) = watch::channel(Written::default());
-            let node2 = tokio::spawn(node(n2_in, out2.clone(), size, tx2));
+            let node2 = tokio::spawn(node(n2_in, out2.clone(), size, tx2, None));
             let sent = sender.await.unwrap();
             let (end1, sink1) = node1.await.unwrap();
             let forwarded = forward.await.unwrap();
@@ -1328,6 +1418,192 @@ mod tests {
             let d =
                 digest_source(rb.as_mut(), ImageHasher::new(&KEY), &mut vec![0; BUF_SIZE]).unwrap();
             assert_eq!(d, end1.digest, "read-back digest differs");
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    /// Sends the image at `path` over `out` as a slow upstream would:
+    /// records of at most `piece` bytes (one block at least), `gap` apart. With `hold`, it stops
+    /// before that offset until the signal comes (or its sender is dropped).
+    async fn trickle(
+        mut out: TcpStream,
+        path: std::path::PathBuf,
+        piece: usize,
+        gap: Duration,
+        mut hold: Option<(u64, oneshot::Receiver<()>)>,
+    ) {
+        let mut src = FileSource::open_sized(&path, None).unwrap();
+        let mut buf = vec![0u8; piece.max(B)];
+        while let Some(h) = src.next_extent(piece).unwrap() {
+            if hold.as_ref().is_some_and(|(at, _)| h.offset >= *at) {
+                let (_, go) = hold.take().unwrap();
+                let _ = go.await;
+            }
+            out.write_all(&h.encode()).await.unwrap();
+            match h.kind {
+                RecordKind::Data => {
+                    let payload = &mut buf[..h.len as usize];
+                    src.read_at(payload, h.offset).unwrap();
+                    out.write_all(payload).await.unwrap();
+                }
+                RecordKind::Zero => {}
+                RecordKind::End => break,
+            }
+            tokio::time::sleep(gap).await;
+        }
+    }
+
+    /// Serves node `out`'s file to `down` as it grows, lending the socket
+    /// to the node's receiving thread through `direct` while it keeps up.
+    async fn serve_growing(
+        out: std::path::PathBuf,
+        mut down: TcpStream,
+        mut written: watch::Receiver<Written>,
+        direct: Arc<Downstreams>,
+    ) -> SendEnd {
+        // The file exists once the node has written something.
+        while written.borrow_and_update().upto == 0 {
+            written.changed().await.unwrap();
+        }
+        let src = FileSource::open_sized(&out, None).unwrap();
+        send_growing(src, &mut down, written, Some(&direct), |_| {})
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_forwards_directly_while_its_downstream_keeps_up_and_from_disk_when_it_falls_behind(
+    ) {
+        use nix::sys::socket::{setsockopt, sockopt};
+        tokio::time::timeout(DEADLINE, async {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, img) = image(dir.path());
+            let size = Some(img.len() as u64);
+            let (up_out, n1_in) = pair().await;
+            let (n1_out, mut proxy_in) = pair().await;
+            let (mut proxy_out, n2_in) = pair().await;
+            // Small socket buffers: once the downstream stalls, a piece no
+            // longer fits and the node must hand the socket back mid-record.
+            setsockopt(&n1_out, sockopt::SndBuf, &(128 << 10)).unwrap();
+            setsockopt(&proxy_in, sockopt::RcvBuf, &(64 << 10)).unwrap();
+            // About 16 MB/s: the downstream catches up after each stall.
+            let upstream = tokio::spawn(trickle(
+                up_out,
+                path.clone(),
+                64 << 10,
+                Duration::from_millis(4),
+                None,
+            ));
+            let direct = Arc::new(Downstreams::default());
+            let (out1, out2) = (dir.path().join("n1"), dir.path().join("n2"));
+            let (tx1, rx1) = watch::channel(Written::default());
+            let node1 = tokio::spawn(node(n1_in, out1.clone(), size, tx1, Some(direct.clone())));
+            let serve = tokio::spawn(serve_growing(out1.clone(), n1_out, rx1, direct.clone()));
+            // The downstream stalls for 100 ms after every 4 MiB.
+            let proxy = tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 << 10];
+                let (mut total, mut stall_at) = (0usize, 4 << 20);
+                loop {
+                    let n = proxy_in.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    proxy_out.write_all(&buf[..n]).await.unwrap();
+                    total += n;
+                    if total >= stall_at {
+                        stall_at += 4 << 20;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            });
+            let (tx2, _rx2) = watch::channel(Written::default());
+            let node2 = tokio::spawn(node(n2_in, out2.clone(), size, tx2, None));
+            upstream.await.unwrap();
+            let (end1, _) = node1.await.unwrap();
+            let served = serve.await.unwrap();
+            let (end2, _) = node2.await.unwrap();
+            proxy.await.unwrap();
+            assert_eq!(served.size, img.len() as u64);
+            assert!(
+                std::fs::read(&out2).unwrap() == img,
+                "node 2 content differs"
+            );
+            assert_eq!(end2.digest, end1.digest);
+            assert_eq!(end1.digest, file_digest(&path));
+            let stats = direct.stats();
+            assert!(
+                stats.bytes > img.len() as u64 / 4,
+                "a quarter of the image or more went straight from the receiving thread: {stats:?}"
+            );
+            assert!(
+                stats.fell_behind >= 1,
+                "the stalls handed the socket back: {stats:?}"
+            );
+            assert!(
+                stats.split_records >= 1,
+                "a record was cut short and finished from the file: {stats:?}"
+            );
+            eprintln!("direct forwarding: {stats:?}");
+            assert_eq!(direct.lent(), 0, "every socket came back");
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lent_socket_is_closed_when_its_serving_task_is_dropped() {
+        tokio::time::timeout(DEADLINE, async {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, img) = image(dir.path());
+            let size = Some(img.len() as u64);
+            let (up_out, n1_in) = pair().await;
+            let (n1_out, mut down) = pair().await;
+            // The upstream pauses at 8 MiB until the end of the test, so
+            // the image cannot end (and the thread return its sockets)
+            // before the dropped server's connection must be closed.
+            let (go, hold) = oneshot::channel();
+            let upstream = tokio::spawn(trickle(
+                up_out,
+                path.clone(),
+                64 << 10,
+                Duration::from_millis(1),
+                Some((8 << 20, hold)),
+            ));
+            let direct = Arc::new(Downstreams::default());
+            let out1 = dir.path().join("n1");
+            let (tx1, rx1) = watch::channel(Written::default());
+            let node1 = tokio::spawn(node(n1_in, out1.clone(), size, tx1, Some(direct.clone())));
+            let serve = tokio::spawn(serve_growing(out1.clone(), n1_out, rx1, direct.clone()));
+            let mut buf = vec![0u8; 64 << 10];
+            let mut got = 0;
+            while got < 2 << 20 || direct.lent() == 0 {
+                let n = down.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the stream ended early");
+                got += n;
+            }
+            serve.abort();
+            assert!(serve.await.unwrap_err().is_cancelled());
+            let closed = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    match down.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+            assert!(
+                closed.is_ok(),
+                "the downstream connection stays open after its server was dropped"
+            );
+            assert_eq!(direct.lent(), 0);
+            // The node itself carries on to the end.
+            go.send(()).unwrap();
+            upstream.await.unwrap();
+            let (end1, _) = node1.await.unwrap();
+            assert!(std::fs::read(&out1).unwrap() == img);
+            assert_eq!(end1.digest, file_digest(&path));
         })
         .await
         .expect("test timed out");
@@ -1357,7 +1633,7 @@ mod tests {
                 });
                 let out = dir.path().join(format!("out{i}"));
                 let (tx, _rx) = watch::channel(Written::default());
-                let (end, _) = node(down, out.clone(), size, tx).await;
+                let (end, _) = node(down, out.clone(), size, tx, None).await;
                 let sent = sender.await.unwrap();
                 assert_eq!(Some(end.digest), sent.digest);
                 assert!(std::fs::read(&out).unwrap() == img, "copy {i} differs");
@@ -1381,7 +1657,8 @@ mod tests {
             });
             let (mut up, mut down) = pair().await;
             let src = FileSource::open_sized(&path, None).unwrap();
-            let serve = tokio::spawn(async move { send_growing(src, &mut up, rx, |_| {}).await });
+            let serve =
+                tokio::spawn(async move { send_growing(src, &mut up, rx, None, |_| {}).await });
             // What is written arrives; then the writer goes away.
             let mut got = vec![0u8; 3 * B + RecordHeader::SIZE];
             down.read_exact(&mut got).await.unwrap();
@@ -1428,7 +1705,9 @@ mod tests {
                 up.write_all(&sent).await.unwrap();
                 drop(up);
             });
-            let err = relay(&down, &[], &mut writer, |_| {}).await.unwrap_err();
+            let err = relay(&down, &[], &mut writer, None, |_| {})
+                .await
+                .unwrap_err();
             cut.await.unwrap();
             assert!(matches!(err, Error::UpstreamClosed { .. }), "{err}");
             let resume_at = writer.position();
@@ -1445,7 +1724,7 @@ mod tests {
                 tokio::spawn(
                     async move { send_image(source, &mut up, None, |_| {}).await.unwrap() },
                 );
-            let end = relay(&down, &[], &mut writer, |_| {}).await.unwrap();
+            let end = relay(&down, &[], &mut writer, None, |_| {}).await.unwrap();
             sender.await.unwrap();
             assert!(std::fs::read(&out).unwrap() == img, "resumed copy differs");
             let want = file_digest(&path);
@@ -1472,7 +1751,7 @@ mod tests {
                 });
                 let sink = open_sink(&SinkSpec::File(out.clone()), size).unwrap();
                 let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
-                let err = relay(&down, &[], &mut w, |_| {}).await.unwrap_err();
+                let err = relay(&down, &[], &mut w, None, |_| {}).await.unwrap_err();
                 sender.await.unwrap();
                 assert!(
                     matches!(err, Error::UpstreamClosed { at } if at == 7 << 20),
@@ -1490,7 +1769,7 @@ mod tests {
             src.seek(7 << 20).unwrap();
             let sender =
                 tokio::spawn(async move { send_image(src, &mut up, None, |_| {}).await.unwrap() });
-            let end = relay(&down, &[], &mut w, |_| {}).await.unwrap();
+            let end = relay(&down, &[], &mut w, None, |_| {}).await.unwrap();
             let sent = sender.await.unwrap();
             assert_eq!(sent.size, img.len() as u64);
             assert!(std::fs::read(&out).unwrap() == img);
@@ -1532,7 +1811,7 @@ mod tests {
             });
             let sink = open_sink(&SinkSpec::File(dst_dev.path.clone()), Some(24 << 20)).unwrap();
             let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
-            let end = relay(&down, &[], &mut w, |_| {}).await.unwrap();
+            let end = relay(&down, &[], &mut w, None, |_| {}).await.unwrap();
             let sent = sender.await.unwrap();
             assert_eq!(Some(end.digest), sent.digest);
             let (sink, _) = w.into_parts().await.unwrap();
@@ -1585,7 +1864,7 @@ mod tests {
                 tokio::spawn(
                     async move { send_image(from_disk, &mut up, None, |_| {}).await.unwrap() },
                 );
-            let err = relay(&down, &[], &mut w_b, |_| {}).await.unwrap_err();
+            let err = relay(&down, &[], &mut w_b, None, |_| {}).await.unwrap_err();
             let served = serve.await.unwrap();
             assert_eq!(served.size, have, "served exactly what A had written");
             assert!(
@@ -1598,7 +1877,7 @@ mod tests {
             rest.seek(have).unwrap();
             let sender =
                 tokio::spawn(async move { send_image(rest, &mut up, None, |_| {}).await.unwrap() });
-            let end = relay(&down, &[], &mut w_b, |_| {}).await.unwrap();
+            let end = relay(&down, &[], &mut w_b, None, |_| {}).await.unwrap();
             sender.await.unwrap();
             assert!(std::fs::read(&out_b).unwrap() == img);
             let want = file_digest(&path);
@@ -1631,7 +1910,7 @@ mod tests {
                 up.write_all(&bytes).await.unwrap(); // half a record, then silence
                 let cut = tokio::time::timeout(
                     Duration::from_millis(50),
-                    relay(&down, &[], &mut w, |_| {}),
+                    relay(&down, &[], &mut w, None, |_| {}),
                 )
                 .await;
                 assert!(
@@ -1648,7 +1927,7 @@ mod tests {
                 tokio::spawn(
                     async move { send_image(source, &mut up, None, |_| {}).await.unwrap() },
                 );
-            relay(&down, &[], &mut w, |_| {}).await.unwrap();
+            relay(&down, &[], &mut w, None, |_| {}).await.unwrap();
             sender.await.unwrap();
             assert!(std::fs::read(&out).unwrap() == img);
         })
@@ -1677,7 +1956,7 @@ mod tests {
             let mut bytes = h.encode().to_vec();
             bytes.extend_from_slice(&half);
             up.write_all(&bytes).await.unwrap();
-            let relay = relay(&down, &[], &mut w, move |RelayEvent::Written(o)| {
+            let relay = relay(&down, &[], &mut w, None, move |RelayEvent::Written(o)| {
                 tx.send_modify(|w| w.upto = o);
             });
             let sent_at = std::time::Instant::now();
@@ -1741,7 +2020,7 @@ mod tests {
             let started = std::time::Instant::now();
             let cut = tokio::time::timeout(
                 Duration::from_millis(300),
-                relay(&down, &[], &mut w, |_| {}),
+                relay(&down, &[], &mut w, None, |_| {}),
             )
             .await;
             assert!(cut.is_err(), "the stream has no end: {cut:?}");
@@ -1792,7 +2071,7 @@ mod tests {
                 up.write_all(&whole).await.unwrap();
                 up.write_all(second).await.unwrap();
                 drop(up);
-                let err = relay(&down, &[], &mut w, |_| {}).await.unwrap_err();
+                let err = relay(&down, &[], &mut w, None, |_| {}).await.unwrap_err();
                 assert!(matches!(err, Error::UpstreamClosed { .. }), "{err}");
                 assert_eq!(w.position(), at + BUF_SIZE as u64);
             }
@@ -1812,7 +2091,7 @@ mod tests {
             up.write_all(&h.encode()).await.unwrap();
             up.write_all(&whole[..B]).await.unwrap();
             up.write_all(&end.encode()).await.unwrap();
-            let done = relay(&down, &[], &mut w, |_| {}).await.unwrap();
+            let done = relay(&down, &[], &mut w, None, |_| {}).await.unwrap();
             assert_eq!(done.size, at + BLOCK);
         })
         .await
@@ -1844,7 +2123,7 @@ mod tests {
             bad[0] = 77;
             bytes.extend_from_slice(&bad);
             up.write_all(&bytes).await.unwrap();
-            let err = relay(&down, &[], &mut w, |_| {}).await.unwrap_err();
+            let err = relay(&down, &[], &mut w, None, |_| {}).await.unwrap_err();
             assert!(
                 matches!(err, Error::Record { at, .. } if at == BLOCK),
                 "{err}"
@@ -1875,7 +2154,7 @@ mod tests {
             let sink =
                 open_sink(&SinkSpec::Command(format!("cat > {}", out.display())), None).unwrap();
             let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
-            let end = relay(&down, &[], &mut w, |_| {}).await.unwrap();
+            let end = relay(&down, &[], &mut w, None, |_| {}).await.unwrap();
             let sent = sender.await.unwrap();
             assert_eq!(end.size, 4_000_000);
             assert_eq!(Some(end.digest), sent.digest);

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ka_core::codec::{Digest, Progress};
@@ -17,6 +18,7 @@ use super::conn::{self, Command, Event, ReceiveJob, ServeJob, Written};
 use super::resume::{self, NodeState};
 use super::{nonce, Clock};
 use crate::digest::{digest_source, rehash_written, ImageHasher, SessionKey};
+use crate::direct::Downstreams;
 use crate::relay::NodeWriter;
 use crate::sink::{open_sink, SinkSpec};
 use crate::Error;
@@ -331,6 +333,8 @@ pub async fn run_node(
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
     let (internal_tx, mut internal) = mpsc::unbounded_channel::<Internal>();
     let (written_tx, written_rx) = watch::channel(start);
+    // Downstreams that keep up are fed by the receiving thread itself.
+    let direct = Arc::new(Downstreams::default());
     let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Command>> = HashMap::new();
     let mut tasks = Vec::new();
     let mut next_conn = 0u64;
@@ -390,6 +394,7 @@ pub async fn run_node(
                         &key,
                         &conns,
                         &written_tx,
+                        &direct,
                     ) {
                         Ok(true) => {
                             lent = true;
@@ -412,6 +417,7 @@ pub async fn run_node(
                             path: opts.target.file().to_path_buf(),
                             written: written_rx.clone(),
                             pace: None,
+                            direct: Some(Arc::clone(&direct)),
                         };
                         let _ = tx.send(Command::Serve(Box::new(job)));
                     }
@@ -601,7 +607,7 @@ pub async fn run_node(
                             }
                         }
                         if let Some((conn, from)) = pending_receive.take() {
-                            match begin_receive(conn, from, &mut writer, &opts.target, node.image_size(), &key, &conns, &written_tx) {
+                            match begin_receive(conn, from, &mut writer, &opts.target, node.image_size(), &key, &conns, &written_tx, &direct) {
                                 Ok(true) => {
                                     lent = true;
                                     receiving_from = from;
@@ -706,6 +712,7 @@ fn begin_receive(
     key: &SessionKey,
     conns: &HashMap<ConnId, mpsc::UnboundedSender<Command>>,
     written: &watch::Sender<Written>,
+    direct: &Arc<Downstreams>,
 ) -> Result<bool, RefusedReceive> {
     let w = match writer.take() {
         Some(w) => w,
@@ -730,6 +737,7 @@ fn begin_receive(
     let job = ReceiveJob {
         writer: w,
         written: written.clone(),
+        direct: Arc::clone(direct),
     };
     if let Err(mpsc::error::SendError(Command::Receive(job))) =
         tx.send(Command::Receive(Box::new(job)))

@@ -96,7 +96,7 @@ const REFRESH: Duration = Duration::from_millis(200);
 /// Runs a session on `listener` until it finishes or aborts. `go` starts it
 /// early with the nodes present (the original `-g`); `display` sees every
 /// event with the machine (`Some`), and the machine alone every
-/// [`REFRESH`] or so (`None`), for live progress.
+/// `REFRESH` or so (`None`), for live progress.
 pub async fn run_source(
     mut opts: SourceOptions,
     listener: TcpListener,
@@ -242,6 +242,7 @@ pub async fn run_source(
                             path: path.clone(),
                             written: image_watch.clone(),
                             pace: opts.max_rate.map(|_| pace_rx.clone()),
+                            direct: None,
                         };
                         if tx.send(Command::Serve(Box::new(job))).is_ok() {
                             serving.insert(conn);
