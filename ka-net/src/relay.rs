@@ -78,6 +78,10 @@ pub const FORWARD_DELAY: Duration = Duration::from_millis(2);
 /// likely because Linux clamps the receive window to a raised low mark.
 const WAKE_BATCH: usize = 64 << 10;
 
+/// On a slow link, how much past the current record one read of the
+/// upstream may take along (kept aside and used by the next reads).
+const READ_AHEAD: usize = 64 << 10;
+
 /// A pooled payload buffer: [`BUF_SIZE`] page-aligned bytes with room for a
 /// record header just before them.
 struct Buf {
@@ -405,17 +409,23 @@ pub async fn relay(
     let stopped = StopFlag::default();
     let upstream = Upstream {
         socket: std::net::TcpStream::from(socket),
-        leftover: leftover.to_vec(),
-        read: 0,
+        ahead: {
+            let mut ahead = leftover.to_vec();
+            ahead.resize(leftover.len().max(READ_AHEAD), 0);
+            ahead
+        },
+        from: 0,
+        to: leftover.len(),
         stop: stop_rx,
         stopped: stopped.clone(),
         wake_at: 1,
+        drained: false,
     };
     let (done_tx, done_rx) = oneshot::channel::<()>();
     // The buffer only grows (autotuning), so its size now is a safe bound.
     let calm_below =
         nix::sys::socket::getsockopt(&upstream.socket, nix::sys::socket::sockopt::RcvBuf)
-            .map_or(0, |size| size / 4);
+            .map_or(0, |size| size / 2);
     let position = lent.sink.position();
     let receiver = Receiver {
         up: upstream,
@@ -520,8 +530,12 @@ impl Drop for RelayGuard<'_> {
 /// on with `poll`, beside the relay's stop signal).
 struct Upstream {
     socket: std::net::TcpStream,
-    leftover: Vec<u8>,
-    read: usize,
+    /// Bytes read from the socket (or by the connection's frame reader)
+    /// but not yet used: `ahead[from..to]`. Its length, at least
+    /// [`READ_AHEAD`], never changes.
+    ahead: Vec<u8>,
+    from: usize,
+    to: usize,
     /// Readable once the relay is dropped: wakes a waiting thread.
     stop: std::os::unix::net::UnixStream,
     /// Set once the relay is dropped: stops a thread that never waits
@@ -529,6 +543,9 @@ struct Upstream {
     stopped: StopFlag,
     /// The socket's `SO_RCVLOWAT` as last set.
     wake_at: usize,
+    /// The last read from the socket took less than it asked for: it had
+    /// no more then.
+    drained: bool,
 }
 
 impl Upstream {
@@ -538,7 +555,7 @@ impl Upstream {
     /// deadline (or until the relay is stopped).
     fn wait(&self, deadline: Option<std::time::Instant>, sleep: bool) -> Result<(), Error> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        if self.read < self.leftover.len() {
+        if self.from < self.to {
             return Ok(());
         }
         loop {
@@ -605,26 +622,73 @@ impl Upstream {
         Ok(())
     }
 
-    /// Reads what is there into `dst` (the leftover first); `Ok(None)` if
-    /// nothing is there yet.
+    /// Reads up to `want` bytes into `dst`, like [`Upstream::read`], but
+    /// from the socket takes up to all of `dst` (at most [`READ_AHEAD`]
+    /// past `want`): bytes past `want` are kept for the next reads.
+    fn read_ahead(&mut self, dst: &mut [u8], want: usize) -> std::io::Result<Option<usize>> {
+        if self.from < self.to || dst.len() <= want {
+            let want = want.min(dst.len());
+            return self.read(&mut dst[..want]);
+        }
+        let got = self.read(dst)?;
+        if let Some(n) = got.filter(|&n| n > want) {
+            let extra = n - want;
+            self.ahead[..extra].copy_from_slice(&dst[want..n]);
+            (self.from, self.to) = (0, extra);
+            return Ok(Some(want));
+        }
+        Ok(got)
+    }
+
+    /// Reads into `dst` like [`Upstream::read`], but from the socket takes
+    /// up to [`READ_AHEAD`] bytes, kept for the next reads: a record header
+    /// comes with what follows it.
+    fn read_through(&mut self, dst: &mut [u8]) -> std::io::Result<Option<usize>> {
+        if self.from == self.to {
+            let ahead = &mut self.ahead[..READ_AHEAD];
+            match read_socket(&self.socket, ahead, &mut self.drained)? {
+                Some(0) => return Ok(Some(0)),
+                Some(n) => (self.from, self.to) = (0, n),
+                None => return Ok(None),
+            }
+        }
+        self.read(dst)
+    }
+
+    /// Reads what is there into `dst` (what was read ahead first);
+    /// `Ok(None)` if nothing is there yet.
     fn read(&mut self, dst: &mut [u8]) -> std::io::Result<Option<usize>> {
-        use std::io::Read;
-        if self.read < self.leftover.len() {
-            let n = dst.len().min(self.leftover.len() - self.read);
-            dst[..n].copy_from_slice(&self.leftover[self.read..self.read + n]);
-            self.read += n;
+        if self.from < self.to {
+            let n = dst.len().min(self.to - self.from);
+            dst[..n].copy_from_slice(&self.ahead[self.from..self.from + n]);
+            self.from += n;
             return Ok(Some(n));
         }
-        match (&self.socket).read(dst) {
-            Ok(n) => Ok(Some(n)),
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::Interrupted =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(e),
+        read_socket(&self.socket, dst, &mut self.drained)
+    }
+}
+
+/// Reads what `socket` has into `dst`; `Ok(None)` if nothing yet.
+/// `drained`: whether the read took less than it asked for (the socket
+/// had no more then).
+fn read_socket(
+    mut socket: &std::net::TcpStream,
+    dst: &mut [u8],
+    drained: &mut bool,
+) -> std::io::Result<Option<usize>> {
+    use std::io::Read;
+    match socket.read(dst) {
+        Ok(n) => {
+            *drained = n < dst.len();
+            Ok(Some(n))
         }
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::Interrupted =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -656,8 +720,8 @@ struct Receiver {
     /// The bytes of the last write: on a slow link, what arrives in one
     /// [`FORWARD_DELAY`].
     last_write: usize,
-    /// A quarter of the upstream socket's receive buffer: the most a
-    /// thread sleeping to its deadline may leave in it.
+    /// Half the upstream socket's receive buffer: the most a thread
+    /// sleeping to its deadline may leave in it.
     calm_below: usize,
     sink_failed: Option<String>,
 }
@@ -670,7 +734,7 @@ impl Receiver {
         // The socket goes back as it came (best effort: it is being closed
         // or handed back for frames).
         let _ = self.up.set_wake_at(1);
-        if let Err(e) = self.write_piece().and_then(|()| self.hand_over_piece()) {
+        if let Err(e) = self.write_piece().and_then(|_| self.hand_over_piece()) {
             result = result.and(Err(e));
         }
         Received {
@@ -704,13 +768,14 @@ impl Receiver {
 
     /// Writes the received and unwritten bytes of the buffer being filled:
     /// from here the downstream can be served them.
-    fn write_piece(&mut self) -> Result<(), Error> {
+    /// Returns how many bytes it wrote.
+    fn write_piece(&mut self) -> Result<usize, Error> {
         self.due = None;
         let Some(p) = self.piece.as_mut() else {
-            return Ok(());
+            return Ok(0);
         };
         if p.written == p.filled {
-            return Ok(());
+            return Ok(0);
         }
         let at = p.offset + p.written as u64;
         let bytes = &p.buf.payload(p.filled)[p.written..];
@@ -727,7 +792,7 @@ impl Receiver {
         p.written = p.filled;
         r.map_err(|e| self.sink_error(e))?;
         self.report();
-        Ok(())
+        Ok(self.last_write)
     }
 
     /// Passes the (written) buffer being filled on to the hasher.
@@ -762,25 +827,33 @@ impl Receiver {
             1
         };
         self.up.set_wake_at(lowat)?;
-        // On a slow link, once a piece is open, the thread sleeps to its
-        // deadline instead of waking per packet, if what arrives meanwhile
-        // (about the last piece) fits the socket's buffer several times
-        // over: the sender never waits for the window.
-        let sleep = self.due.is_some() && !self.fast && self.last_write <= self.calm_below;
         // Readable or past the deadline: either way read what is there
         // first; the next read or wait writes the piece.
-        self.up.wait(self.due, sleep)
+        self.up.wait(self.due, self.sleeping())
+    }
+
+    /// On a slow link, once a piece is open, the thread sleeps to its
+    /// deadline instead of waking per packet, if what arrives meanwhile
+    /// (about the last piece) fits half the socket's buffer: the sender
+    /// never waits for the window.
+    fn sleeping(&self) -> bool {
+        self.due.is_some() && !self.fast && self.last_write <= self.calm_below
     }
 
     /// Writes the pending bytes once their deadline has passed. A deadline
-    /// that comes before the buffer fills marks the link as slow: the
-    /// socket then wakes the thread per packet again (a fixed 2 ms cadence
-    /// with batched wakeups was tried: smaller pieces, more CPU).
+    /// that comes before the buffer fills marks the link as slow. While
+    /// bytes keep coming on a slow link, the next piece's deadline starts
+    /// at once, without waiting for its first byte: the thread then wakes
+    /// once per piece (at its deadline) instead of twice.
     fn write_if_due(&mut self) -> Result<(), Error> {
         match self.due {
             Some(due) if std::time::Instant::now() >= due => {
                 self.fast = false;
-                self.write_piece()
+                let wrote = self.write_piece()?;
+                if wrote > 0 && wrote <= self.calm_below {
+                    self.due = Some(std::time::Instant::now() + FORWARD_DELAY);
+                }
+                Ok(())
             }
             _ => Ok(()),
         }
@@ -803,7 +876,13 @@ impl Receiver {
         let mut got = 0;
         while got < hb.len() {
             self.before_read()?;
-            match self.up.read(&mut hb[got..]) {
+            // On a slow link the header comes with what follows it.
+            let read = if self.fast {
+                self.up.read(&mut hb[got..])
+            } else {
+                self.up.read_through(&mut hb[got..])
+            };
+            match read {
                 Ok(Some(0)) => return Err(Error::UpstreamClosed { at }),
                 Ok(Some(n)) => got += n,
                 Ok(None) => self.wait()?,
@@ -818,7 +897,9 @@ impl Receiver {
         while len > 0 {
             let full = self.piece.as_ref().is_some_and(|p| p.filled == BUF_SIZE);
             if full {
-                self.fast = true;
+                // Fast only if the whole buffer filled before a deadline:
+                // on a slow link a buffer also fills, piece by piece.
+                self.fast = self.piece.as_ref().is_some_and(|p| p.written == 0);
                 self.write_piece()?;
                 self.hand_over_piece()?;
             }
@@ -834,10 +915,20 @@ impl Receiver {
             }
             self.before_read()?;
             let p = self.piece.as_mut().expect("a piece to fill");
-            let want = len.min((BUF_SIZE - p.filled) as u64) as usize;
+            let room = BUF_SIZE - p.filled;
+            let want = len.min(room as u64) as usize;
+            // On a slow link one read also takes what follows this record
+            // (the next header, the start of the next payload): one system
+            // call per wakeup instead of three. A fast link reads records
+            // exactly, so no large payload is copied twice.
+            let ask = if self.fast {
+                want
+            } else {
+                room.min(want + READ_AHEAD)
+            };
             let at = p.offset + p.filled as u64;
-            let dst = &mut p.buf.payload_mut()[p.filled..p.filled + want];
-            match self.up.read(dst) {
+            let dst = &mut p.buf.payload_mut()[p.filled..p.filled + ask];
+            match self.up.read_ahead(dst, want) {
                 Ok(Some(0)) => return Err(Error::UpstreamClosed { at }),
                 Ok(Some(n)) => {
                     p.filled += n;
@@ -846,6 +937,11 @@ impl Receiver {
                     // per read: a slow link delivers a packet per read).
                     if self.due.is_none() {
                         self.due = Some(std::time::Instant::now() + FORWARD_DELAY);
+                    }
+                    // The socket had no more: a thread that sleeps to the
+                    // deadline need not learn that by another read.
+                    if self.up.drained && len > 0 && self.sleeping() {
+                        self.wait()?;
                     }
                 }
                 Ok(None) => self.wait()?,
