@@ -7,8 +7,13 @@
 //! busy with other work, so it prints the load average beside them.
 //!
 //! ```text
-//! lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16]
+//! lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16] [--paired K]
 //! ```
+//!
+//! With `--paired K`, each N runs K times, each ka run followed at once by
+//! a plain relay chain of the same N, and a last line per N sets the two
+//! side by side: on a VM whose speed drifts between runs, only a pair run
+//! back to back compares like with like.
 //!
 //! `--plain-nodes` (default: the largest N) also runs a chain of plain TCP
 //! relays, no ka, over the same lab: each relay writes what it reads to a
@@ -32,10 +37,36 @@ struct Args {
     size: u64,
     rate: Rate,
     plain_nodes: Option<Vec<usize>>,
+    /// Runs per N, each followed by a plain relay chain of the same N, so
+    /// that ka and its baseline meet the same state of a noisy machine.
+    paired: usize,
 }
 
 const USAGE: &str =
-    "usage: lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16]";
+    "usage: lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16] [--paired K]";
+
+/// Prints one ka row of the table.
+fn print_row(n: usize, r: &Run, sim: f64, floor: f64, hop: f64) {
+    println!(
+        "{n:>3} {:>8.3}s {:>6.3} {:>7.3}s {:>4.0}% {:>8.2} {sim:>8.3}s {:>6.3} {:>6.3} {:>9.3}s {:>7} {:>11} {:>15}",
+        r.last,
+        r.last / floor,
+        r.first,
+        r.busy,
+        r.ka_cpu / r.last,
+        sim / floor,
+        r.last / sim,
+        floor + (n as f64 - 1.0) * hop,
+        if n > 1 {
+            format!("{:.0}ms", (r.last - r.first) * 1000.0 / (n - 1) as f64)
+        } else {
+            "-".into()
+        },
+        r.lag_growth
+            .map_or("-".into(), |g| format!("{:+.2}MiB/s", g / (1 << 20) as f64)),
+        load_average()
+    );
+}
 
 fn parse<T: std::str::FromStr>(flag: &str, value: &str) -> T {
     value
@@ -49,6 +80,7 @@ fn args() -> Args {
         size: 64 << 20,
         rate: Rate::mbit(100),
         plain_nodes: None,
+        paired: 0,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -63,6 +95,7 @@ fn args() -> Args {
             "--plain-nodes" => {
                 a.plain_nodes = Some(value.split(',').map(|n| parse(flag, n)).collect())
             }
+            "--paired" => a.paired = parse(flag, value),
             _ => panic!("unknown argument {flag}; {USAGE}"),
         }
     }
@@ -442,37 +475,45 @@ fn main() {
     );
     for &n in &a.nodes {
         let sim = simulate(n, &a);
-        let r = match run(n, &a) {
-            Ok(r) => r,
-            Err(failed) => {
-                println!("{n:>3} FAILED: {failed} (simulator {sim:.3}s)");
-                continue;
+        let mut pairs = Vec::new();
+        for _ in 0..a.paired.max(1) {
+            let r = match run(n, &a) {
+                Ok(r) => r,
+                Err(failed) => {
+                    println!("{n:>3} FAILED: {failed} (simulator {sim:.3}s)");
+                    continue;
+                }
+            };
+            print_row(n, &r, sim, floor, hop);
+            if a.paired > 0 {
+                let (first, last, busy) = plain_chain(n, &a);
+                println!(
+                    "{n:>3} plain relays {last:>7.3}s {:>6.3} {first:>7.3}s {busy:>4.0}%",
+                    last / floor
+                );
+                pairs.push((r.last / floor, last / floor));
             }
-        };
-        println!(
-            "{n:>3} {:>8.3}s {:>6.3} {:>7.3}s {:>4.0}% {:>8.2} {sim:>8.3}s {:>6.3} {:>6.3} {:>9.3}s {:>7} {:>11} {:>15}",
-            r.last,
-            r.last / floor,
-            r.first,
-            r.busy,
-            r.ka_cpu / r.last,
-            sim / floor,
-            r.last / sim,
-            floor + (n as f64 - 1.0) * hop,
-            if n > 1 {
-                format!("{:.0}ms", (r.last - r.first) * 1000.0 / (n - 1) as f64)
-            } else {
-                "-".into()
-            },
-            r.lag_growth
-                .map_or("-".into(), |g| format!("{:+.2}MiB/s", g / (1 << 20) as f64)),
-            load_average()
-        );
+        }
+        if !pairs.is_empty() {
+            let list = |f: fn(&(f64, f64)) -> f64| {
+                pairs
+                    .iter()
+                    .map(|p| format!("{:.3}", f(p)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            println!(
+                "{n:>3} paired, ×floor: ka {} | plain relays {}",
+                list(|p| p.0),
+                list(|p| p.1)
+            );
+        }
     }
-    let plain = a
-        .plain_nodes
-        .clone()
-        .unwrap_or_else(|| a.nodes.iter().max().into_iter().copied().collect());
+    let plain = match (&a.plain_nodes, a.paired) {
+        (Some(p), _) => p.clone(),
+        (None, 0) => a.nodes.iter().max().into_iter().copied().collect(),
+        (None, _) => Vec::new(),
+    };
     for n in plain {
         let (first, last, busy) = plain_chain(n, &a);
         println!(
