@@ -1674,6 +1674,67 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_with_two_downstreams_feeds_both_directly() {
+        tokio::time::timeout(DEADLINE, async {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, img) = image(dir.path());
+            let size = Some(img.len() as u64);
+            let (up_out, n1_in) = pair().await;
+            let (a_out, a_in) = pair().await;
+            let (b_out, b_in) = pair().await;
+            let upstream = tokio::spawn(trickle(
+                up_out,
+                path.clone(),
+                64 << 10,
+                Duration::from_millis(4),
+                None,
+            ));
+            let direct = Arc::new(Downstreams::default());
+            let out1 = dir.path().join("n1");
+            let (tx1, rx1) = watch::channel(Written::default());
+            let node1 = tokio::spawn(node(n1_in, out1.clone(), size, tx1, Some(direct.clone())));
+            let serve_a = tokio::spawn(serve_growing(
+                out1.clone(),
+                a_out,
+                rx1.clone(),
+                direct.clone(),
+            ));
+            let serve_b = tokio::spawn(serve_growing(out1.clone(), b_out, rx1, direct.clone()));
+            let (out_a, out_b) = (dir.path().join("a"), dir.path().join("b"));
+            let (tx_a, _rx_a) = watch::channel(Written::default());
+            let (tx_b, _rx_b) = watch::channel(Written::default());
+            let node_a = tokio::spawn(node(a_in, out_a.clone(), size, tx_a, None));
+            let node_b = tokio::spawn(node(b_in, out_b.clone(), size, tx_b, None));
+            upstream.await.unwrap();
+            let (end1, _) = node1.await.unwrap();
+            serve_a.await.unwrap();
+            serve_b.await.unwrap();
+            let (end_a, _) = node_a.await.unwrap();
+            let (end_b, _) = node_b.await.unwrap();
+            assert!(
+                std::fs::read(&out_a).unwrap() == img,
+                "downstream a differs"
+            );
+            assert!(
+                std::fs::read(&out_b).unwrap() == img,
+                "downstream b differs"
+            );
+            assert_eq!(end_a.digest, end1.digest);
+            assert_eq!(end_b.digest, end1.digest);
+            let stats = direct.stats();
+            // The image holds about 15 MB of data (the rest is zeros): more
+            // than its whole length sent directly means both were fed.
+            assert!(
+                stats.bytes > img.len() as u64,
+                "both downstreams were fed straight from the receiving thread: {stats:?}"
+            );
+            assert_eq!(direct.lent(), 0, "every socket came back");
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lent_socket_is_closed_when_its_serving_task_is_dropped() {
         tokio::time::timeout(DEADLINE, async {
             let dir = tempfile::tempdir().unwrap();
