@@ -86,6 +86,18 @@ struct State {
     stats: DirectStats,
 }
 
+impl State {
+    /// Hands every lent socket back where its downstream stands.
+    fn return_all(&mut self) {
+        for lease in self.leases.drain(..) {
+            let _ = lease.back.send(Returned {
+                sent: lease.sent,
+                unsent: None,
+            });
+        }
+    }
+}
+
 /// A downstream socket lent to the receiving thread.
 struct Lease {
     id: u64,
@@ -223,12 +235,7 @@ impl Feeding {
             return;
         }
         if !small {
-            for lease in s.leases.drain(..) {
-                let _ = lease.back.send(Returned {
-                    sent: lease.sent,
-                    unsent: None,
-                });
-            }
+            s.return_all();
             return;
         }
         let encoded = header.encode();
@@ -255,12 +262,7 @@ impl Drop for Feeding {
     fn drop(&mut self) {
         let mut s = self.owner.lock();
         s.feeding = false;
-        for lease in s.leases.drain(..) {
-            let _ = lease.back.send(Returned {
-                sent: lease.sent,
-                unsent: None,
-            });
-        }
+        s.return_all();
     }
 }
 
@@ -292,7 +294,7 @@ fn forward(
         }
         Ok(n) if n > 0 => Some(Returned {
             sent: header.end(),
-            unsent: Some(unsent_part(header, n)),
+            unsent: Some(unsent_part(header, encoded, n)),
         }),
         // No room at all, or an error the serving task meets (and reports)
         // on its own next send.
@@ -303,10 +305,9 @@ fn forward(
     }
 }
 
-/// What remains of record `header` after its first `n` bytes (header
-/// first, then payload) went out.
-fn unsent_part(header: &RecordHeader, n: usize) -> Unsent {
-    let encoded = header.encode();
+/// What remains of record `header` (`encoded` on the wire) after its first
+/// `n` bytes (header first, then payload) went out.
+fn unsent_part(header: &RecordHeader, encoded: &[u8], n: usize) -> Unsent {
     let header_tail = encoded[n.min(encoded.len())..].to_vec();
     let payload_len = if header.kind == RecordKind::Data {
         header.len
@@ -336,14 +337,14 @@ mod tests {
     fn unsent_part_splits_header_and_payload() {
         let h = data(4096, 1000);
         assert_eq!(
-            unsent_part(&h, 5),
+            unsent_part(&h, &h.encode(), 5),
             Unsent {
                 header_tail: h.encode()[5..].to_vec(),
                 payload: (4096, 1000)
             }
         );
         assert_eq!(
-            unsent_part(&h, RecordHeader::SIZE + 300),
+            unsent_part(&h, &h.encode(), RecordHeader::SIZE + 300),
             Unsent {
                 header_tail: vec![],
                 payload: (4396, 700)
@@ -355,7 +356,7 @@ mod tests {
             len: 1 << 30,
         };
         assert_eq!(
-            unsent_part(&z, 3),
+            unsent_part(&z, &z.encode(), 3),
             Unsent {
                 header_tail: z.encode()[3..].to_vec(),
                 payload: (0, 0)

@@ -122,7 +122,7 @@
 //! their deadline) the socket's `SO_RCVLOWAT` is 64 KiB while a piece is
 //! open, so the thread wakes per 64 KiB rather than per segment. On a slow
 //! link the thread sleeps from a piece's first byte to its deadline, as
-//! long as what arrives meanwhile fits a quarter of the socket's receive
+//! long as what arrives meanwhile fits half of the socket's receive
 //! buffer (so the sender never waits for the window). `SO_RCVLOWAT` is not
 //! used there: raising it lets Linux clamp the receive window to it, a
 //! likely cause of the slower hops it gave in the lab (docs/lab.md).

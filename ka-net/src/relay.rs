@@ -428,7 +428,8 @@ pub async fn relay(
     };
     let (done_tx, done_rx) = oneshot::channel::<()>();
     upstream.enlarge_receive_buffer();
-    // The buffer only grows (autotuning), so its size now is a safe bound.
+    // The size just set (or, if that failed, the autotuned size, which only
+    // grows): a safe bound.
     let calm_below =
         nix::sys::socket::getsockopt(&upstream.socket, nix::sys::socket::sockopt::RcvBuf)
             .map_or(0, |size| size / 2);
@@ -557,6 +558,7 @@ struct Upstream {
 impl Upstream {
     /// Waits until the upstream can be read, or `deadline` passes; an error
     /// if the relay was stopped.
+    ///
     /// With `sleep`, the socket is not watched: the thread sleeps to the
     /// deadline (or until the relay is stopped).
     fn wait(&self, deadline: Option<std::time::Instant>, sleep: bool) -> Result<(), Error> {
@@ -863,7 +865,12 @@ impl Receiver {
     /// (about the last piece) fits half the socket's buffer: the sender
     /// never waits for the window.
     fn sleeping(&self) -> bool {
-        self.due.is_some() && !self.fast && self.last_write <= self.calm_below
+        self.due.is_some() && !self.fast && self.pieces_fit()
+    }
+
+    /// A piece (the last one written) fits half the socket's buffer.
+    fn pieces_fit(&self) -> bool {
+        self.last_write <= self.calm_below
     }
 
     /// Writes the pending bytes once their deadline has passed. A deadline
@@ -876,7 +883,7 @@ impl Receiver {
             Some(due) if std::time::Instant::now() >= due => {
                 self.fast = false;
                 let wrote = self.write_piece()?;
-                if wrote > 0 && wrote <= self.calm_below {
+                if wrote > 0 && self.pieces_fit() {
                     self.due = Some(std::time::Instant::now() + FORWARD_DELAY);
                 }
                 Ok(())
@@ -1576,22 +1583,69 @@ mod tests {
         }
     }
 
-    /// Serves node `out`'s file to `down` as it grows, lending the socket
-    /// to the node's receiving thread through `direct` while it keeps up.
-    async fn serve_growing(
-        out: std::path::PathBuf,
-        mut down: TcpStream,
-        mut written: watch::Receiver<Written>,
+    type NodeTask = tokio::task::JoinHandle<(RelayEnd, Box<dyn ImageSink>)>;
+
+    /// A node that forwards directly (through `direct`), fed the test image
+    /// by a slow upstream: 64 KiB records `gap` apart, stopping before an
+    /// offset until told with `hold` (see [`trickle`]).
+    struct FedNode {
+        dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        img: Vec<u8>,
         direct: Arc<Downstreams>,
-    ) -> SendEnd {
-        // The file exists once the node has written something.
-        while written.borrow_and_update().upto == 0 {
-            written.changed().await.unwrap();
+        out: std::path::PathBuf,
+        written: watch::Receiver<Written>,
+        upstream: tokio::task::JoinHandle<()>,
+        node: NodeTask,
+    }
+
+    async fn fed_node(gap: Duration, hold: Option<(u64, oneshot::Receiver<()>)>) -> FedNode {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, img) = image(dir.path());
+        let (up_out, up_in) = pair().await;
+        let upstream = tokio::spawn(trickle(up_out, path.clone(), 64 << 10, gap, hold));
+        let direct = Arc::new(Downstreams::default());
+        let out = dir.path().join("fed");
+        let (tx, written) = watch::channel(Written::default());
+        let size = Some(img.len() as u64);
+        let node = tokio::spawn(node(up_in, out.clone(), size, tx, Some(direct.clone())));
+        FedNode {
+            dir,
+            path,
+            img,
+            direct,
+            out,
+            written,
+            upstream,
+            node,
         }
-        let src = FileSource::open_sized(&out, None).unwrap();
-        send_growing(src, &mut down, written, Some(&direct), |_| {})
-            .await
-            .unwrap()
+    }
+
+    impl FedNode {
+        /// Serves the node's file to `down` as it grows, lending the socket
+        /// to the node's receiving thread while it keeps up.
+        fn serve(&self, mut down: TcpStream) -> tokio::task::JoinHandle<SendEnd> {
+            let (out, direct) = (self.out.clone(), self.direct.clone());
+            let mut written = self.written.clone();
+            tokio::spawn(async move {
+                // The file exists once the node has written something.
+                while written.borrow_and_update().upto == 0 {
+                    written.changed().await.unwrap();
+                }
+                let src = FileSource::open_sized(&out, None).unwrap();
+                send_growing(src, &mut down, written, Some(&direct), |_| {})
+                    .await
+                    .unwrap()
+            })
+        }
+
+        /// A plain node downstream, receiving from `up` into file `name`.
+        fn downstream(&self, up: TcpStream, name: &str) -> (std::path::PathBuf, NodeTask) {
+            let out = self.dir.path().join(name);
+            let (tx, _) = watch::channel(Written::default());
+            let size = Some(self.img.len() as u64);
+            (out.clone(), tokio::spawn(node(up, out, size, tx, None)))
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1599,29 +1653,15 @@ mod tests {
     ) {
         use nix::sys::socket::{setsockopt, sockopt};
         tokio::time::timeout(DEADLINE, async {
-            let dir = tempfile::tempdir().unwrap();
-            let (path, img) = image(dir.path());
-            let size = Some(img.len() as u64);
-            let (up_out, n1_in) = pair().await;
+            // About 16 MB/s: the downstream catches up after each stall.
+            let fed = fed_node(Duration::from_millis(4), None).await;
             let (n1_out, mut proxy_in) = pair().await;
             let (mut proxy_out, n2_in) = pair().await;
             // Small socket buffers: once the downstream stalls, a piece no
             // longer fits and the node must hand the socket back mid-record.
             setsockopt(&n1_out, sockopt::SndBuf, &(128 << 10)).unwrap();
             setsockopt(&proxy_in, sockopt::RcvBuf, &(64 << 10)).unwrap();
-            // About 16 MB/s: the downstream catches up after each stall.
-            let upstream = tokio::spawn(trickle(
-                up_out,
-                path.clone(),
-                64 << 10,
-                Duration::from_millis(4),
-                None,
-            ));
-            let direct = Arc::new(Downstreams::default());
-            let (out1, out2) = (dir.path().join("n1"), dir.path().join("n2"));
-            let (tx1, rx1) = watch::channel(Written::default());
-            let node1 = tokio::spawn(node(n1_in, out1.clone(), size, tx1, Some(direct.clone())));
-            let serve = tokio::spawn(serve_growing(out1.clone(), n1_out, rx1, direct.clone()));
+            let serve = fed.serve(n1_out);
             // The downstream stalls for 100 ms after every 4 MiB.
             let proxy = tokio::spawn(async move {
                 let mut buf = vec![0u8; 16 << 10];
@@ -1639,21 +1679,21 @@ mod tests {
                     }
                 }
             });
-            let (tx2, _rx2) = watch::channel(Written::default());
-            let node2 = tokio::spawn(node(n2_in, out2.clone(), size, tx2, None));
-            upstream.await.unwrap();
-            let (end1, _) = node1.await.unwrap();
+            let (out2, node2) = fed.downstream(n2_in, "n2");
+            fed.upstream.await.unwrap();
+            let (end1, _) = fed.node.await.unwrap();
             let served = serve.await.unwrap();
             let (end2, _) = node2.await.unwrap();
             proxy.await.unwrap();
+            let img = &fed.img;
             assert_eq!(served.size, img.len() as u64);
             assert!(
-                std::fs::read(&out2).unwrap() == img,
+                std::fs::read(&out2).unwrap() == *img,
                 "node 2 content differs"
             );
             assert_eq!(end2.digest, end1.digest);
-            assert_eq!(end1.digest, file_digest(&path));
-            let stats = direct.stats();
+            assert_eq!(end1.digest, file_digest(&fed.path));
+            let stats = fed.direct.stats();
             assert!(
                 stats.bytes > img.len() as u64 / 4,
                 "a quarter of the image or more went straight from the receiving thread: {stats:?}"
@@ -1666,8 +1706,7 @@ mod tests {
                 stats.split_records >= 1,
                 "a record was cut short and finished from the file: {stats:?}"
             );
-            eprintln!("direct forwarding: {stats:?}");
-            assert_eq!(direct.lent(), 0, "every socket came back");
+            assert_eq!(fed.direct.lent(), 0, "every socket came back");
         })
         .await
         .expect("test timed out");
@@ -1676,59 +1715,38 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_with_two_downstreams_feeds_both_directly() {
         tokio::time::timeout(DEADLINE, async {
-            let dir = tempfile::tempdir().unwrap();
-            let (path, img) = image(dir.path());
-            let size = Some(img.len() as u64);
-            let (up_out, n1_in) = pair().await;
+            let fed = fed_node(Duration::from_millis(4), None).await;
             let (a_out, a_in) = pair().await;
             let (b_out, b_in) = pair().await;
-            let upstream = tokio::spawn(trickle(
-                up_out,
-                path.clone(),
-                64 << 10,
-                Duration::from_millis(4),
-                None,
-            ));
-            let direct = Arc::new(Downstreams::default());
-            let out1 = dir.path().join("n1");
-            let (tx1, rx1) = watch::channel(Written::default());
-            let node1 = tokio::spawn(node(n1_in, out1.clone(), size, tx1, Some(direct.clone())));
-            let serve_a = tokio::spawn(serve_growing(
-                out1.clone(),
-                a_out,
-                rx1.clone(),
-                direct.clone(),
-            ));
-            let serve_b = tokio::spawn(serve_growing(out1.clone(), b_out, rx1, direct.clone()));
-            let (out_a, out_b) = (dir.path().join("a"), dir.path().join("b"));
-            let (tx_a, _rx_a) = watch::channel(Written::default());
-            let (tx_b, _rx_b) = watch::channel(Written::default());
-            let node_a = tokio::spawn(node(a_in, out_a.clone(), size, tx_a, None));
-            let node_b = tokio::spawn(node(b_in, out_b.clone(), size, tx_b, None));
-            upstream.await.unwrap();
-            let (end1, _) = node1.await.unwrap();
+            let serve_a = fed.serve(a_out);
+            let serve_b = fed.serve(b_out);
+            let (out_a, node_a) = fed.downstream(a_in, "a");
+            let (out_b, node_b) = fed.downstream(b_in, "b");
+            fed.upstream.await.unwrap();
+            let (end1, _) = fed.node.await.unwrap();
             serve_a.await.unwrap();
             serve_b.await.unwrap();
             let (end_a, _) = node_a.await.unwrap();
             let (end_b, _) = node_b.await.unwrap();
+            let img = &fed.img;
             assert!(
-                std::fs::read(&out_a).unwrap() == img,
+                std::fs::read(&out_a).unwrap() == *img,
                 "downstream a differs"
             );
             assert!(
-                std::fs::read(&out_b).unwrap() == img,
+                std::fs::read(&out_b).unwrap() == *img,
                 "downstream b differs"
             );
             assert_eq!(end_a.digest, end1.digest);
             assert_eq!(end_b.digest, end1.digest);
-            let stats = direct.stats();
+            let stats = fed.direct.stats();
             // The image holds about 15 MB of data (the rest is zeros): more
             // than its whole length sent directly means both were fed.
             assert!(
                 stats.bytes > img.len() as u64,
                 "both downstreams were fed straight from the receiving thread: {stats:?}"
             );
-            assert_eq!(direct.lent(), 0, "every socket came back");
+            assert_eq!(fed.direct.lent(), 0, "every socket came back");
         })
         .await
         .expect("test timed out");
@@ -1737,30 +1755,16 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lent_socket_is_closed_when_its_serving_task_is_dropped() {
         tokio::time::timeout(DEADLINE, async {
-            let dir = tempfile::tempdir().unwrap();
-            let (path, img) = image(dir.path());
-            let size = Some(img.len() as u64);
-            let (up_out, n1_in) = pair().await;
-            let (n1_out, mut down) = pair().await;
             // The upstream pauses at 8 MiB until the end of the test, so
             // the image cannot end (and the thread return its sockets)
             // before the dropped server's connection must be closed.
             let (go, hold) = oneshot::channel();
-            let upstream = tokio::spawn(trickle(
-                up_out,
-                path.clone(),
-                64 << 10,
-                Duration::from_millis(1),
-                Some((8 << 20, hold)),
-            ));
-            let direct = Arc::new(Downstreams::default());
-            let out1 = dir.path().join("n1");
-            let (tx1, rx1) = watch::channel(Written::default());
-            let node1 = tokio::spawn(node(n1_in, out1.clone(), size, tx1, Some(direct.clone())));
-            let serve = tokio::spawn(serve_growing(out1.clone(), n1_out, rx1, direct.clone()));
+            let fed = fed_node(Duration::from_millis(1), Some((8 << 20, hold))).await;
+            let (n1_out, mut down) = pair().await;
+            let serve = fed.serve(n1_out);
             let mut buf = vec![0u8; 64 << 10];
             let mut got = 0;
-            while got < 2 << 20 || direct.lent() == 0 {
+            while got < 2 << 20 || fed.direct.lent() == 0 {
                 let n = down.read(&mut buf).await.unwrap();
                 assert!(n > 0, "the stream ended early");
                 got += n;
@@ -1780,13 +1784,13 @@ mod tests {
                 closed.is_ok(),
                 "the downstream connection stays open after its server was dropped"
             );
-            assert_eq!(direct.lent(), 0);
+            assert_eq!(fed.direct.lent(), 0);
             // The node itself carries on to the end.
             go.send(()).unwrap();
-            upstream.await.unwrap();
-            let (end1, _) = node1.await.unwrap();
-            assert!(std::fs::read(&out1).unwrap() == img);
-            assert_eq!(end1.digest, file_digest(&path));
+            fed.upstream.await.unwrap();
+            let (end1, _) = fed.node.await.unwrap();
+            assert!(std::fs::read(&fed.out).unwrap() == fed.img);
+            assert_eq!(end1.digest, file_digest(&fed.path));
         })
         .await
         .expect("test timed out");

@@ -284,21 +284,13 @@ async fn receive(
     // The receiving thread owns the socket from here. Left registered with
     // the runtime, every packet that arrives would also wake a runtime
     // thread for nothing (measured: four wakeups per piece received).
-    let stream = match stream.into_std() {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = events.send(Event::Received {
-                conn,
-                writer: Box::new(writer),
-                result: Err(Error::io("taking the upstream socket from the runtime", e)),
-            });
-            return;
-        }
-    };
     // Records may already sit in the frame reader's buffer: they are read first.
-    let result = tokio::select! {
-        result = relay(&stream, &leftover, &mut writer, Some(&direct), on_written) => result,
-        _ = closed(commands) => Err(Error::Invalid("the data connection was closed by this node".into())),
+    let result = match stream.into_std() {
+        Err(e) => Err(Error::io("taking the upstream socket from the runtime", e)),
+        Ok(stream) => tokio::select! {
+            result = relay(&stream, &leftover, &mut writer, Some(&direct), on_written) => result,
+            _ = closed(commands) => Err(Error::Invalid("the data connection was closed by this node".into())),
+        },
     };
     if let Ok(end) = &result {
         written.send_replace(Written {

@@ -475,14 +475,7 @@ pub async fn run_node(
                         reason =
                             format!("{reason} at {}: is `ka serve` running there?", opts.server);
                     }
-                    let direct_stats = direct.stats();
-                    tracing::info!(
-                        records = direct_stats.records,
-                        bytes = direct_stats.bytes,
-                        fell_behind = direct_stats.fell_behind,
-                        split_records = direct_stats.split_records,
-                        "forwarded straight from the receiving thread"
-                    );
+                    tracing::info!(stats = ?direct.stats(), "forwarded straight from the receiving thread");
                     break 'session NodeOutcome {
                         ok,
                         reason,
