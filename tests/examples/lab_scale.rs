@@ -8,6 +8,7 @@
 //!
 //! ```text
 //! lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16] [--paired K]
+//!           [--serve-args "--max-rate 95mbit"] [--direct-stats yes]
 //! ```
 //!
 //! With `--paired K`, each N runs K times, each ka run followed at once by
@@ -15,11 +16,16 @@
 //! side by side: on a VM whose speed drifts between runs, only a pair run
 //! back to back compares like with like.
 //!
-//! `--plain-nodes` (default: the largest N) also runs a chain of plain TCP
+//! `--plain-nodes` (default: the largest N; 0: none) also runs a chain of plain TCP
 //! relays, no ka, over the same lab: each relay writes what it reads to a
 //! file and forwards it as it comes, with no hashing and no protocol. What
 //! that chain cannot do, the lab machine cannot do; it is the baseline that
 //! tells ka's shortfall from the emulation's.
+//!
+//! `--serve-args` passes more options to every `ka serve` (say, to pace
+//! the source), and `--direct-stats yes` prints each node's direct
+//! forwarding counts after its run; the nodes log them at info level, so
+//! run it with `RUST_LOG=info`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -40,10 +46,14 @@ struct Args {
     /// Runs per N, each followed by a plain relay chain of the same N, so
     /// that ka and its baseline meet the same state of a noisy machine.
     paired: usize,
+    /// More options for every `ka serve`.
+    serve_args: Vec<String>,
+    /// Print each node's direct forwarding counts after its run.
+    direct_stats: bool,
 }
 
 const USAGE: &str =
-    "usage: lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16] [--paired K]";
+    "usage: lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16] [--paired K] [--serve-args ARGS] [--direct-stats yes|no]";
 
 /// Prints one ka row of the table.
 fn print_row(n: usize, r: &Run, sim: f64, floor: f64, hop: f64) {
@@ -81,6 +91,8 @@ fn args() -> Args {
         rate: Rate::mbit(100),
         plain_nodes: None,
         paired: 0,
+        serve_args: Vec::new(),
+        direct_stats: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -96,6 +108,14 @@ fn args() -> Args {
                 a.plain_nodes = Some(value.split(',').map(|n| parse(flag, n)).collect())
             }
             "--paired" => a.paired = parse(flag, value),
+            "--serve-args" => a.serve_args = value.split_whitespace().map(String::from).collect(),
+            "--direct-stats" => {
+                a.direct_stats = match value.as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    _ => panic!("--direct-stats takes yes or no; {USAGE}"),
+                }
+            }
             _ => panic!("unknown argument {flag}; {USAGE}"),
         }
     }
@@ -221,9 +241,10 @@ fn lag_growth(fin: &ka_tests::lab::Finished, n: usize, size: u64) -> Option<f64>
 fn run(n: usize, a: &Args) -> Result<Run, String> {
     let lab = Lab::new(n, a.rate);
     let s = lab.session(a.size);
-    let serve = s.serve(n, &[]);
+    let serve_args: Vec<&str> = a.serve_args.iter().map(String::as_str).collect();
+    let serve = s.serve(n, &serve_args);
     wait_listening(&serve);
-    let joins = s.join_all(&[]);
+    let mut joins = s.join_all(&[]);
     let mut pids = vec![serve.proc.pid().as_raw()];
     pids.extend(joins.iter().map(|j| j.proc.pid().as_raw()));
     let cpu = CpuSampler::start(pids);
@@ -251,6 +272,17 @@ fn run(n: usize, a: &Args) -> Result<Run, String> {
         }
         return Err(failed.join("; "));
     }
+    if a.direct_stats {
+        for j in &mut joins {
+            // The counts are logged as the node leaves.
+            j.proc.wait_exit(Duration::from_secs(30));
+            let stderr = j.proc.stderr();
+            let stats = stderr.lines().filter(|l| l.contains("forwarded straight"));
+            for line in stats {
+                println!("{}: {line}", j.name);
+            }
+        }
+    }
     let started = fin.first("Started").at;
     let verified: Vec<Instant> = fin.all("Verified").iter().map(|e| e.at).collect();
     let last = *verified.iter().max().expect("verified");
@@ -275,7 +307,8 @@ fn heal(a: &Args) -> Result<(usize, f64, f64), String> {
     let victim = n / 2;
     let lab = Lab::new(n, a.rate);
     let s = lab.session(a.size);
-    let serve = s.serve(n, &[]);
+    let serve_args: Vec<&str> = a.serve_args.iter().map(String::as_str).collect();
+    let serve = s.serve(n, &serve_args);
     wait_listening(&serve);
     let joins = s.join_all(&[]);
     let name = format!("n{victim}");
@@ -514,7 +547,8 @@ fn main() {
         (None, 0) => a.nodes.iter().max().into_iter().copied().collect(),
         (None, _) => Vec::new(),
     };
-    for n in plain {
+    // `--plain-nodes 0`: no plain chain.
+    for n in plain.into_iter().filter(|&n| n > 0) {
         let (first, last, busy) = plain_chain(n, &a);
         println!(
             "plain TCP relays, no ka, {n} nodes: last copy {last:.3}s = {:.3} x floor, first {first:.3}s = {:.3} x floor, CPU {busy:.0}%",
