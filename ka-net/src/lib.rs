@@ -107,8 +107,8 @@
 //! costs a few milliseconds instead of a whole buffer's time twice over
 //! (170 ms measured in the lab before).
 //!
-//! **Wakeups per piece.** On a 100 Mbit/s link a node forwards a 25 KB
-//! piece every 2 ms, and in the development VM a node's extra CPU over a
+//! **Wakeups per piece.** On a 100 Mbit/s link a node forwards a piece of
+//! 16 KiB or more about every 1.5 ms, and in the development VM a node's extra CPU over a
 //! plain relay came to about 0.12 ms per extra context switch (both
 //! counted; docs/lab.md). The first design moved each piece through six
 //! thread handoffs (receive task, writer thread, hasher thread, back, a
@@ -121,11 +121,17 @@
 //! busy socket costs no `poll` at all. On a fast link (buffers fill before
 //! their deadline) the socket's `SO_RCVLOWAT` is 64 KiB while a piece is
 //! open, so the thread wakes per 64 KiB rather than per segment. On a slow
-//! link the thread sleeps from a piece's first byte to its deadline, as
-//! long as what arrives meanwhile fits half of the socket's receive
-//! buffer (so the sender never waits for the window). `SO_RCVLOWAT` is not
-//! used there: raising it lets Linux clamp the receive window to it, a
-//! likely cause of the slower hops it gave in the lab (docs/lab.md).
+//! link it wakes once the open piece is complete: it holds a millisecond
+//! of the link (at least 16 KiB; `SO_RCVLOWAT` is set to what is missing),
+//! or its deadline has come, as long as what arrives meanwhile fits half
+//! of the socket's receive buffer (so the sender never waits for the
+//! window). A piece is stored in full before it is forwarded, so its
+//! length in time is what each hop adds: pieces cut by the 2 ms deadline
+//! alone came out near 3.5 ms long on a busy machine, and 16 lab nodes
+//! lost about 4 ms more per hop than with pieces cut by their bytes
+//! (docs/lab.md). Raising `SO_RCVLOWAT` would let Linux clamp the receive
+//! window to it, but not on a socket whose buffer size was set by hand,
+//! as the upstream's is.
 //!
 //! **Copy path.** Measured on loopback (`examples/dataplane_alternatives.rs`
 //! has every variant): `sendfile(2)` on the sending side cuts the sender's

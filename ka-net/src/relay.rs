@@ -64,18 +64,19 @@ const PAGE: usize = 4096;
 const MAX_QUEUED_JOBS: usize = 4 * DEPTH;
 
 /// The longest a received byte waits in a part-filled buffer before the node
-/// writes it (and so forwards it). Each hop of a chain adds about this much
-/// (plus the time to send what gathered meanwhile): 16 hops cost 32 ms. At
-/// loopback speeds buffers fill long before it runs out.
+/// writes it (and so forwards it). On a slow link a piece usually goes
+/// sooner, once it holds a millisecond of the link; at loopback speeds
+/// buffers fill long before either.
 pub const FORWARD_DELAY: Duration = Duration::from_millis(2);
 
 /// On a fast link (buffers fill before their deadline), a node's receiving
 /// thread is woken by its upstream socket only once this much has arrived
 /// (`SO_RCVLOWAT`): per 64 KiB, a GSO packet's worth, rather than per
-/// segment. On a slow link it sleeps to each piece's deadline instead (see
-/// `Receiver::wait`): batching there with `SO_RCVLOWAT` made hops slower
-/// now and then (8 lab nodes at up to 1.05 × the floor instead of 1.02),
-/// likely because Linux clamps the receive window to a raised low mark.
+/// segment. On a slow link the low mark is what completes the open piece
+/// (see `Receiver::wait`). Linux clamps the receive window to a raised low
+/// mark unless the socket's buffer size was set by hand, which
+/// `Upstream::enlarge_receive_buffer` does: without it, session 4 saw
+/// slower hops with low marks.
 const WAKE_BATCH: usize = 64 << 10;
 
 /// The receive buffer a node asks for on its upstream socket (see
@@ -86,6 +87,24 @@ const RECEIVE_BUFFER: usize = 4 << 20;
 /// On a slow link, how much past the current record one read of the
 /// upstream may take along (kept aside and used by the next reads).
 const READ_AHEAD: usize = 64 << 10;
+
+/// On a slow link a piece is written (and forwarded) as soon as it holds
+/// what arrives in this long, without waiting for its deadline
+/// ([`FORWARD_DELAY`]): a piece is stored in full before it is forwarded,
+/// so its length in time is what each hop adds. Timer-driven pieces came
+/// out near twice the forward delay (the deadline plus the wakeup's own
+/// delay on a busy machine), and 16 lab nodes lost 13–16 ms per hop.
+const FORWARD_AFTER: Duration = Duration::from_millis(1);
+
+/// The fewest bytes that make a piece worth forwarding before its
+/// deadline: 16 KiB, about 1.3 ms at 100 Mbit/s. Fewer bytes per wakeup
+/// cost more CPU than they save in latency (8 KiB pieces made 16 lab nodes
+/// slower, not faster).
+const FORWARD_BYTES_MIN: usize = 16 << 10;
+
+/// How long the upstream's rate is measured over before it sets the bytes
+/// of [`FORWARD_AFTER`] anew.
+const RATE_WINDOW: Duration = Duration::from_millis(100);
 
 /// A pooled payload buffer: [`BUF_SIZE`] page-aligned bytes with room for a
 /// record header just before them.
@@ -445,6 +464,9 @@ pub async fn relay(
         fast: false,
         last_write: usize::MAX,
         calm_below,
+        forward_bytes: FORWARD_BYTES_MIN,
+        rate_bytes: 0,
+        rate_since: std::time::Instant::now(),
         sink_failed: None,
     };
     let spawned = std::thread::Builder::new()
@@ -556,12 +578,9 @@ struct Upstream {
 }
 
 impl Upstream {
-    /// Waits until the upstream can be read, or `deadline` passes; an error
-    /// if the relay was stopped.
-    ///
-    /// With `sleep`, the socket is not watched: the thread sleeps to the
-    /// deadline (or until the relay is stopped).
-    fn wait(&self, deadline: Option<std::time::Instant>, sleep: bool) -> Result<(), Error> {
+    /// Waits until the upstream can be read (its `SO_RCVLOWAT` reached), or
+    /// `deadline` passes; an error if the relay was stopped.
+    fn wait(&self, deadline: Option<std::time::Instant>) -> Result<(), Error> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         if self.from < self.to {
             return Ok(());
@@ -579,14 +598,9 @@ impl Upstream {
                     PollTimeout::from(ms)
                 }
             };
-            let socket_events = if sleep {
-                PollFlags::empty()
-            } else {
-                PollFlags::POLLIN
-            };
             let mut fds = [
                 PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.socket.as_fd(), socket_events),
+                PollFd::new(self.socket.as_fd(), PollFlags::POLLIN),
             ];
             match poll(&mut fds, timeout) {
                 Ok(0) => return Ok(()),
@@ -751,6 +765,12 @@ struct Receiver {
     /// Half the upstream socket's receive buffer: the most a thread
     /// sleeping to its deadline may leave in it.
     calm_below: usize,
+    /// A slow link's piece is written once it holds this many bytes
+    /// (what arrives in [`FORWARD_AFTER`], at least [`FORWARD_BYTES_MIN`]).
+    forward_bytes: usize,
+    /// The upstream's rate, measured since `rate_since`: the bytes read.
+    rate_bytes: usize,
+    rate_since: std::time::Instant,
     sink_failed: Option<String>,
 }
 
@@ -844,28 +864,51 @@ impl Receiver {
         }
     }
 
-    /// Waits for the upstream once a read found nothing there. On a fast
-    /// link, while a piece is open, the socket wakes the thread only for
-    /// [`WAKE_BATCH`] bytes and the piece's deadline catches the rest.
+    /// Waits for the upstream once a read found nothing there. While a
+    /// piece is open, the socket wakes the thread only once enough has
+    /// arrived: on a fast link [`WAKE_BATCH`] bytes, on a slow one what
+    /// completes the piece (see [`Receiver::sleeping`]); the piece's
+    /// deadline catches the rest.
     fn wait(&mut self) -> Result<(), Error> {
         self.write_if_due()?;
         let lowat = if self.due.is_some() && self.fast {
             WAKE_BATCH
+        } else if self.sleeping() {
+            self.forward_bytes.saturating_sub(self.unwritten()).max(1)
         } else {
             1
         };
         self.up.set_wake_at(lowat)?;
         // Readable or past the deadline: either way read what is there
         // first; the next read or wait writes the piece.
-        self.up.wait(self.due, self.sleeping())
+        self.up.wait(self.due)
     }
 
-    /// On a slow link, once a piece is open, the thread sleeps to its
-    /// deadline instead of waking per packet, if what arrives meanwhile
-    /// (about the last piece) fits half the socket's buffer: the sender
-    /// never waits for the window.
+    /// On a slow link, once a piece is open, the thread is woken not per
+    /// packet but once the piece is complete (by its bytes or its
+    /// deadline), if what arrives meanwhile (about the last piece) fits
+    /// half the socket's buffer: the sender never waits for the window.
     fn sleeping(&self) -> bool {
         self.due.is_some() && !self.fast && self.pieces_fit()
+    }
+
+    /// Received bytes of the open piece not yet written.
+    fn unwritten(&self) -> usize {
+        self.piece.as_ref().map_or(0, |p| p.filled - p.written)
+    }
+
+    /// Counts `n` bytes just read toward the upstream's rate, and every
+    /// [`RATE_WINDOW`] sets what completes a slow link's piece from it.
+    fn measure_rate(&mut self, n: usize) {
+        self.rate_bytes += n;
+        let elapsed = self.rate_since.elapsed();
+        if elapsed >= RATE_WINDOW {
+            let per_piece =
+                self.rate_bytes as f64 * FORWARD_AFTER.as_secs_f64() / elapsed.as_secs_f64();
+            self.forward_bytes = (per_piece as usize).clamp(FORWARD_BYTES_MIN, BUF_SIZE);
+            self.rate_bytes = 0;
+            self.rate_since = std::time::Instant::now();
+        }
     }
 
     /// A piece (the last one written) fits half the socket's buffer.
@@ -971,8 +1014,21 @@ impl Receiver {
                     if self.due.is_none() {
                         self.due = Some(std::time::Instant::now() + FORWARD_DELAY);
                     }
-                    // The socket had no more: a thread that sleeps to the
-                    // deadline need not learn that by another read.
+                    if !self.fast {
+                        self.measure_rate(n);
+                        if self.unwritten() >= self.forward_bytes {
+                            self.write_piece()?;
+                            // The next piece starts now, as after a
+                            // deadline: the thread is next woken by its
+                            // bytes, not by its first packet.
+                            if self.pieces_fit() {
+                                self.due = Some(std::time::Instant::now() + FORWARD_DELAY);
+                            }
+                            continue;
+                        }
+                    }
+                    // The socket had no more: a thread that waits for a
+                    // whole piece need not learn that by another read.
                     if self.up.drained && len > 0 && self.sleeping() {
                         self.wait()?;
                     }
@@ -1599,11 +1655,15 @@ mod tests {
         node: NodeTask,
     }
 
-    async fn fed_node(gap: Duration, hold: Option<(u64, oneshot::Receiver<()>)>) -> FedNode {
+    async fn fed_node(
+        record: usize,
+        gap: Duration,
+        hold: Option<(u64, oneshot::Receiver<()>)>,
+    ) -> FedNode {
         let dir = tempfile::tempdir().unwrap();
         let (path, img) = image(dir.path());
         let (up_out, up_in) = pair().await;
-        let upstream = tokio::spawn(trickle(up_out, path.clone(), 64 << 10, gap, hold));
+        let upstream = tokio::spawn(trickle(up_out, path.clone(), record, gap, hold));
         let direct = Arc::new(Downstreams::default());
         let out = dir.path().join("fed");
         let (tx, written) = watch::channel(Written::default());
@@ -1654,7 +1714,7 @@ mod tests {
         use nix::sys::socket::{setsockopt, sockopt};
         tokio::time::timeout(DEADLINE, async {
             // About 16 MB/s: the downstream catches up after each stall.
-            let fed = fed_node(Duration::from_millis(4), None).await;
+            let fed = fed_node(64 << 10, Duration::from_millis(4), None).await;
             let (n1_out, mut proxy_in) = pair().await;
             let (mut proxy_out, n2_in) = pair().await;
             // Small socket buffers: once the downstream stalls, a piece no
@@ -1712,10 +1772,50 @@ mod tests {
         .expect("test timed out");
     }
 
+    /// Each hop adds a piece's length in time (a piece is stored in full
+    /// before it is forwarded), so on a slow link a piece goes on once it
+    /// holds about a millisecond of the link, not only at its deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_link_forwards_a_piece_once_it_holds_a_millisecond() {
+        tokio::time::timeout(DEADLINE, async {
+            // A 20 KiB record about every millisecond (or 4 KiB, to end a
+            // 64 KiB block): a millisecond's worth is one record or two,
+            // while a 2 ms deadline (rounded up, plus the wakeup) gathers
+            // about three. Measured: 33 KB per piece, 55 KB with the
+            // deadline alone.
+            let fed = fed_node(20 << 10, Duration::from_millis(1), None).await;
+            let (down_out, down_in) = pair().await;
+            let serve = fed.serve(down_out);
+            let (out2, node2) = fed.downstream(down_in, "n2");
+            fed.upstream.await.unwrap();
+            let (end1, _) = fed.node.await.unwrap();
+            serve.await.unwrap();
+            let (end2, _) = node2.await.unwrap();
+            assert!(
+                std::fs::read(&out2).unwrap() == fed.img,
+                "node 2 content differs"
+            );
+            assert_eq!(end2.digest, end1.digest);
+            let stats = fed.direct.stats();
+            assert!(
+                stats.bytes > fed.img.len() as u64 / 2,
+                "most of the image went straight from the receiving thread: {stats:?}"
+            );
+            let per_piece = stats.bytes / stats.records;
+            assert!(
+                per_piece < 44 << 10,
+                "pieces are forwarded at about a millisecond's worth, \
+                 not a deadline's: {per_piece} bytes per piece, {stats:?}"
+            );
+        })
+        .await
+        .expect("test timed out");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_with_two_downstreams_feeds_both_directly() {
         tokio::time::timeout(DEADLINE, async {
-            let fed = fed_node(Duration::from_millis(4), None).await;
+            let fed = fed_node(64 << 10, Duration::from_millis(4), None).await;
             let (a_out, a_in) = pair().await;
             let (b_out, b_in) = pair().await;
             let serve_a = fed.serve(a_out);
@@ -1759,7 +1859,7 @@ mod tests {
             // the image cannot end (and the thread return its sockets)
             // before the dropped server's connection must be closed.
             let (go, hold) = oneshot::channel();
-            let fed = fed_node(Duration::from_millis(1), Some((8 << 20, hold))).await;
+            let fed = fed_node(64 << 10, Duration::from_millis(1), Some((8 << 20, hold))).await;
             let (n1_out, mut down) = pair().await;
             let serve = fed.serve(n1_out);
             let mut buf = vec![0u8; 64 << 10];

@@ -36,11 +36,20 @@ struct Cli {
     /// payload share of a full TCP segment's frame (1448/1514 at 1500).
     #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u32).range(68..=65535))]
     mtu: u32,
-    /// How long a node holds received bytes before forwarding them, in
+    /// The longest a node holds received bytes before forwarding them, in
     /// microseconds (the real node's FORWARD_DELAY is 2 ms); each hop of data
-    /// costs the latency plus twice this.
+    /// costs the latency plus twice a piece's time.
     #[arg(long, default_value_t = 2000)]
     forward_delay_us: u64,
+    /// A piece goes before that once it holds a millisecond of the link or
+    /// this many bytes, whichever is more (the real node's: 16384); 0 with
+    /// --forward-after-us 0: pieces go only at their deadline.
+    #[arg(long, default_value_t = 16 << 10)]
+    forward_bytes_min: u64,
+    /// The link time a piece holds before it may go early, in microseconds
+    /// (the real node's FORWARD_AFTER is 1 ms).
+    #[arg(long, default_value_t = 1000)]
+    forward_after_us: u64,
     /// What to do with a node that stays too slow.
     #[arg(long, value_enum, default_value_t = Policy::Tail)]
     slow_policy: Policy,
@@ -86,6 +95,8 @@ fn main() -> ExitCode {
     cfg.latency = std::time::Duration::from_micros(cli.latency_us);
     cfg.mtu = cli.mtu;
     cfg.forward_delay = std::time::Duration::from_micros(cli.forward_delay_us);
+    cfg.forward_after = std::time::Duration::from_micros(cli.forward_after_us);
+    cfg.forward_bytes_min = cli.forward_bytes_min;
     cfg.slow_policy = match cli.slow_policy {
         Policy::Keep => SlowPolicy::Keep,
         Policy::Tail => SlowPolicy::MoveToTail,
@@ -93,7 +104,7 @@ fn main() -> ExitCode {
     };
     cfg.trace = cli.trace;
     println!(
-        "options: --nodes {} --size {} --seed {seed} --faults {:?} --arity {} --rate-mbit {} --latency-us {} --mtu {} --forward-delay-us {}",
+        "options: --nodes {} --size {} --seed {seed} --faults {:?} --arity {} --rate-mbit {} --latency-us {} --mtu {} --forward-delay-us {} --forward-after-us {} --forward-bytes-min {}",
         cli.nodes,
         cli.size,
         cli.faults,
@@ -101,7 +112,9 @@ fn main() -> ExitCode {
         cli.rate_mbit,
         cli.latency_us,
         cli.mtu,
-        cli.forward_delay_us
+        cli.forward_delay_us,
+        cli.forward_after_us,
+        cli.forward_bytes_min
     );
     let (payload, wire) = cfg.frame();
     println!(

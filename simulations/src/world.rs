@@ -18,11 +18,12 @@
 //!   segment at MTU 1500 with timestamps carries 1448 bytes in a 1514-byte
 //!   frame ([`SimConfig::frame`], [`SimConfig::payload_rate`]). Control
 //!   messages are too small to matter and pay only the latency.
-//! - **Forward delay.** A real node holds received bytes up to ka-net's
-//!   `FORWARD_DELAY` (2 ms) in a part-filled buffer before it writes and
-//!   forwards them, and what gathered meanwhile then takes about as long
-//!   again to leave at the port rate. So a node's stream reaches its
-//!   downstream `latency + 2 × forward_delay` after it reached the node
+//! - **Pieces.** A real node gathers received bytes into a piece and writes
+//!   and forwards the piece once it holds a millisecond of the link (at
+//!   least 16 KiB), or at the latest after ka-net's `FORWARD_DELAY`
+//!   (2 ms): [`SimConfig::piece_time`]. What gathered then takes about as
+//!   long again to leave at the port rate. So a node's stream reaches its
+//!   downstream `latency + 2 × piece_time` after it reached the node
 //!   ([`SimConfig::data_hop`]). The source serves from its image and adds no
 //!   forward delay.
 //!
@@ -79,11 +80,17 @@ pub struct SimConfig {
     /// The links' MTU in bytes (1500: Ethernet). Image data pays the frame
     /// overhead of a TCP stream at this MTU; see [`SimConfig::frame`].
     pub mtu: u32,
-    /// How long a real node holds received bytes in a part-filled buffer
-    /// before it writes them and so forwards them: ka-net's
-    /// `relay::FORWARD_DELAY` (2 ms). Each hop of data costs
-    /// `latency + 2 × forward_delay`; see [`SimConfig::data_hop`].
+    /// The longest a real node holds received bytes in a part-filled
+    /// buffer before it writes them and so forwards them: ka-net's
+    /// `relay::FORWARD_DELAY` (2 ms); see [`SimConfig::piece_time`].
     pub forward_delay: Duration,
+    /// A piece goes before its deadline once it holds this long of the
+    /// link (ka-net's `FORWARD_AFTER`, 1 ms)…
+    pub forward_after: Duration,
+    /// …or this many bytes, if more (ka-net's `FORWARD_BYTES_MIN`,
+    /// 16 KiB). Zero `forward_after` and zero bytes: pieces go only at
+    /// their deadline.
+    pub forward_bytes_min: u64,
     /// Disk write rate in bytes per second (`None`: faster than the port).
     pub disk_rate: Option<f64>,
     /// What the source does with a slow node.
@@ -94,7 +101,8 @@ pub struct SimConfig {
 
 impl SimConfig {
     /// A run of `nodes` nodes and `size` bytes with 1 Gbit/s ports, 50 µs
-    /// hops, MTU 1500 and the real node's 2 ms forward delay.
+    /// hops, MTU 1500 and the real node's pieces (1 ms or 16 KiB, at most
+    /// 2 ms).
     pub fn new(nodes: usize, size: u64, seed: u64) -> Self {
         SimConfig {
             nodes,
@@ -106,6 +114,8 @@ impl SimConfig {
             latency: Duration::from_micros(50),
             mtu: 1500,
             forward_delay: Duration::from_millis(2),
+            forward_after: Duration::from_millis(1),
+            forward_bytes_min: 16 << 10,
             disk_rate: None,
             slow_policy: SlowPolicy::MoveToTail,
             trace: false,
@@ -120,7 +130,7 @@ impl SimConfig {
         let depth = tree_depth(self.nodes, self.arity.max(1) as usize) as u32;
         Duration::from_secs_f64(self.size as f64 / self.effective_rate())
             + self.latency * depth
-            + self.forward_delay * 2 * depth.saturating_sub(1)
+            + self.piece_time() * 2 * depth.saturating_sub(1)
     }
 
     fn effective_rate(&self) -> f64 {
@@ -148,12 +158,24 @@ impl SimConfig {
     }
 
     /// How long after a node's stream reaches it the same bytes reach its
-    /// downstream: the hop latency plus twice the forward delay. A real
-    /// node holds what it receives up to `forward_delay` before writing it,
-    /// then sends what gathered meanwhile at the port rate, which takes as
-    /// long again.
+    /// downstream: the hop latency plus twice the piece time. A real node
+    /// holds what it receives for a piece's time before writing it, then
+    /// sends the piece at the port rate, which takes as long again.
     pub fn data_hop(&self) -> Duration {
-        self.latency + self.forward_delay * 2
+        self.latency + self.piece_time() * 2
+    }
+
+    /// How long a real node gathers a piece at the rate it receives:
+    /// until it holds `forward_after` of the link or `forward_bytes_min`
+    /// bytes, whichever is more, and at most `forward_delay`.
+    pub fn piece_time(&self) -> Duration {
+        if self.forward_after.is_zero() && self.forward_bytes_min == 0 {
+            return self.forward_delay;
+        }
+        // At the rate a node receives: its parent's port may be shared.
+        let by_bytes =
+            Duration::from_secs_f64(self.forward_bytes_min as f64 / self.effective_rate());
+        self.forward_after.max(by_bytes).min(self.forward_delay)
     }
 }
 

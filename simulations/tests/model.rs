@@ -270,11 +270,22 @@ fn fault_free_chain_takes_the_payload_stream_plus_a_data_hop_per_node() {
     // Joining, the data handshake and the final verification cost a handful
     // of control-message latencies (50 µs each) on top of the model.
     let setup = 20.0 * 50e-6;
-    for forward_delay_us in [0u64, 2000, 10_000] {
+    // 16 KiB at 100 Mbit/s's payload rate: longer than the 1 ms floor.
+    let by_bytes = 16384.0 / (12.5e6 * 1448.0 / 1514.0);
+    for (forward_delay_us, early) in [(0u64, true), (2000, true), (10_000, true), (2000, false)] {
         for nodes in [1usize, 2, 4, 8, 16] {
             let mut cfg = chain_at_100_mbit(nodes, 64 << 20);
             cfg.forward_delay = Duration::from_micros(forward_delay_us);
-            let hop = 50e-6 + 2.0 * forward_delay_us as f64 * 1e-6;
+            let deadline = forward_delay_us as f64 * 1e-6;
+            let piece = if early {
+                deadline.min(by_bytes)
+            } else {
+                // Pieces go only at their deadline.
+                cfg.forward_after = Duration::ZERO;
+                cfg.forward_bytes_min = 0;
+                deadline
+            };
+            let hop = 50e-6 + 2.0 * piece;
             let model = stream_secs_at_100_mbit(64 << 20) + (nodes - 1) as f64 * hop;
             let out = run(cfg);
             assert!(out.verdict.is_ok(), "{:?}", out.verdict);
@@ -290,16 +301,19 @@ fn fault_free_chain_takes_the_payload_stream_plus_a_data_hop_per_node() {
 
 #[test]
 fn each_node_of_a_chain_verifies_one_data_hop_after_its_upstream() {
-    // 2 ms forward delay (the default) and 50 µs latency: 4.05 ms a hop.
+    // 16 KiB pieces at 100 Mbit/s (1.37 ms, under the 2 ms deadline) and
+    // 50 µs latency: 2.79 ms a hop.
+    let hop = 50e-6 + 2.0 * 16384.0 / (12.5e6 * 1448.0 / 1514.0);
     let out = run(chain_at_100_mbit(16, 8 << 20));
     assert!(out.verdict.is_ok(), "{:?}", out.verdict);
     assert_eq!(out.verified_at.len(), 16);
     for pair in out.verified_at.windows(2) {
         let gap = (pair[1] - pair[0]).as_secs_f64();
         assert!(
-            (gap - 4.05e-3).abs() < 50e-6,
-            "verifications {:?} apart, expected 4.05 ms",
-            pair[1] - pair[0]
+            (gap - hop).abs() < 50e-6,
+            "verifications {:?} apart, expected {:.3} ms",
+            pair[1] - pair[0],
+            hop * 1e3
         );
     }
 }
@@ -307,6 +321,9 @@ fn each_node_of_a_chain_verifies_one_data_hop_after_its_upstream() {
 #[test]
 fn frame_overhead_follows_the_mtu() {
     let mut cfg = chain_at_100_mbit(4, 64 << 20);
+    // Pieces of 1 ms at both MTUs (16 KiB would take longer at the lower
+    // payload rate of MTU 1500).
+    cfg.forward_bytes_min = 0;
     assert_eq!(cfg.frame(), (1448, 1514));
     let standard = run(cfg.clone());
     cfg.mtu = 9000;
@@ -333,15 +350,17 @@ fn frame_overhead_follows_the_mtu() {
 #[test]
 fn pipeline_bound_uses_the_payload_rate_and_data_hops() {
     let cfg = chain_at_100_mbit(8, 64 << 20);
-    // Eight levels: eight latencies, seven relays' forward delays.
-    let want = stream_secs_at_100_mbit(64 << 20) + 8.0 * 50e-6 + 7.0 * 4e-3;
+    // Eight levels: eight latencies, seven relays' pieces (16 KiB each,
+    // gathered and then sent at the payload rate).
+    let piece = 16384.0 / (12.5e6 * 1448.0 / 1514.0);
+    let want = stream_secs_at_100_mbit(64 << 20) + 8.0 * 50e-6 + 7.0 * 2.0 * piece;
     let got = cfg.pipeline_bound().as_secs_f64();
     assert!(
         (got - want).abs() < 1e-6,
         "bound {got:.6}s, want {want:.6}s"
     );
     // A tree of 7 with two children each: three levels, each child getting
-    // half its parent's port.
+    // half its parent's port, so 16 KiB takes longer than the 2 ms deadline.
     let mut tree = cfg.clone();
     tree.nodes = 7;
     tree.arity = 2;
