@@ -76,8 +76,8 @@ struct State {
     feeding: bool,
     /// While feeding: everything before this offset is written.
     upto: u64,
-    /// The thread's pieces are small (a slow link: written at their
-    /// deadline), so sending them straight on pays. A full buffer (a fast
+    /// The thread's pieces are small (a slow link: written once complete
+    /// or at their deadline), so sending them straight on pays. A full buffer (a fast
     /// link) goes better by `sendfile` from the serving task: it would not
     /// fit the socket at once anyway, and it needs no copy.
     pieces_small: bool,

@@ -108,30 +108,30 @@
 //! (170 ms measured in the lab before).
 //!
 //! **Wakeups per piece.** On a 100 Mbit/s link a node forwards a piece of
-//! 16 KiB or more about every 1.5 ms, and in the development VM a node's extra CPU over a
-//! plain relay came to about 0.12 ms per extra context switch (both
-//! counted; docs/lab.md). The first design moved each piece through six
-//! thread handoffs (receive task, writer thread, hasher thread, back, a
-//! reader thread, the sending task) and a node used five times the CPU of
-//! a plain read-write-forward loop. Now a piece costs none: the receiving
-//! thread receives, writes and forwards it; the hasher wakes once per 1 MiB
-//! buffer; the upstream socket is taken out of the runtime's `epoll` (left
-//! there, each arriving packet woke a runtime thread for nothing: four
-//! wakeups per piece). The receiving thread reads before it polls, so a
-//! busy socket costs no `poll` at all. On a fast link (buffers fill before
-//! their deadline) the socket's `SO_RCVLOWAT` is 64 KiB while a piece is
-//! open, so the thread wakes per 64 KiB rather than per segment. On a slow
-//! link it wakes once the open piece is complete: it holds a millisecond
-//! of the link (at least 16 KiB; `SO_RCVLOWAT` is set to what is missing),
-//! or its deadline has come, as long as what arrives meanwhile fits half
-//! of the socket's receive buffer (so the sender never waits for the
-//! window). A piece is stored in full before it is forwarded, so its
+//! 16 KiB or more about every 1.5 ms, and in the development VM a node's
+//! extra CPU over a plain relay came to about 0.12 ms per extra context
+//! switch (both counted; docs/lab.md). The first design moved each piece
+//! through six thread handoffs (receive task, writer thread, hasher thread,
+//! back, a reader thread, the sending task) and a node used five times the
+//! CPU of a plain read-write-forward loop. Now a piece costs none: the
+//! receiving thread receives, writes and forwards it; the hasher wakes once
+//! per 1 MiB buffer; the upstream socket is taken out of the runtime's
+//! `epoll` (left there, each arriving packet woke a runtime thread for
+//! nothing: four wakeups per piece). The receiving thread reads before it
+//! polls, so a busy socket costs no `poll` at all. On a fast link (buffers
+//! fill before their deadline) the socket's `SO_RCVLOWAT` is 64 KiB while a
+//! piece is open, so the thread wakes per 64 KiB rather than per segment.
+//! On a slow link it wakes once the open piece is complete: it holds a
+//! millisecond of the link (at least 16 KiB; `SO_RCVLOWAT` is set to what
+//! is missing), or its deadline has come, as long as what arrives meanwhile
+//! fits half of the socket's receive buffer (so the sender never waits for
+//! the window). A piece is stored in full before it is forwarded, so its
 //! length in time is what each hop adds: pieces cut by the 2 ms deadline
-//! alone came out near 3.5 ms long on a busy machine, and 16 lab nodes
-//! lost about 4 ms more per hop than with pieces cut by their bytes
+//! alone came out near 3.5 ms long on a busy machine, and 16 lab nodes lost
+//! about 3 ms more per hop than with pieces cut by their bytes
 //! (docs/lab.md). Raising `SO_RCVLOWAT` would let Linux clamp the receive
-//! window to it, but not on a socket whose buffer size was set by hand,
-//! as the upstream's is.
+//! window to it, but not on a socket whose buffer size was set by hand, as
+//! the upstream's is.
 //!
 //! **Copy path.** Measured on loopback (`examples/dataplane_alternatives.rs`
 //! has every variant): `sendfile(2)` on the sending side cuts the sender's

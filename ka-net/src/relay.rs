@@ -93,11 +93,12 @@ const READ_AHEAD: usize = 64 << 10;
 /// ([`FORWARD_DELAY`]): a piece is stored in full before it is forwarded,
 /// so its length in time is what each hop adds. Timer-driven pieces came
 /// out near twice the forward delay (the deadline plus the wakeup's own
-/// delay on a busy machine), and 16 lab nodes lost 13–16 ms per hop.
+/// delay on a busy machine), and each hop of a 16-node lab chain took
+/// about 3 ms longer than with pieces cut by their bytes.
 const FORWARD_AFTER: Duration = Duration::from_millis(1);
 
 /// The fewest bytes that make a piece worth forwarding before its
-/// deadline: 16 KiB, about 1.3 ms at 100 Mbit/s. Fewer bytes per wakeup
+/// deadline: 16 KiB, about 1.4 ms at 100 Mbit/s. Fewer bytes per wakeup
 /// cost more CPU than they save in latency (8 KiB pieces made 16 lab nodes
 /// slower, not faster).
 const FORWARD_BYTES_MIN: usize = 16 << 10;
@@ -759,11 +760,10 @@ struct Receiver {
     /// Whether the last piece was written because its buffer filled (a
     /// fast link), not because its deadline came.
     fast: bool,
-    /// The bytes of the last write: on a slow link, what arrives in one
-    /// [`FORWARD_DELAY`].
+    /// The bytes of the last write: on a slow link, one piece.
     last_write: usize,
     /// Half the upstream socket's receive buffer: the most a thread
-    /// sleeping to its deadline may leave in it.
+    /// waiting for a whole piece may leave in it.
     calm_below: usize,
     /// A slow link's piece is written once it holds this many bytes
     /// (what arrives in [`FORWARD_AFTER`], at least [`FORWARD_BYTES_MIN`]).
@@ -867,13 +867,13 @@ impl Receiver {
     /// Waits for the upstream once a read found nothing there. While a
     /// piece is open, the socket wakes the thread only once enough has
     /// arrived: on a fast link [`WAKE_BATCH`] bytes, on a slow one what
-    /// completes the piece (see [`Receiver::sleeping`]); the piece's
+    /// completes the piece (see [`Receiver::awaits_whole_piece`]); the piece's
     /// deadline catches the rest.
     fn wait(&mut self) -> Result<(), Error> {
         self.write_if_due()?;
         let lowat = if self.due.is_some() && self.fast {
             WAKE_BATCH
-        } else if self.sleeping() {
+        } else if self.awaits_whole_piece() {
             self.forward_bytes.saturating_sub(self.unwritten()).max(1)
         } else {
             1
@@ -888,7 +888,7 @@ impl Receiver {
     /// packet but once the piece is complete (by its bytes or its
     /// deadline), if what arrives meanwhile (about the last piece) fits
     /// half the socket's buffer: the sender never waits for the window.
-    fn sleeping(&self) -> bool {
+    fn awaits_whole_piece(&self) -> bool {
         self.due.is_some() && !self.fast && self.pieces_fit()
     }
 
@@ -917,22 +917,27 @@ impl Receiver {
     }
 
     /// Writes the pending bytes once their deadline has passed. A deadline
-    /// that comes before the buffer fills marks the link as slow. While
-    /// bytes keep coming on a slow link, the next piece's deadline starts
-    /// at once, without waiting for its first byte: the thread then wakes
-    /// once per piece (at its deadline) instead of twice.
+    /// that comes before the buffer fills marks the link as slow.
     fn write_if_due(&mut self) -> Result<(), Error> {
         match self.due {
             Some(due) if std::time::Instant::now() >= due => {
                 self.fast = false;
-                let wrote = self.write_piece()?;
-                if wrote > 0 && self.pieces_fit() {
-                    self.due = Some(std::time::Instant::now() + FORWARD_DELAY);
-                }
-                Ok(())
+                self.write_slow_piece()
             }
             _ => Ok(()),
         }
+    }
+
+    /// Writes a slow link's piece (its deadline came, or it is complete).
+    /// While bytes keep coming, the next piece's deadline starts at once,
+    /// without waiting for its first byte: the thread is next woken by that
+    /// piece's bytes or deadline, not also by its first packet.
+    fn write_slow_piece(&mut self) -> Result<(), Error> {
+        let wrote = self.write_piece()?;
+        if wrote > 0 && self.pieces_fit() {
+            self.due = Some(std::time::Instant::now() + FORWARD_DELAY);
+        }
+        Ok(())
     }
 
     /// Before each read: stops if the relay was dropped, and writes the
@@ -1017,19 +1022,13 @@ impl Receiver {
                     if !self.fast {
                         self.measure_rate(n);
                         if self.unwritten() >= self.forward_bytes {
-                            self.write_piece()?;
-                            // The next piece starts now, as after a
-                            // deadline: the thread is next woken by its
-                            // bytes, not by its first packet.
-                            if self.pieces_fit() {
-                                self.due = Some(std::time::Instant::now() + FORWARD_DELAY);
-                            }
+                            self.write_slow_piece()?;
                             continue;
                         }
                     }
                     // The socket had no more: a thread that waits for a
                     // whole piece need not learn that by another read.
-                    if self.up.drained && len > 0 && self.sleeping() {
+                    if self.up.drained && len > 0 && self.awaits_whole_piece() {
                         self.wait()?;
                     }
                 }
@@ -1642,8 +1641,8 @@ mod tests {
     type NodeTask = tokio::task::JoinHandle<(RelayEnd, Box<dyn ImageSink>)>;
 
     /// A node that forwards directly (through `direct`), fed the test image
-    /// by a slow upstream: 64 KiB records `gap` apart, stopping before an
-    /// offset until told with `hold` (see [`trickle`]).
+    /// by a slow upstream: records of `record` bytes `gap` apart, stopping
+    /// before an offset until told with `hold` (see [`trickle`]).
     struct FedNode {
         dir: tempfile::TempDir,
         path: std::path::PathBuf,
@@ -1705,6 +1704,32 @@ mod tests {
             let (tx, _) = watch::channel(Written::default());
             let size = Some(self.img.len() as u64);
             (out.clone(), tokio::spawn(node(up, out, size, tx, None)))
+        }
+
+        /// Serves `count` plain downstreams from the node to the end of the
+        /// image, checks that each holds the image with the node's digest,
+        /// and returns what went straight from the receiving thread.
+        async fn feed_to_the_end(self, count: usize) -> crate::direct::DirectStats {
+            let mut downstreams = Vec::new();
+            for i in 0..count {
+                let (out, up) = pair().await;
+                let serve = self.serve(out);
+                let (copy, node) = self.downstream(up, &format!("d{i}"));
+                downstreams.push((serve, copy, node));
+            }
+            self.upstream.await.unwrap();
+            let (end, _) = self.node.await.unwrap();
+            for (serve, copy, node) in downstreams {
+                serve.await.unwrap();
+                let (copy_end, _) = node.await.unwrap();
+                assert!(
+                    std::fs::read(&copy).unwrap() == self.img,
+                    "{} differs",
+                    copy.display()
+                );
+                assert_eq!(copy_end.digest, end.digest);
+            }
+            self.direct.stats()
         }
     }
 
@@ -1784,21 +1809,10 @@ mod tests {
             // about three. Measured: 33 KB per piece, 55 KB with the
             // deadline alone.
             let fed = fed_node(20 << 10, Duration::from_millis(1), None).await;
-            let (down_out, down_in) = pair().await;
-            let serve = fed.serve(down_out);
-            let (out2, node2) = fed.downstream(down_in, "n2");
-            fed.upstream.await.unwrap();
-            let (end1, _) = fed.node.await.unwrap();
-            serve.await.unwrap();
-            let (end2, _) = node2.await.unwrap();
+            let image_len = fed.img.len() as u64;
+            let stats = fed.feed_to_the_end(1).await;
             assert!(
-                std::fs::read(&out2).unwrap() == fed.img,
-                "node 2 content differs"
-            );
-            assert_eq!(end2.digest, end1.digest);
-            let stats = fed.direct.stats();
-            assert!(
-                stats.bytes > fed.img.len() as u64 / 2,
+                stats.bytes > image_len / 2,
                 "most of the image went straight from the receiving thread: {stats:?}"
             );
             let per_piece = stats.bytes / stats.records;
@@ -1816,37 +1830,15 @@ mod tests {
     async fn a_node_with_two_downstreams_feeds_both_directly() {
         tokio::time::timeout(DEADLINE, async {
             let fed = fed_node(64 << 10, Duration::from_millis(4), None).await;
-            let (a_out, a_in) = pair().await;
-            let (b_out, b_in) = pair().await;
-            let serve_a = fed.serve(a_out);
-            let serve_b = fed.serve(b_out);
-            let (out_a, node_a) = fed.downstream(a_in, "a");
-            let (out_b, node_b) = fed.downstream(b_in, "b");
-            fed.upstream.await.unwrap();
-            let (end1, _) = fed.node.await.unwrap();
-            serve_a.await.unwrap();
-            serve_b.await.unwrap();
-            let (end_a, _) = node_a.await.unwrap();
-            let (end_b, _) = node_b.await.unwrap();
-            let img = &fed.img;
-            assert!(
-                std::fs::read(&out_a).unwrap() == *img,
-                "downstream a differs"
-            );
-            assert!(
-                std::fs::read(&out_b).unwrap() == *img,
-                "downstream b differs"
-            );
-            assert_eq!(end_a.digest, end1.digest);
-            assert_eq!(end_b.digest, end1.digest);
-            let stats = fed.direct.stats();
+            let (image_len, direct) = (fed.img.len() as u64, fed.direct.clone());
+            let stats = fed.feed_to_the_end(2).await;
             // The image holds about 15 MB of data (the rest is zeros): more
             // than its whole length sent directly means both were fed.
             assert!(
-                stats.bytes > img.len() as u64,
+                stats.bytes > image_len,
                 "both downstreams were fed straight from the receiving thread: {stats:?}"
             );
-            assert_eq!(fed.direct.lent(), 0, "every socket came back");
+            assert_eq!(direct.lent(), 0, "every socket came back");
         })
         .await
         .expect("test timed out");

@@ -16,11 +16,11 @@
 //! side by side: on a VM whose speed drifts between runs, only a pair run
 //! back to back compares like with like.
 //!
-//! `--plain-nodes` (default: the largest N; 0: none) also runs a chain of plain TCP
-//! relays, no ka, over the same lab: each relay writes what it reads to a
-//! file and forwards it as it comes, with no hashing and no protocol. What
-//! that chain cannot do, the lab machine cannot do; it is the baseline that
-//! tells ka's shortfall from the emulation's.
+//! `--plain-nodes` (default: the largest N; 0: none) also runs a chain of
+//! plain TCP relays, no ka, over the same lab: each relay writes what it
+//! reads to a file and forwards it as it comes, with no hashing and no
+//! protocol. What that chain cannot do, the lab machine cannot do; it is
+//! the baseline that tells ka's shortfall from the emulation's.
 //!
 //! `--serve-args` passes more options to every `ka serve` (say, to pace
 //! the source), and `--direct-stats yes` prints each node's direct
@@ -76,6 +76,13 @@ fn print_row(n: usize, r: &Run, sim: f64, floor: f64, hop: f64) {
             .map_or("-".into(), |g| format!("{:+.2}MiB/s", g / (1 << 20) as f64)),
         load_average()
     );
+}
+
+impl Args {
+    /// `--serve-args`, as `Session::serve` takes them.
+    fn serve_args(&self) -> Vec<&str> {
+        self.serve_args.iter().map(String::as_str).collect()
+    }
 }
 
 fn parse<T: std::str::FromStr>(flag: &str, value: &str) -> T {
@@ -241,8 +248,7 @@ fn lag_growth(fin: &ka_tests::lab::Finished, n: usize, size: u64) -> Option<f64>
 fn run(n: usize, a: &Args) -> Result<Run, String> {
     let lab = Lab::new(n, a.rate);
     let s = lab.session(a.size);
-    let serve_args: Vec<&str> = a.serve_args.iter().map(String::as_str).collect();
-    let serve = s.serve(n, &serve_args);
+    let serve = s.serve(n, &a.serve_args());
     wait_listening(&serve);
     let mut joins = s.join_all(&[]);
     let mut pids = vec![serve.proc.pid().as_raw()];
@@ -307,8 +313,7 @@ fn heal(a: &Args) -> Result<(usize, f64, f64), String> {
     let victim = n / 2;
     let lab = Lab::new(n, a.rate);
     let s = lab.session(a.size);
-    let serve_args: Vec<&str> = a.serve_args.iter().map(String::as_str).collect();
-    let serve = s.serve(n, &serve_args);
+    let serve = s.serve(n, &a.serve_args());
     wait_listening(&serve);
     let joins = s.join_all(&[]);
     let name = format!("n{victim}");
