@@ -24,9 +24,14 @@
 //! another lab's. Namespaces and the work directory carry the test process's
 //! PID and a counter (`kalab-<pid>-<n>-…`). Dropping the [`Lab`] kills every
 //! process left in its namespaces (by PID) and deletes the namespaces and the
-//! work directory, even when the test failed; a lab whose test process was
-//! killed outright (no `Drop`) is removed by the next [`Lab::new`], which
-//! deletes every `kalab-<pid>-` namespace and directory whose PID is dead.
+//! work directory, even when the test failed. A test process interrupted by
+//! SIGINT, SIGTERM or SIGHUP (Ctrl-C, a CI timeout, a closed terminal) never
+//! reaches `Drop`, so the first lab of a process also installs a handler for
+//! those signals that removes every lab still alive the same way and then
+//! exits with 128 + the signal's number. A lab whose test process was
+//! killed outright (SIGKILL: no handler runs) is removed by the next
+//! [`Lab::new`], which deletes every `kalab-<pid>-` namespace and work
+//! directory (in `/dev/shm` or the temporary directory) whose PID is dead.
 //!
 //! Labs share the machine's CPU, and timing is what they measure, so at most
 //! one lab exists at a time per process: [`Lab::new`] waits for the previous
@@ -60,6 +65,20 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Labs made by this process so far, for unique names.
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// What each lab of this process that is not yet dropped has made, for the
+/// signal handler to remove (see the module documentation).
+static ALIVE: Mutex<Vec<Made>> = Mutex::new(Vec::new());
+
+/// Installs the signal handler once per process.
+static HANDLER: std::sync::Once = std::sync::Once::new();
+
+/// The namespaces and the work directory of one lab, by name.
+struct Made {
+    tag: String,
+    namespaces: Vec<String>,
+    dir: PathBuf,
+}
 
 /// A port rate in bits per second.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,8 +185,19 @@ impl Lab {
             addr: Ipv4Addr::new(10, 200, 0, 10 + i as u8),
             port: format!("n{i}"),
         }));
+        let switch = format!("{tag}-sw");
+        let mut namespaces: Vec<String> = hosts.iter().map(|h| h.netns.clone()).collect();
+        namespaces.push(switch.clone());
+        // Registered before anything is made, so that a signal arriving in
+        // the middle of `build` removes what was made so far.
+        alive().push(Made {
+            tag: tag.clone(),
+            namespaces,
+            dir: dir.path().to_path_buf(),
+        });
+        HANDLER.call_once(|| remove_labs_on_signals(ip.clone()));
         let mut lab = Lab {
-            switch: format!("{tag}-sw"),
+            switch,
             tag,
             hosts,
             rate,
@@ -426,7 +456,51 @@ impl Drop for Lab {
                 eprintln!("lab {}: cannot remove its work directory: {e}", self.tag);
             }
         }
+        alive().retain(|m| m.tag != self.tag);
     }
+}
+
+/// The labs not yet dropped; a panic while holding the list leaves it valid.
+fn alive() -> MutexGuard<'static, Vec<Made>> {
+    ALIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Starts a thread that, on SIGINT, SIGTERM or SIGHUP, removes every lab
+/// still alive (its processes, namespaces and work directory) and exits
+/// with 128 + the signal's number, as the signal itself would have.
+fn remove_labs_on_signals(ip: PathBuf) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("lab: cannot watch for interrupting signals ({e}); an interrupted lab is removed by the next one");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            // Taken, not borrowed: a `Drop` racing with this finds nothing
+            // left to remove twice.
+            let labs = std::mem::take(&mut *alive());
+            for made in labs {
+                eprintln!(
+                    "lab {}: interrupted by signal {signal}; removing it",
+                    made.tag
+                );
+                for ns in &made.namespaces {
+                    remove_namespace(&ip, ns);
+                }
+                if let Err(e) = std::fs::remove_dir_all(&made.dir) {
+                    eprintln!(
+                        "lab {}: cannot remove its work directory {}: {e}",
+                        made.tag,
+                        made.dir.display()
+                    );
+                }
+            }
+            std::process::exit(128 + signal);
+        }
+    });
 }
 
 /// Runs `tool args…` (bounded), panicking with its error output if it fails.
@@ -547,7 +621,11 @@ fn remove_stale_labs(ip: &Path) {
             remove_namespace(ip, ns);
         }
     }
-    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+    // Both places `Lab::new` may have put a work directory.
+    for base in [PathBuf::from("/dev/shm"), std::env::temp_dir()] {
+        let Ok(entries) = std::fs::read_dir(&base) else {
+            continue;
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if stale(&name) && e.path().is_dir() {

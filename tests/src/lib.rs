@@ -22,12 +22,17 @@ use std::time::{Duration, Instant};
 /// build binaries of other crates for integration tests.
 pub fn ka_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/ka
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("ka"))
-        .expect("test executable lives in target/<profile>/deps");
+    // A test runs from target/<profile>/deps/, a binary of this crate (such
+    // as `ka-lab`) from target/<profile>/ itself, next to `ka`.
+    let dir = exe.parent().expect("an executable lives in a directory");
+    let beside = dir.join("ka");
+    let bin = if beside.is_file() {
+        beside
+    } else {
+        dir.parent()
+            .map(|d| d.join("ka"))
+            .expect("test executable lives in target/<profile>/deps")
+    };
     assert!(
         bin.is_file(),
         "{} is missing; build it first: cargo build --release -p ka-bin",
