@@ -134,6 +134,14 @@ pub enum NodeEvent {
         /// The offset.
         from: u64,
     },
+    /// A node asked us for data before the source's word that it is our
+    /// downstream reached us; it waits for that word (or `dead_after`).
+    DownstreamEarly {
+        /// The node.
+        node: NodeId,
+        /// The placement it named.
+        epoch: Epoch,
+    },
     /// The data connection to the upstream was lost or refused.
     UpstreamLost {
         /// Why.
@@ -183,6 +191,17 @@ impl UpstreamConn {
 #[derive(Debug, Clone, Copy)]
 enum Inbound {
     Challenged(Nonce),
+    /// A proven hello from a node that names us its upstream at an epoch
+    /// newer than ours: the source told it before its word reached us (the
+    /// two messages travel on different connections, and a busy node may
+    /// read them in either order). It is answered when our own placement
+    /// at that epoch arrives, or refused at `until`.
+    Early {
+        node: NodeId,
+        epoch: Epoch,
+        from: u64,
+        until: Time,
+    },
     Serving(NodeId),
 }
 
@@ -198,14 +217,17 @@ enum Timer {
     ConnectUpstream = 3,
     /// Give up on a source that does not answer (or does not come back).
     SourceWait = 4,
+    /// The earliest early downstream's wait for our placement is over.
+    EarlyDownstream = 5,
 }
 
-const TIMER_REASONS: [&str; 5] = [
+const TIMER_REASONS: [&str; 6] = [
     "heartbeat",
     "source silence",
     "reconnect to source",
     "reconnect to upstream",
     "give up waiting for the source",
+    "answer an early downstream",
 ];
 
 /// What a restarted node already holds: the durable prefix of a copy of one
@@ -250,7 +272,7 @@ pub struct Node {
     join_have: u64,
     /// When we last had the source (or started): `source_wait` runs from here.
     source_since: Time,
-    timers: TimerTable<5>,
+    timers: TimerTable<6>,
     transmits: VecDeque<(ConnId, Message)>,
     actions: VecDeque<NodeAction>,
     events: VecDeque<NodeEvent>,
@@ -375,7 +397,7 @@ impl Node {
             return self.on_upstream(now, conn, msg);
         }
         if let Some(&Inbound::Challenged(nonce)) = self.inbound.get(&conn) {
-            return self.on_downstream_hello(conn, nonce, msg);
+            return self.on_downstream_hello(now, conn, nonce, msg);
         }
         self.close(conn);
     }
@@ -501,6 +523,9 @@ impl Node {
         }
         if self.timers.expire(Timer::ConnectUpstream as usize, now) {
             self.connect_upstream();
+        }
+        if self.timers.expire(Timer::EarlyDownstream as usize, now) {
+            self.answer_early_downstreams(now);
         }
         if self.timers.expire(Timer::SourceWait as usize, now)
             && !matches!(self.control, ControlState::Joined(_))
@@ -797,7 +822,7 @@ impl Node {
 
     fn on_topology(
         &mut self,
-        _now: Time,
+        now: Time,
         epoch: Epoch,
         upstream: Option<Upstream>,
         downstreams: Vec<NodeId>,
@@ -834,6 +859,7 @@ impl Node {
             upstream: upstream.map(|u| u.node),
             downstreams,
         });
+        self.answer_early_downstreams(now);
     }
 
     fn connect_upstream(&mut self) {
@@ -905,19 +931,47 @@ impl Node {
         );
     }
 
-    fn on_downstream_hello(&mut self, conn: ConnId, nonce: Nonce, msg: Message) {
+    fn on_downstream_hello(&mut self, now: Time, conn: ConnId, nonce: Nonce, msg: Message) {
         let DataRequest { node, epoch, from } =
             match check_data_hello(&*self.key, &nonce, &self.config.session, msg) {
                 Ok(request) => request,
                 Err((code, detail)) => return self.refuse_downstream(conn, code, detail),
             };
+        if !self.downstreams.contains_key(&node) && epoch > self.epoch {
+            // Refusing would cost the downstream a reconnect delay, and the
+            // data reaching us meanwhile would stand queued before it for
+            // the rest of the stream, every byte late by that much.
+            let until = now + self.dead_after;
+            self.inbound.insert(
+                conn,
+                Inbound::Early {
+                    node,
+                    epoch,
+                    from,
+                    until,
+                },
+            );
+            self.arm_early_timer();
+            self.events
+                .push_back(NodeEvent::DownstreamEarly { node, epoch });
+            return;
+        }
+        self.answer_downstream(conn, node, epoch, from);
+    }
+
+    /// Accepts `node`'s data connection if the source made it our
+    /// downstream at `epoch` or before, and refuses it otherwise.
+    fn answer_downstream(&mut self, conn: ConnId, node: NodeId, epoch: Epoch, from: u64) {
         match self.downstreams.get(&node) {
             Some(&assigned) if epoch >= assigned => {}
             _ => {
                 return self.refuse_downstream(
                     conn,
                     RefusalCode::NotExpected,
-                    format!("{node} is not our downstream at {epoch}"),
+                    format!(
+                        "{node} is not our downstream at {epoch} (we are at {})",
+                        self.epoch
+                    ),
                 )
             }
         }
@@ -946,6 +1000,44 @@ impl Node {
             .push_back((conn, Message::DataAccepted { from }));
         self.actions
             .push_back(NodeAction::Serve { conn, node, from });
+    }
+
+    /// Answers each early downstream whose epoch we have reached, and
+    /// refuses those that waited until their time ran out.
+    fn answer_early_downstreams(&mut self, now: Time) {
+        let due: Vec<(ConnId, NodeId, Epoch, u64)> = self
+            .inbound
+            .iter()
+            .filter_map(|(&c, i)| match *i {
+                Inbound::Early {
+                    node,
+                    epoch,
+                    from,
+                    until,
+                } if epoch <= self.epoch || until <= now => Some((c, node, epoch, from)),
+                _ => None,
+            })
+            .collect();
+        for (conn, node, epoch, from) in due {
+            self.inbound.remove(&conn);
+            self.answer_downstream(conn, node, epoch, from);
+        }
+        self.arm_early_timer();
+    }
+
+    fn arm_early_timer(&mut self) {
+        let next = self
+            .inbound
+            .values()
+            .filter_map(|i| match *i {
+                Inbound::Early { until, .. } => Some(until),
+                _ => None,
+            })
+            .min();
+        match next {
+            Some(t) => self.timers.set(Timer::EarlyDownstream as usize, t),
+            None => self.timers.stop(Timer::EarlyDownstream as usize),
+        }
     }
 
     fn refuse_downstream(&mut self, conn: ConnId, code: RefusalCode, detail: String) {

@@ -392,46 +392,116 @@ fn node_verifies_only_when_its_digest_matches() {
     }
 }
 
-#[test]
-fn node_refuses_a_downstream_it_was_not_given() {
-    let mut node = Node::new(
-        Time::ZERO,
-        NodeConfig::new("s", "a", addr(2)),
-        Box::new(Key(1)),
-        None,
-    );
-    node.handle_connected(Time::ZERO, ConnId(5), Nonce([1; 32]));
+/// A welcomed node placed at `epoch` with `downstreams`, its outputs so far
+/// drained.
+fn placed_node(epoch: u64, downstreams: Vec<NodeId>) -> Node {
+    let mut node = welcomed_node(None, 1, 0);
+    node.handle_message(t(2), ConnId(1), topology(epoch, downstreams));
+    sent(&mut node);
+    actions(&mut node);
+    node
+}
+
+fn topology(epoch: u64, downstreams: Vec<NodeId>) -> Message {
+    Message::Topology {
+        epoch: ka_core::ids::Epoch(epoch),
+        upstream: Some(ka_core::codec::Upstream {
+            node: None,
+            addr: addr(1),
+        }),
+        downstreams,
+    }
+}
+
+/// Node 9 connects to `node` on `conn` and asks for data as of `epoch`.
+fn downstream_hello(node: &mut Node, now: Time, conn: u64, epoch: u64) {
+    let nonce = Nonce([conn as u8; 32]);
+    node.handle_connected(now, ConnId(conn), nonce);
     let proof = ka_core::auth::data_proof(
         &Key(1),
-        &Nonce([1; 32]),
+        &nonce,
         "s",
         NodeId(9),
-        ka_core::ids::Epoch(1),
+        ka_core::ids::Epoch(epoch),
         0,
     );
     node.handle_message(
-        Time::ZERO,
-        ConnId(5),
+        now,
+        ConnId(conn),
         Message::DataHello {
             version: PROTOCOL_VERSION,
             session: "s".into(),
             node: NodeId(9),
-            epoch: ka_core::ids::Epoch(1),
+            epoch: ka_core::ids::Epoch(epoch),
             from: 0,
             proof,
         },
     );
-    let sent: Vec<Message> = std::iter::from_fn(|| node.poll_transmit())
-        .map(|x| x.1)
-        .collect();
-    assert!(sent
+}
+
+/// Whether `conn` was refused as not expected (and closed), accepted (and
+/// served), or neither yet.
+fn answer(node: &mut Node, conn: u64) -> &'static str {
+    let msgs = sent(node);
+    let acts = actions(node);
+    let refused = msgs.iter().any(|(c, m)| {
+        *c == ConnId(conn) && matches!(m, Message::Refused(r) if r.code == RefusalCode::NotExpected)
+    });
+    let accepted = msgs
         .iter()
-        .any(|m| matches!(m, Message::Refused(r) if r.code == RefusalCode::NotExpected)));
-    let actions: Vec<NodeAction> = std::iter::from_fn(|| node.poll_action()).collect();
-    assert!(actions.contains(&NodeAction::Close { conn: ConnId(5) }));
-    assert!(!actions
+        .any(|(c, m)| *c == ConnId(conn) && matches!(m, Message::DataAccepted { from: 0 }));
+    let closed = acts.contains(&NodeAction::Close { conn: ConnId(conn) });
+    let served = acts
         .iter()
-        .any(|a| matches!(a, NodeAction::Serve { .. })));
+        .any(|a| matches!(a, NodeAction::Serve { conn: c, .. } if *c == ConnId(conn)));
+    match (refused && closed, accepted && served) {
+        (true, false) => "refused",
+        (false, true) => "accepted",
+        (false, false) if !closed => "waiting",
+        _ => panic!("conn {conn} both refused and accepted: {msgs:?} {acts:?}"),
+    }
+}
+
+#[test]
+fn node_refuses_a_downstream_it_was_not_given() {
+    // Placed at epoch 1 without node 9: a hello from 9 at epoch 1 is wrong.
+    let mut node = placed_node(1, vec![NodeId(4)]);
+    downstream_hello(&mut node, t(3), 5, 1);
+    assert_eq!(answer(&mut node, 5), "refused");
+}
+
+#[test]
+fn node_holds_a_downstream_that_arrives_before_its_own_placement() {
+    // The source placed 9 after us at epoch 2 and told both; 9's hello got
+    // here before our placement did. Refusing it would cost a reconnect
+    // delay that the whole chain behind 9 would carry to the end.
+    let mut node = placed_node(1, vec![]);
+    downstream_hello(&mut node, t(3), 5, 2);
+    assert_eq!(answer(&mut node, 5), "waiting");
+    node.handle_message(t(4), ConnId(1), topology(2, vec![NodeId(9)]));
+    assert_eq!(answer(&mut node, 5), "accepted");
+}
+
+#[test]
+fn an_early_downstream_the_source_never_confirms_is_refused_in_time() {
+    let mut node = placed_node(1, vec![]);
+    downstream_hello(&mut node, t(3), 5, 2);
+    assert_eq!(answer(&mut node, 5), "waiting");
+    // A placement at epoch 2 without 9 settles it at once.
+    downstream_hello(&mut node, t(3), 6, 3);
+    node.handle_message(t(4), ConnId(1), topology(2, vec![NodeId(4)]));
+    assert_eq!(answer(&mut node, 5), "refused");
+    assert_eq!(answer(&mut node, 6), "waiting");
+    // No placement at epoch 3 ever comes: refused once `dead_after` (1 s
+    // in the welcome) has passed since its hello, not before.
+    let (due, why) = node
+        .poll_timeout()
+        .expect("a timer for the early downstream");
+    assert!(due <= t(3 + 1000), "{due:?} ({why})");
+    node.handle_timeout(t(900));
+    assert_eq!(answer(&mut node, 6), "waiting");
+    node.handle_timeout(t(3 + 1000));
+    assert_eq!(answer(&mut node, 6), "refused");
 }
 
 #[test]

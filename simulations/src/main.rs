@@ -50,6 +50,11 @@ struct Cli {
     /// (the real node's FORWARD_AFTER is 1 ms).
     #[arg(long, default_value_t = 1000)]
     forward_after_us: u64,
+    /// The most each message from the source is held back, in microseconds,
+    /// drawn per message (a busy source writing many connections); 0: none,
+    /// or with --faults swarm, a seeded draw up to 3000.
+    #[arg(long, default_value_t = 0)]
+    control_jitter_us: u64,
     /// What to do with a node that stays too slow.
     #[arg(long, value_enum, default_value_t = Policy::Tail)]
     slow_policy: Policy,
@@ -97,6 +102,7 @@ fn main() -> ExitCode {
     cfg.forward_delay = std::time::Duration::from_micros(cli.forward_delay_us);
     cfg.forward_after = std::time::Duration::from_micros(cli.forward_after_us);
     cfg.forward_bytes_min = cli.forward_bytes_min;
+    cfg.control_jitter = std::time::Duration::from_micros(cli.control_jitter_us);
     cfg.slow_policy = match cli.slow_policy {
         Policy::Keep => SlowPolicy::Keep,
         Policy::Tail => SlowPolicy::MoveToTail,
@@ -104,7 +110,7 @@ fn main() -> ExitCode {
     };
     cfg.trace = cli.trace;
     println!(
-        "options: --nodes {} --size {} --seed {seed} --faults {:?} --arity {} --rate-mbit {} --latency-us {} --mtu {} --forward-delay-us {} --forward-after-us {} --forward-bytes-min {}",
+        "options: --nodes {} --size {} --seed {seed} --faults {:?} --arity {} --rate-mbit {} --latency-us {} --mtu {} --forward-delay-us {} --forward-after-us {} --forward-bytes-min {} --control-jitter-us {}",
         cli.nodes,
         cli.size,
         cli.faults,
@@ -114,7 +120,8 @@ fn main() -> ExitCode {
         cli.mtu,
         cli.forward_delay_us,
         cli.forward_after_us,
-        cli.forward_bytes_min
+        cli.forward_bytes_min,
+        cli.control_jitter_us
     );
     let (payload, wire) = cfg.frame();
     println!(
@@ -151,6 +158,12 @@ fn main() -> ExitCode {
     for f in &out.failures {
         println!("  KO {f}");
     }
+    println!(
+        "control jitter {:.3} ms: {} data connection(s) held until the upstream's placement arrived, {} refused",
+        out.control_jitter.as_secs_f64() * 1e3,
+        out.early_downstreams,
+        out.upstream_refusals
+    );
     if !out.verified_at.is_empty() {
         let at = |q: f64| {
             out.verified_at[((out.verified_at.len() - 1) as f64 * q) as usize].as_secs_f64()

@@ -40,10 +40,10 @@ use ka_core::auth::SessionKey;
 use ka_core::codec::{Digest, Message, Nonce, Progress, Tag};
 use ka_core::config::{NodeConfig, SlowPolicy, SourceConfig};
 use ka_core::ids::ConnId;
-use ka_core::node::{Node, NodeAction};
+use ka_core::node::{Node, NodeAction, NodeEvent};
 use ka_core::source::{Source, SourceAction, SourceEvent, SourceState};
 use ka_core::time::Time;
-use rand::{RngCore, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::faults::{swarm, Fault, FaultKind, Swarm};
@@ -95,6 +95,12 @@ pub struct SimConfig {
     pub disk_rate: Option<f64>,
     /// What the source does with a slow node.
     pub slow_policy: SlowPolicy,
+    /// The most a message from the source is held back, drawn per message
+    /// (each connection keeps its order, as TCP does). A busy source writes
+    /// its many connections in no fixed order, so a node may hear of its
+    /// new downstream after that downstream has already asked it for data.
+    /// A swarm run with zero here draws its own, up to 3 ms.
+    pub control_jitter: Duration,
     /// Print one line per notable event.
     pub trace: bool,
 }
@@ -118,6 +124,7 @@ impl SimConfig {
             forward_bytes_min: 16 << 10,
             disk_rate: None,
             slow_policy: SlowPolicy::MoveToTail,
+            control_jitter: Duration::ZERO,
             trace: false,
         }
     }
@@ -224,6 +231,14 @@ pub struct Outcome {
     pub resumed: Vec<(u64, u64)>,
     /// How many times the slow policy acted.
     pub slow: usize,
+    /// Data connections a node held until its own placement arrived
+    /// (`NodeEvent::DownstreamEarly`).
+    pub early_downstreams: usize,
+    /// Data connections an upstream refused (each costs its node a
+    /// reconnect delay).
+    pub upstream_refusals: usize,
+    /// The control jitter the run used (see [`SimConfig::control_jitter`]).
+    pub control_jitter: Duration,
 }
 
 /// The stand-in keyed MAC: deterministic and cheap, keyed by the session.
@@ -258,6 +273,8 @@ struct Conn {
     /// The side that accepted.
     server: (End, u32),
     open: bool,
+    /// When the last input sent on it arrives: none may overtake it.
+    last_arrival: Time,
 }
 
 /// What travels to a process.
@@ -426,6 +443,12 @@ pub struct Sim {
     source_record: Vec<(String, [u8; 6], Result<(), String>)>,
     /// How many times the slow policy acted.
     slow: usize,
+    /// See [`Outcome::early_downstreams`].
+    early_downstreams: usize,
+    /// See [`Outcome::upstream_refusals`].
+    upstream_refusals: usize,
+    /// The control jitter in force (drawn for a swarm).
+    control_jitter: Duration,
 }
 
 const SESSION: &str = "sim";
@@ -474,6 +497,13 @@ impl Sim {
                 faults: f.clone(),
                 late: late.clone(),
             },
+        };
+        // Drawn after the swarm, so a seed's faults stay what they were.
+        let control_jitter = match cfg.faults {
+            Faults::Swarm if cfg.control_jitter.is_zero() => {
+                Duration::from_micros(fault_rng.gen_range(0..=3000))
+            }
+            _ => cfg.control_jitter,
         };
         let source_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 9000);
         let mut scfg = SourceConfig::new(SESSION, cfg.nodes as u32, source_addr);
@@ -570,6 +600,9 @@ impl Sim {
             source_down: false,
             source_record: Vec::new(),
             slow: 0,
+            early_downstreams: 0,
+            upstream_refusals: 0,
+            control_jitter,
         };
         for i in 0..sim.cfg.nodes {
             let delay = sim
@@ -683,6 +716,9 @@ impl Sim {
             verified_at,
             resumed,
             slow: self.slow,
+            early_downstreams: self.early_downstreams,
+            upstream_refusals: self.upstream_refusals,
+            control_jitter: self.control_jitter,
             ok,
             ko: self.cfg.nodes - ok,
             completion,
@@ -863,7 +899,29 @@ impl Sim {
         if self.incarnation(to) != inc {
             return;
         }
-        self.send(from, to, Input::Msg(conn, msg));
+        let mut at = self.arrival(from, to);
+        if from == End::Source && !self.control_jitter.is_zero() {
+            let most = self.control_jitter.as_nanos() as u64;
+            at = at + Duration::from_nanos(self.rng.gen_range(0..=most));
+        }
+        self.send_in_order(conn, at, to, Input::Msg(conn, msg));
+    }
+
+    /// Delivers `input` on `conn` at `at`, or later: after everything sent
+    /// on `conn` before it.
+    fn send_in_order(&mut self, conn: ConnId, at: Time, to: End, input: Input) {
+        let c = &mut self.conns[conn.0 as usize];
+        let at = at.max(c.last_arrival);
+        c.last_arrival = at;
+        let incarnation = self.incarnation(to);
+        self.schedule(
+            at,
+            Ev::Deliver {
+                to,
+                incarnation,
+                input,
+            },
+        );
     }
 
     fn close(&mut self, from: End, conn: ConnId) {
@@ -877,7 +935,8 @@ impl Sim {
         self.stop_flows_on(conn);
         if let Some((to, inc)) = self.other_end(conn, from) {
             if self.incarnation(to) == inc && self.alive(to) {
-                self.send(from, to, Input::Closed(conn));
+                let at = self.arrival(from, to);
+                self.send_in_order(conn, at, to, Input::Closed(conn));
             }
         }
     }
@@ -896,6 +955,7 @@ impl Sim {
                     client: (from, self.incarnation(from)),
                     server: (to, self.incarnation(to)),
                     open: true,
+                    last_arrival: Time::ZERO,
                 });
                 let mut nonce = [0u8; 32];
                 self.rng.fill_bytes(&mut nonce);
@@ -1114,6 +1174,13 @@ impl Sim {
                 continue;
             }
             if let Some(ev) = machine.poll_event() {
+                match &ev {
+                    NodeEvent::DownstreamEarly { .. } => self.early_downstreams += 1,
+                    NodeEvent::UpstreamLost { reason } if reason.contains("refused us") => {
+                        self.upstream_refusals += 1
+                    }
+                    _ => {}
+                }
                 let line = format!("{} {ev:?}", self.nodes[i].name);
                 self.trace(|| line);
                 continue;

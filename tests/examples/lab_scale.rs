@@ -50,10 +50,13 @@ struct Args {
     serve_args: Vec<String>,
     /// Print each node's direct forwarding counts after its run.
     direct_stats: bool,
+    /// Print, after each ka row, how long after its upstream each node was
+    /// verified: where in the chain the time went.
+    hops: bool,
 }
 
 const USAGE: &str =
-    "usage: lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16] [--paired K] [--serve-args ARGS] [--direct-stats yes|no]";
+    "usage: lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16] [--paired K] [--serve-args ARGS] [--direct-stats yes|no] [--hops yes|no]";
 
 /// Prints one ka row of the table.
 fn print_row(n: usize, r: &Run, sim: f64, floor: f64, hop: f64) {
@@ -100,6 +103,7 @@ fn args() -> Args {
         paired: 0,
         serve_args: Vec::new(),
         direct_stats: false,
+        hops: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -116,17 +120,20 @@ fn args() -> Args {
             }
             "--paired" => a.paired = parse(flag, value),
             "--serve-args" => a.serve_args = value.split_whitespace().map(String::from).collect(),
-            "--direct-stats" => {
-                a.direct_stats = match value.as_str() {
-                    "yes" => true,
-                    "no" => false,
-                    _ => panic!("--direct-stats takes yes or no; {USAGE}"),
-                }
-            }
+            "--direct-stats" => a.direct_stats = yes_or_no(flag, value),
+            "--hops" => a.hops = yes_or_no(flag, value),
             _ => panic!("unknown argument {flag}; {USAGE}"),
         }
     }
     a
+}
+
+fn yes_or_no(flag: &str, value: &str) -> bool {
+    match value {
+        "yes" => true,
+        "no" => false,
+        _ => panic!("{flag} takes yes or no; {USAGE}"),
+    }
 }
 
 /// When, and the machine's (busy, total) CPU ticks then.
@@ -290,6 +297,17 @@ fn run(n: usize, a: &Args) -> Result<Run, String> {
         }
     }
     let started = fin.first("Started").at;
+    if a.hops {
+        print_hops(&fin, n, started);
+        for j in &joins {
+            for (at, e) in j.events() {
+                if e.starts_with("UpstreamLost") {
+                    let ms = at.saturating_duration_since(started).as_secs_f64() * 1e3;
+                    println!("{n:>3} {}: {e} at {ms:.0} ms", j.name);
+                }
+            }
+        }
+    }
     let verified: Vec<Instant> = fin.all("Verified").iter().map(|e| e.at).collect();
     let last = *verified.iter().max().expect("verified");
     let first = *verified.iter().min().expect("verified");
@@ -303,6 +321,25 @@ fn run(n: usize, a: &Args) -> Result<Run, String> {
         ka_cpu,
         lag_growth: lag,
     })
+}
+
+/// One line: `n1` verified so many ms after the stream started, each next
+/// node so many ms after its upstream (the chain is in the lab's order).
+fn print_hops(fin: &ka_tests::lab::Finished, n: usize, started: Instant) {
+    let mut previous = started;
+    let mut line = format!("{n:>3} hops (ms after the upstream was verified):");
+    for i in 1..=n {
+        let name = format!("n{i}");
+        match fin.event("Verified", &name) {
+            Some(e) => {
+                let ms = e.at.saturating_duration_since(previous).as_secs_f64() * 1e3;
+                line.push_str(&format!(" {ms:.0}"));
+                previous = e.at;
+            }
+            None => line.push_str(" -"),
+        }
+    }
+    println!("{line}");
 }
 
 /// The 50 % kill on an 8-node chain (or the largest N asked, if smaller):
