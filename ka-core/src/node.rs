@@ -680,6 +680,10 @@ impl Node {
         }
         self.upstream = None;
         self.timers.stop(Timer::ConnectUpstream as usize);
+        // Epochs count the placements of one source process, and a
+        // restarted source counts from 1 again: a downstream that the new
+        // one placed must not find us at an epoch of the old one.
+        self.epoch = Epoch(0);
         let inbound: Vec<ConnId> = self.inbound.keys().copied().collect();
         for c in inbound {
             self.close(c);

@@ -483,6 +483,17 @@ fn node_holds_a_downstream_that_arrives_before_its_own_placement() {
 }
 
 #[test]
+fn a_node_that_lost_its_source_holds_a_downstream_the_new_source_placed() {
+    // A restarted source numbers its placements from 1 again; a node that
+    // lost the old one must not take the new epoch 1 for its own old one.
+    let mut node = placed_node(1, vec![]);
+    node.handle_closed(t(3), ConnId(1));
+    actions(&mut node);
+    downstream_hello(&mut node, t(4), 5, 1);
+    assert_eq!(answer(&mut node, 5), "waiting");
+}
+
+#[test]
 fn an_early_downstream_the_source_never_confirms_is_refused_in_time() {
     let mut node = placed_node(1, vec![]);
     downstream_hello(&mut node, t(3), 5, 2);

@@ -52,7 +52,7 @@ struct Cli {
     forward_after_us: u64,
     /// The most each message from the source is held back, in microseconds,
     /// drawn per message (a busy source writing many connections); 0: none,
-    /// or with --faults swarm, a seeded draw up to 3000.
+    /// or with --faults swarm, a seeded draw (half the seeds) up to 3000.
     #[arg(long, default_value_t = 0)]
     control_jitter_us: u64,
     /// What to do with a node that stays too slow.
