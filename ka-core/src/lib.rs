@@ -71,9 +71,9 @@
 //! `expected_nodes`, and the chain it lays out puts the nodes holding most
 //! nearest to it, so every upstream holds what its downstream lacks; nodes
 //! that had verified say so again. A topology generation ([`ids::Epoch`])
-//! only orders messages within one welcome: a node forgets its epoch when it
-//! loses its source and when it is welcomed again, since a new source counts
-//! from the start.
+//! only orders messages within one source's conversation: a node forgets its
+//! epoch when it loses its source (it is welcomed only after that), since a
+//! new source counts from the start.
 //!
 //! The source tells a node and its new upstream of their link on two
 //! different connections, so the upstream may hear a `DataHello` before its

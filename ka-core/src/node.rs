@@ -193,8 +193,8 @@ enum Inbound {
     Challenged(Nonce),
     /// A proven hello from a node that names us its upstream at an epoch
     /// newer than ours: the source told it before its word reached us (the
-    /// two messages travel on different connections, and a busy node may
-    /// read them in either order). It is answered when our own placement
+    /// two messages travel on different connections, which a busy source
+    /// writes, and a busy node reads, in no fixed order). It is answered when our own placement
     /// at that epoch arrives, or refused at `until`.
     Early {
         node: NodeId,
@@ -755,9 +755,6 @@ impl Node {
                 self.dead_after = Duration::from_millis(u64::from(dead_after_ms.max(50)));
                 self.control = ControlState::Joined(conn);
                 self.timers.stop(Timer::SourceWait as usize);
-                // A new conversation: the source may be a new process whose
-                // topology generations start again from the beginning.
-                self.epoch = Epoch(0);
                 let have = self.received.prefix_end();
                 if (resume_from < self.join_have || self.image_id.is_some_and(|i| i != image))
                     && have > 0

@@ -236,7 +236,7 @@ pub struct Outcome {
     /// (`NodeEvent::DownstreamEarly`).
     pub early_downstreams: usize,
     /// Data connections an upstream refused (each costs its node a
-    /// reconnect delay).
+    /// reconnect delay), counted as the upstreams send their refusals.
     pub upstream_refusals: usize,
     /// The control jitter the run used (see [`SimConfig::control_jitter`]).
     pub control_jitter: Duration,
@@ -870,6 +870,11 @@ impl Sim {
 
     fn send(&mut self, from: End, to: End, input: Input) {
         let at = self.arrival(from, to);
+        self.deliver_at(at, to, input);
+    }
+
+    /// Hands `input` to `to`'s current process at `at`.
+    fn deliver_at(&mut self, at: Time, to: End, input: Input) {
         let incarnation = self.incarnation(to);
         self.schedule(
             at,
@@ -917,15 +922,7 @@ impl Sim {
         let c = &mut self.conns[conn.0 as usize];
         let at = at.max(c.last_arrival);
         c.last_arrival = at;
-        let incarnation = self.incarnation(to);
-        self.schedule(
-            at,
-            Ev::Deliver {
-                to,
-                incarnation,
-                input,
-            },
-        );
+        self.deliver_at(at, to, input);
     }
 
     fn close(&mut self, from: End, conn: ConnId) {
@@ -1170,6 +1167,10 @@ impl Sim {
                 return;
             };
             if let Some((conn, msg)) = machine.poll_transmit() {
+                // A node refuses nothing but its would-be downstreams.
+                if matches!(msg, Message::Refused(_)) {
+                    self.upstream_refusals += 1;
+                }
                 self.transmit(me, conn, msg);
                 continue;
             }
@@ -1178,12 +1179,8 @@ impl Sim {
                 continue;
             }
             if let Some(ev) = machine.poll_event() {
-                match &ev {
-                    NodeEvent::DownstreamEarly { .. } => self.early_downstreams += 1,
-                    NodeEvent::UpstreamLost { reason } if reason.contains("refused us") => {
-                        self.upstream_refusals += 1
-                    }
-                    _ => {}
+                if matches!(ev, NodeEvent::DownstreamEarly { .. }) {
+                    self.early_downstreams += 1;
                 }
                 let line = format!("{} {ev:?}", self.nodes[i].name);
                 self.trace(|| line);

@@ -137,7 +137,9 @@ pub struct Lab {
     ip: PathBuf,
     tc: PathBuf,
     bridge: PathBuf,
-    dir: Option<tempfile::TempDir>,
+    /// Removed by `Made::remove`; kept for its path (its own drop then
+    /// finds nothing left).
+    dir: tempfile::TempDir,
     // Last: released only after `Drop::drop` cleaned up.
     _serial: MutexGuard<'static, ()>,
 }
@@ -185,29 +187,26 @@ impl Lab {
             addr: Ipv4Addr::new(10, 200, 0, 10 + i as u8),
             port: format!("n{i}"),
         }));
-        let switch = format!("{tag}-sw");
-        let mut namespaces: Vec<String> = hosts.iter().map(|h| h.netns.clone()).collect();
-        namespaces.push(switch.clone());
-        // Registered before anything is made, so that a signal arriving in
-        // the middle of `build` removes what was made so far.
-        alive().push(Made {
-            tag: tag.clone(),
-            namespaces,
-            dir: dir.path().to_path_buf(),
-        });
         HANDLER.call_once(|| remove_labs_on_signals(ip.clone()));
         let mut lab = Lab {
-            switch,
+            switch: format!("{tag}-sw"),
             tag,
             hosts,
             rate,
             ip,
             tc,
             bridge,
-            dir: Some(dir),
+            dir,
             _serial: serial,
         };
-        // From here on, a panic drops `lab`, which removes whatever was made.
+        // Registered before anything is made, so that a signal arriving in
+        // the middle of `build` removes what was made so far; from here on,
+        // a panic drops `lab`, which does the same.
+        alive().push(Made {
+            tag: lab.tag.clone(),
+            namespaces: lab.namespaces(),
+            dir: lab.dir().to_path_buf(),
+        });
         lab.build();
         lab
     }
@@ -291,7 +290,7 @@ impl Lab {
 
     /// The lab's work directory (images, targets, secrets), removed with it.
     pub fn dir(&self) -> &Path {
-        self.dir.as_ref().expect("the lab is alive").path()
+        self.dir.path()
     }
 
     /// Sets `host`'s port to `rate`, both ways.
@@ -448,15 +447,32 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for ns in self.namespaces() {
-            remove_namespace(&self.ip, &ns);
+        // Absent if the signal handler took it: it removes the lab itself.
+        let made = {
+            let mut alive = alive();
+            let i = alive.iter().position(|m| m.tag == self.tag);
+            i.map(|i| alive.remove(i))
+        };
+        if let Some(made) = made {
+            made.remove(&self.ip);
         }
-        if let Some(dir) = self.dir.take() {
-            if let Err(e) = dir.close() {
-                eprintln!("lab {}: cannot remove its work directory: {e}", self.tag);
-            }
+    }
+}
+
+impl Made {
+    /// Kills the lab's processes and deletes its namespaces and work
+    /// directory.
+    fn remove(&self, ip: &Path) {
+        for ns in &self.namespaces {
+            remove_namespace(ip, ns);
         }
-        alive().retain(|m| m.tag != self.tag);
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!(
+                "lab {}: cannot remove its work directory {}: {e}",
+                self.tag,
+                self.dir.display()
+            );
+        }
     }
 }
 
@@ -487,16 +503,7 @@ fn remove_labs_on_signals(ip: PathBuf) {
                     "lab {}: interrupted by signal {signal}; removing it",
                     made.tag
                 );
-                for ns in &made.namespaces {
-                    remove_namespace(&ip, ns);
-                }
-                if let Err(e) = std::fs::remove_dir_all(&made.dir) {
-                    eprintln!(
-                        "lab {}: cannot remove its work directory {}: {e}",
-                        made.tag,
-                        made.dir.display()
-                    );
-                }
+                made.remove(&ip);
             }
             std::process::exit(128 + signal);
         }

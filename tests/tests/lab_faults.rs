@@ -519,24 +519,16 @@ fn sixteen_nodes_link_up_without_a_refused_hello() {
     let lab = Lab::new(16, RATE);
     let (s, serve, joins) = start(&lab, 8 * MIB, &[], &[]);
     let fin = serve.finish(SESSION);
-    let lost: Vec<String> = joins
-        .iter()
-        .flat_map(|j| {
-            j.events()
-                .into_iter()
-                .filter(|(_, e)| e.starts_with("UpstreamLost"))
-                .map(move |(_, e)| format!("{}: {e}", j.name))
-        })
-        .collect();
-    let held = joins
-        .iter()
-        .map(|j| {
-            j.events()
-                .iter()
-                .filter(|(_, e)| e.starts_with("DownstreamEarly"))
-                .count()
-        })
-        .sum::<usize>();
+    let (mut lost, mut held) = (Vec::new(), 0);
+    for j in &joins {
+        for (_, e) in j.events() {
+            if e.starts_with("UpstreamLost") {
+                lost.push(format!("{}: {e}", j.name));
+            } else if e.starts_with("DownstreamEarly") {
+                held += 1;
+            }
+        }
+    }
     eprintln!(
         "16 nodes linked up: {held} hello(s) held until the upstream's placement arrived, {} lost; test {:.1} s",
         lost.len(),
