@@ -274,8 +274,10 @@ struct Conn {
     /// The side that accepted.
     server: (End, u32),
     open: bool,
-    /// When the last input sent on it arrives: none may overtake it.
-    last_arrival: Time,
+    /// When the last input sent on it arrives, towards the server and
+    /// towards the client: none may overtake it. Each way keeps its own
+    /// order, as TCP does, and the two ways do not wait for each other.
+    last_arrival: [Time; 2],
 }
 
 /// What travels to a process.
@@ -920,8 +922,9 @@ impl Sim {
     /// on `conn` before it.
     fn send_in_order(&mut self, conn: ConnId, at: Time, to: End, input: Input) {
         let c = &mut self.conns[conn.0 as usize];
-        let at = at.max(c.last_arrival);
-        c.last_arrival = at;
+        let way = usize::from(c.server.0 != to);
+        let at = at.max(c.last_arrival[way]);
+        c.last_arrival[way] = at;
         self.deliver_at(at, to, input);
     }
 
@@ -956,7 +959,7 @@ impl Sim {
                     client: (from, self.incarnation(from)),
                     server: (to, self.incarnation(to)),
                     open: true,
-                    last_arrival: Time::ZERO,
+                    last_arrival: [Time::ZERO; 2],
                 });
                 let mut nonce = [0u8; 32];
                 self.rng.fill_bytes(&mut nonce);
