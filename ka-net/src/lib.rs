@@ -150,9 +150,13 @@
 //! # Measurements
 //!
 //! `scripts/bench` runs the real `ka serve` and `ka join` processes on
-//! loopback against a plain socket copy and prints one table; see
-//! `tests/benches/clone.rs` for what each row means and the closing note of
-//! issue 3 for the numbers of the final run. On one machine, every process of
+//! loopback against a plain socket copy, and against the same copy with a
+//! hashing thread added to its receiver (the least work any verifying
+//! receiver does), and prints one table; see `tests/benches/clone.rs` for
+//! what each row means and `docs/performance.md` for the numbers and what
+//! was tried. On this project's 2-core machine ka's one hop runs at the
+//! hashed copy's speed, and the hash alone takes the plain copy to about
+//! 0.65–0.75 of its speed. On one machine, every process of
 //! a scenario shares the same two cores, so a chain of N nodes is bound by
 //! the CPU of N nodes and says little about a chain on N machines, where each
 //! node has its own cores and a chain runs at about the speed of one hop.
