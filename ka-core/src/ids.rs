@@ -7,9 +7,11 @@ use core::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NodeId(pub u32);
 
+/// Shown as `#14`: cluster nodes are often named `n14`, and a message that
+/// named a node by its join order in that style read as a different node.
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "n{}", self.0)
+        write!(f, "#{}", self.0)
     }
 }
 
@@ -34,5 +36,16 @@ pub struct Epoch(pub u64);
 impl fmt::Display for Epoch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "e{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_id_does_not_read_as_a_node_name() {
+        assert_eq!(NodeId(14).to_string(), "#14");
+        assert_eq!(Epoch(3).to_string(), "e3");
     }
 }
