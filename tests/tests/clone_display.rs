@@ -85,6 +85,13 @@ fn a_terminal_gets_one_progress_bar_per_node_and_the_report() {
         );
     }
     assert!(stdout.contains("3/3 nodes OK"), "{stdout}");
+    // The report lists nodes by name, whatever order they joined in.
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| w.starts_with("node0"))
+        .collect();
+    assert_eq!(rows, ["node00", "node01", "node02"], "{stdout}");
     assert!(
         stdout.contains("3/3 copies byte-identical"),
         "the demo's independent check is missing:\n{stdout}"
