@@ -155,8 +155,8 @@
 //! receiver does), and prints one table; see `tests/benches/clone.rs` for
 //! what each row means and `docs/performance.md` for the numbers and what
 //! was tried. On this project's 2-core machine ka's one hop runs at the
-//! hashed copy's speed, and the hash alone takes the plain copy to about
-//! 0.65–0.75 of its speed. On one machine, every process of
+//! hashed copy's speed (0.95–1.01 × it), and the hash alone takes the
+//! plain copy to 0.63–0.74 of its speed. On one machine, every process of
 //! a scenario shares the same two cores, so a chain of N nodes is bound by
 //! the CPU of N nodes and says little about a chain on N machines, where each
 //! node has its own cores and a chain runs at about the speed of one hop.
