@@ -311,7 +311,10 @@ fn plain_recv(out: &Path, hash: bool) {
         h.join().expect("hasher");
     }
     f.sync_all().expect("fsync");
-    println!("SECONDS {:.6}", start.elapsed().as_secs_f64());
+    // Its own peak memory too: it exits at once, often before the parent's
+    // sparse sampling has read it.
+    let hwm = vm_hwm_kib(std::process::id()).expect("own /proc status");
+    println!("SECONDS {:.6} HWM {hwm}", start.elapsed().as_secs_f64());
 }
 
 /// One scenario's best round.
@@ -381,8 +384,11 @@ fn plain(w: &Work, hash: bool) -> Outcome {
         &mut this(&["plain-send", &addr, w.image.to_str().expect("utf-8 path")]),
         "plain sender",
     );
-    let (_, secs) = recv.expect("SECONDS ", deadline);
-    let seconds: f64 = secs["SECONDS ".len()..].parse().expect("seconds");
+    let (_, line) = recv.expect("SECONDS ", deadline);
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let seconds: f64 = words[1].parse().expect("seconds");
+    let hwm_kib: u64 = words[3].parse().expect("peak memory");
+    recv.hwm.fetch_max(hwm_kib, Ordering::Relaxed);
     let (rc, ru) = recv.reap(deadline);
     let (sc, su) = send.reap(deadline);
     assert!(rc == 0 && sc == 0, "the plain copy failed");
