@@ -251,6 +251,11 @@ fn node_summary(stdout: &str) -> (Value, Value) {
         .find(|v| v["event"] == "welcomed")
         .unwrap_or_else(|| panic!("no welcome in:\n{stdout}"))
         .clone();
+    // The id is a number, as in the source's events, for scripts to match.
+    assert!(
+        welcomed["id"].as_u64().is_some_and(|id| id > 0),
+        "the welcome carries no numeric id: {welcomed}"
+    );
     let left = lines
         .iter()
         .find(|v| v["event"] == "left")

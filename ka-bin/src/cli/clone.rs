@@ -524,7 +524,8 @@ fn print_node_event(name: &str, e: &NodeEvent, json: bool) {
             },
             true,
         ) => println!(
-            "{{\"node\":{name:?},\"event\":\"welcomed\",\"id\":\"{node}\",\"resumed_from\":{resumed_from}}}"
+            "{{\"node\":{name:?},\"event\":\"welcomed\",\"id\":{},\"resumed_from\":{resumed_from}}}",
+            node.0
         ),
         (NodeEvent::StartedOver { had }, true) => {
             println!("{{\"node\":{name:?},\"event\":\"started_over\",\"had\":{had}}}")
