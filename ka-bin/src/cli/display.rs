@@ -358,7 +358,7 @@ pub fn print_report(report: &SourceReport, json: bool) {
     );
     // By name, as an administrator looks a node up: node2 before node10.
     let mut by_name: Vec<_> = report.nodes.iter().collect();
-    by_name.sort_by(|a, b| natural_order(&a.name, &b.name));
+    by_name.sort_by(|a, b| alphanumeric_sort::compare_str(&a.name, &b.name));
     for n in by_name {
         let t = node_seconds(n);
         let (ok, reason) = outcome(n);
@@ -397,41 +397,6 @@ pub fn print_report(report: &SourceReport, json: bool) {
     );
 }
 
-/// Orders names as people number nodes: runs of digits compare as numbers
-/// (`n2` < `n10`, `rack2-n1` < `rack10-n1`), the rest as text.
-fn natural_order(a: &str, b: &str) -> std::cmp::Ordering {
-    /// The next run of digits or of other characters, and the rest.
-    fn run(s: &str) -> (&str, &str) {
-        let digits = s.starts_with(|c: char| c.is_ascii_digit());
-        let end = s
-            .find(|c: char| c.is_ascii_digit() != digits)
-            .unwrap_or(s.len());
-        s.split_at(end)
-    }
-    let (whole_a, whole_b) = (a, b);
-    let (mut a, mut b) = (a, b);
-    while !a.is_empty() && !b.is_empty() {
-        let ((ra, rest_a), (rb, rest_b)) = (run(a), run(b));
-        let numbers = ra.starts_with(|c: char| c.is_ascii_digit())
-            && rb.starts_with(|c: char| c.is_ascii_digit());
-        let order = if numbers {
-            // Without leading zeros, a longer run is a larger number; no
-            // parse, so no overflow on long digit strings.
-            let (na, nb) = (ra.trim_start_matches('0'), rb.trim_start_matches('0'));
-            na.len().cmp(&nb.len()).then_with(|| na.cmp(nb))
-        } else {
-            ra.cmp(rb)
-        };
-        if order.is_ne() {
-            return order;
-        }
-        (a, b) = (rest_a, rest_b);
-    }
-    // `n07` and `n7` name the same number: the text decides, so that the
-    // order is total and the same on every run.
-    a.len().cmp(&b.len()).then_with(|| whole_a.cmp(whole_b))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,7 +413,7 @@ mod tests {
             "gpu",
             "node",
         ];
-        names.sort_by(|a, b| natural_order(a, b));
+        names.sort_by(|a, b| alphanumeric_sort::compare_str(a, b));
         assert_eq!(
             names,
             [
@@ -462,9 +427,11 @@ mod tests {
                 "rack10-n1"
             ]
         );
-        assert!(natural_order("n99999999999999999999999", "n100000000000000000000000").is_lt());
-        assert!(natural_order("n7", "n7").is_eq());
-        assert!(natural_order("n07", "n7").is_lt());
+        let order = alphanumeric_sort::compare_str;
+        assert!(order("n99999999999999999999999", "n100000000000000000000000").is_lt());
+        assert!(order("n7", "n7").is_eq());
+        // Same number, different text: still an order, the same every run.
+        assert!(order("n07", "n7").is_ne());
     }
 
     #[test]
