@@ -100,7 +100,7 @@ pub struct SimConfig {
     /// its many connections in no fixed order, so a node may hear of its
     /// new downstream after that downstream has already asked it for data.
     /// A swarm run with zero here draws its own for half the seeds, up to
-    /// 3 ms.
+    /// 3 ms, and runs with that.
     pub control_jitter: Duration,
     /// Print one line per notable event.
     pub trace: bool,
@@ -450,8 +450,6 @@ pub struct Sim {
     early_downstreams: usize,
     /// See [`Outcome::upstream_refusals`].
     upstream_refusals: usize,
-    /// The control jitter in force (drawn for a swarm).
-    control_jitter: Duration,
 }
 
 const SESSION: &str = "sim";
@@ -467,7 +465,7 @@ const HASH_SPEEDUP: f64 = 8.0;
 impl Sim {
     /// Builds the world for `cfg`: draws the swarm, makes the source image.
     /// Panics if `cfg.mtu` is below 68, the least an IPv4 link may have.
-    pub fn new(cfg: SimConfig) -> Self {
+    pub fn new(mut cfg: SimConfig) -> Self {
         assert!(
             cfg.mtu >= 68,
             "MTU {} is below IPv4's minimum of 68: give at least 68 (1500 for Ethernet)",
@@ -505,12 +503,12 @@ impl Sim {
         // Half the seeds keep the source's messages in lockstep, which
         // explores other orderings (and runs faster: a jittered run has
         // distinct moments, each checked, where a lockstep run has one).
-        let control_jitter = match cfg.faults {
-            Faults::Swarm if cfg.control_jitter.is_zero() && fault_rng.gen_bool(0.5) => {
-                Duration::from_micros(fault_rng.gen_range(1..=3000))
-            }
-            _ => cfg.control_jitter,
-        };
+        if matches!(cfg.faults, Faults::Swarm)
+            && cfg.control_jitter.is_zero()
+            && fault_rng.gen_bool(0.5)
+        {
+            cfg.control_jitter = Duration::from_micros(fault_rng.gen_range(1..=3000));
+        }
         let source_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 9000);
         let mut scfg = SourceConfig::new(SESSION, cfg.nodes as u32, source_addr);
         scfg.arity = cfg.arity;
@@ -608,7 +606,6 @@ impl Sim {
             slow: 0,
             early_downstreams: 0,
             upstream_refusals: 0,
-            control_jitter,
         };
         for i in 0..sim.cfg.nodes {
             let delay = sim
@@ -724,7 +721,7 @@ impl Sim {
             slow: self.slow,
             early_downstreams: self.early_downstreams,
             upstream_refusals: self.upstream_refusals,
-            control_jitter: self.control_jitter,
+            control_jitter: self.cfg.control_jitter,
             ok,
             ko: self.cfg.nodes - ok,
             completion,
@@ -911,8 +908,8 @@ impl Sim {
             return;
         }
         let mut at = self.arrival(from, to);
-        if from == End::Source && !self.control_jitter.is_zero() {
-            let most = self.control_jitter.as_nanos() as u64;
+        if from == End::Source && !self.cfg.control_jitter.is_zero() {
+            let most = self.cfg.control_jitter.as_nanos() as u64;
             at = at + Duration::from_nanos(self.rng.gen_range(0..=most));
         }
         self.send_in_order(conn, at, to, Input::Msg(conn, msg));
