@@ -137,9 +137,9 @@ pub struct Lab {
     ip: PathBuf,
     tc: PathBuf,
     bridge: PathBuf,
-    /// Removed by `Made::remove`; kept for its path (its own drop then
-    /// finds nothing left).
-    dir: tempfile::TempDir,
+    /// The work directory, removed by `Made::remove` like the rest of the
+    /// lab (on drop or on a signal), not by `TempDir`.
+    dir: PathBuf,
     // Last: released only after `Drop::drop` cleaned up.
     _serial: MutexGuard<'static, ()>,
 }
@@ -161,6 +161,7 @@ impl Lab {
         let tc = require_tool("tc", "iproute2");
         let bridge = require_tool("bridge", "iproute2");
         remove_stale_labs(&ip);
+        HANDLER.call_once(|| remove_labs_on_signals(ip.clone()));
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let tag = format!("{PREFIX}{}-{n}", std::process::id());
         // The hosts' "disks" are in memory when they can be: the lab
@@ -174,7 +175,8 @@ impl Lab {
         let dir = tempfile::Builder::new()
             .prefix(&format!("{tag}-"))
             .tempdir_in(base)
-            .expect("creating the lab's work directory");
+            .expect("creating the lab's work directory")
+            .keep();
         let mut hosts = vec![Host {
             name: "source".into(),
             netns: format!("{tag}-src"),
@@ -187,7 +189,6 @@ impl Lab {
             addr: Ipv4Addr::new(10, 200, 0, 10 + i as u8),
             port: format!("n{i}"),
         }));
-        HANDLER.call_once(|| remove_labs_on_signals(ip.clone()));
         let mut lab = Lab {
             switch: format!("{tag}-sw"),
             tag,
@@ -290,7 +291,7 @@ impl Lab {
 
     /// The lab's work directory (images, targets, secrets), removed with it.
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        &self.dir
     }
 
     /// Sets `host`'s port to `rate`, both ways.
