@@ -273,28 +273,27 @@ fn plain_recv(out: &Path, hash: bool) {
     let (mut s, _) = l.accept().expect("accept");
     let start = Instant::now();
     let mut f = std::fs::File::create(out).expect("create output");
-    let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(RING);
+    // Without the hash, one buffer that comes straight back: the plain
+    // copy's single reused buffer.
+    let ring = if hash { RING } else { 1 };
+    let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(ring);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..RING {
+    for _ in 0..ring {
         free_tx.send(vec![0u8; BUF]).expect("ring");
     }
+    let returns = free_tx.clone();
     let hasher = hash.then(|| {
         std::thread::spawn(move || {
             let mut h = blake3::Hasher::new_keyed(&[0x5a; 32]);
             for (buf, n) in full_rx {
                 h.update(&buf[..n]);
-                let _ = free_tx.send(buf);
+                let _ = returns.send(buf);
             }
             h.finalize()
         })
     });
-    let mut spare = vec![0u8; BUF];
     loop {
-        let mut buf = if hash {
-            free_rx.recv().expect("the hasher returns buffers")
-        } else {
-            std::mem::take(&mut spare)
-        };
+        let mut buf = free_rx.recv().expect("a buffer comes back");
         let n = s.read(&mut buf).expect("receive");
         if n == 0 {
             break;
@@ -303,7 +302,7 @@ fn plain_recv(out: &Path, hash: bool) {
         if hash {
             full_tx.send((buf, n)).expect("hasher alive");
         } else {
-            spare = buf;
+            free_tx.send(buf).expect("the ring is ours");
         }
     }
     drop(full_tx);
