@@ -133,3 +133,27 @@ impl NodeConfig {
         }
     }
 }
+
+/// The longest a node holds received bytes before it writes and forwards
+/// them. Each hop adds at most this much to the stream's latency; at
+/// loopback speeds buffers fill long before it. The shell's receiving thread
+/// and the simulator's piece model both use it.
+pub const FORWARD_DELAY: Duration = Duration::from_millis(2);
+
+/// On a slow link a piece goes on as soon as it holds this long of the link,
+/// without waiting for [`FORWARD_DELAY`]: a piece is stored in full before it
+/// is forwarded, so its length in time is what each hop adds.
+pub const FORWARD_AFTER: Duration = Duration::from_millis(1);
+
+/// The fewest bytes that make a piece worth forwarding before its deadline
+/// (about 1.4 ms at 100 Mbit/s): fewer bytes per wakeup cost more CPU than
+/// they save in latency.
+pub const FORWARD_BYTES_MIN: u64 = 16 << 10;
+
+/// A node records its durable prefix (for a restart) at least this often…
+pub const RECORD_EVERY: Duration = Duration::from_secs(1);
+
+/// …or whenever this many more bytes are written, whichever comes first: a
+/// record costs an `fdatasync` of the target, so it is rare, and a restarted
+/// node re-receives at most this much.
+pub const RECORD_STEP: u64 = 64 << 20;

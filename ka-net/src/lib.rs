@@ -164,6 +164,7 @@
 
 use std::io;
 
+pub mod atomic;
 pub mod blockdev;
 pub mod digest;
 pub mod direct;
@@ -174,6 +175,7 @@ pub mod sink;
 pub mod source;
 pub mod tftp;
 
+pub use atomic::write_atomically;
 pub use digest::{
     digest_file, digest_source, rehash_written, verify_readback, ImageDigest, ImageHasher,
     SessionKey, BLOCK,

@@ -63,11 +63,7 @@ const PAGE: usize = 4096;
 /// carry no buffer, so this is what bounds the queues for a sparse image.
 const MAX_QUEUED_JOBS: usize = 4 * DEPTH;
 
-/// The longest a received byte waits in a part-filled buffer before the node
-/// writes it (and so forwards it). On a slow link a piece usually goes
-/// sooner, once it holds a millisecond of the link; at loopback speeds
-/// buffers fill long before either.
-pub const FORWARD_DELAY: Duration = Duration::from_millis(2);
+pub use ka_core::config::FORWARD_DELAY;
 
 /// On a fast link (buffers fill before their deadline), a node's receiving
 /// thread is woken by its upstream socket only once this much has arrived
@@ -88,20 +84,9 @@ const RECEIVE_BUFFER: usize = 4 << 20;
 /// upstream may take along (kept aside and used by the next reads).
 const READ_AHEAD: usize = 64 << 10;
 
-/// On a slow link a piece is written (and forwarded) as soon as it holds
-/// what arrives in this long, without waiting for its deadline
-/// ([`FORWARD_DELAY`]): a piece is stored in full before it is forwarded,
-/// so its length in time is what each hop adds. Timer-driven pieces came
-/// out near twice the forward delay (the deadline plus the wakeup's own
-/// delay on a busy machine), and each hop of a 16-node lab chain took
-/// about 3 ms longer than with pieces cut by their bytes.
-const FORWARD_AFTER: Duration = Duration::from_millis(1);
+use ka_core::config::FORWARD_AFTER;
 
-/// The fewest bytes that make a piece worth forwarding before its
-/// deadline: 16 KiB, about 1.4 ms at 100 Mbit/s. Fewer bytes per wakeup
-/// cost more CPU than they save in latency (8 KiB pieces made 16 lab nodes
-/// slower, not faster).
-const FORWARD_BYTES_MIN: usize = 16 << 10;
+const FORWARD_BYTES_MIN: usize = ka_core::config::FORWARD_BYTES_MIN as usize;
 
 /// How long the upstream's rate is measured over before it sets the bytes
 /// of [`FORWARD_AFTER`] anew.

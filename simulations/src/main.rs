@@ -39,16 +39,16 @@ struct Cli {
     /// The longest a node holds received bytes before forwarding them, in
     /// microseconds (the real node's FORWARD_DELAY is 2 ms); each hop of data
     /// costs the latency plus twice a piece's time.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = ka_core::config::FORWARD_DELAY.as_micros() as u64)]
     forward_delay_us: u64,
     /// A piece goes before that once it holds a millisecond of the link or
     /// this many bytes, whichever is more (the real node's: 16384); 0 with
     /// --forward-after-us 0: pieces go only at their deadline.
-    #[arg(long, default_value_t = 16 << 10)]
+    #[arg(long, default_value_t = ka_core::config::FORWARD_BYTES_MIN)]
     forward_bytes_min: u64,
     /// The link time a piece holds before it may go early, in microseconds
     /// (the real node's FORWARD_AFTER is 1 ms).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = ka_core::config::FORWARD_AFTER.as_micros() as u64)]
     forward_after_us: u64,
     /// The most each message from the source is held back, in microseconds,
     /// drawn per message (a busy source writing many connections); 0: none,

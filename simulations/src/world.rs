@@ -120,9 +120,9 @@ impl SimConfig {
             rate: 125e6,
             latency: Duration::from_micros(50),
             mtu: 1500,
-            forward_delay: Duration::from_millis(2),
-            forward_after: Duration::from_millis(1),
-            forward_bytes_min: 16 << 10,
+            forward_delay: ka_core::config::FORWARD_DELAY,
+            forward_after: ka_core::config::FORWARD_AFTER,
+            forward_bytes_min: ka_core::config::FORWARD_BYTES_MIN,
             disk_rate: None,
             slow_policy: SlowPolicy::MoveToTail,
             control_jitter: Duration::ZERO,
@@ -455,10 +455,7 @@ pub struct Sim {
 const SESSION: &str = "sim";
 /// The identity of the simulated image.
 const IMAGE_ID: ka_core::codec::ImageId = ka_core::codec::ImageId([0x5a; 32]);
-/// A node records its durable prefix at least this often…
-const DURABLE_EVERY: Duration = Duration::from_secs(1);
-/// …or every this many bytes, as the shell does.
-const DURABLE_STEP: u64 = 64 << 20;
+use ka_core::config::{RECORD_EVERY as DURABLE_EVERY, RECORD_STEP as DURABLE_STEP};
 /// How much faster than a port a restarted source reads and hashes its image.
 const HASH_SPEEDUP: f64 = 8.0;
 

@@ -279,7 +279,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<u8> {
         load_or_generate_secret(args.secret_file.as_deref()).map_err(|e| anyhow!(e))?;
     if generated {
         let path = PathBuf::from(format!("ka-secret-{}", args.session));
-        super::write_atomically(&path, format!("{}\n", secret.to_hex()).as_bytes())
+        ka_net::write_atomically(&path, format!("{}\n", secret.to_hex()).as_bytes(), 0o600)
             .with_context(|| format!("writing the generated secret to {}", path.display()))?;
         eprintln!(
             "ka: no --secret-file given; generated one and wrote it to {} — give that file to the nodes (ka join --secret-file)",

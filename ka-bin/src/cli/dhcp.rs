@@ -73,7 +73,7 @@ pub fn run(args: DhcpArgs) -> Result<()> {
             let text = dhcp::render(&inv, format);
             match output {
                 Some(path) => {
-                    super::write_atomically(&path, text.as_bytes())
+                    ka_net::write_atomically(&path, text.as_bytes(), 0o644)
                         .with_context(|| format!("writing {}", path.display()))?;
                     eprintln!("wrote {} ({} hosts)", path.display(), inv.nodes.len());
                 }

@@ -26,28 +26,3 @@ pub struct ClusterArgs {
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR, global = true)]
     pub state_dir: PathBuf,
 }
-
-/// Writes `data` to `path` atomically (temporary file, fsync, rename), so a
-/// daemon reading the file never sees half of it.
-pub fn write_atomically(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => std::path::Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}

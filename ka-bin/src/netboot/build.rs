@@ -265,7 +265,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        crate::cli::write_atomically(&path, data)
+        ka_net::write_atomically(&path, data, 0o644)
             .with_context(|| format!("writing {}", path.display()))?;
         files.push(rel.to_string());
         Ok(())

@@ -120,8 +120,7 @@ enum Internal {
 /// How often, at most, the durable prefix is recorded, and how stale it may
 /// get: a record costs an `fdatasync` of the target and a small atomic write.
 const RECORD_MIN_GAP: Duration = Duration::from_millis(250);
-const RECORD_EVERY: Duration = Duration::from_secs(1);
-const RECORD_STEP: u64 = 64 << 20;
+use ka_core::config::{RECORD_EVERY, RECORD_STEP};
 
 /// The node's resume state: where it is kept and how far it is recorded.
 struct Durable {

@@ -34,7 +34,7 @@
 //! across the source's.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -144,23 +144,6 @@ fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
-/// Replaces `path` with `text` so that a crash leaves either the old or the
-/// new content: a temporary file, flushed, renamed over it, the directory
-/// flushed.
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = File::create(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
 /// Reads a state file: `None` when there is none.
 fn read_state(path: &Path) -> Result<Option<String>, String> {
     match std::fs::read_to_string(path) {
@@ -250,7 +233,7 @@ impl NodeState {
             self.size.map_or("unknown".to_string(), |s| s.to_string()),
             self.durable
         );
-        write_atomically(path, &text)
+        crate::write_atomically(path, text.as_bytes(), 0o644)
     }
 }
 
@@ -364,7 +347,7 @@ impl SourceState {
 
     /// Writes `text` (from [`SourceState::to_text`]) to `path` atomically.
     pub fn save_text(path: &Path, text: &str) -> std::io::Result<()> {
-        write_atomically(path, text)
+        crate::write_atomically(path, text.as_bytes(), 0o644)
     }
 }
 
