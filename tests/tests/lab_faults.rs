@@ -511,10 +511,11 @@ fn the_source_killed_and_restarted_resumes_the_session() {
 #[test]
 fn sixteen_nodes_link_up_without_a_refused_hello() {
     // The source tells a node and its upstream of their link on two
-    // connections, so the node's hello may arrive first (docs/lab.md,
-    // session 7). Refused, the node would retry after the reconnect delay,
-    // and it and every node behind it would finish that much late: about
-    // half of all 16-node runs did, before the upstream learned to wait.
+    // connections, so the node's hello may arrive first (docs/lab.md, "What
+    // to look at when a run is slow"). Refused, the node would retry after
+    // the reconnect delay, and it and every node behind it would finish
+    // that much late; an upstream that refuses early hellos fails this in
+    // about half of all runs.
     let t0 = Instant::now();
     let lab = Lab::new(16, RATE);
     let (s, serve, joins) = start(&lab, 8 * MIB, &[], &[]);
