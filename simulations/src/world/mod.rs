@@ -46,7 +46,9 @@ use ka_core::time::Time;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::faults::{swarm, Fault, FaultKind, Swarm};
+pub mod faults;
+
+use faults::{swarm, Fault, FaultKind, Swarm};
 
 /// Which faults a run gets.
 #[derive(Debug, Clone, PartialEq)]
