@@ -12,6 +12,65 @@ use core::time::Duration;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
+/// A kind of trouble a swarm may enable. A seed first enables a subset of
+/// these, then draws every fault of its schedule from that subset, so two
+/// seeds differ in the mix of trouble as well as in its timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwarmKind {
+    /// Nodes crash ([`FaultKind::Crash`]).
+    Crash,
+    /// Nodes freeze for a while ([`FaultKind::Hang`]).
+    Hang,
+    /// Nodes' ports are cut for a while ([`FaultKind::Cut`]).
+    Cut,
+    /// Nodes' ports slow down for good ([`FaultKind::Slow`]).
+    Slow,
+    /// Nodes restart on what they recorded as durable ([`FaultKind::Restart`]).
+    Restart,
+    /// The source restarts, at most once a run ([`FaultKind::SourceRestart`]).
+    SourceRestart,
+    /// Nodes' disks fail ([`FaultKind::DiskError`]).
+    DiskError,
+    /// Nodes join after the start: not a fault but a start delay, drawn
+    /// with the faults so it mixes with them.
+    LateJoin,
+}
+
+impl SwarmKind {
+    /// Every kind, in the order a seed considers them: the seed's draws
+    /// follow this order, so it is part of what a seed means.
+    pub const ALL: [SwarmKind; 8] = [
+        SwarmKind::Crash,
+        SwarmKind::Hang,
+        SwarmKind::Cut,
+        SwarmKind::Slow,
+        SwarmKind::Restart,
+        SwarmKind::SourceRestart,
+        SwarmKind::DiskError,
+        SwarmKind::LateJoin,
+    ];
+
+    /// The short name the simulator prints among a run's options.
+    pub fn name(self) -> &'static str {
+        match self {
+            SwarmKind::Crash => "crash",
+            SwarmKind::Hang => "hang",
+            SwarmKind::Cut => "cut",
+            SwarmKind::Slow => "slow",
+            SwarmKind::Restart => "restart",
+            SwarmKind::SourceRestart => "source",
+            SwarmKind::DiskError => "disk",
+            SwarmKind::LateJoin => "late",
+        }
+    }
+}
+
+impl fmt::Display for SwarmKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One thing that goes wrong.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FaultKind {
@@ -54,7 +113,7 @@ impl Fault {
             | FaultKind::Cut(d)
             | FaultKind::Restart(d)
             | FaultKind::SourceRestart(d) => self.at + d,
-            _ => self.at,
+            FaultKind::Crash | FaultKind::Slow(_) | FaultKind::DiskError => self.at,
         }
     }
 }
@@ -98,8 +157,9 @@ impl fmt::Display for Fault {
 /// Which late joins and faults a swarm enabled, for the printed options.
 #[derive(Debug, Clone, Default)]
 pub struct Swarm {
-    /// Enabled fault kinds, by name.
-    pub kinds: Vec<&'static str>,
+    /// The kinds the swarm enabled (none when the run has no swarm: no
+    /// faults, or a given schedule).
+    pub kinds: Vec<SwarmKind>,
     /// The drawn schedule.
     pub faults: Vec<Fault>,
     /// Nodes that join late, with their start delay.
@@ -110,16 +170,13 @@ pub struct Swarm {
 /// `expected`. Faults strike in the middle 80 % of the run and at most a
 /// fifth of the nodes are hit, so a run still says something about survivors.
 pub fn swarm(rng: &mut ChaCha8Rng, nodes: usize, expected: Duration) -> Swarm {
-    const KINDS: [&str; 8] = [
-        "crash", "hang", "cut", "slow", "restart", "source", "disk", "late",
-    ];
-    let mut enabled: Vec<&'static str> = KINDS
+    let mut enabled: Vec<SwarmKind> = SwarmKind::ALL
         .iter()
         .copied()
         .filter(|_| rng.gen_bool(0.5))
         .collect();
     if enabled.is_empty() {
-        enabled.push(KINDS[rng.gen_range(0..KINDS.len())]);
+        enabled.push(SwarmKind::ALL[rng.gen_range(0..SwarmKind::ALL.len())]);
     }
     let max_hits = (nodes / 5).max(1);
     let count = rng.gen_range(1..=max_hits.min(12));
@@ -130,12 +187,14 @@ pub fn swarm(rng: &mut ChaCha8Rng, nodes: usize, expected: Duration) -> Swarm {
         let node = rng.gen_range(0..nodes);
         let at = Duration::from_secs_f64(exp * rng.gen_range(0.1..0.9));
         let kind = match enabled[rng.gen_range(0..enabled.len())] {
-            "crash" => FaultKind::Crash,
-            "hang" => FaultKind::Hang(Duration::from_millis(rng.gen_range(200..3000))),
-            "cut" => FaultKind::Cut(Duration::from_millis(rng.gen_range(100..3000))),
-            "slow" => FaultKind::Slow(rng.gen_range(2..8)),
-            "restart" => FaultKind::Restart(Duration::from_millis(rng.gen_range(100..2000))),
-            "source" => {
+            SwarmKind::Crash => FaultKind::Crash,
+            SwarmKind::Hang => FaultKind::Hang(Duration::from_millis(rng.gen_range(200..3000))),
+            SwarmKind::Cut => FaultKind::Cut(Duration::from_millis(rng.gen_range(100..3000))),
+            SwarmKind::Slow => FaultKind::Slow(rng.gen_range(2..8)),
+            SwarmKind::Restart => {
+                FaultKind::Restart(Duration::from_millis(rng.gen_range(100..2000)))
+            }
+            SwarmKind::SourceRestart => {
                 // One source restart per run: more say nothing new and stretch it.
                 if faults
                     .iter()
@@ -145,8 +204,8 @@ pub fn swarm(rng: &mut ChaCha8Rng, nodes: usize, expected: Duration) -> Swarm {
                 }
                 FaultKind::SourceRestart(Duration::from_millis(rng.gen_range(100..2000)))
             }
-            "disk" => FaultKind::DiskError,
-            _ => {
+            SwarmKind::DiskError => FaultKind::DiskError,
+            SwarmKind::LateJoin => {
                 if !late.iter().any(|&(n, _)| n == node) {
                     late.push((node, Duration::from_millis(rng.gen_range(1..500))));
                 }

@@ -493,7 +493,7 @@ impl Sim {
             Faults::None => Swarm::default(),
             Faults::Swarm => swarm(&mut fault_rng, cfg.nodes, expected),
             Faults::Schedule(f, late) => Swarm {
-                kinds: vec!["schedule"],
+                kinds: Vec::new(),
                 faults: f.clone(),
                 late: late.clone(),
             },
@@ -650,7 +650,12 @@ impl Sim {
             // moved to the tail, or a restarted one catching up), plus the pipeline.
             let slowest = self.faults.iter().filter_map(|f| match f.kind {
                 FaultKind::Slow(x) => Some(x),
-                _ => None,
+                FaultKind::Crash
+                | FaultKind::Hang(_)
+                | FaultKind::Cut(_)
+                | FaultKind::Restart(_)
+                | FaultKind::SourceRestart(_)
+                | FaultKind::DiskError => None,
             });
             let slow = f64::from(slowest.max().unwrap_or(1));
             let detect = Duration::from_millis(1000 + 250 + 200 + 500);
