@@ -33,8 +33,7 @@
 
 use core::net::{IpAddr, Ipv4Addr, SocketAddr};
 use core::time::Duration;
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use ka_core::auth::SessionKey;
 use ka_core::codec::{Digest, Message, Nonce, Progress, Tag};
@@ -47,8 +46,10 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 pub mod faults;
+mod queue;
 
 use faults::{swarm, Fault, FaultKind, Swarm};
+use queue::{Ev, Queue};
 
 /// Which faults a run gets.
 #[derive(Debug, Clone, PartialEq)]
@@ -292,32 +293,6 @@ enum Input {
     ConnectFailed { to_source: bool },
 }
 
-#[derive(Debug)]
-enum Ev {
-    /// An input reaches a process (if it is still the same incarnation).
-    Deliver {
-        to: End,
-        incarnation: u32,
-        input: Input,
-    },
-    /// A machine's timer.
-    Timer { to: End, incarnation: u32 },
-    /// Recompute a node's data rate (gen guards against stale ones).
-    Retime { node: usize, gen: u64 },
-    /// A node's offset reaches the end of the image.
-    Arrive { node: usize, gen: u64 },
-    /// A fault strikes.
-    Fault(usize),
-    /// A node process starts (at the beginning, late, or after a restart).
-    Start(usize),
-    /// A frozen node continues.
-    Thaw(usize),
-    /// The source process starts again (after a restart fault).
-    SourceStart,
-    /// A restarted source has read its image through and knows its digest.
-    SourceHashed { incarnation: u32 },
-}
-
 /// Content of an image copy: real bytes in small runs, a tag per granule in large ones.
 #[derive(Debug, Clone, PartialEq)]
 enum Content {
@@ -407,10 +382,7 @@ struct Slot {
 pub struct Sim {
     cfg: SimConfig,
     now: Time,
-    seq: u64,
-    queue: BinaryHeap<Reverse<(Time, u64, usize)>>,
-    events: Vec<Option<Ev>>,
-    free_events: Vec<usize>,
+    queue: Queue,
     rng: ChaCha8Rng,
     source: Source,
     source_timer: Option<Time>,
@@ -572,10 +544,7 @@ impl Sim {
         let mut sim = Sim {
             cfg,
             now: Time::ZERO,
-            seq: 0,
-            queue: BinaryHeap::new(),
-            events: Vec::new(),
-            free_events: Vec::new(),
+            queue: Queue::new(),
             rng,
             source,
             source_timer: None,
@@ -666,19 +635,7 @@ impl Sim {
             )
         };
         let limit = Time::ZERO + bound * 4 + Duration::from_secs(30);
-        while let Some(Reverse((at, _, idx))) = self.queue.pop() {
-            if at > limit || self.violation.is_some() {
-                break;
-            }
-            self.now = at;
-            let ev = self.events[idx].take().expect("queued event present");
-            self.free_events.push(idx);
-            self.processed += 1;
-            self.step(ev);
-            if self.finished_at.is_some() {
-                break;
-            }
-        }
+        self.run_events(limit);
         let completion = self
             .finished_at
             .unwrap_or(self.now)
@@ -739,92 +696,11 @@ impl Sim {
         }
     }
 
-    // ----- the event queue -----
-
-    fn schedule(&mut self, at: Time, ev: Ev) {
-        let idx = match self.free_events.pop() {
-            Some(i) => {
-                self.events[i] = Some(ev);
-                i
-            }
-            None => {
-                self.events.push(Some(ev));
-                self.events.len() - 1
-            }
-        };
-        self.seq += 1;
-        self.queue.push(Reverse((at, self.seq, idx)));
-    }
-
-    fn trace(&mut self, line: impl FnOnce() -> String) {
-        let line = line();
-        for b in line.bytes().chain([b'\n']) {
-            self.trace_hash = (self.trace_hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
-        if self.cfg.trace {
-            println!("{} {line}", self.now);
-        }
-    }
-
     fn violate(&mut self, what: String) {
         if self.violation.is_none() {
             self.trace(|| format!("VIOLATION {what}"));
             self.violation = Some(format!("at {}: {what}", self.now));
         }
-    }
-
-    fn step(&mut self, ev: Ev) {
-        match ev {
-            Ev::Deliver {
-                to,
-                incarnation,
-                input,
-            } => self.deliver(to, incarnation, input),
-            Ev::Timer { to, incarnation } => match to {
-                End::Source => {
-                    if incarnation == self.source_incarnation
-                        && !self.source_down
-                        && self.source_timer.is_some_and(|t| t <= self.now)
-                    {
-                        self.source_timer = None;
-                        self.source.handle_timeout(self.now);
-                        self.drain_source();
-                    }
-                }
-                End::Node(i) => {
-                    let s = &self.nodes[i];
-                    if s.incarnation == incarnation
-                        && !s.frozen
-                        && s.timer_at.is_some_and(|t| t <= self.now)
-                    {
-                        self.nodes[i].timer_at = None;
-                        self.with_node(i, |n, now| n.handle_timeout(now));
-                    }
-                }
-            },
-            Ev::Retime { node, gen } => {
-                if self.nodes[node].data.gen == gen {
-                    self.retime(node);
-                }
-            }
-            Ev::Arrive { node, gen } => {
-                if self.nodes[node].data.gen == gen {
-                    self.arrive(node);
-                }
-            }
-            Ev::Fault(f) => self.fault(f),
-            Ev::Start(i) => self.start_node(i),
-            Ev::Thaw(i) => self.thaw(i),
-            Ev::SourceStart => self.start_source(),
-            Ev::SourceHashed { incarnation } => {
-                if incarnation == self.source_incarnation && !self.source_down {
-                    let (size, digest, now) = (self.cfg.size, self.source_digest, self.now);
-                    self.source.handle_image_done(now, size, digest);
-                    self.drain_source();
-                }
-            }
-        }
-        self.check_invariants();
     }
 
     // ----- the network -----
