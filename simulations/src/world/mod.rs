@@ -36,7 +36,7 @@ use core::time::Duration;
 use std::collections::{BTreeMap, VecDeque};
 
 use ka_core::auth::SessionKey;
-use ka_core::codec::{Digest, Message, Nonce, Progress, Tag};
+use ka_core::codec::{Digest, Message, Progress, Tag};
 use ka_core::config::{NodeConfig, SlowPolicy, SourceConfig};
 use ka_core::ids::ConnId;
 use ka_core::node::{Node, NodeAction, NodeEvent};
@@ -46,9 +46,11 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 pub mod faults;
+mod network;
 mod queue;
 
 use faults::{swarm, Fault, FaultKind, Swarm};
+use network::{Conn, End, Input};
 use queue::{Ev, Queue};
 
 /// Which faults a run gets.
@@ -261,36 +263,6 @@ impl SessionKey for SimKey {
         }
         Tag(out)
     }
-}
-
-/// One end of a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum End {
-    Source,
-    Node(usize),
-}
-
-#[derive(Debug, Clone)]
-struct Conn {
-    /// The side that connected, with its process incarnation.
-    client: (End, u32),
-    /// The side that accepted.
-    server: (End, u32),
-    open: bool,
-    /// When the last input sent on it arrives, towards the server and
-    /// towards the client: none may overtake it. Each way keeps its own
-    /// order, as TCP does, and the two ways do not wait for each other.
-    last_arrival: [Time; 2],
-}
-
-/// What travels to a process.
-#[derive(Debug, Clone)]
-enum Input {
-    Msg(ConnId, Message),
-    Closed(ConnId),
-    Accepted { conn: ConnId, nonce: Nonce },
-    Connected { conn: ConnId, to_source: bool },
-    ConnectFailed { to_source: bool },
 }
 
 /// Content of an image copy: real bytes in small runs, a tag per granule in large ones.
@@ -703,198 +675,11 @@ impl Sim {
         }
     }
 
-    // ----- the network -----
-
-    /// How long a control message takes over a hop. Control messages are a
-    /// few dozen bytes: their share of the port and their frame overhead are
-    /// negligible next to the image's, so they pay only the latency.
-    fn latency(&self) -> Duration {
-        self.cfg.latency
-    }
-
     /// When the bytes a node's stream holds now were at its sender: one data
     /// hop ago (latency plus the forward delay, see [`SimConfig::data_hop`]).
     fn hop_ago(&self) -> Time {
         let hop = self.cfg.data_hop().as_nanos() as u64;
         Time::from_nanos(self.now.as_nanos().saturating_sub(hop))
-    }
-
-    fn cut_until(&self, end: End) -> Option<Time> {
-        match end {
-            End::Source => None,
-            End::Node(i) => self.nodes[i].cut_until.filter(|&t| t > self.now),
-        }
-    }
-
-    /// When something sent now from `a` reaches `b`: one hop later, or one hop
-    /// after the later of their ports is restored.
-    fn arrival(&self, a: End, b: End) -> Time {
-        let held = self.cut_until(a).max(self.cut_until(b)).unwrap_or(self.now);
-        held + self.latency()
-    }
-
-    fn incarnation(&self, end: End) -> u32 {
-        match end {
-            End::Source => self.source_incarnation,
-            End::Node(i) => self.nodes[i].incarnation,
-        }
-    }
-
-    fn alive(&self, end: End) -> bool {
-        match end {
-            End::Source => !self.source_down,
-            End::Node(i) => self.nodes[i].machine.is_some(),
-        }
-    }
-
-    fn send(&mut self, from: End, to: End, input: Input) {
-        let at = self.arrival(from, to);
-        self.deliver_at(at, to, input);
-    }
-
-    /// Hands `input` to `to`'s current process at `at`.
-    fn deliver_at(&mut self, at: Time, to: End, input: Input) {
-        let incarnation = self.incarnation(to);
-        self.schedule(
-            at,
-            Ev::Deliver {
-                to,
-                incarnation,
-                input,
-            },
-        );
-    }
-
-    fn other_end(&self, conn: ConnId, me: End) -> Option<(End, u32)> {
-        let c = self.conns.get(conn.0 as usize)?;
-        if c.client.0 == me {
-            Some(c.server)
-        } else {
-            Some(c.client)
-        }
-    }
-
-    fn transmit(&mut self, from: End, conn: ConnId, msg: Message) {
-        let Some(c) = self.conns.get(conn.0 as usize) else {
-            return;
-        };
-        if !c.open {
-            return;
-        }
-        let Some((to, inc)) = self.other_end(conn, from) else {
-            return;
-        };
-        if self.incarnation(to) != inc {
-            return;
-        }
-        let mut at = self.arrival(from, to);
-        if from == End::Source && !self.cfg.control_jitter.is_zero() {
-            let most = self.cfg.control_jitter.as_nanos() as u64;
-            at = at + Duration::from_nanos(self.rng.gen_range(0..=most));
-        }
-        self.send_in_order(conn, at, to, Input::Msg(conn, msg));
-    }
-
-    /// Delivers `input` on `conn` at `at`, or later: after everything sent
-    /// on `conn` before it.
-    fn send_in_order(&mut self, conn: ConnId, at: Time, to: End, input: Input) {
-        let c = &mut self.conns[conn.0 as usize];
-        let way = usize::from(c.server.0 != to);
-        let at = at.max(c.last_arrival[way]);
-        c.last_arrival[way] = at;
-        self.deliver_at(at, to, input);
-    }
-
-    fn close(&mut self, from: End, conn: ConnId) {
-        let Some(c) = self.conns.get_mut(conn.0 as usize) else {
-            return;
-        };
-        if !c.open {
-            return;
-        }
-        c.open = false;
-        self.stop_flows_on(conn);
-        if let Some((to, inc)) = self.other_end(conn, from) {
-            if self.incarnation(to) == inc && self.alive(to) {
-                let at = self.arrival(from, to);
-                self.send_in_order(conn, at, to, Input::Closed(conn));
-            }
-        }
-    }
-
-    fn connect(&mut self, from: End, to_addr: SocketAddr, to_source: bool) {
-        let target = if to_addr == self.source_addr {
-            Some(End::Source)
-        } else {
-            self.by_addr.get(&to_addr).copied().map(End::Node)
-        };
-        let reachable = target.filter(|&t| self.alive(t));
-        match reachable {
-            Some(to) => {
-                let conn = ConnId(self.conns.len() as u64);
-                self.conns.push(Conn {
-                    client: (from, self.incarnation(from)),
-                    server: (to, self.incarnation(to)),
-                    open: true,
-                    last_arrival: [Time::ZERO; 2],
-                });
-                let mut nonce = [0u8; 32];
-                self.rng.fill_bytes(&mut nonce);
-                // The kernel completes the handshake even for a frozen process.
-                self.send(
-                    from,
-                    to,
-                    Input::Accepted {
-                        conn,
-                        nonce: Nonce(nonce),
-                    },
-                );
-                let back = self.arrival(to, from) + self.latency();
-                let incarnation = self.incarnation(from);
-                self.schedule(
-                    back,
-                    Ev::Deliver {
-                        to: from,
-                        incarnation,
-                        input: Input::Connected { conn, to_source },
-                    },
-                );
-            }
-            None => {
-                // A reset from a dead host's kernel, or nobody at that address.
-                let at = self.arrival(from, from) + self.latency();
-                let incarnation = self.incarnation(from);
-                self.schedule(
-                    at,
-                    Ev::Deliver {
-                        to: from,
-                        incarnation,
-                        input: Input::ConnectFailed { to_source },
-                    },
-                );
-            }
-        }
-    }
-
-    fn deliver(&mut self, to: End, incarnation: u32, input: Input) {
-        match to {
-            End::Source => {
-                if incarnation == self.source_incarnation && !self.source_down {
-                    self.source_input(input)
-                }
-            }
-            End::Node(i) => {
-                let s = &mut self.nodes[i];
-                if s.incarnation != incarnation || s.machine.is_none() {
-                    return;
-                }
-                if s.frozen {
-                    s.pending.push_back(input);
-                    return;
-                }
-                self.node_input(i, input);
-            }
-        }
     }
 
     fn source_input(&mut self, input: Input) {
