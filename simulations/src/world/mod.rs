@@ -45,10 +45,12 @@ use ka_core::time::Time;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod content;
 pub mod faults;
 mod network;
 mod queue;
 
+use content::Content;
 use faults::{swarm, Fault, FaultKind, Swarm};
 use network::{Conn, End, Input};
 use queue::{Ev, Queue};
@@ -265,39 +267,6 @@ impl SessionKey for SimKey {
     }
 }
 
-/// Content of an image copy: real bytes in small runs, a tag per granule in large ones.
-#[derive(Debug, Clone, PartialEq)]
-enum Content {
-    Bytes(Vec<u8>),
-    Tags(Vec<u64>),
-}
-
-impl Content {
-    fn copy_from(&mut self, other: &Content, granules: core::ops::Range<usize>) {
-        match (self, other) {
-            (Content::Bytes(d), Content::Bytes(s)) => {
-                d[granules.clone()].copy_from_slice(&s[granules])
-            }
-            (Content::Tags(d), Content::Tags(s)) => {
-                d[granules.clone()].copy_from_slice(&s[granules])
-            }
-            _ => unreachable!("one content kind per run"),
-        }
-    }
-
-    fn digest(&self) -> Digest {
-        let mut h: u64 = 0x8422_2325_cbf2_9ce4;
-        let mut feed = |b: u8| h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        match self {
-            Content::Bytes(v) => v.iter().for_each(|&b| feed(b)),
-            Content::Tags(v) => v.iter().flat_map(|t| t.to_le_bytes()).for_each(&mut feed),
-        }
-        let mut d = [0u8; 32];
-        d[..8].copy_from_slice(&h.to_le_bytes());
-        Digest(d)
-    }
-}
-
 /// The data side of a node: a fluid offset and the copy it has made.
 #[derive(Debug, Clone)]
 struct Data {
@@ -417,19 +386,7 @@ impl Sim {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let mut image_rng = ChaCha8Rng::seed_from_u64(rng.next_u64());
         let mut fault_rng = ChaCha8Rng::seed_from_u64(rng.next_u64());
-        // Real bytes while they fit comfortably; tags per 1 MiB granule beyond.
-        let (granule, source_data) = if cfg.size <= 4 << 20 {
-            let mut v = vec![0u8; cfg.size as usize];
-            image_rng.fill_bytes(&mut v);
-            (1, Content::Bytes(v))
-        } else {
-            let g = 1u64 << 20;
-            let n = cfg.size.div_ceil(g) as usize;
-            (
-                g,
-                Content::Tags((0..n).map(|_| image_rng.next_u64()).collect()),
-            )
-        };
+        let (granule, source_data) = Content::image(cfg.size, &mut image_rng);
         let granules = cfg.size.div_ceil(granule) as usize;
         let source_digest = source_data.digest();
         let expected = cfg.pipeline_bound();
@@ -488,10 +445,7 @@ impl Sim {
                     inflow_from: 0.0,
                     gen: 0,
                     copied: 0,
-                    content: match &source_data {
-                        Content::Bytes(v) => Content::Bytes(vec![0; v.len()]),
-                        Content::Tags(v) => Content::Tags(vec![0; v.len()]),
-                    },
+                    content: source_data.blank(),
                     outflows: Vec::new(),
                     hist: VecDeque::new(),
                     ended: false,
@@ -1020,70 +974,6 @@ impl Sim {
             .filter(|&&(c, d)| self.nodes[d].data.inflow.is_some_and(|(ic, _)| ic == c))
             .count()
             .max(1)
-    }
-
-    /// Brings a node's copy up to its offset now, copying the newly covered
-    /// granules from its sender, which must hold them. Senders up the chain
-    /// are brought up to date first, as far as needed.
-    fn settle(&mut self, i: usize) {
-        let mut chain = vec![i];
-        loop {
-            let x = *chain.last().expect("non-empty");
-            let Some((_, End::Node(u))) = self.nodes[x].data.inflow else {
-                break;
-            };
-            if self.nodes[u].data.copied >= self.granules_at(x) || chain.contains(&u) {
-                break;
-            }
-            chain.push(u);
-        }
-        for &x in chain.iter().rev() {
-            self.copy_up_to_now(x);
-        }
-        self.dirty.push(i);
-    }
-
-    fn granules_at(&self, i: usize) -> usize {
-        let off = self.offset_at(i, self.now);
-        if off >= self.cfg.size as f64 {
-            self.granules
-        } else {
-            (off as u64 / self.granule) as usize
-        }
-    }
-
-    fn copy_up_to_now(&mut self, i: usize) {
-        let upto = self.granules_at(i);
-        let d = &self.nodes[i].data;
-        if upto <= d.copied {
-            return;
-        }
-        let Some((_, from)) = d.inflow else {
-            let what = format!("node{i} advanced to granule {upto} without an upstream");
-            return self.violate(what);
-        };
-        let held = match from {
-            End::Source => self.granules,
-            End::Node(u) => self.nodes[u].data.copied,
-        };
-        // Offsets are floating point: one granule of rounding is noise, more
-        // is a node taking data its upstream does not have.
-        let upto = if upto == held + 1 { held } else { upto };
-        let range = d.copied..upto;
-        if held < range.end {
-            return self.violate(format!(
-                "node{i} copied granules {range:?} but its upstream {from:?} holds {held}"
-            ));
-        }
-        let mut content =
-            core::mem::replace(&mut self.nodes[i].data.content, Content::Tags(Vec::new()));
-        match from {
-            End::Source => content.copy_from(&self.source_data, range),
-            End::Node(u) => content.copy_from(&self.nodes[u].data.content, range),
-        }
-        let d = &mut self.nodes[i].data;
-        d.content = content;
-        d.copied = upto;
     }
 
     /// Starts a new segment at the node's current offset with `rate`.
