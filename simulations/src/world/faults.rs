@@ -4,13 +4,22 @@
 //! the seed first picks which kinds of fault are enabled and how often, then
 //! draws the schedule, so different seeds explore different mixes (as in
 //! TigerBeetle's VOPR). The schedule is printed, so any failure replays with
-//! `--seed N`.
+//! `--seed N`. Every draw comes from the run's fault generator, in a fixed
+//! order: the kinds, the schedule, then the source's control jitter.
+//!
+//! The world applies each fault when it strikes. A crash or a restart kills
+//! the node's process and resets its connections; a hang freezes it, its
+//! inputs waiting until it continues; a cut holds everything on its port; a
+//! slow port moves data slower for good; a disk error fails the node's sink;
+//! a source restart kills the source, which the nodes must wait out.
 
 use core::fmt;
 use core::time::Duration;
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+
+use super::{Ev, Faults, Sim, SimConfig};
 
 /// A kind of trouble a swarm may enable. A seed first enables a subset of
 /// these, then draws every fault of its schedule from that subset, so two
@@ -219,5 +228,108 @@ pub fn swarm(rng: &mut ChaCha8Rng, nodes: usize, expected: Duration) -> Swarm {
         kinds: enabled,
         faults,
         late,
+    }
+}
+
+/// What goes wrong in a run of `cfg`, drawn from `rng`: nothing, the given
+/// schedule, or a swarm. A swarm run with no control jitter set draws one
+/// into `cfg` for half the seeds.
+pub(super) fn draw(cfg: &mut SimConfig, rng: &mut ChaCha8Rng) -> Swarm {
+    let expected = cfg.pipeline_bound();
+    let swarm = match &cfg.faults {
+        Faults::None => Swarm::default(),
+        Faults::Swarm => swarm(rng, cfg.nodes, expected),
+        Faults::Schedule(f, late) => Swarm {
+            kinds: Vec::new(),
+            faults: f.clone(),
+            late: late.clone(),
+        },
+    };
+    // Drawn after the swarm, so a seed's faults stay what they were.
+    // Half the seeds keep the source's messages in lockstep, which
+    // explores other orderings (and runs faster: a jittered run has
+    // distinct moments, each checked, where a lockstep run has one).
+    if matches!(cfg.faults, Faults::Swarm) && cfg.control_jitter.is_zero() && rng.gen_bool(0.5) {
+        cfg.control_jitter = Duration::from_micros(rng.gen_range(1..=3000));
+    }
+    swarm
+}
+
+impl Sim {
+    /// Fault number `f` of the schedule strikes.
+    pub(super) fn fault(&mut self, f: usize) {
+        let fault = self.faults[f].clone();
+        let i = fault.node;
+        self.trace(|| format!("FAULT {fault}"));
+        match fault.kind {
+            FaultKind::Crash => {
+                self.kill(i, true);
+                self.nodes[i].gone = true;
+            }
+            FaultKind::Restart(d) => {
+                if self.nodes[i].machine.is_some() && !self.nodes[i].gone {
+                    self.kill(i, true);
+                    self.schedule(self.now + d, Ev::Start(i));
+                }
+            }
+            FaultKind::Hang(d) => {
+                if self.nodes[i].machine.is_some() && !self.nodes[i].frozen {
+                    self.settle(i);
+                    self.nodes[i].frozen = true;
+                    self.retime_around(i);
+                    self.schedule(self.now + d, Ev::Thaw(i));
+                }
+            }
+            FaultKind::Cut(d) => {
+                self.settle(i);
+                let until = self.now + d;
+                self.nodes[i].cut_until = Some(until);
+                self.retime_around(i);
+                // When the port comes back, rates recover.
+                let gen = self.nodes[i].data.gen;
+                self.schedule(until, Ev::Retime { node: i, gen });
+                self.schedule(until, Ev::Thaw(i));
+            }
+            FaultKind::Slow(x) => {
+                self.nodes[i].slow = x;
+                self.retime_around(i);
+            }
+            FaultKind::SourceRestart(d) => {
+                if !self.source_down && self.finished_at.is_none() {
+                    self.kill_source();
+                    self.schedule(self.now + d, Ev::SourceStart);
+                }
+            }
+            FaultKind::DiskError => {
+                if self.nodes[i].machine.is_some() && !self.nodes[i].data.ended {
+                    self.nodes[i].disk_failed = true;
+                    self.nodes[i].gone = true;
+                    self.with_node(i, |n, now| {
+                        n.handle_sink_error(now, "I/O error writing the target".into())
+                    });
+                }
+            }
+        }
+    }
+
+    /// A node's hang or cut ends: its port is restored, or its process
+    /// continues and takes the inputs that waited for it, and its timers
+    /// that came due meanwhile fire.
+    pub(super) fn thaw(&mut self, i: usize) {
+        if self.nodes[i].cut_until.is_some_and(|t| t <= self.now) {
+            self.nodes[i].cut_until = None;
+        }
+        if self.nodes[i].frozen {
+            self.nodes[i].frozen = false;
+            // Time passed while frozen: timers due now fire.
+            while let Some(input) = self.nodes[i].pending.pop_front() {
+                if self.nodes[i].machine.is_none() {
+                    break;
+                }
+                self.node_input(i, input);
+            }
+            self.with_node(i, |n, now| n.handle_timeout(now));
+        }
+        self.retime_around(i);
     }
 }

@@ -41,7 +41,7 @@ use ka_core::ids::ConnId;
 use ka_core::node::Node;
 use ka_core::source::Source;
 use ka_core::time::Time;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod checks;
@@ -54,7 +54,7 @@ mod queue;
 
 use content::Content;
 use data::Data;
-use faults::{swarm, Fault, FaultKind, Swarm};
+use faults::{Fault, Swarm};
 use network::{Conn, End, Input};
 use process::{source_config, SimKey};
 use queue::{Ev, Queue};
@@ -344,26 +344,7 @@ impl Sim {
         let (granule, source_data) = Content::image(cfg.size, &mut image_rng);
         let granules = cfg.size.div_ceil(granule) as usize;
         let source_digest = source_data.digest();
-        let expected = cfg.pipeline_bound();
-        let swarm = match &cfg.faults {
-            Faults::None => Swarm::default(),
-            Faults::Swarm => swarm(&mut fault_rng, cfg.nodes, expected),
-            Faults::Schedule(f, late) => Swarm {
-                kinds: Vec::new(),
-                faults: f.clone(),
-                late: late.clone(),
-            },
-        };
-        // Drawn after the swarm, so a seed's faults stay what they were.
-        // Half the seeds keep the source's messages in lockstep, which
-        // explores other orderings (and runs faster: a jittered run has
-        // distinct moments, each checked, where a lockstep run has one).
-        if matches!(cfg.faults, Faults::Swarm)
-            && cfg.control_jitter.is_zero()
-            && fault_rng.gen_bool(0.5)
-        {
-            cfg.control_jitter = Duration::from_micros(fault_rng.gen_range(1..=3000));
-        }
+        let swarm = faults::draw(&mut cfg, &mut fault_rng);
         let source_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 9000);
         let scfg = source_config(&cfg, source_addr);
         let mut source = Source::new(Time::ZERO, scfg.clone(), Box::new(SimKey(cfg.seed)));
@@ -529,79 +510,6 @@ impl Sim {
             failures,
             swarm: self.swarm,
         }
-    }
-
-    fn fault(&mut self, f: usize) {
-        let fault = self.faults[f].clone();
-        let i = fault.node;
-        self.trace(|| format!("FAULT {fault}"));
-        match fault.kind {
-            FaultKind::Crash => {
-                self.kill(i, true);
-                self.nodes[i].gone = true;
-            }
-            FaultKind::Restart(d) => {
-                if self.nodes[i].machine.is_some() && !self.nodes[i].gone {
-                    self.kill(i, true);
-                    self.schedule(self.now + d, Ev::Start(i));
-                }
-            }
-            FaultKind::Hang(d) => {
-                if self.nodes[i].machine.is_some() && !self.nodes[i].frozen {
-                    self.settle(i);
-                    self.nodes[i].frozen = true;
-                    self.retime_around(i);
-                    self.schedule(self.now + d, Ev::Thaw(i));
-                }
-            }
-            FaultKind::Cut(d) => {
-                self.settle(i);
-                let until = self.now + d;
-                self.nodes[i].cut_until = Some(until);
-                self.retime_around(i);
-                // When the port comes back, rates recover.
-                let gen = self.nodes[i].data.gen;
-                self.schedule(until, Ev::Retime { node: i, gen });
-                self.schedule(until, Ev::Thaw(i));
-            }
-            FaultKind::Slow(x) => {
-                self.nodes[i].slow = x;
-                self.retime_around(i);
-            }
-            FaultKind::SourceRestart(d) => {
-                if !self.source_down && self.finished_at.is_none() {
-                    self.kill_source();
-                    self.schedule(self.now + d, Ev::SourceStart);
-                }
-            }
-            FaultKind::DiskError => {
-                if self.nodes[i].machine.is_some() && !self.nodes[i].data.ended {
-                    self.nodes[i].disk_failed = true;
-                    self.nodes[i].gone = true;
-                    self.with_node(i, |n, now| {
-                        n.handle_sink_error(now, "I/O error writing the target".into())
-                    });
-                }
-            }
-        }
-    }
-
-    fn thaw(&mut self, i: usize) {
-        if self.nodes[i].cut_until.is_some_and(|t| t <= self.now) {
-            self.nodes[i].cut_until = None;
-        }
-        if self.nodes[i].frozen {
-            self.nodes[i].frozen = false;
-            // Time passed while frozen: timers due now fire.
-            while let Some(input) = self.nodes[i].pending.pop_front() {
-                if self.nodes[i].machine.is_none() {
-                    break;
-                }
-                self.node_input(i, input);
-            }
-            self.with_node(i, |n, now| n.handle_timeout(now));
-        }
-        self.retime_around(i);
     }
 }
 
