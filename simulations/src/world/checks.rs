@@ -196,11 +196,7 @@ impl Sim {
                     // A node receives only what it lacks: its process never
                     // takes more than the image beyond the prefix it started
                     // with, whatever restarted (it, its upstreams, the source).
-                    let current = s
-                        .data
-                        .inflow
-                        .map_or(0.0, |_| self.offset_at(i, self.now) - s.data.inflow_from);
-                    let received = s.received + current.max(0.0);
+                    let received = self.received(i);
                     let lacked = (self.cfg.size - s.started_from) as f64;
                     if received > lacked + self.granule as f64 + 1.0 {
                         let what = format!(

@@ -58,6 +58,27 @@ pub(super) struct Data {
     pub(super) ended: bool,
 }
 
+impl Data {
+    /// A node's data before it starts: nothing held, nothing flowing, and
+    /// `content` as its (empty) copy.
+    pub(super) fn new(content: Content) -> Self {
+        Data {
+            t0: Time::ZERO,
+            off0: 0.0,
+            rate: 0.0,
+            inflow: None,
+            following: false,
+            inflow_from: 0.0,
+            gen: 0,
+            copied: 0,
+            content,
+            outflows: Vec::new(),
+            hist: VecDeque::new(),
+            ended: false,
+        }
+    }
+}
+
 impl Sim {
     /// Hands the node's machine its data plane's current offsets.
     pub(super) fn report_progress(&mut self, i: usize) {
@@ -133,6 +154,16 @@ impl Sim {
             .rev()
             .find(|&&(t0, _, _)| t >= t0)
             .map_or(0.0, |&(_, _, r)| r)
+    }
+
+    /// The bytes node `i`'s current process has received over the network:
+    /// on its closed inflows, and on its open one so far.
+    pub(super) fn received(&self, i: usize) -> f64 {
+        let d = &self.nodes[i].data;
+        let current = d
+            .inflow
+            .map_or(0.0, |_| self.offset_at(i, self.now) - d.inflow_from);
+        self.nodes[i].received + current.max(0.0)
     }
 
     /// A node's offset now, in whole bytes.

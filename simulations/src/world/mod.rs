@@ -30,6 +30,23 @@
 //! A fault-free chain of N nodes therefore completes in about
 //! `size / payload_rate + (N − 1) × data_hop`, plus a few control-message
 //! latencies to set up and to verify.
+//!
+//! [`Sim`] is one value split by concern across submodules, each adding
+//! its own `impl Sim` block over the state defined here:
+//!
+//! - `queue`: the event queue and the loop that drives the world;
+//! - `network`: connections, their order, delivery to processes;
+//! - `process`: ka-core's machines, drained after every input, and their
+//!   starts, kills and restarts;
+//! - `data`: the fluid data plane and the durable prefix;
+//! - `content`: the image, the copies and their digests;
+//! - [`faults`]: the kinds of trouble, the swarm drawn from the seed, and
+//!   applying each fault;
+//! - `checks`: the checkers after every event and at the end, and the bound.
+//!
+//! Randomness comes from one seeded generator, split at the start into one
+//! for the image and one for the faults; the first then serves the network
+//! (connection nonces, the source's jitter) in event order.
 
 use core::net::{IpAddr, Ipv4Addr, SocketAddr};
 use core::time::Duration;
@@ -253,58 +270,120 @@ pub struct Outcome {
     pub control_jitter: Duration,
 }
 
+/// A node: its host, its process, its port and its data.
 struct Slot {
+    /// Its name, as the source reports it.
     name: String,
+    /// Where it listens.
     addr: SocketAddr,
+    /// Its running process's machine; none while it is down.
     machine: Option<Node>,
+    /// Its process's generation, bumped at every start.
     incarnation: u32,
+    /// The process is frozen (a hang).
     frozen: bool,
+    /// Inputs that reached the process while it was frozen.
     pending: VecDeque<Input>,
+    /// Its port is cut until then.
     cut_until: Option<Time>,
+    /// Its port is this many times slower.
     slow: u32,
+    /// Its offset and its copy.
     data: Data,
+    /// The machine's deadline the world has scheduled a timer for.
     timer_at: Option<Time>,
     /// Dropped by policy, failed its disk, or killed for good: not a survivor.
     gone: bool,
+    /// Its disk failed.
     disk_failed: bool,
     /// Highest offset ever reported, to check that offsets only grow.
     max_reported: u64,
     /// The prefix last recorded as durable (what a restart finds), and when.
     durable: u64,
+    /// When the prefix was last recorded.
     durable_at: Time,
     /// Where this process started its copy from, and the bytes it has
     /// received over the network since (closed inflows only).
     started_from: u64,
+    /// The bytes received on closed inflows.
     received: f64,
     /// What it held when the source last restarted: it must never ask for
     /// less again (until it restarts itself).
     floor: Option<u64>,
 }
 
-/// The simulation.
+impl Slot {
+    /// Node `i`, not started yet, with an empty copy `content`.
+    fn new(i: usize, content: Content) -> Self {
+        Slot {
+            name: format!("node{i:05}"),
+            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0a01_0000 + i as u32)), 9000),
+            machine: None,
+            incarnation: 0,
+            frozen: false,
+            pending: VecDeque::new(),
+            cut_until: None,
+            slow: 1,
+            data: Data::new(content),
+            timer_at: None,
+            gone: false,
+            disk_failed: false,
+            max_reported: 0,
+            durable: 0,
+            durable_at: Time::ZERO,
+            started_from: 0,
+            received: 0.0,
+            floor: None,
+        }
+    }
+}
+
+/// The simulation: the world of one run, built from a [`SimConfig`] by
+/// [`Sim::new`] and played out by [`Sim::run`].
 pub struct Sim {
+    /// The run's parameters (with the control jitter a swarm drew).
     cfg: SimConfig,
+    /// The simulated time: the time of the event being processed.
     now: Time,
+    /// Events to come.
     queue: Queue,
+    /// The network's generator (nonces, the source's jitter).
     rng: ChaCha8Rng,
+    /// The source's machine.
     source: Source,
+    /// The source's deadline the world has scheduled a timer for.
     source_timer: Option<Time>,
+    /// The source's image.
     source_data: Content,
+    /// The image's digest.
     source_digest: Digest,
+    /// The source has been told its image's digest.
     image_done: bool,
     /// Source outflows: (conn, node).
     source_outflows: Vec<(ConnId, usize)>,
+    /// The nodes, by index.
     nodes: Vec<Slot>,
+    /// Every connection ever opened, indexed by its id.
     conns: Vec<Conn>,
+    /// Bytes per granule of content (1 for real bytes).
     granule: u64,
+    /// Granules in the image.
     granules: usize,
+    /// The faults and late joins, as drawn or given.
     swarm: Swarm,
+    /// The faults, indexed by their events.
     faults: Vec<Fault>,
+    /// The hash of every trace line so far.
     trace_hash: u64,
+    /// The first violation a checker found.
     violation: Option<String>,
+    /// Events processed.
     processed: u64,
+    /// When the source finished or aborted.
     finished_at: Option<Time>,
+    /// Where the source listens.
     source_addr: SocketAddr,
+    /// Which node listens where.
     by_addr: BTreeMap<SocketAddr, usize>,
     /// Nodes whose data changed since the last check.
     dirty: Vec<usize>,
@@ -317,6 +396,7 @@ pub struct Sim {
     /// The source process's generation; it is down between a restart fault
     /// and its start.
     source_incarnation: u32,
+    /// The source's process is down: killed and not started again yet.
     source_down: bool,
     /// The outcomes the source's shell keeps on disk (name, MAC, outcome):
     /// a restarted source is handed them.
@@ -351,39 +431,7 @@ impl Sim {
         // A file image: all of it can be served from the start.
         source.handle_image_progress(Time::ZERO, cfg.size);
         let nodes: Vec<Slot> = (0..cfg.nodes)
-            .map(|i| Slot {
-                name: format!("node{i:05}"),
-                addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0x0a01_0000 + i as u32)), 9000),
-                machine: None,
-                incarnation: 0,
-                frozen: false,
-                pending: VecDeque::new(),
-                cut_until: None,
-                slow: 1,
-                data: Data {
-                    t0: Time::ZERO,
-                    off0: 0.0,
-                    rate: 0.0,
-                    inflow: None,
-                    following: false,
-                    inflow_from: 0.0,
-                    gen: 0,
-                    copied: 0,
-                    content: source_data.blank(),
-                    outflows: Vec::new(),
-                    hist: VecDeque::new(),
-                    ended: false,
-                },
-                timer_at: None,
-                gone: false,
-                disk_failed: false,
-                max_reported: 0,
-                durable: 0,
-                durable_at: Time::ZERO,
-                started_from: 0,
-                received: 0.0,
-                floor: None,
-            })
+            .map(|i| Slot::new(i, source_data.blank()))
             .collect();
         let faults = swarm.faults.clone();
         let by_addr = nodes
@@ -484,13 +532,7 @@ impl Sim {
             .collect();
         verified_at.sort();
         let resumed = (0..self.nodes.len())
-            .map(|i| {
-                let current = self.nodes[i].data.inflow.map_or(0.0, |_| {
-                    self.offset_at(i, self.now) - self.nodes[i].data.inflow_from
-                });
-                let s = &self.nodes[i];
-                (s.started_from, (s.received + current.max(0.0)) as u64)
-            })
+            .map(|i| (self.nodes[i].started_from, self.received(i) as u64))
             .collect();
         Outcome {
             verified_at,
