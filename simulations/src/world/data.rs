@@ -118,7 +118,8 @@ impl Sim {
     }
 
     /// When the bytes a node's stream holds now were at its sender: one data
-    /// hop ago (latency plus the forward delay, see [`SimConfig::data_hop`]).
+    /// hop ago (latency plus the forward delay, see
+    /// [`SimConfig::data_hop`](super::SimConfig::data_hop)).
     fn hop_ago(&self) -> Time {
         let hop = self.cfg.data_hop().as_nanos() as u64;
         Time::from_nanos(self.now.as_nanos().saturating_sub(hop))
@@ -195,7 +196,8 @@ impl Sim {
     }
 
     /// The rate at which image data leaves or enters a port: the payload
-    /// share of its raw rate (see [`SimConfig::payload_rate`]).
+    /// share of its raw rate (see
+    /// [`SimConfig::payload_rate`](super::SimConfig::payload_rate)).
     fn port_rate(&self, e: End) -> f64 {
         match e {
             End::Source => self.cfg.payload_rate(),
