@@ -17,7 +17,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod faults;
 pub mod world;
 
+pub use world::faults;
 pub use world::{run, Faults, Outcome, SimConfig};

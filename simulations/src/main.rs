@@ -132,7 +132,8 @@ fn main() -> ExitCode {
     let sim = simulations::world::Sim::new(cfg.clone());
     let swarm = sim.swarm().clone();
     if !swarm.faults.is_empty() || !swarm.late.is_empty() {
-        println!("swarm: kinds {:?}", swarm.kinds);
+        let kinds: Vec<&str> = swarm.kinds.iter().map(|k| k.name()).collect();
+        println!("swarm: kinds {kinds:?}");
         for f in &swarm.faults {
             println!("  fault {f}");
         }
