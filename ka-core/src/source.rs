@@ -33,7 +33,7 @@ use crate::codec::{
 use crate::config::{SlowPolicy, SourceConfig};
 use crate::ids::{ConnId, Epoch, NodeId};
 use crate::time::Time;
-use crate::timer::TimerTable;
+use crate::timer::{TimerKind, TimerTable};
 use crate::topology::{Parent, Topology};
 
 /// What the source waits for.
@@ -263,7 +263,7 @@ enum ConnRole {
 }
 
 /// The source's timers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Timer {
     /// Heartbeats out, liveness checks in.
     Tick = 0,
@@ -273,7 +273,21 @@ enum Timer {
     Release = 2,
 }
 
-const TIMER_REASONS: [&str; 3] = ["heartbeat tick", "join deadline", "next release"];
+impl TimerKind<3> for Timer {
+    const VALUES: [Timer; 3] = [Timer::Tick, Timer::JoinDeadline, Timer::Release];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Timer::Tick => "heartbeat tick",
+            Timer::JoinDeadline => "join deadline",
+            Timer::Release => "next release",
+        }
+    }
+}
 
 /// The source's protocol state machine.
 ///
@@ -303,7 +317,7 @@ pub struct Source {
     release_queue: VecDeque<NodeId>,
     /// Live nodes whose outcome is undecided: the session ends at zero.
     unsettled: usize,
-    timers: TimerTable<3>,
+    timers: TimerTable<Timer, 3>,
     next_id: u32,
     transmits: VecDeque<(ConnId, Message)>,
     actions: VecDeque<SourceAction>,
@@ -314,9 +328,9 @@ impl Source {
     /// A source that starts waiting for nodes at `now`.
     pub fn new(now: Time, config: SourceConfig, key: Box<dyn SessionKey>) -> Self {
         let mut timers = TimerTable::new();
-        timers.set(Timer::Tick as usize, now + config.heartbeat);
+        timers.set(Timer::Tick, now + config.heartbeat);
         if let Some(t) = config.join_timeout {
-            timers.set(Timer::JoinDeadline as usize, now + t);
+            timers.set(Timer::JoinDeadline, now + t);
         }
         Source {
             topology: Topology::new(config.arity),
@@ -518,11 +532,10 @@ impl Source {
 
     /// A deadline from [`Source::poll_timeout`] passed.
     pub fn handle_timeout(&mut self, now: Time) {
-        if let Some(late) = self.timers.overdue(Timer::Tick as usize, now) {
+        if let Some(late) = self.timers.overdue(Timer::Tick, now) {
             self.tick(now, late);
         }
-        if self.timers.expire(Timer::JoinDeadline as usize, now)
-            && self.state == SourceState::AwaitingNodes
+        if self.timers.expire(Timer::JoinDeadline, now) && self.state == SourceState::AwaitingNodes
         {
             let live = self.present();
             if live >= self.config.min_nodes.max(1) {
@@ -538,7 +551,7 @@ impl Source {
                 );
             }
         }
-        if self.timers.expire(Timer::Release as usize, now) {
+        if self.timers.expire(Timer::Release, now) {
             self.release_next(now);
         }
     }
@@ -569,7 +582,7 @@ impl Source {
         if matches!(self.state, SourceState::Finished | SourceState::Aborted) {
             return None;
         }
-        self.timers.next().map(|(t, i)| (t, TIMER_REASONS[i]))
+        self.timers.next().map(|(t, timer)| (t, timer.reason()))
     }
 
     // ----- views -----
@@ -1031,8 +1044,7 @@ impl Source {
                 r.last_heard = (r.last_heard + late).min(now);
             }
         }
-        self.timers
-            .set(Timer::Tick as usize, now + self.config.heartbeat);
+        self.timers.set(Timer::Tick, now + self.config.heartbeat);
         let dead_after = self.config.dead_after;
         let silent: Vec<(NodeId, Duration)> = self
             .nodes
@@ -1091,7 +1103,7 @@ impl Source {
         let order: Vec<NodeId> = live.iter().map(|r| r.report.node).collect();
         self.topology = Topology::build(self.config.arity, &order);
         self.state = SourceState::Streaming;
-        self.timers.stop(Timer::JoinDeadline as usize);
+        self.timers.stop(Timer::JoinDeadline);
         self.bump_epoch();
         for &id in &order {
             self.mark_needy(id);
@@ -1318,7 +1330,7 @@ impl Source {
             self.finish();
         } else {
             self.timers
-                .set(Timer::Release as usize, now + self.config.release_delay);
+                .set(Timer::Release, now + self.config.release_delay);
         }
     }
 
@@ -1349,5 +1361,15 @@ impl Source {
             }
         }
         self.events.push_back(SourceEvent::Aborted { reason });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_timer_sits_at_its_own_index() {
+        crate::timer::assert_indexed::<Timer, 3>();
     }
 }
