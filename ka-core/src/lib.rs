@@ -42,13 +42,13 @@
 //!
 //! # What keeps repair always possible
 //!
-//! Offsets only flow downstream, and an upstream drops data only below what
-//! its whole subtree has acknowledged (a readable sink — file, block device —
-//! never drops anything; it serves from what it wrote). So when a node dies,
-//! its nearest live ancestor holds everything its children still lack, and
+//! Offsets only flow downstream, and no upstream ever drops what it holds:
+//! the source serves any offset of its image (a file or device is read
+//! again; a stream is spooled to disk as it is read), and a node serves its
+//! downstreams from what it wrote. So when a node dies, its nearest live
+//! ancestor holds everything its children still lack, and
 //! [`topology::Topology::remove`] links them there; each resumes from its own
-//! offset. The source keeps history down to the lowest offset any live node
-//! still needs ([`source::SourceAction::TrimHistory`]).
+//! offset, and a node that arrives late or restarts may be placed anywhere.
 //!
 //! # Restarts
 //!

@@ -278,7 +278,6 @@ pub struct Node {
     inbound: BTreeMap<ConnId, Inbound>,
     received: RangeSet,
     written: RangeSet,
-    holds_from: u64,
     image: Option<(u64, Digest)>,
     stream_end: Option<(u64, Digest)>,
     verdict: Option<Result<(), String>>,
@@ -327,7 +326,6 @@ impl Node {
             inbound: BTreeMap::new(),
             received,
             written,
-            holds_from: 0,
             image: None,
             stream_end: None,
             verdict: None,
@@ -441,11 +439,11 @@ impl Node {
         self.inbound.remove(&conn);
     }
 
-    /// The data plane's latest offsets. Offsets only grow; smaller values are ignored.
+    /// The data plane's latest offsets. Offsets only grow; smaller values are
+    /// ignored, and so is `holds_from`: a node serves from what it wrote.
     pub fn handle_progress(&mut self, _now: Time, progress: Progress) {
         self.received.insert(0..progress.received);
         self.written.insert(0..progress.written);
-        self.holds_from = self.holds_from.max(progress.holds_from);
     }
 
     /// The upstream sent the end of the image; everything up to `total` is
@@ -639,11 +637,7 @@ impl Node {
         Progress {
             received: self.received.prefix_end(),
             written: self.written.prefix_end(),
-            holds_from: if self.config.readable {
-                0
-            } else {
-                self.holds_from
-            },
+            holds_from: 0,
         }
     }
 
@@ -708,7 +702,6 @@ impl Node {
         let had = self.received.prefix_end();
         self.received = RangeSet::new();
         self.written = RangeSet::new();
-        self.holds_from = 0;
         self.stream_end = None;
         self.image = None;
         self.verdict = None;
@@ -737,7 +730,7 @@ impl Node {
                     mac: self.config.mac,
                     data_addr: self.config.data_addr,
                     wait_release: self.config.wait_release,
-                    readable: self.config.readable,
+                    readable: true,
                     have,
                     image: self.image_id.filter(|_| have > 0),
                     proof,
@@ -977,16 +970,6 @@ impl Node {
                     ),
                 )
             }
-        }
-        if !self.config.readable && from < self.holds_from {
-            return self.refuse_downstream(
-                conn,
-                RefusalCode::CannotResume,
-                format!(
-                    "offset {from} has left our buffer (we hold from {})",
-                    self.holds_from
-                ),
-            );
         }
         // One connection per downstream: a reconnect replaces the old one.
         let old: Vec<ConnId> = self

@@ -82,12 +82,6 @@ pub enum SourceAction {
         /// The connection.
         conn: ConnId,
     },
-    /// Image history below this offset will never be asked for again; a
-    /// stream source may free it.
-    TrimHistory {
-        /// Everything below may go.
-        below: u64,
-    },
 }
 
 /// Something that happened, for logs, the progress display and the report.
@@ -227,7 +221,6 @@ struct NodeRecord {
     report: NodeReport,
     data_addr: core::net::SocketAddr,
     wait_release: bool,
-    readable: bool,
     /// The control connection while the node is live.
     conn: Option<ConnId>,
     /// The data connection this source serves it on, if it is a child.
@@ -311,9 +304,6 @@ pub struct Source {
     image: Option<(u64, Digest)>,
     /// How far the image has been read.
     read: u64,
-    /// Nodes still needing data, by received offset: the minimum bounds history.
-    needy: BTreeSet<(u64, NodeId)>,
-    history_low: u64,
     release_queue: VecDeque<NodeId>,
     /// Live nodes whose outcome is undecided: the session ends at zero.
     unsettled: usize,
@@ -344,8 +334,6 @@ impl Source {
             epoch: Epoch(0),
             image: None,
             read: 0,
-            needy: BTreeSet::new(),
-            history_low: 0,
             release_queue: VecDeque::new(),
             unsettled: 0,
             timers,
@@ -490,7 +478,6 @@ impl Source {
             },
             data_addr: self.config.data_addr,
             wait_release: false,
-            readable: true,
             conn: None,
             data_conn: None,
             progress: Progress {
@@ -600,11 +587,6 @@ impl Source {
     /// The current topology generation.
     pub fn epoch(&self) -> Epoch {
         self.epoch
-    }
-
-    /// The lowest offset any node may still ask the source for.
-    pub fn history_low(&self) -> u64 {
-        self.history_low
     }
 
     /// Whether `node` is connected and not declared dead.
@@ -727,21 +709,9 @@ impl Source {
         let same_image = join.image == Some(self.config.image_id)
             && self.config.image_size.is_none_or(|s| join.have <= s);
         let have = if same_image { join.have } else { 0 };
-        let streaming = self.state == SourceState::Streaming;
-        let parent = if streaming {
-            match self.place_for(have) {
-                Some(p) => Some(p),
-                None => {
-                    let detail = format!(
-                        "this node lacks data from offset {have} that no one holds any more (stream source); \
-                         it cannot join this session"
-                    );
-                    return self.refuse(conn, RefusalCode::CannotResume, detail);
-                }
-            }
-        } else {
-            None
-        };
+        // Every upstream serves from what it wrote (the source from its
+        // image or its spool), so any open slot can feed any prefix.
+        let parent = (self.state == SourceState::Streaming).then(|| self.open_slot());
         let id = existing.unwrap_or_else(|| {
             let id = NodeId(self.next_id);
             self.next_id += 1;
@@ -765,7 +735,6 @@ impl Source {
             },
             data_addr: join.data_addr,
             wait_release: join.wait_release,
-            readable: join.readable,
             conn: Some(conn),
             data_conn: None,
             progress: Progress {
@@ -807,7 +776,6 @@ impl Source {
         }
         if let Some(parent) = parent {
             self.topology.attach(id, parent);
-            self.mark_needy(id);
             self.bump_epoch();
             self.send_topology(id);
             self.send_topology_to_parent(parent);
@@ -822,25 +790,10 @@ impl Source {
         }
     }
 
-    /// Where a node that holds `have` bytes can be fed from now: the first
-    /// open slot that holds what it lacks, else the source if it does.
-    fn place_for(&self, have: u64) -> Option<Parent> {
-        let slot = self.topology.open_slots().next().unwrap_or(None);
-        if self.holds(slot, have) {
-            return Some(slot);
-        }
-        self.holds(None, have).then_some(None)
-    }
-
-    /// Whether `parent` can serve a newcomer from `offset`.
-    fn holds(&self, parent: Parent, offset: u64) -> bool {
-        match parent {
-            None => self.config.seekable || offset >= self.history_low,
-            Some(n) => {
-                let r = &self.nodes[&n];
-                r.readable || offset >= r.progress.holds_from.max(r.progress.received)
-            }
-        }
+    /// Where a newcomer goes: the first place with room in breadth-first
+    /// order (for a chain, the tail).
+    fn open_slot(&self) -> Parent {
+        self.topology.open_slots().next().unwrap_or(None)
     }
 
     fn on_data_hello(&mut self, conn: ConnId, nonce: Nonce, hello: Message) {
@@ -854,13 +807,6 @@ impl Source {
                 conn,
                 RefusalCode::NotExpected,
                 format!("{node} is not fed by the source at {epoch}"),
-            );
-        }
-        if !self.holds(None, from) {
-            return self.refuse(
-                conn,
-                RefusalCode::CannotResume,
-                format!("offset {from} is no longer held"),
             );
         }
         let record = self.nodes.get_mut(&node).expect("live child has a record");
@@ -897,7 +843,6 @@ impl Source {
                 if ok {
                     record.report.received = self.image.map_or(record.report.received, |(t, _)| t);
                 }
-                self.unmark_needy(id);
                 self.events.push_back(SourceEvent::Verified {
                     node: id,
                     ok,
@@ -926,16 +871,10 @@ impl Source {
     fn on_progress(&mut self, now: Time, id: NodeId, p: Progress) {
         let record = self.nodes.get_mut(&id).expect("caller checked");
         // Offsets only grow; a stale or reordered report must not move them back.
-        let was = record.progress.received;
         record.progress.received = record.progress.received.max(p.received);
         record.progress.written = record.progress.written.max(p.written);
         record.progress.holds_from = record.progress.holds_from.max(p.holds_from);
         record.report.received = record.progress.received;
-        let received = record.progress.received;
-        if received != was && self.needy.remove(&(was, id)) {
-            self.needy.insert((received, id));
-            self.update_history_low();
-        }
         self.check_slow(now, id);
     }
 
@@ -1106,7 +1045,6 @@ impl Source {
         self.timers.stop(Timer::JoinDeadline);
         self.bump_epoch();
         for &id in &order {
-            self.mark_needy(id);
             self.send_topology(id);
         }
         self.actions.push_back(SourceAction::StartReading);
@@ -1173,31 +1111,6 @@ impl Source {
         }
     }
 
-    fn mark_needy(&mut self, id: NodeId) {
-        let r = &self.nodes[&id];
-        if r.report.outcome.is_none() {
-            self.needy.insert((r.progress.received, id));
-        }
-    }
-
-    fn unmark_needy(&mut self, id: NodeId) {
-        let received = self.nodes[&id].progress.received;
-        if self.needy.remove(&(received, id)) {
-            self.update_history_low();
-        }
-    }
-
-    fn update_history_low(&mut self) {
-        // With nobody waiting, keep what has been read: a late or restarted
-        // node may still come.
-        let low = self.needy.first().map_or(self.history_low, |&(o, _)| o);
-        if low > self.history_low {
-            self.history_low = low;
-            self.actions
-                .push_back(SourceAction::TrimHistory { below: low });
-        }
-    }
-
     fn declare_dead(&mut self, now: Time, id: NodeId, reason: String) {
         let Some(record) = self.nodes.get(&id) else {
             return;
@@ -1250,8 +1163,6 @@ impl Source {
             self.conns.remove(&c);
             self.actions.push_back(SourceAction::Close { conn: c });
         }
-        self.unmark_needy(id);
-        self.needy.retain(|&(_, n)| n != id);
         self.release_queue.retain(|&n| n != id);
         let mut parent = None;
         if let Some(p) = self.topology.parent(id) {

@@ -1066,18 +1066,12 @@ impl Sim {
         while let Some(action) = self.source.poll_action() {
             match action {
                 SourceAction::StartReading => {}
-                SourceAction::Serve { conn, node, from } => {
-                    if !self.source.config().seekable && from < self.source.history_low() {
-                        self.violate(format!(
-                            "source asked to serve {node} from {from} below its history"
-                        ));
-                    }
+                SourceAction::Serve { conn, .. } => {
                     if let Some((End::Node(i), _)) = self.other_end(conn, End::Source) {
                         self.source_outflows.push((conn, i));
                     }
                 }
                 SourceAction::Close { conn } => self.close(End::Source, conn),
-                SourceAction::TrimHistory { .. } => {}
             }
         }
         while let Some(ev) = self.source.poll_event() {
