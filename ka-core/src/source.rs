@@ -245,6 +245,21 @@ impl NodeRecord {
     }
 }
 
+/// A join [`Source::admit`] lets in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Admission {
+    /// The live node of the same name whose place the join takes: declared
+    /// dead first.
+    supersedes: Option<NodeId>,
+    /// The node's identifier when it joined before and is still known (a
+    /// node superseded while the session awaits its nodes is forgotten, and
+    /// its new join is a first one).
+    rejoins: Option<NodeId>,
+    /// Where its copy goes on from: the prefix it holds when that is of the
+    /// image served here, else 0.
+    have: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum ConnRole {
     /// Challenged; the first message decides what it is.
@@ -650,67 +665,91 @@ impl Source {
         self.actions.push_back(SourceAction::Close { conn });
     }
 
-    fn on_join(&mut self, now: Time, conn: ConnId, nonce: Nonce, join: Join) {
+    /// Decides whether a join is let in and how, or why not (the refusal's
+    /// detail is for the node's operator). Changes nothing:
+    /// [`Source::on_join`] carries the decision out.
+    fn admit(&self, nonce: &Nonce, join: &Join) -> Result<Admission, Refusal> {
+        let refuse = |code, detail| Err(Refusal { code, detail });
         if join.version != PROTOCOL_VERSION {
             let detail = format!(
                 "node speaks protocol v{}, this source v{PROTOCOL_VERSION}: run the same ka version on both",
                 join.version
             );
-            return self.refuse(conn, RefusalCode::VersionMismatch, detail);
+            return refuse(RefusalCode::VersionMismatch, detail);
         }
         if join.session != self.config.session {
             let detail = format!(
                 "node asked for session {:?}, this source serves {:?}: pass --session {:?}",
                 join.session, self.config.session, self.config.session
             );
-            return self.refuse(conn, RefusalCode::WrongSession, detail);
+            return refuse(RefusalCode::WrongSession, detail);
         }
         if !tags_equal(
             &join.proof,
-            &join_proof(&*self.key, &nonce, &join.session, &join.name),
+            &join_proof(&*self.key, nonce, &join.session, &join.name),
         ) {
             let detail =
                 "the node's secret does not match this session's: give it the source's secret file"
                     .into();
-            return self.refuse(conn, RefusalCode::BadProof, detail);
+            return refuse(RefusalCode::BadProof, detail);
         }
         if matches!(
             self.state,
             SourceState::Releasing | SourceState::Finished | SourceState::Aborted
         ) {
-            return self.refuse(conn, RefusalCode::SessionOver, "the session is over".into());
+            return refuse(RefusalCode::SessionOver, "the session is over".into());
         }
-        if let Some(&id) = self.names.get(&join.name) {
-            if self.nodes[&id].live() {
-                // A node that restarts faster than its death is noticed proves
-                // with the secret that it is the same node; the old connection
-                // is a zombie.
-                self.declare_dead(
-                    now,
-                    id,
-                    "superseded by a new join under the same name".into(),
-                );
-            }
-        }
-        // Death during the join forgets the node, so look again.
-        let existing = self.names.get(&join.name).copied();
-        if existing.is_none() {
-            let admitted = self.nodes.len() as u32;
-            if admitted >= self.config.expected_nodes {
+        let known = self.names.get(&join.name).copied();
+        // A node that restarts faster than its death is noticed proves with
+        // the secret that it is the same node; the old connection is a zombie.
+        let supersedes = known.filter(|id| self.nodes[id].live());
+        // Its death forgets it while the session awaits its nodes: it then
+        // joins as new, in the place it leaves.
+        let forgotten = supersedes.is_some() && self.state == SourceState::AwaitingNodes;
+        let rejoins = known.filter(|_| !forgotten);
+        if rejoins.is_none() {
+            let admitted = self.nodes.len() - usize::from(forgotten);
+            if admitted as u32 >= self.config.expected_nodes {
                 let detail = format!(
                     "the session already has its {} nodes: start this node in a later session",
                     self.config.expected_nodes
                 );
-                return self.refuse(conn, RefusalCode::SessionFull, detail);
+                return refuse(RefusalCode::SessionFull, detail);
             }
         }
         // A prefix counts only if it is of the image served here (a restarted
         // source on a changed file, or another image, must not be mixed in).
         let same_image = join.image == Some(self.config.image_id)
             && self.config.image_size.is_none_or(|s| join.have <= s);
-        let have = if same_image { join.have } else { 0 };
+        Ok(Admission {
+            supersedes,
+            rejoins,
+            have: if same_image { join.have } else { 0 },
+        })
+    }
+
+    /// Carries out [`Source::admit`]'s decision on a join: refuses it, or
+    /// records the node, welcomes it and places it.
+    fn on_join(&mut self, now: Time, conn: ConnId, nonce: Nonce, join: Join) {
+        let Admission {
+            supersedes,
+            rejoins: existing,
+            have,
+        } = match self.admit(&nonce, &join) {
+            Ok(admission) => admission,
+            Err(Refusal { code, detail }) => return self.refuse(conn, code, detail),
+        };
+        if let Some(old) = supersedes {
+            self.declare_dead(
+                now,
+                old,
+                "superseded by a new join under the same name".into(),
+            );
+        }
+        debug_assert_eq!(existing, self.names.get(&join.name).copied());
         // Every upstream serves from what it wrote (the source from its
-        // image or its spool), so any open slot can feed any prefix.
+        // image or its spool), so any open slot can feed any prefix. The
+        // death of the node superseded may have ended the stream.
         let parent = (self.state == SourceState::Streaming).then(|| self.open_slot());
         let id = existing.unwrap_or_else(|| {
             let id = NodeId(self.next_id);
@@ -1279,8 +1318,120 @@ impl Source {
 mod tests {
     use super::*;
 
+    use crate::auth::test_key::TestKey;
+    use crate::codec::ImageId;
+
+    const NONCE: Nonce = Nonce([5; 32]);
+
     #[test]
     fn every_timer_sits_at_its_own_index() {
         crate::timer::assert_indexed::<Timer, 3>();
+    }
+
+    fn addr() -> core::net::SocketAddr {
+        "10.0.0.1:1".parse().unwrap()
+    }
+
+    fn source(expected: u32) -> Source {
+        Source::new(
+            Time::ZERO,
+            SourceConfig::new("s", expected, addr()),
+            Box::new(TestKey(1)),
+        )
+    }
+
+    /// A join of `name` proved with the source's key.
+    fn join(name: &str) -> Join {
+        Join {
+            version: PROTOCOL_VERSION,
+            session: "s".into(),
+            name: name.into(),
+            mac: [0; 6],
+            data_addr: addr(),
+            wait_release: false,
+            readable: true,
+            have: 0,
+            image: None,
+            proof: join_proof(&TestKey(1), &NONCE, "s", name),
+        }
+    }
+
+    /// Admits `name` on connection `conn`.
+    fn joined(src: &mut Source, conn: u64, name: &str) {
+        src.handle_connected(Time::ZERO, ConnId(conn), NONCE);
+        src.handle_message(Time::ZERO, ConnId(conn), Message::Join(join(name)));
+        assert!(src.names.contains_key(name), "{name} was not admitted");
+    }
+
+    fn refused(src: &Source, join: &Join) -> RefusalCode {
+        src.admit(&NONCE, join).expect_err("admitted").code
+    }
+
+    #[test]
+    fn admit_refuses_another_version_session_or_secret() {
+        let src = source(2);
+        let mut j = join("a");
+        j.version = PROTOCOL_VERSION + 1;
+        assert_eq!(refused(&src, &j), RefusalCode::VersionMismatch);
+        let mut j = join("a");
+        j.session = "t".into();
+        assert_eq!(refused(&src, &j), RefusalCode::WrongSession);
+        let mut j = join("a");
+        j.proof = join_proof(&TestKey(2), &NONCE, "s", "a");
+        assert_eq!(refused(&src, &j), RefusalCode::BadProof);
+        // The proof covers the name: a node cannot join under another's.
+        j = join("a");
+        j.name = "b".into();
+        assert_eq!(refused(&src, &j), RefusalCode::BadProof);
+    }
+
+    #[test]
+    fn admit_refuses_once_the_session_is_over() {
+        let mut src = source(2);
+        src.handle_image_failed(Time::ZERO, "gone".into());
+        assert_eq!(src.state(), SourceState::Aborted);
+        assert_eq!(refused(&src, &join("a")), RefusalCode::SessionOver);
+    }
+
+    #[test]
+    fn admit_refuses_a_new_name_when_full_but_not_a_known_one() {
+        let mut src = source(1);
+        joined(&mut src, 1, "a");
+        assert_eq!(src.state(), SourceState::Streaming);
+        assert_eq!(refused(&src, &join("b")), RefusalCode::SessionFull);
+        let again = src.admit(&NONCE, &join("a")).expect("a is known");
+        assert_eq!(again.supersedes, Some(NodeId(1)));
+        assert_eq!(again.rejoins, Some(NodeId(1)));
+    }
+
+    #[test]
+    fn admit_counts_a_node_superseded_before_the_start_as_new() {
+        let mut src = source(2);
+        joined(&mut src, 1, "a");
+        // Its old record goes with its death, and so does its place.
+        let again = src.admit(&NONCE, &join("a")).expect("a rejoins");
+        assert_eq!(again.supersedes, Some(NodeId(1)));
+        assert_eq!(again.rejoins, None);
+        joined(&mut src, 2, "a");
+        assert_eq!(src.names["a"], NodeId(2));
+        assert_eq!(src.state(), SourceState::AwaitingNodes);
+    }
+
+    #[test]
+    fn admit_keeps_a_prefix_only_of_the_image_served() {
+        let mut cfg = SourceConfig::new("s", 2, addr());
+        cfg.image_id = ImageId([7; 32]);
+        cfg.image_size = Some(1000);
+        let src = Source::new(Time::ZERO, cfg, Box::new(TestKey(1)));
+        let holding = |have, image| Join {
+            have,
+            image: Some(ImageId(image)),
+            ..join("a")
+        };
+        let have = |j: &Join| src.admit(&NONCE, j).expect("admitted").have;
+        assert_eq!(have(&holding(600, [7; 32])), 600);
+        assert_eq!(have(&holding(600, [8; 32])), 0);
+        // More than the image holds cannot be a prefix of it.
+        assert_eq!(have(&holding(1001, [7; 32])), 0);
     }
 }
