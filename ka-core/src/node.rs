@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::auth::{check_data_hello, data_proof, join_proof, DataRequest, SessionKey};
+use crate::auth::{check_data_hello, data_proof, join_proof, DataRequest, Mac};
 use crate::codec::{
     Digest, ImageId, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream,
     PROTOCOL_VERSION,
@@ -263,7 +263,7 @@ pub struct Resume {
 /// arm `poll_timeout`.
 pub struct Node {
     config: NodeConfig,
-    key: Box<dyn SessionKey>,
+    key: Box<dyn Mac>,
     id: Option<NodeId>,
     control: ControlState,
     phase: Phase,
@@ -298,12 +298,7 @@ pub struct Node {
 impl Node {
     /// A node that starts by connecting to its source, holding nothing (a
     /// fresh target) or what a restart found on disk.
-    pub fn new(
-        now: Time,
-        config: NodeConfig,
-        key: Box<dyn SessionKey>,
-        resume: Option<Resume>,
-    ) -> Self {
+    pub fn new(now: Time, config: NodeConfig, key: Box<dyn Mac>, resume: Option<Resume>) -> Self {
         let have = resume.map_or(0, |r| r.have);
         let mut received = RangeSet::new();
         received.insert(0..have);

@@ -26,7 +26,7 @@
 use core::time::Duration;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::auth::{check_data_hello, go_proof, join_proof, tags_equal, DataRequest, SessionKey};
+use crate::auth::{check_data_hello, go_proof, join_proof, tags_equal, DataRequest, Mac};
 use crate::codec::{
     Digest, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, PROTOCOL_VERSION,
 };
@@ -305,7 +305,7 @@ impl TimerKind<3> for Timer {
 /// for `poll_timeout`; when it fires call `handle_timeout`.
 pub struct Source {
     config: SourceConfig,
-    key: Box<dyn SessionKey>,
+    key: Box<dyn Mac>,
     state: SourceState,
     conns: BTreeMap<ConnId, ConnRole>,
     nodes: BTreeMap<NodeId, NodeRecord>,
@@ -331,7 +331,7 @@ pub struct Source {
 
 impl Source {
     /// A source that starts waiting for nodes at `now`.
-    pub fn new(now: Time, config: SourceConfig, key: Box<dyn SessionKey>) -> Self {
+    pub fn new(now: Time, config: SourceConfig, key: Box<dyn Mac>) -> Self {
         let mut timers = TimerTable::new();
         timers.set(Timer::Tick, now + config.heartbeat);
         if let Some(t) = config.join_timeout {

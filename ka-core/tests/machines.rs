@@ -4,7 +4,7 @@
 use core::net::SocketAddr;
 use core::time::Duration;
 
-use ka_core::auth::{join_proof, SessionKey};
+use ka_core::auth::{join_proof, Mac};
 use ka_core::codec::{
     Digest, ImageId, Join, Message, Nonce, Progress, RefusalCode, Tag, PROTOCOL_VERSION,
 };
@@ -16,7 +16,7 @@ use ka_core::time::Time;
 
 struct Key(u8);
 
-impl SessionKey for Key {
+impl Mac for Key {
     fn mac(&self, message: &[u8]) -> Tag {
         let mut t = [self.0; 32];
         for (i, b) in message.iter().enumerate() {
@@ -42,7 +42,7 @@ fn source(n: u32) -> Source {
     )
 }
 
-fn join_msg(name: &str, nonce: &Nonce, key: &dyn SessionKey) -> Message {
+fn join_msg(name: &str, nonce: &Nonce, key: &dyn Mac) -> Message {
     Message::Join(Join {
         version: PROTOCOL_VERSION,
         session: "s".into(),
@@ -58,7 +58,7 @@ fn join_msg(name: &str, nonce: &Nonce, key: &dyn SessionKey) -> Message {
 }
 
 /// Connects `conn` and joins `name` with `key`; returns what the source answered.
-fn join(src: &mut Source, now: Time, conn: u64, name: &str, key: &dyn SessionKey) -> Vec<Message> {
+fn join(src: &mut Source, now: Time, conn: u64, name: &str, key: &dyn Mac) -> Vec<Message> {
     let nonce = Nonce([conn as u8; 32]);
     src.handle_connected(now, ConnId(conn), nonce);
     src.handle_message(now, ConnId(conn), join_msg(name, &nonce, key));

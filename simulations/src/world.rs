@@ -36,7 +36,7 @@ use core::time::Duration;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
-use ka_core::auth::SessionKey;
+use ka_core::auth::Mac;
 use ka_core::codec::{Digest, Message, Nonce, Progress, Tag};
 use ka_core::config::{NodeConfig, SlowPolicy, SourceConfig};
 use ka_core::ids::ConnId;
@@ -245,7 +245,7 @@ pub struct Outcome {
 /// The stand-in keyed MAC: deterministic and cheap, keyed by the session.
 struct SimKey(u64);
 
-impl SessionKey for SimKey {
+impl Mac for SimKey {
     fn mac(&self, message: &[u8]) -> Tag {
         let mut out = [0u8; 32];
         let mut h = self.0 ^ 0xcbf2_9ce4_8422_2325;
