@@ -159,7 +159,7 @@ pub struct Join {
     pub mac: [u8; 6],
     /// Where its own data port listens for its downstream.
     pub data_addr: SocketAddr,
-    /// It waits for the source's release before leaving (the original `-w`).
+    /// It waits for the source's release before leaving (Ka-deploy's `-w`).
     pub wait_release: bool,
     /// Its sink can be read back. A node of this version serves its
     /// downstreams from what it wrote and always says `true`; the source
@@ -259,7 +259,7 @@ pub enum Message {
         /// Why.
         reason: String,
     },
-    /// Operator → source: start now with the nodes present (the original `-g`).
+    /// Operator → source: start now with the nodes present (Ka-deploy's `-g`).
     Go {
         /// The session to start.
         session: String,

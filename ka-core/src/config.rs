@@ -39,7 +39,7 @@ pub struct SourceConfig {
     /// source was running: a source that was stopped or starved (its tick
     /// came late) does not take its own stall for its nodes' silence.
     pub dead_after: Duration,
-    /// Gap between releases of nodes that wait for release (the original `-d`).
+    /// Gap between releases of nodes that wait for release (Ka-deploy's `-d`).
     pub release_delay: Duration,
     /// What to do with a node that stays too slow.
     pub slow_policy: SlowPolicy,
@@ -91,7 +91,7 @@ pub struct NodeConfig {
     pub mac: [u8; 6],
     /// Where this node's data port listens.
     pub data_addr: SocketAddr,
-    /// Stay until the source releases us (the original `-w`).
+    /// Stay until the source releases us (Ka-deploy's `-w`).
     pub wait_release: bool,
     /// Verify by reading the written target back, not only the received stream.
     pub verify_readback: bool,

@@ -258,9 +258,12 @@ pub struct Resume {
     pub have: u64,
 }
 
-/// The node's protocol state machine. Driven like [`crate::source::Source`]:
-/// `handle_*` in, then drain `poll_transmit`, `poll_action`, `poll_event`, and
-/// arm `poll_timeout`.
+/// The node's protocol state machine, driven as the
+/// [crate root](crate#the-calling-contract) says: `handle_*` in, then drain
+/// `poll_transmit`, `poll_action`, `poll_event`, and arm `poll_timeout`.
+/// Carrying out an action may feed it (a sink that fails:
+/// [`Node::handle_sink_error`]), so drain the transmits again before a
+/// [`NodeAction::Close`] or a [`NodeAction::Exit`] is carried out.
 pub struct Node {
     config: NodeConfig,
     key: Box<dyn Mac>,

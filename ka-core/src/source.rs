@@ -299,10 +299,12 @@ impl TimerKind<3> for Timer {
 
 /// The source's protocol state machine.
 ///
-/// Drive it like every machine of this crate: feed each input through a
-/// `handle_*` method with the current time, then drain `poll_transmit`,
-/// `poll_action` and `poll_event` until they return `None`, and arm a timer
-/// for `poll_timeout`; when it fires call `handle_timeout`.
+/// Driven as the [crate root](crate#the-calling-contract) says: feed each
+/// input through a `handle_*` method with the current time, then drain
+/// `poll_transmit`, `poll_action` and `poll_event` until they return `None`,
+/// and arm a timer for `poll_timeout`; when it fires call `handle_timeout`.
+/// Its actions never feed it, so one drain of the transmits before the
+/// actions suffices.
 pub struct Source {
     config: SourceConfig,
     key: Box<dyn Mac>,
@@ -438,7 +440,7 @@ impl Source {
         }
     }
 
-    /// An operator on this machine said go (the original `-g`).
+    /// An operator on this machine said go (Ka-deploy's `-g`).
     pub fn handle_go(&mut self, now: Time) {
         if self.state == SourceState::AwaitingNodes && self.live_count() > 0 {
             self.start(now, StartTrigger::Go);
