@@ -959,8 +959,10 @@ impl Source {
             return;
         }
         // A node that lags but keeps pace (catching up after a repair, say)
-        // is not slow: only one that falls further behind is.
-        let (up_advance, own_advance) = (upstream_at - up0, received - own0);
+        // is not slow: only one that falls further behind is. What it is
+        // judged against may fall back (its fastest sibling left): then it
+        // kept pace, and the window starts again.
+        let (up_advance, own_advance) = (upstream_at.saturating_sub(up0), received - own0);
         if own_advance.saturating_mul(2) >= up_advance {
             record.slow_since = Some((now, upstream_at, received));
             return;

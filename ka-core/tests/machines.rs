@@ -1039,6 +1039,43 @@ fn slow_child_of_the_source_is_judged_against_its_sibling() {
 }
 
 #[test]
+fn slow_child_of_the_source_is_judged_anew_when_its_fastest_sibling_leaves() {
+    let mut cfg = SourceConfig::new("s", 3, addr(1));
+    cfg.arity = 3;
+    cfg.slow_lag = 1000;
+    cfg.slow_window = Duration::from_secs(1);
+    cfg.image_size = Some(10_000_000);
+    let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
+    src.handle_image_progress(Time::ZERO, 10_000_000);
+    for (conn, name) in [(1, "a"), (2, "b"), (3, "c")] {
+        join(&mut src, Time::ZERO, conn, name, &Key(1));
+    }
+    let evs = drive_progress(&mut src, |src, step, now| {
+        // a runs far ahead, verifies and leaves; c is then judged against
+        // b, which is behind where a was.
+        if step == 1 {
+            src.handle_message(now, ConnId(1), progress(5_000_000));
+        } else if step == 2 {
+            let verified = Message::Verified {
+                ok: true,
+                reason: String::new(),
+            };
+            src.handle_message(now, ConnId(1), verified);
+        }
+        src.handle_message(now, ConnId(2), progress(step * 100_000));
+        src.handle_message(now, ConnId(3), progress(step * 10));
+    });
+    assert!(evs.contains(&SourceEvent::Released { node: NodeId(1) }));
+    assert!(
+        evs.contains(&SourceEvent::Slow {
+            node: NodeId(3),
+            policy: SlowPolicy::MoveToTail
+        }),
+        "{evs:?}"
+    );
+}
+
+#[test]
 fn slow_child_of_a_stream_source_is_judged_against_the_spool() {
     let mut cfg = SourceConfig::new("s", 1, addr(1));
     cfg.slow_lag = 1000;
