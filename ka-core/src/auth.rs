@@ -1,17 +1,18 @@
 //! Proofs of the session secret.
 //!
 //! The core decides what a proof covers and checks it; the keyed MAC itself is
-//! supplied by the shell through [`SessionKey`] (BLAKE3 keyed hashing in
-//! ka-net), which keeps cryptography out of the pure core and lets the
-//! simulator use a cheap stand-in. Every proof covers a nonce chosen by the
+//! supplied by the shell through [`Mac`] (BLAKE3 keyed hashing under the
+//! session key in ka-net), which keeps cryptography and the key itself out of
+//! the pure core and lets the simulator use a cheap stand-in. Every proof covers a nonce chosen by the
 //! side that checks it, so a recorded proof cannot be replayed, and a domain
 //! string, so a proof for one purpose is never valid for another.
 
 use crate::codec::{Message, Nonce, RefusalCode, Tag, PROTOCOL_VERSION};
 use crate::ids::{Epoch, NodeId};
 
-/// A keyed MAC over the session secret.
-pub trait SessionKey: Send {
+/// A keyed MAC over the session secret: the machines hold one to make and
+/// check proofs, never the key it is keyed with.
+pub trait Mac: Send {
     /// The MAC of `message` under the session secret.
     fn mac(&self, message: &[u8]) -> Tag;
 }
@@ -29,7 +30,7 @@ fn covered(domain: &str, parts: &[&[u8]]) -> Vec<u8> {
 }
 
 /// The proof a node sends in its join.
-pub fn join_proof(key: &dyn SessionKey, nonce: &Nonce, session: &str, name: &str) -> Tag {
+pub fn join_proof(key: &dyn Mac, nonce: &Nonce, session: &str, name: &str) -> Tag {
     key.mac(&covered(
         "ka/join/v1",
         &[&nonce.0, session.as_bytes(), name.as_bytes()],
@@ -38,7 +39,7 @@ pub fn join_proof(key: &dyn SessionKey, nonce: &Nonce, session: &str, name: &str
 
 /// The proof a downstream sends when it opens a data connection.
 pub fn data_proof(
-    key: &dyn SessionKey,
+    key: &dyn Mac,
     nonce: &Nonce,
     session: &str,
     node: NodeId,
@@ -58,7 +59,7 @@ pub fn data_proof(
 }
 
 /// The proof an operator's `go` carries.
-pub fn go_proof(key: &dyn SessionKey, nonce: &Nonce, session: &str) -> Tag {
+pub fn go_proof(key: &dyn Mac, nonce: &Nonce, session: &str) -> Tag {
     key.mac(&covered("ka/go/v1", &[&nonce.0, session.as_bytes()]))
 }
 
@@ -78,7 +79,7 @@ pub struct DataRequest {
 /// proof covers the `nonce` this side sent. Returns the request, or the
 /// refusal to send back. Who may connect is the caller's question.
 pub fn check_data_hello(
-    key: &dyn SessionKey,
+    key: &dyn Mac,
     nonce: &Nonce,
     session: &str,
     msg: Message,
@@ -123,7 +124,7 @@ pub(crate) mod test_key {
     /// A deterministic, non-cryptographic keyed hash for tests of the core.
     pub struct TestKey(pub u64);
 
-    impl SessionKey for TestKey {
+    impl Mac for TestKey {
         fn mac(&self, message: &[u8]) -> Tag {
             let mut out = [0u8; 32];
             let mut h = self.0 ^ 0xcbf2_9ce4_8422_2325;

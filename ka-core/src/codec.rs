@@ -16,9 +16,9 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::ids::{Epoch, NodeId};
 
-/// The protocol version this crate speaks. Version 2 added image identities
-/// and resume offsets to [`Message::Join`] and [`Message::Welcome`].
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The protocol version this crate speaks; a peer of any other version is
+/// refused ([`RefusalCode::VersionMismatch`]).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The largest frame (tag and body) a peer may send.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// The longest string field in bytes.
@@ -106,8 +106,6 @@ pub enum RefusalCode {
     SessionFull,
     /// Another live node already uses this name.
     NameInUse,
-    /// The data a rejoining node lacks can no longer be served to it.
-    CannotResume,
     /// The session ended or was aborted.
     SessionOver,
     /// A data connection for a node or epoch this peer does not expect.
@@ -115,13 +113,12 @@ pub enum RefusalCode {
 }
 
 impl RefusalCode {
-    const ALL: [RefusalCode; 8] = [
+    const ALL: [RefusalCode; 7] = [
         RefusalCode::VersionMismatch,
         RefusalCode::WrongSession,
         RefusalCode::BadProof,
         RefusalCode::SessionFull,
         RefusalCode::NameInUse,
-        RefusalCode::CannotResume,
         RefusalCode::SessionOver,
         RefusalCode::NotExpected,
     ];
@@ -162,10 +159,11 @@ pub struct Join {
     pub mac: [u8; 6],
     /// Where its own data port listens for its downstream.
     pub data_addr: SocketAddr,
-    /// It waits for the source's release before leaving (the original `-w`).
+    /// It waits for the source's release before leaving (Ka-deploy's `-w`).
     pub wait_release: bool,
-    /// Its sink can be read back (file, block device), so it can serve any
-    /// offset it has written; otherwise it serves only from a bounded ring.
+    /// Its sink can be read back. A node of this version serves its
+    /// downstreams from what it wrote and always says `true`; the source
+    /// does not consult it.
     pub readable: bool,
     /// The contiguous prefix it already holds (non-zero after a restart, of
     /// the node or of the source).
@@ -184,7 +182,9 @@ pub struct Progress {
     pub received: u64,
     /// End of the contiguous prefix written to the sink.
     pub written: u64,
-    /// The lowest offset it can still serve to a downstream.
+    /// The lowest offset it can still serve to a downstream. A node of this
+    /// version serves from what it wrote and always says 0; the source does
+    /// not consult it.
     pub holds_from: u64,
 }
 
@@ -259,7 +259,7 @@ pub enum Message {
         /// Why.
         reason: String,
     },
-    /// Operator → source: start now with the nodes present (the original `-g`).
+    /// Operator → source: start now with the nodes present (Ka-deploy's `-g`).
     Go {
         /// The session to start.
         session: String,

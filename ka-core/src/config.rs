@@ -39,7 +39,7 @@ pub struct SourceConfig {
     /// source was running: a source that was stopped or starved (its tick
     /// came late) does not take its own stall for its nodes' silence.
     pub dead_after: Duration,
-    /// Gap between releases of nodes that wait for release (the original `-d`).
+    /// Gap between releases of nodes that wait for release (Ka-deploy's `-d`).
     pub release_delay: Duration,
     /// What to do with a node that stays too slow.
     pub slow_policy: SlowPolicy,
@@ -47,9 +47,6 @@ pub struct SourceConfig {
     pub slow_lag: u64,
     /// …for this long is too slow.
     pub slow_window: Duration,
-    /// The source can re-read any offset (a file or device), so it never has
-    /// to keep history; a stream source (command, stdin) cannot.
-    pub seekable: bool,
     /// Where the source's data port listens.
     pub data_addr: SocketAddr,
     /// The image's size, when known before streaming (a file or device).
@@ -76,7 +73,6 @@ impl SourceConfig {
             slow_policy: SlowPolicy::MoveToTail,
             slow_lag: 256 << 20,
             slow_window: Duration::from_secs(5),
-            seekable: true,
             data_addr,
             image_size: None,
             image_id: ImageId::default(),
@@ -95,10 +91,8 @@ pub struct NodeConfig {
     pub mac: [u8; 6],
     /// Where this node's data port listens.
     pub data_addr: SocketAddr,
-    /// Stay until the source releases us (the original `-w`).
+    /// Stay until the source releases us (Ka-deploy's `-w`).
     pub wait_release: bool,
-    /// Our sink can be read back, so we can serve any offset we wrote.
-    pub readable: bool,
     /// Verify by reading the written target back, not only the received stream.
     pub verify_readback: bool,
     /// Delay before reconnecting to the source or an upstream after a loss.
@@ -116,7 +110,7 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// Defaults for a node named `name` with a readable sink.
+    /// Defaults for a node named `name`.
     pub fn new(session: impl Into<String>, name: impl Into<String>, data_addr: SocketAddr) -> Self {
         NodeConfig {
             session: session.into(),
@@ -124,7 +118,6 @@ impl NodeConfig {
             mac: [0; 6],
             data_addr,
             wait_release: false,
-            readable: true,
             verify_readback: false,
             reconnect_delay: Duration::from_millis(200),
             heartbeat: Duration::from_millis(250),

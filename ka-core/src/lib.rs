@@ -18,17 +18,96 @@
 //!    opened or closed, a decoded [`codec::Message`] on a connection, a
 //!    progress report from the data plane, how much of the image can be
 //!    served (all of a file at once; a stream as it spools), the end of the
-//!    image, a disk error, a timeout. `now` is a [`time::Time`] the caller supplies; so are
-//!    the nonces of challenges (fresh random bytes in the shell, a seeded
-//!    generator in the simulator).
+//!    image, a disk error, a timeout. `now` is a [`time::Time`] the caller
+//!    supplies; so are the nonces of challenges (fresh random bytes in the
+//!    shell, a seeded generator in the simulator).
 //! 2. After each input, drain the outputs until each returns `None`:
-//!    `poll_transmit()` gives `(ConnId, Message)` pairs to encode and send;
-//!    `poll_action()` gives instructions for the data plane and the shell
-//!    (serve offset O to node N on connection C, connect to the upstream,
-//!    close, read back, exit); `poll_event()` gives what happened, for logs
-//!    and the display.
+//!    `poll_transmit()` gives `(ConnId, Message)` pairs to send, in order,
+//!    on their connection; `poll_action()` gives instructions for the data
+//!    plane and the shell (serve offset O to node N on connection C, connect
+//!    to the upstream, close, read back, exit); `poll_event()` gives what
+//!    happened, for logs and the display.
 //! 3. Last, `poll_timeout()` gives the next deadline with a short reason;
-//!    call `handle_timeout(now)` when it passes. It may change after any input.
+//!    call `handle_timeout(now)` when it passes. It may change after any
+//!    input.
+//!
+//! Carrying out an action may itself feed the machine: a node whose sink
+//! fails to open, or is busy when a read-back is asked for, reports it with
+//! [`node::Node::handle_sink_error`], which queues a
+//! [`codec::Message::Failed`] for the source, then `Close`s and an `Exit`.
+//! So **transmits are drained again before a `Close` or an `Exit` is carried
+//! out**: a connection writes every frame handed to it before it closes (a
+//! `Refused` before its `Close`, say), and a node hands over what it owes the
+//! source (`Failed`, `Verified`) before it leaves. ka-net's node shell drains
+//! transmits before every action it carries out and, on `Exit`, gives its
+//! connections a moment to write before the process ends; its source shell,
+//! whose actions never feed the machine, drains them once before the actions
+//! (the source has no `Exit`: its session ends with
+//! [`source::SourceEvent::Finished`] or [`source::SourceEvent::Aborted`]).
+//!
+//! # The drive loop
+//!
+//! ```no_run
+//! use ka_core::codec::Message;
+//! use ka_core::ids::ConnId;
+//! use ka_core::node::{Node, NodeAction, NodeEvent};
+//! use ka_core::time::Time;
+//!
+//! /// An input, as the shell's sockets, data plane and clock produce it.
+//! enum Input {
+//!     Message(ConnId, Message),
+//!     Closed(ConnId),
+//!     SinkFailed(String),
+//!     Timeout,
+//! }
+//!
+//! /// The I/O around the machine.
+//! trait Shell {
+//!     /// Waits for the next input, or for `deadline`; returns it with the time.
+//!     fn wait(&mut self, deadline: Option<Time>) -> (Time, Input);
+//!     /// Hands `msg` to the writer of `conn`, behind what it already holds.
+//!     fn send(&mut self, conn: ConnId, msg: Message);
+//!     /// Carries out an action; what fails is fed back to `node`.
+//!     fn carry_out(&mut self, node: &mut Node, action: NodeAction);
+//!     fn log(&mut self, event: NodeEvent);
+//! }
+//!
+//! /// Drives `node` until it leaves; returns whether its copy verified.
+//! fn drive(node: &mut Node, shell: &mut impl Shell) -> bool {
+//!     loop {
+//!         // Transmits before every action: carrying one out may feed the
+//!         // node, and what that queues must be on its way before a `Close`
+//!         // or an `Exit` that follows.
+//!         loop {
+//!             while let Some((conn, msg)) = node.poll_transmit() {
+//!                 shell.send(conn, msg);
+//!             }
+//!             match node.poll_action() {
+//!                 Some(NodeAction::Exit { ok, .. }) => {
+//!                     while let Some(event) = node.poll_event() {
+//!                         shell.log(event);
+//!                     }
+//!                     return ok; // the shell lets its writers finish
+//!                 }
+//!                 Some(action) => shell.carry_out(node, action),
+//!                 None => break,
+//!             }
+//!         }
+//!         while let Some(event) = node.poll_event() {
+//!             shell.log(event);
+//!         }
+//!         let deadline = node.poll_timeout().map(|(at, _why)| at);
+//!         match shell.wait(deadline) {
+//!             (now, Input::Message(conn, msg)) => node.handle_message(now, conn, msg),
+//!             (now, Input::Closed(conn)) => node.handle_closed(now, conn),
+//!             (now, Input::SinkFailed(reason)) => node.handle_sink_error(now, reason),
+//!             (now, Input::Timeout) => node.handle_timeout(now),
+//!         }
+//!     }
+//! }
+//! ```
+//!
+//! # Connections
 //!
 //! Connections are named by the shell with [`ids::ConnId`]s. Every connection
 //! starts with a [`codec::Message::Challenge`] from the accepting side; the
@@ -42,13 +121,14 @@
 //!
 //! # What keeps repair always possible
 //!
-//! Offsets only flow downstream, and an upstream drops data only below what
-//! its whole subtree has acknowledged (a readable sink — file, block device —
-//! never drops anything; it serves from what it wrote). So when a node dies,
-//! its nearest live ancestor holds everything its children still lack, and
+//! Offsets only flow downstream, and no upstream ever drops what it holds:
+//! the source serves any offset of its image (a file or device is read
+//! again; a stream is spooled to disk as it is read), and a node serves its
+//! downstreams from what it wrote. So when a node dies, its nearest live
+//! ancestor holds everything its children still lack, and
 //! [`topology::Topology::remove`] links them there; each resumes from its own
-//! offset. The source keeps history down to the lowest offset any live node
-//! still needs ([`source::SourceAction::TrimHistory`]).
+//! offset, and a node that arrives late or restarts takes the first open
+//! place, whatever it lacks.
 //!
 //! # Restarts
 //!
@@ -82,9 +162,8 @@
 //! placement for that epoch arrives (then accepted, or refused if the
 //! placement does not name that node) or `dead_after` passes (refused):
 //! [`node::NodeEvent::DownstreamEarly`]. Refusing it at once would cost the
-//! downstream a reconnect delay, and the data its upstream gathered
-//! meanwhile would stand queued before it to the end of the stream (the
-//! lab measured 110–170 ms at one hop of 16, about 3 % of the run).
+//! downstream a reconnect delay, and the data its upstream gathers meanwhile
+//! would stand queued before it to the end of the stream.
 //!
 //! # Modules
 //!

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::auth::{check_data_hello, data_proof, join_proof, DataRequest, SessionKey};
+use crate::auth::{check_data_hello, data_proof, join_proof, DataRequest, Mac};
 use crate::codec::{
     Digest, ImageId, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream,
     PROTOCOL_VERSION,
@@ -22,7 +22,7 @@ use crate::config::NodeConfig;
 use crate::ids::{ConnId, Epoch, NodeId};
 use crate::range_set::RangeSet;
 use crate::time::Time;
-use crate::timer::TimerTable;
+use crate::timer::{TimerKind, TimerTable};
 use core::net::SocketAddr;
 use core::time::Duration;
 
@@ -205,7 +205,8 @@ enum Inbound {
     Serving(NodeId),
 }
 
-#[derive(Debug, Clone, Copy)]
+/// The node's timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Timer {
     /// Send progress (our heartbeat).
     Heartbeat = 0,
@@ -221,14 +222,31 @@ enum Timer {
     EarlyDownstream = 5,
 }
 
-const TIMER_REASONS: [&str; 6] = [
-    "heartbeat",
-    "source silence",
-    "reconnect to source",
-    "reconnect to upstream",
-    "give up waiting for the source",
-    "answer an early downstream",
-];
+impl TimerKind<6> for Timer {
+    const VALUES: [Timer; 6] = [
+        Timer::Heartbeat,
+        Timer::SourceSilence,
+        Timer::ConnectSource,
+        Timer::ConnectUpstream,
+        Timer::SourceWait,
+        Timer::EarlyDownstream,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Timer::Heartbeat => "heartbeat",
+            Timer::SourceSilence => "source silence",
+            Timer::ConnectSource => "reconnect to source",
+            Timer::ConnectUpstream => "reconnect to upstream",
+            Timer::SourceWait => "give up waiting for the source",
+            Timer::EarlyDownstream => "answer an early downstream",
+        }
+    }
+}
 
 /// What a restarted node already holds: the durable prefix of a copy of one
 /// image, as its shell recorded them.
@@ -240,12 +258,15 @@ pub struct Resume {
     pub have: u64,
 }
 
-/// The node's protocol state machine. Driven like [`crate::source::Source`]:
-/// `handle_*` in, then drain `poll_transmit`, `poll_action`, `poll_event`, and
-/// arm `poll_timeout`.
+/// The node's protocol state machine, driven as the
+/// [crate root](crate#the-calling-contract) says: `handle_*` in, then drain
+/// `poll_transmit`, `poll_action`, `poll_event`, and arm `poll_timeout`.
+/// Carrying out an action may feed it (a sink that fails:
+/// [`Node::handle_sink_error`]), so drain the transmits again before a
+/// [`NodeAction::Close`] or a [`NodeAction::Exit`] is carried out.
 pub struct Node {
     config: NodeConfig,
-    key: Box<dyn SessionKey>,
+    key: Box<dyn Mac>,
     id: Option<NodeId>,
     control: ControlState,
     phase: Phase,
@@ -260,7 +281,6 @@ pub struct Node {
     inbound: BTreeMap<ConnId, Inbound>,
     received: RangeSet,
     written: RangeSet,
-    holds_from: u64,
     image: Option<(u64, Digest)>,
     stream_end: Option<(u64, Digest)>,
     verdict: Option<Result<(), String>>,
@@ -272,7 +292,7 @@ pub struct Node {
     join_have: u64,
     /// When we last had the source (or started): `source_wait` runs from here.
     source_since: Time,
-    timers: TimerTable<6>,
+    timers: TimerTable<Timer, 6>,
     transmits: VecDeque<(ConnId, Message)>,
     actions: VecDeque<NodeAction>,
     events: VecDeque<NodeEvent>,
@@ -281,18 +301,13 @@ pub struct Node {
 impl Node {
     /// A node that starts by connecting to its source, holding nothing (a
     /// fresh target) or what a restart found on disk.
-    pub fn new(
-        now: Time,
-        config: NodeConfig,
-        key: Box<dyn SessionKey>,
-        resume: Option<Resume>,
-    ) -> Self {
+    pub fn new(now: Time, config: NodeConfig, key: Box<dyn Mac>, resume: Option<Resume>) -> Self {
         let have = resume.map_or(0, |r| r.have);
         let mut received = RangeSet::new();
         received.insert(0..have);
         let written = received.clone();
         let mut timers = TimerTable::new();
-        timers.set(Timer::SourceWait as usize, now + config.source_wait);
+        timers.set(Timer::SourceWait, now + config.source_wait);
         let mut node = Node {
             heartbeat: config.heartbeat,
             dead_after: config.dead_after,
@@ -309,7 +324,6 @@ impl Node {
             inbound: BTreeMap::new(),
             received,
             written,
-            holds_from: 0,
             image: None,
             stream_end: None,
             verdict: None,
@@ -335,8 +349,7 @@ impl Node {
         }
         self.control = ControlState::AwaitingChallenge(conn);
         self.last_heard = now;
-        self.timers
-            .set(Timer::SourceSilence as usize, now + self.dead_after);
+        self.timers.set(Timer::SourceSilence, now + self.dead_after);
     }
 
     /// The data connection to the upstream is open.
@@ -354,18 +367,14 @@ impl Node {
     pub fn handle_connect_failed(&mut self, now: Time, to_source: bool, reason: String) {
         if to_source {
             if self.control == ControlState::AwaitingSource && self.phase != Phase::Done {
-                self.timers.set(
-                    Timer::ConnectSource as usize,
-                    now + self.config.reconnect_delay,
-                );
+                self.timers
+                    .set(Timer::ConnectSource, now + self.config.reconnect_delay);
             }
         } else if self.upstream_conn == Some(UpstreamConn::Connecting) {
             self.upstream_conn = None;
             self.events.push_back(NodeEvent::UpstreamLost { reason });
-            self.timers.set(
-                Timer::ConnectUpstream as usize,
-                now + self.config.reconnect_delay,
-            );
+            self.timers
+                .set(Timer::ConnectUpstream, now + self.config.reconnect_delay);
         }
     }
 
@@ -420,21 +429,19 @@ impl Node {
                 self.events.push_back(NodeEvent::UpstreamLost {
                     reason: "data connection closed".into(),
                 });
-                self.timers.set(
-                    Timer::ConnectUpstream as usize,
-                    now + self.config.reconnect_delay,
-                );
+                self.timers
+                    .set(Timer::ConnectUpstream, now + self.config.reconnect_delay);
             }
             return;
         }
         self.inbound.remove(&conn);
     }
 
-    /// The data plane's latest offsets. Offsets only grow; smaller values are ignored.
+    /// The data plane's latest offsets. Offsets only grow; smaller values are
+    /// ignored, and so is `holds_from`: a node serves from what it wrote.
     pub fn handle_progress(&mut self, _now: Time, progress: Progress) {
         self.received.insert(0..progress.received);
         self.written.insert(0..progress.written);
-        self.holds_from = self.holds_from.max(progress.holds_from);
     }
 
     /// The upstream sent the end of the image; everything up to `total` is
@@ -447,7 +454,7 @@ impl Node {
             self.upstream_conn = None;
             self.actions.push_back(NodeAction::Close { conn: c });
         }
-        self.timers.stop(Timer::ConnectUpstream as usize);
+        self.timers.stop(Timer::ConnectUpstream);
         self.check_copy(now);
     }
 
@@ -483,15 +490,14 @@ impl Node {
 
     /// A deadline from [`Node::poll_timeout`] passed.
     pub fn handle_timeout(&mut self, now: Time) {
-        if self.timers.expire(Timer::Heartbeat as usize, now) {
+        if self.timers.expire(Timer::Heartbeat, now) {
             if let ControlState::Joined(c) = self.control {
                 self.transmits
                     .push_back((c, Message::Progress(self.progress())));
-                self.timers
-                    .set(Timer::Heartbeat as usize, now + self.heartbeat);
+                self.timers.set(Timer::Heartbeat, now + self.heartbeat);
             }
         }
-        if let Some(late) = self.timers.overdue(Timer::SourceSilence as usize, now) {
+        if let Some(late) = self.timers.overdue(Timer::SourceSilence, now) {
             // A check that comes more than a heartbeat late means this node
             // was not running (stopped, starved of CPU): what the source
             // sent meanwhile waits unread, so the silence cannot be judged
@@ -509,25 +515,23 @@ impl Node {
                 }
                 self.lose_source(now);
             } else {
-                self.timers.set(
-                    Timer::SourceSilence as usize,
-                    self.last_heard + self.dead_after,
-                );
+                self.timers
+                    .set(Timer::SourceSilence, self.last_heard + self.dead_after);
             }
         }
-        if self.timers.expire(Timer::ConnectSource as usize, now)
+        if self.timers.expire(Timer::ConnectSource, now)
             && self.control == ControlState::AwaitingSource
             && self.phase != Phase::Done
         {
             self.actions.push_back(NodeAction::ConnectSource);
         }
-        if self.timers.expire(Timer::ConnectUpstream as usize, now) {
+        if self.timers.expire(Timer::ConnectUpstream, now) {
             self.connect_upstream();
         }
-        if self.timers.expire(Timer::EarlyDownstream as usize, now) {
+        if self.timers.expire(Timer::EarlyDownstream, now) {
             self.answer_early_downstreams(now);
         }
-        if self.timers.expire(Timer::SourceWait as usize, now)
+        if self.timers.expire(Timer::SourceWait, now)
             && !matches!(self.control, ControlState::Joined(_))
         {
             let waited = now.saturating_since(self.source_since).as_secs_f64();
@@ -569,7 +573,7 @@ impl Node {
         if self.phase == Phase::Done {
             return None;
         }
-        self.timers.next().map(|(t, i)| (t, TIMER_REASONS[i]))
+        self.timers.next().map(|(t, timer)| (t, timer.reason()))
     }
 
     // ----- views -----
@@ -631,11 +635,7 @@ impl Node {
         Progress {
             received: self.received.prefix_end(),
             written: self.written.prefix_end(),
-            holds_from: if self.config.readable {
-                0
-            } else {
-                self.holds_from
-            },
+            holds_from: 0,
         }
     }
 
@@ -662,15 +662,15 @@ impl Node {
     fn lose_source(&mut self, now: Time) {
         let was_joined = matches!(self.control, ControlState::Joined(_));
         self.control = ControlState::AwaitingSource;
-        self.timers.stop(Timer::Heartbeat as usize);
-        self.timers.stop(Timer::SourceSilence as usize);
+        self.timers.stop(Timer::Heartbeat);
+        self.timers.stop(Timer::SourceSilence);
         if self.phase == Phase::Done {
             return;
         }
         if was_joined {
             self.source_since = now;
             self.timers
-                .set(Timer::SourceWait as usize, now + self.config.source_wait);
+                .set(Timer::SourceWait, now + self.config.source_wait);
         }
         // Our place came from the source: a source that comes back (perhaps a
         // new process) lays out a new chain, so leave the old one now. What we
@@ -679,7 +679,7 @@ impl Node {
             self.actions.push_back(NodeAction::Close { conn: c });
         }
         self.upstream = None;
-        self.timers.stop(Timer::ConnectUpstream as usize);
+        self.timers.stop(Timer::ConnectUpstream);
         // Epochs count the placements of one source process, and a
         // restarted source counts from 1 again: a downstream that the new
         // one placed must not find us at an epoch of the old one.
@@ -690,10 +690,8 @@ impl Node {
         }
         self.downstreams.clear();
         self.events.push_back(NodeEvent::SourceLost);
-        self.timers.set(
-            Timer::ConnectSource as usize,
-            now + self.config.reconnect_delay,
-        );
+        self.timers
+            .set(Timer::ConnectSource, now + self.config.reconnect_delay);
     }
 
     /// The source does not know the image our prefix belongs to: forget the
@@ -702,7 +700,6 @@ impl Node {
         let had = self.received.prefix_end();
         self.received = RangeSet::new();
         self.written = RangeSet::new();
-        self.holds_from = 0;
         self.stream_end = None;
         self.image = None;
         self.verdict = None;
@@ -731,7 +728,7 @@ impl Node {
                     mac: self.config.mac,
                     data_addr: self.config.data_addr,
                     wait_release: self.config.wait_release,
-                    readable: self.config.readable,
+                    readable: true,
                     have,
                     image: self.image_id.filter(|_| have > 0),
                     proof,
@@ -754,7 +751,7 @@ impl Node {
                 self.heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(10)));
                 self.dead_after = Duration::from_millis(u64::from(dead_after_ms.max(50)));
                 self.control = ControlState::Joined(conn);
-                self.timers.stop(Timer::SourceWait as usize);
+                self.timers.stop(Timer::SourceWait);
                 let have = self.received.prefix_end();
                 if (resume_from < self.join_have || self.image_id.is_some_and(|i| i != image))
                     && have > 0
@@ -772,10 +769,8 @@ impl Node {
                 });
                 self.transmits
                     .push_back((conn, Message::Progress(self.progress())));
-                self.timers
-                    .set(Timer::Heartbeat as usize, now + self.heartbeat);
-                self.timers
-                    .set(Timer::SourceSilence as usize, now + self.dead_after);
+                self.timers.set(Timer::Heartbeat, now + self.heartbeat);
+                self.timers.set(Timer::SourceSilence, now + self.dead_after);
                 // A source that restarted knows nothing of us: say again what we
                 // concluded, so it need not wait.
                 if let Some(v) = self.verdict.clone() {
@@ -837,7 +832,7 @@ impl Node {
                 self.actions.push_back(NodeAction::Close { conn: c });
             }
             self.upstream = upstream;
-            self.timers.stop(Timer::ConnectUpstream as usize);
+            self.timers.stop(Timer::ConnectUpstream);
             self.connect_upstream();
         }
         // Downstreams no longer ours lose their connection; new ones are
@@ -926,10 +921,8 @@ impl Node {
         self.upstream_conn = None;
         self.actions.push_back(NodeAction::Close { conn });
         self.events.push_back(NodeEvent::UpstreamLost { reason });
-        self.timers.set(
-            Timer::ConnectUpstream as usize,
-            now + self.config.reconnect_delay,
-        );
+        self.timers
+            .set(Timer::ConnectUpstream, now + self.config.reconnect_delay);
     }
 
     fn on_downstream_hello(&mut self, now: Time, conn: ConnId, nonce: Nonce, msg: Message) {
@@ -975,16 +968,6 @@ impl Node {
                     ),
                 )
             }
-        }
-        if !self.config.readable && from < self.holds_from {
-            return self.refuse_downstream(
-                conn,
-                RefusalCode::CannotResume,
-                format!(
-                    "offset {from} has left our buffer (we hold from {})",
-                    self.holds_from
-                ),
-            );
         }
         // One connection per downstream: a reconnect replaces the old one.
         let old: Vec<ConnId> = self
@@ -1036,8 +1019,8 @@ impl Node {
             })
             .min();
         match next {
-            Some(t) => self.timers.set(Timer::EarlyDownstream as usize, t),
-            None => self.timers.stop(Timer::EarlyDownstream as usize),
+            Some(t) => self.timers.set(Timer::EarlyDownstream, t),
+            None => self.timers.stop(Timer::EarlyDownstream),
         }
     }
 
@@ -1113,5 +1096,15 @@ impl Node {
             reason: reason.clone(),
         });
         self.actions.push_back(NodeAction::Exit { ok, reason });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_timer_sits_at_its_own_index() {
+        crate::timer::assert_indexed::<Timer, 6>();
     }
 }

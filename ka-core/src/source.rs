@@ -26,14 +26,14 @@
 use core::time::Duration;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::auth::{check_data_hello, go_proof, join_proof, tags_equal, DataRequest, SessionKey};
+use crate::auth::{check_data_hello, go_proof, join_proof, tags_equal, DataRequest, Mac};
 use crate::codec::{
     Digest, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, PROTOCOL_VERSION,
 };
 use crate::config::{SlowPolicy, SourceConfig};
 use crate::ids::{ConnId, Epoch, NodeId};
 use crate::time::Time;
-use crate::timer::TimerTable;
+use crate::timer::{TimerKind, TimerTable};
 use crate::topology::{Parent, Topology};
 
 /// What the source waits for.
@@ -81,12 +81,6 @@ pub enum SourceAction {
     Close {
         /// The connection.
         conn: ConnId,
-    },
-    /// Image history below this offset will never be asked for again; a
-    /// stream source may free it.
-    TrimHistory {
-        /// Everything below may go.
-        below: u64,
     },
 }
 
@@ -227,7 +221,6 @@ struct NodeRecord {
     report: NodeReport,
     data_addr: core::net::SocketAddr,
     wait_release: bool,
-    readable: bool,
     /// The control connection while the node is live.
     conn: Option<ConnId>,
     /// The data connection this source serves it on, if it is a child.
@@ -252,6 +245,21 @@ impl NodeRecord {
     }
 }
 
+/// A join [`Source::admit`] lets in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Admission {
+    /// The live node of the same name whose place the join takes: declared
+    /// dead first.
+    supersedes: Option<NodeId>,
+    /// The node's identifier when it joined before and is still known (a
+    /// node superseded while the session awaits its nodes is forgotten, and
+    /// its new join is a first one).
+    rejoins: Option<NodeId>,
+    /// Where its copy goes on from: the prefix it holds when that is of the
+    /// image served here, else 0.
+    have: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum ConnRole {
     /// Challenged; the first message decides what it is.
@@ -263,7 +271,7 @@ enum ConnRole {
 }
 
 /// The source's timers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Timer {
     /// Heartbeats out, liveness checks in.
     Tick = 0,
@@ -273,17 +281,33 @@ enum Timer {
     Release = 2,
 }
 
-const TIMER_REASONS: [&str; 3] = ["heartbeat tick", "join deadline", "next release"];
+impl TimerKind<3> for Timer {
+    const VALUES: [Timer; 3] = [Timer::Tick, Timer::JoinDeadline, Timer::Release];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Timer::Tick => "heartbeat tick",
+            Timer::JoinDeadline => "join deadline",
+            Timer::Release => "next release",
+        }
+    }
+}
 
 /// The source's protocol state machine.
 ///
-/// Drive it like every machine of this crate: feed each input through a
-/// `handle_*` method with the current time, then drain `poll_transmit`,
-/// `poll_action` and `poll_event` until they return `None`, and arm a timer
-/// for `poll_timeout`; when it fires call `handle_timeout`.
+/// Driven as the [crate root](crate#the-calling-contract) says: feed each
+/// input through a `handle_*` method with the current time, then drain
+/// `poll_transmit`, `poll_action` and `poll_event` until they return `None`,
+/// and arm a timer for `poll_timeout`; when it fires call `handle_timeout`.
+/// Its actions never feed it, so one drain of the transmits before the
+/// actions suffices.
 pub struct Source {
     config: SourceConfig,
-    key: Box<dyn SessionKey>,
+    key: Box<dyn Mac>,
     state: SourceState,
     conns: BTreeMap<ConnId, ConnRole>,
     nodes: BTreeMap<NodeId, NodeRecord>,
@@ -297,13 +321,10 @@ pub struct Source {
     image: Option<(u64, Digest)>,
     /// How far the image has been read.
     read: u64,
-    /// Nodes still needing data, by received offset: the minimum bounds history.
-    needy: BTreeSet<(u64, NodeId)>,
-    history_low: u64,
     release_queue: VecDeque<NodeId>,
     /// Live nodes whose outcome is undecided: the session ends at zero.
     unsettled: usize,
-    timers: TimerTable<3>,
+    timers: TimerTable<Timer, 3>,
     next_id: u32,
     transmits: VecDeque<(ConnId, Message)>,
     actions: VecDeque<SourceAction>,
@@ -312,11 +333,11 @@ pub struct Source {
 
 impl Source {
     /// A source that starts waiting for nodes at `now`.
-    pub fn new(now: Time, config: SourceConfig, key: Box<dyn SessionKey>) -> Self {
+    pub fn new(now: Time, config: SourceConfig, key: Box<dyn Mac>) -> Self {
         let mut timers = TimerTable::new();
-        timers.set(Timer::Tick as usize, now + config.heartbeat);
+        timers.set(Timer::Tick, now + config.heartbeat);
         if let Some(t) = config.join_timeout {
-            timers.set(Timer::JoinDeadline as usize, now + t);
+            timers.set(Timer::JoinDeadline, now + t);
         }
         Source {
             topology: Topology::new(config.arity),
@@ -330,8 +351,6 @@ impl Source {
             epoch: Epoch(0),
             image: None,
             read: 0,
-            needy: BTreeSet::new(),
-            history_low: 0,
             release_queue: VecDeque::new(),
             unsettled: 0,
             timers,
@@ -421,7 +440,7 @@ impl Source {
         }
     }
 
-    /// An operator on this machine said go (the original `-g`).
+    /// An operator on this machine said go (Ka-deploy's `-g`).
     pub fn handle_go(&mut self, now: Time) {
         if self.state == SourceState::AwaitingNodes && self.live_count() > 0 {
             self.start(now, StartTrigger::Go);
@@ -476,7 +495,6 @@ impl Source {
             },
             data_addr: self.config.data_addr,
             wait_release: false,
-            readable: true,
             conn: None,
             data_conn: None,
             progress: Progress {
@@ -518,11 +536,10 @@ impl Source {
 
     /// A deadline from [`Source::poll_timeout`] passed.
     pub fn handle_timeout(&mut self, now: Time) {
-        if let Some(late) = self.timers.overdue(Timer::Tick as usize, now) {
+        if let Some(late) = self.timers.overdue(Timer::Tick, now) {
             self.tick(now, late);
         }
-        if self.timers.expire(Timer::JoinDeadline as usize, now)
-            && self.state == SourceState::AwaitingNodes
+        if self.timers.expire(Timer::JoinDeadline, now) && self.state == SourceState::AwaitingNodes
         {
             let live = self.present();
             if live >= self.config.min_nodes.max(1) {
@@ -538,7 +555,7 @@ impl Source {
                 );
             }
         }
-        if self.timers.expire(Timer::Release as usize, now) {
+        if self.timers.expire(Timer::Release, now) {
             self.release_next(now);
         }
     }
@@ -569,7 +586,7 @@ impl Source {
         if matches!(self.state, SourceState::Finished | SourceState::Aborted) {
             return None;
         }
-        self.timers.next().map(|(t, i)| (t, TIMER_REASONS[i]))
+        self.timers.next().map(|(t, timer)| (t, timer.reason()))
     }
 
     // ----- views -----
@@ -587,11 +604,6 @@ impl Source {
     /// The current topology generation.
     pub fn epoch(&self) -> Epoch {
         self.epoch
-    }
-
-    /// The lowest offset any node may still ask the source for.
-    pub fn history_low(&self) -> u64 {
-        self.history_low
     }
 
     /// Whether `node` is connected and not declared dead.
@@ -655,80 +667,92 @@ impl Source {
         self.actions.push_back(SourceAction::Close { conn });
     }
 
-    fn on_join(&mut self, now: Time, conn: ConnId, nonce: Nonce, join: Join) {
+    /// Decides whether a join is let in and how, or why not (the refusal's
+    /// detail is for the node's operator). Changes nothing:
+    /// [`Source::on_join`] carries the decision out.
+    fn admit(&self, nonce: &Nonce, join: &Join) -> Result<Admission, Refusal> {
+        let refuse = |code, detail| Err(Refusal { code, detail });
         if join.version != PROTOCOL_VERSION {
             let detail = format!(
                 "node speaks protocol v{}, this source v{PROTOCOL_VERSION}: run the same ka version on both",
                 join.version
             );
-            return self.refuse(conn, RefusalCode::VersionMismatch, detail);
+            return refuse(RefusalCode::VersionMismatch, detail);
         }
         if join.session != self.config.session {
             let detail = format!(
                 "node asked for session {:?}, this source serves {:?}: pass --session {:?}",
                 join.session, self.config.session, self.config.session
             );
-            return self.refuse(conn, RefusalCode::WrongSession, detail);
+            return refuse(RefusalCode::WrongSession, detail);
         }
         if !tags_equal(
             &join.proof,
-            &join_proof(&*self.key, &nonce, &join.session, &join.name),
+            &join_proof(&*self.key, nonce, &join.session, &join.name),
         ) {
             let detail =
                 "the node's secret does not match this session's: give it the source's secret file"
                     .into();
-            return self.refuse(conn, RefusalCode::BadProof, detail);
+            return refuse(RefusalCode::BadProof, detail);
         }
         if matches!(
             self.state,
             SourceState::Releasing | SourceState::Finished | SourceState::Aborted
         ) {
-            return self.refuse(conn, RefusalCode::SessionOver, "the session is over".into());
+            return refuse(RefusalCode::SessionOver, "the session is over".into());
         }
-        if let Some(&id) = self.names.get(&join.name) {
-            if self.nodes[&id].live() {
-                // A node that restarts faster than its death is noticed proves
-                // with the secret that it is the same node; the old connection
-                // is a zombie.
-                self.declare_dead(
-                    now,
-                    id,
-                    "superseded by a new join under the same name".into(),
-                );
-            }
-        }
-        // Death during the join forgets the node, so look again.
-        let existing = self.names.get(&join.name).copied();
-        if existing.is_none() {
-            let admitted = self.nodes.len() as u32;
-            if admitted >= self.config.expected_nodes {
+        let known = self.names.get(&join.name).copied();
+        // A node that restarts faster than its death is noticed proves with
+        // the secret that it is the same node; the old connection is a zombie.
+        let supersedes = known.filter(|id| self.nodes[id].live());
+        // Its death forgets it while the session awaits its nodes: it then
+        // joins as new, in the place it leaves.
+        let forgotten = supersedes.is_some() && self.state == SourceState::AwaitingNodes;
+        let rejoins = known.filter(|_| !forgotten);
+        if rejoins.is_none() {
+            let admitted = self.nodes.len() - usize::from(forgotten);
+            if admitted as u32 >= self.config.expected_nodes {
                 let detail = format!(
                     "the session already has its {} nodes: start this node in a later session",
                     self.config.expected_nodes
                 );
-                return self.refuse(conn, RefusalCode::SessionFull, detail);
+                return refuse(RefusalCode::SessionFull, detail);
             }
         }
         // A prefix counts only if it is of the image served here (a restarted
         // source on a changed file, or another image, must not be mixed in).
         let same_image = join.image == Some(self.config.image_id)
             && self.config.image_size.is_none_or(|s| join.have <= s);
-        let have = if same_image { join.have } else { 0 };
-        let streaming = self.state == SourceState::Streaming;
-        let parent = if streaming {
-            match self.place_for(have) {
-                Some(p) => Some(p),
-                None => {
-                    let detail = format!(
-                        "this node lacks data from offset {have} that no one holds any more (stream source); \
-                         it cannot join this session"
-                    );
-                    return self.refuse(conn, RefusalCode::CannotResume, detail);
-                }
-            }
-        } else {
-            None
+        Ok(Admission {
+            supersedes,
+            rejoins,
+            have: if same_image { join.have } else { 0 },
+        })
+    }
+
+    /// Carries out [`Source::admit`]'s decision on a join: refuses it, or
+    /// records the node, welcomes it and places it.
+    fn on_join(&mut self, now: Time, conn: ConnId, nonce: Nonce, join: Join) {
+        let Admission {
+            supersedes,
+            rejoins: existing,
+            have,
+        } = match self.admit(&nonce, &join) {
+            Ok(admission) => admission,
+            Err(Refusal { code, detail }) => return self.refuse(conn, code, detail),
         };
+        if let Some(old) = supersedes {
+            self.declare_dead(
+                now,
+                old,
+                "superseded by a new join under the same name".into(),
+            );
+        }
+        debug_assert_eq!(existing, self.names.get(&join.name).copied());
+        // Every upstream serves from what it wrote (the source from its
+        // image or its spool), so any open slot can feed any prefix. The
+        // death of the node superseded may have ended the stream.
+        let parent = (self.state == SourceState::Streaming).then(|| self.open_slot());
         let id = existing.unwrap_or_else(|| {
             let id = NodeId(self.next_id);
             self.next_id += 1;
@@ -752,7 +776,6 @@ impl Source {
             },
             data_addr: join.data_addr,
             wait_release: join.wait_release,
-            readable: join.readable,
             conn: Some(conn),
             data_conn: None,
             progress: Progress {
@@ -794,7 +817,6 @@ impl Source {
         }
         if let Some(parent) = parent {
             self.topology.attach(id, parent);
-            self.mark_needy(id);
             self.bump_epoch();
             self.send_topology(id);
             self.send_topology_to_parent(parent);
@@ -809,25 +831,10 @@ impl Source {
         }
     }
 
-    /// Where a node that holds `have` bytes can be fed from now: the first
-    /// open slot that holds what it lacks, else the source if it does.
-    fn place_for(&self, have: u64) -> Option<Parent> {
-        let slot = self.topology.open_slots().next().unwrap_or(None);
-        if self.holds(slot, have) {
-            return Some(slot);
-        }
-        self.holds(None, have).then_some(None)
-    }
-
-    /// Whether `parent` can serve a newcomer from `offset`.
-    fn holds(&self, parent: Parent, offset: u64) -> bool {
-        match parent {
-            None => self.config.seekable || offset >= self.history_low,
-            Some(n) => {
-                let r = &self.nodes[&n];
-                r.readable || offset >= r.progress.holds_from.max(r.progress.received)
-            }
-        }
+    /// Where a newcomer goes: the first place with room in breadth-first
+    /// order (for a chain, the tail).
+    fn open_slot(&self) -> Parent {
+        self.topology.open_slots().next().unwrap_or(None)
     }
 
     fn on_data_hello(&mut self, conn: ConnId, nonce: Nonce, hello: Message) {
@@ -841,13 +848,6 @@ impl Source {
                 conn,
                 RefusalCode::NotExpected,
                 format!("{node} is not fed by the source at {epoch}"),
-            );
-        }
-        if !self.holds(None, from) {
-            return self.refuse(
-                conn,
-                RefusalCode::CannotResume,
-                format!("offset {from} is no longer held"),
             );
         }
         let record = self.nodes.get_mut(&node).expect("live child has a record");
@@ -884,7 +884,6 @@ impl Source {
                 if ok {
                     record.report.received = self.image.map_or(record.report.received, |(t, _)| t);
                 }
-                self.unmark_needy(id);
                 self.events.push_back(SourceEvent::Verified {
                     node: id,
                     ok,
@@ -913,16 +912,10 @@ impl Source {
     fn on_progress(&mut self, now: Time, id: NodeId, p: Progress) {
         let record = self.nodes.get_mut(&id).expect("caller checked");
         // Offsets only grow; a stale or reordered report must not move them back.
-        let was = record.progress.received;
         record.progress.received = record.progress.received.max(p.received);
         record.progress.written = record.progress.written.max(p.written);
         record.progress.holds_from = record.progress.holds_from.max(p.holds_from);
         record.report.received = record.progress.received;
-        let received = record.progress.received;
-        if received != was && self.needy.remove(&(was, id)) {
-            self.needy.insert((received, id));
-            self.update_history_low();
-        }
         self.check_slow(now, id);
     }
 
@@ -966,8 +959,10 @@ impl Source {
             return;
         }
         // A node that lags but keeps pace (catching up after a repair, say)
-        // is not slow: only one that falls further behind is.
-        let (up_advance, own_advance) = (upstream_at - up0, received - own0);
+        // is not slow: only one that falls further behind is. What it is
+        // judged against may fall back (its fastest sibling left): then it
+        // kept pace, and the window starts again.
+        let (up_advance, own_advance) = (upstream_at.saturating_sub(up0), received - own0);
         if own_advance.saturating_mul(2) >= up_advance {
             record.slow_since = Some((now, upstream_at, received));
             return;
@@ -1031,8 +1026,7 @@ impl Source {
                 r.last_heard = (r.last_heard + late).min(now);
             }
         }
-        self.timers
-            .set(Timer::Tick as usize, now + self.config.heartbeat);
+        self.timers.set(Timer::Tick, now + self.config.heartbeat);
         let dead_after = self.config.dead_after;
         let silent: Vec<(NodeId, Duration)> = self
             .nodes
@@ -1091,10 +1085,9 @@ impl Source {
         let order: Vec<NodeId> = live.iter().map(|r| r.report.node).collect();
         self.topology = Topology::build(self.config.arity, &order);
         self.state = SourceState::Streaming;
-        self.timers.stop(Timer::JoinDeadline as usize);
+        self.timers.stop(Timer::JoinDeadline);
         self.bump_epoch();
         for &id in &order {
-            self.mark_needy(id);
             self.send_topology(id);
         }
         self.actions.push_back(SourceAction::StartReading);
@@ -1161,31 +1154,6 @@ impl Source {
         }
     }
 
-    fn mark_needy(&mut self, id: NodeId) {
-        let r = &self.nodes[&id];
-        if r.report.outcome.is_none() {
-            self.needy.insert((r.progress.received, id));
-        }
-    }
-
-    fn unmark_needy(&mut self, id: NodeId) {
-        let received = self.nodes[&id].progress.received;
-        if self.needy.remove(&(received, id)) {
-            self.update_history_low();
-        }
-    }
-
-    fn update_history_low(&mut self) {
-        // With nobody waiting, keep what has been read: a late or restarted
-        // node may still come.
-        let low = self.needy.first().map_or(self.history_low, |&(o, _)| o);
-        if low > self.history_low {
-            self.history_low = low;
-            self.actions
-                .push_back(SourceAction::TrimHistory { below: low });
-        }
-    }
-
     fn declare_dead(&mut self, now: Time, id: NodeId, reason: String) {
         let Some(record) = self.nodes.get(&id) else {
             return;
@@ -1238,8 +1206,6 @@ impl Source {
             self.conns.remove(&c);
             self.actions.push_back(SourceAction::Close { conn: c });
         }
-        self.unmark_needy(id);
-        self.needy.retain(|&(_, n)| n != id);
         self.release_queue.retain(|&n| n != id);
         let mut parent = None;
         if let Some(p) = self.topology.parent(id) {
@@ -1318,7 +1284,7 @@ impl Source {
             self.finish();
         } else {
             self.timers
-                .set(Timer::Release as usize, now + self.config.release_delay);
+                .set(Timer::Release, now + self.config.release_delay);
         }
     }
 
@@ -1349,5 +1315,127 @@ impl Source {
             }
         }
         self.events.push_back(SourceEvent::Aborted { reason });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::auth::test_key::TestKey;
+    use crate::codec::ImageId;
+
+    const NONCE: Nonce = Nonce([5; 32]);
+
+    #[test]
+    fn every_timer_sits_at_its_own_index() {
+        crate::timer::assert_indexed::<Timer, 3>();
+    }
+
+    fn addr() -> core::net::SocketAddr {
+        "10.0.0.1:1".parse().unwrap()
+    }
+
+    fn source(expected: u32) -> Source {
+        Source::new(
+            Time::ZERO,
+            SourceConfig::new("s", expected, addr()),
+            Box::new(TestKey(1)),
+        )
+    }
+
+    /// A join of `name` proved with the source's key.
+    fn join(name: &str) -> Join {
+        Join {
+            version: PROTOCOL_VERSION,
+            session: "s".into(),
+            name: name.into(),
+            mac: [0; 6],
+            data_addr: addr(),
+            wait_release: false,
+            readable: true,
+            have: 0,
+            image: None,
+            proof: join_proof(&TestKey(1), &NONCE, "s", name),
+        }
+    }
+
+    /// Admits `name` on connection `conn`.
+    fn joined(src: &mut Source, conn: u64, name: &str) {
+        src.handle_connected(Time::ZERO, ConnId(conn), NONCE);
+        src.handle_message(Time::ZERO, ConnId(conn), Message::Join(join(name)));
+        assert!(src.names.contains_key(name), "{name} was not admitted");
+    }
+
+    fn refused(src: &Source, join: &Join) -> RefusalCode {
+        src.admit(&NONCE, join).expect_err("admitted").code
+    }
+
+    #[test]
+    fn admit_refuses_another_version_session_or_secret() {
+        let src = source(2);
+        let mut j = join("a");
+        j.version = PROTOCOL_VERSION + 1;
+        assert_eq!(refused(&src, &j), RefusalCode::VersionMismatch);
+        let mut j = join("a");
+        j.session = "t".into();
+        assert_eq!(refused(&src, &j), RefusalCode::WrongSession);
+        let mut j = join("a");
+        j.proof = join_proof(&TestKey(2), &NONCE, "s", "a");
+        assert_eq!(refused(&src, &j), RefusalCode::BadProof);
+        // The proof covers the name: a node cannot join under another's.
+        j = join("a");
+        j.name = "b".into();
+        assert_eq!(refused(&src, &j), RefusalCode::BadProof);
+    }
+
+    #[test]
+    fn admit_refuses_once_the_session_is_over() {
+        let mut src = source(2);
+        src.handle_image_failed(Time::ZERO, "gone".into());
+        assert_eq!(src.state(), SourceState::Aborted);
+        assert_eq!(refused(&src, &join("a")), RefusalCode::SessionOver);
+    }
+
+    #[test]
+    fn admit_refuses_a_new_name_when_full_but_not_a_known_one() {
+        let mut src = source(1);
+        joined(&mut src, 1, "a");
+        assert_eq!(src.state(), SourceState::Streaming);
+        assert_eq!(refused(&src, &join("b")), RefusalCode::SessionFull);
+        let again = src.admit(&NONCE, &join("a")).expect("a is known");
+        assert_eq!(again.supersedes, Some(NodeId(1)));
+        assert_eq!(again.rejoins, Some(NodeId(1)));
+    }
+
+    #[test]
+    fn admit_counts_a_node_superseded_before_the_start_as_new() {
+        let mut src = source(2);
+        joined(&mut src, 1, "a");
+        // Its old record goes with its death, and so does its place.
+        let again = src.admit(&NONCE, &join("a")).expect("a rejoins");
+        assert_eq!(again.supersedes, Some(NodeId(1)));
+        assert_eq!(again.rejoins, None);
+        joined(&mut src, 2, "a");
+        assert_eq!(src.names["a"], NodeId(2));
+        assert_eq!(src.state(), SourceState::AwaitingNodes);
+    }
+
+    #[test]
+    fn admit_keeps_a_prefix_only_of_the_image_served() {
+        let mut cfg = SourceConfig::new("s", 2, addr());
+        cfg.image_id = ImageId([7; 32]);
+        cfg.image_size = Some(1000);
+        let src = Source::new(Time::ZERO, cfg, Box::new(TestKey(1)));
+        let holding = |have, image| Join {
+            have,
+            image: Some(ImageId(image)),
+            ..join("a")
+        };
+        let have = |j: &Join| src.admit(&NONCE, j).expect("admitted").have;
+        assert_eq!(have(&holding(600, [7; 32])), 600);
+        assert_eq!(have(&holding(600, [8; 32])), 0);
+        // More than the image holds cannot be a prefix of it.
+        assert_eq!(have(&holding(1001, [7; 32])), 0);
     }
 }

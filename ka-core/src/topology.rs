@@ -3,8 +3,8 @@
 //! The rules that keep repair always possible live here:
 //! - a node that leaves hands its children to its own parent, so each of
 //!   them is fed by its nearest live ancestor, which holds everything the
-//!   child still lacks (offsets only flow downstream, and an upstream trims
-//!   its buffer only below what its whole subtree acknowledged);
+//!   child still lacks (offsets only flow downstream, and an upstream serves
+//!   from what it wrote, the source from its image or its spool);
 //! - a node that arrives (late, or after a restart) goes to the first place in
 //!   breadth-first order with room, which for a chain is the tail.
 

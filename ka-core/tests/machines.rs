@@ -4,7 +4,7 @@
 use core::net::SocketAddr;
 use core::time::Duration;
 
-use ka_core::auth::{join_proof, SessionKey};
+use ka_core::auth::{join_proof, Mac};
 use ka_core::codec::{
     Digest, ImageId, Join, Message, Nonce, Progress, RefusalCode, Tag, PROTOCOL_VERSION,
 };
@@ -16,7 +16,7 @@ use ka_core::time::Time;
 
 struct Key(u8);
 
-impl SessionKey for Key {
+impl Mac for Key {
     fn mac(&self, message: &[u8]) -> Tag {
         let mut t = [self.0; 32];
         for (i, b) in message.iter().enumerate() {
@@ -42,7 +42,7 @@ fn source(n: u32) -> Source {
     )
 }
 
-fn join_msg(name: &str, nonce: &Nonce, key: &dyn SessionKey) -> Message {
+fn join_msg(name: &str, nonce: &Nonce, key: &dyn Mac) -> Message {
     Message::Join(Join {
         version: PROTOCOL_VERSION,
         session: "s".into(),
@@ -58,7 +58,7 @@ fn join_msg(name: &str, nonce: &Nonce, key: &dyn SessionKey) -> Message {
 }
 
 /// Connects `conn` and joins `name` with `key`; returns what the source answered.
-fn join(src: &mut Source, now: Time, conn: u64, name: &str, key: &dyn SessionKey) -> Vec<Message> {
+fn join(src: &mut Source, now: Time, conn: u64, name: &str, key: &dyn Mac) -> Vec<Message> {
     let nonce = Nonce([conn as u8; 32]);
     src.handle_connected(now, ConnId(conn), nonce);
     src.handle_message(now, ConnId(conn), join_msg(name, &nonce, key));
@@ -514,25 +514,14 @@ fn an_early_downstream_the_source_never_confirms_is_refused_in_time() {
 }
 
 #[test]
-fn source_history_is_trimmed_only_below_the_slowest_live_node() {
-    let mut cfg = SourceConfig::new("s", 2, addr(1));
-    cfg.seekable = false;
-    let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
+fn a_node_that_restarts_from_nothing_mid_stream_goes_after_one_that_holds_more() {
+    let mut src = source(2);
     join(&mut src, Time::ZERO, 1, "a", &Key(1));
     join(&mut src, Time::ZERO, 2, "b", &Key(1));
-    std::iter::from_fn(|| src.poll_action()).for_each(drop);
     src.handle_message(t(1), ConnId(1), progress(500));
     src.handle_message(t(1), ConnId(2), progress(200));
-    let trims: Vec<u64> = std::iter::from_fn(|| src.poll_action())
-        .filter_map(|a| match a {
-            SourceAction::TrimHistory { below } => Some(below),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(trims, vec![200]);
-    assert_eq!(src.history_low(), 200);
-    // b restarts from nothing: the source no longer holds offset 0, but a
-    // writes to a readable sink and holds everything, so b goes after a.
+    // b restarts holding nothing: a serves from what it wrote, so b goes
+    // after it and is not refused.
     src.handle_closed(t(2), ConnId(2));
     let answers = join(&mut src, t(3), 3, "b", &Key(1));
     assert_eq!(refusal(&answers), None);
@@ -1047,6 +1036,43 @@ fn slow_child_of_the_source_is_judged_against_its_sibling() {
             ..
         }
     )));
+}
+
+#[test]
+fn slow_child_of_the_source_is_judged_anew_when_its_fastest_sibling_leaves() {
+    let mut cfg = SourceConfig::new("s", 3, addr(1));
+    cfg.arity = 3;
+    cfg.slow_lag = 1000;
+    cfg.slow_window = Duration::from_secs(1);
+    cfg.image_size = Some(10_000_000);
+    let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
+    src.handle_image_progress(Time::ZERO, 10_000_000);
+    for (conn, name) in [(1, "a"), (2, "b"), (3, "c")] {
+        join(&mut src, Time::ZERO, conn, name, &Key(1));
+    }
+    let evs = drive_progress(&mut src, |src, step, now| {
+        // a runs far ahead, verifies and leaves; c is then judged against
+        // b, which is behind where a was.
+        if step == 1 {
+            src.handle_message(now, ConnId(1), progress(5_000_000));
+        } else if step == 2 {
+            let verified = Message::Verified {
+                ok: true,
+                reason: String::new(),
+            };
+            src.handle_message(now, ConnId(1), verified);
+        }
+        src.handle_message(now, ConnId(2), progress(step * 100_000));
+        src.handle_message(now, ConnId(3), progress(step * 10));
+    });
+    assert!(evs.contains(&SourceEvent::Released { node: NodeId(1) }));
+    assert!(
+        evs.contains(&SourceEvent::Slow {
+            node: NodeId(3),
+            policy: SlowPolicy::MoveToTail
+        }),
+        "{evs:?}"
+    );
 }
 
 #[test]

@@ -72,7 +72,7 @@ pub fn session_key(secret: &Secret, session: &str) -> SessionKey {
     SessionKey(blake3::derive_key("ka session key v1", &material))
 }
 
-impl ka_core::auth::SessionKey for SessionKey {
+impl ka_core::auth::Mac for SessionKey {
     fn mac(&self, message: &[u8]) -> Tag {
         Tag(*blake3::keyed_hash(&self.0, message).as_bytes())
     }

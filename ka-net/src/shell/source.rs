@@ -150,9 +150,6 @@ pub async fn run_source(
     opts.config.image_size = size;
     opts.config.image_id = image_id;
     let expected = opts.config.expected_nodes;
-    // A file is re-read, a stream is re-read from its spool: any offset can
-    // be served again.
-    opts.config.seekable = true;
     opts.config.data_addr = listener
         .local_addr()
         .map_err(|e| Error::io("reading the listen address", e))?;
@@ -258,7 +255,6 @@ pub async fn run_source(
                         repace(&serving);
                     }
                 }
-                SourceAction::TrimHistory { .. } => {}
             }
         }
         let mut done = None;

@@ -16,7 +16,7 @@
 use core::net::SocketAddr;
 use core::time::Duration;
 
-use ka_core::auth::SessionKey;
+use ka_core::auth::Mac;
 use ka_core::codec::{Message, Tag};
 use ka_core::config::{NodeConfig, SourceConfig};
 use ka_core::ids::ConnId;
@@ -38,7 +38,7 @@ const HASH_SPEEDUP: f64 = 8.0;
 /// The stand-in keyed MAC: deterministic and cheap, keyed by the session.
 pub(super) struct SimKey(pub(super) u64);
 
-impl SessionKey for SimKey {
+impl Mac for SimKey {
     fn mac(&self, message: &[u8]) -> Tag {
         let mut out = [0u8; 32];
         let mut h = self.0 ^ 0xcbf2_9ce4_8422_2325;
@@ -126,18 +126,12 @@ impl Sim {
         while let Some(action) = self.source.poll_action() {
             match action {
                 SourceAction::StartReading => {}
-                SourceAction::Serve { conn, node, from } => {
-                    if !self.source.config().seekable && from < self.source.history_low() {
-                        self.violate(format!(
-                            "source asked to serve {node} from {from} below its history"
-                        ));
-                    }
+                SourceAction::Serve { conn, .. } => {
                     if let Some((End::Node(i), _)) = self.other_end(conn, End::Source) {
                         self.source_outflows.push((conn, i));
                     }
                 }
                 SourceAction::Close { conn } => self.close(End::Source, conn),
-                SourceAction::TrimHistory { .. } => {}
             }
         }
         while let Some(ev) = self.source.poll_event() {
