@@ -7,8 +7,8 @@
 //! never see a half-written file, and a crash leaves the old or the new state.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, OpenOptions};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -261,19 +261,8 @@ impl BootState {
 
     /// Atomically replaces `name` in the state directory with `data`.
     fn replace(&self, name: &str, data: &[u8]) -> Result<(), StateError> {
-        let tmp = self.dir.join(format!(".{name}.tmp.{}", std::process::id()));
-        let write = || -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            fs::rename(&tmp, self.dir.join(name))?;
-            // The rename is durable only once the directory is synced.
-            File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            self.io("writing the modes file")(e)
-        })
+        ka_net::write_atomically(&self.dir.join(name), data, 0o644)
+            .map_err(self.io("writing the modes file"))
     }
 }
 
@@ -343,7 +332,7 @@ groups = ["even"]
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(names.iter().all(|n| !n.contains(".tmp.")), "{names:?}");
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
     }
 
     #[test]
