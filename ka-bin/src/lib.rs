@@ -8,3 +8,4 @@
 pub mod boot;
 pub mod cli;
 pub mod netboot;
+pub mod session;

@@ -24,7 +24,7 @@ use ka_net::source::SourceSpec;
 
 use crate::boot::flip::{Flipped, VerifiedFlip};
 use crate::boot::{BootState, Inventory};
-use crate::netboot::identity::{RootPartition, Step as IdentityStep};
+use crate::session::identity::{RootPartition, Step as IdentityStep};
 
 /// The port ka listens on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 4715;

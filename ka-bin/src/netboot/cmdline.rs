@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::identity::{parse_cidr, valid_hostname, Identity, RootPartition};
+use crate::session::identity::{parse_cidr, valid_hostname, Identity, RootPartition};
 use crate::boot::Mac;
 
 /// What the node boots into.
