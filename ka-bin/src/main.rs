@@ -17,13 +17,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve an image to a session of nodes (the source; the original ka-d-server).
-    Serve(cli::clone::ServeArgs),
+    Serve(cli::serve::ServeArgs),
     /// Join a session and write its image to a target (a node; the original ka-d-client).
-    Join(cli::clone::JoinArgs),
+    Join(cli::serve::JoinArgs),
     /// Start a waiting session now with the nodes present (the original -g).
-    Go(cli::clone::GoArgs),
+    Go(cli::serve::GoArgs),
     /// Clone a generated image onto local nodes, verify every copy, print the report.
-    Demo(cli::clone::DemoArgs),
+    Demo(cli::serve::DemoArgs),
     /// Per-node boot modes: install, local, shell (the successor of ka_pxe_step).
     Pxe(cli::pxe::PxeArgs),
     /// Serve PXE files and per-node boot configs over TFTP.
@@ -53,10 +53,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Serve(args) => cli::clone::serve(args),
-        Command::Join(args) => cli::clone::join(args),
-        Command::Go(args) => cli::clone::go(args),
-        Command::Demo(args) => cli::clone::demo(args),
+        Command::Serve(args) => cli::serve::serve(args),
+        Command::Join(args) => cli::serve::join(args),
+        Command::Go(args) => cli::serve::go(args),
+        Command::Demo(args) => cli::serve::demo(args),
         Command::Pxe(args) => cli::pxe::run(args).map(|()| 0),
         Command::Tftp(args) => cli::tftp::run(args).map(|()| 0),
         Command::Dhcp(args) => cli::dhcp::run(args).map(|()| 0),
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("ka: {e:#}");
-            ExitCode::from(cli::clone::EXIT_COULD_NOT_RUN)
+            ExitCode::from(cli::serve::EXIT_COULD_NOT_RUN)
         }
     }
 }

@@ -4,11 +4,11 @@
 
 use std::path::PathBuf;
 
-pub mod clone;
 pub mod dhcp;
 pub mod display;
 pub mod netboot;
 pub mod pxe;
+pub mod serve;
 pub mod tftp;
 
 /// Where the inventory is read from unless `--inventory` says otherwise.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 
 use super::cmdline::{NetbootMode, Plan, SecretSource};
-use crate::cli::clone::{self, JoinArgs, Reach};
+use crate::cli::serve::{self as clone, JoinArgs, Reach};
 
 /// What the init does after `ka netboot install`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
