@@ -9,3 +9,8 @@ pub mod boot;
 pub mod cli;
 pub mod netboot;
 pub mod session;
+
+/// The one atomic file writer (a temporary renamed over the file, the
+/// directory synced): the secret, DHCP configs, boot modes, the netboot
+/// root and the identity step all write through it.
+pub(crate) use ka_net::write_atomically;

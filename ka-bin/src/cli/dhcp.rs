@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
+use super::ExitStatus;
 use crate::boot::dhcp::{self, Format};
 use crate::boot::harvest::{self, NamePattern};
 use crate::boot::Inventory;
@@ -62,7 +63,7 @@ enum DhcpCommand {
 }
 
 /// Runs `ka dhcp`.
-pub fn run(args: DhcpArgs) -> Result<()> {
+pub fn run(args: DhcpArgs) -> Result<ExitStatus> {
     match args.command {
         DhcpCommand::Config {
             format,
@@ -73,7 +74,7 @@ pub fn run(args: DhcpArgs) -> Result<()> {
             let text = dhcp::render(&inv, format);
             match output {
                 Some(path) => {
-                    ka_net::write_atomically(&path, text.as_bytes(), 0o644)
+                    crate::write_atomically(&path, text.as_bytes(), 0o644)
                         .with_context(|| format!("writing {}", path.display()))?;
                     eprintln!("wrote {} ({} hosts)", path.display(), inv.nodes.len());
                 }
@@ -126,5 +127,5 @@ pub fn run(args: DhcpArgs) -> Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(ExitStatus::Success)
 }

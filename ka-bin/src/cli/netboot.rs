@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
+use super::ExitStatus;
 use crate::netboot::build::{self, BuildOptions};
 use crate::netboot::install;
 use crate::netboot::modules::DEFAULT_MODULES;
@@ -97,10 +98,12 @@ pub struct BuildArgs {
 }
 
 /// Runs `ka netboot`; returns the exit code.
-pub fn run(args: NetbootArgs) -> Result<u8> {
+pub fn run(args: NetbootArgs) -> Result<ExitStatus> {
     match args.command {
-        NetbootCommand::Build(b) => build_cmd(*b).map(|()| 0),
-        NetbootCommand::Install { cmdline, dry_run } => Ok(install::run(&cmdline, dry_run) as u8),
+        NetbootCommand::Build(b) => build_cmd(*b).map(|()| ExitStatus::Success),
+        NetbootCommand::Install { cmdline, dry_run } => {
+            Ok(ExitStatus::Installer(install::run(&cmdline, dry_run)))
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
-use super::ClusterArgs;
+use super::{ClusterArgs, ExitStatus};
 use crate::boot::modes::{BootState, Mode};
 use crate::boot::render;
 use crate::boot::Inventory;
@@ -52,7 +52,7 @@ enum PxeCommand {
 }
 
 /// Runs `ka pxe`.
-pub fn run(args: PxeArgs) -> Result<()> {
+pub fn run(args: PxeArgs) -> Result<ExitStatus> {
     let inv = Inventory::load(&args.cluster.inventory)?;
     let state = BootState::new(&args.cluster.state_dir);
     match args.command {
@@ -122,7 +122,7 @@ pub fn run(args: PxeArgs) -> Result<()> {
             print!("{text}");
         }
     }
-    Ok(())
+    Ok(ExitStatus::Success)
 }
 
 fn print_table<const N: usize>(head: [&str; N], rows: &[[String; N]]) {

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ka_net::tftp::{GeneratedFiles, TftpConfig, TftpServer};
 
-use super::ClusterArgs;
+use super::{ClusterArgs, ExitStatus};
 use crate::boot::modes::{BootState, Modes};
 use crate::boot::render;
 use crate::boot::Inventory;
@@ -130,7 +130,7 @@ fn file_version(path: &std::path::Path) -> Option<FileVersion> {
 }
 
 /// Runs `ka tftp` until interrupted.
-pub fn run(args: TftpArgs) -> Result<()> {
+pub fn run(args: TftpArgs) -> Result<ExitStatus> {
     let inv = Inventory::load(&args.cluster.inventory)?;
     let mtime = file_version(&inv.path);
     let root = args
@@ -172,4 +172,5 @@ pub fn run(args: TftpArgs) -> Result<()> {
         }
         Ok(())
     })
+    .map(|()| ExitStatus::Success)
 }

@@ -131,7 +131,7 @@ impl Plan {
         let mut plan = Plan {
             mode: NetbootMode::Install,
             server: None,
-            session: crate::cli::serve::DEFAULT_SESSION.to_string(),
+            session: crate::session::DEFAULT_SESSION.to_string(),
             name: None,
             target: None,
             secret: SecretSource::File(PathBuf::from(DEFAULT_SECRET_FILE)),

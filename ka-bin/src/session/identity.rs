@@ -472,18 +472,15 @@ enum Place {
 }
 
 impl Step {
-    /// The step `ka join --identity ITEMS --root-partition ROOT` asks for,
-    /// checked before anything is cloned; `None` without `--identity`.
-    pub fn from_args(
-        items: &[String],
+    /// The step that writes `identity` into the copy on the block device
+    /// `target` (its root file system found as `root` says) or into the
+    /// directory `untar`; checked before anything is cloned.
+    pub fn new(
+        identity: Identity,
         root: RootPartition,
         target: Option<&Path>,
         untar: Option<&Path>,
-    ) -> Result<Option<Step>, String> {
-        if items.is_empty() {
-            return Ok(None);
-        }
-        let identity = Identity::from_items(items)?;
+    ) -> Result<Step, String> {
         let place = match (target, untar) {
             (Some(t), _) => {
                 let is_block = fs::metadata(t).is_ok_and(|m| m.file_type().is_block_device());
@@ -500,7 +497,7 @@ impl Step {
                 return Err("--identity needs --target DEVICE or --untar DIR: a command's input has no file system to write it into".into())
             }
         };
-        Ok(Some(Step { identity, place }))
+        Ok(Step { identity, place })
     }
 
     /// Applies the identity.
