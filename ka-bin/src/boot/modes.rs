@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::inventory::{AfterClone, Inventory, Node, SelectError};
+use super::inventory::{AfterClone, Inventory, InventoryNode, SelectError};
 
 /// What a node boots into next time it PXE-boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -195,7 +195,7 @@ impl BootState {
         specs: &[S],
         all: bool,
         mode: Mode,
-    ) -> Result<Vec<&'i Node>, StateError> {
+    ) -> Result<Vec<&'i InventoryNode>, StateError> {
         let nodes = inventory.select(specs, all)?;
         self.set_nodes(&nodes, mode)?;
         Ok(nodes)
@@ -222,7 +222,7 @@ impl BootState {
         }
     }
 
-    fn set_nodes(&self, nodes: &[&Node], mode: Mode) -> Result<(), StateError> {
+    fn set_nodes(&self, nodes: &[&InventoryNode], mode: Mode) -> Result<(), StateError> {
         fs::create_dir_all(&self.dir).map_err(self.io("creating the state directory"))?;
         let lock = OpenOptions::new()
             .create(true)
