@@ -154,7 +154,8 @@ fn find_kernel(tree: &Path, version: Option<&str>) -> Result<(PathBuf, PathBuf)>
     ))
 }
 
-fn build_cmd(b: BuildArgs) -> Result<()> {
+/// Checks `b`, finds the kernel, and makes the build's options.
+fn build_plan(b: BuildArgs) -> Result<BuildOptions> {
     let (kernel, modules_dir) = match (b.kernel, b.modules) {
         (Some(k), Some(m)) => (k, m),
         _ => find_kernel(&b.kernel_tree, b.kernel_version.as_deref())?,
@@ -181,7 +182,19 @@ fn build_cmd(b: BuildArgs) -> Result<()> {
     opts.syslinux_modules = b.syslinux_modules;
     opts.kernel_name = b.kernel_name;
     opts.initramfs_name = b.initramfs_name;
+    Ok(opts)
+}
+
+/// Runs `ka netboot build`.
+fn build_cmd(b: BuildArgs) -> Result<()> {
+    let opts = build_plan(b)?;
     let built = build::build(&opts)?;
+    print_built(&opts, &built);
+    Ok(())
+}
+
+/// What was built, for the operator.
+fn print_built(opts: &BuildOptions, built: &build::Built) {
     println!(
         "ka netboot: {} ({:.1} MiB) with {} modules, loaded in this order: {}",
         opts.out.join(&opts.initramfs_name).display(),
@@ -202,5 +215,4 @@ fn build_cmd(b: BuildArgs) -> Result<()> {
     for n in &built.notes {
         println!("ka netboot: note: {n}");
     }
-    Ok(())
 }
