@@ -261,7 +261,7 @@ impl BootState {
 
     /// Atomically replaces `name` in the state directory with `data`.
     fn replace(&self, name: &str, data: &[u8]) -> Result<(), StateError> {
-        ka_net::write_atomically(&self.dir.join(name), data, 0o644)
+        crate::write_atomically(&self.dir.join(name), data, 0o644)
             .map_err(self.io("writing the modes file"))
     }
 }

@@ -575,7 +575,7 @@ fn safe_path(root: &Path, rel: &str) -> bool {
 fn replace(root: &Path, rel: &str, data: &str, mode: u32) -> io::Result<()> {
     let path = root.join(rel);
     fs::create_dir_all(path.parent().expect("inside the root"))?;
-    ka_net::write_atomically(&path, data.as_bytes(), mode)
+    crate::write_atomically(&path, data.as_bytes(), mode)
 }
 
 /// Writes `id` into the root file system mounted at `root`; returns one
