@@ -249,3 +249,66 @@ pub fn exit_status(report: &Report) -> ExitStatus {
         ExitStatus::SomeFailed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ka_core::ids::NodeId;
+    use ka_core::time::Time;
+
+    use super::*;
+
+    fn node(name: &str, outcome: Option<Result<(), String>>) -> NodeReport {
+        NodeReport {
+            node: NodeId(1),
+            name: name.into(),
+            mac: [0; 6],
+            outcome,
+            received: 0,
+            joined_at: Time::ZERO,
+            finished_at: None,
+            deaths: 0,
+            resumed_from: 0,
+            restored: false,
+            released: true,
+        }
+    }
+
+    fn report(nodes: Vec<NodeReport>, aborted: Option<&str>) -> Report {
+        Report {
+            nodes,
+            size: 0,
+            streaming: Duration::ZERO,
+            aborted: aborted.map(String::from),
+            expected: 2,
+        }
+    }
+
+    #[test]
+    fn exit_status_tells_scripts_how_the_session_ended() {
+        let ok = || node("n1", Some(Ok(())));
+        let failed = || node("n2", Some(Err("disk full".into())));
+        assert_eq!(
+            exit_status(&report(vec![ok(), ok()], None)),
+            ExitStatus::Success
+        );
+        assert_eq!(
+            exit_status(&report(vec![ok(), failed()], None)),
+            ExitStatus::SomeFailed
+        );
+        assert_eq!(
+            exit_status(&report(vec![ok(), node("n3", None)], None)),
+            ExitStatus::SomeFailed
+        );
+        assert_eq!(
+            exit_status(&report(vec![ok()], Some("interrupted"))),
+            ExitStatus::SomeFailed
+        );
+        assert_eq!(
+            exit_status(&report(vec![], Some("no node joined"))),
+            ExitStatus::CouldNotRun
+        );
+        assert_eq!(exit_status(&report(vec![], None)), ExitStatus::SomeFailed);
+    }
+}
