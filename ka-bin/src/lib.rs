@@ -1,10 +1,25 @@
-//! ka_bin: the `ka` command line and the configuration it reads.
+//! ka_bin: the `ka` command line, the boot pieces and the session library.
 //!
-//! The binary (`src/main.rs`) only parses arguments and dispatches to one
-//! module per subcommand group in [`cli`]; the logic lives in library modules
-//! such as [`boot`], so other crates (the source, tests) call it directly.
+//! - [`session`]: serving an image, joining a session, finding and starting
+//!   it, a whole session on loopback, and a node's identity on its verified
+//!   copy — plain option structs, no command line.
+//! - [`boot`]: the inventory, per-node boot modes, the boot configs
+//!   rendered from them, DHCP configuration and MAC harvesting.
+//! - [`netboot`]: the netboot image install-mode nodes boot, and what a node
+//!   does inside it (it joins through [`session`]).
+//! - [`cli`]: one module per `ka` subcommand, turning its arguments into a
+//!   plan, running it, and ending with a [`cli::ExitStatus`].
+//!
+//! The binary (`src/main.rs`) parses the command line, sets up logging and
+//! runs the subcommand; other crates (tests) call the library directly.
 #![warn(missing_docs)]
 
 pub mod boot;
 pub mod cli;
 pub mod netboot;
+pub mod session;
+
+/// The one atomic file writer (a temporary renamed over the file, the
+/// directory synced): the secret, DHCP configs, boot modes, the netboot
+/// root and the identity step all write through it.
+pub(crate) use ka_net::write_atomically;

@@ -17,6 +17,6 @@ pub mod mac;
 pub mod modes;
 pub mod render;
 
-pub use inventory::{Inventory, Node};
+pub use inventory::{Inventory, InventoryNode};
 pub use mac::Mac;
 pub use modes::{BootState, Mode};

@@ -7,14 +7,14 @@
 //! never see a half-written file, and a crash leaves the old or the new state.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, OpenOptions};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::inventory::{AfterClone, Inventory, Node, SelectError};
+use super::inventory::{AfterClone, Inventory, InventoryNode, SelectError};
 
 /// What a node boots into next time it PXE-boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -195,7 +195,7 @@ impl BootState {
         specs: &[S],
         all: bool,
         mode: Mode,
-    ) -> Result<Vec<&'i Node>, StateError> {
+    ) -> Result<Vec<&'i InventoryNode>, StateError> {
         let nodes = inventory.select(specs, all)?;
         self.set_nodes(&nodes, mode)?;
         Ok(nodes)
@@ -222,7 +222,7 @@ impl BootState {
         }
     }
 
-    fn set_nodes(&self, nodes: &[&Node], mode: Mode) -> Result<(), StateError> {
+    fn set_nodes(&self, nodes: &[&InventoryNode], mode: Mode) -> Result<(), StateError> {
         fs::create_dir_all(&self.dir).map_err(self.io("creating the state directory"))?;
         let lock = OpenOptions::new()
             .create(true)
@@ -261,19 +261,8 @@ impl BootState {
 
     /// Atomically replaces `name` in the state directory with `data`.
     fn replace(&self, name: &str, data: &[u8]) -> Result<(), StateError> {
-        let tmp = self.dir.join(format!(".{name}.tmp.{}", std::process::id()));
-        let write = || -> io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            fs::rename(&tmp, self.dir.join(name))?;
-            // The rename is durable only once the directory is synced.
-            File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            self.io("writing the modes file")(e)
-        })
+        crate::write_atomically(&self.dir.join(name), data, 0o644)
+            .map_err(self.io("writing the modes file"))
     }
 }
 
@@ -343,7 +332,7 @@ groups = ["even"]
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert!(names.iter().all(|n| !n.contains(".tmp.")), "{names:?}");
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
     }
 
     #[test]

@@ -15,7 +15,7 @@
 
 use std::net::Ipv4Addr;
 
-use super::inventory::{Inventory, LocalBoot, Node};
+use super::inventory::{Inventory, InventoryNode, LocalBoot};
 use super::mac::Mac;
 use super::modes::{Mode, Modes, NodeMode, DEFAULT_MODE};
 
@@ -23,7 +23,7 @@ use super::modes::{Mode, Modes, NodeMode, DEFAULT_MODE};
 /// clone from and onto, and the node's identity (its name is its host name;
 /// its address and the network's settings), which the netboot image writes
 /// into the verified copy. The contract is in `docs/netboot.md`.
-pub fn kernel_cmdline(inv: &Inventory, node: &Node, mode: Mode) -> String {
+pub fn kernel_cmdline(inv: &Inventory, node: &InventoryNode, mode: Mode) -> String {
     let net = &inv.network;
     let mut args = vec![
         format!("ka.server={}", inv.session.source),
@@ -56,7 +56,7 @@ pub fn kernel_cmdline(inv: &Inventory, node: &Node, mode: Mode) -> String {
     args.join(" ")
 }
 
-fn header(comment: &str, node: Option<&Node>, m: NodeMode) -> String {
+fn header(comment: &str, node: Option<&InventoryNode>, m: NodeMode) -> String {
     let who = match node {
         Some(n) => format!("{} ({}, {})", n.name, n.mac, n.ip),
         None => "machines not in the inventory".to_string(),
@@ -72,7 +72,7 @@ fn header(comment: &str, node: Option<&Node>, m: NodeMode) -> String {
 }
 
 /// The pxelinux config for `node` (or for unknown machines) in mode `m`.
-pub fn pxelinux(inv: &Inventory, node: Option<&Node>, m: NodeMode) -> String {
+pub fn pxelinux(inv: &Inventory, node: Option<&InventoryNode>, m: NodeMode) -> String {
     let mut out = header("#", node, m);
     out.push_str("DEFAULT ka\nPROMPT 0\nTIMEOUT 0\nLABEL ka\n");
     match (node, m.mode) {
@@ -95,7 +95,7 @@ pub fn pxelinux(inv: &Inventory, node: Option<&Node>, m: NodeMode) -> String {
 }
 
 /// The iPXE script for `node` (or for unknown machines) in mode `m`.
-pub fn ipxe(inv: &Inventory, node: Option<&Node>, m: NodeMode) -> String {
+pub fn ipxe(inv: &Inventory, node: Option<&InventoryNode>, m: NodeMode) -> String {
     let mut out = String::from("#!ipxe\n");
     out.push_str(&header("#", node, m));
     match (node, m.mode) {
@@ -153,7 +153,7 @@ pub fn generated_file(inv: &Inventory, modes: &Modes, path: &str) -> Option<Vec<
         mode: DEFAULT_MODE,
         since: None,
     };
-    let for_node = |node: Option<&Node>| match node {
+    let for_node = |node: Option<&InventoryNode>| match node {
         Some(n) => modes.get(&n.name),
         None => default,
     };

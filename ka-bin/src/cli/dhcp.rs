@@ -2,11 +2,12 @@
 
 use std::io::Read;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
+use super::ExitStatus;
 use crate::boot::dhcp::{self, Format};
 use crate::boot::harvest::{self, NamePattern};
 use crate::boot::Inventory;
@@ -62,24 +63,13 @@ enum DhcpCommand {
 }
 
 /// Runs `ka dhcp`.
-pub fn run(args: DhcpArgs) -> Result<()> {
+pub fn run(args: DhcpArgs) -> Result<ExitStatus> {
     match args.command {
         DhcpCommand::Config {
             format,
             inventory,
             output,
-        } => {
-            let inv = Inventory::load(&inventory)?;
-            let text = dhcp::render(&inv, format);
-            match output {
-                Some(path) => {
-                    ka_net::write_atomically(&path, text.as_bytes(), 0o644)
-                        .with_context(|| format!("writing {}", path.display()))?;
-                    eprintln!("wrote {} ({} hosts)", path.display(), inv.nodes.len());
-                }
-                None => print!("{text}"),
-            }
-        }
+        } => config(&inventory, format, output.as_deref())?,
         DhcpCommand::Harvest {
             files,
             pattern,
@@ -89,42 +79,76 @@ pub fn run(args: DhcpArgs) -> Result<()> {
         } => {
             let pattern = NamePattern::parse(&pattern).map_err(anyhow::Error::msg)?;
             let inv = inventory.as_ref().map(Inventory::load).transpose()?;
-            let mut texts = Vec::new();
-            if files.is_empty() || files.iter().any(|f| f.as_os_str() == "-") {
-                if files.len() > 1 {
-                    bail!("`-` (standard input) cannot be mixed with files");
-                }
-                let mut s = String::new();
-                std::io::stdin()
-                    .read_to_string(&mut s)
-                    .context("reading standard input")?;
-                texts.push(("<stdin>".to_string(), s));
-            } else {
-                for f in &files {
-                    // Logs may hold stray non-UTF-8 bytes; they never matter here.
-                    let bytes =
-                        std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-                    texts.push((
-                        f.display().to_string(),
-                        String::from_utf8_lossy(&bytes).into_owned(),
-                    ));
-                }
-            }
-            let seen = harvest::harvest(&texts);
-            let nodes = harvest::assign(&seen, &pattern, ip_base, start, inv.as_ref())
-                .map_err(anyhow::Error::msg)?;
-            print!("{}", harvest::to_toml(&nodes));
-            eprintln!(
-                "{} MAC(s) seen, {} new{}",
-                seen.len(),
-                nodes.len(),
-                if inv.is_some() {
-                    " (not in the inventory)"
-                } else {
-                    ""
-                }
-            );
+            let texts = read_logs(&files)?;
+            harvest(&texts, &pattern, ip_base, start, inv.as_ref())?;
         }
     }
+    Ok(ExitStatus::Success)
+}
+
+/// `ka dhcp config`: the configuration, to `output` (atomically) or
+/// standard output.
+fn config(inventory: &Path, format: Format, output: Option<&Path>) -> Result<()> {
+    let inv = Inventory::load(inventory)?;
+    let text = dhcp::render(&inv, format);
+    match output {
+        Some(path) => {
+            crate::write_atomically(path, text.as_bytes(), 0o644)
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("wrote {} ({} hosts)", path.display(), inv.nodes.len());
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+/// The leases files or logs to harvest, each with the name it is reported
+/// under; none or `-` is standard input.
+fn read_logs(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
+    let mut texts = Vec::new();
+    if files.is_empty() || files.iter().any(|f| f.as_os_str() == "-") {
+        if files.len() > 1 {
+            bail!("`-` (standard input) cannot be mixed with files");
+        }
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading standard input")?;
+        texts.push(("<stdin>".to_string(), s));
+    } else {
+        for f in files {
+            // Logs may hold stray non-UTF-8 bytes; they never matter here.
+            let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            texts.push((
+                f.display().to_string(),
+                String::from_utf8_lossy(&bytes).into_owned(),
+            ));
+        }
+    }
+    Ok(texts)
+}
+
+/// `ka dhcp harvest`: `[[node]]` entries for the new MACs on standard
+/// output, a count on standard error.
+fn harvest(
+    texts: &[(String, String)],
+    pattern: &NamePattern,
+    ip_base: Ipv4Addr,
+    start: u64,
+    inv: Option<&Inventory>,
+) -> Result<()> {
+    let seen = harvest::harvest(texts);
+    let nodes = harvest::assign(&seen, pattern, ip_base, start, inv).map_err(anyhow::Error::msg)?;
+    print!("{}", harvest::to_toml(&nodes));
+    eprintln!(
+        "{} MAC(s) seen, {} new{}",
+        seen.len(),
+        nodes.len(),
+        if inv.is_some() {
+            " (not in the inventory)"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }

@@ -15,9 +15,10 @@ use std::time::Instant;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ka_core::ids::NodeId;
 use ka_core::source::{NodeReport, Source, SourceEvent};
-use ka_net::shell::SourceReport;
 use serde::Serialize;
 use serde_json::json;
+
+use crate::session::serve::Report as SourceReport;
 
 /// The source's live view. Feed it every callback of `run_source`.
 pub struct Display {

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
+use super::ExitStatus;
 use crate::netboot::build::{self, BuildOptions};
 use crate::netboot::install;
 use crate::netboot::modules::DEFAULT_MODULES;
@@ -97,10 +98,12 @@ pub struct BuildArgs {
 }
 
 /// Runs `ka netboot`; returns the exit code.
-pub fn run(args: NetbootArgs) -> Result<u8> {
+pub fn run(args: NetbootArgs) -> Result<ExitStatus> {
     match args.command {
-        NetbootCommand::Build(b) => build_cmd(*b).map(|()| 0),
-        NetbootCommand::Install { cmdline, dry_run } => Ok(install::run(&cmdline, dry_run) as u8),
+        NetbootCommand::Build(b) => build_cmd(*b).map(|()| ExitStatus::Success),
+        NetbootCommand::Install { cmdline, dry_run } => {
+            Ok(ExitStatus::Installer(install::run(&cmdline, dry_run)))
+        }
     }
 }
 
@@ -151,7 +154,8 @@ fn find_kernel(tree: &Path, version: Option<&str>) -> Result<(PathBuf, PathBuf)>
     ))
 }
 
-fn build_cmd(b: BuildArgs) -> Result<()> {
+/// Checks `b`, finds the kernel, and makes the build's options.
+fn build_plan(b: BuildArgs) -> Result<BuildOptions> {
     let (kernel, modules_dir) = match (b.kernel, b.modules) {
         (Some(k), Some(m)) => (k, m),
         _ => find_kernel(&b.kernel_tree, b.kernel_version.as_deref())?,
@@ -178,7 +182,19 @@ fn build_cmd(b: BuildArgs) -> Result<()> {
     opts.syslinux_modules = b.syslinux_modules;
     opts.kernel_name = b.kernel_name;
     opts.initramfs_name = b.initramfs_name;
+    Ok(opts)
+}
+
+/// Runs `ka netboot build`.
+fn build_cmd(b: BuildArgs) -> Result<()> {
+    let opts = build_plan(b)?;
     let built = build::build(&opts)?;
+    print_built(&opts, &built);
+    Ok(())
+}
+
+/// What was built, for the operator.
+fn print_built(opts: &BuildOptions, built: &build::Built) {
     println!(
         "ka netboot: {} ({:.1} MiB) with {} modules, loaded in this order: {}",
         opts.out.join(&opts.initramfs_name).display(),
@@ -199,5 +215,4 @@ fn build_cmd(b: BuildArgs) -> Result<()> {
     for n in &built.notes {
         println!("ka netboot: note: {n}");
     }
-    Ok(())
 }

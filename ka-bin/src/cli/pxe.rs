@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
-use super::ClusterArgs;
+use super::{ClusterArgs, ExitStatus};
 use crate::boot::modes::{BootState, Mode};
 use crate::boot::render;
 use crate::boot::Inventory;
@@ -52,76 +52,88 @@ enum PxeCommand {
 }
 
 /// Runs `ka pxe`.
-pub fn run(args: PxeArgs) -> Result<()> {
+pub fn run(args: PxeArgs) -> Result<ExitStatus> {
     let inv = Inventory::load(&args.cluster.inventory)?;
     let state = BootState::new(&args.cluster.state_dir);
     match args.command {
-        PxeCommand::Set { mode, all, nodes } => {
-            let changed = state.set_modes(&inv, &nodes, all, mode)?;
-            let names: Vec<&str> = changed.iter().map(|n| n.name.as_str()).collect();
-            // A whole cluster's names would bury the answer; `ka pxe show` lists them.
-            let shown = if names.len() > 16 {
-                format!(
-                    "{} … {} (see `ka pxe show`)",
-                    names[..8].join(" "),
-                    names[names.len() - 1]
-                )
-            } else {
-                names.join(" ")
-            };
-            println!("{} node(s) now boot {mode}: {shown}", names.len());
-        }
-        PxeCommand::Show { json } => {
-            let modes = state.load()?;
-            let rows: Vec<[String; 5]> = inv
-                .nodes
-                .iter()
-                .map(|n| {
-                    let m = modes.get(&n.name);
-                    let since = match m.since {
-                        Some(t) => humantime::format_rfc3339_seconds(t).to_string(),
-                        None => "-".to_string(),
-                    };
-                    [
-                        n.name.clone(),
-                        n.mac.to_string(),
-                        n.ip.to_string(),
-                        m.mode.to_string(),
-                        since,
-                    ]
-                })
-                .collect();
-            if json {
-                let list: Vec<_> = rows
-                    .iter()
-                    .map(|[name, mac, ip, mode, since]| {
-                        serde_json::json!({
-                            "name": name, "mac": mac, "ip": ip, "mode": mode,
-                            "since": (since != "-").then_some(since),
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                print_table(["NODE", "MAC", "IP", "MODE", "SINCE"], &rows);
-            }
-        }
-        PxeCommand::Render { node, ipxe } => {
-            let n = inv.node(&node).with_context(|| {
-                format!(
-                    "no node `{node}` in {}; run `ka pxe show`",
-                    inv.path.display()
-                )
-            })?;
-            let m = state.load()?.get(&n.name);
-            let text = if ipxe {
-                render::ipxe(&inv, Some(n), m)
-            } else {
-                render::pxelinux(&inv, Some(n), m)
-            };
-            print!("{text}");
-        }
+        PxeCommand::Set { mode, all, nodes } => set(&inv, &state, &nodes, all, mode)?,
+        PxeCommand::Show { json } => show(&inv, &state, json)?,
+        PxeCommand::Render { node, ipxe } => render(&inv, &state, &node, ipxe)?,
     }
+    Ok(ExitStatus::Success)
+}
+
+/// `ka pxe set`: sets the nodes' mode and says which changed.
+fn set(inv: &Inventory, state: &BootState, nodes: &[String], all: bool, mode: Mode) -> Result<()> {
+    let changed = state.set_modes(inv, nodes, all, mode)?;
+    let names: Vec<&str> = changed.iter().map(|n| n.name.as_str()).collect();
+    // A whole cluster's names would bury the answer; `ka pxe show` lists them.
+    let shown = if names.len() > 16 {
+        format!(
+            "{} … {} (see `ka pxe show`)",
+            names[..8].join(" "),
+            names[names.len() - 1]
+        )
+    } else {
+        names.join(" ")
+    };
+    println!("{} node(s) now boot {mode}: {shown}", names.len());
+    Ok(())
+}
+
+/// `ka pxe show`: every node with its MAC, IP, mode and since when.
+fn show(inv: &Inventory, state: &BootState, json: bool) -> Result<()> {
+    let modes = state.load()?;
+    let rows: Vec<[String; 5]> = inv
+        .nodes
+        .iter()
+        .map(|n| {
+            let m = modes.get(&n.name);
+            let since = match m.since {
+                Some(t) => humantime::format_rfc3339_seconds(t).to_string(),
+                None => "-".to_string(),
+            };
+            [
+                n.name.clone(),
+                n.mac.to_string(),
+                n.ip.to_string(),
+                m.mode.to_string(),
+                since,
+            ]
+        })
+        .collect();
+    if json {
+        let list: Vec<_> = rows
+            .iter()
+            .map(|[name, mac, ip, mode, since]| {
+                serde_json::json!({
+                    "name": name, "mac": mac, "ip": ip, "mode": mode,
+                    "since": (since != "-").then_some(since),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        print_table(["NODE", "MAC", "IP", "MODE", "SINCE"], &rows);
+    }
+    Ok(())
+}
+
+/// `ka pxe render`: the boot config `node` gets now.
+fn render(inv: &Inventory, state: &BootState, node: &str, ipxe: bool) -> Result<()> {
+    let n = inv.node(node).with_context(|| {
+        format!(
+            "no node `{node}` in {}; run `ka pxe show`",
+            inv.path.display()
+        )
+    })?;
+    let m = state.load()?.get(&n.name);
+    let text = if ipxe {
+        render::ipxe(inv, Some(n), m)
+    } else {
+        render::pxelinux(inv, Some(n), m)
+    };
+    print!("{text}");
     Ok(())
 }
 

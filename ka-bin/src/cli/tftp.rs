@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ka_net::tftp::{GeneratedFiles, TftpConfig, TftpServer};
 
-use super::ClusterArgs;
+use super::{ClusterArgs, ExitStatus};
 use crate::boot::modes::{BootState, Modes};
 use crate::boot::render;
 use crate::boot::Inventory;
@@ -129,14 +129,20 @@ fn file_version(path: &std::path::Path) -> Option<FileVersion> {
     Some((m.modified().ok()?, m.len()))
 }
 
-/// Runs `ka tftp` until interrupted.
-pub fn run(args: TftpArgs) -> Result<()> {
+/// A `ka tftp` ready to serve: the boot files it generates, the root it
+/// serves, and the server's settings.
+struct TftpPlan {
+    files: Arc<BootFiles>,
+    root: PathBuf,
+    nodes: usize,
+    config: TftpConfig,
+}
+
+/// Reads the inventory and the modes, and checks the TFTP root.
+fn plan(args: TftpArgs) -> Result<TftpPlan> {
     let inv = Inventory::load(&args.cluster.inventory)?;
     let mtime = file_version(&inv.path);
-    let root = args
-        .root
-        .clone()
-        .unwrap_or_else(|| inv.boot.tftp_root.clone());
+    let root = args.root.unwrap_or_else(|| inv.boot.tftp_root.clone());
     let state = BootState::new(&args.cluster.state_dir);
     let modes = state.load()?;
     let nodes = inv.nodes.len();
@@ -149,7 +155,28 @@ pub fn run(args: TftpArgs) -> Result<()> {
     let mut config = TftpConfig::new(args.listen, &root);
     config.block_size_limit = args.blksize_limit;
     config.window_size_limit = args.windowsize_limit;
+    Ok(TftpPlan {
+        files,
+        root,
+        nodes,
+        config,
+    })
+}
 
+/// Runs `ka tftp` until interrupted.
+pub fn run(args: TftpArgs) -> Result<ExitStatus> {
+    serve(plan(args)?)?;
+    Ok(ExitStatus::Success)
+}
+
+/// Serves until interrupted or terminated.
+fn serve(plan: TftpPlan) -> Result<()> {
+    let TftpPlan {
+        files,
+        root,
+        nodes,
+        config,
+    } = plan;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -173,7 +173,7 @@ pub fn initramfs(
     if let Some(secret) = &opts.secret_file {
         let text = fs::read_to_string(secret)
             .with_context(|| format!("reading the secret file {}", secret.display()))?;
-        if ka_net::shell::Secret::from_hex(text.trim()).is_none() {
+        if !crate::session::secret::is_secret(&text) {
             bail!(
                 "{} does not hold a session secret (64 hex digits, as ka serve writes)",
                 secret.display()
@@ -265,7 +265,7 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        ka_net::write_atomically(&path, data, 0o644)
+        crate::write_atomically(&path, data, 0o644)
             .with_context(|| format!("writing {}", path.display()))?;
         files.push(rel.to_string());
         Ok(())

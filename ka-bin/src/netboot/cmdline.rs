@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::identity::{parse_cidr, valid_hostname, Identity, RootPartition};
 use crate::boot::Mac;
+use crate::session::identity::{parse_cidr, valid_hostname, Identity, RootPartition};
 
 /// What the node boots into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,7 +131,7 @@ impl Plan {
         let mut plan = Plan {
             mode: NetbootMode::Install,
             server: None,
-            session: crate::cli::clone::DEFAULT_SESSION.to_string(),
+            session: crate::session::DEFAULT_SESSION.to_string(),
             name: None,
             target: None,
             secret: SecretSource::File(PathBuf::from(DEFAULT_SECRET_FILE)),

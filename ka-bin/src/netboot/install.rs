@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 
 use super::cmdline::{NetbootMode, Plan, SecretSource};
-use crate::cli::clone::{self, JoinArgs, Reach};
+use crate::session::join::{self, JoinOptions, Joined, Output};
+use crate::session::reach::{Reach, DEFAULT_DISCOVER_TO};
+use crate::session::DEFAULT_STATE_DIR;
 
 /// What the init does after `ka netboot install`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,8 +70,8 @@ pub fn run(cmdline: &Path, dry_run: bool) -> Exit {
     };
     if dry_run {
         println!("{plan:#?}");
-        match join_args(&plan, Path::new("/run/ka/secret")) {
-            Ok(a) => println!("would run: ka join {}", describe_join(&a)),
+        match join_options(&plan, Path::new("/run/ka/secret")) {
+            Ok(o) => println!("would run: ka join {}", o.command_line()),
             Err(e) => println!("would not join: {e:#}"),
         }
         return Exit::Done;
@@ -103,39 +105,37 @@ pub fn run(cmdline: &Path, dry_run: bool) -> Exit {
             )
         }
     };
-    let args = match join_args(&plan, &secret) {
-        Ok(a) => a,
+    let options = match join_options(&plan, &secret) {
+        Ok(o) => o,
         Err(e) => return fail(plan.fail_delay, Exit::CouldNotRun, &format!("{e:#}")),
     };
-    let target = args.target.clone().unwrap_or_default();
+    let target = match &options.output {
+        Output::Target(t) => t.clone(),
+        _ => PathBuf::new(),
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let ticker = {
         let stop = stop.clone();
         std::thread::spawn(move || progress(&target, &stop))
     };
-    let code = clone::join(args);
+    let joined = join::run(options);
     stop.store(true, Ordering::Relaxed);
     let _ = ticker.join();
-    match code {
-        Ok(0) => {
+    match joined {
+        Ok(Joined::Verified) => {
             say("the copy is verified and has this node's identity");
             Exit::Done
         }
-        Ok(clone::EXIT_NO_IDENTITY) => {
+        Ok(Joined::VerifiedWithoutIdentity) => {
             say("the copy is verified, but it has NOT got this node's identity (see above).");
             say("Not rebooting: the disk would come up as a second copy of the source.");
             say("Fix it from this shell, or `ka pxe set --mode install` this node and reboot it.");
             Exit::NoIdentity
         }
-        Ok(c) if c == clone::EXIT_SOME_FAILED => fail(
+        Ok(Joined::Failed) => fail(
             plan.fail_delay,
             Exit::Failed,
             "the clone failed (see above)",
-        ),
-        Ok(other) => fail(
-            plan.fail_delay,
-            Exit::CouldNotRun,
-            &format!("ka join ended with code {other}"),
         ),
         Err(e) => fail(plan.fail_delay, Exit::CouldNotRun, &format!("{e:#}")),
     }
@@ -165,67 +165,32 @@ fn fail(delay: Option<Duration>, code: Exit, why: &str) -> Exit {
     }
 }
 
-/// The `ka join` arguments for `plan`, with the secret in `secret_file`.
-pub fn join_args(plan: &Plan, secret_file: &Path) -> anyhow::Result<JoinArgs> {
+/// The join `plan` asks for, with the secret in `secret_file`.
+pub fn join_options(plan: &Plan, secret_file: &Path) -> anyhow::Result<JoinOptions> {
     let target = plan
         .target
         .clone()
         .ok_or_else(|| anyhow!("ka.target= is missing"))?;
-    Ok(JoinArgs {
+    Ok(JoinOptions {
         reach: Reach {
             server: plan.server.clone(),
-            discover_to: std::net::SocketAddr::from(([255, 255, 255, 255], clone::DEFAULT_PORT)),
+            discover_to: DEFAULT_DISCOVER_TO,
             session: plan.session.clone(),
             secret_file: secret_file.to_path_buf(),
         },
-        target: Some(target),
-        command: None,
-        untar: None,
+        output: Output::Target(target),
         spool_dir: None,
         name: plan.name.clone(),
         wait_release: false,
-        verify: plan.verify_readback.then(|| "readback".to_string()),
+        verify_readback: plan.verify_readback,
         wait: plan.wait,
         json: false,
         // The initramfs's own tmpfs: a restarted `ka join` resumes within
         // this boot; a reboot starts the clone over.
-        state_dir: std::path::PathBuf::from(crate::cli::DEFAULT_STATE_DIR),
-        identity: plan
-            .identity
-            .as_ref()
-            .map(|i| i.to_items())
-            .unwrap_or_default(),
+        state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+        identity: plan.identity.clone(),
         root_partition: plan.root,
     })
-}
-
-/// `args` as a `ka join` command line, for people reading the console.
-pub fn describe_join(a: &JoinArgs) -> String {
-    let mut s = String::new();
-    if let Some(server) = &a.reach.server {
-        s.push_str(&format!("--server {server} "));
-    }
-    s.push_str(&format!(
-        "--session {} --secret-file {} --name {} --target {} --wait {}",
-        a.reach.session,
-        a.reach.secret_file.display(),
-        a.name.as_deref().unwrap_or("?"),
-        a.target
-            .as_ref()
-            .map_or("?".into(), |t| t.display().to_string()),
-        humantime::format_duration(a.wait),
-    ));
-    if a.verify.is_some() {
-        s.push_str(" --verify readback");
-    }
-    if !a.identity.is_empty() {
-        s.push_str(&format!(
-            " --identity {} --root-partition {}",
-            a.identity.join(","),
-            a.root_partition
-        ));
-    }
-    s
 }
 
 /// Brings the boot NIC up by DHCP (busybox udhcpc with the image's script,
@@ -424,19 +389,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn join_arguments_from_a_command_line() {
+    fn join_options_from_a_command_line() {
         let plan = Plan::parse(
             "ka.server=10.9.0.1:4715 ka.session=lab ka.name=n01 ka.target=/dev/vda \
              ka.ip=10.9.0.11/24 ka.root=1 BOOTIF=01-52-54-00-09-00-01",
         )
         .unwrap();
-        let a = join_args(&plan, Path::new("/run/ka/secret")).unwrap();
+        let o = join_options(&plan, Path::new("/run/ka/secret")).unwrap();
         assert_eq!(
-            describe_join(&a),
+            o.command_line(),
             "--server 10.9.0.1:4715 --session lab --secret-file /run/ka/secret --name n01 \
              --target /dev/vda --wait 30m --identity hostname=n01,ip=10.9.0.11/24,mac=52:54:00:09:00:01 \
              --root-partition 1"
         );
-        assert!(!a.wait_release);
+        assert!(!o.wait_release);
     }
 }

@@ -5,12 +5,11 @@
 //! tftp`. Inside the image, [`install`] reads the node's plan from the
 //! kernel command line ([`cmdline`], the contract in `docs/netboot.md`),
 //! joins the session, and the copy gets the node's own identity
-//! ([`identity`]) once it is verified.
+//! ([`crate::session::identity`]) once it is verified.
 
 pub mod archive;
 pub mod build;
 pub mod cmdline;
 pub mod elf;
-pub mod identity;
 pub mod install;
 pub mod modules;

@@ -26,9 +26,9 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -472,18 +472,15 @@ enum Place {
 }
 
 impl Step {
-    /// The step `ka join --identity ITEMS --root-partition ROOT` asks for,
-    /// checked before anything is cloned; `None` without `--identity`.
-    pub fn from_args(
-        items: &[String],
+    /// The step that writes `identity` into the copy on the block device
+    /// `target` (its root file system found as `root` says) or into the
+    /// directory `untar`; checked before anything is cloned.
+    pub fn new(
+        identity: Identity,
         root: RootPartition,
         target: Option<&Path>,
         untar: Option<&Path>,
-    ) -> Result<Option<Step>, String> {
-        if items.is_empty() {
-            return Ok(None);
-        }
-        let identity = Identity::from_items(items)?;
+    ) -> Result<Step, String> {
         let place = match (target, untar) {
             (Some(t), _) => {
                 let is_block = fs::metadata(t).is_ok_and(|m| m.file_type().is_block_device());
@@ -500,7 +497,7 @@ impl Step {
                 return Err("--identity needs --target DEVICE or --untar DIR: a command's input has no file system to write it into".into())
             }
         };
-        Ok(Some(Step { identity, place }))
+        Ok(Step { identity, place })
     }
 
     /// Applies the identity.
@@ -573,21 +570,12 @@ fn safe_path(root: &Path, rel: &str) -> bool {
     true
 }
 
-/// Replaces `rel` under `root` with `data`: a temporary file renamed over
-/// it, so a crash leaves the old or the new file.
+/// Replaces `rel` under `root` with `data` (creating its directories): a
+/// temporary file renamed over it, so a crash leaves the old or the new file.
 fn replace(root: &Path, rel: &str, data: &str, mode: u32) -> io::Result<()> {
     let path = root.join(rel);
-    let dir = path.parent().expect("inside the root");
-    fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.ka-tmp",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(data.as_bytes())?;
-    f.set_permissions(fs::Permissions::from_mode(mode))?;
-    f.sync_all()?;
-    fs::rename(&tmp, &path)
+    fs::create_dir_all(path.parent().expect("inside the root"))?;
+    crate::write_atomically(&path, data.as_bytes(), mode)
 }
 
 /// Writes `id` into the root file system mounted at `root`; returns one
@@ -882,7 +870,7 @@ mod tests {
         let leftovers: Vec<_> = fs::read_dir(root.join("etc"))
             .unwrap()
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".ka-tmp"))
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty());
     }

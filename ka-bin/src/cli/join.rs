@@ -1,0 +1,103 @@
+//! `ka join`: a node (the original ka-d-client). The arguments become
+//! [`JoinOptions`] for the session library; its outcome becomes the exit
+//! status.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+
+use super::{ExitStatus, ReachArgs};
+use crate::session::identity::{Identity, RootPartition};
+use crate::session::join::{self, JoinOptions, Joined, Output};
+use crate::session::DEFAULT_STATE_DIR;
+
+/// `ka join`: a node (the original ka-d-client).
+#[derive(Debug, clap::Args)]
+pub struct JoinArgs {
+    /// The session and how to reach its source.
+    #[command(flatten)]
+    pub reach: ReachArgs,
+    /// Where to write the image: a regular file or a block device.
+    #[arg(long, value_name = "PATH", group = "output")]
+    pub target: Option<PathBuf>,
+    /// Feed the image to the standard input of this shell command.
+    #[arg(long, value_name = "CMD", group = "output")]
+    pub command: Option<String>,
+    /// Untar the image into this directory.
+    #[arg(long, value_name = "DIR", group = "output")]
+    pub untar: Option<PathBuf>,
+    /// Where a --command or --untar image is received before it is fed on.
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// This node's name (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Stay until the source releases this node (the original -w).
+    #[arg(long)]
+    pub wait_release: bool,
+    /// Also read the written target back and check it.
+    #[arg(long, value_parser = ["readback"])]
+    pub verify: Option<String>,
+    /// Keep looking for the source this long, at the start and whenever it
+    /// is lost (a source restarted on the same image is rejoined, and the
+    /// copy goes on where it was).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    pub wait: Duration,
+    /// Where this node records how much of its --target is written and
+    /// durable, so that `ka join` restarted with the same arguments goes on
+    /// from there instead of from the start (created if missing; the record
+    /// is removed once the copy is checked). --command and --untar targets
+    /// always start over.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Once the copy is verified, give it this node's identity: KEY=VALUE
+    /// items hostname, domain, ip (ADDR/PREFIX), gateway, dns, mac (see docs/netboot.md).
+    #[arg(long, value_name = "KEY=VALUE,…", value_delimiter = ',')]
+    pub identity: Vec<String>,
+    /// With --identity: the partition of --target holding the root file
+    /// system (a number, `auto`: the first with an etc/, `whole`: no partitions).
+    #[arg(long, value_name = "N|auto|whole", default_value = "auto")]
+    pub root_partition: RootPartition,
+}
+
+/// Checks `args` (the identity's syntax too: a typo must not cost a whole
+/// clone) and makes the plan.
+pub fn plan(args: JoinArgs) -> anyhow::Result<JoinOptions> {
+    let identity = if args.identity.is_empty() {
+        None
+    } else {
+        Some(Identity::from_items(&args.identity).map_err(|e| anyhow!(e))?)
+    };
+    let output = match (args.target, args.command, args.untar) {
+        (Some(p), _, _) => Output::Target(p),
+        (_, Some(c), _) => Output::Command(c),
+        (_, _, Some(d)) => Output::Untar(d),
+        _ => bail!("say where the image goes: --target PATH, --command CMD or --untar DIR"),
+    };
+    Ok(JoinOptions {
+        reach: args.reach.into(),
+        output,
+        spool_dir: args.spool_dir,
+        name: args.name,
+        wait_release: args.wait_release,
+        verify_readback: args.verify.is_some(),
+        wait: args.wait,
+        state_dir: args.state_dir,
+        json: args.json,
+        identity,
+        root_partition: args.root_partition,
+    })
+}
+
+/// Runs `ka join`.
+pub fn run(args: JoinArgs) -> anyhow::Result<ExitStatus> {
+    Ok(match join::run(plan(args)?)? {
+        Joined::Verified => ExitStatus::Success,
+        Joined::Failed => ExitStatus::SomeFailed,
+        Joined::VerifiedWithoutIdentity => ExitStatus::NoIdentity,
+    })
+}

@@ -1,0 +1,314 @@
+//! `ka serve`: the source (the original ka-d-server). The arguments become
+//! a [`ServePlan`]; running it obtains the secret, serves the session while
+//! the display shows it, and ends with the report and an exit status.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use ka_core::config::{SlowPolicy, SourceConfig};
+use ka_core::source::NodeReport;
+
+use super::display::{print_report, Display};
+use super::ExitStatus;
+use crate::boot::flip::{Flipped, VerifiedFlip};
+use crate::boot::{BootState, Inventory};
+use crate::session::secret::{self, Secret};
+use crate::session::serve::{self as session, Input, Report, ServeOptions};
+use crate::session::{DEFAULT_PORT, DEFAULT_SESSION};
+
+/// `ka serve`: the source (the original ka-d-server).
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Start as soon as this many nodes have joined.
+    #[arg(long, short = 'n')]
+    pub nodes: u32,
+    /// Session name the nodes must ask for.
+    #[arg(long, default_value = DEFAULT_SESSION)]
+    pub session: String,
+    /// Address to listen on (control and data).
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
+    pub listen: SocketAddr,
+    /// File holding the session secret (64 hex digits); without it one is generated and printed.
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// The image: a regular file or a block device.
+    #[arg(long, value_name = "PATH", group = "input")]
+    pub image: Option<PathBuf>,
+    /// Clone the standard output of this shell command.
+    #[arg(long, value_name = "CMD", group = "input")]
+    pub command: Option<String>,
+    /// Clone this directory tree (as GNU tar: permissions, owners, links, sparse files).
+    #[arg(long, value_name = "DIR", group = "input")]
+    pub tar: Option<PathBuf>,
+    /// Clone this process's standard input.
+    #[arg(long, group = "input")]
+    pub stdin: bool,
+    /// Where a stream (--command, --tar, --stdin) is spooled so any node can be served again.
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Children per node: 1 makes a chain, more a tree.
+    #[arg(long, default_value_t = 1)]
+    pub arity: u32,
+    /// Start this long after starting to listen, with the nodes present (at least --min-nodes).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub join_timeout: Option<Duration>,
+    /// With --join-timeout: the fewest nodes to start with.
+    #[arg(long, default_value_t = 1)]
+    pub min_nodes: u32,
+    /// Pause between releasing nodes that wait for release (the original -d).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pub release_delay: Duration,
+    /// What to do with a node that keeps falling behind: keep, tail or drop.
+    #[arg(long, default_value = "tail", value_parser = parse_policy)]
+    pub slow_policy: SlowPolicy,
+    /// A node is too slow once it lags its upstream by more than this (e.g. 256MiB)…
+    #[arg(long, default_value = "256MiB", value_parser = ka_core::units::parse_size)]
+    pub slow_lag: u64,
+    /// …for this long while gaining on it less than half as fast.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub slow_window: Duration,
+    /// Node names in chain order (an inventory's order); others follow by address.
+    #[arg(long, value_delimiter = ',')]
+    pub order: Vec<String>,
+    /// Declare a node dead after this long without a word from it (it then
+    /// leaves the chain, which heals around it). Nodes learn it from the
+    /// source and use it for the source in turn.
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub dead_after: Duration,
+    /// Cap the source's total send rate, shared among the nodes it feeds
+    /// directly (what udpcast calls --max-bitrate): e.g. 50MiB (bytes per
+    /// second) or 100Mbit. Leaves room on a shared network, or paces a test.
+    #[arg(long, value_name = "RATE", value_parser = ka_core::units::parse_rate)]
+    pub max_rate: Option<u64>,
+    /// Where the session's record is kept (nodes' outcomes), so that `ka
+    /// serve` restarted with the same arguments on the same image goes on
+    /// with the session: the nodes rejoin and resume, and nodes that had
+    /// already finished are still reported. Removed when the session ends.
+    /// [default: /var/lib/ka, if usable]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Print JSON lines (events, every node's progress about five times a second,
+    /// and a final report) instead of the live display.
+    #[arg(long)]
+    pub json: bool,
+    /// Inventory of the nodes: each one whose clone is verified is flipped to
+    /// local boot in --boot-state (after_clone in the inventory).
+    #[arg(long, short = 'i', value_name = "FILE", requires = "boot_state")]
+    pub inventory: Option<PathBuf>,
+    /// Boot-mode directory to flip verified nodes in (`ka pxe`/`ka tftp` --state-dir).
+    #[arg(long, value_name = "DIR", requires = "inventory")]
+    pub boot_state: Option<PathBuf>,
+}
+
+fn parse_policy(s: &str) -> Result<SlowPolicy, String> {
+    match s {
+        "keep" => Ok(SlowPolicy::Keep),
+        "tail" => Ok(SlowPolicy::MoveToTail),
+        "drop" => Ok(SlowPolicy::Drop),
+        _ => Err(format!("unknown policy {s:?}: use keep, tail or drop")),
+    }
+}
+
+/// A `ka serve` checked and ready to run.
+pub struct ServePlan {
+    /// What the session library runs.
+    pub options: ServeOptions,
+    /// The secret file; `None`: generate one.
+    pub secret_file: Option<PathBuf>,
+    /// JSON lines instead of the live display.
+    pub json: bool,
+    /// Flips verified nodes to their after-clone boot mode, with `--inventory`.
+    pub flip: Option<VerifiedFlip>,
+}
+
+impl ServePlan {
+    /// Checks `args` and reads the inventory, before anything is served.
+    pub fn from_args(args: ServeArgs) -> anyhow::Result<ServePlan> {
+        let mut config = SourceConfig::new(args.session.clone(), args.nodes, args.listen);
+        config.arity = args.arity.max(1);
+        config.join_timeout = args.join_timeout;
+        config.min_nodes = args.min_nodes;
+        config.release_delay = args.release_delay;
+        config.slow_policy = args.slow_policy;
+        config.slow_lag = args.slow_lag;
+        config.slow_window = args.slow_window;
+        config.order = args.order;
+        config.dead_after = args.dead_after;
+        if args.dead_after <= config.heartbeat {
+            bail!(
+                "--dead-after {:?} is not longer than the heartbeat ({:?}): every node would be declared dead",
+                args.dead_after,
+                config.heartbeat
+            );
+        }
+        let state_dir = match args.state_dir {
+            Some(dir) => Some(dir),
+            // The default is a convenience: without it a restart of the source
+            // cannot account for nodes that already finished, nothing worse.
+            None => match session::default_state_dir() {
+                Ok(dir) => Some(dir),
+                Err(e) => {
+                    eprintln!("ka: {e}; going on without a session record");
+                    None
+                }
+            },
+        };
+        let input = match (args.image, args.command, args.tar, args.stdin) {
+            (Some(p), _, _, _) => Input::File(p),
+            (_, Some(c), _, _) => Input::Command(c),
+            (_, _, Some(d), _) => Input::Tar(d),
+            (_, _, _, true) => Input::Stdin,
+            _ => bail!("say what to clone: --image PATH, --command CMD, --tar DIR or --stdin"),
+        };
+        let flip = match (&args.inventory, &args.boot_state) {
+            (Some(inv), Some(dir)) => Some(VerifiedFlip::new(
+                Inventory::load(inv)?,
+                BootState::new(dir),
+            )),
+            _ => None,
+        };
+        Ok(ServePlan {
+            options: ServeOptions {
+                config,
+                input,
+                spool_dir: args.spool_dir,
+                state_dir,
+                max_rate: args.max_rate,
+            },
+            secret_file: args.secret_file,
+            json: args.json,
+            flip,
+        })
+    }
+}
+
+/// Runs `ka serve`.
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitStatus> {
+    let plan = ServePlan::from_args(args)?;
+    let secret = obtain_secret(plan.secret_file.as_deref(), &plan.options.config.session)?;
+    let json = plan.json;
+    let report = serve(plan, &secret)?;
+    print_report(&report, json);
+    Ok(exit_status(&report))
+}
+
+/// The secret from `file`, or a generated one written for the nodes (and
+/// the operator told where).
+fn obtain_secret(file: Option<&std::path::Path>, session: &str) -> anyhow::Result<Secret> {
+    if let Some(file) = file {
+        return secret::load(file);
+    }
+    let (secret, path) = secret::generate(session)?;
+    eprintln!(
+        "ka: no --secret-file given; generated one and wrote it to {} — give that file to the nodes (ka join --secret-file)",
+        path.display()
+    );
+    Ok(secret)
+}
+
+/// Serves the session with the live display (and boot-mode flips) until it ends.
+fn serve(plan: ServePlan, secret: &Secret) -> anyhow::Result<Report> {
+    let mut display = Display::new(plan.json);
+    let flip = plan.flip;
+    let report = session::run(plan.options, secret, |s, e| {
+        if let (Some(flip), Some(e)) = (&flip, e) {
+            if let Some(text) = describe_flip(flip.on_event(s, e)) {
+                display.note(&text);
+            }
+        }
+        display.update(s, e)
+    });
+    display.finish();
+    report
+}
+
+fn describe_flip(flipped: Option<(String, Flipped)>) -> Option<String> {
+    let (name, flipped) = flipped?;
+    Some(match flipped {
+        Flipped::To(mode) => format!("{name}: clone verified, boot mode now {mode}"),
+        Flipped::Kept => format!("{name}: clone verified, boot mode kept (after_clone = \"keep\")"),
+        Flipped::Failed(why) => {
+            format!("{name}: clone verified, but its boot mode was not flipped: {why}")
+        }
+    })
+}
+
+/// The exit status a session's report earns: could not run when it was
+/// aborted before any node joined, success only when every node verified.
+pub fn exit_status(report: &Report) -> ExitStatus {
+    if report.aborted.is_some() && report.nodes.is_empty() {
+        ExitStatus::CouldNotRun
+    } else if !report.nodes.is_empty()
+        && report.nodes.iter().all(NodeReport::is_ok)
+        && report.aborted.is_none()
+    {
+        ExitStatus::Success
+    } else {
+        ExitStatus::SomeFailed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ka_core::ids::NodeId;
+    use ka_core::time::Time;
+
+    use super::*;
+
+    fn node(name: &str, outcome: Option<Result<(), String>>) -> NodeReport {
+        NodeReport {
+            node: NodeId(1),
+            name: name.into(),
+            mac: [0; 6],
+            outcome,
+            received: 0,
+            joined_at: Time::ZERO,
+            finished_at: None,
+            deaths: 0,
+            resumed_from: 0,
+            restored: false,
+            released: true,
+        }
+    }
+
+    fn report(nodes: Vec<NodeReport>, aborted: Option<&str>) -> Report {
+        Report {
+            nodes,
+            size: 0,
+            streaming: Duration::ZERO,
+            aborted: aborted.map(String::from),
+            expected: 2,
+        }
+    }
+
+    #[test]
+    fn exit_status_tells_scripts_how_the_session_ended() {
+        let ok = || node("n1", Some(Ok(())));
+        let failed = || node("n2", Some(Err("disk full".into())));
+        assert_eq!(
+            exit_status(&report(vec![ok(), ok()], None)),
+            ExitStatus::Success
+        );
+        assert_eq!(
+            exit_status(&report(vec![ok(), failed()], None)),
+            ExitStatus::SomeFailed
+        );
+        assert_eq!(
+            exit_status(&report(vec![ok(), node("n3", None)], None)),
+            ExitStatus::SomeFailed
+        );
+        assert_eq!(
+            exit_status(&report(vec![ok()], Some("interrupted"))),
+            ExitStatus::SomeFailed
+        );
+        assert_eq!(
+            exit_status(&report(vec![], Some("no node joined"))),
+            ExitStatus::CouldNotRun
+        );
+        assert_eq!(exit_status(&report(vec![], None)), ExitStatus::SomeFailed);
+    }
+}

@@ -1,0 +1,224 @@
+//! Joining a session as a node (the original ka-d-client): find the source,
+//! take a place in the chain, write the image to a target while forwarding
+//! it, check the copy, and give it the node's identity.
+//!
+//! The node reports on its own console: text on standard error, or JSON
+//! lines on standard output.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use ka_core::config::NodeConfig;
+use ka_core::node::NodeEvent;
+use ka_net::shell::{self, NodeOptions, NodeOutcome, Target};
+use ka_net::sink::SinkSpec;
+
+use super::identity::{Identity, RootPartition, Step};
+use super::reach::Reach;
+use super::{runtime, spool_path};
+
+/// Where a node puts the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// A regular file or a block device.
+    Target(PathBuf),
+    /// The standard input of this shell command.
+    Command(String),
+    /// Untarred into this directory.
+    Untar(PathBuf),
+}
+
+/// Everything a node needs to join a session.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// The session and how to reach its source.
+    pub reach: Reach,
+    /// Where the image goes.
+    pub output: Output,
+    /// Where a command's or untar's image is received before it is fed
+    /// on; `None`: the temporary directory.
+    pub spool_dir: Option<PathBuf>,
+    /// This node's name; `None`: the host name.
+    pub name: Option<String>,
+    /// Stay until the source releases this node.
+    pub wait_release: bool,
+    /// Also read the written target back and check it.
+    pub verify_readback: bool,
+    /// How long to look for the source, at the start and whenever it is lost.
+    pub wait: Duration,
+    /// Where this node records how much of its target is durable, so a
+    /// restarted join goes on from there.
+    pub state_dir: PathBuf,
+    /// Report as JSON lines on standard output instead of text.
+    pub json: bool,
+    /// The identity to give the verified copy, if any.
+    pub identity: Option<Identity>,
+    /// With `identity`: the partition of the target holding the root file system.
+    pub root_partition: RootPartition,
+}
+
+impl JoinOptions {
+    /// The same join as a `ka join` command line, for people reading a
+    /// console.
+    pub fn command_line(&self) -> String {
+        let mut s = String::new();
+        if let Some(server) = &self.reach.server {
+            s.push_str(&format!("--server {server} "));
+        }
+        let target = match &self.output {
+            Output::Target(t) => t.display().to_string(),
+            _ => "?".into(),
+        };
+        s.push_str(&format!(
+            "--session {} --secret-file {} --name {} --target {target} --wait {}",
+            self.reach.session,
+            self.reach.secret_file.display(),
+            self.name.as_deref().unwrap_or("?"),
+            humantime::format_duration(self.wait),
+        ));
+        if self.verify_readback {
+            s.push_str(" --verify readback");
+        }
+        if let Some(identity) = &self.identity {
+            s.push_str(&format!(
+                " --identity {} --root-partition {}",
+                identity.to_items().join(","),
+                self.root_partition
+            ));
+        }
+        s
+    }
+}
+
+/// How a join ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// The copy is verified (and has its identity, if one was asked for).
+    Verified,
+    /// The copy failed; the reason was reported.
+    Failed,
+    /// The copy is verified, but the identity step failed.
+    VerifiedWithoutIdentity,
+}
+
+/// Joins the session and writes its image; reports on the console as it
+/// goes. An error means nothing was cloned (or the node could not go on).
+pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
+    // Checked before cloning: a typo must not cost a whole clone.
+    let identity = match opts.identity {
+        Some(id) => {
+            let (target, untar) = match &opts.output {
+                Output::Target(p) => (Some(p.as_path()), None),
+                Output::Untar(d) => (None, Some(d.as_path())),
+                Output::Command(_) => (None, None),
+            };
+            Some(Step::new(id, opts.root_partition, target, untar).map_err(|e| anyhow!(e))?)
+        }
+        None => None,
+    };
+    let key = opts.reach.key()?;
+    let rt = runtime()?;
+    let server = opts.reach.locate(&rt, opts.wait)?;
+    let name = match opts.name {
+        Some(n) => n,
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .ok_or_else(|| anyhow!("cannot read the host name: pass --name"))?,
+    };
+    let mut config = NodeConfig::new(
+        opts.reach.session.clone(),
+        name.clone(),
+        SocketAddr::from(([0, 0, 0, 0], 0)),
+    );
+    config.wait_release = opts.wait_release;
+    config.verify_readback = opts.verify_readback;
+    let spool = spool_path(opts.spool_dir.as_deref(), &format!("ka-node-{name}"));
+    let target = match opts.output {
+        Output::Target(p) => Target::File(p),
+        Output::Command(c) => Target::Stream {
+            spec: SinkSpec::Command(c),
+            spool: spool.clone(),
+        },
+        Output::Untar(d) => Target::Stream {
+            spec: SinkSpec::Untar(d),
+            spool: spool.clone(),
+        },
+    };
+    let node = NodeOptions {
+        config,
+        server,
+        target,
+        key,
+        listen_ip: IpAddr::from([0, 0, 0, 0]),
+        wait: opts.wait,
+        state_dir: Some(opts.state_dir),
+        rediscover: opts.reach.rediscover(),
+    };
+    let json = opts.json;
+    let outcome = rt.block_on(shell::run_node(node, |_, e| print_event(&name, e, json)));
+    let _ = std::fs::remove_file(&spool);
+    let outcome = outcome?;
+    print_outcome(&outcome, json);
+    if !outcome.ok {
+        return Ok(Joined::Failed);
+    }
+    // After the verdict: the digest covers the copy exactly as sent; the
+    // identity is this node's own change on top of it.
+    match identity {
+        Some(step) if !step.run_and_report(&name, json) => Ok(Joined::VerifiedWithoutIdentity),
+        _ => Ok(Joined::Verified),
+    }
+}
+
+/// The node's verdict: one JSON line, or `ka: OK|KO: reason`.
+fn print_outcome(outcome: &NodeOutcome, json: bool) {
+    if json {
+        println!(
+            "{{\"event\":\"left\",\"ok\":{},\"reason\":{:?},\"written\":{},\"resumed_from\":{},\"received\":{}}}",
+            outcome.ok, outcome.reason, outcome.written, outcome.resumed_from, outcome.received
+        );
+    } else {
+        eprintln!(
+            "ka: {}: {}",
+            if outcome.ok { "OK" } else { "KO" },
+            outcome.reason
+        );
+    }
+}
+
+/// One event of node `name`, as a JSON line or a line of text.
+fn print_event(name: &str, e: &NodeEvent, json: bool) {
+    match (e, json) {
+        (
+            NodeEvent::Welcomed {
+                node, resumed_from, ..
+            },
+            true,
+        ) => println!(
+            "{{\"node\":{name:?},\"event\":\"welcomed\",\"id\":{},\"resumed_from\":{resumed_from}}}",
+            node.0
+        ),
+        (NodeEvent::StartedOver { had }, true) => {
+            println!("{{\"node\":{name:?},\"event\":\"started_over\",\"had\":{had}}}")
+        }
+        (_, true) => println!("{{\"node\":{name:?},\"event\":{:?}}}", format!("{e:?}")),
+        (
+            NodeEvent::Welcomed {
+                node, resumed_from, ..
+            },
+            false,
+        ) if *resumed_from > 0 => {
+            eprintln!("ka: {name}: joined as {node}; the copy goes on from byte {resumed_from}")
+        }
+        (NodeEvent::StartedOver { had }, false) => eprintln!(
+            "ka: {name}: the source serves another image than the {had} bytes on the target were of: starting over"
+        ),
+        (NodeEvent::SourceLost, false) => {
+            eprintln!("ka: {name}: lost the source; waiting for it to come back")
+        }
+        (_, false) => eprintln!("ka: {name}: {e:?}"),
+    }
+}

@@ -1,0 +1,79 @@
+//! How a node or `ka go` reaches a session's source: by name, or found by
+//! UDP broadcast (the original Ka's way, for nodes that boot before the
+//! source).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use ka_net::digest::SessionKey;
+use ka_net::shell::discovery;
+
+use super::{secret, DEFAULT_PORT};
+
+/// Where discovery broadcasts go unless told otherwise.
+pub const DEFAULT_DISCOVER_TO: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::BROADCAST), DEFAULT_PORT);
+
+/// A session, its secret, and how to reach its source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reach {
+    /// The source, HOST or HOST:PORT; `None`: found by broadcast.
+    pub server: Option<String>,
+    /// Where discovery broadcasts go when `server` is `None`.
+    pub discover_to: SocketAddr,
+    /// The session's name.
+    pub session: String,
+    /// The file holding the session secret.
+    pub secret_file: PathBuf,
+}
+
+impl Reach {
+    /// The session's key, from the secret file.
+    pub(crate) fn key(&self) -> anyhow::Result<SessionKey> {
+        let secret = secret::load(&self.secret_file)?;
+        Ok(secret::key(&secret, &self.session))
+    }
+
+    /// The source's address: as given, or found by broadcast within `wait`.
+    pub(crate) fn locate(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        wait: Duration,
+    ) -> anyhow::Result<SocketAddr> {
+        if let Some(s) = &self.server {
+            return resolve(s);
+        }
+        eprintln!(
+            "ka: looking for the source of session {:?} by broadcast to {}",
+            self.session, self.discover_to
+        );
+        let found = rt
+            .block_on(discovery::find(&self.session, self.discover_to, wait))
+            .map_err(|e| anyhow!(e))?;
+        eprintln!("ka: found the source at {found}");
+        Ok(found)
+    }
+
+    /// Where to look for the source again once it is lost: the broadcast
+    /// address when it was found that way, `None` when it was named.
+    pub(crate) fn rediscover(&self) -> Option<SocketAddr> {
+        self.server.is_none().then_some(self.discover_to)
+    }
+}
+
+/// The address of `server` (HOST or HOST:PORT; the port defaults to
+/// [`DEFAULT_PORT`]).
+pub fn resolve(server: &str) -> anyhow::Result<SocketAddr> {
+    let with_port = if server.contains(':') {
+        server.to_string()
+    } else {
+        format!("{server}:{DEFAULT_PORT}")
+    };
+    with_port
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {server}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{server} has no address"))
+}

@@ -1,0 +1,112 @@
+//! Serving an image to a session of nodes (the source; the original
+//! ka-d-server): listen, answer discovery, stream the image down the chain
+//! the nodes form, and report on every node at the end.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context};
+use ka_core::config::SourceConfig;
+use ka_core::source::{Source, SourceEvent};
+use ka_net::shell::{self, ImageInput, SourceOptions};
+use ka_net::source::SourceSpec;
+
+use super::secret::{self, Secret};
+use super::{runtime, spool_path, DEFAULT_STATE_DIR};
+
+pub use ka_net::shell::SourceReport as Report;
+
+/// What the source clones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A regular file or a block device.
+    File(PathBuf),
+    /// The standard output of this shell command.
+    Command(String),
+    /// This directory tree, as GNU tar.
+    Tar(PathBuf),
+    /// This process's standard input.
+    Stdin,
+}
+
+/// Everything a source needs but its secret.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The session, its nodes and its policies; `data_addr` is where it listens.
+    pub config: SourceConfig,
+    /// The image.
+    pub input: Input,
+    /// Where a stream (every input but a file) is spooled, so any node can
+    /// be served again; `None`: the temporary directory.
+    pub spool_dir: Option<PathBuf>,
+    /// Where the session's record is kept, so a restarted source goes on
+    /// with the session; `None`: no record.
+    pub state_dir: Option<PathBuf>,
+    /// A cap on the source's total send rate, in bytes per second.
+    pub max_rate: Option<u64>,
+}
+
+/// The default state directory, made ready for a session record; the
+/// error says why it cannot be used.
+pub fn default_state_dir() -> Result<PathBuf, String> {
+    shell::resume::prepare_state_dir(Path::new(DEFAULT_STATE_DIR))
+        .map(|()| PathBuf::from(DEFAULT_STATE_DIR))
+        .map_err(|e| e.to_string())
+}
+
+/// Runs the source until the session ends. `observe` sees every event
+/// (`Some`) and is called about five times a second to refresh progress
+/// (`None`).
+pub fn run(
+    opts: ServeOptions,
+    secret: &Secret,
+    observe: impl FnMut(&Source, Option<&SourceEvent>),
+) -> anyhow::Result<Report> {
+    let session = opts.config.session.clone();
+    let listen = opts.config.data_addr;
+    let nodes = opts.config.expected_nodes;
+    let spool = spool_path(opts.spool_dir.as_deref(), &format!("ka-source-{session}"));
+    let stream = |spec| ImageInput::Stream {
+        spec,
+        spool: spool.clone(),
+    };
+    let image = match opts.input {
+        Input::File(p) => ImageInput::File(p),
+        Input::Command(c) => stream(SourceSpec::Command(c)),
+        Input::Tar(d) => stream(SourceSpec::Tar(d)),
+        Input::Stdin => stream(SourceSpec::Stdin),
+    };
+    let source = SourceOptions {
+        key: secret::key(secret, &session),
+        config: opts.config,
+        image,
+        state_dir: opts.state_dir,
+        max_rate: opts.max_rate,
+    };
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}: is another ka serve running?"))?;
+        let bound = listener.local_addr().unwrap_or(listen);
+        // Nodes without --server find us by broadcast on the same port number.
+        let discovery = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), bound.port());
+        let _answering =
+            match shell::discovery::answer(discovery, session.clone(), bound.port()).await {
+                Ok(task) => Some(task),
+                Err(e) => {
+                    eprintln!(
+                        "ka: not answering discovery on UDP {discovery} ({e}); nodes need --server"
+                    );
+                    None
+                }
+            };
+        eprintln!("ka: session {session:?} waiting for {nodes} nodes on {bound}");
+        let (_go, go_rx) = tokio::sync::mpsc::unbounded_channel();
+        shell::run_source(source, listener, go_rx, observe)
+            .await
+            .map_err(|e| anyhow!("{e}"))
+    });
+    let _ = std::fs::remove_file(&spool);
+    report
+}
