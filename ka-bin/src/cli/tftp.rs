@@ -25,12 +25,23 @@ pub struct TftpArgs {
     /// Directory to serve instead of the inventory's boot.tftp_root.
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
-    /// Largest block size to grant (e.g. 1468 for networks that drop fragments).
+    /// Largest block size to grant [default: 1468, an unfragmented
+    /// Ethernet frame; lower it for networks with a smaller MTU].
     #[arg(long, value_name = "BYTES")]
     blksize_limit: Option<u16>,
-    /// Largest window size to grant.
+    /// Largest window size to grant [default: 16].
     #[arg(long, value_name = "BLOCKS")]
     windowsize_limit: Option<u16>,
+    /// Most transfers at once; further requests are dropped unanswered
+    /// and their clients retry [default: 256].
+    #[arg(long, value_name = "N")]
+    max_transfers: Option<usize>,
+    /// Most transfers at once from one IP address [default: 8].
+    #[arg(long, value_name = "N")]
+    max_transfers_per_client: Option<usize>,
+    /// Longest a transfer may take, in seconds [default: 600].
+    #[arg(long, value_name = "SECS")]
+    transfer_lifetime: Option<u64>,
 }
 
 /// Renders boot configs from the inventory and the modes as of each request.
@@ -153,8 +164,21 @@ fn plan(args: TftpArgs) -> Result<TftpPlan> {
     });
     warn_about_missing_files(&root, &files.inventory());
     let mut config = TftpConfig::new(args.listen, &root);
-    config.block_size_limit = args.blksize_limit;
-    config.window_size_limit = args.windowsize_limit;
+    if let Some(b) = args.blksize_limit {
+        config.block_size_limit = b;
+    }
+    if let Some(w) = args.windowsize_limit {
+        config.window_size_limit = w;
+    }
+    if let Some(n) = args.max_transfers {
+        config.max_transfers = n;
+    }
+    if let Some(n) = args.max_transfers_per_client {
+        config.max_transfers_per_client = n;
+    }
+    if let Some(s) = args.transfer_lifetime {
+        config.lifetime = std::time::Duration::from_secs(s);
+    }
     Ok(TftpPlan {
         files,
         root,

@@ -1,0 +1,241 @@
+use super::*;
+use std::net::UdpSocket as StdUdp;
+
+#[test]
+fn clean_path_accepts_relative_and_refuses_escapes() {
+    assert_eq!(clean_path(Path::new("pxelinux.0")).unwrap(), "pxelinux.0");
+    assert_eq!(clean_path(Path::new("./a//b/./c")).unwrap(), "a/b/c");
+    for bad in [
+        "/etc/passwd",
+        "../x",
+        "a/../../x",
+        "a/..",
+        "",
+        ".",
+        "a\\..\\b",
+    ] {
+        assert!(clean_path(Path::new(bad)).is_err(), "{bad}");
+    }
+}
+
+/// Starts a server for `root` with one generated file on its own thread and
+/// runtime, and returns its address.
+fn start(root: &Path, tune: impl FnOnce(&mut TftpConfig) + Send + 'static) -> SocketAddr {
+    let root = root.to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let generated: Arc<dyn GeneratedFiles> = Arc::new(|path: &str, client: SocketAddr| {
+                (path == "gen/hello").then(|| format!("hello {}", client.ip()).into_bytes())
+            });
+            let mut config = TftpConfig::new("127.0.0.1:0".parse().unwrap(), root);
+            tune(&mut config);
+            let server = TftpServer::bind(config, generated).await.unwrap();
+            tx.send(server.local_addr()).unwrap();
+            server.serve().await.unwrap();
+        })
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap()
+}
+
+/// A request packet: `opcode` 1 read, 2 write, with option pairs.
+fn request_packet(opcode: u8, path: &str, options: &[(&str, &str)]) -> Vec<u8> {
+    let mut pkt = vec![0, opcode];
+    pkt.extend_from_slice(path.as_bytes());
+    pkt.extend_from_slice(b"\0octet\0");
+    for (k, v) in options {
+        pkt.extend_from_slice(k.as_bytes());
+        pkt.push(0);
+        pkt.extend_from_slice(v.as_bytes());
+        pkt.push(0);
+    }
+    pkt
+}
+
+/// Sends a request and returns the first reply.
+fn request(server: SocketAddr, opcode: u8, path: &str) -> (StdUdp, SocketAddr, Vec<u8>) {
+    let sock = StdUdp::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    sock.send_to(&request_packet(opcode, path, &[]), server)
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let (n, from) = sock.recv_from(&mut buf).unwrap();
+    (sock, from, buf[..n].to_vec())
+}
+
+#[test]
+fn serves_generated_and_disk_files_and_refuses_the_rest() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("disk.txt"), "on disk").unwrap();
+    let server = start(root.path(), |_| {});
+
+    let (sock, from, reply) = request(server, 1, "gen/hello");
+    assert_eq!(reply, b"\0\x03\0\x01hello 127.0.0.1", "one DATA block");
+    sock.send_to(&[0, 4, 0, 1], from).unwrap();
+
+    let (sock, from, reply) = request(server, 1, "./disk.txt");
+    assert_eq!(reply, b"\0\x03\0\x01on disk");
+    sock.send_to(&[0, 4, 0, 1], from).unwrap();
+
+    for (opcode, path, code) in [
+        (1, "../etc/passwd", 2),
+        (1, "/etc/passwd", 2),
+        (1, "missing", 1),
+        (2, "upload", 0),
+    ] {
+        let (_, _, reply) = request(server, opcode, path);
+        assert_eq!(&reply[..4], &[0, 5, 0, code], "{path}: {reply:?}");
+    }
+}
+
+/// Receives everything the server sends to `sock` for `window`, returning
+/// (datagrams, bytes, whether an ERROR came).
+fn drain(sock: &StdUdp, window: Duration) -> (usize, usize, bool) {
+    let end = std::time::Instant::now() + window;
+    let (mut pkts, mut bytes, mut error) = (0, 0, false);
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return (pkts, bytes, error);
+        }
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match sock.recv_from(&mut buf) {
+            Ok((n, _)) => {
+                pkts += 1;
+                bytes += n;
+                error |= buf[..n].starts_with(&[0, 5]);
+            }
+            Err(_) => continue,
+        }
+    }
+}
+
+#[test]
+fn a_silent_client_gets_one_small_window_and_is_dropped() {
+    let root = tempfile::tempdir().unwrap();
+    let f = std::fs::File::create(root.path().join("big")).unwrap();
+    f.set_len(64 << 20).unwrap();
+    let server = start(root.path(), |c| c.timeout = Duration::from_millis(200));
+
+    let sock = StdUdp::bind("127.0.0.1:0").unwrap();
+    let req = request_packet(
+        1,
+        "big",
+        &[
+            ("blksize", "65464"),
+            ("windowsize", "65535"),
+            ("timeout", "255"),
+            ("tsize", "0"),
+        ],
+    );
+    sock.send_to(&req, server).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 512];
+    let (n, from) = sock.recv_from(&mut buf).unwrap();
+    assert_eq!(
+        &buf[..n],
+        b"\0\x06blksize\x001468\0tsize\x0067108864\0windowsize\x0016\0",
+        "capped options, timeout declined"
+    );
+    sock.send_to(&[0, 4, 0, 0], from).unwrap();
+    // 200 ms timeout, 5 retries: given up after about 1.2 s.
+    let (pkts, bytes, error) = drain(&sock, Duration::from_secs(3));
+    assert!(error, "the server said it gave up");
+    // One window of 16, then one probe per timeout, then the ERROR.
+    assert_eq!(pkts, 16 + 5 + 1, "{bytes} bytes");
+    assert!(bytes < 32 * 1472, "{bytes} bytes");
+}
+
+#[test]
+fn transfers_are_capped_per_client_and_in_total_and_slots_come_back() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("f"), vec![7u8; 4096]).unwrap();
+    let server = start(root.path(), |c| {
+        c.max_transfers = 6;
+        c.max_transfers_per_client = 4;
+        c.timeout = Duration::from_millis(800);
+        c.retries = 1;
+    });
+    // Sends `n` requests from `ip`, each from its own port, and counts the
+    // ones answered within 300 ms.
+    let answered = |ip: &str, n: usize| -> usize {
+        let socks: Vec<StdUdp> = (0..n)
+            .map(|_| {
+                let s = StdUdp::bind((ip, 0)).unwrap();
+                s.send_to(&request_packet(1, "f", &[]), server).unwrap();
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        socks
+            .iter()
+            .filter(|s| {
+                s.set_nonblocking(true).unwrap();
+                s.recv_from(&mut [0u8; 600]).is_ok()
+            })
+            .count()
+    };
+    assert_eq!(answered("127.0.0.1", 10), 4, "per-client cap");
+    assert_eq!(answered("127.0.0.2", 10), 2, "total cap");
+    // The silent transfers are dropped after 2 timeouts; then all is free.
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(answered("127.0.0.3", 10), 4);
+}
+
+#[test]
+fn a_lifetime_ends_a_transfer_that_keeps_acking_slowly() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("f"), vec![1u8; 100 * 512]).unwrap();
+    let server = start(root.path(), |c| c.lifetime = Duration::from_millis(800));
+    let sock = StdUdp::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    sock.send_to(&request_packet(1, "f", &[]), server).unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 600];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf).unwrap();
+        if buf[..n].starts_with(&[0, 5]) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        sock.send_to(&[0, 4, buf[2], buf[3]], from).unwrap();
+    }
+    let t = started.elapsed();
+    assert!(
+        t >= Duration::from_millis(700) && t < Duration::from_secs(2),
+        "{t:?}"
+    );
+}
+
+#[test]
+fn open_inside_refuses_symlinks_out_and_directories() {
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), "x").unwrap();
+    std::fs::write(root.path().join("ok"), "hello").unwrap();
+    std::fs::create_dir(root.path().join("dir")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("secret"), root.path().join("leak")).unwrap();
+    std::os::unix::fs::symlink("ok", root.path().join("alias")).unwrap();
+    let root = std::fs::canonicalize(root.path()).unwrap();
+    assert_eq!(open_inside(&root, "ok").unwrap().1, 5);
+    assert_eq!(open_inside(&root, "alias").unwrap().1, 5);
+    let code = |r: Result<(std::fs::File, u64), (ErrorCode, &str)>| r.err().map(|e| e.0);
+    assert_eq!(
+        code(open_inside(&root, "leak")),
+        Some(ErrorCode::AccessViolation)
+    );
+    assert_eq!(
+        code(open_inside(&root, "dir")),
+        Some(ErrorCode::FileNotFound)
+    );
+    assert_eq!(
+        code(open_inside(&root, "nope")),
+        Some(ErrorCode::FileNotFound)
+    );
+}
