@@ -82,14 +82,16 @@ pub struct TftpConfig {
     /// cannot make a transfer linger between retransmissions.
     pub max_client_timeout: u8,
     /// Largest block size granted (default 1468: the largest that fits an
-    /// Ethernet frame unfragmented, and what U-Boot and UEFI ask for; iPXE
-    /// asks 1432, pxelinux 1408 or less).
+    /// Ethernet frame unfragmented, and what U-Boot asks for; iPXE asks
+    /// 1432, pxelinux 1408).
     pub block_size_limit: u16,
     /// Largest window granted (default 16). PXE ROMs, iPXE and pxelinux do
     /// not ask for windows; UEFI asks for 4, atftp for what it is told. A
     /// window is also capped at [`MAX_WINDOW_BYTES`].
     pub window_size_limit: u16,
-    /// Timeouts in a row after which a silent client is dropped (default 5).
+    /// Timeouts in a row after which a silent client is dropped (default 5;
+    /// at most 2 for a client that never acknowledged anything, whose
+    /// request may be forged).
     pub retries: u32,
     /// Longest a transfer may take from request to last ACK (default 600 s:
     /// a 64 MiB initramfs in 512-byte lockstep blocks over a 2 ms round

@@ -1,5 +1,6 @@
 use super::*;
 use std::net::UdpSocket as StdUdp;
+use transfer::UNCONFIRMED_RETRIES;
 
 #[test]
 fn clean_path_accepts_relative_and_refuses_escapes() {
@@ -150,6 +151,19 @@ fn a_silent_client_gets_one_small_window_and_is_dropped() {
     // One window of 16, then one probe per timeout, then the ERROR.
     assert_eq!(pkts, 16 + 5 + 1, "{bytes} bytes");
     assert!(bytes < 32 * 1472, "{bytes} bytes");
+}
+
+#[test]
+fn a_request_never_acknowledged_is_dropped_sooner() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("f"), vec![3u8; 4096]).unwrap();
+    let server = start(root.path(), |c| c.timeout = Duration::from_millis(200));
+    let sock = StdUdp::bind("127.0.0.1:0").unwrap();
+    sock.send_to(&request_packet(1, "f", &[]), server).unwrap();
+    // Block 1, two retransmissions, then the ERROR; not 5 retransmissions.
+    let (pkts, bytes, error) = drain(&sock, Duration::from_secs(2));
+    assert!(error);
+    assert_eq!(pkts, 1 + UNCONFIRMED_RETRIES as usize + 1, "{bytes} bytes");
 }
 
 #[test]

@@ -9,7 +9,8 @@
 //! address is not forged), and after a timeout only the first missing block
 //! is sent again until the client answers. A silent client thus costs one
 //! window plus a few single blocks, and is dropped after
-//! [`Limits::retries`] timeouts; any transfer ends at [`Limits::lifetime`].
+//! [`Limits::retries`] timeouts (after [`UNCONFIRMED_RETRIES`] if it never
+//! answered at all); any transfer ends at [`Limits::lifetime`].
 
 use std::io;
 use std::sync::Arc;
@@ -19,6 +20,11 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
 use super::packet::{self, Options, Packet, DEFAULT_BLOCK_SIZE};
+
+/// Timeouts after which a client that never acknowledged anything is
+/// dropped (when [`Limits::retries`] is larger): such a request may be
+/// forged, and a real client whose request went unanswered asks again.
+pub const UNCONFIRMED_RETRIES: u32 = 2;
 
 /// The most bytes a window may hold, whatever the configured limits: it
 /// bounds the buffer of a transfer and what one ACK can release.
@@ -226,6 +232,7 @@ async fn run(
     // block is the first one shorter than bs (possibly empty).
     let last = size / bs + 1;
     let mut silent = 0;
+    let mut retries = limits.retries.min(UNCONFIRMED_RETRIES);
 
     if let Some(oack) = &plan.oack {
         loop {
@@ -234,7 +241,7 @@ async fn run(
                 Wait::Acked(_) => break,
                 Wait::Timeout => {
                     silent += 1;
-                    if silent > limits.retries {
+                    if silent > retries {
                         return Ok(Outcome::Silent);
                     }
                 }
@@ -243,6 +250,7 @@ async fn run(
             }
         }
         silent = 0;
+        retries = limits.retries;
     }
 
     let mut base = 1u64; // first block not yet acknowledged
@@ -280,11 +288,12 @@ async fn run(
             Wait::Acked(off) => {
                 base += off + 1;
                 silent = 0;
+                retries = limits.retries;
                 probing = false;
             }
             Wait::Timeout => {
                 silent += 1;
-                if silent > limits.retries {
+                if silent > retries {
                     return Ok(Outcome::Silent);
                 }
                 probing = true;
