@@ -19,8 +19,8 @@ use ka_net::shell::{
     self, load_or_generate_secret, session_key, ImageInput, NodeOptions, Secret, SourceOptions,
     SourceReport, Target,
 };
-use ka_net::sink::SinkSpec;
-use ka_net::source::SourceSpec;
+use ka_net::SinkSpec;
+use ka_net::SourceSpec;
 
 use crate::boot::flip::{Flipped, VerifiedFlip};
 use crate::boot::{BootState, Inventory};
@@ -212,7 +212,7 @@ pub struct Reach {
 
 impl Reach {
     /// The session's key, from the secret file.
-    fn key(&self) -> anyhow::Result<ka_net::digest::SessionKey> {
+    fn key(&self) -> anyhow::Result<ka_net::SessionKey> {
         let (secret, _) =
             load_or_generate_secret(Some(&self.secret_file)).map_err(|e| anyhow!(e))?;
         Ok(session_key(&secret, &self.session))

@@ -20,12 +20,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
 use super::wire::MessageCodec;
-use crate::direct::Downstreams;
-use crate::relay::{relay, send_growing, NodeWriter, RelayEnd, RelayEvent};
-use crate::source::{FileSource, ImageSource};
+use crate::datapath::forward::Downstreams;
+use crate::datapath::receive::{relay, send_growing, NodeWriter, RelayEnd, RelayEvent};
+use crate::image::sources::{FileSource, ImageSource};
 use crate::Error;
 
-pub use crate::relay::Written;
+pub use crate::datapath::receive::Written;
 
 /// Serve records to a downstream from a file that is, or is being, written.
 pub struct ServeJob {

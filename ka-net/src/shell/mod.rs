@@ -15,10 +15,10 @@
 
 pub mod conn;
 pub mod discovery;
+pub mod join;
 pub mod key;
-pub mod node;
 pub mod resume;
-pub mod source;
+pub mod serve;
 pub mod spool;
 pub mod wire;
 
@@ -26,9 +26,9 @@ use std::time::Instant;
 
 use ka_core::time::Time;
 
+pub use join::{run_node, NodeOptions, NodeOutcome, Target};
 pub use key::{load_or_generate_secret, session_key, Secret};
-pub use node::{run_node, NodeOptions, NodeOutcome, Target};
-pub use source::{go, run_source, ImageInput, SourceOptions, SourceReport};
+pub use serve::{go, run_source, ImageInput, SourceOptions, SourceReport};
 
 /// The clock of a driver: nanoseconds since the driver started, as ka-core's [`Time`].
 #[derive(Debug, Clone, Copy)]

@@ -56,7 +56,7 @@ pub fn image_identity(path: &Path) -> Result<ImageId, Error> {
     if meta.file_type().is_block_device() {
         let mut f =
             File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        let size = crate::blockdev::size_of(&f)
+        let size = crate::image::blockdev::size_of(&f)
             .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?;
         h.update(b"device");
         h.update(&size.to_le_bytes());

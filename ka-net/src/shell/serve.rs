@@ -19,8 +19,8 @@ use super::conn::{self, Command, Event, ServeJob, Written};
 use super::resume::{self, RecordedOutcome, SourceState};
 use super::wire::MessageCodec;
 use super::{nonce, Clock};
-use crate::digest::SessionKey;
-use crate::source::{open_source, SourceSpec};
+use crate::image::digest::SessionKey;
+use crate::image::sources::{open_source, SourceSpec};
 use crate::Error;
 
 /// Where the image comes from.
@@ -124,8 +124,8 @@ pub async fn run_source(
             // hashing; on separate machines the source's spare core does it.
             let (path2, key2, done) = (path.clone(), key.clone(), digest_tx.clone());
             tokio::task::spawn_blocking(move || {
-                let r = crate::digest::digest_file(&path2, &key2);
-                let _ = done.send(r.map(|d| (size, Digest(d.0))));
+                let r = crate::image::digest::digest_file(&path2, &key2);
+                let _ = done.send(r.map(|d| (size, d)));
             });
             (
                 path.clone(),
@@ -142,7 +142,7 @@ pub async fn run_source(
                 (tx.clone(), key.clone(), spool.clone(), digest_tx.clone());
             tokio::task::spawn_blocking(move || {
                 let r = super::spool::spool_source(stream, &spool2, &key2, &tx2);
-                let _ = done.send(r.map(|(size, d)| (size, Digest(d.0))));
+                let _ = done.send(r);
             });
             (spool.clone(), tx, rx, None, resume::random_identity())
         }

@@ -42,17 +42,12 @@
 
 use std::fmt;
 
+use ka_core::codec::Digest;
 use ka_core::record::{RecordHeader, RecordKind};
 
-use crate::source::ImageSource;
+use super::sources::ImageSource;
+use super::{is_zero, BLOCK};
 use crate::Error;
-
-/// Granularity of zero detection and of the canonical digest stream: 64 KiB.
-///
-/// Small enough that the free space of a used filesystem is found (free extents
-/// are usually much larger), large enough that a `Zero` header per run and a
-/// `Data` header per block cost nothing (17 bytes per 64 KiB hashed).
-pub const BLOCK: u64 = 64 * 1024;
 
 /// The 32-byte secret of a session; keys the digest so that only session
 /// members can produce or fake one.
@@ -64,40 +59,6 @@ impl fmt::Debug for SessionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SessionKey(..)")
     }
-}
-
-/// A finished image digest (32 bytes); displays as lowercase hex.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ImageDigest(pub [u8; 32]);
-
-impl fmt::Display for ImageDigest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for ImageDigest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ImageDigest({self})")
-    }
-}
-
-/// True when every byte of `bytes` is zero.
-///
-/// Reduces 256-byte chunks with OR (which the compiler vectorises) and exits at
-/// the first non-zero chunk, so a block of real data is rejected after a few
-/// cycles.
-pub fn is_zero(bytes: &[u8]) -> bool {
-    let mut chunks = bytes.chunks_exact(256);
-    for chunk in &mut chunks {
-        if chunk.iter().fold(0u8, |acc, &b| acc | b) != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&b| b == 0)
 }
 
 /// Incremental canonical digest of an image (see the module docs).
@@ -235,7 +196,7 @@ impl ImageHasher {
         &mut self,
         header: &RecordHeader,
         payload: &[u8],
-    ) -> Result<Option<ImageDigest>, Error> {
+    ) -> Result<Option<Digest>, Error> {
         match header.kind {
             RecordKind::Data => self.data(header.offset, payload).map(|()| None),
             RecordKind::Zero => self.zero(header.offset, header.len).map(|()| None),
@@ -245,7 +206,7 @@ impl ImageHasher {
 
     /// Ends the image at `size` (which must equal [`position`](Self::position))
     /// and returns the digest.
-    pub fn finish(mut self, size: u64) -> Result<ImageDigest, Error> {
+    pub fn finish(mut self, size: u64) -> Result<Digest, Error> {
         self.expect_at(size)?;
         if !self.partial.is_empty() {
             self.flush_partial();
@@ -255,7 +216,7 @@ impl ImageHasher {
         let mut top = blake3::Hasher::new_keyed(&self.key);
         top.update(self.layout.finalize().as_bytes());
         top.update(self.content.finalize().as_bytes());
-        Ok(ImageDigest(*top.finalize().as_bytes()))
+        Ok(Digest(*top.finalize().as_bytes()))
     }
 
     fn flush_partial(&mut self) {
@@ -301,7 +262,7 @@ pub fn digest_source(
     source: &mut dyn ImageSource,
     mut hasher: ImageHasher,
     buf: &mut [u8],
-) -> Result<ImageDigest, Error> {
+) -> Result<Digest, Error> {
     loop {
         match source.next_record(buf)? {
             None => {
@@ -331,8 +292,8 @@ const HASH_READ: usize = 256 << 10;
 /// The session digest of the image in the file or block device at `path`:
 /// how a source computes its digest, in a pass of its own (see
 /// [`crate::shell::run_source`]).
-pub fn digest_file(path: &std::path::Path, key: &SessionKey) -> Result<ImageDigest, Error> {
-    let mut source = crate::source::FileSource::open(path)?;
+pub fn digest_file(path: &std::path::Path, key: &SessionKey) -> Result<Digest, Error> {
+    let mut source = crate::image::sources::FileSource::open(path)?;
     digest_source(&mut source, ImageHasher::new(key), &mut vec![0; HASH_READ])
 }
 
@@ -341,12 +302,12 @@ pub fn digest_file(path: &std::path::Path, key: &SessionKey) -> Result<ImageDige
 /// with its process) resumes hashing where its copy stops, then asks its
 /// upstream only for the rest.
 pub fn rehash_written(
-    sink: &dyn crate::sink::ImageSink,
+    sink: &dyn crate::image::sinks::ImageSink,
     key: &SessionKey,
 ) -> Result<ImageHasher, Error> {
     let mut source = sink.readback()?;
     let mut hasher = ImageHasher::new(key);
-    let mut buf = vec![0u8; crate::relay::BUF_SIZE];
+    let mut buf = vec![0u8; crate::datapath::receive::BUF_SIZE];
     while let Some(h) = source.next_record(&mut buf)? {
         match h.kind {
             RecordKind::Data => hasher.data(h.offset, &buf[..h.len as usize])?,
@@ -366,12 +327,12 @@ pub fn rehash_written(
 /// regions checked to read as zero) and checks its digest against
 /// `expected`, the source's. Returns the digest read back.
 pub fn verify_readback(
-    sink: &dyn crate::sink::ImageSink,
+    sink: &dyn crate::image::sinks::ImageSink,
     key: &SessionKey,
-    expected: &ImageDigest,
-) -> Result<ImageDigest, Error> {
+    expected: &Digest,
+) -> Result<Digest, Error> {
     let mut source = sink.readback()?;
-    let mut buf = vec![0u8; crate::relay::BUF_SIZE];
+    let mut buf = vec![0u8; crate::datapath::receive::BUF_SIZE];
     let got = digest_source(source.as_mut(), ImageHasher::new(key), &mut buf)?;
     if got != *expected {
         return Err(Error::DigestMismatch {
@@ -390,7 +351,7 @@ mod tests {
 
     /// The definition, written the slow and obvious way, to check the
     /// incremental hasher against.
-    fn reference_digest(key: &SessionKey, image: &[u8]) -> ImageDigest {
+    fn reference_digest(key: &SessionKey, image: &[u8]) -> Digest {
         let mut h = blake3::Hasher::new_keyed(&key.0);
         let mut c = blake3::Hasher::new_keyed(&key.0);
         let mut run: Option<u64> = None;
@@ -442,7 +403,7 @@ mod tests {
         let mut top = blake3::Hasher::new_keyed(&key.0);
         top.update(h.finalize().as_bytes());
         top.update(c.finalize().as_bytes());
-        ImageDigest(*top.finalize().as_bytes())
+        Digest(*top.finalize().as_bytes())
     }
 
     /// An image with data blocks, zero blocks, a zero run inside a data block

@@ -17,7 +17,7 @@
 //!   path serves a late or resumed downstream from disk, so no memory
 //!   buffer limits a slow downstream or a repair. While a downstream keeps
 //!   up on a slow link, the receiving thread sends each piece to it itself,
-//!   right after writing it ([`crate::direct`]).
+//!   right after writing it ([`crate::datapath::forward`]).
 //! - On the source, a reader thread produces records from the
 //!   [`ImageSource`] while the async task writes them to the socket
 //!   ([`send_image`]): by `sendfile(2)` for files and block devices (the
@@ -39,11 +39,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Duration;
 
-use crate::digest::{ImageDigest, ImageHasher};
-use crate::direct::{Downstreams, Feeding};
-use crate::sink::ImageSink;
-use crate::source::{FileSource, ImageSource};
+use crate::datapath::forward::{Downstreams, Feeding};
+use crate::image::digest::ImageHasher;
+use crate::image::sinks::ImageSink;
+use crate::image::sources::{FileSource, ImageSource};
 use crate::Error;
+use ka_core::codec::Digest;
 
 /// Payload bytes per buffer, and the longest `Data` record a sender cuts:
 /// 1 MiB, a multiple of [`crate::BLOCK`]. Large enough that per-buffer costs
@@ -153,7 +154,7 @@ pub struct RelayEnd {
     /// The image size (the `End` record's offset).
     pub size: u64,
     /// The digest of the received stream (to compare with the source's).
-    pub digest: ImageDigest,
+    pub digest: Digest,
 }
 
 /// The hasher thread is gone (it panicked, or its writer was dropped).
@@ -175,7 +176,7 @@ enum HashJob {
     /// The image ends at `size`: reply with its digest, or the first error.
     End {
         size: u64,
-        reply: std_mpsc::Sender<Result<ImageDigest, String>>,
+        reply: std_mpsc::Sender<Result<Digest, String>>,
     },
 }
 
@@ -1086,7 +1087,7 @@ pub struct SendEnd {
     /// The image size.
     pub size: u64,
     /// The digest, if a hasher was given.
-    pub digest: Option<ImageDigest>,
+    pub digest: Option<Digest>,
 }
 
 impl std::fmt::Debug for SendEnd {
@@ -1325,7 +1326,7 @@ fn read_records(
     hasher: &mut Option<ImageHasher>,
     full_tx: &RecordTx,
     free_rx: &std_mpsc::Receiver<Buf>,
-) -> Result<Option<ImageDigest>, Error> {
+) -> Result<Option<Digest>, Error> {
     let mut digest = None;
     while let Ok(mut buf) = free_rx.recv() {
         let Some(h) = source.next_record(buf.payload_mut())? else {
@@ -1352,7 +1353,7 @@ fn read_extents(
     source: &mut dyn ImageSource,
     hasher: &mut Option<ImageHasher>,
     full_tx: &RecordTx,
-) -> Result<Option<ImageDigest>, Error> {
+) -> Result<Option<Digest>, Error> {
     let fs = source.as_file_source().expect("checked by send");
     let mut hash_buf = if hasher.is_some() {
         vec![0u8; BUF_SIZE]
@@ -1436,9 +1437,10 @@ async fn sendfile_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::{digest_source, SessionKey, BLOCK};
-    use crate::sink::{open_sink, SinkSpec};
-    use crate::source::{open_source, FileSource, SourceSpec};
+    use crate::image::digest::{digest_source, SessionKey};
+    use crate::image::sinks::{open_sink, SinkSpec};
+    use crate::image::sources::{open_source, FileSource, SourceSpec};
+    use crate::image::BLOCK;
     use std::os::unix::fs::FileExt;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
@@ -1450,7 +1452,7 @@ mod tests {
     const DEADLINE: Duration = Duration::from_secs(60);
 
     /// The session digest of a whole image file, computed apart from any relay.
-    fn file_digest(path: &std::path::Path) -> ImageDigest {
+    fn file_digest(path: &std::path::Path) -> Digest {
         let mut whole = open_source(&SourceSpec::File(path.to_path_buf())).unwrap();
         digest_source(
             whole.as_mut(),
@@ -1694,7 +1696,7 @@ mod tests {
         /// Serves `count` plain downstreams from the node to the end of the
         /// image, checks that each holds the image with the node's digest,
         /// and returns what went straight from the receiving thread.
-        async fn feed_to_the_end(self, count: usize) -> crate::direct::DirectStats {
+        async fn feed_to_the_end(self, count: usize) -> crate::datapath::forward::DirectStats {
             let mut downstreams = Vec::new();
             for i in 0..count {
                 let (out, up) = pair().await;
@@ -2025,7 +2027,7 @@ mod tests {
             // Second life: reopen, resume at what the disk holds, rehash it.
             let mut sink = open_sink(&SinkSpec::File(out.clone()), size).unwrap();
             sink.resume(7 << 20).unwrap();
-            let hasher = crate::digest::rehash_written(sink.as_ref(), &KEY).unwrap();
+            let hasher = crate::image::digest::rehash_written(sink.as_ref(), &KEY).unwrap();
             assert_eq!(hasher.position(), 7 << 20);
             let mut w = NodeWriter::new(sink, hasher).unwrap();
             let (mut up, down) = pair().await;
@@ -2046,7 +2048,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn block_device_source_streams_by_sendfile_to_a_block_device_node() {
-        use crate::blockdev::tests::LoopDev;
+        use crate::image::blockdev::tests::LoopDev;
         tokio::time::timeout(DEADLINE, async {
             let dir = tempfile::tempdir().unwrap();
             let (_, img) = image(dir.path());
@@ -2079,7 +2081,7 @@ mod tests {
             let sent = sender.await.unwrap();
             assert_eq!(Some(end.digest), sent.digest);
             let (sink, _) = w.into_parts().await.unwrap();
-            crate::digest::verify_readback(sink.as_ref(), &KEY, &end.digest).unwrap();
+            crate::image::digest::verify_readback(sink.as_ref(), &KEY, &end.digest).unwrap();
             drop(sink);
             let mut got = vec![0u8; 24 << 20];
             std::fs::File::open(&dst_dev.path)
@@ -2119,7 +2121,7 @@ mod tests {
             let mut sink_b = open_sink(&SinkSpec::File(out_b.clone()), size).unwrap();
             let head = img[..2 << 20].to_vec();
             sink_b.write_data(0, &head).unwrap();
-            let hasher_b = crate::digest::rehash_written(sink_b.as_ref(), &KEY).unwrap();
+            let hasher_b = crate::image::digest::rehash_written(sink_b.as_ref(), &KEY).unwrap();
             let mut w_b = NodeWriter::new(sink_b, hasher_b).unwrap();
             let (mut up, down) = pair().await;
             let mut from_disk = sink_a.readback().unwrap();

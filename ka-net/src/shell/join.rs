@@ -17,10 +17,10 @@ use tokio::sync::{mpsc, watch};
 use super::conn::{self, Command, Event, ReceiveJob, ServeJob, Written};
 use super::resume::{self, NodeState};
 use super::{nonce, Clock};
-use crate::digest::{digest_source, rehash_written, ImageHasher, SessionKey};
-use crate::direct::Downstreams;
-use crate::relay::NodeWriter;
-use crate::sink::{open_sink, SinkSpec};
+use crate::datapath::forward::Downstreams;
+use crate::datapath::receive::NodeWriter;
+use crate::image::digest::{digest_source, rehash_written, ImageHasher, SessionKey};
+use crate::image::sinks::{open_sink, SinkSpec};
 use crate::Error;
 
 /// What a node joins and where it writes.
@@ -234,7 +234,7 @@ fn reopen(state: NodeState, target: &Path, key: &SessionKey) -> Result<Option<Re
     let complete = match state.size {
         Some(size) if size == state.durable => Some((
             size,
-            Digest(hasher.clone().finish(size).map_err(|e| e.to_string())?.0),
+            hasher.clone().finish(size).map_err(|e| e.to_string())?,
         )),
         _ => None,
     };
@@ -455,12 +455,11 @@ pub async fn run_node(
                         let result = match w.into_parts().await {
                             Err(e) => Err(e.to_string()),
                             Ok((sink, _)) => tokio::task::spawn_blocking(move || {
-                                let mut buf = vec![0u8; crate::relay::BUF_SIZE];
+                                let mut buf = vec![0u8; crate::datapath::receive::BUF_SIZE];
                                 sink.readback()
                                     .and_then(|mut rb| {
                                         digest_source(rb.as_mut(), ImageHasher::new(&key), &mut buf)
                                     })
-                                    .map(|d| Digest(d.0))
                                     .map_err(|e| e.to_string())
                             })
                             .await
@@ -587,12 +586,12 @@ pub async fn run_node(
                                             d.in_flight = false;
                                             d.maybe_record(&node, end.size, true, &internal_tx);
                                         }
-                                        node.handle_stream_end(now, end.size, Digest(end.digest.0))
+                                        node.handle_stream_end(now, end.size, end.digest)
                                     }
                                     Target::Stream { spec, spool } => {
                                         // The sink gets the image only once all of it is here.
                                         let (spec, spool, tx) = (spec.clone(), spool.clone(), internal_tx.clone());
-                                        let digest = Digest(end.digest.0);
+                                        let digest = end.digest;
                                         tokio::task::spawn_blocking(move || {
                                             let result = super::spool::feed_sink(&spool, end.size, &spec).map_err(|e| e.to_string());
                                             let _ = tx.send(Internal::Fed { result, size: end.size, digest });

@@ -2,7 +2,7 @@
 //! written straight on to the downstreams that are caught up with it.
 //!
 //! A downstream is normally served from the node's written file
-//! ([`send_growing`](crate::relay::send_growing)): its serving task wakes
+//! ([`send_growing`](crate::datapath::receive::send_growing)): its serving task wakes
 //! when the writer has written more, finds the new extents and `sendfile`s
 //! them. On a slow link that is a task wakeup, an `lseek`, a zero probe and
 //! two sends for every piece the node receives, each few kilobytes; it made
@@ -36,7 +36,7 @@ use tokio::sync::oneshot;
 use crate::Error;
 
 /// The downstreams a node's receiving thread may feed directly: shared by
-/// the node's writer (see [`NodeWriter`](crate::relay::NodeWriter)'s relays)
+/// the node's writer (see [`NodeWriter`](crate::datapath::receive::NodeWriter)'s relays)
 /// and the tasks serving its downstreams.
 #[derive(Default)]
 pub struct Downstreams {
