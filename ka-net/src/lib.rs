@@ -168,13 +168,13 @@ pub mod image;
 pub mod shell;
 pub mod tftp;
 
+pub use datapath::{rehash_written, verify_readback};
 pub use datapath::{
-    relay, send_growing, send_image, NodeWriter, RelayEnd, RelayEvent, SendEnd, Written, BUF_SIZE,
+    relay, send_growing, NodeWriter, RelayEnd, RelayEvent, SendEnd, Written, BUF_SIZE,
     FORWARD_DELAY,
 };
 pub use error::Error;
 pub use image::digest::{digest_file, digest_source, ImageHasher, SessionKey};
-pub use image::digest::{rehash_written, verify_readback};
 pub use image::sinks::{open_sink, ImageSink, SinkSpec};
 pub use image::sources::{open_source, ImageSource, SourceSpec};
 pub use image::{is_zero, write_atomically, BLOCK};

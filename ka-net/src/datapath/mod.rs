@@ -2,9 +2,16 @@
 //! to a downstream, and forwarding from the receiving thread.
 
 pub mod forward;
+mod pool;
 pub mod receive;
+pub mod send;
+pub mod writer;
 
-pub use receive::{
-    relay, send_growing, send_image, NodeWriter, RelayEnd, RelayEvent, SendEnd, Written, BUF_SIZE,
-    FORWARD_DELAY,
-};
+#[cfg(test)]
+mod tests;
+
+pub use ka_core::config::FORWARD_DELAY;
+pub use pool::BUF_SIZE;
+pub use receive::{relay, RelayEnd, RelayEvent};
+pub use send::{send_growing, SendEnd, Written};
+pub use writer::{rehash_written, verify_readback, NodeWriter};

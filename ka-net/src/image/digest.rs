@@ -290,57 +290,10 @@ pub fn digest_source(
 const HASH_READ: usize = 256 << 10;
 
 /// The session digest of the image in the file or block device at `path`:
-/// how a source computes its digest, in a pass of its own (see
-/// [`crate::shell::run_source`]).
+/// how a source computes its digest, in a pass of its own beside the stream.
 pub fn digest_file(path: &std::path::Path, key: &SessionKey) -> Result<Digest, Error> {
     let mut source = crate::image::sources::FileSource::open(path)?;
     digest_source(&mut source, ImageHasher::new(key), &mut vec![0; HASH_READ])
-}
-
-/// Rebuilds the running digest of what `sink` already holds, by reading it
-/// back up to its position: how a node that restarted (and lost its hasher
-/// with its process) resumes hashing where its copy stops, then asks its
-/// upstream only for the rest.
-pub fn rehash_written(
-    sink: &dyn crate::image::sinks::ImageSink,
-    key: &SessionKey,
-) -> Result<ImageHasher, Error> {
-    let mut source = sink.readback()?;
-    let mut hasher = ImageHasher::new(key);
-    let mut buf = vec![0u8; crate::datapath::receive::BUF_SIZE];
-    while let Some(h) = source.next_record(&mut buf)? {
-        match h.kind {
-            RecordKind::Data => hasher.data(h.offset, &buf[..h.len as usize])?,
-            RecordKind::Zero => hasher.zero(h.offset, h.len)?,
-            RecordKind::End => break,
-        }
-    }
-    if hasher.position() != sink.position() {
-        return Err(Error::Truncated {
-            at: hasher.position(),
-        });
-    }
-    Ok(hasher)
-}
-
-/// Re-reads everything `sink` has written (data regions from disk, zero
-/// regions checked to read as zero) and checks its digest against
-/// `expected`, the source's. Returns the digest read back.
-pub fn verify_readback(
-    sink: &dyn crate::image::sinks::ImageSink,
-    key: &SessionKey,
-    expected: &Digest,
-) -> Result<Digest, Error> {
-    let mut source = sink.readback()?;
-    let mut buf = vec![0u8; crate::datapath::receive::BUF_SIZE];
-    let got = digest_source(source.as_mut(), ImageHasher::new(key), &mut buf)?;
-    if got != *expected {
-        return Err(Error::DigestMismatch {
-            expected: *expected,
-            got,
-        });
-    }
-    Ok(got)
 }
 
 #[cfg(test)]

@@ -7,9 +7,9 @@
 //!
 //! Sources are blocking (`std::io`): a file or pipe read is a blocking
 //! system call, and tokio would push it to a blocking thread anyway
-//! (`tokio::fs` does). The data plane drives a source from one dedicated
-//! blocking thread ([`crate::datapath::receive::send_image`]), which avoids one thread hop
-//! per buffer.
+//! (`tokio::fs` does). A source is read by one dedicated thread (the
+//! digest pass of a file, the spooler of a stream), which avoids one thread
+//! hop per buffer.
 
 use std::ffi::OsString;
 use std::fs::File;

@@ -21,11 +21,11 @@ use tokio_util::codec::Framed;
 
 use super::wire::MessageCodec;
 use crate::datapath::forward::Downstreams;
-use crate::datapath::receive::{relay, send_growing, NodeWriter, RelayEnd, RelayEvent};
+use crate::datapath::{relay, send_growing, NodeWriter, RelayEnd, RelayEvent};
 use crate::image::sources::{FileSource, ImageSource};
 use crate::Error;
 
-pub use crate::datapath::receive::Written;
+pub use crate::datapath::Written;
 
 /// Serve records to a downstream from a file that is, or is being, written.
 pub struct ServeJob {

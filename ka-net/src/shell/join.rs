@@ -18,8 +18,9 @@ use super::conn::{self, Command, Event, ReceiveJob, ServeJob, Written};
 use super::resume::{self, NodeState};
 use super::{nonce, Clock};
 use crate::datapath::forward::Downstreams;
-use crate::datapath::receive::NodeWriter;
-use crate::image::digest::{digest_source, rehash_written, ImageHasher, SessionKey};
+use crate::datapath::rehash_written;
+use crate::datapath::NodeWriter;
+use crate::image::digest::{digest_source, ImageHasher, SessionKey};
 use crate::image::sinks::{open_sink, SinkSpec};
 use crate::Error;
 
@@ -455,7 +456,7 @@ pub async fn run_node(
                         let result = match w.into_parts().await {
                             Err(e) => Err(e.to_string()),
                             Ok((sink, _)) => tokio::task::spawn_blocking(move || {
-                                let mut buf = vec![0u8; crate::datapath::receive::BUF_SIZE];
+                                let mut buf = vec![0u8; crate::datapath::BUF_SIZE];
                                 sink.readback()
                                     .and_then(|mut rb| {
                                         digest_source(rb.as_mut(), ImageHasher::new(&key), &mut buf)

@@ -15,7 +15,7 @@ use std::path::Path;
 use tokio::sync::watch;
 
 use super::conn::Written;
-use crate::datapath::receive::BUF_SIZE;
+use crate::datapath::BUF_SIZE;
 use crate::image::digest::{ImageHasher, SessionKey};
 use crate::image::sinks::{open_sink, ImageSink, SinkSpec};
 use crate::image::sources::{open_source, ImageSource, SourceSpec};
