@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
 use super::conn::{self, Command, Event, ServeJob, Written};
-use super::resume::{self, RecordedOutcome, SourceState};
+use super::resume::{self, RecordedOutcome, SavedSession};
 use super::wire::MessageCodec;
 use super::{nonce, Clock};
 use crate::image::digest::SessionKey;
@@ -72,7 +72,7 @@ pub struct SourceReport {
 
 /// The record of decided outcomes, as the state file holds it.
 fn outcomes_text(source: &Source) -> String {
-    SourceState {
+    SavedSession {
         session: source.config().session.clone(),
         image: source.config().image_id,
         outcomes: source
@@ -166,12 +166,12 @@ pub async fn run_source(
     let state_path = match &opts.state_dir {
         Some(dir) => {
             resume::prepare_state_dir(dir)?;
-            Some(SourceState::path(dir, &session, &image_id))
+            Some(SavedSession::path(dir, &session, &image_id))
         }
         None => None,
     };
     if let Some(p) = &state_path {
-        match SourceState::load(p) {
+        match SavedSession::load(p) {
             Ok(Some(st))
                 if st.session == session && st.image == image_id && !st.outcomes.is_empty() =>
             {
@@ -200,8 +200,8 @@ pub async fn run_source(
             while record_rx.changed().await.is_ok() {
                 let text = record_rx.borrow_and_update().clone();
                 let path = path.clone();
-                let r =
-                    tokio::task::spawn_blocking(move || SourceState::save_text(&path, &text)).await;
+                let r = tokio::task::spawn_blocking(move || SavedSession::save_text(&path, &text))
+                    .await;
                 if let Ok(Err(e)) = r {
                     tracing::warn!(error = %e, "could not record the session's outcomes");
                 }
