@@ -3,14 +3,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use ka_core::codec::{Digest, Message};
+use ka_core::codec::{Digest, ImageId, Message};
 use ka_core::config::SourceConfig;
 use ka_core::ids::ConnId;
 use ka_core::source::{NodeReport, Source, SourceAction, SourceEvent};
+use ka_core::time::Time;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
@@ -19,7 +20,7 @@ use super::conn::{self, Command, Event, ServeJob, Written};
 use super::resume::{self, RecordedOutcome, SavedSession};
 use super::wire::MessageCodec;
 use super::{nonce, Clock};
-use crate::image::digest::SessionKey;
+use crate::image::digest::{digest_file, SessionKey};
 use crate::image::sources::{open_source, SourceSpec};
 use crate::Error;
 
@@ -98,270 +99,468 @@ const REFRESH: Duration = Duration::from_millis(200);
 /// event with the machine (`Some`), and the machine alone every
 /// `REFRESH` or so (`None`), for live progress.
 pub async fn run_source(
-    mut opts: SourceOptions,
+    opts: SourceOptions,
     listener: TcpListener,
-    mut go: mpsc::UnboundedReceiver<()>,
+    go: mpsc::UnboundedReceiver<()>,
     mut display: impl FnMut(&Source, Option<&SourceEvent>),
 ) -> Result<SourceReport, Error> {
-    let clock = Clock::start();
-    let key = opts.key.clone();
-    let (digest_tx, mut digest_rx) = mpsc::unbounded_channel::<Result<(u64, Digest), Error>>();
-    // What servers read from, and how far it is written.
-    let (path, image_written, image_watch, mut size, image_id) = match &opts.image {
-        ImageInput::File(path) => {
-            let size = open_source(&SourceSpec::File(path.clone()))?
-                .size()
-                .ok_or_else(|| {
-                    Error::Invalid(format!("{}: the image size is unknown", path.display()))
-                })?;
-            let (tx, rx) = watch::channel(Written {
-                upto: size,
-                size: Some(size),
-            });
-            // The digest comes from a pass of its own, started now: it runs
-            // while the nodes join (usually long enough to finish), and beside
-            // the stream otherwise, so no data connection ever waits for
-            // hashing; on separate machines the source's spare core does it.
-            let (path2, key2, done) = (path.clone(), key.clone(), digest_tx.clone());
-            tokio::task::spawn_blocking(move || {
-                let r = crate::image::digest::digest_file(&path2, &key2);
-                let _ = done.send(r.map(|d| (size, d)));
-            });
-            (
-                path.clone(),
-                tx,
-                rx,
-                Some(size),
-                resume::image_identity(path)?,
-            )
-        }
-        ImageInput::Stream { spec, spool } => {
-            let stream = open_source(spec)?;
-            let (tx, rx) = watch::channel(Written::default());
-            let (tx2, key2, spool2, done) =
-                (tx.clone(), key.clone(), spool.clone(), digest_tx.clone());
-            tokio::task::spawn_blocking(move || {
-                let r = super::spool::spool_source(stream, &spool2, &key2, &tx2);
-                let _ = done.send(r);
-            });
-            (spool.clone(), tx, rx, None, resume::random_identity())
-        }
-    };
-    opts.config.image_size = size;
-    opts.config.image_id = image_id;
-    let expected = opts.config.expected_nodes;
-    // A file is re-read, a stream is re-read from its spool: any offset can
-    // be served again.
-    opts.config.seekable = true;
-    opts.config.data_addr = listener
-        .local_addr()
-        .map_err(|e| Error::io("reading the listen address", e))?;
-    let session = opts.config.session.clone();
-    let mut source = Source::new(clock.now(), opts.config, Box::new(key.clone()));
-    // A file is all there from the start; a stream's spool is followed below.
-    if let Some(size) = size {
-        source.handle_image_progress(clock.now(), size);
-    }
-    let mut image_progress = image_watch.clone();
-    let state_path = match &opts.state_dir {
-        Some(dir) => {
-            resume::prepare_state_dir(dir)?;
-            Some(SavedSession::path(dir, &session, &image_id))
-        }
-        None => None,
-    };
-    if let Some(p) = &state_path {
-        match SavedSession::load(p) {
-            Ok(Some(st))
-                if st.session == session && st.image == image_id && !st.outcomes.is_empty() =>
-            {
-                tracing::info!(
-                    outcomes = st.outcomes.len(),
-                    "going on with the session of an earlier run on this image"
-                );
-                eprintln!(
-                    "ka: going on with an interrupted session on this image: {} node outcome(s) restored from {} \
-                     (remove it to start a fresh session)",
-                    st.outcomes.len(),
-                    p.display()
-                );
-                for o in st.outcomes {
-                    source.handle_restored(clock.now(), o.name, o.mac, o.outcome);
-                }
-            }
-            Ok(_) => {}
-            Err(reason) => tracing::warn!(%reason, "ignoring an unreadable session record"),
+    let (mut driver, mut inputs) = SourceDriver::new(opts, &listener, go)?;
+    let aborted = driver.run(&listener, &mut inputs, &mut display).await?;
+    Ok(driver.finish(aborted).await)
+}
+
+/// A source's send-rate cap, shared evenly among the connections it serves.
+struct Pacing {
+    /// The cap in bytes per second; `None`: no cap.
+    max_rate: Option<u64>,
+    serving: HashSet<ConnId>,
+    /// Each connection's share, for its serving task.
+    share: watch::Sender<u64>,
+    share_rx: watch::Receiver<u64>,
+}
+
+impl Pacing {
+    fn new(max_rate: Option<u64>) -> Pacing {
+        let (share, share_rx) = watch::channel(max_rate.unwrap_or(u64::MAX));
+        Pacing {
+            max_rate,
+            serving: HashSet::new(),
+            share,
+            share_rx,
         }
     }
-    // The record is rewritten by one task, latest content first, off the driver.
-    let (record_tx, mut record_rx) = watch::channel(outcomes_text(&source));
-    let recorder = state_path.clone().map(|path| {
-        tokio::spawn(async move {
-            while record_rx.changed().await.is_ok() {
-                let text = record_rx.borrow_and_update().clone();
-                let path = path.clone();
+
+    /// What a serving task follows: its share of the cap, if there is one.
+    fn receiver(&self) -> Option<watch::Receiver<u64>> {
+        self.max_rate.map(|_| self.share_rx.clone())
+    }
+
+    /// `conn` is being served.
+    fn started(&mut self, conn: ConnId) {
+        self.serving.insert(conn);
+        self.repace();
+    }
+
+    /// `conn` is served no more: the others share its part.
+    fn stopped(&mut self, conn: ConnId) {
+        if self.serving.remove(&conn) {
+            self.repace();
+        }
+    }
+
+    fn repace(&self) {
+        if let Some(rate) = self.max_rate {
+            self.share
+                .send_replace((rate / self.serving.len().max(1) as u64).max(1));
+        }
+    }
+}
+
+/// The task that keeps the record of decided outcomes on disk, latest
+/// content first, off the driver.
+struct Recorder {
+    path: PathBuf,
+    text: watch::Sender<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    fn start(path: PathBuf, text: String) -> Recorder {
+        let (tx, mut rx) = watch::channel(text);
+        let to = path.clone();
+        let task = tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let text = rx.borrow_and_update().clone();
+                let path = to.clone();
                 let r = tokio::task::spawn_blocking(move || SavedSession::save_text(&path, &text))
                     .await;
                 if let Ok(Err(e)) = r {
                     tracing::warn!(error = %e, "could not record the session's outcomes");
                 }
             }
-        })
-    });
-    let (pace_tx, pace_rx) = watch::channel(opts.max_rate.unwrap_or(u64::MAX));
-    let mut serving: HashSet<ConnId> = HashSet::new();
-    let repace = |serving: &HashSet<ConnId>| {
-        if let Some(rate) = opts.max_rate {
-            pace_tx.send_replace((rate / serving.len().max(1) as u64).max(1));
+        });
+        Recorder {
+            path,
+            text: tx,
+            task,
         }
-    };
-    let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
-    let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Command>> = HashMap::new();
-    let mut tasks = Vec::new();
-    let mut next_conn = 0u64;
-    let mut started_at = None;
-    let mut go_open = true;
-    let mut refreshed = clock.now();
-    let aborted = loop {
-        while let Some((c, m)) = source.poll_transmit() {
-            if let Some(tx) = conns.get(&c) {
+    }
+
+    /// Rewrites the record if `text` differs from the last.
+    fn update(&self, text: String) {
+        self.text.send_if_modified(|old| {
+            let changed = *old != text;
+            if changed {
+                *old = text;
+            }
+            changed
+        });
+    }
+
+    /// The session is over: its record has nothing left to resume.
+    async fn remove(self) {
+        drop(self.text);
+        let _ = self.task.await;
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Whether `ev` changes what the record of outcomes holds.
+fn changes_outcomes(ev: &SourceEvent) -> bool {
+    matches!(
+        ev,
+        SourceEvent::Verified { .. }
+            | SourceEvent::Dead { .. }
+            | SourceEvent::Failed { .. }
+            | SourceEvent::Slow { .. }
+            | SourceEvent::Joined { .. }
+    )
+}
+
+/// What wakes a source's driver besides its listener and its deadline.
+struct Inputs {
+    /// From the connections' tasks.
+    events: mpsc::UnboundedReceiver<Event>,
+    /// The image's size and digest, once its pass (or spool) ends.
+    digest: mpsc::UnboundedReceiver<Result<(u64, Digest), Error>>,
+    /// How far the image can be served (a stream's spool grows).
+    image_progress: watch::Receiver<Written>,
+    /// An operator's go.
+    go: mpsc::UnboundedReceiver<()>,
+    go_open: bool,
+}
+
+/// A source's driver: owns the [`Source`] machine and the shell's state
+/// around it, feeds it every input and carries out its actions.
+struct SourceDriver {
+    source: Source,
+    clock: Clock,
+    /// The file servers read: the image, or a stream's spool.
+    path: PathBuf,
+    /// How far `path` is written; kept until the session ends.
+    image_written: watch::Sender<Written>,
+    image_watch: watch::Receiver<Written>,
+    size: Option<u64>,
+    expected: u32,
+    pacing: Pacing,
+    recorder: Option<Recorder>,
+    conns: HashMap<ConnId, mpsc::UnboundedSender<Command>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    next_conn: u64,
+    events_tx: mpsc::UnboundedSender<Event>,
+    started_at: Option<Time>,
+    refreshed: Time,
+}
+
+impl SourceDriver {
+    /// Opens the image, starts its digest (a file's own pass, or a stream's
+    /// spool) and restores the outcomes an earlier run on it recorded.
+    fn new(
+        mut opts: SourceOptions,
+        listener: &TcpListener,
+        go: mpsc::UnboundedReceiver<()>,
+    ) -> Result<(Self, Inputs), Error> {
+        let clock = Clock::start();
+        let key = opts.key.clone();
+        let (digest_tx, digest) = mpsc::unbounded_channel::<Result<(u64, Digest), Error>>();
+        // What servers read from, and how far it is written.
+        let (path, image_written, image_watch, size, image_id) = match &opts.image {
+            ImageInput::File(path) => {
+                let size = open_source(&SourceSpec::File(path.clone()))?
+                    .size()
+                    .ok_or_else(|| {
+                        Error::Invalid(format!("{}: the image size is unknown", path.display()))
+                    })?;
+                let (tx, rx) = watch::channel(Written {
+                    upto: size,
+                    size: Some(size),
+                });
+                // The digest comes from a pass of its own, started now: it
+                // runs while the nodes join (usually long enough to finish),
+                // and beside the stream otherwise, so no data connection
+                // ever waits for hashing; on separate machines the source's
+                // spare core does it.
+                let (path2, key2, done) = (path.clone(), key.clone(), digest_tx.clone());
+                tokio::task::spawn_blocking(move || {
+                    let r = digest_file(&path2, &key2);
+                    let _ = done.send(r.map(|d| (size, d)));
+                });
+                (
+                    path.clone(),
+                    tx,
+                    rx,
+                    Some(size),
+                    resume::image_identity(path)?,
+                )
+            }
+            ImageInput::Stream { spec, spool } => {
+                let stream = open_source(spec)?;
+                let (tx, rx) = watch::channel(Written::default());
+                let (tx2, key2, spool2, done) =
+                    (tx.clone(), key.clone(), spool.clone(), digest_tx.clone());
+                tokio::task::spawn_blocking(move || {
+                    let r = super::spool::spool_source(stream, &spool2, &key2, &tx2);
+                    let _ = done.send(r);
+                });
+                (spool.clone(), tx, rx, None, resume::random_identity())
+            }
+        };
+        opts.config.image_size = size;
+        opts.config.image_id = image_id;
+        let expected = opts.config.expected_nodes;
+        // A file is re-read, a stream is re-read from its spool: any offset
+        // can be served again.
+        opts.config.seekable = true;
+        opts.config.data_addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the listen address", e))?;
+        let session = opts.config.session.clone();
+        let mut source = Source::new(clock.now(), opts.config, Box::new(key));
+        // A file is all there from the start; a stream's spool is followed.
+        if let Some(size) = size {
+            source.handle_image_progress(clock.now(), size);
+        }
+        let state_path = match &opts.state_dir {
+            Some(dir) => {
+                resume::prepare_state_dir(dir)?;
+                Some(SavedSession::path(dir, &session, &image_id))
+            }
+            None => None,
+        };
+        if let Some(p) = &state_path {
+            restore(&mut source, clock, p, &session, &image_id);
+        }
+        let recorder = state_path.map(|p| Recorder::start(p, outcomes_text(&source)));
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let inputs = Inputs {
+            events,
+            digest,
+            image_progress: image_watch.clone(),
+            go,
+            go_open: true,
+        };
+        let driver = SourceDriver {
+            refreshed: clock.now(),
+            source,
+            clock,
+            path,
+            image_written,
+            image_watch,
+            size,
+            expected,
+            pacing: Pacing::new(opts.max_rate),
+            recorder,
+            conns: HashMap::new(),
+            tasks: Vec::new(),
+            next_conn: 0,
+            events_tx,
+            started_at: None,
+        };
+        Ok((driver, inputs))
+    }
+
+    /// Runs the machine until the session finishes (`None`) or aborts (why).
+    async fn run(
+        &mut self,
+        listener: &TcpListener,
+        inputs: &mut Inputs,
+        display: &mut impl FnMut(&Source, Option<&SourceEvent>),
+    ) -> Result<Option<String>, Error> {
+        loop {
+            if let Some(aborted) = self.drain(display) {
+                return Ok(aborted);
+            }
+            let deadline = self
+                .source
+                .poll_timeout()
+                .map(|(t, _)| self.clock.instant(t));
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, _) = accepted.map_err(|e| Error::io("accepting a connection", e))?;
+                    self.accepted(stream);
+                }
+                Some(event) = inputs.events.recv() => self.conn_event(event),
+                Some(result) = inputs.digest.recv() => self.image_done(result),
+                Some(()) = inputs.go.recv(), if inputs.go_open => self.source.handle_go(self.clock.now()),
+                Ok(()) = inputs.image_progress.changed() => {
+                    let upto = inputs.image_progress.borrow_and_update().upto;
+                    self.source.handle_image_progress(self.clock.now(), upto);
+                }
+                _ = sleep_until(deadline) => self.source.handle_timeout(self.clock.now()),
+            }
+            inputs.go_open = !inputs.go.is_closed();
+        }
+    }
+
+    /// Drains the machine's outputs: frames to their connections, actions
+    /// carried out, events to `display` (and the machine alone every
+    /// [`REFRESH`]), decided outcomes to the record. `Some` once the
+    /// session finished (`None`) or aborted (why).
+    fn drain(
+        &mut self,
+        display: &mut impl FnMut(&Source, Option<&SourceEvent>),
+    ) -> Option<Option<String>> {
+        while let Some((c, m)) = self.source.poll_transmit() {
+            if let Some(tx) = self.conns.get(&c) {
                 let _ = tx.send(Command::Send(m));
             }
         }
-        while let Some(action) = source.poll_action() {
-            match action {
-                SourceAction::StartReading => started_at = Some(clock.now()),
-                SourceAction::Serve {
-                    conn,
-                    node: _,
-                    from,
-                } => {
-                    if let Some(tx) = conns.get(&conn) {
-                        let job = ServeJob {
-                            from,
-                            path: path.clone(),
-                            written: image_watch.clone(),
-                            pace: opts.max_rate.map(|_| pace_rx.clone()),
-                            direct: None,
-                        };
-                        if tx.send(Command::Serve(Box::new(job))).is_ok() {
-                            serving.insert(conn);
-                            repace(&serving);
-                        }
-                    }
-                }
-                SourceAction::Close { conn } => {
-                    if let Some(tx) = conns.remove(&conn) {
-                        let _ = tx.send(Command::Close);
-                    }
-                    if serving.remove(&conn) {
-                        repace(&serving);
-                    }
-                }
-                SourceAction::TrimHistory { .. } => {}
-            }
+        while let Some(action) = self.source.poll_action() {
+            self.act(action);
         }
         let mut done = None;
-        if clock.now().saturating_since(refreshed) >= REFRESH {
-            refreshed = clock.now();
-            display(&source, None);
+        if self.clock.now().saturating_since(self.refreshed) >= REFRESH {
+            self.refreshed = self.clock.now();
+            display(&self.source, None);
         }
         let mut outcomes_changed = false;
-        while let Some(ev) = source.poll_event() {
-            display(&source, Some(&ev));
+        while let Some(ev) = self.source.poll_event() {
+            display(&self.source, Some(&ev));
+            outcomes_changed |= changes_outcomes(&ev);
             match ev {
                 SourceEvent::Finished { .. } => done = Some(None),
                 SourceEvent::Aborted { reason } => done = Some(Some(reason)),
-                SourceEvent::Verified { .. }
-                | SourceEvent::Dead { .. }
-                | SourceEvent::Failed { .. }
-                | SourceEvent::Slow { .. }
-                | SourceEvent::Joined { .. } => outcomes_changed = true,
                 _ => {}
             }
         }
-        if outcomes_changed && state_path.is_some() {
-            let text = outcomes_text(&source);
-            record_tx.send_if_modified(|old| {
-                let changed = *old != text;
-                if changed {
-                    *old = text;
-                }
-                changed
-            });
+        if let (true, Some(recorder)) = (outcomes_changed, &self.recorder) {
+            recorder.update(outcomes_text(&self.source));
         }
-        if let Some(aborted) = done {
-            break aborted;
-        }
-        let deadline = source.poll_timeout().map(|(t, _)| clock.instant(t));
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = accepted.map_err(|e| Error::io("accepting a connection", e))?;
-                let id = ConnId(next_conn);
-                next_conn += 1;
-                let (tx, handle) = conn::spawn(id, stream, events_tx.clone());
-                conns.insert(id, tx);
-                tasks.push(handle);
-                source.handle_connected(clock.now(), id, nonce());
-            }
-            Some(event) = events.recv() => {
-                let now = clock.now();
-                match event {
-                    Event::Frame(c, m) => source.handle_message(now, c, m),
-                    Event::Closed(c, why) => {
-                        tracing::debug!(conn = %c, %why, "connection closed");
-                        conns.remove(&c);
-                        source.handle_closed(now, c);
+        done
+    }
+
+    fn act(&mut self, action: SourceAction) {
+        match action {
+            SourceAction::StartReading => self.started_at = Some(self.clock.now()),
+            SourceAction::Serve {
+                conn,
+                node: _,
+                from,
+            } => {
+                if let Some(tx) = self.conns.get(&conn) {
+                    let job = ServeJob {
+                        from,
+                        path: self.path.clone(),
+                        written: self.image_watch.clone(),
+                        pace: self.pacing.receiver(),
+                        direct: None,
+                    };
+                    if tx.send(Command::Serve(Box::new(job))).is_ok() {
+                        self.pacing.started(conn);
                     }
-                    Event::Served { conn, result } => {
-                        if serving.remove(&conn) {
-                            repace(&serving);
-                        }
-                        if let Err(e) = result {
-                            tracing::info!(conn = %conn, error = %e, "serving a node stopped");
-                        }
-                    }
-                    Event::Progress(_) | Event::Received { .. } => {}
                 }
             }
-            Some(result) = digest_rx.recv() => match result {
-                Ok((total, d)) => {
-                    size = Some(total);
-                    source.handle_image_done(clock.now(), total, d);
+            SourceAction::Close { conn } => {
+                if let Some(tx) = self.conns.remove(&conn) {
+                    let _ = tx.send(Command::Close);
                 }
-                Err(e) => source.handle_image_failed(clock.now(), e.to_string()),
-            },
-            Some(()) = go.recv(), if go_open => source.handle_go(clock.now()),
-            Ok(()) = image_progress.changed() => {
-                let upto = image_progress.borrow_and_update().upto;
-                source.handle_image_progress(clock.now(), upto);
+                self.pacing.stopped(conn);
             }
-            _ = sleep_until(deadline) => source.handle_timeout(clock.now()),
+            SourceAction::TrimHistory { .. } => {}
         }
-        go_open = !go.is_closed();
-    };
-    // Let the last frames (releases, aborts) leave before the sockets close.
-    drop(conns);
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
     }
-    let streaming = started_at.map_or(Duration::ZERO, |t| clock.now().saturating_since(t));
-    drop(image_written);
-    // The session is over: its record has nothing left to resume.
-    drop(record_tx);
-    if let Some(task) = recorder {
-        let _ = task.await;
+
+    /// A node (or an operator) connected.
+    fn accepted(&mut self, stream: TcpStream) {
+        let id = ConnId(self.next_conn);
+        self.next_conn += 1;
+        let (tx, handle) = conn::spawn(id, stream, self.events_tx.clone());
+        self.conns.insert(id, tx);
+        self.tasks.push(handle);
+        self.source.handle_connected(self.clock.now(), id, nonce());
     }
-    if let Some(p) = &state_path {
-        let _ = std::fs::remove_file(p);
+
+    /// A connection's task reports.
+    fn conn_event(&mut self, event: Event) {
+        let now = self.clock.now();
+        match event {
+            Event::Frame(c, m) => self.source.handle_message(now, c, m),
+            Event::Closed(c, why) => {
+                tracing::debug!(conn = %c, %why, "connection closed");
+                self.conns.remove(&c);
+                self.source.handle_closed(now, c);
+            }
+            Event::Served { conn, result } => {
+                self.pacing.stopped(conn);
+                if let Err(e) = result {
+                    tracing::info!(conn = %conn, error = %e, "serving a node stopped");
+                }
+            }
+            Event::Progress(_) | Event::Received { .. } => {}
+        }
     }
-    Ok(SourceReport {
-        nodes: source.report(),
-        size: size.unwrap_or_default(),
-        streaming,
-        aborted,
-        expected,
-    })
+
+    /// The image's digest pass (or spool) ended.
+    fn image_done(&mut self, result: Result<(u64, Digest), Error>) {
+        match result {
+            Ok((total, d)) => {
+                self.size = Some(total);
+                self.source.handle_image_done(self.clock.now(), total, d);
+            }
+            Err(e) => self
+                .source
+                .handle_image_failed(self.clock.now(), e.to_string()),
+        }
+    }
+
+    /// After the session: lets the last frames (releases, aborts) leave
+    /// before the sockets close, removes the record, and reports.
+    async fn finish(self, aborted: Option<String>) -> SourceReport {
+        let SourceDriver {
+            source,
+            clock,
+            image_written,
+            size,
+            expected,
+            recorder,
+            conns,
+            tasks,
+            started_at,
+            ..
+        } = self;
+        drop(conns);
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
+        }
+        let streaming = started_at.map_or(Duration::ZERO, |t| clock.now().saturating_since(t));
+        drop(image_written);
+        if let Some(recorder) = recorder {
+            recorder.remove().await;
+        }
+        SourceReport {
+            nodes: source.report(),
+            size: size.unwrap_or_default(),
+            streaming,
+            aborted,
+            expected,
+        }
+    }
+}
+
+/// Restores into `source` the outcomes an earlier run of `session` on the
+/// same image recorded at `path`.
+fn restore(source: &mut Source, clock: Clock, path: &Path, session: &str, image_id: &ImageId) {
+    match SavedSession::load(path) {
+        Ok(Some(st))
+            if st.session == session && st.image == *image_id && !st.outcomes.is_empty() =>
+        {
+            tracing::info!(
+                outcomes = st.outcomes.len(),
+                "going on with the session of an earlier run on this image"
+            );
+            eprintln!(
+                "ka: going on with an interrupted session on this image: {} node outcome(s) restored from {} \
+                 (remove it to start a fresh session)",
+                st.outcomes.len(),
+                path.display()
+            );
+            for o in st.outcomes {
+                source.handle_restored(clock.now(), o.name, o.mac, o.outcome);
+            }
+        }
+        Ok(_) => {}
+        Err(reason) => tracing::warn!(%reason, "ignoring an unreadable session record"),
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -407,5 +606,53 @@ async fn next_frame(f: &mut Framed<TcpStream, MessageCodec>) -> Result<Message, 
         Ok(Some(Err(e))) => Err(format!("bad answer from the source: {e}")),
         Ok(None) => Err("the source closed the connection".to_string()),
         Err(_) => Err("the source did not answer within 5 s".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_cap_is_shared_among_the_connections_served() {
+        let mut pacing = Pacing::new(Some(1200));
+        let share = pacing.receiver().expect("a cap is followed");
+        pacing.started(ConnId(1));
+        assert_eq!(*share.borrow(), 1200);
+        pacing.started(ConnId(2));
+        pacing.started(ConnId(3));
+        assert_eq!(*share.borrow(), 400);
+        pacing.started(ConnId(3));
+        assert_eq!(*share.borrow(), 400, "a connection counts once");
+    }
+
+    #[test]
+    fn a_connection_served_no_more_gives_its_share_back() {
+        let mut pacing = Pacing::new(Some(1000));
+        let share = pacing.receiver().unwrap();
+        pacing.started(ConnId(1));
+        pacing.started(ConnId(2));
+        assert_eq!(*share.borrow(), 500);
+        pacing.stopped(ConnId(2));
+        assert_eq!(*share.borrow(), 1000);
+        pacing.stopped(ConnId(2));
+        pacing.stopped(ConnId(1));
+        assert_eq!(*share.borrow(), 1000, "no connection: the whole cap");
+    }
+
+    #[test]
+    fn a_tiny_cap_shared_by_many_still_lets_each_send() {
+        let mut pacing = Pacing::new(Some(2));
+        for c in 0..5 {
+            pacing.started(ConnId(c));
+        }
+        assert_eq!(*pacing.receiver().unwrap().borrow(), 1);
+    }
+
+    #[test]
+    fn without_a_cap_nothing_is_paced() {
+        let mut pacing = Pacing::new(None);
+        pacing.started(ConnId(1));
+        assert!(pacing.receiver().is_none());
     }
 }
