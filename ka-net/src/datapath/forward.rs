@@ -2,12 +2,11 @@
 //! written straight on to the downstreams that are caught up with it.
 //!
 //! A downstream is normally served from the node's written file
-//! ([`send_growing`](crate::datapath::receive::send_growing)): its serving task wakes
-//! when the writer has written more, finds the new extents and `sendfile`s
-//! them. On a slow link that is a task wakeup, an `lseek`, a zero probe and
-//! two sends for every piece the node receives, each few kilobytes; it made
-//! a forwarding node cost about four times a plain relay's CPU, and with 16
-//! nodes on two cores that saturated the machine.
+//! ([`send_growing`](super::send_growing)): its serving task wakes when the
+//! writer has written more, finds the new extents and `sendfile`s them. On
+//! a slow link that is a task wakeup, an `lseek`, a zero probe and two sends
+//! for every piece of a few kilobytes the node receives: about four times a
+//! plain relay's CPU, enough to saturate two cores shared by many nodes.
 //!
 //! So while a downstream keeps up, its serving task *lends* its socket to the
 //! receiving thread (`Downstreams::lend`), which then forwards each piece
@@ -36,7 +35,7 @@ use tokio::sync::oneshot;
 use crate::Error;
 
 /// The downstreams a node's receiving thread may feed directly: shared by
-/// the node's writer (see [`NodeWriter`](crate::datapath::receive::NodeWriter)'s relays)
+/// the node's writer (see [`NodeWriter`](super::NodeWriter)'s relays)
 /// and the tasks serving its downstreams.
 #[derive(Default)]
 pub struct Downstreams {

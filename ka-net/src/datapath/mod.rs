@@ -1,5 +1,17 @@
-//! How image bytes move: the node's receiving thread and writer, sending
-//! to a downstream, and forwarding from the receiving thread.
+//! How image bytes move.
+//!
+//! - [`receive`]: a node's receiving thread ([`relay`]) reads its upstream,
+//!   writes each piece through the [`NodeWriter`] and forwards it.
+//! - [`writer`]: the node's sink and running digest, its hasher thread, and
+//!   the read-back passes over a written copy.
+//! - [`send`]: [`send_growing`] serves a file that may still be growing
+//!   (a source's image or spool, a node's target) to one downstream.
+//! - [`forward`]: the downstreams a receiving thread feeds directly while
+//!   they keep up.
+//! - `pool`: the page-aligned buffers that bound a node's memory.
+//!
+//! Bytes never pass through the shell: it hands sockets and the writer to
+//! these functions and hears their progress.
 
 pub mod forward;
 mod pool;

@@ -19,7 +19,7 @@ use crate::Error;
 /// Payload bytes per buffer, and the longest `Data` record a sender cuts:
 /// 1 MiB, a multiple of [`crate::BLOCK`]. Large enough that per-buffer costs
 /// (a channel hop, a `write`, a hash call, a `sendfile`) vanish against the
-/// copies; 2 and 4 MiB measured no faster (see the crate docs).
+/// copies; 2 and 4 MiB buffers are no faster (docs/performance.md).
 pub const BUF_SIZE: usize = 1 << 20;
 
 /// Buffers per leg (being received, written, hashed or sent): enough to keep

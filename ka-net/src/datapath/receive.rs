@@ -1,33 +1,26 @@
-//! The fast path: moving records from a source to a socket, and from an
-//! upstream socket into a node's sink.
+//! A node's receiving thread ([`relay`]): reads the upstream socket into a
+//! pooled buffer and writes each piece to the sink itself, so a received
+//! byte reaches the disk (and so the downstreams, served from the disk)
+//! without changing threads; the [`NodeWriter`]'s hasher thread hashes
+//! whole buffers behind it and returns them to the pool. Receiving and
+//! writing share a thread because on a slow link every thread handoff is a
+//! wakeup, and wakeups, not copies, are what a node spends its CPU on;
+//! hashing has a thread of its own so that on a fast link it runs beside
+//! them on the other core.
 //!
-//! - On a node ([`relay`]), one receiving thread reads the upstream socket
-//!   into a pooled buffer and writes each piece to the sink itself, so a
-//!   received byte reaches the disk without changing threads; the
-//!   [`NodeWriter`]'s hasher thread hashes whole buffers behind it and
-//!   returns them to the pool. A buffer is reused only once it is written
-//!   and hashed; the pool bounds the memory in flight whatever the image
-//!   size. Receiving and writing share a thread because on a slow link
-//!   every thread handoff is a wakeup, and wakeups (not copies) were what a
-//!   node spent its CPU on; hashing keeps a thread of its own so that on a
-//!   fast link it runs beside them on the other core.
-//! - A node serves each downstream from what it has written
-//!   ([`send_growing`], following the writer's progress), with
-//!   `sendfile(2)` from the page cache the writer just filled. The same
-//!   path serves a late or resumed downstream from disk, so no memory
-//!   buffer limits a slow downstream or a repair. While a downstream keeps
-//!   up on a slow link, the receiving thread sends each piece to it itself,
-//!   right after writing it ([`crate::datapath::forward`]).
-//! - On the source, a reader thread produces records from the
-//!   [`ImageSource`] while the async task writes them to the socket
-//!   ([`send_image`]): by `sendfile(2)` for files and block devices (the
-//!   reader only probes blocks for zeros), from pooled buffers for streams.
+//! While a downstream keeps up, the same thread sends it each piece right
+//! after writing it ([`super::forward`]).
 //!
-//! Each buffer has room before its payload for the 17-byte record header,
-//! so a record from a buffer goes out with one `write`; with `sendfile`, the
-//! header goes first with `MSG_MORE` so it shares a segment with its payload.
-//! Payloads are page-aligned, which the kernel's copies to and from user
-//! space are fastest with.
+//! When to write a piece sets each hop's delay. The thread writes (and
+//! forwards) what its buffer holds when the buffer is full *or*
+//! [`FORWARD_DELAY`] after its first byte came. On a fast link buffers fill
+//! first and the socket wakes the thread per `WAKE_BATCH` bytes (`SO_RCVLOWAT`).
+//! On a slow link the thread wakes once the open piece is complete: it
+//! holds [`FORWARD_AFTER`] of the link's rate (at least
+//! `FORWARD_BYTES_MIN`), or its deadline came, as long as what arrives
+//! meanwhile fits half the socket's receive buffer (so the sender never
+//! waits for the window). A piece is stored whole before it is forwarded,
+//! so its length in time is what each hop adds.
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::mpsc as std_mpsc;
@@ -50,8 +43,8 @@ use crate::Error;
 /// segment. On a slow link the low mark is what completes the open piece
 /// (see `Receiver::wait`). Linux clamps the receive window to a raised low
 /// mark unless the socket's buffer size was set by hand, which
-/// `UpstreamSocket::enlarge_receive_buffer` does: without it, session 4 saw
-/// slower hops with low marks.
+/// `UpstreamSocket::enlarge_receive_buffer` does (with a clamped window a
+/// raised low mark slows every hop).
 const WAKE_BATCH: usize = 64 << 10;
 
 /// The receive buffer a node asks for on its upstream socket (see
@@ -73,7 +66,7 @@ const RATE_WINDOW: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub enum RelayEvent {
     /// The sink has taken everything before this offset (written, not yet
-    /// flushed to stable storage; [`ImageSink::finish`] does that). A server
+    /// flushed to stable storage; [`ImageSink::finish`](crate::ImageSink::finish) does that). A server
     /// may send it on from the sink's file.
     Written(u64),
 }
@@ -108,7 +101,7 @@ struct Received {
 /// `writer.position()`.
 ///
 /// With `direct`, the receiving thread also sends each piece it writes to
-/// the downstreams whose serving tasks ([`send_growing`] with the same
+/// the downstreams whose serving tasks ([`send_growing`](super::send_growing) with the same
 /// `direct`) have lent it their sockets. The upstream is read by that
 /// thread alone: a socket still registered with the tokio runtime (pass
 /// one made by `into_std`) would wake the runtime at every packet.
@@ -309,9 +302,8 @@ impl UpstreamSocket {
     /// window costs the upstream at least 200 ms (TCP's persist timer),
     /// and the whole chain behind it waits. Left to autotuning, the buffer
     /// stays near 128 KiB, since a node reads little per round trip: about
-    /// 80 KB of payload in 1448-byte segments, 6 ms at 100 Mbit/s. In the
-    /// lab, 16 nodes on two cores showed up to 7 zero windows per node per
-    /// run. As root (`SO_RCVBUFFORCE`) the size is granted in full; else
+    /// 80 KB of payload in 1448-byte segments, 6 ms at 100 Mbit/s: many
+    /// nodes sharing two cores then see zero windows in every run. As root (`SO_RCVBUFFORCE`) the size is granted in full; else
     /// the kernel caps it at `net.core.rmem_max`.
     fn enlarge_receive_buffer(&self) {
         use nix::sys::socket::{setsockopt, sockopt};

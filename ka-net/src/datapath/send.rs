@@ -47,7 +47,7 @@ impl std::fmt::Debug for SendEnd {
 /// send waits for more at what is written so far, in one long-lived stream.
 /// How a node forwards to its downstream, and how any server serves.
 ///
-/// With `direct` (the node's [`Downstreams`], shared with its [`relay`]),
+/// With `direct` (the node's [`Downstreams`], shared with its [`relay`](super::relay)),
 /// the socket is lent to the receiving thread each time this send has
 /// caught up with the writer, and taken back when the downstream falls
 /// behind or the relay stops.

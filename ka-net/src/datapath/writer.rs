@@ -44,13 +44,13 @@ impl Lent {
     }
 }
 
-/// A node's sink and running digest. During a [`relay`], one receiving
+/// A node's sink and running digest. During a [`relay`](super::relay), one receiving
 /// thread reads the upstream and writes what it reads to the sink itself,
 /// so a piece of the image reaches the disk (and so the downstream, which
 /// is served from the disk) without changing threads; a hasher thread
 /// hashes whole buffers behind it. It outlives any one upstream
 /// connection: after a relay stops, the same writer is given to the next
-/// [`relay`] (from the new upstream), resuming at
+/// [`relay`](super::relay) (from the new upstream), resuming at
 /// [`position`](Self::position).
 pub struct NodeWriter {
     /// `None` while a relay's thread holds it, or after that thread was lost.

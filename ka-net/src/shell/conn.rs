@@ -283,7 +283,7 @@ async fn receive(
     };
     // The receiving thread owns the socket from here. Left registered with
     // the runtime, every packet that arrives would also wake a runtime
-    // thread for nothing (measured: four wakeups per piece received).
+    // thread for nothing (four wakeups per piece received).
     // Records may already sit in the frame reader's buffer: they are read first.
     let result = match stream.into_std() {
         Err(e) => Err(Error::io("taking the upstream socket from the runtime", e)),
