@@ -436,15 +436,4 @@ mod tests {
         ));
         assert!(h.clone().finish(11).is_err());
     }
-
-    #[test]
-    fn is_zero_finds_a_single_set_byte_anywhere() {
-        let mut v = vec![0u8; 1000];
-        assert!(is_zero(&v));
-        for i in [0, 255, 256, 511, 999] {
-            v[i] = 1;
-            assert!(!is_zero(&v), "byte {i}");
-            v[i] = 0;
-        }
-    }
 }

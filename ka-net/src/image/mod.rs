@@ -41,3 +41,19 @@ pub fn is_zero(bytes: &[u8]) -> bool {
     }
     chunks.remainder().iter().all(|&b| b == 0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn is_zero_finds_a_single_set_byte_anywhere() {
+        let mut v = vec![0u8; 1000];
+        assert!(is_zero(&v));
+        for i in [0, 255, 256, 511, 999] {
+            v[i] = 1;
+            assert!(!is_zero(&v), "byte {i}");
+            v[i] = 0;
+        }
+    }
+}
