@@ -56,6 +56,7 @@ const RECEIVE_BUFFER: usize = 4 << 20;
 /// upstream may take along (kept aside and used by the next reads).
 const READ_AHEAD: usize = 64 << 10;
 
+/// [`ka_core::config::FORWARD_BYTES_MIN`], as a buffer length.
 const FORWARD_BYTES_MIN: usize = ka_core::config::FORWARD_BYTES_MIN as usize;
 
 /// How long the upstream's rate is measured over before it sets the bytes
