@@ -11,7 +11,28 @@
 //! - `pool`: the page-aligned buffers that bound a node's memory.
 //!
 //! Bytes never pass through the shell: it hands sockets and the writer to
-//! these functions and hears their progress.
+//! these functions and hears their progress. A node's data path, in short:
+//!
+//! ```no_run
+//! # async fn node(up: tokio::net::TcpStream, mut down: tokio::net::TcpStream,
+//! #               key: ka_net::SessionKey, size: u64) -> Result<(), ka_net::Error> {
+//! use ka_net::*;
+//! let sink = open_sink(&SinkSpec::File("/dev/sda".into()), Some(size))?;
+//! let mut writer = NodeWriter::new(sink, ImageHasher::new(&key))?;
+//! // The downstream is served from what this node has written, as it grows.
+//! let (written, follow) = tokio::sync::watch::channel(Written::default());
+//! let from_disk = image::sources::FileSource::open_sized("/dev/sda".as_ref(), Some(size))?;
+//! let serve = tokio::spawn(async move { send_growing(from_disk, &mut down, follow, None, |_| {}).await });
+//! let publish = written.clone();
+//! let end = relay(&up, &[], &mut writer, None, move |RelayEvent::Written(offset)| {
+//!     publish.send_modify(|w| w.upto = offset);
+//! })
+//! .await?; // on error: reconnect and relay again from writer.position()
+//! written.send_replace(Written { upto: end.size, size: Some(end.size) });
+//! let (sink, _) = writer.into_parts().await?;
+//! verify_readback(sink.as_ref(), &key, &end.digest)?;
+//! # Ok(()) }
+//! ```
 
 pub mod forward;
 mod pool;
