@@ -32,8 +32,9 @@
 //! - `splice+mmap`: socket → pipe → file by `splice(2)`, hashed through a
 //!   populated read-only mapping of the page cache just written.
 //! - `splice+pread`: the same, hashed by reading the file back in 256 KiB.
-//! - `ka`: ka's own code: `send_image` of a file source → `relay` into a
-//!   `NodeWriter` (records, zero-block scan, canonical digest).
+//! - `ka`: ka's own code: `send_growing` of a complete file (how `ka serve`
+//!   sends a file image) → `relay` into a `NodeWriter` (records, zero-block
+//!   scan, canonical digest).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -44,9 +45,9 @@ use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
+use ka_net::image::sources::FileSource;
 use ka_net::{
-    open_sink, open_source, relay, send_image, ImageHasher, NodeWriter, SessionKey, SinkSpec,
-    SourceSpec,
+    open_sink, relay, send_growing, ImageHasher, NodeWriter, SessionKey, SinkSpec, Written,
 };
 
 const KEY: SessionKey = SessionKey([0x5a; 32]);
@@ -75,8 +76,14 @@ fn send(mode: &str, addr: &str, input: &Path) {
         return tokio_rt().block_on(async {
             let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
             let start = Instant::now();
-            let source = open_source(&SourceSpec::File(input.to_owned())).expect("open");
-            send_image(source, &mut s, None, |_| {})
+            let source = FileSource::open(input).expect("open");
+            let size = std::fs::metadata(input).expect("stat").len();
+            // The whole file is written: the send follows nothing.
+            let (_written, complete) = tokio::sync::watch::channel(Written {
+                upto: size,
+                size: Some(size),
+            });
+            send_growing(source, &mut s, complete, None, |_| {})
                 .await
                 .expect("send");
             report(start, "-");

@@ -13,7 +13,7 @@ use anyhow::anyhow;
 use ka_core::config::NodeConfig;
 use ka_core::node::NodeEvent;
 use ka_net::shell::{self, NodeOptions, NodeOutcome, Target};
-use ka_net::sink::SinkSpec;
+use ka_net::SinkSpec;
 
 use super::identity::{Identity, RootPartition, Step};
 use super::reach::Reach;

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use ka_net::digest::SessionKey;
 use ka_net::shell::discovery;
+use ka_net::SessionKey;
 
 use super::{secret, DEFAULT_PORT};
 

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context};
-use ka_net::digest::SessionKey;
 use ka_net::shell::{load_or_generate_secret, session_key};
+use ka_net::SessionKey;
 
 pub use ka_net::shell::Secret;
 

@@ -9,7 +9,7 @@ use anyhow::{anyhow, Context};
 use ka_core::config::SourceConfig;
 use ka_core::source::{Source, SourceEvent};
 use ka_net::shell::{self, ImageInput, SourceOptions};
-use ka_net::source::SourceSpec;
+use ka_net::SourceSpec;
 
 use super::secret::{self, Secret};
 use super::{runtime, spool_path, DEFAULT_STATE_DIR};

@@ -20,12 +20,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
 use super::wire::MessageCodec;
-use crate::direct::Downstreams;
-use crate::relay::{relay, send_growing, NodeWriter, RelayEnd, RelayEvent};
-use crate::source::{FileSource, ImageSource};
+use crate::datapath::forward::Downstreams;
+use crate::datapath::{relay, send_growing, NodeWriter, RelayEnd, RelayEvent};
+use crate::image::sources::{FileSource, ImageSource};
 use crate::Error;
 
-pub use crate::relay::Written;
+pub use crate::datapath::Written;
 
 /// Serve records to a downstream from a file that is, or is being, written.
 pub struct ServeJob {
@@ -283,7 +283,7 @@ async fn receive(
     };
     // The receiving thread owns the socket from here. Left registered with
     // the runtime, every packet that arrives would also wake a runtime
-    // thread for nothing (measured: four wakeups per piece received).
+    // thread for nothing (four wakeups per piece received).
     // Records may already sit in the frame reader's buffer: they are read first.
     let result = match stream.into_std() {
         Err(e) => Err(Error::io("taking the upstream socket from the runtime", e)),

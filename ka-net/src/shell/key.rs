@@ -4,7 +4,7 @@ use std::path::Path;
 
 use ka_core::codec::Tag;
 
-use crate::digest::SessionKey;
+use crate::image::digest::SessionKey;
 
 /// A session secret as the operator handles it: 32 random bytes, kept as hex
 /// in a file the nodes are given.

@@ -1,12 +1,16 @@
-//! The async shell: drives the ka-core machines over tokio sockets and the data plane.
+//! The async shell: drives the ka-core machines over tokio sockets and the data path.
 //!
-//! One *driver task* owns each machine ([`run_source`], [`run_node`]) and
-//! `select!`s over its connections' events, the data plane's progress,
+//! One *driver* owns each machine: [`serve`] the source's, [`join`] the
+//! node's. A driver is a struct whose fields are the shell's state beside
+//! the machine (connections, the node's writer and who holds it, durable
+//! records, pacing) and whose methods are its inputs; its loop `select!`s
+//! over its connections' events, the data path's progress,
 //! `sleep_until(poll_timeout)` and new connections, as quinn's connection
-//! driver does. Every TCP connection has its own task ([`conn`]): it writes
+//! driver does, and [`run_source`] and [`run_node`] build it and run that
+//! loop. Every TCP connection has its own task ([`conn`]): it writes
 //! the frames the machine transmits, reads the peer's frames while the
 //! connection is a conversation, and, once the machine turns it into a data
-//! connection, hands the raw socket to the data plane (sending records to a
+//! connection, hands the raw socket to the data path (sending records to a
 //! downstream, or receiving them into the node's writer).
 //!
 //! A process listens on one port: every connection starts with the
@@ -15,10 +19,10 @@
 
 pub mod conn;
 pub mod discovery;
+pub mod join;
 pub mod key;
-pub mod node;
 pub mod resume;
-pub mod source;
+pub mod serve;
 pub mod spool;
 pub mod wire;
 
@@ -26,9 +30,9 @@ use std::time::Instant;
 
 use ka_core::time::Time;
 
+pub use join::{run_node, NodeOptions, NodeOutcome, Target};
 pub use key::{load_or_generate_secret, session_key, Secret};
-pub use node::{run_node, NodeOptions, NodeOutcome, Target};
-pub use source::{go, run_source, ImageInput, SourceOptions, SourceReport};
+pub use serve::{go, run_source, ImageInput, SourceOptions, SourceReport};
 
 /// The clock of a driver: nanoseconds since the driver started, as ka-core's [`Time`].
 #[derive(Debug, Clone, Copy)]

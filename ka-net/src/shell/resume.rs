@@ -56,7 +56,7 @@ pub fn image_identity(path: &Path) -> Result<ImageId, Error> {
     if meta.file_type().is_block_device() {
         let mut f =
             File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        let size = crate::blockdev::size_of(&f)
+        let size = crate::image::blockdev::size_of(&f)
             .map_err(|e| Error::io(format!("reading the size of {}", path.display()), e))?;
         h.update(b"device");
         h.update(&size.to_le_bytes());
@@ -258,7 +258,7 @@ pub struct RecordedOutcome {
 /// What a source keeps so that, restarted on the same image, it still
 /// accounts for the nodes whose outcome was decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceState {
+pub struct SavedSession {
     /// The session.
     pub session: String,
     /// The image served.
@@ -267,7 +267,7 @@ pub struct SourceState {
     pub outcomes: Vec<RecordedOutcome>,
 }
 
-impl SourceState {
+impl SavedSession {
     /// Where the state of `session` serving `image` lives under `dir`: one
     /// file per image, so sources of different images never mix.
     pub fn path(dir: &Path, session: &str, image: &ImageId) -> PathBuf {
@@ -279,7 +279,7 @@ impl SourceState {
     }
 
     /// Reads the state at `path`: `Ok(None)` if there is none.
-    pub fn load(path: &Path) -> Result<Option<SourceState>, String> {
+    pub fn load(path: &Path) -> Result<Option<SavedSession>, String> {
         let Some(text) = read_state(path)? else {
             return Ok(None);
         };
@@ -315,7 +315,7 @@ impl SourceState {
             }
         }
         match (session, image) {
-            (Some(session), Some(image)) => Ok(Some(SourceState {
+            (Some(session), Some(image)) => Ok(Some(SavedSession {
                 session,
                 image,
                 outcomes,
@@ -345,7 +345,7 @@ impl SourceState {
         text
     }
 
-    /// Writes `text` (from [`SourceState::to_text`]) to `path` atomically.
+    /// Writes `text` (from [`SavedSession::to_text`]) to `path` atomically.
     pub fn save_text(path: &Path, text: &str) -> std::io::Result<()> {
         crate::write_atomically(path, text.as_bytes(), 0o644)
     }
@@ -389,9 +389,9 @@ mod tests {
     }
 
     #[test]
-    fn source_state_round_trips() {
+    fn saved_session_round_trips() {
         let dir = tempfile::tempdir().unwrap();
-        let state = SourceState {
+        let state = SavedSession {
             session: "s".into(),
             image: ImageId([9; 32]),
             outcomes: vec![
@@ -407,9 +407,9 @@ mod tests {
                 },
             ],
         };
-        let path = SourceState::path(dir.path(), "s", &state.image);
-        SourceState::save_text(&path, &state.to_text()).unwrap();
-        assert_eq!(SourceState::load(&path), Ok(Some(state)));
+        let path = SavedSession::path(dir.path(), "s", &state.image);
+        SavedSession::save_text(&path, &state.to_text()).unwrap();
+        assert_eq!(SavedSession::load(&path), Ok(Some(state)));
     }
 
     #[test]

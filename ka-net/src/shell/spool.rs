@@ -15,11 +15,12 @@ use std::path::Path;
 use tokio::sync::watch;
 
 use super::conn::Written;
-use crate::digest::{ImageDigest, ImageHasher, SessionKey};
-use crate::relay::BUF_SIZE;
-use crate::sink::{open_sink, ImageSink, SinkSpec};
-use crate::source::{open_source, ImageSource, SourceSpec};
+use crate::datapath::BUF_SIZE;
+use crate::image::digest::{ImageHasher, SessionKey};
+use crate::image::sinks::{open_sink, ImageSink, SinkSpec};
+use crate::image::sources::{open_source, ImageSource, SourceSpec};
 use crate::Error;
+use ka_core::codec::Digest;
 use ka_core::record::{RecordHeader, RecordKind};
 
 /// How far ahead a file of still unknown size is made to reach while it is
@@ -55,7 +56,7 @@ pub fn spool_source(
     spool: &Path,
     key: &SessionKey,
     written: &watch::Sender<Written>,
-) -> Result<(u64, ImageDigest), Error> {
+) -> Result<(u64, Digest), Error> {
     let mut sink = open_sink(&SinkSpec::File(spool.to_path_buf()), None)?;
     reach_ahead(spool)?;
     let mut hasher = ImageHasher::new(key);

@@ -7,9 +7,9 @@
 //!
 //! Sources are blocking (`std::io`): a file or pipe read is a blocking
 //! system call, and tokio would push it to a blocking thread anyway
-//! (`tokio::fs` does). The data plane drives a source from one dedicated
-//! blocking thread ([`crate::relay::send_image`]), which avoids one thread hop
-//! per buffer.
+//! (`tokio::fs` does). A source is read by one dedicated thread (the
+//! digest pass of a file, the spooler of a stream), which avoids one thread
+//! hop per buffer.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -23,8 +23,8 @@ use ka_core::record::{RecordHeader, RecordKind};
 use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
 
-use crate::blockdev;
-use crate::digest::{is_zero, BLOCK};
+use crate::image::blockdev;
+use crate::image::{is_zero, BLOCK};
 use crate::Error;
 
 /// What to read an image from.
@@ -611,7 +611,7 @@ impl<R: Read + Send> ImageSource for StreamSource<R> {
 #[derive(Debug)]
 pub struct CommandSource {
     stream: StreamSource<ChildStdout>,
-    child: crate::process::Supervised,
+    child: crate::image::process::Supervised,
 }
 
 impl CommandSource {
@@ -619,9 +619,9 @@ impl CommandSource {
     /// `label` names it in errors.
     pub fn spawn(mut command: Command, label: String) -> Result<Self, Error> {
         command.stdin(Stdio::null()).stdout(Stdio::piped());
-        let mut child = crate::process::Supervised::spawn(command, label)?;
+        let mut child = crate::image::process::Supervised::spawn(command, label)?;
         let stdout = child.child_mut().stdout.take().expect("stdout is piped");
-        crate::process::widen_pipe(&stdout);
+        crate::image::process::widen_pipe(&stdout);
         Ok(CommandSource {
             stream: StreamSource::new(stdout),
             child,
@@ -669,7 +669,7 @@ impl ImageSource for CommandSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digest::{digest_source, ImageHasher, SessionKey};
+    use crate::image::digest::{digest_source, ImageHasher, SessionKey};
 
     const B: usize = BLOCK as usize;
 

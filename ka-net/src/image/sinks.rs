@@ -1,11 +1,12 @@
 //! Image sinks: consume records and make the image on a node.
 //!
-//! A sink is written strictly in order (the relay feeds it the stream as it
-//! arrives); a file or block device can be reopened and resumed at an offset,
-//! and read back to verify the copy or to serve a downstream node.
+//! A sink is written strictly in order (a node's receiving thread feeds it
+//! the stream as it arrives); a file or block device can be reopened and
+//! resumed at an offset, and read back to verify the copy or to serve a
+//! downstream node.
 //!
-//! Sinks are blocking, for the same reason as sources: the relay drives one
-//! sink from one dedicated thread ([`crate::relay::NodeWriter`]).
+//! Sinks are blocking, for the same reason as sources: one dedicated thread
+//! drives a sink.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -17,10 +18,10 @@ use std::process::{ChildStdin, Command, Stdio};
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
 
-use crate::blockdev::{self, BlockDeviceError};
-use crate::digest::BLOCK;
-use crate::process::Supervised;
-use crate::source::{FileSource, ImageSource};
+use crate::image::blockdev::{self, BlockDeviceError};
+use crate::image::process::Supervised;
+use crate::image::sources::{FileSource, ImageSource};
+use crate::image::BLOCK;
 use crate::Error;
 
 /// Zeros for sinks that must receive zero bytes as bytes (pipes) and for the
@@ -325,7 +326,7 @@ impl CommandSink {
         let mut child = Supervised::spawn(command, label.clone())?;
         let stdin = child.child_mut().stdin.take();
         if let Some(pipe) = &stdin {
-            crate::process::widen_pipe(pipe);
+            crate::image::process::widen_pipe(pipe);
         }
         Ok(CommandSink {
             stdin,
@@ -416,10 +417,10 @@ impl ImageSink for CommandSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blockdev::tests::LoopDev;
-    use crate::digest::{digest_source, ImageHasher, SessionKey};
-    use crate::source::open_source;
-    use crate::source::SourceSpec;
+    use crate::image::blockdev::tests::LoopDev;
+    use crate::image::digest::{digest_source, ImageHasher, SessionKey};
+    use crate::image::sources::open_source;
+    use crate::image::sources::SourceSpec;
     use ka_core::record::RecordKind;
     use std::os::unix::fs::MetadataExt;
 
@@ -442,7 +443,7 @@ mod tests {
         panic!("source without End");
     }
 
-    fn digest(src: &mut dyn ImageSource) -> crate::digest::ImageDigest {
+    fn digest(src: &mut dyn ImageSource) -> ka_core::codec::Digest {
         digest_source(src, ImageHasher::new(&KEY), &mut vec![0u8; 4 * B]).unwrap()
     }
 
@@ -493,7 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn verify_readback_catches_corruption_in_data_and_in_zero_regions() {
+    fn readback_catches_corruption_in_data_and_in_zero_regions() {
         let (src_file, img) = image_file();
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out.img");
@@ -501,7 +502,7 @@ mod tests {
         let mut sink = FileSink::open(&out, Some(img.len() as u64)).unwrap();
         copy(&mut src, &mut sink);
         let want = digest(&mut FileSource::open(src_file.path()).unwrap());
-        crate::digest::verify_readback(&sink, &KEY, &want).unwrap();
+        assert_eq!(digest(sink.readback().unwrap().as_mut()), want);
         let f = OpenOptions::new().write(true).open(&out).unwrap();
         // A flipped byte in data, then a stray byte in a hole.
         for (at, byte) in [(15 * B as u64, 0u8), (700 * B as u64 + 3, 1u8)] {
@@ -511,11 +512,10 @@ mod tests {
                 .read_exact_at(&mut old, at)
                 .unwrap();
             f.write_all_at(&[byte ^ old[0] ^ 0x5a], at).unwrap();
-            let err = crate::digest::verify_readback(&sink, &KEY, &want).unwrap_err();
-            assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");
+            assert_ne!(digest(sink.readback().unwrap().as_mut()), want);
             f.write_all_at(&old, at).unwrap();
         }
-        crate::digest::verify_readback(&sink, &KEY, &want).unwrap();
+        assert_eq!(digest(sink.readback().unwrap().as_mut()), want);
     }
 
     #[test]

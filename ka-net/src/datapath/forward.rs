@@ -2,12 +2,11 @@
 //! written straight on to the downstreams that are caught up with it.
 //!
 //! A downstream is normally served from the node's written file
-//! ([`send_growing`](crate::relay::send_growing)): its serving task wakes
-//! when the writer has written more, finds the new extents and `sendfile`s
-//! them. On a slow link that is a task wakeup, an `lseek`, a zero probe and
-//! two sends for every piece the node receives, each few kilobytes; it made
-//! a forwarding node cost about four times a plain relay's CPU, and with 16
-//! nodes on two cores that saturated the machine.
+//! ([`send_growing`](super::send_growing)): its serving task wakes when the
+//! writer has written more, finds the new extents and `sendfile`s them. On
+//! a slow link that is a task wakeup, an `lseek`, a zero probe and two sends
+//! for every piece of a few kilobytes the node receives: about four times a
+//! plain relay's CPU, enough to saturate two cores shared by many nodes.
 //!
 //! So while a downstream keeps up, its serving task *lends* its socket to the
 //! receiving thread (`Downstreams::lend`), which then forwards each piece
@@ -36,7 +35,7 @@ use tokio::sync::oneshot;
 use crate::Error;
 
 /// The downstreams a node's receiving thread may feed directly: shared by
-/// the node's writer (see [`NodeWriter`](crate::relay::NodeWriter)'s relays)
+/// the node's writer (see [`NodeWriter`](super::NodeWriter)'s relays)
 /// and the tasks serving its downstreams.
 #[derive(Default)]
 pub struct Downstreams {
@@ -361,6 +360,69 @@ mod tests {
                 header_tail: z.encode()[3..].to_vec(),
                 payload: (0, 0)
             }
+        );
+    }
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_socket_is_lent_only_to_a_running_thread_caught_up_on_small_pieces() {
+        let (down, _far) = pair().await;
+        let d = Arc::new(Downstreams::default());
+        assert!(d.lend(&down, 0).unwrap().is_none(), "no thread runs");
+        let feeding = d.start_feeding(0);
+        assert!(d.lend(&down, 0).unwrap().is_none(), "no piece written yet");
+        feeding.written(&data(0, 100), &[1; 100], true);
+        assert!(d.lend(&down, 0).unwrap().is_none(), "behind the thread");
+        let loan = d.lend(&down, 100).unwrap();
+        assert!(loan.is_some(), "caught up on small pieces");
+        assert_eq!(d.lent(), 1);
+        feeding.written(&data(100, 1 << 20), &vec![2; 1 << 20], false);
+        assert_eq!(d.lent(), 0, "a full buffer hands every socket back");
+        assert!(d.lend(&down, 100 + (1 << 20)).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_lent_socket_carries_pieces_and_comes_back_where_its_downstream_stands() {
+        let (down, mut far) = pair().await;
+        let d = Arc::new(Downstreams::default());
+        let feeding = d.start_feeding(0);
+        feeding.written(&data(0, 10), &[1; 10], true);
+        let mut loan = d.lend(&down, 10).unwrap().unwrap();
+        feeding.written(&data(10, 20), &[2; 20], true);
+        assert_eq!(d.stats().records, 1);
+        drop(feeding);
+        let back = loan.returned().await.unwrap();
+        assert_eq!(back.sent, 30);
+        assert!(back.unsent.is_none());
+        let mut got = vec![0u8; RecordHeader::SIZE + 20];
+        tokio::io::AsyncReadExt::read_exact(&mut far, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got[..RecordHeader::SIZE], &data(10, 20).encode());
+        assert_eq!(&got[RecordHeader::SIZE..], &[2; 20]);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_loan_takes_its_socket_back() {
+        let (down, _far) = pair().await;
+        let d = Arc::new(Downstreams::default());
+        let feeding = d.start_feeding(0);
+        feeding.written(&data(0, 10), &[1; 10], true);
+        let loan = d.lend(&down, 10).unwrap().unwrap();
+        assert_eq!(d.lent(), 1);
+        drop(loan);
+        assert_eq!(d.lent(), 0);
+        feeding.written(&data(10, 10), &[1; 10], true);
+        assert_eq!(
+            d.stats().records,
+            0,
+            "nothing is sent to a socket taken back"
         );
     }
 }

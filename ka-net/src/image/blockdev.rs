@@ -17,64 +17,7 @@ mod ioctl {
 }
 use ioctl::{blkgetsize64, blksszget, blkzeroout};
 
-/// Why a block device cannot be used; each message says what to do.
-#[derive(Debug, thiserror::Error)]
-pub enum BlockDeviceError {
-    /// The path is not a block device.
-    #[error("{0} is not a block device")]
-    NotABlockDevice(PathBuf),
-    /// The device is smaller than the image.
-    #[error("{path} holds {size} bytes but the image needs {needed}: choose a larger disk or a smaller image")]
-    TooSmall {
-        /// The device.
-        path: PathBuf,
-        /// Its size in bytes.
-        size: u64,
-        /// The image size in bytes.
-        needed: u64,
-    },
-    /// The device or one of its partitions is mounted.
-    #[error("{part} (on {path}) is mounted at {mountpoint}: unmount it (umount {mountpoint}) before cloning onto {path}")]
-    Mounted {
-        /// The device asked for.
-        path: PathBuf,
-        /// The mounted device or partition (kernel name).
-        part: String,
-        /// Where it is mounted.
-        mountpoint: String,
-    },
-    /// The device or one of its partitions is active swap.
-    #[error("{part} (on {path}) is in use as swap: run `swapoff /dev/{part}` before cloning onto {path}")]
-    Swap {
-        /// The device asked for.
-        path: PathBuf,
-        /// The swap device or partition (kernel name).
-        part: String,
-    },
-    /// A device-mapper, RAID or similar device is built on the device.
-    #[error("{part} (on {path}) is held by {holder} (LVM, RAID, dm-crypt or multipath): deactivate {holder} first")]
-    Held {
-        /// The device asked for.
-        path: PathBuf,
-        /// The held device or partition (kernel name).
-        part: String,
-        /// The holder (kernel name, e.g. `dm-0`).
-        holder: String,
-    },
-    /// The kernel refused exclusive access: something else has it open exclusively.
-    #[error("{0} is busy (another program holds it exclusively): stop that program first")]
-    Busy(PathBuf),
-    /// An I/O error while inspecting the device.
-    #[error("{what} {path}: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The device.
-        path: PathBuf,
-        /// The underlying error.
-        source: io::Error,
-    },
-}
+pub use crate::error::BlockDeviceError;
 
 /// What the kernel says about a block device.
 #[derive(Debug, Clone, PartialEq, Eq)]

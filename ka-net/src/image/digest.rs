@@ -23,12 +23,12 @@
 //! ```
 //!
 //! The headers fix where every payload byte belongs, so the pair determines
-//! the image exactly as one interleaved stream would. Hashing them as two
-//! streams is a measured choice: BLAKE3 hashes 8 chunks at once (AVX2) only in
-//! subtrees aligned to its chunk counter, and a 17-byte header before every
-//! 64 KiB block breaks that alignment: one interleaved stream hashed about
-//! 20 % slower than raw BLAKE3 on the development machine. The content stream is plain,
-//! aligned BLAKE3 at full speed; the layout stream costs 17 bytes per block.
+//! the image exactly as one interleaved stream would. They are two streams
+//! because BLAKE3 hashes 8 chunks at once (AVX2) only in subtrees aligned to
+//! its chunk counter, and a 17-byte header before every 64 KiB block breaks
+//! that alignment: one interleaved stream hashes about a fifth slower than
+//! raw BLAKE3. The content stream is plain, aligned BLAKE3 at full speed; the
+//! layout stream costs 17 bytes per block.
 //!
 //! The digest is a function of the image content and size only, not of how
 //! records were cut on the wire, which source produced them, or where a
@@ -42,17 +42,12 @@
 
 use std::fmt;
 
+use ka_core::codec::Digest;
 use ka_core::record::{RecordHeader, RecordKind};
 
-use crate::source::ImageSource;
+use super::sources::ImageSource;
+use super::{is_zero, BLOCK};
 use crate::Error;
-
-/// Granularity of zero detection and of the canonical digest stream: 64 KiB.
-///
-/// Small enough that the free space of a used filesystem is found (free extents
-/// are usually much larger), large enough that a `Zero` header per run and a
-/// `Data` header per block cost nothing (17 bytes per 64 KiB hashed).
-pub const BLOCK: u64 = 64 * 1024;
 
 /// The 32-byte secret of a session; keys the digest so that only session
 /// members can produce or fake one.
@@ -64,40 +59,6 @@ impl fmt::Debug for SessionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SessionKey(..)")
     }
-}
-
-/// A finished image digest (32 bytes); displays as lowercase hex.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ImageDigest(pub [u8; 32]);
-
-impl fmt::Display for ImageDigest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for ImageDigest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ImageDigest({self})")
-    }
-}
-
-/// True when every byte of `bytes` is zero.
-///
-/// Reduces 256-byte chunks with OR (which the compiler vectorises) and exits at
-/// the first non-zero chunk, so a block of real data is rejected after a few
-/// cycles.
-pub fn is_zero(bytes: &[u8]) -> bool {
-    let mut chunks = bytes.chunks_exact(256);
-    for chunk in &mut chunks {
-        if chunk.iter().fold(0u8, |acc, &b| acc | b) != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&b| b == 0)
 }
 
 /// Incremental canonical digest of an image (see the module docs).
@@ -235,7 +196,7 @@ impl ImageHasher {
         &mut self,
         header: &RecordHeader,
         payload: &[u8],
-    ) -> Result<Option<ImageDigest>, Error> {
+    ) -> Result<Option<Digest>, Error> {
         match header.kind {
             RecordKind::Data => self.data(header.offset, payload).map(|()| None),
             RecordKind::Zero => self.zero(header.offset, header.len).map(|()| None),
@@ -245,7 +206,7 @@ impl ImageHasher {
 
     /// Ends the image at `size` (which must equal [`position`](Self::position))
     /// and returns the digest.
-    pub fn finish(mut self, size: u64) -> Result<ImageDigest, Error> {
+    pub fn finish(mut self, size: u64) -> Result<Digest, Error> {
         self.expect_at(size)?;
         if !self.partial.is_empty() {
             self.flush_partial();
@@ -255,7 +216,7 @@ impl ImageHasher {
         let mut top = blake3::Hasher::new_keyed(&self.key);
         top.update(self.layout.finalize().as_bytes());
         top.update(self.content.finalize().as_bytes());
-        Ok(ImageDigest(*top.finalize().as_bytes()))
+        Ok(Digest(*top.finalize().as_bytes()))
     }
 
     fn flush_partial(&mut self) {
@@ -301,7 +262,7 @@ pub fn digest_source(
     source: &mut dyn ImageSource,
     mut hasher: ImageHasher,
     buf: &mut [u8],
-) -> Result<ImageDigest, Error> {
+) -> Result<Digest, Error> {
     loop {
         match source.next_record(buf)? {
             None => {
@@ -329,57 +290,10 @@ pub fn digest_source(
 const HASH_READ: usize = 256 << 10;
 
 /// The session digest of the image in the file or block device at `path`:
-/// how a source computes its digest, in a pass of its own (see
-/// [`crate::shell::run_source`]).
-pub fn digest_file(path: &std::path::Path, key: &SessionKey) -> Result<ImageDigest, Error> {
-    let mut source = crate::source::FileSource::open(path)?;
+/// how a source computes its digest, in a pass of its own beside the stream.
+pub fn digest_file(path: &std::path::Path, key: &SessionKey) -> Result<Digest, Error> {
+    let mut source = crate::image::sources::FileSource::open(path)?;
     digest_source(&mut source, ImageHasher::new(key), &mut vec![0; HASH_READ])
-}
-
-/// Rebuilds the running digest of what `sink` already holds, by reading it
-/// back up to its position: how a node that restarted (and lost its hasher
-/// with its process) resumes hashing where its copy stops, then asks its
-/// upstream only for the rest.
-pub fn rehash_written(
-    sink: &dyn crate::sink::ImageSink,
-    key: &SessionKey,
-) -> Result<ImageHasher, Error> {
-    let mut source = sink.readback()?;
-    let mut hasher = ImageHasher::new(key);
-    let mut buf = vec![0u8; crate::relay::BUF_SIZE];
-    while let Some(h) = source.next_record(&mut buf)? {
-        match h.kind {
-            RecordKind::Data => hasher.data(h.offset, &buf[..h.len as usize])?,
-            RecordKind::Zero => hasher.zero(h.offset, h.len)?,
-            RecordKind::End => break,
-        }
-    }
-    if hasher.position() != sink.position() {
-        return Err(Error::Truncated {
-            at: hasher.position(),
-        });
-    }
-    Ok(hasher)
-}
-
-/// Re-reads everything `sink` has written (data regions from disk, zero
-/// regions checked to read as zero) and checks its digest against
-/// `expected`, the source's. Returns the digest read back.
-pub fn verify_readback(
-    sink: &dyn crate::sink::ImageSink,
-    key: &SessionKey,
-    expected: &ImageDigest,
-) -> Result<ImageDigest, Error> {
-    let mut source = sink.readback()?;
-    let mut buf = vec![0u8; crate::relay::BUF_SIZE];
-    let got = digest_source(source.as_mut(), ImageHasher::new(key), &mut buf)?;
-    if got != *expected {
-        return Err(Error::DigestMismatch {
-            expected: *expected,
-            got,
-        });
-    }
-    Ok(got)
 }
 
 #[cfg(test)]
@@ -390,7 +304,7 @@ mod tests {
 
     /// The definition, written the slow and obvious way, to check the
     /// incremental hasher against.
-    fn reference_digest(key: &SessionKey, image: &[u8]) -> ImageDigest {
+    fn reference_digest(key: &SessionKey, image: &[u8]) -> Digest {
         let mut h = blake3::Hasher::new_keyed(&key.0);
         let mut c = blake3::Hasher::new_keyed(&key.0);
         let mut run: Option<u64> = None;
@@ -442,7 +356,7 @@ mod tests {
         let mut top = blake3::Hasher::new_keyed(&key.0);
         top.update(h.finalize().as_bytes());
         top.update(c.finalize().as_bytes());
-        ImageDigest(*top.finalize().as_bytes())
+        Digest(*top.finalize().as_bytes())
     }
 
     /// An image with data blocks, zero blocks, a zero run inside a data block
@@ -521,16 +435,5 @@ mod tests {
             })
         ));
         assert!(h.clone().finish(11).is_err());
-    }
-
-    #[test]
-    fn is_zero_finds_a_single_set_byte_anywhere() {
-        let mut v = vec![0u8; 1000];
-        assert!(is_zero(&v));
-        for i in [0, 255, 256, 511, 999] {
-            v[i] = 1;
-            assert!(!is_zero(&v), "byte {i}");
-            v[i] = 0;
-        }
     }
 }
