@@ -104,8 +104,6 @@ pub enum RefusalCode {
     BadProof,
     /// The session already has every node it waits for.
     SessionFull,
-    /// Another live node already uses this name.
-    NameInUse,
     /// The session ended or was aborted.
     SessionOver,
     /// A data connection for a node or epoch this peer does not expect.
@@ -113,12 +111,11 @@ pub enum RefusalCode {
 }
 
 impl RefusalCode {
-    const ALL: [RefusalCode; 7] = [
+    const ALL: [RefusalCode; 6] = [
         RefusalCode::VersionMismatch,
         RefusalCode::WrongSession,
         RefusalCode::BadProof,
         RefusalCode::SessionFull,
-        RefusalCode::NameInUse,
         RefusalCode::SessionOver,
         RefusalCode::NotExpected,
     ];
@@ -161,10 +158,6 @@ pub struct Join {
     pub data_addr: SocketAddr,
     /// It waits for the source's release before leaving (Ka-deploy's `-w`).
     pub wait_release: bool,
-    /// Its sink can be read back. A node of this version serves its
-    /// downstreams from what it wrote and always says `true`; the source
-    /// does not consult it.
-    pub readable: bool,
     /// The contiguous prefix it already holds (non-zero after a restart, of
     /// the node or of the source).
     pub have: u64,
@@ -182,10 +175,6 @@ pub struct Progress {
     pub received: u64,
     /// End of the contiguous prefix written to the sink.
     pub written: u64,
-    /// The lowest offset it can still serve to a downstream. A node of this
-    /// version serves from what it wrote and always says 0; the source does
-    /// not consult it.
-    pub holds_from: u64,
 }
 
 /// Every message of the protocol, control and data handshake alike.
@@ -337,11 +326,7 @@ impl Message {
                 put_str(out, &j.name);
                 out.put_slice(&j.mac);
                 put_addr(out, &j.data_addr);
-                out.put_u8(
-                    u8::from(j.wait_release)
-                        | (u8::from(j.readable) << 1)
-                        | (u8::from(j.image.is_some()) << 2),
-                );
+                out.put_u8(u8::from(j.wait_release) | (u8::from(j.image.is_some()) << 2));
                 out.put_u64(j.have);
                 if let Some(image) = &j.image {
                     out.put_slice(&image.0);
@@ -412,7 +397,6 @@ impl Message {
                 out.put_u8(tag::PROGRESS);
                 out.put_u64(p.received);
                 out.put_u64(p.written);
-                out.put_u64(p.holds_from);
             }
             Message::Verified { ok, reason } => {
                 out.put_u8(tag::VERIFIED);
@@ -639,7 +623,6 @@ impl Reader<'_> {
                     mac,
                     data_addr,
                     wait_release: flags & 1 != 0,
-                    readable: flags & 2 != 0,
                     have,
                     image,
                     proof: Tag(self.bytes32()?),
@@ -706,7 +689,6 @@ impl Reader<'_> {
             tag::PROGRESS => Message::Progress(Progress {
                 received: self.u64()?,
                 written: self.u64()?,
-                holds_from: self.u64()?,
             }),
             tag::VERIFIED => Message::Verified {
                 ok: self.bool()?,
@@ -762,12 +744,12 @@ mod tests {
             text(),
             any::<[u8; 6]>(),
             addr(),
-            any::<(bool, bool)>(),
+            any::<bool>(),
             any::<u64>(),
             (proptest::option::of(any::<[u8; 32]>()), any::<[u8; 32]>()),
         )
             .prop_map(
-                |(version, session, name, mac, data_addr, (w, r), have, (image, proof))| {
+                |(version, session, name, mac, data_addr, w, have, (image, proof))| {
                     Message::Join(Join {
                         version,
                         session,
@@ -775,7 +757,6 @@ mod tests {
                         mac,
                         data_addr,
                         wait_release: w,
-                        readable: r,
                         have,
                         image: image.map(ImageId),
                         proof: Tag(proof),
@@ -837,13 +818,8 @@ mod tests {
             Just(Message::Release),
             text().prop_map(|reason| Message::Abort { reason }),
             Just(Message::Heartbeat),
-            any::<(u64, u64, u64)>().prop_map(|(received, written, holds_from)| Message::Progress(
-                Progress {
-                    received,
-                    written,
-                    holds_from
-                }
-            )),
+            any::<(u64, u64)>()
+                .prop_map(|(received, written)| Message::Progress(Progress { received, written })),
             (any::<bool>(), text()).prop_map(|(ok, reason)| Message::Verified { ok, reason }),
             text().prop_map(|reason| Message::Failed { reason }),
             (text(), any::<[u8; 32]>()).prop_map(|(session, p)| Message::Go {

@@ -438,7 +438,7 @@ impl Node {
     }
 
     /// The data plane's latest offsets. Offsets only grow; smaller values are
-    /// ignored, and so is `holds_from`: a node serves from what it wrote.
+    /// ignored.
     pub fn handle_progress(&mut self, _now: Time, progress: Progress) {
         self.received.insert(0..progress.received);
         self.written.insert(0..progress.written);
@@ -635,7 +635,6 @@ impl Node {
         Progress {
             received: self.received.prefix_end(),
             written: self.written.prefix_end(),
-            holds_from: 0,
         }
     }
 
@@ -728,7 +727,6 @@ impl Node {
                     mac: self.config.mac,
                     data_addr: self.config.data_addr,
                     wait_release: self.config.wait_release,
-                    readable: true,
                     have,
                     image: self.image_id.filter(|_| have > 0),
                     proof,

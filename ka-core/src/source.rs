@@ -500,7 +500,6 @@ impl Source {
             progress: Progress {
                 received,
                 written: received,
-                holds_from: 0,
             },
             last_heard: now,
             slow_since: None,
@@ -781,7 +780,6 @@ impl Source {
             progress: Progress {
                 received: have,
                 written: have,
-                holds_from: 0,
             },
             last_heard: now,
             slow_since: None,
@@ -914,7 +912,6 @@ impl Source {
         // Offsets only grow; a stale or reordered report must not move them back.
         record.progress.received = record.progress.received.max(p.received);
         record.progress.written = record.progress.written.max(p.written);
-        record.progress.holds_from = record.progress.holds_from.max(p.holds_from);
         record.report.received = record.progress.received;
         self.check_slow(now, id);
     }
@@ -1353,7 +1350,6 @@ mod tests {
             mac: [0; 6],
             data_addr: addr(),
             wait_release: false,
-            readable: true,
             have: 0,
             image: None,
             proof: join_proof(&TestKey(1), &NONCE, "s", name),

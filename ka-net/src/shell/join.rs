@@ -806,7 +806,6 @@ impl NodeDriver {
                         Progress {
                             received: offset,
                             written: offset,
-                            holds_from: 0,
                         },
                     );
                     if let Some(d) = &mut self.durable {
@@ -845,7 +844,6 @@ impl NodeDriver {
                     Progress {
                         received: at,
                         written: at,
-                        holds_from: 0,
                     },
                 );
                 self.writer = Some(w);

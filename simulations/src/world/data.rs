@@ -111,7 +111,6 @@ impl Sim {
                 Progress {
                     received,
                     written: received,
-                    holds_from: 0,
                 },
             );
         }
