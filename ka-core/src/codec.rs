@@ -134,6 +134,23 @@ pub struct Refusal {
     pub detail: String,
 }
 
+impl Refusal {
+    /// A refusal whose detail fits a string field: details quote what the
+    /// peer sent (its session, its name), so they are cut to [`MAX_STRING`]
+    /// bytes here rather than trusted to be short.
+    pub fn new(code: RefusalCode, mut detail: String) -> Refusal {
+        if detail.len() > MAX_STRING {
+            let mut end = MAX_STRING - '…'.len_utf8();
+            while !detail.is_char_boundary(end) {
+                end -= 1;
+            }
+            detail.truncate(end);
+            detail.push('…');
+        }
+        Refusal { code, detail }
+    }
+}
+
 /// Who a node takes its data from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Upstream {

@@ -1024,7 +1024,7 @@ impl Node {
 
     fn refuse_downstream(&mut self, conn: ConnId, code: RefusalCode, detail: String) {
         self.transmits
-            .push_back((conn, Message::Refused(Refusal { code, detail })));
+            .push_back((conn, Message::Refused(Refusal::new(code, detail))));
         self.close(conn);
     }
 

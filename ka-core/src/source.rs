@@ -657,7 +657,7 @@ impl Source {
     }
 
     fn refuse(&mut self, conn: ConnId, code: RefusalCode, detail: String) {
-        let refusal = Refusal { code, detail };
+        let refusal = Refusal::new(code, detail);
         self.transmits
             .push_back((conn, Message::Refused(refusal.clone())));
         self.events
@@ -670,7 +670,7 @@ impl Source {
     /// detail is for the node's operator). Changes nothing:
     /// [`Source::on_join`] carries the decision out.
     fn admit(&self, nonce: &Nonce, join: &Join) -> Result<Admission, Refusal> {
-        let refuse = |code, detail| Err(Refusal { code, detail });
+        let refuse = |code, detail| Err(Refusal::new(code, detail));
         if join.version != PROTOCOL_VERSION {
             let detail = format!(
                 "node speaks protocol v{}, this source v{PROTOCOL_VERSION}: run the same ka version on both",
@@ -1361,6 +1361,27 @@ mod tests {
         src.handle_connected(Time::ZERO, ConnId(conn), NONCE);
         src.handle_message(Time::ZERO, ConnId(conn), Message::Join(join(name)));
         assert!(src.names.contains_key(name), "{name} was not admitted");
+    }
+
+    #[test]
+    fn a_refusal_quoting_a_huge_session_name_still_encodes() {
+        // Decoding lets each string field reach MAX_STRING bytes; a refusal
+        // that quotes two of them must still fit one field.
+        let mut src = source(2);
+        src.handle_connected(Time::ZERO, ConnId(1), NONCE);
+        let mut j = join("a");
+        j.session = "é".repeat(crate::codec::MAX_STRING / 2);
+        src.handle_message(Time::ZERO, ConnId(1), Message::Join(j));
+        let msg = std::iter::from_fn(|| src.poll_transmit())
+            .map(|(_, m)| m)
+            .find(|m| matches!(m, Message::Refused(_)))
+            .expect("a refusal");
+        let Message::Refused(r) = &msg else {
+            unreachable!()
+        };
+        assert_eq!(r.code, RefusalCode::WrongSession);
+        assert!(r.detail.len() <= crate::codec::MAX_STRING);
+        msg.encode(&mut bytes::BytesMut::new());
     }
 
     fn refused(src: &Source, join: &Join) -> RefusalCode {
