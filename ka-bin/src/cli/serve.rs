@@ -126,6 +126,7 @@ pub struct ServePlan {
 impl ServePlan {
     /// Checks `args` and reads the inventory, before anything is served.
     pub fn from_args(args: ServeArgs) -> anyhow::Result<ServePlan> {
+        secret::check_session_name(&args.session)?;
         let mut config = SourceConfig::new(args.session.clone(), args.nodes, args.listen);
         config.arity = args.arity.max(1);
         config.join_timeout = args.join_timeout;

@@ -22,11 +22,44 @@ pub fn generated_path(session: &str) -> PathBuf {
     PathBuf::from(format!("ka-secret-{session}"))
 }
 
+/// Refuses a session name that is not 1–64 letters, digits, `.`, `_` or
+/// `-` (not starting with `.`): it names files (the generated secret, the
+/// state records) and travels in every join, so it must not reach outside
+/// a directory or fill a refusal.
+pub fn check_session_name(session: &str) -> anyhow::Result<()> {
+    let fits = (1..=64).contains(&session.len())
+        && !session.starts_with('.')
+        && session
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !fits {
+        anyhow::bail!(
+            "session name {:?} is not usable: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'",
+            session.chars().take(80).collect::<String>()
+        );
+    }
+    Ok(())
+}
+
 /// A new secret for `session`, written (mode 0600) to
 /// [`generated_path`]; returns it and the file it is in.
 pub fn generate(session: &str) -> anyhow::Result<(Secret, PathBuf)> {
+    generate_in(Path::new("."), session)
+}
+
+/// [`generate`] in `dir`. A secret generated earlier is never replaced:
+/// nodes may hold it, and a second `ka serve` that overwrote it would lock
+/// them out without a word.
+fn generate_in(dir: &Path, session: &str) -> anyhow::Result<(Secret, PathBuf)> {
+    let path = dir.join(generated_path(session));
+    if path.symlink_metadata().is_ok() {
+        anyhow::bail!(
+            "{} exists from an earlier ka serve: reuse it with --secret-file {} (nodes may hold it), or remove it for a new secret",
+            path.display(),
+            path.display()
+        );
+    }
     let secret = Secret::generate();
-    let path = generated_path(session);
     crate::write_atomically(&path, format!("{}\n", secret.to_hex()).as_bytes(), 0o600)
         .with_context(|| format!("writing the generated secret to {}", path.display()))?;
     Ok((secret, path))
@@ -40,4 +73,46 @@ pub fn is_secret(text: &str) -> bool {
 /// The key of `session` under `secret`.
 pub(crate) fn key(secret: &Secret, session: &str) -> SessionKey {
     session_key(secret, session)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_generated_secret_is_private_and_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, path) = generate_in(dir.path(), "lab").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(load(&path).unwrap(), secret);
+        let again = generate_in(dir.path(), "lab").unwrap_err().to_string();
+        assert!(again.contains("--secret-file"), "{again}");
+        assert_eq!(
+            load(&path).unwrap(),
+            secret,
+            "the first secret was replaced"
+        );
+    }
+
+    #[test]
+    fn a_planted_link_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join(generated_path("lab"))).unwrap();
+        assert!(generate_in(dir.path(), "lab").is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    }
+
+    #[test]
+    fn session_names_that_leave_a_directory_or_fill_a_refusal_are_refused() {
+        for bad in ["", "../x", "a/b", ".hidden", &"s".repeat(65), "lab one"] {
+            assert!(check_session_name(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["ka", "lab-2026.12", "rack_7"] {
+            check_session_name(good).unwrap();
+        }
+    }
 }

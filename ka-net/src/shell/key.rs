@@ -30,17 +30,20 @@ impl Secret {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// Parses 64 hex digits (surrounding whitespace ignored).
+    /// Parses 64 hex digits (surrounding whitespace ignored). Anything else
+    /// is refused, signs included (`+0` parses as a number, not as two hex
+    /// digits), and so is the all-zero secret: it is what an empty or
+    /// zero-filled file turns into, and anyone could guess it.
     pub fn from_hex(text: &str) -> Option<Self> {
         let t = text.trim();
-        if t.len() != 64 {
+        if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         let mut s = [0u8; 32];
         for (i, b) in s.iter_mut().enumerate() {
-            *b = u8::from_str_radix(t.get(2 * i..2 * i + 2)?, 16).ok()?;
+            *b = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).ok()?;
         }
-        Some(Secret(s))
+        (s != [0; 32]).then_some(Secret(s))
     }
 }
 
@@ -54,7 +57,7 @@ pub fn load_or_generate_secret(path: Option<&Path>) -> Result<(Secret, bool), St
                 .map_err(|e| format!("cannot read the secret file {}: {e}", p.display()))?;
             let secret = Secret::from_hex(&text).ok_or_else(|| {
                 format!(
-                    "{} does not hold a ka secret (64 hex digits); copy the file the source printed or wrote",
+                    "{} does not hold a ka secret (64 hex digits, not all zero); copy the file the source printed or wrote",
                     p.display()
                 )
             })?;
@@ -88,6 +91,22 @@ mod tests {
         assert_eq!(Secret::from_hex(&format!("{}\n", s.to_hex())), Some(s));
         assert_eq!(Secret::from_hex("zz"), None);
         assert_eq!(Secret::from_hex(&"g".repeat(64)), None);
+    }
+
+    #[test]
+    fn signs_and_the_all_zero_secret_are_refused() {
+        // u8::from_str_radix("+0", 16) is Ok(0): a file of "+0" pairs once
+        // passed as the all-zero secret.
+        assert_eq!(Secret::from_hex(&"+0".repeat(32)), None);
+        assert_eq!(Secret::from_hex(&"0".repeat(64)), None);
+        assert_eq!(
+            Secret::from_hex(&format!("{}1", "0".repeat(63))),
+            Some(Secret({
+                let mut s = [0; 32];
+                s[31] = 1;
+                s
+            }))
+        );
     }
 
     #[test]
