@@ -14,6 +14,28 @@
 //! runs the subcommand; other crates (tests) call the library directly.
 #![warn(missing_docs)]
 
+/// `println!` for what ka reports on standard output, which ignores a
+/// reader that has gone: `ka serve --json | head` must not end a session
+/// (its nodes would lose their source) because nobody reads its lines any
+/// more. The exit status still tells the outcome.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `print!` that ignores a reader that has gone, as [`outln!`] does.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        let _ = write!(stdout, $($arg)*).and_then(|()| stdout.flush());
+    }};
+}
+
+pub(crate) use {out, outln};
+
 pub mod boot;
 pub mod cli;
 pub mod netboot;

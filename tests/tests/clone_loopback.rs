@@ -20,13 +20,20 @@ struct Proc {
 impl Proc {
     fn start(dir: &Path, label: &str, args: &[&str]) -> Proc {
         let out = dir.join(format!("{label}.out"));
+        Proc::start_with_stdout(dir, label, args, File::create(&out).unwrap().into())
+    }
+
+    /// [`Proc::start`] with standard output going to `stdout` instead of
+    /// `LABEL.out` (which then stays empty).
+    fn start_with_stdout(dir: &Path, label: &str, args: &[&str], stdout: Stdio) -> Proc {
+        let out = dir.join(format!("{label}.out"));
         let err = dir.join(format!("{label}.err"));
         let child = Command::new(ka_bin())
             .args(args)
             // Whatever ka writes beside itself stays in the test's directory.
             .current_dir(dir)
             .stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
+            .stdout(stdout)
             .stderr(File::create(&err).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("starting ka {args:?}: {e}"));
@@ -69,6 +76,9 @@ fn read(p: &Path) -> String {
 struct Session {
     dir: tempfile::TempDir,
     port: std::cell::Cell<u16>,
+    /// Where the next `ka serve` writes its standard output instead of
+    /// `serve.out`.
+    serve_stdout: std::cell::Cell<Option<Stdio>>,
     secret: PathBuf,
     image: PathBuf,
 }
@@ -107,6 +117,7 @@ impl Session {
         Session {
             dir,
             port: std::cell::Cell::new(0),
+            serve_stdout: std::cell::Cell::new(None),
             secret,
             image,
         }
@@ -141,7 +152,10 @@ impl Session {
         let state = self.state_dir();
         args.extend_from_slice(&["--spool-dir", spool, "--state-dir", &state, "--json"]);
         args.extend_from_slice(extra);
-        let p = Proc::start(self.dir.path(), "serve", &args);
+        let p = match self.serve_stdout.take() {
+            Some(stdout) => Proc::start_with_stdout(self.dir.path(), "serve", &args, stdout),
+            None => Proc::start(self.dir.path(), "serve", &args),
+        };
         self.learn_port(&p);
         p
     }
@@ -713,6 +727,29 @@ fn a_node_that_boots_before_its_source_keeps_looking_and_joins() {
     let (code, _, err) = early.finish(Duration::from_secs(30));
     assert_eq!(code, 0, "{err}");
     assert!(same_content(&s.image, &s.target("early")));
+}
+
+#[test]
+fn a_source_whose_output_reader_leaves_still_serves_its_nodes() {
+    // `ka serve --json | head -1`: once the reader is gone every write to
+    // standard output fails (EPIPE). The session must go on to its report
+    // and exit status; a panic would leave the nodes without their source.
+    let s = Session::new(16 << 20);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    s.serve_stdout.set(Some(writer.into()));
+    let serve = s.serve(2, &[]);
+    let a = s.join("a", &s.target("a"), &[]);
+    let b = s.join("b", &s.target("b"), &[]);
+    for node in [a, b] {
+        let (code, out, err) = node.finish(Duration::from_secs(60));
+        assert_eq!(code, 0, "{out}\n{err}");
+    }
+    let (code, _, err) = serve.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "ka serve: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(same_content(&s.image, &s.target("a")));
+    assert!(same_content(&s.image, &s.target("b")));
 }
 
 #[test]

@@ -64,7 +64,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitStatus> {
             .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
             .unwrap_or(0)
     };
-    println!(
+    crate::outln!(
         "independent check: {identical}/{} copies byte-identical to the image ({} on disk each of {} logical: zeros were never written)",
         targets.len(),
         human(allocated(&targets[0])),
@@ -72,7 +72,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitStatus> {
     );
     if args.keep {
         let kept = dir.keep();
-        println!("kept the image and copies in {}", kept.display());
+        crate::outln!("kept the image and copies in {}", kept.display());
     }
     Ok(
         if identical == targets.len() && exit_status(&report) == ExitStatus::Success {

@@ -97,7 +97,7 @@ fn config(inventory: &Path, format: Format, output: Option<&Path>) -> Result<()>
                 .with_context(|| format!("writing {}", path.display()))?;
             eprintln!("wrote {} ({} hosts)", path.display(), inv.nodes.len());
         }
-        None => print!("{text}"),
+        None => crate::out!("{text}"),
     }
     Ok(())
 }
@@ -139,7 +139,7 @@ fn harvest(
 ) -> Result<()> {
     let seen = harvest::harvest(texts);
     let nodes = harvest::assign(&seen, pattern, ip_base, start, inv).map_err(anyhow::Error::msg)?;
-    print!("{}", harvest::to_toml(&nodes));
+    crate::out!("{}", harvest::to_toml(&nodes));
     eprintln!(
         "{} MAC(s) seen, {} new{}",
         seen.len(),

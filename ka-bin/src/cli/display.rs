@@ -65,7 +65,7 @@ impl Display {
                 self.log(source, e);
                 if self.json {
                     let line = self.event_json(source, e);
-                    println!("{line}");
+                    crate::outln!("{line}");
                 } else if let Some(text) = describe(&|n| self.name_of(source, n), e) {
                     match &self.bars {
                         Some(bars) => bars.multi.suspend(|| eprintln!("ka: {text}")),
@@ -141,7 +141,7 @@ impl Display {
                        "live": source.is_live(r.node)})
             })
             .collect();
-        println!("{}", json!({"progress": nodes, "t": self.seconds()}));
+        crate::outln!("{}", json!({"progress": nodes, "t": self.seconds()}));
     }
 
     /// Logs an event in the span of the node it concerns (`RUST_LOG=info`).
@@ -346,16 +346,20 @@ pub fn print_report(report: &SourceReport, json: bool) {
                 }
             })
             .collect();
-        println!(
+        crate::outln!(
             "{}",
             json!({"report": {"size": report.size, "seconds": secs, "expected": report.expected,
                               "aborted": report.aborted, "nodes": nodes}})
         );
         return;
     }
-    println!(
+    crate::outln!(
         "{:<16} {:<4} {:>12} {:>9} {:>9}  reason",
-        "node", "", "bytes", "seconds", "MB/s"
+        "node",
+        "",
+        "bytes",
+        "seconds",
+        "MB/s"
     );
     // By name, as an administrator looks a node up: node2 before node10.
     let mut by_name: Vec<_> = report.nodes.iter().collect();
@@ -368,7 +372,7 @@ pub fn print_report(report: &SourceReport, json: bool) {
         } else {
             0.0
         };
-        println!(
+        crate::outln!(
             "{:<16} {:<4} {:>12} {:>9.2} {:>9.1}  {reason}",
             n.name,
             if ok { "OK" } else { "KO" },
@@ -380,12 +384,12 @@ pub fn print_report(report: &SourceReport, json: bool) {
     let ok = report.nodes.iter().filter(|n| n.is_ok()).count();
     let missing = (report.expected as usize).saturating_sub(report.nodes.len());
     if missing > 0 {
-        println!(
+        crate::outln!(
             "{missing} of the {} nodes waited for never joined",
             report.expected
         );
     }
-    println!(
+    crate::outln!(
         "{ok}/{} nodes OK; {} in {:.2} s of streaming ({:.1} MB/s per node){}",
         report.nodes.len(),
         human(report.size),

@@ -18,11 +18,11 @@ pub struct GoArgs {
 pub fn run(args: GoArgs) -> anyhow::Result<ExitStatus> {
     let started = go::start(&args.reach.into())?;
     if started.now {
-        println!("started with {} nodes", started.nodes);
+        crate::outln!("started with {} nodes", started.nodes);
     } else if started.nodes == 0 {
         bail!("no node has joined yet: nothing to start");
     } else {
-        println!("already running with {} nodes", started.nodes);
+        crate::outln!("already running with {} nodes", started.nodes);
     }
     Ok(ExitStatus::Success)
 }

@@ -195,14 +195,14 @@ fn build_cmd(b: BuildArgs) -> Result<()> {
 
 /// What was built, for the operator.
 fn print_built(opts: &BuildOptions, built: &build::Built) {
-    println!(
+    crate::outln!(
         "ka netboot: {} ({:.1} MiB) with {} modules, loaded in this order: {}",
         opts.out.join(&opts.initramfs_name).display(),
         built.initramfs_bytes as f64 / (1 << 20) as f64,
         built.modules.len(),
         built.modules.join(" ")
     );
-    println!(
+    crate::outln!(
         "ka netboot: ka's libraries: {}",
         built
             .libraries
@@ -211,8 +211,8 @@ fn print_built(opts: &BuildOptions, built: &build::Built) {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    println!("ka netboot: wrote {}", built.files.join(", "));
+    crate::outln!("ka netboot: wrote {}", built.files.join(", "));
     for n in &built.notes {
-        println!("ka netboot: note: {n}");
+        crate::outln!("ka netboot: note: {n}");
     }
 }

@@ -77,7 +77,7 @@ fn set(inv: &Inventory, state: &BootState, nodes: &[String], all: bool, mode: Mo
     } else {
         names.join(" ")
     };
-    println!("{} node(s) now boot {mode}: {shown}", names.len());
+    crate::outln!("{} node(s) now boot {mode}: {shown}", names.len());
     Ok(())
 }
 
@@ -112,7 +112,7 @@ fn show(inv: &Inventory, state: &BootState, json: bool) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&list)?);
     } else {
         print_table(["NODE", "MAC", "IP", "MODE", "SINCE"], &rows);
     }
@@ -133,7 +133,7 @@ fn render(inv: &Inventory, state: &BootState, node: &str, ipxe: bool) -> Result<
     } else {
         render::pxelinux(inv, Some(n), m)
     };
-    print!("{text}");
+    crate::out!("{text}");
     Ok(())
 }
 
@@ -150,7 +150,7 @@ fn print_table<const N: usize>(head: [&str; N], rows: &[[String; N]]) {
             .zip(width)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        crate::outln!("{}", padded.join("  ").trim_end());
     };
     line(head);
     for row in rows {

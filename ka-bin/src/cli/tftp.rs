@@ -208,7 +208,7 @@ fn serve(plan: TftpPlan) -> Result<()> {
     rt.block_on(async move {
         let server = TftpServer::bind(config, files).await?;
         // Tests and scripts that pass port 0 read the real address here.
-        println!(
+        crate::outln!(
             "ka tftp: serving {} and boot configs for {nodes} nodes on {}",
             root.display(),
             server.local_addr()

@@ -69,10 +69,10 @@ pub fn run(cmdline: &Path, dry_run: bool) -> Exit {
         }
     };
     if dry_run {
-        println!("{plan:#?}");
+        crate::outln!("{plan:#?}");
         match join_options(&plan, Path::new("/run/ka/secret")) {
-            Ok(o) => println!("would run: ka join {}", o.command_line()),
-            Err(e) => println!("would not join: {e:#}"),
+            Ok(o) => crate::outln!("would run: ka join {}", o.command_line()),
+            Err(e) => crate::outln!("would not join: {e:#}"),
         }
         return Exit::Done;
     }

@@ -531,7 +531,7 @@ impl Step {
                     self.identity.hostname
                 );
                 if json {
-                    println!(
+                    crate::outln!(
                         "{{\"event\":\"identity\",\"ok\":true,\"hostname\":{:?},\"device\":{:?}}}",
                         self.identity.hostname,
                         applied.device.display().to_string()
@@ -542,7 +542,7 @@ impl Step {
             Err(e) => {
                 eprintln!("ka: {node}: the copy is verified but its identity was NOT applied: {e}");
                 if json {
-                    println!(
+                    crate::outln!(
                         "{{\"event\":\"identity\",\"ok\":false,\"reason\":{:?}}}",
                         e.to_string()
                     );

@@ -176,7 +176,7 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
 /// The node's verdict: one JSON line, or `ka: OK|KO: reason`.
 fn print_outcome(outcome: &NodeOutcome, json: bool) {
     if json {
-        println!(
+        crate::outln!(
             "{{\"event\":\"left\",\"ok\":{},\"reason\":{:?},\"written\":{},\"resumed_from\":{},\"received\":{}}}",
             outcome.ok, outcome.reason, outcome.written, outcome.resumed_from, outcome.received
         );
@@ -197,14 +197,14 @@ fn print_event(name: &str, e: &NodeEvent, json: bool) {
                 node, resumed_from, ..
             },
             true,
-        ) => println!(
+        ) => crate::outln!(
             "{{\"node\":{name:?},\"event\":\"welcomed\",\"id\":{},\"resumed_from\":{resumed_from}}}",
             node.0
         ),
         (NodeEvent::StartedOver { had }, true) => {
-            println!("{{\"node\":{name:?},\"event\":\"started_over\",\"had\":{had}}}")
+            crate::outln!("{{\"node\":{name:?},\"event\":\"started_over\",\"had\":{had}}}")
         }
-        (_, true) => println!("{{\"node\":{name:?},\"event\":{:?}}}", format!("{e:?}")),
+        (_, true) => crate::outln!("{{\"node\":{name:?},\"event\":{:?}}}", format!("{e:?}")),
         (
             NodeEvent::Welcomed {
                 node, resumed_from, ..
