@@ -3,6 +3,11 @@
 //! The same notation names ranges in the inventory and selects nodes on the
 //! command line, so an administrator types what the inventory says.
 
+/// The most names one host list may give: a typo like `node[1-1000000]`,
+/// or groups that multiply (`r[1-1000]n[1-1000]`), must not eat the
+/// machine's memory.
+pub const MAX_NAMES: usize = 100_000;
+
 /// Expands a host list into names, in order.
 ///
 /// Each `[…]` holds comma-separated numbers or `a-b` ranges; a range keeps the
@@ -25,7 +30,7 @@ pub fn expand(spec: &str) -> Result<Vec<String>, String> {
         return Err(format!("`{spec}` has a `]` without its `[`"));
     }
     let tails = expand(rest)?;
-    let mut out = Vec::new();
+    let mut ranges = Vec::new();
     for item in body.split(',') {
         let item = item.trim();
         let (lo, hi) = match item.split_once('-') {
@@ -47,12 +52,21 @@ pub fn expand(spec: &str) -> Result<Vec<String>, String> {
         if hi < lo {
             return Err(format!("`{spec}`: range `{item}` runs backwards"));
         }
-        // A typo like node[1-1000000] should not eat the machine's memory.
-        if hi - lo >= 100_000 {
-            return Err(format!(
-                "`{spec}`: range `{item}` is larger than 100000 names"
-            ));
-        }
+        ranges.push((lo, hi, width));
+    }
+    // Counted before anything is made, so no notation can allocate more.
+    let count = ranges
+        .iter()
+        .map(|&(lo, hi, _)| (hi - lo).saturating_add(1))
+        .fold(0u64, u64::saturating_add)
+        .saturating_mul(tails.len() as u64);
+    if count > MAX_NAMES as u64 {
+        return Err(format!(
+            "`{spec}` gives {count} names, more than {MAX_NAMES}: check the ranges"
+        ));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    for (lo, hi, width) in ranges {
         for n in lo..=hi {
             for tail in &tails {
                 out.push(format!("{prefix}{n:0width$}{tail}"));
@@ -99,6 +113,15 @@ mod tests {
         assert!(expand("node]1").unwrap_err().contains("without its `[`"));
         assert!(expand("node[5-1]").unwrap_err().contains("backwards"));
         assert!(expand("node[a-b]").unwrap_err().contains("not a number"));
-        assert!(expand("node[1-9999999]").unwrap_err().contains("larger"));
+        assert!(expand("node[1-9999999]").unwrap_err().contains("more than"));
+    }
+
+    #[test]
+    fn groups_that_multiply_past_the_limit_are_refused_before_any_is_made() {
+        let err = expand("r[1-1000]n[1-1000]").unwrap_err();
+        assert!(err.contains("1000000 names"), "{err}");
+        assert!(expand("n[1-60000,1-60000]").unwrap_err().contains("120000"));
+        assert!(expand("a[0-18446744073709551615]b[1-2]").is_err());
+        assert_eq!(expand("r[1-100]n[1-1000]").unwrap().len(), MAX_NAMES);
     }
 }
