@@ -407,7 +407,13 @@ fn build_range(
     // MACs: a base that counts up, or one per name.
     let macs: Vec<(Mac, Range<usize>)> = match (&rr.mac_base, &rr.macs) {
         (Some(base), None) => match ck.mac(base, "range.mac_base") {
-            Some(b) => match b.offset(count as u64 - 1) {
+            // The range counts up within its vendor part (the first three
+            // octets): a carry into it would name another vendor's NIC, or
+            // set the multicast bit (52:ff:ff:ff:ff:ff + 1 = 53:00:…).
+            Some(b) => match b
+                .offset(count as u64 - 1)
+                .filter(|last| last.0[..3] == b.0[..3])
+            {
                 Some(_) => (0..count)
                     .map(|i| (b.offset(i as u64).expect("checked above"), base.span()))
                     .collect(),
@@ -415,7 +421,10 @@ fn build_range(
                     ck.report(
                         base.span(),
                         "range.mac_base",
-                        "the range runs past ff:ff:ff:ff:ff:ff",
+                        format!(
+                            "{count} MACs from {b} run out of its vendor part ({:02x}:{:02x}:{:02x}): start the range lower or split it",
+                            b.0[0], b.0[1], b.0[2]
+                        ),
                     );
                     Vec::new()
                 }

@@ -194,6 +194,21 @@ ip = "192.168.10.11"
     }
 
     #[test]
+    fn a_mac_range_never_carries_into_the_vendor_part() {
+        for base in ["52:ff:ff:ff:ff:ff", "52:54:00:ff:ff:ff"] {
+            let body = format!(
+                "\n[[range]]\nnames = \"n[1-2]\"\nmac_base = \"{base}\"\nip_base = \"192.168.10.20\"\n"
+            );
+            let p = problems(&body);
+            assert_eq!(p.len(), 1, "{base}: {p:?}");
+            assert!(p[0].message.contains("vendor part"), "{p:?}");
+            assert_eq!(p[0].field, "range.mac_base");
+        }
+        let fits = "\n[[range]]\nnames = \"n[1-2]\"\nmac_base = \"52:54:00:ff:ff:fe\"\nip_base = \"192.168.10.20\"\n";
+        assert_eq!(parse(fits).unwrap().nodes.len(), 2);
+    }
+
+    #[test]
     fn duplicate_ip_across_a_range_is_found() {
         let body = r#"
 [[node]]
