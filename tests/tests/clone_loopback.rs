@@ -753,6 +753,41 @@ fn a_source_whose_output_reader_leaves_still_serves_its_nodes() {
 }
 
 #[test]
+fn an_image_that_is_a_fifo_or_missing_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("image.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    for (image, says) in [
+        (fifo.clone(), "neither a regular file nor a block device"),
+        (dir.path().join("absent.img"), "No such file"),
+    ] {
+        // Opening a FIFO waits for a writer: unchecked, this would hang
+        // until the bound below kills it.
+        let out = ka_tests::run(
+            Command::new(ka_bin()).current_dir(dir.path()).args([
+                "serve",
+                "--nodes",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+                "--image",
+                image.to_str().unwrap(),
+            ]),
+            Duration::from_secs(20),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(says), "{err}");
+    }
+    // No secret was generated for a session that could not run.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("image.fifo")]);
+}
+
+#[test]
 fn a_source_without_a_secret_file_writes_one_for_its_nodes() {
     let s = Session::new(8 << 20);
     let serve = Proc::start(

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use ka_core::config::{SlowPolicy, SourceConfig};
 use ka_core::source::NodeReport;
 
@@ -157,7 +157,10 @@ impl ServePlan {
             },
         };
         let input = match (args.image, args.command, args.tar, args.stdin) {
-            (Some(p), _, _, _) => Input::File(p),
+            (Some(p), _, _, _) => {
+                check_image(&p)?;
+                Input::File(p)
+            }
             (_, Some(c), _, _) => Input::Command(c),
             (_, _, Some(d), _) => Input::Tar(d),
             (_, _, _, true) => Input::Stdin,
@@ -193,6 +196,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitStatus> {
     let report = serve(plan, &secret)?;
     print_report(&report, json);
     Ok(exit_status(&report))
+}
+
+/// Refuses an image that is not there, or not a regular file or a block
+/// device, before anything listens or is written: a FIFO would block the
+/// source until some writer came.
+fn check_image(path: &std::path::Path) -> anyhow::Result<()> {
+    let kind = std::fs::metadata(path)
+        .with_context(|| format!("--image {}", path.display()))?
+        .file_type();
+    use std::os::unix::fs::FileTypeExt;
+    if !kind.is_file() && !kind.is_block_device() {
+        bail!(
+            "--image {} is neither a regular file nor a block device: serve a pipe or a device stream with --stdin or --command 'cat …'",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 /// The secret from `file`, or a generated one written for the nodes (and

@@ -177,6 +177,17 @@ impl FileSource {
     /// `size` bytes of a larger device: what a node wrote there); `None` means
     /// its whole length.
     pub fn open_sized(path: &Path, size: Option<u64>) -> Result<Self, Error> {
+        // Looked at before it is opened: opening a FIFO waits for a writer,
+        // so `--image fifo` would hang instead of saying what to do.
+        let kind = std::fs::metadata(path)
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+            .file_type();
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(Error::Invalid(format!(
+                "{} is neither a regular file nor a block device: serve a pipe or a device stream with --stdin or --command 'cat …'",
+                path.display()
+            )));
+        }
         let file =
             File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         let meta = file
@@ -669,6 +680,23 @@ impl ImageSource for CommandSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("image.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(FileSource::open(&path).err().map(|e| e.to_string()));
+        });
+        let err = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening a FIFO as an image must not wait for a writer")
+            .expect("a FIFO is refused");
+        assert!(err.contains("--stdin"), "{err}");
+    }
     use crate::image::digest::{digest_source, ImageHasher, SessionKey};
 
     const B: usize = BLOCK as usize;
