@@ -104,6 +104,8 @@ pub enum RefusalCode {
     BadProof,
     /// The session already has every node it waits for.
     SessionFull,
+    /// Another live node, on another machine, already uses this name.
+    NameInUse,
     /// The session ended or was aborted.
     SessionOver,
     /// A data connection for a node or epoch this peer does not expect.
@@ -111,11 +113,12 @@ pub enum RefusalCode {
 }
 
 impl RefusalCode {
-    const ALL: [RefusalCode; 6] = [
+    const ALL: [RefusalCode; 7] = [
         RefusalCode::VersionMismatch,
         RefusalCode::WrongSession,
         RefusalCode::BadProof,
         RefusalCode::SessionFull,
+        RefusalCode::NameInUse,
         RefusalCode::SessionOver,
         RefusalCode::NotExpected,
     ];

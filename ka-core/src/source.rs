@@ -704,6 +704,19 @@ impl Source {
         // A node that restarts faster than its death is noticed proves with
         // the secret that it is the same node; the old connection is a zombie.
         let supersedes = known.filter(|id| self.nodes[id].live());
+        // Unless it joins from another machine: that is a second node under
+        // the same name (cloned machines share a host name, ka join's
+        // default), and letting it in would evict the first, back and forth.
+        if let Some(id) = supersedes {
+            let held = self.nodes[&id].data_addr.ip();
+            if held != join.data_addr.ip() {
+                let detail = format!(
+                    "a live node named {:?} joined from {held}: give every node its own name (ka join --name)",
+                    join.name
+                );
+                return refuse(RefusalCode::NameInUse, detail);
+            }
+        }
         // Its death forgets it while the session awaits its nodes: it then
         // joins as new, in the place it leaves.
         let forgotten = supersedes.is_some() && self.state == SourceState::AwaitingNodes;
@@ -1382,6 +1395,21 @@ mod tests {
         assert_eq!(r.code, RefusalCode::WrongSession);
         assert!(r.detail.len() <= crate::codec::MAX_STRING);
         msg.encode(&mut bytes::BytesMut::new());
+    }
+
+    #[test]
+    fn a_second_machine_under_a_live_name_is_refused_and_the_first_stays() {
+        let mut src = source(2);
+        joined(&mut src, 1, "a");
+        let mut twin = join("a");
+        twin.data_addr = "10.0.0.2:1".parse().unwrap();
+        assert_eq!(refused(&src, &twin), RefusalCode::NameInUse);
+        // The same machine again is a restart faster than its death was
+        // noticed: it takes the place over.
+        let again = src
+            .admit(&NONCE, &join("a"))
+            .expect("a restart is admitted");
+        assert!(again.supersedes.is_some());
     }
 
     fn refused(src: &Source, join: &Join) -> RefusalCode {

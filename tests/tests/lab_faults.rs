@@ -541,3 +541,24 @@ fn sixteen_nodes_link_up_without_a_refused_hello() {
     );
     s.check(&fin, joins, &[]);
 }
+
+#[test]
+fn a_second_machine_under_a_live_nodes_name_is_refused_and_nobody_is_evicted() {
+    // Cloned machines share a host name, which is ka join's default name.
+    // The second machine to join under a live node's name is refused with
+    // the reason; the first keeps its place and the session ends clean.
+    let lab = Lab::new(3, RATE);
+    let s = lab.session(8 * MIB);
+    let serve = listening(s.serve(2, &[]));
+    let n1 = s.join(1, &[]);
+    serve.wait_count("Joined", 1, WAIT);
+    let mut twin = s.join_as(3, "n1", &[]);
+    let code = twin.proc.wait_exit(WAIT).code();
+    let said = twin.proc.transcript();
+    assert_ne!(code, Some(0), "{said}");
+    assert!(said.contains("give every node its own name"), "{said}");
+    let n2 = s.join(2, &[]);
+    let fin = serve.finish(SESSION);
+    assert!(fin.all("Dead").is_empty(), "nobody was evicted");
+    s.check(&fin, vec![n1, n2], &[]);
+}

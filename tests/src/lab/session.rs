@@ -113,6 +113,12 @@ impl Session<'_> {
     /// with its own state directory, looking for the source for 30 s unless
     /// `extra` says `--wait`. The same call again restarts the same node.
     pub fn join(&self, i: usize, extra: &[&str]) -> Join {
+        self.join_as(i, &self.lab.node(i).name.clone(), extra)
+    }
+
+    /// [`Session::join`] on node `i` under the node name `name` (another
+    /// host's, to play two machines that share a name).
+    pub fn join_as(&self, i: usize, name: &str, extra: &[&str]) -> Join {
         let host = self.lab.node(i);
         let target = self.target(&host.name);
         let mut args: Vec<String> = [
@@ -122,7 +128,7 @@ impl Session<'_> {
             "--secret-file",
             path_str(&self.secret),
             "--name",
-            &host.name,
+            name,
             "--target",
             path_str(&target),
             "--state-dir",
@@ -136,7 +142,7 @@ impl Session<'_> {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         Join {
-            name: host.name.clone(),
+            name: name.to_string(),
             target,
             proc: self
                 .lab
