@@ -23,18 +23,17 @@ pub fn generated_path(session: &str) -> PathBuf {
 }
 
 /// Refuses a session name that is not 1–64 letters, digits, `.`, `_` or
-/// `-` (not starting with `.`): it names files (the generated secret, the
-/// state records) and travels in every join, so it must not reach outside
-/// a directory or fill a refusal.
+/// `-` (what the inventory accepts): it names files (the generated secret,
+/// the state records) and travels in every join, so it must not reach
+/// outside a directory or fill a refusal.
 pub fn check_session_name(session: &str) -> anyhow::Result<()> {
     let fits = (1..=64).contains(&session.len())
-        && !session.starts_with('.')
         && session
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if !fits {
         anyhow::bail!(
-            "session name {:?} is not usable: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '.'",
+            "session name {:?} is not usable: use 1 to 64 letters, digits, '.', '_' or '-'",
             session.chars().take(80).collect::<String>()
         );
     }
@@ -108,7 +107,7 @@ mod tests {
 
     #[test]
     fn session_names_that_leave_a_directory_or_fill_a_refusal_are_refused() {
-        for bad in ["", "../x", "a/b", ".hidden", &"s".repeat(65), "lab one"] {
+        for bad in ["", "../x", "a/b", &"s".repeat(65), "lab one"] {
             assert!(check_session_name(bad).is_err(), "{bad:?} accepted");
         }
         for good in ["ka", "lab-2026.12", "rack_7"] {

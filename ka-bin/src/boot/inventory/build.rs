@@ -29,6 +29,13 @@ pub(super) fn build(ck: &mut Checker<'_>, raw: RawFile, path: &Path) -> Inventor
     let boot = build_boot(ck, raw.boot.get_ref(), path);
     let rs = raw.session.get_ref();
     let session_name = ck.word(&rs.name, "session.name", "session name");
+    if session_name.len() > 64 {
+        ck.report(
+            rs.name.span(),
+            "session.name",
+            "a session name has at most 64 characters",
+        );
+    }
     let source = match rs.source.get_ref().trim().parse::<SocketAddrV4>() {
         Ok(a) => a,
         Err(_) => {
