@@ -43,14 +43,14 @@ pub fn check_session_name(session: &str) -> anyhow::Result<()> {
 /// A new secret for `session`, written (mode 0600) to
 /// [`generated_path`]; returns it and the file it is in.
 pub fn generate(session: &str) -> anyhow::Result<(Secret, PathBuf)> {
-    generate_in(Path::new("."), session)
+    let path = generated_path(session);
+    Ok((write_new(&path)?, path))
 }
 
-/// [`generate`] in `dir`. A secret generated earlier is never replaced:
-/// nodes may hold it, and a second `ka serve` that overwrote it would lock
-/// them out without a word.
-fn generate_in(dir: &Path, session: &str) -> anyhow::Result<(Secret, PathBuf)> {
-    let path = dir.join(generated_path(session));
+/// A new secret written to `path`, which must not exist yet: a secret
+/// generated earlier is never replaced, since nodes may hold it, and a
+/// second `ka serve` that overwrote it would lock them out without a word.
+fn write_new(path: &Path) -> anyhow::Result<Secret> {
     if path.symlink_metadata().is_ok() {
         anyhow::bail!(
             "{} exists from an earlier ka serve: reuse it with --secret-file {} (nodes may hold it), or remove it for a new secret",
@@ -59,9 +59,9 @@ fn generate_in(dir: &Path, session: &str) -> anyhow::Result<(Secret, PathBuf)> {
         );
     }
     let secret = Secret::generate();
-    crate::write_atomically(&path, format!("{}\n", secret.to_hex()).as_bytes(), 0o600)
+    crate::write_atomically(path, format!("{}\n", secret.to_hex()).as_bytes(), 0o600)
         .with_context(|| format!("writing the generated secret to {}", path.display()))?;
-    Ok((secret, path))
+    Ok(secret)
 }
 
 /// Whether `text` holds a secret (64 hex digits, surrounding space ignored).
@@ -82,11 +82,12 @@ mod tests {
     #[test]
     fn a_generated_secret_is_private_and_never_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let (secret, path) = generate_in(dir.path(), "lab").unwrap();
+        let path = dir.path().join(generated_path("lab"));
+        let secret = write_new(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(load(&path).unwrap(), secret);
-        let again = generate_in(dir.path(), "lab").unwrap_err().to_string();
+        let again = write_new(&path).unwrap_err().to_string();
         assert!(again.contains("--secret-file"), "{again}");
         assert_eq!(
             load(&path).unwrap(),
@@ -101,7 +102,7 @@ mod tests {
         let victim = dir.path().join("victim");
         std::fs::write(&victim, "keep").unwrap();
         std::os::unix::fs::symlink(&victim, dir.path().join(generated_path("lab"))).unwrap();
-        assert!(generate_in(dir.path(), "lab").is_err());
+        assert!(write_new(&dir.path().join(generated_path("lab"))).is_err());
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
     }
 
