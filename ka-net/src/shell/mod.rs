@@ -19,6 +19,7 @@
 
 pub mod conn;
 pub mod discovery;
+pub mod gate;
 pub mod join;
 pub mod key;
 pub mod resume;
