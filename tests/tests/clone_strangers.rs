@@ -159,6 +159,12 @@ impl Session {
     }
 
     fn join(&self, name: &str) -> Proc {
+        self.join_limited(name, None)
+    }
+
+    /// Starts `ka join` as node `name`; with `nofile`, under that
+    /// descriptor limit.
+    fn join_limited(&self, name: &str, nofile: Option<u64>) -> Proc {
         let server = self.addr().to_string();
         let (secret, target) = (self.path("secret"), self.path(&format!("{name}.img")));
         let (spool, state) = (self.path(""), self.path("state"));
@@ -179,13 +185,18 @@ impl Session {
             "--wait",
             "60s",
         ];
-        Proc::start(self.dir.path(), name, &args, None)
+        Proc::start(self.dir.path(), name, &args, nofile)
     }
 
     /// The nodes `names` join, the session ends well, and every copy is
     /// the image. Returns what the source wrote on standard error.
     fn clone_to(&self, serve: Proc, names: &[&str]) -> String {
         let nodes: Vec<Proc> = names.iter().map(|n| self.join(n)).collect();
+        self.finish_clone(serve, names, nodes)
+    }
+
+    /// [`Session::clone_to`] with the nodes already started.
+    fn finish_clone(&self, serve: Proc, names: &[&str], nodes: Vec<Proc>) -> String {
         let (code, out, err) = serve.finish(Duration::from_secs(120));
         assert_eq!(code, 0, "serve failed:\n{out}\n{err}");
         let report = ka_tests::final_report(&out);
@@ -375,4 +386,69 @@ fn connections_that_come_and_go_leave_no_memory_behind() {
         "the source grew from {before} to {after} bytes over 20,000 connections"
     );
     s.clone_to(serve, &["n1", "n2"]);
+}
+
+/// The TCP port process `pid` listens on (its only listening socket).
+fn listening_port(pid: u32) -> Option<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?.to_string();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let listening = f.get(3) == Some(&"0A");
+        if !listening || !inodes.iter().any(|i| f.get(9) == Some(&i.as_str())) {
+            return None;
+        }
+        u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()
+    })
+}
+
+/// CPU time process `pid` has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = stat.rsplit(')').next().unwrap();
+    let f: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime, fields 14 and 15 of stat(5).
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_node_out_of_descriptors_waits_without_spinning() {
+    let s = Session::new(4 << 20);
+    let serve = s.serve(2, None);
+    // A node with 40 descriptors and strangers on its data port past them.
+    let n1 = s.join_limited("n1", Some(40));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let port = loop {
+        if let Some(p) = listening_port(n1.pid()) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "n1 never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let to = SocketAddr::from(([127, 0, 0, 1], port));
+    let strangers: Vec<TcpStream> = (0..100)
+        .map(|_| connect_from([127, 0, 0, 4], to).expect("a stranger connects"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let (t0, before) = (Instant::now(), cpu_ticks(n1.pid()));
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(n1.pid()) - before;
+    // SAFETY: sysconf only reads a constant of the system.
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let share = used as f64 / per_sec / t0.elapsed().as_secs_f64();
+    assert!(
+        share < 0.25,
+        "a node out of descriptors used {:.0} % of a CPU",
+        share * 100.0
+    );
+    drop(strangers);
+    let n2 = s.join("n2");
+    s.finish_clone(serve, &["n1", "n2"], vec![n1, n2]);
 }
