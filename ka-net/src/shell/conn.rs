@@ -114,8 +114,9 @@ pub enum Side {
     Connected,
 }
 
-/// Starts the task of connection `conn` over `stream` in `tasks`, where it
-/// is reaped once it ends.
+/// Starts the task of connection `conn` over `stream` in `tasks`. Tasks of
+/// `tasks` that have ended are reaped first, so connections that come and
+/// go (accepted or made) leave nothing behind.
 pub fn spawn(
     conn: ConnId,
     stream: TcpStream,
@@ -123,6 +124,7 @@ pub fn spawn(
     events: mpsc::UnboundedSender<Event>,
     tasks: &mut tokio::task::JoinSet<()>,
 ) -> mpsc::UnboundedSender<Command> {
+    while tasks.try_join_next().is_some() {}
     let (tx, rx) = mpsc::unbounded_channel();
     let _ = stream.set_nodelay(true);
     tasks.spawn(run(conn, stream, side, rx, events));

@@ -724,9 +724,6 @@ impl NodeDriver {
 
     /// A downstream (or an operator) connected to our listener.
     fn accepted(&mut self, stream: TcpStream, peer: SocketAddr) {
-        // Tasks that ended since the last connection are reaped here, so
-        // connections that come and go leave nothing behind.
-        while self.tasks.try_join_next().is_some() {}
         let id = self.next_id();
         let tx = conn::spawn(
             id,

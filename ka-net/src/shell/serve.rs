@@ -465,9 +465,6 @@ impl SourceDriver {
 
     /// A node (or an operator, or a stranger) connected from `peer`.
     fn accepted(&mut self, stream: TcpStream, peer: SocketAddr) {
-        // Tasks that ended since the last connection are reaped here, so
-        // connections that come and go leave nothing behind.
-        while self.tasks.try_join_next().is_some() {}
         let id = ConnId(self.next_conn);
         self.next_conn += 1;
         let tx = conn::spawn(

@@ -70,3 +70,20 @@ impl Encoder<Message> for BoundedCodec {
         MessageCodec.encode(msg, dst)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_announced_past_the_limit_is_refused_before_it_arrives() {
+        let mut codec = BoundedCodec { limit: 4096 };
+        let mut buf = BytesMut::from(&4097u32.to_be_bytes()[..]);
+        assert!(codec.decode(&mut buf).is_err());
+        let mut buf = BytesMut::from(&4096u32.to_be_bytes()[..]);
+        buf.extend_from_slice(&[0u8; 100]);
+        assert!(matches!(codec.decode(&mut buf), Ok(None)));
+        let mut buf = BytesMut::from(&60_000u32.to_be_bytes()[..]);
+        assert!(matches!(BoundedCodec::default().decode(&mut buf), Ok(None)));
+    }
+}
