@@ -17,7 +17,8 @@
 //! - [`shell`]: who decides when. One driver per ka-core machine
 //!   ([`shell::run_source`], [`shell::run_node`]) owns the machine and the
 //!   shell's state, feeds it sockets, timers and data-path progress, and
-//!   carries out its actions; one task per connection.
+//!   carries out its actions; one task per connection, reaped when it
+//!   ends; what an unauthenticated peer may hold is bounded ([`shell::gate`]).
 //!
 //! Beside them: [`tftp`] serves boot files, and [`Error`] is every
 //! operation's error.

@@ -7,6 +7,12 @@
 //! and waits for the driver to hand it a data job: serve records from an
 //! offset, or receive them into the node's writer. Data jobs run here, on the
 //! raw socket, so image bytes never pass through the driver.
+//!
+//! A connection this process accepted ([`Side::Accepted`]) is a stranger's
+//! until its first message: it must come within
+//! [`gate::HANDSHAKE_TIMEOUT`] and announce no more than
+//! [`gate::FIRST_MESSAGE_MAX`] bytes, or the connection is closed
+//! ([`super::gate`] says why these bounds).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +25,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
-use super::wire::MessageCodec;
+use super::gate;
+use super::wire::BoundedCodec;
 use crate::datapath::forward::Downstreams;
 use crate::datapath::{relay, send_growing, NodeWriter, RelayEnd, RelayEvent};
 use crate::image::sources::{FileSource, ImageSource};
@@ -96,30 +103,68 @@ pub enum Event {
 /// only needs them for heartbeats and the display.
 const PROGRESS_STEP: u64 = 4 << 20;
 
-/// Starts the task of connection `conn` over `stream`.
+/// Which end of the connection this process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The peer connected to our listener: it owes us an answer to our
+    /// challenge, within the handshake bounds.
+    Accepted,
+    /// We connected to a peer we chose (the source, an upstream); the
+    /// machine's own timers bound the wait for it.
+    Connected,
+}
+
+/// Starts the task of connection `conn` over `stream` in `tasks`. Tasks of
+/// `tasks` that have ended are reaped first, so connections that come and
+/// go (accepted or made) leave nothing behind.
 pub fn spawn(
     conn: ConnId,
     stream: TcpStream,
+    side: Side,
     events: mpsc::UnboundedSender<Event>,
-) -> (mpsc::UnboundedSender<Command>, tokio::task::JoinHandle<()>) {
+    tasks: &mut tokio::task::JoinSet<()>,
+) -> mpsc::UnboundedSender<Command> {
+    while tasks.try_join_next().is_some() {}
     let (tx, rx) = mpsc::unbounded_channel();
     let _ = stream.set_nodelay(true);
-    let handle = tokio::spawn(run(conn, stream, rx, events));
-    (tx, handle)
+    tasks.spawn(run(conn, stream, side, rx, events));
+    tx
 }
 
 async fn run(
     conn: ConnId,
     stream: TcpStream,
+    side: Side,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<Event>,
 ) {
-    let mut framed = Framed::new(stream, MessageCodec);
+    let mut answered = side == Side::Connected;
+    let codec = if answered {
+        BoundedCodec::default()
+    } else {
+        BoundedCodec {
+            limit: gate::FIRST_MESSAGE_MAX,
+        }
+    };
+    let mut framed = Framed::new(stream, codec);
+    let handshake = tokio::time::sleep(gate::HANDSHAKE_TIMEOUT);
+    tokio::pin!(handshake);
     let mut reading = true;
     loop {
         tokio::select! {
+            () = &mut handshake, if !answered => {
+                let why = format!("no answer to the challenge within {:?}", gate::HANDSHAKE_TIMEOUT);
+                let _ = events.send(Event::Closed(conn, why));
+                return;
+            }
             frame = framed.next(), if reading => match frame {
                 Some(Ok(msg)) => {
+                    if !answered {
+                        // The machine decides on this message: it proves
+                        // the secret, or the connection is refused.
+                        answered = true;
+                        framed.codec_mut().limit = BoundedCodec::default().limit;
+                    }
                     if matches!(msg, Message::DataAccepted { .. } | Message::DataHello { .. }) {
                         reading = false;
                     }

@@ -14,7 +14,8 @@ use ka_core::node::{Node, NodeAction, NodeEvent, Resume};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use super::conn::{self, Command, Event, ReceiveJob, ServeJob, Written};
+use super::conn::{self, Command, Event, ReceiveJob, ServeJob, Side, Written};
+use super::gate::Gate;
 use super::resume::{self, NodeState};
 use super::{nonce, Clock};
 use crate::datapath::forward::Downstreams;
@@ -469,7 +470,10 @@ struct NodeDriver {
     /// Downstreams that keep up are fed by the receiving thread itself.
     direct: Arc<Downstreams>,
     conns: HashMap<ConnId, mpsc::UnboundedSender<Command>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The connections' tasks, reaped as they end.
+    tasks: tokio::task::JoinSet<()>,
+    /// What unauthenticated peers may hold ([`super::gate`]).
+    gate: Gate,
     next_conn: u64,
     events_tx: mpsc::UnboundedSender<Event>,
     internal_tx: mpsc::UnboundedSender<Internal>,
@@ -540,7 +544,8 @@ impl NodeDriver {
             written_rx,
             direct: Arc::new(Downstreams::default()),
             conns: HashMap::new(),
-            tasks: Vec::new(),
+            tasks: tokio::task::JoinSet::new(),
+            gate: Gate::default(),
             next_conn: 0,
             events_tx,
             internal_tx,
@@ -565,9 +570,9 @@ impl NodeDriver {
             }
             let deadline = self.node.poll_timeout().map(|(t, _)| self.clock.instant(t));
             tokio::select! {
-                accepted = listener.accept() => {
-                    if let Ok((stream, _)) = accepted {
-                        self.accepted(stream);
+                accepted = self.gate.accept(listener) => {
+                    if let Some((stream, peer)) = self.gate.accepted(accepted) {
+                        self.accepted(stream, peer);
                     }
                 }
                 Some(msg) = inputs.internal.recv() => self.internal(msg),
@@ -652,6 +657,7 @@ impl NodeDriver {
                 }
             }
             NodeAction::Close { conn } => {
+                self.gate.settled(conn);
                 if let Some(tx) = self.conns.remove(&conn) {
                     let _ = tx.send(Command::Close);
                 }
@@ -717,11 +723,17 @@ impl NodeDriver {
     }
 
     /// A downstream (or an operator) connected to our listener.
-    fn accepted(&mut self, stream: TcpStream) {
+    fn accepted(&mut self, stream: TcpStream, peer: SocketAddr) {
         let id = self.next_id();
-        let (tx, handle) = conn::spawn(id, stream, self.events_tx.clone());
+        let tx = conn::spawn(
+            id,
+            stream,
+            Side::Accepted,
+            self.events_tx.clone(),
+            &mut self.tasks,
+        );
+        self.gate.admitted(id, &peer);
         self.conns.insert(id, tx);
-        self.tasks.push(handle);
         self.node.handle_connected(self.clock.now(), id, nonce());
     }
 
@@ -736,9 +748,14 @@ impl NodeDriver {
                 stream,
                 to_source,
             } => {
-                let (tx, handle) = conn::spawn(conn, stream, self.events_tx.clone());
+                let tx = conn::spawn(
+                    conn,
+                    stream,
+                    Side::Connected,
+                    self.events_tx.clone(),
+                    &mut self.tasks,
+                );
                 self.conns.insert(conn, tx);
-                self.tasks.push(handle);
                 if to_source {
                     self.node.handle_source_connected(now, conn);
                 } else {
@@ -793,9 +810,13 @@ impl NodeDriver {
     fn conn_event(&mut self, event: Event) {
         let now = self.clock.now();
         match event {
-            Event::Frame(c, m) => self.node.handle_message(now, c, m),
+            Event::Frame(c, m) => {
+                self.gate.settled(c);
+                self.node.handle_message(now, c, m);
+            }
             Event::Closed(c, why) => {
                 tracing::debug!(conn = %c, %why, "connection closed");
+                self.gate.settled(c);
                 self.conns.remove(&c);
                 self.node.handle_closed(now, c);
             }
@@ -961,15 +982,18 @@ impl NodeDriver {
         let NodeDriver {
             node,
             conns,
-            tasks,
+            mut tasks,
             writer,
             mut durable,
             ..
         } = self;
         drop(conns);
-        for t in tasks {
-            let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
-        }
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        // Whatever still runs is left to end on its own, not cut off.
+        tasks.detach_all();
         let verdict_given = node.verdict().is_some();
         let image = node.image_id();
         let size = node.image_size();

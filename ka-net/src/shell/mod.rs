@@ -16,9 +16,18 @@
 //! A process listens on one port: every connection starts with the
 //! acceptor's challenge, and the first answer says whether it is a node's
 //! control connection, a downstream's data connection or an operator's go.
+//!
+//! Until that first answer a connection is a stranger's, and [`gate`] bounds
+//! what strangers may hold: a 5 s handshake timeout, a 4 KiB first message,
+//! at most 64 unanswered connections per peer address and 512 in all
+//! (more are closed unread), and a listener that pauses 100 ms after an
+//! accept error (out of descriptors, say) rather than ending the session or
+//! spinning. Connection tasks are reaped as they end, so connections that
+//! come and go cost nothing once gone.
 
 pub mod conn;
 pub mod discovery;
+pub mod gate;
 pub mod join;
 pub mod key;
 pub mod resume;

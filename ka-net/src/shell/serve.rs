@@ -16,7 +16,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
-use super::conn::{self, Command, Event, ServeJob, Written};
+use super::conn::{self, Command, Event, ServeJob, Side, Written};
+use super::gate::Gate;
 use super::resume::{self, RecordedOutcome, SavedSession};
 use super::wire::MessageCodec;
 use super::{nonce, Clock};
@@ -245,7 +246,10 @@ struct SourceDriver {
     pacing: Pacing,
     recorder: Option<Recorder>,
     conns: HashMap<ConnId, mpsc::UnboundedSender<Command>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The connections' tasks, reaped as they end.
+    tasks: tokio::task::JoinSet<()>,
+    /// What unauthenticated peers may hold ([`super::gate`]).
+    gate: Gate,
     next_conn: u64,
     events_tx: mpsc::UnboundedSender<Event>,
     started_at: Option<Time>,
@@ -348,7 +352,8 @@ impl SourceDriver {
             pacing: Pacing::new(opts.max_rate),
             recorder,
             conns: HashMap::new(),
-            tasks: Vec::new(),
+            tasks: tokio::task::JoinSet::new(),
+            gate: Gate::default(),
             next_conn: 0,
             events_tx,
             started_at: None,
@@ -372,9 +377,10 @@ impl SourceDriver {
                 .poll_timeout()
                 .map(|(t, _)| self.clock.instant(t));
             tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, _) = accepted.map_err(|e| Error::io("accepting a connection", e))?;
-                    self.accepted(stream);
+                accepted = self.gate.accept(listener) => {
+                    if let Some((stream, peer)) = self.gate.accepted(accepted) {
+                        self.accepted(stream, peer);
+                    }
                 }
                 Some(event) = inputs.events.recv() => self.conn_event(event),
                 Some(result) = inputs.digest.recv() => self.image_done(result),
@@ -448,6 +454,7 @@ impl SourceDriver {
                 }
             }
             SourceAction::Close { conn } => {
+                self.gate.settled(conn);
                 if let Some(tx) = self.conns.remove(&conn) {
                     let _ = tx.send(Command::Close);
                 }
@@ -456,13 +463,19 @@ impl SourceDriver {
         }
     }
 
-    /// A node (or an operator) connected.
-    fn accepted(&mut self, stream: TcpStream) {
+    /// A node (or an operator, or a stranger) connected from `peer`.
+    fn accepted(&mut self, stream: TcpStream, peer: SocketAddr) {
         let id = ConnId(self.next_conn);
         self.next_conn += 1;
-        let (tx, handle) = conn::spawn(id, stream, self.events_tx.clone());
+        let tx = conn::spawn(
+            id,
+            stream,
+            Side::Accepted,
+            self.events_tx.clone(),
+            &mut self.tasks,
+        );
+        self.gate.admitted(id, &peer);
         self.conns.insert(id, tx);
-        self.tasks.push(handle);
         self.source.handle_connected(self.clock.now(), id, nonce());
     }
 
@@ -470,9 +483,13 @@ impl SourceDriver {
     fn conn_event(&mut self, event: Event) {
         let now = self.clock.now();
         match event {
-            Event::Frame(c, m) => self.source.handle_message(now, c, m),
+            Event::Frame(c, m) => {
+                self.gate.settled(c);
+                self.source.handle_message(now, c, m);
+            }
             Event::Closed(c, why) => {
                 tracing::debug!(conn = %c, %why, "connection closed");
+                self.gate.settled(c);
                 self.conns.remove(&c);
                 self.source.handle_closed(now, c);
             }
@@ -510,14 +527,18 @@ impl SourceDriver {
             expected,
             recorder,
             conns,
-            tasks,
+            mut tasks,
             started_at,
             ..
         } = self;
         drop(conns);
-        for t in tasks {
-            let _ = tokio::time::timeout(Duration::from_millis(500), t).await;
-        }
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        // Whatever still runs (a downstream still reading) is left to end
+        // on its own, not cut off.
+        tasks.detach_all();
         let streaming = started_at.map_or(Duration::ZERO, |t| clock.now().saturating_since(t));
         drop(image_written);
         if let Some(recorder) = recorder {
