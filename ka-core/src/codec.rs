@@ -141,15 +141,8 @@ impl Refusal {
     /// A refusal whose detail fits a string field: details quote what the
     /// peer sent (its session, its name), so they are cut to [`MAX_STRING`]
     /// bytes here rather than trusted to be short.
-    pub fn new(code: RefusalCode, mut detail: String) -> Refusal {
-        if detail.len() > MAX_STRING {
-            let mut end = MAX_STRING - '…'.len_utf8();
-            while !detail.is_char_boundary(end) {
-                end -= 1;
-            }
-            detail.truncate(end);
-            detail.push('…');
-        }
+    pub fn new(code: RefusalCode, detail: String) -> Refusal {
+        let detail = fit(&detail).into_owned();
         Refusal { code, detail }
     }
 }
@@ -326,10 +319,13 @@ mod tag {
 impl Message {
     /// Appends this message as one frame to `out`.
     ///
+    /// A string field longer than [`MAX_STRING`] is cut to fit (at a
+    /// character, ending in `…`): reasons quote error texts with paths and
+    /// peers' names, whose length nobody bounds for us.
+    ///
     /// # Panics
-    /// If a string field is longer than [`MAX_STRING`] or a list longer than
-    /// fits a frame: callers build messages from bounded values, so this is a
-    /// programming error, not a peer's.
+    /// If a list is longer than fits a frame: callers build lists from
+    /// bounded values, so this is a programming error, not a peer's.
     pub fn encode(&self, out: &mut BytesMut) {
         let start = out.len();
         out.put_u32(0);
@@ -534,13 +530,21 @@ impl Message {
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
-    assert!(
-        s.len() <= MAX_STRING,
-        "string field of {} bytes exceeds MAX_STRING",
-        s.len()
-    );
+    let s = fit(s);
     out.put_u16(s.len() as u16);
     out.put_slice(s.as_bytes());
+}
+
+/// `s`, or its longest prefix that fits a string field with `…` after it.
+fn fit(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.len() <= MAX_STRING {
+        return s.into();
+    }
+    let mut end = MAX_STRING - '…'.len_utf8();
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end]).into()
 }
 
 fn put_addr(out: &mut BytesMut, addr: &SocketAddr) {
@@ -917,6 +921,22 @@ mod tests {
             Message::decode(&mut buf),
             Err(DecodeError::TooLong(MAX_FRAME as u64 + 1))
         );
+    }
+
+    #[test]
+    fn an_overlong_reason_is_cut_to_fit_not_a_panic() {
+        // An abort quoting an error about a long path, say.
+        let reason = format!("the image could not be read: {}", "é/".repeat(2000));
+        let mut out = BytesMut::new();
+        Message::Abort { reason }.encode(&mut out);
+        let Ok(Some(Message::Abort { reason })) = Message::decode(&mut out) else {
+            panic!("the cut message does not decode")
+        };
+        assert!(
+            reason.len() <= MAX_STRING && reason.ends_with('…'),
+            "{reason}"
+        );
+        assert!(reason.starts_with("the image could not be read: é/"));
     }
 
     #[test]
