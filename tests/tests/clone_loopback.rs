@@ -788,6 +788,34 @@ fn an_image_that_is_a_fifo_or_missing_is_refused_before_anything_is_written() {
 }
 
 #[test]
+fn an_image_cut_short_while_it_is_served_ends_the_session_saying_so() {
+    // Every sender would fail at the same offset and the node would
+    // reconnect to it forever; the session ends instead, with the reason.
+    let s = Session::new(64 << 20);
+    // Half the image is data: about 4 s of stream at this rate.
+    let serve = s.serve(1, &["--max-rate", "8MiB"]);
+    let node = s.join("n", &s.target("n"), &[]);
+    for _ in 0..1000 {
+        if read(&serve.out).contains("\"event\":\"started\"") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    File::options()
+        .write(true)
+        .open(&s.image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let (code, out, err) = serve.finish(Duration::from_secs(30));
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("changed while it was served"), "{out}");
+    let (code, out, err) = node.finish(Duration::from_secs(30));
+    assert_ne!(code, 0, "{out}\n{err}");
+}
+
+#[test]
 fn a_source_without_a_secret_file_writes_one_for_its_nodes() {
     let s = Session::new(8 << 20);
     let serve = Proc::start(

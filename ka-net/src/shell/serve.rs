@@ -497,10 +497,30 @@ impl SourceDriver {
                 self.pacing.stopped(conn);
                 if let Err(e) = result {
                     tracing::info!(conn = %conn, error = %e, "serving a node stopped");
+                    if let Some(reason) = self.image_changed() {
+                        self.source.handle_image_failed(self.clock.now(), reason);
+                    }
                 }
             }
             Event::Progress(_) | Event::Received { .. } => {}
         }
+    }
+
+    /// Why the file being served no longer holds the image published, if it
+    /// does not: a file cut short while it is served would fail every
+    /// sender at the same offset, and the nodes would reconnect to it
+    /// forever. (A block device cannot shrink; a changed image of the same
+    /// length is caught by every node's digest.)
+    fn image_changed(&self) -> Option<String> {
+        let size = self.size?;
+        let meta = std::fs::metadata(&self.path).ok()?;
+        (meta.is_file() && meta.len() < size).then(|| {
+            format!(
+                "{} changed while it was served: it holds {} bytes of the {size} published; serve an image nobody writes to (unmount it, or copy it first)",
+                self.path.display(),
+                meta.len()
+            )
+        })
     }
 
     /// The image's digest pass (or spool) ended.
