@@ -126,6 +126,89 @@ impl Drop for ChildGuard {
     }
 }
 
+/// A `ka` process started in a test's directory, with its standard output
+/// and error in files there (`LABEL.out`, `LABEL.err`), so a failing test
+/// shows everything it said; killed by PID if the test ends first.
+pub struct Proc {
+    /// The process.
+    pub guard: ChildGuard,
+    /// Its standard output.
+    pub out: PathBuf,
+    /// Its standard error.
+    pub err: PathBuf,
+}
+
+impl Proc {
+    /// Starts `ka ARGS` in `dir` (whatever ka writes beside itself stays
+    /// in the test's directory).
+    pub fn start(dir: &Path, label: &str, args: &[&str]) -> Proc {
+        Proc::start_with(dir, label, args, |_| {})
+    }
+
+    /// [`Proc::start`], with `configure` given the command last: another
+    /// standard output, a limit set in the child.
+    pub fn start_with(
+        dir: &Path,
+        label: &str,
+        args: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Proc {
+        let out = dir.join(format!("{label}.out"));
+        let err = dir.join(format!("{label}.err"));
+        let mut cmd = Command::new(ka_bin());
+        cmd.args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap());
+        configure(&mut cmd);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting ka {args:?}: {e}"));
+        Proc {
+            guard: ChildGuard {
+                child,
+                what: label.into(),
+            },
+            out,
+            err,
+        }
+    }
+
+    /// Its process ID.
+    pub fn pid(&self) -> u32 {
+        self.guard.child.id()
+    }
+
+    /// Waits (bounded) and returns (exit code, stdout, stderr).
+    pub fn finish(mut self, timeout: Duration) -> (i32, String, String) {
+        let status = wait_timeout(&mut self.guard.child, timeout).unwrap_or_else(|| {
+            panic!(
+                "{} did not finish within {timeout:?}:\n{}\n{}",
+                self.guard.what,
+                read_text(&self.out),
+                read_text(&self.err)
+            )
+        });
+        (
+            status.code().unwrap_or(-1),
+            read_text(&self.out),
+            read_text(&self.err),
+        )
+    }
+
+    /// kill -9, by PID, and reap.
+    pub fn kill9(mut self) {
+        self.guard.child.kill().expect("kill -9");
+        wait_timeout(&mut self.guard.child, Duration::from_secs(5)).expect("reaped");
+    }
+}
+
+/// The text of a file, or nothing if it cannot be read (yet).
+pub fn read_text(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
 /// A running `ka tftp` on 127.0.0.1 at a port the kernel chose.
 pub struct KaTftp {
     /// The process.

@@ -8,70 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ka_tests::{ka_bin, pseudo_random, require_tool, wait_timeout, ChildGuard};
-
-/// A ka process whose output goes to a file in the test's directory.
-struct Proc {
-    guard: ChildGuard,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Proc {
-    fn start(dir: &Path, label: &str, args: &[&str]) -> Proc {
-        let out = dir.join(format!("{label}.out"));
-        Proc::start_with_stdout(dir, label, args, File::create(&out).unwrap().into())
-    }
-
-    /// [`Proc::start`] with standard output going to `stdout` instead of
-    /// `LABEL.out` (which then stays empty).
-    fn start_with_stdout(dir: &Path, label: &str, args: &[&str], stdout: Stdio) -> Proc {
-        let out = dir.join(format!("{label}.out"));
-        let err = dir.join(format!("{label}.err"));
-        let child = Command::new(ka_bin())
-            .args(args)
-            // Whatever ka writes beside itself stays in the test's directory.
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(File::create(&err).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting ka {args:?}: {e}"));
-        Proc {
-            guard: ChildGuard {
-                child,
-                what: label.into(),
-            },
-            out,
-            err,
-        }
-    }
-
-    /// Waits (bounded) and returns (exit code, stdout, stderr).
-    fn finish(mut self, timeout: Duration) -> (i32, String, String) {
-        let status = wait_timeout(&mut self.guard.child, timeout).unwrap_or_else(|| {
-            panic!(
-                "{} did not finish within {timeout:?}:\n{}\n{}",
-                self.guard.what,
-                read(&self.out),
-                read(&self.err)
-            )
-        });
-        (
-            status.code().unwrap_or(-1),
-            read(&self.out),
-            read(&self.err),
-        )
-    }
-}
-
-fn read(p: &Path) -> String {
-    let mut s = String::new();
-    File::open(p)
-        .and_then(|mut f| f.read_to_string(&mut s))
-        .ok();
-    s
-}
+use ka_tests::{ka_bin, pseudo_random, read_text as read, require_tool, Proc};
 
 struct Session {
     dir: tempfile::TempDir,
@@ -153,7 +90,9 @@ impl Session {
         args.extend_from_slice(&["--spool-dir", spool, "--state-dir", &state, "--json"]);
         args.extend_from_slice(extra);
         let p = match self.serve_stdout.take() {
-            Some(stdout) => Proc::start_with_stdout(self.dir.path(), "serve", &args, stdout),
+            Some(stdout) => Proc::start_with(self.dir.path(), "serve", &args, |c| {
+                c.stdout(stdout);
+            }),
             None => Proc::start(self.dir.path(), "serve", &args),
         };
         self.learn_port(&p);

@@ -5,79 +5,18 @@
 //! `--max-rate` so that "halfway" is a moment the test can hit.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
 
-use ka_tests::{ka_bin, pseudo_random, wait_timeout, ChildGuard};
+use ka_tests::{pseudo_random, read_text as read, Proc};
 use serde_json::Value;
 
 /// 128 MiB, a quarter of it holes and a quarter written zeros: 64 MiB of
 /// data, about 2.7 s at the pace below.
 const SIZE: u64 = 128 << 20;
 const PACE: &str = "24MiB";
-
-/// A ka process whose output goes to files in the test's directory.
-struct Proc {
-    guard: ChildGuard,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Proc {
-    fn start(dir: &Path, label: &str, args: &[&str]) -> Proc {
-        let out = dir.join(format!("{label}.out"));
-        let err = dir.join(format!("{label}.err"));
-        let child = Command::new(ka_bin())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting ka {args:?}: {e}"));
-        Proc {
-            guard: ChildGuard {
-                child,
-                what: label.into(),
-            },
-            out,
-            err,
-        }
-    }
-
-    /// Waits (bounded) and returns (exit code, stdout, stderr).
-    fn finish(mut self, timeout: Duration) -> (i32, String, String) {
-        let status = wait_timeout(&mut self.guard.child, timeout).unwrap_or_else(|| {
-            panic!(
-                "{} did not finish within {timeout:?}:\n{}\n{}",
-                self.guard.what,
-                read(&self.out),
-                read(&self.err)
-            )
-        });
-        (
-            status.code().unwrap_or(-1),
-            read(&self.out),
-            read(&self.err),
-        )
-    }
-
-    /// kill -9, by PID, and reap.
-    fn kill9(mut self) {
-        self.guard.child.kill().expect("kill -9");
-        wait_timeout(&mut self.guard.child, Duration::from_secs(5)).expect("reaped");
-    }
-}
-
-fn read(p: &Path) -> String {
-    let mut s = String::new();
-    File::open(p)
-        .and_then(|mut f| f.read_to_string(&mut s))
-        .ok();
-    s
-}
 
 /// The JSON lines of a process's output.
 fn json_lines(text: &str) -> Vec<Value> {

@@ -3,34 +3,17 @@
 //! process's descriptors, or that come and go by the ten thousand. The
 //! session's own nodes must clone regardless, and the source must not grow.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ka_tests::{ka_bin, pseudo_random, wait_timeout, ChildGuard};
+use ka_tests::{pseudo_random, read_text as read, Proc};
 
-/// A ka process whose output goes to files in the test's directory.
-struct Proc {
-    guard: ChildGuard,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Proc {
-    /// Starts `ka ARGS` in `dir`; with `nofile`, under that descriptor limit.
-    fn start(dir: &Path, label: &str, args: &[&str], nofile: Option<u64>) -> Proc {
-        let out = dir.join(format!("{label}.out"));
-        let err = dir.join(format!("{label}.err"));
-        let mut cmd = Command::new(ka_bin());
-        cmd.args(args)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap());
+/// Starts `ka ARGS` in `dir`; with `nofile`, under that descriptor limit.
+fn start(dir: &Path, label: &str, args: &[&str], nofile: Option<u64>) -> Proc {
+    Proc::start_with(dir, label, args, |cmd| {
         if let Some(n) = nofile {
             // SAFETY: setrlimit is async-signal-safe and touches nothing of
             // the parent's; it runs in the child between fork and exec.
@@ -47,43 +30,7 @@ impl Proc {
                 });
             }
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting ka {args:?}: {e}"));
-        Proc {
-            guard: ChildGuard {
-                child,
-                what: label.into(),
-            },
-            out,
-            err,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.guard.child.id()
-    }
-
-    /// Waits (bounded) and returns (exit code, stdout, stderr).
-    fn finish(mut self, timeout: Duration) -> (i32, String, String) {
-        let status = wait_timeout(&mut self.guard.child, timeout).unwrap_or_else(|| {
-            panic!(
-                "{} did not finish within {timeout:?}:\n{}\n{}",
-                self.guard.what,
-                read(&self.out),
-                read(&self.err)
-            )
-        });
-        (
-            status.code().unwrap_or(-1),
-            read(&self.out),
-            read(&self.err),
-        )
-    }
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
+    })
 }
 
 /// A session directory with a secret and an image.
@@ -137,7 +84,7 @@ impl Session {
             &state,
             "--json",
         ];
-        let p = Proc::start(self.dir.path(), "serve", &args, nofile);
+        let p = start(self.dir.path(), "serve", &args, nofile);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Some(port) = read(&p.err)
@@ -185,7 +132,7 @@ impl Session {
             "--wait",
             "60s",
         ];
-        Proc::start(self.dir.path(), name, &args, nofile)
+        start(self.dir.path(), name, &args, nofile)
     }
 
     /// The nodes `names` join, the session ends well, and every copy is
