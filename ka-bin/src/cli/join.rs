@@ -67,7 +67,7 @@ pub struct JoinArgs {
 /// Checks `args` (the identity's syntax too: a typo must not cost a whole
 /// clone) and makes the plan.
 pub fn plan(args: JoinArgs) -> anyhow::Result<JoinOptions> {
-    crate::session::secret::check_session_name(&args.reach.session)?;
+    crate::session::check_session_name(&args.reach.session)?;
     let identity = if args.identity.is_empty() {
         None
     } else {

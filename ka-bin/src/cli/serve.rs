@@ -126,7 +126,7 @@ pub struct ServePlan {
 impl ServePlan {
     /// Checks `args` and reads the inventory, before anything is served.
     pub fn from_args(args: ServeArgs) -> anyhow::Result<ServePlan> {
-        secret::check_session_name(&args.session)?;
+        crate::session::check_session_name(&args.session)?;
         let mut config = SourceConfig::new(args.session.clone(), args.nodes, args.listen);
         config.arity = args.arity.max(1);
         config.join_timeout = args.join_timeout;
@@ -158,7 +158,8 @@ impl ServePlan {
         };
         let input = match (args.image, args.command, args.tar, args.stdin) {
             (Some(p), _, _, _) => {
-                check_image(&p)?;
+                // Before anything listens or is written (a generated secret).
+                ka_net::image::sources::check_servable(&p).context("--image")?;
                 Input::File(p)
             }
             (_, Some(c), _, _) => Input::Command(c),
@@ -196,23 +197,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitStatus> {
     let report = serve(plan, &secret)?;
     print_report(&report, json);
     Ok(exit_status(&report))
-}
-
-/// Refuses an image that is not there, or not a regular file or a block
-/// device, before anything listens or is written: a FIFO would block the
-/// source until some writer came.
-fn check_image(path: &std::path::Path) -> anyhow::Result<()> {
-    let kind = std::fs::metadata(path)
-        .with_context(|| format!("--image {}", path.display()))?
-        .file_type();
-    use std::os::unix::fs::FileTypeExt;
-    if !kind.is_file() && !kind.is_block_device() {
-        bail!(
-            "--image {} is neither a regular file nor a block device: serve a pipe or a device stream with --stdin or --command 'cat …'",
-            path.display()
-        );
-    }
-    Ok(())
 }
 
 /// The secret from `file`, or a generated one written for the nodes (and

@@ -74,6 +74,22 @@ pub trait ImageSource: Send {
     }
 }
 
+/// Refuses a path that is not a regular file or a block device, without
+/// opening it: opening a FIFO waits for a writer, so `--image fifo` would
+/// hang instead of saying what to do.
+pub fn check_servable(path: &Path) -> Result<(), Error> {
+    let kind = std::fs::metadata(path)
+        .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+        .file_type();
+    if !kind.is_file() && !kind.is_block_device() {
+        return Err(Error::Invalid(format!(
+            "{} is neither a regular file nor a block device: serve a pipe or a device stream with --stdin or --command 'cat …'",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Opens a source.
 ///
 /// A directory is archived by spawning GNU tar
@@ -177,17 +193,7 @@ impl FileSource {
     /// `size` bytes of a larger device: what a node wrote there); `None` means
     /// its whole length.
     pub fn open_sized(path: &Path, size: Option<u64>) -> Result<Self, Error> {
-        // Looked at before it is opened: opening a FIFO waits for a writer,
-        // so `--image fifo` would hang instead of saying what to do.
-        let kind = std::fs::metadata(path)
-            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
-            .file_type();
-        if !kind.is_file() && !kind.is_block_device() {
-            return Err(Error::Invalid(format!(
-                "{} is neither a regular file nor a block device: serve a pipe or a device stream with --stdin or --command 'cat …'",
-                path.display()
-            )));
-        }
+        check_servable(path)?;
         let file =
             File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         let meta = file

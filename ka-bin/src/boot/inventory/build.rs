@@ -29,11 +29,14 @@ pub(super) fn build(ck: &mut Checker<'_>, raw: RawFile, path: &Path) -> Inventor
     let boot = build_boot(ck, raw.boot.get_ref(), path);
     let rs = raw.session.get_ref();
     let session_name = ck.word(&rs.name, "session.name", "session name");
-    if session_name.len() > 64 {
+    if session_name.len() > crate::session::MAX_SESSION_NAME {
         ck.report(
             rs.name.span(),
             "session.name",
-            "a session name has at most 64 characters",
+            format!(
+                "a session name has at most {} characters",
+                crate::session::MAX_SESSION_NAME
+            ),
         );
     }
     let source = match rs.source.get_ref().trim().parse::<SocketAddrV4>() {

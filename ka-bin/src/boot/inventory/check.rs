@@ -150,10 +150,7 @@ impl Checker<'_> {
     /// A name: letters, digits, `-`, `_` and `.`.
     pub(super) fn word(&mut self, s: &S, field: &str, what: &str) -> String {
         let w = s.get_ref().trim();
-        let ok = !w.is_empty()
-            && w.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !ok {
+        if !crate::session::is_name(w) {
             self.report(
                 s.span(),
                 field,
