@@ -14,18 +14,22 @@
 //! [`gate::FIRST_MESSAGE_MAX`] bytes, or the connection is closed
 //! ([`super::gate`] says why these bounds).
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use ka_core::codec::Message;
 use ka_core::ids::ConnId;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio_util::codec::Framed;
 
-use super::gate;
+use super::gate::{self, Gate};
 use super::wire::BoundedCodec;
 use crate::datapath::forward::Downstreams;
 use crate::datapath::{relay, send_growing, NodeWriter, RelayEnd, RelayEvent};
@@ -114,21 +118,104 @@ pub enum Side {
     Connected,
 }
 
-/// Starts the task of connection `conn` over `stream` in `tasks`. Tasks of
-/// `tasks` that have ended are reaped first, so connections that come and
-/// go (accepted or made) leave nothing behind.
-pub fn spawn(
-    conn: ConnId,
-    stream: TcpStream,
-    side: Side,
+/// The connections a driver owns, kept the same way by the source's and
+/// the node's: each one's command channel, the tasks that run them, and
+/// what the strangers among them may hold ([`Gate`]).
+pub struct Conns {
+    commands: HashMap<ConnId, mpsc::UnboundedSender<Command>>,
+    /// Reaped whenever a connection starts, so connections that come and go
+    /// (accepted or made) leave nothing behind.
+    tasks: JoinSet<()>,
+    gate: Gate,
+    last_id: u64,
     events: mpsc::UnboundedSender<Event>,
-    tasks: &mut tokio::task::JoinSet<()>,
-) -> mpsc::UnboundedSender<Command> {
-    while tasks.try_join_next().is_some() {}
-    let (tx, rx) = mpsc::unbounded_channel();
-    let _ = stream.set_nodelay(true);
-    tasks.spawn(run(conn, stream, side, rx, events));
-    tx
+}
+
+impl Conns {
+    /// No connections yet; their tasks report on `events`.
+    pub fn new(events: mpsc::UnboundedSender<Event>) -> Conns {
+        Conns {
+            commands: HashMap::new(),
+            tasks: JoinSet::new(),
+            gate: Gate::default(),
+            last_id: 0,
+            events,
+        }
+    }
+
+    /// A fresh connection ID.
+    pub fn next_id(&mut self) -> ConnId {
+        self.last_id += 1;
+        ConnId(self.last_id)
+    }
+
+    /// Waits until `listener` may accept and accepts one connection
+    /// (cancel-safe, for `select!`); give the result to [`Conns::admit`].
+    pub async fn accept(&self, listener: &TcpListener) -> std::io::Result<(TcpStream, SocketAddr)> {
+        self.gate.accept(listener).await
+    }
+
+    /// Starts the task of an accepted connection if the gate admits it (a
+    /// stranger until it answers its challenge) and returns its ID; drops it
+    /// unread otherwise.
+    pub fn admit(&mut self, accepted: std::io::Result<(TcpStream, SocketAddr)>) -> Option<ConnId> {
+        let (stream, peer) = self.gate.accepted(accepted)?;
+        let id = self.next_id();
+        self.start(id, stream, Side::Accepted);
+        self.gate.admitted(id, &peer);
+        Some(id)
+    }
+
+    /// Starts the task of connection `id`, made or accepted, over `stream`.
+    pub fn start(&mut self, id: ConnId, stream: TcpStream, side: Side) {
+        while self.tasks.try_join_next().is_some() {}
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = stream.set_nodelay(true);
+        self.tasks
+            .spawn(run(id, stream, side, rx, self.events.clone()));
+        self.commands.insert(id, tx);
+    }
+
+    /// The command channel of connection `id`, while it is open.
+    pub fn get(&self, id: ConnId) -> Option<&mpsc::UnboundedSender<Command>> {
+        self.commands.get(&id)
+    }
+
+    /// Connection `id` sent a frame: it is no stranger any more.
+    pub fn heard(&mut self, id: ConnId) {
+        self.gate.settled(id);
+    }
+
+    /// Connection `id` is closed, or its task ends on its own: forgets it.
+    pub fn forget(&mut self, id: ConnId) {
+        self.gate.settled(id);
+        self.commands.remove(&id);
+    }
+
+    /// Tells connection `id`'s task to close it, and forgets it.
+    pub fn close(&mut self, id: ConnId) {
+        self.gate.settled(id);
+        if let Some(tx) = self.commands.remove(&id) {
+            let _ = tx.send(Command::Close);
+        }
+    }
+
+    /// At the end: lets the tasks finish what they send (the last frames, a
+    /// downstream still reading) for up to 500 ms, then leaves whatever
+    /// still runs to end on its own rather than cutting it off.
+    pub async fn finish(self) {
+        let Conns {
+            commands,
+            mut tasks,
+            ..
+        } = self;
+        drop(commands);
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        tasks.detach_all();
+    }
 }
 
 async fn run(

@@ -1,7 +1,6 @@
 //! The node's driver: runs [`ka_core::node::Node`], receives the image into
 //! its target and serves its downstreams from what it has written.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,8 +13,7 @@ use ka_core::node::{Node, NodeAction, NodeEvent, Resume};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use super::conn::{self, Command, Event, ReceiveJob, ServeJob, Side, Written};
-use super::gate::Gate;
+use super::conn::{Command, Conns, Event, ReceiveJob, ServeJob, Side, Written};
 use super::resume::{self, NodeState};
 use super::{nonce, Clock};
 use crate::datapath::forward::Downstreams;
@@ -469,13 +467,7 @@ struct NodeDriver {
     written_rx: watch::Receiver<Written>,
     /// Downstreams that keep up are fed by the receiving thread itself.
     direct: Arc<Downstreams>,
-    conns: HashMap<ConnId, mpsc::UnboundedSender<Command>>,
-    /// The connections' tasks, reaped as they end.
-    tasks: tokio::task::JoinSet<()>,
-    /// What unauthenticated peers may hold ([`super::gate`]).
-    gate: Gate,
-    next_conn: u64,
-    events_tx: mpsc::UnboundedSender<Event>,
+    conns: Conns,
     internal_tx: mpsc::UnboundedSender<Internal>,
     /// Bytes this process received from upstreams.
     received_bytes: u64,
@@ -543,11 +535,7 @@ impl NodeDriver {
             written,
             written_rx,
             direct: Arc::new(Downstreams::default()),
-            conns: HashMap::new(),
-            tasks: tokio::task::JoinSet::new(),
-            gate: Gate::default(),
-            next_conn: 0,
-            events_tx,
+            conns: Conns::new(events_tx),
             internal_tx,
             received_bytes: 0,
             resumed_from: 0,
@@ -570,9 +558,10 @@ impl NodeDriver {
             }
             let deadline = self.node.poll_timeout().map(|(t, _)| self.clock.instant(t));
             tokio::select! {
-                accepted = self.gate.accept(listener) => {
-                    if let Some((stream, peer)) = self.gate.accepted(accepted) {
-                        self.accepted(stream, peer);
+                accepted = self.conns.accept(listener) => {
+                    // A downstream, or an operator.
+                    if let Some(id) = self.conns.admit(accepted) {
+                        self.node.handle_connected(self.clock.now(), id, nonce());
                     }
                 }
                 Some(msg) = inputs.internal.recv() => self.internal(msg),
@@ -606,22 +595,17 @@ impl NodeDriver {
     /// Hands the frames the machine wants sent to their connections' tasks.
     fn send_transmits(&mut self) {
         while let Some((c, m)) = self.node.poll_transmit() {
-            if let Some(tx) = self.conns.get(&c) {
+            if let Some(tx) = self.conns.get(c) {
                 let _ = tx.send(Command::Send(m));
             }
         }
-    }
-
-    fn next_id(&mut self) -> ConnId {
-        self.next_conn += 1;
-        ConnId(self.next_conn)
     }
 
     /// Carries out one action; the outcome if it is the exit.
     fn act(&mut self, action: NodeAction) -> Option<NodeOutcome> {
         match action {
             NodeAction::ConnectSource => {
-                let id = self.next_id();
+                let id = self.conns.next_id();
                 connect(id, self.server, true, &self.internal_tx);
             }
             NodeAction::ConnectUpstream { addr, .. } => {
@@ -631,7 +615,7 @@ impl NodeDriver {
                 } else {
                     addr
                 };
-                let id = self.next_id();
+                let id = self.conns.next_id();
                 self.upstream_attempt = Some(id);
                 connect(id, addr, false, &self.internal_tx);
             }
@@ -645,7 +629,7 @@ impl NodeDriver {
                 node: _,
                 from,
             } => {
-                if let Some(tx) = self.conns.get(&conn) {
+                if let Some(tx) = self.conns.get(conn) {
                     let job = ServeJob {
                         from,
                         path: self.target.file().to_path_buf(),
@@ -657,10 +641,7 @@ impl NodeDriver {
                 }
             }
             NodeAction::Close { conn } => {
-                self.gate.settled(conn);
-                if let Some(tx) = self.conns.remove(&conn) {
-                    let _ = tx.send(Command::Close);
-                }
+                self.conns.close(conn);
             }
             NodeAction::StartOver => {
                 tracing::warn!(
@@ -722,21 +703,6 @@ impl NodeDriver {
         });
     }
 
-    /// A downstream (or an operator) connected to our listener.
-    fn accepted(&mut self, stream: TcpStream, peer: SocketAddr) {
-        let id = self.next_id();
-        let tx = conn::spawn(
-            id,
-            stream,
-            Side::Accepted,
-            self.events_tx.clone(),
-            &mut self.tasks,
-        );
-        self.gate.admitted(id, &peer);
-        self.conns.insert(id, tx);
-        self.node.handle_connected(self.clock.now(), id, nonce());
-    }
-
     /// The driver's own background work reports.
     fn internal(&mut self, msg: Internal) {
         let now = self.clock.now();
@@ -748,14 +714,7 @@ impl NodeDriver {
                 stream,
                 to_source,
             } => {
-                let tx = conn::spawn(
-                    conn,
-                    stream,
-                    Side::Connected,
-                    self.events_tx.clone(),
-                    &mut self.tasks,
-                );
-                self.conns.insert(conn, tx);
+                self.conns.start(conn, stream, Side::Connected);
                 if to_source {
                     self.node.handle_source_connected(now, conn);
                 } else {
@@ -811,13 +770,12 @@ impl NodeDriver {
         let now = self.clock.now();
         match event {
             Event::Frame(c, m) => {
-                self.gate.settled(c);
+                self.conns.heard(c);
                 self.node.handle_message(now, c, m);
             }
             Event::Closed(c, why) => {
                 tracing::debug!(conn = %c, %why, "connection closed");
-                self.gate.settled(c);
-                self.conns.remove(&c);
+                self.conns.forget(c);
                 self.node.handle_closed(now, c);
             }
             Event::Progress(offset) => {
@@ -851,7 +809,7 @@ impl NodeDriver {
     /// A receive job ended and gave the writer back.
     fn received(&mut self, conn: ConnId, w: NodeWriter, result: Result<RelayEnd, Error>) {
         let now = self.clock.now();
-        self.conns.remove(&conn);
+        self.conns.forget(conn);
         let at = w.position();
         match self.loans.back(at) {
             // Of an image the copy no longer follows.
@@ -941,7 +899,7 @@ impl NodeDriver {
                 ))
             });
         }
-        let Some(tx) = self.conns.get(&conn) else {
+        let Some(tx) = self.conns.get(conn) else {
             self.writer = Some(w);
             return Ok(false);
         };
@@ -966,9 +924,7 @@ impl NodeDriver {
         let now = self.clock.now();
         match refused {
             RefusedReceive::Behind => {
-                if let Some(tx) = self.conns.remove(&conn) {
-                    let _ = tx.send(Command::Close);
-                }
+                self.conns.close(conn);
                 self.node.handle_closed(now, conn);
             }
             RefusedReceive::Sink(reason) => self.node.handle_sink_error(now, reason),
@@ -982,18 +938,11 @@ impl NodeDriver {
         let NodeDriver {
             node,
             conns,
-            mut tasks,
             writer,
             mut durable,
             ..
         } = self;
-        drop(conns);
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
-        // Whatever still runs is left to end on its own, not cut off.
-        tasks.detach_all();
+        conns.finish().await;
         let verdict_given = node.verdict().is_some();
         let image = node.image_id();
         let size = node.image_size();

@@ -1,7 +1,7 @@
 //! The source's driver: runs [`ka_core::source::Source`] over a listener and
 //! serves the image to the nodes it feeds.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,8 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
-use super::conn::{self, Command, Event, ServeJob, Side, Written};
-use super::gate::Gate;
+use super::conn::{Command, Conns, Event, ServeJob, Written};
 use super::resume::{self, RecordedOutcome, SavedSession};
 use super::wire::MessageCodec;
 use super::{nonce, Clock};
@@ -245,13 +244,7 @@ struct SourceDriver {
     expected: u32,
     pacing: Pacing,
     recorder: Option<Recorder>,
-    conns: HashMap<ConnId, mpsc::UnboundedSender<Command>>,
-    /// The connections' tasks, reaped as they end.
-    tasks: tokio::task::JoinSet<()>,
-    /// What unauthenticated peers may hold ([`super::gate`]).
-    gate: Gate,
-    next_conn: u64,
-    events_tx: mpsc::UnboundedSender<Event>,
+    conns: Conns,
     started_at: Option<Time>,
     refreshed: Time,
 }
@@ -351,11 +344,7 @@ impl SourceDriver {
             expected,
             pacing: Pacing::new(opts.max_rate),
             recorder,
-            conns: HashMap::new(),
-            tasks: tokio::task::JoinSet::new(),
-            gate: Gate::default(),
-            next_conn: 0,
-            events_tx,
+            conns: Conns::new(events_tx),
             started_at: None,
         };
         Ok((driver, inputs))
@@ -377,9 +366,10 @@ impl SourceDriver {
                 .poll_timeout()
                 .map(|(t, _)| self.clock.instant(t));
             tokio::select! {
-                accepted = self.gate.accept(listener) => {
-                    if let Some((stream, peer)) = self.gate.accepted(accepted) {
-                        self.accepted(stream, peer);
+                accepted = self.conns.accept(listener) => {
+                    // A node, an operator or a stranger.
+                    if let Some(id) = self.conns.admit(accepted) {
+                        self.source.handle_connected(self.clock.now(), id, nonce());
                     }
                 }
                 Some(event) = inputs.events.recv() => self.conn_event(event),
@@ -404,7 +394,7 @@ impl SourceDriver {
         display: &mut impl FnMut(&Source, Option<&SourceEvent>),
     ) -> Option<Option<String>> {
         while let Some((c, m)) = self.source.poll_transmit() {
-            if let Some(tx) = self.conns.get(&c) {
+            if let Some(tx) = self.conns.get(c) {
                 let _ = tx.send(Command::Send(m));
             }
         }
@@ -440,7 +430,7 @@ impl SourceDriver {
                 node: _,
                 from,
             } => {
-                if let Some(tx) = self.conns.get(&conn) {
+                if let Some(tx) = self.conns.get(conn) {
                     let job = ServeJob {
                         from,
                         path: self.path.clone(),
@@ -454,29 +444,10 @@ impl SourceDriver {
                 }
             }
             SourceAction::Close { conn } => {
-                self.gate.settled(conn);
-                if let Some(tx) = self.conns.remove(&conn) {
-                    let _ = tx.send(Command::Close);
-                }
+                self.conns.close(conn);
                 self.pacing.stopped(conn);
             }
         }
-    }
-
-    /// A node (or an operator, or a stranger) connected from `peer`.
-    fn accepted(&mut self, stream: TcpStream, peer: SocketAddr) {
-        let id = ConnId(self.next_conn);
-        self.next_conn += 1;
-        let tx = conn::spawn(
-            id,
-            stream,
-            Side::Accepted,
-            self.events_tx.clone(),
-            &mut self.tasks,
-        );
-        self.gate.admitted(id, &peer);
-        self.conns.insert(id, tx);
-        self.source.handle_connected(self.clock.now(), id, nonce());
     }
 
     /// A connection's task reports.
@@ -484,13 +455,12 @@ impl SourceDriver {
         let now = self.clock.now();
         match event {
             Event::Frame(c, m) => {
-                self.gate.settled(c);
+                self.conns.heard(c);
                 self.source.handle_message(now, c, m);
             }
             Event::Closed(c, why) => {
                 tracing::debug!(conn = %c, %why, "connection closed");
-                self.gate.settled(c);
-                self.conns.remove(&c);
+                self.conns.forget(c);
                 self.source.handle_closed(now, c);
             }
             Event::Served { conn, result } => {
@@ -547,18 +517,10 @@ impl SourceDriver {
             expected,
             recorder,
             conns,
-            mut tasks,
             started_at,
             ..
         } = self;
-        drop(conns);
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
-        // Whatever still runs (a downstream still reading) is left to end
-        // on its own, not cut off.
-        tasks.detach_all();
+        conns.finish().await;
         let streaming = started_at.map_or(Duration::ZERO, |t| clock.now().saturating_since(t));
         drop(image_written);
         if let Some(recorder) = recorder {
