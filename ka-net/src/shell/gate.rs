@@ -105,7 +105,8 @@ impl Gate {
     }
 
     /// How many connections are unanswered.
-    pub fn unanswered(&self) -> usize {
+    #[cfg(test)]
+    fn unanswered(&self) -> usize {
         self.unanswered.len()
     }
 

@@ -113,7 +113,7 @@ impl Session<'_> {
     /// with its own state directory, looking for the source for 30 s unless
     /// `extra` says `--wait`. The same call again restarts the same node.
     pub fn join(&self, i: usize, extra: &[&str]) -> Join {
-        self.join_as(i, &self.lab.node(i).name.clone(), extra)
+        self.join_as(i, &self.lab.node(i).name, extra)
     }
 
     /// [`Session::join`] on node `i` under the node name `name` (another
