@@ -162,7 +162,7 @@ impl Sim {
         let d = &self.nodes[i].data;
         let current = d
             .inflow
-            .map_or(0.0, |_| self.offset_at(i, self.now) - d.inflow_from);
+            .map_or(0.0, |_| self.offset_at(i, self.now).floor() - d.inflow_from);
         self.nodes[i].received + current.max(0.0)
     }
 
@@ -406,10 +406,14 @@ impl Sim {
     }
 
     /// Adds what the node received on its current inflow to its count and
-    /// starts counting afresh from its offset now.
+    /// starts counting afresh from its offset now. Counted in whole bytes,
+    /// as a node holds them: a fraction counted here would be received
+    /// again by the next inflow, which starts at the whole bytes held, and
+    /// a node that changes upstream often would seem to take more than it
+    /// lacked.
     pub(super) fn account_inflow(&mut self, i: usize) {
         if self.nodes[i].data.inflow.is_some() {
-            let off = self.offset_at(i, self.now);
+            let off = self.offset_at(i, self.now).floor();
             let d = &mut self.nodes[i].data;
             self.nodes[i].received += (off - d.inflow_from).max(0.0);
             self.nodes[i].data.inflow_from = off;
