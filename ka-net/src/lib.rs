@@ -81,6 +81,7 @@ pub mod datapath;
 mod error;
 pub mod image;
 pub mod shell;
+pub mod system;
 pub mod tftp;
 
 pub use datapath::{rehash_written, verify_readback};

@@ -27,6 +27,18 @@ pub struct JoinArgs {
     /// Untar the image into this directory.
     #[arg(long, value_name = "DIR", group = "output")]
     pub untar: Option<PathBuf>,
+    /// Rebuild these disks (in the order of the source's) from a `ka serve
+    /// --system` session: partitions, file systems, trees, boot loader.
+    /// Everything on them is replaced.
+    #[arg(long, value_name = "DISK,…", value_delimiter = ',', group = "output")]
+    pub system: Vec<PathBuf>,
+    /// Save the session's stream to this file (a system stream is served
+    /// again later with `ka serve --system-image FILE`).
+    #[arg(long, value_name = "FILE", group = "output")]
+    pub save: Option<PathBuf>,
+    /// With --system: the most of the stream this node holds at once.
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = ka_core::units::parse_size)]
+    pub window: u64,
     /// Where a --command or --untar image is received before it is fed on.
     #[arg(long, value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
@@ -73,11 +85,14 @@ pub fn plan(args: JoinArgs) -> anyhow::Result<JoinOptions> {
     } else {
         Some(Identity::from_items(&args.identity).map_err(|e| anyhow!(e))?)
     };
-    let output = match (args.target, args.command, args.untar) {
+    let output = match (args.target.or(args.save), args.command, args.untar) {
         (Some(p), _, _) => Output::Target(p),
         (_, Some(c), _) => Output::Command(c),
         (_, _, Some(d)) => Output::Untar(d),
-        _ => bail!("say where the image goes: --target PATH, --command CMD or --untar DIR"),
+        _ if !args.system.is_empty() => Output::System(args.system),
+        _ => bail!(
+            "say where the image goes: --target PATH, --system DISK, --save FILE, --command CMD or --untar DIR"
+        ),
     };
     Ok(JoinOptions {
         reach: args.reach.into(),
@@ -91,6 +106,7 @@ pub fn plan(args: JoinArgs) -> anyhow::Result<JoinOptions> {
         json: args.json,
         identity,
         root_partition: args.root_partition,
+        window: args.window,
     })
 }
 

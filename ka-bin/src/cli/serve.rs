@@ -45,6 +45,41 @@ pub struct ServeArgs {
     /// Clone this process's standard input.
     #[arg(long, group = "input")]
     pub stdin: bool,
+    /// Clone this running machine file by file: its partition tables, each
+    /// file system as a tree, raw partitions, and the boot loader rebuilt on
+    /// every node (`ka join --system DISK`; see docs/system.md).
+    #[arg(long, group = "input")]
+    pub system: bool,
+    /// Serve a system stream saved earlier by `ka join --save FILE`.
+    #[arg(long, value_name = "FILE", group = "input")]
+    pub system_image: Option<PathBuf>,
+    /// With --system: the root of the system to clone (its file systems are
+    /// those mounted at and below it).
+    #[arg(long, value_name = "DIR", default_value = "/", requires = "system")]
+    pub root: PathBuf,
+    /// With --system: send this directory empty (its mode and owner kept);
+    /// repeatable.
+    #[arg(long, value_name = "DIR", requires = "system")]
+    pub exclude: Vec<PathBuf>,
+    /// With --system: leave this disk's file systems out; repeatable.
+    #[arg(long, value_name = "DEV", requires = "system")]
+    pub skip_disk: Vec<PathBuf>,
+    /// With --system: send this partition as bytes, not as a tree (zero runs
+    /// as extents); repeatable.
+    #[arg(long, value_name = "PART", requires = "system")]
+    pub raw: Vec<PathBuf>,
+    /// With --system: partition sizes for nodes whose disks differ (see
+    /// docs/system.md).
+    #[arg(long, value_name = "FILE", requires = "system")]
+    pub layout: Option<PathBuf>,
+    /// With --system: run this on each node, chrooted into its new system,
+    /// once it is unpacked and its boot loader installed.
+    #[arg(long, value_name = "CMD", requires = "system")]
+    pub post_command: Option<String>,
+    /// Serve --image even though a file system on it is mounted read-write
+    /// (its copy may be inconsistent).
+    #[arg(long)]
+    pub force: bool,
     /// Where a stream (--command, --tar, --stdin) is spooled so any node can be served again.
     #[arg(long, value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
@@ -156,16 +191,34 @@ impl ServePlan {
                 }
             },
         };
-        let input = match (args.image, args.command, args.tar, args.stdin) {
-            (Some(p), _, _, _) => {
-                // Before anything listens or is written (a generated secret).
-                ka_net::image::sources::check_servable(&p).context("--image")?;
-                Input::File(p)
+        let input = if let Some(p) = args.image {
+            // Before anything listens or is written (a generated secret).
+            ka_net::image::sources::check_servable(&p).context("--image")?;
+            if !args.force {
+                ka_net::image::sources::check_not_mounted_rw(&p).context("--image")?;
             }
-            (_, Some(c), _, _) => Input::Command(c),
-            (_, _, Some(d), _) => Input::Tar(d),
-            (_, _, _, true) => Input::Stdin,
-            _ => bail!("say what to clone: --image PATH, --command CMD, --tar DIR or --stdin"),
+            Input::File(p)
+        } else if let Some(c) = args.command {
+            Input::Command(c)
+        } else if let Some(d) = args.tar {
+            Input::Tar(d)
+        } else if args.stdin {
+            Input::Stdin
+        } else if args.system {
+            Input::System(system_plan(
+                args.root,
+                args.exclude,
+                args.skip_disk,
+                args.raw,
+                args.layout,
+                args.post_command,
+            )?)
+        } else if let Some(p) = args.system_image {
+            ka_net::image::sources::check_servable(&p).context("--system-image")?;
+            ka_net::system::check_saved_stream(&p).context("--system-image")?;
+            Input::File(p)
+        } else {
+            bail!("say what to clone: --image PATH, --system, --system-image FILE, --command CMD, --tar DIR or --stdin")
         };
         let flip = match (&args.inventory, &args.boot_state) {
             (Some(inv), Some(dir)) => Some(VerifiedFlip::new(
@@ -187,6 +240,38 @@ impl ServePlan {
             flip,
         })
     }
+}
+
+/// Reads this machine's layout for `ka serve --system` and makes the plan
+/// the nodes follow; refuses, before anything is served, what cannot be
+/// cloned file by file.
+fn system_plan(
+    root: PathBuf,
+    exclude: Vec<PathBuf>,
+    skip_disks: Vec<PathBuf>,
+    raw: Vec<PathBuf>,
+    layout_file: Option<PathBuf>,
+    post_command: Option<String>,
+) -> anyhow::Result<ka_net::system::Plan> {
+    use ka_net::system::{disk::LayoutFile, layout};
+    let layout_text = match &layout_file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading --layout {}", f.display()))?;
+            // Checked here: a typo must fail before the nodes rebuild anything.
+            LayoutFile::parse(&text).with_context(|| format!("--layout {}", f.display()))?;
+            Some(text)
+        }
+        None => None,
+    };
+    let layout = layout::read_layout(&layout::ReadOptions {
+        root,
+        exclude,
+        skip_disks,
+        raw,
+    })
+    .context("--system")?;
+    Ok(ka_net::system::Plan::new(layout, layout_text, post_command))
 }
 
 /// Runs `ka serve`.

@@ -190,6 +190,7 @@ pub fn join_options(plan: &Plan, secret_file: &Path) -> anyhow::Result<JoinOptio
         state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         identity: plan.identity.clone(),
         root_partition: plan.root,
+        window: ka_net::datapath::window::DEFAULT_WINDOW,
     })
 }
 

@@ -13,6 +13,7 @@ use anyhow::anyhow;
 use ka_core::config::NodeConfig;
 use ka_core::node::NodeEvent;
 use ka_net::shell::{self, NodeOptions, NodeOutcome, Target};
+use ka_net::system::rebuild::RebuildOptions;
 use ka_net::SinkSpec;
 
 use super::identity::{Identity, RootPartition, Step};
@@ -28,6 +29,8 @@ pub enum Output {
     Command(String),
     /// Untarred into this directory.
     Untar(PathBuf),
+    /// A system clone rebuilt onto these disks.
+    System(Vec<PathBuf>),
 }
 
 /// Everything a node needs to join a session.
@@ -57,6 +60,8 @@ pub struct JoinOptions {
     pub identity: Option<Identity>,
     /// With `identity`: the partition of the target holding the root file system.
     pub root_partition: RootPartition,
+    /// A system clone's window: the most of the stream held at once.
+    pub window: u64,
 }
 
 impl JoinOptions {
@@ -112,6 +117,7 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
             let (target, untar) = match &opts.output {
                 Output::Target(p) => (Some(p.as_path()), None),
                 Output::Untar(d) => (None, Some(d.as_path())),
+                Output::System(disks) => (disks.first().map(PathBuf::as_path), None),
                 Output::Command(_) => (None, None),
             };
             Some(Step::new(id, opts.root_partition, target, untar).map_err(|e| anyhow!(e))?)
@@ -146,6 +152,14 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
             spec: SinkSpec::Untar(d),
             spool: spool.clone(),
         },
+        Output::System(disks) => Target::System {
+            rebuild: RebuildOptions {
+                disks,
+                workdir: std::env::temp_dir().join(format!("ka-system-{}", std::process::id())),
+            },
+            spool: spool.clone(),
+            window: opts.window,
+        },
     };
     let node = NodeOptions {
         config,
@@ -161,6 +175,15 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
     let outcome = rt.block_on(shell::run_node(node, |_, e| print_event(&name, e, json)));
     let _ = std::fs::remove_file(&spool);
     let outcome = outcome?;
+    if let Some(unpacked) = &outcome.unpacked {
+        for step in &unpacked.steps {
+            if json {
+                crate::outln!("{{\"node\":{name:?},\"event\":\"system\",\"step\":{step:?}}}");
+            } else {
+                eprintln!("ka: {name}: {step}");
+            }
+        }
+    }
     print_outcome(&outcome, json);
     if !outcome.ok {
         return Ok(Joined::Failed);

@@ -27,6 +27,8 @@ pub enum Input {
     Tar(PathBuf),
     /// This process's standard input.
     Stdin,
+    /// This running machine, file system by file system.
+    System(ka_net::system::Plan),
 }
 
 /// Everything a source needs but its secret.
@@ -65,7 +67,14 @@ pub fn run(
     let session = opts.config.session.clone();
     let listen = opts.config.data_addr;
     let nodes = opts.config.expected_nodes;
-    let spool = spool_path(opts.spool_dir.as_deref(), &format!("ka-source-{session}"));
+    // A system's spool holds the whole machine: not in a /tmp that may be
+    // memory, and left out of the capture wherever it lands.
+    let spool_dir = match (&opts.spool_dir, &opts.input) {
+        (None, Input::System(_)) => Some(PathBuf::from("/var/tmp")),
+        (dir, _) => dir.clone(),
+    };
+    let spool = spool_path(spool_dir.as_deref(), &format!("ka-source-{session}"));
+    let warnings = ka_net::system::capture::Warnings::default();
     let stream = |spec| ImageInput::Stream {
         spec,
         spool: spool.clone(),
@@ -75,6 +84,18 @@ pub fn run(
         Input::Command(c) => stream(SourceSpec::Command(c)),
         Input::Tar(d) => stream(SourceSpec::Tar(d)),
         Input::Stdin => stream(SourceSpec::Stdin),
+        Input::System(plan) => {
+            let capture = ka_net::system::capture::Capture::new(&plan, vec![spool.clone()])
+                .map_err(|e| anyhow!("{e}"))?;
+            for (i, part) in capture.parts.iter().enumerate() {
+                eprintln!("ka: system part {}: {}", i + 1, describe_part(part));
+            }
+            ImageInput::System {
+                capture: Box::new(capture),
+                warnings: warnings.clone(),
+                spool: spool.clone(),
+            }
+        }
     };
     let source = SourceOptions {
         key: secret::key(secret, &session),
@@ -108,5 +129,35 @@ pub fn run(
             .map_err(|e| anyhow!("{e}"))
     });
     let _ = std::fs::remove_file(&spool);
+    let changed = warnings.list();
+    if !changed.is_empty() {
+        eprintln!(
+            "ka: {} files changed or vanished while the system was read (their copies are as read):",
+            changed.len()
+        );
+        for w in changed.iter().take(50) {
+            eprintln!("ka:   {w}");
+        }
+    }
     report
+}
+
+/// One part of a system stream, for the operator.
+fn describe_part(part: &ka_net::system::capture::Part) -> String {
+    use ka_net::system::capture::Part;
+    match part {
+        Part::Tree {
+            mountpoint,
+            mounted_at,
+            excludes,
+            ..
+        } => {
+            let mut s = format!("{mountpoint} as a file tree (from {})", mounted_at.display());
+            if !excludes.is_empty() {
+                s.push_str(&format!(", sent empty: {}", excludes.join(", ")));
+            }
+            s
+        }
+        Part::Raw { device, len, .. } => format!("{} as raw bytes ({len} bytes)", device.display()),
+    }
 }

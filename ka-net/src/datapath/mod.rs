@@ -38,6 +38,7 @@ pub mod forward;
 mod pool;
 pub mod receive;
 pub mod send;
+pub mod window;
 pub mod writer;
 
 #[cfg(test)]

@@ -72,6 +72,24 @@ impl Supervised {
         &mut self.child
     }
 
+    /// Waits for the child and returns its exit status with the tail of its
+    /// standard error, for callers that take some failures as warnings
+    /// (tar's "file changed as we read it").
+    pub fn wait_with_stderr(&mut self) -> Result<(std::process::ExitStatus, String), Error> {
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| Error::io(format!("waiting for `{}`", self.label), e))?;
+        self.waited = true;
+        if let Some(d) = self.drain.take() {
+            let _ = d.join();
+        }
+        let stderr = String::from_utf8_lossy(&self.tail.lock().expect("stderr tail lock"))
+            .trim()
+            .to_string();
+        Ok((status, stderr))
+    }
+
     /// Waits for the child; an exit other than success becomes
     /// [`Error::Command`] with the tail of its standard error.
     pub fn wait_success(&mut self) -> Result<(), Error> {

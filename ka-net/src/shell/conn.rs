@@ -53,6 +53,10 @@ pub struct ServeJob {
     /// The node's receiving thread, to lend the socket to while the
     /// downstream keeps up (a node's serving; not the source's).
     pub direct: Option<Arc<Downstreams>>,
+    /// The node's bounded window over its spool (a system clone's node):
+    /// this serving registers in it, so nothing it still has to send is
+    /// punched out.
+    pub window: Option<Arc<crate::datapath::window::Window>>,
 }
 
 /// Receive records from the upstream into the node's writer.
@@ -369,7 +373,17 @@ async fn serve(stream: &mut TcpStream, job: ServeJob) -> Result<(), Error> {
         mut written,
         pace: _,
         direct,
+        window,
     } = job;
+    let reader = match &window {
+        Some(w) => Some(w.register(from).ok_or_else(|| {
+            Error::Invalid(format!(
+                "offset {from} has left this node's window (it holds from {})",
+                w.holds_from()
+            ))
+        })?),
+        None => None,
+    };
     // A node's target may not even exist before its first write.
     let size = loop {
         let w = *written.borrow_and_update();
@@ -384,7 +398,12 @@ async fn serve(stream: &mut TcpStream, job: ServeJob) -> Result<(), Error> {
     };
     let mut source = FileSource::open_sized(&path, size)?;
     source.seek(from)?;
-    send_growing(source, stream, written, direct.as_ref(), |_| {}).await?;
+    send_growing(source, stream, written, direct.as_ref(), |sent| {
+        if let Some(r) = &reader {
+            r.advance(sent);
+        }
+    })
+    .await?;
     Ok(())
 }
 

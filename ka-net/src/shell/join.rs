@@ -19,7 +19,10 @@ use super::{nonce, Clock};
 use crate::datapath::forward::Downstreams;
 use crate::datapath::{rehash_written, NodeWriter, RelayEnd};
 use crate::image::digest::{digest_source, ImageHasher, SessionKey};
+use crate::datapath::window::{Window, WindowedSink};
 use crate::image::sinks::{open_sink, SinkSpec};
+use crate::system::rebuild::RebuildOptions;
+use crate::system::Unpacked;
 use crate::Error;
 
 /// What a node joins and where it writes.
@@ -62,6 +65,17 @@ pub enum Target {
         /// The spool file to create.
         spool: PathBuf,
     },
+    /// A system clone's node: the stream is received into `spool`, of which
+    /// only a bounded window is kept ([`crate::datapath::window`]), and the
+    /// node's disks are rebuilt from it as it arrives ([`crate::system`]).
+    System {
+        /// The disks and where to mount the new system.
+        rebuild: RebuildOptions,
+        /// The spool file to create.
+        spool: PathBuf,
+        /// The most of the stream held at once, in bytes.
+        window: u64,
+    },
 }
 
 impl Target {
@@ -69,7 +83,7 @@ impl Target {
     pub fn file(&self) -> &std::path::Path {
         match self {
             Target::File(p) => p,
-            Target::Stream { spool, .. } => spool,
+            Target::Stream { spool, .. } | Target::System { spool, .. } => spool,
         }
     }
 }
@@ -88,6 +102,8 @@ pub struct NodeOutcome {
     pub resumed_from: u64,
     /// Bytes this process received from upstreams.
     pub received: u64,
+    /// A system clone's rebuild, when it completed.
+    pub unpacked: Option<Unpacked>,
 }
 
 enum Internal {
@@ -114,6 +130,8 @@ enum Internal {
     },
     /// A broadcast for the source found it here (or nowhere).
     Discovered(Option<SocketAddr>),
+    /// A system clone's rebuild ended.
+    Unpacked(Result<Unpacked, String>),
 }
 
 /// How often, at most, the durable prefix is recorded, and how stale it may
@@ -164,6 +182,10 @@ impl Durable {
                     opts.config.session.clone(),
                     opts.config.name.clone(),
                 )))
+            }
+            (Some(_), Target::System { .. }) => {
+                tracing::info!("a system clone does not resume after a restart: a restarted node starts over");
+                Ok(None)
             }
             (Some(_), Target::Stream { .. }) => {
                 tracing::info!(
@@ -478,6 +500,15 @@ struct NodeDriver {
     /// Only the latest attempt to reach an upstream counts: the topology
     /// may have moved on while an older one was connecting.
     upstream_attempt: Option<ConnId>,
+    /// A system clone's bounded window, once receiving began.
+    window: Option<Arc<Window>>,
+    /// A system clone: the stream's end as received, until the rebuild is
+    /// done too.
+    system_end: Option<(u64, Digest)>,
+    /// A system clone: how its rebuild ended, until the stream has too.
+    unpack: Option<Result<Unpacked, String>>,
+    /// A system clone's completed rebuild.
+    unpacked: Option<Unpacked>,
 }
 
 impl NodeDriver {
@@ -541,6 +572,10 @@ impl NodeDriver {
             resumed_from: 0,
             discovering: false,
             upstream_attempt: None,
+            window: None,
+            system_end: None,
+            unpack: None,
+            unpacked: None,
         };
         (driver, Inputs { events, internal })
     }
@@ -635,13 +670,24 @@ impl NodeDriver {
                         path: self.target.file().to_path_buf(),
                         written: self.written_rx.clone(),
                         pace: None,
-                        direct: Some(Arc::clone(&self.direct)),
+                        // A windowed node forwards only from its spool,
+                        // where each serving holds its place in the window.
+                        direct: self.window.is_none().then(|| Arc::clone(&self.direct)),
+                        window: self.window.clone(),
                     };
                     let _ = tx.send(Command::Serve(Box::new(job)));
                 }
             }
             NodeAction::Close { conn } => {
                 self.conns.close(conn);
+            }
+            NodeAction::StartOver if matches!(self.target, Target::System { .. }) => {
+                self.node.handle_sink_error(
+                    self.clock.now(),
+                    "the source now serves another system stream: this node's disks were being rebuilt \
+                     from the old one; run ka join again"
+                        .into(),
+                );
             }
             NodeAction::StartOver => {
                 tracing::warn!(
@@ -661,6 +707,11 @@ impl NodeDriver {
                 if reason.starts_with("no source answered") {
                     reason = format!("{reason} at {}: is `ka serve` running there?", self.server);
                 }
+                if let Some(w) = &self.window {
+                    // The receiving thread must not wait for an unpacker
+                    // that is gone.
+                    w.close();
+                }
                 tracing::info!(stats = ?self.direct.stats(), "forwarded straight from the receiving thread");
                 return Some(NodeOutcome {
                     ok,
@@ -668,6 +719,7 @@ impl NodeDriver {
                     written: self.written_rx.borrow().upto,
                     resumed_from: self.resumed_from,
                     received: self.received_bytes,
+                    unpacked: self.unpacked.take(),
                 });
             }
         }
@@ -751,6 +803,17 @@ impl NodeDriver {
                 if let Some(d) = &mut self.durable {
                     d.recorded(gen, result);
                 }
+            }
+            Internal::Unpacked(result) => {
+                if let Err(e) = &result {
+                    // The stream is of no use any more: stop at once, KO.
+                    if let Some(w) = &self.window {
+                        w.close();
+                    }
+                    self.node.handle_sink_error(now, e.clone());
+                }
+                self.unpack = Some(result);
+                self.system_done();
             }
             Internal::ReadBack(Ok(d)) => self.node.handle_readback(now, d),
             Internal::Fed {
@@ -854,6 +917,10 @@ impl NodeDriver {
                 }
                 self.node.handle_stream_end(now, end.size, end.digest)
             }
+            Target::System { .. } => {
+                self.system_end = Some((end.size, end.digest));
+                self.system_done();
+            }
             Target::Stream { spec, spool } => {
                 // The sink gets the image only once all of it is here.
                 let (spec, spool, tx) = (spec.clone(), spool.clone(), self.internal_tx.clone());
@@ -868,6 +935,52 @@ impl NodeDriver {
                 });
             }
         }
+    }
+
+    /// A system clone is done once both the stream has ended (its digest is
+    /// known) and the disks are rebuilt from it: only then is it checked.
+    fn system_done(&mut self) {
+        let now = self.clock.now();
+        match (&self.unpack, self.system_end) {
+            (Some(Ok(unpacked)), Some((size, digest))) => {
+                self.unpacked = Some(unpacked.clone());
+                self.unpack = None;
+                self.node.handle_stream_end(now, size, digest);
+            }
+            (Some(Err(_)), _) | (None, _) | (_, None) => {}
+        }
+    }
+
+    /// Opens the writer of the first receive; a system clone's also starts
+    /// its window and the rebuild that follows the spool.
+    fn first_writer(&mut self) -> Result<NodeWriter, Error> {
+        let Target::System {
+            rebuild,
+            spool,
+            window,
+        } = &self.target
+        else {
+            return open_writer(self.target.file(), self.node.image_size(), &self.key);
+        };
+        let sink = open_sink(&SinkSpec::File(spool.clone()), None)?;
+        super::spool::reach_ahead(spool)?;
+        let handle = std::fs::OpenOptions::new()
+            .write(true)
+            .open(spool)
+            .map_err(|e| Error::io(format!("opening {}", spool.display()), e))?;
+        let win = Window::new(handle, *window);
+        let sink = Box::new(WindowedSink::new(sink, Arc::clone(&win)));
+        let writer = NodeWriter::new(sink, ImageHasher::new(&self.key))?;
+        let (spool, opts, tx) = (spool.clone(), rebuild.clone(), self.internal_tx.clone());
+        let (written, w2) = (self.written_rx.clone(), Arc::clone(&win));
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let result = crate::system::unpack_following(&spool, written, w2, opts, rt)
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Internal::Unpacked(result));
+        });
+        self.window = Some(win);
+        Ok(writer)
     }
 
     /// Lends the writer (opening it on the first receive) to the receive
@@ -885,7 +998,8 @@ impl NodeDriver {
     fn lend_writer(&mut self, conn: ConnId, from: u64) -> Result<bool, RefusedReceive> {
         let w = match self.writer.take() {
             Some(w) => w,
-            None => open_writer(self.target.file(), self.node.image_size(), &self.key)
+            None => self
+                .first_writer()
                 .map_err(|e| RefusedReceive::Sink(e.to_string()))?,
         };
         if w.position() != from {

@@ -37,6 +37,16 @@ pub enum ImageInput {
         /// The spool file to create.
         spool: PathBuf,
     },
+    /// A running machine, file system by file system
+    /// ([`crate::system::capture`]), spooled like any stream.
+    System {
+        /// What to read and send.
+        capture: Box<crate::system::capture::Capture>,
+        /// Where files that changed while read are reported.
+        warnings: crate::system::capture::Warnings,
+        /// The spool file to create (left out of the capture).
+        spool: PathBuf,
+    },
 }
 
 /// What the source serves and how.
@@ -290,8 +300,21 @@ impl SourceDriver {
                     resume::image_identity(path)?,
                 )
             }
-            ImageInput::Stream { spec, spool } => {
-                let stream = open_source(spec)?;
+            ImageInput::Stream { .. } | ImageInput::System { .. } => {
+                let (stream, spool): (Box<dyn crate::ImageSource>, _) = match &opts.image {
+                    ImageInput::Stream { spec, spool } => (open_source(spec)?, spool),
+                    ImageInput::System {
+                        capture,
+                        warnings,
+                        spool,
+                    } => (
+                        Box::new(crate::image::sources::StreamSource::new(
+                            capture.reader(warnings.clone()),
+                        )),
+                        spool,
+                    ),
+                    ImageInput::File(_) => unreachable!("matched above"),
+                };
                 let (tx, rx) = watch::channel(Written::default());
                 let (tx2, key2, spool2, done) =
                     (tx.clone(), key.clone(), spool.clone(), digest_tx.clone());
@@ -437,6 +460,7 @@ impl SourceDriver {
                         written: self.image_watch.clone(),
                         pace: self.pacing.receiver(),
                         direct: None,
+                        window: None,
                     };
                     if tx.send(Command::Serve(Box::new(job))).is_ok() {
                         self.pacing.started(conn);

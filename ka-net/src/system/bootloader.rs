@@ -1,0 +1,208 @@
+//! Making a rebuilt system boot: the boot loader is installed from the
+//! clone itself, chrooted into it with /dev, /proc and /sys bound (and
+//! efivars where the node booted by UEFI), so the loader matches the
+//! clone's own kernel and configuration, not the netboot image's.
+//!
+//! What is installed follows what the clone has:
+//! - GRUB (`grub-install` or `grub2-install`): for BIOS on each disk that
+//!   holds the root when the clone has the i386-pc modules, and for UEFI on
+//!   the EFI system partition when it has the x86_64-efi modules — both at
+//!   the distribution's path and at the removable path
+//!   (`EFI/BOOT/BOOTX64.EFI`), without touching NVRAM, so a node boots the
+//!   clone without a boot entry of its own. The configuration is then
+//!   regenerated (`update-grub`, `grub-mkconfig` or `grub2-mkconfig`).
+//! - the initramfs is regenerated where the clone has the tool
+//!   (`update-initramfs`, `dracut`), so it finds disks by this node's
+//!   drivers and UUIDs.
+//! - extlinux (`extlinux --install` on the directory holding
+//!   `extlinux.conf`) and systemd-boot (`bootctl install`) when GRUB is
+//!   absent.
+//!
+//! A clone without any of these is left as it is: the step says so.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::layout::{Content, FsKind, Layout, TableKind};
+use super::rebuild::run;
+use crate::Error;
+
+/// The GPT type of a BIOS boot partition (where GRUB's core sits on GPT).
+const BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
+
+/// Installs the boot loader of the clone mounted at `root` onto `disks`
+/// (the node's disks, in the layout's order). Returns one line per step.
+pub fn install(root: &Path, layout: &Layout, disks: &[PathBuf]) -> Result<Vec<String>, Error> {
+    let _binds = Binds::mount(root)?;
+    let mut steps = Vec::new();
+    let has = |p: &str| root.join(p.trim_start_matches('/')).exists();
+    let grub = ["usr/sbin/grub-install", "usr/sbin/grub2-install"]
+        .into_iter()
+        .find(|p| has(p));
+    let esp = esp_mountpoint(layout);
+    if let Some(grub) = grub {
+        let grub = format!("/{grub}");
+        // Both GRUB and GRUB 2 packagings keep their platform modules here.
+        let lib = "usr/lib/grub";
+        if has(&format!("{lib}/i386-pc")) {
+            for (d, disk) in layout.disks.iter().zip(disks) {
+                if wants_bios_core(d) {
+                    chroot(
+                        root,
+                        &[&grub, "--target=i386-pc", "--recheck", &disk.to_string_lossy()],
+                        &format!("installing GRUB for BIOS on {}", disk.display()),
+                    )?;
+                    steps.push(format!("installed GRUB for BIOS on {}", disk.display()));
+                }
+            }
+        }
+        if let (Some(esp), true) = (&esp, has(&format!("{lib}/x86_64-efi"))) {
+            let dir = format!("--efi-directory={esp}");
+            let what = "installing GRUB for UEFI";
+            chroot(root, &[&grub, "--target=x86_64-efi", &dir, "--no-nvram"], what)?;
+            chroot(
+                root,
+                &[&grub, "--target=x86_64-efi", &dir, "--no-nvram", "--removable"],
+                what,
+            )?;
+            steps.push(format!("installed GRUB for UEFI on {esp} (and EFI/BOOT/BOOTX64.EFI)"));
+        }
+        let initramfs = regenerate_initramfs(root, &has)?;
+        steps.extend(initramfs);
+        let config = if has("usr/sbin/update-grub") {
+            vec!["/usr/sbin/update-grub".to_string()]
+        } else if has("usr/sbin/grub2-mkconfig") {
+            vec!["/usr/sbin/grub2-mkconfig".into(), "-o".into(), "/boot/grub2/grub.cfg".into()]
+        } else {
+            vec!["/usr/sbin/grub-mkconfig".into(), "-o".into(), "/boot/grub/grub.cfg".into()]
+        };
+        let args: Vec<&str> = config.iter().map(String::as_str).collect();
+        chroot(root, &args, "regenerating the GRUB configuration")?;
+        steps.push(format!("regenerated the GRUB configuration ({})", config[0]));
+        return Ok(steps);
+    }
+    steps.extend(regenerate_initramfs(root, &has)?);
+    for dir in ["boot/extlinux", "boot/syslinux"] {
+        if has(&format!("{dir}/extlinux.conf")) && (has("usr/bin/extlinux") || has("usr/sbin/extlinux"))
+        {
+            let target = format!("/{dir}");
+            chroot(root, &["extlinux", "--install", &target], "installing extlinux")?;
+            steps.push(format!("installed extlinux in {target}"));
+            return Ok(steps);
+        }
+    }
+    if let (Some(esp), true) = (&esp, has("usr/bin/bootctl")) {
+        let path = format!("--esp-path={esp}");
+        chroot(
+            root,
+            &["bootctl", "install", &path, "--no-variables"],
+            "installing systemd-boot",
+        )?;
+        steps.push(format!("installed systemd-boot on {esp}"));
+        return Ok(steps);
+    }
+    steps.push("no boot loader in the clone (no GRUB, extlinux or systemd-boot): left as it is".into());
+    Ok(steps)
+}
+
+/// Runs `cmd` with `sh -c` chrooted into the clone at `root`, with /dev,
+/// /proc and /sys bound.
+pub fn in_chroot(root: &Path, cmd: &str) -> Result<(), Error> {
+    let _binds = Binds::mount(root)?;
+    chroot(root, &["/bin/sh", "-c", cmd], &format!("running `{cmd}` in the clone"))
+}
+
+fn regenerate_initramfs(
+    root: &Path,
+    has: &dyn Fn(&str) -> bool,
+) -> Result<Vec<String>, Error> {
+    if has("usr/sbin/update-initramfs") {
+        chroot(
+            root,
+            &["/usr/sbin/update-initramfs", "-u", "-k", "all"],
+            "regenerating the initramfs",
+        )?;
+        return Ok(vec!["regenerated the initramfs (update-initramfs)".into()]);
+    }
+    if has("usr/bin/dracut") || has("usr/sbin/dracut") {
+        chroot(root, &["dracut", "--regenerate-all", "--force"], "regenerating the initramfs")?;
+        return Ok(vec!["regenerated the initramfs (dracut)".into()]);
+    }
+    let _ = root;
+    Ok(Vec::new())
+}
+
+/// Whether GRUB's BIOS core goes on this disk: a DOS table (the gap after
+/// the MBR) or a GPT with a BIOS boot partition.
+fn wants_bios_core(disk: &super::layout::DiskLayout) -> bool {
+    match disk.table {
+        TableKind::Dos => disk
+            .partitions
+            .iter()
+            .any(|p| matches!(&p.content, Content::Tree(fs) if fs.mountpoint == "/" || fs.mountpoint == "/boot")),
+        TableKind::Gpt => disk
+            .partitions
+            .iter()
+            .any(|p| p.type_id.eq_ignore_ascii_case(BIOS_BOOT)),
+    }
+}
+
+/// Where the running system mounts its EFI system partition, if it does.
+fn esp_mountpoint(layout: &Layout) -> Option<String> {
+    layout
+        .disks
+        .iter()
+        .flat_map(|d| &d.partitions)
+        .find_map(|p| match &p.content {
+            Content::Tree(fs) if fs.kind == FsKind::Vfat && fs.mountpoint.starts_with("/boot") => {
+                Some(fs.mountpoint.clone())
+            }
+            _ => None,
+        })
+}
+
+fn chroot(root: &Path, args: &[&str], what: &str) -> Result<(), Error> {
+    let mut c = Command::new("chroot");
+    c.arg(root).args(args);
+    // A clone's tools look for their own PATH, not the netboot image's.
+    c.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    run(c, what)
+}
+
+/// /dev, /proc, /sys (and efivars) bound into the clone while it is
+/// chrooted into; unbound when dropped.
+struct Binds {
+    mounted: Vec<PathBuf>,
+}
+
+impl Binds {
+    fn mount(root: &Path) -> Result<Binds, Error> {
+        let mut binds = Binds {
+            mounted: Vec::new(),
+        };
+        let mut list = vec!["dev", "proc", "sys"];
+        if Path::new("/sys/firmware/efi/efivars").is_dir() {
+            list.push("sys/firmware/efi/efivars");
+        }
+        for what in list {
+            let dir = root.join(what);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("making {}", dir.display()), e))?;
+            let mut c = Command::new("mount");
+            c.arg("--bind").arg(format!("/{what}")).arg(&dir);
+            run(c, &format!("binding /{what} into the clone"))?;
+            binds.mounted.push(dir);
+        }
+        Ok(binds)
+    }
+}
+
+impl Drop for Binds {
+    fn drop(&mut self) {
+        for dir in self.mounted.iter().rev() {
+            if Command::new("umount").arg(dir).status().map_or(true, |s| !s.success()) {
+                let _ = Command::new("umount").arg("-l").arg(dir).status();
+            }
+        }
+    }
+}

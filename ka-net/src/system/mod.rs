@@ -1,0 +1,160 @@
+//! System clones: a running machine cloned file by file onto nodes that
+//! rebuild their disks from it (`ka serve --system`, `ka join --system`).
+//!
+//! - [`layout`] reads the source's disks: partition tables, file systems,
+//!   swap, what goes as a tree and what as raw bytes, and what is refused.
+//! - [`stream`] is the format of the one image a system session streams:
+//!   the plan, then a tar tree per file system and raw partitions.
+//! - [`capture`] makes that stream on the source, from the live file
+//!   systems.
+//! - [`disk`] plans and writes a node's partition tables and file systems.
+//! - [`rebuild`] consumes the stream on a node as it arrives, and
+//!   [`bootloader`] makes the result boot.
+//! - [`unpack_following`] drives a rebuild from a node's windowed spool
+//!   ([`crate::datapath::window`]): the node never holds the whole stream.
+//!
+//! # Repair without the whole stream
+//!
+//! A system node keeps only a bounded window of the stream, so it can serve
+//! a downstream only from what the window still holds; it says so in its
+//! progress (`holds_from`) and refuses older offsets. The source spools the
+//! whole stream and ka-core places any node no upstream can serve directly
+//! under the source, so a repair always finds the bytes it needs and a node
+//! never starts over because its upstream died. A node that restarts (its
+//! process, or the machine) starts over: its disks are rebuilt from the
+//! first byte.
+
+pub mod bootloader;
+pub mod capture;
+pub mod disk;
+pub mod layout;
+pub mod rebuild;
+pub mod stream;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::datapath::window::Window;
+use crate::datapath::Written;
+use crate::Error;
+use layout::Layout;
+use rebuild::{RebuildOptions, Rebuilder};
+use stream::Decoder;
+
+/// The version of [`Plan`] this ka writes and reads.
+pub const PLAN_FORMAT: u32 = 1;
+
+/// What a system stream's nodes read first: the source's layout and what
+/// to do with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// [`PLAN_FORMAT`] of the ka that made it.
+    pub format: u32,
+    /// The source's disks.
+    pub layout: Layout,
+    /// A partition description for nodes whose disks differ (`--layout`),
+    /// as its text.
+    pub layout_file: Option<String>,
+    /// Run on each node, chrooted into the new system, once it is unpacked.
+    pub post_command: Option<String>,
+    /// The version of ka that captured it, for messages.
+    pub made_by: String,
+}
+
+impl Plan {
+    /// A plan of this ka's format for `layout`.
+    pub fn new(layout: Layout, layout_file: Option<String>, post_command: Option<String>) -> Plan {
+        Plan {
+            format: PLAN_FORMAT,
+            layout,
+            layout_file,
+            post_command,
+            made_by: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// Checks that `path` holds a saved system stream (`ka join --save`), so
+/// `ka serve --system-image` never serves anything else to nodes that will
+/// repartition their disks from it.
+pub fn check_saved_stream(path: &Path) -> Result<(), Error> {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    if &magic != stream::MAGIC {
+        return Err(Error::Invalid(format!(
+            "{} is not a saved system stream (made by `ka join --save FILE` in a `ka serve --system` \
+             session); serve a disk image with --image",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// How a node's rebuild ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unpacked {
+    /// One line per step done.
+    pub steps: Vec<String>,
+    /// The node's device of the new root file system, if there is one.
+    pub root_device: Option<std::path::PathBuf>,
+}
+
+/// Rebuilds `opts.disks` from the stream being received into `spool`,
+/// following `written`, reading each byte once as it is written and
+/// telling `window` what is consumed, then finishes the system (boot
+/// loader, post-command, unmounted). Blocking: run it on a blocking thread
+/// of the runtime `rt`. Fails as soon as any step fails, naming it.
+pub fn unpack_following(
+    spool: &Path,
+    mut written: watch::Receiver<Written>,
+    window: Arc<Window>,
+    opts: RebuildOptions,
+    rt: tokio::runtime::Handle,
+) -> Result<Unpacked, Error> {
+    let file = std::fs::File::open(spool)
+        .map_err(|e| Error::io(format!("opening the spool {}", spool.display()), e))?;
+    let mut rebuilder = Rebuilder::new(opts);
+    let mut decoder = Decoder::new();
+    let mut buf = vec![0u8; crate::datapath::BUF_SIZE];
+    let result = (|| {
+        while !decoder.ended() {
+            let pos = decoder.position();
+            let upto = loop {
+                let w = *written.borrow_and_update();
+                if w.upto > pos {
+                    break w.upto;
+                }
+                if w.size.is_some_and(|s| s <= pos) {
+                    return Err(Error::Invalid(format!(
+                        "the stream ended at {pos} bytes before its END section: \
+                         is the source's image a system stream?"
+                    )));
+                }
+                if rt.block_on(written.changed()).is_err() {
+                    return Err(Error::Invalid("the node stopped receiving".into()));
+                }
+            };
+            let n = ((upto - pos) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], pos)
+                .map_err(|e| Error::io(format!("reading the spool at {pos}"), e))?;
+            decoder.feed(&buf[..n], &mut |e| rebuilder.on_event(e))?;
+            window.consumed(decoder.position());
+        }
+        let steps = rebuilder.finish()?;
+        Ok(Unpacked {
+            steps,
+            root_device: rebuilder.device_of("/").map(Path::to_path_buf),
+        })
+    })();
+    if result.is_err() {
+        window.close();
+    }
+    result
+}
