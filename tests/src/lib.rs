@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod lab;
+pub mod system;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

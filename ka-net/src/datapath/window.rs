@@ -138,6 +138,11 @@ impl Window {
         })
     }
 
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// Ends the window: waiting writers give up.
     pub fn close(&self) {
         self.lock().closed = true;

@@ -130,8 +130,11 @@ enum Internal {
     },
     /// A broadcast for the source found it here (or nowhere).
     Discovered(Option<SocketAddr>),
-    /// A system clone's rebuild ended.
-    Unpacked(Result<Unpacked, String>),
+    /// A system clone's rebuild ended (of rebuild generation `gen`).
+    Unpacked {
+        gen: u64,
+        result: Result<Unpacked, String>,
+    },
 }
 
 /// How often, at most, the durable prefix is recorded, and how stale it may
@@ -509,6 +512,12 @@ struct NodeDriver {
     unpack: Option<Result<Unpacked, String>>,
     /// A system clone's completed rebuild.
     unpacked: Option<Unpacked>,
+    /// A system clone's rebuild generation: a start over begins another,
+    /// and the old one's result no longer counts.
+    rebuild_gen: u64,
+    /// The running rebuild, which the next one waits for (it must have
+    /// unmounted before the disks are partitioned again).
+    rebuild_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl NodeDriver {
@@ -576,6 +585,8 @@ impl NodeDriver {
             system_end: None,
             unpack: None,
             unpacked: None,
+            rebuild_gen: 0,
+            rebuild_task: None,
         };
         (driver, Inputs { events, internal })
     }
@@ -681,15 +692,16 @@ impl NodeDriver {
             NodeAction::Close { conn } => {
                 self.conns.close(conn);
             }
-            NodeAction::StartOver if matches!(self.target, Target::System { .. }) => {
-                self.node.handle_sink_error(
-                    self.clock.now(),
-                    "the source now serves another system stream: this node's disks were being rebuilt \
-                     from the old one; run ka join again"
-                        .into(),
-                );
-            }
             NodeAction::StartOver => {
+                if let Some(w) = self.window.take() {
+                    // A system clone starts its rebuild over too: the old
+                    // one stops reading, unmounts and is forgotten.
+                    tracing::warn!("the source serves another system stream: rebuilding the disks from its start");
+                    w.close();
+                    self.rebuild_gen += 1;
+                    self.system_end = None;
+                    self.unpack = None;
+                }
                 tracing::warn!(
                     "the source serves another image than the one this copy was made of: starting over from 0"
                 );
@@ -804,7 +816,8 @@ impl NodeDriver {
                     d.recorded(gen, result);
                 }
             }
-            Internal::Unpacked(result) => {
+            Internal::Unpacked { gen, .. } if gen != self.rebuild_gen => {}
+            Internal::Unpacked { result, .. } => {
                 if let Err(e) = &result {
                     // The stream is of no use any more: stop at once, KO.
                     if let Some(w) = &self.window {
@@ -974,11 +987,15 @@ impl NodeDriver {
         let (spool, opts, tx) = (spool.clone(), rebuild.clone(), self.internal_tx.clone());
         let (written, w2) = (self.written_rx.clone(), Arc::clone(&win));
         let rt = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
+        let (gen, before) = (self.rebuild_gen, self.rebuild_task.take());
+        self.rebuild_task = Some(tokio::task::spawn_blocking(move || {
+            if let Some(before) = before {
+                let _ = rt.block_on(before);
+            }
             let result = crate::system::unpack_following(&spool, written, w2, opts, rt)
                 .map_err(|e| e.to_string());
-            let _ = tx.send(Internal::Unpacked(result));
-        });
+            let _ = tx.send(Internal::Unpacked { gen, result });
+        }));
         self.window = Some(win);
         Ok(writer)
     }

@@ -127,6 +127,9 @@ pub fn unpack_following(
         while !decoder.ended() {
             let pos = decoder.position();
             let upto = loop {
+                if window.is_closed() {
+                    return Err(Error::Invalid("the node stopped this rebuild".into()));
+                }
                 let w = *written.borrow_and_update();
                 if w.upto > pos {
                     break w.upto;
@@ -137,7 +140,11 @@ pub fn unpack_following(
                          is the source's image a system stream?"
                     )));
                 }
-                if rt.block_on(written.changed()).is_err() {
+                // Bounded, so a closed window is seen without a write.
+                let changed = rt.block_on(async {
+                    tokio::time::timeout(std::time::Duration::from_millis(500), written.changed()).await
+                });
+                if matches!(changed, Ok(Err(_))) {
                     return Err(Error::Invalid("the node stopped receiving".into()));
                 }
             };

@@ -1,0 +1,398 @@
+//! A source machine made of loop devices, for system-clone tests: a GPT
+//! disk laid out like a real machine's, its file systems mounted under a
+//! directory and filled with everything a file tree can hold; and the
+//! checks that compare a node's rebuilt disk with it.
+//!
+//! Loop devices are detached and mounts unmounted when their guards drop,
+//! by device and by path.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::{require_tool, run, stderr, stdout};
+
+/// A loop device with partition scanning, detached when dropped.
+#[derive(Debug)]
+pub struct Loop(pub String);
+
+impl Loop {
+    /// Attaches `file` to a free loop device, its partitions scanned.
+    pub fn attach(file: &Path) -> Loop {
+        let o = run(
+            Command::new(require_tool("losetup", "mount"))
+                .args(["--find", "--show", "--partscan"])
+                .arg(file),
+            Duration::from_secs(30),
+        );
+        assert!(o.status.success(), "losetup: {}", stderr(&o));
+        Loop(stdout(&o).trim().to_string())
+    }
+
+    /// A new sparse file of `size` bytes at `file`, attached.
+    pub fn blank(file: &Path, size: u64) -> Loop {
+        fs::File::create(file).unwrap().set_len(size).unwrap();
+        Loop::attach(file)
+    }
+
+    /// The device path.
+    pub fn dev(&self) -> &str {
+        &self.0
+    }
+
+    /// Partition `n`'s device.
+    pub fn part(&self, n: u32) -> String {
+        format!("{}p{n}", self.0)
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A mount, unmounted (by its path) when dropped.
+#[derive(Debug)]
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    /// Mounts `dev` at `dir` (created) with `options` (e.g. `nouuid` for a
+    /// second xfs of the same UUID).
+    pub fn new(dev: &str, dir: &Path, options: &[&str]) -> Mount {
+        fs::create_dir_all(dir).unwrap();
+        let mut c = Command::new("mount");
+        if !options.is_empty() {
+            c.arg("-o").arg(options.join(","));
+        }
+        c.arg(dev).arg(dir);
+        sh_ok(&mut c, &format!("mount {dev}"));
+        Mount(dir.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if !Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+/// Runs `c` (bounded), asserting success.
+pub fn sh_ok(c: &mut Command, what: &str) -> String {
+    let o = run(c, Duration::from_secs(120));
+    assert!(o.status.success(), "{what}: {}{}", stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
+/// Runs a bash script (bounded), asserting success; `args` are `$1`….
+pub fn bash(script: &str, args: &[&str]) -> String {
+    sh_ok(
+        Command::new("bash").arg("-euo").arg("pipefail").arg("-c").arg(script).arg("bash").args(args),
+        "bash script",
+    )
+}
+
+/// The GPT type GUIDs the source uses.
+pub mod types {
+    /// BIOS boot partition (GRUB's core on GPT).
+    pub const BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
+    /// EFI system partition.
+    pub const ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+    /// Linux swap.
+    pub const SWAP: &str = "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F";
+    /// Linux file system.
+    pub const LINUX: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+}
+
+/// The source machine: a GPT loop disk with a BIOS boot partition, an ESP
+/// (vfat, filled with mtools: this kernel may not mount vfat, so it is an
+/// unmounted partition and goes raw), swap, an ext4 root and an xfs /home
+/// (last, so a larger node grows it), mounted under `root`.
+pub struct SourceMachine {
+    /// Where its root file system is mounted (the `--root` to serve).
+    pub root: PathBuf,
+    /// Its disk.
+    pub disk: Loop,
+    /// Mounts, innermost last (dropped first).
+    pub mounts: Vec<Mount>,
+}
+
+/// The size of the source's disk.
+pub const SOURCE_DISK: u64 = 1024 << 20;
+
+impl SourceMachine {
+    /// Builds it in `dir`; `bulk` bytes of random data go in /usr/lib/bulk
+    /// (to make a stream long enough to break in the middle).
+    pub fn build(dir: &Path, bulk: usize) -> SourceMachine {
+        for (tool, pkg) in [
+            ("sfdisk", "fdisk"),
+            ("mkfs.ext4", "e2fsprogs"),
+            ("mkfs.xfs", "xfsprogs"),
+            ("mkfs.vfat", "dosfstools"),
+            ("mcopy", "mtools"),
+            ("mkswap", "util-linux"),
+            ("setfattr", "attr"),
+            ("setfacl", "acl"),
+            ("setcap", "libcap2-bin"),
+        ] {
+            require_tool(tool, pkg);
+        }
+        let disk = Loop::blank(&dir.join("source.img"), SOURCE_DISK);
+        let script = format!(
+            "label: gpt\nlabel-id: 5E1F0000-1111-4222-8333-444455556666\n\
+             size=1MiB, type={}, name=bios, uuid=5E1F0001-0000-4000-8000-000000000001\n\
+             size=32MiB, type={}, name=esp, uuid=5E1F0002-0000-4000-8000-000000000002\n\
+             size=32MiB, type={}, name=swap, uuid=5E1F0003-0000-4000-8000-000000000003\n\
+             size=512MiB, type={}, name=root, uuid=5E1F0004-0000-4000-8000-000000000004, attrs=\"LegacyBIOSBootable\"\n\
+             type={}, name=home, uuid=5E1F0005-0000-4000-8000-000000000005\n",
+            types::BIOS_BOOT,
+            types::ESP,
+            types::SWAP,
+            types::LINUX,
+            types::LINUX
+        );
+        fs::write(dir.join("source.sfdisk"), script).unwrap();
+        bash(
+            r#"sfdisk -q "$1" < "$2"; partx -u "$1" || true; udevadm settle 2>/dev/null || true
+for i in $(seq 50); do [ -b "$1p5" ] && break; sleep 0.1; done
+printf 'fake bios core' | dd of="$1p1" conv=notrunc status=none
+mkfs.vfat -n KAESP -i 1234ABCD "$1p2" >/dev/null
+mkswap -L kaswap -U 5e1f5a00-0000-4000-8000-000000000001 "$1p3" >/dev/null
+mkfs.ext4 -q -F -L karoot -U 5e1f7007-0000-4000-8000-000000000001 "$1p4"
+mkfs.xfs -q -f -L kahome -m uuid=5e1f4043-0000-4000-8000-000000000001 "$1p5"
+"#,
+            &[disk.dev(), dir.join("source.sfdisk").to_str().unwrap()],
+        );
+        // The ESP, filled as an installer would, without mounting it.
+        fs::write(dir.join("BOOTX64.EFI"), crate::pseudo_random(200_000, 64)).unwrap();
+        bash(
+            r#"export MTOOLS_SKIP_CHECK=1
+mmd -i "$1" ::/EFI ::/EFI/BOOT ::/EFI/debian
+mcopy -i "$1" "$2" ::/EFI/BOOT/BOOTX64.EFI
+echo 'configfile $prefix/grub.cfg' > "$3"
+mcopy -i "$1" "$3" ::/EFI/debian/grub.cfg"#,
+            &[
+                &disk.part(2),
+                dir.join("BOOTX64.EFI").to_str().unwrap(),
+                dir.join("esp-grub.cfg").to_str().unwrap(),
+            ],
+        );
+        let root = dir.join("source-root");
+        let mut mounts = vec![Mount::new(&disk.part(4), &root, &[])];
+        mounts.push(Mount::new(&disk.part(5), &root.join("home"), &[]));
+        fill(&root, bulk);
+        SourceMachine {
+            root,
+            disk,
+            mounts,
+        }
+    }
+}
+
+impl Drop for SourceMachine {
+    fn drop(&mut self) {
+        while let Some(m) = self.mounts.pop() {
+            drop(m);
+        }
+    }
+}
+
+/// Everything a file tree can hold, in the mounted source: contents, hard
+/// links, a sparse file, symlinks, device nodes, a fifo, numeric owners
+/// without names, modes, times, xattrs, POSIX ACLs, file capabilities, and
+/// a directory of mode 1777 to be excluded.
+fn fill(root: &Path, bulk: usize) {
+    let r = |p: &str| root.join(p);
+    for d in ["etc", "usr/bin", "usr/lib", "var/log", "dev", "tmp", "boot", "home/alice"] {
+        fs::create_dir_all(r(d)).unwrap();
+    }
+    fs::write(
+        r("etc/fstab"),
+        "UUID=5e1f7007-0000-4000-8000-000000000001 / ext4 errors=remount-ro 0 1\n\
+         UUID=5e1f4043-0000-4000-8000-000000000001 /home xfs defaults 0 2\n\
+         UUID=5e1f5a00-0000-4000-8000-000000000001 none swap sw 0 0\n",
+    )
+    .unwrap();
+    fs::write(r("etc/hostname"), "golden\n").unwrap();
+    fs::write(r("etc/machine-id"), "0123456789abcdef0123456789abcdef\n").unwrap();
+    fs::write(r("usr/lib/bulk"), crate::pseudo_random(bulk, 7)).unwrap();
+    fs::write(r("usr/bin/tool"), crate::pseudo_random(300_000, 8)).unwrap();
+    fs::write(r("usr/bin/ping"), crate::pseudo_random(50_000, 9)).unwrap();
+    fs::write(r("home/alice/notes.txt"), "alice's notes\n").unwrap();
+    fs::write(r("tmp/scratch"), "not to be cloned\n").unwrap();
+    fs::write(r("boot/grub.cfg"), "menuentry golden {}\n").unwrap();
+    bash(
+        r#"cd "$1"
+ln usr/bin/tool usr/bin/tool-hardlink
+ln -s tool usr/bin/tool-symlink
+ln -s /nonexistent/target etc/dangling
+truncate -s 64M var/sparse
+printf 'middle' | dd of=var/sparse bs=1 seek=33554432 conv=notrunc status=none
+mknod dev/null c 1 3
+mknod dev/loopx b 7 200
+mkfifo var/fifo
+chown 1234:5678 usr/bin/tool
+chown -h 4321:8765 usr/bin/tool-symlink
+chown 1000:1000 home/alice home/alice/notes.txt
+chmod 4755 usr/bin/ping
+chmod 1777 tmp
+chmod 0640 etc/hostname
+setfattr -n user.ka -v "cloned" usr/bin/tool
+setfattr -n trusted.ka -v "trusted" var/log
+setfacl -m u:2001:rwx,g:2002:r-x var/log
+setfacl -d -m u:2001:rwx var/log
+setcap cap_net_raw+ep usr/bin/ping
+touch -h -d '2001-02-03 04:05:06' usr/bin/tool-symlink
+touch -d '1999-12-31 23:59:59' etc/hostname
+"#,
+        &[root.to_str().unwrap()],
+    );
+}
+
+/// One entry of a tree as a comparison sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Type, mode, owner, size, device number and link target.
+    pub stat: String,
+    /// Modification time (not for directories, which tar sets last).
+    pub mtime: Option<i64>,
+    /// Extended attributes (ACLs and capabilities are xattrs), sorted.
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    /// Content digest of a regular file.
+    pub content: Option<blake3::Hash>,
+    /// Hard link group: the first path of its inode, for files with links.
+    pub link_group: Option<String>,
+    /// Allocated bytes (to see sparse files stay sparse).
+    pub allocated: u64,
+}
+
+/// Every entry under `dir` (not crossing into other file systems), by
+/// relative path.
+pub fn tree(dir: &Path) -> BTreeMap<String, Entry> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<u64, String> = BTreeMap::new();
+    let dev = fs::metadata(dir).unwrap().dev();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut names: Vec<_> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()).collect();
+        names.sort();
+        for p in names {
+            let m = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(dir).unwrap().to_string_lossy().to_string();
+            let ft = m.file_type();
+            let link = if ft.is_symlink() {
+                fs::read_link(&p).unwrap().to_string_lossy().to_string()
+            } else {
+                String::new()
+            };
+            let kind = if ft.is_dir() {
+                'd'
+            } else if ft.is_symlink() {
+                'l'
+            } else if ft.is_file() {
+                'f'
+            } else if ft.is_char_device() {
+                'c'
+            } else if ft.is_block_device() {
+                'b'
+            } else if ft.is_fifo() {
+                'p'
+            } else {
+                's'
+            };
+            let rdev = if kind == 'c' || kind == 'b' { m.rdev() } else { 0 };
+            let size = if kind == 'd' { 0 } else { m.len() };
+            let stat = format!(
+                "{kind} {:o} {}:{} {size} {rdev} {link}",
+                m.mode() & 0o7777,
+                m.uid(),
+                m.gid()
+            );
+            let link_group = (kind == 'f' && m.nlink() > 1)
+                .then(|| inodes.entry(m.ino()).or_insert_with(|| rel.clone()).clone());
+            let content = (kind == 'f').then(|| blake3::hash(&fs::read(&p).unwrap()));
+            let mut xattrs: Vec<(String, Vec<u8>)> = xattr::list(&p)
+                .map(|names| {
+                    names
+                        .map(|n| {
+                            let v = xattr::get(&p, &n).ok().flatten().unwrap_or_default();
+                            (n.to_string_lossy().to_string(), v)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            xattrs.sort();
+            out.insert(
+                rel,
+                Entry {
+                    stat,
+                    mtime: (kind != 'd').then(|| m.mtime()),
+                    xattrs,
+                    content,
+                    link_group,
+                    allocated: m.blocks() * 512,
+                },
+            );
+            if kind == 'd' && m.dev() == dev {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The differences between two trees, one line each (empty when equal).
+/// `allowed` paths may be missing from `b` or differ in content (excluded
+/// directories' contents).
+pub fn diff_trees(
+    a: &BTreeMap<String, Entry>,
+    b: &BTreeMap<String, Entry>,
+    allowed: &[&str],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let skip = |p: &str| allowed.iter().any(|x| p.starts_with(x));
+    for (p, ea) in a {
+        match b.get(p) {
+            None if skip(p) => {}
+            None => out.push(format!("{p}: missing")),
+            Some(eb) => {
+                let mut ea = ea.clone();
+                let mut eb = eb.clone();
+                ea.allocated = 0;
+                eb.allocated = 0;
+                if ea != eb {
+                    out.push(format!("{p}: {ea:?} != {eb:?}"));
+                }
+            }
+        }
+    }
+    for p in b.keys() {
+        if !a.contains_key(p) {
+            out.push(format!("{p}: extra"));
+        }
+    }
+    out
+}
+
+/// `blkid` fields of a device: TYPE, UUID, LABEL….
+pub fn blkid(dev: &str) -> BTreeMap<String, String> {
+    let text = sh_ok(
+        Command::new("blkid").args(["-p", "-o", "export", dev]),
+        &format!("blkid {dev}"),
+    );
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `sfdisk --json` of a disk.
+pub fn partition_table(dev: &str) -> serde_json::Value {
+    let text = sh_ok(Command::new("sfdisk").args(["--json", dev]), "sfdisk --json");
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()["partitiontable"].clone()
+}
