@@ -296,9 +296,20 @@ pub(crate) mod tests {
         /// these tests need root and loop support, and must not pass silently
         /// without them.
         pub(crate) fn new(size: u64) -> LoopDev {
+            Self::attach(size, &[])
+        }
+
+        /// As [`new`](Self::new), with partition scanning (`losetup -P`):
+        /// the kernel makes `loopNpM` devices for a partition table on it.
+        pub(crate) fn partitioned(size: u64) -> LoopDev {
+            Self::attach(size, &["-P"])
+        }
+
+        fn attach(size: u64, flags: &[&str]) -> LoopDev {
             let backing = tempfile::NamedTempFile::new().expect("temp file for a loop device");
             backing.as_file().set_len(size).unwrap();
             let out = Command::new("losetup")
+                .args(flags)
                 .args(["-f", "--show"])
                 .arg(backing.path())
                 .output()
@@ -409,6 +420,56 @@ pub(crate) mod tests {
         );
         // Unmounted again: accepted.
         check_target(&dev.path, 1 << 20).unwrap();
+    }
+
+    #[test]
+    fn read_write_mount_is_refused_for_serving_read_only_is_not() {
+        let dev = LoopDev::new(16 << 20);
+        let mkfs = Command::new("mkfs.ext2")
+            .args(["-q", "-F"])
+            .arg(&dev.path)
+            .status()
+            .expect("mkfs.ext2");
+        assert!(mkfs.success());
+        let info = inspect(&dev.path).unwrap();
+        check_not_mounted_rw(&info).unwrap();
+        let mnt = tempfile::tempdir().unwrap();
+        let mount = |opts: &str| {
+            let ok = Command::new("mount")
+                .args(["-o", opts])
+                .arg(&dev.path)
+                .arg(mnt.path())
+                .status()
+                .expect("mount");
+            assert!(ok.success(), "mount -o {opts} failed");
+        };
+        mount("rw");
+        let rw = check_not_mounted_rw(&info);
+        let remount = Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(mnt.path())
+            .status()
+            .expect("mount -o remount");
+        let ro = check_not_mounted_rw(&info);
+        let umount = Command::new("umount")
+            .arg(mnt.path())
+            .status()
+            .expect("umount");
+        assert!(umount.success(), "umount failed");
+        assert!(remount.success(), "remount,ro failed");
+        let err = rw.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, BlockDeviceError::MountedReadWrite { .. }),
+            "{msg}"
+        );
+        assert!(msg.contains(&mnt.path().display().to_string()), "{msg}");
+        assert!(msg.contains("--system") && msg.contains("--force"), "{msg}");
+        ro.unwrap();
+        // What the image source's check says of a file and of the device.
+        crate::image::sources::check_not_mounted_rw(&dev.path).unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        crate::image::sources::check_not_mounted_rw(file.path()).unwrap();
     }
 
     #[test]
