@@ -83,6 +83,20 @@ pub enum Error {
         /// The digest of what was read back.
         got: Digest,
     },
+    /// The running system cannot be cloned file by file as it is (a file
+    /// system ka cannot rebuild, a root that is not on a disk partition, a
+    /// bad `--exclude`, `--raw` or `--skip-disk`). Raised before anything is
+    /// sent; the message says what to use instead.
+    #[error("{0}")]
+    NotClonable(String),
+    /// A source disk's layout does not fit a node's disk, or a layout file
+    /// asks for something the layout cannot give. The message gives the sizes.
+    #[error("{0}")]
+    Plan(String),
+    /// A layout file (`--layout FILE`) that does not parse; the message names
+    /// the file, the line and the field.
+    #[error("{0}")]
+    LayoutFile(String),
     /// The data-plane worker thread is gone after an earlier error.
     #[error("the disk writer failed earlier: {0}")]
     WriterFailed(String),
@@ -140,6 +154,18 @@ pub enum BlockDeviceError {
         part: String,
         /// The holder (kernel name, e.g. `dm-0`).
         holder: String,
+    },
+    /// A file system on the device or one of its partitions is mounted
+    /// read-write: it changes while it is read, so a copy of its bytes would
+    /// be inconsistent.
+    #[error("{part} (on {path}) holds a file system mounted read-write at {mountpoint}: its bytes change while they are read, so the copy would be inconsistent. Clone the running system file by file with `ka serve --system`, remount it read-only (mount -o remount,ro {mountpoint}), or pass --force to send it anyway")]
+    MountedReadWrite {
+        /// The device asked for.
+        path: PathBuf,
+        /// The mounted device, partition or holder (kernel name).
+        part: String,
+        /// Where it is mounted.
+        mountpoint: String,
     },
     /// The kernel refused exclusive access: something else has it open exclusively.
     #[error("{0} is busy (another program holds it exclusively): stop that program first")]

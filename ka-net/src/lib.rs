@@ -20,8 +20,9 @@
 //!   carries out its actions; one task per connection, reaped when it
 //!   ends; what an unauthenticated peer may hold is bounded ([`shell::gate`]).
 //!
-//! Beside them: [`tftp`] serves boot files, and [`Error`] is every
-//! operation's error.
+//! Beside them: [`system`] describes a running machine's disks and rebuilds
+//! them on a node's (`--system`), [`tftp`] serves boot files, and [`Error`]
+//! is every operation's error.
 //!
 //! # A byte's trip
 //!

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use nix::sys::stat::{major, minor};
 
+use crate::image::mounts::{self, Mount};
+
 /// The block-device ioctls of `<linux/fs.h>`.
 mod ioctl {
     nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
@@ -149,35 +151,28 @@ fn parse_dev(s: &str) -> Option<(u64, u64)> {
 }
 
 /// The device number of a device node path, if it is one.
-fn rdev_of(path: &str) -> Option<(u64, u64)> {
+fn rdev_of(path: &Path) -> Option<(u64, u64)> {
     let meta = fs::metadata(path).ok()?;
     meta.file_type()
         .is_block_device()
         .then(|| (major(meta.rdev()), minor(meta.rdev())))
 }
 
-/// `mountinfo` escapes spaces and the like as `\040`; undo it for messages.
-fn unescape_mount(s: &str) -> String {
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some(i) = rest.find('\\') {
-        out.push_str(&rest[..i]);
-        match rest
-            .get(i + 1..i + 4)
-            .and_then(|o| u8::from_str_radix(o, 8).ok())
-        {
-            Some(c) => {
-                out.push(c as char);
-                rest = &rest[i + 4..];
-            }
-            None => {
-                out.push('\\');
-                rest = &rest[i + 1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
+/// The part a mount's file system sits on: by device number, or by mount
+/// source for file systems such as btrfs that report an anonymous one.
+fn mounted_part<'a>(
+    mount: &Mount,
+    find: &impl Fn((u64, u64)) -> Option<&'a Part>,
+) -> Option<&'a Part> {
+    let by_source = || {
+        // Only an absolute source names a device node; `tmpfs` or
+        // `server:/export` must not be looked up in the working directory.
+        Some(Path::new(&mount.source))
+            .filter(|s| s.is_absolute())
+            .and_then(rdev_of)
+            .and_then(find)
+    };
+    find(mount.dev).or_else(by_source)
 }
 
 /// Refuses the device if it or a partition is mounted (by device number, or
@@ -187,31 +182,17 @@ pub fn check_unused(info: &BlockDeviceInfo) -> Result<(), BlockDeviceError> {
     let parts = device_and_partitions(info)?;
     let find = |dev: (u64, u64)| parts.iter().find(|p| p.dev == dev);
 
-    let mountinfo =
-        fs::read_to_string("/proc/self/mountinfo").map_err(|source| BlockDeviceError::Io {
-            what: "reading /proc/self/mountinfo to check",
-            path: info.path.clone(),
-            source,
-        })?;
-    for line in mountinfo.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let (Some(dev), Some(mountpoint)) = (fields.get(2), fields.get(4)) else {
-            continue;
-        };
-        let source = fields
-            .iter()
-            .position(|f| *f == "-")
-            .and_then(|i| fields.get(i + 2));
-        let hit = parse_dev(dev).and_then(find).or_else(|| {
-            source
-                .and_then(|s| rdev_of(&unescape_mount(s)))
-                .and_then(find)
-        });
-        if let Some(p) = hit {
+    let mounts = mounts::read_mounts().map_err(|source| BlockDeviceError::Io {
+        what: "reading /proc/self/mountinfo to check",
+        path: info.path.clone(),
+        source,
+    })?;
+    for mount in &mounts {
+        if let Some(p) = mounted_part(mount, &find) {
             return Err(BlockDeviceError::Mounted {
                 path: info.path.clone(),
                 part: p.name.clone(),
-                mountpoint: unescape_mount(mountpoint),
+                mountpoint: mount.mount_point.display().to_string(),
             });
         }
     }
@@ -221,7 +202,7 @@ pub fn check_unused(info: &BlockDeviceInfo) -> Result<(), BlockDeviceError> {
             let Some(name) = line.split_whitespace().next() else {
                 continue;
             };
-            if let Some(p) = rdev_of(&unescape_mount(name)).and_then(find) {
+            if let Some(p) = rdev_of(&mounts::unescape_path(name)).and_then(find) {
                 return Err(BlockDeviceError::Swap {
                     path: info.path.clone(),
                     part: p.name.clone(),
@@ -245,6 +226,60 @@ pub fn check_unused(info: &BlockDeviceInfo) -> Result<(), BlockDeviceError> {
     Ok(())
 }
 
+/// Refuses the device if a file system on it is mounted read-write: on the
+/// device itself, on one of its partitions, or on a device built on them
+/// (LVM, dm-crypt, RAID), found through sysfs `holders`. Its bytes change
+/// while they are read, so a copy would be inconsistent; a read-only mount
+/// (or none) is fine.
+pub fn check_not_mounted_rw(info: &BlockDeviceInfo) -> Result<(), BlockDeviceError> {
+    let mut parts = device_and_partitions(info)?;
+    add_holders(&mut parts);
+    let find = |dev: (u64, u64)| parts.iter().find(|p| p.dev == dev);
+    let mounts = mounts::read_mounts().map_err(|source| BlockDeviceError::Io {
+        what: "reading /proc/self/mountinfo to check",
+        path: info.path.clone(),
+        source,
+    })?;
+    for mount in mounts.iter().filter(|m| m.is_read_write()) {
+        if let Some(p) = mounted_part(mount, &find) {
+            return Err(BlockDeviceError::MountedReadWrite {
+                path: info.path.clone(),
+                part: p.name.clone(),
+                mountpoint: mount.mount_point.display().to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Adds to `parts` every device built on them, and on those in turn.
+fn add_holders(parts: &mut Vec<Part>) {
+    let mut i = 0;
+    while i < parts.len() {
+        let holders = fs::read_dir(parts[i].sysfs.join("holders"))
+            .into_iter()
+            .flatten();
+        for h in holders.flatten() {
+            let Ok(sysfs) = fs::canonicalize(h.path()) else {
+                continue;
+            };
+            let dev = fs::read_to_string(sysfs.join("dev"))
+                .ok()
+                .and_then(|d| parse_dev(d.trim()));
+            // A device held twice (RAID over two partitions) is listed once,
+            // and a cycle, which sysfs never shows, could not loop.
+            if let Some(dev) = dev.filter(|&d| parts.iter().all(|p| p.dev != d)) {
+                parts.push(Part {
+                    name: h.file_name().to_string_lossy().into_owned(),
+                    dev,
+                    sysfs,
+                });
+            }
+        }
+        i += 1;
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -261,9 +296,20 @@ pub(crate) mod tests {
         /// these tests need root and loop support, and must not pass silently
         /// without them.
         pub(crate) fn new(size: u64) -> LoopDev {
+            Self::attach(size, &[])
+        }
+
+        /// As [`new`](Self::new), with partition scanning (`losetup -P`):
+        /// the kernel makes `loopNpM` devices for a partition table on it.
+        pub(crate) fn partitioned(size: u64) -> LoopDev {
+            Self::attach(size, &["-P"])
+        }
+
+        fn attach(size: u64, flags: &[&str]) -> LoopDev {
             let backing = tempfile::NamedTempFile::new().expect("temp file for a loop device");
             backing.as_file().set_len(size).unwrap();
             let out = Command::new("losetup")
+                .args(flags)
                 .args(["-f", "--show"])
                 .arg(backing.path())
                 .output()
@@ -377,6 +423,56 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn read_write_mount_is_refused_for_serving_read_only_is_not() {
+        let dev = LoopDev::new(16 << 20);
+        let mkfs = Command::new("mkfs.ext2")
+            .args(["-q", "-F"])
+            .arg(&dev.path)
+            .status()
+            .expect("mkfs.ext2");
+        assert!(mkfs.success());
+        let info = inspect(&dev.path).unwrap();
+        check_not_mounted_rw(&info).unwrap();
+        let mnt = tempfile::tempdir().unwrap();
+        let mount = |opts: &str| {
+            let ok = Command::new("mount")
+                .args(["-o", opts])
+                .arg(&dev.path)
+                .arg(mnt.path())
+                .status()
+                .expect("mount");
+            assert!(ok.success(), "mount -o {opts} failed");
+        };
+        mount("rw");
+        let rw = check_not_mounted_rw(&info);
+        let remount = Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(mnt.path())
+            .status()
+            .expect("mount -o remount");
+        let ro = check_not_mounted_rw(&info);
+        let umount = Command::new("umount")
+            .arg(mnt.path())
+            .status()
+            .expect("umount");
+        assert!(umount.success(), "umount failed");
+        assert!(remount.success(), "remount,ro failed");
+        let err = rw.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, BlockDeviceError::MountedReadWrite { .. }),
+            "{msg}"
+        );
+        assert!(msg.contains(&mnt.path().display().to_string()), "{msg}");
+        assert!(msg.contains("--system") && msg.contains("--force"), "{msg}");
+        ro.unwrap();
+        // What the image source's check says of a file and of the device.
+        crate::image::sources::check_not_mounted_rw(&dev.path).unwrap();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        crate::image::sources::check_not_mounted_rw(file.path()).unwrap();
+    }
+
+    #[test]
     fn active_swap_is_refused() {
         let dev = LoopDev::new(16 << 20);
         let mkswap = Command::new("mkswap")
@@ -404,11 +500,5 @@ pub(crate) mod tests {
         assert!(matches!(err, BlockDeviceError::Swap { .. }), "{err}");
         assert!(err.to_string().contains("swapoff"), "{err}");
         check_target(&dev.path, 1 << 20).unwrap();
-    }
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mount("/mnt/a\\040b"), "/mnt/a b");
-        assert_eq!(unescape_mount("/x\\"), "/x\\");
     }
 }

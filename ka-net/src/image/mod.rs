@@ -4,7 +4,7 @@
 //! holes, command output, a directory as tar, stdin); [`sinks`] write one
 //! (files and block devices, command input, untar). [`digest`] defines the
 //! session digest of an image and computes it. [`blockdev`] inspects and
-//! guards block devices, [`process`] supervises the commands of command
+//! guards block devices, [`mounts`] reads the kernel's mount table, [`process`] supervises the commands of command
 //! sources and sinks, and [`write_atomically`] replaces small files (keys,
 //! saved sessions, generated configuration) whole or not at all.
 //!
@@ -14,6 +14,7 @@
 pub mod atomic;
 pub mod blockdev;
 pub mod digest;
+pub mod mounts;
 pub mod process;
 pub mod sinks;
 pub mod sources;

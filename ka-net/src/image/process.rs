@@ -31,6 +31,63 @@ pub fn widen_pipe(fd: &impl std::os::fd::AsRawFd) {
     let _ = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
 }
 
+/// Runs a short command (a probe, a partitioner, a mkfs) to completion, with
+/// `input` on its standard input if given, and returns its standard output.
+/// An exit other than success becomes [`Error::Command`] with the tail of
+/// its standard error, so the message says what the tool itself objected to.
+pub fn run_captured(mut command: Command, input: Option<&[u8]>) -> Result<Vec<u8>, Error> {
+    let label = command_label(&command);
+    command
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command
+        .spawn()
+        .map_err(|e| Error::io(format!("starting `{label}`"), e))?;
+    // Fed from a thread: a tool that writes before it has read all its input
+    // would otherwise block on a full pipe while we block on its stdin.
+    let feeder = match (child.stdin.take(), input) {
+        (Some(mut stdin), Some(input)) => {
+            let input = input.to_vec();
+            Some(std::thread::spawn(move || {
+                use std::io::Write;
+                // A tool that exits without reading it all is judged by its
+                // exit status, not by this write.
+                let _ = stdin.write_all(&input);
+            }))
+        }
+        _ => None,
+    };
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::io(format!("waiting for `{label}`"), e))?;
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
+    if out.status.success() {
+        return Ok(out.stdout);
+    }
+    let tail = &out.stderr[out.stderr.len().saturating_sub(STDERR_TAIL)..];
+    Err(Error::Command {
+        command: label,
+        status: out.status.to_string(),
+        stderr: String::from_utf8_lossy(tail).trim().to_string(),
+    })
+}
+
+/// `program arg arg…`, for messages.
+fn command_label(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 impl Supervised {
     /// Spawns `command` with standard error captured; `label` names it in errors.
     pub fn spawn(mut command: Command, label: String) -> Result<Self, Error> {

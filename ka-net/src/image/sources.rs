@@ -90,6 +90,25 @@ pub fn check_servable(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// Refuses to serve a block device (a disk or a partition) that holds a file
+/// system mounted read-write, on itself, a partition or a device built on it:
+/// its bytes change while they are sent, so every node would get an
+/// inconsistent copy. Call it beside [`check_servable`] before anything is
+/// sent; `ka serve --force` skips it. A regular file passes (whether
+/// something writes to it cannot be told from here), and so does a device
+/// mounted read-only or not at all.
+pub fn check_not_mounted_rw(path: &Path) -> Result<(), Error> {
+    let kind = std::fs::metadata(path)
+        .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+        .file_type();
+    if !kind.is_block_device() {
+        return Ok(());
+    }
+    let info = blockdev::inspect(path)?;
+    blockdev::check_not_mounted_rw(&info)?;
+    Ok(())
+}
+
 /// Opens a source.
 ///
 /// A directory is archived by spawning GNU tar
@@ -979,5 +998,3 @@ mod tests {
         );
     }
 }
-/// STUB
-pub fn check_not_mounted_rw(_p: &Path) -> Result<(), Error> { Ok(()) }

@@ -1,17 +1,34 @@
 //! System clones: a running machine cloned file by file onto nodes that
 //! rebuild their disks from it (`ka serve --system`, `ka join --system`).
 //!
-//! - [`layout`] reads the source's disks: partition tables, file systems,
-//!   swap, what goes as a tree and what as raw bytes, and what is refused.
+//! - [`layout`] describes the source's disks: every disk a file system
+//!   under the root lives on, its partition table, and for each partition
+//!   how a node gets it — a [`Content::Tree`] (a mounted ext2/3/4, xfs or
+//!   vfat file system, sent as files), [`Content::Swap`] (made anew),
+//!   [`Content::Raw`] (bytes: a BIOS boot partition, an unmounted
+//!   partition, `--raw`) or [`Content::Skipped`] (`--skip-disk`).
+//!   [`read_layout`] reads it from the mount table, sysfs, `sfdisk --json`
+//!   and `blkid -p`, and refuses before anything is sent what a node could
+//!   not rebuild (btrfs, LVM, RAID, LUKS, ZFS, a file system on a whole
+//!   disk), saying what to use instead.
 //! - [`stream`] is the format of the one image a system session streams:
 //!   the plan, then a tar tree per file system and raw partitions.
 //! - [`capture`] makes that stream on the source, from the live file
 //!   systems.
-//! - [`disk`] plans and writes a node's partition tables and file systems.
+//! - [`disk`] rebuilds a node's disk: [`plan_disk`] fits the partitions to
+//!   it (the last one, or the layout file's `fill`, grows or shrinks; a
+//!   [`LayoutFile`] can size the others), [`write_table`] writes the table
+//!   with the source's disk id and partition GUIDs, and [`make_filesystem`]
+//!   and [`make_swap`] make each file system and swap with the source's
+//!   type, UUID and label, so the clone's `fstab` and boot entries find
+//!   them.
 //! - [`rebuild`] consumes the stream on a node as it arrives, and
 //!   [`bootloader`] makes the result boot.
 //! - [`unpack_following`] drives a rebuild from a node's windowed spool
 //!   ([`crate::datapath::window`]): the node never holds the whole stream.
+//!
+//! `docs/system.md` tells the same from the operator's side, with the
+//! layout file's format.
 //!
 //! # Repair without the whole stream
 //!
@@ -28,8 +45,20 @@ pub mod bootloader;
 pub mod capture;
 pub mod disk;
 pub mod layout;
+mod layout_file;
+mod probe;
+mod read;
 pub mod rebuild;
 pub mod stream;
+
+pub use disk::{
+    make_filesystem, make_swap, min_tree_bytes, partition_path, plan_disk, write_table, DiskPlan,
+    LayoutFile, PlannedPartition, SHRINK_MARGIN,
+};
+pub use layout::{
+    read_layout, Content, DiskLayout, FileSystem, FsKind, IgnoredMount, Layout, MakeOptions,
+    PartitionLayout, ReadOptions, TableKind,
+};
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -41,7 +70,6 @@ use tokio::sync::watch;
 use crate::datapath::window::Window;
 use crate::datapath::Written;
 use crate::Error;
-use layout::Layout;
 use rebuild::{RebuildOptions, Rebuilder};
 use stream::Decoder;
 
@@ -165,3 +193,6 @@ pub fn unpack_following(
     }
     result
 }
+
+#[cfg(test)]
+mod tests;
