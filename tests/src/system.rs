@@ -76,7 +76,11 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if !Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success()) {
+        if !Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success())
+        {
             let _ = Command::new("umount").arg("-l").arg(&self.0).status();
         }
     }
@@ -92,7 +96,13 @@ pub fn sh_ok(c: &mut Command, what: &str) -> String {
 /// Runs a bash script (bounded), asserting success; `args` are `$1`….
 pub fn bash(script: &str, args: &[&str]) -> String {
     sh_ok(
-        Command::new("bash").arg("-euo").arg("pipefail").arg("-c").arg(script).arg("bash").args(args),
+        Command::new("bash")
+            .arg("-euo")
+            .arg("pipefail")
+            .arg("-c")
+            .arg(script)
+            .arg("bash")
+            .args(args),
         "bash script",
     )
 }
@@ -186,11 +196,7 @@ mcopy -i "$1" "$3" ::/EFI/debian/grub.cfg"#,
         let mut mounts = vec![Mount::new(&disk.part(4), &root, &[])];
         mounts.push(Mount::new(&disk.part(5), &root.join("home"), &[]));
         fill(&root, bulk);
-        SourceMachine {
-            root,
-            disk,
-            mounts,
-        }
+        SourceMachine { root, disk, mounts }
     }
 }
 
@@ -208,7 +214,16 @@ impl Drop for SourceMachine {
 /// a directory of mode 1777 to be excluded.
 fn fill(root: &Path, bulk: usize) {
     let r = |p: &str| root.join(p);
-    for d in ["etc", "usr/bin", "usr/lib", "var/log", "dev", "tmp", "boot", "home/alice"] {
+    for d in [
+        "etc",
+        "usr/bin",
+        "usr/lib",
+        "var/log",
+        "dev",
+        "tmp",
+        "boot",
+        "home/alice",
+    ] {
         fs::create_dir_all(r(d)).unwrap();
     }
     fs::write(
@@ -279,7 +294,10 @@ pub fn tree(dir: &Path) -> BTreeMap<String, Entry> {
     let dev = fs::metadata(dir).unwrap().dev();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let mut names: Vec<_> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut names: Vec<_> = fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         names.sort();
         for p in names {
             let m = fs::symlink_metadata(&p).unwrap();
@@ -305,7 +323,11 @@ pub fn tree(dir: &Path) -> BTreeMap<String, Entry> {
             } else {
                 's'
             };
-            let rdev = if kind == 'c' || kind == 'b' { m.rdev() } else { 0 };
+            let rdev = if kind == 'c' || kind == 'b' {
+                m.rdev()
+            } else {
+                0
+            };
             let size = if kind == 'd' { 0 } else { m.len() };
             let stat = format!(
                 "{kind} {:o} {}:{} {size} {rdev} {link}",
@@ -393,6 +415,9 @@ pub fn blkid(dev: &str) -> BTreeMap<String, String> {
 
 /// `sfdisk --json` of a disk.
 pub fn partition_table(dev: &str) -> serde_json::Value {
-    let text = sh_ok(Command::new("sfdisk").args(["--json", dev]), "sfdisk --json");
+    let text = sh_ok(
+        Command::new("sfdisk").args(["--json", dev]),
+        "sfdisk --json",
+    );
     serde_json::from_str::<serde_json::Value>(&text).unwrap()["partitiontable"].clone()
 }

@@ -67,7 +67,10 @@ impl Session {
         let p = Proc::start(self.path(), label, &args);
         for _ in 0..1500 {
             let text = read_text(&p.err);
-            if let Some(port) = text.lines().find_map(|l| l.split("nodes on 127.0.0.1:").nth(1)) {
+            if let Some(port) = text
+                .lines()
+                .find_map(|l| l.split("nodes on 127.0.0.1:").nth(1))
+            {
                 self.port = port.trim().parse().unwrap();
                 return p;
             }
@@ -129,7 +132,12 @@ fn assert_same_system(source: &SourceMachine, s: &Session, node: &Loop, grown: b
     }
     let last = |p: &[serde_json::Value]| p.last().unwrap()["size"].as_u64().unwrap();
     if grown {
-        assert!(last(np) > last(sp) + 400_000, "the last partition grows: {} → {}", last(sp), last(np));
+        assert!(
+            last(np) > last(sp) + 400_000,
+            "the last partition grows: {} → {}",
+            last(sp),
+            last(np)
+        );
     }
     for n in 2..=5 {
         let (a, b) = (blkid(&source.disk.part(n)), blkid(&node.part(n)));
@@ -147,15 +155,26 @@ fn assert_same_system(source: &SourceMachine, s: &Session, node: &Loop, grown: b
         "MTOOLS_SKIP_CHECK=1 mdir -i \"$1\" -/ ::/EFI",
         &[&node.part(2)],
     );
-    assert!(listing.contains("BOOTX64") && listing.contains("grub"), "{listing}");
+    assert!(
+        listing.contains("BOOTX64") && listing.contains("grub"),
+        "{listing}"
+    );
     let mounts = mount_node(s.path(), node);
     let (a, b) = (tree(&source.root), tree(&mounts[0].0));
     let diffs = diff_trees(&a, &b, &["tmp/"]);
     assert!(diffs.is_empty(), "trees differ:\n{}", diffs.join("\n"));
     let tmp = std::fs::symlink_metadata(mounts[0].0.join("tmp")).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(tmp.permissions().mode() & 0o7777, 0o1777, "the excluded /tmp keeps its mode");
-    assert_eq!(std::fs::read_dir(mounts[0].0.join("tmp")).unwrap().count(), 0, "and is empty");
+    assert_eq!(
+        tmp.permissions().mode() & 0o7777,
+        0o1777,
+        "the excluded /tmp keeps its mode"
+    );
+    assert_eq!(
+        std::fs::read_dir(mounts[0].0.join("tmp")).unwrap().count(),
+        0,
+        "and is empty"
+    );
     let (a, b) = (tree(&source.root.join("home")), tree(&mounts[1].0));
     let diffs = diff_trees(&a, &b, &[]);
     assert!(diffs.is_empty(), "/home differs:\n{}", diffs.join("\n"));
@@ -163,7 +182,11 @@ fn assert_same_system(source: &SourceMachine, s: &Session, node: &Loop, grown: b
     assert!(sparse.is_none(), "var/sparse is on the root, not /home");
     let root_tree = tree(&mounts[0].0);
     let sparse = &root_tree["var/sparse"];
-    assert!(sparse.allocated < 1 << 20, "the sparse file stays sparse: {} bytes allocated", sparse.allocated);
+    assert!(
+        sparse.allocated < 1 << 20,
+        "the sparse file stays sparse: {} bytes allocated",
+        sparse.allocated
+    );
 }
 
 /// Three nodes and a saver: one as large as the source, one larger (its last
@@ -192,7 +215,10 @@ fn a_running_system_is_rebuilt_on_nodes_saved_and_replayed() {
         s.join("saver", &["--save", &saved]),
     ];
     let (code, out, err) = serve.finish(Duration::from_secs(240));
-    let results: Vec<_> = nodes.into_iter().map(|n| n.finish(Duration::from_secs(60))).collect();
+    let results: Vec<_> = nodes
+        .into_iter()
+        .map(|n| n.finish(Duration::from_secs(60)))
+        .collect();
     for (i, r) in results.iter().enumerate() {
         eprintln!("node {i}: exit {}\n{}\n{}", r.0, r.1, r.2);
     }

@@ -152,7 +152,10 @@ fn describe_part(part: &ka_net::system::capture::Part) -> String {
             excludes,
             ..
         } => {
-            let mut s = format!("{mountpoint} as a file tree (from {})", mounted_at.display());
+            let mut s = format!(
+                "{mountpoint} as a file tree (from {})",
+                mounted_at.display()
+            );
             if !excludes.is_empty() {
                 s.push_str(&format!(", sent empty: {}", excludes.join(", ")));
             }

@@ -61,10 +61,7 @@ struct State {
 impl State {
     /// The lowest offset still needed by anyone.
     fn floor(&self) -> u64 {
-        self.readers
-            .values()
-            .copied()
-            .fold(self.consumed, u64::min)
+        self.readers.values().copied().fold(self.consumed, u64::min)
     }
 }
 
@@ -306,6 +303,9 @@ mod tests {
         let w3 = Arc::clone(&w);
         let stuck = std::thread::spawn(move || w3.wait_room(100 << 20));
         w.close();
-        assert!(stuck.join().unwrap().is_err(), "closing frees a waiting writer");
+        assert!(
+            stuck.join().unwrap().is_err(),
+            "closing frees a waiting writer"
+        );
     }
 }

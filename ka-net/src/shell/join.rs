@@ -17,9 +17,9 @@ use super::conn::{Command, Conns, Event, ReceiveJob, ServeJob, Side, Written};
 use super::resume::{self, NodeState};
 use super::{nonce, Clock};
 use crate::datapath::forward::Downstreams;
+use crate::datapath::window::{Window, WindowedSink};
 use crate::datapath::{rehash_written, NodeWriter, RelayEnd};
 use crate::image::digest::{digest_source, ImageHasher, SessionKey};
-use crate::datapath::window::{Window, WindowedSink};
 use crate::image::sinks::{open_sink, SinkSpec};
 use crate::system::rebuild::RebuildOptions;
 use crate::system::Unpacked;
@@ -187,7 +187,9 @@ impl Durable {
                 )))
             }
             (Some(_), Target::System { .. }) => {
-                tracing::info!("a system clone does not resume after a restart: a restarted node starts over");
+                tracing::info!(
+                    "a system clone does not resume after a restart: a restarted node starts over"
+                );
                 Ok(None)
             }
             (Some(_), Target::Stream { .. }) => {

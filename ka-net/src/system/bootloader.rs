@@ -33,9 +33,25 @@ const BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
 /// Installs the boot loader of the clone mounted at `root` onto `disks`
 /// (the node's disks, in the layout's order). Returns one line per step.
 pub fn install(root: &Path, layout: &Layout, disks: &[PathBuf]) -> Result<Vec<String>, Error> {
-    let _binds = Binds::mount(root)?;
     let mut steps = Vec::new();
     let has = |p: &str| root.join(p.trim_start_matches('/')).exists();
+    let tools = [
+        "usr/sbin/grub-install",
+        "usr/sbin/grub2-install",
+        "usr/sbin/update-initramfs",
+        "usr/bin/dracut",
+        "usr/sbin/dracut",
+        "usr/bin/extlinux",
+        "usr/sbin/extlinux",
+        "usr/bin/bootctl",
+    ];
+    if !tools.iter().any(|t| has(t)) {
+        steps.push(
+            "no boot loader in the clone (no GRUB, extlinux or systemd-boot): left as it is".into(),
+        );
+        return Ok(steps);
+    }
+    let _binds = Binds::mount(root)?;
     let grub = ["usr/sbin/grub-install", "usr/sbin/grub2-install"]
         .into_iter()
         .find(|p| has(p));
@@ -49,7 +65,12 @@ pub fn install(root: &Path, layout: &Layout, disks: &[PathBuf]) -> Result<Vec<St
                 if wants_bios_core(d) {
                     chroot(
                         root,
-                        &[&grub, "--target=i386-pc", "--recheck", &disk.to_string_lossy()],
+                        &[
+                            &grub,
+                            "--target=i386-pc",
+                            "--recheck",
+                            &disk.to_string_lossy(),
+                        ],
                         &format!("installing GRUB for BIOS on {}", disk.display()),
                     )?;
                     steps.push(format!("installed GRUB for BIOS on {}", disk.display()));
@@ -59,34 +80,62 @@ pub fn install(root: &Path, layout: &Layout, disks: &[PathBuf]) -> Result<Vec<St
         if let (Some(esp), true) = (&esp, has(&format!("{lib}/x86_64-efi"))) {
             let dir = format!("--efi-directory={esp}");
             let what = "installing GRUB for UEFI";
-            chroot(root, &[&grub, "--target=x86_64-efi", &dir, "--no-nvram"], what)?;
             chroot(
                 root,
-                &[&grub, "--target=x86_64-efi", &dir, "--no-nvram", "--removable"],
+                &[&grub, "--target=x86_64-efi", &dir, "--no-nvram"],
                 what,
             )?;
-            steps.push(format!("installed GRUB for UEFI on {esp} (and EFI/BOOT/BOOTX64.EFI)"));
+            chroot(
+                root,
+                &[
+                    &grub,
+                    "--target=x86_64-efi",
+                    &dir,
+                    "--no-nvram",
+                    "--removable",
+                ],
+                what,
+            )?;
+            steps.push(format!(
+                "installed GRUB for UEFI on {esp} (and EFI/BOOT/BOOTX64.EFI)"
+            ));
         }
         let initramfs = regenerate_initramfs(root, &has)?;
         steps.extend(initramfs);
         let config = if has("usr/sbin/update-grub") {
             vec!["/usr/sbin/update-grub".to_string()]
         } else if has("usr/sbin/grub2-mkconfig") {
-            vec!["/usr/sbin/grub2-mkconfig".into(), "-o".into(), "/boot/grub2/grub.cfg".into()]
+            vec![
+                "/usr/sbin/grub2-mkconfig".into(),
+                "-o".into(),
+                "/boot/grub2/grub.cfg".into(),
+            ]
         } else {
-            vec!["/usr/sbin/grub-mkconfig".into(), "-o".into(), "/boot/grub/grub.cfg".into()]
+            vec![
+                "/usr/sbin/grub-mkconfig".into(),
+                "-o".into(),
+                "/boot/grub/grub.cfg".into(),
+            ]
         };
         let args: Vec<&str> = config.iter().map(String::as_str).collect();
         chroot(root, &args, "regenerating the GRUB configuration")?;
-        steps.push(format!("regenerated the GRUB configuration ({})", config[0]));
+        steps.push(format!(
+            "regenerated the GRUB configuration ({})",
+            config[0]
+        ));
         return Ok(steps);
     }
     steps.extend(regenerate_initramfs(root, &has)?);
     for dir in ["boot/extlinux", "boot/syslinux"] {
-        if has(&format!("{dir}/extlinux.conf")) && (has("usr/bin/extlinux") || has("usr/sbin/extlinux"))
+        if has(&format!("{dir}/extlinux.conf"))
+            && (has("usr/bin/extlinux") || has("usr/sbin/extlinux"))
         {
             let target = format!("/{dir}");
-            chroot(root, &["extlinux", "--install", &target], "installing extlinux")?;
+            chroot(
+                root,
+                &["extlinux", "--install", &target],
+                "installing extlinux",
+            )?;
             steps.push(format!("installed extlinux in {target}"));
             return Ok(steps);
         }
@@ -101,7 +150,9 @@ pub fn install(root: &Path, layout: &Layout, disks: &[PathBuf]) -> Result<Vec<St
         steps.push(format!("installed systemd-boot on {esp}"));
         return Ok(steps);
     }
-    steps.push("no boot loader in the clone (no GRUB, extlinux or systemd-boot): left as it is".into());
+    steps.push(
+        "no boot loader in the clone (no GRUB, extlinux or systemd-boot): left as it is".into(),
+    );
     Ok(steps)
 }
 
@@ -109,13 +160,14 @@ pub fn install(root: &Path, layout: &Layout, disks: &[PathBuf]) -> Result<Vec<St
 /// /proc and /sys bound.
 pub fn in_chroot(root: &Path, cmd: &str) -> Result<(), Error> {
     let _binds = Binds::mount(root)?;
-    chroot(root, &["/bin/sh", "-c", cmd], &format!("running `{cmd}` in the clone"))
+    chroot(
+        root,
+        &["/bin/sh", "-c", cmd],
+        &format!("running `{cmd}` in the clone"),
+    )
 }
 
-fn regenerate_initramfs(
-    root: &Path,
-    has: &dyn Fn(&str) -> bool,
-) -> Result<Vec<String>, Error> {
+fn regenerate_initramfs(root: &Path, has: &dyn Fn(&str) -> bool) -> Result<Vec<String>, Error> {
     if has("usr/sbin/update-initramfs") {
         chroot(
             root,
@@ -125,7 +177,11 @@ fn regenerate_initramfs(
         return Ok(vec!["regenerated the initramfs (update-initramfs)".into()]);
     }
     if has("usr/bin/dracut") || has("usr/sbin/dracut") {
-        chroot(root, &["dracut", "--regenerate-all", "--force"], "regenerating the initramfs")?;
+        chroot(
+            root,
+            &["dracut", "--regenerate-all", "--force"],
+            "regenerating the initramfs",
+        )?;
         return Ok(vec!["regenerated the initramfs (dracut)".into()]);
     }
     let _ = root;
@@ -165,7 +221,10 @@ fn chroot(root: &Path, args: &[&str], what: &str) -> Result<(), Error> {
     let mut c = Command::new("chroot");
     c.arg(root).args(args);
     // A clone's tools look for their own PATH, not the netboot image's.
-    c.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    c.env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
     run(c, what)
 }
 
@@ -173,12 +232,16 @@ fn chroot(root: &Path, args: &[&str], what: &str) -> Result<(), Error> {
 /// chrooted into; unbound when dropped.
 struct Binds {
     mounted: Vec<PathBuf>,
+    /// Mount points made for the binds, removed again: a clone gets nothing
+    /// it did not have.
+    made: Vec<PathBuf>,
 }
 
 impl Binds {
     fn mount(root: &Path) -> Result<Binds, Error> {
         let mut binds = Binds {
             mounted: Vec::new(),
+            made: Vec::new(),
         };
         let mut list = vec!["dev", "proc", "sys"];
         if Path::new("/sys/firmware/efi/efivars").is_dir() {
@@ -186,8 +249,11 @@ impl Binds {
         }
         for what in list {
             let dir = root.join(what);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| Error::io(format!("making {}", dir.display()), e))?;
+            if !dir.is_dir() {
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| Error::io(format!("making {}", dir.display()), e))?;
+                binds.made.push(dir.clone());
+            }
             let mut c = Command::new("mount");
             c.arg("--bind").arg(format!("/{what}")).arg(&dir);
             run(c, &format!("binding /{what} into the clone"))?;
@@ -200,9 +266,16 @@ impl Binds {
 impl Drop for Binds {
     fn drop(&mut self) {
         for dir in self.mounted.iter().rev() {
-            if Command::new("umount").arg(dir).status().map_or(true, |s| !s.success()) {
+            if Command::new("umount")
+                .arg(dir)
+                .status()
+                .map_or(true, |s| !s.success())
+            {
                 let _ = Command::new("umount").arg("-l").arg(dir).status();
             }
+        }
+        for dir in self.made.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }

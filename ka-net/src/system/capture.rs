@@ -369,7 +369,11 @@ exit $s"#,
 /// namespace: SELinux labels and file capabilities are xattrs, sparse
 /// files), never crossing into another file system, excluded directories
 /// sent empty (their own entry keeps mode and owner).
-pub fn tar_create_args(mounted_at: &Path, excludes: &[String], skip_files: &[PathBuf]) -> Vec<String> {
+pub fn tar_create_args(
+    mounted_at: &Path,
+    excludes: &[String],
+    skip_files: &[PathBuf],
+) -> Vec<String> {
     let mut args: Vec<String> = [
         "--create",
         "--file=-",
@@ -392,7 +396,10 @@ pub fn tar_create_args(mounted_at: &Path, excludes: &[String], skip_files: &[Pat
     }
     for f in skip_files {
         if let Ok(rel) = f.strip_prefix(mounted_at) {
-            args.push(format!("--exclude=./{}", escape_glob(&rel.to_string_lossy())));
+            args.push(format!(
+                "--exclude=./{}",
+                escape_glob(&rel.to_string_lossy())
+            ));
         }
     }
     args.push(".".into());
@@ -440,8 +447,14 @@ mod tests {
             ],
         );
         assert!(args.contains(&"--exclude=./tmp/*".to_string()), "{args:?}");
-        assert!(args.contains(&"--exclude=./var/cache/x\\*y/*".to_string()), "{args:?}");
-        assert!(args.contains(&"--exclude=./var/spool.ka".to_string()), "{args:?}");
+        assert!(
+            args.contains(&"--exclude=./var/cache/x\\*y/*".to_string()),
+            "{args:?}"
+        );
+        assert!(
+            args.contains(&"--exclude=./var/spool.ka".to_string()),
+            "{args:?}"
+        );
         assert!(!args.iter().any(|a| a.contains("elsewhere")), "{args:?}");
         assert_eq!(args.last().map(String::as_str), Some("."));
     }

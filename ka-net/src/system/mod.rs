@@ -170,7 +170,8 @@ pub fn unpack_following(
                 }
                 // Bounded, so a closed window is seen without a write.
                 let changed = rt.block_on(async {
-                    tokio::time::timeout(std::time::Duration::from_millis(500), written.changed()).await
+                    tokio::time::timeout(std::time::Duration::from_millis(500), written.changed())
+                        .await
                 });
                 if matches!(changed, Ok(Err(_))) {
                     return Err(Error::Invalid("the node stopped receiving".into()));

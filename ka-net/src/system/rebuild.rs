@@ -52,8 +52,15 @@ struct Placed {
 
 enum Current {
     Idle,
-    Tree { tar: Supervised, stdin: ChildStdin, mountpoint: String },
-    Raw { sink: FileSink, device: PathBuf },
+    Tree {
+        tar: Supervised,
+        stdin: ChildStdin,
+        mountpoint: String,
+    },
+    Raw {
+        sink: FileSink,
+        device: PathBuf,
+    },
 }
 
 /// Rebuilds a node's disks from a system stream's events (see the module
@@ -153,8 +160,9 @@ impl Rebuilder {
         let mut plans = Vec::new();
         for (i, (src, target)) in plan.layout.disks.iter().zip(&self.opts.disks).enumerate() {
             let (bytes, sector) = target_geometry(target)?;
-            let p = disk::plan_disk(src, bytes, sector, layout_file.as_ref(), i)
-                .map_err(|e| step_error(&format!("planning {}", target.display()), e.to_string()))?;
+            let p = disk::plan_disk(src, bytes, sector, layout_file.as_ref(), i).map_err(|e| {
+                step_error(&format!("planning {}", target.display()), e.to_string())
+            })?;
             plans.push(p);
         }
         for ((src, target), p) in plan.layout.disks.iter().zip(&self.opts.disks).zip(&plans) {
@@ -180,7 +188,12 @@ impl Rebuilder {
                 Content::Tree(fs) => {
                     disk::make_filesystem(&p.device, fs).map_err(|e| {
                         step_error(
-                            &format!("making {} on {} for {}", fs.kind, p.device.display(), fs.mountpoint),
+                            &format!(
+                                "making {} on {} for {}",
+                                fs.kind,
+                                p.device.display(),
+                                fs.mountpoint
+                            ),
                             e.to_string(),
                         )
                     })?;
@@ -194,9 +207,13 @@ impl Rebuilder {
                 }
                 Content::Swap { uuid, label } => {
                     disk::make_swap(&p.device, uuid.as_deref(), label.as_deref()).map_err(|e| {
-                        step_error(&format!("making swap on {}", p.device.display()), e.to_string())
+                        step_error(
+                            &format!("making swap on {}", p.device.display()),
+                            e.to_string(),
+                        )
                     })?;
-                    self.done.push(format!("made swap on {}", p.device.display()));
+                    self.done
+                        .push(format!("made swap on {}", p.device.display()));
                 }
                 Content::Raw { .. } | Content::Skipped { .. } => {}
             }
@@ -241,10 +258,17 @@ impl Rebuilder {
             mount.args(["-o", "nouuid"]);
         }
         mount.arg(&p.device).arg(&dir);
-        run(mount, &format!("mounting {} at {}", p.device.display(), fs.mountpoint))?;
+        run(
+            mount,
+            &format!("mounting {} at {}", p.device.display(), fs.mountpoint),
+        )?;
         self.mounts.push(dir.clone());
         let mut tar = Command::new("tar");
-        tar.args(TAR_EXTRACT).arg("-C").arg(&dir).stdin(Stdio::piped()).stdout(Stdio::null());
+        tar.args(TAR_EXTRACT)
+            .arg("-C")
+            .arg(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null());
         let mut tar = Supervised::spawn(tar, format!("tar -x into {}", fs.mountpoint))?;
         let stdin = tar.child_mut().stdin.take().expect("stdin is piped");
         widen_pipe(&stdin);
@@ -275,7 +299,10 @@ impl Rebuilder {
     fn start_raw(&mut self, index: u32, len: u64) -> Result<(), Error> {
         let p = self.placed(index)?.clone();
         let sink = FileSink::open(&p.device, Some(len)).map_err(|e| {
-            step_error(&format!("opening {} for its raw copy", p.device.display()), e.to_string())
+            step_error(
+                &format!("opening {} for its raw copy", p.device.display()),
+                e.to_string(),
+            )
         })?;
         self.current = Current::Raw {
             sink,
@@ -314,7 +341,8 @@ impl Rebuilder {
         let len = sink.position();
         sink.finish(len)
             .map_err(|e| step_error(&format!("writing {}", device.display()), e.to_string()))?;
-        self.done.push(format!("wrote {} raw ({len} bytes)", device.display()));
+        self.done
+            .push(format!("wrote {} raw ({len} bytes)", device.display()));
         Ok(())
     }
 
@@ -421,8 +449,12 @@ fn target_geometry(target: &Path) -> Result<(u64, u32), Error> {
     }
     let size = crate::image::blockdev::size_of(&file)
         .map_err(|e| Error::io(format!("reading the size of {}", target.display()), e))?;
-    let sector = crate::image::blockdev::logical_sector_size(&file)
-        .map_err(|e| Error::io(format!("reading the sector size of {}", target.display()), e))?;
+    let sector = crate::image::blockdev::logical_sector_size(&file).map_err(|e| {
+        Error::io(
+            format!("reading the sector size of {}", target.display()),
+            e,
+        )
+    })?;
     Ok((size, sector))
 }
 
@@ -461,11 +493,12 @@ fn out_of_place(what: &str) -> Error {
     Error::Invalid(format!("the system stream is out of order: {what}"))
 }
 
-
 /// Whether the layout holds a root file system (a system to boot), not only
 /// data file systems.
 fn has_root(layout: &Layout) -> bool {
-    layout.disks.iter().flat_map(|d| &d.partitions).any(
-        |p| matches!(&p.content, Content::Tree(fs) if fs.mountpoint == "/"),
-    )
+    layout
+        .disks
+        .iter()
+        .flat_map(|d| &d.partitions)
+        .any(|p| matches!(&p.content, Content::Tree(fs) if fs.mountpoint == "/"))
 }

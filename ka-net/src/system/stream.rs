@@ -474,6 +474,9 @@ mod tests {
     fn bytes_after_the_end_are_refused() {
         let mut s = sample(b"t", 1, b"r");
         s.push(1);
-        assert!(decode(&s, &[]).unwrap_err().to_string().contains("after the END"));
+        assert!(decode(&s, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("after the END"));
     }
 }
