@@ -50,6 +50,7 @@ fn join_msg(name: &str, nonce: &Nonce, key: &dyn Mac) -> Message {
         mac: [0; 6],
         data_addr: addr(100),
         wait_release: false,
+        readable: true,
         have: 0,
         image: None,
         proof: join_proof(key, nonce, "s", name),
@@ -245,6 +246,7 @@ fn slow_node_is_moved_to_the_tail_and_reported() {
             Message::Progress(Progress {
                 received: step * 100_000,
                 written: 0,
+                holds_from: 0,
             }),
         );
         src.handle_message(
@@ -253,6 +255,7 @@ fn slow_node_is_moved_to_the_tail_and_reported() {
             Message::Progress(Progress {
                 received: step * 10,
                 written: 0,
+                holds_from: 0,
             }),
         );
         src.handle_message(
@@ -261,6 +264,7 @@ fn slow_node_is_moved_to_the_tail_and_reported() {
             Message::Progress(Progress {
                 received: step * 10,
                 written: 0,
+                holds_from: 0,
             }),
         );
         src.handle_timeout(now);
@@ -528,6 +532,7 @@ fn progress(received: u64) -> Message {
     Message::Progress(Progress {
         received,
         written: received,
+        holds_from: 0,
     })
 }
 
@@ -804,6 +809,7 @@ fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
         Progress {
             received: 400,
             written: 400,
+            holds_from: 0,
         },
     );
     // The source process dies: its connection resets.
