@@ -17,8 +17,10 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use crate::ids::{Epoch, NodeId};
 
 /// The protocol version this crate speaks; a peer of any other version is
-/// refused ([`RefusalCode::VersionMismatch`]).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// refused ([`RefusalCode::VersionMismatch`]). Version 4 added bounded-window
+/// upstreams: [`Join::readable`], [`Progress::holds_from`],
+/// [`RefusalCode::CannotResume`] and [`Message::Stranded`].
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The largest frame (tag and body) a peer may send.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// The longest string field in bytes.
@@ -110,10 +112,15 @@ pub enum RefusalCode {
     SessionOver,
     /// A data connection for a node or epoch this peer does not expect.
     NotExpected,
+    /// The offset asked for has left this upstream's bounded window: a node
+    /// that keeps only the last part of the stream cannot serve what it
+    /// dropped. The downstream tells the source ([`Message::Stranded`]),
+    /// which feeds it from elsewhere.
+    CannotResume,
 }
 
 impl RefusalCode {
-    const ALL: [RefusalCode; 7] = [
+    const ALL: [RefusalCode; 8] = [
         RefusalCode::VersionMismatch,
         RefusalCode::WrongSession,
         RefusalCode::BadProof,
@@ -121,6 +128,7 @@ impl RefusalCode {
         RefusalCode::NameInUse,
         RefusalCode::SessionOver,
         RefusalCode::NotExpected,
+        RefusalCode::CannotResume,
     ];
 
     fn code(self) -> u8 {
@@ -171,6 +179,10 @@ pub struct Join {
     pub data_addr: SocketAddr,
     /// It waits for the source's release before leaving (Ka-deploy's `-w`).
     pub wait_release: bool,
+    /// It can serve any offset it wrote (its sink is read back: a file, a
+    /// block device). A node that is not keeps only a bounded window of the
+    /// stream and serves from [`Progress::holds_from`] on.
+    pub readable: bool,
     /// The contiguous prefix it already holds (non-zero after a restart, of
     /// the node or of the source).
     pub have: u64,
@@ -188,6 +200,10 @@ pub struct Progress {
     pub received: u64,
     /// End of the contiguous prefix written to the sink.
     pub written: u64,
+    /// The lowest offset it can still serve to a downstream: 0 for a node
+    /// that can serve anything it wrote ([`Join::readable`]); for one that
+    /// keeps a bounded window, where that window starts. Only grows.
+    pub holds_from: u64,
 }
 
 /// Every message of the protocol, control and data handshake alike.
@@ -295,6 +311,18 @@ pub enum Message {
         /// The offset the records start at.
         from: u64,
     },
+    /// Node → source: the upstream the node was given refused it with
+    /// [`RefusalCode::CannotResume`]: what it lacks has left that
+    /// upstream's window, so retrying there is pointless. The source feeds
+    /// it itself (it holds the whole image) and says so in a new
+    /// [`Message::Topology`]. Sent once per placement.
+    Stranded {
+        /// The topology generation of the placement that named the refusing
+        /// upstream: a report about an older placement is stale.
+        epoch: Epoch,
+        /// The offset the node asked for and was refused.
+        from: u64,
+    },
 }
 
 mod tag {
@@ -314,6 +342,7 @@ mod tag {
     pub const GO_ACK: u8 = 14;
     pub const DATA_HELLO: u8 = 15;
     pub const DATA_ACCEPTED: u8 = 16;
+    pub const STRANDED: u8 = 17;
 }
 
 impl Message {
@@ -342,7 +371,11 @@ impl Message {
                 put_str(out, &j.name);
                 out.put_slice(&j.mac);
                 put_addr(out, &j.data_addr);
-                out.put_u8(u8::from(j.wait_release) | (u8::from(j.image.is_some()) << 2));
+                out.put_u8(
+                    u8::from(j.wait_release)
+                        | (u8::from(j.readable) << 1)
+                        | (u8::from(j.image.is_some()) << 2),
+                );
                 out.put_u64(j.have);
                 if let Some(image) = &j.image {
                     out.put_slice(&image.0);
@@ -413,6 +446,7 @@ impl Message {
                 out.put_u8(tag::PROGRESS);
                 out.put_u64(p.received);
                 out.put_u64(p.written);
+                out.put_u64(p.holds_from);
             }
             Message::Verified { ok, reason } => {
                 out.put_u8(tag::VERIFIED);
@@ -453,6 +487,11 @@ impl Message {
                 out.put_u8(tag::DATA_ACCEPTED);
                 out.put_u64(*from);
             }
+            Message::Stranded { epoch, from } => {
+                out.put_u8(tag::STRANDED);
+                out.put_u64(epoch.0);
+                out.put_u64(*from);
+            }
         }
         let len = out.len() - start - LEN_PREFIX;
         assert!(len <= MAX_FRAME, "frame of {len} bytes exceeds MAX_FRAME");
@@ -478,6 +517,7 @@ impl Message {
             Message::GoAck { .. } => "GoAck",
             Message::DataHello { .. } => "DataHello",
             Message::DataAccepted { .. } => "DataAccepted",
+            Message::Stranded { .. } => "Stranded",
         }
     }
 
@@ -647,6 +687,7 @@ impl Reader<'_> {
                     mac,
                     data_addr,
                     wait_release: flags & 1 != 0,
+                    readable: flags & 2 != 0,
                     have,
                     image,
                     proof: Tag(self.bytes32()?),
@@ -713,6 +754,7 @@ impl Reader<'_> {
             tag::PROGRESS => Message::Progress(Progress {
                 received: self.u64()?,
                 written: self.u64()?,
+                holds_from: self.u64()?,
             }),
             tag::VERIFIED => Message::Verified {
                 ok: self.bool()?,
@@ -738,6 +780,10 @@ impl Reader<'_> {
                 proof: Tag(self.bytes32()?),
             },
             tag::DATA_ACCEPTED => Message::DataAccepted { from: self.u64()? },
+            tag::STRANDED => Message::Stranded {
+                epoch: Epoch(self.u64()?),
+                from: self.u64()?,
+            },
             other => return Err(DecodeError::UnknownTag(other)),
         })
     }
@@ -768,12 +814,12 @@ mod tests {
             text(),
             any::<[u8; 6]>(),
             addr(),
-            any::<bool>(),
+            any::<(bool, bool)>(),
             any::<u64>(),
             (proptest::option::of(any::<[u8; 32]>()), any::<[u8; 32]>()),
         )
             .prop_map(
-                |(version, session, name, mac, data_addr, w, have, (image, proof))| {
+                |(version, session, name, mac, data_addr, (w, r), have, (image, proof))| {
                     Message::Join(Join {
                         version,
                         session,
@@ -781,6 +827,7 @@ mod tests {
                         mac,
                         data_addr,
                         wait_release: w,
+                        readable: r,
                         have,
                         image: image.map(ImageId),
                         proof: Tag(proof),
@@ -842,8 +889,13 @@ mod tests {
             Just(Message::Release),
             text().prop_map(|reason| Message::Abort { reason }),
             Just(Message::Heartbeat),
-            any::<(u64, u64)>()
-                .prop_map(|(received, written)| Message::Progress(Progress { received, written })),
+            any::<(u64, u64, u64)>().prop_map(|(received, written, holds_from)| {
+                Message::Progress(Progress {
+                    received,
+                    written,
+                    holds_from,
+                })
+            }),
             (any::<bool>(), text()).prop_map(|(ok, reason)| Message::Verified { ok, reason }),
             text().prop_map(|reason| Message::Failed { reason }),
             (text(), any::<[u8; 32]>()).prop_map(|(session, p)| Message::Go {
@@ -869,7 +921,15 @@ mod tests {
                     proof: Tag(p)
                 }),
             any::<u64>().prop_map(|from| Message::DataAccepted { from }),
+            stranded(),
         ]
+    }
+
+    fn stranded() -> impl Strategy<Value = Message> {
+        any::<(u64, u64)>().prop_map(|(e, from)| Message::Stranded {
+            epoch: Epoch(e),
+            from,
+        })
     }
 
     proptest! {
@@ -891,6 +951,27 @@ mod tests {
             while let Some(m) = Message::decode(&mut buf).unwrap() { decoded.push(m); }
             prop_assert_eq!(decoded, msgs);
             prop_assert!(buf.is_empty());
+        }
+
+        #[test]
+        fn bounded_window_messages_round_trip(
+            msg in prop_oneof![
+                stranded(),
+                any::<(u64, u64, u64)>().prop_map(|(received, written, holds_from)| {
+                    Message::Progress(Progress { received, written, holds_from })
+                }),
+                (0..RefusalCode::ALL.len(), text()).prop_map(|(c, detail)| {
+                    Message::Refused(Refusal { code: RefusalCode::ALL[c], detail })
+                }),
+            ],
+            cut in 0usize..40,
+        ) {
+            let bytes = msg.to_bytes();
+            prop_assert_eq!(Message::decode_exact(&bytes), Ok(msg.clone()));
+            // Any shorter prefix is incomplete, never a different message.
+            let cut = cut.min(bytes.len() - 1);
+            let mut short = BytesMut::from(&bytes[..cut]);
+            prop_assert_eq!(Message::decode(&mut short), Ok(None));
         }
 
         #[test]
@@ -937,6 +1018,71 @@ mod tests {
             "{reason}"
         );
         assert!(reason.starts_with("the image could not be read: é/"));
+    }
+
+    #[test]
+    fn stranded_and_the_window_fields_have_a_fixed_layout() {
+        let stranded = Message::Stranded {
+            epoch: Epoch(0x0102),
+            from: 0x0a0b,
+        };
+        let mut want = vec![0, 0, 0, 17, tag::STRANDED];
+        want.extend_from_slice(&0x0102u64.to_be_bytes());
+        want.extend_from_slice(&0x0a0bu64.to_be_bytes());
+        assert_eq!(&stranded.to_bytes()[..], &want[..]);
+
+        let progress = Message::Progress(Progress {
+            received: 3,
+            written: 2,
+            holds_from: 1,
+        });
+        let bytes = progress.to_bytes();
+        assert_eq!(bytes.len(), 4 + 1 + 3 * 8);
+        assert_eq!(&bytes[bytes.len() - 8..], &1u64.to_be_bytes());
+        // A version 3 progress (no holds_from) is refused, not misread.
+        let mut v3 = BytesMut::new();
+        v3.put_u32(17);
+        v3.put_u8(tag::PROGRESS);
+        v3.put_u64(3);
+        v3.put_u64(2);
+        assert!(matches!(
+            Message::decode(&mut v3),
+            Err(DecodeError::Invalid(_))
+        ));
+
+        let refused = Message::Refused(Refusal::new(RefusalCode::CannotResume, "gone".into()));
+        assert_eq!(refused.to_bytes()[5], 7, "CannotResume's code on the wire");
+    }
+
+    #[test]
+    fn join_flags_carry_wait_release_readable_and_image() {
+        let join = |wait_release, readable, image: Option<ImageId>| {
+            Message::Join(Join {
+                version: PROTOCOL_VERSION,
+                session: "s".into(),
+                name: "n".into(),
+                mac: [0; 6],
+                data_addr: SocketAddr::from(([10, 0, 0, 1], 9000)),
+                wait_release,
+                readable,
+                have: 0,
+                image,
+                proof: Tag([0; 32]),
+            })
+        };
+        // The flags byte sits after version, two strings, the MAC and a v4 address.
+        let flags_at = 4 + 1 + 2 + (2 + 1) + (2 + 1) + 6 + (1 + 4 + 2);
+        for (w, r, image, flags) in [
+            (false, false, None, 0u8),
+            (true, false, None, 1),
+            (false, true, None, 2),
+            (true, true, Some(ImageId([1; 32])), 7),
+        ] {
+            let msg = join(w, r, image);
+            let bytes = msg.to_bytes();
+            assert_eq!(bytes[flags_at], flags, "{msg:?}");
+            assert_eq!(Message::decode_exact(&bytes), Ok(msg));
+        }
     }
 
     #[test]

@@ -93,6 +93,14 @@ pub struct NodeConfig {
     pub data_addr: SocketAddr,
     /// Stay until the source releases us (Ka-deploy's `-w`).
     pub wait_release: bool,
+    /// Our sink can be read back (a file, a block device), so we can serve a
+    /// downstream any offset we wrote. A node that unpacks the stream as it
+    /// arrives (a system clone) cannot: it keeps a bounded window of the
+    /// stream, reports where that window starts through
+    /// [`Progress::holds_from`](crate::codec::Progress::holds_from), and
+    /// refuses a downstream that asks for less
+    /// ([`RefusalCode::CannotResume`](crate::codec::RefusalCode::CannotResume)).
+    pub readable: bool,
     /// Verify by reading the written target back, not only the received stream.
     pub verify_readback: bool,
     /// Delay before reconnecting to the source or an upstream after a loss.
@@ -110,7 +118,7 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// Defaults for a node named `name`.
+    /// Defaults for a node named `name` with a readable sink.
     pub fn new(session: impl Into<String>, name: impl Into<String>, data_addr: SocketAddr) -> Self {
         NodeConfig {
             session: session.into(),
@@ -118,6 +126,7 @@ impl NodeConfig {
             mac: [0; 6],
             data_addr,
             wait_release: false,
+            readable: true,
             verify_readback: false,
             reconnect_delay: Duration::from_millis(200),
             heartbeat: Duration::from_millis(250),

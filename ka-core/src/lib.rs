@@ -121,14 +121,46 @@
 //!
 //! # What keeps repair always possible
 //!
-//! Offsets only flow downstream, and no upstream ever drops what it holds:
-//! the source serves any offset of its image (a file or device is read
-//! again; a stream is spooled to disk as it is read), and a node serves its
-//! downstreams from what it wrote. So when a node dies, its nearest live
-//! ancestor holds everything its children still lack, and
-//! [`topology::Topology::remove`] links them there; each resumes from its own
-//! offset, and a node that arrives late or restarts takes the first open
-//! place, whatever it lacks.
+//! Offsets only flow downstream, and the source never drops a byte it read:
+//! it serves any offset of its image (a file or device is read again; a
+//! stream is spooled to disk as it is read, and the spool is never trimmed
+//! while the session runs). A node whose sink can be read back (a file, a
+//! block device) serves its downstreams any offset it wrote. A node whose
+//! sink cannot (one that unpacks the stream onto fresh file systems as it
+//! arrives, [`config::NodeConfig::readable`] false) keeps only a bounded
+//! window of the stream, whose start it reports as
+//! [`codec::Progress::holds_from`], and refuses a downstream that asks for
+//! less ([`codec::RefusalCode::CannotResume`]).
+//!
+//! So a node may be fed by an upstream that holds its offset
+//! ([`source::Source::holds`]), or by the source, which holds everything;
+//! every placement picks the first if it can and the second otherwise:
+//!
+//! - at the start, the chain (or tree) is laid out as usual, and a node
+//!   whose upstream in it does not hold its prefix is fed by the source;
+//! - a node that arrives (late, or after a restart) goes to the first open
+//!   slot ([`topology::Topology::open_slots`]) if that holds what it has,
+//!   else under the source;
+//! - when a node dies or is dropped, [`topology::Topology::remove`] hands
+//!   its children to its own parent; a child that parent cannot feed from
+//!   its offset goes under the source;
+//! - a slow node moved to the tail goes under the tail if that holds its
+//!   offset, else under the source, and its children are handed on as for
+//!   a death.
+//!
+//! The source's view may lag: a window moves on between two reports, and
+//! an upstream's data plane stops serving a downstream that falls more than
+//! its window behind. Then the downstream's next
+//! [`codec::Message::DataHello`] is refused with `CannotResume`; it tells
+//! the source once for that placement ([`codec::Message::Stranded`]) and
+//! waits instead of knocking again, and the source moves it, with the nodes
+//! it feeds, under itself at a new epoch, telling the old upstream it no
+//! longer feeds it. A report about a placement older than the node's
+//! current upstream is ignored (that upstream is on its way to it), and a
+//! node told of a newer placement that keeps the upstream that refused it
+//! asks once more, so a report crossing a placement is never lost. Each
+//! node resumes from its own offset; the source may so feed more than
+//! `arity` children.
 //!
 //! # Restarts
 //!

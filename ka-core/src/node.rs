@@ -10,6 +10,14 @@
 //! does the same with the prefix its shell found durable on disk
 //! ([`Resume`]). A welcome for another image than the one held makes the node
 //! start over ([`NodeAction::StartOver`]).
+//!
+//! A node whose sink cannot be read back ([`NodeConfig::readable`] false)
+//! serves its downstreams only from the window its shell keeps, which the
+//! shell reports as [`Progress::holds_from`] through
+//! [`Node::handle_progress`]; it refuses a downstream that asks for less
+//! ([`RefusalCode::CannotResume`]). A node refused so by its own upstream
+//! does not knock there again: it tells the source ([`Message::Stranded`]),
+//! which holds everything and feeds it instead.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -147,6 +155,16 @@ pub enum NodeEvent {
         /// Why.
         reason: String,
     },
+    /// Our upstream no longer holds what we lack (it left its bounded
+    /// window): we told the source, and wait for the placement it sends.
+    Stranded {
+        /// The upstream that refused us.
+        upstream: NodeId,
+        /// The offset we asked for.
+        from: u64,
+        /// The upstream's words.
+        reason: String,
+    },
     /// The source went silent or its connection dropped.
     SourceLost,
     /// The copy was checked.
@@ -281,6 +299,12 @@ pub struct Node {
     inbound: BTreeMap<ConnId, Inbound>,
     received: RangeSet,
     written: RangeSet,
+    /// The lowest offset our shell can still serve to a downstream, as it
+    /// last reported: meaningful only when our sink is not readable.
+    holds_from: u64,
+    /// Our upstream refused us for want of data at this placement and we
+    /// told the source: wait for a new placement rather than knock again.
+    stranded: Option<Epoch>,
     image: Option<(u64, Digest)>,
     stream_end: Option<(u64, Digest)>,
     verdict: Option<Result<(), String>>,
@@ -324,6 +348,8 @@ impl Node {
             inbound: BTreeMap::new(),
             received,
             written,
+            holds_from: 0,
+            stranded: None,
             image: None,
             stream_end: None,
             verdict: None,
@@ -437,11 +463,15 @@ impl Node {
         self.inbound.remove(&conn);
     }
 
-    /// The data plane's latest offsets. Offsets only grow; smaller values are
-    /// ignored.
+    /// The data plane's latest offsets, and where the window a node that
+    /// cannot read its sink back keeps now starts (`holds_from`; a readable
+    /// node's shell may leave it 0). All only grow; smaller values are
+    /// ignored. A shell that resumes a windowed node reports its window
+    /// before it feeds the node anything else.
     pub fn handle_progress(&mut self, _now: Time, progress: Progress) {
         self.received.insert(0..progress.received);
         self.written.insert(0..progress.written);
+        self.holds_from = self.holds_from.max(progress.holds_from);
     }
 
     /// The upstream sent the end of the image; everything up to `total` is
@@ -635,6 +665,11 @@ impl Node {
         Progress {
             received: self.received.prefix_end(),
             written: self.written.prefix_end(),
+            holds_from: if self.config.readable {
+                0
+            } else {
+                self.holds_from
+            },
         }
     }
 
@@ -678,6 +713,7 @@ impl Node {
             self.actions.push_back(NodeAction::Close { conn: c });
         }
         self.upstream = None;
+        self.stranded = None;
         self.timers.stop(Timer::ConnectUpstream);
         // Epochs count the placements of one source process, and a
         // restarted source counts from 1 again: a downstream that the new
@@ -699,6 +735,7 @@ impl Node {
         let had = self.received.prefix_end();
         self.received = RangeSet::new();
         self.written = RangeSet::new();
+        self.holds_from = 0;
         self.stream_end = None;
         self.image = None;
         self.verdict = None;
@@ -727,6 +764,7 @@ impl Node {
                     mac: self.config.mac,
                     data_addr: self.config.data_addr,
                     wait_release: self.config.wait_release,
+                    readable: self.config.readable,
                     have,
                     image: self.image_id.filter(|_| have > 0),
                     proof,
@@ -830,7 +868,13 @@ impl Node {
                 self.actions.push_back(NodeAction::Close { conn: c });
             }
             self.upstream = upstream;
+            self.stranded = None;
             self.timers.stop(Timer::ConnectUpstream);
+            self.connect_upstream();
+        } else if self.stranded.is_some_and(|at| at < epoch) {
+            // A newer placement that keeps the upstream that refused us: it
+            // left the source before our word reached it. Ask once more; a
+            // refusal now is told again, for this placement.
             self.connect_upstream();
         }
         // Downstreams no longer ours lose their connection; new ones are
@@ -900,18 +944,47 @@ impl Node {
                 self.upstream_conn = Some(UpstreamConn::AwaitingAccept(conn));
             }
             (Some(UpstreamConn::AwaitingAccept(_)), Message::DataAccepted { from }) => {
+                self.stranded = None;
                 self.upstream_conn = Some(UpstreamConn::Receiving(conn));
                 self.actions.push_back(NodeAction::Receive { conn, from });
                 self.events.push_back(NodeEvent::Receiving { from });
             }
-            (_, Message::Refused(r)) => {
-                self.drop_upstream(now, conn, format!("upstream refused us: {}", r.detail))
-            }
+            (_, Message::Refused(r)) => match self.upstream.and_then(|u| u.node) {
+                Some(up) if r.code == RefusalCode::CannotResume => self.strand(conn, up, r.detail),
+                _ => self.drop_upstream(now, conn, format!("upstream refused us: {}", r.detail)),
+            },
             (_, other) => self.drop_upstream(
                 now,
                 conn,
                 format!("upstream sent an unexpected {}", other.name()),
             ),
+        }
+    }
+
+    /// Our upstream node no longer holds what we lack. Asking it again
+    /// would only be refused again, so we tell the source, once for this
+    /// placement, and wait for the placement it sends (it feeds us itself:
+    /// it holds everything).
+    fn strand(&mut self, conn: ConnId, upstream: NodeId, reason: String) {
+        self.upstream_conn = None;
+        self.actions.push_back(NodeAction::Close { conn });
+        self.timers.stop(Timer::ConnectUpstream);
+        let from = self.received.prefix_end();
+        self.events.push_back(NodeEvent::Stranded {
+            upstream,
+            from,
+            reason,
+        });
+        let ControlState::Joined(control) = self.control else {
+            // Without the source there is no placement to keep: the next
+            // one comes with the welcome.
+            return;
+        };
+        if self.stranded != Some(self.epoch) {
+            self.stranded = Some(self.epoch);
+            let epoch = self.epoch;
+            self.transmits
+                .push_back((control, Message::Stranded { epoch, from }));
         }
     }
 
@@ -966,6 +1039,18 @@ impl Node {
                     ),
                 )
             }
+        }
+        if !self.config.readable && from < self.holds_from {
+            // What it lacks has left our window; the source will feed it
+            // once it hears so from it.
+            return self.refuse_downstream(
+                conn,
+                RefusalCode::CannotResume,
+                format!(
+                    "{node} asked for offset {from}, which has left this node's window (it holds from {})",
+                    self.holds_from
+                ),
+            );
         }
         // One connection per downstream: a reconnect replaces the old one.
         let old: Vec<ConnId> = self

@@ -22,6 +22,16 @@
 //! upstream holds at least what its downstream lacks. Nodes that had already
 //! verified and left (or failed) are handed in by the shell from its record
 //! ([`Source::handle_restored`]) so the report still accounts for them.
+//!
+//! # Bounded-window nodes
+//!
+//! A node whose sink cannot be read back ([`Join::readable`] false) serves
+//! only from the window it reports ([`Progress::holds_from`]), so every
+//! placement asks [`Source::holds`] first and, where the upstream it would
+//! pick does not hold the node's offset, feeds the node itself. A node its
+//! upstream refused anyway (the window moved on since it last reported)
+//! says so ([`Message::Stranded`]) and the source takes it in the same way.
+//! The source itself never drops a byte it read, so it can always.
 
 use core::time::Duration;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -130,6 +140,16 @@ pub enum SourceEvent {
         /// Why.
         reason: String,
     },
+    /// A node's upstream no longer held what it lacked (it left that
+    /// upstream's bounded window); the source feeds it now.
+    Stranded {
+        /// The node.
+        node: NodeId,
+        /// The upstream that refused it.
+        upstream: NodeId,
+        /// The offset it asked for.
+        from: u64,
+    },
     /// A node stayed too slow and the policy applied.
     Slow {
         /// The node.
@@ -221,6 +241,15 @@ struct NodeRecord {
     report: NodeReport,
     data_addr: core::net::SocketAddr,
     wait_release: bool,
+    /// It serves any offset it wrote; otherwise only from `holds_from`.
+    readable: bool,
+    /// It has reported where its window starts since it joined; until it
+    /// does, it is taken to hold nothing below what it holds at all.
+    holds_reported: bool,
+    /// The upstream its latest placement named, and the epoch since which
+    /// it has named that one: a [`Message::Stranded`] about an older
+    /// placement is stale, since a new upstream is on its way.
+    upstream: Option<(Parent, Epoch)>,
     /// The control connection while the node is live.
     conn: Option<ConnId>,
     /// The data connection this source serves it on, if it is a child.
@@ -495,11 +524,15 @@ impl Source {
             },
             data_addr: self.config.data_addr,
             wait_release: false,
+            readable: true,
+            holds_reported: false,
+            upstream: None,
             conn: None,
             data_conn: None,
             progress: Progress {
                 received,
                 written: received,
+                holds_from: 0,
             },
             last_heard: now,
             slow_since: None,
@@ -613,6 +646,27 @@ impl Source {
     /// The last progress `node` reported.
     pub fn progress(&self, node: NodeId) -> Option<Progress> {
         self.nodes.get(&node).map(|r| r.progress)
+    }
+
+    /// Whether `parent` can feed a node from `offset`, as far as the source
+    /// knows: the source always (it keeps everything it read); a node that
+    /// serves any offset it wrote always; a node that keeps a bounded
+    /// window only from where that window started at its last report (and,
+    /// before its first report, from what it holds at all). Every placement
+    /// asks this; where the answer is no, the source feeds the node itself.
+    pub fn holds(&self, parent: Parent, offset: u64) -> bool {
+        let Some(n) = parent else {
+            return true;
+        };
+        let Some(r) = self.nodes.get(&n) else {
+            return false;
+        };
+        let low = if r.holds_reported {
+            r.progress.holds_from
+        } else {
+            r.progress.received
+        };
+        r.readable || offset >= low
     }
 
     /// The report, one line per node that ever joined, in identifier order
@@ -761,10 +815,8 @@ impl Source {
             );
         }
         debug_assert_eq!(existing, self.names.get(&join.name).copied());
-        // Every upstream serves from what it wrote (the source from its
-        // image or its spool), so any open slot can feed any prefix. The
-        // death of the node superseded may have ended the stream.
-        let parent = (self.state == SourceState::Streaming).then(|| self.open_slot());
+        // The death of the node superseded may have ended the stream.
+        let parent = (self.state == SourceState::Streaming).then(|| self.place_for(have));
         let id = existing.unwrap_or_else(|| {
             let id = NodeId(self.next_id);
             self.next_id += 1;
@@ -788,11 +840,15 @@ impl Source {
             },
             data_addr: join.data_addr,
             wait_release: join.wait_release,
+            readable: join.readable,
+            holds_reported: false,
+            upstream: None,
             conn: Some(conn),
             data_conn: None,
             progress: Progress {
                 received: have,
                 written: have,
+                holds_from: 0,
             },
             last_heard: now,
             slow_since: None,
@@ -846,6 +902,34 @@ impl Source {
     /// order (for a chain, the tail).
     fn open_slot(&self) -> Parent {
         self.topology.open_slots().next().unwrap_or(None)
+    }
+
+    /// Where a node that holds `offset` bytes is fed from now: the first
+    /// open slot if that holds what it lacks, else the source.
+    fn place_for(&self, offset: u64) -> Parent {
+        let slot = self.open_slot();
+        if self.holds(slot, offset) {
+            slot
+        } else {
+            None
+        }
+    }
+
+    /// `nodes` were just handed to `parent` (their upstream left, or was
+    /// moved away): those `parent` cannot feed from where they are go under
+    /// the source. Returns each node with the upstream it ends with.
+    fn hand_over(&mut self, nodes: &[NodeId], parent: Parent) -> Vec<(NodeId, Parent)> {
+        nodes
+            .iter()
+            .map(|&n| {
+                if self.holds(parent, self.nodes[&n].progress.received) {
+                    (n, parent)
+                } else {
+                    self.topology.relink(n, None);
+                    (n, None)
+                }
+            })
+            .collect()
     }
 
     fn on_data_hello(&mut self, conn: ConnId, nonce: Nonce, hello: Message) {
@@ -909,6 +993,7 @@ impl Source {
                 });
                 self.remove_node(now, id, format!("node failed: {reason}"));
             }
+            Message::Stranded { epoch, from } => self.on_stranded(id, epoch, from),
             Message::Heartbeat => {}
             other => {
                 let reason = format!(
@@ -925,8 +1010,40 @@ impl Source {
         // Offsets only grow; a stale or reordered report must not move them back.
         record.progress.received = record.progress.received.max(p.received);
         record.progress.written = record.progress.written.max(p.written);
+        record.progress.holds_from = record.progress.holds_from.max(p.holds_from);
+        record.holds_reported = true;
         record.report.received = record.progress.received;
         self.check_slow(now, id);
+    }
+
+    /// `id`'s upstream refused it for want of data at the placement of
+    /// `epoch`. Unless a newer placement already gave it another upstream,
+    /// the source takes it in (with the nodes it feeds, which it can still
+    /// serve), and the old upstream hears it no longer feeds it.
+    fn on_stranded(&mut self, id: NodeId, epoch: Epoch, from: u64) {
+        if self.state != SourceState::Streaming || epoch > self.epoch {
+            return;
+        }
+        let Some(Some(upstream)) = self.topology.parent(id) else {
+            return; // the source feeds it already, or it has no place
+        };
+        match self.nodes[&id].upstream {
+            Some((Some(named), since)) if named == upstream && epoch >= since => {}
+            _ => return,
+        }
+        self.events.push_back(SourceEvent::Stranded {
+            node: id,
+            upstream,
+            from,
+        });
+        self.topology.relink(id, None);
+        self.bump_epoch();
+        self.send_topology(id);
+        self.send_topology_to_parent(Some(upstream));
+        self.events.push_back(SourceEvent::Relinked {
+            node: id,
+            upstream: None,
+        });
     }
 
     fn check_slow(&mut self, now: Time, id: NodeId) {
@@ -1004,15 +1121,14 @@ impl Source {
                 }
                 let old_parent = self.topology.parent(id).expect("placed");
                 let orphans = self.topology.remove(id);
-                let slot = self.topology.open_slots().next().unwrap_or(None);
+                let orphans = self.hand_over(&orphans, old_parent);
+                let slot = self.place_for(self.nodes[&id].progress.received);
                 self.topology.attach(id, slot);
                 self.bump_epoch();
-                for &o in &orphans {
+                for (o, upstream) in orphans {
                     self.send_topology(o);
-                    self.events.push_back(SourceEvent::Relinked {
-                        node: o,
-                        upstream: old_parent,
-                    });
+                    self.events
+                        .push_back(SourceEvent::Relinked { node: o, upstream });
                 }
                 self.send_topology_to_parent(old_parent);
                 self.send_topology(id);
@@ -1094,6 +1210,16 @@ impl Source {
         });
         let order: Vec<NodeId> = live.iter().map(|r| r.report.node).collect();
         self.topology = Topology::build(self.config.arity, &order);
+        // A node keeping a bounded window may no longer hold what the next
+        // one lacks (a restarted source's nodes hold different prefixes):
+        // the source feeds that one itself.
+        for &id in &order {
+            if let Some(p @ Some(_)) = self.topology.parent(id) {
+                if !self.holds(p, self.nodes[&id].progress.received) {
+                    self.topology.relink(id, None);
+                }
+            }
+        }
         self.state = SourceState::Streaming;
         self.timers.stop(Timer::JoinDeadline);
         self.bump_epoch();
@@ -1114,13 +1240,18 @@ impl Source {
 
     /// Tells `id` its upstream and downstreams as of the current epoch.
     fn send_topology(&mut self, id: NodeId) {
-        let Some(record) = self.nodes.get(&id) else {
+        let placed = self.topology.parent(id);
+        let epoch = self.epoch;
+        let Some(record) = self.nodes.get_mut(&id) else {
             return;
         };
+        if record.upstream.map(|(p, _)| p) != placed {
+            record.upstream = placed.map(|p| (p, epoch));
+        }
         let Some(conn) = record.conn else {
             return;
         };
-        let upstream = self.topology.parent(id).map(|p| match p {
+        let upstream = placed.map(|p| match p {
             None => Upstream {
                 node: None,
                 addr: self.config.data_addr,
@@ -1221,13 +1352,12 @@ impl Source {
         if let Some(p) = self.topology.parent(id) {
             parent = p;
             let orphans = self.topology.remove(id);
+            let orphans = self.hand_over(&orphans, p);
             self.bump_epoch();
-            for &o in &orphans {
+            for (o, upstream) in orphans {
                 self.send_topology(o);
-                self.events.push_back(SourceEvent::Relinked {
-                    node: o,
-                    upstream: p,
-                });
+                self.events
+                    .push_back(SourceEvent::Relinked { node: o, upstream });
             }
             self.send_topology_to_parent(p);
         }
@@ -1363,6 +1493,7 @@ mod tests {
             mac: [0; 6],
             data_addr: addr(),
             wait_release: false,
+            readable: true,
             have: 0,
             image: None,
             proof: join_proof(&TestKey(1), &NONCE, "s", name),

@@ -1,12 +1,21 @@
 //! Who feeds whom: a tree rooted at the source, a chain when the arity is 1.
 //!
-//! The rules that keep repair always possible live here:
-//! - a node that leaves hands its children to its own parent, so each of
-//!   them is fed by its nearest live ancestor, which holds everything the
-//!   child still lacks (offsets only flow downstream, and an upstream serves
-//!   from what it wrote, the source from its image or its spool);
+//! The tree knows only its shape; the source decides every placement by
+//! whether the upstream it picks still holds what the node lacks
+//! ([`Source::holds`](crate::source::Source::holds)), and the crate root
+//! says why repair always succeeds
+//! ([What keeps repair always possible](crate#what-keeps-repair-always-possible)).
+//! The moves it offers:
+//! - a node that leaves hands its children to its own parent
+//!   ([`Topology::remove`]): their nearest live ancestor, which holds
+//!   everything they lack unless it keeps only a bounded window;
 //! - a node that arrives (late, or after a restart) goes to the first place in
-//!   breadth-first order with room, which for a chain is the tail.
+//!   breadth-first order with room ([`Topology::open_slots`]), which for a
+//!   chain is the tail;
+//! - a node whose upstream no longer holds what it lacks moves, with the
+//!   nodes it feeds, under the source ([`Topology::relink`]). The source may
+//!   so feed more than `arity` children; it then has no open slot, and
+//!   newcomers go to the first node with room.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -100,6 +109,34 @@ impl Topology {
             self.parent.insert(o, parent);
         }
         orphans
+    }
+
+    /// Moves `node`, with every node it feeds, under `parent`: for a node
+    /// whose upstream can no longer serve it while it can still serve its
+    /// own downstreams. `parent` may already have `arity` children (the
+    /// source takes whoever no one else can feed), and must not be `node`
+    /// or below it.
+    pub fn relink(&mut self, node: NodeId, parent: Parent) {
+        let Some(old) = self.parent.get(&node).copied() else {
+            return;
+        };
+        debug_assert!(
+            parent.is_none_or(|p| p != node && !self.ancestors(p).any(|a| a == node)),
+            "{node} moved below itself"
+        );
+        if old == parent {
+            return;
+        }
+        let siblings = self
+            .children
+            .get_mut(&old)
+            .expect("child listed under its parent");
+        siblings.retain(|&c| c != node);
+        if siblings.is_empty() {
+            self.children.remove(&old);
+        }
+        self.parent.insert(node, parent);
+        self.children.entry(parent).or_default().push(node);
     }
 
     /// The parents with room for one more child, in breadth-first order from
@@ -202,6 +239,35 @@ mod tests {
         assert_eq!(t.open_slots().next(), Some(Some(NodeId(3))));
         t.attach(NodeId(9), Some(NodeId(3)));
         assert!(t.is_chain());
+        t.check().unwrap();
+    }
+
+    #[test]
+    fn a_relinked_node_keeps_its_subtree_and_the_source_may_exceed_the_arity() {
+        let mut t = Topology::build(1, &ids(4));
+        t.relink(NodeId(3), None);
+        assert_eq!(t.children(None), &[NodeId(1), NodeId(3)]);
+        assert_eq!(t.children(Some(NodeId(2))), &[] as &[NodeId]);
+        assert_eq!(
+            t.parent(NodeId(4)),
+            Some(Some(NodeId(3))),
+            "3 still feeds 4"
+        );
+        t.check().unwrap();
+        assert!(!t.is_chain(), "the source feeds two");
+        // The source is full past its arity: newcomers go to the first node
+        // with room, breadth first, never to the source.
+        let open: Vec<Parent> = t.open_slots().collect();
+        assert_eq!(open, vec![Some(NodeId(2)), Some(NodeId(4))]);
+        // Relinking to where it is changes nothing; an unplaced node is ignored.
+        t.relink(NodeId(3), None);
+        t.relink(NodeId(9), None);
+        assert_eq!(t.children(None), &[NodeId(1), NodeId(3)]);
+        assert_eq!(t.len(), 4);
+        t.check().unwrap();
+        // Removing a node the source took in hands its subtree to the source.
+        assert_eq!(t.remove(NodeId(3)), vec![NodeId(4)]);
+        assert_eq!(t.children(None), &[NodeId(1), NodeId(4)]);
         t.check().unwrap();
     }
 

@@ -50,6 +50,7 @@ fn join_msg(name: &str, nonce: &Nonce, key: &dyn Mac) -> Message {
         mac: [0; 6],
         data_addr: addr(100),
         wait_release: false,
+        readable: true,
         have: 0,
         image: None,
         proof: join_proof(key, nonce, "s", name),
@@ -245,6 +246,7 @@ fn slow_node_is_moved_to_the_tail_and_reported() {
             Message::Progress(Progress {
                 received: step * 100_000,
                 written: 0,
+                holds_from: 0,
             }),
         );
         src.handle_message(
@@ -253,6 +255,7 @@ fn slow_node_is_moved_to_the_tail_and_reported() {
             Message::Progress(Progress {
                 received: step * 10,
                 written: 0,
+                holds_from: 0,
             }),
         );
         src.handle_message(
@@ -261,6 +264,7 @@ fn slow_node_is_moved_to_the_tail_and_reported() {
             Message::Progress(Progress {
                 received: step * 10,
                 written: 0,
+                holds_from: 0,
             }),
         );
         src.handle_timeout(now);
@@ -528,6 +532,7 @@ fn progress(received: u64) -> Message {
     Message::Progress(Progress {
         received,
         written: received,
+        holds_from: 0,
     })
 }
 
@@ -804,6 +809,7 @@ fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
         Progress {
             received: 400,
             written: 400,
+            holds_from: 0,
         },
     );
     // The source process dies: its connection resets.
@@ -1231,4 +1237,1097 @@ fn a_stalled_node_does_not_take_its_own_stall_for_the_sources_silence() {
     }
     let at = lost_at.expect("a silent source is still noticed");
     assert!((4250..=4300).contains(&at), "source lost at {at} ms");
+}
+
+// ----- bounded-window nodes -----
+
+/// A welcomed node with a sink that cannot be read back, placed under node 5
+/// at `epoch`, feeding node 9, its outputs drained.
+fn window_node(epoch: u64) -> Node {
+    let mut cfg = NodeConfig::new("s", "a", addr(2));
+    cfg.readable = false;
+    let mut node = Node::new(Time::ZERO, cfg, Box::new(Key(1)), None);
+    node.handle_source_connected(t(1), ConnId(1));
+    node.handle_message(
+        t(1),
+        ConnId(1),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([0; 32]),
+        },
+    );
+    let join = sent(&mut node)
+        .into_iter()
+        .find_map(|(_, m)| match m {
+            Message::Join(j) => Some(j),
+            _ => None,
+        })
+        .expect("a join");
+    assert!(!join.readable, "the join says the node keeps only a window");
+    node.handle_message(
+        t(1),
+        ConnId(1),
+        Message::Welcome {
+            node: NodeId(1),
+            heartbeat_ms: 250,
+            dead_after_ms: 1000,
+            image_size: Some(1000),
+            image: IMAGE,
+            resume_from: 0,
+        },
+    );
+    node.handle_message(t(2), ConnId(1), under_node_5(epoch));
+    sent(&mut node);
+    actions(&mut node);
+    node
+}
+
+/// A placement under node 5, feeding node 9.
+fn under_node_5(epoch: u64) -> Message {
+    Message::Topology {
+        epoch: ka_core::ids::Epoch(epoch),
+        upstream: Some(ka_core::codec::Upstream {
+            node: Some(NodeId(5)),
+            addr: addr(5),
+        }),
+        downstreams: vec![NodeId(9)],
+    }
+}
+
+fn window_progress(received: u64, holds_from: u64) -> Progress {
+    Progress {
+        received,
+        written: received,
+        holds_from,
+    }
+}
+
+/// Node 9 asks `node` on `conn` for data from `from` at epoch 1; returns
+/// the answer sent on `conn`.
+fn ask_from(node: &mut Node, now: Time, conn: u64, from: u64) -> Message {
+    let nonce = Nonce([conn as u8; 32]);
+    node.handle_connected(now, ConnId(conn), nonce);
+    sent(node);
+    let epoch = ka_core::ids::Epoch(1);
+    let proof = ka_core::auth::data_proof(&Key(1), &nonce, "s", NodeId(9), epoch, from);
+    node.handle_message(
+        now,
+        ConnId(conn),
+        Message::DataHello {
+            version: PROTOCOL_VERSION,
+            session: "s".into(),
+            node: NodeId(9),
+            epoch,
+            from,
+            proof,
+        },
+    );
+    sent(node)
+        .into_iter()
+        .find(|(c, _)| *c == ConnId(conn))
+        .map(|(_, m)| m)
+        .expect("an answer")
+}
+
+#[test]
+fn a_window_node_refuses_a_downstream_below_its_window_and_reports_the_window() {
+    let mut node = window_node(1);
+    node.handle_progress(t(3), window_progress(800, 500));
+    // A stale report never moves the window back.
+    node.handle_progress(t(3), window_progress(700, 200));
+    assert_eq!(node.progress(), window_progress(800, 500));
+    match ask_from(&mut node, t(4), 7, 100) {
+        Message::Refused(r) => {
+            assert_eq!(r.code, RefusalCode::CannotResume);
+            assert!(
+                r.detail.contains("100") && r.detail.contains("500"),
+                "{}",
+                r.detail
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(actions(&mut node).contains(&NodeAction::Close { conn: ConnId(7) }));
+    assert_eq!(
+        ask_from(&mut node, t(5), 8, 500),
+        Message::DataAccepted { from: 500 }
+    );
+    assert!(actions(&mut node).contains(&NodeAction::Serve {
+        conn: ConnId(8),
+        node: NodeId(9),
+        from: 500
+    }));
+    // A readable node serves anything and says so, whatever its shell
+    // reports as a window.
+    let mut readable = placed_node(1, vec![NodeId(9)]);
+    readable.handle_progress(t(3), window_progress(800, 500));
+    assert_eq!(readable.progress().holds_from, 0);
+    assert_eq!(
+        ask_from(&mut readable, t(4), 7, 100),
+        Message::DataAccepted { from: 100 }
+    );
+}
+
+/// Connects `node` to its upstream on `conn` and delivers `answer` to its
+/// data hello; returns what the node sent and did.
+fn upstream_answers(
+    node: &mut Node,
+    now: Time,
+    conn: u64,
+    answer: Message,
+) -> (Vec<(ConnId, Message)>, Vec<NodeAction>) {
+    let acts = actions(node);
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, NodeAction::ConnectUpstream { .. })),
+        "no connection to the upstream: {acts:?}"
+    );
+    node.handle_upstream_connected(now, ConnId(conn));
+    node.handle_message(
+        now,
+        ConnId(conn),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([conn as u8; 32]),
+        },
+    );
+    let hello = sent(node);
+    assert!(hello
+        .iter()
+        .any(|(c, m)| *c == ConnId(conn) && matches!(m, Message::DataHello { .. })));
+    node.handle_message(now, ConnId(conn), answer);
+    (sent(node), actions(node))
+}
+
+fn cannot_resume() -> Message {
+    Message::Refused(ka_core::codec::Refusal::new(
+        RefusalCode::CannotResume,
+        "offset 300 has left this node's window (it holds from 700)".into(),
+    ))
+}
+
+#[test]
+fn a_node_its_upstream_cannot_serve_tells_the_source_once_and_waits_for_a_new_place() {
+    let mut node = welcomed_node(None, 1, 0);
+    node.handle_message(t(2), ConnId(1), under_node_5(4));
+    node.handle_progress(t(2), window_progress(300, 0));
+    let (msgs, acts) = upstream_answers(&mut node, t(3), 2, cannot_resume());
+    let stranded = |msgs: &[(ConnId, Message)]| {
+        msgs.iter()
+            .filter_map(|(c, m)| match m {
+                Message::Stranded { epoch, from } if *c == ConnId(1) => Some((epoch.0, *from)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(stranded(&msgs), [(4, 300)]);
+    assert!(acts.contains(&NodeAction::Close { conn: ConnId(2) }));
+    assert!(std::iter::from_fn(|| node.poll_event()).any(|e| matches!(
+        e,
+        NodeEvent::Stranded {
+            upstream: NodeId(5),
+            from: 300,
+            ..
+        }
+    )));
+    // It does not knock on that upstream again by itself.
+    for ms in (100..5000).step_by(100) {
+        node.handle_timeout(t(ms));
+        let acts = actions(&mut node);
+        assert!(
+            !acts
+                .iter()
+                .any(|a| matches!(a, NodeAction::ConnectUpstream { .. })),
+            "reconnected at {ms} ms: {acts:?}"
+        );
+        // The source is there all along.
+        node.handle_message(t(ms), ConnId(1), Message::Heartbeat);
+        sent(&mut node);
+    }
+    // A newer placement that keeps that upstream crossed its report: it
+    // asks once more, and a second refusal is reported for this placement.
+    node.handle_message(t(5000), ConnId(1), under_node_5(6));
+    let (msgs, _) = upstream_answers(&mut node, t(5001), 3, cannot_resume());
+    assert_eq!(stranded(&msgs), [(6, 300)]);
+    // The source takes it in: it connects there and is served.
+    node.handle_message(t(5002), ConnId(1), topology(7, vec![NodeId(9)]));
+    let (msgs, acts) = upstream_answers(&mut node, t(5003), 4, Message::DataAccepted { from: 300 });
+    assert!(stranded(&msgs).is_empty());
+    assert!(acts.contains(&NodeAction::Receive {
+        conn: ConnId(4),
+        from: 300
+    }));
+}
+
+/// A source whose nodes keep a bounded window, started with `names` joined
+/// in order on connections 1, 2, …: a chain in that order.
+fn window_source(names: &[&str], arity: u32, size: u64) -> Source {
+    let mut cfg = SourceConfig::new("s", names.len() as u32, addr(1));
+    cfg.arity = arity;
+    cfg.image_size = Some(size);
+    cfg.image_id = IMAGE;
+    cfg.order = names.iter().map(|n| n.to_string()).collect();
+    let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
+    src.handle_image_progress(Time::ZERO, size);
+    for (i, name) in names.iter().enumerate() {
+        window_join(&mut src, Time::ZERO, i as u64 + 1, name, 0);
+    }
+    assert_eq!(src.state(), SourceState::Streaming);
+    src
+}
+
+/// Joins `name` with a sink that cannot be read back, holding `have`.
+fn window_join(src: &mut Source, now: Time, conn: u64, name: &str, have: u64) -> Vec<Message> {
+    let nonce = Nonce([conn as u8; 32]);
+    src.handle_connected(now, ConnId(conn), nonce);
+    let Message::Join(mut j) = join_msg(name, &nonce, &Key(1)) else {
+        unreachable!()
+    };
+    j.readable = false;
+    j.have = have;
+    j.image = (have > 0).then_some(IMAGE);
+    src.handle_message(now, ConnId(conn), Message::Join(j));
+    drain(src)
+        .into_iter()
+        .filter(|(c, _)| *c == ConnId(conn))
+        .map(|(_, m)| m)
+        .collect()
+}
+
+fn report(src: &mut Source, now: Time, conn: u64, received: u64, holds_from: u64) {
+    src.handle_message(
+        now,
+        ConnId(conn),
+        Message::Progress(window_progress(received, holds_from)),
+    );
+}
+
+/// The upstream each topology message in `sent` names for the node on `conn`.
+fn told_upstream(sent: &[(ConnId, Message)], conn: u64) -> Vec<Option<NodeId>> {
+    sent.iter()
+        .filter_map(|(c, m)| match m {
+            Message::Topology {
+                upstream: Some(u), ..
+            } if *c == ConnId(conn) => Some(u.node),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_stranded_node_is_fed_by_the_source_with_the_nodes_it_feeds() {
+    let (a, b, c) = (NodeId(1), NodeId(2), NodeId(3));
+    let mut src = window_source(&["a", "b", "c"], 1, 10_000);
+    drain(&mut src);
+    events(&mut src);
+    let epoch = src.epoch();
+    src.handle_message(t(10), ConnId(2), Message::Stranded { epoch, from: 300 });
+    assert_eq!(src.topology().children(None), &[a, b]);
+    assert_eq!(src.topology().parent(c), Some(Some(b)), "b still feeds c");
+    let sent = drain(&mut src);
+    assert_eq!(told_upstream(&sent, 2), [None]);
+    assert!(
+        sent.iter().any(|(conn, m)| *conn == ConnId(1)
+            && matches!(m, Message::Topology { downstreams, .. } if downstreams.is_empty())),
+        "a hears it no longer feeds b: {sent:?}"
+    );
+    assert!(events(&mut src).contains(&SourceEvent::Stranded {
+        node: b,
+        upstream: a,
+        from: 300
+    }));
+    // The same report again, or one from a node the source feeds, changes
+    // nothing.
+    let now_epoch = src.epoch();
+    src.handle_message(t(11), ConnId(2), Message::Stranded { epoch, from: 300 });
+    assert_eq!(src.epoch(), now_epoch);
+    assert!(drain(&mut src).is_empty());
+}
+
+#[test]
+fn a_stranded_report_about_an_older_placement_is_ignored() {
+    let (a, b, c) = (NodeId(1), NodeId(2), NodeId(3));
+    let mut src = window_source(&["a", "b", "c"], 1, 10_000);
+    let placed_at = src.epoch();
+    // b dies; c moves up to a (a's window still holds c's offset 0).
+    src.handle_closed(t(10), ConnId(2));
+    assert_eq!(src.topology().parent(c), Some(Some(a)));
+    drain(&mut src);
+    // c's report about its placement under b crossed the new one: stale.
+    let epoch = src.epoch();
+    src.handle_message(
+        t(11),
+        ConnId(3),
+        Message::Stranded {
+            epoch: placed_at,
+            from: 0,
+        },
+    );
+    assert_eq!(src.topology().parent(c), Some(Some(a)));
+    assert_eq!(src.epoch(), epoch);
+    // About its current placement, it is acted on.
+    src.handle_message(t(12), ConnId(3), Message::Stranded { epoch, from: 0 });
+    assert_eq!(src.topology().parent(c), Some(None));
+    assert!(!src.topology().contains(b));
+}
+
+#[test]
+fn a_dead_nodes_children_go_to_its_parent_only_if_its_window_still_holds_them() {
+    // source -> a -> b -> c -> d, every node keeping a window.
+    let names = ["a", "b", "c", "d"];
+    let (a, b, c, d) = (NodeId(1), NodeId(2), NodeId(3), NodeId(4));
+    let mut src = window_source(&names, 1, 100_000);
+    assert_eq!(src.topology().children(Some(a)), &[b]);
+    // a is far ahead, its window starts at 5000; c lags at 3000.
+    report(&mut src, t(5), 1, 9000, 5000);
+    report(&mut src, t(5), 2, 8000, 4000);
+    report(&mut src, t(5), 3, 3000, 0);
+    drain(&mut src);
+    events(&mut src);
+    // b dies: its child c lacks 3000, which a no longer holds.
+    src.handle_closed(t(6), ConnId(2));
+    assert_eq!(src.topology().parent(c), Some(None), "the source feeds c");
+    assert_eq!(src.topology().parent(d), Some(Some(c)), "c still feeds d");
+    assert!(events(&mut src).contains(&SourceEvent::Relinked {
+        node: c,
+        upstream: None
+    }));
+    assert_eq!(told_upstream(&drain(&mut src), 3), [None]);
+    // Were c at 6000, a would have kept it.
+    let mut src = window_source(&names, 1, 100_000);
+    report(&mut src, t(5), 1, 9000, 5000);
+    report(&mut src, t(5), 2, 8000, 4000);
+    report(&mut src, t(5), 3, 6000, 0);
+    src.handle_closed(t(6), ConnId(2));
+    assert_eq!(src.topology().parent(c), Some(Some(a)));
+}
+
+#[test]
+fn a_late_window_node_goes_under_the_tail_only_if_the_tail_still_holds_its_prefix() {
+    let mut cfg = SourceConfig::new("s", 3, addr(1));
+    cfg.image_size = Some(100_000);
+    cfg.image_id = IMAGE;
+    let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
+    src.handle_image_progress(Time::ZERO, 100_000);
+    window_join(&mut src, Time::ZERO, 1, "a", 0);
+    src.handle_go(t(1));
+    // a has not reported yet: it is taken to hold only from what it has
+    // (0), so a newcomer holding nothing goes under it.
+    window_join(&mut src, t(2), 2, "b", 0);
+    assert_eq!(src.topology().parent(NodeId(2)), Some(Some(NodeId(1))));
+    // b's window has moved past 0 by its report: the next one holding
+    // nothing is fed by the source, beyond the chain's arity.
+    report(&mut src, t(3), 2, 9000, 1000);
+    window_join(&mut src, t(4), 3, "c", 0);
+    assert_eq!(src.topology().parent(NodeId(3)), Some(None));
+    assert_eq!(src.topology().children(None), &[NodeId(1), NodeId(3)]);
+    src.topology().check().unwrap();
+}
+
+#[test]
+fn a_window_node_that_restarts_holds_nothing_below_its_prefix_until_it_reports() {
+    let mut src = file_source(3, 100_000);
+    for (conn, name) in [(1, "a"), (2, "b"), (3, "c")] {
+        join(&mut src, Time::ZERO, conn, name, &Key(1));
+    }
+    report(&mut src, t(5), 3, 2000, 0);
+    // b comes back as a node keeping a window, holding 4000; it goes under
+    // the tail c, which is readable.
+    src.handle_closed(t(6), ConnId(2));
+    window_join(&mut src, t(7), 4, "b", 4000);
+    assert_eq!(src.topology().parent(NodeId(2)), Some(Some(NodeId(3))));
+    // Until b reports, it is taken to hold from 4000 only.
+    assert!(!src.holds(Some(NodeId(2)), 3999));
+    assert!(src.holds(Some(NodeId(2)), 4000));
+    report(&mut src, t(8), 4, 4500, 100);
+    assert!(src.holds(Some(NodeId(2)), 100));
+    assert!(!src.holds(Some(NodeId(2)), 99));
+    assert!(src.holds(None, 0), "the source holds everything");
+    assert!(
+        src.holds(Some(NodeId(1)), 0),
+        "a readable node holds everything"
+    );
+}
+
+#[test]
+fn a_slow_node_goes_under_the_tail_only_if_the_tail_holds_its_offset() {
+    let mut cfg = SourceConfig::new("s", 3, addr(1));
+    cfg.slow_lag = 1000;
+    cfg.slow_window = Duration::from_secs(1);
+    cfg.image_size = Some(10_000_000);
+    cfg.image_id = IMAGE;
+    let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
+    src.handle_image_progress(Time::ZERO, 10_000_000);
+    for (conn, name) in [(1, "a"), (2, "b"), (3, "c")] {
+        window_join(&mut src, Time::ZERO, conn, name, 0);
+    }
+    // a races ahead, b crawls; c, which came back holding more than b
+    // after a restart, keeps a window that has moved past where b is.
+    let evs = drive_progress(&mut src, |src, step, now| {
+        report(src, now, 1, step * 100_000, 0);
+        report(src, now, 2, step * 10, 0);
+        report(src, now, 3, step * 20, step * 20);
+    });
+    assert!(evs.contains(&SourceEvent::Slow {
+        node: NodeId(2),
+        policy: SlowPolicy::MoveToTail
+    }));
+    // c moved up to a (a holds from 0); the tail c does not hold b's
+    // offset, so the source feeds b.
+    assert_eq!(src.topology().parent(NodeId(3)), Some(Some(NodeId(1))));
+    assert_eq!(src.topology().parent(NodeId(2)), Some(None));
+}
+
+#[test]
+fn a_restarted_source_feeds_a_window_node_itself_when_its_upstream_holds_too_little() {
+    // The nodes come back to a new source process with different prefixes;
+    // the chain puts the most advanced first, but b's window starts after
+    // c's prefix.
+    let mut cfg = SourceConfig::new("s", 3, addr(1));
+    cfg.image_size = Some(100_000);
+    cfg.image_id = IMAGE;
+    cfg.join_timeout = Some(Duration::from_secs(1));
+    let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
+    src.handle_image_progress(Time::ZERO, 100_000);
+    window_join(&mut src, t(1), 1, "a", 9000);
+    window_join(&mut src, t(1), 2, "b", 6000);
+    report(&mut src, t(2), 1, 9000, 5000);
+    report(&mut src, t(2), 2, 6000, 3500);
+    let answers = window_join(&mut src, t(3), 3, "c", 3000);
+    assert_eq!(src.state(), SourceState::Streaming);
+    let (a, b, c) = (NodeId(1), NodeId(2), NodeId(3));
+    assert_eq!(src.topology().parent(a), Some(None));
+    assert_eq!(src.topology().parent(b), Some(Some(a)), "a holds from 5000");
+    assert_eq!(src.topology().parent(c), Some(None), "b holds from 3500");
+    let told: Vec<(ConnId, Message)> = answers.into_iter().map(|m| (ConnId(3), m)).collect();
+    assert_eq!(told_upstream(&told, 3), [None]);
+}
+
+// ----- a model of nodes, some keeping a window, around the real source -----
+//
+// The nodes here are a model of what the node machine and its data plane do
+// (received offsets, windows, refusals, Stranded reports, rejoining after
+// losing the source), stepped every 50 ms; the source is the real one. Data
+// moves whole steps at a time with no latency: the point is the source's
+// placements, which the model checks as they are sent.
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// The image, in model units.
+    pub const SIZE: u64 = 20_000;
+    /// Units a node receives per step at full speed; a slow one gets an
+    /// eighth.
+    const RATE: u64 = 200;
+    const STEP_MS: u64 = 50;
+
+    /// One node of a scenario.
+    #[derive(Debug, Clone)]
+    pub struct Spec {
+        /// It serves anything it wrote; else only its last `window` units.
+        pub readable: bool,
+        pub window: u64,
+        /// It starts this late (0: on time).
+        pub join_ms: u64,
+    }
+
+    #[derive(Debug, Clone)]
+    pub enum Fault {
+        /// Killed for good.
+        Kill,
+        /// Killed, and back after this long with what it held (and an
+        /// empty window).
+        Restart(u64),
+        /// Frozen this long: it neither sends, receives nor reads.
+        Hang(u64),
+        /// Its port slows to an eighth for good.
+        Slow,
+    }
+
+    #[derive(Debug, Clone)]
+    pub struct Scenario {
+        pub arity: u32,
+        pub nodes: Vec<Spec>,
+        /// (ms, node, fault), in time order.
+        pub faults: Vec<(u64, usize, Fault)>,
+    }
+
+    enum Input {
+        Msg(Message),
+        Closed,
+    }
+
+    struct ModelNode {
+        name: String,
+        spec: Spec,
+        control: Option<ConnId>,
+        id: Option<NodeId>,
+        received: u64,
+        holds_from: u64,
+        epoch: u64,
+        /// `Some(None)`: the source.
+        upstream: Option<Option<NodeId>>,
+        /// Its data connection to `upstream` is accepted.
+        fed: bool,
+        /// Refused for want of data at this placement, and said so.
+        stranded: Option<u64>,
+        image_done: bool,
+        verified: bool,
+        slow: bool,
+        frozen_until: Option<u64>,
+        inbox: Vec<Input>,
+        /// No process (killed, or between a restart and its start).
+        down: bool,
+        /// Killed for good.
+        gone: bool,
+        start_at: Option<u64>,
+        released: bool,
+        /// When its last hang or restart ended.
+        healed_at: u64,
+    }
+
+    impl ModelNode {
+        fn serves_from(&self) -> u64 {
+            if self.spec.readable {
+                0
+            } else {
+                self.holds_from
+            }
+        }
+        fn running(&self, now: u64) -> bool {
+            !self.down && !self.released && self.frozen_until.is_none_or(|t| t <= now)
+        }
+    }
+
+    /// What a run saw.
+    #[derive(Debug, Default)]
+    pub struct Seen {
+        pub stranded_reports: usize,
+        pub fed_by_source_beyond_arity: bool,
+        pub placements: usize,
+    }
+
+    pub struct World {
+        src: Source,
+        nodes: Vec<ModelNode>,
+        by_conn: BTreeMap<ConnId, usize>,
+        next_conn: u64,
+        now: u64,
+        pub seen: Seen,
+        arity: u32,
+        /// The first placement that broke the rule, or an abort.
+        error: Option<String>,
+    }
+
+    impl World {
+        pub fn new(scenario: &Scenario) -> World {
+            let mut cfg = SourceConfig::new("s", scenario.nodes.len() as u32, addr(1));
+            cfg.arity = scenario.arity;
+            cfg.image_size = Some(SIZE);
+            cfg.image_id = IMAGE;
+            cfg.join_timeout = Some(Duration::from_millis(100));
+            cfg.slow_lag = 4 * RATE;
+            cfg.slow_window = Duration::from_secs(1);
+            let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
+            src.handle_image_progress(Time::ZERO, SIZE);
+            src.handle_image_done(Time::ZERO, SIZE, Digest([5; 32]));
+            let nodes = scenario
+                .nodes
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| ModelNode {
+                    name: format!("n{i}"),
+                    spec: spec.clone(),
+                    control: None,
+                    id: None,
+                    received: 0,
+                    holds_from: 0,
+                    epoch: 0,
+                    upstream: None,
+                    fed: false,
+                    stranded: None,
+                    image_done: false,
+                    verified: false,
+                    slow: false,
+                    frozen_until: None,
+                    inbox: Vec::new(),
+                    down: true,
+                    gone: false,
+                    start_at: Some(spec.join_ms),
+                    released: false,
+                    healed_at: spec.join_ms,
+                })
+                .collect();
+            World {
+                src,
+                nodes,
+                by_conn: BTreeMap::new(),
+                next_conn: 1,
+                now: 0,
+                seen: Seen::default(),
+                arity: scenario.arity,
+                error: None,
+            }
+        }
+
+        fn time(&self) -> Time {
+            t(self.now)
+        }
+
+        /// Runs until the session ends or `limit_ms`; returns the report's
+        /// verdict on each node that was not killed for good.
+        pub fn run(&mut self, scenario: &Scenario, limit_ms: u64) -> Result<(), String> {
+            let mut faults = scenario.faults.iter().peekable();
+            while self.now <= limit_ms {
+                while let Some((_, i, f)) = faults.next_if(|(at, _, _)| *at <= self.now) {
+                    self.fault(*i, f);
+                }
+                self.start_due();
+                self.thaw_due();
+                self.move_data();
+                self.report();
+                if self
+                    .src
+                    .poll_timeout()
+                    .is_some_and(|(at, _)| at <= self.time())
+                {
+                    self.src.handle_timeout(self.time());
+                    self.after_input();
+                }
+                if let Some(e) = self.error.take() {
+                    return Err(e);
+                }
+                self.src.topology().check()?;
+                if matches!(
+                    self.src.state(),
+                    SourceState::Finished | SourceState::Aborted
+                ) {
+                    break;
+                }
+                self.now += STEP_MS;
+            }
+            if self.src.state() != SourceState::Finished {
+                let stuck: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| !n.gone && !n.verified)
+                    .map(|n| {
+                        format!(
+                            "{} at {} upstream {:?} fed {} stranded {:?} epoch {}",
+                            n.name, n.received, n.upstream, n.fed, n.stranded, n.epoch
+                        )
+                    })
+                    .collect();
+                return Err(format!(
+                    "session {:?} at {} ms; not done: {stuck:?}",
+                    self.src.state(),
+                    self.now
+                ));
+            }
+            let report = self.src.report();
+            // A node still on its way back (late, restarting, frozen, or
+            // declared dead for it and rejoining) when everyone else was
+            // done cannot have finished: its KO is right.
+            let back = |n: &&ModelNode| n.start_at.is_none() && n.healed_at + 1500 <= self.now;
+            for n in self.nodes.iter().filter(|n| !n.gone).filter(back) {
+                let line = report
+                    .iter()
+                    .find(|r| r.name == n.name)
+                    .ok_or_else(|| format!("{} is not in the report", n.name))?;
+                if !line.is_ok() {
+                    return Err(format!("survivor {} ended {:?}", n.name, line.outcome));
+                }
+            }
+            Ok(())
+        }
+
+        fn fault(&mut self, i: usize, fault: &Fault) {
+            let now = self.now;
+            if self.nodes[i].down || self.nodes[i].released {
+                return;
+            }
+            match *fault {
+                Fault::Kill | Fault::Restart(_) => {
+                    let n = &mut self.nodes[i];
+                    n.down = true;
+                    n.gone = matches!(fault, Fault::Kill);
+                    n.start_at = match *fault {
+                        Fault::Restart(d) => Some(now + d),
+                        _ => None,
+                    };
+                    n.healed_at = n.healed_at.max(n.start_at.unwrap_or(now));
+                    n.inbox.clear();
+                    n.frozen_until = None;
+                    if let Some(c) = n.control.take() {
+                        self.src.handle_closed(self.time(), c);
+                        self.after_input();
+                    }
+                }
+                Fault::Hang(d) => {
+                    let n = &mut self.nodes[i];
+                    n.frozen_until = Some(now + d);
+                    n.healed_at = n.healed_at.max(now + d);
+                }
+                Fault::Slow => self.nodes[i].slow = true,
+            }
+        }
+
+        /// Starts (or restarts) the nodes due: each joins with what it holds.
+        fn start_due(&mut self) {
+            for i in 0..self.nodes.len() {
+                let n = &mut self.nodes[i];
+                if n.released || n.start_at.is_none_or(|at| at > self.now) {
+                    continue;
+                }
+                n.start_at = None;
+                if n.down {
+                    // A new process: its window starts empty.
+                    n.down = false;
+                    n.holds_from = n.received;
+                }
+                n.upstream = None;
+                n.fed = false;
+                n.stranded = None;
+                n.epoch = 0;
+                let conn = ConnId(self.next_conn);
+                self.next_conn += 1;
+                n.control = Some(conn);
+                self.by_conn.insert(conn, i);
+                let nonce = Nonce([conn.0 as u8; 32]);
+                let Message::Join(mut j) = join_msg(&n.name, &nonce, &Key(1)) else {
+                    unreachable!()
+                };
+                j.readable = n.spec.readable;
+                j.have = n.received;
+                j.image = (n.received > 0).then_some(IMAGE);
+                let now = t(self.now);
+                self.src.handle_connected(now, conn, nonce);
+                self.src.handle_message(now, conn, Message::Join(j));
+                self.after_input();
+            }
+        }
+
+        fn thaw_due(&mut self) {
+            for i in 0..self.nodes.len() {
+                if self.nodes[i]
+                    .frozen_until
+                    .is_some_and(|until| until <= self.now)
+                {
+                    self.nodes[i].frozen_until = None;
+                    let inbox = core::mem::take(&mut self.nodes[i].inbox);
+                    for input in inbox {
+                        self.node_input(i, input);
+                    }
+                }
+            }
+        }
+
+        fn index_of(&self, id: NodeId) -> Option<usize> {
+            self.nodes.iter().position(|n| n.id == Some(id))
+        }
+
+        /// One step of the data plane: connections are made or refused,
+        /// windows drop who fell behind, and data flows.
+        fn move_data(&mut self) {
+            for i in 0..self.nodes.len() {
+                if !self.nodes[i].running(self.now)
+                    || self.nodes[i].control.is_none()
+                    || self.nodes[i].received >= SIZE
+                {
+                    continue;
+                }
+                let Some(up) = self.nodes[i].upstream else {
+                    continue;
+                };
+                // The upstream's side: who it is, what it holds.
+                let upstream = up.map(|id| self.index_of(id).expect("placed nodes joined"));
+                let (available, serves_from, up_running) = match upstream {
+                    None => (SIZE, 0, true),
+                    Some(u) => {
+                        let p = &self.nodes[u];
+                        (p.received, p.serves_from(), p.running(self.now))
+                    }
+                };
+                let n = &mut self.nodes[i];
+                if n.fed && n.received < serves_from {
+                    // The upstream's data plane finds the data gone and
+                    // closes the connection.
+                    n.fed = false;
+                }
+                if !n.fed {
+                    if n.stranded.is_some() || !up_running {
+                        continue;
+                    }
+                    if n.received < serves_from {
+                        // Refused with CannotResume: said once per placement.
+                        let (epoch, from, conn) =
+                            (n.epoch, n.received, n.control.expect("checked"));
+                        n.stranded = Some(epoch);
+                        self.seen.stranded_reports += 1;
+                        let now = t(self.now);
+                        self.src.handle_message(
+                            now,
+                            conn,
+                            Message::Stranded {
+                                epoch: ka_core::ids::Epoch(epoch),
+                                from,
+                            },
+                        );
+                        self.after_input();
+                        continue;
+                    }
+                    n.fed = true;
+                }
+                if !up_running {
+                    continue;
+                }
+                let rate = if n.slow { RATE / 8 } else { RATE };
+                n.received = available.min(n.received + rate).max(n.received);
+                if !n.spec.readable {
+                    n.holds_from = n.holds_from.max(n.received.saturating_sub(n.spec.window));
+                }
+            }
+        }
+
+        /// Every running node's heartbeat, and its verdict once it has it all.
+        fn report(&mut self) {
+            let now = t(self.now);
+            for i in 0..self.nodes.len() {
+                let n = &mut self.nodes[i];
+                let Some(conn) = n.control.filter(|_| n.running(self.now) && n.id.is_some()) else {
+                    continue;
+                };
+                let progress = Progress {
+                    received: n.received,
+                    written: n.received,
+                    holds_from: n.serves_from(),
+                };
+                let verdict = n.received >= SIZE && n.image_done && !n.verified;
+                n.verified |= verdict;
+                self.src
+                    .handle_message(now, conn, Message::Progress(progress));
+                self.after_input();
+                if verdict {
+                    let ok = Message::Verified {
+                        ok: true,
+                        reason: String::new(),
+                    };
+                    self.src.handle_message(now, conn, ok);
+                    self.after_input();
+                }
+            }
+        }
+
+        /// Carries out what the source said after an input, keeping the
+        /// first error.
+        fn after_input(&mut self) {
+            if let Err(e) = self.deliver() {
+                self.error.get_or_insert(e);
+            }
+        }
+
+        /// Hands the source's messages and closes to the nodes, checking
+        /// every placement as it is sent, until the source has nothing more
+        /// to say.
+        fn deliver(&mut self) -> Result<(), String> {
+            loop {
+                let mut any = false;
+                while let Some((conn, msg)) = self.src.poll_transmit() {
+                    any = true;
+                    self.check_placement(conn, &msg)?;
+                    if let Some(&i) = self.by_conn.get(&conn) {
+                        self.hand_to_node(i, conn, Input::Msg(msg));
+                    }
+                }
+                while let Some(action) = self.src.poll_action() {
+                    if let SourceAction::Close { conn } = action {
+                        any = true;
+                        if let Some(&i) = self.by_conn.get(&conn) {
+                            self.hand_to_node(i, conn, Input::Closed);
+                        }
+                    }
+                }
+                while let Some(ev) = self.src.poll_event() {
+                    if let SourceEvent::Aborted { reason } = ev {
+                        return Err(format!("aborted: {reason}"));
+                    }
+                }
+                if !any {
+                    return Ok(());
+                }
+            }
+        }
+
+        /// A topology that gives a node a new upstream names one that
+        /// holds its offset, as the source knows it, or the source itself.
+        fn check_placement(&mut self, conn: ConnId, msg: &Message) -> Result<(), String> {
+            let Message::Topology {
+                upstream: Some(up), ..
+            } = msg
+            else {
+                return Ok(());
+            };
+            let Some(&i) = self.by_conn.get(&conn) else {
+                return Ok(());
+            };
+            let n = &self.nodes[i];
+            if n.upstream == Some(up.node) {
+                return Ok(());
+            }
+            self.seen.placements += 1;
+            let id = n.id.ok_or("a topology before the welcome")?;
+            let at = self.src.progress(id).expect("a record").received;
+            if !self.src.holds(up.node, at) {
+                return Err(format!(
+                    "{} placed under {:?}, which does not hold its offset {at} (holds from {:?})",
+                    n.name,
+                    up.node,
+                    up.node.and_then(|p| self.src.progress(p))
+                ));
+            }
+            if self.src.topology().children(None).len() > self.arity as usize {
+                self.seen.fed_by_source_beyond_arity = true;
+            }
+            Ok(())
+        }
+
+        fn hand_to_node(&mut self, i: usize, conn: ConnId, input: Input) {
+            if self.nodes[i].control != Some(conn) {
+                return; // an older connection of a restarted node
+            }
+            if self.nodes[i].frozen_until.is_some_and(|t| t > self.now) {
+                self.nodes[i].inbox.push(input);
+                return;
+            }
+            self.node_input(i, input);
+        }
+
+        fn node_input(&mut self, i: usize, input: Input) {
+            let now = self.now;
+            let n = &mut self.nodes[i];
+            if n.down || n.released {
+                return;
+            }
+            match input {
+                Input::Closed => {
+                    // Lost the source: keep the copy, rejoin shortly.
+                    n.control = None;
+                    n.start_at = Some(now + 200);
+                }
+                Input::Msg(Message::Welcome { node, .. }) => {
+                    n.id = Some(node);
+                    // Its verdict, if it has one, is said again to the new
+                    // record the source keeps of it.
+                    n.verified = false;
+                }
+                Input::Msg(Message::ImageDone { .. }) => n.image_done = true,
+                Input::Msg(Message::Release) => {
+                    n.released = true;
+                    let conn = n.control.take().expect("released on its connection");
+                    self.src.handle_closed(t(now), conn);
+                }
+                Input::Msg(Message::Topology {
+                    epoch, upstream, ..
+                }) => {
+                    if epoch.0 < n.epoch {
+                        return;
+                    }
+                    n.epoch = epoch.0;
+                    let up = upstream.map(|u| u.node);
+                    if up != n.upstream {
+                        n.upstream = up;
+                        n.fed = false;
+                        n.stranded = None;
+                    } else if n.stranded.is_some_and(|at| at < epoch.0) {
+                        n.stranded = None;
+                    }
+                }
+                Input::Msg(Message::Refused(_)) => {
+                    // It leaves; the end check says whether that was right.
+                    n.released = true;
+                    n.control = None;
+                }
+                Input::Msg(Message::Heartbeat | Message::Challenge { .. }) => {}
+                Input::Msg(other) => panic!("{} got an unexpected {other:?}", n.name),
+            }
+        }
+    }
+
+    fn spec() -> impl Strategy<Value = Spec> {
+        (
+            any::<bool>(),
+            300u64..4000,
+            prop_oneof![3 => Just(0u64), 1 => 1u64..1500],
+        )
+            .prop_map(|(readable, window, join_ms)| Spec {
+                readable,
+                window,
+                join_ms,
+            })
+    }
+
+    fn fault() -> impl Strategy<Value = Fault> {
+        prop_oneof![
+            Just(Fault::Kill),
+            (50u64..1500).prop_map(Fault::Restart),
+            (100u64..2500).prop_map(Fault::Hang),
+            Just(Fault::Slow),
+        ]
+    }
+
+    pub fn scenario() -> impl Strategy<Value = Scenario> {
+        (1u32..4, proptest::collection::vec(spec(), 2..9), 0usize..5).prop_flat_map(
+            |(arity, mut nodes, nfaults)| {
+                // Someone is there at the start, or the session rightly aborts.
+                nodes[0].join_ms = 0;
+                let n = nodes.len();
+                proptest::collection::vec((200u64..6000, 0..n, fault()), nfaults).prop_map(
+                    move |mut faults| {
+                        faults.sort_by_key(|f| f.0);
+                        Scenario {
+                            arity,
+                            nodes: nodes.clone(),
+                            faults,
+                        }
+                    },
+                )
+            },
+        )
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+    #[test]
+    fn every_survivor_verifies_and_every_placement_holds_with_window_nodes(
+        scenario in model::scenario()
+    ) {
+        let mut world = model::World::new(&scenario);
+        let verdict = world.run(&scenario, 300_000);
+        proptest::prop_assert!(verdict.is_ok(), "{:?}\n{scenario:?}", verdict);
+    }
+}
+
+#[test]
+fn the_window_model_strands_and_feeds_from_the_source_beyond_the_arity() {
+    // A chain of window nodes; the second slows to an eighth, so it falls
+    // out of its upstream's window and the nodes behind it out of its.
+    let window = |w| model::Spec {
+        readable: false,
+        window: w,
+        join_ms: 0,
+    };
+    let scenario = model::Scenario {
+        arity: 1,
+        nodes: vec![window(1000), window(1000), window(1000), window(1000)],
+        faults: vec![(500, 1, model::Fault::Slow), (2000, 2, model::Fault::Kill)],
+    };
+    let mut world = model::World::new(&scenario);
+    let verdict = world.run(&scenario, 300_000);
+    assert!(verdict.is_ok(), "{verdict:?}");
+    assert!(world.seen.stranded_reports > 0, "{:?}", world.seen);
+    assert!(world.seen.fed_by_source_beyond_arity, "{:?}", world.seen);
 }

@@ -602,6 +602,7 @@ fn a_node_of_another_protocol_version_is_refused_and_the_others_finish() {
         mac: [2, 0, 0, 0, 0, 1],
         data_addr: "127.0.0.1:9".parse().unwrap(),
         wait_release: false,
+        readable: true,
         have: 0,
         image: None,
         proof: ka_core::auth::join_proof(&key, &nonce, "ka", "future"),

@@ -173,6 +173,8 @@ impl Display {
             SourceEvent::Relinked { upstream, .. } => json!({"event": "relinked",
                 "upstream": upstream.map(|u| self.name_of(source, u))}),
             SourceEvent::Dead { reason, .. } => json!({"event": "dead", "reason": reason}),
+            SourceEvent::Stranded { upstream, from, .. } => json!({"event": "stranded",
+                "upstream": self.name_of(source, *upstream), "from": from}),
             SourceEvent::Slow { policy, .. } => {
                 json!({"event": "slow", "policy": format!("{policy:?}")})
             }
@@ -214,6 +216,15 @@ fn describe(name: &dyn Fn(NodeId) -> String, event: &SourceEvent) -> Option<Stri
             upstream.map_or("the source".to_string(), name)
         ),
         SourceEvent::Dead { node, reason } => format!("{} declared dead: {reason}", name(*node)),
+        SourceEvent::Stranded {
+            node,
+            upstream,
+            from,
+        } => format!(
+            "{} lacks offset {from}, which left {}'s window: the source feeds it",
+            name(*node),
+            name(*upstream)
+        ),
         SourceEvent::Slow { node, policy } => format!("{} too slow: {policy:?}", name(*node)),
         SourceEvent::Verified {
             node,
@@ -232,6 +243,7 @@ fn event_node(event: &SourceEvent) -> Option<NodeId> {
         SourceEvent::Joined { node, .. }
         | SourceEvent::Relinked { node, .. }
         | SourceEvent::Dead { node, .. }
+        | SourceEvent::Stranded { node, .. }
         | SourceEvent::Slow { node, .. }
         | SourceEvent::Verified { node, .. }
         | SourceEvent::Failed { node, .. }

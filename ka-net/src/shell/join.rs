@@ -373,6 +373,10 @@ pub async fn run_node(
         .port();
     opts.config.data_addr = SocketAddr::new(route_to(opts.server, opts.listen_ip), port);
     opts.config.source_wait = opts.wait;
+    // Every target this shell writes is served from in full (a file or
+    // device directly, a command or a directory from its whole spool), so
+    // it reports no window (holds_from 0 below).
+    opts.config.readable = true;
     let durable = Durable::for_node(&opts)?;
     let resumed = match &durable {
         Some(d) => d.reopen(&opts.key).await,
@@ -863,6 +867,7 @@ impl NodeDriver {
                         Progress {
                             received: offset,
                             written: offset,
+                            holds_from: 0,
                         },
                     );
                     if let Some(d) = &mut self.durable {
@@ -901,6 +906,7 @@ impl NodeDriver {
                     Progress {
                         received: at,
                         written: at,
+                        holds_from: 0,
                     },
                 );
                 self.writer = Some(w);

@@ -111,6 +111,7 @@ impl Sim {
                 Progress {
                     received,
                     written: received,
+                    holds_from: 0,
                 },
             );
         }
