@@ -373,10 +373,10 @@ pub async fn run_node(
         .port();
     opts.config.data_addr = SocketAddr::new(route_to(opts.server, opts.listen_ip), port);
     opts.config.source_wait = opts.wait;
-    // Every target this shell writes is served from in full (a file or
-    // device directly, a command or a directory from its whole spool), so
-    // it reports no window (holds_from 0 below).
-    opts.config.readable = true;
+    // A file or device is served from in full, and so is a command's or a
+    // directory's whole spool; a system clone keeps only a window of its
+    // spool and says from where it holds (`holds_from` in its progress).
+    opts.config.readable = !matches!(opts.target, Target::System { .. });
     let durable = Durable::for_node(&opts)?;
     let resumed = match &durable {
         Some(d) => d.reopen(&opts.key).await,
@@ -867,7 +867,7 @@ impl NodeDriver {
                         Progress {
                             received: offset,
                             written: offset,
-                            holds_from: 0,
+                            holds_from: self.holds_from(),
                         },
                     );
                     if let Some(d) = &mut self.durable {
@@ -884,6 +884,21 @@ impl NodeDriver {
             Event::Served { conn, result } => {
                 if let Err(e) = result {
                     tracing::info!(conn = %conn, error = %e, "serving a downstream stopped");
+                    if let Some(w) = &self.window {
+                        // Perhaps it asked for what the window has let go:
+                        // the machine learns where the window stands, so
+                        // the next ask is refused and the downstream goes
+                        // to the source instead of knocking here again.
+                        let upto = self.written_rx.borrow().upto;
+                        self.node.handle_progress(
+                            now,
+                            Progress {
+                                received: upto,
+                                written: upto,
+                                holds_from: w.holds_from(),
+                            },
+                        );
+                    }
                 }
             }
         }
@@ -906,7 +921,7 @@ impl NodeDriver {
                     Progress {
                         received: at,
                         written: at,
-                        holds_from: 0,
+                        holds_from: self.holds_from(),
                     },
                 );
                 self.writer = Some(w);
@@ -956,6 +971,12 @@ impl NodeDriver {
                 });
             }
         }
+    }
+
+    /// The lowest offset this node can still serve: a system clone's
+    /// window's start, 0 for every other target.
+    fn holds_from(&self) -> u64 {
+        self.window.as_ref().map_or(0, |w| w.holds_from())
     }
 
     /// A system clone is done once both the stream has ended (its digest is
