@@ -514,6 +514,43 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
             "{f} missing from the TFTP root:\n{built}"
         );
     }
+    // What a system clone mounts: Debian's kernel has XFS (after the crc32c
+    // it needs) and the character set its FAT mounts default to.
+    assert!(
+        pos("libcrc32c") < pos("xfs") && pos("nls_ascii").is_some(),
+        "{built}"
+    );
+    // The programs a system clone runs, each with its loader and libraries.
+    let image: std::collections::BTreeMap<String, ka_bin::netboot::archive::Listed> =
+        ka_bin::netboot::archive::read(&fs::read(root.join("ka/initramfs.img")).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.path.clone(), l))
+            .collect();
+    let host_dirs: Vec<PathBuf> = ka_bin::netboot::tools::DEFAULT_TOOL_DIRS
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+    let (tools, missing) = ka_bin::netboot::tools::find(&host_dirs);
+    assert!(
+        missing.is_empty(),
+        "this host lacks system tools: {missing:?}"
+    );
+    for t in &tools {
+        let path = t.image_path();
+        assert!(
+            image.get(&path).is_some_and(|e| e.is_file()),
+            "{path} not in the image:\n{built}"
+        );
+        let needs = ka_bin::netboot::elf::needs(&t.path).unwrap();
+        for lib in needs.interpreter.iter().chain(&needs.libraries) {
+            let key = lib.to_string_lossy().trim_start_matches('/').to_string();
+            assert!(
+                image.get(&key).is_some_and(|e| e.is_file()),
+                "{key} ({path} needs it) not in the image"
+            );
+        }
+    }
 
     // The session secret, published on TFTP (docs/netboot.md says why that
     // gives no confidentiality on the boot network).

@@ -18,6 +18,7 @@ use std::net::Ipv4Addr;
 use super::inventory::{Inventory, InventoryNode, LocalBoot};
 use super::mac::Mac;
 use super::modes::{Mode, Modes, NodeMode, DEFAULT_MODE};
+use crate::netboot::cmdline::CloneKind;
 
 /// The kernel command line of a node booting the ka netboot image: where to
 /// clone from and onto, and the node's identity (its name is its host name;
@@ -33,6 +34,11 @@ pub fn kernel_cmdline(inv: &Inventory, node: &InventoryNode, mode: Mode) -> Stri
         format!("ka.mode={mode}"),
         format!("ka.ip={}/{}", node.ip, net.prefix),
     ];
+    // Only when it differs from the image's default, so image sessions'
+    // command lines stay as they were.
+    if inv.session.clone == CloneKind::System {
+        args.push(format!("ka.clone={}", inv.session.clone));
+    }
     if let Some(g) = net.gateway {
         args.push(format!("ka.gateway={g}"));
     }
@@ -256,6 +262,47 @@ kernel_args = "nomodeset"
             script.contains("initrd --name initrd.img /ka/initramfs.img\nboot\n"),
             "{script}"
         );
+    }
+
+    #[test]
+    fn a_system_session_has_its_nodes_rebuild_their_disks() {
+        let image = inv("");
+        let node = image.node("node011").unwrap();
+        assert!(!kernel_cmdline(&image, node, Mode::Install).contains("ka.clone"));
+
+        let text = format!(
+            "{}\n",
+            r#"
+[network]
+subnet = "192.168.10.0/24"
+[boot]
+server = "192.168.10.1"
+tftp_root = "/srv/tftp"
+kernel = "ka/vmlinuz"
+initramfs = "ka/initramfs.img"
+[session]
+name = "lab"
+source = "192.168.10.1:4000"
+clone = "system"
+disk = "/dev/sda,/dev/nvme0n1"
+[[node]]
+name = "node011"
+mac = "52:54:00:0A:00:0B"
+ip = "192.168.10.11"
+"#
+        );
+        let system = Inventory::parse(&text, Path::new("c.toml")).unwrap();
+        let node = system.node("node011").unwrap();
+        let line = kernel_cmdline(&system, node, Mode::Install);
+        assert!(
+            line.contains("ka.target=/dev/sda,/dev/nvme0n1 ka.mode=install"),
+            "{line}"
+        );
+        assert!(line.contains(" ka.clone=system"), "{line}");
+        // What the netboot image reads back from it.
+        let plan = crate::netboot::cmdline::Plan::parse(&line).unwrap();
+        assert_eq!(plan.clone_kind, CloneKind::System);
+        assert_eq!(plan.targets.len(), 2);
     }
 
     #[test]

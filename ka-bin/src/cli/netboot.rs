@@ -10,6 +10,7 @@ use super::ExitStatus;
 use crate::netboot::build::{self, BuildOptions};
 use crate::netboot::install;
 use crate::netboot::modules::DEFAULT_MODULES;
+use crate::netboot::tools::{self, DEFAULT_TOOL_DIRS};
 
 /// Arguments of `ka netboot`.
 #[derive(Debug, Args)]
@@ -31,8 +32,8 @@ enum NetbootCommand {
     ///
     /// The image's init runs this; it reads ka.* arguments from
     /// /proc/cmdline, brings the network up by DHCP, fetches the session
-    /// secret, runs `ka join` onto ka.target= and applies the node's
-    /// identity. Exit codes: 0 done (reboot), 1 clone failed, 2 could not
+    /// secret, runs `ka join` onto ka.target= (`ka join --system` onto its
+    /// disks with ka.clone=system) and applies the node's identity. Exit codes: 0 done (reboot), 1 clone failed, 2 could not
     /// run, 3 verified but no identity (stay), 4 stay (ka.fail_delay=never),
     /// 10 shell mode.
     Install {
@@ -68,9 +69,19 @@ pub struct BuildArgs {
     /// Another kernel module to include and load (e.g. ixgbe, xfs); repeatable.
     #[arg(long = "module", value_name = "NAME")]
     extra_modules: Vec<String>,
-    /// Include only the --module modules, not the default set.
+    /// Include only the --module modules, not the default set (nor the
+    /// file systems a system clone mounts).
     #[arg(long)]
     no_default_modules: bool,
+    /// Leave out the programs a system clone runs on a node (GNU tar,
+    /// sfdisk, mkfs.*, util-linux mount, …) and the file-system modules only
+    /// it needs: a smaller image that can only take image clones.
+    #[arg(long)]
+    no_system_tools: bool,
+    /// Where to find those programs on this host: directories separated
+    /// by `:`, searched in order.
+    #[arg(long, value_name = "DIR:DIR…", default_value_t = DEFAULT_TOOL_DIRS.join(":"))]
+    tools_path: String,
     /// The ka binary to put in the image (default: this one).
     #[arg(long, value_name = "FILE")]
     ka: Option<PathBuf>,
@@ -167,6 +178,20 @@ fn build_plan(b: BuildArgs) -> Result<BuildOptions> {
     let mut opts = BuildOptions::new(b.out, kernel, modules_dir, ka);
     if b.no_default_modules {
         opts.modules.clear();
+        opts.system_modules.clear();
+    }
+    if b.no_system_tools {
+        opts.system_tools = false;
+        opts.system_modules.clear();
+    }
+    opts.tool_dirs = std::env::split_paths(&b.tools_path)
+        .filter(|d| !d.as_os_str().is_empty())
+        .collect();
+    if opts.system_tools && opts.tool_dirs.is_empty() {
+        bail!(
+            "--tools-path names no directory: give one (default {}), or pass --no-system-tools",
+            DEFAULT_TOOL_DIRS.join(":")
+        );
     }
     opts.modules.extend(b.extra_modules);
     if opts.modules.is_empty() {
@@ -202,8 +227,11 @@ fn print_built(opts: &BuildOptions, built: &build::Built) {
         built.modules.len(),
         built.modules.join(" ")
     );
+    if !built.tools.is_empty() {
+        crate::outln!("ka netboot: system clone tools: {}", built.tools.join(" "));
+    }
     crate::outln!(
-        "ka netboot: ka's libraries: {}",
+        "ka netboot: libraries: {}",
         built
             .libraries
             .iter()
@@ -214,5 +242,15 @@ fn print_built(opts: &BuildOptions, built: &build::Built) {
     crate::outln!("ka netboot: wrote {}", built.files.join(", "));
     for n in &built.notes {
         crate::outln!("ka netboot: note: {n}");
+    }
+    // On standard error: the image is built, but some nodes will fail.
+    let report = tools::missing_report(&built.missing_tools);
+    if !report.is_empty() {
+        for line in report {
+            eprintln!("ka netboot: warning: {line}");
+        }
+        eprintln!(
+            "ka netboot: warning: or pass --no-system-tools to leave them all out of the image"
+        );
     }
 }

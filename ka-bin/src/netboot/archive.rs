@@ -6,7 +6,7 @@
 //! and the same inputs give the same bytes: owners are root, times are zero.
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 use cpio::newc::{Builder, ModeFileType};
@@ -171,27 +171,69 @@ impl Archive {
     }
 }
 
+/// One entry of a written archive, as [`read`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// Its path, without a leading `/`.
+    pub path: String,
+    /// Type and permission bits, as `stat` gives them (`0o100755` for an
+    /// executable file).
+    pub mode: u32,
+    /// A file's content, or a symbolic link's target.
+    pub data: Vec<u8>,
+}
+
+impl Listed {
+    /// Whether it is a regular file.
+    pub fn is_file(&self) -> bool {
+        self.mode & 0o170000 == 0o100000
+    }
+
+    /// A symbolic link's target.
+    pub fn link_target(&self) -> Option<&str> {
+        (self.mode & 0o170000 == 0o120000)
+            .then(|| std::str::from_utf8(&self.data).ok())
+            .flatten()
+    }
+}
+
+/// Reads back an archive as [`Archive::write_gz`] or [`Archive::write_cpio`]
+/// wrote it (gzip-compressed or not), to check what an image holds.
+pub fn read(bytes: &[u8]) -> io::Result<Vec<Listed>> {
+    let plain;
+    let mut rest: &[u8] = if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut v = Vec::new();
+        flate2::read::GzDecoder::new(bytes).read_to_end(&mut v)?;
+        plain = v;
+        &plain
+    } else {
+        bytes
+    };
+    let mut out = Vec::new();
+    loop {
+        let mut r = cpio::NewcReader::new(rest)?;
+        if r.entry().is_trailer() {
+            return Ok(out);
+        }
+        let (path, mode) = (r.entry().name().to_string(), r.entry().mode());
+        let mut data = Vec::new();
+        r.read_to_end(&mut data)?;
+        out.push(Listed { path, mode, data });
+        rest = r.finish()?;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
 
     /// Reads back every entry: (name, mode, content).
     fn entries(cpio: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
-        let mut out = Vec::new();
-        let mut rest = cpio;
-        loop {
-            let mut r = cpio::NewcReader::new(rest).unwrap();
-            if r.entry().is_trailer() {
-                break;
-            }
-            let (name, mode) = (r.entry().name().to_string(), r.entry().mode());
-            let mut data = Vec::new();
-            r.read_to_end(&mut data).unwrap();
-            out.push((name, mode, data));
-            rest = r.finish().unwrap();
-        }
-        out
+        read(cpio)
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.path, l.mode, l.data))
+            .collect()
     }
 
     #[test]
@@ -237,6 +279,11 @@ mod tests {
             .unwrap();
         assert_eq!(plain, raw);
         assert_eq!(a.write_gz(Vec::new()).unwrap(), gz);
+        let listed = read(&gz).unwrap();
+        assert_eq!(entries(&gz), got);
+        assert!(listed[1].is_file() && !listed[0].is_file());
+        assert_eq!(listed[2].link_target(), Some("busybox"));
+        assert_eq!(listed[1].link_target(), None);
     }
 
     #[test]

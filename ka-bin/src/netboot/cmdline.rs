@@ -18,6 +18,40 @@ pub enum NetbootMode {
     Shell,
 }
 
+/// What kind of session the node joins, which decides what its disks get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CloneKind {
+    /// An image (`ka serve FILE|DEVICE|…`) written onto one disk as it is.
+    #[default]
+    Image,
+    /// A whole running machine (`ka serve --system`): the node partitions
+    /// its disks, makes file systems, unpacks the trees and installs the
+    /// boot loader (`ka join --system`).
+    System,
+}
+
+impl std::fmt::Display for CloneKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CloneKind::Image => "image",
+            CloneKind::System => "system",
+        })
+    }
+}
+
+impl std::str::FromStr for CloneKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<CloneKind, String> {
+        match s {
+            "image" => Ok(CloneKind::Image),
+            "system" => Ok(CloneKind::System),
+            _ => Err("use image or system".into()),
+        }
+    }
+}
+
 /// Where the session secret comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {
@@ -50,8 +84,11 @@ pub struct Plan {
     pub session: String,
     /// `ka.name=NAME`: the node's name in the session and the inventory.
     pub name: Option<String>,
-    /// `ka.target=/dev/…`: the disk to clone onto.
-    pub target: Option<PathBuf>,
+    /// `ka.clone=image|system` (default image): what the session serves.
+    pub clone_kind: CloneKind,
+    /// `ka.target=/dev/…[,/dev/…]`: the disk to clone onto; a system clone
+    /// may name several, in the order of the source's disks.
+    pub targets: Vec<PathBuf>,
     /// `ka.secret=…` (default `file:/etc/ka/secret`).
     pub secret: SecretSource,
     /// The identity to apply after the clone verified; `None` with `ka.identity=off`.
@@ -74,6 +111,7 @@ pub struct Plan {
 /// The `ka.*` keys the image understands.
 pub const KEYS: &[&str] = &[
     "mode",
+    "clone",
     "server",
     "session",
     "name",
@@ -133,7 +171,8 @@ impl Plan {
             server: None,
             session: crate::session::DEFAULT_SESSION.to_string(),
             name: None,
-            target: None,
+            clone_kind: CloneKind::Image,
+            targets: Vec::new(),
             secret: SecretSource::File(PathBuf::from(DEFAULT_SECRET_FILE)),
             identity: None,
             root: RootPartition::Auto,
@@ -169,8 +208,16 @@ impl Plan {
                 "server" => plan.server = Some(value.to_string()).filter(|s| !s.is_empty()),
                 "session" if !value.is_empty() => plan.session = value.to_string(),
                 "name" if !value.is_empty() => plan.name = Some(value.to_string()),
-                "target" if value.starts_with("/dev/") => plan.target = Some(value.into()),
-                "target" => return Err(bad("not a device path like /dev/sda")),
+                "clone" => plan.clone_kind = value.parse().map_err(|e: String| bad(&e))?,
+                "target" => {
+                    plan.targets = value.split(',').map(PathBuf::from).collect();
+                    if let Some(d) = plan.targets.iter().find(|d| !d.starts_with("/dev/")) {
+                        return Err(bad(&format!(
+                            "`{}` is not a device path like /dev/sda",
+                            d.display()
+                        )));
+                    }
+                }
                 "secret" => plan.secret = parse_secret(value).map_err(|e| bad(&e))?,
                 "hostname" => hostname = Some(value.to_string()),
                 "domain" => id.domain = Some(value.to_string()).filter(|d| !d.is_empty()),
@@ -220,11 +267,18 @@ impl Plan {
             }
         }
         if plan.mode == NetbootMode::Install {
-            if plan.target.is_none() {
+            if plan.targets.is_empty() {
                 return Err(
                     "ka.target= is missing: name the disk to clone onto, e.g. ka.target=/dev/sda"
                         .into(),
                 );
+            }
+            if plan.clone_kind == CloneKind::Image && plan.targets.len() > 1 {
+                return Err(format!(
+                    "ka.target= names {} disks, but an image goes onto one: name one disk, \
+                     or add ka.clone=system for a system clone (one disk per source disk)",
+                    plan.targets.len()
+                ));
             }
             if plan.name.is_none() {
                 return Err("ka.name= is missing: the node's name in the inventory".into());
@@ -304,7 +358,8 @@ mod tests {
         assert_eq!(p.server.as_deref(), Some("10.9.0.1:4715"));
         assert_eq!(p.session, "lab");
         assert_eq!(p.name.as_deref(), Some("n01"));
-        assert_eq!(p.target, Some(PathBuf::from("/dev/vda")));
+        assert_eq!(p.targets, [PathBuf::from("/dev/vda")]);
+        assert_eq!(p.clone_kind, CloneKind::Image);
         assert_eq!(
             p.secret,
             SecretSource::Tftp {
@@ -365,7 +420,19 @@ mod tests {
         for (line, why) in [
             ("ka.name=n1", "ka.target= is missing"),
             ("ka.target=/dev/sda", "ka.name= is missing"),
-            ("ka.name=n1 ka.target=sda", "not a device path"),
+            ("ka.name=n1 ka.target=sda", "`sda` is not a device path"),
+            (
+                "ka.name=n1 ka.target=/dev/sda,sdb ka.clone=system",
+                "`sdb` is not a device path",
+            ),
+            (
+                "ka.name=n1 ka.target=/dev/sda,/dev/sdb",
+                "add ka.clone=system",
+            ),
+            (
+                "ka.name=n1 ka.target=/dev/sda ka.clone=disk",
+                "use image or system",
+            ),
             (
                 "ka.name=n1 ka.target=/dev/sda ka.sever=x",
                 "unknown argument ka.sever",
@@ -393,6 +460,26 @@ mod tests {
             let err = Plan::parse(line).unwrap_err();
             assert!(err.contains(why), "{line}: {err}");
         }
+    }
+
+    #[test]
+    fn a_system_clone_takes_several_disks_in_order() {
+        let p = Plan::parse("ka.name=n1 ka.clone=system ka.target=/dev/sdb,/dev/nvme0n1").unwrap();
+        assert_eq!(p.clone_kind, CloneKind::System);
+        assert_eq!(
+            p.targets,
+            [PathBuf::from("/dev/sdb"), PathBuf::from("/dev/nvme0n1")]
+        );
+        let p = Plan::parse("ka.name=n1 ka.target=/dev/sda ka.clone=system").unwrap();
+        assert_eq!(p.targets, [PathBuf::from("/dev/sda")]);
+        // The last value counts, as for every key: a node's own arguments
+        // come after the cluster's.
+        let p =
+            Plan::parse("ka.clone=system ka.name=n1 ka.target=/dev/sda ka.clone=image").unwrap();
+        assert_eq!(p.clone_kind, CloneKind::Image);
+        assert_eq!("system".parse::<CloneKind>(), Ok(CloneKind::System));
+        assert_eq!(CloneKind::System.to_string(), "system");
+        assert_eq!(CloneKind::default(), CloneKind::Image);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! the init has mounted the basics and loaded the modules. Reads the plan
 //! from the kernel command line, brings the network up by DHCP, fetches the
 //! session secret, joins the session onto the target disk (showing
-//! progress), and applies the node's identity to the verified copy.
+//! progress) — or, with `ka.clone=system`, rebuilds its disks from a
+//! system clone — and applies the node's identity to the verified copy.
 //!
 //! The exit code tells the init what to do next (see [`Exit`]).
 
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 
-use super::cmdline::{NetbootMode, Plan, SecretSource};
+use super::cmdline::{CloneKind, NetbootMode, Plan, SecretSource};
 use crate::session::join::{self, JoinOptions, Joined, Output};
 use crate::session::reach::{Reach, DEFAULT_DISCOVER_TO};
 use crate::session::DEFAULT_STATE_DIR;
@@ -77,12 +78,15 @@ pub fn run(cmdline: &Path, dry_run: bool) -> Exit {
         return Exit::Done;
     }
     say(&format!(
-        "node {} joining session {:?} onto {}",
+        "node {} joining session {:?} ({} clone) onto {}",
         plan.name.as_deref().unwrap_or("?"),
         plan.session,
-        plan.target
-            .as_ref()
-            .map_or("-".into(), |t| t.display().to_string())
+        plan.clone_kind,
+        if plan.targets.is_empty() {
+            "-".into()
+        } else {
+            disk_list(&plan.targets)
+        }
     ));
     if let Err(e) = network_up(&plan) {
         return fail(
@@ -109,14 +113,11 @@ pub fn run(cmdline: &Path, dry_run: bool) -> Exit {
         Ok(o) => o,
         Err(e) => return fail(plan.fail_delay, Exit::CouldNotRun, &format!("{e:#}")),
     };
-    let target = match &options.output {
-        Output::Target(t) => t.clone(),
-        _ => PathBuf::new(),
-    };
+    let disks = plan.targets.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let ticker = {
         let stop = stop.clone();
-        std::thread::spawn(move || progress(&target, &stop))
+        std::thread::spawn(move || progress(&disks, &stop))
     };
     let joined = join::run(options);
     stop.store(true, Ordering::Relaxed);
@@ -165,12 +166,28 @@ fn fail(delay: Option<Duration>, code: Exit, why: &str) -> Exit {
     }
 }
 
-/// The join `plan` asks for, with the secret in `secret_file`.
+/// `/dev/sda,/dev/sdb`.
+fn disk_list(disks: &[PathBuf]) -> String {
+    disks
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The join `plan` asks for, with the secret in `secret_file`: an image
+/// onto `ka.target`, or with `ka.clone=system` a system clone rebuilt onto
+/// the `ka.target` disks (`ka join --system`).
 pub fn join_options(plan: &Plan, secret_file: &Path) -> anyhow::Result<JoinOptions> {
-    let target = plan
-        .target
-        .clone()
-        .ok_or_else(|| anyhow!("ka.target= is missing"))?;
+    let output = match (plan.clone_kind, plan.targets.as_slice()) {
+        (_, []) => bail!("ka.target= is missing"),
+        (CloneKind::Image, [target]) => Output::Target(target.clone()),
+        (CloneKind::Image, _) => bail!(
+            "ka.target={} names several disks, but an image goes onto one (or add ka.clone=system)",
+            disk_list(&plan.targets)
+        ),
+        (CloneKind::System, disks) => Output::System(disks.to_vec()),
+    };
     Ok(JoinOptions {
         reach: Reach {
             server: plan.server.clone(),
@@ -178,7 +195,9 @@ pub fn join_options(plan: &Plan, secret_file: &Path) -> anyhow::Result<JoinOptio
             session: plan.session.clone(),
             secret_file: secret_file.to_path_buf(),
         },
-        output: Output::Target(target),
+        output,
+        // A system clone's window of the stream is held in the image's
+        // /tmp, which is RAM: bounded by `window`.
         spool_dir: None,
         name: plan.name.clone(),
         wait_release: false,
@@ -347,18 +366,27 @@ fn fetch_secret(plan: &Plan) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// Prints how much has been written to `target` every few seconds, until
-/// `stop`: the node's console shows the clone moving.
-fn progress(target: &Path, stop: &AtomicBool) {
-    let name = fs::canonicalize(target)
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-    let Some(name) = name else { return };
-    let stat = PathBuf::from(format!("/sys/class/block/{name}/stat"));
+/// Prints how much has been written to the `disks` every few seconds,
+/// until `stop`: the node's console shows the clone moving.
+fn progress(disks: &[PathBuf], stop: &AtomicBool) {
+    let mut stats = Vec::new();
+    for disk in disks {
+        let name = fs::canonicalize(disk)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+        let Some(name) = name else { return };
+        stats.push(PathBuf::from(format!("/sys/class/block/{name}/stat")));
+    }
+    let target = disk_list(disks);
     let written = || -> Option<u64> {
-        // Field 7 of the block layer's stat file: sectors written (of 512 bytes).
-        let text = fs::read_to_string(&stat).ok()?;
-        Some(text.split_whitespace().nth(6)?.parse::<u64>().ok()? * 512)
+        // Field 7 of the block layer's stat file: sectors written (of 512
+        // bytes). A whole disk's counts its partitions' too.
+        let mut sum = 0;
+        for stat in &stats {
+            let text = fs::read_to_string(stat).ok()?;
+            sum += text.split_whitespace().nth(6)?.parse::<u64>().ok()? * 512;
+        }
+        Some(sum)
     };
     let Some(start) = written() else { return };
     let t0 = Instant::now();
@@ -378,7 +406,7 @@ fn progress(target: &Path, stop: &AtomicBool) {
         say(&format!(
             "{:.1} MiB written to {} ({:.1} MB/s)",
             (now_bytes - start) as f64 / (1 << 20) as f64,
-            target.display(),
+            target,
             rate / 1e6
         ));
         last = (Instant::now(), now_bytes);
@@ -404,5 +432,35 @@ mod tests {
              --root-partition 1"
         );
         assert!(!o.wait_release);
+        assert_eq!(o.output, Output::Target("/dev/vda".into()));
+    }
+
+    #[test]
+    fn a_system_clone_joins_with_its_disks() {
+        let plan = Plan::parse(
+            "ka.server=10.9.0.1:4715 ka.name=n01 ka.clone=system ka.target=/dev/sda,/dev/sdb \
+             ka.identity=off",
+        )
+        .unwrap();
+        let o = join_options(&plan, Path::new("/run/ka/secret")).unwrap();
+        assert_eq!(
+            o.output,
+            Output::System(vec!["/dev/sda".into(), "/dev/sdb".into()])
+        );
+        assert_eq!(
+            o.command_line(),
+            "--server 10.9.0.1:4715 --session ka --secret-file /run/ka/secret --name n01 \
+             --system /dev/sda,/dev/sdb --wait 30m"
+        );
+        // An image plan never becomes a system clone, nor the reverse.
+        let mut image = plan.clone();
+        image.clone_kind = CloneKind::Image;
+        let err = join_options(&image, Path::new("/s")).unwrap_err();
+        assert!(err.to_string().contains("add ka.clone=system"), "{err}");
+        image.targets.truncate(1);
+        assert_eq!(
+            join_options(&image, Path::new("/s")).unwrap().output,
+            Output::Target("/dev/sda".into())
+        );
     }
 }

@@ -42,6 +42,13 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "nls_utf8",
 ];
 
+/// File-system modules a system clone mounts besides the defaults' ext4
+/// and vfat: XFS, and the character set Debian's kernels mount FAT with
+/// by default (`iocharset=ascii`, so an EFI system partition mounts
+/// without options). Each is added when the kernel has it, as a module or
+/// built in; a kernel without one still gets an image, with a note.
+pub const SYSTEM_MODULES: &[&str] = &["xfs", "nls_ascii"];
+
 /// A module's name as the kernel spells it: `-` and `_` are the same.
 pub fn canonical(name: &str) -> String {
     let base = name.rsplit('/').next().unwrap_or(name);
@@ -153,6 +160,12 @@ impl ModuleIndex {
             builtin,
             deps,
         })
+    }
+
+    /// Whether this kernel has the module `name`, as a file or built in.
+    pub fn has(&self, name: &str) -> bool {
+        let name = canonical(name);
+        self.files.contains_key(&name) || self.builtin.contains(&name)
     }
 
     /// Whether dependencies come from `modules.dep` (else from `.modinfo`).
@@ -452,6 +465,8 @@ kernel/fs/jbd2/jbd2.ko:
             .collect();
         // libata is built in: nothing to load.
         assert_eq!(names, ["virtio_ring", "virtio", "virtio_blk"]);
+        assert!(index.has("virtio-blk") && index.has("libata"));
+        assert!(!index.has("xfs"));
     }
 
     #[test]

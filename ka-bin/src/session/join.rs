@@ -72,12 +72,21 @@ impl JoinOptions {
         if let Some(server) = &self.reach.server {
             s.push_str(&format!("--server {server} "));
         }
-        let target = match &self.output {
-            Output::Target(t) => t.display().to_string(),
-            _ => "?".into(),
+        let output = match &self.output {
+            Output::Target(t) => format!("--target {}", t.display()),
+            Output::Command(c) => format!("--command {c:?}"),
+            Output::Untar(d) => format!("--untar {}", d.display()),
+            Output::System(disks) => format!(
+                "--system {}",
+                disks
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
         };
         s.push_str(&format!(
-            "--session {} --secret-file {} --name {} --target {target} --wait {}",
+            "--session {} --secret-file {} --name {} {output} --wait {}",
             self.reach.session,
             self.reach.secret_file.display(),
             self.name.as_deref().unwrap_or("?"),

@@ -14,6 +14,7 @@ use super::model::{mask, AfterClone, Boot, Inventory, InventoryNode, LocalBoot, 
 use super::raw::{RawBoot, RawFile, RawNetwork, RawNode, RawRange, S};
 use crate::boot::hostlist;
 use crate::boot::mac::Mac;
+use crate::netboot::cmdline::CloneKind;
 
 /// A node definition before duplicates are checked, with where it came from.
 struct Draft {
@@ -53,7 +54,8 @@ pub(super) fn build(ck: &mut Checker<'_>, raw: RawFile, path: &Path) -> Inventor
             SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)
         }
     };
-    let default_disk = rs.disk.as_ref().map(|d| ck.disk(d, "session.disk"));
+    let clone = rs.clone.unwrap_or_default();
+    let default_disk = rs.disk.as_ref().map(|d| ck.disk(d, "session.disk", clone));
 
     // Nodes and ranges, merged in file order so "first seen" errors read naturally.
     enum Entry<'r> {
@@ -72,11 +74,13 @@ pub(super) fn build(ck: &mut Checker<'_>, raw: RawFile, path: &Path) -> Inventor
     for (_, entry) in entries {
         match entry {
             Entry::InventoryNode(n) => {
-                if let Some(d) = build_node(ck, n, default_disk.as_deref(), &network) {
+                if let Some(d) = build_node(ck, n, default_disk.as_deref(), clone, &network) {
                     drafts.push(d);
                 }
             }
-            Entry::Range(r) => drafts.extend(build_range(ck, r, default_disk.as_deref(), &network)),
+            Entry::Range(r) => {
+                drafts.extend(build_range(ck, r, default_disk.as_deref(), clone, &network))
+            }
         }
     }
 
@@ -200,6 +204,7 @@ pub(super) fn build(ck: &mut Checker<'_>, raw: RawFile, path: &Path) -> Inventor
         session: Session {
             name: session_name,
             source,
+            clone,
         },
         nodes,
         groups,
@@ -346,6 +351,7 @@ fn build_node(
     ck: &mut Checker<'_>,
     n: &Spanned<RawNode>,
     default_disk: Option<&str>,
+    clone: CloneKind,
     net: &Network,
 ) -> Option<Draft> {
     let rn = n.get_ref();
@@ -357,7 +363,7 @@ fn build_node(
         check_ip_in(ck, ip, rn.ip.span(), "node.ip", net);
     }
     let disk = match (&rn.disk, default_disk) {
-        (Some(d), _) => ck.disk(d, "node.disk"),
+        (Some(d), _) => ck.disk(d, "node.disk", clone),
         (None, Some(d)) => d.to_string(),
         (None, None) => {
             ck.report(
@@ -394,6 +400,7 @@ fn build_range(
     ck: &mut Checker<'_>,
     r: &Spanned<RawRange>,
     default_disk: Option<&str>,
+    clone: CloneKind,
     net: &Network,
 ) -> Vec<Draft> {
     let rr = r.get_ref();
@@ -514,7 +521,7 @@ fn build_range(
         }
     };
     let disk = match (&rr.disk, default_disk) {
-        (Some(d), _) => ck.disk(d, "range.disk"),
+        (Some(d), _) => ck.disk(d, "range.disk", clone),
         (None, Some(d)) => d.to_string(),
         (None, None) => {
             ck.report(

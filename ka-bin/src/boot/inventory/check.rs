@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 use super::model::Network;
 use super::raw::S;
 use crate::boot::mac::Mac;
+use crate::netboot::cmdline::CloneKind;
 
 /// One problem found in an inventory file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,14 +173,29 @@ impl Checker<'_> {
         }
     }
 
-    /// A device path like /dev/sda.
-    pub(super) fn disk(&mut self, s: &S, field: &str) -> String {
+    /// A device path like /dev/sda; for a system clone, one or more
+    /// separated by commas (one per disk of the source).
+    pub(super) fn disk(&mut self, s: &S, field: &str, clone: CloneKind) -> String {
         let d = s.get_ref().trim();
-        if !d.starts_with('/') || d.contains(char::is_whitespace) {
+        let disks: Vec<&str> = d.split(',').collect();
+        if let Some(bad) = disks
+            .iter()
+            .find(|d| !d.starts_with('/') || d.contains(char::is_whitespace))
+        {
             self.report(
                 s.span(),
                 field,
-                format!("`{d}` is not a device path like /dev/sda"),
+                format!("`{bad}` is not a device path like /dev/sda"),
+            );
+        } else if disks.len() > 1 && clone == CloneKind::Image {
+            self.report(
+                s.span(),
+                field,
+                format!(
+                    "`{d}` names {} disks, but an image goes onto one: name one, or set \
+                     clone = \"system\" in [session] for system clones",
+                    disks.len()
+                ),
             );
         }
         d.to_string()

@@ -108,6 +108,49 @@ disk = "/dev/vda"
     }
 
     #[test]
+    fn several_disks_only_for_a_system_session() {
+        let node = r#"
+[[node]]
+name = "n1"
+mac = "52:54:00:00:00:01"
+ip = "192.168.10.10"
+disk = "/dev/sda,/dev/sdb"
+"#;
+        let p = problems(node);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].message.contains("clone = \"system\""), "{p:?}");
+        assert_eq!(p[0].line, line_of(node, "/dev/sda,/dev/sdb"));
+
+        let system = |session_extra: &str, body: &str| {
+            let head = HEAD.replace(
+                "disk = \"/dev/vda\"",
+                &format!("disk = \"/dev/vda\"\n{session_extra}"),
+            );
+            Inventory::parse(&format!("{head}{body}"), Path::new("/etc/ka/c.toml"))
+        };
+        let inv = system("clone = \"system\"", node).unwrap();
+        assert_eq!(
+            inv.session.clone,
+            crate::netboot::cmdline::CloneKind::System
+        );
+        assert_eq!(inv.nodes[0].disk, "/dev/sda,/dev/sdb");
+        assert_eq!(
+            parse(node.replace(",/dev/sdb", "").as_str())
+                .unwrap()
+                .session
+                .clone,
+            crate::netboot::cmdline::CloneKind::Image
+        );
+        let err = system("clone = \"system\"", &node.replace("/dev/sdb", "sdb")).unwrap_err();
+        assert!(
+            err.to_string().contains("`sdb` is not a device path"),
+            "{err}"
+        );
+        let err = system("clone = \"disk\"", node).unwrap_err();
+        assert!(err.to_string().contains("clone"), "{err}");
+    }
+
+    #[test]
     fn nodes_and_ranges_expand_in_file_order() {
         let inv = parse(
             r#"

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::boot::hostlist;
 use crate::boot::mac::Mac;
+use crate::netboot::cmdline::CloneKind;
 
 /// The cluster network the nodes boot on: DHCP configs need its subnet.
 #[derive(Debug, Clone)]
@@ -118,6 +119,9 @@ pub struct Session {
     pub name: String,
     /// Address and port of the source (`ka.server=`).
     pub source: SocketAddrV4,
+    /// What the source serves: an image, or a whole machine (`ka serve
+    /// --system`), which nodes rebuild onto their disks (`ka.clone=`).
+    pub clone: CloneKind,
 }
 
 /// One machine of the cluster, as the inventory names it.

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::model::{AfterClone, LocalBoot};
+use crate::netboot::cmdline::CloneKind;
 
 /// A string with where it is in the file.
 pub(super) type S = Spanned<String>;
@@ -62,6 +63,7 @@ pub(super) struct RawSession {
     pub(super) name: S,
     pub(super) source: S,
     pub(super) disk: Option<S>,
+    pub(super) clone: Option<CloneKind>,
 }
 
 /// One `[[node]]`.
