@@ -17,6 +17,8 @@ struct Session {
     dir: tempfile::TempDir,
     secret: String,
     port: u16,
+    /// Where the next `ka serve` listens.
+    listen: String,
 }
 
 impl Session {
@@ -37,6 +39,7 @@ impl Session {
             secret: secret.to_string_lossy().into(),
             dir,
             port: 0,
+            listen: "127.0.0.1:0".into(),
         }
     }
 
@@ -49,12 +52,13 @@ impl Session {
         let n = nodes.to_string();
         let state = self.path().join(format!("{label}-state"));
         let spool = self.path().to_string_lossy().to_string();
+        let listen = self.listen.clone();
         let mut args = vec![
             "serve",
             "--nodes",
             &n,
             "--listen",
-            "127.0.0.1:0",
+            &listen,
             "--secret-file",
             &self.secret,
             "--json",
@@ -249,4 +253,155 @@ fn a_running_system_is_rebuilt_on_nodes_saved_and_replayed() {
     let (ncode, _, nerr) = node.finish(Duration::from_secs(30));
     assert_eq!((code, ncode), (0, 0), "replay: {out}{err}\n{nerr}");
     assert_same_system(&source, &s, &replayed, false);
+}
+
+/// The peak resident memory of a process so far, in bytes (0 once gone).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The most any spool file in `dir` holds on disk (its allocated bytes).
+fn spool_allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ka-node-"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.blocks() * 512)
+        .max()
+        .unwrap_or(0)
+}
+
+/// A node killed mid-stream (the upstream of the next one), a node that
+/// comes late (when its place's upstream no longer holds the start, so the
+/// source feeds it), with the stream paced so the faults land in the
+/// middle: every survivor verifies with the source's trees, and a node's
+/// memory and spool stay bounded by its window, not the system's size.
+#[test]
+fn survivors_of_a_killed_node_and_a_late_node_are_rebuilt_whole() {
+    let mut s = Session::new();
+    let source = SourceMachine::build(s.path(), 200 << 20);
+    let disks: Vec<Loop> = (1..=4)
+        .map(|i| Loop::blank(&s.path().join(format!("k{i}.img")), SOURCE_DISK))
+        .collect();
+    let root = source.root.to_string_lossy().to_string();
+    let serve = s.serve(
+        "serve",
+        3,
+        &[
+            "--system",
+            "--root",
+            &root,
+            "--order",
+            "k1,k2,k3",
+            "--max-rate",
+            "25MiB",
+        ],
+    );
+    let window = ["--window", "16MiB"];
+    let join = |name: &str, disk: &Loop| {
+        let mut args = vec!["--system", disk.dev()];
+        args.extend_from_slice(&window);
+        s.join(name, &args)
+    };
+    let k1 = join("k1", &disks[0]);
+    let k2 = join("k2", &disks[1]);
+    let k3 = join("k3", &disks[2]);
+    let mut peak = 0u64;
+    let mut spool_peak = 0u64;
+    let mut watch = |for_ms: u64, pids: &[u32]| {
+        for _ in 0..for_ms / 50 {
+            for &p in pids {
+                peak = peak.max(peak_rss(p));
+            }
+            spool_peak = spool_peak.max(spool_allocated(s.path()));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    watch(3000, &[k1.pid(), k2.pid(), k3.pid()]);
+    // k2 feeds k3: killed, k3 is relinked and goes on where it was.
+    k2.kill9();
+    watch(2000, &[k1.pid(), k3.pid()]);
+    // By now the chain's tail is far past the start: the source feeds k4.
+    let k4 = join("k4", &disks[3]);
+    watch(1000, &[k1.pid(), k3.pid(), k4.pid()]);
+    let (code, out, err) = serve.finish(Duration::from_secs(240));
+    let k: Vec<_> = [k1, k3, k4]
+        .into_iter()
+        .map(|n| n.finish(Duration::from_secs(60)))
+        .collect();
+    for r in &k {
+        eprintln!("exit {}\n{}\n{}", r.0, r.1, r.2);
+    }
+    eprintln!("serve: {out}\n{err}");
+    assert_eq!(code, 1, "k2 died: the session reports a failure");
+    for (r, name) in k.iter().zip(["k1", "k3", "k4"]) {
+        assert_eq!(r.0, 0, "{name} verified: {}", r.2);
+        assert!(r.1.contains("\"resumed_from\":0"), "{name} never started over: {}", r.1);
+        let started_over = r.1.matches("started_over").count();
+        assert_eq!(started_over, 0, "{name} never started over: {}", r.1);
+    }
+    assert!(
+        k[1].1.contains("Placed") && k[1].1.matches("Placed").count() >= 2,
+        "k3 was relinked: {}",
+        k[1].1
+    );
+    for d in [&disks[0], &disks[2], &disks[3]] {
+        assert_same_system(&source, &s, d, false);
+    }
+    eprintln!(
+        "node peak RSS {:.1} MiB, spool peak {:.1} MiB (system stream {} MiB)",
+        peak as f64 / (1 << 20) as f64,
+        spool_peak as f64 / (1 << 20) as f64,
+        200
+    );
+    assert!(peak > 0 && peak < 256 << 20, "node memory {peak} bytes");
+    assert!(
+        spool_peak <= (16 << 20) + (8 << 20),
+        "a node's spool holds its window, not the stream: {spool_peak} bytes"
+    );
+}
+
+/// The source killed mid-stream and started again with the same arguments:
+/// it reads the machine anew, its nodes rebuild their disks from the new
+/// stream's start, and both verify with the source's trees.
+#[test]
+fn a_restarted_source_has_its_nodes_rebuild_from_its_new_stream() {
+    let mut s = Session::new();
+    let source = SourceMachine::build(s.path(), 120 << 20);
+    let disks: Vec<Loop> = (1..=2)
+        .map(|i| Loop::blank(&s.path().join(format!("r{i}.img")), SOURCE_DISK))
+        .collect();
+    let root = source.root.to_string_lossy().to_string();
+    let input = ["--system", "--root", &root, "--max-rate", "25MiB"];
+    let serve = s.serve("serve1", 2, &input);
+    let port = s.port;
+    let nodes: Vec<_> = disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| s.join(&format!("r{}", i + 1), &["--system", d.dev()]))
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    serve.kill9();
+    // The same port, so the nodes find it again.
+    s.listen = format!("127.0.0.1:{port}");
+    let serve = s.serve("serve2", 2, &input);
+    let (code, out, err) = serve.finish(Duration::from_secs(240));
+    let results: Vec<_> = nodes.into_iter().map(|n| n.finish(Duration::from_secs(60))).collect();
+    for r in &results {
+        eprintln!("exit {}\n{}\n{}", r.0, r.1, r.2);
+    }
+    assert_eq!(code, 0, "{out}\n{err}");
+    for r in &results {
+        assert_eq!(r.0, 0, "{}", r.2);
+    }
+    for d in &disks {
+        assert_same_system(&source, &s, d, false);
+    }
 }
