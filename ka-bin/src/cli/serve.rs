@@ -45,6 +45,10 @@ pub struct ServeArgs {
     /// Clone this process's standard input.
     #[arg(long, group = "input")]
     pub stdin: bool,
+    /// Serve an --image block device even though a file system on it is
+    /// mounted read-write (its copy may then be inconsistent).
+    #[arg(long, requires = "image")]
+    pub force: bool,
     /// Where a stream (--command, --tar, --stdin) is spooled so any node can be served again.
     #[arg(long, value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
@@ -160,6 +164,9 @@ impl ServePlan {
             (Some(p), _, _, _) => {
                 // Before anything listens or is written (a generated secret).
                 ka_net::image::sources::check_servable(&p).context("--image")?;
+                if !args.force {
+                    ka_net::image::sources::check_not_mounted_rw(&p).context("--image")?;
+                }
                 Input::File(p)
             }
             (_, Some(c), _, _) => Input::Command(c),

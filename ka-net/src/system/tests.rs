@@ -413,8 +413,15 @@ fn raw_skip_and_exclude_arguments_are_checked() {
     refused(opts, &["not a mount point"]);
 
     // An --exclude on a file system that is not sent: nothing to leave out.
+    // And an image file of the system mounted through a loop device: its
+    // file is sent, its mount is not.
+    let image = LoopDev::new_in(8 * MIB, &r.join("var"));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&image.path));
     let mut mounts = Mounts::default();
     mounts.mount(Path::new("tmpfs"), &r.join("tmp"), &["-t", "tmpfs"]);
+    mounts.mount(&image.path, &r.join("mnt/image"), &[]);
     let mut opts = options(&m);
     opts.exclude = vec![r.join("tmp")];
     let layout = read_layout(&opts).unwrap();
@@ -426,10 +433,17 @@ fn raw_skip_and_exclude_arguments_are_checked() {
         "{:?}",
         layout.ignored
     );
+    assert!(
+        layout.ignored.iter().any(|i| i.mountpoint == "/mnt/image"),
+        "{:?}",
+        layout.ignored
+    );
     assert_eq!(
         tree_of(&layout.disks[0].partitions[2]).excludes,
         ["srv/ann"]
     );
+    // Unmounted before its loop device goes.
+    drop(mounts);
 }
 
 #[test]
@@ -540,7 +554,7 @@ fn dos_disk_with_boot_flag_extended_and_untyped_swap() {
 }
 
 #[test]
-fn btrfs_and_a_whole_disk_file_system_are_refused_naming_the_way_out() {
+fn btrfs_and_a_file_system_on_a_whole_loop_device_are_refused_naming_the_way_out() {
     let dev = LoopDev::partitioned(512 * MIB);
     partition(
         &dev,
@@ -575,13 +589,14 @@ fn btrfs_and_a_whole_disk_file_system_are_refused_naming_the_way_out() {
         both.contains(&format!("ka serve --image {}", dev.path.display())),
         "{both}"
     );
+    // A whole loop device stands for a disk without a partition table; its
+    // image file is outside the root, so its files would be lost.
     let w = whole.path.display().to_string();
     assert!(
-        both.contains(&format!(
-            "/data is ext4 on {w}, a whole disk without a partition table"
-        )),
+        both.contains(&format!("/data is ext4 on {w}, a loop device over /tmp/")),
         "{both}"
     );
+    assert!(both.contains("not under the root"), "{both}");
 
     // Sent as bytes instead, the btrfs partition is no obstacle.
     let opts = ReadOptions {
