@@ -779,3 +779,74 @@ fn round_trip_onto_a_larger_disk_keeps_every_identity() {
     drop(busy);
     assert!(err.to_string().contains("mounted"), "{err}");
 }
+
+#[test]
+fn two_disks_come_in_mount_order_and_one_can_be_skipped() {
+    let a = LoopDev::partitioned(64 * MIB);
+    let b = LoopDev::partitioned(64 * MIB);
+    for d in [&a, &b] {
+        partition(
+            d,
+            &format!("label: gpt\nstart=2048, size=40960, type={LINUX}\n"),
+            1,
+        );
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(part(d, 1)));
+    }
+    let root = tempfile::tempdir().unwrap();
+    let mut mounts = Mounts::default();
+    mounts.mount(&part(&a, 1), root.path(), &[]);
+    mounts.mount(&part(&b, 1), &root.path().join("srv"), &[]);
+    let opts = ReadOptions {
+        root: root.path().to_owned(),
+        ..ReadOptions::default()
+    };
+    let layout = read_layout(&opts).unwrap();
+    let devices: Vec<&str> = layout.disks.iter().map(|d| d.device.as_str()).collect();
+    let want = [a.path.display().to_string(), b.path.display().to_string()];
+    assert_eq!(devices, want);
+    let trees: Vec<(usize, &str)> = layout
+        .trees()
+        .map(|(d, _, fs)| (d, fs.mountpoint.as_str()))
+        .collect();
+    assert_eq!(trees, [(0, "/"), (1, "/srv")]);
+
+    let skipped = read_layout(&ReadOptions {
+        skip_disks: vec![b.path.clone()],
+        ..opts.clone()
+    })
+    .unwrap();
+    assert_eq!(
+        skipped.disks.len(),
+        2,
+        "a skipped disk is still partitioned"
+    );
+    assert!(
+        matches!(&skipped.disks[1].partitions[0].content, Content::Skipped { why } if why.contains("--skip-disk")),
+        "{:?}",
+        skipped.disks[1]
+    );
+    assert_eq!(skipped.trees().count(), 1);
+
+    // Only part of b's file system under the root (a bind mount of a
+    // sub-directory, b itself mounted elsewhere): refused.
+    drop(mounts);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut mounts = Mounts::default();
+    mounts.mount(&part(&a, 1), root.path(), &[]);
+    mounts.mount(&part(&b, 1), elsewhere.path(), &[]);
+    fs::create_dir_all(elsewhere.path().join("share")).unwrap();
+    mounts.mount(
+        &elsewhere.path().join("share"),
+        &root.path().join("srv"),
+        &["--bind"],
+    );
+    let msg = read_layout(&opts).unwrap_err().to_string();
+    assert!(
+        msg.contains(&format!(
+            "{} is mounted at /srv only as its sub-directory /share",
+            part(&b, 1).display()
+        )),
+        "{msg}"
+    );
+    drop(mounts);
+}
