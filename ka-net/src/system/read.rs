@@ -263,6 +263,29 @@ pub fn read_layout(opts: &ReadOptions) -> Result<Layout, Error> {
     }
 
     let trees = trees_by_mount(&layout, &roles, &primary);
+    // A mounted file system whose partition the table on disk no longer
+    // lists (repartitioned while in use) would silently be left out.
+    for &i in primary.values() {
+        let MountRole::OnPartition {
+            mount,
+            part,
+            number,
+            disk,
+            ..
+        } = &roles[i]
+        else {
+            continue;
+        };
+        if !trees.contains_key(&mount.id) && !raw.contains(&part.dev) && !skip.contains(&disk.dev) {
+            return Err(Error::NotClonable(format!(
+                "{} is mounted at {}, but the partition table on {} has no partition {number}: the table was changed while in use; reboot (or run `partx -u {}`) so that the kernel and the disk agree",
+                part.path().display(),
+                display_mountpoint(&root, &mount.mount_point),
+                disk.path().display(),
+                disk.path().display()
+            )));
+        }
+    }
     add_bind_excludes(&root, &mut layout, &roles, &binds, &visible, &trees);
     for dir in &opts.exclude {
         add_exclude(&mut layout, dir, &root, &visible, &roles, &trees, &raw)?;

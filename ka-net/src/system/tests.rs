@@ -850,3 +850,39 @@ fn two_disks_come_in_mount_order_and_one_can_be_skipped() {
     );
     drop(mounts);
 }
+
+#[test]
+fn a_mounted_partition_gone_from_the_table_is_refused() {
+    let dev = LoopDev::partitioned(64 * MIB);
+    partition(
+        &dev,
+        &format!("label: gpt\nstart=2048, size=40960, type={LINUX}\nstart=43008, size=40960, type={LINUX}\n"),
+        2,
+    );
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(part(&dev, 1)));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(part(&dev, 2)));
+    let root = tempfile::tempdir().unwrap();
+    let mut mounts = Mounts::default();
+    mounts.mount(&part(&dev, 1), root.path(), &[]);
+    mounts.mount(&part(&dev, 2), &root.path().join("srv"), &[]);
+    // Partition 2 deleted on disk while mounted: the kernel keeps it.
+    run(Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--delete"])
+        .arg(&dev.path)
+        .arg("2"));
+    let msg = read_layout(&ReadOptions {
+        root: root.path().to_owned(),
+        ..ReadOptions::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        msg.contains("/srv") && msg.contains("has no partition 2"),
+        "{msg}"
+    );
+    drop(mounts);
+}
