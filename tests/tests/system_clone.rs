@@ -379,7 +379,8 @@ fn a_restarted_source_has_its_nodes_rebuild_from_its_new_stream() {
         .map(|i| Loop::blank(&s.path().join(format!("r{i}.img")), SOURCE_DISK))
         .collect();
     let root = source.root.to_string_lossy().to_string();
-    let input = ["--system", "--root", &root, "--max-rate", "25MiB"];
+    let tmp = source.root.join("tmp").to_string_lossy().to_string();
+    let input = ["--system", "--root", &root, "--exclude", &tmp, "--max-rate", "25MiB"];
     let serve = s.serve("serve1", 2, &input);
     let port = s.port;
     let nodes: Vec<_> = disks

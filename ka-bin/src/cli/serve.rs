@@ -76,9 +76,9 @@ pub struct ServeArgs {
     /// once it is unpacked and its boot loader installed.
     #[arg(long, value_name = "CMD", requires = "system")]
     pub post_command: Option<String>,
-    /// Serve --image even though a file system on it is mounted read-write
-    /// (its copy may be inconsistent).
-    #[arg(long)]
+    /// Serve an --image block device even though a file system on it is
+    /// mounted read-write (its copy may then be inconsistent).
+    #[arg(long, requires = "image")]
     pub force: bool,
     /// Where a stream (--command, --tar, --stdin) is spooled so any node can be served again.
     #[arg(long, value_name = "DIR")]
@@ -271,6 +271,11 @@ fn system_plan(
         raw,
     })
     .context("--system")?;
+    if let (Some(text), Some(f)) = (&layout_text, &layout_file) {
+        LayoutFile::parse(text)
+            .and_then(|lf| lf.check(&layout))
+            .with_context(|| format!("--layout {}", f.display()))?;
+    }
     Ok(ka_net::system::Plan::new(layout, layout_text, post_command))
 }
 

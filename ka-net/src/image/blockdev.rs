@@ -296,17 +296,23 @@ pub(crate) mod tests {
         /// these tests need root and loop support, and must not pass silently
         /// without them.
         pub(crate) fn new(size: u64) -> LoopDev {
-            Self::attach(size, &[])
+            Self::attach(size, &[], &std::env::temp_dir())
         }
 
         /// As [`new`](Self::new), with partition scanning (`losetup -P`):
         /// the kernel makes `loopNpM` devices for a partition table on it.
         pub(crate) fn partitioned(size: u64) -> LoopDev {
-            Self::attach(size, &["-P"])
+            Self::attach(size, &["-P"], &std::env::temp_dir())
         }
 
-        fn attach(size: u64, flags: &[&str]) -> LoopDev {
-            let backing = tempfile::NamedTempFile::new().expect("temp file for a loop device");
+        /// As [`new`](Self::new), with its file in `dir`.
+        pub(crate) fn new_in(size: u64, dir: &Path) -> LoopDev {
+            Self::attach(size, &[], dir)
+        }
+
+        fn attach(size: u64, flags: &[&str], dir: &Path) -> LoopDev {
+            let backing =
+                tempfile::NamedTempFile::new_in(dir).expect("temp file for a loop device");
             backing.as_file().set_len(size).unwrap();
             let out = Command::new("losetup")
                 .args(flags)

@@ -4,8 +4,9 @@
 //! holes, command output, a directory as tar, stdin); [`sinks`] write one
 //! (files and block devices, command input, untar). [`digest`] defines the
 //! session digest of an image and computes it. [`blockdev`] inspects and
-//! guards block devices, [`mounts`] reads the kernel's mount table, [`process`] supervises the commands of command
-//! sources and sinks, and [`write_atomically`] replaces small files (keys,
+//! guards block devices, [`mounts`] reads the kernel's mount table,
+//! [`process`] supervises the commands of command sources and sinks and
+//! runs short tools, and [`write_atomically`] replaces small files (keys,
 //! saved sessions, generated configuration) whole or not at all.
 //!
 //! This module knows nothing of sockets or of the protocol: it is used by

@@ -129,11 +129,17 @@ pub fn plan_disk(
     if let (Some(file), Some(sizes)) = (layout_file, sizes) {
         for (&number, entry) in &sizes.partitions {
             if !src.partitions.iter().any(|p| p.number == number) {
+                let have: Vec<String> = src
+                    .partitions
+                    .iter()
+                    .map(|p| p.number.to_string())
+                    .collect();
                 return Err(file.error(
                     entry.line,
                     format!(
-                        "disk.{disk_index}.{number}: disk {disk_index} ({}) has no partition {number}",
-                        src.device
+                        "disk.{disk_index}.{number}: disk {disk_index} ({}) has no partition {number} (it has {})",
+                        src.device,
+                        have.join(", ")
                     ),
                 ));
             }
@@ -265,9 +271,14 @@ pub fn plan_disk(
             ),
         }
     };
+    // What a disk needs beyond the partitions' end: GPT's backup table.
+    let reserve = match src.table {
+        TableKind::Gpt => 1 + entry_sectors,
+        TableKind::Dos => 0,
+    };
     let needed_bytes = |fill_least: u64| {
         let (_, end) = lay_out(fill_least);
-        (end + (total - limit.min(total))) * ts
+        (end + reserve) * ts
     };
 
     let (placed, fill_size) = match fill {
@@ -387,6 +398,18 @@ pub(crate) fn sfdisk_script(
     src: &DiskLayout,
     plan: &DiskPlan,
 ) -> Result<String, Error> {
+    let same = src.partitions.len() == plan.partitions.len()
+        && src
+            .partitions
+            .iter()
+            .zip(&plan.partitions)
+            .all(|(s, p)| s.number == p.number);
+    if !same {
+        return Err(Error::Invalid(format!(
+            "the plan for {} is not one of its layout: plan the disk again",
+            src.device
+        )));
+    }
     let mut script = format!("label: {}\n", src.table.sfdisk_label());
     if !src.id.is_empty() {
         script.push_str(&format!("label-id: {}\n", src.id));
@@ -586,7 +609,14 @@ pub fn make_filesystem(dev: &Path, fs: &FileSystem) -> Result<(), Error> {
             let mut meta = vec![format!("uuid={}", fs.uuid)];
             let mut inode = Vec::new();
             let mut naming = Vec::new();
-            for f in &fs.make.features {
+            // A feature turned off that this mkfs.xfs does not know is off
+            // anyway (it predates it); one turned on must be made or refused.
+            let usage = xfs_usage();
+            let known_or_on = |f: &&String| {
+                let (name, value) = f.split_once('=').unwrap_or((f.as_str(), "1"));
+                value != "0" || usage.contains(&format!("{name}=0|1"))
+            };
+            for f in fs.make.features.iter().filter(known_or_on) {
                 match f.split_once('=').map(|(k, _)| k) {
                     Some("sparse" | "nrext64") => inode.push(f.clone()),
                     Some("ftype") => naming.push(f.clone()),
@@ -631,6 +661,17 @@ pub fn make_filesystem(dev: &Path, fs: &FileSystem) -> Result<(), Error> {
     c.arg(dev);
     run_captured(c, None)?;
     Ok(())
+}
+
+/// What `mkfs.xfs` says of its options when run without a device.
+fn xfs_usage() -> String {
+    match Command::new("mkfs.xfs").output() {
+        Ok(out) => {
+            String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout)
+        }
+        Err(_) => String::new(),
+    }
 }
 
 /// Makes swap on `dev` with the source's UUID and label, over whatever was

@@ -109,10 +109,10 @@ impl PartitionLayout {
 }
 
 /// What a partition holds, and so how a node gets it. In JSON the variant
-/// is the `content` field (`{"content": "tree", "kind": "ext4", …}`):
-/// `kind` is already the file system's.
+/// is the `type` field beside the variant's own (`{"type": "tree", "kind":
+/// "ext4", …}`): `kind` is already the file system's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "content", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Content {
     /// A mounted ext2/3/4, xfs or vfat file system, sent as a file tree: the
     /// node makes the file system anew (same type, UUID, label) and unpacks.
@@ -404,7 +404,10 @@ mod tests {
     fn json_round_trip_leaves_out_the_sources_own_paths() {
         let layout = two_disks();
         let json = serde_json::to_string(&layout).unwrap();
-        assert!(json.contains(r#""content":"tree""#), "{json}");
+        assert!(
+            json.contains(r#""content":{"type":"tree","kind":"ext4""#),
+            "{json}"
+        );
         assert!(json.contains(r#""kind":"ext4""#), "{json}");
         assert!(json.contains(r#""table":"dos""#), "{json}");
         assert!(!json.contains("/mnt"), "mounted_at is the source's: {json}");

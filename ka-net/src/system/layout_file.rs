@@ -288,6 +288,17 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/layout.toml");
+        let f = LayoutFile::load(&path).unwrap();
+        let d0 = f.disk(0).unwrap();
+        assert_eq!(d0.partitions[&2].size, PartSize::Bytes(1 << 30));
+        assert_eq!(d0.partitions[&3].size, PartSize::Bytes(40 << 30));
+        assert_eq!(d0.partitions[&4].size, PartSize::Fill);
+        assert_eq!(f.disk(1).unwrap().partitions[&1].size, PartSize::Fill);
+    }
+
+    #[test]
     fn load_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sizes.toml");

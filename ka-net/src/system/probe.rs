@@ -51,6 +51,13 @@ pub(crate) enum BlockKind {
     DeviceMapper { what: String },
     /// An md RAID array, or a partition of one.
     Raid,
+    /// A loop device used whole: a view of an image file.
+    Loop {
+        /// The file it shows, as the kernel names it.
+        backing: Option<PathBuf>,
+    },
+    /// A RAM disk (`zram`, `brd`): nothing of it outlives a reboot.
+    Ram,
     /// A disk (or a partition of something that is not a plain disk) used
     /// whole, without a partition table ka can rebuild.
     WholeDisk,
@@ -90,6 +97,15 @@ pub(crate) fn kind_of(block: &SysBlock) -> BlockKind {
     }
     let number = read_trimmed(block.sysfs.join("partition")).and_then(|n| n.parse().ok());
     let (Some(number), Some(parent)) = (number, block.sysfs.parent()) else {
+        if block.sysfs.join("loop").exists() {
+            return BlockKind::Loop {
+                backing: read_trimmed(block.sysfs.join("loop/backing_file")).map(PathBuf::from),
+            };
+        }
+        // zram has its compressor; brd's RAM disks are major 1.
+        if block.sysfs.join("comp_algorithm").exists() || block.dev.0 == 1 {
+            return BlockKind::Ram;
+        }
         return BlockKind::WholeDisk;
     };
     if parent.join("md").exists() {

@@ -262,9 +262,33 @@ pub fn read_layout(opts: &ReadOptions) -> Result<Layout, Error> {
         });
     }
 
-    add_bind_excludes(&root, &mut layout, &roles, &binds, &visible, &primary);
+    let trees = trees_by_mount(&layout, &roles, &primary);
+    // A mounted file system whose partition the table on disk no longer
+    // lists (repartitioned while in use) would silently be left out.
+    for &i in primary.values() {
+        let MountRole::OnPartition {
+            mount,
+            part,
+            number,
+            disk,
+            ..
+        } = &roles[i]
+        else {
+            continue;
+        };
+        if !trees.contains_key(&mount.id) && !raw.contains(&part.dev) && !skip.contains(&disk.dev) {
+            return Err(Error::NotClonable(format!(
+                "{} is mounted at {}, but the partition table on {} has no partition {number}: the table was changed while in use; reboot (or run `partx -u {}`) so that the kernel and the disk agree",
+                part.path().display(),
+                display_mountpoint(&root, &mount.mount_point),
+                disk.path().display(),
+                disk.path().display()
+            )));
+        }
+    }
+    add_bind_excludes(&root, &mut layout, &roles, &binds, &visible, &trees);
     for dir in &opts.exclude {
-        add_exclude(&root, &mut layout, dir, &visible, &roles, &primary, &raw)?;
+        add_exclude(&mut layout, dir, &root, &visible, &roles, &trees, &raw)?;
     }
     Ok(layout)
 }
@@ -365,6 +389,16 @@ fn classify<'a>(m: &'a Mount, root: &Path, raw: &[DevNum]) -> Result<MountRole<'
             m.fstype,
             probe::built_on(&block).join(", ")
         )),
+        BlockKind::Ram => Ok(MountRole::Ignored),
+        BlockKind::Loop { backing } => match backing {
+            // The image file is in a tree already: the mount is a view of it.
+            Some(file) if file.starts_with(root) => Ok(MountRole::Ignored),
+            _ => Err(format!(
+                "{at} is {} on {dev}, a loop device over {}, which is not under the root: its files would not be cloned; unmount it, or keep its image file under the root (it is then sent as a file)",
+                m.fstype,
+                backing.as_deref().map_or("an unknown file".into(), |f| f.display().to_string())
+            )),
+        },
         BlockKind::WholeDisk => Err(format!(
             "{at} is {} on {dev}, a whole disk without a partition table: ka rebuilds only partitioned disks; clone it with `ka serve --image {dev}` (from a system that does not run on it, or with {at} read-only)",
             m.fstype
@@ -629,28 +663,37 @@ fn containing<'a>(visible: &[&'a Mount], path: &Path, except: Option<u64>) -> Op
         .copied()
 }
 
-/// The tree (disk index, partition index) whose primary mount is `mount`.
-fn tree_of(
+/// Where each tree sits in the layout (disk index, partition index), by
+/// the ID of the mount it is sent from.
+fn trees_by_mount(
     layout: &Layout,
     roles: &[MountRole],
     primary: &HashMap<DevNum, usize>,
-    mount: &Mount,
-) -> Option<(usize, usize)> {
-    let (&dev, _) = primary.iter().find(
-        |(_, &i)| matches!(&roles[i], MountRole::OnPartition { mount: m, .. } if m.id == mount.id),
-    )?;
-    let MountRole::OnPartition { number, disk, .. } = &roles[primary[&dev]] else {
-        return None;
-    };
-    let d = layout
-        .disks
-        .iter()
-        .position(|l| l.device == disk.path().display().to_string())?;
-    let p = layout.disks[d]
-        .partitions
-        .iter()
-        .position(|p| p.number == *number)?;
-    Some((d, p))
+) -> HashMap<u64, (usize, usize)> {
+    let mut at = HashMap::new();
+    for &i in primary.values() {
+        let MountRole::OnPartition {
+            mount,
+            number,
+            disk,
+            ..
+        } = &roles[i]
+        else {
+            continue;
+        };
+        let device = disk.path().display().to_string();
+        let Some(d) = layout.disks.iter().position(|l| l.device == device) else {
+            continue;
+        };
+        let p = layout.disks[d]
+            .partitions
+            .iter()
+            .position(|p| p.number == *number && matches!(p.content, Content::Tree(_)));
+        if let Some(p) = p {
+            at.insert(mount.id, (d, p));
+        }
+    }
+    at
 }
 
 /// `rel` as an exclude: relative, in text.
@@ -669,7 +712,7 @@ fn add_bind_excludes(
     roles: &[MountRole],
     binds: &[usize],
     visible: &[&Mount],
-    primary: &HashMap<DevNum, usize>,
+    trees: &HashMap<u64, (usize, usize)>,
 ) {
     for &i in binds {
         let MountRole::OnPartition { mount, .. } = &roles[i] else {
@@ -678,7 +721,7 @@ fn add_bind_excludes(
         let Some(host) = containing(visible, &mount.mount_point, Some(mount.id)) else {
             continue;
         };
-        let Some((d, p)) = tree_of(layout, roles, primary, host) else {
+        let Some(&(d, p)) = trees.get(&host.id) else {
             continue;
         };
         let rel = mount
@@ -702,12 +745,12 @@ fn add_bind_excludes(
 
 /// Records `--exclude DIR` in the tree that holds it.
 fn add_exclude(
-    root: &Path,
     layout: &mut Layout,
     dir: &Path,
+    root: &Path,
     visible: &[&Mount],
     roles: &[MountRole],
-    primary: &HashMap<DevNum, usize>,
+    trees: &HashMap<u64, (usize, usize)>,
     raw: &[DevNum],
 ) -> Result<(), Error> {
     let meta =
@@ -749,7 +792,7 @@ fn add_exclude(
             part.path().display()
         )));
     }
-    let Some((d, p)) = tree_of(layout, roles, primary, host) else {
+    let Some(&(d, p)) = trees.get(&host.id) else {
         // A bind mount (left out whole) or a skipped disk: nothing of it is sent.
         return Ok(());
     };

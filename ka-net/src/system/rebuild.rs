@@ -155,6 +155,9 @@ impl Rebuilder {
             .as_deref()
             .map(LayoutFile::parse)
             .transpose()?;
+        if let Some(lf) = &layout_file {
+            lf.check(&plan.layout)?;
+        }
         self.check_disks(&plan.layout)?;
         // Plan every disk before writing any: a refusal writes nothing.
         let mut plans = Vec::new();

@@ -413,8 +413,15 @@ fn raw_skip_and_exclude_arguments_are_checked() {
     refused(opts, &["not a mount point"]);
 
     // An --exclude on a file system that is not sent: nothing to leave out.
+    // And an image file of the system mounted through a loop device: its
+    // file is sent, its mount is not.
+    let image = LoopDev::new_in(8 * MIB, &r.join("var"));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&image.path));
     let mut mounts = Mounts::default();
     mounts.mount(Path::new("tmpfs"), &r.join("tmp"), &["-t", "tmpfs"]);
+    mounts.mount(&image.path, &r.join("mnt/image"), &[]);
     let mut opts = options(&m);
     opts.exclude = vec![r.join("tmp")];
     let layout = read_layout(&opts).unwrap();
@@ -426,10 +433,17 @@ fn raw_skip_and_exclude_arguments_are_checked() {
         "{:?}",
         layout.ignored
     );
+    assert!(
+        layout.ignored.iter().any(|i| i.mountpoint == "/mnt/image"),
+        "{:?}",
+        layout.ignored
+    );
     assert_eq!(
         tree_of(&layout.disks[0].partitions[2]).excludes,
         ["srv/ann"]
     );
+    // Unmounted before its loop device goes.
+    drop(mounts);
 }
 
 #[test]
@@ -540,7 +554,7 @@ fn dos_disk_with_boot_flag_extended_and_untyped_swap() {
 }
 
 #[test]
-fn btrfs_and_a_whole_disk_file_system_are_refused_naming_the_way_out() {
+fn btrfs_and_a_file_system_on_a_whole_loop_device_are_refused_naming_the_way_out() {
     let dev = LoopDev::partitioned(512 * MIB);
     partition(
         &dev,
@@ -575,13 +589,14 @@ fn btrfs_and_a_whole_disk_file_system_are_refused_naming_the_way_out() {
         both.contains(&format!("ka serve --image {}", dev.path.display())),
         "{both}"
     );
+    // A whole loop device stands for a disk without a partition table; its
+    // image file is outside the root, so its files would be lost.
     let w = whole.path.display().to_string();
     assert!(
-        both.contains(&format!(
-            "/data is ext4 on {w}, a whole disk without a partition table"
-        )),
+        both.contains(&format!("/data is ext4 on {w}, a loop device over /tmp/")),
         "{both}"
     );
+    assert!(both.contains("not under the root"), "{both}");
 
     // Sent as bytes instead, the btrfs partition is no obstacle.
     let opts = ReadOptions {
@@ -763,4 +778,111 @@ fn round_trip_onto_a_larger_disk_keeps_every_identity() {
     let err = write_table(&target.path, src, &plan).unwrap_err();
     drop(busy);
     assert!(err.to_string().contains("mounted"), "{err}");
+}
+
+#[test]
+fn two_disks_come_in_mount_order_and_one_can_be_skipped() {
+    let a = LoopDev::partitioned(64 * MIB);
+    let b = LoopDev::partitioned(64 * MIB);
+    for d in [&a, &b] {
+        partition(
+            d,
+            &format!("label: gpt\nstart=2048, size=40960, type={LINUX}\n"),
+            1,
+        );
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(part(d, 1)));
+    }
+    let root = tempfile::tempdir().unwrap();
+    let mut mounts = Mounts::default();
+    mounts.mount(&part(&a, 1), root.path(), &[]);
+    mounts.mount(&part(&b, 1), &root.path().join("srv"), &[]);
+    let opts = ReadOptions {
+        root: root.path().to_owned(),
+        ..ReadOptions::default()
+    };
+    let layout = read_layout(&opts).unwrap();
+    let devices: Vec<&str> = layout.disks.iter().map(|d| d.device.as_str()).collect();
+    let want = [a.path.display().to_string(), b.path.display().to_string()];
+    assert_eq!(devices, want);
+    let trees: Vec<(usize, &str)> = layout
+        .trees()
+        .map(|(d, _, fs)| (d, fs.mountpoint.as_str()))
+        .collect();
+    assert_eq!(trees, [(0, "/"), (1, "/srv")]);
+
+    let skipped = read_layout(&ReadOptions {
+        skip_disks: vec![b.path.clone()],
+        ..opts.clone()
+    })
+    .unwrap();
+    assert_eq!(
+        skipped.disks.len(),
+        2,
+        "a skipped disk is still partitioned"
+    );
+    assert!(
+        matches!(&skipped.disks[1].partitions[0].content, Content::Skipped { why } if why.contains("--skip-disk")),
+        "{:?}",
+        skipped.disks[1]
+    );
+    assert_eq!(skipped.trees().count(), 1);
+
+    // Only part of b's file system under the root (a bind mount of a
+    // sub-directory, b itself mounted elsewhere): refused.
+    drop(mounts);
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut mounts = Mounts::default();
+    mounts.mount(&part(&a, 1), root.path(), &[]);
+    mounts.mount(&part(&b, 1), elsewhere.path(), &[]);
+    fs::create_dir_all(elsewhere.path().join("share")).unwrap();
+    mounts.mount(
+        &elsewhere.path().join("share"),
+        &root.path().join("srv"),
+        &["--bind"],
+    );
+    let msg = read_layout(&opts).unwrap_err().to_string();
+    assert!(
+        msg.contains(&format!(
+            "{} is mounted at /srv only as its sub-directory /share",
+            part(&b, 1).display()
+        )),
+        "{msg}"
+    );
+    drop(mounts);
+}
+
+#[test]
+fn a_mounted_partition_gone_from_the_table_is_refused() {
+    let dev = LoopDev::partitioned(64 * MIB);
+    partition(
+        &dev,
+        &format!("label: gpt\nstart=2048, size=40960, type={LINUX}\nstart=43008, size=40960, type={LINUX}\n"),
+        2,
+    );
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(part(&dev, 1)));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(part(&dev, 2)));
+    let root = tempfile::tempdir().unwrap();
+    let mut mounts = Mounts::default();
+    mounts.mount(&part(&dev, 1), root.path(), &[]);
+    mounts.mount(&part(&dev, 2), &root.path().join("srv"), &[]);
+    // Partition 2 deleted on disk while mounted: the kernel keeps it.
+    run(Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--delete"])
+        .arg(&dev.path)
+        .arg("2"));
+    let msg = read_layout(&ReadOptions {
+        root: root.path().to_owned(),
+        ..ReadOptions::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        msg.contains("/srv") && msg.contains("has no partition 2"),
+        "{msg}"
+    );
+    drop(mounts);
 }
