@@ -681,6 +681,15 @@ impl NodeDriver {
                 node: _,
                 from,
             } => {
+                // A system clone's serving must hold its place in the window
+                // even when it begins before this node receives anything.
+                let window = match self.system_window() {
+                    Ok(w) => w,
+                    Err(e) => {
+                        self.node.handle_sink_error(self.clock.now(), e.to_string());
+                        return None;
+                    }
+                };
                 if let Some(tx) = self.conns.get(conn) {
                     let job = ServeJob {
                         from,
@@ -689,8 +698,8 @@ impl NodeDriver {
                         pace: None,
                         // A windowed node forwards only from its spool,
                         // where each serving holds its place in the window.
-                        direct: self.window.is_none().then(|| Arc::clone(&self.direct)),
-                        window: self.window.clone(),
+                        direct: window.is_none().then(|| Arc::clone(&self.direct)),
+                        window,
                     };
                     let _ = tx.send(Command::Serve(Box::new(job)));
                 }
@@ -996,24 +1005,16 @@ impl NodeDriver {
     /// Opens the writer of the first receive; a system clone's also starts
     /// its window and the rebuild that follows the spool.
     fn first_writer(&mut self) -> Result<NodeWriter, Error> {
-        let Target::System {
-            rebuild,
-            spool,
-            window,
-        } = &self.target
-        else {
+        let Target::System { rebuild, spool, .. } = &self.target else {
             return open_writer(self.target.file(), self.node.image_size(), &self.key);
         };
+        let (spool, rebuild) = (spool.clone(), rebuild.clone());
+        let win = self.system_window()?.expect("a system target has a window");
         let sink = open_sink(&SinkSpec::File(spool.clone()), None)?;
-        super::spool::reach_ahead(spool)?;
-        let handle = std::fs::OpenOptions::new()
-            .write(true)
-            .open(spool)
-            .map_err(|e| Error::io(format!("opening {}", spool.display()), e))?;
-        let win = Window::new(handle, *window);
+        super::spool::reach_ahead(&spool)?;
         let sink = Box::new(WindowedSink::new(sink, Arc::clone(&win)));
         let writer = NodeWriter::new(sink, ImageHasher::new(&self.key))?;
-        let (spool, opts, tx) = (spool.clone(), rebuild.clone(), self.internal_tx.clone());
+        let (opts, tx) = (rebuild, self.internal_tx.clone());
         let (written, w2) = (self.written_rx.clone(), Arc::clone(&win));
         let rt = tokio::runtime::Handle::current();
         let (gen, before) = (self.rebuild_gen, self.rebuild_task.take());
@@ -1025,8 +1026,27 @@ impl NodeDriver {
                 .map_err(|e| e.to_string());
             let _ = tx.send(Internal::Unpacked { gen, result });
         }));
-        self.window = Some(win);
         Ok(writer)
+    }
+
+    /// A system clone's window over its spool (made on first need: the
+    /// first serving or the first receive); `None` for other targets.
+    fn system_window(&mut self) -> Result<Option<Arc<Window>>, Error> {
+        let Target::System { spool, window, .. } = &self.target else {
+            return Ok(None);
+        };
+        if let Some(w) = &self.window {
+            return Ok(Some(Arc::clone(w)));
+        }
+        let handle = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(spool)
+            .map_err(|e| Error::io(format!("creating {}", spool.display()), e))?;
+        let w = Window::new(handle, *window);
+        self.window = Some(Arc::clone(&w));
+        Ok(Some(w))
     }
 
     /// Lends the writer (opening it on the first receive) to the receive
