@@ -1306,17 +1306,23 @@ impl Source {
             // Death during the join: the node no longer counts towards the
             // start; if it comes back it joins again.
             let record = self.nodes.remove(&id).expect("checked");
-            self.unsettled -= 1;
+            // A node a restarted source took back may have said its verdict
+            // already: it was settled then, and its verdict stands.
+            if record.report.outcome.is_none() {
+                self.unsettled -= 1;
+            }
             self.names.remove(&record.report.name);
             if let Some(c) = record.conn {
                 self.conns.remove(&c);
                 self.actions.push_back(SourceAction::Close { conn: c });
             }
             let mut report = record.report;
-            report.outcome = Some(Err(format!(
-                "lost before the start ({reason}) and did not come back"
-            )));
-            report.finished_at = Some(now);
+            if report.outcome.is_none() {
+                report.outcome = Some(Err(format!(
+                    "lost before the start ({reason}) and did not come back"
+                )));
+                report.finished_at = Some(now);
+            }
             report.deaths += 1;
             self.lost_before_start.insert(report.name.clone(), report);
             return;
@@ -1426,7 +1432,10 @@ impl Source {
 
     fn finish(&mut self) {
         self.state = SourceState::Finished;
-        let ok = self.nodes.values().filter(|r| r.report.is_ok()).count() as u32;
+        let ok = (self.nodes.values().map(|r| &r.report))
+            .chain(self.lost_before_start.values())
+            .filter(|r| r.is_ok())
+            .count() as u32;
         let ko = (self.nodes.len() + self.lost_before_start.len()) as u32 - ok;
         self.events.push_back(SourceEvent::Finished { ok, ko });
     }

@@ -1164,6 +1164,36 @@ fn a_node_lost_before_the_start_is_reported_failed_unless_it_comes_back() {
 }
 
 #[test]
+fn a_node_that_verified_then_dies_before_a_restarted_source_starts_keeps_its_verdict() {
+    // A restarted source takes back a node that holds the whole image; it
+    // says its verdict again, then dies before the others are back.
+    let mut src = file_source(3, 1000);
+    join_holding(&mut src, t(1), 1, "a", 1000, IMAGE);
+    let ok = Message::Verified {
+        ok: true,
+        reason: String::new(),
+    };
+    src.handle_message(t(2), ConnId(1), ok);
+    src.handle_closed(t(3), ConnId(1));
+    join_holding(&mut src, t(4), 2, "b", 0, IMAGE);
+    join_holding(&mut src, t(4), 3, "c", 0, IMAGE);
+    src.handle_go(t(5));
+    assert_eq!(src.state(), SourceState::Streaming);
+    // b verifies; the session still waits for c, live and undecided.
+    let ok = Message::Verified {
+        ok: true,
+        reason: String::new(),
+    };
+    src.handle_message(t(6), ConnId(2), ok.clone());
+    assert_eq!(src.state(), SourceState::Streaming, "c is still copying");
+    src.handle_message(t(7), ConnId(3), ok);
+    assert_eq!(src.state(), SourceState::Finished);
+    let report = src.report();
+    assert!(report.iter().all(|r| r.is_ok()), "{report:?}");
+    assert!(events(&mut src).contains(&SourceEvent::Finished { ok: 3, ko: 0 }));
+}
+
+#[test]
 fn a_stalled_source_does_not_declare_its_nodes_dead_but_still_finds_the_silent_one() {
     let mut src = source(3);
     for (i, n) in ["a", "b", "c"].iter().enumerate() {
