@@ -18,8 +18,9 @@ use crate::ids::{Epoch, NodeId};
 
 /// The protocol version this crate speaks; a peer of any other version is
 /// refused ([`RefusalCode::VersionMismatch`]). Version 4 added bounded-window
-/// upstreams: [`Join::readable`], [`Progress::holds_from`],
-/// [`RefusalCode::CannotResume`] and [`Message::Stranded`].
+/// upstreams: [`Join::readable`], [`Join::holds_from`],
+/// [`Progress::holds_from`], [`RefusalCode::CannotResume`] and
+/// [`Message::Stranded`].
 pub const PROTOCOL_VERSION: u16 = 4;
 /// The largest frame (tag and body) a peer may send.
 pub const MAX_FRAME: usize = 64 * 1024;
@@ -186,6 +187,11 @@ pub struct Join {
     /// The contiguous prefix it already holds (non-zero after a restart, of
     /// the node or of the source).
     pub have: u64,
+    /// Where its window starts, as in [`Progress::holds_from`] (0 when
+    /// `readable`): the source may place nodes under it before it first
+    /// reports progress (a restarted source lays its chain out as the last
+    /// node joins).
+    pub holds_from: u64,
     /// The image that prefix belongs to, as a source named it in an earlier
     /// welcome; `None` when `have` is 0.
     pub image: Option<ImageId>,
@@ -377,6 +383,7 @@ impl Message {
                         | (u8::from(j.image.is_some()) << 2),
                 );
                 out.put_u64(j.have);
+                out.put_u64(j.holds_from);
                 if let Some(image) = &j.image {
                     out.put_slice(&image.0);
                 }
@@ -675,6 +682,7 @@ impl Reader<'_> {
                     return Err(DecodeError::Invalid("unknown join flags"));
                 }
                 let have = self.u64()?;
+                let holds_from = self.u64()?;
                 let image = if flags & 4 != 0 {
                     Some(ImageId(self.bytes32()?))
                 } else {
@@ -689,6 +697,7 @@ impl Reader<'_> {
                     wait_release: flags & 1 != 0,
                     readable: flags & 2 != 0,
                     have,
+                    holds_from,
                     image,
                     proof: Tag(self.bytes32()?),
                 })
@@ -815,11 +824,20 @@ mod tests {
             any::<[u8; 6]>(),
             addr(),
             any::<(bool, bool)>(),
-            any::<u64>(),
+            any::<(u64, u64)>(),
             (proptest::option::of(any::<[u8; 32]>()), any::<[u8; 32]>()),
         )
             .prop_map(
-                |(version, session, name, mac, data_addr, (w, r), have, (image, proof))| {
+                |(
+                    version,
+                    session,
+                    name,
+                    mac,
+                    data_addr,
+                    (w, r),
+                    (have, holds_from),
+                    (image, proof),
+                )| {
                     Message::Join(Join {
                         version,
                         session,
@@ -829,6 +847,7 @@ mod tests {
                         wait_release: w,
                         readable: r,
                         have,
+                        holds_from,
                         image: image.map(ImageId),
                         proof: Tag(proof),
                     })
@@ -1066,6 +1085,7 @@ mod tests {
                 wait_release,
                 readable,
                 have: 0,
+                holds_from: 0,
                 image,
                 proof: Tag([0; 32]),
             })

@@ -128,8 +128,9 @@
 //! block device) serves its downstreams any offset it wrote. A node whose
 //! sink cannot (one that unpacks the stream onto fresh file systems as it
 //! arrives, [`config::NodeConfig::readable`] false) keeps only a bounded
-//! window of the stream, whose start it reports as
-//! [`codec::Progress::holds_from`], and refuses a downstream that asks for
+//! window of the stream, whose start it says in its join and then in each
+//! progress report ([`codec::Join::holds_from`],
+//! [`codec::Progress::holds_from`]), and refuses a downstream that asks for
 //! less ([`codec::RefusalCode::CannotResume`]).
 //!
 //! So a node may be fed by an upstream that holds its offset

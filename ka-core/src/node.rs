@@ -348,7 +348,10 @@ impl Node {
             inbound: BTreeMap::new(),
             received,
             written,
-            holds_from: 0,
+            // A restarted node that keeps a window serves nothing below the
+            // prefix it resumed with (what its spool kept of the rest is not
+            // trusted); reports only move its window on from there.
+            holds_from: have,
             stranded: None,
             image: None,
             stream_end: None,
@@ -466,8 +469,8 @@ impl Node {
     /// The data plane's latest offsets, and where the window a node that
     /// cannot read its sink back keeps now starts (`holds_from`; a readable
     /// node's shell may leave it 0). All only grow; smaller values are
-    /// ignored. A shell that resumes a windowed node reports its window
-    /// before it feeds the node anything else.
+    /// ignored. A node resumed from a prefix ([`Resume`]) starts its window
+    /// there.
     pub fn handle_progress(&mut self, _now: Time, progress: Progress) {
         self.received.insert(0..progress.received);
         self.written.insert(0..progress.written);
@@ -766,6 +769,7 @@ impl Node {
                     wait_release: self.config.wait_release,
                     readable: self.config.readable,
                     have,
+                    holds_from: self.progress().holds_from,
                     image: self.image_id.filter(|_| have > 0),
                     proof,
                 };

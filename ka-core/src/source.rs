@@ -26,7 +26,8 @@
 //! # Bounded-window nodes
 //!
 //! A node whose sink cannot be read back ([`Join::readable`] false) serves
-//! only from the window it reports ([`Progress::holds_from`]), so every
+//! only from the window it reports (in its join, [`Join::holds_from`], then
+//! in its progress, [`Progress::holds_from`]), so every
 //! placement asks [`Source::holds`] first and, where the upstream it would
 //! pick does not hold the node's offset, feeds the node itself. A node its
 //! upstream refused anyway (the window moved on since it last reported)
@@ -241,11 +242,9 @@ struct NodeRecord {
     report: NodeReport,
     data_addr: core::net::SocketAddr,
     wait_release: bool,
-    /// It serves any offset it wrote; otherwise only from `holds_from`.
+    /// It serves any offset it wrote; otherwise only from
+    /// `progress.holds_from`.
     readable: bool,
-    /// It has reported where its window starts since it joined; until it
-    /// does, it is taken to hold nothing below what it holds at all.
-    holds_reported: bool,
     /// The upstream its latest placement named, and the epoch since which
     /// it has named that one: a [`Message::Stranded`] about an older
     /// placement is stale, since a new upstream is on its way.
@@ -525,7 +524,6 @@ impl Source {
             data_addr: self.config.data_addr,
             wait_release: false,
             readable: true,
-            holds_reported: false,
             upstream: None,
             conn: None,
             data_conn: None,
@@ -651,22 +649,16 @@ impl Source {
     /// Whether `parent` can feed a node from `offset`, as far as the source
     /// knows: the source always (it keeps everything it read); a node that
     /// serves any offset it wrote always; a node that keeps a bounded
-    /// window only from where that window started at its last report (and,
-    /// before its first report, from what it holds at all). Every placement
-    /// asks this; where the answer is no, the source feeds the node itself.
+    /// window only from where that window started at its last report (its
+    /// join, or a progress report since). Every placement asks this; where
+    /// the answer is no, the source feeds the node itself.
     pub fn holds(&self, parent: Parent, offset: u64) -> bool {
         let Some(n) = parent else {
             return true;
         };
-        let Some(r) = self.nodes.get(&n) else {
-            return false;
-        };
-        let low = if r.holds_reported {
-            r.progress.holds_from
-        } else {
-            r.progress.received
-        };
-        r.readable || offset >= low
+        self.nodes
+            .get(&n)
+            .is_some_and(|r| r.readable || offset >= r.progress.holds_from)
     }
 
     /// The report, one line per node that ever joined, in identifier order
@@ -841,14 +833,19 @@ impl Source {
             data_addr: join.data_addr,
             wait_release: join.wait_release,
             readable: join.readable,
-            holds_reported: false,
             upstream: None,
             conn: Some(conn),
             data_conn: None,
             progress: Progress {
                 received: have,
                 written: have,
-                holds_from: 0,
+                // A node starting over (its prefix was of another image)
+                // keeps its window from 0 again.
+                holds_from: if join.readable || have == 0 {
+                    0
+                } else {
+                    join.holds_from
+                },
             },
             last_heard: now,
             slow_since: None,
@@ -1011,7 +1008,6 @@ impl Source {
         record.progress.received = record.progress.received.max(p.received);
         record.progress.written = record.progress.written.max(p.written);
         record.progress.holds_from = record.progress.holds_from.max(p.holds_from);
-        record.holds_reported = true;
         record.report.received = record.progress.received;
         self.check_slow(now, id);
     }
@@ -1310,17 +1306,23 @@ impl Source {
             // Death during the join: the node no longer counts towards the
             // start; if it comes back it joins again.
             let record = self.nodes.remove(&id).expect("checked");
-            self.unsettled -= 1;
+            // A node a restarted source took back may have said its verdict
+            // already: it was settled then, and its verdict stands.
+            if record.report.outcome.is_none() {
+                self.unsettled -= 1;
+            }
             self.names.remove(&record.report.name);
             if let Some(c) = record.conn {
                 self.conns.remove(&c);
                 self.actions.push_back(SourceAction::Close { conn: c });
             }
             let mut report = record.report;
-            report.outcome = Some(Err(format!(
-                "lost before the start ({reason}) and did not come back"
-            )));
-            report.finished_at = Some(now);
+            if report.outcome.is_none() {
+                report.outcome = Some(Err(format!(
+                    "lost before the start ({reason}) and did not come back"
+                )));
+                report.finished_at = Some(now);
+            }
             report.deaths += 1;
             self.lost_before_start.insert(report.name.clone(), report);
             return;
@@ -1430,7 +1432,10 @@ impl Source {
 
     fn finish(&mut self) {
         self.state = SourceState::Finished;
-        let ok = self.nodes.values().filter(|r| r.report.is_ok()).count() as u32;
+        let ok = (self.nodes.values().map(|r| &r.report))
+            .chain(self.lost_before_start.values())
+            .filter(|r| r.is_ok())
+            .count() as u32;
         let ko = (self.nodes.len() + self.lost_before_start.len()) as u32 - ok;
         self.events.push_back(SourceEvent::Finished { ok, ko });
     }
@@ -1495,6 +1500,7 @@ mod tests {
             wait_release: false,
             readable: true,
             have: 0,
+            holds_from: 0,
             image: None,
             proof: join_proof(&TestKey(1), &NONCE, "s", name),
         }

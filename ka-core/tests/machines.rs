@@ -52,6 +52,7 @@ fn join_msg(name: &str, nonce: &Nonce, key: &dyn Mac) -> Message {
         wait_release: false,
         readable: true,
         have: 0,
+        holds_from: 0,
         image: None,
         proof: join_proof(key, nonce, "s", name),
     })
@@ -1163,6 +1164,36 @@ fn a_node_lost_before_the_start_is_reported_failed_unless_it_comes_back() {
 }
 
 #[test]
+fn a_node_that_verified_then_dies_before_a_restarted_source_starts_keeps_its_verdict() {
+    // A restarted source takes back a node that holds the whole image; it
+    // says its verdict again, then dies before the others are back.
+    let mut src = file_source(3, 1000);
+    join_holding(&mut src, t(1), 1, "a", 1000, IMAGE);
+    let ok = Message::Verified {
+        ok: true,
+        reason: String::new(),
+    };
+    src.handle_message(t(2), ConnId(1), ok);
+    src.handle_closed(t(3), ConnId(1));
+    join_holding(&mut src, t(4), 2, "b", 0, IMAGE);
+    join_holding(&mut src, t(4), 3, "c", 0, IMAGE);
+    src.handle_go(t(5));
+    assert_eq!(src.state(), SourceState::Streaming);
+    // b verifies; the session still waits for c, live and undecided.
+    let ok = Message::Verified {
+        ok: true,
+        reason: String::new(),
+    };
+    src.handle_message(t(6), ConnId(2), ok.clone());
+    assert_eq!(src.state(), SourceState::Streaming, "c is still copying");
+    src.handle_message(t(7), ConnId(3), ok);
+    assert_eq!(src.state(), SourceState::Finished);
+    let report = src.report();
+    assert!(report.iter().all(|r| r.is_ok()), "{report:?}");
+    assert!(events(&mut src).contains(&SourceEvent::Finished { ok: 3, ko: 0 }));
+}
+
+#[test]
 fn a_stalled_source_does_not_declare_its_nodes_dead_but_still_finds_the_silent_one() {
     let mut src = source(3);
     for (i, n) in ["a", "b", "c"].iter().enumerate() {
@@ -1264,6 +1295,7 @@ fn window_node(epoch: u64) -> Node {
         })
         .expect("a join");
     assert!(!join.readable, "the join says the node keeps only a window");
+    assert_eq!(join.holds_from, 0, "from the start of the image");
     node.handle_message(
         t(1),
         ConnId(1),
@@ -1365,6 +1397,60 @@ fn a_window_node_refuses_a_downstream_below_its_window_and_reports_the_window() 
     assert_eq!(
         ask_from(&mut readable, t(4), 7, 100),
         Message::DataAccepted { from: 100 }
+    );
+}
+
+#[test]
+fn a_restarted_window_node_serves_nothing_below_the_prefix_it_resumed_with() {
+    let mut cfg = NodeConfig::new("s", "a", addr(2));
+    cfg.readable = false;
+    let resume = ka_core::node::Resume {
+        image: IMAGE,
+        have: 400,
+    };
+    let mut node = Node::new(Time::ZERO, cfg, Box::new(Key(1)), Some(resume));
+    // Its shell's report of an older window does not move it back.
+    node.handle_progress(t(1), window_progress(400, 100));
+    node.handle_source_connected(t(1), ConnId(1));
+    node.handle_message(
+        t(1),
+        ConnId(1),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([0; 32]),
+        },
+    );
+    let join = sent(&mut node)
+        .into_iter()
+        .find_map(|(_, m)| match m {
+            Message::Join(j) => Some(j),
+            _ => None,
+        })
+        .expect("a join");
+    assert_eq!(
+        (join.readable, join.have, join.holds_from),
+        (false, 400, 400)
+    );
+    node.handle_message(
+        t(1),
+        ConnId(1),
+        Message::Welcome {
+            node: NodeId(1),
+            heartbeat_ms: 250,
+            dead_after_ms: 1000,
+            image_size: Some(1000),
+            image: IMAGE,
+            resume_from: 400,
+        },
+    );
+    node.handle_message(t(2), ConnId(1), under_node_5(1));
+    assert!(matches!(
+        ask_from(&mut node, t(3), 7, 399),
+        Message::Refused(r) if r.code == RefusalCode::CannotResume
+    ));
+    assert_eq!(
+        ask_from(&mut node, t(3), 8, 400),
+        Message::DataAccepted { from: 400 }
     );
 }
 
@@ -1470,14 +1556,22 @@ fn window_source(names: &[&str], arity: u32, size: u64) -> Source {
     let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
     src.handle_image_progress(Time::ZERO, size);
     for (i, name) in names.iter().enumerate() {
-        window_join(&mut src, Time::ZERO, i as u64 + 1, name, 0);
+        window_join(&mut src, Time::ZERO, i as u64 + 1, name, 0, 0);
     }
     assert_eq!(src.state(), SourceState::Streaming);
     src
 }
 
-/// Joins `name` with a sink that cannot be read back, holding `have`.
-fn window_join(src: &mut Source, now: Time, conn: u64, name: &str, have: u64) -> Vec<Message> {
+/// Joins `name` with a sink that cannot be read back, holding `have` and
+/// serving from `holds_from`.
+fn window_join(
+    src: &mut Source,
+    now: Time,
+    conn: u64,
+    name: &str,
+    have: u64,
+    holds_from: u64,
+) -> Vec<Message> {
     let nonce = Nonce([conn as u8; 32]);
     src.handle_connected(now, ConnId(conn), nonce);
     let Message::Join(mut j) = join_msg(name, &nonce, &Key(1)) else {
@@ -1485,6 +1579,7 @@ fn window_join(src: &mut Source, now: Time, conn: u64, name: &str, have: u64) ->
     };
     j.readable = false;
     j.have = have;
+    j.holds_from = holds_from;
     j.image = (have > 0).then_some(IMAGE);
     src.handle_message(now, ConnId(conn), Message::Join(j));
     drain(src)
@@ -1609,44 +1704,56 @@ fn a_late_window_node_goes_under_the_tail_only_if_the_tail_still_holds_its_prefi
     cfg.image_id = IMAGE;
     let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
     src.handle_image_progress(Time::ZERO, 100_000);
-    window_join(&mut src, Time::ZERO, 1, "a", 0);
+    window_join(&mut src, Time::ZERO, 1, "a", 0, 0);
     src.handle_go(t(1));
-    // a has not reported yet: it is taken to hold only from what it has
-    // (0), so a newcomer holding nothing goes under it.
-    window_join(&mut src, t(2), 2, "b", 0);
+    // a's window starts at 0: a newcomer holding nothing goes under it.
+    window_join(&mut src, t(2), 2, "b", 0, 0);
     assert_eq!(src.topology().parent(NodeId(2)), Some(Some(NodeId(1))));
     // b's window has moved past 0 by its report: the next one holding
     // nothing is fed by the source, beyond the chain's arity.
     report(&mut src, t(3), 2, 9000, 1000);
-    window_join(&mut src, t(4), 3, "c", 0);
+    window_join(&mut src, t(4), 3, "c", 0, 0);
     assert_eq!(src.topology().parent(NodeId(3)), Some(None));
     assert_eq!(src.topology().children(None), &[NodeId(1), NodeId(3)]);
     src.topology().check().unwrap();
 }
 
 #[test]
-fn a_window_node_that_restarts_holds_nothing_below_its_prefix_until_it_reports() {
+fn a_window_node_holds_from_where_its_join_then_its_reports_say() {
     let mut src = file_source(3, 100_000);
     for (conn, name) in [(1, "a"), (2, "b"), (3, "c")] {
         join(&mut src, Time::ZERO, conn, name, &Key(1));
     }
     report(&mut src, t(5), 3, 2000, 0);
-    // b comes back as a node keeping a window, holding 4000; it goes under
-    // the tail c, which is readable.
+    // b comes back as a node keeping a window, holding 4000 and serving
+    // from 3000; it goes under the tail c, which is readable.
     src.handle_closed(t(6), ConnId(2));
-    window_join(&mut src, t(7), 4, "b", 4000);
+    window_join(&mut src, t(7), 4, "b", 4000, 3000);
     assert_eq!(src.topology().parent(NodeId(2)), Some(Some(NodeId(3))));
-    // Until b reports, it is taken to hold from 4000 only.
-    assert!(!src.holds(Some(NodeId(2)), 3999));
-    assert!(src.holds(Some(NodeId(2)), 4000));
+    assert!(!src.holds(Some(NodeId(2)), 2999));
+    assert!(src.holds(Some(NodeId(2)), 3000));
+    // Its window moves on; a stale report does not move it back.
+    report(&mut src, t(8), 4, 4500, 3500);
     report(&mut src, t(8), 4, 4500, 100);
-    assert!(src.holds(Some(NodeId(2)), 100));
-    assert!(!src.holds(Some(NodeId(2)), 99));
+    assert!(!src.holds(Some(NodeId(2)), 3499));
+    assert!(src.holds(Some(NodeId(2)), 3500));
     assert!(src.holds(None, 0), "the source holds everything");
     assert!(
         src.holds(Some(NodeId(1)), 0),
         "a readable node holds everything"
     );
+    // A node whose prefix is of another image starts over: its window
+    // starts at 0 again.
+    src.handle_closed(t(9), ConnId(4));
+    let nonce = Nonce([5; 32]);
+    src.handle_connected(t(10), ConnId(5), nonce);
+    let Message::Join(mut j) = join_msg("b", &nonce, &Key(1)) else {
+        unreachable!()
+    };
+    (j.readable, j.have, j.holds_from) = (false, 4000, 3000);
+    j.image = Some(ImageId([8; 32]));
+    src.handle_message(t(10), ConnId(5), Message::Join(j));
+    assert!(src.holds(Some(NodeId(2)), 0));
 }
 
 #[test]
@@ -1659,7 +1766,7 @@ fn a_slow_node_goes_under_the_tail_only_if_the_tail_holds_its_offset() {
     let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
     src.handle_image_progress(Time::ZERO, 10_000_000);
     for (conn, name) in [(1, "a"), (2, "b"), (3, "c")] {
-        window_join(&mut src, Time::ZERO, conn, name, 0);
+        window_join(&mut src, Time::ZERO, conn, name, 0, 0);
     }
     // a races ahead, b crawls; c, which came back holding more than b
     // after a restart, keeps a window that has moved past where b is.
@@ -1689,11 +1796,11 @@ fn a_restarted_source_feeds_a_window_node_itself_when_its_upstream_holds_too_lit
     cfg.join_timeout = Some(Duration::from_secs(1));
     let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
     src.handle_image_progress(Time::ZERO, 100_000);
-    window_join(&mut src, t(1), 1, "a", 9000);
-    window_join(&mut src, t(1), 2, "b", 6000);
-    report(&mut src, t(2), 1, 9000, 5000);
-    report(&mut src, t(2), 2, 6000, 3500);
-    let answers = window_join(&mut src, t(3), 3, "c", 3000);
+    // They come back at once: the last join starts the stream before
+    // anyone reported progress, so the windows are those the joins say.
+    window_join(&mut src, t(1), 1, "a", 9000, 5000);
+    window_join(&mut src, t(1), 2, "b", 6000, 3500);
+    let answers = window_join(&mut src, t(1), 3, "c", 3000, 0);
     assert_eq!(src.state(), SourceState::Streaming);
     let (a, b, c) = (NodeId(1), NodeId(2), NodeId(3));
     assert_eq!(src.topology().parent(a), Some(None));
@@ -2001,6 +2108,7 @@ mod model {
                 };
                 j.readable = n.spec.readable;
                 j.have = n.received;
+                j.holds_from = n.serves_from();
                 j.image = (n.received > 0).then_some(IMAGE);
                 let now = t(self.now);
                 self.src.handle_connected(now, conn, nonce);

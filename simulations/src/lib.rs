@@ -13,7 +13,9 @@
 //! chain stays a simple path, data flows only downstream, offsets only grow,
 //! nobody copies data its upstream does not hold) and at the end (every
 //! survivor's copy equals the source's, every failure is named, the run
-//! finished within its bound).
+//! finished within its bound). A run may make every node one that keeps only
+//! a bounded window of the stream ([`SimConfig::window`]), so the repairs
+//! that need the source to step in are exercised too.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

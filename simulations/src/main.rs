@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use ka_core::config::SlowPolicy;
+use simulations::faults::{parse_late, Fault};
 use simulations::{Faults, SimConfig};
 
 /// Simulate a ka session with many nodes, deterministically from a seed.
@@ -23,6 +24,21 @@ struct Cli {
     /// Faults to inject.
     #[arg(long, value_enum, default_value_t = FaultMode::None)]
     faults: FaultMode,
+    /// One fault of a fixed schedule (repeatable), instead of a swarm:
+    /// KIND:NODE@SECONDS[:ARG], e.g. crash:4@1.0, hang:3@1.0:1.5,
+    /// cut:3@1.0:0.5, slow:2@0.5:4, restart:2@1.0:0.3, disk:1@2.0,
+    /// source@2.0:0.8. Nodes count from 0, in chain order.
+    #[arg(long, value_parser = |s: &str| s.parse::<Fault>())]
+    fault: Vec<Fault>,
+    /// A node that starts late, in a fixed schedule (repeatable):
+    /// NODE@SECONDS, e.g. 5@0.3.
+    #[arg(long, value_parser = parse_late)]
+    late: Vec<(usize, std::time::Duration)>,
+    /// Every node keeps only this many bytes of the stream to serve its
+    /// downstreams from, as a node unpacking the stream as it arrives does
+    /// (suffixes as for --size); default: every node serves from what it wrote.
+    #[arg(long, value_parser = ka_core::units::parse_size)]
+    window: Option<u64>,
     /// Children per node (1: a chain).
     #[arg(long, default_value_t = 1)]
     arity: u32,
@@ -95,6 +111,30 @@ fn main() -> ExitCode {
         FaultMode::None => Faults::None,
         FaultMode::Swarm => Faults::Swarm,
     };
+    if !cli.fault.is_empty() || !cli.late.is_empty() {
+        if matches!(cli.faults, FaultMode::Swarm) {
+            eprintln!(
+                "error: --fault and --late make a schedule of their own: leave out --faults swarm"
+            );
+            return ExitCode::from(2);
+        }
+        let beyond = cli
+            .fault
+            .iter()
+            .map(|f| f.node)
+            .chain(cli.late.iter().map(|l| l.0))
+            .find(|&n| n >= cli.nodes);
+        if let Some(n) = beyond {
+            eprintln!(
+                "error: node {n} is not among the {} nodes (they count from 0): give a smaller index or more --nodes",
+                cli.nodes
+            );
+            return ExitCode::from(2);
+        }
+        let mut faults = cli.fault.clone();
+        faults.sort_by_key(|f| f.at);
+        cfg.faults = Faults::Schedule(faults, cli.late.clone());
+    }
     cfg.arity = cli.arity;
     cfg.rate = cli.rate_mbit * 1e6 / 8.0;
     cfg.latency = std::time::Duration::from_micros(cli.latency_us);
@@ -109,6 +149,16 @@ fn main() -> ExitCode {
         Policy::Drop => SlowPolicy::Drop,
     };
     cfg.trace = cli.trace;
+    cfg.window = cli.window;
+    if let Some(w) = cli.window {
+        let least = cfg.min_window();
+        if w < least {
+            eprintln!(
+                "error: a --window of {w} bytes is less than four data hops of the stream at these rates: give at least {least}"
+            );
+            return ExitCode::from(2);
+        }
+    }
     println!(
         "options: --nodes {} --size {} --seed {seed} --faults {:?} --arity {} --rate-mbit {} --latency-us {} --mtu {} --forward-delay-us {} --forward-after-us {} --forward-bytes-min {} --control-jitter-us {}",
         cli.nodes,
@@ -123,6 +173,9 @@ fn main() -> ExitCode {
         cli.forward_bytes_min,
         cli.control_jitter_us
     );
+    if let Some(w) = cli.window {
+        println!("window: every node serves its downstreams from its last {w} bytes only");
+    }
     let (payload, wire) = cfg.frame();
     println!(
         "link: {payload} payload bytes per {wire}-byte frame, {:.3} MB/s of image per port; a data hop costs {:.3} ms",
@@ -133,7 +186,11 @@ fn main() -> ExitCode {
     let swarm = sim.swarm().clone();
     if !swarm.faults.is_empty() || !swarm.late.is_empty() {
         let kinds: Vec<&str> = swarm.kinds.iter().map(|k| k.name()).collect();
-        println!("swarm: kinds {kinds:?}");
+        if matches!(cfg.faults, Faults::Schedule(..)) {
+            println!("schedule:");
+        } else {
+            println!("swarm: kinds {kinds:?}");
+        }
         for f in &swarm.faults {
             println!("  fault {f}");
         }
@@ -165,6 +222,12 @@ fn main() -> ExitCode {
         out.early_downstreams,
         out.upstream_refusals
     );
+    if cfg.window.is_some() {
+        println!(
+            "windows: {} data connection(s) dropped by an upstream whose window passed them, {} node(s) stranded and taken in by the source, which fed up to {} at once",
+            out.window_drops, out.stranded, out.source_children_max
+        );
+    }
     if !out.verified_at.is_empty() {
         let at = |q: f64| {
             out.verified_at[((out.verified_at.len() - 1) as f64 * q) as usize].as_secs_f64()

@@ -604,6 +604,7 @@ fn a_node_of_another_protocol_version_is_refused_and_the_others_finish() {
         wait_release: false,
         readable: true,
         have: 0,
+        holds_from: 0,
         image: None,
         proof: ka_core::auth::join_proof(&key, &nonce, "ka", "future"),
     };

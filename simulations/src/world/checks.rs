@@ -6,6 +6,12 @@
 //! data: offsets only grow, nobody copies what its sender does not hold, and
 //! no node is told to start over.
 //!
+//! With windows, the source may feed more than `arity` nodes (those no node
+//! can feed), so a chain is a simple path below each of the source's
+//! children; and no receiver goes on taking data from a sender whose window
+//! has passed it by more than a data hop's worth (the sender's data plane
+//! must have dropped it).
+//!
 //! At the end the session has finished (or aborted for a reason that was
 //! right), every survivor's copy equals the source's image, no node took
 //! more data than it lacked, every failure is named, and the run finished
@@ -61,6 +67,50 @@ impl Sim {
         }
     }
 
+    /// The bound of a run with windows, once it is known how many nodes
+    /// the source fed at once: a node left behind its upstream's window
+    /// (by a fault, or by an upstream that took the stream faster than it
+    /// can pass it on to several children) costs a reconnect and is then
+    /// fed by the source, whose port it shares with the others fed so. So
+    /// after the last heal and detection, a re-stream at the slowest rate
+    /// shared that many ways, plus a reconnect per node dropped or stranded.
+    /// Without windows, or when the source never fed more than one node,
+    /// `bound` as it was.
+    pub(super) fn bound_with_windows(
+        &self,
+        bound: Duration,
+        kind: &'static str,
+    ) -> (Duration, &'static str) {
+        let fed = self.source_children_max as u32;
+        if self.cfg.window.is_none() || fed <= 1 {
+            return (bound, kind);
+        }
+        let last_heal = self
+            .faults
+            .iter()
+            .map(Fault::heals_at)
+            .max()
+            .unwrap_or(Duration::ZERO);
+        let slowest = self.faults.iter().filter_map(|f| match f.kind {
+            FaultKind::Slow(x) => Some(x),
+            _ => None,
+        });
+        let slow = slowest.max().unwrap_or(1);
+        let detect = Duration::from_millis(1000 + 250 + 200 + 500);
+        let pipeline = self.cfg.pipeline_bound();
+        let reconnects = Duration::from_millis(250) * (self.window_drops + self.stranded) as u32;
+        let windowed = last_heal
+            + detect
+            + pipeline * (slow * fed)
+            + pipeline
+            + reconnects
+            + Duration::from_secs(2);
+        (
+            windowed.max(bound),
+            "last heal + detection + re-stream at the slowest rate shared by the nodes the source fed + reconnects",
+        )
+    }
+
     /// Records the run's first violation (later ones follow from it).
     pub(super) fn violate(&mut self, what: String) {
         if self.violation.is_none() {
@@ -82,8 +132,17 @@ impl Sim {
             if let Err(e) = topo.check() {
                 return self.violate(format!("topology: {e}"));
             }
-            if self.cfg.arity == 1 && !topo.is_chain() {
+            if self.cfg.arity == 1 && self.cfg.window.is_none() && !topo.is_chain() {
                 return self.violate("arity 1 but the topology is not a simple path".into());
+            }
+            if self.cfg.arity == 1 && self.cfg.window.is_some() {
+                let forked = topo
+                    .breadth_first()
+                    .flatten()
+                    .find(|&n| topo.children(Some(n)).len() > 1);
+                if let Some(n) = forked {
+                    return self.violate(format!("arity 1 but {n} feeds more than one node"));
+                }
             }
             // Only live nodes have a place.
             let placed: Vec<ka_core::ids::NodeId> = topo.breadth_first().flatten().collect();
@@ -93,9 +152,20 @@ impl Sim {
         }
         // Data flows only downstream: a receiver is never ahead of its sender.
         let dirty = core::mem::take(&mut self.dirty);
+        // What a receiver may lag behind the moment its sender's window
+        // passed it: the world looks again at least every data hop.
+        let slack = (self.cfg.payload_rate() * self.cfg.data_hop().as_secs_f64()) as u64 + 2;
         for i in dirty {
             if let Some((conn, End::Node(u))) = self.nodes[i].data.inflow {
                 if self.conns[conn.0 as usize].open {
+                    if let Some(held) = self.holds_from(u) {
+                        let at = self.offset_now(i);
+                        if at + slack < held {
+                            return self.violate(format!(
+                                "node{i} at {at} still receives from node{u}, whose window starts at {held}"
+                            ));
+                        }
+                    }
                     let mine = self.offset_at(i, self.now);
                     let theirs = self
                         .offset_at(u, self.now)
@@ -144,7 +214,12 @@ impl Sim {
         if let Some(reason) = &self.aborted {
             // Aborting at the join deadline is right when too few nodes could
             // have joined by then: the rest were late or struck down early.
-            let deadline = self.source.config().join_timeout.unwrap_or(Duration::ZERO);
+            // The deadline runs from the start of the source process that
+            // aborted (a restarted one waits a second from its restart).
+            let deadline = self
+                .source_started_at
+                .saturating_since(ka_core::time::Time::ZERO)
+                + self.source.config().join_timeout.unwrap_or(Duration::ZERO);
             let could_join = (0..self.cfg.nodes)
                 .filter(|&i| !self.swarm.late.iter().any(|&(n, _)| n == i))
                 .filter(|&i| !self.faults.iter().any(|f| f.node == i && f.at <= deadline))

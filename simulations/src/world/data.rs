@@ -14,6 +14,13 @@
 //! records a durable prefix now and then, as the real shell syncs its target
 //! and records how far it got: that prefix, never more than the node copied,
 //! is what it finds when it restarts.
+//!
+//! With a window (see the world's docs), a node's machine also hears where
+//! its window starts, and a receiver is watched against its sender's
+//! window: from the two offsets and rates the world knows when the sender's
+//! window will pass the receiver, and checks again then (and at every
+//! retime). A receiver the window passed is dropped by its sender's data
+//! plane.
 
 use core::time::Duration;
 use std::collections::VecDeque;
@@ -23,7 +30,7 @@ use ka_core::config::{RECORD_EVERY as DURABLE_EVERY, RECORD_STEP as DURABLE_STEP
 use ka_core::ids::ConnId;
 use ka_core::time::Time;
 
-use super::{Content, End, Ev, Sim};
+use super::{Content, End, Ev, Input, Sim};
 
 /// The data side of a node: a fluid offset and the copy it has made.
 #[derive(Debug, Clone)]
@@ -105,15 +112,80 @@ impl Sim {
             s.durable = s.durable.max(received - received % self.granule);
             s.durable_at = now;
         }
-        if let Some(m) = s.machine.as_mut() {
+        let holds_from = self.holds_from(i).unwrap_or(0);
+        if let Some(m) = self.nodes[i].machine.as_mut() {
             m.handle_progress(
                 now,
                 Progress {
                     received,
                     written: received,
-                    holds_from: 0,
+                    holds_from,
                 },
             );
+        }
+    }
+
+    /// Where node `u`'s window starts now, in whole bytes as its machine
+    /// hears it; `None` without windows.
+    pub(super) fn holds_from(&self, u: usize) -> Option<u64> {
+        let w = self.cfg.window?;
+        let s = &self.nodes[u];
+        Some(s.window_from.max(self.offset_now(u).saturating_sub(w)))
+    }
+
+    /// With windows: when, at the present rates, node `i` falls out of its
+    /// sender's window; a check is scheduled then (for this generation of
+    /// `i`'s rates: a retime plans again).
+    fn plan_window_check(&mut self, i: usize, gen: u64) {
+        let Some(w) = self.cfg.window else {
+            return;
+        };
+        let Some((conn, End::Node(u))) = self.nodes[i].data.inflow else {
+            return;
+        };
+        if !self.conns[conn.0 as usize].open || self.nodes[i].data.ended {
+            return;
+        }
+        let mine = self.offset_at(i, self.now);
+        let start = self.offset_at(u, self.now) - w as f64;
+        // Two bytes past the crossing, so the whole-byte check then finds it.
+        let gap = mine + 2.0 - start;
+        let closing = self.nodes[u].data.rate - self.nodes[i].data.rate;
+        if self.holds_from(u).is_some_and(|h| self.offset_now(i) < h) {
+            self.schedule(self.now, Ev::WindowCheck { node: i, gen });
+        } else if closing > 0.0 {
+            // At least a microsecond on, so rounding cannot make the check
+            // and its plan chase each other at one moment.
+            let wait =
+                Duration::from_secs_f64(gap.max(0.0) / closing).max(Duration::from_micros(1));
+            self.schedule(self.now + wait, Ev::WindowCheck { node: i, gen });
+        }
+    }
+
+    /// A planned check of node `i` against its sender's window: a sender
+    /// whose window has passed `i` can no longer serve it, and its data
+    /// plane closes the connection (the sender's machine hears it closed,
+    /// as from its shell); otherwise plan again.
+    pub(super) fn window_check(&mut self, i: usize, gen: u64) {
+        let Some((conn, End::Node(u))) = self.nodes[i].data.inflow else {
+            return;
+        };
+        if !self.conns[conn.0 as usize].open {
+            return;
+        }
+        let mine = self.offset_now(i);
+        let Some(held) = self.holds_from(u).filter(|&h| mine < h) else {
+            return self.plan_window_check(i, gen);
+        };
+        self.trace(|| {
+            format!("node{u:05} drops node{i:05}: it is at {mine}, the window starts at {held}")
+        });
+        self.window_drops += 1;
+        self.close(End::Node(u), conn);
+        if self.nodes[u].frozen {
+            self.nodes[u].pending.push_back(Input::Closed(conn));
+        } else {
+            self.node_input(u, Input::Closed(conn));
         }
     }
 
@@ -284,6 +356,7 @@ impl Sim {
         d.following = following;
         d.gen += 1;
         let gen = d.gen;
+        self.plan_window_check(i, gen);
         // The sender's stream as seen from here changes one data hop after
         // the sender's own rate did: look again then.
         if let Some((_, End::Node(u))) = self.nodes[i].data.inflow {

@@ -163,6 +163,76 @@ impl fmt::Display for Fault {
     }
 }
 
+/// A fault as the simulator's `--fault` option writes it:
+/// `KIND:NODE@SECONDS[:ARG]`, the node 0-based, times in seconds:
+/// `crash:4@1.0`, `hang:3@1.0:1.5` (for 1.5 s), `cut:3@1.0:0.5`,
+/// `slow:2@0.5:4` (4 times slower), `restart:2@1.0:0.3` (back after
+/// 0.3 s), `disk:1@2.0`, and `source@2.0:0.8` (the source restarts, back
+/// after 0.8 s).
+impl core::str::FromStr for Fault {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Fault, String> {
+        let usage = "write a fault as KIND:NODE@SECONDS[:ARG], e.g. crash:4@1.0, hang:3@1.0:1.5, \
+                     cut:3@1.0:0.5, slow:2@0.5:4, restart:2@1.0:0.3, disk:1@2.0 or source@2.0:0.8";
+        let bad = |what: &str| format!("bad fault {spec:?}: {what}; {usage}");
+        let (who, when) = spec.split_once('@').ok_or_else(|| bad("no @"))?;
+        let (kind, node) = match who.split_once(':') {
+            Some((kind, node)) => {
+                let node = node.parse().map_err(|_| bad("the node is not a number"))?;
+                (kind, node)
+            }
+            None => (who, 0),
+        };
+        let (at, arg) = match when.split_once(':') {
+            Some((at, arg)) => (at, Some(arg)),
+            None => (when, None),
+        };
+        let secs = |s: &str, what: &str| {
+            s.parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v >= 0.0)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| bad(&format!("{what} is not a number of seconds")))
+        };
+        let at = secs(at, "the time")?;
+        let duration =
+            |arg: Option<&str>| secs(arg.ok_or_else(|| bad("no duration"))?, "the duration");
+        let kind = match (kind, arg) {
+            ("crash", None) => FaultKind::Crash,
+            ("disk", None) => FaultKind::DiskError,
+            ("hang", arg) => FaultKind::Hang(duration(arg)?),
+            ("cut", arg) => FaultKind::Cut(duration(arg)?),
+            ("restart", arg) => FaultKind::Restart(duration(arg)?),
+            ("source", arg) => FaultKind::SourceRestart(duration(arg)?),
+            ("slow", Some(x)) => FaultKind::Slow(
+                x.parse()
+                    .ok()
+                    .filter(|&x| x >= 1)
+                    .ok_or_else(|| bad("the slowdown is not a whole factor of 1 or more"))?,
+            ),
+            ("slow", None) => return Err(bad("no slowdown factor")),
+            ("crash" | "disk", Some(_)) => return Err(bad("this kind takes no argument")),
+            _ => return Err(bad("unknown kind")),
+        };
+        Ok(Fault { at, node, kind })
+    }
+}
+
+/// A late join as the simulator's `--late` option writes it: `NODE@SECONDS`
+/// (node 0-based): the node starts that long after the source.
+pub fn parse_late(spec: &str) -> Result<(usize, Duration), String> {
+    let bad = || format!("bad late join {spec:?}: write NODE@SECONDS, e.g. 5@0.3");
+    let (node, at) = spec.split_once('@').ok_or_else(bad)?;
+    let node = node.parse().map_err(|_| bad())?;
+    let at = at
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .ok_or_else(bad)?;
+    Ok((node, Duration::from_secs_f64(at)))
+}
+
 /// Which late joins and faults a swarm enabled, for the printed options.
 #[derive(Debug, Clone, Default)]
 pub struct Swarm {
@@ -331,5 +401,50 @@ impl Sim {
             self.with_node(i, |n, now| n.handle_timeout(now));
         }
         self.retime_around(i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_parse_as_the_option_writes_them() {
+        let f = |s: &str| s.parse::<Fault>();
+        let secs = Duration::from_secs_f64;
+        assert_eq!(
+            f("crash:4@1.5"),
+            Ok(Fault {
+                at: secs(1.5),
+                node: 4,
+                kind: FaultKind::Crash
+            })
+        );
+        assert_eq!(
+            f("hang:3@1:0.25").map(|f| f.kind),
+            Ok(FaultKind::Hang(secs(0.25)))
+        );
+        assert_eq!(f("slow:2@0.5:4").map(|f| f.kind), Ok(FaultKind::Slow(4)));
+        assert_eq!(
+            f("source@2:0.8").map(|f| (f.node, f.kind)),
+            Ok((0, FaultKind::SourceRestart(secs(0.8))))
+        );
+        for bad in [
+            "crash:4",
+            "hang:3@1",
+            "slow:2@1:0",
+            "melt:1@1",
+            "crash:x@1",
+            "crash:1@-1",
+            "disk:1@1:2",
+        ] {
+            let err = f(bad).expect_err(bad);
+            assert!(
+                err.contains(bad) && err.contains("KIND:NODE@SECONDS"),
+                "{err}"
+            );
+        }
+        assert_eq!(parse_late("5@0.3"), Ok((5, secs(0.3))));
+        assert!(parse_late("5").unwrap_err().contains("NODE@SECONDS"));
     }
 }

@@ -47,6 +47,22 @@
 //! Randomness comes from one seeded generator, split at the start into one
 //! for the image and one for the faults; the first then serves the network
 //! (connection nonces, the source's jitter) in event order.
+//!
+//! # Bounded-window nodes
+//!
+//! With [`SimConfig::window`] every node is one whose sink cannot be read
+//! back (it unpacks the stream as it arrives): it keeps only the last
+//! `window` bytes it received, so the window starts at its offset less the
+//! window, and a restarted one holds nothing below the prefix it came back
+//! with. Its machine is told where the window starts with each progress
+//! report, and refuses (through ka-core) a downstream asking for less. An
+//! upstream whose downstream falls more than its window behind can no
+//! longer serve it: its data plane closes that connection, the downstream
+//! reconnects, is refused, tells the source and is fed by it. The checkers
+//! add: no upstream serves from below its window, no downstream keeps
+//! receiving from one that no longer holds what it takes, and every
+//! placement names an upstream that holds the node's offset (as the source
+//! knows it) or the source itself.
 
 use core::net::{IpAddr, Ipv4Addr, SocketAddr};
 use core::time::Duration;
@@ -130,6 +146,10 @@ pub struct SimConfig {
     /// A swarm run with zero here draws its own for half the seeds, up to
     /// 3 ms, and runs with that.
     pub control_jitter: Duration,
+    /// Every node keeps only this many bytes of the stream to serve its
+    /// downstreams from (a node unpacking the stream as it arrives); `None`:
+    /// every node serves from what it wrote. See the module docs.
+    pub window: Option<u64>,
     /// Print one line per notable event.
     pub trace: bool,
 }
@@ -154,8 +174,17 @@ impl SimConfig {
             disk_rate: None,
             slow_policy: SlowPolicy::MoveToTail,
             control_jitter: Duration::ZERO,
+            window: None,
             trace: false,
         }
+    }
+
+    /// The fewest bytes a node's window may hold: four data hops' worth of
+    /// the stream. A downstream that keeps up is a data hop behind its
+    /// upstream; with a window smaller than that, every node would fall out
+    /// of its upstream's window at once and the source would feed them all.
+    pub fn min_window(&self) -> u64 {
+        (self.payload_rate() * self.data_hop().as_secs_f64() * 4.0).ceil() as u64
     }
 
     /// The analytic pipeline bound: the image at the port's payload rate
@@ -268,6 +297,14 @@ pub struct Outcome {
     pub upstream_refusals: usize,
     /// The control jitter the run used (see [`SimConfig::control_jitter`]).
     pub control_jitter: Duration,
+    /// Data connections an upstream closed because its downstream fell more
+    /// than the window behind.
+    pub window_drops: usize,
+    /// Nodes the source took in after their upstream refused them for want
+    /// of data (`SourceEvent::Stranded`).
+    pub stranded: usize,
+    /// The most nodes the source fed directly at once.
+    pub source_children_max: usize,
 }
 
 /// A node: its host, its process, its port and its data.
@@ -310,6 +347,9 @@ struct Slot {
     /// What it held when the source last restarted: it must never ask for
     /// less again (until it restarts itself).
     floor: Option<u64>,
+    /// With a window: the prefix its process started with, below which it
+    /// holds nothing (a restarted node's window starts empty).
+    window_from: u64,
 }
 
 impl Slot {
@@ -334,6 +374,7 @@ impl Slot {
             started_from: 0,
             received: 0.0,
             floor: None,
+            window_from: 0,
         }
     }
 }
@@ -398,6 +439,8 @@ pub struct Sim {
     source_incarnation: u32,
     /// The source's process is down: killed and not started again yet.
     source_down: bool,
+    /// When the source's current process started.
+    source_started_at: Time,
     /// The outcomes the source's shell keeps on disk (name, MAC, outcome):
     /// a restarted source is handed them.
     source_record: Vec<(String, [u8; 6], Result<(), String>)>,
@@ -407,17 +450,31 @@ pub struct Sim {
     early_downstreams: usize,
     /// See [`Outcome::upstream_refusals`].
     upstream_refusals: usize,
+    /// See [`Outcome::window_drops`].
+    window_drops: usize,
+    /// See [`Outcome::stranded`].
+    stranded: usize,
+    /// See [`Outcome::source_children_max`].
+    source_children_max: usize,
 }
 
 impl Sim {
     /// Builds the world for `cfg`: draws the swarm, makes the source image.
-    /// Panics if `cfg.mtu` is below 68, the least an IPv4 link may have.
+    /// Panics if `cfg.mtu` is below 68, the least an IPv4 link may have, or
+    /// if `cfg.window` is below [`SimConfig::min_window`].
     pub fn new(mut cfg: SimConfig) -> Self {
         assert!(
             cfg.mtu >= 68,
             "MTU {} is below IPv4's minimum of 68: give at least 68 (1500 for Ethernet)",
             cfg.mtu
         );
+        if let Some(w) = cfg.window {
+            let least = cfg.min_window();
+            assert!(
+                w >= least,
+                "a window of {w} bytes is less than four data hops of the stream: give at least {least}"
+            );
+        }
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let mut image_rng = ChaCha8Rng::seed_from_u64(rng.next_u64());
         let mut fault_rng = ChaCha8Rng::seed_from_u64(rng.next_u64());
@@ -468,10 +525,14 @@ impl Sim {
             source_config: scfg,
             source_incarnation: 0,
             source_down: false,
+            source_started_at: Time::ZERO,
             source_record: Vec::new(),
             slow: 0,
             early_downstreams: 0,
             upstream_refusals: 0,
+            window_drops: 0,
+            stranded: 0,
+            source_children_max: 0,
         };
         for i in 0..sim.cfg.nodes {
             let delay = sim
@@ -498,12 +559,18 @@ impl Sim {
     /// Runs to the end (or to a generous time limit) and reports.
     pub fn run(mut self) -> Outcome {
         let (bound, bound_kind) = self.bound();
-        let limit = Time::ZERO + bound * 4 + Duration::from_secs(30);
-        self.run_events(limit);
+        let mut limit = bound * 4 + Duration::from_secs(30);
+        if self.cfg.window.is_some() {
+            // Room for the source to feed many nodes at once (see
+            // `bound_with_windows`); a stuck run is still caught.
+            limit *= 4;
+        }
+        self.run_events(Time::ZERO + limit);
         let completion = self
             .finished_at
             .unwrap_or(self.now)
             .saturating_since(Time::ZERO);
+        let (bound, bound_kind) = self.bound_with_windows(bound, bound_kind);
         self.final_checks(completion, bound);
         let report = self.source.report();
         let ok = report.iter().filter(|r| r.is_ok()).count();
@@ -541,6 +608,9 @@ impl Sim {
             early_downstreams: self.early_downstreams,
             upstream_refusals: self.upstream_refusals,
             control_jitter: self.cfg.control_jitter,
+            window_drops: self.window_drops,
+            stranded: self.stranded,
+            source_children_max: self.source_children_max,
             ok,
             ko: self.cfg.nodes - ok,
             completion,

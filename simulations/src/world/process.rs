@@ -12,6 +12,12 @@
 //!
 //! Machines authenticate with a cheap, deterministic stand-in MAC keyed by
 //! the seed: the simulation tests the protocol, not the cryptography.
+//!
+//! With windows, nodes are configured as not readable, and the world checks
+//! what their machines decide: nobody serves from below its window, and
+//! every placement the source announces (`Relinked`, and the layout at
+//! `Started`) names an upstream that holds the node's offset as far as the
+//! source knows, or the source itself.
 
 use core::net::SocketAddr;
 use core::time::Duration;
@@ -147,6 +153,20 @@ impl Sim {
             if matches!(ev, SourceEvent::Slow { .. }) {
                 self.slow += 1;
             }
+            if matches!(ev, SourceEvent::Stranded { .. }) {
+                self.stranded += 1;
+            }
+            match &ev {
+                SourceEvent::Relinked { node, upstream } => self.check_placement(*node, *upstream),
+                SourceEvent::Started { .. } => {
+                    let placed: Vec<_> = self.source.topology().breadth_first().flatten().collect();
+                    for n in placed {
+                        let upstream = self.source.topology().parent(n).flatten();
+                        self.check_placement(n, upstream);
+                    }
+                }
+                _ => {}
+            }
 
             self.trace(|| format!("source {ev:?}"));
         }
@@ -161,6 +181,26 @@ impl Sim {
                     incarnation,
                 },
             );
+        }
+    }
+
+    /// A placement the source just made feeds `node` from an upstream that
+    /// holds its offset, as the source knows both, or from the source.
+    fn check_placement(
+        &mut self,
+        node: ka_core::ids::NodeId,
+        upstream: Option<ka_core::ids::NodeId>,
+    ) {
+        let fed = self.source.topology().children(None).len();
+        self.source_children_max = self.source_children_max.max(fed);
+        let Some(at) = self.source.progress(node).map(|p| p.received) else {
+            return;
+        };
+        if upstream.is_some() && !self.source.holds(upstream, at) {
+            let held = upstream.and_then(|u| self.source.progress(u));
+            self.violate(format!(
+                "{node} placed under {upstream:?}, which does not hold its offset {at} ({held:?})"
+            ));
         }
     }
 
@@ -262,9 +302,13 @@ impl Sim {
                 let Some((End::Node(d), _)) = self.other_end(conn, me) else {
                     return;
                 };
-                // A readable sink serves anything it wrote; a later offset is
-                // served as it arrives.
-                let _ = (node, from);
+                // A readable sink serves anything it wrote, a window what it
+                // still holds; a later offset is served as it arrives.
+                if let Some(held) = self.holds_from(i).filter(|&h| from < h) {
+                    self.violate(format!(
+                        "node{i} serves {node} (node{d}) from {from}, below its window (from {held})"
+                    ));
+                }
                 self.nodes[i].data.outflows.push((conn, d));
             }
             NodeAction::Close { conn } => self.close(me, conn),
@@ -294,6 +338,7 @@ impl Sim {
         s.timer_at = None;
         let mut cfg = NodeConfig::new(SESSION, s.name.clone(), s.addr);
         cfg.mac = [2, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+        cfg.readable = self.cfg.window.is_none();
         // What a restarted node finds: the prefix it last recorded as durable
         // (never more than it had copied; what lies beyond is written again).
         let copied = if s.data.copied >= self.granules {
@@ -306,6 +351,8 @@ impl Sim {
             s.data.copied = (have / self.granule) as usize;
         }
         s.started_from = have;
+        // A new process keeps nothing of its old window.
+        s.window_from = have;
         s.received = 0.0;
         s.floor = s.floor.map(|f| f.min(have));
         s.data.off0 = have as f64;
@@ -400,6 +447,7 @@ impl Sim {
         }
         self.source = source;
         self.source_down = false;
+        self.source_started_at = now;
         self.image_done = false;
         self.source_outflows.clear();
         let restored = self.source_record.len();

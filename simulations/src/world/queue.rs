@@ -76,6 +76,9 @@ pub(super) enum Ev {
     Retime { node: usize, gen: u64 },
     /// A node's offset reaches the end of the image.
     Arrive { node: usize, gen: u64 },
+    /// A node may have fallen out of its sender's window (gen as for
+    /// `Retime`).
+    WindowCheck { node: usize, gen: u64 },
     /// A fault strikes.
     Fault(usize),
     /// A node process starts (at the beginning, late, or after a restart).
@@ -160,6 +163,11 @@ impl Sim {
             Ev::Arrive { node, gen } => {
                 if self.nodes[node].data.gen == gen {
                     self.arrive(node);
+                }
+            }
+            Ev::WindowCheck { node, gen } => {
+                if self.nodes[node].data.gen == gen {
+                    self.window_check(node, gen);
                 }
             }
             Ev::Fault(f) => self.fault(f),
