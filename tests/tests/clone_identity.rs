@@ -11,29 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ka_bin::boot::{BootState, Inventory, Mode};
+use ka_tests::system::Loop;
 use ka_tests::{ka, ka_bin, require_tool, run, stderr, stdout, wait_timeout, ChildGuard};
-
-/// A loop device with partition scanning, detached when dropped.
-struct Loop(String);
-
-impl Loop {
-    fn attach(file: &Path) -> Loop {
-        let o = run(
-            Command::new(require_tool("losetup", "mount"))
-                .args(["--find", "--show", "--partscan"])
-                .arg(file),
-            Duration::from_secs(30),
-        );
-        assert!(o.status.success(), "losetup: {}", stderr(&o));
-        Loop(stdout(&o).trim().to_string())
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").args(["-d", &self.0]).status();
-    }
-}
 
 fn check(o: &std::process::Output, what: &str) {
     assert!(o.status.success(), "{what}: {}{}", stdout(o), stderr(o));

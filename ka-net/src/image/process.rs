@@ -139,6 +139,8 @@ impl Supervised {
             .map_err(|e| Error::io(format!("waiting for `{}`", self.label), e))?;
         self.waited = true;
         if let Some(d) = self.drain.take() {
+            // The child has exited, so its stderr reaches EOF unless a
+            // grandchild still holds it; the reader then ends with it.
             let _ = d.join();
         }
         let stderr = String::from_utf8_lossy(&self.tail.lock().expect("stderr tail lock"))
@@ -150,22 +152,10 @@ impl Supervised {
     /// Waits for the child; an exit other than success becomes
     /// [`Error::Command`] with the tail of its standard error.
     pub fn wait_success(&mut self) -> Result<(), Error> {
-        let status = self
-            .child
-            .wait()
-            .map_err(|e| Error::io(format!("waiting for `{}`", self.label), e))?;
-        self.waited = true;
-        if let Some(d) = self.drain.take() {
-            // The child has exited, so its stderr reaches EOF unless a
-            // grandchild still holds it; the reader then ends with it.
-            let _ = d.join();
-        }
+        let (status, stderr) = self.wait_with_stderr()?;
         if status.success() {
             return Ok(());
         }
-        let stderr = String::from_utf8_lossy(&self.tail.lock().expect("stderr tail lock"))
-            .trim()
-            .to_string();
         Err(Error::Command {
             command: self.label.clone(),
             status: status.to_string(),
