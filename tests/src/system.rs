@@ -51,6 +51,23 @@ impl Loop {
 
 impl Drop for Loop {
     fn drop(&mut self) {
+        // A node killed mid-rebuild leaves this disk's file systems mounted:
+        // they must go, or the device (and its file's blocks) stays.
+        let table = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let prefix = format!("{}p", self.0);
+        let mut points: Vec<&str> = table
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                let dash = f.iter().position(|x| *x == "-")?;
+                let source = f.get(dash + 2)?;
+                (source.starts_with(&prefix) || *source == self.0).then_some(f[4])
+            })
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = Command::new("umount").arg("-l").arg(p).status();
+        }
         let _ = Command::new("losetup").args(["-d", &self.0]).status();
     }
 }
@@ -153,6 +170,15 @@ impl SourceMachine {
             require_tool(tool, pkg);
         }
         let disk = Loop::blank(&dir.join("source.img"), SOURCE_DISK);
+        // File-system UUIDs of this machine's own: xfs refuses to mount a
+        // second file system of a UUID already mounted, and tests may build
+        // machines side by side.
+        let u = unique_suffix();
+        let (root_uuid, home_uuid, swap_uuid) = (
+            format!("5e1f7007-0000-4000-8000-{u}"),
+            format!("5e1f4043-0000-4000-8000-{u}"),
+            format!("5e1f5a00-0000-4000-8000-{u}"),
+        );
         let script = format!(
             "label: gpt\nlabel-id: 5E1F0000-1111-4222-8333-444455556666\n\
              size=1MiB, type={}, name=bios, uuid=5E1F0001-0000-4000-8000-000000000001\n\
@@ -172,11 +198,17 @@ impl SourceMachine {
 for i in $(seq 50); do [ -b "$1p5" ] && break; sleep 0.1; done
 printf 'fake bios core' | dd of="$1p1" conv=notrunc status=none
 mkfs.vfat -n KAESP -i 1234ABCD "$1p2" >/dev/null
-mkswap -L kaswap -U 5e1f5a00-0000-4000-8000-000000000001 "$1p3" >/dev/null
-mkfs.ext4 -q -F -L karoot -U 5e1f7007-0000-4000-8000-000000000001 "$1p4"
-mkfs.xfs -q -f -L kahome -m uuid=5e1f4043-0000-4000-8000-000000000001 "$1p5"
+mkswap -L kaswap -U "$5" "$1p3" >/dev/null
+mkfs.ext4 -q -F -L karoot -U "$3" "$1p4"
+mkfs.xfs -q -f -L kahome -m uuid="$4" "$1p5"
 "#,
-            &[disk.dev(), dir.join("source.sfdisk").to_str().unwrap()],
+            &[
+                disk.dev(),
+                dir.join("source.sfdisk").to_str().unwrap(),
+                &root_uuid,
+                &home_uuid,
+                &swap_uuid,
+            ],
         );
         // The ESP, filled as an installer would, without mounting it.
         fs::write(dir.join("BOOTX64.EFI"), crate::pseudo_random(200_000, 64)).unwrap();
@@ -195,7 +227,7 @@ mcopy -i "$1" "$3" ::/EFI/debian/grub.cfg"#,
         let root = dir.join("source-root");
         let mut mounts = vec![Mount::new(&disk.part(4), &root, &[])];
         mounts.push(Mount::new(&disk.part(5), &root.join("home"), &[]));
-        fill(&root, bulk);
+        fill(&root, bulk, [&root_uuid, &home_uuid, &swap_uuid]);
         SourceMachine { root, disk, mounts }
     }
 }
@@ -212,7 +244,7 @@ impl Drop for SourceMachine {
 /// links, a sparse file, symlinks, device nodes, a fifo, numeric owners
 /// without names, modes, times, xattrs, POSIX ACLs, file capabilities, and
 /// a directory of mode 1777 to be excluded.
-fn fill(root: &Path, bulk: usize) {
+fn fill(root: &Path, bulk: usize, [root_uuid, home_uuid, swap_uuid]: [&str; 3]) {
     let r = |p: &str| root.join(p);
     for d in [
         "etc",
@@ -228,9 +260,11 @@ fn fill(root: &Path, bulk: usize) {
     }
     fs::write(
         r("etc/fstab"),
-        "UUID=5e1f7007-0000-4000-8000-000000000001 / ext4 errors=remount-ro 0 1\n\
-         UUID=5e1f4043-0000-4000-8000-000000000001 /home xfs defaults 0 2\n\
-         UUID=5e1f5a00-0000-4000-8000-000000000001 none swap sw 0 0\n",
+        format!(
+            "UUID={root_uuid} / ext4 errors=remount-ro 0 1\n\
+             UUID={home_uuid} /home xfs defaults 0 2\n\
+             UUID={swap_uuid} none swap sw 0 0\n"
+        ),
     )
     .unwrap();
     fs::write(r("etc/hostname"), "golden\n").unwrap();
@@ -241,6 +275,10 @@ fn fill(root: &Path, bulk: usize) {
     fs::write(r("home/alice/notes.txt"), "alice's notes\n").unwrap();
     fs::write(r("tmp/scratch"), "not to be cloned\n").unwrap();
     fs::write(r("boot/grub.cfg"), "menuentry golden {}\n").unwrap();
+    // A shell, so a post-command can run chrooted into the clone.
+    fs::create_dir_all(r("bin")).unwrap();
+    fs::copy(require_tool("busybox", "busybox-static"), r("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", r("bin/sh")).unwrap();
     bash(
         r#"cd "$1"
 ln usr/bin/tool usr/bin/tool-hardlink
@@ -267,6 +305,19 @@ touch -d '1999-12-31 23:59:59' etc/hostname
 "#,
         &[root.to_str().unwrap()],
     );
+}
+
+/// Twelve hex digits no other machine built now shares: the process, the
+/// time and a counter.
+fn unique_suffix() -> String {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let x = (u64::from(std::process::id()) << 24) ^ u64::from(t) ^ (n << 44);
+    format!("{:012x}", x & 0xffff_ffff_ffff)
 }
 
 /// One entry of a tree as a comparison sees it.

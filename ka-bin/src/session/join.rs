@@ -164,7 +164,11 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
         Output::System(disks) => Target::System {
             rebuild: RebuildOptions {
                 disks,
-                workdir: std::env::temp_dir().join(format!("ka-system-{}", std::process::id())),
+                workdir: std::env::temp_dir().join(format!(
+                    "{}{}",
+                    ka_net::system::rebuild::WORKDIR_PREFIX,
+                    std::process::id()
+                )),
             },
             spool: spool.clone(),
             window: opts.window,

@@ -76,12 +76,16 @@ pub struct Rebuilder {
     current: Current,
     /// What was done, for the node's log and report.
     done: Vec<String>,
+    /// Held while this rebuild runs: it tells a later rebuild that these
+    /// mounts are not left over.
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl Rebuilder {
     /// A rebuilder for `opts`; nothing is touched before the plan arrives.
     pub fn new(opts: RebuildOptions) -> Self {
         let root = opts.workdir.join("root");
+        let _lock = hold_lock(&opts.workdir);
         Rebuilder {
             opts,
             plan: None,
@@ -90,6 +94,7 @@ impl Rebuilder {
             mounts: Vec::new(),
             current: Current::Idle,
             done: Vec::new(),
+            _lock,
         }
     }
 
@@ -159,6 +164,7 @@ impl Rebuilder {
             lf.check(&plan.layout)?;
         }
         self.check_disks(&plan.layout)?;
+        self.clear_leftovers();
         // Plan every disk before writing any: a refusal writes nothing.
         let mut plans = Vec::new();
         for (i, (src, target)) in plan.layout.disks.iter().zip(&self.opts.disks).enumerate() {
@@ -223,6 +229,61 @@ impl Rebuilder {
         }
         self.plan = Some(plan);
         Ok(())
+    }
+
+    /// Unmounts what a `ka join --system` that died (killed, or its machine
+    /// reset without a reboot) left mounted. Each rebuild holds a lock on a
+    /// file beside its private directory for as long as it runs; a
+    /// directory whose lock can be taken belongs to nobody (process IDs are
+    /// reused too soon to tell). Otherwise the disks would stay busy and a
+    /// restarted node could not rebuild them.
+    fn clear_leftovers(&mut self) {
+        let Some(parent) = self.opts.workdir.parent() else {
+            return;
+        };
+        let Ok(mounts) = crate::image::mounts::read_mounts() else {
+            return;
+        };
+        let mut owners: Vec<PathBuf> = Vec::new();
+        let mut stale: Vec<PathBuf> = Vec::new();
+        for point in mounts.into_iter().map(|m| m.mount_point) {
+            let Ok(rest) = point.strip_prefix(parent) else {
+                continue;
+            };
+            let Some(dir) = rest.components().next() else {
+                continue;
+            };
+            let dir = parent.join(dir);
+            if dir == self.opts.workdir
+                || !dir
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(WORKDIR_PREFIX))
+            {
+                continue;
+            }
+            if owners.contains(&dir) || owner_gone(&dir) {
+                if !owners.contains(&dir) {
+                    owners.push(dir);
+                }
+                stale.push(point);
+            }
+        }
+        // Innermost first.
+        stale.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for dir in &stale {
+            unmount_patiently(dir);
+        }
+        for dir in &owners {
+            let _ = std::fs::remove_dir(dir.join("root"));
+            let _ = std::fs::remove_dir(dir);
+            let _ = std::fs::remove_file(lock_path(dir));
+        }
+        if !stale.is_empty() {
+            self.done.push(format!(
+                "unmounted {} file systems an earlier ka join left mounted",
+                stale.len()
+            ));
+        }
     }
 
     fn check_disks(&self, layout: &Layout) -> Result<(), Error> {
@@ -409,6 +470,9 @@ impl Rebuilder {
         }
         let _ = std::fs::remove_dir(&self.root);
         let _ = std::fs::remove_dir(&self.opts.workdir);
+        if self.mounts.is_empty() {
+            let _ = std::fs::remove_file(lock_path(&self.opts.workdir));
+        }
         first_error.map_or(Ok(()), Err)
     }
 }
@@ -419,6 +483,52 @@ impl Drop for Rebuilder {
         let _ = self.unmount_all();
     }
 }
+
+/// Unmounts `dir`, giving what still writes there (the `tar` of a killed
+/// `ka join`, which stops at the end of its input) a few seconds to finish:
+/// a file system detached lazily would go on writing to a disk that is
+/// being repartitioned.
+fn unmount_patiently(dir: &Path) {
+    for _ in 0..50 {
+        if Command::new("umount")
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = Command::new("umount").arg("-l").arg(dir).status();
+}
+
+/// The lock file of a rebuild's private directory `dir`.
+fn lock_path(dir: &Path) -> PathBuf {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Takes the lock of the rebuild in `workdir`, held while the returned
+/// file lives.
+fn hold_lock(workdir: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let file = std::fs::File::create(lock_path(workdir)).ok()?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
+}
+
+/// Whether the rebuild that made `dir` is gone: its lock is free (or was
+/// never taken).
+fn owner_gone(dir: &Path) -> bool {
+    match std::fs::File::open(lock_path(dir)) {
+        Err(_) => true,
+        Ok(f) => nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok(),
+    }
+}
+
+/// How a rebuild's private directory is named, followed by the PID of the
+/// `ka join` that owns it: `<tmp>/ka-system-<pid>`.
+pub const WORKDIR_PREFIX: &str = "ka-system-";
 
 /// GNU tar's arguments to unpack a tree as it was: modes, numeric owners,
 /// ACLs and every xattr namespace (SELinux labels, file capabilities).
