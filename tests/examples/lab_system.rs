@@ -588,10 +588,16 @@ impl CloneRun {
             m.steal,
             m.idle
         );
-        println!(
-            "    of which the source's ka {source_ka:.1}, its tar {source_tar:.1}, other tools {source_other:.1}; nodes' ka {node_ka:.1}, tar -x {node_tar:.1}, mkfs {node_mkfs:.1}, other tools {node_other:.1}; everything else (network, loop devices, other work on the machine) {:.1}",
-            (m.busy() - processes).max(0.0)
-        );
+        let rest = (m.busy() - processes).max(0.0);
+        if self.seen.iter().any(|s| !s.is_ka) {
+            println!(
+                "    of which the source's ka {source_ka:.1}, its tar {source_tar:.1}, other tools {source_other:.1}; nodes' ka {node_ka:.1}, tar -x {node_tar:.1}, mkfs {node_mkfs:.1}, other tools {node_other:.1}; everything else (network, loop devices, other work on the machine) {rest:.1}",
+            );
+        } else {
+            println!(
+                "    of which the source's ka {source_ka:.1}; nodes' ka {node_ka:.1}; everything else (network, loop devices, other work on the machine) {rest:.1}",
+            );
+        }
         println!(
             "  in cores: source {:.2}, nodes' ka {:.2}, nodes' tar -x {:.2}",
             (source_ka + source_tar + source_other) / stream,
@@ -612,11 +618,14 @@ impl CloneRun {
                 _ => "not seen".into(),
             }
         };
-        println!(
-            "  on the nodes, mkfs ran at {} and tar -x at {} of the stream",
-            span(&mkfs),
-            span(&tar)
-        );
+        let tools = self.seen.iter().any(|s| !s.is_ka);
+        if tools {
+            println!(
+                "  on the nodes, mkfs ran at {} and tar -x at {} of the stream",
+                span(&mkfs),
+                span(&tar)
+            );
+        }
         let node_peaks: Vec<u64> = self
             .seen
             .iter()
@@ -624,15 +633,25 @@ impl CloneRun {
             .map(|s| s.peak)
             .collect();
         let mean = node_peaks.iter().sum::<u64>() as f64 / node_peaks.len().max(1) as f64;
+        let mib = |b: u64| b as f64 / MIB;
+        let (node_tools, source_tools) = if tools {
+            (
+                format!(
+                    ", their tar -x at most {:.1} MiB, mkfs {:.1} MiB",
+                    mib(self.peak(false, tar)),
+                    mib(self.peak(false, mkfs))
+                ),
+                format!(", its tar {:.1} MiB", mib(self.peak(true, tar))),
+            )
+        } else {
+            Default::default()
+        };
         println!(
-            "  peak RSS: each ka join {:.1}–{:.1} MiB (mean {:.1}), their tar -x at most {:.1} MiB, mkfs {:.1} MiB; ka serve {:.1} MiB, its tar {:.1} MiB",
-            node_peaks.iter().copied().min().unwrap_or(0) as f64 / MIB,
-            node_peaks.iter().copied().max().unwrap_or(0) as f64 / MIB,
+            "  peak RSS: each ka join {:.1}–{:.1} MiB (mean {:.1}){node_tools}; ka serve {:.1} MiB{source_tools}",
+            mib(node_peaks.iter().copied().min().unwrap_or(0)),
+            mib(node_peaks.iter().copied().max().unwrap_or(0)),
             mean / MIB,
-            self.peak(false, tar) as f64 / MIB,
-            self.peak(false, mkfs) as f64 / MIB,
-            self.peak(true, |s| s.is_ka) as f64 / MIB,
-            self.peak(true, tar) as f64 / MIB
+            mib(self.peak(true, |s| s.is_ka)),
         );
         if last / floor > 1.10 {
             let deaths = self.fin.all("Dead").len();
