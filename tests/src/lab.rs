@@ -397,7 +397,10 @@ impl Lab {
         let mut cmd = Command::new(&self.ip);
         cmd.args(["netns", "exec", &host.netns])
             .arg(program)
-            .args(args);
+            .args(args)
+            // What a process leaves in its temporary directory (a spool, a
+            // node's mount points when it is killed) goes with the lab.
+            .env("TMPDIR", &self.dir);
         KaProc::spawn(cmd, label)
     }
 
