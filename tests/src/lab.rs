@@ -397,7 +397,10 @@ impl Lab {
         let mut cmd = Command::new(&self.ip);
         cmd.args(["netns", "exec", &host.netns])
             .arg(program)
-            .args(args);
+            .args(args)
+            // What a process leaves in its temporary directory (a spool, a
+            // node's mount points when it is killed) goes with the lab.
+            .env("TMPDIR", &self.dir);
         KaProc::spawn(cmd, label)
     }
 
@@ -467,6 +470,7 @@ impl Made {
         for ns in &self.namespaces {
             remove_namespace(ip, ns);
         }
+        release_disks(&self.dir);
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             eprintln!(
                 "lab {}: cannot remove its work directory {}: {e}",
@@ -607,6 +611,73 @@ fn remove_namespace(ip: &Path, ns: &str) {
     }
 }
 
+/// Unmounts every mount under `dir` (deepest first) and detaches every
+/// loop device whose backing file is under it: a lab's work directory may
+/// hold the disks of a system clone and their mounts, which must not stay
+/// held (nor be emptied through a mount) when the lab goes, whether it was
+/// dropped, interrupted or left by a killed process. Never panics.
+fn release_disks(dir: &Path) {
+    let mut mounts: Vec<PathBuf> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for m in mounts {
+        let unmounted = Command::new("umount")
+            .arg(&m)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            eprintln!("lab: {} is busy; unmounting it lazily", m.display());
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+    }
+    let Ok(devices) = std::fs::read_dir("/sys/block") else {
+        return;
+    };
+    for d in devices.flatten() {
+        let name = d.file_name().to_string_lossy().into_owned();
+        let Ok(backing) = std::fs::read_to_string(d.path().join("loop/backing_file")) else {
+            continue;
+        };
+        let backing = backing.trim_end();
+        let backing = backing.strip_suffix(" (deleted)").unwrap_or(backing);
+        if Path::new(backing).starts_with(dir) {
+            let _ = Command::new("losetup")
+                .args(["-d", &format!("/dev/{name}")])
+                .status();
+        }
+    }
+}
+
+/// A mount point as `/proc/self/mountinfo` writes it (space, tab, newline
+/// and backslash as octal escapes), decoded.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|o| o.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(o)) => {
+                out.push((o[0] - b'0') * 64 + (o[1] - b'0') * 8 + (o[2] - b'0'));
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The PID in a lab name `kalab-<pid>-…`.
 fn lab_pid(name: &str) -> Option<i32> {
     let rest = name.strip_prefix(PREFIX)?;
@@ -638,6 +709,7 @@ fn remove_stale_labs(ip: &Path) {
             let name = e.file_name().to_string_lossy().into_owned();
             if stale(&name) && e.path().is_dir() {
                 eprintln!("lab: removing stale work directory {}", e.path().display());
+                release_disks(&e.path());
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
@@ -782,6 +854,28 @@ impl KaProc {
         }
     }
 
+    /// Waits (at most `timeout`) for a line of standard error that
+    /// satisfies `pred`; panics on timeout, describing `what` it waited
+    /// for.
+    pub fn wait_stderr_line(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let err = self.err.lock().unwrap_or_else(|e| e.into_inner());
+                if err.iter().any(|l| pred(&l.text)) {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not print {what} within {timeout:?}:\n{}",
+                self.label,
+                self.transcript()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Its exit status, if it has exited.
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
@@ -867,6 +961,13 @@ mod tests {
         assert_eq!(lab_pid("kalab-77-12-sw"), Some(77));
         assert_eq!(lab_pid("kalab-x-0-sw"), None);
         assert_eq!(lab_pid("other-1234-0"), None);
+    }
+
+    #[test]
+    fn mount_points_are_unescaped_as_mountinfo_escapes_them() {
+        assert_eq!(unescape_mountinfo("/dev/shm/a\\040b"), "/dev/shm/a b");
+        assert_eq!(unescape_mountinfo("/x\\134y\\011z"), "/x\\y\tz");
+        assert_eq!(unescape_mountinfo("/plain\\12"), "/plain\\12");
     }
 
     #[test]

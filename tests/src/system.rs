@@ -147,15 +147,102 @@ pub struct SourceMachine {
     pub disk: Loop,
     /// Mounts, innermost last (dropped first).
     pub mounts: Vec<Mount>,
+    /// The UUIDs of its root, /home and swap, its own (see
+    /// [`unique_suffix`]).
+    pub uuids: [String; 3],
 }
 
 /// The size of the source's disk.
 pub const SOURCE_DISK: u64 = 1024 << 20;
 
+/// A GPT source disk's size and its root partition's; the BIOS boot
+/// partition (1 MiB), the ESP and swap (32 MiB each) are fixed, and /home
+/// takes the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskShape {
+    /// The whole disk, in bytes.
+    pub disk: u64,
+    /// The ext4 root partition, in bytes (a multiple of 1 MiB).
+    pub root: u64,
+}
+
+impl DiskShape {
+    /// The test machine's: 1 GiB, of which 512 MiB of root.
+    pub const TEST: DiskShape = DiskShape {
+        disk: SOURCE_DISK,
+        root: 512 << 20,
+    };
+
+    /// A disk whose root holds `root_files` bytes of files and whose /home
+    /// holds `home_files`, each file system with a quarter more and 64 MiB
+    /// for its own metadata and journal (and /home at least the 300 MB
+    /// `mkfs.xfs` needs).
+    pub fn holding(root_files: u64, home_files: u64) -> DiskShape {
+        const MIB: u64 = 1 << 20;
+        let fs = |files: u64| (files + files / 4 + 64 * MIB).div_ceil(MIB) * MIB;
+        let root = fs(root_files);
+        let home = fs(home_files).max(320 * MIB);
+        // The table's 1 MiB before the first partition and GPT's backup
+        // at the end.
+        DiskShape {
+            disk: MIB + MIB + 32 * MIB + 32 * MIB + root + home + MIB,
+            root,
+        }
+    }
+}
+
 impl SourceMachine {
     /// Builds it in `dir`; `bulk` bytes of random data go in /usr/lib/bulk
     /// (to make a stream long enough to break in the middle).
     pub fn build(dir: &Path, bulk: usize) -> SourceMachine {
+        let machine = SourceMachine::partitioned(dir, DiskShape::TEST);
+        fill(&machine.root, bulk, &machine.uuids);
+        machine
+    }
+
+    /// A machine that looks lived in, for measurements: a disk of `shape`
+    /// whose root holds copies of this machine's own programs, libraries
+    /// and data files (`/usr/bin`, `/usr/sbin`, `/usr/lib`, `/usr/share`)
+    /// until `root_files` bytes, and whose /home holds more of them under
+    /// `alice/` (`/usr/include`, `/usr/share/doc`, `/usr/local`,
+    /// `/usr/lib`) until `home_files` bytes, less the boot loader tools (a
+    /// partial /usr cannot run them, so nodes leave the clone's boot as it
+    /// is, as for [`SourceMachine::build`]'s); then everything
+    /// [`SourceMachine::build`] puts in a tree (links, devices, ACLs,
+    /// capabilities, a sparse file, a /tmp to exclude) with 1 MiB of
+    /// random bulk. Panics, saying so, if this machine has too few files.
+    pub fn build_lived_in(
+        dir: &Path,
+        shape: DiskShape,
+        root_files: u64,
+        home_files: u64,
+    ) -> (SourceMachine, Copied) {
+        let machine = SourceMachine::partitioned(dir, shape);
+        let mut copied = copy_real_files(
+            &machine.root,
+            &["/usr/bin", "/usr/sbin", "/usr/lib", "/usr/share"],
+            root_files,
+        );
+        let home = machine.root.join("home/alice");
+        fs::create_dir_all(&home).unwrap();
+        copied.add(copy_real_files(
+            &home,
+            &["/usr/include", "/usr/share/doc", "/usr/local", "/usr/lib"],
+            home_files,
+        ));
+        // Part of a /usr is no system to chroot into (no /bin/sh, no
+        // loader): without its boot loader tools, a node leaves the clone
+        // as it is instead of failing to run them.
+        for tool in BOOT_TOOLS {
+            let _ = fs::remove_file(machine.root.join(tool));
+        }
+        fill(&machine.root, 1 << 20, &machine.uuids);
+        (machine, copied)
+    }
+
+    /// The disk partitioned as `shape` says, its file systems made (the
+    /// ESP filled) and mounted, root and /home empty.
+    fn partitioned(dir: &Path, shape: DiskShape) -> SourceMachine {
         for (tool, pkg) in [
             ("sfdisk", "fdisk"),
             ("mkfs.ext4", "e2fsprogs"),
@@ -169,26 +256,27 @@ impl SourceMachine {
         ] {
             require_tool(tool, pkg);
         }
-        let disk = Loop::blank(&dir.join("source.img"), SOURCE_DISK);
+        let disk = Loop::blank(&dir.join("source.img"), shape.disk);
         // File-system UUIDs of this machine's own: xfs refuses to mount a
         // second file system of a UUID already mounted, and tests may build
         // machines side by side.
         let u = unique_suffix();
-        let (root_uuid, home_uuid, swap_uuid) = (
+        let uuids = [
             format!("5e1f7007-0000-4000-8000-{u}"),
             format!("5e1f4043-0000-4000-8000-{u}"),
             format!("5e1f5a00-0000-4000-8000-{u}"),
-        );
+        ];
         let script = format!(
             "label: gpt\nlabel-id: 5E1F0000-1111-4222-8333-444455556666\n\
              size=1MiB, type={}, name=bios, uuid=5E1F0001-0000-4000-8000-000000000001\n\
              size=32MiB, type={}, name=esp, uuid=5E1F0002-0000-4000-8000-000000000002\n\
              size=32MiB, type={}, name=swap, uuid=5E1F0003-0000-4000-8000-000000000003\n\
-             size=512MiB, type={}, name=root, uuid=5E1F0004-0000-4000-8000-000000000004, attrs=\"LegacyBIOSBootable\"\n\
+             size={}MiB, type={}, name=root, uuid=5E1F0004-0000-4000-8000-000000000004, attrs=\"LegacyBIOSBootable\"\n\
              type={}, name=home, uuid=5E1F0005-0000-4000-8000-000000000005\n",
             types::BIOS_BOOT,
             types::ESP,
             types::SWAP,
+            shape.root >> 20,
             types::LINUX,
             types::LINUX
         );
@@ -205,9 +293,9 @@ mkfs.xfs -q -f -L kahome -m uuid="$4" "$1p5"
             &[
                 disk.dev(),
                 dir.join("source.sfdisk").to_str().unwrap(),
-                &root_uuid,
-                &home_uuid,
-                &swap_uuid,
+                &uuids[0],
+                &uuids[1],
+                &uuids[2],
             ],
         );
         // The ESP, filled as an installer would, without mounting it.
@@ -227,9 +315,158 @@ mcopy -i "$1" "$3" ::/EFI/debian/grub.cfg"#,
         let root = dir.join("source-root");
         let mut mounts = vec![Mount::new(&disk.part(4), &root, &[])];
         mounts.push(Mount::new(&disk.part(5), &root.join("home"), &[]));
-        fill(&root, bulk, [&root_uuid, &home_uuid, &swap_uuid]);
-        SourceMachine { root, disk, mounts }
+        SourceMachine {
+            root,
+            disk,
+            mounts,
+            uuids,
+        }
     }
+
+    /// Unmounts its file systems (innermost first), so its disk can be
+    /// served as an image that nothing writes.
+    pub fn unmount(&mut self) {
+        while let Some(m) = self.mounts.pop() {
+            drop(m);
+        }
+    }
+}
+
+/// What makes a node install a boot loader into a clone
+/// (`ka_net::system::bootloader`), relative to its root.
+const BOOT_TOOLS: &[&str] = &[
+    "usr/sbin/grub-install",
+    "usr/sbin/grub2-install",
+    "usr/sbin/update-initramfs",
+    "usr/bin/dracut",
+    "usr/sbin/dracut",
+    "usr/bin/extlinux",
+    "usr/sbin/extlinux",
+    "usr/bin/bootctl",
+];
+
+/// How much [`copy_real_files`] copied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Copied {
+    /// Regular files.
+    pub files: u64,
+    /// Their bytes (apparent sizes).
+    pub bytes: u64,
+}
+
+impl Copied {
+    fn add(&mut self, other: Copied) {
+        self.files += other.files;
+        self.bytes += other.bytes;
+    }
+}
+
+/// Copies this machine's own files from the directories `from` (absolute,
+/// taken in order) into `dest`, each under its own path (`/usr/lib/x` →
+/// `dest/usr/lib/x`), with modes, owners, links and times, until `bytes`
+/// bytes of regular files: whole directories while they fit, else what
+/// fits of their contents, in name order. Real files make a stream as a
+/// machine's is (many small files, binaries, text), unlike random filler.
+/// Panics, saying what to do, if the directories hold too little.
+pub fn copy_real_files(dest: &Path, from: &[&str], bytes: u64) -> Copied {
+    let mut picked = Vec::new();
+    let mut left = bytes;
+    let mut copied = Copied::default();
+    for dir in from {
+        let dir = Path::new(dir);
+        if dir.is_dir() {
+            pick_files(dir, &mut left, &mut picked, &mut copied);
+        }
+    }
+    // What is left is less than the smallest file not taken.
+    assert!(
+        left < bytes / 100 + (1 << 20),
+        "this machine has only {} MiB of files under {} to copy, not {} MiB: ask for less",
+        copied.bytes >> 20,
+        from.join(", "),
+        bytes >> 20
+    );
+    let list = dest.join(".ka-copy-list");
+    let mut text = Vec::new();
+    for p in &picked {
+        let rel = p.strip_prefix("/").unwrap_or(p);
+        text.extend_from_slice(rel.as_os_str().as_encoded_bytes());
+        text.push(0);
+    }
+    fs::write(&list, text).unwrap();
+    bash(
+        r#"tar -C / --null --files-from="$1" --create --file=- --numeric-owner --xattrs --acls \
+  | tar -C "$2" --extract --file=- --numeric-owner --same-owner --preserve-permissions --xattrs --acls
+rm -f "$1""#,
+        &[list.to_str().unwrap(), dest.to_str().unwrap()],
+    );
+    copied
+}
+
+/// Adds to `picked` what of `dir` fits in `left` bytes of regular files
+/// (see [`copy_real_files`]); never crosses into another file system.
+fn pick_files(dir: &Path, left: &mut u64, picked: &mut Vec<PathBuf>, copied: &mut Copied) {
+    let dev = fs::symlink_metadata(dir).map(|m| m.dev()).unwrap_or(0);
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut names: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+    names.sort();
+    for p in names {
+        if *left == 0 {
+            return;
+        }
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if m.dev() != dev {
+            continue;
+        }
+        let ft = m.file_type();
+        let size = if ft.is_dir() {
+            files_under(&p)
+        } else if ft.is_file() {
+            Copied {
+                files: 1,
+                bytes: m.len(),
+            }
+        } else if ft.is_symlink() {
+            Copied::default()
+        } else {
+            // Sockets, fifos and devices have no place among copied files.
+            continue;
+        };
+        if size.bytes <= *left {
+            *left -= size.bytes;
+            copied.add(size);
+            picked.push(p);
+        } else if ft.is_dir() {
+            pick_files(&p, left, picked, copied);
+        }
+    }
+}
+
+/// The regular files under `dir` on its file system: how many, how many
+/// bytes.
+fn files_under(dir: &Path) -> Copied {
+    let mut total = Copied::default();
+    let dev = fs::symlink_metadata(dir).map(|m| m.dev()).unwrap_or(0);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() && m.dev() == dev {
+                stack.push(e.path());
+            } else if m.is_file() {
+                total.files += 1;
+                total.bytes += m.len();
+            }
+        }
+    }
+    total
 }
 
 impl Drop for SourceMachine {
@@ -244,7 +481,7 @@ impl Drop for SourceMachine {
 /// links, a sparse file, symlinks, device nodes, a fifo, numeric owners
 /// without names, modes, times, xattrs, POSIX ACLs, file capabilities, and
 /// a directory of mode 1777 to be excluded.
-fn fill(root: &Path, bulk: usize, [root_uuid, home_uuid, swap_uuid]: [&str; 3]) {
+fn fill(root: &Path, bulk: usize, [root_uuid, home_uuid, swap_uuid]: &[String; 3]) {
     let r = |p: &str| root.join(p);
     for d in [
         "etc",

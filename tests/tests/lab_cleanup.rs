@@ -2,7 +2,9 @@
 //! normally: interrupted (SIGTERM, SIGINT), its signal handler removes the
 //! lab and the process exits as the signal would have; killed outright
 //! (SIGKILL), the next lab removes the leftovers. Each case runs a lab in a
-//! process of its own (the `ka-lab` binary), with `ka serve` waiting in it.
+//! process of its own (the `ka-lab` binary), with `ka serve` waiting in it
+//! and a loop disk mounted in its work directory, as a system clone's
+//! source has: the mount and the loop device go too.
 //!
 //! Needs root (CI runs as root); the lab panics with the reason otherwise.
 
@@ -26,6 +28,10 @@ struct Held {
     namespaces: Vec<String>,
     dir: PathBuf,
     serve: Pid,
+    /// The loop device attached in the work directory.
+    disk: String,
+    /// Where its file system is mounted.
+    mount: PathBuf,
 }
 
 impl Drop for Held {
@@ -36,10 +42,11 @@ impl Drop for Held {
     }
 }
 
-/// Starts `ka-lab` with two nodes and waits until its lab is ready.
+/// Starts `ka-lab` with two nodes and a mounted loop disk, and waits until
+/// its lab is ready.
 fn hold_a_lab() -> Held {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ka-lab"))
-        .arg("2")
+        .args(["2", "--disk"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("starting ka-lab");
@@ -57,6 +64,8 @@ fn hold_a_lab() -> Held {
         namespaces: Vec::new(),
         dir: PathBuf::new(),
         serve: Pid::from_raw(0),
+        disk: String::new(),
+        mount: PathBuf::new(),
     };
     let deadline = Instant::now() + WAIT;
     loop {
@@ -70,6 +79,8 @@ fn hold_a_lab() -> Held {
             Some(("serve-pid", pid)) => {
                 held.serve = Pid::from_raw(pid.parse().expect("a PID after serve-pid"))
             }
+            Some(("loop", dev)) => held.disk = dev.to_string(),
+            Some(("mount", dir)) => held.mount = PathBuf::from(dir),
             _ if line == "ready" => break,
             _ => panic!("ka-lab printed an unexpected line: {line:?}"),
         }
@@ -88,7 +99,34 @@ fn hold_a_lab() -> Held {
         held.dir.display()
     );
     assert!(alive(held.serve), "ka serve {} is not running", held.serve);
+    assert!(
+        mounted(&held.mount),
+        "ka-lab printed mount {} but nothing is mounted there",
+        held.mount.display()
+    );
+    assert!(
+        backs(&held.disk, &held.dir),
+        "ka-lab printed loop {} but it holds no file of {}",
+        held.disk,
+        held.dir.display()
+    );
     held
+}
+
+/// Whether something is mounted at `dir` (in this mount namespace, the
+/// host's, where the lab mounts its disks).
+fn mounted(dir: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("reading mountinfo");
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| Path::new(m) == dir)
+}
+
+/// Whether loop device `dev` is attached to a file under `dir`.
+fn backs(dev: &str, dir: &Path) -> bool {
+    let name = dev.trim_start_matches("/dev/");
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+        .is_ok_and(|f| Path::new(f.trim_end()).starts_with(dir))
 }
 
 fn namespace_exists(ns: &str) -> bool {
@@ -109,6 +147,16 @@ fn assert_removed(held: &Held, how: &str) {
     for ns in &held.namespaces {
         assert!(!namespace_exists(ns), "{how}: namespace {ns} is left");
     }
+    assert!(
+        !mounted(&held.mount),
+        "{how}: {} is still mounted",
+        held.mount.display()
+    );
+    assert!(
+        !backs(&held.disk, &held.dir),
+        "{how}: loop device {} is still attached",
+        held.disk
+    );
     assert!(
         !held.dir.exists(),
         "{how}: work directory {} is left",
@@ -156,7 +204,10 @@ fn a_lab_killed_outright_is_removed_by_the_next_lab() {
     // SIGKILL runs no handler: all of it is left, which is what the next
     // lab must clean.
     assert!(
-        held.namespaces.iter().all(|ns| namespace_exists(ns)) && held.dir.is_dir(),
+        held.namespaces.iter().all(|ns| namespace_exists(ns))
+            && held.dir.is_dir()
+            && mounted(&held.mount)
+            && backs(&held.disk, &held.dir),
         "a lab killed outright should be left as it was until the next lab"
     );
     let next = Lab::new(1, Rate::mbit(100));

@@ -42,18 +42,42 @@ impl Lab {
             f.write_all_at(&pseudo_random(1 << 20, i + 1), i << 20)
                 .expect("writing the image");
         }
+        Session {
+            lab: self,
+            image,
+            size,
+            secret: self.write_secret(),
+        }
+    }
+
+    /// A session on an existing `image`, a file or a block device (a
+    /// source machine's disk, served as it is or file by file), which the
+    /// lab neither writes nor removes.
+    pub fn session_of(&self, image: &Path) -> Session<'_> {
+        let size = File::open(image)
+            .and_then(|f| {
+                use std::io::{Seek, SeekFrom};
+                // A block device's metadata says 0 bytes; its end does not.
+                (&f).seek(SeekFrom::End(0))
+            })
+            .unwrap_or_else(|e| panic!("cannot read the size of {}: {e}", image.display()));
+        Session {
+            lab: self,
+            image: image.to_path_buf(),
+            size,
+            secret: self.write_secret(),
+        }
+    }
+
+    /// The session secret, in the lab's work directory.
+    fn write_secret(&self) -> PathBuf {
         let secret = self.dir().join("secret");
         let hex: String = pseudo_random(32, u64::from(std::process::id()))
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
         std::fs::write(&secret, hex).expect("writing the secret");
-        Session {
-            lab: self,
-            image,
-            size,
-            secret,
-        }
+        secret
     }
 }
 
@@ -79,6 +103,12 @@ impl Session<'_> {
     /// lab's order (`n1` first) and the source's state directory, plus
     /// `extra` arguments. The same call again restarts the same source.
     pub fn serve(&self, nodes: usize, extra: &[&str]) -> Serve {
+        self.serve_input(nodes, &["--image", path_str(&self.image)], extra)
+    }
+
+    /// [`Session::serve`] of what `input` names instead of the image
+    /// (`--system --root DIR`, `--command CMD`, …).
+    pub fn serve_input(&self, nodes: usize, input: &[&str], extra: &[&str]) -> Serve {
         let order: Vec<String> = self.lab.nodes().iter().map(|h| h.name.clone()).collect();
         let mut args: Vec<String> = [
             "serve",
@@ -88,8 +118,6 @@ impl Session<'_> {
             &self.server(),
             "--secret-file",
             path_str(&self.secret),
-            "--image",
-            path_str(&self.image),
             "--json",
             "--order",
             &order.join(","),
@@ -98,6 +126,7 @@ impl Session<'_> {
         ]
         .map(String::from)
         .to_vec();
+        args.extend(input.iter().map(|s| s.to_string()));
         args.extend(extra.iter().map(|s| s.to_string()));
         Serve {
             proc: self.lab.spawn_ka(self.lab.source(), "ka serve", &args),
@@ -119,8 +148,22 @@ impl Session<'_> {
     /// [`Session::join`] on node `i` under the node name `name` (another
     /// host's, to play two machines that share a name).
     pub fn join_as(&self, i: usize, name: &str, extra: &[&str]) -> Join {
+        let target = self.target(&self.lab.node(i).name);
+        self.join_onto(i, name, "--target", &target, extra)
+    }
+
+    /// [`Session::join_as`] writing to `target` as `output` says: `--target`
+    /// (a file or a block device), `--system` (a disk rebuilt from a system
+    /// clone).
+    pub fn join_onto(
+        &self,
+        i: usize,
+        name: &str,
+        output: &str,
+        target: &Path,
+        extra: &[&str],
+    ) -> Join {
         let host = self.lab.node(i);
-        let target = self.target(&host.name);
         let mut args: Vec<String> = [
             "join",
             "--server",
@@ -129,8 +172,8 @@ impl Session<'_> {
             path_str(&self.secret),
             "--name",
             name,
-            "--target",
-            path_str(&target),
+            output,
+            path_str(target),
             "--state-dir",
             path_str(&self.state_dir(&host.name)),
             "--json",
@@ -143,7 +186,7 @@ impl Session<'_> {
         args.extend(extra.iter().map(|s| s.to_string()));
         Join {
             name: name.to_string(),
-            target,
+            target: target.to_path_buf(),
             proc: self
                 .lab
                 .spawn_ka(host, &format!("ka join {}", host.name), &args),
