@@ -147,7 +147,12 @@ pub fn join_proof(key: &dyn Mac, server_nonce: &Nonce, join: &Join) -> Tag {
         proof: Tag::default(),
         ..join.clone()
     };
-    message_proof(key, "ka/join/v5", server_nonce, &Message::Join(bare))
+    message_proof(
+        key,
+        "ka/join/v5",
+        server_nonce,
+        &Message::Join(Box::new(bare)),
+    )
 }
 
 /// What a data hello asks for: the fields of a [`Message::DataHello`] but

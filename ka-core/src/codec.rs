@@ -248,8 +248,9 @@ pub enum Message {
         /// The nonce the client's proof must cover.
         nonce: Nonce,
     },
-    /// Node → source: ask for a place in the session.
-    Join(Join),
+    /// Node → source: ask for a place in the session (boxed: by far the
+    /// largest message, and one of the rarest).
+    Join(Box<Join>),
     /// Source → node: admitted.
     Welcome {
         /// The node's identifier for the session.
@@ -797,7 +798,7 @@ impl Reader<'_> {
                 } else {
                     None
                 };
-                Message::Join(Join {
+                Message::Join(Box::new(Join {
                     version,
                     session,
                     name,
@@ -810,7 +811,7 @@ impl Reader<'_> {
                     image,
                     nonce: Nonce(self.bytes32()?),
                     proof: Tag(self.bytes32()?),
-                })
+                }))
             }
             tag::WELCOME => Message::Welcome {
                 node: NodeId(self.u32()?),
@@ -965,7 +966,7 @@ mod tests {
                     (have, holds_from),
                     (image, nonce, proof),
                 )| {
-                    Message::Join(Join {
+                    Message::Join(Box::new(Join {
                         version,
                         session,
                         name,
@@ -978,7 +979,7 @@ mod tests {
                         image: image.map(ImageId),
                         nonce: Nonce(nonce),
                         proof: Tag(proof),
-                    })
+                    }))
                 },
             );
         let upstream = prop_oneof![
@@ -1242,7 +1243,7 @@ mod tests {
     #[test]
     fn join_flags_carry_wait_release_readable_and_image() {
         let join = |wait_release, readable, image: Option<ImageId>| {
-            Message::Join(Join {
+            Message::Join(Box::new(Join {
                 version: PROTOCOL_VERSION,
                 session: "s".into(),
                 name: "n".into(),
@@ -1255,7 +1256,7 @@ mod tests {
                 image,
                 nonce: Nonce([0; 32]),
                 proof: Tag([0; 32]),
-            })
+            }))
         };
         // The flags byte sits after version, two strings, the MAC and a v4 address.
         let flags_at = 4 + 1 + 2 + (2 + 1) + (2 + 1) + 6 + (1 + 4 + 2);

@@ -885,7 +885,8 @@ impl Node {
                     &self.control_nonce,
                     Side::Client,
                 ));
-                self.transmits.push_back((conn, Message::Join(join)));
+                self.transmits
+                    .push_back((conn, Message::Join(Box::new(join))));
                 self.control = ControlState::AwaitingWelcome(conn);
             }
             (

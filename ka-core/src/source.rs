@@ -451,7 +451,7 @@ impl Source {
         };
         match (role, msg) {
             (ConnRole::Challenged(nonce), Message::Join(join)) => {
-                self.on_join(now, conn, nonce, join)
+                self.on_join(now, conn, nonce, *join)
             }
             (
                 ConnRole::Challenged(server_nonce),
@@ -1620,7 +1620,11 @@ mod tests {
     /// Admits `name` on connection `conn`.
     fn joined(src: &mut Source, conn: u64, name: &str) {
         src.handle_connected(Time::ZERO, ConnId(conn), NONCE);
-        src.handle_message(Time::ZERO, ConnId(conn), Message::Join(join(name)));
+        src.handle_message(
+            Time::ZERO,
+            ConnId(conn),
+            Message::Join(Box::new(join(name))),
+        );
         assert!(src.names.contains_key(name), "{name} was not admitted");
     }
 
@@ -1632,7 +1636,7 @@ mod tests {
         src.handle_connected(Time::ZERO, ConnId(1), NONCE);
         let mut j = join("a");
         j.session = "é".repeat(crate::codec::MAX_STRING / 2);
-        src.handle_message(Time::ZERO, ConnId(1), Message::Join(j));
+        src.handle_message(Time::ZERO, ConnId(1), Message::Join(Box::new(j)));
         let msg = std::iter::from_fn(|| src.poll_transmit())
             .map(|(_, m)| m)
             .find(|m| matches!(m, Message::Refused(_)))

@@ -226,7 +226,7 @@ fn send_join(
     j.proof = join_proof(&*own, &nonce, &j);
     let ch = Channel::new(&*own, &nonce, &j.nonce, Side::Client);
     SOURCE_PEERS.with(|p| p.borrow_mut().insert(ConnId(conn), ch));
-    src.handle_message(now, ConnId(conn), Message::Join(j));
+    src.handle_message(now, ConnId(conn), Message::Join(Box::new(j)));
 }
 
 /// Connects `conn` and joins `name` with `key`; returns what the source answered.
@@ -927,7 +927,7 @@ fn restarted_node_resumes_from_its_durable_prefix() {
     let join = sent(&mut node)
         .into_iter()
         .find_map(|(_, m)| match m {
-            Message::Join(j) => Some(j),
+            Message::Join(j) => Some(*j),
             _ => None,
         })
         .expect("a join");
@@ -1030,7 +1030,7 @@ fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
     let join = sent(&mut node)
         .into_iter()
         .find_map(|(_, m)| match m {
-            Message::Join(j) => Some(j),
+            Message::Join(j) => Some(*j),
             _ => None,
         })
         .expect("a join");
@@ -1836,7 +1836,7 @@ fn window_node(epoch: u64) -> Node {
     let join = sent(&mut node)
         .into_iter()
         .find_map(|(_, m)| match m {
-            Message::Join(j) => Some(j),
+            Message::Join(j) => Some(*j),
             _ => None,
         })
         .expect("a join");
@@ -1955,7 +1955,7 @@ fn a_restarted_window_node_serves_nothing_below_the_prefix_it_resumed_with() {
     let join = sent(&mut node)
         .into_iter()
         .find_map(|(_, m)| match m {
-            Message::Join(j) => Some(j),
+            Message::Join(j) => Some(*j),
             _ => None,
         })
         .expect("a join");
@@ -2381,9 +2381,6 @@ mod model {
         pub faults: Vec<(u64, usize, Fault)>,
     }
 
-    // A message is large beside a close; a test's few inputs in flight
-    // need no boxing.
-    #[allow(clippy::large_enum_variant)]
     enum Input {
         Msg(Message),
         Closed,
