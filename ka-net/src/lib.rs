@@ -91,7 +91,8 @@ pub use datapath::{
     FORWARD_DELAY,
 };
 pub use error::Error;
-pub use image::digest::{digest_file, digest_source, ImageHasher, SessionKey};
+pub use image::digest::{digest_file, digest_source, DigestKey, ImageHasher};
 pub use image::sinks::{open_sink, ImageSink, SinkSpec};
 pub use image::sources::{open_source, ImageSource, SourceSpec};
 pub use image::{is_zero, write_atomically, BLOCK};
+pub use shell::key::{NodeKey, SessionKey};
