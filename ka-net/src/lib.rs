@@ -19,6 +19,9 @@
 //!   shell's state, feeds it sockets, timers and data-path progress, and
 //!   carries out its actions; one task per connection, reaped when it
 //!   ends; what an unauthenticated peer may hold is bounded ([`shell::gate`]).
+//!   The keys (the session's root, each node's own, the digest's) and the
+//!   files they travel in are [`shell::key`]; authenticated discovery is
+//!   [`shell::discovery`]; ka-core decides what is proved with which key.
 //!
 //! Beside them: [`system`] describes a running machine's disks and rebuilds
 //! them on a node's (`--system`), [`tftp`] serves boot files, and [`Error`]
