@@ -114,7 +114,7 @@ pub struct ReachArgs {
     pub session: String,
     /// File holding the session secret the source wrote, or (ka join) this
     /// node's own key from ka key derive or ka tftp.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, visible_alias = "key-file", value_name = "FILE")]
     pub secret_file: PathBuf,
 }
 

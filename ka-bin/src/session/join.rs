@@ -256,6 +256,9 @@ fn print_event(name: &str, e: &NodeEvent, json: bool) {
         (NodeEvent::SourceLost, false) => {
             eprintln!("ka: {name}: lost the source; waiting for it to come back")
         }
+        (NodeEvent::SourceUnproven { reason }, false) => eprintln!(
+            "ka: {name}: not believed, nothing it said is acted on: {reason}; looking for the source again"
+        ),
         (_, false) => eprintln!("ka: {name}: {e:?}"),
     }
 }
