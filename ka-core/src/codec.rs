@@ -20,8 +20,12 @@ use crate::ids::{Epoch, NodeId};
 /// refused ([`RefusalCode::VersionMismatch`]). Version 4 added bounded-window
 /// upstreams: [`Join::readable`], [`Join::holds_from`],
 /// [`Progress::holds_from`], [`RefusalCode::CannotResume`] and
-/// [`Message::Stranded`].
-pub const PROTOCOL_VERSION: u16 = 4;
+/// [`Message::Stranded`]. Version 5 made authentication mutual and per
+/// node ([`crate::auth`]): the connecting side's nonce in [`Join::nonce`],
+/// [`Message::DataHello`] and [`Message::Go`], the source's run in
+/// [`Message::Welcome`], the link ticket in [`Upstream::ticket`], and
+/// [`Message::Sealed`] around every message after the handshake.
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The largest frame (tag and body) a peer may send.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// The longest string field in bytes.
@@ -85,6 +89,20 @@ bytes32!(
     /// The keyed BLAKE3 digest of a logical image.
     Digest
 );
+
+/// A key the source hands a node for one data link: the downstream proves
+/// it in its [`Message::DataHello`], and the upstream, which derives the
+/// same key from its own ([`crate::auth::link_ticket`]), proves it back. On
+/// the wire it only ever travels encrypted for the node it is meant for
+/// ([`crate::auth::Channel`]); it is never printed.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Ticket(pub [u8; 32]);
+
+impl fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Ticket(..)")
+    }
+}
 bytes32!(
     /// What a source calls the image it serves, so a node holding part of a
     /// copy can tell whether a (restarted) source still serves the same one.
@@ -163,6 +181,10 @@ pub struct Upstream {
     pub node: Option<NodeId>,
     /// Where its data port listens.
     pub addr: SocketAddr,
+    /// The key of this link: the node proves it in its data hello, and the
+    /// upstream proves it back before the node takes a byte
+    /// ([`crate::auth::link_ticket`]). Encrypted on the wire.
+    pub ticket: Ticket,
 }
 
 /// A node's identity and options as it joins.
@@ -195,7 +217,11 @@ pub struct Join {
     /// The image that prefix belongs to, as a source named it in an earlier
     /// welcome; `None` when `have` is 0.
     pub image: Option<ImageId>,
-    /// MAC over the server's nonce, the session and the name.
+    /// The node's own fresh nonce: the source proves its key over it (its
+    /// first sealed message), and the connection's keys derive from both.
+    pub nonce: Nonce,
+    /// MAC with the node's key over the server's nonce and every other
+    /// field of this join ([`crate::auth::join_proof`]).
     pub proof: Tag,
 }
 
@@ -222,8 +248,9 @@ pub enum Message {
         /// The nonce the client's proof must cover.
         nonce: Nonce,
     },
-    /// Node → source: ask for a place in the session.
-    Join(Join),
+    /// Node → source: ask for a place in the session (boxed: by far the
+    /// largest message, and one of the rarest).
+    Join(Box<Join>),
     /// Source → node: admitted.
     Welcome {
         /// The node's identifier for the session.
@@ -241,6 +268,11 @@ pub enum Message {
         /// Where the node's copy goes on from: the `have` of its join when
         /// that prefix belongs to this very image, else 0 (start over).
         resume_from: u64,
+        /// This source process's run: the tickets of the data links the
+        /// node serves derive from it ([`crate::auth::link_ticket`]), so a
+        /// ticket of an earlier run, when node identifiers meant other
+        /// nodes, is worth nothing.
+        run: Nonce,
     },
     /// Any server → client: refused, with the reason.
     Refused(Refusal),
@@ -287,7 +319,9 @@ pub enum Message {
     Go {
         /// The session to start.
         session: String,
-        /// MAC over the nonce and session.
+        /// The operator's fresh nonce, which the source's answer is proved over.
+        nonce: Nonce,
+        /// MAC with the operator key over the server's nonce and this message.
         proof: Tag,
     },
     /// Source → operator: what the go did.
@@ -309,7 +343,10 @@ pub enum Message {
         epoch: Epoch,
         /// The offset it wants data from: its own contiguous prefix.
         from: u64,
-        /// MAC over the nonce, session, node, epoch and offset.
+        /// The downstream's fresh nonce, which the upstream's acceptance is
+        /// proved over.
+        nonce: Nonce,
+        /// MAC with the link's ticket over the server's nonce and this message.
         proof: Tag,
     },
     /// Upstream → downstream: admitted; records from `from` follow.
@@ -328,6 +365,16 @@ pub enum Message {
         epoch: Epoch,
         /// The offset the node asked for and was refused.
         from: u64,
+    },
+    /// Any message after the handshake, authenticated on its connection
+    /// ([`crate::auth::Channel`]): `body` is the inner message's frame
+    /// without its length prefix, `tag` a MAC over the sender's sequence
+    /// number and `body` with the connection's key for that direction.
+    Sealed {
+        /// The MAC.
+        tag: Tag,
+        /// The inner message, encoded (tag byte and body).
+        body: Vec<u8>,
     },
 }
 
@@ -349,6 +396,7 @@ mod tag {
     pub const DATA_HELLO: u8 = 15;
     pub const DATA_ACCEPTED: u8 = 16;
     pub const STRANDED: u8 = 17;
+    pub const SEALED: u8 = 18;
 }
 
 impl Message {
@@ -387,6 +435,7 @@ impl Message {
                 if let Some(image) = &j.image {
                     out.put_slice(&image.0);
                 }
+                out.put_slice(&j.nonce.0);
                 out.put_slice(&j.proof.0);
             }
             Message::Welcome {
@@ -396,6 +445,7 @@ impl Message {
                 image_size,
                 image,
                 resume_from,
+                run,
             } => {
                 out.put_u8(tag::WELCOME);
                 out.put_u32(node.0);
@@ -404,6 +454,7 @@ impl Message {
                 out.put_u64(image_size.unwrap_or(u64::MAX));
                 out.put_slice(&image.0);
                 out.put_u64(*resume_from);
+                out.put_slice(&run.0);
             }
             Message::Refused(r) => {
                 out.put_u8(tag::REFUSED);
@@ -419,17 +470,24 @@ impl Message {
                 out.put_u64(epoch.0);
                 match upstream {
                     None => out.put_u8(0),
-                    Some(Upstream { node: None, addr }) => {
+                    Some(Upstream {
+                        node: None,
+                        addr,
+                        ticket,
+                    }) => {
                         out.put_u8(1);
                         put_addr(out, addr);
+                        out.put_slice(&ticket.0);
                     }
                     Some(Upstream {
                         node: Some(n),
                         addr,
+                        ticket,
                     }) => {
                         out.put_u8(2);
                         out.put_u32(n.0);
                         put_addr(out, addr);
+                        out.put_slice(&ticket.0);
                     }
                 }
                 let count = u16::try_from(downstreams.len()).expect("downstream list fits a frame");
@@ -464,9 +522,14 @@ impl Message {
                 out.put_u8(tag::FAILED);
                 put_str(out, reason);
             }
-            Message::Go { session, proof } => {
+            Message::Go {
+                session,
+                nonce,
+                proof,
+            } => {
                 out.put_u8(tag::GO);
                 put_str(out, session);
+                out.put_slice(&nonce.0);
                 out.put_slice(&proof.0);
             }
             Message::GoAck { started, nodes } => {
@@ -480,6 +543,7 @@ impl Message {
                 node,
                 epoch,
                 from,
+                nonce,
                 proof,
             } => {
                 out.put_u8(tag::DATA_HELLO);
@@ -488,6 +552,7 @@ impl Message {
                 out.put_u32(node.0);
                 out.put_u64(epoch.0);
                 out.put_u64(*from);
+                out.put_slice(&nonce.0);
                 out.put_slice(&proof.0);
             }
             Message::DataAccepted { from } => {
@@ -498,6 +563,11 @@ impl Message {
                 out.put_u8(tag::STRANDED);
                 out.put_u64(epoch.0);
                 out.put_u64(*from);
+            }
+            Message::Sealed { tag, body } => {
+                out.put_u8(tag::SEALED);
+                out.put_slice(&tag.0);
+                out.put_slice(body);
             }
         }
         let len = out.len() - start - LEN_PREFIX;
@@ -525,7 +595,47 @@ impl Message {
             Message::DataHello { .. } => "DataHello",
             Message::DataAccepted { .. } => "DataAccepted",
             Message::Stranded { .. } => "Stranded",
+            Message::Sealed { .. } => "Sealed",
         }
+    }
+
+    /// Whether this message opens a conversation or answers its challenge,
+    /// and so travels in the clear: a challenge, a join, a data hello, a
+    /// go. ([`Message::Refused`] also travels in the clear, but may come at
+    /// any point.)
+    pub fn is_handshake(&self) -> bool {
+        matches!(
+            self,
+            Message::Challenge { .. }
+                | Message::Join(_)
+                | Message::DataHello { .. }
+                | Message::Go { .. }
+        )
+    }
+
+    /// Decodes one frame's content (its tag byte and body, without the
+    /// length prefix), as [`Message::Sealed`] carries it. Every byte must
+    /// belong to the message.
+    pub fn decode_body(body: &[u8]) -> Result<Message, DecodeError> {
+        if body.is_empty() {
+            return Err(DecodeError::Invalid("empty frame"));
+        }
+        if body.len() > MAX_FRAME {
+            return Err(DecodeError::TooLong(body.len() as u64));
+        }
+        let mut r = Reader(body);
+        let msg = r.message()?;
+        if !r.0.is_empty() {
+            return Err(DecodeError::Invalid("trailing bytes in frame"));
+        }
+        Ok(msg)
+    }
+
+    /// The frame content [`Message::decode_body`] reads: this message
+    /// encoded without its length prefix.
+    pub fn encode_body(&self) -> Vec<u8> {
+        let framed = self.to_bytes();
+        framed[LEN_PREFIX..].to_vec()
     }
 
     /// Encodes into a fresh buffer.
@@ -688,7 +798,7 @@ impl Reader<'_> {
                 } else {
                     None
                 };
-                Message::Join(Join {
+                Message::Join(Box::new(Join {
                     version,
                     session,
                     name,
@@ -699,8 +809,9 @@ impl Reader<'_> {
                     have,
                     holds_from,
                     image,
+                    nonce: Nonce(self.bytes32()?),
                     proof: Tag(self.bytes32()?),
-                })
+                }))
             }
             tag::WELCOME => Message::Welcome {
                 node: NodeId(self.u32()?),
@@ -709,6 +820,7 @@ impl Reader<'_> {
                 image_size: Some(self.u64()?).filter(|&s| s != u64::MAX),
                 image: ImageId(self.bytes32()?),
                 resume_from: self.u64()?,
+                run: Nonce(self.bytes32()?),
             },
             tag::REFUSED => {
                 let code = *RefusalCode::ALL
@@ -726,12 +838,14 @@ impl Reader<'_> {
                     1 => Some(Upstream {
                         node: None,
                         addr: self.addr()?,
+                        ticket: Ticket(self.bytes32()?),
                     }),
                     2 => {
                         let node = Some(NodeId(self.u32()?));
                         Some(Upstream {
                             node,
                             addr: self.addr()?,
+                            ticket: Ticket(self.bytes32()?),
                         })
                     }
                     _ => return Err(DecodeError::Invalid("unknown upstream kind")),
@@ -774,6 +888,7 @@ impl Reader<'_> {
             },
             tag::GO => Message::Go {
                 session: self.string()?,
+                nonce: Nonce(self.bytes32()?),
                 proof: Tag(self.bytes32()?),
             },
             tag::GO_ACK => Message::GoAck {
@@ -786,6 +901,7 @@ impl Reader<'_> {
                 node: NodeId(self.u32()?),
                 epoch: Epoch(self.u64()?),
                 from: self.u64()?,
+                nonce: Nonce(self.bytes32()?),
                 proof: Tag(self.bytes32()?),
             },
             tag::DATA_ACCEPTED => Message::DataAccepted { from: self.u64()? },
@@ -793,6 +909,14 @@ impl Reader<'_> {
                 epoch: Epoch(self.u64()?),
                 from: self.u64()?,
             },
+            tag::SEALED => {
+                let tag = Tag(self.bytes32()?);
+                let body = self.take(self.0.len())?.to_vec();
+                if body.is_empty() {
+                    return Err(DecodeError::Invalid("sealed message without a body"));
+                }
+                Message::Sealed { tag, body }
+            }
             other => return Err(DecodeError::UnknownTag(other)),
         })
     }
@@ -825,7 +949,11 @@ mod tests {
             addr(),
             any::<(bool, bool)>(),
             any::<(u64, u64)>(),
-            (proptest::option::of(any::<[u8; 32]>()), any::<[u8; 32]>()),
+            (
+                proptest::option::of(any::<[u8; 32]>()),
+                any::<[u8; 32]>(),
+                any::<[u8; 32]>(),
+            ),
         )
             .prop_map(
                 |(
@@ -836,9 +964,9 @@ mod tests {
                     data_addr,
                     (w, r),
                     (have, holds_from),
-                    (image, proof),
+                    (image, nonce, proof),
                 )| {
-                    Message::Join(Join {
+                    Message::Join(Box::new(Join {
                         version,
                         session,
                         name,
@@ -849,16 +977,22 @@ mod tests {
                         have,
                         holds_from,
                         image: image.map(ImageId),
+                        nonce: Nonce(nonce),
                         proof: Tag(proof),
-                    })
+                    }))
                 },
             );
         let upstream = prop_oneof![
             Just(None),
-            addr().prop_map(|addr| Some(Upstream { node: None, addr })),
-            (any::<u32>(), addr()).prop_map(|(n, addr)| Some(Upstream {
+            (addr(), any::<[u8; 32]>()).prop_map(|(addr, t)| Some(Upstream {
+                node: None,
+                addr,
+                ticket: Ticket(t)
+            })),
+            (any::<u32>(), addr(), any::<[u8; 32]>()).prop_map(|(n, addr, t)| Some(Upstream {
                 node: Some(NodeId(n)),
-                addr
+                addr,
+                ticket: Ticket(t)
             })),
         ];
         prop_oneof![
@@ -874,8 +1008,9 @@ mod tests {
                 proptest::option::of(0..u64::MAX),
                 any::<[u8; 32]>(),
                 any::<u64>(),
+                any::<[u8; 32]>(),
             )
-                .prop_map(|(n, h, d, image_size, image, resume_from)| {
+                .prop_map(|(n, h, d, image_size, image, resume_from, run)| {
                     Message::Welcome {
                         node: NodeId(n),
                         heartbeat_ms: h,
@@ -883,6 +1018,7 @@ mod tests {
                         image_size,
                         image: ImageId(image),
                         resume_from,
+                        run: Nonce(run),
                     }
                 }),
             (0..RefusalCode::ALL.len(), text()).prop_map(|(c, detail)| Message::Refused(Refusal {
@@ -917,9 +1053,12 @@ mod tests {
             }),
             (any::<bool>(), text()).prop_map(|(ok, reason)| Message::Verified { ok, reason }),
             text().prop_map(|reason| Message::Failed { reason }),
-            (text(), any::<[u8; 32]>()).prop_map(|(session, p)| Message::Go {
-                session,
-                proof: Tag(p)
+            (text(), any::<[u8; 32]>(), any::<[u8; 32]>()).prop_map(|(session, n, p)| {
+                Message::Go {
+                    session,
+                    nonce: Nonce(n),
+                    proof: Tag(p),
+                }
             }),
             (any::<bool>(), any::<u32>())
                 .prop_map(|(started, nodes)| Message::GoAck { started, nodes }),
@@ -929,19 +1068,34 @@ mod tests {
                 any::<u32>(),
                 any::<u64>(),
                 any::<u64>(),
-                any::<[u8; 32]>()
+                (any::<[u8; 32]>(), any::<[u8; 32]>())
             )
-                .prop_map(|(version, session, n, e, from, p)| Message::DataHello {
-                    version,
-                    session,
-                    node: NodeId(n),
-                    epoch: Epoch(e),
-                    from,
-                    proof: Tag(p)
+                .prop_map(|(version, session, n, e, from, (nonce, p))| {
+                    Message::DataHello {
+                        version,
+                        session,
+                        node: NodeId(n),
+                        epoch: Epoch(e),
+                        from,
+                        nonce: Nonce(nonce),
+                        proof: Tag(p),
+                    }
                 }),
             any::<u64>().prop_map(|from| Message::DataAccepted { from }),
             stranded(),
+            sealed(),
         ]
+    }
+
+    fn sealed() -> impl Strategy<Value = Message> {
+        (
+            any::<[u8; 32]>(),
+            proptest::collection::vec(any::<u8>(), 1..200),
+        )
+            .prop_map(|(tag, body)| Message::Sealed {
+                tag: Tag(tag),
+                body,
+            })
     }
 
     fn stranded() -> impl Strategy<Value = Message> {
@@ -991,6 +1145,19 @@ mod tests {
             let cut = cut.min(bytes.len() - 1);
             let mut short = BytesMut::from(&bytes[..cut]);
             prop_assert_eq!(Message::decode(&mut short), Ok(None));
+        }
+
+        #[test]
+        fn a_sealed_body_round_trips_the_message_inside(msg in message()) {
+            let body = msg.encode_body();
+            prop_assert_eq!(Message::decode_body(&body), Ok(msg.clone()));
+            let sealed = Message::Sealed { tag: Tag([1; 32]), body };
+            prop_assert_eq!(Message::decode_exact(&sealed.to_bytes()), Ok(sealed));
+        }
+
+        #[test]
+        fn garbage_in_a_sealed_body_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Message::decode_body(&bytes);
         }
 
         #[test]
@@ -1076,7 +1243,7 @@ mod tests {
     #[test]
     fn join_flags_carry_wait_release_readable_and_image() {
         let join = |wait_release, readable, image: Option<ImageId>| {
-            Message::Join(Join {
+            Message::Join(Box::new(Join {
                 version: PROTOCOL_VERSION,
                 session: "s".into(),
                 name: "n".into(),
@@ -1087,8 +1254,9 @@ mod tests {
                 have: 0,
                 holds_from: 0,
                 image,
+                nonce: Nonce([0; 32]),
                 proof: Tag([0; 32]),
-            })
+            }))
         };
         // The flags byte sits after version, two strings, the MAC and a v4 address.
         let flags_at = 4 + 1 + 2 + (2 + 1) + (2 + 1) + 6 + (1 + 4 + 2);
@@ -1103,6 +1271,46 @@ mod tests {
             assert_eq!(bytes[flags_at], flags, "{msg:?}");
             assert_eq!(Message::decode_exact(&bytes), Ok(msg));
         }
+    }
+
+    #[test]
+    fn the_handshake_fields_of_version_5_have_a_fixed_layout() {
+        let nonce = Nonce([0xab; 32]);
+        let hello = Message::DataHello {
+            version: PROTOCOL_VERSION,
+            session: "s".into(),
+            node: NodeId(1),
+            epoch: Epoch(2),
+            from: 3,
+            nonce,
+            proof: Tag([0xcd; 32]),
+        };
+        let bytes = hello.to_bytes();
+        // The nonce, then the proof, end the hello.
+        assert_eq!(&bytes[bytes.len() - 64..bytes.len() - 32], &[0xab; 32]);
+        assert_eq!(&bytes[bytes.len() - 32..], &[0xcd; 32]);
+        let sealed = Message::Sealed {
+            tag: Tag([1; 32]),
+            body: vec![tag::HEARTBEAT],
+        };
+        let mut want = vec![0, 0, 0, 34, tag::SEALED];
+        want.extend_from_slice(&[1; 32]);
+        want.push(tag::HEARTBEAT);
+        assert_eq!(&sealed.to_bytes()[..], &want[..]);
+        // A sealed frame with no body is refused, not an empty message.
+        let mut empty = BytesMut::new();
+        empty.put_u32(33);
+        empty.put_u8(tag::SEALED);
+        empty.put_slice(&[0; 32]);
+        assert!(Message::decode(&mut empty).is_err());
+        // A ticket never shows in a log.
+        let up = Upstream {
+            node: None,
+            addr: SocketAddr::from(([10, 0, 0, 1], 1)),
+            ticket: Ticket([0x77; 32]),
+        };
+        assert!(!format!("{up:?}").contains("77"));
+        assert!(hello.is_handshake() && !sealed.is_handshake());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use core::net::SocketAddr;
 use core::time::Duration;
 
-use crate::codec::ImageId;
+use crate::codec::{ImageId, Nonce};
 
 /// What the source does with a node that stays too slow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +54,11 @@ pub struct SourceConfig {
     /// The image's identity: a node holding a prefix of this image resumes
     /// from it; a prefix of any other starts over.
     pub image_id: ImageId,
+    /// This source process's run: fresh random bytes from the shell (a
+    /// seeded generator in the simulator). The tickets of data links derive
+    /// from it ([`crate::auth::link_ticket`]), so none outlives the process
+    /// that handed it out; the welcome tells it to each node.
+    pub run: Nonce,
 }
 
 impl SourceConfig {
@@ -76,6 +81,7 @@ impl SourceConfig {
             data_addr,
             image_size: None,
             image_id: ImageId::default(),
+            run: Nonce::default(),
         }
     }
 }

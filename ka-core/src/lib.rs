@@ -115,9 +115,23 @@
 //! [`codec::Message::Join`] (a node's control connection), a
 //! [`codec::Message::DataHello`] (a data connection from a downstream, after
 //! which raw [`record`]s flow), or a [`codec::Message::Go`] (an operator).
-//! Each carries a MAC over the challenge's nonce made with the session
-//! secret ([`auth`]), so strangers are refused before they get a place or a
-//! byte.
+//! Each carries the connecting side's own nonce and a MAC with its key over
+//! the challenge's nonce and the message ([`auth`]), so strangers are
+//! refused before they get a place or a byte.
+//!
+//! Authentication is mutual: the accepting side's first sealed answer (a
+//! welcome, a data acceptance, a go's acknowledgement) proves its key over
+//! the connecting side's nonce, and nothing it says is acted on before that.
+//! Every message after the handshake travels sealed
+//! ([`codec::Message::Sealed`], [`auth::Channel`]) with keys of that
+//! connection and a count of the messages each way, so none can be forged,
+//! replayed, reordered or dropped unseen. Keys are per node: the source
+//! holds the session's root and derives each node's key from its name; a
+//! node holds only its own, and proves a data link with the ticket its
+//! placement hands it. The callers pass fresh random nonces for both sides
+//! (`handle_connected`, `handle_source_connected`,
+//! `handle_upstream_connected`) and a fresh run for each source process
+//! ([`config::SourceConfig::run`]).
 //!
 //! # What keeps repair always possible
 //!
@@ -203,7 +217,7 @@
 //! - [`codec`]: frames and messages; [`record`]: the data-connection framing.
 //! - [`source`], [`node`]: the two machines; [`topology`]: the tree;
 //!   [`range_set`]: offsets held; [`config`]: every timeout and policy.
-//! - [`auth`]: proofs of the secret; [`time`], [`ids`]: the value types;
+//! - [`auth`]: keys, proofs and sealed connections; [`time`], [`ids`]: the value types;
 //!   [`units`]: sizes and rates as operators write them.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -18,10 +18,23 @@
 //! ([`RefusalCode::CannotResume`]). A node refused so by its own upstream
 //! does not knock there again: it tells the source ([`Message::Stranded`]),
 //! which holds everything and feeds it instead.
+//!
+//! # Authentication
+//!
+//! A node holds its own key only ([`crate::auth`]). It proves it in its join
+//! and acts on nothing the source says before the source's welcome opens
+//! with the keys of the connection, which only a holder of the node's key
+//! can make; from then on every message of the source must open, or the
+//! node drops the connection and looks for the source again. Its
+//! placement hands it the ticket of its link: its data hello proves it,
+//! and it takes no record before its upstream's acceptance opens with the
+//! link's keys. It derives the tickets of the links it serves from its own
+//! key and the source's run, so a downstream's hello is checked the moment
+//! it arrives.
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::auth::{check_data_hello, data_proof, join_proof, DataRequest, Mac};
+use crate::auth::{check_data_hello, join_proof, Channel, DataHello, DataRequest, Mac, Side};
 use crate::codec::{
     Digest, ImageId, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream,
     PROTOCOL_VERSION,
@@ -167,6 +180,14 @@ pub enum NodeEvent {
     },
     /// The source went silent or its connection dropped.
     SourceLost,
+    /// Who answered as the source did not prove this node's key (a
+    /// message that does not open, or one in the clear after the
+    /// handshake): its connection is dropped and nothing it said is acted
+    /// on; the node looks for the source again.
+    SourceUnproven {
+        /// What failed.
+        reason: String,
+    },
     /// The copy was checked.
     Verified {
         /// Whether it matched the source's digest.
@@ -206,18 +227,32 @@ impl UpstreamConn {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+/// Hellos held unchecked at once, at most: see [`Inbound::Unchecked`].
+const MAX_UNCHECKED: usize = 16;
+
+#[derive(Debug, Clone)]
 enum Inbound {
     Challenged(Nonce),
+    /// A hello that came before our welcome: the source placed us and told
+    /// our downstream before its welcome reached us (the two travel on
+    /// different connections). Its ticket derives from the source's run,
+    /// which the welcome brings, so it is checked then; until then it holds
+    /// a connection unproven, so only [`MAX_UNCHECKED`] are kept, each until
+    /// `until`.
+    Unchecked {
+        hello: Box<Message>,
+        server_nonce: Nonce,
+        until: Time,
+    },
     /// A proven hello from a node that names us its upstream at an epoch
     /// newer than ours: the source told it before its word reached us (the
     /// two messages travel on different connections, which a busy source
     /// writes, and a busy node reads, in no fixed order). It is answered when our own placement
     /// at that epoch arrives, or refused at `until`.
     Early {
-        node: NodeId,
-        epoch: Epoch,
-        from: u64,
+        request: DataRequest,
+        /// The nonce we challenged it with, for the connection's keys.
+        server_nonce: Nonce,
         until: Time,
     },
     Serving(NodeId),
@@ -284,9 +319,20 @@ pub struct Resume {
 /// [`NodeAction::Close`] or a [`NodeAction::Exit`] is carried out.
 pub struct Node {
     config: NodeConfig,
+    /// This node's own key.
     key: Box<dyn Mac>,
     id: Option<NodeId>,
     control: ControlState,
+    /// The nonce of our side of the control connection's handshake.
+    control_nonce: Nonce,
+    /// The control connection's keys, once our join is sent.
+    control_channel: Option<Channel>,
+    /// The source process's run, from its welcome: the tickets of the
+    /// links we serve derive from it.
+    run: Option<Nonce>,
+    /// Why the last one who answered as the source was not believed, for
+    /// the reason we give if the source never comes.
+    unproven: Option<String>,
     phase: Phase,
     heartbeat: Duration,
     dead_after: Duration,
@@ -294,6 +340,10 @@ pub struct Node {
     epoch: Epoch,
     upstream: Option<Upstream>,
     upstream_conn: Option<UpstreamConn>,
+    /// The nonce of our side of the upstream connection's handshake.
+    upstream_nonce: Nonce,
+    /// The upstream connection's keys, once our hello is sent.
+    upstream_channel: Option<Channel>,
     /// Downstreams we must serve, with the epoch that assigned them to us.
     downstreams: BTreeMap<NodeId, Epoch>,
     inbound: BTreeMap<ConnId, Inbound>,
@@ -324,7 +374,8 @@ pub struct Node {
 
 impl Node {
     /// A node that starts by connecting to its source, holding nothing (a
-    /// fresh target) or what a restart found on disk.
+    /// fresh target) or what a restart found on disk. `key` is this node's
+    /// own key ([`crate::auth::node_key`] of its name).
     pub fn new(now: Time, config: NodeConfig, key: Box<dyn Mac>, resume: Option<Resume>) -> Self {
         let have = resume.map_or(0, |r| r.have);
         let mut received = RangeSet::new();
@@ -339,11 +390,17 @@ impl Node {
             key,
             id: None,
             control: ControlState::AwaitingSource,
+            control_nonce: Nonce::default(),
+            control_channel: None,
+            run: None,
+            unproven: None,
             phase: Phase::AwaitingImage,
             last_heard: now,
             epoch: Epoch(0),
             upstream: None,
             upstream_conn: None,
+            upstream_nonce: Nonce::default(),
+            upstream_channel: None,
             downstreams: BTreeMap::new(),
             inbound: BTreeMap::new(),
             received,
@@ -371,20 +428,27 @@ impl Node {
 
     // ----- inputs -----
 
-    /// The control connection to the source is open.
-    pub fn handle_source_connected(&mut self, now: Time, conn: ConnId) {
+    /// The control connection to the source is open; `nonce` must be fresh
+    /// and unpredictable: the source will have to prove our key over it.
+    pub fn handle_source_connected(&mut self, now: Time, conn: ConnId, nonce: Nonce) {
         if self.phase == Phase::Done {
             return self.actions.push_back(NodeAction::Close { conn });
         }
         self.control = ControlState::AwaitingChallenge(conn);
+        self.control_nonce = nonce;
+        self.control_channel = None;
         self.last_heard = now;
         self.timers.set(Timer::SourceSilence, now + self.dead_after);
     }
 
-    /// The data connection to the upstream is open.
-    pub fn handle_upstream_connected(&mut self, _now: Time, conn: ConnId) {
+    /// The data connection to the upstream is open; `nonce` must be fresh
+    /// and unpredictable: the upstream will have to prove the link's ticket
+    /// over it.
+    pub fn handle_upstream_connected(&mut self, _now: Time, conn: ConnId, nonce: Nonce) {
         if self.upstream_conn == Some(UpstreamConn::Connecting) {
             self.upstream_conn = Some(UpstreamConn::AwaitingChallenge(conn));
+            self.upstream_nonce = nonce;
+            self.upstream_channel = None;
         } else {
             // The topology changed while connecting: this connection is for a
             // link that no longer exists.
@@ -454,6 +518,7 @@ impl Node {
         }
         if self.upstream_conn.and_then(UpstreamConn::conn) == Some(conn) {
             self.upstream_conn = None;
+            self.upstream_channel = None;
             if !self.has_everything() {
                 self.events.push_back(NodeEvent::UpstreamLost {
                     reason: "data connection closed".into(),
@@ -510,25 +575,18 @@ impl Node {
         if self.phase == Phase::Done {
             return;
         }
-        if let ControlState::Joined(c) = self.control {
-            self.transmits.push_back((
-                c,
-                Message::Failed {
-                    reason: reason.clone(),
-                },
-            ));
-        }
+        self.send_control(Message::Failed {
+            reason: reason.clone(),
+        });
         self.leave(false, format!("sink failed: {reason}"));
     }
 
     /// A deadline from [`Node::poll_timeout`] passed.
     pub fn handle_timeout(&mut self, now: Time) {
-        if self.timers.expire(Timer::Heartbeat, now) {
-            if let ControlState::Joined(c) = self.control {
-                self.transmits
-                    .push_back((c, Message::Progress(self.progress())));
-                self.timers.set(Timer::Heartbeat, now + self.heartbeat);
-            }
+        if self.timers.expire(Timer::Heartbeat, now)
+            && self.send_control(Message::Progress(self.progress()))
+        {
+            self.timers.set(Timer::Heartbeat, now + self.heartbeat);
         }
         if let Some(late) = self.timers.overdue(Timer::SourceSilence, now) {
             // A check that comes more than a heartbeat late means this node
@@ -568,11 +626,16 @@ impl Node {
             && !matches!(self.control, ControlState::Joined(_))
         {
             let waited = now.saturating_since(self.source_since).as_secs_f64();
-            let reason = if self.id.is_some() {
+            let mut reason = if self.id.is_some() {
                 format!("lost the source and it did not come back within {waited:.0} s")
             } else {
                 format!("no source answered within {waited:.0} s")
             };
+            if let Some(why) = &self.unproven {
+                reason.push_str(&format!(
+                    " (the last one to answer was not believed: {why})"
+                ));
+            }
             if let Some(c) = self.control_conn() {
                 self.actions.push_back(NodeAction::Close { conn: c });
             }
@@ -696,9 +759,32 @@ impl Node {
         self.actions.push_back(NodeAction::Close { conn });
     }
 
+    /// Queues `msg` for the source, sealed, if we are joined; whether we are.
+    fn send_control(&mut self, msg: Message) -> bool {
+        let (ControlState::Joined(c), Some(channel)) = (self.control, &mut self.control_channel)
+        else {
+            return false;
+        };
+        let sealed = channel.seal(msg);
+        self.transmits.push_back((c, sealed));
+        true
+    }
+
+    /// Who answered as the source did not prove our key: nothing it said is
+    /// acted on; its connection is dropped and we look for the source again.
+    fn source_unproven(&mut self, now: Time, conn: ConnId, reason: String) {
+        self.events.push_back(NodeEvent::SourceUnproven {
+            reason: reason.clone(),
+        });
+        self.unproven = Some(reason);
+        self.actions.push_back(NodeAction::Close { conn });
+        self.lose_source(now);
+    }
+
     fn lose_source(&mut self, now: Time) {
         let was_joined = matches!(self.control, ControlState::Joined(_));
         self.control = ControlState::AwaitingSource;
+        self.control_channel = None;
         self.timers.stop(Timer::Heartbeat);
         self.timers.stop(Timer::SourceSilence);
         if self.phase == Phase::Done {
@@ -715,6 +801,7 @@ impl Node {
         if let Some(c) = self.upstream_conn.take().and_then(UpstreamConn::conn) {
             self.actions.push_back(NodeAction::Close { conn: c });
         }
+        self.upstream_channel = None;
         self.upstream = None;
         self.stranded = None;
         self.timers.stop(Timer::ConnectUpstream);
@@ -748,6 +835,24 @@ impl Node {
     }
 
     fn on_control(&mut self, now: Time, conn: ConnId, msg: Message) {
+        // In the clear come only the challenge and a refusal of our join;
+        // everything after must open with the connection's keys, which
+        // only a holder of our key can make.
+        let msg = match (self.control, &mut self.control_channel) {
+            (ControlState::AwaitingChallenge(_), _) => msg,
+            (ControlState::AwaitingWelcome(_), _) if matches!(msg, Message::Refused(_)) => msg,
+            (_, Some(channel)) => match channel.open(msg) {
+                Ok(msg) => msg,
+                Err(e) => {
+                    let reason = format!("the source did not prove this node's key: {e}");
+                    return self.source_unproven(now, conn, reason);
+                }
+            },
+            (_, None) => {
+                let reason = format!("the source sent a {} before the handshake", msg.name());
+                return self.source_unproven(now, conn, reason);
+            }
+        };
         self.last_heard = now;
         match (self.control, msg) {
             (ControlState::AwaitingChallenge(_), Message::Challenge { version, nonce }) => {
@@ -757,10 +862,9 @@ impl Node {
                     );
                     return self.leave(false, reason);
                 }
-                let proof = join_proof(&*self.key, &nonce, &self.config.session, &self.config.name);
                 let have = self.received.prefix_end();
                 self.join_have = have;
-                let join = Join {
+                let mut join = Join {
                     version: PROTOCOL_VERSION,
                     session: self.config.session.clone(),
                     name: self.config.name.clone(),
@@ -771,9 +875,18 @@ impl Node {
                     have,
                     holds_from: self.progress().holds_from,
                     image: self.image_id.filter(|_| have > 0),
-                    proof,
+                    nonce: self.control_nonce,
+                    proof: Default::default(),
                 };
-                self.transmits.push_back((conn, Message::Join(join)));
+                join.proof = join_proof(&*self.key, &nonce, &join);
+                self.control_channel = Some(Channel::new(
+                    &*self.key,
+                    &nonce,
+                    &self.control_nonce,
+                    Side::Client,
+                ));
+                self.transmits
+                    .push_back((conn, Message::Join(Box::new(join))));
                 self.control = ControlState::AwaitingWelcome(conn);
             }
             (
@@ -785,9 +898,12 @@ impl Node {
                     image_size,
                     image,
                     resume_from,
+                    run,
                 },
             ) => {
                 self.id = Some(node);
+                self.run = Some(run);
+                self.unproven = None;
                 self.heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(10)));
                 self.dead_after = Duration::from_millis(u64::from(dead_after_ms.max(50)));
                 self.control = ControlState::Joined(conn);
@@ -807,8 +923,7 @@ impl Node {
                     image,
                     resumed_from: resume_from.min(self.received.prefix_end()),
                 });
-                self.transmits
-                    .push_back((conn, Message::Progress(self.progress())));
+                self.send_control(Message::Progress(self.progress()));
                 self.timers.set(Timer::Heartbeat, now + self.heartbeat);
                 self.timers.set(Timer::SourceSilence, now + self.dead_after);
                 // A source that restarted knows nothing of us: say again what we
@@ -818,9 +933,9 @@ impl Node {
                         Ok(()) => (true, String::new()),
                         Err(e) => (false, e),
                     };
-                    self.transmits
-                        .push_back((conn, Message::Verified { ok, reason }));
+                    self.send_control(Message::Verified { ok, reason });
                 }
+                self.check_unchecked(now);
             }
             (_, Message::Refused(refusal)) => {
                 self.events.push_back(NodeEvent::Refused(refusal.clone()));
@@ -849,9 +964,7 @@ impl Node {
             (ControlState::Joined(_), Message::Heartbeat) => {}
             (_, other) => {
                 let reason = format!("the source sent an unexpected {}", other.name());
-                self.events.push_back(NodeEvent::UpstreamLost { reason });
-                self.actions.push_back(NodeAction::Close { conn });
-                self.lose_source(now);
+                self.source_unproven(now, conn, reason);
             }
         }
     }
@@ -918,33 +1031,47 @@ impl Node {
     }
 
     fn on_upstream(&mut self, now: Time, conn: ConnId, msg: Message) {
+        // The upstream's acceptance must open with the link's keys: only the
+        // holder of the link's ticket (our upstream, or the source) can make
+        // it, and we take no record before it.
+        let msg = match (self.upstream_conn, &mut self.upstream_channel, msg) {
+            (_, _, refused @ Message::Refused(_)) => refused,
+            (Some(UpstreamConn::AwaitingAccept(_)), Some(channel), msg) => {
+                match channel.open(msg) {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        let reason = format!("the upstream did not prove our link's ticket: {e}");
+                        return self.drop_upstream(now, conn, reason);
+                    }
+                }
+            }
+            (_, _, msg) => msg,
+        };
         match (self.upstream_conn, msg) {
             (Some(UpstreamConn::AwaitingChallenge(_)), Message::Challenge { nonce, .. }) => {
-                let Some(id) = self.id else {
+                let (Some(id), Some(up)) = (self.id, self.upstream) else {
                     return self.drop_upstream(
                         now,
                         conn,
                         "connected upstream before being admitted".into(),
                     );
                 };
-                let from = self.received.prefix_end();
-                let proof = data_proof(
-                    &*self.key,
-                    &nonce,
-                    &self.config.session,
-                    id,
-                    self.epoch,
-                    from,
-                );
-                let hello = Message::DataHello {
-                    version: PROTOCOL_VERSION,
+                let ticket = self.key.keyed(&up.ticket.0);
+                let hello = DataHello {
                     session: self.config.session.clone(),
                     node: id,
                     epoch: self.epoch,
-                    from,
-                    proof,
+                    from: self.received.prefix_end(),
+                    nonce: self.upstream_nonce,
                 };
-                self.transmits.push_back((conn, hello));
+                self.transmits
+                    .push_back((conn, hello.proved(&*ticket, &nonce)));
+                self.upstream_channel = Some(Channel::new(
+                    &*ticket,
+                    &nonce,
+                    &self.upstream_nonce,
+                    Side::Client,
+                ));
                 self.upstream_conn = Some(UpstreamConn::AwaitingAccept(conn));
             }
             (Some(UpstreamConn::AwaitingAccept(_)), Message::DataAccepted { from }) => {
@@ -979,33 +1106,59 @@ impl Node {
             from,
             reason,
         });
-        let ControlState::Joined(control) = self.control else {
+        if !matches!(self.control, ControlState::Joined(_)) {
             // Without the source there is no placement to keep: the next
             // one comes with the welcome.
             return;
-        };
+        }
         if self.stranded != Some(self.epoch) {
             self.stranded = Some(self.epoch);
             let epoch = self.epoch;
-            self.transmits
-                .push_back((control, Message::Stranded { epoch, from }));
+            self.send_control(Message::Stranded { epoch, from });
         }
     }
 
     fn drop_upstream(&mut self, now: Time, conn: ConnId, reason: String) {
         self.upstream_conn = None;
+        self.upstream_channel = None;
         self.actions.push_back(NodeAction::Close { conn });
         self.events.push_back(NodeEvent::UpstreamLost { reason });
         self.timers
             .set(Timer::ConnectUpstream, now + self.config.reconnect_delay);
     }
 
-    fn on_downstream_hello(&mut self, now: Time, conn: ConnId, nonce: Nonce, msg: Message) {
-        let DataRequest { node, epoch, from } =
-            match check_data_hello(&*self.key, &nonce, &self.config.session, msg) {
-                Ok(request) => request,
+    fn on_downstream_hello(&mut self, now: Time, conn: ConnId, server_nonce: Nonce, msg: Message) {
+        let run = match (self.control, self.run) {
+            (ControlState::Joined(_), Some(run)) => run,
+            _ => {
+                let unchecked = self
+                    .inbound
+                    .values()
+                    .filter(|i| matches!(i, Inbound::Unchecked { .. }))
+                    .count();
+                if unchecked >= MAX_UNCHECKED || self.phase == Phase::Done {
+                    let detail = "this node has no place in the session yet".to_string();
+                    return self.refuse_downstream(conn, RefusalCode::NotExpected, detail);
+                }
+                let until = now + self.dead_after;
+                let hello = Box::new(msg);
+                self.inbound.insert(
+                    conn,
+                    Inbound::Unchecked {
+                        hello,
+                        server_nonce,
+                        until,
+                    },
+                );
+                return self.arm_early_timer();
+            }
+        };
+        let request =
+            match check_data_hello(&*self.key, &run, &server_nonce, &self.config.session, msg) {
+                Ok((request, _)) => request,
                 Err((code, detail)) => return self.refuse_downstream(conn, code, detail),
             };
+        let DataRequest { node, epoch, .. } = request;
         if !self.downstreams.contains_key(&node) && epoch > self.epoch {
             // Refusing would cost the downstream a reconnect delay, and the
             // data reaching us meanwhile would stand queued before it for
@@ -1014,9 +1167,8 @@ impl Node {
             self.inbound.insert(
                 conn,
                 Inbound::Early {
-                    node,
-                    epoch,
-                    from,
+                    request,
+                    server_nonce,
                     until,
                 },
             );
@@ -1025,12 +1177,20 @@ impl Node {
                 .push_back(NodeEvent::DownstreamEarly { node, epoch });
             return;
         }
-        self.answer_downstream(conn, node, epoch, from);
+        self.answer_downstream(conn, request, server_nonce);
     }
 
-    /// Accepts `node`'s data connection if the source made it our
-    /// downstream at `epoch` or before, and refuses it otherwise.
-    fn answer_downstream(&mut self, conn: ConnId, node: NodeId, epoch: Epoch, from: u64) {
+    /// Accepts a proven data connection if the source made its node our
+    /// downstream at its epoch or before, and refuses it otherwise. The
+    /// acceptance is sealed with the link's keys: the downstream's proof
+    /// that we hold its ticket.
+    fn answer_downstream(&mut self, conn: ConnId, request: DataRequest, server_nonce: Nonce) {
+        let DataRequest {
+            node,
+            epoch,
+            from,
+            nonce,
+        } = request;
         match self.downstreams.get(&node) {
             Some(&assigned) if epoch >= assigned => {}
             _ => {
@@ -1067,31 +1227,72 @@ impl Node {
             self.close(c);
         }
         self.inbound.insert(conn, Inbound::Serving(node));
+        let Some(run) = self.run else {
+            unreachable!("a hello is checked only once the source's run is known")
+        };
+        let ticket = self
+            .key
+            .keyed(&crate::auth::link_ticket(&*self.key, &run, node).0);
+        let mut channel = Channel::new(&*ticket, &server_nonce, &nonce, Side::Server);
         self.transmits
-            .push_back((conn, Message::DataAccepted { from }));
+            .push_back((conn, channel.seal(Message::DataAccepted { from })));
         self.actions
             .push_back(NodeAction::Serve { conn, node, from });
     }
 
     /// Answers each early downstream whose epoch we have reached, and
-    /// refuses those that waited until their time ran out.
+    /// refuses those that waited until their time ran out (an unchecked
+    /// one, whose welcome never came, too).
     fn answer_early_downstreams(&mut self, now: Time) {
-        let due: Vec<(ConnId, NodeId, Epoch, u64)> = self
+        let due: Vec<(ConnId, DataRequest, Nonce)> = self
             .inbound
             .iter()
             .filter_map(|(&c, i)| match *i {
                 Inbound::Early {
-                    node,
-                    epoch,
-                    from,
+                    request,
+                    server_nonce,
                     until,
-                } if epoch <= self.epoch || until <= now => Some((c, node, epoch, from)),
+                } if request.epoch <= self.epoch || until <= now => {
+                    Some((c, request, server_nonce))
+                }
                 _ => None,
             })
             .collect();
-        for (conn, node, epoch, from) in due {
+        for (conn, request, server_nonce) in due {
             self.inbound.remove(&conn);
-            self.answer_downstream(conn, node, epoch, from);
+            self.answer_downstream(conn, request, server_nonce);
+        }
+        let expired: Vec<ConnId> = self
+            .inbound
+            .iter()
+            .filter(|(_, i)| matches!(i, Inbound::Unchecked { until, .. } if *until <= now))
+            .map(|(&c, _)| c)
+            .collect();
+        for conn in expired {
+            let detail = "this node was not welcomed in time to check the hello".to_string();
+            self.refuse_downstream(conn, RefusalCode::NotExpected, detail);
+        }
+        self.arm_early_timer();
+    }
+
+    /// Checks the hellos that came before our welcome, now that we know the
+    /// source's run.
+    fn check_unchecked(&mut self, now: Time) {
+        let held: Vec<ConnId> = self
+            .inbound
+            .iter()
+            .filter(|(_, i)| matches!(i, Inbound::Unchecked { .. }))
+            .map(|(&c, _)| c)
+            .collect();
+        for conn in held {
+            if let Some(Inbound::Unchecked {
+                hello,
+                server_nonce,
+                ..
+            }) = self.inbound.remove(&conn)
+            {
+                self.on_downstream_hello(now, conn, server_nonce, *hello);
+            }
         }
         self.arm_early_timer();
     }
@@ -1101,7 +1302,7 @@ impl Node {
             .inbound
             .values()
             .filter_map(|i| match *i {
-                Inbound::Early { until, .. } => Some(until),
+                Inbound::Early { until, .. } | Inbound::Unchecked { until, .. } => Some(until),
                 _ => None,
             })
             .min();
@@ -1156,10 +1357,7 @@ impl Node {
             ok,
             reason: reason.clone(),
         });
-        if let ControlState::Joined(c) = self.control {
-            self.transmits
-                .push_back((c, Message::Verified { ok, reason }));
-        }
+        self.send_control(Message::Verified { ok, reason });
     }
 
     fn leave(&mut self, ok: bool, reason: String) {
@@ -1178,6 +1376,8 @@ impl Node {
             self.actions.push_back(NodeAction::Close { conn: c });
         }
         self.control = ControlState::AwaitingSource;
+        self.control_channel = None;
+        self.upstream_channel = None;
         self.events.push_back(NodeEvent::Left {
             ok,
             reason: reason.clone(),

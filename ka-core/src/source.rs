@@ -1,7 +1,8 @@
 //! The source side: the coordinator of a session, which also feeds the head
 //! of the chain.
 //!
-//! It admits nodes (checking version, session and proof of the secret),
+//! It admits nodes (checking version, session and the proof of each node's
+//! own key, which it derives from the root for the name the node claims),
 //! decides when to start, lays out the chain, watches heartbeats and
 //! progress, relinks around dead or slow nodes, collects each node's check of
 //! its copy, releases nodes and keeps the final report.
@@ -33,11 +34,24 @@
 //! upstream refused anyway (the window moved on since it last reported)
 //! says so ([`Message::Stranded`]) and the source takes it in the same way.
 //! The source itself never drops a byte it read, so it can always.
+//!
+//! # Authentication
+//!
+//! The source holds the session's root key ([`crate::auth`]). A join proves
+//! the key of the node it names, and the connection's [`Channel`] derives
+//! from that key and both nonces: every message on it after the join is
+//! sealed both ways, and a message that does not open declares the node
+//! dead (its connection is not the node's any more). Each placement hands
+//! the node the ticket of its link, which its upstream (a node, or the
+//! source's own data port) derives from its own key.
 
 use core::time::Duration;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::auth::{check_data_hello, go_proof, join_proof, tags_equal, DataRequest, Mac};
+use crate::auth::{
+    check_data_hello, go_proof, join_proof, link_ticket, node_key, operator_key, source_data_key,
+    tags_equal, Channel, DataRequest, Mac, Side,
+};
 use crate::codec::{
     Digest, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, PROTOCOL_VERSION,
 };
@@ -335,9 +349,15 @@ impl TimerKind<3> for Timer {
 /// actions suffices.
 pub struct Source {
     config: SourceConfig,
+    /// The session's root key: every node's key derives from it.
     key: Box<dyn Mac>,
+    /// The key the tickets of links the source feeds derive from.
+    data_key: Box<dyn Mac>,
     state: SourceState,
     conns: BTreeMap<ConnId, ConnRole>,
+    /// The authenticated connections: a node's control connection once its
+    /// join proved its key.
+    channels: BTreeMap<ConnId, Channel>,
     nodes: BTreeMap<NodeId, NodeRecord>,
     names: BTreeMap<String, NodeId>,
     /// Nodes that died while the session was still waiting for its nodes
@@ -360,7 +380,8 @@ pub struct Source {
 }
 
 impl Source {
-    /// A source that starts waiting for nodes at `now`.
+    /// A source that starts waiting for nodes at `now`, holding the
+    /// session's root `key` ([`crate::auth`]).
     pub fn new(now: Time, config: SourceConfig, key: Box<dyn Mac>) -> Self {
         let mut timers = TimerTable::new();
         timers.set(Timer::Tick, now + config.heartbeat);
@@ -370,9 +391,11 @@ impl Source {
         Source {
             topology: Topology::new(config.arity),
             config,
+            data_key: source_data_key(&*key),
             key,
             state: SourceState::AwaitingNodes,
             conns: BTreeMap::new(),
+            channels: BTreeMap::new(),
             nodes: BTreeMap::new(),
             names: BTreeMap::new(),
             lost_before_start: BTreeMap::new(),
@@ -395,32 +418,60 @@ impl Source {
     /// and unpredictable: the peer's proof will have to cover it.
     pub fn handle_connected(&mut self, _now: Time, conn: ConnId, nonce: Nonce) {
         self.conns.insert(conn, ConnRole::Challenged(nonce));
-        self.transmits.push_back((
+        self.send(
             conn,
             Message::Challenge {
                 version: PROTOCOL_VERSION,
                 nonce,
             },
-        ));
+        );
     }
 
-    /// A message arrived on `conn`.
+    /// A message arrived on `conn`. On an authenticated connection it must
+    /// open ([`Channel::open`]); one that does not declares the node dead.
     pub fn handle_message(&mut self, now: Time, conn: ConnId, msg: Message) {
         let Some(&role) = self.conns.get(&conn) else {
             return;
         };
+        let msg = match self.channels.get_mut(&conn) {
+            None => msg,
+            Some(channel) => match channel.open(msg) {
+                Ok(msg) => msg,
+                Err(e) => {
+                    let reason = format!("its connection failed authentication: {e}");
+                    if let ConnRole::Control(id) = role {
+                        self.declare_dead(now, id, reason);
+                    }
+                    if self.conns.contains_key(&conn) {
+                        self.forget_conn(conn);
+                    }
+                    return;
+                }
+            },
+        };
         match (role, msg) {
             (ConnRole::Challenged(nonce), Message::Join(join)) => {
-                self.on_join(now, conn, nonce, join)
+                self.on_join(now, conn, nonce, *join)
             }
-            (ConnRole::Challenged(nonce), Message::Go { session, proof }) => {
+            (
+                ConnRole::Challenged(server_nonce),
+                Message::Go {
+                    session,
+                    nonce,
+                    proof,
+                },
+            ) => {
+                let operator = operator_key(&*self.key);
                 if session != self.config.session
-                    || !tags_equal(&proof, &go_proof(&*self.key, &nonce, &session))
+                    || !tags_equal(
+                        &proof,
+                        &go_proof(&*operator, &server_nonce, &session, &nonce),
+                    )
                 {
                     self.refuse(
                         conn,
                         RefusalCode::BadProof,
-                        "go refused: wrong session or secret".into(),
+                        "go refused: wrong session, or not the session secret (a node's key cannot start a session)".into(),
                     );
                     return;
                 }
@@ -429,10 +480,12 @@ impl Source {
                     self.start(now, StartTrigger::Go);
                 }
                 let nodes = self.live_count() as u32;
-                self.transmits
-                    .push_back((conn, Message::GoAck { started, nodes }));
-                self.conns.remove(&conn);
-                self.actions.push_back(SourceAction::Close { conn });
+                self.channels.insert(
+                    conn,
+                    Channel::new(&*operator, &server_nonce, &nonce, Side::Server),
+                );
+                self.send(conn, Message::GoAck { started, nodes });
+                self.forget_conn(conn);
             }
             (ConnRole::Challenged(nonce), hello @ Message::DataHello { .. }) => {
                 self.on_data_hello(conn, nonce, hello)
@@ -447,6 +500,7 @@ impl Source {
 
     /// A connection closed (or failed).
     pub fn handle_closed(&mut self, now: Time, conn: ConnId) {
+        self.channels.remove(&conn);
         match self.conns.remove(&conn) {
             Some(ConnRole::Control(id)) => {
                 let record = self.nodes.get_mut(&id).filter(|r| r.conn == Some(conn));
@@ -553,8 +607,7 @@ impl Source {
         self.events.push_back(SourceEvent::ImageDone { total });
         let conns: Vec<ConnId> = self.nodes.values().filter_map(|r| r.conn).collect();
         for c in conns {
-            self.transmits
-                .push_back((c, Message::ImageDone { total, digest }));
+            self.send(c, Message::ImageDone { total, digest });
         }
         self.check_complete(now);
     }
@@ -704,17 +757,33 @@ impl Source {
 
     fn refuse(&mut self, conn: ConnId, code: RefusalCode, detail: String) {
         let refusal = Refusal::new(code, detail);
-        self.transmits
-            .push_back((conn, Message::Refused(refusal.clone())));
+        self.send(conn, Message::Refused(refusal.clone()));
         self.events
             .push_back(SourceEvent::Refused { conn, refusal });
+        self.forget_conn(conn);
+    }
+
+    /// Queues `msg` for `conn`, sealed if the connection is authenticated.
+    fn send(&mut self, conn: ConnId, msg: Message) {
+        let msg = match self.channels.get_mut(&conn) {
+            Some(channel) => channel.seal(msg),
+            None => msg,
+        };
+        self.transmits.push_back((conn, msg));
+    }
+
+    /// Forgets `conn` and closes it (after what was queued for it).
+    fn forget_conn(&mut self, conn: ConnId) {
         self.conns.remove(&conn);
+        self.channels.remove(&conn);
         self.actions.push_back(SourceAction::Close { conn });
     }
 
     /// Decides whether a join is let in and how, or why not (the refusal's
     /// detail is for the node's operator). Changes nothing:
-    /// [`Source::on_join`] carries the decision out.
+    /// [`Source::on_join`] carries the decision out. The proof is checked
+    /// with the key of the node the join names, so a node's key admits it
+    /// under its own name only.
     fn admit(&self, nonce: &Nonce, join: &Join) -> Result<Admission, Refusal> {
         let refuse = |code, detail| Err(Refusal::new(code, detail));
         if join.version != PROTOCOL_VERSION {
@@ -731,13 +800,12 @@ impl Source {
             );
             return refuse(RefusalCode::WrongSession, detail);
         }
-        if !tags_equal(
-            &join.proof,
-            &join_proof(&*self.key, nonce, &join.session, &join.name),
-        ) {
-            let detail =
-                "the node's secret does not match this session's: give it the source's secret file"
-                    .into();
+        let key = node_key(&*self.key, &join.name);
+        if !tags_equal(&join.proof, &join_proof(&*key, nonce, join)) {
+            let detail = format!(
+                "the key of node {:?} does not match this session's: give the node the source's secret file, or its own key (ka key derive --name {:?})",
+                join.name, join.name
+            );
             return refuse(RefusalCode::BadProof, detail);
         }
         if matches!(
@@ -748,7 +816,7 @@ impl Source {
         }
         let known = self.names.get(&join.name).copied();
         // A node that restarts faster than its death is noticed proves with
-        // the secret that it is the same node; the old connection is a zombie.
+        // its key that it is the same node; the old connection is a zombie.
         let supersedes = known.filter(|id| self.nodes[id].live());
         // Unless it joins from another machine: that is a second node under
         // the same name (cloned machines share a host name, ka join's
@@ -857,7 +925,13 @@ impl Source {
         self.unsettled += 1;
         self.names.insert(join.name.clone(), id);
         self.conns.insert(conn, ConnRole::Control(id));
-        self.transmits.push_back((
+        // Its welcome is the first message sealed with the connection's
+        // keys: the source's proof, over the node's nonce, that it holds
+        // the node's key too.
+        let key = node_key(&*self.key, &join.name);
+        self.channels
+            .insert(conn, Channel::new(&*key, &nonce, &join.nonce, Side::Server));
+        self.send(
             conn,
             Message::Welcome {
                 node: id,
@@ -866,8 +940,9 @@ impl Source {
                 image_size: self.config.image_size,
                 image: self.config.image_id,
                 resume_from: have,
+                run: self.config.run,
             },
-        ));
+        );
         self.events.push_back(SourceEvent::Joined {
             node: id,
             name: join.name,
@@ -876,8 +951,7 @@ impl Source {
             discarded: join.have - have,
         });
         if let Some((total, digest)) = self.image {
-            self.transmits
-                .push_back((conn, Message::ImageDone { total, digest }));
+            self.send(conn, Message::ImageDone { total, digest });
         }
         if let Some(parent) = parent {
             self.topology.attach(id, parent);
@@ -929,12 +1003,26 @@ impl Source {
             .collect()
     }
 
-    fn on_data_hello(&mut self, conn: ConnId, nonce: Nonce, hello: Message) {
-        let DataRequest { node, epoch, from } =
-            match check_data_hello(&*self.key, &nonce, &self.config.session, hello) {
-                Ok(request) => request,
-                Err((code, detail)) => return self.refuse(conn, code, detail),
-            };
+    fn on_data_hello(&mut self, conn: ConnId, server_nonce: Nonce, hello: Message) {
+        let checked = check_data_hello(
+            &*self.data_key,
+            &self.config.run,
+            &server_nonce,
+            &self.config.session,
+            hello,
+        );
+        let (
+            DataRequest {
+                node,
+                epoch,
+                from,
+                nonce,
+            },
+            ticket,
+        ) = match checked {
+            Ok(request) => request,
+            Err((code, detail)) => return self.refuse(conn, code, detail),
+        };
         if self.topology.parent(node) != Some(None) || !self.is_live(node) {
             return self.refuse(
                 conn,
@@ -944,12 +1032,15 @@ impl Source {
         }
         let record = self.nodes.get_mut(&node).expect("live child has a record");
         if let Some(old) = record.data_conn.replace(conn) {
-            self.conns.remove(&old);
-            self.actions.push_back(SourceAction::Close { conn: old });
+            self.forget_conn(old);
         }
         self.conns.insert(conn, ConnRole::Data(node));
+        // Sealed with the link's keys: the node takes no record before it
+        // knows the other end holds its ticket. Raw records follow, so the
+        // channel has done its work.
+        let mut channel = Channel::new(&*ticket, &server_nonce, &nonce, Side::Server);
         self.transmits
-            .push_back((conn, Message::DataAccepted { from }));
+            .push_back((conn, channel.seal(Message::DataAccepted { from })));
         self.actions
             .push_back(SourceAction::Serve { conn, node, from });
     }
@@ -1102,12 +1193,12 @@ impl Source {
                     self.config.slow_lag, self.config.slow_window
                 );
                 if let Some(conn) = self.nodes[&id].conn {
-                    self.transmits.push_back((
+                    self.send(
                         conn,
                         Message::Abort {
                             reason: reason.clone(),
                         },
-                    ));
+                    );
                 }
                 self.remove_node(now, id, reason);
             }
@@ -1171,7 +1262,7 @@ impl Source {
             .filter_map(|r| r.conn)
             .collect();
         for c in conns {
-            self.transmits.push_back((c, Message::Heartbeat));
+            self.send(c, Message::Heartbeat);
         }
     }
 
@@ -1247,25 +1338,32 @@ impl Source {
         let Some(conn) = record.conn else {
             return;
         };
+        let run = self.config.run;
         let upstream = placed.map(|p| match p {
             None => Upstream {
                 node: None,
                 addr: self.config.data_addr,
+                ticket: link_ticket(&*self.data_key, &run, id),
             },
-            Some(n) => Upstream {
-                node: Some(n),
-                addr: self.nodes[&n].data_addr,
-            },
+            Some(n) => {
+                let parent = &self.nodes[&n];
+                let parent_key = node_key(&*self.key, &parent.report.name);
+                Upstream {
+                    node: Some(n),
+                    addr: parent.data_addr,
+                    ticket: link_ticket(&*parent_key, &run, id),
+                }
+            }
         });
         let downstreams = self.topology.children(Some(id)).to_vec();
-        self.transmits.push_back((
+        self.send(
             conn,
             Message::Topology {
                 epoch: self.epoch,
                 upstream,
                 downstreams,
             },
-        ));
+        );
     }
 
     /// Tells a parent its new list of children; for the source itself, closes
@@ -1284,8 +1382,7 @@ impl Source {
                     .collect();
                 for (id, c) in stale {
                     self.nodes.get_mut(&id).expect("listed").data_conn = None;
-                    self.conns.remove(&c);
-                    self.actions.push_back(SourceAction::Close { conn: c });
+                    self.forget_conn(c);
                 }
             }
         }
@@ -1313,8 +1410,7 @@ impl Source {
             }
             self.names.remove(&record.report.name);
             if let Some(c) = record.conn {
-                self.conns.remove(&c);
-                self.actions.push_back(SourceAction::Close { conn: c });
+                self.forget_conn(c);
             }
             let mut report = record.report;
             if report.outcome.is_none() {
@@ -1346,8 +1442,7 @@ impl Source {
             record.report.finished_at = Some(now);
         }
         for c in conn.into_iter().chain(data_conn) {
-            self.conns.remove(&c);
-            self.actions.push_back(SourceAction::Close { conn: c });
+            self.forget_conn(c);
         }
         self.release_queue.retain(|&n| n != id);
         let mut parent = None;
@@ -1393,7 +1488,7 @@ impl Source {
         let r = self.nodes.get_mut(&n).expect("caller checked");
         r.report.released = true;
         if let Some(c) = r.conn {
-            self.transmits.push_back((c, Message::Release));
+            self.send(c, Message::Release);
         }
         self.events.push_back(SourceEvent::Released { node: n });
     }
@@ -1445,19 +1540,21 @@ impl Source {
             return;
         }
         self.state = SourceState::Aborted;
+        let mut conns = Vec::new();
         for r in self.nodes.values_mut() {
             if r.report.outcome.is_none() {
                 r.report.outcome = Some(Err(format!("session aborted: {reason}")));
                 r.report.finished_at = Some(now);
             }
-            if let Some(c) = r.conn {
-                self.transmits.push_back((
-                    c,
-                    Message::Abort {
-                        reason: reason.clone(),
-                    },
-                ));
-            }
+            conns.extend(r.conn);
+        }
+        for c in conns {
+            self.send(
+                c,
+                Message::Abort {
+                    reason: reason.clone(),
+                },
+            );
         }
         self.events.push_back(SourceEvent::Aborted { reason });
     }
@@ -1467,7 +1564,7 @@ impl Source {
 mod tests {
     use super::*;
 
-    use crate::auth::test_key::TestKey;
+    use crate::auth::TestKey;
     use crate::codec::ImageId;
 
     const NONCE: Nonce = Nonce([5; 32]);
@@ -1502,14 +1599,32 @@ mod tests {
             have: 0,
             holds_from: 0,
             image: None,
-            proof: join_proof(&TestKey(1), &NONCE, "s", name),
+            nonce: Nonce([6; 32]),
+            proof: Default::default(),
+        }
+        .proved(&TestKey(1))
+    }
+
+    trait Proved {
+        /// This join, proved with the key `root` derives for its name.
+        fn proved(self, root: &dyn Mac) -> Self;
+    }
+
+    impl Proved for Join {
+        fn proved(mut self, root: &dyn Mac) -> Join {
+            self.proof = join_proof(&*node_key(root, &self.name), &NONCE, &self);
+            self
         }
     }
 
     /// Admits `name` on connection `conn`.
     fn joined(src: &mut Source, conn: u64, name: &str) {
         src.handle_connected(Time::ZERO, ConnId(conn), NONCE);
-        src.handle_message(Time::ZERO, ConnId(conn), Message::Join(join(name)));
+        src.handle_message(
+            Time::ZERO,
+            ConnId(conn),
+            Message::Join(Box::new(join(name))),
+        );
         assert!(src.names.contains_key(name), "{name} was not admitted");
     }
 
@@ -1521,7 +1636,7 @@ mod tests {
         src.handle_connected(Time::ZERO, ConnId(1), NONCE);
         let mut j = join("a");
         j.session = "é".repeat(crate::codec::MAX_STRING / 2);
-        src.handle_message(Time::ZERO, ConnId(1), Message::Join(j));
+        src.handle_message(Time::ZERO, ConnId(1), Message::Join(Box::new(j)));
         let msg = std::iter::from_fn(|| src.poll_transmit())
             .map(|(_, m)| m)
             .find(|m| matches!(m, Message::Refused(_)))
@@ -1540,6 +1655,7 @@ mod tests {
         joined(&mut src, 1, "a");
         let mut twin = join("a");
         twin.data_addr = "10.0.0.2:1".parse().unwrap();
+        let twin = twin.proved(&TestKey(1));
         assert_eq!(refused(&src, &twin), RefusalCode::NameInUse);
         // The same machine again is a restart faster than its death was
         // noticed: it takes the place over.
@@ -1562,12 +1678,16 @@ mod tests {
         let mut j = join("a");
         j.session = "t".into();
         assert_eq!(refused(&src, &j), RefusalCode::WrongSession);
-        let mut j = join("a");
-        j.proof = join_proof(&TestKey(2), &NONCE, "s", "a");
+        let j = join("a").proved(&TestKey(2));
         assert_eq!(refused(&src, &j), RefusalCode::BadProof);
-        // The proof covers the name: a node cannot join under another's.
-        j = join("a");
+        // The proof covers the name: a node cannot join under another's
+        // with its own key.
+        let mut j = join("a");
         j.name = "b".into();
+        assert_eq!(refused(&src, &j), RefusalCode::BadProof);
+        // Nor change what it says once proved.
+        let mut j = join("a");
+        j.have = 5;
         assert_eq!(refused(&src, &j), RefusalCode::BadProof);
     }
 
@@ -1609,10 +1729,13 @@ mod tests {
         cfg.image_id = ImageId([7; 32]);
         cfg.image_size = Some(1000);
         let src = Source::new(Time::ZERO, cfg, Box::new(TestKey(1)));
-        let holding = |have, image| Join {
-            have,
-            image: Some(ImageId(image)),
-            ..join("a")
+        let holding = |have, image| {
+            Join {
+                have,
+                image: Some(ImageId(image)),
+                ..join("a")
+            }
+            .proved(&TestKey(1))
         };
         let have = |j: &Join| src.admit(&NONCE, j).expect("admitted").have;
         assert_eq!(have(&holding(600, [7; 32])), 600);

@@ -4,25 +4,152 @@
 use core::net::SocketAddr;
 use core::time::Duration;
 
-use ka_core::auth::{join_proof, Mac};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use ka_core::auth::{
+    join_proof, link_ticket, node_key, source_data_key, Channel, DataHello, Mac, Side,
+};
 use ka_core::codec::{
-    Digest, ImageId, Join, Message, Nonce, Progress, RefusalCode, Tag, PROTOCOL_VERSION,
+    Digest, ImageId, Join, Message, Nonce, Progress, RefusalCode, Tag, Ticket, PROTOCOL_VERSION,
 };
 use ka_core::config::{NodeConfig, SlowPolicy, SourceConfig};
-use ka_core::ids::{ConnId, NodeId};
+use ka_core::ids::{ConnId, Epoch, NodeId};
 use ka_core::node::{Node, NodeAction, NodeEvent, Phase};
 use ka_core::source::{Source, SourceAction, SourceEvent, SourceState, StartTrigger};
 use ka_core::time::Time;
 
-struct Key(u8);
+/// A cheap keyed hash standing in for BLAKE3: the tests check the
+/// protocol, not the cryptography.
+struct Key(u64);
+
+impl Key {
+    fn hash(&self, purpose: u8, message: &[u8], out: &mut [u8]) {
+        let mut h =
+            (self.0 ^ 0xcbf2_9ce4_8422_2325 ^ u64::from(purpose)).wrapping_mul(0x100_0000_01b3);
+        for &b in message {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+        for (i, chunk) in out.chunks_mut(8).enumerate() {
+            let x = (h ^ i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            chunk.copy_from_slice(&(x ^ (x >> 29)).to_be_bytes()[..chunk.len()]);
+        }
+    }
+}
 
 impl Mac for Key {
     fn mac(&self, message: &[u8]) -> Tag {
-        let mut t = [self.0; 32];
-        for (i, b) in message.iter().enumerate() {
-            t[i % 32] = t[i % 32].wrapping_mul(31).wrapping_add(*b);
-        }
+        let mut t = [0; 32];
+        self.hash(1, message, &mut t);
         Tag(t)
+    }
+    fn derive(&self, context: &[u8]) -> [u8; 32] {
+        let mut k = [0; 32];
+        self.hash(2, context, &mut k);
+        k
+    }
+    fn keyed(&self, key: &[u8; 32]) -> Box<dyn Mac> {
+        Box::new(Key(u64::from_be_bytes(key[..8].try_into().unwrap())))
+    }
+    fn keystream(&self, context: &[u8], out: &mut [u8]) {
+        self.hash(3, context, out);
+    }
+}
+
+/// The session's root key in these tests.
+const ROOT: Key = Key(1);
+
+/// The ticket every topology in these tests hands a node for its upstream.
+const TICKET: Ticket = Ticket([42; 32]);
+
+/// The source run every welcome in these tests names.
+const RUN: Nonce = Nonce([77; 32]);
+
+/// The key of node `name` under the root.
+fn key_of(name: &str) -> Box<dyn Mac> {
+    node_key(&ROOT, name)
+}
+
+// The tests play the peers of one machine at a time: the nodes of a
+// source, or the source (and upstreams and downstreams) of a node. The
+// keys of each connection's far end are kept here, by connection, so the
+// tests read as the conversation, and every message after a handshake is
+// sealed on its way in and opened on its way out, as a peer would.
+thread_local! {
+    /// Our ends of the source's connections (we are its nodes).
+    static SOURCE_PEERS: RefCell<HashMap<ConnId, Channel>> = RefCell::new(HashMap::new());
+    /// Our ends of the node's connections (we are its source, upstream or
+    /// downstream).
+    static NODE_PEERS: RefCell<HashMap<ConnId, Channel>> = RefCell::new(HashMap::new());
+    /// The nonce we challenged the node with, by connection.
+    static CHALLENGES: RefCell<HashMap<ConnId, Nonce>> = RefCell::new(HashMap::new());
+    /// The node's messages taken out and opened, not yet looked at.
+    static NODE_SENT: RefCell<Vec<(ConnId, Message)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether `msg` travels sealed once its connection's handshake is done.
+fn sealable(msg: &Message) -> bool {
+    !msg.is_handshake() && !matches!(msg, Message::Refused(_) | Message::Sealed { .. })
+}
+
+/// Hands a message to a machine as its peer on `conn` sends it.
+trait Say {
+    fn say(&mut self, now: Time, conn: ConnId, msg: Message);
+}
+
+impl Say for Source {
+    fn say(&mut self, now: Time, conn: ConnId, msg: Message) {
+        let msg = SOURCE_PEERS.with(|p| match p.borrow_mut().get_mut(&conn) {
+            Some(ch) if sealable(&msg) => ch.seal(msg),
+            _ => msg,
+        });
+        self.handle_message(now, conn, msg);
+    }
+}
+
+impl Say for Node {
+    fn say(&mut self, now: Time, conn: ConnId, msg: Message) {
+        take_sent(self);
+        if let Message::Challenge { nonce, .. } = &msg {
+            CHALLENGES.with(|c| c.borrow_mut().insert(conn, *nonce));
+        }
+        let msg = NODE_PEERS.with(|p| match p.borrow_mut().get_mut(&conn) {
+            Some(ch) if sealable(&msg) => ch.seal(msg),
+            _ => msg,
+        });
+        self.handle_message(now, conn, msg);
+        take_sent(self);
+    }
+}
+
+/// Takes the node's transmits out in order, opening what is sealed and
+/// keeping our end of each connection its handshakes open.
+fn take_sent(node: &mut Node) {
+    while let Some((conn, msg)) = node.poll_transmit() {
+        let challenge = CHALLENGES.with(|c| c.borrow().get(&conn).copied());
+        match &msg {
+            Message::Join(j) => {
+                let server = challenge.expect("a join answers our challenge");
+                let ch = Channel::new(&*key_of(&j.name), &server, &j.nonce, Side::Server);
+                NODE_PEERS.with(|p| p.borrow_mut().insert(conn, ch));
+            }
+            Message::DataHello { nonce, .. } => {
+                let server = challenge.expect("a hello answers our challenge");
+                let ticket = ROOT.keyed(&TICKET.0);
+                let ch = Channel::new(&*ticket, &server, nonce, Side::Server);
+                NODE_PEERS.with(|p| p.borrow_mut().insert(conn, ch));
+            }
+            _ => {}
+        }
+        let msg = match msg {
+            sealed @ Message::Sealed { .. } => NODE_PEERS.with(|p| {
+                let mut p = p.borrow_mut();
+                let ch = p.get_mut(&conn).expect("sealed on a connection we know");
+                ch.open(sealed).expect("the node's message opens")
+            }),
+            msg => msg,
+        };
+        NODE_SENT.with(|s| s.borrow_mut().push((conn, msg)));
     }
 }
 
@@ -34,16 +161,19 @@ fn t(ms: u64) -> Time {
     Time::from_nanos(ms * 1_000_000)
 }
 
-fn source(n: u32) -> Source {
-    Source::new(
-        Time::ZERO,
-        SourceConfig::new("s", n, addr(1)),
-        Box::new(Key(1)),
-    )
+fn config(n: u32) -> SourceConfig {
+    let mut cfg = SourceConfig::new("s", n, addr(1));
+    cfg.run = RUN;
+    cfg
 }
 
-fn join_msg(name: &str, nonce: &Nonce, key: &dyn Mac) -> Message {
-    Message::Join(Join {
+fn source(n: u32) -> Source {
+    Source::new(Time::ZERO, config(n), Box::new(Key(1)))
+}
+
+/// A join of `name` as a node would send it, with its nonce, before its proof.
+fn bare_join(name: &str, conn: u64) -> Join {
+    Join {
         version: PROTOCOL_VERSION,
         session: "s".into(),
         name: name.into(),
@@ -54,15 +184,22 @@ fn join_msg(name: &str, nonce: &Nonce, key: &dyn Mac) -> Message {
         have: 0,
         holds_from: 0,
         image: None,
-        proof: join_proof(key, nonce, "s", name),
-    })
+        nonce: Nonce([conn as u8 ^ 0x80; 32]),
+        proof: Tag::default(),
+    }
 }
 
-/// Connects `conn` and joins `name` with `key`; returns what the source answered.
-fn join(src: &mut Source, now: Time, conn: u64, name: &str, key: &dyn Mac) -> Vec<Message> {
-    let nonce = Nonce([conn as u8; 32]);
-    src.handle_connected(now, ConnId(conn), nonce);
-    src.handle_message(now, ConnId(conn), join_msg(name, &nonce, key));
+/// Connects `conn` and joins `name` with the root `key`'s key for it, the
+/// join first changed by `edit`; returns what the source answered, opened.
+fn join_edited(
+    src: &mut Source,
+    now: Time,
+    conn: u64,
+    name: &str,
+    key: &dyn Mac,
+    edit: impl FnOnce(&mut Join),
+) -> Vec<Message> {
+    send_join(src, now, conn, name, key, edit);
     drain(src)
         .into_iter()
         .filter(|(c, _)| *c == ConnId(conn))
@@ -70,8 +207,52 @@ fn join(src: &mut Source, now: Time, conn: u64, name: &str, key: &dyn Mac) -> Ve
         .collect()
 }
 
+/// Connects `conn` and sends the join of `name`, proved with the root
+/// `key`'s key for it, the join first changed by `edit`; keeps our end of
+/// the connection.
+fn send_join(
+    src: &mut Source,
+    now: Time,
+    conn: u64,
+    name: &str,
+    key: &dyn Mac,
+    edit: impl FnOnce(&mut Join),
+) {
+    let nonce = Nonce([conn as u8; 32]);
+    src.handle_connected(now, ConnId(conn), nonce);
+    let mut j = bare_join(name, conn);
+    edit(&mut j);
+    let own = node_key(key, &j.name);
+    j.proof = join_proof(&*own, &nonce, &j);
+    let ch = Channel::new(&*own, &nonce, &j.nonce, Side::Client);
+    SOURCE_PEERS.with(|p| p.borrow_mut().insert(ConnId(conn), ch));
+    src.handle_message(now, ConnId(conn), Message::Join(Box::new(j)));
+}
+
+/// Connects `conn` and joins `name` with `key`; returns what the source answered.
+fn join(src: &mut Source, now: Time, conn: u64, name: &str, key: &dyn Mac) -> Vec<Message> {
+    join_edited(src, now, conn, name, key, |_| {})
+}
+
+/// The source's transmits, opened on the connections we hold.
 fn drain(src: &mut Source) -> Vec<(ConnId, Message)> {
-    std::iter::from_fn(|| src.poll_transmit()).collect()
+    std::iter::from_fn(|| src.poll_transmit())
+        .map(|(conn, msg)| (conn, open_from_source(conn, msg)))
+        .collect()
+}
+
+/// `msg` from the source on `conn`, opened if sealed.
+fn open_from_source(conn: ConnId, msg: Message) -> Message {
+    match msg {
+        sealed @ Message::Sealed { .. } => SOURCE_PEERS.with(|p| {
+            // Left sealed on a connection we did not join (an operator's).
+            match p.borrow_mut().get_mut(&conn) {
+                Some(ch) => ch.open(sealed).expect("the source's message opens"),
+                None => sealed,
+            }
+        }),
+        msg => msg,
+    }
 }
 
 fn events(src: &mut Source) -> Vec<SourceEvent> {
@@ -96,22 +277,13 @@ fn wrong_secret_is_refused_with_a_reason() {
 #[test]
 fn wrong_session_and_version_are_refused() {
     let mut src = source(2);
-    let nonce = Nonce([3; 32]);
-    src.handle_connected(Time::ZERO, ConnId(1), nonce);
-    let Message::Join(mut j) = join_msg("a", &nonce, &Key(1)) else {
-        unreachable!()
-    };
-    j.version = PROTOCOL_VERSION + 1;
-    src.handle_message(Time::ZERO, ConnId(1), Message::Join(j.clone()));
-    assert_eq!(
-        refusal(&drain(&mut src).into_iter().map(|x| x.1).collect::<Vec<_>>()),
-        Some(RefusalCode::VersionMismatch)
-    );
-    src.handle_connected(Time::ZERO, ConnId(2), nonce);
-    j.version = PROTOCOL_VERSION;
-    j.session = "other".into();
-    src.handle_message(Time::ZERO, ConnId(2), Message::Join(j));
-    let answers: Vec<Message> = drain(&mut src).into_iter().map(|x| x.1).collect();
+    let answers = join_edited(&mut src, Time::ZERO, 1, "a", &ROOT, |j| {
+        j.version = PROTOCOL_VERSION + 1
+    });
+    assert_eq!(refusal(&answers), Some(RefusalCode::VersionMismatch));
+    let answers = join_edited(&mut src, Time::ZERO, 2, "a", &ROOT, |j| {
+        j.session = "other".into()
+    });
     assert_eq!(refusal(&answers), Some(RefusalCode::WrongSession));
 }
 
@@ -141,12 +313,12 @@ fn go_starts_with_the_nodes_present() {
 
 #[test]
 fn join_deadline_starts_with_enough_nodes_or_aborts() {
-    let mut cfg = SourceConfig::new("s", 5, addr(1));
+    let mut cfg = config(5);
     cfg.join_timeout = Some(Duration::from_secs(10));
     cfg.min_nodes = 2;
     let mut src = Source::new(Time::ZERO, cfg.clone(), Box::new(Key(1)));
     join(&mut src, Time::ZERO, 1, "a", &Key(1));
-    src.handle_message(t(9_900), ConnId(1), Message::Progress(Progress::default()));
+    src.say(t(9_900), ConnId(1), Message::Progress(Progress::default()));
     src.handle_timeout(t(10_000));
     assert_eq!(src.state(), SourceState::Aborted);
     assert!(matches!(src.report()[0].outcome, Some(Err(ref e)) if e.contains("join deadline")));
@@ -155,7 +327,7 @@ fn join_deadline_starts_with_enough_nodes_or_aborts() {
     join(&mut src, Time::ZERO, 1, "a", &Key(1));
     join(&mut src, Time::ZERO, 2, "b", &Key(1));
     for c in [1, 2] {
-        src.handle_message(t(9_900), ConnId(c), Message::Progress(Progress::default()));
+        src.say(t(9_900), ConnId(c), Message::Progress(Progress::default()));
     }
     src.handle_timeout(t(10_000));
     assert_eq!(src.state(), SourceState::Streaming);
@@ -167,7 +339,7 @@ fn join_deadline_starts_with_enough_nodes_or_aborts() {
 
 #[test]
 fn chain_follows_inventory_order() {
-    let mut cfg = SourceConfig::new("s", 3, addr(1));
+    let mut cfg = config(3);
     cfg.order = vec!["c".into(), "a".into(), "b".into()];
     let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
     for (i, n) in ["a", "b", "c"].iter().enumerate() {
@@ -190,7 +362,7 @@ fn silent_node_is_declared_dead_and_its_downstream_relinked() {
     // a and c keep reporting; b goes silent.
     for ms in (250..=1500).step_by(250) {
         for c in [1, 3] {
-            src.handle_message(t(ms), ConnId(c), Message::Progress(Progress::default()));
+            src.say(t(ms), ConnId(c), Message::Progress(Progress::default()));
         }
         src.handle_timeout(t(ms));
     }
@@ -229,7 +401,7 @@ fn dead_node_rejoins_at_the_tail_and_keeps_its_identity() {
 
 #[test]
 fn slow_node_is_moved_to_the_tail_and_reported() {
-    let mut cfg = SourceConfig::new("s", 3, addr(1));
+    let mut cfg = config(3);
     cfg.slow_lag = 1000;
     cfg.slow_window = Duration::from_secs(1);
     cfg.slow_policy = SlowPolicy::MoveToTail;
@@ -241,7 +413,7 @@ fn slow_node_is_moved_to_the_tail_and_reported() {
     let mut evs = Vec::new();
     for step in 1..=10u64 {
         let now = t(step * 250);
-        src.handle_message(
+        src.say(
             now,
             ConnId(1),
             Message::Progress(Progress {
@@ -250,7 +422,7 @@ fn slow_node_is_moved_to_the_tail_and_reported() {
                 holds_from: 0,
             }),
         );
-        src.handle_message(
+        src.say(
             now,
             ConnId(2),
             Message::Progress(Progress {
@@ -259,7 +431,7 @@ fn slow_node_is_moved_to_the_tail_and_reported() {
                 holds_from: 0,
             }),
         );
-        src.handle_message(
+        src.say(
             now,
             ConnId(3),
             Message::Progress(Progress {
@@ -297,20 +469,16 @@ fn slow_node_is_moved_to_the_tail_and_reported() {
 
 #[test]
 fn releases_wait_for_the_session_and_are_paced() {
-    let mut cfg = SourceConfig::new("s", 2, addr(1));
+    let mut cfg = config(2);
     cfg.release_delay = Duration::from_secs(2);
     let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
     for (i, n) in ["a", "b"].iter().enumerate() {
-        let nonce = Nonce([9; 32]);
-        src.handle_connected(Time::ZERO, ConnId(i as u64 + 1), nonce);
-        let Message::Join(mut j) = join_msg(n, &nonce, &Key(1)) else {
-            unreachable!()
-        };
-        j.wait_release = true;
-        src.handle_message(Time::ZERO, ConnId(i as u64 + 1), Message::Join(j));
+        join_edited(&mut src, Time::ZERO, i as u64 + 1, n, &ROOT, |j| {
+            j.wait_release = true
+        });
     }
     src.handle_image_done(t(100), 10, Digest([1; 32]));
-    src.handle_message(
+    src.say(
         t(110),
         ConnId(1),
         Message::Verified {
@@ -318,7 +486,7 @@ fn releases_wait_for_the_session_and_are_paced() {
             reason: String::new(),
         },
     );
-    src.handle_message(
+    src.say(
         t(120),
         ConnId(2),
         Message::Verified {
@@ -335,7 +503,7 @@ fn releases_wait_for_the_session_and_are_paced() {
     assert_eq!(released(&mut src), 1, "first release at once");
     src.handle_timeout(t(1000));
     assert_eq!(released(&mut src), 0, "the second waits for the delay");
-    src.handle_message(t(2000), ConnId(2), Message::Progress(Progress::default()));
+    src.say(t(2000), ConnId(2), Message::Progress(Progress::default()));
     src.handle_timeout(t(2120));
     assert_eq!(released(&mut src), 1);
     assert_eq!(src.state(), SourceState::Finished);
@@ -348,12 +516,12 @@ fn node_verifies_only_when_its_digest_matches() {
         let mut node = Node::new(
             Time::ZERO,
             NodeConfig::new("s", "a", addr(2)),
-            Box::new(Key(1)),
+            key_of("a"),
             None,
         );
         assert_eq!(node.poll_action(), Some(NodeAction::ConnectSource));
-        node.handle_source_connected(Time::ZERO, ConnId(1));
-        node.handle_message(
+        node.handle_source_connected(Time::ZERO, ConnId(1), Nonce([0x40; 32]));
+        node.say(
             Time::ZERO,
             ConnId(1),
             Message::Challenge {
@@ -361,7 +529,7 @@ fn node_verifies_only_when_its_digest_matches() {
                 nonce: Nonce([0; 32]),
             },
         );
-        node.handle_message(
+        node.say(
             Time::ZERO,
             ConnId(1),
             Message::Welcome {
@@ -371,9 +539,10 @@ fn node_verifies_only_when_its_digest_matches() {
                 image_size: None,
                 image: ImageId([3; 32]),
                 resume_from: 0,
+                run: RUN,
             },
         );
-        node.handle_message(
+        node.say(
             t(1),
             ConnId(1),
             Message::ImageDone {
@@ -384,9 +553,7 @@ fn node_verifies_only_when_its_digest_matches() {
         node.handle_stream_end(t(2), 10, theirs);
         assert_eq!(node.verdict().map(|v| v.is_ok()), Some(ok));
         assert_eq!(node.phase(), &Phase::AwaitingRelease);
-        let sent: Vec<Message> = std::iter::from_fn(|| node.poll_transmit())
-            .map(|x| x.1)
-            .collect();
+        let sent: Vec<Message> = sent(&mut node).into_iter().map(|x| x.1).collect();
         assert!(sent
             .iter()
             .any(|m| matches!(m, Message::Verified { ok: o, .. } if *o == ok)));
@@ -397,7 +564,7 @@ fn node_verifies_only_when_its_digest_matches() {
 /// drained.
 fn placed_node(epoch: u64, downstreams: Vec<NodeId>) -> Node {
     let mut node = welcomed_node(None, 1, 0);
-    node.handle_message(t(2), ConnId(1), topology(epoch, downstreams));
+    node.say(t(2), ConnId(1), topology(epoch, downstreams));
     sent(&mut node);
     actions(&mut node);
     node
@@ -409,35 +576,49 @@ fn topology(epoch: u64, downstreams: Vec<NodeId>) -> Message {
         upstream: Some(ka_core::codec::Upstream {
             node: None,
             addr: addr(1),
+            ticket: TICKET,
         }),
         downstreams,
     }
 }
 
-/// Node 9 connects to `node` on `conn` and asks for data as of `epoch`.
+/// Node 9 connects to `node` (node "a", welcomed in [`RUN`]) on `conn`
+/// and asks for data as of `epoch`.
 fn downstream_hello(node: &mut Node, now: Time, conn: u64, epoch: u64) {
-    let nonce = Nonce([conn as u8; 32]);
-    node.handle_connected(now, ConnId(conn), nonce);
-    let proof = ka_core::auth::data_proof(
-        &Key(1),
-        &nonce,
-        "s",
-        NodeId(9),
-        ka_core::ids::Epoch(epoch),
-        0,
-    );
-    node.handle_message(
-        now,
-        ConnId(conn),
-        Message::DataHello {
-            version: PROTOCOL_VERSION,
-            session: "s".into(),
-            node: NodeId(9),
-            epoch: ka_core::ids::Epoch(epoch),
-            from: 0,
-            proof,
-        },
-    );
+    hello_to_node(node, now, conn, NodeId(9), epoch, 0);
+}
+
+/// `downstream` connects to `node` (node "a", welcomed in [`RUN`]) on
+/// `conn` and asks for data from `from` as of `epoch`, proving the ticket
+/// the source would have handed it for that link.
+fn hello_to_node(node: &mut Node, now: Time, conn: u64, downstream: NodeId, epoch: u64, from: u64) {
+    hello_in_run(node, now, conn, downstream, epoch, from, RUN);
+}
+
+/// [`hello_to_node`] with the ticket of the source run `run`.
+fn hello_in_run(
+    node: &mut Node,
+    now: Time,
+    conn: u64,
+    downstream: NodeId,
+    epoch: u64,
+    from: u64,
+    run: Nonce,
+) {
+    let server = Nonce([conn as u8; 32]);
+    node.handle_connected(now, ConnId(conn), server);
+    take_sent(node);
+    let ticket = ROOT.keyed(&link_ticket(&*key_of("a"), &run, downstream).0);
+    let hello = DataHello {
+        session: "s".into(),
+        node: downstream,
+        epoch: Epoch(epoch),
+        from,
+        nonce: Nonce([conn as u8 ^ 0x20; 32]),
+    };
+    let ch = Channel::new(&*ticket, &server, &hello.nonce, Side::Client);
+    NODE_PEERS.with(|p| p.borrow_mut().insert(ConnId(conn), ch));
+    node.say(now, ConnId(conn), hello.proved(&*ticket, &server));
 }
 
 /// Whether `conn` was refused as not expected (and closed), accepted (and
@@ -481,7 +662,7 @@ fn node_holds_a_downstream_that_arrives_before_its_own_placement() {
     let mut node = placed_node(1, vec![]);
     downstream_hello(&mut node, t(3), 5, 2);
     assert_eq!(answer(&mut node, 5), "waiting");
-    node.handle_message(t(4), ConnId(1), topology(2, vec![NodeId(9)]));
+    node.say(t(4), ConnId(1), topology(2, vec![NodeId(9)]));
     assert_eq!(answer(&mut node, 5), "accepted");
 }
 
@@ -492,8 +673,48 @@ fn a_node_that_lost_its_source_holds_a_downstream_the_new_source_placed() {
     let mut node = placed_node(1, vec![]);
     node.handle_closed(t(3), ConnId(1));
     actions(&mut node);
+    // Until it is welcomed again it knows no run to check a ticket
+    // against: the hello waits for the welcome.
     downstream_hello(&mut node, t(4), 5, 1);
     assert_eq!(answer(&mut node, 5), "waiting");
+    // The new source process has a run of its own.
+    let new_run = Nonce([78; 32]);
+    node.handle_source_connected(t(300), ConnId(2), Nonce([0x41; 32]));
+    node.say(
+        t(300),
+        ConnId(2),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([2; 32]),
+        },
+    );
+    node.say(
+        t(300),
+        ConnId(2),
+        Message::Welcome {
+            node: NodeId(1),
+            heartbeat_ms: 250,
+            dead_after_ms: 1000,
+            image_size: Some(1000),
+            image: IMAGE,
+            resume_from: 0,
+            run: new_run,
+        },
+    );
+    // That one proved a ticket of the old run: worth nothing now.
+    let bad_proof = |msgs: Vec<(ConnId, Message)>, conn| {
+        msgs.into_iter().any(|(c, m)| {
+            c == ConnId(conn) && matches!(m, Message::Refused(r) if r.code == RefusalCode::BadProof)
+        })
+    };
+    assert!(bad_proof(sent(&mut node), 5));
+    hello_in_run(&mut node, t(301), 6, NodeId(9), 1, 0, new_run);
+    assert_eq!(answer(&mut node, 6), "waiting");
+    downstream_hello(&mut node, t(302), 7, 1);
+    assert!(
+        bad_proof(sent(&mut node), 7),
+        "a ticket of the old run was taken"
+    );
 }
 
 #[test]
@@ -503,7 +724,7 @@ fn an_early_downstream_the_source_never_confirms_is_refused_in_time() {
     assert_eq!(answer(&mut node, 5), "waiting");
     // A placement at epoch 2 without 9 settles it at once.
     downstream_hello(&mut node, t(3), 6, 3);
-    node.handle_message(t(4), ConnId(1), topology(2, vec![NodeId(4)]));
+    node.say(t(4), ConnId(1), topology(2, vec![NodeId(4)]));
     assert_eq!(answer(&mut node, 5), "refused");
     assert_eq!(answer(&mut node, 6), "waiting");
     // No placement at epoch 3 ever comes: refused once `dead_after` (1 s
@@ -519,8 +740,8 @@ fn a_node_that_restarts_from_nothing_mid_stream_goes_after_one_that_holds_more()
     let mut src = source(2);
     join(&mut src, Time::ZERO, 1, "a", &Key(1));
     join(&mut src, Time::ZERO, 2, "b", &Key(1));
-    src.handle_message(t(1), ConnId(1), progress(500));
-    src.handle_message(t(1), ConnId(2), progress(200));
+    src.say(t(1), ConnId(1), progress(500));
+    src.say(t(1), ConnId(2), progress(200));
     // b restarts holding nothing: a serves from what it wrote, so b goes
     // after it and is not refused.
     src.handle_closed(t(2), ConnId(2));
@@ -546,19 +767,10 @@ fn join_holding(
     have: u64,
     image: ImageId,
 ) -> Vec<Message> {
-    let nonce = Nonce([conn as u8; 32]);
-    src.handle_connected(now, ConnId(conn), nonce);
-    let Message::Join(mut j) = join_msg(name, &nonce, &Key(1)) else {
-        unreachable!()
-    };
-    j.have = have;
-    j.image = Some(image);
-    src.handle_message(now, ConnId(conn), Message::Join(j));
-    drain(src)
-        .into_iter()
-        .filter(|(c, _)| *c == ConnId(conn))
-        .map(|(_, m)| m)
-        .collect()
+    join_edited(src, now, conn, name, &ROOT, |j| {
+        j.have = have;
+        j.image = Some(image);
+    })
 }
 
 fn resume_from(answers: &[Message]) -> Option<u64> {
@@ -571,7 +783,7 @@ fn resume_from(answers: &[Message]) -> Option<u64> {
 const IMAGE: ImageId = ImageId([7; 32]);
 
 fn file_source(n: u32, size: u64) -> Source {
-    let mut cfg = SourceConfig::new("s", n, addr(1));
+    let mut cfg = config(n);
     cfg.image_size = Some(size);
     cfg.image_id = IMAGE;
     let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
@@ -607,19 +819,16 @@ fn restarted_source_resumes_each_node_from_its_prefix_holding_most_first() {
     let nonce = Nonce([40; 32]);
     src.handle_connected(t(4), ConnId(40), nonce);
     let epoch = src.epoch();
-    let proof = ka_core::auth::data_proof(&Key(1), &nonce, "s", b, epoch, 600);
-    src.handle_message(
-        t(4),
-        ConnId(40),
-        Message::DataHello {
-            version: PROTOCOL_VERSION,
-            session: "s".into(),
-            node: b,
-            epoch,
-            from: 600,
-            proof,
-        },
-    );
+    let data_key = source_data_key(&ROOT);
+    let ticket = ROOT.keyed(&link_ticket(&*data_key, &RUN, b).0);
+    let hello = DataHello {
+        session: "s".into(),
+        node: b,
+        epoch,
+        from: 600,
+        nonce: Nonce([41; 32]),
+    };
+    src.handle_message(t(4), ConnId(40), hello.proved(&*ticket, &nonce));
     let actions: Vec<SourceAction> = std::iter::from_fn(|| src.poll_action()).collect();
     assert!(actions.contains(&SourceAction::Serve {
         conn: ConnId(40),
@@ -656,11 +865,11 @@ fn welcomed_node(resume: Option<ka_core::node::Resume>, conn: u64, resume_from: 
     let mut node = Node::new(
         Time::ZERO,
         NodeConfig::new("s", "a", addr(2)),
-        Box::new(Key(1)),
+        key_of("a"),
         resume,
     );
-    node.handle_source_connected(t(1), ConnId(conn));
-    node.handle_message(
+    node.handle_source_connected(t(1), ConnId(conn), Nonce([0x40; 32]));
+    node.say(
         t(1),
         ConnId(conn),
         Message::Challenge {
@@ -668,7 +877,7 @@ fn welcomed_node(resume: Option<ka_core::node::Resume>, conn: u64, resume_from: 
             nonce: Nonce([0; 32]),
         },
     );
-    node.handle_message(
+    node.say(
         t(1),
         ConnId(conn),
         Message::Welcome {
@@ -678,13 +887,16 @@ fn welcomed_node(resume: Option<ka_core::node::Resume>, conn: u64, resume_from: 
             image_size: Some(1000),
             image: IMAGE,
             resume_from,
+            run: RUN,
         },
     );
     node
 }
 
+/// What the node sent since we last looked, opened.
 fn sent(node: &mut Node) -> Vec<(ConnId, Message)> {
-    std::iter::from_fn(|| node.poll_transmit()).collect()
+    take_sent(node);
+    NODE_SENT.with(|s| std::mem::take(&mut *s.borrow_mut()))
 }
 
 fn actions(node: &mut Node) -> Vec<NodeAction> {
@@ -700,11 +912,11 @@ fn restarted_node_resumes_from_its_durable_prefix() {
     let mut node = Node::new(
         Time::ZERO,
         NodeConfig::new("s", "a", addr(2)),
-        Box::new(Key(1)),
+        key_of("a"),
         Some(resume),
     );
-    node.handle_source_connected(t(1), ConnId(1));
-    node.handle_message(
+    node.handle_source_connected(t(1), ConnId(1), Nonce([0x40; 32]));
+    node.say(
         t(1),
         ConnId(1),
         Message::Challenge {
@@ -715,12 +927,12 @@ fn restarted_node_resumes_from_its_durable_prefix() {
     let join = sent(&mut node)
         .into_iter()
         .find_map(|(_, m)| match m {
-            Message::Join(j) => Some(j),
+            Message::Join(j) => Some(*j),
             _ => None,
         })
         .expect("a join");
     assert_eq!((join.have, join.image), (400, Some(IMAGE)));
-    node.handle_message(
+    node.say(
         t(1),
         ConnId(1),
         Message::Welcome {
@@ -730,6 +942,7 @@ fn restarted_node_resumes_from_its_durable_prefix() {
             image_size: Some(1000),
             image: IMAGE,
             resume_from: 400,
+            run: RUN,
         },
     );
     assert!(!actions(&mut node).contains(&NodeAction::StartOver));
@@ -757,7 +970,7 @@ fn node_holding_another_image_starts_over() {
 fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
     let mut node = welcomed_node(None, 1, 0);
     // Placed at a late epoch, fed by node 5, feeding node 9.
-    node.handle_message(
+    node.say(
         t(2),
         ConnId(1),
         Message::Topology {
@@ -765,6 +978,7 @@ fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
             upstream: Some(ka_core::codec::Upstream {
                 node: Some(NodeId(5)),
                 addr: addr(5),
+                ticket: TICKET,
             }),
             downstreams: vec![NodeId(9)],
         },
@@ -772,8 +986,8 @@ fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
     assert!(actions(&mut node)
         .iter()
         .any(|a| matches!(a, NodeAction::ConnectUpstream { .. })));
-    node.handle_upstream_connected(t(3), ConnId(2));
-    node.handle_message(
+    node.handle_upstream_connected(t(3), ConnId(2), Nonce([0x50; 32]));
+    node.say(
         t(3),
         ConnId(2),
         Message::Challenge {
@@ -781,28 +995,8 @@ fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
             nonce: Nonce([1; 32]),
         },
     );
-    node.handle_message(t(3), ConnId(2), Message::DataAccepted { from: 0 });
-    node.handle_connected(t(3), ConnId(3), Nonce([2; 32]));
-    let proof = ka_core::auth::data_proof(
-        &Key(1),
-        &Nonce([2; 32]),
-        "s",
-        NodeId(9),
-        ka_core::ids::Epoch(50),
-        0,
-    );
-    node.handle_message(
-        t(3),
-        ConnId(3),
-        Message::DataHello {
-            version: PROTOCOL_VERSION,
-            session: "s".into(),
-            node: NodeId(9),
-            epoch: ka_core::ids::Epoch(50),
-            from: 0,
-            proof,
-        },
-    );
+    node.say(t(3), ConnId(2), Message::DataAccepted { from: 0 });
+    hello_to_node(&mut node, t(3), 3, NodeId(9), 50, 0);
     sent(&mut node);
     actions(&mut node);
     node.handle_progress(
@@ -824,8 +1018,8 @@ fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
     // It keeps trying, quietly, and comes back with what it holds.
     node.handle_timeout(t(205));
     assert!(actions(&mut node).contains(&NodeAction::ConnectSource));
-    node.handle_source_connected(t(2000), ConnId(10));
-    node.handle_message(
+    node.handle_source_connected(t(2000), ConnId(10), Nonce([0x40; 32]));
+    node.say(
         t(2000),
         ConnId(10),
         Message::Challenge {
@@ -836,12 +1030,12 @@ fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
     let join = sent(&mut node)
         .into_iter()
         .find_map(|(_, m)| match m {
-            Message::Join(j) => Some(j),
+            Message::Join(j) => Some(*j),
             _ => None,
         })
         .expect("a join");
     assert_eq!((join.have, join.image), (400, Some(IMAGE)));
-    node.handle_message(
+    node.say(
         t(2000),
         ConnId(10),
         Message::Welcome {
@@ -851,10 +1045,11 @@ fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
             image_size: Some(1000),
             image: IMAGE,
             resume_from: 400,
+            run: RUN,
         },
     );
     // The new source's generations start again at 1: they must be obeyed.
-    node.handle_message(
+    node.say(
         t(2001),
         ConnId(10),
         Message::Topology {
@@ -862,6 +1057,7 @@ fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
             upstream: Some(ka_core::codec::Upstream {
                 node: None,
                 addr: addr(1),
+                ticket: TICKET,
             }),
             downstreams: vec![],
         },
@@ -869,8 +1065,8 @@ fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
     assert!(actions(&mut node)
         .iter()
         .any(|a| matches!(a, NodeAction::ConnectUpstream { .. })));
-    node.handle_upstream_connected(t(2002), ConnId(11));
-    node.handle_message(
+    node.handle_upstream_connected(t(2002), ConnId(11), Nonce([0x50; 32]));
+    node.say(
         t(2002),
         ConnId(11),
         Message::Challenge {
@@ -886,7 +1082,7 @@ fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
 #[test]
 fn verified_node_tells_a_restarted_source_its_verdict() {
     let mut node = welcomed_node(None, 1, 0);
-    node.handle_message(
+    node.say(
         t(2),
         ConnId(1),
         Message::ImageDone {
@@ -898,8 +1094,8 @@ fn verified_node_tells_a_restarted_source_its_verdict() {
     assert_eq!(node.phase(), &Phase::AwaitingRelease);
     node.handle_closed(t(4), ConnId(1));
     node.handle_timeout(t(300));
-    node.handle_source_connected(t(300), ConnId(2));
-    node.handle_message(
+    node.handle_source_connected(t(300), ConnId(2), Nonce([0x40; 32]));
+    node.say(
         t(300),
         ConnId(2),
         Message::Challenge {
@@ -907,7 +1103,7 @@ fn verified_node_tells_a_restarted_source_its_verdict() {
             nonce: Nonce([3; 32]),
         },
     );
-    node.handle_message(
+    node.say(
         t(300),
         ConnId(2),
         Message::Welcome {
@@ -917,6 +1113,7 @@ fn verified_node_tells_a_restarted_source_its_verdict() {
             image_size: Some(1000),
             image: IMAGE,
             resume_from: 1000,
+            run: RUN,
         },
     );
     assert!(sent(&mut node)
@@ -928,9 +1125,9 @@ fn verified_node_tells_a_restarted_source_its_verdict() {
 fn node_gives_up_when_the_source_stays_away() {
     let mut cfg = NodeConfig::new("s", "a", addr(2));
     cfg.source_wait = Duration::from_secs(2);
-    let mut node = Node::new(Time::ZERO, cfg, Box::new(Key(1)), None);
-    node.handle_source_connected(t(1), ConnId(1));
-    node.handle_message(
+    let mut node = Node::new(Time::ZERO, cfg, key_of("a"), None);
+    node.handle_source_connected(t(1), ConnId(1), Nonce([0x40; 32]));
+    node.say(
         t(1),
         ConnId(1),
         Message::Challenge {
@@ -938,7 +1135,7 @@ fn node_gives_up_when_the_source_stays_away() {
             nonce: Nonce([0; 32]),
         },
     );
-    node.handle_message(
+    node.say(
         t(1),
         ConnId(1),
         Message::Welcome {
@@ -948,6 +1145,7 @@ fn node_gives_up_when_the_source_stays_away() {
             image_size: Some(1000),
             image: IMAGE,
             resume_from: 0,
+            run: RUN,
         },
     );
     // Joined: the wait does not run.
@@ -1009,7 +1207,7 @@ fn drive_progress(
 
 #[test]
 fn slow_child_of_the_source_is_judged_against_its_sibling() {
-    let mut cfg = SourceConfig::new("s", 2, addr(1));
+    let mut cfg = config(2);
     cfg.arity = 2;
     cfg.slow_lag = 1000;
     cfg.slow_window = Duration::from_secs(1);
@@ -1020,8 +1218,8 @@ fn slow_child_of_the_source_is_judged_against_its_sibling() {
     join(&mut src, Time::ZERO, 2, "b", &Key(1));
     assert_eq!(src.topology().children(None), &[NodeId(1), NodeId(2)]);
     let evs = drive_progress(&mut src, |src, step, now| {
-        src.handle_message(now, ConnId(1), progress(step * 100_000));
-        src.handle_message(now, ConnId(2), progress(step * 10));
+        src.say(now, ConnId(1), progress(step * 100_000));
+        src.say(now, ConnId(2), progress(step * 10));
     });
     assert!(
         evs.contains(&SourceEvent::Slow {
@@ -1041,7 +1239,7 @@ fn slow_child_of_the_source_is_judged_against_its_sibling() {
 
 #[test]
 fn slow_child_of_the_source_is_judged_anew_when_its_fastest_sibling_leaves() {
-    let mut cfg = SourceConfig::new("s", 3, addr(1));
+    let mut cfg = config(3);
     cfg.arity = 3;
     cfg.slow_lag = 1000;
     cfg.slow_window = Duration::from_secs(1);
@@ -1055,16 +1253,16 @@ fn slow_child_of_the_source_is_judged_anew_when_its_fastest_sibling_leaves() {
         // a runs far ahead, verifies and leaves; c is then judged against
         // b, which is behind where a was.
         if step == 1 {
-            src.handle_message(now, ConnId(1), progress(5_000_000));
+            src.say(now, ConnId(1), progress(5_000_000));
         } else if step == 2 {
             let verified = Message::Verified {
                 ok: true,
                 reason: String::new(),
             };
-            src.handle_message(now, ConnId(1), verified);
+            src.say(now, ConnId(1), verified);
         }
-        src.handle_message(now, ConnId(2), progress(step * 100_000));
-        src.handle_message(now, ConnId(3), progress(step * 10));
+        src.say(now, ConnId(2), progress(step * 100_000));
+        src.say(now, ConnId(3), progress(step * 10));
     });
     assert!(evs.contains(&SourceEvent::Released { node: NodeId(1) }));
     assert!(
@@ -1078,14 +1276,14 @@ fn slow_child_of_the_source_is_judged_anew_when_its_fastest_sibling_leaves() {
 
 #[test]
 fn slow_child_of_a_stream_source_is_judged_against_the_spool() {
-    let mut cfg = SourceConfig::new("s", 1, addr(1));
+    let mut cfg = config(1);
     cfg.slow_lag = 1000;
     cfg.slow_window = Duration::from_secs(1);
     let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
     join(&mut src, Time::ZERO, 1, "a", &Key(1));
     let evs = drive_progress(&mut src, |src, step, now| {
         src.handle_image_progress(now, step * 100_000);
-        src.handle_message(now, ConnId(1), progress(step * 10));
+        src.say(now, ConnId(1), progress(step * 10));
     });
     assert!(
         evs.contains(&SourceEvent::Slow {
@@ -1173,7 +1371,7 @@ fn a_node_that_verified_then_dies_before_a_restarted_source_starts_keeps_its_ver
         ok: true,
         reason: String::new(),
     };
-    src.handle_message(t(2), ConnId(1), ok);
+    src.say(t(2), ConnId(1), ok);
     src.handle_closed(t(3), ConnId(1));
     join_holding(&mut src, t(4), 2, "b", 0, IMAGE);
     join_holding(&mut src, t(4), 3, "c", 0, IMAGE);
@@ -1184,9 +1382,9 @@ fn a_node_that_verified_then_dies_before_a_restarted_source_starts_keeps_its_ver
         ok: true,
         reason: String::new(),
     };
-    src.handle_message(t(6), ConnId(2), ok.clone());
+    src.say(t(6), ConnId(2), ok.clone());
     assert_eq!(src.state(), SourceState::Streaming, "c is still copying");
-    src.handle_message(t(7), ConnId(3), ok);
+    src.say(t(7), ConnId(3), ok);
     assert_eq!(src.state(), SourceState::Finished);
     let report = src.report();
     assert!(report.iter().all(|r| r.is_ok()), "{report:?}");
@@ -1202,7 +1400,7 @@ fn a_stalled_source_does_not_declare_its_nodes_dead_but_still_finds_the_silent_o
     events(&mut src);
     let hear = |src: &mut Source, ms: u64, conns: &[u64]| {
         for &c in conns {
-            src.handle_message(t(ms), ConnId(c), Message::Progress(Progress::default()));
+            src.say(t(ms), ConnId(c), Message::Progress(Progress::default()));
         }
     };
     for ms in (250..=1000).step_by(250) {
@@ -1270,6 +1468,354 @@ fn a_stalled_node_does_not_take_its_own_stall_for_the_sources_silence() {
     assert!((4250..=4300).contains(&at), "source lost at {at} ms");
 }
 
+// ----- authentication -----
+
+#[test]
+fn a_verified_forged_by_a_relay_is_not_taken_and_costs_the_node_its_connection() {
+    // A relay between a node and the source passes the handshake on, then
+    // says Verified itself: in the clear, or sealed without the key.
+    for forged in [
+        Message::Verified {
+            ok: true,
+            reason: String::new(),
+        },
+        Message::Sealed {
+            tag: Tag([0; 32]),
+            body: Message::Verified {
+                ok: true,
+                reason: String::new(),
+            }
+            .encode_body(),
+        },
+    ] {
+        let mut src = source(1);
+        join(&mut src, Time::ZERO, 1, "a", &ROOT);
+        src.handle_image_done(t(1), 10, Digest([5; 32]));
+        drain(&mut src);
+        events(&mut src);
+        src.handle_message(t(2), ConnId(1), forged);
+        let evs = events(&mut src);
+        assert!(
+            !evs.iter()
+                .any(|e| matches!(e, SourceEvent::Verified { .. })),
+            "{evs:?}"
+        );
+        assert!(
+            evs.iter().any(|e| matches!(e, SourceEvent::Dead { node: NodeId(1), reason } if reason.contains("authentication"))),
+            "{evs:?}"
+        );
+        let actions: Vec<SourceAction> = std::iter::from_fn(|| src.poll_action()).collect();
+        assert!(actions.contains(&SourceAction::Close { conn: ConnId(1) }));
+        let report = src.report();
+        assert!(
+            matches!(&report[0].outcome, Some(Err(e)) if e.contains("authentication")),
+            "{report:?}"
+        );
+    }
+}
+
+#[test]
+fn a_message_replayed_or_reordered_on_a_node_connection_is_not_taken() {
+    let mut src = source(1);
+    join(&mut src, Time::ZERO, 1, "a", &ROOT);
+    let sealed: Vec<Message> = [progress(10), progress(20)]
+        .into_iter()
+        .map(|m| SOURCE_PEERS.with(|p| p.borrow_mut().get_mut(&ConnId(1)).unwrap().seal(m)))
+        .collect();
+    src.handle_message(t(1), ConnId(1), sealed[0].clone());
+    assert_eq!(src.progress(NodeId(1)).unwrap().received, 10);
+    // The same message again.
+    src.handle_message(t(2), ConnId(1), sealed[0].clone());
+    assert!(!src.is_live(NodeId(1)));
+    // Out of order, on a fresh connection: the second before the first.
+    let mut src = source(1);
+    join(&mut src, Time::ZERO, 1, "a", &ROOT);
+    let second = SOURCE_PEERS.with(|p| {
+        let mut p = p.borrow_mut();
+        let ch = p.get_mut(&ConnId(1)).unwrap();
+        let _first = ch.seal(progress(10));
+        ch.seal(progress(20))
+    });
+    src.handle_message(t(1), ConnId(1), second);
+    assert!(!src.is_live(NodeId(1)));
+    assert_eq!(src.progress(NodeId(1)).unwrap().received, 0);
+}
+
+/// A fresh node "a" that has sent its join on connection 1; returns it.
+fn joining_node() -> Node {
+    let mut node = Node::new(
+        Time::ZERO,
+        NodeConfig::new("s", "a", addr(2)),
+        key_of("a"),
+        None,
+    );
+    actions(&mut node);
+    node.handle_source_connected(t(1), ConnId(1), Nonce([0x40; 32]));
+    node.say(
+        t(1),
+        ConnId(1),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([0; 32]),
+        },
+    );
+    assert!(sent(&mut node)
+        .iter()
+        .any(|(_, m)| matches!(m, Message::Join(_))));
+    node
+}
+
+fn welcome() -> Message {
+    Message::Welcome {
+        node: NodeId(1),
+        heartbeat_ms: 250,
+        dead_after_ms: 1000,
+        image_size: Some(1000),
+        image: IMAGE,
+        resume_from: 0,
+        run: RUN,
+    }
+}
+
+/// Whether the node acted on anything but dropping the connection.
+fn acted_on_impostor(node: &mut Node) -> bool {
+    let acts = actions(node);
+    let evs: Vec<NodeEvent> = std::iter::from_fn(|| node.poll_event()).collect();
+    assert!(
+        evs.iter()
+            .any(|e| matches!(e, NodeEvent::SourceUnproven { .. })),
+        "{evs:?}"
+    );
+    assert!(acts.contains(&NodeAction::Close { conn: ConnId(1) }));
+    node.id().is_some()
+        || evs.iter().any(|e| matches!(e, NodeEvent::Welcomed { .. }))
+        || acts.iter().any(|a| {
+            matches!(
+                a,
+                NodeAction::ConnectUpstream { .. }
+                    | NodeAction::Receive { .. }
+                    | NodeAction::StartOver
+            )
+        })
+}
+
+#[test]
+fn a_node_acts_on_nothing_a_source_without_its_key_says() {
+    // An impostor welcomes in the clear, then places the node under itself.
+    let mut node = joining_node();
+    node.handle_message(t(2), ConnId(1), welcome());
+    assert!(!acted_on_impostor(&mut node));
+    assert_eq!(node.control(), ka_core::node::ControlState::AwaitingSource);
+    // One holding another node's key (a stolen key used as the source)
+    // seals its welcome with the keys that key gives.
+    let mut node = joining_node();
+    let stolen = key_of("b");
+    let mut ch = Channel::new(&*stolen, &Nonce([0; 32]), &Nonce([0x40; 32]), Side::Server);
+    node.handle_message(t(2), ConnId(1), ch.seal(welcome()));
+    assert!(!acted_on_impostor(&mut node));
+    // Nor is anything sealed for later taken: a topology after that.
+    node.handle_message(t(2), ConnId(1), ch.seal(topology(1, vec![])));
+    assert!(actions(&mut node)
+        .iter()
+        .all(|a| !matches!(a, NodeAction::ConnectUpstream { .. })));
+    // It keeps looking for the source, and says why when it gives up.
+    let mut now = 2;
+    while node.phase() != &Phase::Done && now < 400_000 {
+        now += 100;
+        node.handle_timeout(t(now));
+        actions(&mut node);
+    }
+    let left = std::iter::from_fn(|| node.poll_event()).find_map(|e| match e {
+        NodeEvent::Left { reason, .. } => Some(reason),
+        _ => None,
+    });
+    assert!(
+        left.as_deref().is_some_and(|r| r.contains("not believed")),
+        "{left:?}"
+    );
+}
+
+#[test]
+fn a_node_takes_no_record_from_an_upstream_without_its_links_ticket() {
+    let mut node = welcomed_node(None, 1, 0);
+    node.say(t(2), ConnId(1), under_node_5(1));
+    actions(&mut node);
+    node.handle_upstream_connected(t(3), ConnId(2), Nonce([0x50; 32]));
+    node.say(
+        t(3),
+        ConnId(2),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([2; 32]),
+        },
+    );
+    assert!(sent(&mut node)
+        .iter()
+        .any(|(c, m)| *c == ConnId(2) && matches!(m, Message::DataHello { .. })));
+    // Accepted in the clear, as an impostor upstream would.
+    node.handle_message(t(3), ConnId(2), Message::DataAccepted { from: 0 });
+    let acts = actions(&mut node);
+    assert!(
+        !acts.iter().any(|a| matches!(a, NodeAction::Receive { .. })),
+        "{acts:?}"
+    );
+    assert!(acts.contains(&NodeAction::Close { conn: ConnId(2) }));
+    assert!(std::iter::from_fn(|| node.poll_event()).any(|e| matches!(
+        e,
+        NodeEvent::UpstreamLost { reason } if reason.contains("ticket")
+    )));
+}
+
+#[test]
+fn hellos_before_the_welcome_wait_for_it_a_bounded_few_for_a_bounded_time() {
+    // The source placed us and told our downstream before our welcome
+    // arrived: its hello waits, unchecked, then is checked and held for
+    // our placement.
+    let mut node = Node::new(
+        Time::ZERO,
+        NodeConfig::new("s", "a", addr(2)),
+        key_of("a"),
+        None,
+    );
+    actions(&mut node);
+    node.handle_source_connected(t(1), ConnId(1), Nonce([0x40; 32]));
+    node.say(
+        t(1),
+        ConnId(1),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([0; 32]),
+        },
+    );
+    downstream_hello(&mut node, t(2), 5, 1);
+    assert_eq!(answer(&mut node, 5), "waiting");
+    // Strangers cannot hold more than a few connections that way.
+    for conn in 100..140 {
+        downstream_hello(&mut node, t(2), conn, 1);
+    }
+    let msgs = sent(&mut node);
+    let refused = msgs
+        .iter()
+        .filter(|(_, m)| matches!(m, Message::Refused(_)))
+        .count();
+    assert!(refused >= 40 - 16, "only {refused} refused");
+    node.say(t(3), ConnId(1), welcome());
+    node.say(t(3), ConnId(1), topology(1, vec![NodeId(9)]));
+    let (msgs, acts) = (sent(&mut node), actions(&mut node));
+    assert!(msgs
+        .iter()
+        .any(|(c, m)| *c == ConnId(5) && matches!(m, Message::DataAccepted { from: 0 })));
+    assert!(acts.iter().any(|a| matches!(
+        a,
+        NodeAction::Serve {
+            conn: ConnId(5),
+            ..
+        }
+    )));
+    // Without a welcome, a held hello is let go once `dead_after` passed.
+    let mut node = joining_node();
+    downstream_hello(&mut node, t(2), 5, 1);
+    node.handle_timeout(t(900));
+    assert_eq!(answer(&mut node, 5), "waiting");
+    node.handle_timeout(t(1100));
+    assert!(actions(&mut node).contains(&NodeAction::Close { conn: ConnId(5) }));
+}
+
+#[test]
+fn a_node_refuses_a_hello_proved_with_another_links_ticket() {
+    // Node 8 holds the ticket of its own link from "a"; it cannot pass for 9.
+    let mut node = placed_node(1, vec![NodeId(9)]);
+    let server = Nonce([5; 32]);
+    node.handle_connected(t(3), ConnId(5), server);
+    let ticket8 = ROOT.keyed(&link_ticket(&*key_of("a"), &RUN, NodeId(8)).0);
+    let hello = DataHello {
+        session: "s".into(),
+        node: NodeId(9),
+        epoch: Epoch(1),
+        from: 0,
+        nonce: Nonce([6; 32]),
+    };
+    node.handle_message(t(3), ConnId(5), hello.proved(&*ticket8, &server));
+    let msgs = sent(&mut node);
+    assert!(msgs.iter().any(|(c, m)| *c == ConnId(5)
+        && matches!(m, Message::Refused(r) if r.code == RefusalCode::BadProof)));
+    assert!(!actions(&mut node)
+        .iter()
+        .any(|a| matches!(a, NodeAction::Serve { .. })));
+}
+
+#[test]
+fn a_topologys_ticket_is_the_one_the_upstream_derives() {
+    // The source hands b the ticket of the link a -> b; a derives the same
+    // from its own key and the run, and nobody else's key gives it.
+    let mut src = source(2);
+    join(&mut src, Time::ZERO, 1, "a", &ROOT);
+    let answers = join(&mut src, Time::ZERO, 2, "b", &ROOT);
+    let up = answers
+        .iter()
+        .find_map(|m| match m {
+            Message::Topology {
+                upstream: Some(up), ..
+            } => Some(*up),
+            _ => None,
+        })
+        .expect("b is placed");
+    assert_eq!(up.node, Some(NodeId(1)));
+    assert_eq!(up.ticket, link_ticket(&*key_of("a"), &RUN, NodeId(2)));
+    assert_ne!(up.ticket, link_ticket(&*key_of("b"), &RUN, NodeId(2)));
+    // a's own placement: under the source, with the source's ticket.
+    let a_up = drain(&mut src);
+    assert!(a_up.is_empty() || a_up.iter().all(|(c, _)| *c != ConnId(2)));
+}
+
+#[test]
+fn a_source_holding_only_a_nodes_key_admits_nobody_else() {
+    // A key stolen from node a, used as if it were the root.
+    let mut fake = Source::new(Time::ZERO, config(2), key_of("a"));
+    let answers = join(&mut fake, Time::ZERO, 1, "b", &ROOT);
+    assert_eq!(refusal(&answers), Some(RefusalCode::BadProof));
+}
+
+#[test]
+fn a_go_needs_the_operator_key_not_a_nodes() {
+    let mut src = source(3);
+    join(&mut src, Time::ZERO, 1, "a", &ROOT);
+    let server = Nonce([9; 32]);
+    let go = |key: &dyn Mac| {
+        let nonce = Nonce([10; 32]);
+        Message::Go {
+            session: "s".into(),
+            nonce,
+            proof: ka_core::auth::go_proof(key, &server, "s", &nonce),
+        }
+    };
+    src.handle_connected(t(1), ConnId(9), server);
+    src.handle_message(t(1), ConnId(9), go(&*key_of("a")));
+    assert_eq!(
+        refusal(&drain(&mut src).into_iter().map(|x| x.1).collect::<Vec<_>>()),
+        Some(RefusalCode::BadProof)
+    );
+    assert_eq!(src.state(), SourceState::AwaitingNodes);
+    let operator = ka_core::auth::operator_key(&ROOT);
+    src.handle_connected(t(2), ConnId(10), server);
+    src.handle_message(t(2), ConnId(10), go(&*operator));
+    assert_eq!(src.state(), SourceState::Streaming);
+    // The acknowledgement opens only with the operator's keys.
+    let ack = drain(&mut src)
+        .into_iter()
+        .find(|(c, m)| *c == ConnId(10) && !matches!(m, Message::Challenge { .. }))
+        .map(|x| x.1)
+        .expect("an answer");
+    let mut ch = Channel::new(&*operator, &server, &Nonce([10; 32]), Side::Client);
+    assert_eq!(
+        ch.open(ack),
+        Ok(Message::GoAck {
+            started: true,
+            nodes: 1
+        })
+    );
+}
+
 // ----- bounded-window nodes -----
 
 /// A welcomed node with a sink that cannot be read back, placed under node 5
@@ -1277,9 +1823,9 @@ fn a_stalled_node_does_not_take_its_own_stall_for_the_sources_silence() {
 fn window_node(epoch: u64) -> Node {
     let mut cfg = NodeConfig::new("s", "a", addr(2));
     cfg.readable = false;
-    let mut node = Node::new(Time::ZERO, cfg, Box::new(Key(1)), None);
-    node.handle_source_connected(t(1), ConnId(1));
-    node.handle_message(
+    let mut node = Node::new(Time::ZERO, cfg, key_of("a"), None);
+    node.handle_source_connected(t(1), ConnId(1), Nonce([0x40; 32]));
+    node.say(
         t(1),
         ConnId(1),
         Message::Challenge {
@@ -1290,13 +1836,13 @@ fn window_node(epoch: u64) -> Node {
     let join = sent(&mut node)
         .into_iter()
         .find_map(|(_, m)| match m {
-            Message::Join(j) => Some(j),
+            Message::Join(j) => Some(*j),
             _ => None,
         })
         .expect("a join");
     assert!(!join.readable, "the join says the node keeps only a window");
     assert_eq!(join.holds_from, 0, "from the start of the image");
-    node.handle_message(
+    node.say(
         t(1),
         ConnId(1),
         Message::Welcome {
@@ -1306,9 +1852,10 @@ fn window_node(epoch: u64) -> Node {
             image_size: Some(1000),
             image: IMAGE,
             resume_from: 0,
+            run: RUN,
         },
     );
-    node.handle_message(t(2), ConnId(1), under_node_5(epoch));
+    node.say(t(2), ConnId(1), under_node_5(epoch));
     sent(&mut node);
     actions(&mut node);
     node
@@ -1321,6 +1868,7 @@ fn under_node_5(epoch: u64) -> Message {
         upstream: Some(ka_core::codec::Upstream {
             node: Some(NodeId(5)),
             addr: addr(5),
+            ticket: TICKET,
         }),
         downstreams: vec![NodeId(9)],
     }
@@ -1337,26 +1885,10 @@ fn window_progress(received: u64, holds_from: u64) -> Progress {
 /// Node 9 asks `node` on `conn` for data from `from` at epoch 1; returns
 /// the answer sent on `conn`.
 fn ask_from(node: &mut Node, now: Time, conn: u64, from: u64) -> Message {
-    let nonce = Nonce([conn as u8; 32]);
-    node.handle_connected(now, ConnId(conn), nonce);
-    sent(node);
-    let epoch = ka_core::ids::Epoch(1);
-    let proof = ka_core::auth::data_proof(&Key(1), &nonce, "s", NodeId(9), epoch, from);
-    node.handle_message(
-        now,
-        ConnId(conn),
-        Message::DataHello {
-            version: PROTOCOL_VERSION,
-            session: "s".into(),
-            node: NodeId(9),
-            epoch,
-            from,
-            proof,
-        },
-    );
+    hello_to_node(node, now, conn, NodeId(9), 1, from);
     sent(node)
         .into_iter()
-        .find(|(c, _)| *c == ConnId(conn))
+        .find(|(c, m)| *c == ConnId(conn) && !matches!(m, Message::Challenge { .. }))
         .map(|(_, m)| m)
         .expect("an answer")
 }
@@ -1408,11 +1940,11 @@ fn a_restarted_window_node_serves_nothing_below_the_prefix_it_resumed_with() {
         image: IMAGE,
         have: 400,
     };
-    let mut node = Node::new(Time::ZERO, cfg, Box::new(Key(1)), Some(resume));
+    let mut node = Node::new(Time::ZERO, cfg, key_of("a"), Some(resume));
     // Its shell's report of an older window does not move it back.
     node.handle_progress(t(1), window_progress(400, 100));
-    node.handle_source_connected(t(1), ConnId(1));
-    node.handle_message(
+    node.handle_source_connected(t(1), ConnId(1), Nonce([0x40; 32]));
+    node.say(
         t(1),
         ConnId(1),
         Message::Challenge {
@@ -1423,7 +1955,7 @@ fn a_restarted_window_node_serves_nothing_below_the_prefix_it_resumed_with() {
     let join = sent(&mut node)
         .into_iter()
         .find_map(|(_, m)| match m {
-            Message::Join(j) => Some(j),
+            Message::Join(j) => Some(*j),
             _ => None,
         })
         .expect("a join");
@@ -1431,7 +1963,7 @@ fn a_restarted_window_node_serves_nothing_below_the_prefix_it_resumed_with() {
         (join.readable, join.have, join.holds_from),
         (false, 400, 400)
     );
-    node.handle_message(
+    node.say(
         t(1),
         ConnId(1),
         Message::Welcome {
@@ -1441,9 +1973,10 @@ fn a_restarted_window_node_serves_nothing_below_the_prefix_it_resumed_with() {
             image_size: Some(1000),
             image: IMAGE,
             resume_from: 400,
+            run: RUN,
         },
     );
-    node.handle_message(t(2), ConnId(1), under_node_5(1));
+    node.say(t(2), ConnId(1), under_node_5(1));
     assert!(matches!(
         ask_from(&mut node, t(3), 7, 399),
         Message::Refused(r) if r.code == RefusalCode::CannotResume
@@ -1468,8 +2001,8 @@ fn upstream_answers(
             .any(|a| matches!(a, NodeAction::ConnectUpstream { .. })),
         "no connection to the upstream: {acts:?}"
     );
-    node.handle_upstream_connected(now, ConnId(conn));
-    node.handle_message(
+    node.handle_upstream_connected(now, ConnId(conn), Nonce([0x50; 32]));
+    node.say(
         now,
         ConnId(conn),
         Message::Challenge {
@@ -1481,7 +2014,7 @@ fn upstream_answers(
     assert!(hello
         .iter()
         .any(|(c, m)| *c == ConnId(conn) && matches!(m, Message::DataHello { .. })));
-    node.handle_message(now, ConnId(conn), answer);
+    node.say(now, ConnId(conn), answer);
     (sent(node), actions(node))
 }
 
@@ -1495,7 +2028,7 @@ fn cannot_resume() -> Message {
 #[test]
 fn a_node_its_upstream_cannot_serve_tells_the_source_once_and_waits_for_a_new_place() {
     let mut node = welcomed_node(None, 1, 0);
-    node.handle_message(t(2), ConnId(1), under_node_5(4));
+    node.say(t(2), ConnId(1), under_node_5(4));
     node.handle_progress(t(2), window_progress(300, 0));
     let (msgs, acts) = upstream_answers(&mut node, t(3), 2, cannot_resume());
     let stranded = |msgs: &[(ConnId, Message)]| {
@@ -1527,16 +2060,16 @@ fn a_node_its_upstream_cannot_serve_tells_the_source_once_and_waits_for_a_new_pl
             "reconnected at {ms} ms: {acts:?}"
         );
         // The source is there all along.
-        node.handle_message(t(ms), ConnId(1), Message::Heartbeat);
+        node.say(t(ms), ConnId(1), Message::Heartbeat);
         sent(&mut node);
     }
     // A newer placement that keeps that upstream crossed its report: it
     // asks once more, and a second refusal is reported for this placement.
-    node.handle_message(t(5000), ConnId(1), under_node_5(6));
+    node.say(t(5000), ConnId(1), under_node_5(6));
     let (msgs, _) = upstream_answers(&mut node, t(5001), 3, cannot_resume());
     assert_eq!(stranded(&msgs), [(6, 300)]);
     // The source takes it in: it connects there and is served.
-    node.handle_message(t(5002), ConnId(1), topology(7, vec![NodeId(9)]));
+    node.say(t(5002), ConnId(1), topology(7, vec![NodeId(9)]));
     let (msgs, acts) = upstream_answers(&mut node, t(5003), 4, Message::DataAccepted { from: 300 });
     assert!(stranded(&msgs).is_empty());
     assert!(acts.contains(&NodeAction::Receive {
@@ -1548,7 +2081,7 @@ fn a_node_its_upstream_cannot_serve_tells_the_source_once_and_waits_for_a_new_pl
 /// A source whose nodes keep a bounded window, started with `names` joined
 /// in order on connections 1, 2, …: a chain in that order.
 fn window_source(names: &[&str], arity: u32, size: u64) -> Source {
-    let mut cfg = SourceConfig::new("s", names.len() as u32, addr(1));
+    let mut cfg = config(names.len() as u32);
     cfg.arity = arity;
     cfg.image_size = Some(size);
     cfg.image_id = IMAGE;
@@ -1572,25 +2105,16 @@ fn window_join(
     have: u64,
     holds_from: u64,
 ) -> Vec<Message> {
-    let nonce = Nonce([conn as u8; 32]);
-    src.handle_connected(now, ConnId(conn), nonce);
-    let Message::Join(mut j) = join_msg(name, &nonce, &Key(1)) else {
-        unreachable!()
-    };
-    j.readable = false;
-    j.have = have;
-    j.holds_from = holds_from;
-    j.image = (have > 0).then_some(IMAGE);
-    src.handle_message(now, ConnId(conn), Message::Join(j));
-    drain(src)
-        .into_iter()
-        .filter(|(c, _)| *c == ConnId(conn))
-        .map(|(_, m)| m)
-        .collect()
+    join_edited(src, now, conn, name, &ROOT, |j| {
+        j.readable = false;
+        j.have = have;
+        j.holds_from = holds_from;
+        j.image = (have > 0).then_some(IMAGE);
+    })
 }
 
 fn report(src: &mut Source, now: Time, conn: u64, received: u64, holds_from: u64) {
-    src.handle_message(
+    src.say(
         now,
         ConnId(conn),
         Message::Progress(window_progress(received, holds_from)),
@@ -1616,7 +2140,7 @@ fn a_stranded_node_is_fed_by_the_source_with_the_nodes_it_feeds() {
     drain(&mut src);
     events(&mut src);
     let epoch = src.epoch();
-    src.handle_message(t(10), ConnId(2), Message::Stranded { epoch, from: 300 });
+    src.say(t(10), ConnId(2), Message::Stranded { epoch, from: 300 });
     assert_eq!(src.topology().children(None), &[a, b]);
     assert_eq!(src.topology().parent(c), Some(Some(b)), "b still feeds c");
     let sent = drain(&mut src);
@@ -1634,7 +2158,7 @@ fn a_stranded_node_is_fed_by_the_source_with_the_nodes_it_feeds() {
     // The same report again, or one from a node the source feeds, changes
     // nothing.
     let now_epoch = src.epoch();
-    src.handle_message(t(11), ConnId(2), Message::Stranded { epoch, from: 300 });
+    src.say(t(11), ConnId(2), Message::Stranded { epoch, from: 300 });
     assert_eq!(src.epoch(), now_epoch);
     assert!(drain(&mut src).is_empty());
 }
@@ -1650,7 +2174,7 @@ fn a_stranded_report_about_an_older_placement_is_ignored() {
     drain(&mut src);
     // c's report about its placement under b crossed the new one: stale.
     let epoch = src.epoch();
-    src.handle_message(
+    src.say(
         t(11),
         ConnId(3),
         Message::Stranded {
@@ -1661,7 +2185,7 @@ fn a_stranded_report_about_an_older_placement_is_ignored() {
     assert_eq!(src.topology().parent(c), Some(Some(a)));
     assert_eq!(src.epoch(), epoch);
     // About its current placement, it is acted on.
-    src.handle_message(t(12), ConnId(3), Message::Stranded { epoch, from: 0 });
+    src.say(t(12), ConnId(3), Message::Stranded { epoch, from: 0 });
     assert_eq!(src.topology().parent(c), Some(None));
     assert!(!src.topology().contains(b));
 }
@@ -1699,7 +2223,7 @@ fn a_dead_nodes_children_go_to_its_parent_only_if_its_window_still_holds_them() 
 
 #[test]
 fn a_late_window_node_goes_under_the_tail_only_if_the_tail_still_holds_its_prefix() {
-    let mut cfg = SourceConfig::new("s", 3, addr(1));
+    let mut cfg = config(3);
     cfg.image_size = Some(100_000);
     cfg.image_id = IMAGE;
     let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
@@ -1745,20 +2269,16 @@ fn a_window_node_holds_from_where_its_join_then_its_reports_say() {
     // A node whose prefix is of another image starts over: its window
     // starts at 0 again.
     src.handle_closed(t(9), ConnId(4));
-    let nonce = Nonce([5; 32]);
-    src.handle_connected(t(10), ConnId(5), nonce);
-    let Message::Join(mut j) = join_msg("b", &nonce, &Key(1)) else {
-        unreachable!()
-    };
-    (j.readable, j.have, j.holds_from) = (false, 4000, 3000);
-    j.image = Some(ImageId([8; 32]));
-    src.handle_message(t(10), ConnId(5), Message::Join(j));
+    join_edited(&mut src, t(10), 5, "b", &ROOT, |j| {
+        (j.readable, j.have, j.holds_from) = (false, 4000, 3000);
+        j.image = Some(ImageId([8; 32]));
+    });
     assert!(src.holds(Some(NodeId(2)), 0));
 }
 
 #[test]
 fn a_slow_node_goes_under_the_tail_only_if_the_tail_holds_its_offset() {
-    let mut cfg = SourceConfig::new("s", 3, addr(1));
+    let mut cfg = config(3);
     cfg.slow_lag = 1000;
     cfg.slow_window = Duration::from_secs(1);
     cfg.image_size = Some(10_000_000);
@@ -1790,7 +2310,7 @@ fn a_restarted_source_feeds_a_window_node_itself_when_its_upstream_holds_too_lit
     // The nodes come back to a new source process with different prefixes;
     // the chain puts the most advanced first, but b's window starts after
     // c's prefix.
-    let mut cfg = SourceConfig::new("s", 3, addr(1));
+    let mut cfg = config(3);
     cfg.image_size = Some(100_000);
     cfg.image_id = IMAGE;
     cfg.join_timeout = Some(Duration::from_secs(1));
@@ -1930,7 +2450,7 @@ mod model {
 
     impl World {
         pub fn new(scenario: &Scenario) -> World {
-            let mut cfg = SourceConfig::new("s", scenario.nodes.len() as u32, addr(1));
+            let mut cfg = config(scenario.nodes.len() as u32);
             cfg.arity = scenario.arity;
             cfg.image_size = Some(SIZE);
             cfg.image_id = IMAGE;
@@ -2102,17 +2622,14 @@ mod model {
                 self.next_conn += 1;
                 n.control = Some(conn);
                 self.by_conn.insert(conn, i);
-                let nonce = Nonce([conn.0 as u8; 32]);
-                let Message::Join(mut j) = join_msg(&n.name, &nonce, &Key(1)) else {
-                    unreachable!()
-                };
-                j.readable = n.spec.readable;
-                j.have = n.received;
-                j.holds_from = n.serves_from();
-                j.image = (n.received > 0).then_some(IMAGE);
-                let now = t(self.now);
-                self.src.handle_connected(now, conn, nonce);
-                self.src.handle_message(now, conn, Message::Join(j));
+                let (readable, have, holds_from) = (n.spec.readable, n.received, n.serves_from());
+                let name = n.name.clone();
+                send_join(&mut self.src, t(self.now), conn.0, &name, &ROOT, |j| {
+                    j.readable = readable;
+                    j.have = have;
+                    j.holds_from = holds_from;
+                    j.image = (have > 0).then_some(IMAGE);
+                });
                 self.after_input();
             }
         }
@@ -2175,7 +2692,7 @@ mod model {
                         n.stranded = Some(epoch);
                         self.seen.stranded_reports += 1;
                         let now = t(self.now);
-                        self.src.handle_message(
+                        self.src.say(
                             now,
                             conn,
                             Message::Stranded {
@@ -2214,15 +2731,14 @@ mod model {
                 };
                 let verdict = n.received >= SIZE && n.image_done && !n.verified;
                 n.verified |= verdict;
-                self.src
-                    .handle_message(now, conn, Message::Progress(progress));
+                self.src.say(now, conn, Message::Progress(progress));
                 self.after_input();
                 if verdict {
                     let ok = Message::Verified {
                         ok: true,
                         reason: String::new(),
                     };
-                    self.src.handle_message(now, conn, ok);
+                    self.src.say(now, conn, ok);
                     self.after_input();
                 }
             }
@@ -2243,6 +2759,7 @@ mod model {
             loop {
                 let mut any = false;
                 while let Some((conn, msg)) = self.src.poll_transmit() {
+                    let msg = open_from_source(conn, msg);
                     any = true;
                     self.check_placement(conn, &msg)?;
                     if let Some(&i) = self.by_conn.get(&conn) {

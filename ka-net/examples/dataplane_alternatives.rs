@@ -47,10 +47,10 @@ use std::time::Instant;
 
 use ka_net::image::sources::FileSource;
 use ka_net::{
-    open_sink, relay, send_growing, ImageHasher, NodeWriter, SessionKey, SinkSpec, Written,
+    open_sink, relay, send_growing, DigestKey, ImageHasher, NodeWriter, SinkSpec, Written,
 };
 
-const KEY: SessionKey = SessionKey([0x5a; 32]);
+const KEY: DigestKey = DigestKey([0x5a; 32]);
 /// Buffers in flight in the threaded receivers.
 const RING: usize = 4;
 

@@ -19,6 +19,9 @@
 //!   shell's state, feeds it sockets, timers and data-path progress, and
 //!   carries out its actions; one task per connection, reaped when it
 //!   ends; what an unauthenticated peer may hold is bounded ([`shell::gate`]).
+//!   The keys (the session's root, each node's own, the digest's) and the
+//!   files they travel in are [`shell::key`]; authenticated discovery is
+//!   [`shell::discovery`]; ka-core decides what is proved with which key.
 //!
 //! Beside them: [`system`] describes a running machine's disks and rebuilds
 //! them on a node's (`--system`), [`tftp`] serves boot files, and [`Error`]
@@ -91,7 +94,8 @@ pub use datapath::{
     FORWARD_DELAY,
 };
 pub use error::Error;
-pub use image::digest::{digest_file, digest_source, ImageHasher, SessionKey};
+pub use image::digest::{digest_file, digest_source, DigestKey, ImageHasher};
 pub use image::sinks::{open_sink, ImageSink, SinkSpec};
 pub use image::sources::{open_source, ImageSource, SourceSpec};
 pub use image::{is_zero, write_atomically, BLOCK};
+pub use shell::key::{NodeKey, SessionKey};

@@ -595,7 +595,7 @@ fn a_node_of_another_protocol_version_is_refused_and_the_others_finish() {
         &ka_net::shell::Secret::from_hex(secret.trim()).unwrap(),
         "ka",
     );
-    let join = Join {
+    let mut join = Join {
         version: PROTOCOL_VERSION + 1,
         session: "ka".into(),
         name: "future".into(),
@@ -606,9 +606,13 @@ fn a_node_of_another_protocol_version_is_refused_and_the_others_finish() {
         have: 0,
         holds_from: 0,
         image: None,
-        proof: ka_core::auth::join_proof(&key, &nonce, "ka", "future"),
+        nonce: ka_core::codec::Nonce([1; 32]),
+        proof: Default::default(),
     };
-    peer.write_all(&Message::Join(join).to_bytes()).unwrap();
+    let own = ka_core::auth::node_key(&key, "future");
+    join.proof = ka_core::auth::join_proof(&*own, &nonce, &join);
+    peer.write_all(&Message::Join(Box::new(join)).to_bytes())
+        .unwrap();
     match read_frame(&mut peer) {
         Message::Refused(r) => {
             assert_eq!(r.code, RefusalCode::VersionMismatch, "{r:?}");

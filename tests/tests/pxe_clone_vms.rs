@@ -277,7 +277,7 @@ tftp_root = "root"
 kernel = "ka/vmlinuz"
 initramfs = "ka/initramfs.img"
 console = "ttyS0,115200"
-kernel_args = "quiet ka.secret=tftp:ka/secret ka.fail_delay=never"
+kernel_args = "quiet ka.fail_delay=never"
 
 [session]
 name = "pxe"
@@ -552,14 +552,13 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
         }
     }
 
-    // The session secret, published on TFTP (docs/netboot.md says why that
-    // gives no confidentiality on the boot network).
+    // The session secret stays with ka serve and ka tftp; each node fetches
+    // its own key from ka tftp (the image's default, ka.secret=tftp).
     let secret: String = ka_tests::pseudo_random(32, 42)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
     fs::write(d.join("secret"), format!("{secret}\n")).unwrap();
-    fs::write(root.join("ka/secret"), format!("{secret}\n")).unwrap();
 
     let inv = inventory(d);
     let state = d.join("state");
@@ -640,7 +639,9 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
         state_s,
         "--listen",
         &format!("{SERVER}:69"),
-    ]);
+    ])
+    .arg("--secret-file")
+    .arg(d.join("secret"));
     let mut tftp = daemon(tftp, "ka tftp");
     tftp.wait_for(Duration::from_secs(20), "its address", |out, _| {
         out.contains("serving")
@@ -694,7 +695,7 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
         for want in [
             boot_path,
             format!("is up: interface=eth0 ip={}/24", ip(i)),
-            "fetching the session secret ka/secret".to_string(),
+            format!("fetching this node's key ka/keys/{}.key", name(i)),
             format!("identity applied: host name {}", name(i)),
             "rebooting into the new system".to_string(),
         ] {
@@ -719,12 +720,18 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
             "{config} not served:\n{log}"
         );
     }
+    for i in 0..VMS {
+        let key = format!("ka/keys/{}.key", name(i));
+        assert!(
+            log.contains(&format!("path=\"{key}\"")),
+            "{key} not served:\n{log}"
+        );
+    }
     for f in [
         "pxelinux.0",
         "ldlinux.c32",
         "ka/vmlinuz",
         "ka/initramfs.img",
-        "ka/secret",
     ] {
         assert!(
             log.contains(&format!("path=\"{f}\"")),

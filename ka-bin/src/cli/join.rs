@@ -42,7 +42,8 @@ pub struct JoinArgs {
     /// Where a --command or --untar image is received before it is fed on.
     #[arg(long, value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
-    /// This node's name (default: the host name).
+    /// This node's name (default: the node named by the key file, or else
+    /// the host name).
     #[arg(long)]
     pub name: Option<String>,
     /// Stay until the source releases this node (the original -w).

@@ -17,6 +17,7 @@ pub mod display;
 pub mod exit;
 pub mod go;
 pub mod join;
+pub mod key;
 pub mod netboot;
 pub mod pxe;
 pub mod serve;
@@ -45,6 +46,8 @@ pub enum Command {
     Join(join::JoinArgs),
     /// Start a waiting session now with the nodes present (the original -g).
     Go(go::GoArgs),
+    /// The keys of a session's nodes: derive one node's own key from the secret.
+    Key(key::KeyArgs),
     /// Clone a generated image onto local nodes, verify every copy, print the report.
     Demo(demo::DemoArgs),
     /// Per-node boot modes: install, local, shell (the successor of ka_pxe_step).
@@ -74,6 +77,7 @@ impl Command {
             Command::Serve(args) => serve::run(args),
             Command::Join(args) => join::run(args),
             Command::Go(args) => go::run(args),
+            Command::Key(args) => key::run(args),
             Command::Demo(args) => demo::run(args),
             Command::Pxe(args) => pxe::run(args),
             Command::Tftp(args) => tftp::run(args),
@@ -108,8 +112,9 @@ pub struct ReachArgs {
     /// Session name.
     #[arg(long, default_value = DEFAULT_SESSION)]
     pub session: String,
-    /// File holding the session secret the source printed or wrote.
-    #[arg(long, value_name = "FILE")]
+    /// File holding the session secret the source wrote, or (ka join) this
+    /// node's own key from ka key derive or ka tftp.
+    #[arg(long, visible_alias = "key-file", value_name = "FILE")]
     pub secret_file: PathBuf,
 }
 

@@ -91,8 +91,9 @@ pub struct BuildArgs {
     /// Static busybox (Debian busybox-static).
     #[arg(long, value_name = "FILE", default_value = build::BUSYBOX)]
     busybox: PathBuf,
-    /// Bake this session secret into the image as /etc/ka/secret (see docs/netboot.md on secrets).
-    #[arg(long, value_name = "FILE")]
+    /// Refused: a secret in the image would go to anyone who fetches it.
+    /// `ka tftp --secret-file` hands each install-mode node its own key.
+    #[arg(long, value_name = "FILE", hide = true)]
     secret_file: Option<PathBuf>,
     /// pxelinux.0 (Debian pxelinux).
     #[arg(long, value_name = "FILE", default_value = build::PXELINUX)]
@@ -202,7 +203,14 @@ fn build_plan(b: BuildArgs) -> Result<BuildOptions> {
     }
     opts.strip = !b.no_strip;
     opts.busybox = b.busybox;
-    opts.secret_file = b.secret_file;
+    if let Some(file) = b.secret_file {
+        bail!(
+            "ka netboot build no longer bakes a key into the image: anyone who fetches the image over TFTP would hold it. \
+             Leave {} out of the image and start ka tftp with --secret-file {}: it hands each install-mode node its own key",
+            file.display(),
+            file.display()
+        );
+    }
     opts.pxelinux = b.pxelinux;
     opts.syslinux_modules = b.syslinux_modules;
     opts.kernel_name = b.kernel_name;

@@ -1,4 +1,5 @@
-//! `ka tftp`: serve the TFTP root and the per-node boot configs.
+//! `ka tftp`: serve the TFTP root, the per-node boot configs, and each
+//! install-mode node its own key ([`crate::boot::keys`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,9 +8,11 @@ use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ka_net::tftp::{GeneratedFiles, TftpConfig, TftpServer};
+use ka_net::shell::Secret;
+use ka_net::tftp::{Generated, GeneratedFiles, TftpConfig, TftpServer};
 
 use super::{ClusterArgs, ExitStatus};
+use crate::boot::keys;
 use crate::boot::modes::{BootState, Modes};
 use crate::boot::render;
 use crate::boot::Inventory;
@@ -42,6 +45,11 @@ pub struct TftpArgs {
     /// Longest a transfer may take, in seconds [default: 600].
     #[arg(long, value_name = "SECS")]
     transfer_lifetime: Option<u64>,
+    /// The session secret (the file ka serve wrote): with it, each node in
+    /// install mode is handed its own key at ka/keys/NAME.key, from its
+    /// inventory address only; without it, nodes get no key from here.
+    #[arg(long, value_name = "FILE")]
+    secret_file: Option<PathBuf>,
 }
 
 /// Renders boot configs from the inventory and the modes as of each request.
@@ -54,6 +62,10 @@ struct BootFiles {
     state: BootState,
     inventory: Mutex<(Option<FileVersion>, Arc<Inventory>)>,
     last_modes: Mutex<Modes>,
+    /// The session secret, to derive each node's key from.
+    secret: Option<Secret>,
+    /// The TFTP root, to refuse the key files an administrator left in it.
+    root: PathBuf,
 }
 
 impl BootFiles {
@@ -89,9 +101,32 @@ impl BootFiles {
 }
 
 impl GeneratedFiles for BootFiles {
-    fn generate(&self, path: &str, _client: SocketAddr) -> Option<Vec<u8>> {
-        render::generated_file(&self.inventory(), &self.modes(), path)
+    fn generate(&self, path: &str, client: SocketAddr) -> Generated {
+        let inv = self.inventory();
+        let modes = self.modes();
+        match keys::answer(&inv, &modes, self.secret.as_ref(), path, client) {
+            Generated::FromRoot => {}
+            answered => return answered,
+        }
+        if let Some(content) = render::generated_file(&inv, &modes, path) {
+            return Generated::File(content);
+        }
+        if holds_a_key(&self.root.join(path)) {
+            return Generated::Refused(format!(
+                "{path} in the TFTP root holds a ka key, which anyone on the boot network could fetch: \
+                 remove it; ka tftp --secret-file hands each install-mode node its own key"
+            ));
+        }
+        Generated::FromRoot
     }
+}
+
+/// Whether `path` is a small file holding a ka secret or node key (the
+/// largest, a node key file, is under 400 bytes).
+fn holds_a_key(path: &std::path::Path) -> bool {
+    const LARGEST_KEY_FILE: u64 = 4096;
+    let small = std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() <= LARGEST_KEY_FILE);
+    small && std::fs::read(path).is_ok_and(|content| keys::is_key_file(&content))
 }
 
 /// Names the boot files a node will ask for but the root lacks: a missing
@@ -157,10 +192,16 @@ fn plan(args: TftpArgs) -> Result<TftpPlan> {
     let state = BootState::new(&args.cluster.state_dir);
     let modes = state.load()?;
     let nodes = inv.nodes.len();
+    let secret = match &args.secret_file {
+        Some(file) => Some(crate::session::secret::load(file)?),
+        None => None,
+    };
     let files = Arc::new(BootFiles {
         state,
         inventory: Mutex::new((mtime, Arc::new(inv))),
         last_modes: Mutex::new(modes),
+        secret,
+        root: root.clone(),
     });
     warn_about_missing_files(&root, &files.inventory());
     let mut config = TftpConfig::new(args.listen, &root);
@@ -201,6 +242,7 @@ fn serve(plan: TftpPlan) -> Result<()> {
         nodes,
         config,
     } = plan;
+    let has_secret = files.secret.is_some();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -213,6 +255,16 @@ fn serve(plan: TftpPlan) -> Result<()> {
             root.display(),
             server.local_addr()
         );
+        if has_secret {
+            eprintln!(
+                "ka tftp: handing each install-mode node its own key ({}), to its inventory address only",
+                keys::key_path("NAME")
+            );
+        } else {
+            eprintln!(
+                "ka tftp: no --secret-file: nodes booting ka.secret=tftp (the default) get no key from here"
+            );
+        }
         use std::io::Write;
         std::io::stdout().flush().ok();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

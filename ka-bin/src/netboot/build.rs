@@ -4,8 +4,9 @@
 //! The image holds busybox (Debian's static build: a shell and the tools the
 //! init uses), the `ka` binary with its loader and shared libraries, the
 //! programs a system clone runs ([`super::tools`]) with theirs, the chosen
-//! kernel modules with a load order computed here, the init, the DHCP
-//! script, and optionally the session secret.
+//! kernel modules with a load order computed here, the init and the DHCP
+//! script. Never a key: the image goes to whoever asks for it over TFTP, so
+//! each node fetches its own key from `ka tftp` instead ([`crate::boot::keys`]).
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs;
@@ -70,8 +71,6 @@ pub struct BuildOptions {
     pub system_tools: bool,
     /// Where to look for them on this host, in order.
     pub tool_dirs: Vec<PathBuf>,
-    /// A session secret file to bake in as `/etc/ka/secret`.
-    pub secret_file: Option<PathBuf>,
     /// pxelinux.0.
     pub pxelinux: PathBuf,
     /// The directory with ldlinux.c32 and friends.
@@ -96,7 +95,6 @@ impl BuildOptions {
             busybox: BUSYBOX.into(),
             system_tools: true,
             tool_dirs: DEFAULT_TOOL_DIRS.iter().map(PathBuf::from).collect(),
-            secret_file: None,
             pxelinux: PXELINUX.into(),
             syslinux_modules: SYSLINUX_MODULES.into(),
             kernel_name: "ka/vmlinuz".into(),
@@ -277,17 +275,6 @@ pub fn initramfs(opts: &BuildOptions, ka: &Path) -> anyhow::Result<Initramfs> {
     }
     a.file("etc/ka/modules", list, 0o644);
 
-    if let Some(secret) = &opts.secret_file {
-        let text = fs::read_to_string(secret)
-            .with_context(|| format!("reading the secret file {}", secret.display()))?;
-        if !crate::session::secret::is_secret(&text) {
-            bail!(
-                "{} does not hold a session secret (64 hex digits, as ka serve writes)",
-                secret.display()
-            );
-        }
-        a.file("etc/ka/secret", format!("{}\n", text.trim()), 0o600);
-    }
     Ok(Initramfs {
         archive: a,
         modules,

@@ -52,16 +52,20 @@ impl std::str::FromStr for CloneKind {
     }
 }
 
-/// Where the session secret comes from.
+/// Where the node's key comes from: its own key (what `ka tftp
+/// --secret-file` hands each install-mode node, the default), or a file
+/// holding a key or the session secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {
-    /// `ka.secret=<64 hex digits>`: on the command line itself.
+    /// `ka.secret=<64 hex digits>`: the session secret on the command line
+    /// itself (served to whoever asks for the node's boot config: avoid).
     Inline(String),
-    /// `ka.secret=file:/PATH`: a file in the image (`ka netboot build --secret-file`
-    /// puts one at `/etc/ka/secret`, the default).
+    /// `ka.secret=file:/PATH`: a file in the image.
     File(PathBuf),
-    /// `ka.secret=tftp:PATH` (from the DHCP next-server) or
-    /// `ka.secret=tftp://HOST[:PORT]/PATH`.
+    /// `ka.secret=tftp` (the default: the node's own key,
+    /// [`crate::boot::keys::key_path`], from the DHCP next-server),
+    /// `ka.secret=tftp://HOST[:PORT]` (the same from that server),
+    /// `ka.secret=tftp:PATH` or `ka.secret=tftp://HOST[:PORT]/PATH`.
     Tftp {
         /// The TFTP server and port; `None`: the DHCP lease's next-server, port 69.
         server: Option<String>,
@@ -69,9 +73,6 @@ pub enum SecretSource {
         path: String,
     },
 }
-
-/// Where the image looks for a secret when the command line names none.
-pub const DEFAULT_SECRET_FILE: &str = "/etc/ka/secret";
 
 /// Everything a netboot node does, read from its kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +90,7 @@ pub struct Plan {
     /// `ka.target=/dev/…[,/dev/…]`: the disk to clone onto; a system clone
     /// may name several, in the order of the source's disks.
     pub targets: Vec<PathBuf>,
-    /// `ka.secret=…` (default `file:/etc/ka/secret`).
+    /// `ka.secret=…` (default `tftp`: the node's own key from the boot server).
     pub secret: SecretSource,
     /// The identity to apply after the clone verified; `None` with `ka.identity=off`.
     pub identity: Option<Identity>,
@@ -173,7 +174,10 @@ impl Plan {
             name: None,
             clone_kind: CloneKind::Image,
             targets: Vec::new(),
-            secret: SecretSource::File(PathBuf::from(DEFAULT_SECRET_FILE)),
+            secret: SecretSource::Tftp {
+                server: None,
+                path: String::new(),
+            },
             identity: None,
             root: RootPartition::Auto,
             boot_mac: None,
@@ -266,6 +270,12 @@ impl Plan {
                 }
             }
         }
+        // A TFTP source without a path is the node's own key.
+        if let (SecretSource::Tftp { path, .. }, Some(name)) = (&mut plan.secret, &plan.name) {
+            if path.is_empty() {
+                *path = crate::boot::keys::key_path(name);
+            }
+        }
         if plan.mode == NetbootMode::Install {
             if plan.targets.is_empty() {
                 return Err(
@@ -307,13 +317,19 @@ impl Plan {
     }
 }
 
+/// Reads `ka.secret=`; a TFTP source without a path (the node's own key)
+/// gets its path once the node's name is known.
 fn parse_secret(value: &str) -> Result<SecretSource, String> {
+    if value == "tftp" {
+        return Ok(SecretSource::Tftp {
+            server: None,
+            path: String::new(),
+        });
+    }
     if let Some(rest) = value.strip_prefix("tftp://") {
-        let (server, path) = rest
-            .split_once('/')
-            .ok_or("tftp://HOST[:PORT]/PATH needs a path")?;
-        if server.is_empty() || path.is_empty() {
-            return Err("tftp://HOST[:PORT]/PATH needs a host and a path".into());
+        let (server, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if server.is_empty() {
+            return Err("tftp://HOST[:PORT][/PATH] needs a host".into());
         }
         return Ok(SecretSource::Tftp {
             server: Some(server.to_string()),
@@ -338,7 +354,7 @@ fn parse_secret(value: &str) -> Result<SecretSource, String> {
     if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Ok(SecretSource::Inline(value.to_string()));
     }
-    Err("use 64 hex digits, file:/PATH, tftp:PATH or tftp://HOST[:PORT]/PATH".into())
+    Err("use tftp (the node's own key from the boot server), tftp://HOST[:PORT], tftp:PATH, tftp://HOST[:PORT]/PATH, file:/PATH or 64 hex digits".into())
 }
 
 #[cfg(test)]
@@ -399,7 +415,23 @@ mod tests {
         assert_eq!(p.secret, SecretSource::File("/s".into()));
         let p = Plan::parse("ka.name=n1 ka.target=/dev/sda ka.identity=off").unwrap();
         assert_eq!(p.identity, None);
-        assert_eq!(p.secret, SecretSource::File(DEFAULT_SECRET_FILE.into()));
+        // By default, the node's own key from the boot server.
+        assert_eq!(
+            p.secret,
+            SecretSource::Tftp {
+                server: None,
+                path: "ka/keys/n1.key".into()
+            }
+        );
+        let p =
+            Plan::parse("ka.secret=tftp://10.0.0.1:6969 ka.name=n1 ka.target=/dev/sda").unwrap();
+        assert_eq!(
+            p.secret,
+            SecretSource::Tftp {
+                server: Some("10.0.0.1:6969".into()),
+                path: "ka/keys/n1.key".into()
+            }
+        );
         let hex = "ab".repeat(32);
         let p = Plan::parse(&format!("ka.mode=shell ka.secret={hex}")).unwrap();
         assert_eq!(p.mode, NetbootMode::Shell);

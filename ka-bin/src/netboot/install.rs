@@ -311,7 +311,8 @@ fn lease_value(key: &str) -> Option<String> {
         .map(|(_, v)| v.trim().to_string())
 }
 
-/// Puts the session secret in a file `ka join` reads, and returns its path.
+/// Puts the node's key (or the session secret) in a file `ka join` reads,
+/// and returns its path.
 fn fetch_secret(plan: &Plan) -> anyhow::Result<PathBuf> {
     let file = PathBuf::from("/run/ka/secret");
     fs::create_dir_all("/run/ka")?;
@@ -323,7 +324,7 @@ fn fetch_secret(plan: &Plan) -> anyhow::Result<PathBuf> {
         SecretSource::File(p) => {
             if !p.is_file() {
                 bail!(
-                    "{} is not in the image: build it with `ka netboot build --secret-file`, or boot with ka.secret=",
+                    "{} is not in the image: boot with ka.secret=tftp (the default) to fetch this node's key from ka tftp --secret-file",
                     p.display()
                 );
             }
@@ -346,7 +347,7 @@ fn fetch_secret(plan: &Plan) -> anyhow::Result<PathBuf> {
                 None => (server.clone(), "69".to_string()),
             };
             say(&format!(
-                "fetching the session secret {path} from {host}:{port} over TFTP"
+                "fetching this node's key {path} from {host}:{port} over TFTP"
             ));
             let out = Command::new("tftp")
                 .args(["-g", "-r", path, "-l"])
@@ -357,7 +358,8 @@ fn fetch_secret(plan: &Plan) -> anyhow::Result<PathBuf> {
             if !out.status.success() {
                 let _ = fs::remove_file(&file);
                 bail!(
-                    "tftp {host} {port} could not fetch {path}: {}",
+                    "tftp {host} {port} could not fetch {path}: {} (ka tftp hands a node its key only with --secret-file, \
+                     to the node's inventory address, while it is in install mode: see its log)",
                     String::from_utf8_lossy(&out.stderr).trim()
                 );
             }

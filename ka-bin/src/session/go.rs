@@ -21,9 +21,11 @@ pub struct Started {
 /// Asks the source of `reach`'s session to start now; it is looked for by
 /// broadcast for up to 10 s when not named.
 pub fn start(reach: &Reach) -> anyhow::Result<Started> {
-    let key = reach.key()?;
+    let key = reach.root_key()?;
     let rt = runtime()?;
-    let server = reach.locate(&rt, Duration::from_secs(10))?;
+    let operator = ka_core::auth::operator_key(&key);
+    let asker = ka_core::auth::Asker::Operator;
+    let server = reach.locate(&rt, Duration::from_secs(10), asker, operator)?;
     let (now, nodes) = rt
         .block_on(ka_net::shell::go(server, &reach.session, &key))
         .map_err(|e| anyhow!(e))?;

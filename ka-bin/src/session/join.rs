@@ -43,7 +43,8 @@ pub struct JoinOptions {
     /// Where a command's or untar's image is received before it is fed
     /// on; `None`: the temporary directory.
     pub spool_dir: Option<PathBuf>,
-    /// This node's name; `None`: the host name.
+    /// This node's name; `None`: the name of the node key given, or else
+    /// the host name.
     pub name: Option<String>,
     /// Stay until the source releases this node.
     pub wait_release: bool,
@@ -133,16 +134,20 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
         }
         None => None,
     };
-    let key = opts.reach.key()?;
-    let rt = runtime()?;
-    let server = opts.reach.locate(&rt, opts.wait)?;
     let name = match opts.name {
         Some(n) => n,
-        None => nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .ok_or_else(|| anyhow!("cannot read the host name: pass --name"))?,
+        None => match super::secret::key_owner(&opts.reach.secret_file) {
+            Some(owner) => owner,
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .ok_or_else(|| anyhow!("cannot read the host name: pass --name"))?,
+        },
     };
+    let key = opts.reach.node_key(&name)?;
+    let rt = runtime()?;
+    let asker = ka_core::auth::Asker::Node(&name);
+    let server = opts.reach.locate(&rt, opts.wait, asker, key.mac_key())?;
     let mut config = NodeConfig::new(
         opts.reach.session.clone(),
         name.clone(),
@@ -255,6 +260,9 @@ fn print_event(name: &str, e: &NodeEvent, json: bool) {
         (NodeEvent::SourceLost, false) => {
             eprintln!("ka: {name}: lost the source; waiting for it to come back")
         }
+        (NodeEvent::SourceUnproven { reason }, false) => eprintln!(
+            "ka: {name}: not believed, nothing it said is acted on: {reason}; looking for the source again"
+        ),
         (_, false) => eprintln!("ka: {name}: {e:?}"),
     }
 }

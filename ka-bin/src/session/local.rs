@@ -55,7 +55,7 @@ pub fn run(
                 config,
                 server: addr,
                 target: Target::File(target.clone()),
-                key: key.clone(),
+                key: key.node_key(&session, &format!("node{i:02}")),
                 listen_ip: IpAddr::from([127, 0, 0, 1]),
                 wait: Duration::from_secs(30),
                 state_dir: None,

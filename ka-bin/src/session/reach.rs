@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+use ka_core::auth::{Asker, Mac};
 use ka_net::shell::discovery;
-use ka_net::SessionKey;
+use ka_net::{NodeKey, SessionKey};
 
 use super::{secret, DEFAULT_PORT};
 
@@ -25,22 +26,32 @@ pub struct Reach {
     pub discover_to: SocketAddr,
     /// The session's name.
     pub session: String,
-    /// The file holding the session secret.
+    /// The file holding the session secret, or a node's own key.
     pub secret_file: PathBuf,
 }
 
 impl Reach {
-    /// The session's key, from the secret file.
-    pub(crate) fn key(&self) -> anyhow::Result<SessionKey> {
+    /// The session's root key, from the secret file: what the operator
+    /// holds (`ka go`). A node's key does not give it.
+    pub(crate) fn root_key(&self) -> anyhow::Result<SessionKey> {
         let secret = secret::load(&self.secret_file)?;
         Ok(secret::key(&secret, &self.session))
     }
 
-    /// The source's address: as given, or found by broadcast within `wait`.
+    /// What node `name` holds, from the key file: derived from the secret,
+    /// or the node's own key.
+    pub(crate) fn node_key(&self, name: &str) -> anyhow::Result<NodeKey> {
+        secret::node_key(&self.secret_file, &self.session, name)
+    }
+
+    /// The source's address: as given, or found by broadcast within `wait`,
+    /// believing only an answer that proves `key`, the key of `asker`.
     pub(crate) fn locate(
         &self,
         rt: &tokio::runtime::Runtime,
         wait: Duration,
+        asker: Asker<'_>,
+        key: Box<dyn Mac>,
     ) -> anyhow::Result<SocketAddr> {
         if let Some(s) = &self.server {
             return resolve(s);
@@ -50,7 +61,13 @@ impl Reach {
             self.session, self.discover_to
         );
         let found = rt
-            .block_on(discovery::find(&self.session, self.discover_to, wait))
+            .block_on(discovery::find(
+                &self.session,
+                asker,
+                key,
+                self.discover_to,
+                wait,
+            ))
             .map_err(|e| anyhow!(e))?;
         eprintln!("ka: found the source at {found}");
         Ok(found)

@@ -97,8 +97,9 @@ pub fn run(
             }
         }
     };
+    let root = secret::key(secret, &session);
     let source = SourceOptions {
-        key: secret::key(secret, &session),
+        key: root.clone(),
         config: opts.config,
         image,
         state_dir: opts.state_dir,
@@ -113,7 +114,7 @@ pub fn run(
         // Nodes without --server find us by broadcast on the same port number.
         let discovery = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), bound.port());
         let _answering =
-            match shell::discovery::answer(discovery, session.clone(), bound.port()).await {
+            match shell::discovery::answer(discovery, session.clone(), bound.port(), root).await {
                 Ok(task) => Some(task),
                 Err(e) => {
                     eprintln!(

@@ -15,7 +15,7 @@
 //!
 //! ```no_run
 //! # async fn node(up: tokio::net::TcpStream, mut down: tokio::net::TcpStream,
-//! #               key: ka_net::SessionKey, size: u64) -> Result<(), ka_net::Error> {
+//! #               key: ka_net::DigestKey, size: u64) -> Result<(), ka_net::Error> {
 //! use ka_net::*;
 //! let sink = open_sink(&SinkSpec::File("/dev/sda".into()), Some(size))?;
 //! let mut writer = NodeWriter::new(sink, ImageHasher::new(&key))?;

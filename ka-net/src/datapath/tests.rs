@@ -16,7 +16,7 @@ use super::forward::Downstreams;
 use super::pool::{Buf, BUF_SIZE, DEPTH};
 use super::send::{send_more, sendfile_all};
 use super::*;
-use crate::image::digest::{digest_source, ImageHasher, SessionKey};
+use crate::image::digest::{digest_source, DigestKey, ImageHasher};
 use crate::image::sinks::{open_sink, ImageSink, SinkSpec};
 use crate::image::sources::{open_source, FileSource, ImageSource, SourceSpec};
 use crate::image::BLOCK;
@@ -199,7 +199,7 @@ fn read_extents(
     Ok(digest)
 }
 
-const KEY: SessionKey = SessionKey([9; 32]);
+const KEY: DigestKey = DigestKey([9; 32]);
 const B: usize = BLOCK as usize;
 /// Every network test finishes well within this or fails.
 const DEADLINE: Duration = Duration::from_secs(60);

@@ -8,7 +8,7 @@ use ka_core::codec::Digest;
 use ka_core::record::RecordKind;
 
 use super::pool::{hasher_gone, Buf, Pool, BUF_SIZE, DEPTH};
-use crate::image::digest::{digest_source, ImageHasher, SessionKey};
+use crate::image::digest::{digest_source, DigestKey, ImageHasher};
 use crate::image::sinks::ImageSink;
 use crate::Error;
 
@@ -205,7 +205,7 @@ fn hasher_thread(
 /// back up to its position: how a node that restarted (and lost its hasher
 /// with its process) resumes hashing where its copy stops, then asks its
 /// upstream only for the rest.
-pub fn rehash_written(sink: &dyn ImageSink, key: &SessionKey) -> Result<ImageHasher, Error> {
+pub fn rehash_written(sink: &dyn ImageSink, key: &DigestKey) -> Result<ImageHasher, Error> {
     let mut source = sink.readback()?;
     let mut hasher = ImageHasher::new(key);
     let mut buf = vec![0u8; BUF_SIZE];
@@ -229,7 +229,7 @@ pub fn rehash_written(sink: &dyn ImageSink, key: &SessionKey) -> Result<ImageHas
 /// `expected`, the source's. Returns the digest read back.
 pub fn verify_readback(
     sink: &dyn ImageSink,
-    key: &SessionKey,
+    key: &DigestKey,
     expected: &Digest,
 ) -> Result<Digest, Error> {
     let mut source = sink.readback()?;

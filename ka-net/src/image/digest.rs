@@ -1,4 +1,4 @@
-//! The image digest: BLAKE3 keyed with the session key over the *canonical*
+//! The image digest: BLAKE3 keyed with the session's digest key over the *canonical*
 //! record stream of an image.
 //!
 //! # Definition
@@ -14,7 +14,7 @@
 //!   and the block's bytes as its payload;
 //! - last, one `End` header `{offset: image size, len: 0}`.
 //!
-//! With `K` the 32-byte session key and `H_K` keyed BLAKE3:
+//! With `K` the 32-byte digest key ([`DigestKey`]) and `H_K` keyed BLAKE3:
 //!
 //! ```text
 //! layout  = H_K(all canonical 17-byte headers, in order)
@@ -49,15 +49,20 @@ use super::sources::ImageSource;
 use super::{is_zero, BLOCK};
 use crate::Error;
 
-/// The 32-byte secret of a session; keys the digest so that only session
-/// members can produce or fake one.
+/// The key of a session's image digest, derived from the session's root key
+/// (`ka_core::auth::digest_key_context`) and handed to every node with its
+/// own key. It authenticates nothing by itself: the digest a node checks its
+/// copy against arrives sealed on its own connection, and BLAKE3 keeps its
+/// collision resistance under a known key, so knowing this key helps nobody
+/// pass altered data off. It keeps strangers from recognising a known image
+/// by its digest, so it is never printed.
 #[derive(Clone, PartialEq, Eq)]
-pub struct SessionKey(pub [u8; 32]);
+pub struct DigestKey(pub [u8; 32]);
 
-impl fmt::Debug for SessionKey {
+impl fmt::Debug for DigestKey {
     // The key is a secret: never print it, even in debug logs.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SessionKey(..)")
+        f.write_str("DigestKey(..)")
     }
 }
 
@@ -92,8 +97,8 @@ impl fmt::Debug for ImageHasher {
 }
 
 impl ImageHasher {
-    /// A hasher for a new image, keyed with the session key.
-    pub fn new(key: &SessionKey) -> Self {
+    /// A hasher for a new image, keyed with the session's digest key.
+    pub fn new(key: &DigestKey) -> Self {
         ImageHasher {
             key: key.0,
             layout: blake3::Hasher::new_keyed(&key.0),
@@ -291,7 +296,7 @@ const HASH_READ: usize = 256 << 10;
 
 /// The session digest of the image in the file or block device at `path`:
 /// how a source computes its digest, in a pass of its own beside the stream.
-pub fn digest_file(path: &std::path::Path, key: &SessionKey) -> Result<Digest, Error> {
+pub fn digest_file(path: &std::path::Path, key: &DigestKey) -> Result<Digest, Error> {
     let mut source = crate::image::sources::FileSource::open(path)?;
     digest_source(&mut source, ImageHasher::new(key), &mut vec![0; HASH_READ])
 }
@@ -300,11 +305,11 @@ pub fn digest_file(path: &std::path::Path, key: &SessionKey) -> Result<Digest, E
 mod tests {
     use super::*;
 
-    const KEY: SessionKey = SessionKey([7; 32]);
+    const KEY: DigestKey = DigestKey([7; 32]);
 
     /// The definition, written the slow and obvious way, to check the
     /// incremental hasher against.
-    fn reference_digest(key: &SessionKey, image: &[u8]) -> Digest {
+    fn reference_digest(key: &DigestKey, image: &[u8]) -> Digest {
         let mut h = blake3::Hasher::new_keyed(&key.0);
         let mut c = blake3::Hasher::new_keyed(&key.0);
         let mut run: Option<u64> = None;
@@ -414,7 +419,7 @@ mod tests {
     fn digest_depends_on_key_content_and_size() {
         let img = sample_image();
         let base = reference_digest(&KEY, &img);
-        assert_ne!(reference_digest(&SessionKey([8; 32]), &img), base);
+        assert_ne!(reference_digest(&DigestKey([8; 32]), &img), base);
         let mut flipped = img.clone();
         flipped[2 * BLOCK as usize] = 1; // a zero block becomes data
         assert_ne!(reference_digest(&KEY, &flipped), base);

@@ -418,14 +418,14 @@ impl ImageSink for CommandSink {
 mod tests {
     use super::*;
     use crate::image::blockdev::tests::LoopDev;
-    use crate::image::digest::{digest_source, ImageHasher, SessionKey};
+    use crate::image::digest::{digest_source, DigestKey, ImageHasher};
     use crate::image::sources::open_source;
     use crate::image::sources::SourceSpec;
     use ka_core::record::RecordKind;
     use std::os::unix::fs::MetadataExt;
 
     const B: usize = BLOCK as usize;
-    const KEY: SessionKey = SessionKey([3; 32]);
+    const KEY: DigestKey = DigestKey([3; 32]);
 
     /// Copies a whole source into a sink, record by record.
     fn copy(src: &mut dyn ImageSource, sink: &mut dyn ImageSink) -> u64 {

@@ -722,7 +722,7 @@ mod tests {
             .expect("a FIFO is refused");
         assert!(err.contains("--stdin"), "{err}");
     }
-    use crate::image::digest::{digest_source, ImageHasher, SessionKey};
+    use crate::image::digest::{digest_source, DigestKey, ImageHasher};
 
     const B: usize = BLOCK as usize;
 
@@ -918,7 +918,7 @@ mod tests {
     #[test]
     fn stream_and_file_sources_give_the_same_digest() {
         let (f, img) = sparse_file();
-        let key = SessionKey([1; 32]);
+        let key = DigestKey([1; 32]);
         let mut buf = vec![0u8; 8 * B];
         let mut file_src = FileSource::open(f.path()).unwrap();
         let d1 = digest_source(&mut file_src, ImageHasher::new(&key), &mut buf).unwrap();

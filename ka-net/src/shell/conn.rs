@@ -2,9 +2,11 @@
 //!
 //! While a connection is a conversation the task writes the frames the driver
 //! sends and reads the peer's frames back to the driver. After the frames
-//! that open a data stream (`DataHello` on the serving side, `DataAccepted`
-//! on the receiving side) it stops reading frames, since raw records follow,
-//! and waits for the driver to hand it a data job: serve records from an
+//! that open a data stream it stops reading frames, since raw records may
+//! follow: on the serving side, the `DataHello`; on the receiving side, the
+//! first frame after its own `DataHello` went out (the upstream's sealed
+//! acceptance, or its refusal, which only the machine can tell apart). It
+//! then waits for the driver to hand it a data job: serve records from an
 //! offset, or receive them into the node's writer. Data jobs run here, on the
 //! raw socket, so image bytes never pass through the driver.
 //!
@@ -241,6 +243,8 @@ async fn run(
     let handshake = tokio::time::sleep(gate::HANDSHAKE_TIMEOUT);
     tokio::pin!(handshake);
     let mut reading = true;
+    // Our data hello went out: the next frame is the last before records.
+    let mut hello_sent = false;
     loop {
         tokio::select! {
             () = &mut handshake, if !answered => {
@@ -252,11 +256,11 @@ async fn run(
                 Some(Ok(msg)) => {
                     if !answered {
                         // The machine decides on this message: it proves
-                        // the secret, or the connection is refused.
+                        // its key, or the connection is refused.
                         answered = true;
                         framed.codec_mut().limit = BoundedCodec::default().limit;
                     }
-                    if matches!(msg, Message::DataAccepted { .. } | Message::DataHello { .. }) {
+                    if hello_sent || matches!(msg, Message::DataHello { .. }) {
                         reading = false;
                     }
                     if events.send(Event::Frame(conn, msg)).is_err() {
@@ -275,6 +279,7 @@ async fn run(
             command = commands.recv() => match command {
                 None | Some(Command::Close) => return,
                 Some(Command::Send(msg)) => {
+                    hello_sent |= matches!(msg, Message::DataHello { .. });
                     if let Err(e) = framed.send(msg).await {
                         let _ = events.send(Event::Closed(conn, format!("send failed: {e}")));
                         return;

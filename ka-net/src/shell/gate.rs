@@ -20,7 +20,7 @@
 //! - **Caps on unanswered connections** ([`MAX_UNANSWERED_PER_IP`] = 64 per
 //!   peer address, [`MAX_UNANSWERED`] = 512 in all): a connection beyond
 //!   them is closed at once, unread. A connection leaves the count with its
-//!   first message (which the machine either accepts, proving the secret, or
+//!   first message (which the machine either accepts, proving its key, or
 //!   refuses and closes), so nodes' control and data connections, once
 //!   established, never count, and a legitimate join waits for one round
 //!   trip only. Even a whole cluster rebooting behind one address rarely has

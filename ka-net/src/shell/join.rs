@@ -14,12 +14,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use super::conn::{Command, Conns, Event, ReceiveJob, ServeJob, Side, Written};
+use super::key::NodeKey;
 use super::resume::{self, NodeState};
 use super::{nonce, Clock};
 use crate::datapath::forward::Downstreams;
 use crate::datapath::window::{Window, WindowedSink};
 use crate::datapath::{rehash_written, NodeWriter, RelayEnd};
-use crate::image::digest::{digest_source, ImageHasher, SessionKey};
+use crate::image::digest::{digest_source, DigestKey, ImageHasher};
 use crate::image::sinks::{open_sink, SinkSpec};
 use crate::system::rebuild::RebuildOptions;
 use crate::system::Unpacked;
@@ -35,8 +36,9 @@ pub struct NodeOptions {
     pub server: SocketAddr,
     /// Where the image goes.
     pub target: Target,
-    /// The session key.
-    pub key: SessionKey,
+    /// This node's key (its own, and the digest's), for the session and
+    /// name of `config`.
+    pub key: NodeKey,
     /// Where to listen for downstreams (the port is chosen by the system).
     pub listen_ip: IpAddr,
     /// How long to keep looking for the source before giving up, at the
@@ -205,7 +207,7 @@ impl Durable {
     /// Reopens what an earlier run left: the target at its durable prefix,
     /// with the running digest rebuilt by reading the prefix back. `None`
     /// (and the copy starts over) if there is nothing or it does not fit.
-    async fn reopen(&self, key: &SessionKey) -> Option<Resumed> {
+    async fn reopen(&self, key: &DigestKey) -> Option<Resumed> {
         let state = match NodeState::load(&self.path) {
             Ok(None) => return None,
             Err(reason) => {
@@ -309,7 +311,7 @@ struct Resumed {
 
 /// Checks the state against the target and rebuilds the running digest by
 /// reading the durable prefix back. Blocking.
-fn reopen(state: NodeState, target: &Path, key: &SessionKey) -> Result<Option<Resumed>, String> {
+fn reopen(state: NodeState, target: &Path, key: &DigestKey) -> Result<Option<Resumed>, String> {
     if state.target != target {
         return Err(format!(
             "the state is of target {}, not {}",
@@ -379,7 +381,7 @@ pub async fn run_node(
     opts.config.readable = !matches!(opts.target, Target::System { .. });
     let durable = Durable::for_node(&opts)?;
     let resumed = match &durable {
-        Some(d) => d.reopen(&opts.key).await,
+        Some(d) => d.reopen(opts.key.digest_key()).await,
         None => None,
     };
     let (mut driver, mut inputs) = NodeDriver::new(clock, opts, durable, resumed);
@@ -487,7 +489,7 @@ struct NodeDriver {
     server: SocketAddr,
     rediscover: Option<SocketAddr>,
     target: Target,
-    key: SessionKey,
+    key: NodeKey,
     session: String,
     durable: Option<Durable>,
     /// The writer, while it is home (not lent to a receive job).
@@ -560,7 +562,7 @@ impl NodeDriver {
                 d.recorded = r.resume.have;
             }
         }
-        let mut node = Node::new(clock.now(), config, Box::new(key.clone()), resume);
+        let mut node = Node::new(clock.now(), config, key.mac_key(), resume);
         if let Some((size, digest)) = complete {
             node.handle_stream_end(clock.now(), size, digest);
         }
@@ -763,7 +765,7 @@ impl NodeDriver {
             );
             return;
         };
-        let (key, tx) = (self.key.clone(), self.internal_tx.clone());
+        let (key, tx) = (self.key.digest_key().clone(), self.internal_tx.clone());
         tokio::spawn(async move {
             let result = match w.into_parts().await {
                 Err(e) => Err(e.to_string()),
@@ -795,9 +797,9 @@ impl NodeDriver {
             } => {
                 self.conns.start(conn, stream, Side::Connected);
                 if to_source {
-                    self.node.handle_source_connected(now, conn);
+                    self.node.handle_source_connected(now, conn, nonce());
                 } else {
-                    self.node.handle_upstream_connected(now, conn);
+                    self.node.handle_upstream_connected(now, conn, nonce());
                 }
             }
             Internal::ConnectFailed {
@@ -808,11 +810,13 @@ impl NodeDriver {
                         // The source may have come back elsewhere.
                         self.discovering = true;
                         let (session, tx) = (self.session.clone(), self.internal_tx.clone());
+                        let (name, key) = (self.key.name().to_string(), self.key.mac_key());
                         tokio::spawn(async move {
-                            let found =
-                                super::discovery::find(&session, to, Duration::from_secs(1))
-                                    .await
-                                    .ok();
+                            let asker = ka_core::auth::Asker::Node(&name);
+                            let wait = Duration::from_secs(1);
+                            let found = super::discovery::find(&session, asker, key, to, wait)
+                                .await
+                                .ok();
                             let _ = tx.send(Internal::Discovered(found));
                         });
                     }
@@ -1006,14 +1010,18 @@ impl NodeDriver {
     /// its window and the rebuild that follows the spool.
     fn first_writer(&mut self) -> Result<NodeWriter, Error> {
         let Target::System { rebuild, spool, .. } = &self.target else {
-            return open_writer(self.target.file(), self.node.image_size(), &self.key);
+            return open_writer(
+                self.target.file(),
+                self.node.image_size(),
+                self.key.digest_key(),
+            );
         };
         let (spool, rebuild) = (spool.clone(), rebuild.clone());
         let win = self.system_window()?.expect("a system target has a window");
         let sink = open_sink(&SinkSpec::File(spool.clone()), None)?;
         super::spool::reach_ahead(&spool)?;
         let sink = Box::new(WindowedSink::new(sink, Arc::clone(&win)));
-        let writer = NodeWriter::new(sink, ImageHasher::new(&self.key))?;
+        let writer = NodeWriter::new(sink, ImageHasher::new(self.key.digest_key()))?;
         let (opts, tx) = (rebuild, self.internal_tx.clone());
         let (written, w2) = (self.written_rx.clone(), Arc::clone(&win));
         let rt = tokio::runtime::Handle::current();
@@ -1187,7 +1195,7 @@ fn is_source_attempt(msg: &Internal) -> bool {
 fn open_writer(
     target: &std::path::Path,
     size: Option<u64>,
-    key: &SessionKey,
+    key: &DigestKey,
 ) -> Result<NodeWriter, Error> {
     let sink = open_sink(&SinkSpec::File(target.to_path_buf()), size)?;
     if size.is_none() {

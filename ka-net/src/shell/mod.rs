@@ -40,7 +40,9 @@ use std::time::Instant;
 use ka_core::time::Time;
 
 pub use join::{run_node, NodeOptions, NodeOutcome, Target};
-pub use key::{load_or_generate_secret, session_key, Secret};
+pub use key::{
+    load_key_file, load_or_generate_secret, session_key, KeyFile, NodeKey, Secret, SessionKey,
+};
 pub use serve::{go, run_source, ImageInput, SourceOptions, SourceReport};
 
 /// The clock of a driver: nanoseconds since the driver started, as ka-core's [`Time`].
@@ -64,7 +66,7 @@ impl Clock {
     }
 }
 
-/// A fresh unpredictable nonce for a challenge.
+/// A fresh unpredictable nonce for either side of a handshake, or a source's run.
 pub fn nonce() -> ka_core::codec::Nonce {
     let mut n = [0u8; 32];
     getrandom::getrandom(&mut n).expect("the OS random source is available");

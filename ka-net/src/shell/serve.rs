@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use ka_core::auth::{Channel, Side};
 use ka_core::codec::{Digest, ImageId, Message};
 use ka_core::config::SourceConfig;
 use ka_core::ids::ConnId;
@@ -17,10 +18,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::codec::Framed;
 
 use super::conn::{Command, Conns, Event, ServeJob, Written};
+use super::key::SessionKey;
 use super::resume::{self, RecordedOutcome, SavedSession};
 use super::wire::MessageCodec;
 use super::{nonce, Clock};
-use crate::image::digest::{digest_file, SessionKey};
+use crate::image::digest::digest_file;
 use crate::image::sources::{open_source, SourceSpec};
 use crate::Error;
 
@@ -55,7 +57,8 @@ pub struct SourceOptions {
     pub config: SourceConfig,
     /// The image.
     pub image: ImageInput,
-    /// The session key.
+    /// The session's root key ([`super::session_key`]): every node's key,
+    /// and the digest's, derive from it.
     pub key: SessionKey,
     /// Where the record of decided outcomes is kept, so a source restarted
     /// on the same image still accounts for every node ([`super::resume`]);
@@ -268,7 +271,7 @@ impl SourceDriver {
         go: mpsc::UnboundedReceiver<()>,
     ) -> Result<(Self, Inputs), Error> {
         let clock = Clock::start();
-        let key = opts.key.clone();
+        let key = opts.key.digest_key();
         let (digest_tx, digest) = mpsc::unbounded_channel::<Result<(u64, Digest), Error>>();
         // What servers read from, and how far it is written.
         let (path, image_written, image_watch, size, image_id) = match &opts.image {
@@ -332,7 +335,10 @@ impl SourceDriver {
             .local_addr()
             .map_err(|e| Error::io("reading the listen address", e))?;
         let session = opts.config.session.clone();
-        let mut source = Source::new(clock.now(), opts.config, Box::new(key));
+        // Each process has its own run: the tickets it hands out are worth
+        // nothing to the next.
+        opts.config.run = nonce();
+        let mut source = Source::new(clock.now(), opts.config, Box::new(opts.key.clone()));
         // A file is all there from the start; a stream's spool is followed.
         if let Some(size) = size {
             source.handle_image_progress(clock.now(), size);
@@ -593,8 +599,10 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Tells the source at `server` to start now with the nodes present; returns
-/// whether this started the stream and how many nodes it has.
+/// Tells the source at `server` to start now with the nodes present, as
+/// the operator (whose key derives from the session's root `key`); returns
+/// whether this started the stream and how many nodes it has. The answer
+/// counts only if it proves the operator key over our nonce.
 pub async fn go(
     server: SocketAddr,
     session: &str,
@@ -605,21 +613,34 @@ pub async fn go(
         .map_err(|_| format!("no answer from {server} within 5 s"))?
         .map_err(|e| format!("cannot reach the source at {server}: {e}"))?;
     let mut framed = Framed::new(stream, MessageCodec);
-    let Message::Challenge { nonce, .. } = next_frame(&mut framed).await? else {
+    let Message::Challenge {
+        nonce: server_nonce,
+        ..
+    } = next_frame(&mut framed).await?
+    else {
         return Err(format!("{server} is not a ka source"));
     };
-    let proof = ka_core::auth::go_proof(key, &nonce, session);
+    let operator = ka_core::auth::operator_key(key);
+    let own = nonce();
+    let proof = ka_core::auth::go_proof(&*operator, &server_nonce, session, &own);
     framed
         .send(Message::Go {
             session: session.to_string(),
+            nonce: own,
             proof,
         })
         .await
         .map_err(|e| format!("sending go: {e}"))?;
+    let mut channel = Channel::new(&*operator, &server_nonce, &own, Side::Client);
     match next_frame(&mut framed).await? {
-        Message::GoAck { started, nodes } => Ok((started, nodes)),
         Message::Refused(r) => Err(format!("the source refused: {}", r.detail)),
-        other => Err(format!("unexpected answer {other:?}")),
+        sealed => match channel.open(sealed) {
+            Ok(Message::GoAck { started, nodes }) => Ok((started, nodes)),
+            Ok(other) => Err(format!("unexpected answer {}", other.name())),
+            Err(e) => Err(format!(
+                "{server} did not prove the session key ({e}): it is not this session's source"
+            )),
+        },
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::conn::Written;
 use crate::datapath::BUF_SIZE;
-use crate::image::digest::{ImageHasher, SessionKey};
+use crate::image::digest::{DigestKey, ImageHasher};
 use crate::image::sinks::{open_sink, ImageSink, SinkSpec};
 use crate::image::sources::{open_source, ImageSource, SourceSpec};
 use crate::Error;
@@ -54,7 +54,7 @@ pub fn reach_ahead(path: &Path) -> Result<(), Error> {
 pub fn spool_source(
     mut source: Box<dyn ImageSource>,
     spool: &Path,
-    key: &SessionKey,
+    key: &DigestKey,
     written: &watch::Sender<Written>,
 ) -> Result<(u64, Digest), Error> {
     let mut sink = open_sink(&SinkSpec::File(spool.to_path_buf()), None)?;

@@ -46,25 +46,44 @@ use transfer::{Limits, Outcome, Source};
 
 pub use transfer::MAX_WINDOW_BYTES;
 
+/// What a [`GeneratedFiles`] provider makes of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Generated {
+    /// Not one of its names: serve the file from the root.
+    FromRoot,
+    /// This content.
+    File(Vec<u8>),
+    /// Refused, for the reason given (logged; the client hears only "access
+    /// violation"), and nothing is read from the root: a name that is the
+    /// provider's to answer (a node's key, say) is never served from disk.
+    Refused(String),
+}
+
+impl From<Option<Vec<u8>>> for Generated {
+    fn from(content: Option<Vec<u8>>) -> Generated {
+        content.map_or(Generated::FromRoot, Generated::File)
+    }
+}
+
 /// Files a TFTP server generates instead of reading them from its root.
 pub trait GeneratedFiles: Send + Sync + 'static {
-    /// The content of `path` (relative, `/`-separated, already checked to be
-    /// free of `..`) for `client`, or `None` to serve the file from the root.
-    fn generate(&self, path: &str, client: SocketAddr) -> Option<Vec<u8>>;
+    /// What to answer for `path` (relative, `/`-separated, already checked
+    /// to be free of `..`) asked for by `client`.
+    fn generate(&self, path: &str, client: SocketAddr) -> Generated;
 }
 
 impl<F> GeneratedFiles for F
 where
-    F: Fn(&str, SocketAddr) -> Option<Vec<u8>> + Send + Sync + 'static,
+    F: Fn(&str, SocketAddr) -> Generated + Send + Sync + 'static,
 {
-    fn generate(&self, path: &str, client: SocketAddr) -> Option<Vec<u8>> {
+    fn generate(&self, path: &str, client: SocketAddr) -> Generated {
         self(path, client)
     }
 }
 
 /// No generated files: a plain read-only directory server.
 pub fn no_generated_files() -> Arc<dyn GeneratedFiles> {
-    Arc::new(|_: &str, _: SocketAddr| None)
+    Arc::new(|_: &str, _: SocketAddr| Generated::FromRoot)
 }
 
 /// How to run the server, and the limits that keep unauthenticated clients
@@ -419,10 +438,17 @@ fn open(
         tracing::warn!(%client, path, why, "TFTP request refused");
         (ErrorCode::AccessViolation, "access violation")
     })?;
-    if let Some(data) = shared.generated.generate(&rel, client) {
-        tracing::info!(%client, path = rel, bytes = data.len(), "TFTP generated");
-        let len = data.len() as u64;
-        return Ok((Source::Memory(data), len));
+    match shared.generated.generate(&rel, client) {
+        Generated::File(data) => {
+            tracing::info!(%client, path = rel, bytes = data.len(), "TFTP generated");
+            let len = data.len() as u64;
+            return Ok((Source::Memory(data), len));
+        }
+        Generated::Refused(why) => {
+            tracing::warn!(%client, path = rel, %why, "TFTP request refused");
+            return Err((ErrorCode::AccessViolation, "access violation"));
+        }
+        Generated::FromRoot => {}
     }
     match open_inside(&shared.root, &rel) {
         Ok((file, len)) => {

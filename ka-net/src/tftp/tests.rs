@@ -31,7 +31,12 @@ fn start(root: &Path, tune: impl FnOnce(&mut TftpConfig) + Send + 'static) -> So
             .unwrap();
         rt.block_on(async move {
             let generated: Arc<dyn GeneratedFiles> = Arc::new(|path: &str, client: SocketAddr| {
-                (path == "gen/hello").then(|| format!("hello {}", client.ip()).into_bytes())
+                if path.starts_with("gen/secret") {
+                    return Generated::Refused("not for you".into());
+                }
+                (path == "gen/hello")
+                    .then(|| format!("hello {}", client.ip()).into_bytes())
+                    .into()
             });
             let mut config = TftpConfig::new("127.0.0.1:0".parse().unwrap(), root);
             tune(&mut config);
@@ -81,6 +86,12 @@ fn serves_generated_and_disk_files_and_refuses_the_rest() {
     let (sock, from, reply) = request(server, 1, "./disk.txt");
     assert_eq!(reply, b"\0\x03\0\x01on disk");
     sock.send_to(&[0, 4, 0, 1], from).unwrap();
+
+    // A name the provider refuses is not read from disk either.
+    std::fs::create_dir(root.path().join("gen")).unwrap();
+    std::fs::write(root.path().join("gen/secret"), "on disk").unwrap();
+    let (_, _, reply) = request(server, 1, "gen/secret");
+    assert_eq!(&reply[..4], &[0, 5, 0, 2], "{reply:?}");
 
     for (opcode, path, code) in [
         (1, "../etc/passwd", 2),

@@ -57,7 +57,12 @@ pub(super) enum Input {
     /// A peer connected to this process, which greets it with `nonce`.
     Accepted { conn: ConnId, nonce: Nonce },
     /// This process's connection attempt succeeded.
-    Connected { conn: ConnId, to_source: bool },
+    Connected {
+        conn: ConnId,
+        to_source: bool,
+        /// The nonce the connecting side answers the challenge with.
+        nonce: Nonce,
+    },
     /// This process's connection attempt was refused or reset.
     ConnectFailed { to_source: bool },
 }
@@ -203,6 +208,8 @@ impl Sim {
                 });
                 let mut nonce = [0u8; 32];
                 self.rng.fill_bytes(&mut nonce);
+                let mut client_nonce = [0u8; 32];
+                self.rng.fill_bytes(&mut client_nonce);
                 // The kernel completes the handshake even for a frozen process.
                 self.send(
                     from,
@@ -219,7 +226,11 @@ impl Sim {
                     Ev::Deliver {
                         to: from,
                         incarnation,
-                        input: Input::Connected { conn, to_source },
+                        input: Input::Connected {
+                            conn,
+                            to_source,
+                            nonce: Nonce(client_nonce),
+                        },
                     },
                 );
             }

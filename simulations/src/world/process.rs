@@ -11,7 +11,10 @@
 //! it can publish the digest again.
 //!
 //! Machines authenticate with a cheap, deterministic stand-in MAC keyed by
-//! the seed: the simulation tests the protocol, not the cryptography.
+//! the seed: the simulation tests the protocol, not the cryptography. The
+//! source holds the root key and each node the key ka-core derives from it
+//! for its name; every message after a handshake travels sealed, and data
+//! links are proved with the tickets the placements hand out, as over TCP.
 //!
 //! With windows, nodes are configured as not readable, and the world checks
 //! what their machines decide: nobody serves from below its window, and
@@ -41,22 +44,54 @@ const IMAGE_ID: ka_core::codec::ImageId = ka_core::codec::ImageId([0x5a; 32]);
 /// How much faster than a port a restarted source reads and hashes its image.
 const HASH_SPEEDUP: f64 = 8.0;
 
-/// The stand-in keyed MAC: deterministic and cheap, keyed by the session.
+/// The stand-in keyed primitives: deterministic and cheap, keyed by the
+/// session (the root) or by what ka-core derives from it.
 pub(super) struct SimKey(pub(super) u64);
 
-impl Mac for SimKey {
-    fn mac(&self, message: &[u8]) -> Tag {
-        let mut out = [0u8; 32];
-        let mut h = self.0 ^ 0xcbf2_9ce4_8422_2325;
+impl SimKey {
+    /// FNV-1a of `message` under the key and a purpose, spread over `out`.
+    fn hash(&self, purpose: u64, message: &[u8], out: &mut [u8]) {
+        let mut h = (self.0 ^ 0xcbf2_9ce4_8422_2325 ^ purpose).wrapping_mul(0x100_0000_01b3);
         for &b in message {
             h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
         }
         for (i, chunk) in out.chunks_mut(8).enumerate() {
             h = (h ^ i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            chunk.copy_from_slice(&h.to_be_bytes());
+            chunk.copy_from_slice(&h.to_be_bytes()[..chunk.len()]);
         }
+    }
+}
+
+impl Mac for SimKey {
+    fn mac(&self, message: &[u8]) -> Tag {
+        let mut out = [0u8; 32];
+        self.hash(1, message, &mut out);
         Tag(out)
     }
+
+    fn derive(&self, context: &[u8]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        self.hash(2, context, &mut out);
+        out
+    }
+
+    fn keyed(&self, key: &[u8; 32]) -> Box<dyn Mac> {
+        Box::new(SimKey(u64::from_be_bytes(
+            key[..8].try_into().expect("8 bytes"),
+        )))
+    }
+
+    fn keystream(&self, context: &[u8], out: &mut [u8]) {
+        self.hash(3, context, out);
+    }
+}
+
+/// The run of the source's `incarnation`-th process in a run of `seed`: a
+/// restarted source hands out tickets of its own.
+pub(super) fn source_run(seed: u64, incarnation: u64) -> ka_core::codec::Nonce {
+    let mut run = [0u8; 32];
+    SimKey(seed).hash(4, &incarnation.to_be_bytes(), &mut run);
+    ka_core::codec::Nonce(run)
 }
 
 /// The source's settings for a run of `cfg`, listening on `addr`.
@@ -74,6 +109,7 @@ pub(super) fn source_config(cfg: &SimConfig, addr: SocketAddr) -> SourceConfig {
     scfg.min_nodes = 1;
     scfg.image_id = IMAGE_ID;
     scfg.image_size = Some(cfg.size);
+    scfg.run = source_run(cfg.seed, 0);
     scfg
 }
 
@@ -104,16 +140,20 @@ impl Sim {
             Input::Accepted { conn, nonce } => {
                 self.with_node(i, |n, now| n.handle_connected(now, conn, nonce))
             }
-            Input::Connected { conn, to_source } => {
+            Input::Connected {
+                conn,
+                to_source,
+                nonce,
+            } => {
                 if !self.conns[conn.0 as usize].open {
                     return self.with_node(i, |n, now| {
                         n.handle_connect_failed(now, to_source, "reset".into())
                     });
                 }
                 if to_source {
-                    self.with_node(i, |n, now| n.handle_source_connected(now, conn))
+                    self.with_node(i, |n, now| n.handle_source_connected(now, conn, nonce))
                 } else {
-                    self.with_node(i, |n, now| n.handle_upstream_connected(now, conn))
+                    self.with_node(i, |n, now| n.handle_upstream_connected(now, conn, nonce))
                 }
             }
             Input::ConnectFailed { to_source } => self.with_node(i, |n, now| {
@@ -366,7 +406,8 @@ impl Sim {
             image: IMAGE_ID,
             have,
         });
-        s.machine = Some(Node::new(now, cfg, Box::new(SimKey(self.cfg.seed)), resume));
+        let key = ka_core::auth::node_key(&SimKey(self.cfg.seed), &cfg.name);
+        s.machine = Some(Node::new(now, cfg, key, resume));
         self.trace(|| format!("node{i:05} starts holding {have}"));
         self.drain_node(i);
     }
@@ -440,6 +481,7 @@ impl Sim {
         // them before starting with whoever is back (later ones join the stream).
         let mut config = self.source_config.clone();
         config.join_timeout = Some(Duration::from_secs(1));
+        config.run = source_run(self.cfg.seed, u64::from(self.source_incarnation));
         let mut source = Source::new(now, config, Box::new(SimKey(self.cfg.seed)));
         source.handle_image_progress(now, self.cfg.size);
         for (name, mac, outcome) in self.source_record.clone() {
