@@ -121,13 +121,15 @@ pub fn ipxe(inv: &Inventory, node: Option<&InventoryNode>, m: NodeMode) -> Strin
         }
         _ => {
             // BIOS: boot the first disk by its INT 13h number. UEFI has no
-            // such thing: `exit` hands back to the firmware, which goes on to
-            // its next boot entry, the disk.
+            // such thing: iPXE hands back to the firmware, which goes on to
+            // its next boot entry, the disk. It must hand back a failure:
+            // a boot entry that returns success makes UEFI firmware (edk2,
+            // OVMF) stop and show its boot menu, waiting for a keyboard.
             out.push_str(
                 "iseq ${platform} efi && goto efi ||\n\
-                 sanboot --no-describe --drive 0x80 || exit\n\
+                 sanboot --no-describe --drive 0x80 || exit 1\n\
                  :efi\n\
-                 exit\n",
+                 exit 1\n",
             );
         }
     }
@@ -316,6 +318,13 @@ ip = "192.168.10.11"
         assert!(
             ipxe_local.contains("sanboot --no-describe --drive 0x80"),
             "{ipxe_local}"
+        );
+        // On UEFI, a failure, so the firmware goes on to the disk instead
+        // of stopping at its boot menu.
+        assert!(ipxe_local.contains(":efi\nexit 1\n"), "{ipxe_local}");
+        assert!(
+            !ipxe_local.lines().any(|l| l.trim_end().ends_with("exit")),
+            "a bare exit returns success: {ipxe_local}"
         );
 
         let dir = tempfile::tempdir().unwrap();
