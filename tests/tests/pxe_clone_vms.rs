@@ -15,17 +15,15 @@
 //! Debian kernel fetched by `scripts/fetch-kernel` (scripts/test runs it).
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ka_bin::boot::{BootState, Inventory, Mode};
 use ka_bin::netboot::archive::Archive;
 use ka_bin::netboot::modules::ModuleIndex;
-use ka_tests::vmlab::VmNet;
-use ka_tests::{ka, ka_bin, require_tool, run, stderr, stdout, strip_ansi, ChildGuard};
+use ka_tests::vmlab::{shows, wait_all_exit, BootFrom, Daemon, Firmware, Vm, VmNet, VmSpec};
+use ka_tests::{ka, ka_bin, require_tool, run, stderr, stdout};
 
 const VMS: usize = 3;
 const SERVER: &str = "10.77.0.1";
@@ -298,176 +296,25 @@ disk = "/dev/vda"
     path
 }
 
-/// A child whose standard error (and optionally output) is collected.
-struct Daemon {
-    guard: ChildGuard,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-}
-
-fn collect(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            let mut s = into.lock().unwrap();
-            s.push_str(&line);
-            s.push('\n');
-        }
-    });
-}
-
-fn daemon(mut cmd: Command, what: &str) -> Daemon {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-    let out = Arc::new(Mutex::new(String::new()));
-    let err = Arc::new(Mutex::new(String::new()));
-    collect(child.stdout.take().unwrap(), out.clone());
-    collect(child.stderr.take().unwrap(), err.clone());
-    Daemon {
-        guard: ChildGuard {
-            child,
-            what: what.into(),
-        },
-        out,
-        err,
-    }
-}
-
-impl Daemon {
-    fn out(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-    fn err(&self) -> String {
-        self.err.lock().unwrap().clone()
-    }
-    /// Waits until `pred` holds on (stdout, stderr), or panics after `limit`.
-    fn wait_for(&mut self, limit: Duration, what: &str, pred: impl Fn(&str, &str) -> bool) {
-        let deadline = Instant::now() + limit;
-        loop {
-            if pred(&self.out(), &self.err()) {
-                return;
-            }
-            let exited = self.guard.child.try_wait().unwrap();
-            assert!(
-                exited.is_none() && Instant::now() < deadline,
-                "{} {}: waiting for {what}\nstdout:\n{}\nstderr:\n{}",
-                self.guard.what,
-                exited.map_or("timed out".to_string(), |s| format!("exited ({s})")),
-                self.out(),
-                self.err()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-/// A QEMU machine on a tap of the lab, its serial console collected.
-struct Vm {
-    name: String,
-    guard: ChildGuard,
-    console: Arc<Mutex<String>>,
-}
-
 fn start_vm(lab: &VmNet, i: usize, disk: &Path) -> Vm {
-    let qemu = require_tool("qemu-system-x86_64", "qemu-system-x86");
-    assert!(
-        Path::new("/usr/lib/ipxe/qemu/efi-virtio.rom").exists()
-            || Path::new("/usr/lib/ipxe/qemu/pxe-virtio.rom").exists(),
-        "QEMU's network boot ROM is missing: install the Debian package `ipxe-qemu`"
-    );
-    let mut cmd = lab.command(qemu);
-    cmd.args([
-        // This machine's KVM cannot run real-mode firmware (NOTES-pxe.md).
-        "-accel",
-        "tcg",
-        "-m",
-        "320",
-        "-smp",
-        "1",
-        "-nographic",
-        "-no-reboot",
-        "-boot",
-        "order=nc",
-    ])
-    .arg("-drive")
-    .arg(format!("file={},format=raw,if=virtio", disk.display()))
-    .args([
-        "-netdev",
-        &format!("tap,id=n0,ifname={},script=no,downscript=no", lab.taps[i]),
-        "-device",
-        &format!("virtio-net-pci,netdev=n0,mac={}", mac(i)),
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("start qemu");
-    let console = Arc::new(Mutex::new(String::new()));
-    let mut out = child.stdout.take().unwrap();
-    let sink = console.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = out.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            sink.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    let err = child.stderr.take().unwrap();
-    collect(err, console.clone());
-    Vm {
-        name: name(i),
-        guard: ChildGuard {
-            child,
-            what: format!("qemu {}", name(i)),
+    Vm::start(
+        lab,
+        &VmSpec {
+            name: name(i),
+            tap: lab.taps[i].clone(),
+            mac: mac(i),
+            disk: disk.to_path_buf(),
+            snapshot: false,
+            firmware: Firmware::Bios,
+            boot: BootFrom::Network,
+            memory_mib: 320,
+            share: None,
         },
-        console,
-    }
+    )
 }
 
-impl Vm {
-    fn console(&self) -> String {
-        strip_ansi(&self.console.lock().unwrap())
-    }
-}
-
-/// Whether the console shows `text`, ignoring line breaks and spaces:
-/// SeaBIOS copies the screen to the serial port lazily.
-fn shows(console: &str, text: &str) -> bool {
-    let squash = |s: &str| s.split_whitespace().collect::<String>();
-    squash(console).contains(&squash(text))
-}
-
-/// Waits until every VM's qemu has exited (a reboot ends qemu with
-/// -no-reboot; the cloned system powers off), or panics with every console.
-fn wait_all_exit(vms: &mut [Vm], limit: Duration, phase: &str, context: &dyn Fn() -> String) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let mut running = Vec::new();
-        for vm in vms.iter_mut() {
-            if vm.guard.child.try_wait().unwrap().is_none() {
-                running.push(vm.name.clone());
-            }
-        }
-        if running.is_empty() {
-            return;
-        }
-        if Instant::now() >= deadline {
-            let consoles: Vec<String> = vms
-                .iter()
-                .map(|v| format!("===== {} =====\n{}", v.name, v.console()))
-                .collect();
-            panic!(
-                "{phase}: {running:?} still running after {limit:?}\n{}\n{}",
-                consoles.join("\n"),
-                context()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn daemon(cmd: Command, what: &str) -> Daemon {
+    Daemon::start(cmd, what)
 }
 
 #[test]

@@ -25,8 +25,10 @@ enum NetbootCommand {
     ///
     /// Writes into --out: pxelinux.0, ldlinux.c32, chain.c32, libcom32.c32,
     /// libutil.c32 (Debian pxelinux and syslinux-common), ipxe.efi when
-    /// Debian's ipxe is installed, the kernel as ka/vmlinuz and the image as
-    /// ka/initramfs.img (the inventory's defaults). See docs/netboot.md.
+    /// Debian's ipxe is installed, shimx64.efi and grubx64.efi (Secure
+    /// Boot) when Debian's shim-signed and grub-efi-amd64-signed are, the
+    /// kernel as ka/vmlinuz and the image as ka/initramfs.img (the
+    /// inventory's defaults). See docs/netboot.md.
     Build(Box<BuildArgs>),
     /// Inside the netboot image: clone this node as its kernel command line says.
     ///

@@ -33,6 +33,14 @@ pub const SYSLINUX_MODULES: &str = "/usr/lib/syslinux/modules/bios";
 pub const BUSYBOX: &str = "/bin/busybox";
 /// Debian's `ipxe` package: iPXE for UEFI machines (copied when present).
 pub const IPXE_EFI: &str = "/usr/lib/ipxe/ipxe.efi";
+/// Debian's `shim-signed`: the first stage of a Secure Boot network boot,
+/// signed with Microsoft's UEFI CA, which firmware trusts out of the box
+/// (copied as `shimx64.efi` when present, with [`GRUBNET_SIGNED`]).
+pub const SHIM_SIGNED: &str = "/usr/lib/shim/shimx64.efi.signed";
+/// Debian's `grub-efi-amd64-signed`: GRUB's network image, signed by
+/// Debian, which shim verifies and loads by TFTP from its own directory
+/// as `grubx64.efi` (copied under that name when present).
+pub const GRUBNET_SIGNED: &str = "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed";
 
 /// The syslinux modules pxelinux loads: `ldlinux.c32` always, the others
 /// for `local_boot = "chain"` (`chain.c32` and the libraries it links).
@@ -389,6 +397,21 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         notes.push(format!(
             "{IPXE_EFI} not found: UEFI machines need it as ipxe.efi in the TFTP root (Debian package `ipxe`)"
         ));
+    }
+    // Secure Boot machines: `boot.uefi_boot_file = "shimx64.efi"`.
+    match (
+        Path::new(SHIM_SIGNED).is_file(),
+        Path::new(GRUBNET_SIGNED).is_file(),
+    ) {
+        (true, true) => {
+            put("shimx64.efi", &fs::read(SHIM_SIGNED)?)?;
+            put("grubx64.efi", &fs::read(GRUBNET_SIGNED)?)?;
+        }
+        (false, false) => {}
+        (has_shim, _) => notes.push(format!(
+            "{} not found: Secure Boot machines need shimx64.efi and grubx64.efi in the TFTP root (Debian packages `shim-signed` and `grub-efi-amd64-signed`)",
+            if has_shim { GRUBNET_SIGNED } else { SHIM_SIGNED }
+        )),
     }
     if !image.absent_modules.is_empty() {
         notes.push(format!(

@@ -156,6 +156,72 @@ pub fn install(root: &Path, layout: &Layout, disks: &[PathBuf]) -> Result<Vec<St
     Ok(steps)
 }
 
+/// `/dev/disk/by-uuid` links to the clone's file systems and swap, made
+/// where nothing made them, for as long as the boot loader step runs.
+///
+/// `grub-mkconfig` names the root `root=UUID=…` only when
+/// `/dev/disk/by-uuid/<uuid>` exists, and falls back to the device name
+/// (`root=/dev/sda3`) otherwise; initramfs-tools looks there for the resume
+/// device. The netboot image has no udev to make these links, so without
+/// them every clone would boot by a device name that the next disk or
+/// controller added to the node can change. Links udev already made are
+/// left as they are; the ones made here are removed when this is dropped.
+#[derive(Debug)]
+pub struct UuidLinks {
+    /// Links made here, removed on drop.
+    made: Vec<PathBuf>,
+    /// Directories made here (deepest last), removed on drop when empty.
+    dirs: Vec<PathBuf>,
+}
+
+impl UuidLinks {
+    /// Makes `<dev>/disk/by-uuid/<uuid>` → `device` for each pair that has
+    /// no link yet (`dev` is `/dev`, bound into the clone while it is
+    /// chrooted into).
+    pub fn make(dev: &Path, devices: &[(String, PathBuf)]) -> Result<UuidLinks, Error> {
+        let mut links = UuidLinks {
+            made: Vec::new(),
+            dirs: Vec::new(),
+        };
+        let by_uuid = dev.join("disk/by-uuid");
+        // Another node rebuilding on the same machine may make or remove
+        // the same names meanwhile: what exists already is left alone.
+        use std::io::ErrorKind::AlreadyExists;
+        for dir in [dev.join("disk"), by_uuid.clone()] {
+            match std::fs::create_dir(&dir) {
+                Ok(()) => links.dirs.push(dir),
+                Err(e) if e.kind() == AlreadyExists => {}
+                Err(e) => return Err(Error::io(format!("making {}", dir.display()), e)),
+            }
+        }
+        for (uuid, device) in devices {
+            let link = by_uuid.join(uuid);
+            match std::os::unix::fs::symlink(device, &link) {
+                Ok(()) => links.made.push(link),
+                Err(e) if e.kind() == AlreadyExists => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("linking {} to {}", link.display(), device.display()),
+                        e,
+                    ))
+                }
+            }
+        }
+        Ok(links)
+    }
+}
+
+impl Drop for UuidLinks {
+    fn drop(&mut self) {
+        for link in &self.made {
+            let _ = std::fs::remove_file(link);
+        }
+        for dir in self.dirs.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 /// Runs `cmd` with `sh -c` chrooted into the clone at `root`, with /dev,
 /// /proc and /sys bound.
 pub fn in_chroot(root: &Path, cmd: &str) -> Result<(), Error> {
@@ -277,5 +343,50 @@ impl Drop for Binds {
         for dir in self.made.iter().rev() {
             let _ = std::fs::remove_dir(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_links_are_made_where_missing_and_removed_after() {
+        let dev = tempfile::tempdir().unwrap();
+        let devices = vec![
+            ("1111-2222".to_string(), PathBuf::from("/dev/vda2")),
+            (
+                "6b61d1a5-0000-4000-8000-0000000000f3".to_string(),
+                PathBuf::from("/dev/vda3"),
+            ),
+        ];
+        let by_uuid = dev.path().join("disk/by-uuid");
+        {
+            let _links = UuidLinks::make(dev.path(), &devices).unwrap();
+            for (uuid, device) in &devices {
+                assert_eq!(&std::fs::read_link(by_uuid.join(uuid)).unwrap(), device);
+            }
+        }
+        assert!(!dev.path().join("disk").exists(), "made directories stay");
+    }
+
+    #[test]
+    fn uuid_links_udev_made_are_kept() {
+        let dev = tempfile::tempdir().unwrap();
+        let by_uuid = dev.path().join("disk/by-uuid");
+        std::fs::create_dir_all(&by_uuid).unwrap();
+        std::os::unix::fs::symlink("../../sda3", by_uuid.join("abcd")).unwrap();
+        let devices = vec![
+            ("abcd".to_string(), PathBuf::from("/dev/vda3")),
+            ("ef01".to_string(), PathBuf::from("/dev/vda4")),
+        ];
+        drop(UuidLinks::make(dev.path(), &devices).unwrap());
+        assert_eq!(
+            std::fs::read_link(by_uuid.join("abcd")).unwrap(),
+            PathBuf::from("../../sda3"),
+            "a link udev made was replaced"
+        );
+        assert!(by_uuid.join("abcd").symlink_metadata().is_ok());
+        assert!(by_uuid.join("ef01").symlink_metadata().is_err());
     }
 }

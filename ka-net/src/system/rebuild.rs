@@ -423,6 +423,7 @@ impl Rebuilder {
         }
         if has_root(&plan.layout) {
             let disks: Vec<PathBuf> = self.opts.disks[..plan.layout.disks.len()].to_vec();
+            let _links = bootloader::UuidLinks::make(Path::new("/dev"), &self.uuids())?;
             let steps = bootloader::install(&self.root, &plan.layout, &disks)?;
             self.done.extend(steps);
             if let Some(cmd) = &plan.post_command {
@@ -433,6 +434,20 @@ impl Rebuilder {
         }
         self.unmount_all()?;
         Ok(self.done.clone())
+    }
+
+    /// Each file system's and swap's UUID with its device on this node.
+    fn uuids(&self) -> Vec<(String, PathBuf)> {
+        self.placed
+            .iter()
+            .filter_map(|p| match &p.content {
+                Content::Tree(fs) => Some((fs.uuid.clone(), p.device.clone())),
+                Content::Swap {
+                    uuid: Some(uuid), ..
+                } => Some((uuid.clone(), p.device.clone())),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Where the running system's `mountpoint` is mounted here.

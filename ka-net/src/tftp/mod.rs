@@ -463,15 +463,15 @@ fn open(
 }
 
 /// The request path as a clean relative `/`-separated path, or why not.
+///
+/// A leading `/` names the TFTP root, as with tftpd-hpa's `-s` and
+/// dnsmasq: boot loaders that build paths from a prefix ask for them so
+/// (GRUB's network image asks for `/grub/grub.cfg`). Nothing outside the
+/// root is reachable that way: `/etc/passwd` is the root's `etc/passwd`.
 pub fn clean_path(path: &Path) -> Result<String, &'static str> {
-    let s = path.to_str().ok_or("not UTF-8")?;
+    let s = path.to_str().ok_or("not UTF-8")?.trim_start_matches('/');
     if s.is_empty() {
         return Err("empty path");
-    }
-    if s.starts_with('/') {
-        // tftpd-hpa without -s would read /etc/… here; a boot server never
-        // needs that, so absolute paths are refused outright.
-        return Err("absolute path");
     }
     if s.contains('\\') || s.contains('\0') {
         return Err("backslash or NUL in path");

@@ -6,8 +6,15 @@ use transfer::UNCONFIRMED_RETRIES;
 fn clean_path_accepts_relative_and_refuses_escapes() {
     assert_eq!(clean_path(Path::new("pxelinux.0")).unwrap(), "pxelinux.0");
     assert_eq!(clean_path(Path::new("./a//b/./c")).unwrap(), "a/b/c");
+    // A leading `/` is the TFTP root, never the server's.
+    assert_eq!(
+        clean_path(Path::new("/grub/grub.cfg")).unwrap(),
+        "grub/grub.cfg"
+    );
+    assert_eq!(clean_path(Path::new("//etc/passwd")).unwrap(), "etc/passwd");
     for bad in [
-        "/etc/passwd",
+        "/",
+        "/../x",
         "../x",
         "a/../../x",
         "a/..",
@@ -92,10 +99,16 @@ fn serves_generated_and_disk_files_and_refuses_the_rest() {
     std::fs::write(root.path().join("gen/secret"), "on disk").unwrap();
     let (_, _, reply) = request(server, 1, "gen/secret");
     assert_eq!(&reply[..4], &[0, 5, 0, 2], "{reply:?}");
+    // As GRUB's network image asks: from the TFTP root.
+    let (sock, from, reply) = request(server, 1, "/disk.txt");
+    assert_eq!(reply, b"\0\x03\0\x01on disk");
+    sock.send_to(&[0, 4, 0, 1], from).unwrap();
 
     for (opcode, path, code) in [
         (1, "../etc/passwd", 2),
-        (1, "/etc/passwd", 2),
+        (1, "/../etc/passwd", 2),
+        // The root's etc/passwd, which it has not.
+        (1, "/etc/passwd", 1),
         (1, "missing", 1),
         (2, "upload", 0),
     ] {
