@@ -289,6 +289,15 @@ async fn run(
                     let mut stream = framed.into_parts().io;
                     let pace = job.pace.take();
                     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+                    // The cap holds from the first byte: the select below
+                    // may poll the sender first, and a sender that never
+                    // finds the socket full (loopback) never yields to the
+                    // pacing branch at all.
+                    if let Some(rate) = pace.as_ref().map(|p| *p.borrow()) {
+                        if let Err(e) = set_pacing_rate(fd, rate) {
+                            tracing::warn!(error = %e, "cannot cap the send rate of a data connection");
+                        }
+                    }
                     tokio::select! {
                         _ = follow_pace(fd, pace) => unreachable!("pacing never ends"),
                         result = serve(&mut stream, *job) => {

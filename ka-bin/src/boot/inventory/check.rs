@@ -168,6 +168,17 @@ impl Checker<'_> {
                 self.report(s.span(), field, "kernel arguments must fit on one line");
                 String::new()
             }
+            // Boot configs go to whoever asks for them: a secret there is
+            // everyone's.
+            Some(s) if s.get_ref().split_whitespace().any(is_inline_secret) => {
+                self.report(
+                    s.span(),
+                    field,
+                    "ka.secret= with the secret itself hands it to anyone on the boot network: \
+                     remove it; ka tftp --secret-file hands each install-mode node its own key",
+                );
+                String::new()
+            }
             Some(s) => s.get_ref().split_whitespace().collect::<Vec<_>>().join(" "),
             None => String::new(),
         }
@@ -232,4 +243,10 @@ pub(super) fn check_ip_in(
     } else {
         true
     }
+}
+
+/// Whether a kernel argument puts a ka secret (64 hex digits) on the command line.
+fn is_inline_secret(arg: &str) -> bool {
+    arg.strip_prefix("ka.secret=")
+        .is_some_and(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
 }

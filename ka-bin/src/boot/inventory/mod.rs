@@ -324,6 +324,24 @@ ip = "192.168.10.255"
     }
 
     #[test]
+    fn a_secret_on_the_kernel_command_line_is_refused() {
+        let secret = "ab".repeat(32);
+        let body = format!(
+            "\n[[node]]\nname = \"a\"\nmac = \"52:54:00:00:00:01\"\nip = \"192.168.10.10\"\nkernel_args = \"quiet ka.secret={secret}\"\n"
+        );
+        let p = problems(&body);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].message.contains("ka tftp --secret-file"), "{p:?}");
+        assert_eq!(p[0].field, "node.kernel_args");
+        // Where the key comes from may be said.
+        let body = body.replace(
+            &format!("ka.secret={secret}"),
+            "ka.secret=tftp://10.0.0.1:6969",
+        );
+        parse(&body).expect("a key's source is fine");
+    }
+
+    #[test]
     fn group_with_unknown_member_fails() {
         let body = "\n[[node]]\nname = \"a\"\nmac = \"52:54:00:00:00:01\"\nip = \"192.168.10.10\"\n\n[groups]\nr = [\"a\", \"b[1-2]\"]\n";
         let p = problems(body);
