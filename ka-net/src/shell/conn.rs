@@ -131,6 +131,9 @@ pub struct Conns {
     /// (accepted or made) leave nothing behind.
     tasks: JoinSet<()>,
     gate: Gate,
+    /// Each connection's peer, for the log of refusals.
+    peers: HashMap<ConnId, SocketAddr>,
+    refusals: gate::RefusalLog,
     last_id: u64,
     events: mpsc::UnboundedSender<Event>,
 }
@@ -142,6 +145,8 @@ impl Conns {
             commands: HashMap::new(),
             tasks: JoinSet::new(),
             gate: Gate::default(),
+            peers: HashMap::new(),
+            refusals: gate::RefusalLog::default(),
             last_id: 0,
             events,
         }
@@ -175,6 +180,9 @@ impl Conns {
         while self.tasks.try_join_next().is_some() {}
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = stream.set_nodelay(true);
+        if let Ok(peer) = stream.peer_addr() {
+            self.peers.insert(id, peer);
+        }
         self.tasks
             .spawn(run(id, stream, side, rx, self.events.clone()));
         self.commands.insert(id, tx);
@@ -185,6 +193,31 @@ impl Conns {
         self.commands.get(&id)
     }
 
+    /// Hands `msg` to connection `id`'s task, if it is open. A refusal is
+    /// logged with the peer's address, within [`gate::RefusalLog`]'s
+    /// bounds; returns whether it was (`true` for any other message).
+    pub fn send(&mut self, id: ConnId, msg: Message) -> bool {
+        let shown = match &msg {
+            Message::Refused(r) => {
+                let reason = format!("{} ({:?})", r.detail, r.code);
+                let peer = self.peers.get(&id).copied();
+                self.refusals
+                    .note(tokio::time::Instant::now(), peer, &reason)
+            }
+            _ => true,
+        };
+        if let Some(tx) = self.commands.get(&id) {
+            let _ = tx.send(Command::Send(msg));
+        }
+        shown
+    }
+
+    /// Logs how many refusals were left out of the log, once their second
+    /// is over (call it at every turn of the driver's loop).
+    pub fn flush_refusals(&mut self) {
+        self.refusals.flush(tokio::time::Instant::now());
+    }
+
     /// Connection `id` sent a frame: it is no stranger any more.
     pub fn heard(&mut self, id: ConnId) {
         self.gate.settled(id);
@@ -193,12 +226,14 @@ impl Conns {
     /// Connection `id` is closed, or its task ends on its own: forgets it.
     pub fn forget(&mut self, id: ConnId) {
         self.gate.settled(id);
+        self.peers.remove(&id);
         self.commands.remove(&id);
     }
 
     /// Tells connection `id`'s task to close it, and forgets it.
     pub fn close(&mut self, id: ConnId) {
         self.gate.settled(id);
+        self.peers.remove(&id);
         if let Some(tx) = self.commands.remove(&id) {
             let _ = tx.send(Command::Close);
         }
