@@ -180,6 +180,7 @@ impl Conns {
         while self.tasks.try_join_next().is_some() {}
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = stream.set_nodelay(true);
+        super::tcp::for_messages(std::os::fd::AsRawFd::as_raw_fd(&stream));
         if let Ok(peer) = stream.peer_addr() {
             self.peers.insert(id, peer);
         }
@@ -319,6 +320,7 @@ async fn run(
                     let mut stream = framed.into_parts().io;
                     let pace = job.pace.take();
                     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+                    super::tcp::for_bulk(fd);
                     tokio::select! {
                         _ = follow_pace(fd, pace) => unreachable!("pacing never ends"),
                         result = serve(&mut stream, *job) => {
@@ -342,6 +344,7 @@ async fn run(
                 }
                 Some(Command::Receive(job)) => {
                     let parts = framed.into_parts();
+                    super::tcp::for_bulk(std::os::fd::AsRawFd::as_raw_fd(&parts.io));
                     receive(conn, parts.read_buf.freeze(), parts.io, *job, &mut commands, &events).await;
                     return;
                 }

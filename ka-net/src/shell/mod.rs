@@ -33,6 +33,7 @@ pub mod key;
 pub mod resume;
 pub mod serve;
 pub mod spool;
+pub mod tcp;
 pub mod wire;
 
 use std::time::Instant;
