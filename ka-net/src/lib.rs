@@ -79,6 +79,7 @@
 #![warn(missing_docs)]
 
 pub mod datapath;
+pub mod fuzz;
 mod error;
 pub mod image;
 pub mod shell;
