@@ -92,10 +92,11 @@ impl Session {
             self.image.to_str().unwrap(),
             "--state-dir",
             self.state.to_str().unwrap(),
-            "--max-rate",
-            PACE,
             "--json",
         ];
+        if !extra.contains(&"--max-rate") {
+            args.extend_from_slice(&["--max-rate", PACE]);
+        }
         args.extend_from_slice(extra);
         let p = Proc::start(self.dir.path(), label, &args);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -201,6 +202,42 @@ fn node_summary(stdout: &str) -> (Value, Value) {
         .unwrap_or_else(|| panic!("no end in:\n{stdout}"))
         .clone();
     (welcomed, left)
+}
+
+#[test]
+fn a_node_killed_before_its_first_4_mib_reports_what_it_received() {
+    let s = Session::new();
+    // 3 MB of data at 1 MiB/s: the node has its first MiB after a second,
+    // and never 4 MiB (where the data path used to report first).
+    std::fs::write(&s.image, pseudo_random(3_000_000, 77)).unwrap();
+    let serve = s.serve_with("serve", 1, &["--max-rate", "1MiB"]);
+    let a = s.join("a", "a");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let seen = loop {
+        let seen = json_lines(&read(&serve.out))
+            .iter()
+            .filter_map(|l| l["progress"].as_array()?.first()?["received"].as_u64())
+            .max()
+            .unwrap_or(0);
+        if seen >= 1 << 20 {
+            break seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source never saw a's first MiB (it saw {seen} bytes)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    a.kill9();
+    let (code, out, err) = serve.finish(Duration::from_secs(30));
+    assert_eq!(code, 1, "{out}\n{err}");
+    let rep = report(&out);
+    let bytes = rep[0]["bytes"].as_u64().unwrap();
+    assert_eq!(rep[0]["ok"], false, "{rep:?}");
+    assert!(
+        bytes >= seen && bytes < 3_000_000,
+        "a's report says {bytes} bytes; the source had seen {seen}"
+    );
 }
 
 #[test]

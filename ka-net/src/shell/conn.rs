@@ -108,8 +108,13 @@ pub enum Event {
 }
 
 /// Progress reports to the driver at most every this many bytes: the core
-/// only needs them for heartbeats and the display.
+/// only needs them for heartbeats and the display...
 const PROGRESS_STEP: u64 = 4 << 20;
+
+/// ...or after this long with anything new, so a slow stream, or a node
+/// that dies before its first [`PROGRESS_STEP`], still reports what it
+/// received (its heartbeats every 250 ms carry it to the source's report).
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 /// Which end of the connection this process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -463,10 +468,14 @@ async fn receive(
     let mut reported = writer.position();
     let published = written.clone();
     let progress = events.clone();
+    let mut reported_at = std::time::Instant::now();
     let on_written = move |RelayEvent::Written(offset)| {
         published.send_modify(|w| w.upto = w.upto.max(offset));
-        if offset >= reported + PROGRESS_STEP {
+        if offset >= reported + PROGRESS_STEP
+            || (offset > reported && reported_at.elapsed() >= PROGRESS_EVERY)
+        {
             reported = offset;
+            reported_at = std::time::Instant::now();
             let _ = progress.send(Event::Progress(offset));
         }
     };
