@@ -206,6 +206,50 @@ fn a_frozen_node_is_declared_dead_by_missed_heartbeats_within_two_seconds() {
 }
 
 #[test]
+fn a_frozen_node_is_declared_dead_after_dead_after_and_not_before() {
+    let t0 = Instant::now();
+    let lab = Lab::new(8, RATE);
+    let size = 32 * MIB;
+    // 2.5 s instead of the default 1 s: the source and every node follow it.
+    let (s, serve, mut joins) = start(&lab, size, &["--dead-after", "2500ms"], &[]);
+    serve.wait_received("n4", size * 3 / 10, WAIT);
+    let frozen = take(&mut joins, "n4");
+    let at = frozen.proc.freeze();
+    let fin = serve.finish(SESSION);
+    let dead = fin.event("Dead", "n4").expect("n4 declared dead");
+    let detection = secs(at, dead.at);
+    eprintln!(
+        "frozen n4 declared dead after {detection:.2} s with --dead-after 2.5s ({}); test {:.1} s",
+        dead.text,
+        secs(t0, Instant::now())
+    );
+    assert!(
+        dead.reason().is_some_and(|r| r.contains("heartbeat")),
+        "{}",
+        dead.text
+    );
+    // Its last heartbeat may have left up to one interval (250 ms) before
+    // the freeze; the source checks every interval.
+    assert!(
+        (2.2..3.5).contains(&detection),
+        "declared dead after {detection:.2} s, not about 2.5 s"
+    );
+    // Its downstream is fed by n4's upstream from then on.
+    let relinked = fin
+        .all("Relinked")
+        .into_iter()
+        .find(|e| e.node.as_deref() == Some("n5") && e.at >= dead.at)
+        .unwrap_or_else(|| panic!("n5 was not relinked after n4's death:\n{}", fin.transcript));
+    assert!(
+        relinked.text.contains("\"upstream\":\"n3\""),
+        "{}",
+        relinked.text
+    );
+    joins.push(frozen);
+    s.check(&fin, joins, &[("n4", "heartbeat")]);
+}
+
+#[test]
 fn a_cut_link_is_detected_and_routed_around() {
     let t0 = Instant::now();
     let lab = Lab::new(8, RATE);
