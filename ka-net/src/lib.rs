@@ -79,8 +79,8 @@
 #![warn(missing_docs)]
 
 pub mod datapath;
-pub mod fuzz;
 mod error;
+pub mod fuzz;
 pub mod image;
 pub mod shell;
 pub mod system;

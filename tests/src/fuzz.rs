@@ -183,7 +183,12 @@ fn tftp_seeds() -> Vec<Vec<u8>> {
         rrq("pxelinux.0", &[]),
         rrq(
             "ka/initramfs.img",
-            &[("blksize", "65464"), ("tsize", "0"), ("timeout", "255"), ("windowsize", "65535")],
+            &[
+                ("blksize", "65464"),
+                ("tsize", "0"),
+                ("timeout", "255"),
+                ("windowsize", "65535"),
+            ],
         ),
         rrq("../../etc/passwd", &[("blksize", "99999999999999999999")]),
         vec![0, 4, 255, 255],
@@ -193,7 +198,10 @@ fn tftp_seeds() -> Vec<Vec<u8>> {
 
 fn inventory_seeds() -> Vec<Vec<u8>> {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let path = crate::write_inventory(dir.path(), "[[node]]\nname = \"x9\"\nmac = \"52:54:00:aa:bb:cc\"\nip = \"10.9.0.99\"\n");
+    let path = crate::write_inventory(
+        dir.path(),
+        "[[node]]\nname = \"x9\"\nmac = \"52:54:00:aa:bb:cc\"\nip = \"10.9.0.99\"\n",
+    );
     vec![std::fs::read(path).expect("the inventory just written")]
 }
 
@@ -219,8 +227,8 @@ fn sample_plan() -> Vec<u8> {
     use ka_net::system::layout::{
         Content, DiskLayout, FileSystem, FsKind, Layout, MakeOptions, PartitionLayout, TableKind,
     };
-    let part = |number: u32, start: u64, size: u64, type_id: &str, content: Content| {
-        PartitionLayout {
+    let part =
+        |number: u32, start: u64, size: u64, type_id: &str, content: Content| PartitionLayout {
             number,
             start,
             size,
@@ -231,8 +239,7 @@ fn sample_plan() -> Vec<u8> {
             bootable: false,
             content,
             device: None,
-        }
-    };
+        };
     let root = Content::Tree(FileSystem {
         kind: FsKind::Ext4,
         uuid: "uuid".into(),
@@ -255,8 +262,20 @@ fn sample_plan() -> Vec<u8> {
         last_lba: Some(2097118),
         partitions: vec![
             part(1, 2048, 2048, "21686148-6449-6E6F-744E-656564454649", raw()),
-            part(2, 4096, 131072, "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", raw()),
-            part(3, 135168, 524288, "0FC63DAF-8483-4772-8E79-3D69D8477DE4", root),
+            part(
+                2,
+                4096,
+                131072,
+                "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+                raw(),
+            ),
+            part(
+                3,
+                135168,
+                524288,
+                "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
+                root,
+            ),
             part(
                 4,
                 659456,
@@ -273,7 +292,11 @@ fn sample_plan() -> Vec<u8> {
         disks: vec![disk],
         ignored: vec![],
     };
-    let plan = ka_net::system::Plan::new(layout, Some(String::from_utf8(layout_seeds()[0].clone()).expect("text")), None);
+    let plan = ka_net::system::Plan::new(
+        layout,
+        Some(String::from_utf8(layout_seeds()[0].clone()).expect("text")),
+        None,
+    );
     serde_json::to_vec(&plan).expect("a plan serialises")
 }
 

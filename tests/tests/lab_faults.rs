@@ -293,7 +293,10 @@ fn a_link_cut_shorter_than_the_timeout_is_no_death() {
         fin.all("Dead").is_empty(),
         "a false death:\n{}\n{}",
         fin.transcript,
-        joins.iter().map(|j| j.proc.transcript()).collect::<String>()
+        joins
+            .iter()
+            .map(|j| j.proc.transcript())
+            .collect::<String>()
     );
     assert!(
         fin.report.nodes.iter().all(|n| n.deaths == 0),

@@ -195,7 +195,9 @@ fn wait_received(serve: &Proc, name: &str, bytes: u64) {
 /// the session ends), garbage after the challenge, and frames announcing
 /// 4 GiB.
 fn attack_source(addr: SocketAddr, rng: &mut Rng) -> Vec<TcpStream> {
-    let idle: Vec<TcpStream> = (0..5).filter_map(|_| TcpStream::connect(addr).ok()).collect();
+    let idle: Vec<TcpStream> = (0..5)
+        .filter_map(|_| TcpStream::connect(addr).ok())
+        .collect();
     for _ in 0..5 {
         if let Ok(mut c) = TcpStream::connect(addr) {
             let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
@@ -253,7 +255,11 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     let key = pseudo_random(32, seed ^ 0x50a);
-    std::fs::write(&secret, key.iter().map(|b| format!("{b:02x}")).collect::<String>()).unwrap();
+    std::fs::write(
+        &secret,
+        key.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    )
+    .unwrap();
     let image = dir.path().join("image.img");
     let bytes = pseudo_random(SIZE, seed ^ 0x1a6e);
     std::fs::write(&image, &bytes).unwrap();
@@ -271,14 +277,20 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
     let tftp_pid = tftp.guard.child.id();
     let fetched = run.dir.join("fetched");
     tftp.get_hpa("pxelinux.0", &fetched);
-    assert_eq!(std::fs::read(&fetched).unwrap_or_default(), boot, "ka tftp does not serve");
+    assert_eq!(
+        std::fs::read(&fetched).unwrap_or_default(),
+        boot,
+        "ka tftp does not serve"
+    );
     let (base_fds, base_rss) = (fds(tftp_pid), rss(tftp_pid));
     let mut tftp_peak_fds = base_fds;
     let mut sources: Vec<(usize, u64)> = Vec::new();
     let mut tally = std::collections::BTreeMap::<String, usize>::new();
     for i in 0..SESSIONS {
         let fault = Fault::draw(&mut rng);
-        *tally.entry(format!("{fault:?}").split('(').next().unwrap().to_string()).or_default() += 1;
+        *tally
+            .entry(format!("{fault:?}").split('(').next().unwrap().to_string())
+            .or_default() += 1;
         let session = run.dir.join(format!("s{i:02}"));
         std::fs::create_dir_all(&session).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -287,8 +299,9 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
             .unwrap()
             .port();
         let mut serve = run.serve("serve", &session, port);
-        let mut nodes: Vec<Option<Proc>> =
-            (1..=NODES).map(|n| Some(run.join(&session, port, n))).collect();
+        let mut nodes: Vec<Option<Proc>> = (1..=NODES)
+            .map(|n| Some(run.join(&session, port, n)))
+            .collect();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let idle = attack_source(addr, &mut rng);
         let forged = attack_tftp(tftp.addr, i, &mut rng);
@@ -310,7 +323,11 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
             Fault::ShortStop(n) | Fault::LongStop(n) => {
                 let p = nodes[n].as_ref().expect("a node");
                 signal(p, Signal::SIGSTOP);
-                let pause = if fault == Fault::ShortStop(n) { 300 } else { 1500 };
+                let pause = if fault == Fault::ShortStop(n) {
+                    300
+                } else {
+                    1500
+                };
                 std::thread::sleep(Duration::from_millis(pause));
                 signal(p, Signal::SIGCONT);
             }
@@ -336,7 +353,12 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
             if killed.as_deref() == Some(n.name.as_str()) {
                 assert!(!n.ok, "the killed {} is OK: {}", n.name, context());
             } else if stopped_long.as_deref() == Some(n.name.as_str()) && !n.ok {
-                assert!(n.reason.contains("heartbeat"), "{}: {}", n.reason, context());
+                assert!(
+                    n.reason.contains("heartbeat"),
+                    "{}: {}",
+                    n.reason,
+                    context()
+                );
             } else {
                 assert!(n.ok, "{} ({}): {}", n.name, n.reason, context());
                 verified.push(n.name.clone());
@@ -350,7 +372,13 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
                 continue;
             }
             let (code, _, nerr) = p.finish(Duration::from_secs(30));
-            assert_eq!(code, 0, "{} exited {code}: {nerr}\n{}", victim(k), context());
+            assert_eq!(
+                code,
+                0,
+                "{} exited {code}: {nerr}\n{}",
+                victim(k),
+                context()
+            );
             let copy = std::fs::read(session.join(format!("{}.img", victim(k)))).unwrap();
             assert!(copy == bytes, "{}'s copy differs: {}", victim(k), context());
         }
@@ -364,7 +392,11 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
     let (end_fds, end_rss) = (fds(tftp_pid), rss(tftp_pid));
     let fetched_again = run.dir.join("fetched-again");
     tftp.get_hpa("pxelinux.0", &fetched_again);
-    let first = |s: &[(usize, u64)]| s.iter().copied().fold((0, 0), |a, b| (a.0.max(b.0), a.1.max(b.1)));
+    let first = |s: &[(usize, u64)]| {
+        s.iter()
+            .copied()
+            .fold((0, 0), |a, b| (a.0.max(b.0), a.1.max(b.1)))
+    };
     let (early, late) = (first(&sources[..10]), first(&sources[SESSIONS - 10..]));
     eprintln!(
         "soak: {SESSIONS} sessions in {:.0} s, faults {tally:?}; ka tftp {base_fds} → {end_fds} descriptors \
@@ -384,7 +416,10 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
         "ka tftp no longer serves:\n{}",
         tftp.log()
     );
-    assert!(end_fds <= base_fds + 2, "ka tftp went from {base_fds} to {end_fds} descriptors");
+    assert!(
+        end_fds <= base_fds + 2,
+        "ka tftp went from {base_fds} to {end_fds} descriptors"
+    );
     // A transfer holds a socket and at most one open file; forged requests
     // hold at most the unproven half of the table (128 transfers).
     assert!(
@@ -395,7 +430,12 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
         end_rss <= base_rss + (8 << 20),
         "ka tftp grew from {base_rss} to {end_rss} bytes"
     );
-    assert!(late.0 <= early.0 + 4, "sources held {} descriptors late, {} early", late.0, early.0);
+    assert!(
+        late.0 <= early.0 + 4,
+        "sources held {} descriptors late, {} early",
+        late.0,
+        early.0
+    );
     assert!(
         late.1 <= early.1 + (16 << 20),
         "sources held {} bytes late, {} early",

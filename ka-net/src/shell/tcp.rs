@@ -67,9 +67,19 @@ pub fn for_messages(fd: RawFd) {
     if !MESSAGES_CONGESTION.iter().any(|cc| set_congestion(fd, cc)) {
         tracing::debug!("cannot choose the congestion control of a control connection");
     }
-    set(fd, libc::TCP_THIN_LINEAR_TIMEOUTS, 1, "linear retransmission timeouts");
+    set(
+        fd,
+        libc::TCP_THIN_LINEAR_TIMEOUTS,
+        1,
+        "linear retransmission timeouts",
+    );
     let floor = MESSAGES_RTO_MIN.as_micros() as libc::c_int;
-    set(fd, TCP_RTO_MIN_US, floor, "a lower retransmission timeout floor");
+    set(
+        fd,
+        TCP_RTO_MIN_US,
+        floor,
+        "a lower retransmission timeout floor",
+    );
 }
 
 /// Gives a connection that now carries bulk data the defaults back.
@@ -77,9 +87,19 @@ pub fn for_bulk(fd: RawFd) {
     if let Some(Some(cc)) = BULK_CONGESTION.get() {
         set_congestion(fd, cc);
     }
-    set(fd, libc::TCP_THIN_LINEAR_TIMEOUTS, 0, "exponential retransmission timeouts");
+    set(
+        fd,
+        libc::TCP_THIN_LINEAR_TIMEOUTS,
+        0,
+        "exponential retransmission timeouts",
+    );
     let floor = DEFAULT_RTO_MIN.as_micros() as libc::c_int;
-    set(fd, TCP_RTO_MIN_US, floor, "the default retransmission timeout floor");
+    set(
+        fd,
+        TCP_RTO_MIN_US,
+        floor,
+        "the default retransmission timeout floor",
+    );
 }
 
 /// The floor of the retransmission timeout of socket `fd`, if the kernel
@@ -175,7 +195,10 @@ mod tests {
         for_messages(s.as_raw_fd());
         assert_eq!(rto_min(s.as_raw_fd()), Some(MESSAGES_RTO_MIN));
         let chosen = congestion(s.as_raw_fd()).unwrap();
-        assert!(MESSAGES_CONGESTION.contains(&chosen.as_slice()), "{chosen:?}");
+        assert!(
+            MESSAGES_CONGESTION.contains(&chosen.as_slice()),
+            "{chosen:?}"
+        );
         for_bulk(s.as_raw_fd());
         assert_eq!(rto_min(s.as_raw_fd()), Some(DEFAULT_RTO_MIN));
         assert_eq!(congestion(s.as_raw_fd()), Some(system));

@@ -249,7 +249,10 @@ struct Bucket {
 
 impl Bucket {
     fn full(burst: f64, now: Instant) -> Bucket {
-        Bucket { tokens: burst, at: now }
+        Bucket {
+            tokens: burst,
+            at: now,
+        }
     }
 
     /// Refills for the time since the last take, then takes a token if
@@ -364,9 +367,11 @@ impl Shared {
                 return Err(Refusal::UnprovenFull);
             }
             let (rate, burst) = (self.rate, self.rate.max(1.0));
-            let (per_rate, per_burst) = (self.rate_per_client, (2.0 * self.rate_per_client).max(1.0));
+            let (per_rate, per_burst) =
+                (self.rate_per_client, (2.0 * self.rate_per_client).max(1.0));
             if t.buckets.len() >= MAX_RATED_CLIENTS {
-                t.buckets.retain(|_, b| !b.refilled(per_rate, per_burst, now));
+                t.buckets
+                    .retain(|_, b| !b.refilled(per_rate, per_burst, now));
             }
             let own = t.buckets.len() < MAX_RATED_CLIENTS || t.buckets.contains_key(&ip);
             if own {

@@ -296,7 +296,8 @@ fn a_forged_flood_neither_evicts_a_transfer_nor_locks_out_a_known_client() {
     assert_eq!(fetch(&node, server, "pxelinux.0"), b"boot loader");
     let long = StdUdp::bind("127.0.0.1:0").unwrap();
     long.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    long.send_to(&request_packet(1, "initrd", &[]), server).unwrap();
+    long.send_to(&request_packet(1, "initrd", &[]), server)
+        .unwrap();
     let mut buf = [0u8; 1024];
     let (_, from) = long.recv_from(&mut buf).expect("the first block");
     // 300 read requests from 300 addresses that never acknowledge (forged:
@@ -305,7 +306,8 @@ fn a_forged_flood_neither_evicts_a_transfer_nor_locks_out_a_known_client() {
         .map(|i| {
             let ip = std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8);
             let s = StdUdp::bind((ip, 0)).unwrap();
-            s.send_to(&request_packet(1, "initrd", &[]), server).unwrap();
+            s.send_to(&request_packet(1, "initrd", &[]), server)
+                .unwrap();
             s
         })
         .collect();
@@ -370,10 +372,17 @@ fn new_transfers_of_unknown_clients_are_rate_limited_per_client_and_in_all() {
     };
     // One client: a burst of twice its rate, then nothing until it refills.
     let server = start(root.path(), tune);
-    assert_eq!(answered(server, &[[127, 2, 0, 1]], 20), 10, "per-client burst");
+    assert_eq!(
+        answered(server, &[[127, 2, 0, 1]], 20),
+        10,
+        "per-client burst"
+    );
     // Many clients: the total burst (its rate), whatever their number.
     let server = start(root.path(), tune);
     let many: Vec<[u8; 4]> = (1..=90).map(|i| [127, 2, 1, i]).collect();
     let n = answered(server, &many, 1);
-    assert!((30..=33).contains(&n), "{n} new transfers past a total burst of 30");
+    assert!(
+        (30..=33).contains(&n),
+        "{n} new transfers past a total burst of 30"
+    );
 }
