@@ -4,14 +4,17 @@
 //! fuzzer is replayed first, from `tests/fuzz/regressions/TARGET/`.
 //!
 //! The case count per target is `KA_FUZZ_CASES` (default 2,000: a few
-//! seconds for all targets); `scripts/fuzz` runs a coverage-guided fuzzer
-//! over the same targets when one is installed.
+//! seconds for all targets); with `KA_FUZZ_SECONDS_PER_TARGET`, rounds of
+//! that many cases, each from a fresh seed, go on until the time is up
+//! (`scripts/fuzz` uses it when no coverage-guided fuzzer is installed).
+//! A failure prints the seed of its round.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use ka_tests::fuzz::{Target, TARGETS};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 
 /// How many random inputs each target gets.
 fn cases() -> u32 {
@@ -104,19 +107,55 @@ fn fuzz(target: &Target) {
     for seed in &seeds {
         (target.run)(seed);
     }
+    let budget = std::env::var("KA_FUZZ_SECONDS_PER_TARGET")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs);
+    let started = Instant::now();
+    let mut round = 0u64;
+    loop {
+        // Round 0 is the same in every run; later rounds draw a fresh seed.
+        let seed = if round == 0 {
+            0
+        } else {
+            u64::from(std::process::id()) ^ started.elapsed().as_nanos() as u64 ^ round << 40
+        };
+        fuzz_round(target, &seeds, seed);
+        round += 1;
+        if budget.is_none_or(|b| started.elapsed() >= b) {
+            break;
+        }
+    }
+    eprintln!(
+        "{}: {round} round(s) of {} cases in {:.1} s",
+        target.name,
+        cases(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// One round: `cases()` random inputs and as many mutated seeds, drawn
+/// from `seed`.
+fn fuzz_round(target: &Target, seeds: &[Vec<u8>], seed: u64) {
     let config = Config {
         cases: cases(),
         failure_persistence: None,
         ..Config::default()
     };
-    let mut runner = TestRunner::new(config.clone());
+    let rng = |salt: u64| {
+        let mut key = [0u8; 32];
+        key[..8].copy_from_slice(&seed.to_le_bytes());
+        key[8..16].copy_from_slice(&salt.to_le_bytes());
+        TestRng::from_seed(RngAlgorithm::ChaCha, &key)
+    };
+    let mut runner = TestRunner::new_with_rng(config.clone(), rng(1));
     runner
         .run(&prop::collection::vec(any::<u8>(), 0..4096), |data| {
             (target.run)(&data);
             Ok(())
         })
-        .unwrap_or_else(|e| panic!("{} on random bytes: {e}", target.name));
-    let mut runner = TestRunner::new(config);
+        .unwrap_or_else(|e| panic!("{} on random bytes (round seed {seed}): {e}", target.name));
+    let mut runner = TestRunner::new_with_rng(config, rng(2));
     let n = seeds.len();
     runner
         .run(
@@ -126,7 +165,7 @@ fn fuzz(target: &Target) {
                 Ok(())
             },
         )
-        .unwrap_or_else(|e| panic!("{} on a mutated seed: {e}", target.name));
+        .unwrap_or_else(|e| panic!("{} on a mutated seed (round seed {seed}): {e}", target.name));
 }
 
 #[test]
