@@ -18,11 +18,14 @@
 //!   ([`shell::run_source`], [`shell::run_node`]) owns the machine and the
 //!   shell's state, feeds it sockets, timers and data-path progress, and
 //!   carries out its actions; one task per connection, reaped when it
-//!   ends; what an unauthenticated peer may hold is bounded ([`shell::gate`]).
+//!   ends; what an unauthenticated peer may hold is bounded ([`shell::gate`]),
+//!   and control connections keep their heartbeats through short outages
+//!   ([`shell::tcp`]).
 //!
 //! Beside them: [`system`] describes a running machine's disks and rebuilds
-//! them on a node's (`--system`), [`tftp`] serves boot files, and [`Error`]
-//! is every operation's error.
+//! them on a node's (`--system`), [`tftp`] serves boot files, [`fuzz`]
+//! drives every decoder of outside bytes from arbitrary input for fuzzers,
+//! and [`Error`] is every operation's error.
 //!
 //! # A byte's trip
 //!

@@ -111,7 +111,9 @@ fn check_bounds(
     }
     let sectors = src.size / u64::from(src.sector_size.max(1));
     if src.first_lba.is_some_and(|f| f > sectors) || src.last_lba.is_some_and(|l| l > sectors) {
-        return Err(corrupt(format!("has its usable area past its end ({sectors} sectors)")));
+        return Err(corrupt(format!(
+            "has its usable area past its end ({sectors} sectors)"
+        )));
     }
     for p in &src.partitions {
         if p.start.checked_add(p.size).is_none_or(|end| end > sectors) {
@@ -171,7 +173,12 @@ pub fn plan_disk(
             src.device, src.sector_size
         )));
     }
-    check_bounds(src, target_sector, layout_file.and_then(|f| f.disk(disk_index)), disk_index)?;
+    check_bounds(
+        src,
+        target_sector,
+        layout_file.and_then(|f| f.disk(disk_index)),
+        disk_index,
+    )?;
     let ts = u64::from(target_sector);
     let ss = u64::from(src.sector_size);
     let total = target_bytes.min(MAX_LAYOUT_BYTES) / ts;
