@@ -580,6 +580,9 @@ async fn transfer(shared: Arc<Shared>, mut slot: Slot, req: Request) {
         }
         Outcome::Io(e) => tracing::info!(client = %peer, path, error = %e, "TFTP transfer failed"),
     }
+    // The socket and the file go before the place in the table, so what
+    // the table admits bounds the descriptors held.
+    drop((socket, source));
     drop(slot);
 }
 
