@@ -19,6 +19,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Descriptors are what a flood or a large session runs out of first.
+    if let Err(e) = ka_net::shell::gate::raise_descriptor_limit() {
+        tracing::warn!(error = %e, "cannot raise the limit on open files; keeping the current one");
+    }
     match cli.command.run() {
         Ok(status) => status.into(),
         Err(e) => {

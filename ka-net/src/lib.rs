@@ -18,14 +18,17 @@
 //!   ([`shell::run_source`], [`shell::run_node`]) owns the machine and the
 //!   shell's state, feeds it sockets, timers and data-path progress, and
 //!   carries out its actions; one task per connection, reaped when it
-//!   ends; what an unauthenticated peer may hold is bounded ([`shell::gate`]).
-//!   The keys (the session's root, each node's own, the digest's) and the
-//!   files they travel in are [`shell::key`]; authenticated discovery is
-//!   [`shell::discovery`]; ka-core decides what is proved with which key.
+//!   ends; what an unauthenticated peer may hold is bounded ([`shell::gate`]),
+//!   and control connections keep their heartbeats through short outages
+//!   ([`shell::tcp`]). The keys (the session's root, each node's own, the
+//!   digest's) and the files they travel in are [`shell::key`];
+//!   authenticated discovery is [`shell::discovery`]; ka-core decides what
+//!   is proved with which key.
 //!
 //! Beside them: [`system`] describes a running machine's disks and rebuilds
-//! them on a node's (`--system`), [`tftp`] serves boot files, and [`Error`]
-//! is every operation's error.
+//! them on a node's (`--system`), [`tftp`] serves boot files, [`fuzz`]
+//! drives every decoder of outside bytes from arbitrary input for fuzzers,
+//! and [`Error`] is every operation's error.
 //!
 //! # A byte's trip
 //!
@@ -83,6 +86,7 @@
 
 pub mod datapath;
 mod error;
+pub mod fuzz;
 pub mod image;
 pub mod shell;
 pub mod system;

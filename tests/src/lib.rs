@@ -7,6 +7,7 @@
 //! goes to 127.0.0.1 only.
 #![warn(missing_docs)]
 
+pub mod fuzz;
 pub mod lab;
 pub mod system;
 

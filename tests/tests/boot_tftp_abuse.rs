@@ -140,7 +140,16 @@ fn a_flood_of_unanswered_requests_is_capped_and_holds_little_memory() {
          RSS {rss_before} KiB before, peak {hwm} KiB"
     );
     assert_eq!(one_answered, 8, "per-client cap");
-    assert_eq!(many_answered, 256 - 8, "total cap");
+    // Clients never proven by an ACK get at most half the table (128
+    // transfers), and new ones only at 50 a second in bursts of 50.
+    assert!(
+        one_answered + many_answered <= 128,
+        "{many_answered} unproven transfers past the half of the table"
+    );
+    assert!(
+        (40..=100).contains(&many_answered),
+        "{many_answered} new transfers from 300 addresses in half a second at 50 a second"
+    );
     assert!(
         hwm < rss_before + 32 * 1024,
         "peak RSS {hwm} KiB (from {rss_before} KiB)"

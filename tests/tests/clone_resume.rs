@@ -92,10 +92,11 @@ impl Session {
             self.image.to_str().unwrap(),
             "--state-dir",
             self.state.to_str().unwrap(),
-            "--max-rate",
-            PACE,
             "--json",
         ];
+        if !extra.contains(&"--max-rate") {
+            args.extend_from_slice(&["--max-rate", PACE]);
+        }
         args.extend_from_slice(extra);
         let p = Proc::start(self.dir.path(), label, &args);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -112,6 +113,11 @@ impl Session {
 
     /// `ka join` as `name`, writing its target; `label` names its output files.
     fn join(&self, name: &str, label: &str) -> Proc {
+        self.join_to(name, label, &self.target(name))
+    }
+
+    /// `ka join` as `name`, writing `target` (a file or a block device).
+    fn join_to(&self, name: &str, label: &str, target: &Path) -> Proc {
         let server = format!("127.0.0.1:{}", self.port);
         Proc::start(
             self.dir.path(),
@@ -125,7 +131,7 @@ impl Session {
                 "--name",
                 name,
                 "--target",
-                self.target(name).to_str().unwrap(),
+                target.to_str().unwrap(),
                 "--state-dir",
                 self.state.to_str().unwrap(),
                 "--wait",
@@ -201,6 +207,82 @@ fn node_summary(stdout: &str) -> (Value, Value) {
         .unwrap_or_else(|| panic!("no end in:\n{stdout}"))
         .clone();
     (welcomed, left)
+}
+
+#[test]
+fn a_node_killed_before_its_first_4_mib_reports_what_it_received() {
+    let s = Session::new();
+    // 3 MB of data at 1 MiB/s: the node has its first MiB after a second,
+    // and never 4 MiB (where the data path used to report first).
+    std::fs::write(&s.image, pseudo_random(3_000_000, 77)).unwrap();
+    let serve = s.serve_with("serve", 1, &["--max-rate", "1MiB"]);
+    let a = s.join("a", "a");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let seen = loop {
+        let seen = json_lines(&read(&serve.out))
+            .iter()
+            .filter_map(|l| l["progress"].as_array()?.first()?["received"].as_u64())
+            .max()
+            .unwrap_or(0);
+        if seen >= 1 << 20 {
+            break seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source never saw a's first MiB (it saw {seen} bytes)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    a.kill9();
+    let (code, out, err) = serve.finish(Duration::from_secs(30));
+    assert_eq!(code, 1, "{out}\n{err}");
+    let rep = report(&out);
+    let bytes = rep[0]["bytes"].as_u64().unwrap();
+    assert_eq!(rep[0]["ok"], false, "{rep:?}");
+    assert!(
+        bytes >= seen && bytes < 3_000_000,
+        "a's report says {bytes} bytes; the source had seen {seen}"
+    );
+}
+
+#[test]
+fn a_node_writing_a_block_device_resumes_after_a_restart() {
+    let s = Session::new();
+    // A loop device of the image's size, detached when the test ends.
+    let disk = ka_tests::system::Loop::blank(&s.dir.path().join("b.disk"), SIZE);
+    let dev = Path::new(disk.dev()).to_path_buf();
+    let serve = s.serve("serve", 2);
+    let a = s.join("a", "a");
+    let b = s.join_to("b", "b-first", &dev);
+    // Early enough that the session is still on when b comes back.
+    let at = s.wait_durable("b", SIZE / 5);
+    b.kill9();
+    let b = s.join_to("b", "b-again", &dev);
+    let (code, out, err) = serve.finish(Duration::from_secs(90));
+    assert_eq!(code, 0, "{out}\n{err}\nb-again:\n{}", read(&b.err));
+    let rep = report(&out);
+    assert!(rep.iter().all(|n| n["ok"] == true), "{rep:?}");
+    assert_eq!(a.finish(Duration::from_secs(30)).0, 0);
+    let (code, out, err) = b.finish(Duration::from_secs(30));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (welcomed, left) = node_summary(&out);
+    let from = welcomed["resumed_from"].as_u64().unwrap();
+    let received = left["received"].as_u64().unwrap();
+    assert!(
+        from >= at && from < SIZE,
+        "b resumed from {from}, had recorded {at}"
+    );
+    assert!(
+        received <= SIZE - from,
+        "the restarted b received {received} bytes, more than the {} it lacked",
+        SIZE - from
+    );
+    assert!(
+        same_content(&s.image, &dev),
+        "{} differs from the image",
+        dev.display()
+    );
+    assert!(!s.state_file("b").exists(), "b's state outlived its check");
 }
 
 #[test]

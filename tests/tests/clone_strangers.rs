@@ -13,15 +13,21 @@ use ka_tests::{pseudo_random, read_text as read, Proc};
 
 /// Starts `ka ARGS` in `dir`; with `nofile`, under that descriptor limit.
 fn start(dir: &Path, label: &str, args: &[&str], nofile: Option<u64>) -> Proc {
+    start_limited(dir, label, args, nofile.map(|n| (n, n)))
+}
+
+/// Starts `ka ARGS` in `dir`; with `nofile`, under that soft and hard
+/// descriptor limit.
+fn start_limited(dir: &Path, label: &str, args: &[&str], nofile: Option<(u64, u64)>) -> Proc {
     Proc::start_with(dir, label, args, |cmd| {
-        if let Some(n) = nofile {
+        if let Some((soft, hard)) = nofile {
             // SAFETY: setrlimit is async-signal-safe and touches nothing of
             // the parent's; it runs in the child between fork and exec.
             unsafe {
                 cmd.pre_exec(move || {
                     let lim = libc::rlimit {
-                        rlim_cur: n,
-                        rlim_max: n,
+                        rlim_cur: soft,
+                        rlim_max: hard,
                     };
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                         return Err(std::io::Error::last_os_error());
@@ -343,6 +349,97 @@ fn connections_that_come_and_go_leave_no_memory_behind() {
         "the source grew from {before} to {after} bytes over 20,000 connections"
     );
     s.clone_to(serve, &["n1", "n2"]);
+}
+
+#[test]
+fn a_flood_of_bad_joins_is_logged_with_addresses_a_few_lines_a_second() {
+    let s = Session::new(1 << 20);
+    let serve = s.serve(1, None);
+    std::fs::write(s.dir.path().join("wrong"), "5a".repeat(32)).unwrap();
+    let (server, wrong) = (s.addr().to_string(), s.path("wrong"));
+    // 80 operators with the wrong secret, from 127.0.0.1, in about a
+    // second or two: each one is refused.
+    let t0 = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                for _ in 0..20 {
+                    let out = ka_tests::ka(&["go", "--server", &server, "--secret-file", &wrong]);
+                    let said = ka_tests::stderr(&out);
+                    assert!(
+                        said.contains("refused"),
+                        "a wrong secret was not refused: {said}"
+                    );
+                }
+            });
+        }
+    });
+    let flood = t0.elapsed();
+    // The count of what was left out is logged once its second is over.
+    std::thread::sleep(Duration::from_millis(1500));
+    let err = s.clone_to(serve, &["n1"]);
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("refused 127.0.0.1:"))
+        .collect();
+    let seconds = flood.as_secs_f64().ceil() as usize + 2;
+    eprintln!(
+        "{} refusal lines for 80 bad joins in {flood:?}",
+        lines.len()
+    );
+    assert!(!lines.is_empty(), "no refusal names its peer:\n{err}");
+    assert!(
+        lines.len() <= 5 * seconds,
+        "{} refusal lines in about {seconds} s:\n{err}",
+        lines.len()
+    );
+    assert!(
+        err.contains("more connection(s) not logged"),
+        "the refusals left out are not counted:\n{err}"
+    );
+}
+
+/// The soft limit on open files of process `pid`.
+fn soft_nofile(pid: u32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[test]
+fn ka_raises_its_soft_descriptor_limit_to_the_hard_limit() {
+    let s = Session::new(1 << 20);
+    let serve = start_limited(
+        s.dir.path(),
+        "serve",
+        &[
+            "serve",
+            "--nodes",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--image",
+            &s.path("image.img"),
+            "--secret-file",
+            &s.path("secret"),
+            "--state-dir",
+            &s.path("state"),
+        ],
+        Some((64, 4096)),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let soft = soft_nofile(serve.pid());
+        if soft == Some(4096) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ka's soft limit stayed at {soft:?}, not the hard limit 4096"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    serve.kill9();
 }
 
 /// The TCP port process `pid` listens on (its only listening socket).

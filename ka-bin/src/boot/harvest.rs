@@ -168,6 +168,10 @@ pub fn harvest(files: &[(String, String)]) -> Vec<Sighting> {
         .collect()
 }
 
+/// The widest zero padding a name pattern may ask for: the digits of the
+/// largest number.
+const MAX_PATTERN_WIDTH: usize = 20;
+
 /// A name pattern such as `node{:03}` (zero-padded to 3) or `n{}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamePattern {
@@ -185,13 +189,20 @@ impl NamePattern {
         let open = s.find('{').ok_or_else(err)?;
         let close = open + s[open..].find('}').ok_or_else(err)?;
         let spec = &s[open + 1..close];
-        let width = match spec {
+        let width: usize = match spec {
             "" => 0,
             _ => spec
                 .strip_prefix(":0")
                 .and_then(|w| w.parse().ok())
                 .ok_or_else(err)?,
         };
+        // A number has at most 20 digits; a wider padding would only make
+        // names nobody wants (and a huge one, a huge allocation).
+        if width > MAX_PATTERN_WIDTH {
+            return Err(format!(
+                "bad --pattern `{s}`: pad numbers to at most {MAX_PATTERN_WIDTH} digits, like node{{:03}}"
+            ));
+        }
         let (prefix, suffix) = (&s[..open], &s[close + 1..]);
         if suffix.contains(['{', '}']) || prefix.contains('}') {
             return Err(err());
@@ -352,6 +363,14 @@ Nov 25 10:00:04 boot sshd[3]: Accepted key for root from 10.0.0.2
         assert_eq!(NamePattern::parse("n{}-a").unwrap().name(12), "n12-a");
         assert!(NamePattern::parse("node").is_err());
         assert!(NamePattern::parse("node{:3}").is_err());
+    }
+
+    #[test]
+    fn a_pattern_padding_past_twenty_digits_is_refused_not_allocated() {
+        let p = NamePattern::parse("n{:020}").unwrap();
+        assert_eq!(p.name(u64::MAX), "n18446744073709551615");
+        let err = NamePattern::parse("node{:099999999999}").unwrap_err();
+        assert!(err.contains("at most 20 digits"), "{err}");
     }
 
     #[test]

@@ -206,7 +206,7 @@ fn describe(name: &dyn Fn(NodeId) -> String, event: &SourceEvent) -> Option<Stri
                 if *rejoin { "rejoined" } else { "joined" }
             )
         }
-        SourceEvent::Refused { refusal, .. } => format!("refused a peer: {}", refusal.detail),
+        // The shell logs refusals with the peer's address, rate-limited.
         SourceEvent::Started { nodes, trigger } => {
             format!("streaming to {nodes} node(s) ({trigger:?})")
         }

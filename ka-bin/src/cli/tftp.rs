@@ -50,6 +50,15 @@ pub struct TftpArgs {
     /// inventory address only; without it, nodes get no key from here.
     #[arg(long, value_name = "FILE")]
     secret_file: Option<PathBuf>,
+    /// New transfers a second for clients not yet proven by an ACK, in
+    /// all; a client that acknowledged a transfer in the last 10 minutes
+    /// is not held to it [default: 50].
+    #[arg(long, value_name = "N")]
+    new_transfers_per_sec: Option<u32>,
+    /// New transfers a second for one client not yet proven, in bursts
+    /// of twice as many [default: 10].
+    #[arg(long, value_name = "N")]
+    new_transfers_per_client_per_sec: Option<u32>,
 }
 
 /// Renders boot configs from the inventory and the modes as of each request.
@@ -220,6 +229,14 @@ fn plan(args: TftpArgs) -> Result<TftpPlan> {
     if let Some(s) = args.transfer_lifetime {
         config.lifetime = std::time::Duration::from_secs(s);
     }
+    if let Some(n) = args.new_transfers_per_sec {
+        config.new_transfers_per_sec = n;
+    }
+    if let Some(n) = args.new_transfers_per_client_per_sec {
+        config.new_transfers_per_client_per_sec = n;
+    }
+    // Half the table, whatever its size, for clients not yet proven.
+    config.max_unproven_transfers = (config.max_transfers / 2).max(1);
     Ok(TftpPlan {
         files,
         root,

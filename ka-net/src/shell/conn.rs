@@ -110,8 +110,13 @@ pub enum Event {
 }
 
 /// Progress reports to the driver at most every this many bytes: the core
-/// only needs them for heartbeats and the display.
+/// only needs them for heartbeats and the display...
 const PROGRESS_STEP: u64 = 4 << 20;
+
+/// ...or after this long with anything new, so a slow stream, or a node
+/// that dies before its first [`PROGRESS_STEP`], still reports what it
+/// received (its heartbeats every 250 ms carry it to the source's report).
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 /// Which end of the connection this process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +138,9 @@ pub struct Conns {
     /// (accepted or made) leave nothing behind.
     tasks: JoinSet<()>,
     gate: Gate,
+    /// Each connection's peer, for the log of refusals.
+    peers: HashMap<ConnId, SocketAddr>,
+    refusals: gate::RefusalLog,
     last_id: u64,
     events: mpsc::UnboundedSender<Event>,
 }
@@ -144,6 +152,8 @@ impl Conns {
             commands: HashMap::new(),
             tasks: JoinSet::new(),
             gate: Gate::default(),
+            peers: HashMap::new(),
+            refusals: gate::RefusalLog::default(),
             last_id: 0,
             events,
         }
@@ -177,6 +187,10 @@ impl Conns {
         while self.tasks.try_join_next().is_some() {}
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = stream.set_nodelay(true);
+        super::tcp::for_messages(std::os::fd::AsRawFd::as_raw_fd(&stream));
+        if let Ok(peer) = stream.peer_addr() {
+            self.peers.insert(id, peer);
+        }
         self.tasks
             .spawn(run(id, stream, side, rx, self.events.clone()));
         self.commands.insert(id, tx);
@@ -187,6 +201,31 @@ impl Conns {
         self.commands.get(&id)
     }
 
+    /// Hands `msg` to connection `id`'s task, if it is open. A refusal is
+    /// logged with the peer's address, within [`gate::RefusalLog`]'s
+    /// bounds; returns whether it was (`true` for any other message).
+    pub fn send(&mut self, id: ConnId, msg: Message) -> bool {
+        let shown = match &msg {
+            Message::Refused(r) => {
+                let reason = format!("{} ({:?})", r.detail, r.code);
+                let peer = self.peers.get(&id).copied();
+                self.refusals
+                    .note(tokio::time::Instant::now(), peer, &reason)
+            }
+            _ => true,
+        };
+        if let Some(tx) = self.commands.get(&id) {
+            let _ = tx.send(Command::Send(msg));
+        }
+        shown
+    }
+
+    /// Logs how many refusals were left out of the log, once their second
+    /// is over (call it at every turn of the driver's loop).
+    pub fn flush_refusals(&mut self) {
+        self.refusals.flush(tokio::time::Instant::now());
+    }
+
     /// Connection `id` sent a frame: it is no stranger any more.
     pub fn heard(&mut self, id: ConnId) {
         self.gate.settled(id);
@@ -195,12 +234,14 @@ impl Conns {
     /// Connection `id` is closed, or its task ends on its own: forgets it.
     pub fn forget(&mut self, id: ConnId) {
         self.gate.settled(id);
+        self.peers.remove(&id);
         self.commands.remove(&id);
     }
 
     /// Tells connection `id`'s task to close it, and forgets it.
     pub fn close(&mut self, id: ConnId) {
         self.gate.settled(id);
+        self.peers.remove(&id);
         if let Some(tx) = self.commands.remove(&id) {
             let _ = tx.send(Command::Close);
         }
@@ -298,6 +339,7 @@ async fn run(
                             tracing::warn!(error = %e, "cannot cap the send rate of a data connection");
                         }
                     }
+                    super::tcp::for_bulk(fd);
                     tokio::select! {
                         _ = follow_pace(fd, pace) => unreachable!("pacing never ends"),
                         result = serve(&mut stream, *job) => {
@@ -321,6 +363,7 @@ async fn run(
                 }
                 Some(Command::Receive(job)) => {
                     let parts = framed.into_parts();
+                    super::tcp::for_bulk(std::os::fd::AsRawFd::as_raw_fd(&parts.io));
                     receive(conn, parts.read_buf.freeze(), parts.io, *job, &mut commands, &events).await;
                     return;
                 }
@@ -439,10 +482,14 @@ async fn receive(
     let mut reported = writer.position();
     let published = written.clone();
     let progress = events.clone();
+    let mut reported_at = std::time::Instant::now();
     let on_written = move |RelayEvent::Written(offset)| {
         published.send_modify(|w| w.upto = w.upto.max(offset));
-        if offset >= reported + PROGRESS_STEP {
+        if offset >= reported + PROGRESS_STEP
+            || (offset > reported && reported_at.elapsed() >= PROGRESS_EVERY)
+        {
             reported = offset;
+            reported_at = std::time::Instant::now();
             let _ = progress.send(Event::Progress(offset));
         }
     };

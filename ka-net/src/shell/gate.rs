@@ -34,6 +34,16 @@
 //!   connection could not be accepted, and a process that cannot accept does
 //!   not spin.
 //!
+//! - **Refusals are logged with the peer's address, and not too often**
+//!   ([`RefusalLog`]): at most [`REFUSALS_LOGGED_PER_SEC`] lines a second;
+//!   the rest are counted, and the count is logged once the second is over,
+//!   so a flood of bad joins neither floods the log nor goes unseen.
+//! - **The descriptor limit is raised at start** ([`raise_descriptor_limit`]):
+//!   the soft `RLIMIT_NOFILE` (1024 on most systems) goes up to the hard
+//!   limit (often 524288), which only the administrator set, so a source
+//!   feeding hundreds of nodes or a node under a flood runs out of
+//!   descriptors as late as the system allows.
+//!
 //! Finished connection tasks are reaped as they end (the drivers keep them
 //! in a [`tokio::task::JoinSet`]), so connections that come and go cost
 //! nothing once gone.
@@ -65,6 +75,64 @@ pub const MAX_UNANSWERED: usize = 512;
 
 /// How long a listener pauses after an accept error before it tries again.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Refusal lines logged in any one second; more are counted, not logged.
+pub const REFUSALS_LOGGED_PER_SEC: u32 = 5;
+
+/// The log of refused peers: each refusal with the peer's address, at most
+/// [`REFUSALS_LOGGED_PER_SEC`] a second, then how many were left out.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    /// When the current one-second window opened.
+    window: Option<Instant>,
+    /// Lines logged in it.
+    logged: u32,
+    /// Refusals left out of the log since the last line about them.
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    /// Notes that `peer` (if known) was refused for `reason` at `now`;
+    /// returns whether it was logged (else only counted).
+    pub fn note(&mut self, now: Instant, peer: Option<SocketAddr>, reason: &str) -> bool {
+        self.flush(now);
+        if self.logged >= REFUSALS_LOGGED_PER_SEC {
+            self.suppressed += 1;
+            return false;
+        }
+        self.logged += 1;
+        let peer = peer.map_or_else(|| "an unknown address".to_string(), |p| p.to_string());
+        tracing::warn!("refused {peer}: {reason}");
+        true
+    }
+
+    /// Opens a new window once a second has passed, first logging how many
+    /// refusals the last one left out. Call it now and then (the drivers do
+    /// at every turn of their loop) so a flood that stops is still counted.
+    pub fn flush(&mut self, now: Instant) {
+        let Some(opened) = self.window else {
+            self.window = Some(now);
+            return;
+        };
+        if now.saturating_duration_since(opened) < Duration::from_secs(1) {
+            return;
+        }
+        if self.suppressed > 0 {
+            tracing::warn!(
+                "refused {} more connection(s) not logged one by one (at most {REFUSALS_LOGGED_PER_SEC} refusals are logged a second)",
+                self.suppressed
+            );
+        }
+        self.window = Some(now);
+        self.logged = 0;
+        self.suppressed = 0;
+    }
+
+    /// Refusals counted but not yet logged.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed
+    }
+}
 
 /// Counts the accepted connections that have not yet sent a first message,
 /// per peer address and in all, and says whether one more may be admitted.
@@ -149,6 +217,18 @@ impl Gate {
     }
 }
 
+/// Raises this process's soft limit on open descriptors to its hard limit
+/// and returns the new soft limit (see the module docs). Call it once at
+/// start, before anything opens sockets.
+pub fn raise_descriptor_limit() -> nix::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard.max(soft))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +251,25 @@ mod tests {
         g.settled(ConnId(0));
         assert!(g.admits(&addr([10, 0, 0, 1], 9)));
         assert_eq!(g.unanswered(), MAX_UNANSWERED_PER_IP as usize - 1);
+    }
+
+    #[test]
+    fn a_flood_of_refusals_logs_a_few_lines_a_second_and_counts_the_rest() {
+        let mut log = RefusalLog::default();
+        let t0 = Instant::now();
+        let peer = Some(addr([10, 0, 0, 9], 4000));
+        let logged = (0..1000)
+            .filter(|i| log.note(t0 + Duration::from_micros(*i), peer, "secret"))
+            .count();
+        assert_eq!(logged, REFUSALS_LOGGED_PER_SEC as usize);
+        assert_eq!(log.suppressed(), 1000 - u64::from(REFUSALS_LOGGED_PER_SEC));
+        // Within the second, nothing more; after it, the count goes out and
+        // refusals are logged again.
+        log.flush(t0 + Duration::from_millis(900));
+        assert!(log.suppressed() > 0);
+        log.flush(t0 + Duration::from_millis(1001));
+        assert_eq!(log.suppressed(), 0);
+        assert!(log.note(t0 + Duration::from_millis(1002), None, "secret"));
     }
 
     #[test]

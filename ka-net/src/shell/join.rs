@@ -648,10 +648,9 @@ impl NodeDriver {
 
     /// Hands the frames the machine wants sent to their connections' tasks.
     fn send_transmits(&mut self) {
+        self.conns.flush_refusals();
         while let Some((c, m)) = self.node.poll_transmit() {
-            if let Some(tx) = self.conns.get(c) {
-                let _ = tx.send(Command::Send(m));
-            }
+            self.conns.send(c, m);
         }
     }
 

@@ -22,8 +22,11 @@
 //! at most 64 unanswered connections per peer address and 512 in all
 //! (more are closed unread), and a listener that pauses 100 ms after an
 //! accept error (out of descriptors, say) rather than ending the session or
-//! spinning. Connection tasks are reaped as they end, so connections that
-//! come and go cost nothing once gone.
+//! spinning; every refusal is logged with the peer's address, a few lines a
+//! second at most. Connection tasks are reaped as they end, so connections
+//! that come and go cost nothing once gone. While a connection carries
+//! messages, [`tcp`] keeps its retransmissions linear and quick, so a
+//! heartbeat caught in a short outage comes through soon after it.
 
 pub mod conn;
 pub mod discovery;
@@ -33,6 +36,7 @@ pub mod key;
 pub mod resume;
 pub mod serve;
 pub mod spool;
+pub mod tcp;
 pub mod wire;
 
 use std::time::Instant;

@@ -19,6 +19,16 @@
 //! Both are plain `key value` lines with a version header, so an operator
 //! can read them and a future version can refuse them clearly.
 //!
+//! # Expiry
+//!
+//! A record is trusted for [`STATE_MAX_AGE`] (24 hours) after it was last
+//! written (its modification time: both files are rewritten as the session
+//! goes on). An older one belongs to a session nobody finished, and what it
+//! vouches for may no longer hold: a node's target may have been written by
+//! something else since, a source's nodes reinstalled by other means. It is
+//! not resumed from; loading it reports its age and removes it, so the next
+//! run starts afresh instead of tripping over it again.
+//!
 //! # Image identity
 //!
 //! [`image_identity`] names an image without reading it all, so that a node
@@ -37,6 +47,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use ka_core::codec::ImageId;
 
@@ -144,8 +155,35 @@ fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
-/// Reads a state file: `None` when there is none.
-fn read_state(path: &Path) -> Result<Option<String>, String> {
+/// How long after its last write a state record is still resumed from
+/// (see the module docs, "Expiry").
+pub const STATE_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Reads a state file: `None` when there is none. A file last written more
+/// than `max_age` ago is removed and refused with its age.
+fn read_state(path: &Path, max_age: Duration) -> Result<Option<String>, String> {
+    let modified = match std::fs::metadata(path).and_then(|m| m.modified()) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    // A clock set back makes a record look new, never old: it is kept.
+    let age = SystemTime::now()
+        .duration_since(modified)
+        .unwrap_or_default();
+    if age > max_age {
+        let removed = match std::fs::remove_file(path) {
+            Ok(()) => "removed it".to_string(),
+            Err(e) => format!("could not remove it ({e}): remove it by hand"),
+        };
+        return Err(format!(
+            "{} was last written {:.1} h ago, longer than the {} h a state record is trusted: \
+             not resuming from it; {removed}",
+            path.display(),
+            age.as_secs_f64() / 3600.0,
+            max_age.as_secs() / 3600
+        ));
+    }
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -181,9 +219,16 @@ impl NodeState {
     }
 
     /// Reads the state at `path`: `Ok(None)` if there is none, `Err` with
-    /// the reason if it cannot be used (the copy then starts over).
+    /// the reason if it cannot be used (the copy then starts over), among
+    /// them a record older than [`STATE_MAX_AGE`], which is removed.
     pub fn load(path: &Path) -> Result<Option<NodeState>, String> {
-        let Some(text) = read_state(path)? else {
+        Self::load_within(path, STATE_MAX_AGE)
+    }
+
+    /// [`NodeState::load`], trusting a record for `max_age` after its last
+    /// write.
+    pub fn load_within(path: &Path, max_age: Duration) -> Result<Option<NodeState>, String> {
+        let Some(text) = read_state(path, max_age)? else {
             return Ok(None);
         };
         let mut lines = text.lines();
@@ -278,9 +323,17 @@ impl SavedSession {
         ))
     }
 
-    /// Reads the state at `path`: `Ok(None)` if there is none.
+    /// Reads the state at `path`: `Ok(None)` if there is none; `Err` with
+    /// the reason if it cannot be used, among them a record older than
+    /// [`STATE_MAX_AGE`], which is removed.
     pub fn load(path: &Path) -> Result<Option<SavedSession>, String> {
-        let Some(text) = read_state(path)? else {
+        Self::load_within(path, STATE_MAX_AGE)
+    }
+
+    /// [`SavedSession::load`], trusting a record for `max_age` after its
+    /// last write.
+    pub fn load_within(path: &Path, max_age: Duration) -> Result<Option<SavedSession>, String> {
+        let Some(text) = read_state(path, max_age)? else {
             return Ok(None);
         };
         let mut lines = text.lines();
@@ -410,6 +463,60 @@ mod tests {
         let path = SavedSession::path(dir.path(), "s", &state.image);
         SavedSession::save_text(&path, &state.to_text()).unwrap();
         assert_eq!(SavedSession::load(&path), Ok(Some(state)));
+    }
+
+    /// Makes the file at `path` look last written `ago`.
+    fn age_file(path: &Path, ago: Duration) {
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(SystemTime::now() - ago).unwrap();
+    }
+
+    #[test]
+    fn a_node_record_older_than_a_day_is_refused_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = NodeState::path(dir.path(), "s", "n1");
+        let state = NodeState {
+            session: "s".into(),
+            name: "n1".into(),
+            target: "/tmp/t".into(),
+            image: ImageId([3; 32]),
+            size: Some(10),
+            durable: 4,
+        };
+        state.save(&path).unwrap();
+        age_file(&path, STATE_MAX_AGE - Duration::from_secs(60));
+        assert_eq!(
+            NodeState::load(&path),
+            Ok(Some(state)),
+            "a day less a minute is fresh"
+        );
+        age_file(&path, STATE_MAX_AGE + Duration::from_secs(60));
+        let err = NodeState::load(&path).expect_err("a stale record is refused");
+        assert!(err.contains("24 h") && err.contains("removed it"), "{err}");
+        assert!(!path.exists(), "the stale record is removed");
+        assert_eq!(
+            NodeState::load(&path),
+            Ok(None),
+            "and the next run starts afresh"
+        );
+    }
+
+    #[test]
+    fn a_source_record_older_than_its_bound_is_refused_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = SavedSession {
+            session: "s".into(),
+            image: ImageId([4; 32]),
+            outcomes: vec![],
+        };
+        let path = SavedSession::path(dir.path(), "s", &state.image);
+        SavedSession::save_text(&path, &state.to_text()).unwrap();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(SavedSession::load_within(&path, hour), Ok(Some(state)));
+        age_file(&path, 2 * hour);
+        let err = SavedSession::load_within(&path, hour).expect_err("stale");
+        assert!(err.contains("2.0 h ago") && err.contains("1 h"), "{err}");
+        assert!(!path.exists());
     }
 
     #[test]

@@ -260,6 +260,9 @@ struct SourceDriver {
     conns: Conns,
     started_at: Option<Time>,
     refreshed: Time,
+    /// Connections refused beyond the refusal log's bound, whose
+    /// [`SourceEvent::Refused`] the display does not see either.
+    unshown_refusals: HashSet<ConnId>,
 }
 
 impl SourceDriver {
@@ -375,6 +378,7 @@ impl SourceDriver {
             recorder,
             conns: Conns::new(events_tx),
             started_at: None,
+            unshown_refusals: HashSet::new(),
         };
         Ok((driver, inputs))
     }
@@ -422,9 +426,11 @@ impl SourceDriver {
         &mut self,
         display: &mut impl FnMut(&Source, Option<&SourceEvent>),
     ) -> Option<Option<String>> {
+        self.conns.flush_refusals();
         while let Some((c, m)) = self.source.poll_transmit() {
-            if let Some(tx) = self.conns.get(c) {
-                let _ = tx.send(Command::Send(m));
+            if !self.conns.send(c, m) {
+                // Beyond the log's bound: left out of the display too.
+                self.unshown_refusals.insert(c);
             }
         }
         while let Some(action) = self.source.poll_action() {
@@ -437,7 +443,10 @@ impl SourceDriver {
         }
         let mut outcomes_changed = false;
         while let Some(ev) = self.source.poll_event() {
-            display(&self.source, Some(&ev));
+            let unshown = matches!(&ev, SourceEvent::Refused { conn, .. } if self.unshown_refusals.remove(conn));
+            if !unshown {
+                display(&self.source, Some(&ev));
+            }
             outcomes_changed |= changes_outcomes(&ev);
             match ev {
                 SourceEvent::Finished { .. } => done = Some(None),
@@ -588,7 +597,8 @@ fn restore(source: &mut Source, clock: Clock, path: &Path, session: &str, image_
             }
         }
         Ok(_) => {}
-        Err(reason) => tracing::warn!(%reason, "ignoring an unreadable session record"),
+        // Unreadable, or too old to trust (then removed): a fresh session.
+        Err(reason) => tracing::warn!(%reason, "not going on with an earlier session"),
     }
 }
 

@@ -33,6 +33,16 @@ const XFS_MIN: u64 = 300 * 1000 * 1000;
 /// The smallest swap partition worth making.
 const SWAP_MIN: u64 = MIB;
 
+/// The largest disk, partition or size a layout may describe (1 PiB), and
+/// the most partitions on one disk: far past any real disk, and small
+/// enough that no sum or product of them overflows while a disk is
+/// planned. A plan past them is corrupt, or not made by ka.
+const MAX_LAYOUT_BYTES: u64 = 1 << 50;
+const MAX_PARTITIONS: usize = 256;
+
+/// The largest sector size a layout or a disk may have.
+const MAX_SECTOR: u32 = 64 * 1024;
+
 /// How long [`write_table`] waits for the kernel's partition devices.
 const PARTITION_WAIT: Duration = Duration::from_secs(10);
 
@@ -73,6 +83,57 @@ fn align_down(x: u64, align: u64) -> u64 {
     x / align * align
 }
 
+/// Refuses a layout (and a layout file's sizes for it) whose numbers no
+/// real disk has, before [`plan_disk`] does arithmetic with them.
+fn check_bounds(
+    src: &DiskLayout,
+    target_sector: u32,
+    sizes: Option<&super::layout_file::DiskSizes>,
+    disk_index: usize,
+) -> Result<(), Error> {
+    let corrupt = |what: String| {
+        Error::Plan(format!(
+            "disk {disk_index} ({}) in the layout {what}: the plan is corrupt or was not made by this ka",
+            src.device
+        ))
+    };
+    if target_sector > MAX_SECTOR || src.sector_size > MAX_SECTOR {
+        return Err(Error::Plan(format!(
+            "a sector size over {MAX_SECTOR} bytes (disk {disk_index}: {} in the layout, {target_sector} on the node) is not one a disk has",
+            src.sector_size
+        )));
+    }
+    if src.size > MAX_LAYOUT_BYTES {
+        return Err(corrupt(format!("is {} bytes, over 1 PiB", src.size)));
+    }
+    if src.partitions.len() > MAX_PARTITIONS {
+        return Err(corrupt(format!("has {} partitions", src.partitions.len())));
+    }
+    let sectors = src.size / u64::from(src.sector_size.max(1));
+    if src.first_lba.is_some_and(|f| f > sectors) || src.last_lba.is_some_and(|l| l > sectors) {
+        return Err(corrupt(format!(
+            "has its usable area past its end ({sectors} sectors)"
+        )));
+    }
+    for p in &src.partitions {
+        if p.start.checked_add(p.size).is_none_or(|end| end > sectors) {
+            return Err(corrupt(format!(
+                "has partition {} (sectors {}, {} long) past its end ({sectors} sectors)",
+                p.number, p.start, p.size
+            )));
+        }
+    }
+    for (number, entry) in sizes.map(|s| &s.partitions).into_iter().flatten() {
+        if matches!(entry.size, PartSize::Bytes(b) if b > MAX_LAYOUT_BYTES) {
+            return Err(Error::Plan(format!(
+                "the layout file asks more than 1 PiB for partition {number} of disk {disk_index} (line {})",
+                entry.line
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Plans source disk `src` (index `disk_index` in its layout) on a node's
 /// disk of `target_bytes` bytes with `target_sector`-byte sectors.
 ///
@@ -90,6 +151,10 @@ fn align_down(x: u64, align: u64) -> u64 {
 /// to its used bytes plus [`min_tree_bytes`]'s margin, a raw partition and
 /// a skipped one keep their size; the message gives the disk's size, the
 /// size the layout needs and the partition that does not fit.
+///
+/// A layout whose numbers no disk has (a partition past its disk's end, a
+/// disk or size over 1 PiB, a sector over 64 KiB, more than 256
+/// partitions) is refused first, so nothing below can overflow.
 pub fn plan_disk(
     src: &DiskLayout,
     target_bytes: u64,
@@ -108,9 +173,15 @@ pub fn plan_disk(
             src.device, src.sector_size
         )));
     }
+    check_bounds(
+        src,
+        target_sector,
+        layout_file.and_then(|f| f.disk(disk_index)),
+        disk_index,
+    )?;
     let ts = u64::from(target_sector);
     let ss = u64::from(src.sector_size);
-    let total = target_bytes / ts;
+    let total = target_bytes.min(MAX_LAYOUT_BYTES) / ts;
     let align = (MIB / ts).max(1);
     let to_target = |sectors: u64| (sectors * ss).div_ceil(ts);
 

@@ -45,7 +45,7 @@ pub mod bootloader;
 pub mod capture;
 pub mod disk;
 pub mod layout;
-mod layout_file;
+pub(crate) mod layout_file;
 mod probe;
 mod read;
 pub mod rebuild;

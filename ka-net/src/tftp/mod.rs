@@ -24,13 +24,24 @@
 //! client address, and requests beyond the caps are dropped unanswered so
 //! that a real client simply retries. See [`TftpConfig`] for the limits.
 //!
+//! A flood of requests from many forged addresses must not crowd out the
+//! machines really booting. A client whose transfer has been acknowledged
+//! at least once is *proven* (it receives at its address) and stays known
+//! for [`KNOWN_CLIENT_FOR`]. Requests from clients not known are held to
+//! a rate of new transfers, per address and in all, and their transfers
+//! to at most half the table, until their first ACK; a known client's
+//! request passes those limits (only the caps on transfers at once apply),
+//! so a node that fetched its boot loader gets its kernel and initramfs
+//! however many forged requests arrive meanwhile, and a transfer once
+//! started is never evicted.
+//!
 //! The server is ka's own (a small RRQ-only sender on tokio) rather than the
 //! `async-tftp` crate it replaces: that crate has no caps on transfers, no
 //! lifetime, accepts any timeout and window, and resends a whole window on
 //! every timeout, and ka needs none of its write or executor machinery.
 
-mod packet;
-mod transfer;
+pub(crate) mod packet;
+pub(crate) mod transfer;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -122,7 +133,31 @@ pub struct TftpConfig {
     /// Most transfers at once from one IP address (default 8: a booting
     /// machine fetches one file at a time).
     pub max_transfers_per_client: usize,
+    /// Most transfers at once not yet acknowledged by clients not known
+    /// (default half of `max_transfers`): a flood of forged requests holds
+    /// at most these, and the rest of the table stays for proven clients.
+    pub max_unproven_transfers: usize,
+    /// New transfers a second for clients not known, in all (default 50,
+    /// in bursts of as many): forged requests can take only so many slots
+    /// a second, each for a few seconds.
+    pub new_transfers_per_sec: u32,
+    /// New transfers a second for one client not known (default 10, in
+    /// bursts of 20: pxelinux asks for a dozen config names in a row).
+    pub new_transfers_per_client_per_sec: u32,
 }
+
+/// How long a client stays known after its last acknowledged transfer
+/// (see the module docs): longer than a node takes from its boot loader
+/// to its initramfs.
+pub const KNOWN_CLIENT_FOR: Duration = Duration::from_secs(600);
+
+/// Most clients remembered as known; the one seen longest ago makes room.
+const MAX_KNOWN_CLIENTS: usize = 4096;
+
+/// Most per-address rate buckets kept; past it, an address without one is
+/// held to the total rate only (a flood from forged addresses cannot grow
+/// the table without bound).
+const MAX_RATED_CLIENTS: usize = 4096;
 
 impl TftpConfig {
     /// Defaults for serving `root` on `listen`.
@@ -138,6 +173,9 @@ impl TftpConfig {
             lifetime: Duration::from_secs(600),
             max_transfers: 256,
             max_transfers_per_client: 8,
+            max_unproven_transfers: 128,
+            new_transfers_per_sec: 50,
+            new_transfers_per_client_per_sec: 10,
         }
     }
 
@@ -195,11 +233,15 @@ struct Shared {
     limits: Limits,
     max_transfers: usize,
     max_per_client: usize,
+    max_unproven: usize,
+    /// New transfers a second for clients not known: in all, per client.
+    rate: f64,
+    rate_per_client: f64,
     /// Transfers in progress.
     table: Mutex<Table>,
 }
 
-/// Transfers in progress, by client.
+/// Transfers in progress, by client, and what the server knows of clients.
 #[derive(Default)]
 struct Table {
     /// Client endpoints (address and port: the client's transfer ID) with
@@ -207,6 +249,50 @@ struct Table {
     peers: std::collections::HashSet<SocketAddr>,
     /// Transfers per client IP address.
     per_ip: HashMap<IpAddr, usize>,
+    /// Transfers of clients not known that no ACK has proven yet.
+    unproven: usize,
+    /// Clients proven by an ACK, and when last.
+    known: HashMap<IpAddr, Instant>,
+    /// The rate of new transfers of clients not known, in all.
+    bucket: Option<Bucket>,
+    /// The rate of new transfers of each client not known.
+    buckets: HashMap<IpAddr, Bucket>,
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(burst: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    /// Refills for the time since the last take, then takes a token if
+    /// there is one.
+    fn take(&mut self, rate: f64, burst: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether it would be full again by `now` (so forgetting it changes
+    /// nothing).
+    fn refilled(&self, rate: f64, burst: f64, now: Instant) -> bool {
+        self.tokens + now.saturating_duration_since(self.at).as_secs_f64() * rate >= burst
+    }
 }
 
 /// A place in [`Table`], given back when the transfer task ends however it
@@ -214,11 +300,36 @@ struct Table {
 struct Slot {
     shared: Arc<Shared>,
     peer: SocketAddr,
+    /// Counted among the unproven transfers until its first ACK.
+    unproven: bool,
+}
+
+impl Slot {
+    /// The client acknowledged a packet: it receives at its address. It is
+    /// known from now on, and its transfer no longer counts as unproven.
+    fn proven(&mut self) {
+        let mut t = self.shared.table.lock().expect("tftp table lock");
+        if self.unproven {
+            self.unproven = false;
+            t.unproven -= 1;
+        }
+        let now = Instant::now();
+        if t.known.len() >= MAX_KNOWN_CLIENTS && !t.known.contains_key(&self.peer.ip()) {
+            let oldest = t.known.iter().min_by_key(|(_, &at)| at).map(|(&ip, _)| ip);
+            if let Some(ip) = oldest {
+                t.known.remove(&ip);
+            }
+        }
+        t.known.insert(self.peer.ip(), now);
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut t = self.shared.table.lock().expect("tftp table lock");
+        if self.unproven {
+            t.unproven -= 1;
+        }
         t.peers.remove(&self.peer);
         if let Some(n) = t.per_ip.get_mut(&self.peer.ip()) {
             *n -= 1;
@@ -239,27 +350,70 @@ enum Refusal {
     Full,
     /// [`TftpConfig::max_transfers_per_client`] reached.
     ClientFull,
+    /// [`TftpConfig::max_unproven_transfers`] reached, and the client is
+    /// not known.
+    UnprovenFull,
+    /// [`TftpConfig::new_transfers_per_sec`] reached, and the client is
+    /// not known.
+    RateLimited,
+    /// [`TftpConfig::new_transfers_per_client_per_sec`] reached, and the
+    /// client is not known.
+    ClientRateLimited,
 }
 
 impl Shared {
-    /// Takes a place for `peer`, or says why not.
-    fn admit(self: &Arc<Self>, peer: SocketAddr) -> Result<Slot, Refusal> {
-        let mut t = self.table.lock().expect("tftp table lock");
+    /// Takes a place for `peer` at `now`, or says why not.
+    fn admit(self: &Arc<Self>, peer: SocketAddr, now: Instant) -> Result<Slot, Refusal> {
+        let mut guard = self.table.lock().expect("tftp table lock");
+        let t = &mut *guard;
         if t.peers.contains(&peer) {
             return Err(Refusal::Duplicate);
         }
         if t.peers.len() >= self.max_transfers {
             return Err(Refusal::Full);
         }
-        let n = t.per_ip.entry(peer.ip()).or_insert(0);
-        if *n >= self.max_per_client {
+        if t.per_ip.get(&peer.ip()).copied().unwrap_or(0) >= self.max_per_client {
             return Err(Refusal::ClientFull);
         }
-        *n += 1;
+        let ip = peer.ip();
+        let known = t
+            .known
+            .get(&ip)
+            .is_some_and(|&at| now.saturating_duration_since(at) < KNOWN_CLIENT_FOR);
+        if !known {
+            t.known.remove(&ip);
+            if t.unproven >= self.max_unproven {
+                return Err(Refusal::UnprovenFull);
+            }
+            let (rate, burst) = (self.rate, self.rate.max(1.0));
+            let (per_rate, per_burst) =
+                (self.rate_per_client, (2.0 * self.rate_per_client).max(1.0));
+            if t.buckets.len() >= MAX_RATED_CLIENTS {
+                t.buckets
+                    .retain(|_, b| !b.refilled(per_rate, per_burst, now));
+            }
+            let own = t.buckets.len() < MAX_RATED_CLIENTS || t.buckets.contains_key(&ip);
+            if own {
+                let b = t
+                    .buckets
+                    .entry(ip)
+                    .or_insert_with(|| Bucket::full(per_burst, now));
+                if !b.take(per_rate, per_burst, now) {
+                    return Err(Refusal::ClientRateLimited);
+                }
+            }
+            let total = t.bucket.get_or_insert_with(|| Bucket::full(burst, now));
+            if !total.take(rate, burst, now) {
+                return Err(Refusal::RateLimited);
+            }
+            t.unproven += 1;
+        }
+        *t.per_ip.entry(ip).or_insert(0) += 1;
         t.peers.insert(peer);
         Ok(Slot {
             shared: self.clone(),
             peer,
+            unproven: !known,
         })
     }
 }
@@ -297,6 +451,9 @@ impl TftpServer {
                 limits: config.limits(),
                 max_transfers: config.max_transfers.max(1),
                 max_per_client: config.max_transfers_per_client.max(1),
+                max_unproven: config.max_unproven_transfers.max(1),
+                rate: f64::from(config.new_transfers_per_sec.max(1)),
+                rate_per_client: f64::from(config.new_transfers_per_client_per_sec.max(1)),
                 table: Mutex::new(Table::default()),
             }),
         })
@@ -333,7 +490,7 @@ impl TftpServer {
                 let _ = self.socket.send_to(&reply, peer).await;
                 continue;
             }
-            match self.shared.admit(peer) {
+            match self.shared.admit(peer, Instant::now()) {
                 Ok(slot) => {
                     tokio::spawn(transfer(self.shared.clone(), slot, req));
                 }
@@ -366,7 +523,7 @@ impl RefusalLog {
                 client = %peer,
                 ?why,
                 refused = self.count,
-                "TFTP requests dropped: too many transfers at once (raise --max-transfers or --max-transfers-per-client if these are real clients)"
+                "TFTP requests dropped: too many transfers at once, or new ones a second from clients not yet known (raise --max-transfers or --max-transfers-per-client if these are real clients)"
             );
             self.since = Some(now);
             self.count = 0;
@@ -375,7 +532,7 @@ impl RefusalLog {
 }
 
 /// Runs one read transfer for `req` from `slot.peer`.
-async fn transfer(shared: Arc<Shared>, slot: Slot, req: Request) {
+async fn transfer(shared: Arc<Shared>, mut slot: Slot, req: Request) {
     let peer = slot.peer;
     let deadline = Instant::now() + shared.limits.lifetime;
     // A new port per transfer (the server's transfer ID) on the listening
@@ -410,7 +567,25 @@ async fn transfer(shared: Arc<Shared>, slot: Slot, req: Request) {
     };
     let plan = transfer::negotiate(&req.options, &shared.limits, size);
     let started = Instant::now();
-    let outcome = transfer::send(&socket, &source, size, &plan, &shared.limits, deadline).await;
+    let mut first_ack = || {
+        if slot.unproven {
+            slot.proven();
+        }
+    };
+    let outcome = transfer::send(
+        &socket,
+        &source,
+        size,
+        &plan,
+        &shared.limits,
+        deadline,
+        &mut first_ack,
+    )
+    .await;
+    // A client that took a whole file is known from its last ACK on.
+    if matches!(outcome, Outcome::Done) {
+        slot.proven();
+    }
     let secs = started.elapsed().as_secs_f64();
     let path = &req.filename;
     match outcome {
@@ -424,6 +599,9 @@ async fn transfer(shared: Arc<Shared>, slot: Slot, req: Request) {
         }
         Outcome::Io(e) => tracing::info!(client = %peer, path, error = %e, "TFTP transfer failed"),
     }
+    // The socket and the file go before the place in the table, so what
+    // the table admits bounds the descriptors held.
+    drop((socket, source));
     drop(slot);
 }
 

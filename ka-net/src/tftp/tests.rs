@@ -199,6 +199,10 @@ fn transfers_are_capped_per_client_and_in_total_and_slots_come_back() {
         c.max_transfers_per_client = 4;
         c.timeout = Duration::from_millis(800);
         c.retries = 1;
+        // Only the caps on transfers at once are under test here.
+        c.max_unproven_transfers = 6;
+        c.new_transfers_per_sec = 1000;
+        c.new_transfers_per_client_per_sec = 1000;
     });
     // Sends `n` requests from `ip`, each from its own port, and counts the
     // ones answered within 300 ms.
@@ -275,5 +279,134 @@ fn open_inside_refuses_symlinks_out_and_directories() {
     assert_eq!(
         code(open_inside(&root, "nope")),
         Some(ErrorCode::FileNotFound)
+    );
+}
+
+/// Fetches `path` from `server` as a well-behaved client at `sock` would:
+/// each block acknowledged, to the end; returns the bytes.
+fn fetch(sock: &StdUdp, server: SocketAddr, path: &str) -> Vec<u8> {
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    sock.send_to(&request_packet(1, path, &[]), server).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf).expect("a DATA block");
+        assert_eq!(&buf[..2], &[0, 3], "{path}: not DATA: {:?}", &buf[..n]);
+        got.extend_from_slice(&buf[4..n]);
+        sock.send_to(&[0, 4, buf[2], buf[3]], from).unwrap();
+        if n - 4 < 512 {
+            return got;
+        }
+    }
+}
+
+#[test]
+fn a_forged_flood_neither_evicts_a_transfer_nor_locks_out_a_known_client() {
+    let root = tempfile::tempdir().unwrap();
+    let big = vec![9u8; 512 * 40 + 7];
+    std::fs::write(root.path().join("pxelinux.0"), b"boot loader").unwrap();
+    std::fs::write(root.path().join("initrd"), &big).unwrap();
+    let server = start(root.path(), |c| {
+        c.max_transfers = 16;
+        c.max_transfers_per_client = 8;
+        c.max_unproven_transfers = 8;
+        c.new_transfers_per_sec = 20;
+        c.new_transfers_per_client_per_sec = 10;
+        c.timeout = Duration::from_millis(1500);
+    });
+    // A node fetches its boot loader (it is known from then on) and starts
+    // on its initramfs, one block so far.
+    let node = StdUdp::bind("127.0.0.1:0").unwrap();
+    assert_eq!(fetch(&node, server, "pxelinux.0"), b"boot loader");
+    let long = StdUdp::bind("127.0.0.1:0").unwrap();
+    long.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    long.send_to(&request_packet(1, "initrd", &[]), server)
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let (_, from) = long.recv_from(&mut buf).expect("the first block");
+    // 300 read requests from 300 addresses that never acknowledge (forged:
+    // whoever sent them does not receive at them).
+    let forged: Vec<StdUdp> = (0..300u32)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8);
+            let s = StdUdp::bind((ip, 0)).unwrap();
+            s.send_to(&request_packet(1, "initrd", &[]), server)
+                .unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let answered = forged
+        .iter()
+        .filter(|s| {
+            s.set_nonblocking(true).unwrap();
+            s.recv_from(&mut [0u8; 600]).is_ok()
+        })
+        .count();
+    assert!(
+        answered <= 8,
+        "{answered} forged requests got a transfer; at most 8 may be unproven"
+    );
+    // The transfer under way goes on to its end...
+    long.send_to(&[0, 4, buf[2], buf[3]], from).unwrap();
+    let mut got = buf[4..516].to_vec();
+    loop {
+        let (n, from) = long.recv_from(&mut buf).expect("the next block");
+        got.extend_from_slice(&buf[4..n]);
+        long.send_to(&[0, 4, buf[2], buf[3]], from).unwrap();
+        if n - 4 < 512 {
+            break;
+        }
+    }
+    assert_eq!(got, big, "the transfer under way was cut short");
+    // ...and the known node gets a new one at once, flood or not.
+    let again = StdUdp::bind("127.0.0.1:0").unwrap();
+    assert_eq!(fetch(&again, server, "initrd"), big);
+}
+
+#[test]
+fn new_transfers_of_unknown_clients_are_rate_limited_per_client_and_in_all() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("f"), b"x").unwrap();
+    let tune = |c: &mut TftpConfig| {
+        c.max_transfers = 200;
+        c.max_transfers_per_client = 100;
+        c.max_unproven_transfers = 200;
+        c.new_transfers_per_sec = 30;
+        c.new_transfers_per_client_per_sec = 5;
+    };
+    let answered = |server: SocketAddr, ips: &[[u8; 4]], each: usize| -> usize {
+        let socks: Vec<StdUdp> = ips
+            .iter()
+            .flat_map(|ip| (0..each).map(move |_| *ip))
+            .map(|ip| {
+                let s = StdUdp::bind((std::net::Ipv4Addr::from(ip), 0)).unwrap();
+                s.send_to(&request_packet(1, "f", &[]), server).unwrap();
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        socks
+            .iter()
+            .filter(|s| {
+                s.set_nonblocking(true).unwrap();
+                s.recv_from(&mut [0u8; 600]).is_ok()
+            })
+            .count()
+    };
+    // One client: a burst of twice its rate, then nothing until it refills.
+    let server = start(root.path(), tune);
+    assert_eq!(
+        answered(server, &[[127, 2, 0, 1]], 20),
+        10,
+        "per-client burst"
+    );
+    // Many clients: the total burst (its rate), whatever their number.
+    let server = start(root.path(), tune);
+    let many: Vec<[u8; 4]> = (1..=90).map(|i| [127, 2, 1, i]).collect();
+    let n = answered(server, &many, 1);
+    assert!(
+        (30..=33).contains(&n),
+        "{n} new transfers past a total burst of 30"
     );
 }

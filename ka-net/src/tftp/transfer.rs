@@ -195,6 +195,9 @@ enum Wait {
 /// Sends `source` (`size` bytes) to the peer `socket` is connected to,
 /// following `plan`, until done or a limit is hit. Sends an ERROR to the
 /// client when the server gives up, so a live client fails fast.
+///
+/// `acked` is called at each acknowledgement the client sends: the server
+/// learns from it that the client really receives at its address.
 pub async fn send(
     socket: &UdpSocket,
     source: &Source,
@@ -202,8 +205,9 @@ pub async fn send(
     plan: &Plan,
     limits: &Limits,
     deadline: Instant,
+    acked: &mut (dyn FnMut() + Send),
 ) -> Outcome {
-    let outcome = match run(socket, source, size, plan, limits, deadline).await {
+    let outcome = match run(socket, source, size, plan, limits, deadline, acked).await {
         Ok(o) => o,
         Err(e) => Outcome::Io(e),
     };
@@ -226,6 +230,7 @@ async fn run(
     plan: &Plan,
     limits: &Limits,
     deadline: Instant,
+    acked: &mut (dyn FnMut() + Send),
 ) -> io::Result<Outcome> {
     let bs = u64::from(plan.block_size);
     // Blocks are numbered from 1 here and on the wire modulo 2^16; the last
@@ -238,7 +243,10 @@ async fn run(
         loop {
             socket.send(oack).await?;
             match wait_ack(socket, plan.timeout, deadline, |a| (a == 0).then_some(0)).await? {
-                Wait::Acked(_) => break,
+                Wait::Acked(_) => {
+                    acked();
+                    break;
+                }
                 Wait::Timeout => {
                     silent += 1;
                     if silent > retries {
@@ -286,6 +294,7 @@ async fn run(
         };
         match wait_ack(socket, plan.timeout, deadline, accept).await? {
             Wait::Acked(off) => {
+                acked();
                 base += off + 1;
                 silent = 0;
                 retries = limits.retries;
