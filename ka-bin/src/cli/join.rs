@@ -60,8 +60,9 @@ pub struct JoinArgs {
     /// Where this node records how much of its --target is written and
     /// durable, so that `ka join` restarted with the same arguments goes on
     /// from there instead of from the start (created if missing; the record
-    /// is removed once the copy is checked). --command and --untar targets
-    /// always start over.
+    /// is removed once the copy is checked; one last written more than 24 h
+    /// ago is reported and removed, and the copy starts over). --command
+    /// and --untar targets always start over.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// Print JSON lines instead of text.

@@ -120,8 +120,9 @@ pub struct ServeArgs {
     /// Where the session's record is kept (nodes' outcomes), so that `ka
     /// serve` restarted with the same arguments on the same image goes on
     /// with the session: the nodes rejoin and resume, and nodes that had
-    /// already finished are still reported. Removed when the session ends.
-    /// [default: /var/lib/ka, if usable]
+    /// already finished are still reported. Removed when the session ends;
+    /// a record last written more than 24 h ago is not gone on with (it is
+    /// reported and removed). [default: /var/lib/ka, if usable]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Print JSON lines (events, every node's progress about five times a second,

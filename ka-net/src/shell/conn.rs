@@ -187,7 +187,6 @@ impl Conns {
         while self.tasks.try_join_next().is_some() {}
         let (tx, rx) = mpsc::unbounded_channel();
         let _ = stream.set_nodelay(true);
-        super::tcp::for_messages(std::os::fd::AsRawFd::as_raw_fd(&stream));
         if let Ok(peer) = stream.peer_addr() {
             self.peers.insert(id, peer);
         }
@@ -273,6 +272,11 @@ async fn run(
     events: mpsc::UnboundedSender<Event>,
 ) {
     let mut answered = side == Side::Connected;
+    if answered {
+        // A peer we chose: its messages get through outages at once; a
+        // stranger's only once it has answered (below).
+        super::tcp::for_messages(std::os::fd::AsRawFd::as_raw_fd(&stream));
+    }
     let codec = if answered {
         BoundedCodec::default()
     } else {
@@ -300,6 +304,7 @@ async fn run(
                         // its key, or the connection is refused.
                         answered = true;
                         framed.codec_mut().limit = BoundedCodec::default().limit;
+                        super::tcp::for_messages(std::os::fd::AsRawFd::as_raw_fd(framed.get_ref()));
                     }
                     if hello_sent || matches!(msg, Message::DataHello { .. }) {
                         reading = false;
