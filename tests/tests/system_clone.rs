@@ -225,10 +225,11 @@ fn a_running_system_is_rebuilt_on_nodes_saved_and_replayed() {
     let small = Loop::blank(&s.path().join("n3.img"), 300 << 20);
     let root = source.root.to_string_lossy().to_string();
     let tmp = source.root.join("tmp").to_string_lossy().to_string();
-    // The machine runs: a log grows while the file systems are read (it
-    // has 16 MiB already, so tar is still reading it while it grows).
+    // The machine runs: a log grows while the file systems are read, from
+    // before the source starts until it has finished (it has 64 MiB
+    // already, so tar is still reading it while it grows).
     let growing = source.root.join("var/log/growing");
-    std::fs::write(&growing, pseudo_random(16 << 20, 3)).unwrap();
+    std::fs::write(&growing, pseudo_random(64 << 20, 3)).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (growing, stop) = (growing.clone(), stop.clone());
@@ -240,11 +241,8 @@ fn a_running_system_is_rebuilt_on_nodes_saved_and_replayed() {
                 .unwrap();
             let line = [b'x'; 4096];
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if f.metadata().unwrap().len() < 256 << 20 {
-                    f.write_all(&line).unwrap();
-                } else {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                f.write_all(&line).unwrap();
+                std::thread::sleep(Duration::from_micros(500));
             }
         })
     };
