@@ -170,7 +170,7 @@ tftp_root = "tftp"
 kernel = "ka/vmlinuz"
 initramfs = "ka/initramfs.img"
 console = "ttyS0,115200"
-kernel_args = "quiet ka.secret=tftp:ka/secret ka.fail_delay=never"
+kernel_args = "quiet ka.fail_delay=never"
 # UEFI nodes boot Debian's signed shim, which loads Debian's signed GRUB
 # network image (grubx64.efi): Secure Boot without keys of our own.
 uefi_boot_file = "shimx64.efi"
@@ -360,7 +360,6 @@ fn running_debian_is_cloned_onto_bios_and_uefi_vms_that_boot_it() {
         .map(|b| format!("{b:02x}"))
         .collect();
     fs::write(share.join("secret"), format!("{secret}\n")).unwrap();
-    fs::write(tftp_root.join("ka/secret"), format!("{secret}\n")).unwrap();
     fs::copy(ka_bin(), share.join("ka")).unwrap();
     fs::write(share.join("source.sh"), source_script()).unwrap();
 
@@ -433,6 +432,9 @@ fn running_debian_is_cloned_onto_bios_and_uefi_vms_that_boot_it() {
         "--listen",
         &format!("{SERVER}:69"),
     ]);
+    // The secret stays with ka serve and ka tftp: each install-mode node
+    // fetches its own key (the image's default, ka.secret=tftp).
+    tftp.arg("--secret-file").arg(share.join("secret"));
     let mut tftp = Daemon::start(tftp, "ka tftp");
     tftp.wait_for(Duration::from_secs(20), "its address", |out, _| {
         out.contains("serving")
