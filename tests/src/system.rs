@@ -233,7 +233,7 @@ impl SourceMachine {
         // Part of a /usr is no system to chroot into (no /bin/sh, no
         // loader): without its boot loader tools, a node leaves the clone
         // as it is instead of failing to run them.
-        for tool in BOOT_TOOLS {
+        for tool in ka_net::system::bootloader::TOOLS {
             let _ = fs::remove_file(machine.root.join(tool));
         }
         fill(&machine.root, 1 << 20, &machine.uuids);
@@ -331,19 +331,6 @@ mcopy -i "$1" "$3" ::/EFI/debian/grub.cfg"#,
         }
     }
 }
-
-/// What makes a node install a boot loader into a clone
-/// (`ka_net::system::bootloader`), relative to its root.
-const BOOT_TOOLS: &[&str] = &[
-    "usr/sbin/grub-install",
-    "usr/sbin/grub2-install",
-    "usr/sbin/update-initramfs",
-    "usr/bin/dracut",
-    "usr/sbin/dracut",
-    "usr/bin/extlinux",
-    "usr/sbin/extlinux",
-    "usr/bin/bootctl",
-];
 
 /// How much [`copy_real_files`] copied.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -277,6 +277,17 @@ impl SourceDriver {
         let key = opts.key.digest_key();
         let (digest_tx, digest) = mpsc::unbounded_channel::<Result<(u64, Digest), Error>>();
         // What servers read from, and how far it is written.
+        // A stream is read once, into a spool that servers follow.
+        let spool_stream = |stream: Box<dyn crate::ImageSource>, spool: &PathBuf| {
+            let (tx, rx) = watch::channel(Written::default());
+            let (tx2, key2, spool2, done) =
+                (tx.clone(), key.clone(), spool.clone(), digest_tx.clone());
+            tokio::task::spawn_blocking(move || {
+                let r = super::spool::spool_source(stream, &spool2, &key2, &tx2);
+                let _ = done.send(r);
+            });
+            (spool.clone(), tx, rx, None, resume::random_identity())
+        };
         let (path, image_written, image_watch, size, image_id) = match &opts.image {
             ImageInput::File(path) => {
                 let size = open_source(&SourceSpec::File(path.clone()))?
@@ -306,30 +317,17 @@ impl SourceDriver {
                     resume::image_identity(path)?,
                 )
             }
-            ImageInput::Stream { .. } | ImageInput::System { .. } => {
-                let (stream, spool): (Box<dyn crate::ImageSource>, _) = match &opts.image {
-                    ImageInput::Stream { spec, spool } => (open_source(spec)?, spool),
-                    ImageInput::System {
-                        capture,
-                        warnings,
-                        spool,
-                    } => (
-                        Box::new(crate::image::sources::StreamSource::new(
-                            capture.reader(warnings.clone()),
-                        )),
-                        spool,
-                    ),
-                    ImageInput::File(_) => unreachable!("matched above"),
-                };
-                let (tx, rx) = watch::channel(Written::default());
-                let (tx2, key2, spool2, done) =
-                    (tx.clone(), key.clone(), spool.clone(), digest_tx.clone());
-                tokio::task::spawn_blocking(move || {
-                    let r = super::spool::spool_source(stream, &spool2, &key2, &tx2);
-                    let _ = done.send(r);
-                });
-                (spool.clone(), tx, rx, None, resume::random_identity())
-            }
+            ImageInput::Stream { spec, spool } => spool_stream(open_source(spec)?, spool),
+            ImageInput::System {
+                capture,
+                warnings,
+                spool,
+            } => spool_stream(
+                Box::new(crate::image::sources::StreamSource::new(
+                    capture.reader(warnings.clone()),
+                )),
+                spool,
+            ),
         };
         opts.config.image_size = size;
         opts.config.image_id = image_id;

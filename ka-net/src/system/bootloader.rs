@@ -30,22 +30,25 @@ use crate::Error;
 /// The GPT type of a BIOS boot partition (where GRUB's core sits on GPT).
 const BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
 
+/// What makes a clone's boot loader installable, relative to its root:
+/// without any of these, [`install`] leaves the clone as it is.
+pub const TOOLS: &[&str] = &[
+    "usr/sbin/grub-install",
+    "usr/sbin/grub2-install",
+    "usr/sbin/update-initramfs",
+    "usr/bin/dracut",
+    "usr/sbin/dracut",
+    "usr/bin/extlinux",
+    "usr/sbin/extlinux",
+    "usr/bin/bootctl",
+];
+
 /// Installs the boot loader of the clone mounted at `root` onto `disks`
 /// (the node's disks, in the layout's order). Returns one line per step.
 pub fn install(root: &Path, layout: &Layout, disks: &[PathBuf]) -> Result<Vec<String>, Error> {
     let mut steps = Vec::new();
     let has = |p: &str| root.join(p.trim_start_matches('/')).exists();
-    let tools = [
-        "usr/sbin/grub-install",
-        "usr/sbin/grub2-install",
-        "usr/sbin/update-initramfs",
-        "usr/bin/dracut",
-        "usr/sbin/dracut",
-        "usr/bin/extlinux",
-        "usr/sbin/extlinux",
-        "usr/bin/bootctl",
-    ];
-    if !tools.iter().any(|t| has(t)) {
+    if !TOOLS.iter().any(|t| has(t)) {
         steps.push(
             "no boot loader in the clone (no GRUB, extlinux or systemd-boot): left as it is".into(),
         );

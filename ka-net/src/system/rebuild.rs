@@ -16,7 +16,6 @@
 //! Every failure names its step and carries the tool's own words; whatever
 //! was mounted is unmounted when the rebuilder is dropped.
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command, Stdio};
@@ -25,6 +24,7 @@ use super::disk::{self, LayoutFile};
 use super::layout::{Content, FsKind, Layout};
 use super::stream::Event;
 use super::{bootloader, Plan};
+use crate::image::blockdev;
 use crate::image::process::{widen_pipe, Supervised};
 use crate::image::sinks::{FileSink, ImageSink};
 use crate::image::{is_zero, BLOCK};
@@ -168,10 +168,21 @@ impl Rebuilder {
         // Plan every disk before writing any: a refusal writes nothing.
         let mut plans = Vec::new();
         for (i, (src, target)) in plan.layout.disks.iter().zip(&self.opts.disks).enumerate() {
-            let (bytes, sector) = target_geometry(target)?;
-            let p = disk::plan_disk(src, bytes, sector, layout_file.as_ref(), i).map_err(|e| {
-                step_error(&format!("planning {}", target.display()), e.to_string())
+            let info = blockdev::inspect(target).map_err(|e| match e {
+                blockdev::BlockDeviceError::NotABlockDevice(p) => Error::Invalid(format!(
+                    "{} is not a block device: a system clone rebuilds whole disks (give --system /dev/sdX)",
+                    p.display()
+                )),
+                e => e.into(),
             })?;
+            let p = disk::plan_disk(
+                src,
+                info.size,
+                info.logical_sector_size,
+                layout_file.as_ref(),
+                i,
+            )
+            .map_err(|e| step_error(&format!("planning {}", target.display()), e.to_string()))?;
             plans.push(p);
         }
         for ((src, target), p) in plan.layout.disks.iter().zip(&self.opts.disks).zip(&plans) {
@@ -557,45 +568,6 @@ const TAR_EXTRACT: &[&str] = &[
     "--xattrs",
     "--xattrs-include=*",
 ];
-
-/// A target's size in bytes and logical sector size.
-fn target_geometry(target: &Path) -> Result<(u64, u32), Error> {
-    let file = OpenOptions::new()
-        .read(true)
-        .open(target)
-        .map_err(|e| Error::io(format!("opening {}", target.display()), e))?;
-    if !file
-        .metadata()
-        .map_err(|e| Error::io(format!("stat {}", target.display()), e))?
-        .file_type()
-        .is_block_device_like()
-    {
-        return Err(Error::Invalid(format!(
-            "{} is not a block device: a system clone rebuilds whole disks (give --system /dev/sdX)",
-            target.display()
-        )));
-    }
-    let size = crate::image::blockdev::size_of(&file)
-        .map_err(|e| Error::io(format!("reading the size of {}", target.display()), e))?;
-    let sector = crate::image::blockdev::logical_sector_size(&file).map_err(|e| {
-        Error::io(
-            format!("reading the sector size of {}", target.display()),
-            e,
-        )
-    })?;
-    Ok((size, sector))
-}
-
-trait BlockDeviceLike {
-    fn is_block_device_like(&self) -> bool;
-}
-
-impl BlockDeviceLike for std::fs::FileType {
-    fn is_block_device_like(&self) -> bool {
-        use std::os::unix::fs::FileTypeExt;
-        self.is_block_device()
-    }
-}
 
 /// Runs a command to success; its failure names `what` and quotes it.
 pub(super) fn run(mut c: Command, what: &str) -> Result<(), Error> {
