@@ -469,32 +469,29 @@ fn crypt_ticket(key: &dyn Mac, seq: u64, msg: &mut Message) {
     }
 }
 
-/// A deterministic, non-cryptographic stand-in for [`Mac`], for tests of the
-/// core: cheap, and with every property the protocol relies on except
-/// resistance to an adversary who can compute.
-#[cfg(test)]
+/// A deterministic, non-cryptographic stand-in for [`Mac`]: cheap, and
+/// with every property the protocol relies on except resistance to an
+/// adversary who can compute. For the simulator and the tests of the
+/// machines, which check the protocol, not the cryptography; ka itself
+/// keys BLAKE3 (ka-net).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct TestKey(pub u64);
+pub struct StandInKey(pub u64);
 
-#[cfg(test)]
-impl TestKey {
-    /// FNV-1a of `message` under the key, spread to `out`.
-    fn hash(&self, purpose: u8, message: &[u8], out: &mut [u8]) {
-        let mut h = self.0 ^ 0xcbf2_9ce4_8422_2325 ^ u64::from(purpose);
-        h = h.wrapping_mul(0x100_0000_01b3);
+impl StandInKey {
+    /// FNV-1a of `message` under the key and a `purpose`, spread over `out`.
+    pub fn hash(&self, purpose: u64, message: &[u8], out: &mut [u8]) {
+        let mut h = (self.0 ^ 0xcbf2_9ce4_8422_2325 ^ purpose).wrapping_mul(0x100_0000_01b3);
         for &b in message {
             h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
         }
         for (i, chunk) in out.chunks_mut(8).enumerate() {
-            let x = (h ^ i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let x = x ^ (x >> 29);
-            chunk.copy_from_slice(&x.to_be_bytes()[..chunk.len()]);
+            h = (h ^ i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            chunk.copy_from_slice(&h.to_be_bytes()[..chunk.len()]);
         }
     }
 }
 
-#[cfg(test)]
-impl Mac for TestKey {
+impl Mac for StandInKey {
     fn mac(&self, message: &[u8]) -> Tag {
         let mut out = [0u8; 32];
         self.hash(1, message, &mut out);
@@ -508,7 +505,7 @@ impl Mac for TestKey {
     }
 
     fn keyed(&self, key: &[u8; 32]) -> Box<dyn Mac> {
-        Box::new(TestKey(u64::from_be_bytes(
+        Box::new(StandInKey(u64::from_be_bytes(
             key[..8].try_into().expect("8 bytes"),
         )))
     }
@@ -543,7 +540,7 @@ mod tests {
 
     #[test]
     fn a_join_proof_covers_the_key_the_nonces_and_every_field() {
-        let root = TestKey(1);
+        let root = StandInKey(1);
         let key = node_key(&root, "n");
         let nonce = Nonce([7; 32]);
         let proof = join_proof(&*key, &nonce, &join("n"));
@@ -580,7 +577,7 @@ mod tests {
 
     #[test]
     fn derived_keys_differ_by_name_and_purpose() {
-        let root = TestKey(1);
+        let root = StandInKey(1);
         let msg = b"m";
         let macs = [
             node_key(&root, "a").mac(msg),
@@ -604,7 +601,7 @@ mod tests {
 
     #[test]
     fn a_ticket_is_bound_to_its_upstream_run_and_downstream() {
-        let root = TestKey(1);
+        let root = StandInKey(1);
         let (a, b) = (node_key(&root, "a"), node_key(&root, "b"));
         let run = Nonce([1; 32]);
         let t = link_ticket(&*a, &run, NodeId(2));
@@ -626,7 +623,7 @@ mod tests {
 
     #[test]
     fn a_data_hello_checks_only_with_its_links_ticket() {
-        let root = TestKey(1);
+        let root = StandInKey(1);
         let up = node_key(&root, "a");
         let run = Nonce([1; 32]);
         let server_nonce = Nonce([5; 32]);
@@ -680,7 +677,7 @@ mod tests {
 
     #[test]
     fn sealed_messages_open_in_order_and_only_in_order() {
-        let key = TestKey(7);
+        let key = StandInKey(7);
         let (mut server, mut client) = pair(&key);
         let msgs = [Message::Heartbeat, Message::Release, topology([9; 32])];
         let sealed: Vec<Message> = msgs.iter().map(|m| server.seal(m.clone())).collect();
@@ -704,8 +701,8 @@ mod tests {
 
     #[test]
     fn a_channel_refuses_the_other_direction_another_key_and_plain_messages() {
-        let (mut server, mut client) = pair(&TestKey(7));
-        let (mut other, _) = pair(&TestKey(8));
+        let (mut server, mut client) = pair(&StandInKey(7));
+        let (mut other, _) = pair(&StandInKey(8));
         // A message reflected back to its sender does not open.
         let to_client = server.seal(Message::Heartbeat);
         assert_eq!(server.open(to_client), Err(OpenError::BadTag));
@@ -724,7 +721,7 @@ mod tests {
 
     #[test]
     fn a_sealed_handshake_message_is_refused() {
-        let key = TestKey(7);
+        let key = StandInKey(7);
         let (server, mut client) = pair(&key);
         // Forge the wrapper by hand: seal() refuses to.
         let inner = Message::Challenge {
@@ -743,7 +740,7 @@ mod tests {
             tag in any::<[u8; 32]>(),
             body in proptest::collection::vec(any::<u8>(), 0..200),
         ) {
-            let (_, mut client) = pair(&TestKey(7));
+            let (_, mut client) = pair(&StandInKey(7));
             let r = client.open(Message::Sealed { tag: Tag(tag), body });
             prop_assert!(r.is_err());
         }
@@ -753,7 +750,7 @@ mod tests {
             received in any::<u64>(), written in any::<u64>(), holds_from in any::<u64>(),
             ticket in any::<[u8; 32]>(),
         ) {
-            let (mut server, mut client) = pair(&TestKey(3));
+            let (mut server, mut client) = pair(&StandInKey(3));
             let p = Message::Progress(Progress { received, written, holds_from });
             prop_assert_eq!(server.open(client.seal(p.clone())), Ok(p));
             let t = topology(ticket);

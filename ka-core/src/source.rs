@@ -1564,7 +1564,7 @@ impl Source {
 mod tests {
     use super::*;
 
-    use crate::auth::TestKey;
+    use crate::auth::StandInKey;
     use crate::codec::ImageId;
 
     const NONCE: Nonce = Nonce([5; 32]);
@@ -1582,7 +1582,7 @@ mod tests {
         Source::new(
             Time::ZERO,
             SourceConfig::new("s", expected, addr()),
-            Box::new(TestKey(1)),
+            Box::new(StandInKey(1)),
         )
     }
 
@@ -1602,7 +1602,7 @@ mod tests {
             nonce: Nonce([6; 32]),
             proof: Default::default(),
         }
-        .proved(&TestKey(1))
+        .proved(&StandInKey(1))
     }
 
     trait Proved {
@@ -1655,7 +1655,7 @@ mod tests {
         joined(&mut src, 1, "a");
         let mut twin = join("a");
         twin.data_addr = "10.0.0.2:1".parse().unwrap();
-        let twin = twin.proved(&TestKey(1));
+        let twin = twin.proved(&StandInKey(1));
         assert_eq!(refused(&src, &twin), RefusalCode::NameInUse);
         // The same machine again is a restart faster than its death was
         // noticed: it takes the place over.
@@ -1678,7 +1678,7 @@ mod tests {
         let mut j = join("a");
         j.session = "t".into();
         assert_eq!(refused(&src, &j), RefusalCode::WrongSession);
-        let j = join("a").proved(&TestKey(2));
+        let j = join("a").proved(&StandInKey(2));
         assert_eq!(refused(&src, &j), RefusalCode::BadProof);
         // The proof covers the name: a node cannot join under another's
         // with its own key.
@@ -1728,14 +1728,14 @@ mod tests {
         let mut cfg = SourceConfig::new("s", 2, addr());
         cfg.image_id = ImageId([7; 32]);
         cfg.image_size = Some(1000);
-        let src = Source::new(Time::ZERO, cfg, Box::new(TestKey(1)));
+        let src = Source::new(Time::ZERO, cfg, Box::new(StandInKey(1)));
         let holding = |have, image| {
             Join {
                 have,
                 image: Some(ImageId(image)),
                 ..join("a")
             }
-            .proved(&TestKey(1))
+            .proved(&StandInKey(1))
         };
         let have = |j: &Join| src.admit(&NONCE, j).expect("admitted").have;
         assert_eq!(have(&holding(600, [7; 32])), 600);

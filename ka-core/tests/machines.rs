@@ -19,42 +19,8 @@ use ka_core::node::{Node, NodeAction, NodeEvent, Phase};
 use ka_core::source::{Source, SourceAction, SourceEvent, SourceState, StartTrigger};
 use ka_core::time::Time;
 
-/// A cheap keyed hash standing in for BLAKE3: the tests check the
-/// protocol, not the cryptography.
-struct Key(u64);
-
-impl Key {
-    fn hash(&self, purpose: u8, message: &[u8], out: &mut [u8]) {
-        let mut h =
-            (self.0 ^ 0xcbf2_9ce4_8422_2325 ^ u64::from(purpose)).wrapping_mul(0x100_0000_01b3);
-        for &b in message {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
-        for (i, chunk) in out.chunks_mut(8).enumerate() {
-            let x = (h ^ i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            chunk.copy_from_slice(&(x ^ (x >> 29)).to_be_bytes()[..chunk.len()]);
-        }
-    }
-}
-
-impl Mac for Key {
-    fn mac(&self, message: &[u8]) -> Tag {
-        let mut t = [0; 32];
-        self.hash(1, message, &mut t);
-        Tag(t)
-    }
-    fn derive(&self, context: &[u8]) -> [u8; 32] {
-        let mut k = [0; 32];
-        self.hash(2, context, &mut k);
-        k
-    }
-    fn keyed(&self, key: &[u8; 32]) -> Box<dyn Mac> {
-        Box::new(Key(u64::from_be_bytes(key[..8].try_into().unwrap())))
-    }
-    fn keystream(&self, context: &[u8], out: &mut [u8]) {
-        self.hash(3, context, out);
-    }
-}
+/// The tests check the protocol, not the cryptography.
+use ka_core::auth::StandInKey as Key;
 
 /// The session's root key in these tests.
 const ROOT: Key = Key(1);

@@ -185,52 +185,32 @@ ip = "10.0.0.12"
         let inv = inventory(dir.path());
         let state = BootState::new(dir.path().join("state"));
         let secret = Secret([7; 32]);
+        // n1 asks for its key from its own address, in its mode of the moment.
+        let n1_asks = || {
+            let modes = state.load().unwrap();
+            answer(
+                &inv,
+                &modes,
+                Some(&secret),
+                "ka/keys/n1.key",
+                from([10, 0, 0, 11]),
+            )
+        };
         // Never set: it boots local, and gets nothing.
-        let modes = state.load().unwrap();
         assert!(matches!(
-            answer(&inv, &modes, Some(&secret), "ka/keys/n1.key", from([10, 0, 0, 11])),
+            n1_asks(),
             Generated::Refused(why) if why.contains("local mode")
         ));
         state
             .set_modes(&inv, &["n1"], false, Mode::Install)
             .unwrap();
-        let modes = state.load().unwrap();
-        assert!(matches!(
-            answer(
-                &inv,
-                &modes,
-                Some(&secret),
-                "ka/keys/n1.key",
-                from([10, 0, 0, 11])
-            ),
-            Generated::File(_)
-        ));
+        assert!(matches!(n1_asks(), Generated::File(_)));
         // Its clone verified: flipped to local, no key any more.
         state.set_modes(&inv, &["n1"], false, Mode::Local).unwrap();
-        let modes = state.load().unwrap();
-        assert!(matches!(
-            answer(
-                &inv,
-                &modes,
-                Some(&secret),
-                "ka/keys/n1.key",
-                from([10, 0, 0, 11])
-            ),
-            Generated::Refused(_)
-        ));
+        assert!(matches!(n1_asks(), Generated::Refused(_)));
         // A shell is for repairs, not for joining.
         state.set_modes(&inv, &["n1"], false, Mode::Shell).unwrap();
-        let modes = state.load().unwrap();
-        assert!(matches!(
-            answer(
-                &inv,
-                &modes,
-                Some(&secret),
-                "ka/keys/n1.key",
-                from([10, 0, 0, 11])
-            ),
-            Generated::Refused(_)
-        ));
+        assert!(matches!(n1_asks(), Generated::Refused(_)));
     }
 
     #[test]

@@ -25,8 +25,7 @@
 use core::net::SocketAddr;
 use core::time::Duration;
 
-use ka_core::auth::Mac;
-use ka_core::codec::{Message, Tag};
+use ka_core::codec::Message;
 use ka_core::config::{NodeConfig, SourceConfig};
 use ka_core::ids::ConnId;
 use ka_core::node::{Node, NodeAction, NodeEvent};
@@ -44,47 +43,9 @@ const IMAGE_ID: ka_core::codec::ImageId = ka_core::codec::ImageId([0x5a; 32]);
 /// How much faster than a port a restarted source reads and hashes its image.
 const HASH_SPEEDUP: f64 = 8.0;
 
-/// The stand-in keyed primitives: deterministic and cheap, keyed by the
-/// session (the root) or by what ka-core derives from it.
-pub(super) struct SimKey(pub(super) u64);
-
-impl SimKey {
-    /// FNV-1a of `message` under the key and a purpose, spread over `out`.
-    fn hash(&self, purpose: u64, message: &[u8], out: &mut [u8]) {
-        let mut h = (self.0 ^ 0xcbf2_9ce4_8422_2325 ^ purpose).wrapping_mul(0x100_0000_01b3);
-        for &b in message {
-            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
-        for (i, chunk) in out.chunks_mut(8).enumerate() {
-            h = (h ^ i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            chunk.copy_from_slice(&h.to_be_bytes()[..chunk.len()]);
-        }
-    }
-}
-
-impl Mac for SimKey {
-    fn mac(&self, message: &[u8]) -> Tag {
-        let mut out = [0u8; 32];
-        self.hash(1, message, &mut out);
-        Tag(out)
-    }
-
-    fn derive(&self, context: &[u8]) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        self.hash(2, context, &mut out);
-        out
-    }
-
-    fn keyed(&self, key: &[u8; 32]) -> Box<dyn Mac> {
-        Box::new(SimKey(u64::from_be_bytes(
-            key[..8].try_into().expect("8 bytes"),
-        )))
-    }
-
-    fn keystream(&self, context: &[u8], out: &mut [u8]) {
-        self.hash(3, context, out);
-    }
-}
+/// The stand-in keyed primitives, keyed by the session (the root) or by
+/// what ka-core derives from it: deterministic and cheap.
+pub(super) use ka_core::auth::StandInKey as SimKey;
 
 /// The run of the source's `incarnation`-th process in a run of `seed`: a
 /// restarted source hands out tickets of its own.
