@@ -653,9 +653,7 @@ fn number<T: std::str::FromStr>(flag: &str, value: &str) -> T {
 fn work(dir: &Path, image: PathBuf) -> Work {
     let secret = dir.join("secret");
     if !secret.exists() {
-        let bytes = ka_tests::pseudo_random(32, u64::from(std::process::id()));
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        std::fs::write(&secret, hex).expect("write secret");
+        ka_tests::write_secret(&secret, u64::from(std::process::id()));
     }
     Work {
         dir: dir.to_path_buf(),

@@ -206,6 +206,18 @@ impl Proc {
     }
 }
 
+/// Writes a session secret of its own (64 hex digits from `seed`, as
+/// `ka serve` writes one) to `path`, so tests running side by side never
+/// mix their sessions.
+pub fn write_secret(path: &Path, seed: u64) {
+    let hex: String = pseudo_random(32, seed)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(path, format!("{hex}\n"))
+        .unwrap_or_else(|e| panic!("writing the secret {}: {e}", path.display()));
+}
+
 /// The text of a file, or nothing if it cannot be read (yet).
 pub fn read_text(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()

@@ -27,15 +27,10 @@ impl Session {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
         // A secret of its own, so tests running side by side never mix.
-        let bytes = pseudo_random(
-            32,
+        ka_tests::write_secret(
+            &secret,
             size ^ u64::from(std::process::id()) ^ dir.path().as_os_str().len() as u64,
         );
-        std::fs::write(
-            &secret,
-            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-        )
-        .unwrap();
         let image = dir.path().join("image.img");
         let f = File::create(&image).unwrap();
         f.set_len(size).unwrap();

@@ -37,12 +37,7 @@ impl Session {
     fn new() -> Session {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
-        let bytes = pseudo_random(32, u64::from(std::process::id()) ^ 0x5e5);
-        std::fs::write(
-            &secret,
-            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-        )
-        .unwrap();
+        ka_tests::write_secret(&secret, u64::from(std::process::id()) ^ 0x5e5);
         let image = dir.path().join("image.img");
         let f = File::create(&image).unwrap();
         f.set_len(SIZE).unwrap();

@@ -79,11 +79,7 @@ impl Session {
         let dir = tempfile::tempdir().unwrap();
         let seed = u64::from(std::process::id()) ^ dir.path().as_os_str().len() as u64;
         let secret = dir.path().join("secret");
-        let hex: String = pseudo_random(32, seed)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        std::fs::write(&secret, hex).unwrap();
+        ka_tests::write_secret(&secret, seed);
         let image = dir.path().join("image.img");
         std::fs::write(&image, pseudo_random(size, seed + 1)).unwrap();
         Session {

@@ -401,11 +401,7 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
 
     // The session secret stays with ka serve and ka tftp; each node fetches
     // its own key from ka tftp (the image's default, ka.secret=tftp).
-    let secret: String = ka_tests::pseudo_random(32, 42)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    fs::write(d.join("secret"), format!("{secret}\n")).unwrap();
+    ka_tests::write_secret(&d.join("secret"), 42);
 
     let inv = inventory(d);
     let state = d.join("state");

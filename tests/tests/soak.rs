@@ -254,12 +254,7 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
-    let key = pseudo_random(32, seed ^ 0x50a);
-    std::fs::write(
-        &secret,
-        key.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-    )
-    .unwrap();
+    ka_tests::write_secret(&secret, seed ^ 0x50a);
     let image = dir.path().join("image.img");
     let bytes = pseudo_random(SIZE, seed ^ 0x1a6e);
     std::fs::write(&image, &bytes).unwrap();

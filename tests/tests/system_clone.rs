@@ -29,12 +29,7 @@ impl Session {
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .unwrap();
         let secret = dir.path().join("secret");
-        let bytes = pseudo_random(32, u64::from(std::process::id()) ^ 0x5e1f);
-        std::fs::write(
-            &secret,
-            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-        )
-        .unwrap();
+        ka_tests::write_secret(&secret, u64::from(std::process::id()) ^ 0x5e1f);
         Session {
             secret: secret.to_string_lossy().into(),
             dir,

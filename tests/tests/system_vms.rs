@@ -355,11 +355,7 @@ fn running_debian_is_cloned_onto_bios_and_uefi_vms_that_boot_it() {
             stderr(&o)
         );
     }
-    let secret: String = ka_tests::pseudo_random(32, u64::from(std::process::id()))
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    fs::write(share.join("secret"), format!("{secret}\n")).unwrap();
+    ka_tests::write_secret(&share.join("secret"), u64::from(std::process::id()));
     fs::copy(ka_bin(), share.join("ka")).unwrap();
     fs::write(share.join("source.sh"), source_script()).unwrap();
 

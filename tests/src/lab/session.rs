@@ -72,11 +72,7 @@ impl Lab {
     /// The session secret, in the lab's work directory.
     fn write_secret(&self) -> PathBuf {
         let secret = self.dir().join("secret");
-        let hex: String = pseudo_random(32, u64::from(std::process::id()))
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        std::fs::write(&secret, hex).expect("writing the secret");
+        crate::write_secret(&secret, u64::from(std::process::id()));
         secret
     }
 }
