@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::{require_tool, run, strip_ansi, ChildGuard};
+use crate::{ka, require_tool, run, stderr, stdout, strip_ansi, ChildGuard};
 
 /// The prefix of every namespace this module creates.
 pub const PREFIX: &str = "kavm-";
@@ -451,4 +451,49 @@ pub fn wait_all_exit(vms: &mut [Vm], limit: Duration, phase: &str, context: &dyn
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Asserts that a command succeeded, showing everything it said if not.
+pub fn check(o: &std::process::Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// Prepares a boot server as every VM test starts one: each node of
+/// `inventory` in install mode in `state`, and dnsmasq's configuration for
+/// them written to `conf` by `ka dhcp config`.
+pub fn install_all(inventory: &Path, state: &Path, conf: &Path) {
+    let (inv, state) = (inventory.to_str().unwrap(), state.to_str().unwrap());
+    check(
+        &ka(&[
+            "pxe",
+            "set",
+            "-i",
+            inv,
+            "--state-dir",
+            state,
+            "-m",
+            "install",
+            "--all",
+        ]),
+        "ka pxe set",
+    );
+    check(
+        &ka(&[
+            "dhcp",
+            "config",
+            "--format",
+            "dnsmasq",
+            "-i",
+            inv,
+            "-o",
+            conf.to_str().unwrap(),
+        ]),
+        "ka dhcp config",
+    );
 }

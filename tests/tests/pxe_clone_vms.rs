@@ -22,8 +22,10 @@ use std::time::{Duration, Instant};
 use ka_bin::boot::{BootState, Inventory, Mode};
 use ka_bin::netboot::archive::Archive;
 use ka_bin::netboot::modules::ModuleIndex;
-use ka_tests::vmlab::{shows, wait_all_exit, BootFrom, Daemon, Firmware, Vm, VmNet, VmSpec};
-use ka_tests::{ka, ka_bin, require_tool, run, stderr, stdout};
+use ka_tests::vmlab::{
+    self, check, shows, wait_all_exit, BootFrom, Daemon, Firmware, Vm, VmNet, VmSpec,
+};
+use ka_tests::{ka_bin, require_tool, run, stdout};
 
 const VMS: usize = 3;
 const SERVER: &str = "10.77.0.1";
@@ -78,16 +80,6 @@ fn kernel_version(tree: &Path) -> String {
         tree.display()
     );
     versions[0].clone()
-}
-
-fn check(o: &std::process::Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        o.status,
-        stdout(o),
-        stderr(o)
-    );
 }
 
 /// The tiny initrd of the cloned system: loads the disk and ext4 drivers,
@@ -407,34 +399,8 @@ fn three_vms_pxe_boot_clone_and_boot_their_own_disks() {
     let state = d.join("state");
     let inv_s = inv.to_str().unwrap();
     let state_s = state.to_str().unwrap();
-    check(
-        &ka(&[
-            "pxe",
-            "set",
-            "-i",
-            inv_s,
-            "--state-dir",
-            state_s,
-            "-m",
-            "install",
-            "--all",
-        ]),
-        "ka pxe set",
-    );
     let conf = d.join("dnsmasq.conf");
-    check(
-        &ka(&[
-            "dhcp",
-            "config",
-            "--format",
-            "dnsmasq",
-            "-i",
-            inv_s,
-            "-o",
-            conf.to_str().unwrap(),
-        ]),
-        "ka dhcp config",
-    );
+    vmlab::install_all(&inv, &state, &conf);
 
     // Test only: steer the last VM to pxelinux (its ROM is iPXE too, which
     // `ka dhcp config` rightly sends to ka's iPXE script). dnsmasq takes the

@@ -45,8 +45,10 @@ use std::time::{Duration, Instant};
 
 use ka_bin::boot::{BootState, Mode};
 use ka_tests::system::partition_table;
-use ka_tests::vmlab::{shows, wait_all_exit, BootFrom, Daemon, Firmware, Vm, VmNet, VmSpec};
-use ka_tests::{ka, ka_bin, require_tool, run, stderr, stdout};
+use ka_tests::vmlab::{
+    self, check, shows, wait_all_exit, BootFrom, Daemon, Firmware, Vm, VmNet, VmSpec,
+};
+use ka_tests::{ka_bin, require_tool, run, stderr, stdout};
 
 /// The host's address on the lab's bridge: DHCP and TFTP.
 const SERVER: &str = "10.77.0.1";
@@ -98,16 +100,6 @@ const NODES: [Node; 2] = [
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn check(o: &std::process::Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        o.status,
-        stdout(o),
-        stderr(o)
-    );
 }
 
 /// The unpacked Debian kernel for the netboot image: `$KA_TEST_KERNEL_DIR`,
@@ -362,34 +354,8 @@ fn running_debian_is_cloned_onto_bios_and_uefi_vms_that_boot_it() {
     let inv = inventory(&share);
     let state = share.join("state");
     let (inv_s, state_s) = (inv.to_str().unwrap(), state.to_str().unwrap());
-    check(
-        &ka(&[
-            "pxe",
-            "set",
-            "-i",
-            inv_s,
-            "--state-dir",
-            state_s,
-            "-m",
-            "install",
-            "--all",
-        ]),
-        "ka pxe set",
-    );
     let conf = d.join("dnsmasq.conf");
-    check(
-        &ka(&[
-            "dhcp",
-            "config",
-            "--format",
-            "dnsmasq",
-            "-i",
-            inv_s,
-            "-o",
-            conf.to_str().unwrap(),
-        ]),
-        "ka dhcp config",
-    );
+    vmlab::install_all(&inv, &state, &conf);
     let disks: Vec<PathBuf> = NODES
         .iter()
         .map(|n| {
