@@ -516,10 +516,8 @@ struct NodeDriver {
     /// A system clone: the stream's end as received, until the rebuild is
     /// done too.
     system_end: Option<(u64, Digest)>,
-    /// A system clone: how its rebuild ended, until the stream has too.
+    /// A system clone: how its rebuild ended.
     unpack: Option<Result<Unpacked, String>>,
-    /// A system clone's completed rebuild.
-    unpacked: Option<Unpacked>,
     /// A system clone's rebuild generation: a start over begins another,
     /// and the old one's result no longer counts.
     rebuild_gen: u64,
@@ -592,7 +590,6 @@ impl NodeDriver {
             window: None,
             system_end: None,
             unpack: None,
-            unpacked: None,
             rebuild_gen: 0,
             rebuild_task: None,
         };
@@ -747,7 +744,7 @@ impl NodeDriver {
                     written: self.written_rx.borrow().upto,
                     resumed_from: self.resumed_from,
                     received: self.received_bytes,
-                    unpacked: self.unpacked.take(),
+                    unpacked: self.unpack.take().and_then(Result::ok),
                 });
             }
         }
@@ -994,14 +991,10 @@ impl NodeDriver {
     /// A system clone is done once both the stream has ended (its digest is
     /// known) and the disks are rebuilt from it: only then is it checked.
     fn system_done(&mut self) {
-        let now = self.clock.now();
-        match (&self.unpack, self.system_end) {
-            (Some(Ok(unpacked)), Some((size, digest))) => {
-                self.unpacked = Some(unpacked.clone());
-                self.unpack = None;
-                self.node.handle_stream_end(now, size, digest);
-            }
-            (Some(Err(_)), _) | (None, _) | (_, None) => {}
+        if let (Some(Ok(_)), Some((size, digest))) = (&self.unpack, self.system_end) {
+            // Once: the stream's end is handed to the machine a single time.
+            self.system_end = None;
+            self.node.handle_stream_end(self.clock.now(), size, digest);
         }
     }
 

@@ -92,9 +92,8 @@ impl Capture {
     }
 }
 
-/// What to send for `layout`, in stream order: partitions in the layout's
-/// order, trees before raw bytes of the same disk's later partitions as
-/// they come.
+/// What to send for `layout`, in stream order: every tree (in mount-point
+/// order, see below), then the raw partitions in the layout's order.
 fn parts(layout: &Layout) -> Result<Vec<Part>, Error> {
     let mut parts = Vec::new();
     let mut index = 0u32;

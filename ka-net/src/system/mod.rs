@@ -130,8 +130,6 @@ pub fn check_saved_stream(path: &Path) -> Result<(), Error> {
 pub struct Unpacked {
     /// One line per step done.
     pub steps: Vec<String>,
-    /// The node's device of the new root file system, if there is one.
-    pub root_device: Option<std::path::PathBuf>,
 }
 
 /// Rebuilds `opts.disks` from the stream being received into `spool`,
@@ -184,10 +182,7 @@ pub fn unpack_following(
             window.consumed(decoder.position());
         }
         let steps = rebuilder.finish()?;
-        Ok(Unpacked {
-            steps,
-            root_device: rebuilder.device_of("/").map(Path::to_path_buf),
-        })
+        Ok(Unpacked { steps })
     })();
     if result.is_err() {
         window.close();

@@ -45,8 +45,7 @@ pub struct RebuildOptions {
 struct Placed {
     /// Its device on this node.
     device: PathBuf,
-    /// The disk it is on (this node's device).
-    disk: PathBuf,
+    /// What the source had there.
     content: Content,
 }
 
@@ -96,21 +95,6 @@ impl Rebuilder {
             done: Vec::new(),
             _lock,
         }
-    }
-
-    /// The plan, once it has arrived.
-    pub fn plan(&self) -> Option<&Plan> {
-        self.plan.as_ref()
-    }
-
-    /// Where the new system's root is mounted while it is rebuilt.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// One line per step done so far.
-    pub fn steps(&self) -> &[String] {
-        &self.done
     }
 
     /// Takes the stream's next event.
@@ -198,7 +182,6 @@ impl Rebuilder {
             for (part, device) in src.partitions.iter().zip(devices) {
                 self.placed.push(Placed {
                     device,
-                    disk: target.clone(),
                     content: part.content.clone(),
                 });
             }
@@ -464,23 +447,6 @@ impl Rebuilder {
     /// Where the running system's `mountpoint` is mounted here.
     fn mount_point(&self, mountpoint: &str) -> PathBuf {
         self.root.join(mountpoint.trim_start_matches('/'))
-    }
-
-    /// The node's device of the first partition holding `mountpoint`'s file
-    /// system.
-    pub fn device_of(&self, mountpoint: &str) -> Option<&Path> {
-        self.placed.iter().find_map(|p| match &p.content {
-            Content::Tree(fs) if fs.mountpoint == mountpoint => Some(p.device.as_path()),
-            _ => None,
-        })
-    }
-
-    /// The node's disk holding `mountpoint`'s file system.
-    pub fn disk_of(&self, mountpoint: &str) -> Option<&Path> {
-        self.placed.iter().find_map(|p| match &p.content {
-            Content::Tree(fs) if fs.mountpoint == mountpoint => Some(p.disk.as_path()),
-            _ => None,
-        })
     }
 
     fn unmount_all(&mut self) -> Result<(), Error> {
