@@ -194,8 +194,6 @@ fn assert_same_system_but(
     let (a, b) = (tree(&source.root.join("home")), tree(&mounts[1].0));
     let diffs = diff_trees(&a, &b, &[]);
     assert!(diffs.is_empty(), "/home differs:\n{}", diffs.join("\n"));
-    let sparse = &b.get("var/sparse");
-    assert!(sparse.is_none(), "var/sparse is on the root, not /home");
     let root_tree = tree(&mounts[0].0);
     let sparse = &root_tree["var/sparse"];
     assert!(
@@ -285,8 +283,9 @@ fn a_running_system_is_rebuilt_on_nodes_saved_and_replayed() {
     assert_ne!(results[2].0, 0);
     let refusal = &results[2].1;
     assert!(
-        refusal.contains("300") || refusal.contains("MiB"),
-        "the refusal gives the sizes: {refusal}"
+        refusal.contains("does not fit on a disk of 300.0 MiB")
+            && refusal.contains("it needs at least"),
+        "the refusal gives the disk's size and the size needed: {refusal}"
     );
     let small_head = std::fs::read(small.dev()).unwrap();
     assert!(
@@ -453,11 +452,6 @@ fn survivors_of_a_killed_node_and_a_late_node_are_rebuilt_whole() {
     );
     for (r, name) in k.iter().zip(["k1", "k3", "k4", "k2"]) {
         assert_eq!(r.0, 0, "{name} verified: {}", r.2);
-        assert!(
-            r.1.contains("\"resumed_from\":0"),
-            "{name} never started over: {}",
-            r.1
-        );
         let started_over = r.1.matches("started_over").count();
         assert_eq!(started_over, 0, "{name} never started over: {}", r.1);
     }
