@@ -255,13 +255,15 @@ fn system_plan(
     post_command: Option<String>,
 ) -> anyhow::Result<ka_net::system::Plan> {
     use ka_net::system::{disk::LayoutFile, layout};
-    let layout_text = match &layout_file {
+    // Parsed before the disks are read, and checked against them after: a
+    // typo must fail here, not on every node.
+    let layout_file = match &layout_file {
         Some(f) => {
             let text = std::fs::read_to_string(f)
                 .with_context(|| format!("reading --layout {}", f.display()))?;
-            // Checked here: a typo must fail before the nodes rebuild anything.
-            LayoutFile::parse(&text).with_context(|| format!("--layout {}", f.display()))?;
-            Some(text)
+            let parsed =
+                LayoutFile::parse(&text).with_context(|| format!("--layout {}", f.display()))?;
+            Some((f, text, parsed))
         }
         None => None,
     };
@@ -272,11 +274,12 @@ fn system_plan(
         raw,
     })
     .context("--system")?;
-    if let (Some(text), Some(f)) = (&layout_text, &layout_file) {
-        LayoutFile::parse(text)
-            .and_then(|lf| lf.check(&layout))
+    if let Some((f, _, parsed)) = &layout_file {
+        parsed
+            .check(&layout)
             .with_context(|| format!("--layout {}", f.display()))?;
     }
+    let layout_text = layout_file.map(|(_, text, _)| text);
     Ok(ka_net::system::Plan::new(layout, layout_text, post_command))
 }
 
