@@ -1,6 +1,7 @@
 //! A soak run: 30 sessions in a row on loopback, each with a random fault
 //! (a node killed, a node stopped for less or more than `--dead-after`,
-//! the source killed and started again, or none) and attack traffic mixed
+//! the source stopped for more than `--dead-after` or killed and started
+//! again, or none) and attack traffic mixed
 //! in (idle connections, garbage and oversized frames on the source's
 //! port, a TFTP flood of forged requests and garbage at one long-lived
 //! `ka tftp`). Every node that was not killed must end verified with a
@@ -10,8 +11,16 @@
 //! late session than in an early one.
 //!
 //! The faults come from a seed, printed at the start: `KA_SOAK_SEED=N`
-//! replays a run. Runs as root (CI does) for the forged TFTP addresses
-//! in 127.0.0.0/8, which any process may bind on Linux.
+//! replays a run (`KA_SOAK_DEBUG=1` also prints the output of each node
+//! that verified but never heard its release). Binds forged TFTP client
+//! addresses in 127.0.0.0/8, which any process may bind on Linux.
+//!
+//! A source stopped for longer than `--dead-after` is silent to its nodes:
+//! they leave it, even those that verified their copy while it was
+//! stopped (the kernel still had the rest of the stream queued). Then the
+//! release it sends when it wakes finds their connections closed, and
+//! they look for it until `--wait` runs out and exit 1, their copy
+//! verified; the run counts them.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -27,10 +36,10 @@ use serde_json::Value;
 const SESSIONS: usize = 30;
 /// Nodes per session.
 const NODES: usize = 3;
-/// The image: 6 MiB of data, streamed at 6 MiB/s, so a fault lands in a
-/// stream of about a second.
+/// The image: 6 MiB of data, streamed at 4 MiB/s, so a fault lands in a
+/// stream of about a second and a half.
 const SIZE: usize = 6 << 20;
-const PACE: &str = "6MiB";
+const PACE: &str = "4MiB";
 
 /// A small seeded generator (xorshift64*), split from the run's seed.
 struct Rng(u64);
@@ -61,16 +70,21 @@ enum Fault {
     LongStop(usize),
     /// `kill -9` of the source, started again with the same arguments.
     SourceRestart,
+    /// SIGSTOP of the source for more than `--dead-after`, then SIGCONT:
+    /// its own late timers must not make it declare its nodes dead, and
+    /// nodes that took its silence for a loss rejoin.
+    SourceStall,
 }
 
 impl Fault {
     fn draw(rng: &mut Rng) -> Fault {
         let node = rng.below(NODES as u64) as usize;
-        match rng.below(5) {
+        match rng.below(6) {
             0 => Fault::None,
             1 => Fault::Kill(node),
             2 => Fault::ShortStop(node),
             3 => Fault::LongStop(node),
+            4 => Fault::SourceStall,
             _ => Fault::SourceRestart,
         }
     }
@@ -286,11 +300,10 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
     let mut tftp_peak_fds = base_fds;
     let mut sources: Vec<(usize, u64)> = Vec::new();
     let mut tally = std::collections::BTreeMap::<String, usize>::new();
+    let mut unreleased_after_stall = 0;
     for i in 0..SESSIONS {
         let fault = Fault::draw(&mut rng);
-        *tally
-            .entry(format!("{fault:?}").split('(').next().unwrap().to_string())
-            .or_default() += 1;
+
         let session = run.dir.join(format!("s{i:02}"));
         std::fs::create_dir_all(&session).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -313,6 +326,18 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
         wait_received(&serve, &watched, SIZE as u64 / 3);
         tftp_peak_fds = tftp_peak_fds.max(fds(tftp_pid));
         sources.push((fds(serve.pid()), rss(serve.pid())));
+        // A test slowed by a loaded machine may come when the stream is
+        // over: the fault is then left out rather than landing after it.
+        let fault = if read(&serve.out).contains("\"verified\"") {
+            eprintln!("session {i}: the stream ended before its fault ({fault:?}): none");
+            Fault::None
+        } else {
+            fault
+        };
+        let kind = format!("{fault:?}");
+        *tally
+            .entry(kind.split('(').next().unwrap_or_default().to_string())
+            .or_default() += 1;
         let mut killed = None;
         match fault {
             Fault::None => {}
@@ -335,10 +360,24 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
                 serve.kill9();
                 serve = run.serve("serve-again", &session, port);
             }
+            Fault::SourceStall => {
+                signal(&serve, Signal::SIGSTOP);
+                std::thread::sleep(Duration::from_millis(1500));
+                signal(&serve, Signal::SIGCONT);
+            }
         }
         let (code, out, err) = serve.finish(Duration::from_secs(60));
         let report = ka_tests::final_report(&out);
         let context = || format!("session {i} ({fault:?}, seed {seed}):\n{out}\n{err}");
+        if fault == Fault::SourceStall {
+            // Nodes may have left a silent source (and come back), but the
+            // source must not have taken its own stall for their silence.
+            assert!(
+                !out.contains("no heartbeat"),
+                "a stalled source declared a node silent: {}",
+                context()
+            );
+        }
         let any_ko = report.nodes.iter().any(|n| !n.ok);
         assert_eq!(code, i32::from(any_ko), "exit status {code}: {}", context());
         assert_eq!(report.nodes.len(), NODES, "{}", context());
@@ -364,21 +403,34 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
                 verified.push(n.name.clone());
             }
         }
+        // Released nodes exit at once; all get the same few seconds.
+        let deadline = Instant::now() + Duration::from_secs(3);
         for (k, p) in nodes.into_iter().enumerate() {
-            let Some(p) = p else { continue };
+            let Some(mut p) = p else { continue };
             if !verified.contains(&victim(k)) {
                 // Dead to the session, it looks for its source in vain.
                 p.kill9();
                 continue;
             }
-            let (code, _, nerr) = p.finish(Duration::from_secs(30));
-            assert_eq!(
-                code,
-                0,
-                "{} exited {code}: {nerr}\n{}",
-                victim(k),
-                context()
-            );
+            let left = deadline.saturating_duration_since(Instant::now());
+            let status = ka_tests::wait_timeout(&mut p.guard.child, left);
+            let (nout, nerr) = (read(&p.out), read(&p.err));
+            if status.is_none_or(|s| !s.success()) {
+                // A node that took a stalled source for a lost one after it
+                // verified may never hear its release: it keeps looking for
+                // the source, then gives up. Its copy is checked all the same.
+                assert!(
+                    fault == Fault::SourceStall && nout.contains("Verified { ok: true"),
+                    "{} ended {status:?}: {nout}\n{nerr}\n{}",
+                    victim(k),
+                    context()
+                );
+                unreleased_after_stall += 1;
+                if std::env::var_os("KA_SOAK_DEBUG").is_some() {
+                    eprintln!("{}: {nout}\n{}", victim(k), context());
+                }
+            }
+            drop(p);
             let copy = std::fs::read(session.join(format!("{}.img", victim(k)))).unwrap();
             assert!(copy == bytes, "{}'s copy differs: {}", victim(k), context());
         }
@@ -399,7 +451,8 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
     };
     let (early, late) = (first(&sources[..10]), first(&sources[SESSIONS - 10..]));
     eprintln!(
-        "soak: {SESSIONS} sessions in {:.0} s, faults {tally:?}; ka tftp {base_fds} → {end_fds} descriptors \
+        "soak: {SESSIONS} sessions in {:.0} s, faults {tally:?} ({unreleased_after_stall} node(s) verified, then lost a \
+         stalled source before their release); ka tftp {base_fds} → {end_fds} descriptors \
          (at most {tftp_peak_fds} under a flood), {} → {} KiB; sources at most {} / {} descriptors and \
          {} / {} KiB (first / last ten sessions)",
         t0.elapsed().as_secs_f64(),
