@@ -1,7 +1,7 @@
 //! A soak run: 30 sessions in a row on loopback, each with a random fault
 //! (a node killed, a node stopped for less or more than `--dead-after`,
-//! the source stopped for more than `--dead-after` or killed and started
-//! again, or none) and attack traffic mixed
+//! every connection of a node cut, the source stopped for more than
+//! `--dead-after` or killed and started again, or none) and attack traffic mixed
 //! in (idle connections, garbage and oversized frames on the source's
 //! port, a TFTP flood of forged requests and garbage at one long-lived
 //! `ka tftp`). Every node that was not killed must end verified with a
@@ -69,6 +69,10 @@ enum Fault {
     LongStop(usize),
     /// `kill -9` of the source, started again with the same arguments.
     SourceRestart,
+    /// Every established TCP connection of a node destroyed at once
+    /// (`ss -K`): its source, upstream and downstreams see it cut off, and
+    /// it sees every connection fail; it rejoins and resumes.
+    Cut(usize),
     /// SIGSTOP of the source for more than `--dead-after`, then SIGCONT:
     /// its own late timers must not make it declare its nodes dead, and
     /// nodes that took its silence for a loss rejoin.
@@ -78,12 +82,13 @@ enum Fault {
 impl Fault {
     fn draw(rng: &mut Rng) -> Fault {
         let node = rng.below(NODES as u64) as usize;
-        match rng.below(6) {
+        match rng.below(7) {
             0 => Fault::None,
             1 => Fault::Kill(node),
             2 => Fault::ShortStop(node),
             3 => Fault::LongStop(node),
-            4 => Fault::SourceStall,
+            4 => Fault::Cut(node),
+            5 => Fault::SourceStall,
             _ => Fault::SourceRestart,
         }
     }
@@ -102,6 +107,46 @@ fn rss(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// Destroys every established TCP connection of process `pid` (its
+/// listening socket stays); returns how many.
+fn cut(pid: u32) -> usize {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_str()?.to_string();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    let ports: Vec<u16> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let established = f.get(3) == Some(&"01");
+            let ours = inodes.iter().any(|i| f.get(9) == Some(&i.as_str()));
+            (established && ours).then_some(())?;
+            u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()
+        })
+        .collect();
+    let ss = ka_tests::require_tool("ss", "iproute2");
+    for port in &ports {
+        let o = std::process::Command::new(&ss)
+            .args(["-K", "-t", "src", &format!("127.0.0.1:{port}")])
+            .output()
+            .expect("ss runs");
+        assert!(
+            o.status.success(),
+            "ss -K: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    ports.len()
 }
 
 fn signal(p: &Proc, sig: Signal) {
@@ -263,7 +308,11 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
                 .as_nanos() as u64
         });
     eprintln!("soak seed {seed} (replay with KA_SOAK_SEED={seed})");
+    // One generator per use, split from the seed: drawn from one stream
+    // with the attacks' hundred numbers between them, the faults came out
+    // of xorshift's stride with whole kinds missing.
     let mut rng = Rng(seed | 1);
+    let mut attack_rng = Rng((seed ^ 0x9e37_79b9_7f4a_7c15).rotate_left(29) | 1);
     let t0 = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
@@ -314,11 +363,11 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
             .map(|n| Some(run.join(&session, port, n)))
             .collect();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let idle = attack_source(addr, &mut rng);
-        let forged = attack_tftp(tftp.addr, i, &mut rng);
+        let idle = attack_source(addr, &mut attack_rng);
+        let forged = attack_tftp(tftp.addr, i, &mut attack_rng);
         let victim = |n: usize| format!("n{}", n + 1);
         let watched = match fault {
-            Fault::Kill(n) | Fault::ShortStop(n) | Fault::LongStop(n) => victim(n),
+            Fault::Kill(n) | Fault::ShortStop(n) | Fault::LongStop(n) | Fault::Cut(n) => victim(n),
             _ => "n1".to_string(),
         };
         wait_received(&serve, &watched, SIZE as u64 / 3);
@@ -357,6 +406,10 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
             Fault::SourceRestart => {
                 serve.kill9();
                 serve = run.serve("serve-again", &session, port);
+            }
+            Fault::Cut(n) => {
+                let p = nodes[n].as_ref().expect("a node");
+                assert!(cut(p.pid()) > 0, "{} had no connection to cut", victim(n));
             }
             Fault::SourceStall => {
                 signal(&serve, Signal::SIGSTOP);
@@ -486,4 +539,14 @@ fn thirty_sessions_with_faults_and_attacks_keep_every_survivor_verified_and_reso
         late.1,
         early.1
     );
+}
+
+#[test]
+fn every_fault_is_drawn() {
+    let mut rng = Rng(12345);
+    let kinds: std::collections::BTreeSet<String> = (0..500)
+        .map(|_| format!("{:?}", Fault::draw(&mut rng)))
+        .map(|k| k.split('(').next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(kinds.len(), 7, "{kinds:?}");
 }
