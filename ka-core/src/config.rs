@@ -115,11 +115,14 @@ pub struct NodeConfig {
     pub heartbeat: Duration,
     /// Source silence after which we consider it gone, until its welcome says
     /// otherwise. After a stall of the node itself (its check came more than a
-    /// heartbeat late) the source gets one more heartbeat to be heard.
+    /// heartbeat late) the source gets one more heartbeat to be heard. Once
+    /// the copy is checked, `source_wait` applies instead: the node waits for
+    /// its release on the connection it has.
     pub dead_after: Duration,
     /// How long to keep trying to reach the source (at the start, or after
     /// losing it) before giving up: nodes often boot before the source is
-    /// started, and a source may be restarted.
+    /// started, and a source may be restarted. Also how long a node whose
+    /// copy is checked bears a silent source before it leaves it.
     pub source_wait: Duration,
 }
 

@@ -180,7 +180,9 @@
 //! # Restarts
 //!
 //! A node's copy outlives its place and its process. A node that loses its
-//! source (connection closed, or silent for `dead_after`) leaves its place —
+//! source (connection closed, or silent for `dead_after`; for
+//! [`config::NodeConfig::source_wait`] once its copy is checked, since its
+//! release is to come on the connection it has) leaves its place —
 //! it closes its data connections, since a source that comes back may be a
 //! new process laying out a new chain — keeps what it holds, and keeps
 //! reconnecting for [`config::NodeConfig::source_wait`]. A node process

@@ -589,25 +589,26 @@ impl Node {
             self.timers.set(Timer::Heartbeat, now + self.heartbeat);
         }
         if let Some(late) = self.timers.overdue(Timer::SourceSilence, now) {
+            let bound = self.source_silence_bound();
             // A check that comes more than a heartbeat late means this node
             // was not running (stopped, starved of CPU): what the source
             // sent meanwhile waits unread, so the silence cannot be judged
             // yet. It gets one heartbeat of waking time to arrive.
             if late > self.heartbeat {
                 let quiet = now.saturating_since(self.last_heard);
-                let allowed = self.dead_after.saturating_sub(self.heartbeat);
+                let allowed = bound.saturating_sub(self.heartbeat);
                 if quiet > allowed {
                     self.last_heard = self.last_heard + (quiet - allowed);
                 }
             }
-            if now.saturating_since(self.last_heard) >= self.dead_after {
+            if now.saturating_since(self.last_heard) >= bound {
                 if let Some(c) = self.control_conn() {
                     self.actions.push_back(NodeAction::Close { conn: c });
                 }
                 self.lose_source(now);
             } else {
                 self.timers
-                    .set(Timer::SourceSilence, self.last_heard + self.dead_after);
+                    .set(Timer::SourceSilence, self.last_heard + bound);
             }
         }
         if self.timers.expire(Timer::ConnectSource, now)
@@ -779,6 +780,21 @@ impl Node {
         self.unproven = Some(reason);
         self.actions.push_back(NodeAction::Close { conn });
         self.lose_source(now);
+    }
+
+    /// How long the source may be silent before this node leaves it:
+    /// `dead_after`, except once the copy is checked. A node waiting for
+    /// its release has nothing more to receive, and leaving would close the
+    /// connection the release is to come on: a source stopped for a moment
+    /// (its own kernel still sending the stream's end meanwhile) would
+    /// wake to find its verified nodes gone, and they would never hear
+    /// the session is over. So it gives a silent source `source_wait`.
+    fn source_silence_bound(&self) -> Duration {
+        if self.phase == Phase::AwaitingRelease {
+            self.config.source_wait.max(self.dead_after)
+        } else {
+            self.dead_after
+        }
     }
 
     fn lose_source(&mut self, now: Time) {

@@ -1088,6 +1088,90 @@ fn verified_node_tells_a_restarted_source_its_verdict() {
 }
 
 #[test]
+fn a_verified_node_waits_out_a_silent_source_for_its_release() {
+    let mut node = welcomed_node(None, 1, 0);
+    node.say(
+        t(2),
+        ConnId(1),
+        Message::ImageDone {
+            total: 1000,
+            digest: Digest([5; 32]),
+        },
+    );
+    node.handle_stream_end(t(3), 1000, Digest([5; 32]));
+    assert_eq!(node.phase(), &Phase::AwaitingRelease);
+    actions(&mut node);
+    // The source says nothing for 3 s (stopped, while its kernel sent the
+    // stream's end): far past dead_after (1 s), well inside source_wait.
+    for ms in (250..=3000).step_by(250) {
+        node.handle_timeout(t(ms));
+        let acts = actions(&mut node);
+        assert!(
+            !acts
+                .iter()
+                .any(|a| matches!(a, NodeAction::Close { conn } if *conn == ConnId(1))),
+            "a verified node left a silent source at {ms} ms"
+        );
+    }
+    // It wakes and releases the node on the connection it kept.
+    node.say(t(3100), ConnId(1), Message::Release);
+    assert!(actions(&mut node)
+        .iter()
+        .any(|a| matches!(a, NodeAction::Exit { ok: true, .. })));
+}
+
+#[test]
+fn a_verified_node_still_leaves_a_source_silent_for_source_wait() {
+    let mut cfg = NodeConfig::new("s", "a", addr(2));
+    cfg.source_wait = Duration::from_secs(2);
+    let mut node = Node::new(Time::ZERO, cfg, key_of("a"), None);
+    node.handle_source_connected(t(1), ConnId(1), Nonce([0x40; 32]));
+    node.say(
+        t(1),
+        ConnId(1),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([0; 32]),
+        },
+    );
+    node.say(
+        t(1),
+        ConnId(1),
+        Message::Welcome {
+            node: NodeId(1),
+            heartbeat_ms: 250,
+            dead_after_ms: 1000,
+            image_size: Some(1000),
+            image: IMAGE,
+            resume_from: 0,
+            run: RUN,
+        },
+    );
+    node.say(
+        t(2),
+        ConnId(1),
+        Message::ImageDone {
+            total: 1000,
+            digest: Digest([5; 32]),
+        },
+    );
+    node.handle_stream_end(t(3), 1000, Digest([5; 32]));
+    actions(&mut node);
+    let mut left_at = None;
+    for ms in (250..=3000).step_by(50) {
+        node.handle_timeout(t(ms));
+        if actions(&mut node)
+            .iter()
+            .any(|a| matches!(a, NodeAction::Close { conn } if *conn == ConnId(1)))
+        {
+            left_at.get_or_insert(ms);
+        }
+    }
+    let at = left_at.expect("a source silent for source_wait is left");
+    assert!((2000..=2100).contains(&at), "left at {at} ms");
+}
+
+#[test]
 fn node_gives_up_when_the_source_stays_away() {
     let mut cfg = NodeConfig::new("s", "a", addr(2));
     cfg.source_wait = Duration::from_secs(2);

@@ -246,7 +246,10 @@ fn a_node_writing_a_block_device_resumes_after_a_restart() {
     // A loop device of the image's size, detached when the test ends.
     let disk = ka_tests::system::Loop::blank(&s.dir.path().join("b.disk"), SIZE);
     let dev = Path::new(disk.dev()).to_path_buf();
-    let serve = s.serve("serve", 2);
+    // Slower than the other tests: a loop device's records of what is
+    // durable come slowly on a loaded machine, and the session must still
+    // be on when b comes back.
+    let serve = s.serve_with("serve", 2, &["--max-rate", "8MiB"]);
     let a = s.join("a", "a");
     let b = s.join_to("b", "b-first", &dev);
     // Early enough that the session is still on when b comes back.

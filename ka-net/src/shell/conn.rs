@@ -345,6 +345,14 @@ async fn run(
                         }
                     }
                     super::tcp::for_bulk(fd);
+                    // The pace holds from the first byte: left to the task
+                    // below, it raced the sender, and a loopback socket took
+                    // megabytes unpaced first.
+                    if let Some(rate) = pace.as_ref().map(|p| *p.borrow()) {
+                        if let Err(e) = set_pacing_rate(fd, rate) {
+                            tracing::warn!(error = %e, "cannot cap the send rate of a data connection");
+                        }
+                    }
                     tokio::select! {
                         _ = follow_pace(fd, pace) => unreachable!("pacing never ends"),
                         result = serve(&mut stream, *job) => {
