@@ -458,8 +458,8 @@ fn ka(w: &Work, nodes: usize, digest_ready: bool) -> Outcome {
     let (started, _) = serve.expect("\"event\":\"started\"", deadline);
     let mut last = started;
     for j in &mut joins {
-        let (t, line) = j.expect("Verified", deadline);
-        assert!(line.contains("ok: true"), "{}: {line}", j.what);
+        let (t, line) = j.expect(r#""event":"verified""#, deadline);
+        assert!(line.contains(r#""ok":true"#), "{}: {line}", j.what);
         last = last.max(t);
     }
     let mut outcome = Outcome {

@@ -520,7 +520,7 @@ impl CloneRun {
         for e in &self.fin.events {
             if !matches!(
                 e.kind.as_str(),
-                "Joined" | "Started" | "Verified" | "Released" | "ImageDone" | "Other"
+                "Joined" | "Started" | "Verified" | "Released" | "ImageDone" | "Finished"
             ) {
                 *kinds.entry(e.kind.as_str()).or_default() += 1;
             }

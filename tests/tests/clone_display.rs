@@ -97,3 +97,161 @@ fn a_terminal_gets_one_progress_bar_per_node_and_the_report() {
         "the demo's independent check is missing:\n{stdout}"
     );
 }
+
+/// Without a terminal and without `--json` (a journal, a log file), the
+/// source prints a summary line every few seconds instead of silence; with
+/// `--json`, both ends print only JSON lines of the documented schema
+/// (docs/events.md), never Rust debug text.
+#[test]
+fn a_journal_gets_summary_lines_and_scripts_get_only_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    ka_tests::write_secret(&secret, 31);
+    let image = dir.path().join("image");
+    // 14 MiB at 2 MiB/s: about 7 s, past the first summary at 5 s.
+    std::fs::write(&image, ka_tests::pseudo_random(14 << 20, 31)).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let secret = secret.to_str().unwrap();
+    let serve = |label: &str, json: bool| {
+        let mut args = vec![
+            "serve",
+            "--nodes",
+            "2",
+            "--listen",
+            &listen,
+            "--secret-file",
+            secret,
+            "--image",
+            image.to_str().unwrap(),
+            "--max-rate",
+            "2MiB",
+            "--state-dir",
+            dir.path().to_str().unwrap(),
+        ];
+        if json {
+            args.push("--json");
+        }
+        ka_tests::Proc::start(dir.path(), label, &args)
+    };
+    let join = |name: &str, json: bool| {
+        let target = dir.path().join(format!("{name}.img"));
+        let mut args = vec![
+            "join",
+            "--server",
+            &listen,
+            "--secret-file",
+            secret,
+            "--name",
+            name,
+            "--target",
+            target.to_str().unwrap(),
+            "--state-dir",
+            dir.path().to_str().unwrap(),
+            "--wait",
+            "60s",
+        ];
+        if json {
+            args.push("--json");
+        }
+        ka_tests::Proc::start(dir.path(), &format!("{name}-join"), &args)
+    };
+
+    // Plain: stderr is a file.
+    let s = serve("plain", false);
+    wait_listening(&s);
+    let nodes = [join("a", false), join("b", false)];
+    let (code, out, err) = s.finish(Duration::from_secs(60));
+    for n in nodes {
+        let (c, _, e) = n.finish(Duration::from_secs(30));
+        assert_eq!(c, 0, "{e}");
+        assert!(
+            !e.contains(" { ") && !e.contains("Some("),
+            "debug text: {e}"
+        );
+        assert!(e.contains("copy verified"), "{e}");
+    }
+    assert_eq!(code, 0, "{out}\n{err}");
+    let summaries: Vec<&str> = err.lines().filter(|l| l.contains("2 nodes: ")).collect();
+    assert!(
+        !summaries.is_empty()
+            && summaries
+                .iter()
+                .all(|l| l.contains("slowest") && l.contains(" %)")),
+        "no summary line every 5 s in:\n{err}"
+    );
+    assert!(
+        !err.contains(" { ") && !err.contains("Some("),
+        "debug text: {err}"
+    );
+    assert!(out.contains("node") && out.contains("OK"), "{out}");
+
+    // JSON: every line of both ends parses, has a known kind, no debug text.
+    let s = serve("json", true);
+    wait_listening(&s);
+    let nodes = [join("c", true), join("d", true)];
+    let (code, out, err) = s.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let mut node_kinds = std::collections::BTreeSet::new();
+    for n in nodes {
+        let (c, out, e) = n.finish(Duration::from_secs(30));
+        assert_eq!(c, 0, "{e}");
+        for line in out.lines() {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            node_kinds.insert(v["event"].as_str().expect("an event").to_string());
+            assert!(!line.contains(" { ") && !line.contains("Some("), "{line}");
+        }
+    }
+    for kind in [
+        "welcomed",
+        "placed",
+        "receiving",
+        "verified",
+        "leaving",
+        "left",
+    ] {
+        assert!(node_kinds.contains(kind), "no {kind} in {node_kinds:?}");
+    }
+    let mut source_kinds = std::collections::BTreeSet::new();
+    for line in out.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(!line.contains(" { ") && !line.contains("Some("), "{line}");
+        if let Some(kind) = v["event"].as_str() {
+            source_kinds.insert(kind.to_string());
+        }
+        if let Some(report) = v.get("report") {
+            for n in report["nodes"].as_array().unwrap() {
+                // Loopback nodes have no MAC to tell: absent, not zeros.
+                assert!(n["mac"].is_null(), "{n}");
+            }
+        }
+    }
+    for kind in [
+        "image_done",
+        "joined",
+        "started",
+        "verified",
+        "released",
+        "finished",
+    ] {
+        assert!(source_kinds.contains(kind), "no {kind} in {source_kinds:?}");
+    }
+}
+
+/// Waits (bounded) until `ka serve` says it listens.
+fn wait_listening(serve: &ka_tests::Proc) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ka_tests::read_text(&serve.err).contains("waiting for") {
+        assert!(
+            Instant::now() < deadline,
+            "ka serve did not start listening"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

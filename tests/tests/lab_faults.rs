@@ -342,7 +342,7 @@ fn a_node_killed_while_nodes_are_still_joining() {
     let started: serde_json::Value = serde_json::from_str(&fin.first("Started").text).unwrap();
     assert_eq!(
         (started["nodes"].as_u64(), started["trigger"].as_str()),
-        (Some(6), Some("Go")),
+        (Some(6), Some("go")),
         "{started}"
     );
     s.check(&fin, joins, &[("n4", "lost before the start")]);
@@ -420,7 +420,11 @@ fn a_slow_port_moves_its_node_to_the_tail() {
     let fin = serve.finish(SESSION);
     let started = fin.first("Started").at;
     let slow = fin.event("Slow", "n4").expect("n4 reported slow");
-    assert!(slow.text.contains("MoveToTail"), "{}", slow.text);
+    assert!(
+        slow.text.contains(r#""policy":"move_to_tail""#),
+        "{}",
+        slow.text
+    );
     let others = fin
         .all("Verified")
         .into_iter()

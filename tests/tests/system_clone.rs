@@ -458,7 +458,7 @@ fn survivors_of_a_killed_node_and_a_late_node_are_rebuilt_whole() {
     // k3 goes to the source, either at once (the source knew k1's window
     // had moved past it) or after k1 refused it (it learnt it then).
     assert!(
-        k[1].1.contains("Placed { upstream: Some(None)"),
+        k[1].1.contains(r#""event":"placed","upstream":"source""#),
         "k3 was relinked to the source: {}",
         k[1].1
     );

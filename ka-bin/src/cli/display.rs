@@ -13,8 +13,11 @@ use std::io::IsTerminal;
 use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use ka_core::config::SlowPolicy;
 use ka_core::ids::NodeId;
-use ka_core::source::{NodeReport, Source, SourceEvent};
+use ka_core::source::{NodeReport, Source, SourceEvent, StartTrigger};
+
+use super::events::{mac_text, SourceEventLine, SourceLine};
 use serde::Serialize;
 use serde_json::json;
 
@@ -30,7 +33,14 @@ pub struct Display {
     /// its name before the start leaves the source's report under its old
     /// identifier, but that death still needs a name.
     names: HashMap<NodeId, String>,
+    /// Without bars or JSON (a journal, a file): when the last summary
+    /// line was printed, so one goes out every [`PLAIN_PROGRESS_EVERY`].
+    plain_progress_at: Option<Instant>,
 }
+
+/// How often a source without a terminal or `--json` prints a summary
+/// line: often enough to show it is alive, rarely enough for a journal.
+pub const PLAIN_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One bar per node, drawn together on standard error.
 struct Bars {
@@ -52,6 +62,7 @@ impl Display {
             bars,
             spans: HashMap::new(),
             names: HashMap::new(),
+            plain_progress_at: None,
         }
     }
 
@@ -65,7 +76,7 @@ impl Display {
                 self.log(source, e);
                 if self.json {
                     let line = self.event_json(source, e);
-                    crate::outln!("{line}");
+                    crate::outln!("{}", json_text(&line));
                 } else if let Some(text) = describe(&|n| self.name_of(source, n), e) {
                     match &self.bars {
                         Some(bars) => bars.multi.suspend(|| eprintln!("ka: {text}")),
@@ -104,6 +115,8 @@ impl Display {
     fn refresh(&mut self, source: &Source) {
         if self.json {
             self.json_progress(source);
+        } else if self.bars.is_none() {
+            self.plain_progress(source);
         }
         let Some(bars) = &mut self.bars else { return };
         let size = source.config().image_size;
@@ -144,8 +157,25 @@ impl Display {
         crate::outln!("{}", json!({"progress": nodes, "t": self.seconds()}));
     }
 
+    /// A summary line every [`PLAIN_PROGRESS_EVERY`] once the stream runs:
+    /// how many nodes are done, and how far the slowest live one is.
+    fn plain_progress(&mut self, source: &Source) {
+        let now = Instant::now();
+        let report = source.report();
+        let streaming = report.iter().any(|r| received(source, r) > 0);
+        let due = self
+            .plain_progress_at
+            .is_none_or(|at| now.duration_since(at) >= PLAIN_PROGRESS_EVERY);
+        if !streaming || !due {
+            return;
+        }
+        self.plain_progress_at = Some(now);
+        eprintln!("ka: {}", summary(source, &report));
+    }
+
     /// Logs an event in the span of the node it concerns (`RUST_LOG=info`).
     fn log(&mut self, source: &Source, event: &SourceEvent) {
+        let line = json_text(&self.event_json(source, event));
         match event_node(event) {
             Some(n) => {
                 let name = self.name_of(source, n);
@@ -153,46 +183,23 @@ impl Display {
                     .spans
                     .entry(n)
                     .or_insert_with(|| tracing::info_span!("node", id = %n, name = %name));
-                span.in_scope(|| tracing::info!(?event));
+                span.in_scope(|| tracing::info!(event = %line));
             }
-            None => tracing::info!(?event),
+            None => tracing::info!(event = %line),
         }
     }
 
-    fn event_json(&self, source: &Source, event: &SourceEvent) -> serde_json::Value {
-        let mut v = match event {
-            SourceEvent::Joined { name, rejoin, .. } => {
-                json!({"event": "joined", "rejoin": rejoin, "node": name})
-            }
-            SourceEvent::Refused { refusal, .. } => {
-                json!({"event": "refused", "code": format!("{:?}", refusal.code), "reason": refusal.detail})
-            }
-            SourceEvent::Started { nodes, trigger } => {
-                json!({"event": "started", "nodes": nodes, "trigger": format!("{trigger:?}")})
-            }
-            SourceEvent::Relinked { upstream, .. } => json!({"event": "relinked",
-                "upstream": upstream.map(|u| self.name_of(source, u))}),
-            SourceEvent::Dead { reason, .. } => json!({"event": "dead", "reason": reason}),
-            SourceEvent::Stranded { upstream, from, .. } => json!({"event": "stranded",
-                "upstream": self.name_of(source, *upstream), "from": from}),
-            SourceEvent::Slow { policy, .. } => {
-                json!({"event": "slow", "policy": format!("{policy:?}")})
-            }
-            SourceEvent::Verified { ok, reason, .. } => {
-                json!({"event": "verified", "ok": ok, "reason": reason})
-            }
-            SourceEvent::Failed { reason, .. } => json!({"event": "failed", "reason": reason}),
-            SourceEvent::Released { .. } => json!({"event": "released"}),
-            SourceEvent::ImageDone { total } => json!({"event": "image_done", "size": total}),
-            other => json!({"event": "other", "detail": format!("{other:?}")}),
-        };
-        v["t"] = json!(self.seconds());
-        if let Some(n) = event_node(event) {
-            v["id"] = json!(n.0);
-            v["node"] = json!(self.name_of(source, n));
+    fn event_json(&self, source: &Source, event: &SourceEvent) -> SourceEventLine {
+        SourceEventLine {
+            event: SourceLine::of(event, &|n| self.name_of(source, n)),
+            t: self.seconds(),
         }
-        v
     }
+}
+
+/// A line of JSON: the types are plain data, so this cannot fail.
+fn json_text(line: &impl Serialize) -> String {
+    serde_json::to_string(line).expect("event lines serialize")
 }
 
 /// A sentence for the operator about an event worth interrupting the bars
@@ -208,7 +215,12 @@ fn describe(name: &dyn Fn(NodeId) -> String, event: &SourceEvent) -> Option<Stri
         }
         // The shell logs refusals with the peer's address, rate-limited.
         SourceEvent::Started { nodes, trigger } => {
-            format!("streaming to {nodes} node(s) ({trigger:?})")
+            let why = match trigger {
+                StartTrigger::AllJoined => "every node joined",
+                StartTrigger::Go => "ka go",
+                StartTrigger::Deadline => "the join timeout",
+            };
+            format!("streaming to {nodes} node(s) ({why})")
         }
         SourceEvent::Relinked { node, upstream } => format!(
             "{} now fed by {}",
@@ -225,7 +237,15 @@ fn describe(name: &dyn Fn(NodeId) -> String, event: &SourceEvent) -> Option<Stri
             name(*node),
             name(*upstream)
         ),
-        SourceEvent::Slow { node, policy } => format!("{} too slow: {policy:?}", name(*node)),
+        SourceEvent::Slow { node, policy } => format!(
+            "{} too slow: {}",
+            name(*node),
+            match policy {
+                SlowPolicy::Keep => "kept in place",
+                SlowPolicy::MoveToTail => "moved to the tail of the chain",
+                SlowPolicy::Drop => "dropped",
+            }
+        ),
         SourceEvent::Verified {
             node,
             ok: false,
@@ -266,6 +286,37 @@ impl Display {
 }
 
 /// What a node has, from its latest progress or its report.
+/// One line of the whole session: nodes done, and the slowest live one.
+fn summary(source: &Source, report: &[NodeReport]) -> String {
+    let ok = report
+        .iter()
+        .filter(|r| matches!(r.outcome, Some(Ok(()))))
+        .count();
+    let ko = report
+        .iter()
+        .filter(|r| matches!(r.outcome, Some(Err(_))))
+        .count();
+    let size = source.config().image_size;
+    let slowest = report
+        .iter()
+        .filter(|r| r.outcome.is_none() && source.is_live(r.node))
+        .map(|r| (received(source, r), r.name.as_str()))
+        .min();
+    let mut line = format!("{} nodes: {ok} OK, {ko} KO", report.len());
+    if let Some((got, name)) = slowest {
+        line += &match size {
+            Some(size) if size > 0 => format!(
+                "; slowest {name} at {} of {} ({:.0} %)",
+                human(got),
+                human(size),
+                got as f64 * 100.0 / size as f64
+            ),
+            _ => format!("; slowest {name} at {}", human(got)),
+        };
+    }
+    line
+}
+
 fn received(source: &Source, r: &NodeReport) -> u64 {
     source
         .progress(r.node)
@@ -304,7 +355,8 @@ pub fn human(bytes: u64) -> String {
 #[derive(Serialize)]
 struct JsonNode<'a> {
     name: &'a str,
-    mac: String,
+    /// Absent when the node did not say.
+    mac: Option<String>,
     ok: bool,
     reason: String,
     bytes: u64,
@@ -346,7 +398,7 @@ pub fn print_report(report: &SourceReport, json: bool) {
                 let (ok, reason) = outcome(n);
                 JsonNode {
                     name: &n.name,
-                    mac: n.mac.map(|b| format!("{b:02x}")).join(":"),
+                    mac: mac_text(n.mac),
                     ok,
                     reason,
                     bytes: n.received,

@@ -14,6 +14,7 @@ use crate::session::{DEFAULT_SESSION, DEFAULT_STATE_DIR};
 pub mod demo;
 pub mod dhcp;
 pub mod display;
+pub mod events;
 pub mod exit;
 pub mod go;
 pub mod join;

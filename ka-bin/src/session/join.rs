@@ -12,6 +12,8 @@ use std::time::Duration;
 use anyhow::anyhow;
 use ka_core::config::NodeConfig;
 use ka_core::node::NodeEvent;
+
+use crate::cli::events::{NodeEventLine, NodeLine};
 use ka_net::shell::{self, NodeOptions, NodeOutcome, Target};
 use ka_net::system::rebuild::RebuildOptions;
 use ka_net::SinkSpec;
@@ -217,9 +219,16 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
 /// The node's verdict: one JSON line, or `ka: OK|KO: reason`.
 fn print_outcome(outcome: &NodeOutcome, json: bool) {
     if json {
+        let line = NodeLine::Left {
+            ok: outcome.ok,
+            reason: outcome.reason.clone(),
+            written: outcome.written,
+            received: outcome.received,
+            resumed_from: outcome.resumed_from,
+        };
         crate::outln!(
-            "{{\"event\":\"left\",\"ok\":{},\"reason\":{:?},\"written\":{},\"resumed_from\":{},\"received\":{}}}",
-            outcome.ok, outcome.reason, outcome.written, outcome.resumed_from, outcome.received
+            "{}",
+            serde_json::to_string(&line).expect("event lines serialize")
         );
     } else {
         eprintln!(
@@ -232,37 +241,62 @@ fn print_outcome(outcome: &NodeOutcome, json: bool) {
 
 /// One event of node `name`, as a JSON line or a line of text.
 fn print_event(name: &str, e: &NodeEvent, json: bool) {
-    match (e, json) {
-        (
-            NodeEvent::Welcomed {
-                node, resumed_from, ..
-            },
-            true,
-        ) => crate::outln!(
-            "{{\"node\":{name:?},\"event\":\"welcomed\",\"id\":{},\"resumed_from\":{resumed_from}}}",
-            node.0
-        ),
-        (NodeEvent::StartedOver { had }, true) => {
-            crate::outln!("{{\"node\":{name:?},\"event\":\"started_over\",\"had\":{had}}}")
-        }
-        (_, true) => crate::outln!("{{\"node\":{name:?},\"event\":{:?}}}", format!("{e:?}")),
-        (
-            NodeEvent::Welcomed {
-                node, resumed_from, ..
-            },
-            false,
-        ) if *resumed_from > 0 => {
-            eprintln!("ka: {name}: joined as {node}; the copy goes on from byte {resumed_from}")
-        }
-        (NodeEvent::StartedOver { had }, false) => eprintln!(
-            "ka: {name}: the source serves another image than the {had} bytes on the target were of: starting over"
-        ),
-        (NodeEvent::SourceLost, false) => {
-            eprintln!("ka: {name}: lost the source; waiting for it to come back")
-        }
-        (NodeEvent::SourceUnproven { reason }, false) => eprintln!(
-            "ka: {name}: not believed, nothing it said is acted on: {reason}; looking for the source again"
-        ),
-        (_, false) => eprintln!("ka: {name}: {e:?}"),
+    if json {
+        let line = NodeEventLine {
+            node: name.to_string(),
+            event: NodeLine::of(e),
+        };
+        crate::outln!(
+            "{}",
+            serde_json::to_string(&line).expect("event lines serialize")
+        );
+        return;
     }
+    let text = match e {
+        NodeEvent::Welcomed {
+            node, resumed_from, ..
+        } if *resumed_from > 0 => {
+            format!("joined as {node}; the copy goes on from byte {resumed_from}")
+        }
+        NodeEvent::Welcomed { node, .. } => format!("joined as {node}"),
+        NodeEvent::StartedOver { had } => format!(
+            "the source serves another image than the {had} bytes on the target were of: starting over"
+        ),
+        NodeEvent::Refused(refusal) => format!("refused by the source: {}", refusal.detail),
+        NodeEvent::Placed {
+            upstream,
+            downstreams,
+        } => {
+            let from = match upstream {
+                None => "nobody yet".to_string(),
+                Some(None) => "the source".to_string(),
+                Some(Some(n)) => format!("node {n}"),
+            };
+            match downstreams.as_slice() {
+                [] => format!("fed by {from}"),
+                ds => format!(
+                    "fed by {from}, feeding {}",
+                    ds.iter().map(|d| format!("node {d}")).collect::<Vec<_>>().join(", ")
+                ),
+            }
+        }
+        NodeEvent::Receiving { from: 0 } => "receiving".to_string(),
+        NodeEvent::Receiving { from } => format!("receiving from byte {from}"),
+        NodeEvent::DownstreamEarly { node, .. } => {
+            format!("node {node} asked for data before the source placed it here; it waits")
+        }
+        NodeEvent::UpstreamLost { reason } => format!("lost its feeder: {reason}"),
+        NodeEvent::Stranded { upstream, from, reason } => format!(
+            "node {upstream} no longer holds byte {from} ({reason}); the source places this node anew"
+        ),
+        NodeEvent::SourceLost => "lost the source; waiting for it to come back".to_string(),
+        NodeEvent::SourceUnproven { reason } => format!(
+            "not believed, nothing it said is acted on: {reason}; looking for the source again"
+        ),
+        NodeEvent::Verified { ok: true, .. } => "copy verified".to_string(),
+        NodeEvent::Verified { ok: false, reason } => format!("copy does not match: {reason}"),
+        // The verdict follows as its own line (`OK`/`KO`).
+        NodeEvent::Left { .. } => return,
+    };
+    eprintln!("ka: {name}: {text}");
 }

@@ -593,7 +593,8 @@ pub struct Join {
 }
 
 impl Join {
-    /// The node's events so far (the text of each), stamped.
+    /// The node's events so far, stamped: their kinds as the core's
+    /// `NodeEvent` variants (`Receiving`, `UpstreamLost`, `Verified`, …).
     pub fn events(&self) -> Vec<(Instant, String)> {
         self.proc
             .lines()
@@ -601,7 +602,7 @@ impl Join {
             .filter_map(|l| {
                 let v: Value = serde_json::from_str(&l.text).ok()?;
                 v.get("node")?;
-                Some((l.at, v["event"].as_str()?.to_string()))
+                Some((l.at, camel_case(v["event"].as_str()?)))
             })
             .collect()
     }
