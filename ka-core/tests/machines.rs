@@ -828,12 +828,22 @@ fn a_prefix_of_another_image_is_not_resumed() {
 
 /// A node that was welcomed on `conn` (image [`IMAGE`]) and told `epoch`.
 fn welcomed_node(resume: Option<ka_core::node::Resume>, conn: u64, resume_from: u64) -> Node {
-    let mut node = Node::new(
-        Time::ZERO,
+    welcomed_node_with(
         NodeConfig::new("s", "a", addr(2)),
-        key_of("a"),
         resume,
-    );
+        conn,
+        resume_from,
+    )
+}
+
+/// [`welcomed_node`], configured by `cfg`.
+fn welcomed_node_with(
+    cfg: NodeConfig,
+    resume: Option<ka_core::node::Resume>,
+    conn: u64,
+    resume_from: u64,
+) -> Node {
+    let mut node = Node::new(Time::ZERO, cfg, key_of("a"), resume);
     node.handle_source_connected(t(1), ConnId(conn), Nonce([0x40; 32]));
     node.say(
         t(1),
@@ -1124,29 +1134,7 @@ fn a_verified_node_waits_out_a_silent_source_for_its_release() {
 fn a_verified_node_still_leaves_a_source_silent_for_source_wait() {
     let mut cfg = NodeConfig::new("s", "a", addr(2));
     cfg.source_wait = Duration::from_secs(2);
-    let mut node = Node::new(Time::ZERO, cfg, key_of("a"), None);
-    node.handle_source_connected(t(1), ConnId(1), Nonce([0x40; 32]));
-    node.say(
-        t(1),
-        ConnId(1),
-        Message::Challenge {
-            version: PROTOCOL_VERSION,
-            nonce: Nonce([0; 32]),
-        },
-    );
-    node.say(
-        t(1),
-        ConnId(1),
-        Message::Welcome {
-            node: NodeId(1),
-            heartbeat_ms: 250,
-            dead_after_ms: 1000,
-            image_size: Some(1000),
-            image: IMAGE,
-            resume_from: 0,
-            run: RUN,
-        },
-    );
+    let mut node = welcomed_node_with(cfg, None, 1, 0);
     node.say(
         t(2),
         ConnId(1),
@@ -1175,29 +1163,7 @@ fn a_verified_node_still_leaves_a_source_silent_for_source_wait() {
 fn node_gives_up_when_the_source_stays_away() {
     let mut cfg = NodeConfig::new("s", "a", addr(2));
     cfg.source_wait = Duration::from_secs(2);
-    let mut node = Node::new(Time::ZERO, cfg, key_of("a"), None);
-    node.handle_source_connected(t(1), ConnId(1), Nonce([0x40; 32]));
-    node.say(
-        t(1),
-        ConnId(1),
-        Message::Challenge {
-            version: PROTOCOL_VERSION,
-            nonce: Nonce([0; 32]),
-        },
-    );
-    node.say(
-        t(1),
-        ConnId(1),
-        Message::Welcome {
-            node: NodeId(1),
-            heartbeat_ms: 250,
-            dead_after_ms: 1000,
-            image_size: Some(1000),
-            image: IMAGE,
-            resume_from: 0,
-            run: RUN,
-        },
-    );
+    let mut node = welcomed_node_with(cfg, None, 1, 0);
     // Joined: the wait does not run.
     node.handle_timeout(t(3000));
     assert_ne!(node.phase(), &Phase::Done);
