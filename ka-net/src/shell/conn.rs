@@ -477,6 +477,24 @@ async fn serve(stream: &mut TcpStream, job: ServeJob) -> Result<(), Error> {
     Ok(())
 }
 
+/// Tells the driver, every [`PROGRESS_EVERY`], how far `written` got if it
+/// moved past what was last `reported`. Never returns.
+async fn report_progress(
+    written: watch::Receiver<Written>,
+    reported: &std::sync::atomic::AtomicU64,
+    events: &mpsc::UnboundedSender<Event>,
+) {
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let upto = written.borrow().upto;
+        if upto > reported.fetch_max(upto, std::sync::atomic::Ordering::Relaxed) {
+            let _ = events.send(Event::Progress(upto));
+        }
+    }
+}
+
 async fn receive(
     conn: ConnId,
     leftover: bytes::Bytes,
@@ -492,17 +510,19 @@ async fn receive(
     } = job;
     // Progress is published from the relay's receiving thread: the serving
     // tasks that follow `written` wake without another thread in between.
-    let mut reported = writer.position();
+    // The driver hears of it per PROGRESS_STEP from there, and every
+    // PROGRESS_EVERY from `report_progress` below, which also catches
+    // what arrived in a burst just before a pause (a paced or stalled
+    // upstream) that no later write would report.
+    let reported = Arc::new(std::sync::atomic::AtomicU64::new(writer.position()));
     let published = written.clone();
     let progress = events.clone();
-    let mut reported_at = std::time::Instant::now();
+    let reported_by_relay = reported.clone();
     let on_written = move |RelayEvent::Written(offset)| {
         published.send_modify(|w| w.upto = w.upto.max(offset));
-        if offset >= reported + PROGRESS_STEP
-            || (offset > reported && reported_at.elapsed() >= PROGRESS_EVERY)
-        {
-            reported = offset;
-            reported_at = std::time::Instant::now();
+        let before = reported_by_relay.load(std::sync::atomic::Ordering::Relaxed);
+        if offset >= before + PROGRESS_STEP {
+            reported_by_relay.fetch_max(offset, std::sync::atomic::Ordering::Relaxed);
             let _ = progress.send(Event::Progress(offset));
         }
     };
@@ -515,6 +535,7 @@ async fn receive(
         Ok(stream) => tokio::select! {
             result = relay(&stream, &leftover, &mut writer, Some(&direct), on_written) => result,
             _ = closed(commands) => Err(Error::Invalid("the data connection was closed by this node".into())),
+            _ = report_progress(written.subscribe(), &reported, events) => unreachable!("reports until the relay ends"),
         },
     };
     if let Ok(end) = &result {
