@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use ka_tests::{ka_bin, strip_ansi, ChildGuard};
 use nix::pty::{openpty, Winsize};
+use serde_json::json;
 
 #[test]
 fn a_terminal_gets_one_progress_bar_per_node_and_the_report() {
@@ -165,7 +166,71 @@ fn a_journal_gets_summary_lines_and_scripts_get_only_json() {
     let s = serve("plain", false);
     wait_listening(&s);
     let nodes = [join("a", false), join("b", false)];
+    // Meanwhile, from another terminal: ka status, read from the state dir.
+    let state_dir = dir.path().to_str().unwrap();
+    let status = |extra: &[&str]| {
+        let mut args = vec!["status", "--state-dir", state_dir];
+        args.extend_from_slice(extra);
+        let o = ka_tests::ka(&args);
+        assert!(o.status.success(), "ka status: {}", ka_tests::stderr(&o));
+        ka_tests::stdout(&o)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let live = loop {
+        // The first snapshot may not be written yet: then ka status fails.
+        let o = ka_tests::ka(&["status", "--state-dir", state_dir, "--json"]);
+        let text = ka_tests::stdout(&o);
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or(json_null());
+        let receiving = v["nodes"].as_array().is_some_and(|ns| {
+            ns.len() == 2
+                && ns
+                    .iter()
+                    .all(|n| n["state"] == "receiving" && n["bytes"].as_u64().unwrap_or(0) > 0)
+        });
+        if receiving {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ka status never showed both nodes receiving: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(live["session"], "ka", "{live}");
+    assert_eq!(live["state"], "streaming", "{live}");
+    assert_eq!(live["running"], true, "{live}");
+    let fed_by: Vec<&str> = live["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["upstream"].as_str().unwrap_or("-"))
+        .collect();
+    // A chain: one node fed by the source, the other by that node.
+    assert!(
+        fed_by.contains(&"source") && (fed_by.contains(&"a") || fed_by.contains(&"b")),
+        "{live}"
+    );
+    let table = status(&[]);
+    assert!(
+        table.contains("session ka: streaming") && table.contains("receiving"),
+        "{table}"
+    );
     let (code, out, err) = s.finish(Duration::from_secs(60));
+    let after = status(&["--session", "ka", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(after.trim()).unwrap();
+    assert_eq!(
+        (&v["state"], &v["running"]),
+        (&json!("finished"), &json!(false)),
+        "{v}"
+    );
+    assert!(
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["state"] == "released"),
+        "{v}"
+    );
     for n in nodes {
         let (c, _, e) = n.finish(Duration::from_secs(30));
         assert_eq!(c, 0, "{e}");
@@ -242,6 +307,10 @@ fn a_journal_gets_summary_lines_and_scripts_get_only_json() {
     ] {
         assert!(source_kinds.contains(kind), "no {kind} in {source_kinds:?}");
     }
+}
+
+fn json_null() -> serde_json::Value {
+    serde_json::Value::Null
 }
 
 /// Waits (bounded) until `ka serve` says it listens.

@@ -18,6 +18,7 @@ use ka_core::ids::NodeId;
 use ka_core::source::{NodeReport, Source, SourceEvent, StartTrigger};
 
 use super::events::{mac_text, SourceEventLine, SourceLine};
+use super::status::StatusWriter;
 use serde::Serialize;
 use serde_json::json;
 
@@ -36,6 +37,8 @@ pub struct Display {
     /// Without bars or JSON (a journal, a file): when the last summary
     /// line was printed, so one goes out every [`PLAIN_PROGRESS_EVERY`].
     plain_progress_at: Option<Instant>,
+    /// The session's snapshot for `ka status`, when it has a place.
+    status: Option<StatusWriter>,
 }
 
 /// How often a source without a terminal or `--json` prints a summary
@@ -63,7 +66,14 @@ impl Display {
             spans: HashMap::new(),
             names: HashMap::new(),
             plain_progress_at: None,
+            status: None,
         }
+    }
+
+    /// Also publishes the session's snapshot for `ka status` as it goes.
+    pub fn with_status(mut self, status: StatusWriter) -> Self {
+        self.status = Some(status);
+        self
     }
 
     /// Shows one event (`Some`) or refreshes progress (`None`).
@@ -113,6 +123,9 @@ impl Display {
     }
 
     fn refresh(&mut self, source: &Source) {
+        if let Some(status) = &mut self.status {
+            status.publish(source);
+        }
         if self.json {
             self.json_progress(source);
         } else if self.bars.is_none() {

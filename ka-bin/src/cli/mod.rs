@@ -22,6 +22,7 @@ pub mod key;
 pub mod netboot;
 pub mod pxe;
 pub mod serve;
+pub mod status;
 pub mod tftp;
 
 pub use exit::ExitStatus;
@@ -47,6 +48,8 @@ pub enum Command {
     Join(join::JoinArgs),
     /// Start a waiting session now with the nodes present (the original -g).
     Go(go::GoArgs),
+    /// Show a running session's table from another terminal.
+    Status(status::StatusArgs),
     /// The keys of a session's nodes: derive one node's own key from the secret.
     Key(key::KeyArgs),
     /// Clone a generated image onto local nodes, verify every copy, print the report.
@@ -78,6 +81,7 @@ impl Command {
             Command::Serve(args) => serve::run(args),
             Command::Join(args) => join::run(args),
             Command::Go(args) => go::run(args),
+            Command::Status(args) => status::run(args),
             Command::Key(args) => key::run(args),
             Command::Demo(args) => demo::run(args),
             Command::Pxe(args) => pxe::run(args),

@@ -11,6 +11,7 @@ use ka_core::config::{SlowPolicy, SourceConfig};
 use ka_core::source::NodeReport;
 
 use super::display::{print_report, Display};
+use super::status::StatusWriter;
 use super::ExitStatus;
 use crate::boot::flip::{Flipped, VerifiedFlip};
 use crate::boot::{BootState, Inventory};
@@ -310,6 +311,9 @@ fn obtain_secret(file: Option<&std::path::Path>, session: &str) -> anyhow::Resul
 /// Serves the session with the live display (and boot-mode flips) until it ends.
 fn serve(plan: ServePlan, secret: &Secret) -> anyhow::Result<Report> {
     let mut display = Display::new(plan.json);
+    if let Some(dir) = &plan.options.state_dir {
+        display = display.with_status(StatusWriter::new(dir, &plan.options.config.session));
+    }
     let flip = plan.flip;
     let report = session::run(plan.options, secret, |s, e| {
         if let (Some(flip), Some(e)) = (&flip, e) {
