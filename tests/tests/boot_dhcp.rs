@@ -508,6 +508,9 @@ fn harvest_reads_the_lease_file_a_real_kea_writes() {
     ns.ip(&["-n", srv, "addr", "add", "10.99.0.1/24", "dev", "kea0"]);
     ns.ip(&["-n", srv, "link", "set", "kea0", "up"]);
     ns.ip(&["-n", srv, "link", "set", "lo", "up"]);
+    // The link has its carrier before Kea starts: Kea opens no socket on
+    // an interface that is not running.
+    ns.ip(&["-n", cli, "link", "set", "cli0", "up"]);
 
     let leases = d.join("kea-leases4.csv");
     let config = d.join("kea-dhcp4.conf");
@@ -552,6 +555,16 @@ fn harvest_reads_the_lease_file_a_real_kea_writes() {
         )
     };
 
+    let started = std::time::Instant::now();
+    while !kea_said().contains("DHCP4_STARTED") {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "kea-dhcp4 did not start within 30 s: {}",
+            kea_said()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     let order = [
         "52:54:00:ee:00:03",
         "52:54:00:ee:00:01",
@@ -561,7 +574,7 @@ fn harvest_reads_the_lease_file_a_real_kea_writes() {
         ns.ip(&["-n", cli, "link", "set", "cli0", "down"]);
         ns.ip(&["-n", cli, "link", "set", "cli0", "address", mac]);
         ns.ip(&["-n", cli, "link", "set", "cli0", "up"]);
-        // Kea may still be starting: udhcpc tries for up to 20 s.
+        // udhcpc tries for up to 20 s.
         let o = run(
             Command::new("ip")
                 .args(["netns", "exec", cli])
@@ -581,10 +594,10 @@ fn harvest_reads_the_lease_file_a_real_kea_writes() {
         );
     }
     let text = fs::read_to_string(&leases).unwrap();
-    assert!(
-        text.starts_with("address,hwaddr,client_id,valid_lifetime,expire,subnet_id,"),
-        "{text}"
-    );
+    // The sample the other tests read has Kea's header (later Kea versions
+    // add columns at the end).
+    let sample_header = KEA_LEASES.lines().next().unwrap();
+    assert!(text.starts_with(sample_header), "{text}");
     let o = ka(&[
         "dhcp",
         "harvest",
