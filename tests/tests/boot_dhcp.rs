@@ -1,5 +1,7 @@
 //! `ka dhcp config` checked by the DHCP daemons themselves, and `ka dhcp
-//! harvest` on realistic leases files and logs.
+//! harvest` on realistic leases files and logs, and on the lease file a
+//! real kea-dhcp4 writes for clients in network namespaces the test makes
+//! (that one needs root).
 
 use std::fs;
 use std::path::Path;
