@@ -277,8 +277,8 @@ pub fn initramfs(opts: &BuildOptions, ka: &Path) -> anyhow::Result<Initramfs> {
     for m in &order {
         let file = format!("{}.ko", m.name);
         let at = format!("lib/modules/ka/{file}");
-        // Compressed modules go in decompressed: the image's insmod reads
-        // plain ELF objects only (see `modules`).
+        // Compressed modules go in decompressed: the image's busybox insmod
+        // cannot be counted on to read them (see `modules`).
         if m.compression() == Compression::None {
             a.copy(&at, &m.path, 0o644);
         } else {
