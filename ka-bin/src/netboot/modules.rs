@@ -16,8 +16,8 @@
 //! image gets them decompressed ([`read_module`]): busybox's `insmod` hands
 //! the file to `finit_module` without the kernel's decompress flag, and its
 //! own fallback reads gzip and xz at best, never zstd; and the initramfs is
-//! compressed as a whole, so a module compressed on its own saves next to
-//! nothing on the wire.
+//! compressed as a whole, so modules kept compressed would save little on
+//! the wire (a quarter of the modules' share with xz, none with zstd).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
