@@ -121,6 +121,11 @@ fn dhcp_leases(data: &[u8]) {
     let _ = ka_bin::boot::harvest::detect(&text);
     let _ = ka_bin::boot::harvest::scan("leases", &text);
     let _ = ka_bin::boot::harvest::harvest(&[("a".into(), text.to_string())]);
+    // Every reader on every input, as `--format` makes it: the Kea CSV
+    // reader sees logs and the others see CSV.
+    for kind in ka_bin::boot::harvest::FileKind::ALL {
+        let _ = ka_bin::boot::harvest::scan_as("leases", &text, kind);
+    }
     if let Ok(p) = ka_bin::boot::harvest::NamePattern::parse(&text) {
         let _ = p.name(u64::MAX);
     }
@@ -217,6 +222,11 @@ fn lease_seeds() -> Vec<Vec<u8>> {
         b"lease 10.0.0.5 {\n  starts 4 2024/01/04 10:00:00;\n  hardware ethernet 52:54:00:12:34:56;\n  client-hostname \"n1\";\n}\n".to_vec(),
         b"1704362400 52:54:00:12:34:57 10.0.0.6 n2 01:52:54:00:12:34:57\n".to_vec(),
         b"Jan  4 10:00:00 host dhcpd[1]: DHCPDISCOVER from 52:54:00:12:34:58 via eth0\n".to_vec(),
+        b"address,hwaddr,client_id,valid_lifetime,expire,subnet_id,fqdn_fwd,fqdn_rev,hostname,state,user_context\n\
+          10.0.0.7,52:54:00:12:34:59,01:52:54:00:12:34:59,4000,1704366400,1,0,0,n3,0,\n\
+          10.0.0.8,,,4000,1704366500,1,0,0,,1,\n\
+          10.0.0.9,52:54:00:12:34:5a,,0,1704366600,1,0,0,,2,{ \"a\": 1&#x2c \"b\": 2 }\n"
+            .to_vec(),
         b"node[01-99]".to_vec(),
     ]
 }

@@ -728,6 +728,42 @@ fn an_image_that_is_a_fifo_or_missing_is_refused_before_anything_is_written() {
 }
 
 #[test]
+fn zero_nodes_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image.img");
+    std::fs::write(&image, b"an image").unwrap();
+    let out = ka_tests::run(
+        Command::new(ka_bin()).current_dir(dir.path()).args([
+            "serve",
+            "--nodes",
+            "0",
+            "--listen",
+            "127.0.0.1:0",
+            "--image",
+            image.to_str().unwrap(),
+        ]),
+        Duration::from_secs(20),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--nodes 0: a session clones to at least one node"),
+        "{err}"
+    );
+    // Nothing was served: no secret generated, nothing said on stdout.
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("image.img")]);
+}
+
+#[test]
 fn an_image_cut_short_while_it_is_served_ends_the_session_saying_so() {
     // Every sender would fail at the same offset and the node would
     // reconnect to it forever; the session ends instead, with the reason.

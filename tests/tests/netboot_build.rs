@@ -6,9 +6,12 @@
 //! a node does. A host without some of them still gets an image, and the
 //! build names each missing program with its Debian package.
 //!
-//! The kernel is a stand-in (every default module built in): what is
-//! checked here is the user space. tests/tests/pxe_clone_vms.rs boots a
-//! real image.
+//! The kernel is a stand-in (every default module built in) where what is
+//! checked is the user space. tests/tests/pxe_clone_vms.rs boots a real
+//! image. The modules test takes the Debian kernel `scripts/fetch-kernel`
+//! caches and compresses its modules as RHEL-family (xz) and Ubuntu (zstd)
+//! kernels ship them, and gzip: the image must carry them decompressed,
+//! byte for byte the modules they were made from.
 //!
 //! Needs root (chroot, and a mount namespace for /proc inside it) and the
 //! Debian packages in scripts/apt-packages.txt.
@@ -22,7 +25,7 @@ use std::time::Duration;
 
 use ka_bin::netboot::archive::{self, Listed};
 use ka_bin::netboot::elf;
-use ka_bin::netboot::modules::{DEFAULT_MODULES, SYSTEM_MODULES};
+use ka_bin::netboot::modules::{self, ModuleIndex, DEFAULT_MODULES, SYSTEM_MODULES};
 use ka_bin::netboot::tools::{self, SYSTEM_TOOLS};
 use ka_tests::{ka_bin, require_tool, run, stderr, stdout};
 
@@ -352,4 +355,265 @@ fn a_host_without_some_tools_gets_an_image_and_their_names() {
     );
     let entries = image_entries(&d.join("root2/ka/initramfs.img"));
     assert_eq!(entries["bin/tar"].link_target(), Some("/bin/busybox"));
+}
+
+/// The unpacked Debian kernel package: `$KA_TEST_KERNEL_DIR`, or what
+/// `scripts/fetch-kernel` left in `target/ka-kernel/current`.
+fn debian_kernel() -> PathBuf {
+    let dir = std::env::var_os("KA_TEST_KERNEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ka-kernel/current")
+        });
+    assert!(
+        dir.join("boot").is_dir() && dir.join("lib/modules").is_dir(),
+        "no Debian kernel in {}: run `scripts/fetch-kernel` (scripts/test does), or set \
+         KA_TEST_KERNEL_DIR to an unpacked kernel package",
+        dir.display()
+    );
+    dir
+}
+
+/// How one module file is packed, as the kernel's `modules_install` packs
+/// it with `CONFIG_MODULE_COMPRESS_*`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Packing {
+    Plain,
+    Xz,
+    Zstd,
+    Gzip,
+}
+
+impl Packing {
+    fn extension(self) -> &'static str {
+        match self {
+            Packing::Plain => "",
+            Packing::Xz => ".xz",
+            Packing::Zstd => ".zst",
+            Packing::Gzip => ".gz",
+        }
+    }
+
+    /// Compresses `file` in place into `file` + [`Packing::extension`],
+    /// with the kernel's own command lines (scripts/Makefile.modinst).
+    fn pack(self, file: &Path) {
+        let mut cmd = match self {
+            Packing::Plain => return,
+            Packing::Xz => {
+                let mut c = Command::new(require_tool("xz", "xz-utils"));
+                c.args(["--check=crc32", "--lzma2=dict=1MiB", "-f"]);
+                c
+            }
+            Packing::Zstd => {
+                let mut c = Command::new(require_tool("zstd", "zstd"));
+                c.args(["-T0", "--rm", "-f", "-q"]);
+                c
+            }
+            Packing::Gzip => {
+                let mut c = Command::new(require_tool("gzip", "gzip"));
+                c.args(["-n", "-f"]);
+                c
+            }
+        };
+        let o = run(cmd.arg(file), Duration::from_secs(60));
+        assert!(
+            o.status.success(),
+            "{self:?} of {}: {}",
+            file.display(),
+            stderr(&o)
+        );
+    }
+}
+
+/// A copy of the Debian kernel `kernel` (version `version`) with only the
+/// modules `needed` (in load order), module `i` packed as `packing(i)`,
+/// and the modules.dep depmod writes for it: every file under the name it
+/// has (`.ko.xz`, …), each module's dependencies all listed, the last to
+/// load first. Returns the tree for `--kernel-tree`.
+fn packed_kernel(
+    kernel: &Path,
+    version: &str,
+    needed: &[modules::Module],
+    index: &ModuleIndex,
+    to: &Path,
+    packing: &dyn Fn(usize) -> Packing,
+) -> PathBuf {
+    let from = kernel.join("lib/modules").join(version);
+    let dir = to.join("lib/modules").join(version);
+    fs::create_dir_all(dir.join("kernel")).unwrap();
+    fs::create_dir_all(to.join("boot")).unwrap();
+    let vmlinuz = format!("boot/vmlinuz-{version}");
+    symlink(kernel.join(&vmlinuz), to.join(&vmlinuz)).unwrap();
+    fs::copy(from.join("modules.builtin"), dir.join("modules.builtin")).unwrap();
+    let mut names = BTreeMap::new();
+    for (i, m) in needed.iter().enumerate() {
+        let rel = m.path.strip_prefix(&from).unwrap();
+        let file = dir.join(rel);
+        fs::create_dir_all(file.parent().unwrap()).unwrap();
+        fs::copy(&m.path, &file).unwrap();
+        let how = packing(i);
+        how.pack(&file);
+        names.insert(
+            m.name.clone(),
+            format!("{}{}", rel.display(), how.extension()),
+        );
+    }
+    let mut dep = String::new();
+    for m in needed {
+        let order = index.load_order(&[m.name.as_str()]).unwrap();
+        let deps: Vec<&str> = order
+            .iter()
+            .rev()
+            .filter(|d| d.name != m.name)
+            .map(|d| names[&d.name].as_str())
+            .collect();
+        dep.push_str(&format!("{}: {}\n", names[&m.name], deps.join(" ")));
+    }
+    fs::write(dir.join("modules.dep"), dep).unwrap();
+    to.to_path_buf()
+}
+
+#[test]
+fn compressed_modules_go_into_the_image_decompressed() {
+    let kernel = debian_kernel();
+    let versions: Vec<String> = fs::read_dir(kernel.join("lib/modules"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        versions.len(),
+        1,
+        "one kernel expected in {}",
+        kernel.display()
+    );
+    let version = &versions[0];
+    let index = ModuleIndex::open(&kernel.join("lib/modules").join(version)).unwrap();
+    // The default modules: the images are built with --no-system-tools,
+    // which leaves out the system clone's file-system modules too.
+    let wanted: Vec<&str> = DEFAULT_MODULES
+        .iter()
+        .copied()
+        .filter(|m| index.has(m))
+        .collect();
+    let needed = index.load_order(&wanted).unwrap();
+    assert!(
+        needed.len() >= 20 && needed.iter().all(|m| m.path.extension().unwrap() == "ko"),
+        "Debian's kernel should give 20 or more plain modules: {needed:?}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mixed = [Packing::Xz, Packing::Zstd, Packing::Gzip, Packing::Plain];
+    let trees: [(&str, &dyn Fn(usize) -> Packing); 4] = [
+        ("xz", &|_| Packing::Xz),
+        ("zstd", &|_| Packing::Zstd),
+        ("gzip", &|_| Packing::Gzip),
+        ("mixed", &|i| mixed[i % mixed.len()]),
+    ];
+    let mut images = Vec::new();
+    for (label, packing) in trees {
+        let tree = packed_kernel(&kernel, version, &needed, &index, &d.join(label), packing);
+        let root = d.join(format!("root-{label}"));
+        let o = netboot_build(&root, &tree, &["--no-system-tools"]);
+        let initramfs = root.join("ka/initramfs.img");
+        let entries = image_entries(&initramfs);
+        let list = String::from_utf8(entries["etc/ka/modules"].data.clone()).unwrap();
+        let listed: Vec<&str> = list.lines().collect();
+        assert_eq!(
+            listed.len(),
+            needed.len(),
+            "{label}: {list}\n{}",
+            stdout(&o)
+        );
+        for m in &needed {
+            let file = format!("{}.ko", m.name);
+            let pos = listed.iter().position(|l| *l == file);
+            assert!(
+                pos.is_some(),
+                "{label}: {file} not in the load list:\n{list}"
+            );
+            let got = &entries[&format!("lib/modules/ka/{file}")].data;
+            // What insmod reads: the very module the kernel package has,
+            // an ELF relocatable object.
+            assert!(
+                *got == fs::read(&m.path).unwrap(),
+                "{label}: {file} in the image differs from {}",
+                m.path.display()
+            );
+            let elf = goblin::elf::Elf::parse(got).unwrap();
+            assert_eq!(
+                elf.header.e_type,
+                goblin::elf::header::ET_REL,
+                "{label}: {file}"
+            );
+            // Loaded after everything it needs.
+            for d in modules::modinfo_depends(got).unwrap() {
+                if let Some(dpos) = listed.iter().position(|l| *l == format!("{d}.ko")) {
+                    assert!(dpos < pos.unwrap(), "{label}: {d} must load before {file}");
+                } else {
+                    assert!(
+                        index.has(&d),
+                        "{label}: {d}, which {file} needs, is missing"
+                    );
+                }
+            }
+        }
+        assert!(
+            !entries
+                .keys()
+                .any(|k| k.ends_with(".xz") || k.ends_with(".zst") || k.ends_with(".gz")),
+            "{label}: a compressed file in the image"
+        );
+        images.push((label, fs::read(&initramfs).unwrap()));
+    }
+    // However the modules were packed, one image.
+    for (label, image) in &images[1..] {
+        assert!(
+            *image == images[0].1,
+            "the {label} image differs from the xz one"
+        );
+    }
+    eprintln!(
+        "{} modules; initramfs {} bytes",
+        needed.len(),
+        images[0].1.len()
+    );
+
+    // A damaged module stops the build, named.
+    let ext4 = needed
+        .iter()
+        .find(|m| m.name == "ext4")
+        .expect("ext4 is a module");
+    let rel = ext4
+        .path
+        .strip_prefix(kernel.join("lib/modules").join(version))
+        .unwrap();
+    let broken = d
+        .join("xz/lib/modules")
+        .join(version)
+        .join(format!("{}.xz", rel.display()));
+    let mut bytes = fs::read(&broken).unwrap();
+    let middle = bytes.len() / 2;
+    for b in &mut bytes[middle..middle + 64] {
+        *b ^= 0x5a;
+    }
+    fs::write(&broken, bytes).unwrap();
+    let o = run(
+        Command::new(ka_bin())
+            .args(["netboot", "build", "--no-system-tools", "--out"])
+            .arg(d.join("root-broken"))
+            .arg("--kernel-tree")
+            .arg(d.join("xz")),
+        Duration::from_secs(180),
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} is not a valid xz-compressed kernel module",
+            broken.display()
+        )),
+        "{err}"
+    );
+    assert!(!d.join("root-broken/ka/initramfs.img").exists());
 }

@@ -10,6 +10,13 @@
 //!   its own order;
 //! - dnsmasq lease files (`<expiry> <mac> <ip> <name> <client-id>`), ordered
 //!   by expiry (with one lease time, the order the leases were given);
+//! - Kea memfile lease files (`kea-leases4.csv`, and `kea-leases6.csv` where
+//!   a lease has a hardware address), CSV with a header naming the columns,
+//!   ordered by each lease's start (`expire - valid_lifetime`), since Kea's
+//!   lease file cleanup rewrites the file in address order. Declined leases
+//!   are skipped (they record an address conflict, and Kea blanks their
+//!   hardware address); expired-reclaimed and released ones count, since
+//!   the machine did ask for an address;
 //! - syslog or journal lines with `DHCPDISCOVER` or `DHCPREQUEST` from dhcpd
 //!   (`DHCPDISCOVER from <mac> via eth0`) or dnsmasq
 //!   (`DHCPDISCOVER(br0) <mac>`, `DHCPREQUEST(br0) <ip> <mac>`), in line order.
@@ -33,15 +40,48 @@ pub struct Sighting {
 }
 
 /// The kind of a DHCP record file, detected from its content.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FileKind {
     /// ISC dhcpd `dhcpd.leases`.
+    #[value(name = "isc")]
     IscLeases,
     /// dnsmasq `dnsmasq.leases`.
+    #[value(name = "dnsmasq")]
     DnsmasqLeases,
+    /// Kea's memfile `kea-leases4.csv` (or `kea-leases6.csv`).
+    #[value(name = "kea")]
+    KeaLeases,
     /// Syslog or journal lines.
+    #[value(name = "syslog")]
     Syslog,
 }
+
+impl FileKind {
+    /// Every kind, so that a reader added here is fuzzed with the others.
+    pub const ALL: [FileKind; 4] = [
+        FileKind::IscLeases,
+        FileKind::DnsmasqLeases,
+        FileKind::KeaLeases,
+        FileKind::Syslog,
+    ];
+
+    /// What the kind is called in messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            FileKind::IscLeases => "ISC dhcpd leases",
+            FileKind::DnsmasqLeases => "dnsmasq leases",
+            FileKind::KeaLeases => "Kea leases",
+            FileKind::Syslog => "syslog lines",
+        }
+    }
+}
+
+/// The first columns of every Kea memfile lease file: DHCPv4
+/// (`address,hwaddr,client_id,…`) and DHCPv6 (`address,duid,…`).
+const KEA_HEADERS: &[&str] = &["address,hwaddr,", "address,duid,"];
+
+/// Kea's lease state for a declined address (`Lease::STATE_DECLINED`).
+const KEA_STATE_DECLINED: &str = "1";
 
 /// Guesses what `text` is.
 pub fn detect(text: &str) -> FileKind {
@@ -49,6 +89,13 @@ pub fn detect(text: &str) -> FileKind {
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    if lines
+        .clone()
+        .next()
+        .is_some_and(|first| KEA_HEADERS.iter().any(|h| first.starts_with(h)))
+    {
+        return FileKind::KeaLeases;
+    }
     if text.lines().any(|l| {
         let l = l.trim_start();
         l.starts_with("lease ") && l.trim_end().ends_with('{')
@@ -81,11 +128,58 @@ fn strict_mac(token: &str) -> Option<Mac> {
     t.parse().ok()
 }
 
+/// The leases of a Kea memfile lease file with a hardware address, as
+/// (start time, line, MAC). Columns are found by the header's names, so
+/// every Kea version's file reads (they add columns at the end).
+fn kea_leases(text: &str) -> Vec<(String, usize, Mac)> {
+    let mut lines = text.lines().enumerate();
+    let Some((_, header)) = lines.find(|(_, l)| !l.trim().is_empty()) else {
+        return Vec::new();
+    };
+    let columns: Vec<&str> = header.trim().split(',').collect();
+    let column = |name: &str| columns.iter().position(|c| *c == name);
+    let (Some(hwaddr), expire, lifetime, state) = (
+        column("hwaddr"),
+        column("expire"),
+        column("valid_lifetime"),
+        column("state"),
+    ) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (i, line) in lines {
+        // Kea escapes commas inside a field (`&#x2c`), so a plain split
+        // gives the columns.
+        let fields: Vec<&str> = line.trim().split(',').collect();
+        let field = |at: Option<usize>| at.and_then(|at| fields.get(at)).copied();
+        if field(state) == Some(KEA_STATE_DECLINED) {
+            continue;
+        }
+        let Some(mac) = field(Some(hwaddr)).and_then(strict_mac) else {
+            continue;
+        };
+        let number = |at| field(at).and_then(|f| f.parse::<u64>().ok());
+        let key = match (number(expire), number(lifetime)) {
+            (Some(expire), Some(lifetime)) => format!("{:020}", expire.saturating_sub(lifetime)),
+            _ => "~".to_string(),
+        };
+        out.push((key, i + 1, mac));
+    }
+    out
+}
+
 /// The MACs in one file, in the order they were first seen there.
 pub fn scan(name: &str, text: &str) -> Vec<Sighting> {
+    scan_as(name, text, detect(text))
+}
+
+/// The MACs in one file read as `kind`, in the order they were first seen
+/// there.
+pub fn scan_as(name: &str, text: &str, kind: FileKind) -> Vec<Sighting> {
     // (sort key, line, mac); the key orders leases files by time.
     let mut seen: Vec<(String, usize, Mac)> = Vec::new();
-    match detect(text) {
+    match kind {
+        FileKind::KeaLeases => seen = kea_leases(text),
         FileKind::IscLeases => {
             let mut start: Option<(usize, String, Option<Mac>)> = None;
             for (i, line) in text.lines().enumerate() {
@@ -160,10 +254,16 @@ fn isc_time(rest: &str) -> Option<String> {
 
 /// MACs across files (in the order given), each at its first sighting.
 pub fn harvest(files: &[(String, String)]) -> Vec<Sighting> {
+    harvest_as(files, None)
+}
+
+/// MACs across files (in the order given), each at its first sighting,
+/// every file read as `kind`, or as detected when `None`.
+pub fn harvest_as(files: &[(String, String)], kind: Option<FileKind>) -> Vec<Sighting> {
     let mut unique = HashSet::new();
     files
         .iter()
-        .flat_map(|(name, text)| scan(name, text))
+        .flat_map(|(name, text)| scan_as(name, text, kind.unwrap_or_else(|| detect(text))))
         .filter(|s| unique.insert(s.mac))
         .collect()
 }
@@ -355,6 +455,64 @@ Nov 25 10:00:04 boot sshd[3]: Accepted key for root from 10.0.0.2
         let s = scan("syslog", log);
         assert_eq!(macs(&s), ["52:54:00:00:00:0c", "52:54:00:00:00:0d"]);
         assert_eq!(s[1].origin, "syslog:3");
+    }
+
+    /// A Kea 2.2 `kea-leases4.csv`, header as Kea writes it: three
+    /// machines, one lease renewed (a second row), one address declined,
+    /// one lease expired and reclaimed; the cleanup (kea-lfc) has put the
+    /// rows in address order.
+    const KEA: &str = "\
+address,hwaddr,client_id,valid_lifetime,expire,subnet_id,fqdn_fwd,fqdn_rev,hostname,state,user_context
+10.9.0.150,52:54:00:aa:00:03,01:52:54:00:aa:00:03,4000,1795604030,1,0,0,,0,
+10.9.0.151,52:54:00:aa:00:01,,4000,1795604010,1,0,0,node-a,0,{ \"ISC\": { \"client-classes\": [ \"ALL\"&#x2c \"KNOWN\" ] } }
+10.9.0.152,,,4000,1795604020,1,0,0,,1,
+10.9.0.153,52:54:00:aa:00:02,,0,1795600020,1,0,0,,2,
+10.9.0.151,52:54:00:aa:00:01,,4000,1795606010,1,0,0,node-a,0,
+";
+
+    #[test]
+    fn kea_leases_are_ordered_by_start_and_declined_ones_skipped() {
+        assert_eq!(detect(KEA), FileKind::KeaLeases);
+        let s = scan("kea-leases4.csv", KEA);
+        assert_eq!(
+            macs(&s),
+            [
+                "52:54:00:aa:00:01",
+                "52:54:00:aa:00:02",
+                "52:54:00:aa:00:03"
+            ]
+        );
+        // The first row of the renewed lease, not the renewal.
+        assert_eq!(s[0].origin, "kea-leases4.csv:3");
+        assert_eq!(s[1].origin, "kea-leases4.csv:5");
+        // A declined lease that kept its hardware address is still skipped.
+        let declined = "address,hwaddr,client_id,valid_lifetime,expire,subnet_id,fqdn_fwd,fqdn_rev,hostname,state,user_context,pool_id\n\
+                        10.9.0.160,52:54:00:aa:00:09,,86400,1795690400,1,0,0,,1,,0\n";
+        assert_eq!(detect(declined), FileKind::KeaLeases);
+        assert!(scan("k", declined).is_empty());
+        // DHCPv6: the hardware address is a later column.
+        let v6 = "address,duid,valid_lifetime,expire,subnet_id,pref_lifetime,lease_type,iaid,prefix_len,fqdn_fwd,fqdn_rev,hostname,hwaddr,state,user_context\n\
+                  2001:db8::10,00:03:00:01:52:54:00:aa:00:04,4000,1795604000,1,3000,0,1,128,0,0,,52:54:00:aa:00:04,0,\n";
+        assert_eq!(macs(&scan("k6", v6)), ["52:54:00:aa:00:04"]);
+    }
+
+    #[test]
+    fn a_forced_format_overrides_detection() {
+        let files = [("k".to_string(), KEA.to_string())];
+        assert_eq!(
+            harvest_as(&files, Some(FileKind::KeaLeases)),
+            harvest(&files)
+        );
+        // Read as another kind, a Kea file yields nothing.
+        assert!(harvest_as(&files, Some(FileKind::DnsmasqLeases)).is_empty());
+        assert!(harvest_as(&files, Some(FileKind::IscLeases)).is_empty());
+        // And a dnsmasq leases file, forced to be syslog, no MAC either.
+        let leases = [(
+            "l".to_string(),
+            "1764068300 52:54:00:00:00:0a 10.0.0.50 n1 *\n".to_string(),
+        )];
+        assert_eq!(harvest(&leases).len(), 1);
+        assert!(harvest_as(&leases, Some(FileKind::Syslog)).is_empty());
     }
 
     #[test]

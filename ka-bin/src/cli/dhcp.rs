@@ -42,11 +42,15 @@ enum DhcpCommand {
     ///
     /// Power nodes on one at a time in the order you want them numbered, then
     /// run this on the DHCP server's leases file or log (ISC dhcpd leases,
-    /// dnsmasq leases, syslog/journal lines from dhcpd or dnsmasq). MACs keep
-    /// the order they were first seen.
+    /// dnsmasq leases, Kea's kea-leases4.csv, syslog/journal lines from
+    /// dhcpd or dnsmasq). MACs keep the order they were first seen. Finding
+    /// no MAC at all is an error (exit status 2).
     Harvest {
         /// Leases files or logs; `-` or none reads standard input.
         files: Vec<PathBuf>,
+        /// What the files are; detected from each file's content if not given.
+        #[arg(long, short = 'f', value_enum, value_name = "FORMAT")]
+        format: Option<harvest::FileKind>,
         /// Name pattern: `{}` is the number, `{:03}` zero-pads it to 3 digits.
         #[arg(long, default_value = "node{:03}")]
         pattern: String,
@@ -72,6 +76,7 @@ pub fn run(args: DhcpArgs) -> Result<ExitStatus> {
         } => config(&inventory, format, output.as_deref())?,
         DhcpCommand::Harvest {
             files,
+            format,
             pattern,
             ip_base,
             start,
@@ -80,7 +85,7 @@ pub fn run(args: DhcpArgs) -> Result<ExitStatus> {
             let pattern = NamePattern::parse(&pattern).map_err(anyhow::Error::msg)?;
             let inv = inventory.as_ref().map(Inventory::load).transpose()?;
             let texts = read_logs(&files)?;
-            harvest(&texts, &pattern, ip_base, start, inv.as_ref())?;
+            harvest(&texts, format, &pattern, ip_base, start, inv.as_ref())?;
         }
     }
     Ok(ExitStatus::Success)
@@ -132,12 +137,29 @@ fn read_logs(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
 /// output, a count on standard error.
 fn harvest(
     texts: &[(String, String)],
+    format: Option<harvest::FileKind>,
     pattern: &NamePattern,
     ip_base: Ipv4Addr,
     start: u64,
     inv: Option<&Inventory>,
 ) -> Result<()> {
-    let seen = harvest::harvest(texts);
+    let seen = harvest::harvest_as(texts, format);
+    if seen.is_empty() {
+        let read: Vec<String> = texts
+            .iter()
+            .map(|(name, text)| {
+                let kind = format.unwrap_or_else(|| harvest::detect(text));
+                format!("{name} (read as {})", kind.describe())
+            })
+            .collect();
+        bail!(
+            "no MAC address found in {}: power a node on so that it asks for an address, \
+             check that this is the file your DHCP server writes to (Kea: /var/lib/kea/kea-leases4.csv, \
+             ISC dhcpd: /var/lib/dhcp/dhcpd.leases, dnsmasq: /var/lib/misc/dnsmasq.leases), \
+             or name its format with --format",
+            read.join(", ")
+        );
+    }
     let nodes = harvest::assign(&seen, pattern, ip_base, start, inv).map_err(anyhow::Error::msg)?;
     crate::out!("{}", harvest::to_toml(&nodes));
     eprintln!(

@@ -66,6 +66,8 @@ pub struct BuildArgs {
     #[arg(long, value_name = "FILE", requires = "modules")]
     kernel: Option<PathBuf>,
     /// The kernel's modules directory (lib/modules/VERSION), with --kernel.
+    /// Modules compressed as .ko.xz, .ko.zst or .ko.gz go into the image
+    /// decompressed.
     #[arg(long, value_name = "DIR", requires = "kernel")]
     modules: Option<PathBuf>,
     /// Another kernel module to include and load (e.g. ixgbe, xfs); repeatable.

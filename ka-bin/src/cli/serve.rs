@@ -164,6 +164,17 @@ impl ServePlan {
     /// Checks `args` and reads the inventory, before anything is served.
     pub fn from_args(args: ServeArgs) -> anyhow::Result<ServePlan> {
         crate::session::check_session_name(&args.session)?;
+        if args.nodes == 0 {
+            bail!("--nodes 0: a session clones to at least one node; give the number of nodes that will join (--nodes N)");
+        }
+        // Before anything is made (the default state directory below),
+        // listens or is written (a generated secret).
+        if let Some(p) = &args.image {
+            ka_net::image::sources::check_servable(p).context("--image")?;
+            if !args.force {
+                ka_net::image::sources::check_not_mounted_rw(p).context("--image")?;
+            }
+        }
         let mut config = SourceConfig::new(args.session.clone(), args.nodes, args.listen);
         config.arity = args.arity.max(1);
         config.join_timeout = args.join_timeout;
@@ -194,11 +205,6 @@ impl ServePlan {
             },
         };
         let input = if let Some(p) = args.image {
-            // Before anything listens or is written (a generated secret).
-            ka_net::image::sources::check_servable(&p).context("--image")?;
-            if !args.force {
-                ka_net::image::sources::check_not_mounted_rw(&p).context("--image")?;
-            }
             Input::File(p)
         } else if let Some(c) = args.command {
             Input::Command(c)
@@ -386,6 +392,62 @@ mod tests {
             aborted: aborted.map(String::from),
             expected: 2,
         }
+    }
+
+    /// `ka serve ARGS` as the command line parses it.
+    fn plan(args: &[&str]) -> anyhow::Result<ServePlan> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        use clap::Parser as _;
+        let cli = Cli::try_parse_from(std::iter::once("ka").chain(args.iter().copied())).unwrap();
+        ServePlan::from_args(cli.serve)
+    }
+
+    #[test]
+    fn zero_nodes_and_a_missing_image_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image.img");
+        std::fs::write(&image, b"x").unwrap();
+        let state = dir.path().join("state").display().to_string();
+        let err = plan(&[
+            "-n",
+            "0",
+            "--image",
+            image.to_str().unwrap(),
+            "--state-dir",
+            &state,
+        ])
+        .err()
+        .expect("--nodes 0 refused");
+        assert!(format!("{err:#}").contains("--nodes 0:"), "{err:#}");
+        let absent = dir.path().join("absent.img");
+        let err = plan(&[
+            "-n",
+            "1",
+            "--image",
+            absent.to_str().unwrap(),
+            "--state-dir",
+            &state,
+        ])
+        .err()
+        .expect("a missing image refused");
+        let text = format!("{err:#}");
+        assert!(
+            text.starts_with("--image") && text.contains(&absent.display().to_string()),
+            "{text}"
+        );
+        assert!(plan(&[
+            "-n",
+            "1",
+            "--image",
+            image.to_str().unwrap(),
+            "--state-dir",
+            &state
+        ])
+        .is_ok());
     }
 
     #[test]

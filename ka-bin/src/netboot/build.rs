@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 
 use super::archive::Archive;
 use super::elf;
-use super::modules::{ModuleIndex, DEFAULT_MODULES, SYSTEM_MODULES};
+use super::modules::{read_module, Compression, ModuleIndex, DEFAULT_MODULES, SYSTEM_MODULES};
 use super::tools::{self, FoundTool, MissingTool, DEFAULT_TOOL_DIRS, SYSTEM_TOOLS};
 
 /// The init the image runs as PID 1.
@@ -276,7 +276,14 @@ pub fn initramfs(opts: &BuildOptions, ka: &Path) -> anyhow::Result<Initramfs> {
     let mut modules = Vec::new();
     for m in &order {
         let file = format!("{}.ko", m.name);
-        a.copy(&format!("lib/modules/ka/{file}"), &m.path, 0o644);
+        let at = format!("lib/modules/ka/{file}");
+        // Compressed modules go in decompressed: the image's busybox insmod
+        // cannot be counted on to read them (see `modules`).
+        if m.compression() == Compression::None {
+            a.copy(&at, &m.path, 0o644);
+        } else {
+            a.file(&at, read_module(&m.path)?, 0o644);
+        }
         list.push_str(&file);
         list.push('\n');
         modules.push(m.name.clone());

@@ -10,9 +10,18 @@
 //! kernel package unpacked with `dpkg -x` has none (depmod runs in its
 //! postinst), so then they come from each module's own `.modinfo` section
 //! (`depends=`), which is what depmod reads too.
+//!
+//! Modules may be compressed, as RHEL-family and recent Ubuntu kernels ship
+//! them (`.ko.xz`, `.ko.zst`, `.ko.gz`, named so in `modules.dep` too). The
+//! image gets them decompressed ([`read_module`]): busybox's `insmod` hands
+//! the file to `finit_module` without the kernel's decompress flag, and its
+//! own fallback reads gzip and xz at best, never zstd; and the initramfs is
+//! compressed as a whole, so modules kept compressed would save little on
+//! the wire (a quarter of the modules' share with xz, none with zstd).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 /// NIC, disk and file-system modules every netboot image carries, so one
@@ -49,6 +58,171 @@ pub const DEFAULT_MODULES: &[&str] = &[
 /// built in; a kernel without one still gets an image, with a note.
 pub const SYSTEM_MODULES: &[&str] = &["xfs", "nls_ascii"];
 
+/// How a module file is compressed, from its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// `.ko`: a plain ELF object.
+    None,
+    /// `.ko.xz` (`CONFIG_MODULE_COMPRESS_XZ`: RHEL, Fedora, SUSE).
+    Xz,
+    /// `.ko.zst` (`CONFIG_MODULE_COMPRESS_ZSTD`: Ubuntu since 23.10, Arch).
+    Zstd,
+    /// `.ko.gz` (`CONFIG_MODULE_COMPRESS_GZIP`).
+    Gzip,
+}
+
+impl Compression {
+    /// The compression of the module file `name`, or `None` when `name` is
+    /// no module file at all.
+    pub fn of_file(name: &str) -> Option<Compression> {
+        let (_, ext) = name.rsplit_once(".ko")?;
+        match ext {
+            "" => Some(Compression::None),
+            ".xz" => Some(Compression::Xz),
+            ".zst" => Some(Compression::Zstd),
+            ".gz" => Some(Compression::Gzip),
+            _ => None,
+        }
+    }
+
+    /// The format's name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "uncompressed",
+            Compression::Xz => "xz",
+            Compression::Zstd => "zstd",
+            Compression::Gzip => "gzip",
+        }
+    }
+}
+
+/// The largest module ka decompresses. The biggest in-tree modules are tens
+/// of MiB; past this, the file is no module and would only fill memory.
+pub const MAX_MODULE_BYTES: u64 = 512 << 20;
+
+/// `data`, a module compressed as `how`, decompressed. The error says why
+/// the data is not a whole stream of that format.
+pub fn decompress(how: Compression, data: &[u8]) -> Result<Vec<u8>, String> {
+    decompress_at_most(how, data, MAX_MODULE_BYTES)
+}
+
+fn decompress_at_most(how: Compression, data: &[u8], limit: u64) -> Result<Vec<u8>, String> {
+    let too_big = || {
+        format!(
+            "decompresses to more than {} bytes, more than any kernel module",
+            limit
+        )
+    };
+    let mut out = Vec::new();
+    match how {
+        Compression::None => out.extend_from_slice(data),
+        Compression::Xz => {
+            let mut limited = LimitedWriter {
+                out: &mut out,
+                room: limit,
+                over: false,
+            };
+            lzma_rs::xz_decompress(&mut io::BufReader::new(data), &mut limited).map_err(|e| {
+                if limited.over {
+                    too_big()
+                } else {
+                    e.to_string()
+                }
+            })?;
+        }
+        Compression::Zstd => {
+            let mut decoder =
+                ruzstd::decoding::StreamingDecoder::new(data).map_err(|e| e.to_string())?;
+            read_at_most(&mut decoder, &mut out, limit)?;
+            if out.len() as u64 > limit {
+                return Err(too_big());
+            }
+            // The decoder reads the frame's checksum but leaves comparing
+            // it to the caller: a flipped bit must not reach the image.
+            let frame = decoder.into_frame_decoder();
+            if !frame.is_finished() {
+                return Err("the data ends inside the zstd frame".into());
+            }
+            if let (Some(stored), Some(computed)) = (
+                frame.get_checksum_from_data(),
+                frame.get_calculated_checksum(),
+            ) {
+                if stored != computed {
+                    return Err(format!(
+                        "content checksum {computed:08x} is not the {stored:08x} the frame carries"
+                    ));
+                }
+            }
+        }
+        Compression::Gzip => {
+            read_at_most(flate2::read::MultiGzDecoder::new(data), &mut out, limit)?
+        }
+    }
+    if out.len() as u64 > limit {
+        return Err(too_big());
+    }
+    Ok(out)
+}
+
+/// Reads `from` into `out`, stopping one byte past `limit` (which the
+/// caller then refuses).
+fn read_at_most(from: impl Read, out: &mut Vec<u8>, limit: u64) -> Result<(), String> {
+    from.take(limit.saturating_add(1))
+        .read_to_end(out)
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// A `Write` into a vector that fails past a byte budget (lzma-rs writes
+/// its output instead of being read).
+struct LimitedWriter<'a> {
+    out: &'a mut Vec<u8>,
+    room: u64,
+    /// Whether a write went past the budget.
+    over: bool,
+}
+
+impl Write for LimitedWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.len() as u64 > self.room {
+            self.over = true;
+            return Err(io::Error::other("output over the limit"));
+        }
+        self.room -= buf.len() as u64;
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The ELF object of the module file at `path`, decompressed if its name
+/// says it is compressed: what goes into the image and what `.modinfo` is
+/// read from.
+pub fn read_module(path: &Path) -> Result<Vec<u8>, ModuleError> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let how = Compression::of_file(name).unwrap_or(Compression::None);
+    let data = fs::read(path).map_err(|e| ModuleError::Read {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if how == Compression::None {
+        return Ok(data);
+    }
+    let corrupt = |reason: String| ModuleError::Corrupt {
+        path: path.to_path_buf(),
+        format: how.name(),
+        reason,
+    };
+    let elf = decompress(how, &data).map_err(corrupt)?;
+    if !elf.starts_with(b"\x7fELF") {
+        return Err(corrupt("its content is no ELF object".into()));
+    }
+    Ok(elf)
+}
+
 /// A module's name as the kernel spells it: `-` and `_` are the same.
 pub fn canonical(name: &str) -> String {
     let base = name.rsplit('/').next().unwrap_or(name);
@@ -70,9 +244,16 @@ pub enum ModuleError {
         /// The modules directory.
         dir: PathBuf,
     },
-    /// A module is compressed, which the image's busybox insmod cannot load.
-    #[error("{} is compressed; ka netboot build reads uncompressed modules (as Debian 12 ships them): decompress the modules directory first", .0.display())]
-    Compressed(PathBuf),
+    /// A compressed module does not decompress to a module.
+    #[error("{} is not a valid {format}-compressed kernel module ({reason}): the file is damaged; reinstall the kernel package it came from", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The compression its name says.
+        format: &'static str,
+        /// What the decompressor or the ELF check said.
+        reason: String,
+    },
     /// The dependencies loop.
     #[error("modules depend on each other in a cycle: {}", .0.join(" -> "))]
     Cycle(Vec<String>),
@@ -91,8 +272,17 @@ pub enum ModuleError {
 pub struct Module {
     /// Canonical name, e.g. `virtio_net`.
     pub name: String,
-    /// Path of the `.ko` file, absolute.
+    /// Path of the module file (`.ko`, or compressed `.ko.xz` and the
+    /// like), absolute.
     pub path: PathBuf,
+}
+
+impl Module {
+    /// How its file is compressed.
+    pub fn compression(&self) -> Compression {
+        let name = self.path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        Compression::of_file(name).unwrap_or(Compression::None)
+    }
 }
 
 /// Where a module's dependencies are read from.
@@ -132,7 +322,7 @@ impl ModuleIndex {
             if base.is_dir() {
                 walk(&base, &mut |path| {
                     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                    if name.contains(".ko") {
+                    if Compression::of_file(name).is_some() {
                         files.insert(canonical(name), path.to_path_buf());
                     }
                 })
@@ -180,10 +370,7 @@ impl ModuleIndex {
                 let Some(path) = self.files.get(name) else {
                     return Ok(Vec::new());
                 };
-                let bytes = fs::read(path).map_err(|e| ModuleError::Read {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
+                let bytes = read_module(path)?;
                 modinfo_depends(&bytes).map_err(|reason| ModuleError::Read {
                     path: path.clone(),
                     reason,
@@ -226,10 +413,6 @@ impl ModuleIndex {
             let Some(path) = self.files.get(&name) else {
                 continue;
             };
-            let file = path.to_string_lossy();
-            if file.ends_with(".xz") || file.ends_with(".zst") || file.ends_with(".gz") {
-                return Err(ModuleError::Compressed(path.clone()));
-            }
             out.push(Module {
                 name,
                 path: path.clone(),
@@ -490,6 +673,176 @@ kernel/fs/jbd2/jbd2.ko:
             ModuleIndex::open(&dir.path().join("kernel")),
             Err(ModuleError::NotAModulesDir(_))
         ));
+    }
+
+    /// `elf` compressed as `how`, with this crate's own decoders' sibling
+    /// encoders (the integration tests use the real xz, zstd and gzip).
+    fn compress(how: Compression, elf: &[u8]) -> Vec<u8> {
+        match how {
+            Compression::None => elf.to_vec(),
+            Compression::Xz => {
+                let mut out = Vec::new();
+                lzma_rs::xz_compress(&mut io::BufReader::new(elf), &mut out).unwrap();
+                out
+            }
+            Compression::Zstd => {
+                ruzstd::encoding::compress_to_vec(elf, ruzstd::encoding::CompressionLevel::Fastest)
+            }
+            Compression::Gzip => {
+                let mut gz =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                gz.write_all(elf).unwrap();
+                gz.finish().unwrap()
+            }
+        }
+    }
+
+    /// The fake tree with its modules compressed as `how`, and a
+    /// modules.dep naming them so, as depmod writes it for such a kernel.
+    fn compressed_tree(how: Compression, ext: &str) {
+        let dir = fake_tree(false);
+        let m = dir.path();
+        let mut dep = String::new();
+        for (path, deps) in [
+            ("kernel/drivers/virtio/virtio_ring.ko", vec![]),
+            (
+                "kernel/drivers/virtio/virtio.ko",
+                vec!["kernel/drivers/virtio/virtio_ring.ko"],
+            ),
+            (
+                "kernel/drivers/block/virtio_blk.ko",
+                vec![
+                    "kernel/drivers/virtio/virtio.ko",
+                    "kernel/drivers/virtio/virtio_ring.ko",
+                ],
+            ),
+        ] {
+            let elf = fs::read(m.join(path)).unwrap();
+            let packed = compress(how, &elf);
+            assert_ne!(packed, elf, "{how:?} left the module as it was");
+            fs::remove_file(m.join(path)).unwrap();
+            fs::write(m.join(format!("{path}{ext}")), packed).unwrap();
+            let deps: Vec<String> = deps.iter().map(|d| format!("{d}{ext}")).collect();
+            dep.push_str(&format!("{path}{ext}: {}\n", deps.join(" ")));
+        }
+        // Both ways of finding dependencies: modules.dep, then .modinfo.
+        for with_dep_file in [true, false] {
+            if with_dep_file {
+                fs::write(m.join("modules.dep"), &dep).unwrap();
+            } else {
+                fs::remove_file(m.join("modules.dep")).unwrap();
+            }
+            let index = ModuleIndex::open(m).unwrap();
+            assert_eq!(index.has_modules_dep(), with_dep_file);
+            let order = index.load_order(&["virtio_blk"]).unwrap();
+            let names: Vec<&str> = order.iter().map(|o| o.name.as_str()).collect();
+            assert_eq!(names, ["virtio_ring", "virtio", "virtio_blk"], "{how:?}");
+            let blk = order.last().unwrap();
+            assert_eq!(blk.compression(), how);
+            assert_eq!(
+                blk.path,
+                m.join(format!("kernel/drivers/block/virtio_blk.ko{ext}"))
+            );
+            let elf = read_module(&blk.path).unwrap();
+            assert_eq!(modinfo_depends(&elf).unwrap(), ["virtio", "virtio_ring"]);
+        }
+
+        // A damaged file is named, with its format.
+        let ring = m.join(format!("kernel/drivers/virtio/virtio_ring.ko{ext}"));
+        let mut bytes = fs::read(&ring).unwrap();
+        bytes.truncate(bytes.len() / 2);
+        let end = bytes.len() - 1;
+        bytes[end] ^= 0xff;
+        fs::write(&ring, bytes).unwrap();
+        let index = ModuleIndex::open(m).unwrap();
+        let err = index.load_order(&["virtio_blk"]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&ring.display().to_string())
+                && text.contains(&format!("valid {}-compressed", how.name())),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn xz_modules_are_read_decompressed() {
+        compressed_tree(Compression::Xz, ".xz");
+    }
+
+    #[test]
+    fn zstd_modules_are_read_decompressed() {
+        compressed_tree(Compression::Zstd, ".zst");
+    }
+
+    #[test]
+    fn gzip_modules_are_read_decompressed() {
+        compressed_tree(Compression::Gzip, ".gz");
+    }
+
+    /// `printf 'a kernel module, in short' | xz --check=crc32
+    /// --lzma2=dict=1MiB`, the kernel's own xz options: lzma-rs's encoder
+    /// writes no check, so its output cannot show that one is verified.
+    const XZ_SAMPLE: &[u8] = &[
+        0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 0x00, 0x01, 0x69, 0x22, 0xde, 0x36, 0x02, 0x00, 0x21,
+        0x01, 0x10, 0x00, 0x00, 0x00, 0xa8, 0x70, 0x8e, 0x86, 0x01, 0x00, 0x18, 0x61, 0x20, 0x6b,
+        0x65, 0x72, 0x6e, 0x65, 0x6c, 0x20, 0x6d, 0x6f, 0x64, 0x75, 0x6c, 0x65, 0x2c, 0x20, 0x69,
+        0x6e, 0x20, 0x73, 0x68, 0x6f, 0x72, 0x74, 0x00, 0x00, 0x00, 0x00, 0xe7, 0xda, 0x0f, 0x2e,
+        0x00, 0x01, 0x2d, 0x19, 0x04, 0x47, 0xc7, 0x64, 0x90, 0x42, 0x99, 0x0d, 0x01, 0x00, 0x00,
+        0x00, 0x00, 0x01, 0x59, 0x5a,
+    ];
+
+    #[test]
+    fn a_flipped_bit_is_caught_by_each_formats_checksum() {
+        let elf = elf_with_modinfo("license=GPL\0depends=\0");
+        for how in [Compression::Xz, Compression::Zstd, Compression::Gzip] {
+            let (plain, packed) = match how {
+                Compression::Xz => (&b"a kernel module, in short"[..], XZ_SAMPLE.to_vec()),
+                _ => (&elf[..], compress(how, &elf)),
+            };
+            assert_eq!(decompress(how, &packed).unwrap(), plain, "{how:?}");
+            // The checksum each format carries over the content: gzip's
+            // CRC-32 is 8 bytes from the end, zstd's 4; xz's block CRC-32
+            // comes before the index (8 bytes here) and the footer (12).
+            let at = match how {
+                Compression::Gzip => packed.len() - 8,
+                Compression::Zstd => packed.len() - 4,
+                _ => packed.len() - 24,
+            };
+            let mut bad = packed.clone();
+            bad[at] ^= 1;
+            let err = decompress(how, &bad).unwrap_err();
+            assert!(
+                err.to_lowercase().contains("crc") || err.contains("checksum"),
+                "{how:?}: {err}"
+            );
+            let mut cut = packed.clone();
+            cut.truncate(packed.len() / 2);
+            assert!(
+                decompress(how, &cut).is_err(),
+                "{how:?}: a cut stream passed"
+            );
+        }
+    }
+
+    #[test]
+    fn compression_comes_from_the_file_name() {
+        assert_eq!(Compression::of_file("a.ko"), Some(Compression::None));
+        assert_eq!(Compression::of_file("a.ko.xz"), Some(Compression::Xz));
+        assert_eq!(Compression::of_file("a.ko.zst"), Some(Compression::Zstd));
+        assert_eq!(Compression::of_file("a.ko.gz"), Some(Compression::Gzip));
+        assert_eq!(Compression::of_file("a.ko.sig"), None);
+        assert_eq!(Compression::of_file("modules.dep"), None);
+    }
+
+    #[test]
+    fn a_decompression_bomb_is_refused() {
+        let zeros = vec![0u8; 64 << 10];
+        for how in [Compression::Xz, Compression::Zstd, Compression::Gzip] {
+            let packed = compress(how, &zeros);
+            assert_eq!(decompress_at_most(how, &packed, 64 << 10).unwrap(), zeros);
+            let err = decompress_at_most(how, &packed, 1000).unwrap_err();
+            assert!(err.contains("more than 1000 bytes"), "{how:?}: {err}");
+        }
     }
 
     #[test]
