@@ -93,7 +93,11 @@ fn the_secret_file_comes_from_ka_secret_file_unless_given() {
     with_flag.extend(["--secret-file", secret.to_str().unwrap()]);
     let o = ka_with_env(&with_flag, &[("KA_SECRET_FILE", &missing)]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(stdout(&o), from_env, "the flag and the variable name one file");
+    assert_eq!(
+        stdout(&o),
+        from_env,
+        "the flag and the variable name one file"
+    );
 
     let o = ka_with_env(&derive, &[("KA_SECRET_FILE", &missing)]);
     assert!(!o.status.success(), "a missing secret file was accepted");
