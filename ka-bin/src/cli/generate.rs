@@ -13,7 +13,7 @@ use clap_complete::Shell;
 
 use super::{Cli, ExitStatus};
 
-/// `ka generate`: what to write, and where.
+/// Write ka's man pages or shell completions (for packagers).
 #[derive(Debug, Parser)]
 #[command(name = "ka generate", bin_name = "ka generate", version = super::version())]
 pub struct GenerateCli {
