@@ -341,6 +341,26 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_packaged_tftp_unit_runs_a_command_ka_accepts() {
+        let unit = include_str!("../../debian/ka-tftp.service");
+        let exec = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("ka-tftp.service has an ExecStart");
+        // What systemd makes of it with no KA_TFTP_ARGS: %d is the
+        // credentials directory, an unset $VAR no word at all.
+        let words: Vec<String> = exec
+            .replace("%d", "/run/credentials/ka-tftp.service")
+            .split_whitespace()
+            .filter(|w| !w.starts_with('$'))
+            .map(String::from)
+            .collect();
+        assert_eq!(words[0], "/usr/bin/ka", "{exec}");
+        let parsed = Cli::try_parse_from(&words).unwrap_or_else(|e| panic!("{exec}:\n{e}"));
+        assert!(matches!(parsed.command, Command::Tftp(_)), "{exec}");
+    }
+
     fn subcommand<'a>(cmd: &'a clap::Command, path: &[&str]) -> &'a clap::Command {
         path.iter().fold(cmd, |c, name| {
             c.find_subcommand(name)
