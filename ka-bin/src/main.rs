@@ -8,7 +8,11 @@ use clap::Parser;
 use ka_bin::cli::{Cli, ExitStatus};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<_> = std::env::args_os().collect();
+    if let Some(result) = ka_bin::cli::generate::run_if_asked(&args) {
+        return finish(result);
+    }
+    let cli = Cli::parse_from(args);
     // RUST_LOG adds detail (e.g. RUST_LOG=info for one line per node event,
     // in that node's span); the default keeps each command quiet.
     let filter = tracing_subscriber::EnvFilter::builder()
@@ -23,7 +27,12 @@ fn main() -> ExitCode {
     if let Err(e) = ka_net::shell::gate::raise_descriptor_limit() {
         tracing::warn!(error = %e, "cannot raise the limit on open files; keeping the current one");
     }
-    match cli.command.run() {
+    finish(cli.command.run())
+}
+
+/// The exit code of a command's outcome; an error is said first.
+fn finish(result: anyhow::Result<ExitStatus>) -> ExitCode {
+    match result {
         Ok(status) => status.into(),
         Err(e) => {
             eprintln!("ka: {e:#}");

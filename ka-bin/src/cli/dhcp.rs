@@ -12,8 +12,19 @@ use crate::boot::dhcp::{self, Format};
 use crate::boot::harvest::{self, NamePattern};
 use crate::boot::Inventory;
 
+/// Real invocations under `ka dhcp --help` (a test parses each `ka` line).
+const EXAMPLES: &str = "\
+Examples:
+  # dnsmasq's host entries and PXE boot files (check: dnsmasq --test):
+  ka dhcp config -f dnsmasq -o /etc/dnsmasq.d/ka.conf
+  # ISC dhcpd's, from another inventory, on standard output:
+  ka dhcp config -f isc -i /etc/ka/lab.toml
+  # [[node]] entries for the MACs seen while nodes were powered on one by one:
+  ka dhcp harvest /var/lib/misc/dnsmasq.leases --ip-base 10.0.0.101 --pattern 'node{:03}'";
+
 /// Arguments of `ka dhcp`.
 #[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
 pub struct DhcpArgs {
     #[command(subcommand)]
     command: DhcpCommand,
@@ -32,7 +43,7 @@ enum DhcpCommand {
         #[arg(long, short = 'f', value_enum)]
         format: Format,
         /// Inventory file naming the cluster.
-        #[arg(long, short = 'i', value_name = "FILE", default_value = super::DEFAULT_INVENTORY)]
+        #[arg(long, short = 'i', value_name = "FILE", env = super::INVENTORY_ENV, default_value = super::DEFAULT_INVENTORY)]
         inventory: PathBuf,
         /// Write here (atomically) instead of to standard output.
         #[arg(long, short = 'o', value_name = "FILE")]
@@ -61,7 +72,7 @@ enum DhcpCommand {
         #[arg(long, default_value_t = 1)]
         start: u64,
         /// Skip MACs this inventory already has, and names and IPs it uses.
-        #[arg(long, short = 'i', value_name = "FILE")]
+        #[arg(long, short = 'i', value_name = "FILE", env = super::INVENTORY_ENV)]
         inventory: Option<PathBuf>,
     },
 }

@@ -12,8 +12,21 @@ use crate::session::identity::{Identity, RootPartition};
 use crate::session::join::{self, JoinOptions, Joined, Output};
 use crate::session::DEFAULT_STATE_DIR;
 
+/// Real invocations under `ka join --help` (a test parses each `ka` line).
+const EXAMPLES: &str = "\
+Examples:
+  # Write the image to this node's disk, finding the source by broadcast:
+  ka join --secret-file /etc/ka/node07.key --target /dev/sda --verify readback
+  # Rebuild this node's disk from a `ka serve --system` session:
+  ka join --server 10.0.0.1 --secret-file node07.key --system /dev/sda
+  # Unpack a `ka serve --tar` stream into a directory:
+  ka join --server 10.0.0.1:4715 --secret-file node07.key --untar /mnt/root
+  # Give the verified copy this node's identity:
+  ka join --secret-file node07.key --target /dev/sda --identity hostname=node07,ip=10.0.0.107/24,gateway=10.0.0.1";
+
 /// `ka join`: a node (the original ka-d-client).
 #[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
 pub struct JoinArgs {
     /// The session and how to reach its source.
     #[command(flatten)]

@@ -29,7 +29,7 @@ pub enum KeyCommand {
 #[derive(Debug, clap::Args)]
 pub struct DeriveArgs {
     /// The session secret (the file ka serve wrote, or was given).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = super::SECRET_FILE_ENV)]
     pub secret_file: PathBuf,
     /// Session name.
     #[arg(long, default_value = DEFAULT_SESSION)]

@@ -9,8 +9,22 @@ use crate::boot::modes::{BootState, Mode};
 use crate::boot::render;
 use crate::boot::Inventory;
 
+/// Real invocations under `ka pxe --help` (a test parses each `ka` line).
+const EXAMPLES: &str = "\
+Examples:
+  # Reinstall a rack at its next boot, then see where every node stands:
+  ka pxe set --mode install @rack1
+  ka pxe show
+  # Boot nodes 1 to 16 from their disks again:
+  ka pxe set --mode local 'node[001-016]'
+  # The pxelinux config node007 gets now:
+  ka pxe render node007
+  # Another cluster's inventory:
+  ka pxe -i /etc/ka/lab.toml show --json";
+
 /// Arguments of `ka pxe`.
 #[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
 pub struct PxeArgs {
     #[command(flatten)]
     cluster: ClusterArgs,

@@ -19,8 +19,21 @@ use crate::session::secret::{self, Secret};
 use crate::session::serve::{self as session, Input, Report, ServeOptions};
 use crate::session::{DEFAULT_PORT, DEFAULT_SESSION};
 
+/// Real invocations under `ka serve --help` (a test parses each `ka` line).
+const EXAMPLES: &str = "\
+Examples:
+  # A disk to 40 nodes, starting once all of them have joined:
+  ka serve --nodes 40 --image /dev/sda --secret-file /etc/ka/cluster.secret
+  # This running machine, file by file, with /var/tmp sent empty:
+  ka serve --nodes 40 --system --exclude /var/tmp --secret-file /etc/ka/cluster.secret
+  # A compressed image; start 10 minutes after listening if 30 nodes are there:
+  ka serve --nodes 40 --command 'zcat /srv/golden.img.gz' --join-timeout 10m --min-nodes 30
+  # Flip every node of the inventory whose copy is verified to local boot:
+  ka serve --nodes 40 --image /srv/golden.img -i /etc/ka/cluster.toml --boot-state /var/lib/ka";
+
 /// `ka serve`: the source (the original ka-d-server).
 #[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLES)]
 pub struct ServeArgs {
     /// Start as soon as this many nodes have joined.
     #[arg(long, short = 'n')]
@@ -32,7 +45,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
     pub listen: SocketAddr,
     /// File holding the session secret (64 hex digits); without it one is generated and printed.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = super::SECRET_FILE_ENV)]
     pub secret_file: Option<PathBuf>,
     /// The image: a regular file or a block device.
     #[arg(long, value_name = "PATH", group = "input")]
@@ -132,7 +145,7 @@ pub struct ServeArgs {
     pub json: bool,
     /// Inventory of the nodes: each one whose clone is verified is flipped to
     /// local boot in --boot-state (after_clone in the inventory).
-    #[arg(long, short = 'i', value_name = "FILE", requires = "boot_state")]
+    #[arg(long, short = 'i', value_name = "FILE", env = super::INVENTORY_ENV, requires = "boot_state")]
     pub inventory: Option<PathBuf>,
     /// Boot-mode directory to flip verified nodes in (`ka pxe`/`ka tftp` --state-dir).
     #[arg(long, value_name = "DIR", requires = "inventory")]

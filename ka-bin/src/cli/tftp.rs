@@ -17,8 +17,20 @@ use crate::boot::modes::{BootState, Modes};
 use crate::boot::render;
 use crate::boot::Inventory;
 
+/// Real invocations under `ka tftp --help` (a test parses each `ka` line).
+const EXAMPLES: &str = "\
+Examples:
+  # The inventory's TFTP root, each install-mode node handed its own key:
+  ka tftp --secret-file /etc/ka/cluster.secret
+  # Another inventory and root, on an unprivileged port:
+  ka tftp -i /etc/ka/lab.toml --root /srv/lab/tftp --listen 127.0.0.1:6969
+  # A network whose MTU is 1400 bytes:
+  ka tftp --secret-file /etc/ka/cluster.secret --blksize-limit 1368
+The Debian package runs it as a service: systemctl enable --now ka-tftp";
+
 /// Arguments of `ka tftp`.
 #[derive(Debug, Args)]
+#[command(after_help = EXAMPLES)]
 pub struct TftpArgs {
     #[command(flatten)]
     cluster: ClusterArgs,
@@ -48,7 +60,7 @@ pub struct TftpArgs {
     /// The session secret (the file ka serve wrote): with it, each node in
     /// install mode is handed its own key at ka/keys/NAME.key, from its
     /// inventory address only; without it, nodes get no key from here.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = super::SECRET_FILE_ENV)]
     secret_file: Option<PathBuf>,
     /// New transfers a second for clients not yet proven by an ACK, in
     /// all; a client that acknowledged a transfer in the last 10 minutes
@@ -284,6 +296,12 @@ fn serve(plan: TftpPlan) -> Result<()> {
         }
         use std::io::Write;
         std::io::stdout().flush().ok();
+        // Under systemd (Type=notify) what waits for ka tftp starts only
+        // now that its socket is bound; outside systemd (no NOTIFY_SOCKET)
+        // this does nothing.
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            tracing::warn!(error = %e, "cannot tell systemd that ka tftp is ready");
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = server.serve() => r?,

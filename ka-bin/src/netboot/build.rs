@@ -325,8 +325,9 @@ fn applets(busybox: &Path) -> Vec<String> {
     out
 }
 
-/// `ka` without its debug information (which is most of a release build's
-/// size, and every byte crosses TFTP to every node), in `dir`.
+/// `ka` without its debug information (most of the size of a build that
+/// has any, such as a debug build, and every byte crosses TFTP to every
+/// node), in `dir`; a release build, which has none, is used as it is.
 fn stripped_ka(ka: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     let bytes = fs::read(ka).with_context(|| format!("reading {}", ka.display()))?;
     let elf = goblin::elf::Elf::parse(&bytes)
