@@ -14,6 +14,7 @@ use crate::session::{DEFAULT_SESSION, DEFAULT_STATE_DIR};
 pub mod demo;
 pub mod dhcp;
 pub mod display;
+pub mod doctor;
 pub mod exit;
 pub mod go;
 pub mod join;
@@ -58,6 +59,8 @@ pub enum Command {
     Dhcp(dhcp::DhcpArgs),
     /// The netboot image install-mode nodes boot: build it, or run inside it.
     Netboot(netboot::NetbootArgs),
+    /// Check the boot server from a node's point of view: TFTP, DHCP, image, source.
+    Doctor(doctor::DoctorArgs),
 }
 
 impl Command {
@@ -83,6 +86,7 @@ impl Command {
             Command::Tftp(args) => tftp::run(args),
             Command::Dhcp(args) => dhcp::run(args),
             Command::Netboot(args) => netboot::run(args),
+            Command::Doctor(args) => doctor::run(args),
         }
     }
 }
