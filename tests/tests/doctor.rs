@@ -369,3 +369,144 @@ fn a_source_of_another_secret_is_caught() {
     assert!(line.contains("--secret-file"), "{line}");
     assert_eq!(code, 1, "{out}");
 }
+
+#[test]
+fn the_probe_reads_what_a_real_dnsmasq_offers() {
+    use ka_tests::vmlab::{install_all, Daemon, VmNet};
+    let dnsmasq = ka_tests::require_tool("dnsmasq", "dnsmasq-base");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let inventory = d.join("cluster.toml");
+    fs::write(
+        &inventory,
+        r#"[network]
+subnet = "10.78.0.0/24"
+[boot]
+server = "10.78.0.1"
+tftp_root = "root"
+kernel = "ka/vmlinuz"
+initramfs = "ka/initramfs.img"
+[session]
+name = "probe"
+source = "10.78.0.1:4715"
+disk = "/dev/vda"
+[[range]]
+names = "p[1-2]"
+mac_base = "52:54:00:4e:00:01"
+ip_base = "10.78.0.11"
+"#,
+    )
+    .unwrap();
+    let state = d.join("state");
+    let conf = d.join("dnsmasq.conf");
+    install_all(&inventory, &state, &conf);
+
+    // The lab's bridge holds the server's address; a veth pair leads to
+    // a namespace of its own for the probe, where `v1` has no address, as
+    // a booting node's NIC has none (so the DISCOVER leaves from 0.0.0.0).
+    // Dropping each namespace deletes it and every device in it.
+    let lab = VmNet::create("10.78.0.1/24", 0);
+    let node = NodeNamespace::create();
+    for args in [
+        vec![
+            "-n", &lab.ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+        ],
+        vec!["-n", &lab.ns, "link", "set", "v1", "netns", &node.0],
+        vec!["-n", &lab.ns, "link", "set", "v0", "master", "br0", "up"],
+        vec!["-n", &node.0, "link", "set", "lo", "up"],
+        vec!["-n", &node.0, "link", "set", "v1", "up"],
+    ] {
+        let o = ka_tests::run(
+            std::process::Command::new(ka_tests::require_tool("ip", "iproute2")).args(&args),
+            Duration::from_secs(20),
+        );
+        assert!(o.status.success(), "ip {args:?}: {}", stderr(&o));
+    }
+    let mut cmd = lab.command(&dnsmasq);
+    cmd.arg(format!("--conf-file={}", conf.display()))
+        .args([
+            "--no-daemon",
+            "--port=0",
+            "--interface=br0",
+            "--bind-interfaces",
+            "--user=root",
+            "--log-dhcp",
+            "--log-facility=-",
+        ])
+        .arg(format!("--dhcp-leasefile={}", d.join("leases").display()))
+        .arg("--pid-file=");
+    let mut dhcp = Daemon::start(cmd, "dnsmasq");
+    dhcp.wait_for(Duration::from_secs(20), "dnsmasq to listen", |out, err| {
+        format!("{out}{err}").contains("sockets bound exclusively to interface br0")
+    });
+
+    let mut doctor = std::process::Command::new(ka_tests::require_tool("ip", "iproute2"));
+    doctor
+        .args(["netns", "exec", &node.0])
+        .arg(ka_tests::ka_bin())
+        .args([
+            "doctor",
+            "-i",
+            inventory.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--dhcp-config",
+            conf.to_str().unwrap(),
+            "--probe",
+            "v1",
+        ]);
+    let t = Instant::now();
+    let o = ka_tests::run(&mut doctor, Duration::from_secs(90));
+    eprintln!("ka doctor --probe took {:.2} s", t.elapsed().as_secs_f64());
+    let out = stdout(&o);
+    let context = format!(
+        "{out}{}\ndnsmasq:\n{}",
+        stderr(&o),
+        dhcp.out() + &dhcp.err()
+    );
+    for (kind, file) in [
+        ("BIOS", "pxelinux.0"),
+        ("UEFI", "ipxe.efi"),
+        ("iPXE", "boot.ipxe"),
+    ] {
+        let want = format!(
+            "✓ DHCP probe on v1: 10.78.0.1 offers {kind} client p1 (52:54:00:4e:00:01) 10.78.0.11, next-server 10.78.0.1, boot file {file}"
+        );
+        assert!(
+            out.lines().any(|l| l == want),
+            "no line {want:?} in:\n{context}"
+        );
+    }
+    // No TFTP server answers in the probe's namespace: that fails.
+    assert_eq!(o.status.code(), Some(1), "{context}");
+}
+
+/// The namespace the probe runs in, `kadoc-<pid>`, deleted (with its
+/// devices) when dropped.
+struct NodeNamespace(String);
+
+impl NodeNamespace {
+    fn create() -> NodeNamespace {
+        let name = format!("kadoc-{}", std::process::id());
+        let o = ka_tests::run(
+            std::process::Command::new(ka_tests::require_tool("ip", "iproute2"))
+                .args(["netns", "add", &name]),
+            Duration::from_secs(20),
+        );
+        assert!(
+            o.status.success(),
+            "ip netns add {name} (needs root): {}",
+            stderr(&o)
+        );
+        NodeNamespace(name)
+    }
+}
+
+impl Drop for NodeNamespace {
+    fn drop(&mut self) {
+        let _ = ka_tests::run(
+            std::process::Command::new("ip").args(["netns", "del", &self.0]),
+            Duration::from_secs(20),
+        );
+    }
+}

@@ -26,6 +26,10 @@ pub struct DoctorArgs {
     /// The session secret: check that the running ka serve proves it.
     #[arg(long, value_name = "FILE")]
     secret_file: Option<PathBuf>,
+    /// Send a real DHCPDISCOVER with a node's MAC out of this interface
+    /// (on the boot network; needs root) and check the offer.
+    #[arg(long, value_name = "IFACE")]
+    probe: Option<String>,
 }
 
 /// Runs `ka doctor`: every check, printed as it ends; fails if any failed.
@@ -36,6 +40,7 @@ pub fn run(args: DoctorArgs) -> Result<ExitStatus> {
         tftp: args.tftp,
         dhcp_config: args.dhcp_config,
         secret_file: args.secret_file,
+        probe: args.probe,
     };
     let checks = doctor::run(&opts, |c| crate::outln!("{c}"));
     let failed = checks

@@ -15,6 +15,7 @@
 
 pub mod dhcp_read;
 pub mod port_owner;
+pub mod probe;
 pub mod tftp_client;
 
 use std::io::Read;
@@ -118,6 +119,9 @@ pub struct DoctorOptions {
     pub dhcp_config: Option<PathBuf>,
     /// The session secret, to check that the running source proves it.
     pub secret_file: Option<PathBuf>,
+    /// The interface on the boot network to send a real DHCPDISCOVER from
+    /// (as a node, with its MAC); `None`: no probe.
+    pub probe: Option<String>,
 }
 
 /// Runs every check, calling `report` with each as it ends (a slow fetch
@@ -166,6 +170,11 @@ pub fn run(opts: &DoctorOptions, mut report: impl FnMut(&Check)) -> Vec<Check> {
     check_dhcp(&inv, opts.dhcp_config.as_deref())
         .into_iter()
         .for_each(&mut note);
+    if let Some(iface) = &opts.probe {
+        check_probe(&inv, &modes, iface)
+            .into_iter()
+            .for_each(&mut note);
+    }
     note(check_image_version(&inv));
     check_source(&inv, opts.secret_file.as_deref())
         .into_iter()
@@ -661,6 +670,84 @@ fn check_dhcp(inv: &Inventory, file: Option<&Path>) -> Vec<Check> {
             "DHCP {name}: all {} nodes have their inventory address",
             inv.nodes.len()
         )));
+    }
+    checks
+}
+
+/// What the DHCP server on `iface` really offers one node (the first in
+/// install mode, else the first), as a BIOS, a UEFI and an iPXE client.
+fn check_probe(inv: &Inventory, modes: &Modes, iface: &str) -> Vec<Check> {
+    let Some(node) = inv
+        .nodes
+        .iter()
+        .find(|n| modes.get(&n.name).mode == Mode::Install)
+        .or(inv.nodes.first())
+    else {
+        return vec![Check::not_run("DHCP probe: the inventory has no node")];
+    };
+    let b = &inv.boot;
+    let who = format!("{} ({})", node.name, node.mac);
+    let mut checks = Vec::new();
+    for (kind, want) in [
+        (ClientKind::Bios, &b.bios_boot_file),
+        (ClientKind::Uefi, &b.uefi_boot_file),
+        (ClientKind::Ipxe, &b.ipxe_script),
+    ] {
+        let offer = match probe::discover(iface, node.mac, kind) {
+            Ok(o) => o,
+            Err(e) if e.contains("needs root") => {
+                checks.push(Check::not_run(format!("DHCP probe on {iface}: {e}")));
+                return checks;
+            }
+            Err(e) => {
+                checks.push(Check::failed(
+                    format!("DHCP probe on {iface} as {kind} client {who}: {e}"),
+                    format!(
+                        "run the DHCP server on {iface}'s network with a host entry for {} (ka dhcp config -i {})",
+                        node.mac,
+                        inv.path.display()
+                    ),
+                ));
+                continue;
+            }
+        };
+        let mut wrong = Vec::new();
+        if offer.address != node.ip {
+            wrong.push(format!("address {} instead of {}", offer.address, node.ip));
+        }
+        if offer.next_server != b.server {
+            wrong.push(format!(
+                "next-server {} instead of {}",
+                offer.next_server, b.server
+            ));
+        }
+        if offer.boot_file.as_deref() != Some(want.as_str()) {
+            wrong.push(format!(
+                "boot file {} instead of {want:?}",
+                offer
+                    .boot_file
+                    .as_deref()
+                    .map_or("none".to_string(), |f| format!("{f:?}"))
+            ));
+        }
+        let what = format!(
+            "DHCP probe on {iface}: {} offers {kind} client {who}",
+            offer.server
+        );
+        if wrong.is_empty() {
+            checks.push(Check::passed(format!(
+                "{what} {}, next-server {}, boot file {want}",
+                offer.address, offer.next_server
+            )));
+        } else {
+            checks.push(Check::failed(
+                format!("{what} {}", wrong.join(", ")),
+                format!(
+                    "fix that server's configuration (ka dhcp config -i {} writes it), or stop a second DHCP server on that network",
+                    inv.path.display()
+                ),
+            ));
+        }
     }
     checks
 }
