@@ -464,6 +464,7 @@ ip_base = "10.78.0.11"
         stderr(&o),
         dhcp.out() + &dhcp.err()
     );
+    eprintln!("{context}");
     for (kind, file) in [
         ("BIOS", "pxelinux.0"),
         ("UEFI", "ipxe.efi"),
