@@ -214,6 +214,12 @@ fn check_session(inv: &Inventory) -> Vec<Check> {
 /// Who holds the TFTP port: `ka tftp`, and with `--secret-file`.
 fn check_tftp_port(inv: &Inventory, tftp: SocketAddr) -> Vec<Check> {
     let port = tftp.port();
+    if UdpSocket::bind((tftp.ip(), 0)).is_err() {
+        return vec![Check::not_run(format!(
+            "who holds UDP port {port}: the TFTP server {} is another machine (run ka doctor there to tell)",
+            tftp.ip()
+        ))];
+    }
     let found = match port_owner::udp_port_use(tftp.ip(), port) {
         Ok(f) => f,
         Err(e) => {
