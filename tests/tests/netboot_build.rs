@@ -156,6 +156,14 @@ fn the_image_carries_working_system_tools() {
     assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
     assert!(out.contains("system clone tools: bin/tar "), "{out}");
 
+    // The version file names the ka packed into the image, for ka doctor.
+    let version = fs::read_to_string(d.join("root/ka/initramfs.img.version")).unwrap();
+    assert_eq!(
+        ka_bin::netboot::version::KaVersion::from_file(&version),
+        Ok(ka_bin::netboot::version::KaVersion::running()),
+        "{version}"
+    );
+
     let entries = image_entries(&d.join("root/ka/initramfs.img"));
     for f in &found {
         let path = f.image_path();

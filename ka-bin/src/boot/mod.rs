@@ -11,6 +11,7 @@
 //! (and its key is served no more).
 
 pub mod dhcp;
+pub mod doctor;
 pub mod flip;
 pub mod harvest;
 pub mod hostlist;

@@ -10,7 +10,8 @@ use crate::netboot::install;
 pub enum ExitStatus {
     /// 0: every node verified its copy; for other commands, done.
     Success,
-    /// 1: the session ran, but some nodes failed.
+    /// 1: the session ran, but some nodes failed; `ka doctor`: some
+    /// checks failed.
     SomeFailed,
     /// 2: ka could not run (the message says why and what to do).
     CouldNotRun,
@@ -45,7 +46,7 @@ impl From<ExitStatus> for ExitCode {
 pub const HELP: &str = "\
 Exit status:
   0  every node verified its copy (other commands: done)
-  1  the session ran, but some nodes failed
+  1  the session ran, but some nodes failed (ka doctor: some checks failed)
   2  ka could not run (the message says why and what to do next)
   3  ka join --identity: the copy is verified, but its identity was not applied
 `ka netboot install` has its own codes for the image's init: see its --help.";

@@ -15,6 +15,7 @@ use crate::session::{DEFAULT_SESSION, DEFAULT_STATE_DIR};
 pub mod demo;
 pub mod dhcp;
 pub mod display;
+pub mod doctor;
 pub mod events;
 pub mod exit;
 pub mod generate;
@@ -129,6 +130,8 @@ pub enum Command {
     Dhcp(dhcp::DhcpArgs),
     /// The netboot image install-mode nodes boot: build it, or run inside it.
     Netboot(netboot::NetbootArgs),
+    /// Check the boot server from a node's point of view: TFTP, DHCP, image, source.
+    Doctor(doctor::DoctorArgs),
 }
 
 impl Command {
@@ -155,6 +158,7 @@ impl Command {
             Command::Tftp(args) => tftp::run(args),
             Command::Dhcp(args) => dhcp::run(args),
             Command::Netboot(args) => netboot::run(args),
+            Command::Doctor(args) => doctor::run(args),
         }
     }
 }
@@ -324,6 +328,7 @@ mod tests {
             &["dhcp", "config"],
             &["dhcp", "harvest"],
             &["serve"],
+            &["doctor"],
         ] {
             let help = subcommand(&cmd, path)
                 .clone()
@@ -337,6 +342,7 @@ mod tests {
             &["go"],
             &["tftp"],
             &["key", "derive"],
+            &["doctor"],
         ] {
             let help = subcommand(&cmd, path)
                 .clone()

@@ -393,6 +393,19 @@ pub fn build(opts: &BuildOptions) -> anyhow::Result<Built> {
         .context("writing the initramfs")?;
     let initramfs_bytes = gz.len() as u64;
     put(&opts.initramfs_name, &gz)?;
+    // Which ka the nodes will run, for `ka doctor` to compare with the
+    // server's: read from the binary packed, which `--ka` may choose.
+    let packed = fs::read(&opts.ka).with_context(|| format!("reading {}", opts.ka.display()))?;
+    let Some(packed_version) = super::version::KaVersion::of_binary(&packed) else {
+        bail!(
+            "{} carries no ka version stamp: it is not ka, or a build too old for this image; pass --ka with a current ka",
+            opts.ka.display()
+        );
+    };
+    put(
+        &super::version::file_name(&opts.initramfs_name),
+        packed_version.to_file().as_bytes(),
+    )?;
     put(&opts.kernel_name, &fs::read(&opts.kernel)?)?;
     put("pxelinux.0", &fs::read(&opts.pxelinux)?)?;
     for f in SYSLINUX_FILES {

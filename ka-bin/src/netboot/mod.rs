@@ -14,3 +14,4 @@ pub mod elf;
 pub mod install;
 pub mod modules;
 pub mod tools;
+pub mod version;
