@@ -607,6 +607,184 @@ mod tests {
         }
     }
 
+    /// An inventory of three nodes, the first two in install mode, and an
+    /// image to serve, in `dir`.
+    fn cluster(dir: &Path, clone: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let inv = dir.join("cluster.toml");
+        std::fs::write(
+            &inv,
+            format!(
+                r#"
+[network]
+subnet = "10.0.0.0/24"
+[boot]
+server = "10.0.0.1"
+tftp_root = "tftp"
+kernel = "vmlinuz"
+initramfs = "initrd"
+[session]
+name = "lab"
+source = "127.0.0.1:4000"
+disk = "/dev/vda"
+clone = "{clone}"
+[[node]]
+name = "zeta"
+mac = "52:54:00:00:00:01"
+ip = "10.0.0.11"
+[[node]]
+name = "alpha"
+mac = "52:54:00:00:00:02"
+ip = "10.0.0.12"
+[[node]]
+name = "mid"
+mac = "52:54:00:00:00:03"
+ip = "10.0.0.13"
+"#
+            ),
+        )
+        .unwrap();
+        let state = dir.join("boot");
+        let inventory = Inventory::load(&inv).unwrap();
+        BootState::new(&state)
+            .set_modes(&inventory, &["zeta", "alpha"], false, Mode::Install)
+            .unwrap();
+        let image = dir.join("image");
+        std::fs::write(&image, b"image").unwrap();
+        (inv, state, image)
+    }
+
+    fn plan(args: &[&str]) -> anyhow::Result<ServePlan> {
+        let cli =
+            <crate::cli::Cli as clap::Parser>::try_parse_from(["ka", "serve"].iter().chain(args))?;
+        match cli.command {
+            crate::cli::Command::Serve(args) => ServePlan::from_args(args),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_inventory_gives_the_session_its_nodes_and_its_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inv, state, image) = cluster(dir.path(), "image");
+        let (inv, state, image) = (
+            inv.to_str().unwrap(),
+            state.to_str().unwrap(),
+            image.to_str().unwrap(),
+        );
+        let records = dir.path().join("records");
+        let records = records.to_str().unwrap();
+        let base = [
+            "-i",
+            inv,
+            "--boot-state",
+            state,
+            "--image",
+            image,
+            "--state-dir",
+            records,
+        ];
+        let p = plan(&base).unwrap();
+        let c = &p.options.config;
+        assert_eq!(c.session, "lab");
+        // 127.0.0.1 is this machine's: listened on as it is.
+        assert_eq!(c.data_addr, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(c.expected_nodes, 2, "the nodes in install mode");
+        assert_eq!(c.order, ["zeta", "alpha", "mid"], "inventory order");
+        assert_eq!(p.secret, SecretFrom::Shared(dir.path().join("secret")));
+        assert!(p.flip.is_some());
+
+        // Flags win.
+        let mut given = base.to_vec();
+        given.extend([
+            "--session",
+            "other",
+            "--listen",
+            "127.0.0.1:5000",
+            "--nodes",
+            "3",
+        ]);
+        given.extend(["--order", "mid", "--secret-file", "/s"]);
+        let p = plan(&given).unwrap();
+        let c = &p.options.config;
+        assert_eq!(
+            (c.session.as_str(), c.data_addr.port(), c.expected_nodes),
+            ("other", 5000, 3)
+        );
+        assert_eq!(c.order, ["mid"]);
+        assert_eq!(p.secret, SecretFrom::File("/s".into()));
+    }
+
+    #[test]
+    fn a_source_address_of_another_machine_is_listened_for_on_every_address() {
+        assert_eq!(
+            listen_for("192.0.2.7:4000".parse().unwrap()),
+            "0.0.0.0:4000".parse().unwrap()
+        );
+        assert_eq!(
+            listen_for("127.0.0.1:4000".parse().unwrap()),
+            "127.0.0.1:4000".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn an_inventory_refuses_what_its_nodes_are_not_booted_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inv, state, image) = cluster(dir.path(), "system");
+        let (inv, state, image) = (
+            inv.to_str().unwrap(),
+            state.to_str().unwrap(),
+            image.to_str().unwrap(),
+        );
+        let err = plan(&["-i", inv, "--boot-state", state, "--image", image])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("clone = \"system\"") && err.contains("--system"),
+            "{err}"
+        );
+
+        let (inv, _, image) = cluster(dir.path(), "image");
+        let err = plan(&[
+            "-i",
+            inv.to_str().unwrap(),
+            "--boot-state",
+            state,
+            "--system-image",
+        ])
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(!err.is_empty());
+        let err = plan(&[
+            "-i",
+            inv.to_str().unwrap(),
+            "--boot-state",
+            state,
+            "--system-image",
+            image.to_str().unwrap(),
+        ])
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("clone = \"image\""), "{err}");
+
+        // Nobody in install mode: nothing to wait for, and how to fix it.
+        let empty = dir.path().join("empty");
+        let err = plan(&[
+            "-i",
+            inv.to_str().unwrap(),
+            "--boot-state",
+            empty.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+        ])
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("ka pxe set --mode install"), "{err}");
+    }
+
     #[test]
     fn exit_status_tells_scripts_how_the_session_ended() {
         let ok = || node("n1", Some(Ok(())));
