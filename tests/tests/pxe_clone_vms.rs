@@ -367,6 +367,15 @@ impl Drop for GroupGuard {
     }
 }
 
+/// Everything the first install said, for a failure's message.
+fn context(first_install: &Daemon) -> String {
+    format!(
+        "===== the first install: stdout =====\n{}\n===== stderr =====\n{}",
+        first_install.out(),
+        first_install.err()
+    )
+}
+
 fn start_vm(lab: &VmNet, i: usize, mac: &str, name: &str, disk: &Path) -> Vm {
     Vm::start(
         lab,
@@ -492,14 +501,9 @@ fn the_readme_first_install_pxe_boots_clones_and_boots_two_vms() {
 
     // Install: PXE → iPXE script → kernel + ka initramfs → ka join → identity → reboot.
     let mut vms = power_on(&lab);
-    let context = || {
-        format!(
-            "===== the first install: stdout =====\n{}\n===== stderr =====\n{}",
-            first_install.out(),
-            first_install.err()
-        )
-    };
-    wait_all_exit(&mut vms, Duration::from_secs(720), "install", &context);
+    wait_all_exit(&mut vms, Duration::from_secs(720), "install", &|| {
+        context(&first_install)
+    });
     let installed = t0.elapsed();
     for (vm, n) in vms.iter().zip(&inventory.nodes) {
         let c = vm.console();
@@ -520,17 +524,17 @@ fn the_readme_first_install_pxe_boots_clones_and_boots_two_vms() {
     drop(vms);
 
     // ka serve's report, then ka pxe show; the script ends there.
-    let status = ka_tests::wait_timeout(&mut first_install.guard.child, Duration::from_secs(60))
-        .unwrap_or_else(|| {
-            panic!(
-                "the first install did not end after its nodes did\n{}",
-                context()
-            )
-        });
+    let status = ka_tests::wait_timeout(&mut first_install.guard.child, Duration::from_secs(60));
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "the first install did not end after its nodes did\n{}",
+            context(&first_install)
+        )
+    });
     assert!(
         status.success(),
         "the first install: {status}\n{}",
-        context()
+        context(&first_install)
     );
     let out = first_install.out();
     let report_line = out
@@ -547,7 +551,7 @@ fn the_readme_first_install_pxe_boots_clones_and_boots_two_vms() {
             .iter()
             .all(|n| n["ok"] == true && n["bytes"] == image_size),
         "{report_line}\n{}",
-        context()
+        context(&first_install)
     );
     // The source flipped every node to local boot, and ka pxe show says so.
     let modes = BootState::new(var_lib_ka).load().unwrap();
@@ -568,7 +572,9 @@ fn the_readme_first_install_pxe_boots_clones_and_boots_two_vms() {
 
     // Local: PXE → iPXE script says local → sanboot the disk → extlinux → the clone.
     let mut vms = power_on(&lab);
-    wait_all_exit(&mut vms, Duration::from_secs(420), "local boot", &context);
+    wait_all_exit(&mut vms, Duration::from_secs(420), "local boot", &|| {
+        context(&first_install)
+    });
     for (vm, n) in vms.iter().zip(&inventory.nodes) {
         let c = vm.console();
         let want = format!(
@@ -592,7 +598,7 @@ fn the_readme_first_install_pxe_boots_clones_and_boots_two_vms() {
         assert!(
             leases.contains(&n.ip.to_string()),
             "{leases}\n{}",
-            context()
+            context(&first_install)
         );
     }
     eprintln!(

@@ -388,7 +388,10 @@ impl FromInventory {
                 Some(file)
             }
         };
-        eprintln!("ka: from {}: {}", path.display(), taken.join("; "));
+        // One write, so the line stays whole beside `ka tftp` or others
+        // writing to the same terminal or log.
+        let line = format!("ka: from {}: {}\n", path.display(), taken.join("; "));
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
         Ok(FromInventory {
             inventory,
             state,
