@@ -246,14 +246,14 @@ fn unknown_machines_get_the_local_default() {
 #[test]
 fn traversal_absolute_symlinks_and_writes_are_refused() {
     let (dir, inv) = setup();
-    let outside = dir.path().join("secret");
+    let outside = dir.path().join("private");
     fs::write(&outside, "do not serve").unwrap();
     std::os::unix::fs::symlink(&outside, dir.path().join("root/leak")).unwrap();
-    std::os::unix::fs::symlink("../secret", dir.path().join("root/leak2")).unwrap();
+    std::os::unix::fs::symlink("../private", dir.path().join("root/leak2")).unwrap();
     let server = KaTftp::start(&inv, &dir.path().join("state"), &[]);
     for remote in [
-        "../secret",
-        "ka/../../secret",
+        "../private",
+        "ka/../../private",
         "/etc/passwd",
         "leak",
         "leak2",

@@ -219,6 +219,8 @@ fn clones_get_their_own_identity_and_boot_local() {
             let err = d.join(format!("{name}.err"));
             let child = Command::new(ka_bin())
                 .args(["join", "--server", &addr, "--secret-file", secret.to_str().unwrap()])
+                // The inventory's session, which ka serve -i serves.
+                .args(["--session", "t"])
                 .args(["--name", name, "--target", &lo.0, "--root-partition", root])
                 .arg("--identity")
                 .arg(format!(

@@ -887,3 +887,67 @@ fn an_image_changed_after_it_was_hashed_fails_every_node_with_the_reason() {
         assert_eq!(p.finish(Duration::from_secs(30)).0, 1);
     }
 }
+
+/// The TCP sockets of this network namespace in `state` (`/proc/net/tcp`:
+/// 0A listening, 01 established), as (local port, remote port).
+fn tcp_sockets(state: &str) -> Vec<(u16, u16)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 3 && f[3] == state).then(|| (port(f[1]), port(f[2])))
+        })
+        .collect()
+}
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_node_given_a_data_port_feeds_its_downstream_there() {
+    let s = Session::new(16 << 20);
+    let port = free_port();
+    let port_s = port.to_string();
+    // Paced, so the chain is seen while the data flows: n1 first, n2 fed by it.
+    let serve = s.serve(2, &["--order", "n1,n2", "--max-rate", "4MiB"]);
+    let n1 = s.join("n1", &s.target("n1"), &["--data-port", &port_s]);
+    let n2 = s.join("n2", &s.target("n2"), &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (mut listening, mut fed) = (false, false);
+    while !(listening && fed) && std::time::Instant::now() < deadline {
+        listening |= tcp_sockets("0A").iter().any(|(local, _)| *local == port);
+        fed |= tcp_sockets("01").iter().any(|(_, remote)| *remote == port);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, out, err) = serve.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "serve failed:\n{out}\n{err}");
+    assert!(listening, "n1 never listened on --data-port {port}");
+    assert!(fed, "n2's data connection never went to n1's port {port}");
+    for (n, p) in [("n1", n1), ("n2", n2)] {
+        let (code, _, err) = p.finish(Duration::from_secs(30));
+        assert_eq!(code, 0, "{n}: {err}");
+        assert!(same_content(&s.image, &s.target(n)), "{n}'s copy differs");
+    }
+}
+
+#[test]
+fn a_data_port_in_use_is_refused_with_the_reason() {
+    let s = Session::new(1 << 20);
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let serve = s.serve(1, &[]);
+    let n1 = s.join("n1", &s.target("n1"), &["--data-port", &port]);
+    let (code, _, err) = n1.finish(Duration::from_secs(30));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(&format!("--data-port {port}")), "{err}");
+    serve.kill9();
+}

@@ -547,7 +547,7 @@ fn ka_tftp_hands_a_node_its_own_key_at_its_address_while_it_installs_and_nothing
         }
         assert!(server.log().contains(why), "{why}: {}", server.log());
     }
-    // Without the secret, ka tftp hands out nothing.
-    let bare = KaTftp::start(&inv, &state, &[]);
+    // With --no-keys, ka tftp hands out nothing.
+    let bare = KaTftp::start(&inv, &state, &["--no-keys"]);
     assert!(tftp_get(bare.addr, n2, "ka/keys/n2.key").is_err());
 }

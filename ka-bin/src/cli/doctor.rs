@@ -23,7 +23,9 @@ pub struct DoctorArgs {
     /// Kea) [default: check what `ka dhcp config` writes].
     #[arg(long, value_name = "FILE")]
     dhcp_config: Option<PathBuf>,
-    /// The session secret: check that the running ka serve proves it.
+    /// The session secret: check that the running ka serve proves it
+    /// [default: `secret` beside the inventory, if it is there, as ka serve
+    /// -i and ka tftp use it].
     #[arg(long, value_name = "FILE", env = super::SECRET_FILE_ENV)]
     secret_file: Option<PathBuf>,
     /// Send a real DHCPDISCOVER with a node's MAC out of this interface
@@ -34,12 +36,19 @@ pub struct DoctorArgs {
 
 /// Runs `ka doctor`: every check, printed as it ends; fails if any failed.
 pub fn run(args: DoctorArgs) -> Result<ExitStatus> {
+    // Read only: doctor never makes the secret ka serve and ka tftp would.
+    let secret_file = args.secret_file.or_else(|| {
+        Some(crate::session::secret::beside_inventory(
+            &args.cluster.inventory,
+        ))
+        .filter(|p| p.is_file())
+    });
     let opts = DoctorOptions {
         inventory: args.cluster.inventory,
         state_dir: args.cluster.state_dir,
         tftp: args.tftp,
         dhcp_config: args.dhcp_config,
-        secret_file: args.secret_file,
+        secret_file,
         probe: args.probe,
     };
     let checks = doctor::run(&opts, |c| crate::outln!("{c}"));

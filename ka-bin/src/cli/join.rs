@@ -78,6 +78,11 @@ pub struct JoinArgs {
     /// and --untar targets always start over.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// Listen on this port for the downstream node's data connection, so
+    /// a firewall between nodes needs only it open [default: one the system
+    /// chooses]. The source sends it to the downstream; it must be free.
+    #[arg(long, value_name = "PORT")]
+    pub data_port: Option<u16>,
     /// Print JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
@@ -122,6 +127,7 @@ pub fn plan(args: JoinArgs) -> anyhow::Result<JoinOptions> {
         identity,
         root_partition: args.root_partition,
         window: args.window,
+        data_port: args.data_port.unwrap_or(0),
     })
 }
 

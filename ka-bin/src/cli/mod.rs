@@ -77,9 +77,9 @@ const TYPICAL_USE: &str = "\
 A cluster install, on the boot server (README.md tells it step by step):
   ka dhcp config -f dnsmasq -o /etc/dnsmasq.d/ka.conf   # DHCP points the nodes at ka
   ka netboot build -o /srv/ka/tftp                      # the image install-mode nodes boot
-  ka tftp --secret-file /etc/ka/cluster.secret          # serves it, and each node its key
   ka pxe set --mode install --all                       # their next boot joins the clone
-  ka serve --nodes 40 --image /dev/sda --secret-file /etc/ka/cluster.secret -i /etc/ka/cluster.toml --boot-state /var/lib/ka
+  ka tftp &                                             # serves it, and each node its key
+  ka serve -i /etc/ka/cluster.toml --image /dev/sda     # the session the inventory describes
 Then power the nodes on: each one boots the image, joins, writes its disk,
 and once its copy is verified is flipped back to boot from it.
 On this machine alone, without a network: ka demo";

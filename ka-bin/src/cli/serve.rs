@@ -3,7 +3,7 @@
 //! the display shows it, and ends with the report and an exit status.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -14,18 +14,19 @@ use super::display::{print_report, Display};
 use super::status::StatusWriter;
 use super::ExitStatus;
 use crate::boot::flip::{Flipped, VerifiedFlip};
-use crate::boot::{BootState, Inventory};
+use crate::boot::{BootState, Inventory, Mode};
+use crate::netboot::cmdline::CloneKind;
 use crate::session::secret::{self, Secret};
 use crate::session::serve::{self as session, Input, Report, ServeOptions};
-use crate::session::{DEFAULT_PORT, DEFAULT_SESSION};
+use crate::session::{DEFAULT_PORT, DEFAULT_SESSION, DEFAULT_STATE_DIR};
 
 /// Real invocations under `ka serve --help` (a test parses each `ka` line).
 const EXAMPLES: &str = "\
 Examples:
   # A disk to 40 nodes, starting once all of them have joined:
-  ka serve --nodes 40 --image /dev/sda --secret-file /etc/ka/cluster.secret
+  ka serve --nodes 40 --image /dev/sda --secret-file /etc/ka/secret
   # This running machine, file by file, with /var/tmp sent empty:
-  ka serve --nodes 40 --system --exclude /var/tmp --secret-file /etc/ka/cluster.secret
+  ka serve --nodes 40 --system --exclude /var/tmp --secret-file /etc/ka/secret
   # A compressed image; start 10 minutes after listening if 30 nodes are there:
   ka serve --nodes 40 --command 'zcat /srv/golden.img.gz' --join-timeout 10m --min-nodes 30
   # Flip every node of the inventory whose copy is verified to local boot:
@@ -35,16 +36,23 @@ Examples:
 #[derive(Debug, clap::Args)]
 #[command(after_help = EXAMPLES)]
 pub struct ServeArgs {
-    /// Start as soon as this many nodes have joined.
-    #[arg(long, short = 'n')]
-    pub nodes: u32,
-    /// Session name the nodes must ask for.
-    #[arg(long, default_value = DEFAULT_SESSION)]
-    pub session: String,
-    /// Address to listen on (control and data).
-    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)))]
-    pub listen: SocketAddr,
-    /// File holding the session secret (64 hex digits); without it one is generated and printed.
+    /// Start as soon as this many nodes have joined [default with
+    /// --inventory: the nodes in install mode in --boot-state].
+    #[arg(long, short = 'n', required_unless_present = "inventory")]
+    pub nodes: Option<u32>,
+    /// Session name the nodes must ask for [default: the inventory's
+    /// [session] name, else ka].
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Address to listen on, control and data, TCP, and UDP for discovery
+    /// [default: the inventory's [session] source if it is an address of
+    /// this machine, else 0.0.0.0 with its port; without an inventory
+    /// 0.0.0.0:4715].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// File holding the session secret (64 hex digits) [default with
+    /// --inventory: `secret` beside it, made if missing; else one is
+    /// generated and written to ka-secret-SESSION].
     #[arg(long, value_name = "FILE", env = super::SECRET_FILE_ENV)]
     pub secret_file: Option<PathBuf>,
     /// The image: a regular file or a block device.
@@ -118,9 +126,10 @@ pub struct ServeArgs {
     /// …for this long while gaining on it less than half as fast.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     pub slow_window: Duration,
-    /// Node names in chain order (an inventory's order); others follow by address.
+    /// Node names in chain order; others follow by address [default with
+    /// --inventory: the inventory's order].
     #[arg(long, value_delimiter = ',')]
-    pub order: Vec<String>,
+    pub order: Option<Vec<String>>,
     /// Declare a node dead after this long without a word from it (it then
     /// leaves the chain, which heals around it). Nodes learn it from the
     /// source and use it for the source in turn.
@@ -143,11 +152,15 @@ pub struct ServeArgs {
     /// and a final report) instead of the live display.
     #[arg(long)]
     pub json: bool,
-    /// Inventory of the nodes: each one whose clone is verified is flipped to
-    /// local boot in --boot-state (after_clone in the inventory).
-    #[arg(long, short = 'i', value_name = "FILE", env = super::INVENTORY_ENV, requires = "boot_state")]
+    /// Serve the session the inventory describes (docs/inventory.md): its
+    /// [session] name, source address and clone kind, its nodes in install
+    /// mode in --boot-state, in inventory order, and the secret beside it;
+    /// each node whose clone is verified is flipped to local boot (after_clone).
+    /// Flags given override what it says.
+    #[arg(long, short = 'i', value_name = "FILE", env = super::INVENTORY_ENV)]
     pub inventory: Option<PathBuf>,
-    /// Boot-mode directory to flip verified nodes in (`ka pxe`/`ka tftp` --state-dir).
+    /// Boot-mode directory of the inventory's nodes (`ka pxe`/`ka tftp`
+    /// --state-dir) [default: /var/lib/ka].
     #[arg(long, value_name = "DIR", requires = "inventory")]
     pub boot_state: Option<PathBuf>,
 }
@@ -161,12 +174,24 @@ fn parse_policy(s: &str) -> Result<SlowPolicy, String> {
     }
 }
 
+/// Where a session's secret comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretFrom {
+    /// This file, which must hold it (`--secret-file`).
+    File(PathBuf),
+    /// This file beside the inventory, made first if missing: `ka tftp`
+    /// reads or makes the same one.
+    Shared(PathBuf),
+    /// A new one, written to `ka-secret-SESSION` for the nodes.
+    Generated,
+}
+
 /// A `ka serve` checked and ready to run.
 pub struct ServePlan {
     /// What the session library runs.
     pub options: ServeOptions,
-    /// The secret file; `None`: generate one.
-    pub secret_file: Option<PathBuf>,
+    /// Where the secret comes from.
+    pub secret: SecretFrom,
     /// JSON lines instead of the live display.
     pub json: bool,
     /// Flips verified nodes to their after-clone boot mode, with `--inventory`.
@@ -175,20 +200,31 @@ pub struct ServePlan {
 
 impl ServePlan {
     /// Checks `args` and reads the inventory, before anything is served.
-    pub fn from_args(args: ServeArgs) -> anyhow::Result<ServePlan> {
-        crate::session::check_session_name(&args.session)?;
-        if args.nodes == 0 {
-            bail!("--nodes 0: a session clones to at least one node; give the number of nodes that will join (--nodes N)");
-        }
-        // Before anything is made (the default state directory below),
-        // listens or is written (a generated secret).
+    pub fn from_args(mut args: ServeArgs) -> anyhow::Result<ServePlan> {
+        // Before anything is made (the default state directory below, the
+        // secret beside an inventory), listens or is written.
         if let Some(p) = &args.image {
             ka_net::image::sources::check_servable(p).context("--image")?;
             if !args.force {
                 ka_net::image::sources::check_not_mounted_rw(p).context("--image")?;
             }
         }
-        let mut config = SourceConfig::new(args.session.clone(), args.nodes, args.listen);
+        let cluster = match args.inventory.clone() {
+            Some(path) => Some(FromInventory::take(&path, &mut args)?),
+            None => None,
+        };
+        let session = args.session.unwrap_or_else(|| DEFAULT_SESSION.to_string());
+        crate::session::check_session_name(&session)?;
+        let listen = args
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)));
+        let nodes = args
+            .nodes
+            .context("say how many nodes to wait for: --nodes N (or --inventory FILE)")?;
+        if nodes == 0 {
+            bail!("--nodes 0: a session clones to at least one node; give the number of nodes that will join (--nodes N)");
+        }
+        let mut config = SourceConfig::new(session, nodes, listen);
         config.arity = args.arity.max(1);
         config.join_timeout = args.join_timeout;
         config.min_nodes = args.min_nodes;
@@ -196,7 +232,7 @@ impl ServePlan {
         config.slow_policy = args.slow_policy;
         config.slow_lag = args.slow_lag;
         config.slow_window = args.slow_window;
-        config.order = args.order;
+        config.order = args.order.unwrap_or_default();
         config.dead_after = args.dead_after;
         if args.dead_after <= config.heartbeat {
             bail!(
@@ -241,13 +277,18 @@ impl ServePlan {
         } else {
             bail!("say what to clone: --image PATH, --system, --system-image FILE, --command CMD, --tar DIR or --stdin")
         };
-        let flip = match (&args.inventory, &args.boot_state) {
-            (Some(inv), Some(dir)) => Some(VerifiedFlip::new(
-                Inventory::load(inv)?,
-                BootState::new(dir),
-            )),
-            _ => None,
+        let secret = match (args.secret_file, &cluster) {
+            (Some(file), _) => SecretFrom::File(file),
+            (
+                None,
+                Some(FromInventory {
+                    shared_secret: Some(file),
+                    ..
+                }),
+            ) => SecretFrom::Shared(file.clone()),
+            (None, _) => SecretFrom::Generated,
         };
+        let flip = cluster.map(|c| VerifiedFlip::new(c.inventory, c.state));
         Ok(ServePlan {
             options: ServeOptions {
                 config,
@@ -256,10 +297,184 @@ impl ServePlan {
                 state_dir,
                 max_rate: args.max_rate,
             },
-            secret_file: args.secret_file,
+            secret,
             json: args.json,
             flip,
         })
+    }
+}
+
+/// What `ka serve --inventory` takes from the inventory: the inventory and
+/// boot state whose verified nodes it flips.
+struct FromInventory {
+    inventory: Inventory,
+    state: BootState,
+    /// The secret beside the inventory, which `ka tftp` shares (made by
+    /// whichever starts first), unless --secret-file names another.
+    shared_secret: Option<PathBuf>,
+}
+
+impl FromInventory {
+    /// Loads the inventory and its boot state, and fills what `args` leaves
+    /// unsaid from them: the session, the listen address, the nodes to wait
+    /// for and their order, the secret file. Says on standard error what
+    /// it took, so the operator sees the session the nodes will look for.
+    fn take(path: &Path, args: &mut ServeArgs) -> anyhow::Result<FromInventory> {
+        let inventory = Inventory::load(path)?;
+        let dir = args
+            .boot_state
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let state = BootState::new(&dir);
+        let session = &inventory.session;
+        check_clone_kind(session.clone, args, path)?;
+        let mut taken = Vec::new();
+        let mut note = |what: String, given: bool| {
+            taken.push(if given {
+                format!("{what} (given, the inventory says otherwise)")
+            } else {
+                what
+            })
+        };
+        match &args.session {
+            Some(name) => {
+                if *name != session.name {
+                    note(format!("session {name}"), true);
+                }
+            }
+            None => {
+                args.session = Some(session.name.clone());
+                note(format!("session {}", session.name), false);
+            }
+        }
+        let source = SocketAddr::V4(session.source);
+        match args.listen {
+            Some(listen) => {
+                if listen.port() != source.port() {
+                    note(format!("listen {listen}"), true);
+                }
+            }
+            None => {
+                let listen = listen_for(source);
+                args.listen = Some(listen);
+                if listen == source {
+                    note(format!("listen {listen}"), false);
+                } else {
+                    eprintln!(
+                        "ka: {} is not an address of this machine: listening on {listen}; \
+                         nodes connect to {source} ([session] source), which must lead here",
+                        source.ip()
+                    );
+                    note(format!("listen {listen}"), false);
+                }
+            }
+        }
+        let install = install_mode_nodes(&inventory, &state)?;
+        if args.nodes.is_none() {
+            if install.is_empty() {
+                bail!(
+                    "no node of {} is in install mode in {}: set the nodes to clone first \
+                     (ka pxe set --mode install --all -i {} --state-dir {}), or give --nodes N",
+                    path.display(),
+                    dir.display(),
+                    path.display(),
+                    dir.display()
+                );
+            }
+            args.nodes = Some(install.len() as u32);
+            note(
+                format!(
+                    "{} nodes in install mode in {}: {}",
+                    install.len(),
+                    dir.display(),
+                    shorten(&install)
+                ),
+                false,
+            );
+        }
+        if args.order.is_none() {
+            let order: Vec<String> = inventory.nodes.iter().map(|n| n.name.clone()).collect();
+            note(
+                format!("chain in inventory order: {}", shorten(&order)),
+                false,
+            );
+            args.order = Some(order);
+        }
+        let shared_secret = match args.secret_file {
+            Some(_) => None,
+            None => {
+                let file = secret::beside_inventory(path);
+                note(format!("secret {}", file.display()), false);
+                Some(file)
+            }
+        };
+        // One write, so the line stays whole beside `ka tftp` or others
+        // writing to the same terminal or log.
+        let line = format!("ka: from {}: {}\n", path.display(), taken.join("; "));
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+        Ok(FromInventory {
+            inventory,
+            state,
+            shared_secret,
+        })
+    }
+}
+
+/// Refuses a session whose input is not what the inventory's nodes boot
+/// to receive: a node booted with `ka.clone=system` cannot take an image,
+/// nor an image node a system stream.
+fn check_clone_kind(kind: CloneKind, args: &ServeArgs, path: &Path) -> anyhow::Result<()> {
+    let serves_system = args.system || args.system_image.is_some();
+    let says_system = kind == CloneKind::System;
+    if says_system && !serves_system {
+        bail!(
+            "{} says clone = \"system\": its nodes boot to rebuild a whole machine; \
+             serve one with --system (or --system-image FILE), or set clone = \"image\"",
+            path.display()
+        );
+    }
+    if !says_system && serves_system {
+        bail!(
+            "{} says clone = \"image\" (the default): its nodes boot to write an image onto one disk; \
+             set clone = \"system\" in its [session] to serve --system{}",
+            path.display(),
+            if args.system_image.is_some() { "-image" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// Where to listen for a session whose nodes connect to `source`: there,
+/// when it is an address of this machine, else every address at its port
+/// (a source reached through a NAT or a forwarded port).
+fn listen_for(source: SocketAddr) -> SocketAddr {
+    // Binding an address succeeds only where the machine has it.
+    let local = std::net::UdpSocket::bind(SocketAddr::new(source.ip(), 0)).is_ok();
+    if local {
+        source
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], source.port()))
+    }
+}
+
+/// The inventory's nodes in install mode in `state`, in inventory order.
+fn install_mode_nodes(inventory: &Inventory, state: &BootState) -> anyhow::Result<Vec<String>> {
+    let modes = state.load()?;
+    Ok(inventory
+        .nodes
+        .iter()
+        .filter(|n| modes.get(&n.name).mode == Mode::Install)
+        .map(|n| n.name.clone())
+        .collect())
+}
+
+/// A list of names short enough for one line: a cluster's thousand names
+/// would bury what matters.
+fn shorten(names: &[String]) -> String {
+    if names.len() > 8 {
+        format!("{} … {}", names[..4].join(" "), names[names.len() - 1])
+    } else {
+        names.join(" ")
     }
 }
 
@@ -306,7 +521,7 @@ fn system_plan(
 /// Runs `ka serve`.
 pub fn run(args: ServeArgs) -> anyhow::Result<ExitStatus> {
     let plan = ServePlan::from_args(args)?;
-    let secret = obtain_secret(plan.secret_file.as_deref(), &plan.options.config.session)?;
+    let secret = obtain_secret(&plan.secret, &plan.options.config.session)?;
     let json = plan.json;
     let report = serve(plan, &secret)?;
     print_report(&report, json);
@@ -315,15 +530,26 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitStatus> {
 
 /// The secret from `file`, or a generated one written for the nodes (and
 /// the operator told where).
-fn obtain_secret(file: Option<&std::path::Path>, session: &str) -> anyhow::Result<Secret> {
-    if let Some(file) = file {
-        return secret::load(file);
+fn obtain_secret(from: &SecretFrom, session: &str) -> anyhow::Result<Secret> {
+    let file = match from {
+        SecretFrom::File(file) => return secret::load(file),
+        SecretFrom::Shared(file) => file,
+        SecretFrom::Generated => {
+            let (secret, path) = secret::generate(session)?;
+            eprintln!(
+                "ka: no --secret-file given; generated one and wrote it to {} — give that file to the nodes (ka join --secret-file)",
+                path.display()
+            );
+            return Ok(secret);
+        }
+    };
+    let (secret, made) = secret::load_or_create(file)?;
+    if made {
+        eprintln!(
+            "ka: made a new session secret in {} (readable by root only; ka tftp hands each install-mode node its own key from it)",
+            file.display()
+        );
     }
-    let (secret, path) = secret::generate(session)?;
-    eprintln!(
-        "ka: no --secret-file given; generated one and wrote it to {} — give that file to the nodes (ka join --secret-file)",
-        path.display()
-    );
     Ok(secret)
 }
 
@@ -407,16 +633,182 @@ mod tests {
         }
     }
 
-    /// `ka serve ARGS` as the command line parses it.
+    /// An inventory of three nodes, the first two in install mode, and an
+    /// image to serve, in `dir`.
+    fn cluster(dir: &Path, clone: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let inv = dir.join("cluster.toml");
+        std::fs::write(
+            &inv,
+            format!(
+                r#"
+[network]
+subnet = "10.0.0.0/24"
+[boot]
+server = "10.0.0.1"
+tftp_root = "tftp"
+kernel = "vmlinuz"
+initramfs = "initrd"
+[session]
+name = "lab"
+source = "127.0.0.1:4000"
+disk = "/dev/vda"
+clone = "{clone}"
+[[node]]
+name = "zeta"
+mac = "52:54:00:00:00:01"
+ip = "10.0.0.11"
+[[node]]
+name = "alpha"
+mac = "52:54:00:00:00:02"
+ip = "10.0.0.12"
+[[node]]
+name = "mid"
+mac = "52:54:00:00:00:03"
+ip = "10.0.0.13"
+"#
+            ),
+        )
+        .unwrap();
+        let state = dir.join("boot");
+        let inventory = Inventory::load(&inv).unwrap();
+        BootState::new(&state)
+            .set_modes(&inventory, &["zeta", "alpha"], false, Mode::Install)
+            .unwrap();
+        let image = dir.join("image");
+        std::fs::write(&image, b"image").unwrap();
+        (inv, state, image)
+    }
+
     fn plan(args: &[&str]) -> anyhow::Result<ServePlan> {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            serve: ServeArgs,
+        let cli =
+            <crate::cli::Cli as clap::Parser>::try_parse_from(["ka", "serve"].iter().chain(args))?;
+        match cli.command {
+            crate::cli::Command::Serve(args) => ServePlan::from_args(args),
+            other => panic!("{other:?}"),
         }
-        use clap::Parser as _;
-        let cli = Cli::try_parse_from(std::iter::once("ka").chain(args.iter().copied())).unwrap();
-        ServePlan::from_args(cli.serve)
+    }
+
+    #[test]
+    fn an_inventory_gives_the_session_its_nodes_and_its_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inv, state, image) = cluster(dir.path(), "image");
+        let (inv, state, image) = (
+            inv.to_str().unwrap(),
+            state.to_str().unwrap(),
+            image.to_str().unwrap(),
+        );
+        let records = dir.path().join("records");
+        let records = records.to_str().unwrap();
+        let base = [
+            "-i",
+            inv,
+            "--boot-state",
+            state,
+            "--image",
+            image,
+            "--state-dir",
+            records,
+        ];
+        let p = plan(&base).unwrap();
+        let c = &p.options.config;
+        assert_eq!(c.session, "lab");
+        // 127.0.0.1 is this machine's: listened on as it is.
+        assert_eq!(c.data_addr, "127.0.0.1:4000".parse().unwrap());
+        assert_eq!(c.expected_nodes, 2, "the nodes in install mode");
+        assert_eq!(c.order, ["zeta", "alpha", "mid"], "inventory order");
+        assert_eq!(p.secret, SecretFrom::Shared(dir.path().join("secret")));
+        assert!(p.flip.is_some());
+
+        // Flags win.
+        let mut given = base.to_vec();
+        given.extend([
+            "--session",
+            "other",
+            "--listen",
+            "127.0.0.1:5000",
+            "--nodes",
+            "3",
+        ]);
+        given.extend(["--order", "mid", "--secret-file", "/s"]);
+        let p = plan(&given).unwrap();
+        let c = &p.options.config;
+        assert_eq!(
+            (c.session.as_str(), c.data_addr.port(), c.expected_nodes),
+            ("other", 5000, 3)
+        );
+        assert_eq!(c.order, ["mid"]);
+        assert_eq!(p.secret, SecretFrom::File("/s".into()));
+    }
+
+    #[test]
+    fn a_source_address_of_another_machine_is_listened_for_on_every_address() {
+        assert_eq!(
+            listen_for("192.0.2.7:4000".parse().unwrap()),
+            "0.0.0.0:4000".parse().unwrap()
+        );
+        assert_eq!(
+            listen_for("127.0.0.1:4000".parse().unwrap()),
+            "127.0.0.1:4000".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn an_inventory_refuses_what_its_nodes_are_not_booted_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let (inv, state, image) = cluster(dir.path(), "system");
+        let (inv, state, image) = (
+            inv.to_str().unwrap(),
+            state.to_str().unwrap(),
+            image.to_str().unwrap(),
+        );
+        let err = plan(&["-i", inv, "--boot-state", state, "--image", image])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("clone = \"system\"") && err.contains("--system"),
+            "{err}"
+        );
+
+        let (inv, _, image) = cluster(dir.path(), "image");
+        let err = plan(&[
+            "-i",
+            inv.to_str().unwrap(),
+            "--boot-state",
+            state,
+            "--system-image",
+        ])
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(!err.is_empty());
+        let err = plan(&[
+            "-i",
+            inv.to_str().unwrap(),
+            "--boot-state",
+            state,
+            "--system-image",
+            image.to_str().unwrap(),
+        ])
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("clone = \"image\""), "{err}");
+
+        // Nobody in install mode: nothing to wait for, and how to fix it.
+        let empty = dir.path().join("empty");
+        let err = plan(&[
+            "-i",
+            inv.to_str().unwrap(),
+            "--boot-state",
+            empty.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+        ])
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("ka pxe set --mode install"), "{err}");
     }
 
     #[test]

@@ -21,11 +21,11 @@ use crate::boot::Inventory;
 const EXAMPLES: &str = "\
 Examples:
   # The inventory's TFTP root, each install-mode node handed its own key:
-  ka tftp --secret-file /etc/ka/cluster.secret
+  ka tftp --secret-file /etc/ka/secret
   # Another inventory and root, on an unprivileged port:
   ka tftp -i /etc/ka/lab.toml --root /srv/lab/tftp --listen 127.0.0.1:6969
   # A network whose MTU is 1400 bytes:
-  ka tftp --secret-file /etc/ka/cluster.secret --blksize-limit 1368
+  ka tftp --secret-file /etc/ka/secret --blksize-limit 1368
 The Debian package runs it as a service: systemctl enable --now ka-tftp";
 
 /// Arguments of `ka tftp`.
@@ -57,11 +57,16 @@ pub struct TftpArgs {
     /// Longest a transfer may take, in seconds [default: 600].
     #[arg(long, value_name = "SECS")]
     transfer_lifetime: Option<u64>,
-    /// The session secret (the file ka serve wrote): with it, each node in
-    /// install mode is handed its own key at ka/keys/NAME.key, from its
-    /// inventory address only; without it, nodes get no key from here.
+    /// The session secret: each node in install mode is handed its own key
+    /// derived from it at ka/keys/NAME.key, from its inventory address only
+    /// [default: `secret` beside the inventory, made if missing; `ka serve
+    /// -i` reads or makes the same file].
     #[arg(long, value_name = "FILE", env = super::SECRET_FILE_ENV)]
     secret_file: Option<PathBuf>,
+    /// Hand out no keys: nodes boot with their key in the image or by hand
+    /// (`ka.secret=file:…`), and no secret is read or made.
+    #[arg(long, conflicts_with = "secret_file")]
+    no_keys: bool,
     /// New transfers a second for clients not yet proven by an ACK, in
     /// all; a client that acknowledged a transfer in the last 10 minutes
     /// is not held to it [default: 50].
@@ -214,8 +219,18 @@ fn plan(args: TftpArgs) -> Result<TftpPlan> {
     let modes = state.load()?;
     let nodes = inv.nodes.len();
     let secret = match &args.secret_file {
+        _ if args.no_keys => None,
         Some(file) => Some(crate::session::secret::load(file)?),
-        None => None,
+        None => {
+            let file = crate::session::secret::beside_inventory(&args.cluster.inventory);
+            let (secret, made) = crate::session::secret::load_or_create(&file)?;
+            eprintln!(
+                "ka tftp: {} the session secret {} (ka serve -i reads the same)",
+                if made { "made" } else { "using" },
+                file.display()
+            );
+            Some(secret)
+        }
     };
     let files = Arc::new(BootFiles {
         state,
@@ -291,7 +306,7 @@ fn serve(plan: TftpPlan) -> Result<()> {
             );
         } else {
             eprintln!(
-                "ka tftp: no --secret-file: nodes booting ka.secret=tftp (the default) get no key from here"
+                "ka tftp: --no-keys: nodes booting ka.secret=tftp (the default) get no key from here"
             );
         }
         use std::io::Write;

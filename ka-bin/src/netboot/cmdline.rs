@@ -107,6 +107,9 @@ pub struct Plan {
     /// `ka.fail_delay=DURATION|never` (default 60s): wait before rebooting
     /// after a failure; `None`: never reboot, stay at a shell.
     pub fail_delay: Option<Duration>,
+    /// `ka.data_port=PORT` (default: one the system chooses): the port the
+    /// node listens on for its downstream, for firewalls between nodes.
+    pub data_port: u16,
 }
 
 /// The `ka.*` keys the image understands.
@@ -129,6 +132,7 @@ pub const KEYS: &[&str] = &[
     "wait",
     "verify",
     "fail_delay",
+    "data_port",
 ];
 
 /// Splits a kernel command line as the kernel does: on spaces, where a
@@ -185,6 +189,7 @@ impl Plan {
             wait: Duration::from_secs(30 * 60),
             verify_readback: false,
             fail_delay: Some(Duration::from_secs(60)),
+            data_port: 0,
         };
         let mut hostname = None;
         let mut identity_on = true;
@@ -260,6 +265,11 @@ impl Plan {
                         humantime::parse_duration(value)
                             .map_err(|_| bad("a duration like 60s, or never"))?,
                     )
+                }
+                "data_port" => {
+                    plan.data_port = value
+                        .parse()
+                        .map_err(|_| bad("a port number, 1 to 65535"))?
                 }
                 _ if KEYS.contains(&key) => return Err(bad("empty or invalid value")),
                 _ => {

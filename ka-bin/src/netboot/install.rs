@@ -210,6 +210,7 @@ pub fn join_options(plan: &Plan, secret_file: &Path) -> anyhow::Result<JoinOptio
         identity: plan.identity.clone(),
         root_partition: plan.root,
         window: ka_net::datapath::window::DEFAULT_WINDOW,
+        data_port: plan.data_port,
     })
 }
 

@@ -65,6 +65,9 @@ pub struct JoinOptions {
     pub root_partition: RootPartition,
     /// A system clone's window: the most of the stream held at once.
     pub window: u64,
+    /// The port this node listens on for its downstream's data connection;
+    /// 0: one the system chooses.
+    pub data_port: u16,
 }
 
 impl JoinOptions {
@@ -97,6 +100,9 @@ impl JoinOptions {
         ));
         if self.verify_readback {
             s.push_str(" --verify readback");
+        }
+        if self.data_port != 0 {
+            s.push_str(&format!(" --data-port {}", self.data_port));
         }
         if let Some(identity) = &self.identity {
             s.push_str(&format!(
@@ -187,6 +193,7 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
         target,
         key,
         listen_ip: IpAddr::from([0, 0, 0, 0]),
+        data_port: opts.data_port,
         wait: opts.wait,
         state_dir: Some(opts.state_dir),
         rediscover: opts.reach.rediscover(),

@@ -57,6 +57,7 @@ pub fn run(
                 target: Target::File(target.clone()),
                 key: key.node_key(&session, &format!("node{i:02}")),
                 listen_ip: IpAddr::from([127, 0, 0, 1]),
+                data_port: 0,
                 wait: Duration::from_secs(30),
                 state_dir: None,
                 rediscover: None,

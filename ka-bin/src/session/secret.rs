@@ -66,6 +66,93 @@ fn write_new(path: &Path) -> anyhow::Result<Secret> {
     Ok(secret)
 }
 
+/// The file holding a cluster's secret: `secret`, next to its inventory
+/// (`/etc/ka/secret` for `/etc/ka/cluster.toml`). `ka serve -i` and `ka
+/// tftp` both default to it, so the boot server needs no secret made by
+/// hand and the two always hold the same one.
+pub fn beside_inventory(inventory: &Path) -> PathBuf {
+    let dir = match inventory.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    dir.join("secret")
+}
+
+/// The secret in `path`, made there first if there is none; says whether
+/// it was made. Two processes starting together (`ka tftp` and `ka serve`)
+/// agree on one secret: it is written whole to a temporary file and linked
+/// into place, which fails if `path` appeared meanwhile, and the loser reads
+/// the winner's. A `path` that is not a regular file (a planted link, a
+/// directory) is refused rather than followed.
+pub fn load_or_create(path: &Path) -> anyhow::Result<(Secret, bool)> {
+    for _ in 0..2 {
+        match path.symlink_metadata() {
+            Ok(m) if m.file_type().is_file() => return Ok((load(path)?, false)),
+            Ok(_) => anyhow::bail!(
+                "{} is not a regular file: remove it (a secret is made there), or give --secret-file",
+                path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        match create_new(path) {
+            Ok(secret) => return Ok((secret, true)),
+            // Another process made it between the look and the link.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("making a new session secret at {}", path.display()))
+            }
+        }
+    }
+    anyhow::bail!(
+        "{} keeps changing: is something else writing it?",
+        path.display()
+    )
+}
+
+/// A new secret at `path`, which must not exist: written and flushed under
+/// a temporary name, then hard-linked into place (the link is the atomic
+/// test-and-create; nobody can read it half written).
+fn create_new(path: &Path) -> std::io::Result<Secret> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let secret = Secret::generate();
+    let tmp = dir.join(format!(
+        ".ka-secret.{}.{:016x}.tmp",
+        std::process::id(),
+        rand_suffix()
+    ));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(format!("{}\n", secret.to_hex()).as_bytes())?;
+        f.sync_all()?;
+        std::fs::hard_link(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result.map(|()| secret)
+}
+
+/// What tells apart the temporary files of threads of one process (the
+/// PID tells processes apart): a count, mixed with the time for processes
+/// of other PID namespaces sharing the directory.
+fn rand_suffix() -> u64 {
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos().into());
+    COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 32 | nanos
+}
+
 /// The root key of `session` under `secret`.
 pub fn key(secret: &Secret, session: &str) -> SessionKey {
     session_key(secret, session)
@@ -129,6 +216,48 @@ mod tests {
         // A node's key cannot stand for the session.
         let err = load(&key_path).unwrap_err().to_string();
         assert!(err.contains("not the session secret"), "{err}");
+    }
+
+    #[test]
+    fn the_secret_beside_an_inventory_is_made_once_and_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let inventory = dir.path().join("cluster.toml");
+        let path = beside_inventory(&inventory);
+        assert_eq!(path, dir.path().join("secret"));
+        assert_eq!(
+            beside_inventory(Path::new("cluster.toml")),
+            Path::new("./secret")
+        );
+        // Many starting together: one makes it, every one reads the same.
+        let results: Vec<(Secret, bool)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| load_or_create(&path).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results.iter().filter(|(_, made)| *made).count(), 1);
+        assert!(results.iter().all(|(s, _)| *s == results[0].0));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(load(&path).unwrap(), results[0].0);
+        // Nothing temporary is left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from("secret")]);
+    }
+
+    #[test]
+    fn a_link_where_the_secret_goes_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let path = dir.path().join("secret");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let err = load_or_create(&path).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
     }
 
     #[test]

@@ -39,8 +39,11 @@ pub struct NodeOptions {
     /// This node's key (its own, and the digest's), for the session and
     /// name of `config`.
     pub key: NodeKey,
-    /// Where to listen for downstreams (the port is chosen by the system).
+    /// Where to listen for downstreams.
     pub listen_ip: IpAddr,
+    /// The port to listen on for downstreams; 0: one the system chooses.
+    /// A fixed port lets a firewall between nodes open just that one.
+    pub data_port: u16,
     /// How long to keep looking for the source before giving up, at the
     /// start and after losing it: nodes often boot before the source is
     /// started, and a source may be restarted.
@@ -366,9 +369,18 @@ pub async fn run_node(
     mut on_event: impl FnMut(&Node, &NodeEvent),
 ) -> Result<NodeOutcome, Error> {
     let clock = Clock::start();
-    let listener = TcpListener::bind(SocketAddr::new(opts.listen_ip, 0))
-        .await
-        .map_err(|e| Error::io("listening for downstream nodes", e))?;
+    let listen = SocketAddr::new(opts.listen_ip, opts.data_port);
+    let listener = TcpListener::bind(listen).await.map_err(|e| {
+        let what = if opts.data_port == 0 {
+            "listening for downstream nodes".to_string()
+        } else {
+            format!(
+                "listening for downstream nodes on {listen} (--data-port {}: is another ka join using it?)",
+                opts.data_port
+            )
+        };
+        Error::io(what, e)
+    })?;
     let port = listener
         .local_addr()
         .map_err(|e| Error::io("reading the listen address", e))?
