@@ -78,7 +78,7 @@ A cluster install, on the boot server (README.md tells it step by step):
   ka dhcp config -f dnsmasq -o /etc/dnsmasq.d/ka.conf   # DHCP points the nodes at ka
   ka netboot build -o /srv/ka/tftp                      # the image install-mode nodes boot
   ka pxe set --mode install --all                       # their next boot joins the clone
-  ka tftp &                                             # serves it, and each node its key
+  ka tftp                                               # serves it, and each node its key
   ka serve -i /etc/ka/cluster.toml --image /dev/sda     # the session the inventory describes
 Then power the nodes on: each one boots the image, joins, writes its disk,
 and once its copy is verified is flipped back to boot from it.
