@@ -110,6 +110,9 @@ impl Display {
 
     /// Clears the bars, leaving the terminal to the final report.
     pub fn finish(&mut self) {
+        if let Some(status) = &self.status {
+            status.remove();
+        }
         if let Some(bars) = &self.bars {
             for bar in bars.per_node.values() {
                 bar.abandon();

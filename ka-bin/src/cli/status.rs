@@ -2,8 +2,9 @@
 //!
 //! `ka serve` publishes a snapshot of its session, [`SessionStatus`], as
 //! `<state dir>/<session>.status.json`: rewritten whole (a new file renamed
-//! over the old, so a reader never sees half of one) about once a second
-//! and at every final state. `ka status` reads it; it never talks to the
+//! over the old, so a reader never sees half of one) about once a second,
+//! and removed when `ka serve` ends (one left behind is a killed source's,
+//! and `ka status` says so). `ka status` reads it; it never talks to the
 //! source, so a busy or stopped source cannot hang it, and it needs no port
 //! or key: the file is readable by root only, like the state directory.
 
@@ -110,6 +111,11 @@ impl StatusWriter {
             self.failed = true;
             tracing::warn!(path = %self.path.display(), error = %e, "cannot write the session's status file; ka status will not see this session");
         }
+    }
+
+    /// Removes the snapshot: the session is over, and its report printed.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 
     fn snapshot(&mut self, source: &Source, interval: Option<f64>) -> SessionStatus {
