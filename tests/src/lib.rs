@@ -459,6 +459,24 @@ pub fn stderr(o: &Output) -> String {
 
 pub mod vmlab;
 
+/// The unpacked Debian kernel package the netboot tests build images from:
+/// `$KA_TEST_KERNEL_DIR`, or what `scripts/fetch-kernel` left in
+/// `target/ka-kernel/current`. Panics, saying how to get one, without it.
+pub fn debian_kernel() -> PathBuf {
+    let dir = std::env::var_os("KA_TEST_KERNEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ka-kernel/current")
+        });
+    assert!(
+        dir.join("boot").is_dir() && dir.join("lib/modules").is_dir(),
+        "no Debian kernel in {}: run `scripts/fetch-kernel` (apt-get download linux-image-<version>-amd64 \
+         and dpkg -x it; scripts/test does this), or set KA_TEST_KERNEL_DIR to an unpacked kernel package",
+        dir.display()
+    );
+    dir
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -104,6 +104,26 @@ impl VmNet {
             .stdin(Stdio::null());
         c
     }
+
+    /// A real dnsmasq serving DHCP on the namespace's bridge from `conf`
+    /// (no DNS, in the foreground, its log on its output), its leases in
+    /// `dir`.
+    pub fn dnsmasq(&self, conf: &Path, dir: &Path) -> Daemon {
+        let mut cmd = self.command(require_tool("dnsmasq", "dnsmasq-base"));
+        cmd.arg(format!("--conf-file={}", conf.display()))
+            .args([
+                "--no-daemon",
+                "--port=0",
+                "--interface=br0",
+                "--bind-interfaces",
+                "--user=root",
+                "--log-dhcp",
+                "--log-facility=-",
+            ])
+            .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+            .arg("--pid-file=");
+        Daemon::start(cmd, "dnsmasq")
+    }
 }
 
 impl Drop for VmNet {

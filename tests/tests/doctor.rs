@@ -372,8 +372,7 @@ fn a_source_of_another_secret_is_caught() {
 
 #[test]
 fn the_probe_reads_what_a_real_dnsmasq_offers() {
-    use ka_tests::vmlab::{install_all, Daemon, VmNet};
-    let dnsmasq = ka_tests::require_tool("dnsmasq", "dnsmasq-base");
+    use ka_tests::vmlab::{install_all, VmNet};
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let inventory = d.join("cluster.toml");
@@ -422,20 +421,7 @@ ip_base = "10.78.0.11"
         );
         assert!(o.status.success(), "ip {args:?}: {}", stderr(&o));
     }
-    let mut cmd = lab.command(&dnsmasq);
-    cmd.arg(format!("--conf-file={}", conf.display()))
-        .args([
-            "--no-daemon",
-            "--port=0",
-            "--interface=br0",
-            "--bind-interfaces",
-            "--user=root",
-            "--log-dhcp",
-            "--log-facility=-",
-        ])
-        .arg(format!("--dhcp-leasefile={}", d.join("leases").display()))
-        .arg("--pid-file=");
-    let mut dhcp = Daemon::start(cmd, "dnsmasq");
+    let mut dhcp = lab.dnsmasq(&conf, d);
     dhcp.wait_for(Duration::from_secs(20), "dnsmasq to listen", |out, err| {
         format!("{out}{err}").contains("sockets bound exclusively to interface br0")
     });

@@ -365,23 +365,6 @@ fn a_host_without_some_tools_gets_an_image_and_their_names() {
     assert_eq!(entries["bin/tar"].link_target(), Some("/bin/busybox"));
 }
 
-/// The unpacked Debian kernel package: `$KA_TEST_KERNEL_DIR`, or what
-/// `scripts/fetch-kernel` left in `target/ka-kernel/current`.
-fn debian_kernel() -> PathBuf {
-    let dir = std::env::var_os("KA_TEST_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ka-kernel/current")
-        });
-    assert!(
-        dir.join("boot").is_dir() && dir.join("lib/modules").is_dir(),
-        "no Debian kernel in {}: run `scripts/fetch-kernel` (scripts/test does), or set \
-         KA_TEST_KERNEL_DIR to an unpacked kernel package",
-        dir.display()
-    );
-    dir
-}
-
 /// How one module file is packed, as the kernel's `modules_install` packs
 /// it with `CONFIG_MODULE_COMPRESS_*`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -483,7 +466,7 @@ fn packed_kernel(
 
 #[test]
 fn compressed_modules_go_into_the_image_decompressed() {
-    let kernel = debian_kernel();
+    let kernel = ka_tests::debian_kernel();
     let versions: Vec<String> = fs::read_dir(kernel.join("lib/modules"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -83,23 +83,6 @@ const SUBSTITUTIONS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// The unpacked Debian kernel package: `$KA_TEST_KERNEL_DIR`, or what
-/// `scripts/fetch-kernel` left in `target/ka-kernel/current`.
-fn kernel_tree() -> PathBuf {
-    let dir = std::env::var_os("KA_TEST_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ka-kernel/current")
-        });
-    assert!(
-        dir.join("boot").is_dir() && dir.join("lib/modules").is_dir(),
-        "no Debian kernel in {}: run `scripts/fetch-kernel` (apt-get download linux-image-<version>-amd64 \
-         and dpkg -x it; scripts/test does this), or set KA_TEST_KERNEL_DIR to an unpacked kernel package",
-        dir.display()
-    );
-    dir
-}
-
 fn kernel_version(tree: &Path) -> String {
     let versions: Vec<String> = fs::read_dir(tree.join("lib/modules"))
         .unwrap()
@@ -396,7 +379,7 @@ fn start_vm(lab: &VmNet, i: usize, mac: &str, name: &str, disk: &Path) -> Vm {
 #[test]
 fn the_readme_first_install_pxe_boots_clones_and_boots_two_vms() {
     let t0 = Instant::now();
-    let tree = kernel_tree();
+    let tree = ka_tests::debian_kernel();
     let version = kernel_version(&tree);
     require_tool("dnsmasq", "dnsmasq-base");
     let dir = tempfile::tempdir().unwrap();

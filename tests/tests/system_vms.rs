@@ -48,7 +48,7 @@ use ka_tests::system::partition_table;
 use ka_tests::vmlab::{
     self, check, shows, wait_all_exit, BootFrom, Daemon, Firmware, Vm, VmNet, VmSpec,
 };
-use ka_tests::{ka_bin, require_tool, run, stderr, stdout};
+use ka_tests::{ka_bin, run, stderr, stdout};
 
 /// The host's address on the lab's bridge: DHCP and TFTP.
 const SERVER: &str = "10.77.0.1";
@@ -100,21 +100,6 @@ const NODES: [Node; 2] = [
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The unpacked Debian kernel for the netboot image: `$KA_TEST_KERNEL_DIR`,
-/// or what `scripts/fetch-kernel` left in `target/ka-kernel/current`.
-fn kernel_tree() -> PathBuf {
-    let dir = std::env::var_os("KA_TEST_KERNEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/ka-kernel/current"));
-    assert!(
-        dir.join("boot").is_dir() && dir.join("lib/modules").is_dir(),
-        "no Debian kernel in {}: run `scripts/fetch-kernel` (scripts/test does), or set \
-         KA_TEST_KERNEL_DIR to an unpacked kernel package",
-        dir.display()
-    );
-    dir
 }
 
 /// The source's disk image as `scripts/debian-vm-image` built it, and the
@@ -310,8 +295,7 @@ fn wait_file(
 #[test]
 fn running_debian_is_cloned_onto_bios_and_uefi_vms_that_boot_it() {
     let t0 = Instant::now();
-    let tree = kernel_tree();
-    let dnsmasq = require_tool("dnsmasq", "dnsmasq-base");
+    let tree = ka_tests::debian_kernel();
     let image = debian_image();
     let image_ready = t0.elapsed();
     let source_size = fs::metadata(&image.disk).unwrap().len();
@@ -370,20 +354,7 @@ fn running_debian_is_cloned_onto_bios_and_uefi_vms_that_boot_it() {
     let prepared = t0.elapsed();
 
     let lab = VmNet::create(&format!("{SERVER}/24"), 1 + NODES.len());
-    let mut dhcp = lab.command(&dnsmasq);
-    dhcp.arg(format!("--conf-file={}", conf.display()))
-        .args([
-            "--no-daemon",
-            "--port=0",
-            "--interface=br0",
-            "--bind-interfaces",
-            "--user=root",
-            "--log-dhcp",
-            "--log-facility=-",
-        ])
-        .arg(format!("--dhcp-leasefile={}", d.join("leases").display()))
-        .arg("--pid-file=");
-    let dhcp = Daemon::start(dhcp, "dnsmasq");
+    let dhcp = lab.dnsmasq(&conf, d);
     let mut tftp = lab.command(ka_bin());
     tftp.args([
         "tftp",
