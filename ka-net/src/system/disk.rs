@@ -46,6 +46,10 @@ const MAX_SECTOR: u32 = 64 * 1024;
 /// How long [`write_table`] waits for the kernel's partition devices.
 const PARTITION_WAIT: Duration = Duration::from_secs(10);
 
+/// How long a disk sfdisk finds in use is waited for before its refusal
+/// stands (see [`write_table`]).
+const IN_USE_WAIT: Duration = Duration::from_secs(10);
+
 /// Where each partition goes on a node's disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskPlan {
@@ -556,11 +560,28 @@ pub fn write_table(
         )));
     }
     let script = sfdisk_script(&target, src, plan)?;
-    let mut sfdisk = Command::new("sfdisk");
-    sfdisk
-        .args(["--quiet", "--wipe", "always", "--wipe-partitions", "always"])
-        .arg(&target);
-    run_captured(sfdisk, Some(script.as_bytes()))?;
+    // A disk whose file systems were just unmounted (a rebuild started
+    // over, an earlier run's leftovers cleared) can stay busy for a moment:
+    // udev probes the devices that closed, and a lazily detached mount
+    // lets go when its last user does. sfdisk refuses such a disk before
+    // writing anything, so it is asked again until IN_USE_WAIT has passed.
+    let deadline = Instant::now() + IN_USE_WAIT;
+    loop {
+        let mut sfdisk = Command::new("sfdisk");
+        sfdisk
+            .args(["--quiet", "--wipe", "always", "--wipe-partitions", "always"])
+            .arg(&target);
+        match run_captured(sfdisk, Some(script.as_bytes())) {
+            Err(e) if e.to_string().contains("currently in use") && Instant::now() < deadline => {
+                tracing::info!(disk = %target.display(), "disk still in use; asking sfdisk again");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            result => {
+                result?;
+                break;
+            }
+        }
+    }
     wait_for_partitions(&target, &info, src, plan)
 }
 
