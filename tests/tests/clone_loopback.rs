@@ -703,40 +703,22 @@ fn an_image_that_is_a_fifo_or_missing_is_refused_before_anything_is_written() {
     ] {
         // Opening a FIFO waits for a writer: unchecked, this would hang
         // until the bound below kills it.
-        let out = ka_tests::run(
-            Command::new(ka_bin()).current_dir(dir.path()).args([
-                "serve",
-                "--nodes",
-                "1",
-                "--listen",
-                "127.0.0.1:0",
-                "--image",
-                image.to_str().unwrap(),
-            ]),
-            Duration::from_secs(20),
-        );
+        let out = refused_serve(dir.path(), "1", &image);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
         assert!(err.contains(says), "{err}");
     }
     // No secret was generated for a session that could not run.
-    let left: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(left, vec![std::ffi::OsString::from("image.fifo")]);
+    assert_eq!(files_in(dir.path()), ["image.fifo"]);
 }
 
-#[test]
-fn zero_nodes_is_refused_before_anything_is_written() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("image.img");
-    std::fs::write(&image, b"an image").unwrap();
+/// `ka serve --nodes NODES --image IMAGE` in `dir`, which must exit 2
+/// (bounded: a serve that hangs is killed after 20 s).
+fn refused_serve(dir: &Path, nodes: &str, image: &Path) -> std::process::Output {
     let out = ka_tests::run(
-        Command::new(ka_bin()).current_dir(dir.path()).args([
+        Command::new(ka_bin()).current_dir(dir).args([
             "serve",
             "--nodes",
-            "0",
+            nodes,
             "--listen",
             "127.0.0.1:0",
             "--image",
@@ -746,6 +728,24 @@ fn zero_nodes_is_refused_before_anything_is_written() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
+    out
+}
+
+/// The names of the files in `dir`.
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn zero_nodes_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image.img");
+    std::fs::write(&image, b"an image").unwrap();
+    let out = refused_serve(dir.path(), "0", &image);
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("--nodes 0: a session clones to at least one node"),
         "{err}"
@@ -756,11 +756,7 @@ fn zero_nodes_is_refused_before_anything_is_written() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let left: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(left, vec![std::ffi::OsString::from("image.img")]);
+    assert_eq!(files_in(dir.path()), ["image.img"]);
 }
 
 #[test]

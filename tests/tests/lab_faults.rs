@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use ka_tests::lab::{Join, Lab, Rate, Serve, Session};
+use ka_tests::lab::{Finished, Join, Lab, Rate, Serve, Session, SourceEvent};
 
 /// Every port of the lab, unless a test slows one.
 const RATE: Rate = Rate::mbit(100);
@@ -173,45 +173,56 @@ fn two_adjacent_nodes_killed_together() {
 
 #[test]
 fn a_frozen_node_is_declared_dead_by_missed_heartbeats_within_two_seconds() {
-    let t0 = Instant::now();
-    let lab = Lab::new(8, RATE);
-    let size = 32 * MIB;
-    let (s, serve, mut joins) = start(&lab, size, &[], &[]);
-    serve.wait_received("n4", size * 3 / 10, WAIT);
-    // Stays frozen to the end: its sockets stay open, so only the missing
-    // heartbeats can tell. (The lab kills it at the end.)
-    let frozen = take(&mut joins, "n4");
-    let at = frozen.proc.freeze();
-    let fin = serve.finish(SESSION);
-    let dead = fin.event("Dead", "n4").expect("n4 declared dead");
-    let detection = secs(at, dead.at);
-    eprintln!(
-        "frozen n4 declared dead after {detection:.2} s ({}); test {:.1} s",
-        dead.text,
-        secs(t0, Instant::now())
-    );
-    assert!(
-        dead.reason().is_some_and(|r| r.contains("heartbeat")),
-        "{}",
-        dead.text
-    );
-    // At least the silence allowed (1 s) less one heartbeat interval: it
-    // really was the silence that was detected.
-    assert!(
-        (0.7..2.0).contains(&detection),
-        "detected after {detection:.2} s"
-    );
-    joins.push(frozen);
-    s.check(&fin, joins, &[("n4", "heartbeat")]);
+    freeze_n4(&[], "", |detection, _, _| {
+        // At least the silence allowed (1 s) less one heartbeat interval: it
+        // really was the silence that was detected.
+        assert!(
+            (0.7..2.0).contains(&detection),
+            "detected after {detection:.2} s"
+        );
+    });
 }
 
 #[test]
 fn a_frozen_node_is_declared_dead_after_dead_after_and_not_before() {
+    // 2.5 s instead of the default 1 s: the source and every node follow it.
+    freeze_n4(
+        &["--dead-after", "2500ms"],
+        " with --dead-after 2.5s",
+        |detection, dead, fin| {
+            // Its last heartbeat may have left up to one interval (250 ms)
+            // before the freeze; the source checks every interval.
+            assert!(
+                (2.2..3.5).contains(&detection),
+                "declared dead after {detection:.2} s, not about 2.5 s"
+            );
+            // Its downstream is fed by n4's upstream from then on.
+            let relinked = fin
+                .all("Relinked")
+                .into_iter()
+                .find(|e| e.node.as_deref() == Some("n5") && e.at >= dead.at)
+                .unwrap_or_else(|| {
+                    panic!("n5 was not relinked after n4's death:\n{}", fin.transcript)
+                });
+            assert!(
+                relinked.text.contains("\"upstream\":\"n3\""),
+                "{}",
+                relinked.text
+            );
+        },
+    );
+}
+
+/// Serves 32 MiB to 8 nodes with `serve_args` and freezes n4 30 % in, to
+/// the end: its sockets stay open, so only its missing heartbeats can tell
+/// (the lab kills it at the end). Checks that n4 was declared dead for
+/// them and every other node verified; `judge` gets the seconds from the
+/// freeze to the death, the death and the session's end first.
+fn freeze_n4(serve_args: &[&str], label: &str, judge: impl FnOnce(f64, &SourceEvent, &Finished)) {
     let t0 = Instant::now();
     let lab = Lab::new(8, RATE);
     let size = 32 * MIB;
-    // 2.5 s instead of the default 1 s: the source and every node follow it.
-    let (s, serve, mut joins) = start(&lab, size, &["--dead-after", "2500ms"], &[]);
+    let (s, serve, mut joins) = start(&lab, size, serve_args, &[]);
     serve.wait_received("n4", size * 3 / 10, WAIT);
     let frozen = take(&mut joins, "n4");
     let at = frozen.proc.freeze();
@@ -219,7 +230,7 @@ fn a_frozen_node_is_declared_dead_after_dead_after_and_not_before() {
     let dead = fin.event("Dead", "n4").expect("n4 declared dead");
     let detection = secs(at, dead.at);
     eprintln!(
-        "frozen n4 declared dead after {detection:.2} s with --dead-after 2.5s ({}); test {:.1} s",
+        "frozen n4 declared dead after {detection:.2} s{label} ({}); test {:.1} s",
         dead.text,
         secs(t0, Instant::now())
     );
@@ -228,23 +239,7 @@ fn a_frozen_node_is_declared_dead_after_dead_after_and_not_before() {
         "{}",
         dead.text
     );
-    // Its last heartbeat may have left up to one interval (250 ms) before
-    // the freeze; the source checks every interval.
-    assert!(
-        (2.2..3.5).contains(&detection),
-        "declared dead after {detection:.2} s, not about 2.5 s"
-    );
-    // Its downstream is fed by n4's upstream from then on.
-    let relinked = fin
-        .all("Relinked")
-        .into_iter()
-        .find(|e| e.node.as_deref() == Some("n5") && e.at >= dead.at)
-        .unwrap_or_else(|| panic!("n5 was not relinked after n4's death:\n{}", fin.transcript));
-    assert!(
-        relinked.text.contains("\"upstream\":\"n3\""),
-        "{}",
-        relinked.text
-    );
+    judge(detection, dead, &fin);
     joins.push(frozen);
     s.check(&fin, joins, &[("n4", "heartbeat")]);
 }
