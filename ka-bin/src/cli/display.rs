@@ -333,7 +333,9 @@ fn summary(source: &Source, report: &[NodeReport]) -> String {
     line
 }
 
-fn received(source: &Source, r: &NodeReport) -> u64 {
+/// What `r`'s node received: its last progress, or its report's count
+/// when that is further (a restored or finished node).
+pub(super) fn received(source: &Source, r: &NodeReport) -> u64 {
     source
         .progress(r.node)
         .map_or(r.received, |p| p.received.max(r.received))

@@ -20,7 +20,7 @@ use ka_core::ids::NodeId;
 use ka_core::source::{NodeReport, Source, SourceState};
 use serde::{Deserialize, Serialize};
 
-use super::display::human;
+use super::display::{human, received};
 use super::ExitStatus;
 use crate::session::DEFAULT_STATE_DIR;
 
@@ -126,9 +126,7 @@ impl StatusWriter {
         let nodes = report
             .iter()
             .map(|r| {
-                let bytes = source
-                    .progress(r.node)
-                    .map_or(r.received, |p| p.received.max(r.received));
+                let bytes = received(source, r);
                 let before = self.bytes_before.insert(r.node, bytes).unwrap_or(bytes);
                 let rate = match interval {
                     Some(dt) if dt > 0.0 => bytes.saturating_sub(before) as f64 / dt,
