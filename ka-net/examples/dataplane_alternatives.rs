@@ -83,9 +83,16 @@ fn send(mode: &str, addr: &str, input: &Path) {
                 upto: size,
                 size: Some(size),
             });
-            send_growing(source, &mut s, complete, None, |_| {})
-                .await
-                .expect("send");
+            send_growing(
+                source,
+                &mut s,
+                complete,
+                None,
+                ka_net::Payload::Lent,
+                |_| {},
+            )
+            .await
+            .expect("send");
             report(start, "-");
         });
     }

@@ -94,7 +94,7 @@ pub mod tftp;
 
 pub use datapath::{rehash_written, verify_readback};
 pub use datapath::{
-    relay, send_growing, NodeWriter, RelayEnd, RelayEvent, SendEnd, Written, BUF_SIZE,
+    relay, send_growing, NodeWriter, Payload, RelayEnd, RelayEvent, SendEnd, Written, BUF_SIZE,
     FORWARD_DELAY,
 };
 pub use error::Error;

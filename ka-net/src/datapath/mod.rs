@@ -22,7 +22,7 @@
 //! // The downstream is served from what this node has written, as it grows.
 //! let (written, follow) = tokio::sync::watch::channel(Written::default());
 //! let from_disk = image::sources::FileSource::open_sized("/dev/sda".as_ref(), Some(size))?;
-//! let serve = tokio::spawn(async move { send_growing(from_disk, &mut down, follow, None, |_| {}).await });
+//! let serve = tokio::spawn(async move { send_growing(from_disk, &mut down, follow, None, Payload::Lent, |_| {}).await });
 //! let publish = written.clone();
 //! let end = relay(&up, &[], &mut writer, None, move |RelayEvent::Written(offset)| {
 //!     publish.send_modify(|w| w.upto = offset);
@@ -47,5 +47,5 @@ mod tests;
 pub use ka_core::config::FORWARD_DELAY;
 pub use pool::BUF_SIZE;
 pub use receive::{relay, RelayEnd, RelayEvent};
-pub use send::{send_growing, SendEnd, Written};
+pub use send::{send_growing, Payload, SendEnd, Written};
 pub use writer::{rehash_written, verify_readback, NodeWriter};

@@ -4,7 +4,7 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
-use ka_core::record::RecordKind;
+use ka_core::record::{RecordHeader, RecordKind};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -22,6 +22,21 @@ pub struct Written {
     pub upto: u64,
     /// The image's size, once it is complete.
     pub size: Option<u64>,
+}
+
+/// How a sent record's payload leaves the file for the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    /// Lent with `sendfile(2)`: the socket holds the file's own pages until
+    /// the peer has the bytes, with no copy. Only for a file whose sent
+    /// bytes never change.
+    Lent,
+    /// Copied into the socket: for a file whose sent range may be punched
+    /// out as soon as it is sent (a windowed spool). Linux zeroes a punched
+    /// part of a large page-cache folio in place, so bytes lent by
+    /// `sendfile` and still queued — in this socket, or over loopback in
+    /// the peer's receive queue — would reach the peer as zeros.
+    Copied,
 }
 
 /// How sending an image ended.
@@ -52,15 +67,19 @@ impl std::fmt::Debug for SendEnd {
 /// caught up with the writer, and taken back when the downstream falls
 /// behind or the relay stops.
 ///
+/// `progress` hears each offset below which everything is sent; with
+/// [`Payload::Copied`] the file may be punched below it at once.
+///
 /// Fails if `written`'s sender goes away before the image is complete.
 pub async fn send_growing(
     source: FileSource,
     downstream: &mut TcpStream,
     written: watch::Receiver<Written>,
     direct: Option<&Arc<Downstreams>>,
+    payload: Payload,
     progress: impl FnMut(u64),
 ) -> Result<SendEnd, Error> {
-    send_following(source, downstream, written, direct, progress).await
+    send_following(source, downstream, written, direct, payload, progress).await
 }
 
 /// [`send_growing`]'s loop, run on the calling task itself: it waits for
@@ -74,8 +93,11 @@ async fn send_following(
     downstream: &mut TcpStream,
     mut written: watch::Receiver<Written>,
     direct: Option<&Arc<Downstreams>>,
+    payload: Payload,
     mut progress: impl FnMut(u64),
 ) -> Result<SendEnd, Error> {
+    // A copied record goes out whole from here: header and payload in one send.
+    let mut copy = Vec::new();
     let file = source
         .file()
         .try_clone()
@@ -122,7 +144,9 @@ async fn send_following(
             }
             continue;
         };
-        let sent = if h.kind == RecordKind::Data {
+        let sent = if h.kind == RecordKind::Data && payload == Payload::Copied {
+            send_copied(downstream, &file, &h, &mut copy).await
+        } else if h.kind == RecordKind::Data {
             // MSG_MORE: the header waits for its payload in one segment.
             match send_more(downstream, &h.encode(), true).await {
                 Ok(()) => sendfile_all(downstream, &file, h.offset, h.len).await,
@@ -168,6 +192,23 @@ pub(super) async fn send_more(s: &TcpStream, bytes: &[u8], more: bool) -> std::i
         }
     }
     Ok(())
+}
+
+/// Sends the data record `h` with its payload read from `file` into `buf`:
+/// once it returns, the socket owns a copy and the file may lose the range.
+async fn send_copied(
+    s: &TcpStream,
+    file: &std::fs::File,
+    h: &RecordHeader,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let header = h.encode();
+    buf.clear();
+    buf.extend_from_slice(&header);
+    buf.resize(header.len() + h.len as usize, 0);
+    file.read_exact_at(&mut buf[header.len()..], h.offset)?;
+    send_more(s, buf, false).await
 }
 
 /// Sends `len` bytes of `file` at `offset` with `sendfile(2)`.

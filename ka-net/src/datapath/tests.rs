@@ -316,7 +316,7 @@ async fn chain_of_two_nodes_copies_and_digests_agree() {
                 rx1.changed().await.unwrap();
             }
             let src = FileSource::open_sized(&o1, None).unwrap();
-            send_growing(src, &mut n1_out, rx1, None, |_| {})
+            send_growing(src, &mut n1_out, rx1, None, Payload::Lent, |_| {})
                 .await
                 .unwrap()
         });
@@ -431,9 +431,16 @@ impl FedNode {
                 written.changed().await.unwrap();
             }
             let src = FileSource::open_sized(&out, None).unwrap();
-            send_growing(src, &mut down, written, Some(&direct), |_| {})
-                .await
-                .unwrap()
+            send_growing(
+                src,
+                &mut down,
+                written,
+                Some(&direct),
+                Payload::Lent,
+                |_| {},
+            )
+            .await
+            .unwrap()
         })
     }
 
@@ -675,7 +682,9 @@ async fn serving_a_growing_file_fails_if_its_writer_stops_early() {
         });
         let (mut up, mut down) = pair().await;
         let src = FileSource::open_sized(&path, None).unwrap();
-        let serve = tokio::spawn(async move { send_growing(src, &mut up, rx, None, |_| {}).await });
+        let serve = tokio::spawn(async move {
+            send_growing(src, &mut up, rx, None, Payload::Lent, |_| {}).await
+        });
         // What is written arrives; then the writer goes away.
         let mut got = vec![0u8; 3 * B + RecordHeader::SIZE];
         down.read_exact(&mut got).await.unwrap();
@@ -1169,6 +1178,75 @@ async fn command_source_to_command_sink_through_a_node() {
         assert_eq!(end.size, 4_000_000);
         assert_eq!(Some(end.digest), sent.digest);
         assert!(std::fs::read(&out).unwrap() == std::fs::read(&src).unwrap());
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Reads a record stream to its `End` and returns the image it carries.
+async fn read_image(down: &mut TcpStream) -> Vec<u8> {
+    let mut img = Vec::new();
+    loop {
+        let mut hb = [0u8; RecordHeader::SIZE];
+        down.read_exact(&mut hb).await.unwrap();
+        let h = RecordHeader::decode(&hb).unwrap();
+        assert_eq!(h.offset, img.len() as u64, "records in order");
+        match h.kind {
+            RecordKind::Data => {
+                img.resize(img.len() + h.len as usize, 0);
+                let at = h.offset as usize;
+                down.read_exact(&mut img[at..]).await.unwrap();
+            }
+            RecordKind::Zero => img.resize(img.len() + h.len as usize, 0),
+            RecordKind::End => return img,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_served_from_a_window_survive_being_punched_before_the_peer_reads_them() {
+    use super::window::Window;
+    tokio::time::timeout(DEADLINE, async {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, img) = image(dir.path());
+        // Written as a receiving node writes its spool: in pieces of about a
+        // megabyte at any offset, which the page cache keeps in large folios
+        // across the window's block-aligned punches.
+        let path = dir.path().join("spool");
+        let spool = std::fs::File::create_new(&path).unwrap();
+        for (i, piece) in img.chunks(999_999).enumerate() {
+            spool.write_all_at(piece, (i * 999_999) as u64).unwrap();
+        }
+        // The unpacker is done: only the serving holds the window back, and
+        // everything it has sent is punched out at once.
+        let window = Window::new(spool, 4 << 20);
+        let reader = window.register(0).unwrap();
+        window.consumed(img.len() as u64);
+        let (_tx, rx) = watch::channel(Written {
+            upto: img.len() as u64,
+            size: Some(img.len() as u64),
+        });
+        let (mut up, mut down) = pair().await;
+        let src = FileSource::open_sized(&path, Some(img.len() as u64)).unwrap();
+        let serve = tokio::spawn(async move {
+            send_growing(src, &mut up, rx, None, Payload::Copied, |sent| {
+                reader.advance(sent)
+            })
+            .await
+        });
+        // Megabytes are queued in the two sockets and punched from the file
+        // before the peer reads a byte.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let punched = window.holds_from();
+        assert!(punched >= 1 << 20, "the window moved on: {punched}");
+        let got = read_image(&mut down).await;
+        serve.await.unwrap().unwrap();
+        let first_bad = got.iter().zip(&img).position(|(a, b)| a != b);
+        assert_eq!(got.len(), img.len());
+        assert_eq!(
+            first_bad, None,
+            "bytes changed after {punched} were punched"
+        );
     })
     .await
     .expect("test timed out");

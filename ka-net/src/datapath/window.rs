@@ -13,7 +13,11 @@
 //! [`Window::holds_from`] is refused, and the source (which spools the
 //! whole stream) feeds it instead. A serving task registers where it stands
 //! ([`Window::register`]) before reading, and nothing above a registered
-//! position is punched, so a server never reads a hole for data. A
+//! position is punched, so a server never reads a hole for data. What a
+//! serving task has sent may be punched at once, so it sends copies
+//! ([`Payload::Copied`](super::Payload::Copied)), never the spool's own
+//! pages: Linux zeroes a punched part of a large folio in place, under any
+//! socket still holding it. A
 //! downstream that stops reading therefore holds its upstream back until
 //! the source declares it dead or moves it, exactly as a plain chain is as
 //! fast as its slowest link.

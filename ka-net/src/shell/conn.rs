@@ -34,7 +34,7 @@ use tokio_util::codec::Framed;
 use super::gate::{self, Gate};
 use super::wire::BoundedCodec;
 use crate::datapath::forward::Downstreams;
-use crate::datapath::{relay, send_growing, NodeWriter, RelayEnd, RelayEvent};
+use crate::datapath::{relay, send_growing, NodeWriter, Payload, RelayEnd, RelayEvent};
 use crate::image::sources::{FileSource, ImageSource};
 use crate::Error;
 
@@ -468,7 +468,13 @@ async fn serve(stream: &mut TcpStream, job: ServeJob) -> Result<(), Error> {
     };
     let mut source = FileSource::open_sized(&path, size)?;
     source.seek(from)?;
-    send_growing(source, stream, written, direct.as_ref(), |sent| {
+    // A window punches what this serving has sent: its bytes must be copied
+    // out, not lent (see `Payload::Copied`).
+    let payload = match reader {
+        Some(_) => Payload::Copied,
+        None => Payload::Lent,
+    };
+    send_growing(source, stream, written, direct.as_ref(), payload, |sent| {
         if let Some(r) = &reader {
             r.advance(sent);
         }
