@@ -76,8 +76,11 @@ impl SourceConfig {
             dead_after: Duration::from_millis(1000),
             release_delay: Duration::ZERO,
             slow_policy: SlowPolicy::MoveToTail,
-            slow_lag: 256 << 20,
-            slow_window: Duration::from_secs(5),
+            // A chain's neighbours differ by what their sockets hold, a few
+            // megabytes; a node that falls further behind at under half its
+            // upstream's rate for a second is slow whatever the image's size.
+            slow_lag: 4 << 20,
+            slow_window: Duration::from_secs(1),
             data_addr,
             image_size: None,
             image_id: ImageId::default(),

@@ -269,11 +269,16 @@ struct NodeRecord {
     data_conn: Option<ConnId>,
     progress: Progress,
     last_heard: Time,
-    /// Since when it has lagged its upstream by more than `slow_lag`, with
-    /// the upstream's offset and its own at that moment.
-    slow_since: Option<(Time, u64, u64)>,
+    /// Where it and what it is judged against stood over about the last
+    /// `slow_window`, oldest first: its rate is measured against its
+    /// upstream's over that sliding window.
+    rate_samples: VecDeque<RateSample>,
     /// The slow policy already acted on it.
     slow_handled: bool,
+    /// The policy moved it to the tail as too slow: once the node feeding
+    /// it has its own copy, the source takes it over rather than keep that
+    /// node waiting for it.
+    moved_as_slow: bool,
 }
 
 impl NodeRecord {
@@ -285,6 +290,18 @@ impl NodeRecord {
     fn settled(&self) -> bool {
         !self.live() || self.report.outcome.is_some()
     }
+}
+
+/// One point of a node's [`NodeRecord::rate_samples`].
+#[derive(Debug, Clone, Copy)]
+struct RateSample {
+    at: Time,
+    /// Whom it was judged against then: a new upstream starts anew.
+    parent: Parent,
+    /// How far that upstream (or the source's fastest other child) was.
+    upstream: u64,
+    /// How far the node was.
+    received: u64,
 }
 
 /// A join [`Source::admit`] lets in.
@@ -587,8 +604,9 @@ impl Source {
                 holds_from: 0,
             },
             last_heard: now,
-            slow_since: None,
+            rate_samples: VecDeque::new(),
             slow_handled: true,
+            moved_as_slow: false,
         };
         self.nodes.insert(id, record);
         self.names.insert(name, id);
@@ -916,8 +934,9 @@ impl Source {
                 },
             },
             last_heard: now,
-            slow_since: None,
+            rate_samples: VecDeque::new(),
             slow_handled: false,
+            moved_as_slow: false,
         };
         // Any earlier record of this name was settled (dead) by now.
         self.nodes.insert(id, record);
@@ -1140,45 +1159,69 @@ impl Source {
         let Some(parent) = self.topology.parent(id) else {
             return;
         };
-        let upstream_at = match parent {
-            Some(p) => self.nodes[&p].progress.received,
-            // The source holds the whole image: it is never what holds a child
-            // back, so a child is judged against its fastest sibling (a lone
-            // child of the source cannot be told from a slow source).
-            None if self.image_readable() => self
-                .topology
-                .children(None)
-                .iter()
-                .filter(|&&c| c != id)
-                .map(|c| self.nodes[c].progress.received)
-                .max()
-                .unwrap_or(0),
-            None => self.read,
+        // Children share their upstream's port, so each gets a share of
+        // what it receives: a child is judged against its fastest sibling.
+        // A lone child is judged against its upstream, or what a stream
+        // source has read; one of a source holding the whole image cannot
+        // be told from a slow source.
+        let fastest_sibling = self
+            .topology
+            .children(parent)
+            .iter()
+            .filter(|&&c| c != id)
+            .map(|c| self.nodes[c].progress.received)
+            .max();
+        let upstream_at = match (fastest_sibling, parent) {
+            (Some(sibling), _) => sibling,
+            (None, Some(p)) => self.nodes[&p].progress.received,
+            (None, None) if self.image_readable() => 0,
+            (None, None) => self.read,
         };
         let record = self.nodes.get_mut(&id).expect("placed nodes have records");
         if record.slow_handled || record.report.outcome.is_some() {
             return;
         }
+        let window = self.config.slow_window;
+        let sample = RateSample {
+            at: now,
+            parent,
+            upstream: upstream_at,
+            received: record.progress.received,
+        };
+        let samples = &mut record.rate_samples;
+        // A new upstream, or one that fell back (the fastest sibling left),
+        // is another yardstick: the window starts again.
+        if samples
+            .back()
+            .is_some_and(|b| b.parent != parent || b.upstream > upstream_at)
+        {
+            samples.clear();
+        }
+        // A sample per eighth of the window at most, whatever a node sends;
+        // only the newest one at least a window old is kept of the older.
+        if samples
+            .back()
+            .is_none_or(|b| now.saturating_since(b.at) >= window / 8)
+        {
+            samples.push_back(sample);
+        }
+        while samples.len() >= 2 && now.saturating_since(samples[1].at) >= window {
+            samples.pop_front();
+        }
         // Lagging behind an upstream that has the data means the bottleneck is
-        // this node (or its link), not anyone above it.
-        let received = record.progress.received;
-        if upstream_at.saturating_sub(received) <= self.config.slow_lag {
-            record.slow_since = None;
+        // this node (or its link), not anyone above it; a node that lags but
+        // keeps pace (catching up after a repair, say) is not slow: only one
+        // that receives at under 40 % of its yardstick's rate over the last
+        // window is (a share of half a port is no fault).
+        let first = samples[0];
+        if upstream_at.saturating_sub(sample.received) <= self.config.slow_lag
+            || now.saturating_since(first.at) < window
+        {
             return;
         }
-        let (since, up0, own0) = *record
-            .slow_since
-            .get_or_insert((now, upstream_at, received));
-        if now.saturating_since(since) < self.config.slow_window {
-            return;
-        }
-        // A node that lags but keeps pace (catching up after a repair, say)
-        // is not slow: only one that falls further behind is. What it is
-        // judged against may fall back (its fastest sibling left): then it
-        // kept pace, and the window starts again.
-        let (up_advance, own_advance) = (upstream_at.saturating_sub(up0), received - own0);
-        if own_advance.saturating_mul(2) >= up_advance {
-            record.slow_since = Some((now, upstream_at, received));
+        let up_advance = upstream_at - first.upstream;
+        let own_advance = sample.received.saturating_sub(first.received);
+        if own_advance.saturating_mul(5) >= up_advance.saturating_mul(2) {
             return;
         }
         record.slow_handled = true;
@@ -1203,8 +1246,14 @@ impl Source {
                 self.remove_node(now, id, reason);
             }
             SlowPolicy::MoveToTail => {
+                let moved = self.nodes.get_mut(&id).expect("placed nodes have records");
+                moved.moved_as_slow = true;
                 if self.topology.children(Some(id)).is_empty() {
-                    return; // already a leaf: it slows nobody
+                    // Already a leaf: it slows nobody, but a verified
+                    // upstream kept only for it can now go.
+                    let upstream = self.topology.parent(id).flatten();
+                    self.settle(now, upstream);
+                    return;
                 }
                 let old_parent = self.topology.parent(id).expect("placed");
                 let orphans = self.topology.remove(id);
@@ -1224,6 +1273,8 @@ impl Source {
                     node: id,
                     upstream: slot,
                 });
+                // The tail may have its copy already.
+                self.settle(now, slot);
             }
         }
     }
@@ -1472,6 +1523,7 @@ impl Source {
         // leaving may make its own upstream such a leaf in turn.
         let mut cur = from;
         while let Some(n) = cur {
+            self.take_over_slow_children(n);
             let r = &self.nodes[&n];
             let leaf = self.topology.contains(n) && self.topology.children(Some(n)).is_empty();
             if r.wait_release || r.report.released || !r.live() || !r.report.is_ok() || !leaf {
@@ -1482,6 +1534,42 @@ impl Source {
             self.release(n);
         }
         self.check_complete(now);
+    }
+
+    /// When `n` has its copy and feeds only nodes moved to the tail as too
+    /// slow, the source feeds those from where they are, so that `n` (and
+    /// the verified nodes above it) can be released now instead of when
+    /// the slowest of them ends: a slow node is as fast from the source as
+    /// from anyone, and by now the source's upload has finished the chain.
+    /// Only when the source can serve any offset.
+    fn take_over_slow_children(&mut self, n: NodeId) {
+        let r = &self.nodes[&n];
+        if r.wait_release || r.report.released || !r.live() || !r.report.is_ok() {
+            return;
+        }
+        if !self.topology.contains(n) || !self.image_readable() {
+            return;
+        }
+        let children = self.topology.children(Some(n)).to_vec();
+        let slow_only = children.iter().all(|c| {
+            let c = &self.nodes[c];
+            c.moved_as_slow && c.report.outcome.is_none()
+        });
+        if children.is_empty() || !slow_only {
+            return;
+        }
+        for &c in &children {
+            self.topology.relink(c, None);
+        }
+        self.bump_epoch();
+        for &c in &children {
+            self.send_topology(c);
+            self.events.push_back(SourceEvent::Relinked {
+                node: c,
+                upstream: None,
+            });
+        }
+        self.send_topology_to_parent(Some(n));
     }
 
     fn release(&mut self, n: NodeId) {

@@ -434,6 +434,92 @@ fn slow_node_is_moved_to_the_tail_and_reported() {
 }
 
 #[test]
+fn nodes_that_fed_only_a_slow_node_are_released_once_verified_and_the_source_takes_it_over() {
+    let mut cfg = config(4);
+    cfg.slow_lag = 1000;
+    cfg.slow_window = Duration::from_secs(1);
+    cfg.slow_policy = SlowPolicy::MoveToTail;
+    let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
+    for (i, n) in ["a", "b", "c", "d"].iter().enumerate() {
+        join(&mut src, Time::ZERO, i as u64 + 1, n, &Key(1));
+    }
+    // b crawls: a races ahead, c and d are stuck behind b.
+    let mut step = 0;
+    while !events(&mut src)
+        .iter()
+        .any(|e| matches!(e, SourceEvent::Slow { .. }))
+    {
+        step += 1;
+        assert!(step < 20, "b never judged slow");
+        let now = t(step * 250);
+        for (conn, rate) in [(1, 100_000), (2, 10), (3, 10), (4, 10)] {
+            src.say(now, ConnId(conn), progress(step * rate));
+        }
+        src.handle_timeout(now);
+    }
+    assert_eq!(src.topology().parent(NodeId(2)), Some(Some(NodeId(4))));
+    // The fast three get their copies; d still feeds b.
+    let now = t(step * 250 + 100);
+    let total = 2_000_000;
+    src.handle_image_done(now, total, Digest([1; 32]));
+    for conn in [1, 3, 4] {
+        src.say(now, ConnId(conn), progress(total));
+    }
+    drain(&mut src);
+    for conn in [1, 3] {
+        src.say(
+            now,
+            ConnId(conn),
+            Message::Verified {
+                ok: true,
+                reason: String::new(),
+            },
+        );
+    }
+    assert!(
+        !drain(&mut src).iter().any(|(_, m)| *m == Message::Release),
+        "a and c still feed the nodes below them"
+    );
+    src.say(
+        now,
+        ConnId(4),
+        Message::Verified {
+            ok: true,
+            reason: String::new(),
+        },
+    );
+    let evs = events(&mut src);
+    assert!(
+        evs.contains(&SourceEvent::Relinked {
+            node: NodeId(2),
+            upstream: None
+        }),
+        "the source feeds b from where it is: {evs:?}"
+    );
+    let mut released: Vec<u64> = drain(&mut src)
+        .into_iter()
+        .filter(|(_, m)| *m == Message::Release)
+        .map(|(c, _)| c.0)
+        .collect();
+    released.sort();
+    assert_eq!(released, [1, 3, 4], "every node but b released at once");
+    assert_eq!(src.topology().parent(NodeId(2)), Some(None));
+    assert_eq!(src.state(), SourceState::Streaming, "b still receives");
+    src.say(now, ConnId(2), progress(total));
+    src.say(
+        now,
+        ConnId(2),
+        Message::Verified {
+            ok: true,
+            reason: String::new(),
+        },
+    );
+    src.handle_timeout(now);
+    assert_eq!(src.state(), SourceState::Finished);
+    assert!(src.report().iter().all(|r| r.is_ok() && r.released));
+}
+
+#[test]
 fn releases_wait_for_the_session_and_are_paced() {
     let mut cfg = config(2);
     cfg.release_delay = Duration::from_secs(2);
@@ -1219,6 +1305,42 @@ fn drive_progress(
         }
     }
     evs
+}
+
+#[test]
+fn children_sharing_their_upstreams_port_are_judged_against_each_other() {
+    for f_rate in [100_000, 3_000] {
+        let mut cfg = config(7);
+        cfg.arity = 3;
+        cfg.slow_lag = 1000;
+        cfg.slow_window = Duration::from_secs(1);
+        let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
+        for (i, n) in ["a", "b", "c", "d", "e", "f", "g"].iter().enumerate() {
+            join(&mut src, Time::ZERO, i as u64 + 1, n, &Key(1));
+        }
+        let (a, d, e, f) = (NodeId(1), NodeId(4), NodeId(5), NodeId(6));
+        assert_eq!(src.topology().children(Some(a)), &[d, e, f]);
+        // a's three children each get a third of a's port.
+        let evs = drive_progress(&mut src, |src, step, now| {
+            // g, b's only child, has b's port to itself.
+            for conn in [1, 2, 3, 7] {
+                src.say(now, ConnId(conn), progress(step * 300_000));
+            }
+            for conn in [4, 5] {
+                src.say(now, ConnId(conn), progress(step * 100_000));
+            }
+            src.say(now, ConnId(6), progress(step * f_rate));
+        });
+        let slow: Vec<NodeId> = evs
+            .iter()
+            .filter_map(|e| match e {
+                SourceEvent::Slow { node, .. } => Some(*node),
+                _ => None,
+            })
+            .collect();
+        let want: &[NodeId] = if f_rate == 100_000 { &[] } else { &[f] };
+        assert_eq!(slow, want, "f at {f_rate} a step: {evs:?}");
+    }
 }
 
 #[test]

@@ -142,6 +142,34 @@ fn fault_free_chain_meets_the_pipeline_bound() {
 }
 
 #[test]
+fn the_fast_nodes_leave_when_they_are_done_not_when_a_slow_node_is() {
+    // 8 nodes at 100 Mbit/s; node 2's port drops to a quarter half a
+    // second in. It is moved to the tail; once the tail has its copy the
+    // source feeds it, and the seven others exit with their copies.
+    let mut cfg = chain_at_100_mbit(8, 64 << 20);
+    cfg.faults = Faults::Schedule(
+        vec![Fault {
+            at: Duration::from_millis(500),
+            node: 2,
+            kind: FaultKind::Slow(4),
+        }],
+        vec![],
+    );
+    let floor = cfg.pipeline_bound().as_secs_f64();
+    let out = run(cfg);
+    assert!(out.verdict.is_ok(), "{:?}", out.verdict);
+    assert_eq!((out.ok, out.slow), (8, 1));
+    // The run ends with the slow node's verification.
+    assert!(out.exited_ok_at.len() >= 7, "{:?}", out.exited_ok_at);
+    let seventh = out.exited_ok_at[6].as_secs_f64();
+    let last = out.completion.as_secs_f64();
+    assert!(
+        seventh < 1.5 * floor && last > 2.5 * floor,
+        "the seven fast nodes exited by {seventh:.2} s, the slow one at {last:.2} s (floor {floor:.2} s)"
+    );
+}
+
+#[test]
 fn middle_node_crash_is_healed_and_named() {
     let mut cfg = SimConfig::new(8, 256 << 20, 3);
     cfg.faults = Faults::Schedule(

@@ -120,11 +120,12 @@ pub struct ServeArgs {
     /// What to do with a node that keeps falling behind: keep, tail or drop.
     #[arg(long, default_value = "tail", value_parser = parse_policy)]
     pub slow_policy: SlowPolicy,
-    /// A node is too slow once it lags its upstream by more than this (e.g. 256MiB)…
-    #[arg(long, default_value = "256MiB", value_parser = ka_core::units::parse_size)]
+    /// A node is too slow once it lags its upstream by more than this…
+    #[arg(long, default_value = "4MiB", value_parser = ka_core::units::parse_size)]
     pub slow_lag: u64,
-    /// …for this long while gaining on it less than half as fast.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    /// …for this long while receiving at under 40 % of its upstream's rate
+    /// (or its fastest sibling's).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub slow_window: Duration,
     /// Node names in chain order; others follow by address [default with
     /// --inventory: the inventory's order].

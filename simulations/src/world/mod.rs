@@ -289,6 +289,9 @@ pub struct Outcome {
     pub resumed: Vec<(u64, u64)>,
     /// How many times the slow policy acted.
     pub slow: usize,
+    /// When each node process that ended with its copy verified exited,
+    /// sorted: shows whether nodes left as soon as nothing needed them.
+    pub exited_ok_at: Vec<Duration>,
     /// Data connections a node held until its own placement arrived
     /// (`NodeEvent::DownstreamEarly`).
     pub early_downstreams: usize,
@@ -446,6 +449,8 @@ pub struct Sim {
     source_record: Vec<(String, [u8; 6], Result<(), String>)>,
     /// How many times the slow policy acted.
     slow: usize,
+    /// See [`Outcome::exited_ok_at`].
+    exited_ok_at: Vec<Duration>,
     /// See [`Outcome::early_downstreams`].
     early_downstreams: usize,
     /// See [`Outcome::upstream_refusals`].
@@ -528,6 +533,7 @@ impl Sim {
             source_started_at: Time::ZERO,
             source_record: Vec::new(),
             slow: 0,
+            exited_ok_at: Vec::new(),
             early_downstreams: 0,
             upstream_refusals: 0,
             window_drops: 0,
@@ -601,10 +607,13 @@ impl Sim {
         let resumed = (0..self.nodes.len())
             .map(|i| (self.nodes[i].started_from, self.received(i) as u64))
             .collect();
+        let mut exited_ok_at = self.exited_ok_at.clone();
+        exited_ok_at.sort();
         Outcome {
             verified_at,
             resumed,
             slow: self.slow,
+            exited_ok_at,
             early_downstreams: self.early_downstreams,
             upstream_refusals: self.upstream_refusals,
             control_jitter: self.cfg.control_jitter,

@@ -324,6 +324,10 @@ impl Sim {
             }
             NodeAction::Exit { ok, reason } => {
                 self.trace(|| format!("node{i:05} exits ok={ok}: {reason}"));
+                if ok {
+                    self.exited_ok_at
+                        .push(self.now.saturating_since(Time::ZERO));
+                }
                 self.kill(i, false);
             }
         }
