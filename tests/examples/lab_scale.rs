@@ -22,6 +22,12 @@
 //! protocol. What that chain cannot do, the lab machine cannot do; it is
 //! the baseline that tells ka's shortfall from the emulation's.
 //!
+//! `--slow K:MBIT` slows node K's port to MBIT Mbit/s in every run, ka's and
+//! the plain chain's: after each ka row a line says when ka found the slow
+//! node, when the others were released (against the floor) and when the
+//! slow one verified (against its own port's floor). The plain chain is as
+//! fast as its slowest port, for every node.
+//!
 //! `--serve-args` passes more options to every `ka serve` (say, to pace
 //! the source), and `--direct-stats yes` prints each node's direct
 //! forwarding counts after its run; the nodes log them at info level, so
@@ -53,10 +59,12 @@ struct Args {
     /// Print, after each ka row, how long after its upstream each node was
     /// verified: where in the chain the time went.
     hops: bool,
+    /// One node whose port is slower than the others: its number and rate.
+    slow: Option<(usize, Rate)>,
 }
 
 const USAGE: &str =
-    "usage: lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16] [--paired K] [--serve-args ARGS] [--direct-stats yes|no] [--hops yes|no]";
+    "usage: lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16] [--paired K] [--serve-args ARGS] [--direct-stats yes|no] [--hops yes|no] [--slow K:MBIT]";
 
 /// Prints one ka row of the table.
 fn print_row(n: usize, r: &Run, sim: f64, floor: f64, hop: f64) {
@@ -82,6 +90,15 @@ fn print_row(n: usize, r: &Run, sim: f64, floor: f64, hop: f64) {
 }
 
 impl Args {
+    /// A lab of `n` nodes with `--slow`'s port slowed, if it is one of them.
+    fn lab(&self, n: usize) -> Lab {
+        let lab = Lab::new(n, self.rate);
+        if let Some((k, rate)) = self.slow.filter(|&(k, _)| k <= n) {
+            lab.set_rate(lab.node(k), rate);
+        }
+        lab
+    }
+
     /// `--serve-args`, as `Session::serve` takes them.
     fn serve_args(&self) -> Vec<&str> {
         self.serve_args.iter().map(String::as_str).collect()
@@ -104,6 +121,7 @@ fn args() -> Args {
         serve_args: Vec::new(),
         direct_stats: false,
         hops: false,
+        slow: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -122,6 +140,12 @@ fn args() -> Args {
             "--serve-args" => a.serve_args = value.split_whitespace().map(String::from).collect(),
             "--direct-stats" => a.direct_stats = yes_or_no(flag, value),
             "--hops" => a.hops = yes_or_no(flag, value),
+            "--slow" => {
+                let (k, mbit) = value
+                    .split_once(':')
+                    .unwrap_or_else(|| panic!("--slow takes K:MBIT; {USAGE}"));
+                a.slow = Some((parse(flag, k), Rate::mbit(parse(flag, mbit))));
+            }
             _ => panic!("unknown argument {flag}; {USAGE}"),
         }
     }
@@ -253,7 +277,7 @@ fn lag_growth(fin: &ka_tests::lab::Finished, n: usize, size: u64) -> Option<f64>
 
 /// One clean run of `n` nodes; `Err` names the nodes that failed and why.
 fn run(n: usize, a: &Args) -> Result<Run, String> {
-    let lab = Lab::new(n, a.rate);
+    let lab = a.lab(n);
     let s = lab.session(a.size);
     let serve = s.serve(n, &a.serve_args());
     wait_listening(&serve);
@@ -313,6 +337,9 @@ fn run(n: usize, a: &Args) -> Result<Run, String> {
     let first = *verified.iter().min().expect("verified");
     let (busy, ka_cpu) = cpu.finish(started, last);
     let lag = lag_growth(&fin, n, a.size);
+    if let Some((k, rate)) = a.slow.filter(|&(k, _)| k <= n) {
+        print_slow(&lab, &fin, n, k, rate, a);
+    }
     s.check(&fin, joins, &[]);
     Ok(Run {
         last: (last - started).as_secs_f64(),
@@ -321,6 +348,30 @@ fn run(n: usize, a: &Args) -> Result<Run, String> {
         ka_cpu,
         lag_growth: lag,
     })
+}
+
+/// One line on a run with a slow port: when ka found node `k` slow, when
+/// the others were released, and when `k` verified, each against its floor.
+fn print_slow(lab: &Lab, fin: &ka_tests::lab::Finished, n: usize, k: usize, rate: Rate, a: &Args) {
+    let started = fin.first("Started").at;
+    let since = |e: &ka_tests::lab::SourceEvent| (e.at - started).as_secs_f64();
+    let slow = format!("n{k}");
+    let found = fin
+        .event("Slow", &slow)
+        .map_or("never".into(), |e| format!("after {:.2} s", since(e)));
+    let released = (1..=n)
+        .filter(|&i| i != k)
+        .filter_map(|i| fin.event("Released", &format!("n{i}")).map(since))
+        .fold(0.0, f64::max);
+    let verified = fin.event("Verified", &slow).map_or(f64::NAN, since);
+    let floor = lab.floor(a.size, a.rate).as_secs_f64();
+    let own_floor = lab.floor(a.size, rate).as_secs_f64();
+    println!(
+        "{n:>3} slow n{k} at {} Mbit/s: found {found}; the others released by {released:.3}s ({:.3} × floor); n{k} verified at {verified:.3}s ({:.3} × its port's floor {own_floor:.3}s)",
+        rate.0 / 1_000_000,
+        released / floor,
+        verified / own_floor
+    );
 }
 
 /// One line: `n1` verified so many ms after the stream started, each next
@@ -459,7 +510,7 @@ fn plain_send(image: &str, next: &str) {
 /// Seconds from the plain chain's start to its first and last copy, and the
 /// machine's busy % meanwhile.
 fn plain_chain(n: usize, a: &Args) -> (f64, f64, f64) {
-    let lab = Lab::new(n, a.rate);
+    let lab = a.lab(n);
     let me = std::env::current_exe().expect("own path");
     // The same image a ka session gets (its secret goes unused).
     let session = lab.session(a.size);
