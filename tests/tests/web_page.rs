@@ -216,7 +216,7 @@ fn http_request(port: u16, method: &str, path: &str, header: Option<&str>) -> (u
     let extra = header.map_or(String::new(), |h| format!("{h}\r\n"));
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}Content-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n{extra}Content-Length: 0\r\n\r\n"
     )
     .unwrap();
     let mut response = Vec::new();
