@@ -765,7 +765,7 @@ ip = "10.0.0.13"
         let cli =
             <crate::cli::Cli as clap::Parser>::try_parse_from(["ka", "serve"].iter().chain(args))?;
         match cli.command {
-            crate::cli::Command::Serve(args) => ServePlan::from_args(args),
+            crate::cli::Command::Serve(args) => ServePlan::from_args(*args),
             other => panic!("{other:?}"),
         }
     }
