@@ -30,6 +30,8 @@ Examples:
   ka serve --nodes 40 --system --exclude /var/tmp --secret-file /etc/ka/secret
   # A compressed image; start 10 minutes after listening if 30 nodes are there:
   ka serve --nodes 40 --command 'zcat /srv/golden.img.gz' --join-timeout 10m --min-nodes 30
+  # Watch it in a browser at http://127.0.0.1:8080/ (docs/web.md):
+  ka serve --nodes 40 --image /srv/golden.img --secret-file /etc/ka/secret --http 127.0.0.1:8080
   # Flip every node of the inventory whose copy is verified to local boot:
   ka serve --nodes 40 --image /srv/golden.img -i /etc/ka/cluster.toml --boot-state /var/lib/ka";
 

@@ -504,7 +504,14 @@ async fn api_session(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn api_events(State(state): State<AppState>) -> impl IntoResponse {
-    let feed = state.feed;
+    let stream = client_stream(state.feed).map(|message| Ok::<_, Infallible>(message.to_sse()));
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// What one client of `/api/events` is sent: the backlog, then every
+/// message as it comes, with a snapshot in place of what it was too slow
+/// to take.
+fn client_stream(feed: WebFeed) -> impl futures_util::Stream<Item = Message> {
     // Subscribed before the backlog is taken: a message between the two is
     // sent twice rather than lost.
     let live = feed.shared.fanout.subscribe();
@@ -521,10 +528,7 @@ async fn api_events(State(state): State<AppState>) -> impl IntoResponse {
             Err(broadcast::error::RecvError::Closed) => None,
         }
     });
-    let stream = backlog
-        .chain(live)
-        .map(|message| Ok::<_, Infallible>(message.to_sse()));
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    backlog.chain(live)
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -565,6 +569,71 @@ mod tests {
         assert!(s.url().starts_with("http://127.0.0.1:"), "{}", s.url());
         let s = WebServer::bind("0.0.0.0:0".parse().unwrap(), Some("t0k".into()), feed).unwrap();
         assert!(s.url().ends_with("/?token=t0k"), "{}", s.url());
+    }
+
+    #[tokio::test]
+    async fn a_client_too_slow_for_the_fanout_gets_a_snapshot_not_a_backlog() {
+        let feed = WebFeed::new(crate::cli::status::SessionStatus::empty("lab", None));
+        let event = |size| SourceEventLine {
+            event: crate::cli::events::SourceLine::ImageDone { size },
+            t: 0.0,
+        };
+        let mut client = Box::pin(client_stream(feed.clone()));
+        // The backlog: the first snapshot.
+        assert!(matches!(client.next().await, Some(Message::Session(_))));
+        // The session publishes far more than the client reads; it never
+        // waits for it.
+        for i in 0..(FANOUT_BUFFER as u64 * 4) {
+            feed.event(event(i));
+        }
+        let mut latest = crate::cli::status::SessionStatus::empty("lab", None);
+        latest.state = "streaming".into();
+        feed.session(latest);
+        // What it missed is replaced by the snapshot of now.
+        match client.next().await {
+            Some(Message::Session(json)) => assert!(json.contains("streaming"), "{json}"),
+            other => panic!("{other:?}"),
+        }
+        // Then it goes on with what is still buffered, no more.
+        let mut rest = 0;
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(50), client.next()).await
+        {
+            rest += 1;
+        }
+        assert!(rest <= FANOUT_BUFFER, "{rest} messages buffered");
+    }
+
+    #[test]
+    fn connections_beyond_the_cap_wait_for_one_to_close() {
+        use std::io::{Read, Write};
+        let feed = WebFeed::new(crate::cli::status::SessionStatus::empty("lab", None));
+        let server = WebServer::bind("127.0.0.1:0".parse().unwrap(), None, feed).unwrap();
+        let addr = server.local_addr().unwrap();
+        let _serving = server.serve_in_background().unwrap();
+        let get = |timeout: Duration| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(addr)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.write_all(b"GET /api/session HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        };
+        assert!(get(Duration::from_secs(5))
+            .unwrap()
+            .starts_with("HTTP/1.1 200"));
+        // Idle connections hold every slot.
+        let mut idle: Vec<std::net::TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            get(Duration::from_millis(500)).is_err(),
+            "a connection beyond the cap was served"
+        );
+        idle.truncate(MAX_CONNECTIONS - 1);
+        assert!(get(Duration::from_secs(5))
+            .unwrap()
+            .starts_with("HTTP/1.1 200"));
     }
 
     #[test]
