@@ -541,6 +541,11 @@ fn a_live_session_is_drawn_as_it_goes_and_a_killed_node_shown_dead() {
     let line = browser.eval("document.getElementById('report-line').innerText");
     assert!(line.as_str().unwrap().starts_with("3/4 nodes OK"), "{line}");
     assert_eq!(browser.eval("window.kaLoad"), "first", "the page reloaded");
+    // Released nodes keep their places; the lost one is out of the chain.
+    let order = browser.eval(
+        "Array.from(document.querySelectorAll('#chain .box[data-node]')).map(b => b.dataset.node + '<' + b.dataset.upstream).join(' ')",
+    );
+    assert_eq!(order, "n1<source n3<n1 n4<n3 n2<", "the chain at the end");
     browser.screenshot("4-report.png");
     eprintln!("screenshots in {}", artefacts().display());
 

@@ -17,6 +17,7 @@
   const pendingEvents = [];        // events not yet in the timeline
   const movedToTail = new Set();   // nodes the slow policy moved
   const boxes = new Map();         // name -> {el, parts, last}
+  const lastUpstream = new Map();  // name -> its feeder while it had one
   let order = "";                  // the chain order drawn last
   let applied = 0, redraws = 0, maxRender = 0;
   let redrawDue = false, lastRedraw = 0;
@@ -93,8 +94,19 @@
     apply(value);
   }
 
+  // A node let go keeps its place in the picture: the source forgets the
+  // chain once nodes are released, the page draws where they were.
+  // A dead or failed node does not: its place went to the next one.
+  function withPlaces(nodes) {
+    return nodes.map((n) => {
+      if (n.upstream) { lastUpstream.set(n.name, n.upstream); return n; }
+      const kept = ["ok", "released", "verifying"].includes(n.state) && lastUpstream.get(n.name);
+      return kept ? Object.assign({}, n, { upstream: kept }) : n;
+    });
+  }
+
   function drawNodes() {
-    const nodes = status ? status.nodes : [];
+    const nodes = withPlaces(status ? status.nodes : []);
     const size = status && status.image_size;
     const ordered = chainOrder(nodes);
     const chain = $("chain");
