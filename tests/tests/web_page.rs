@@ -730,14 +730,17 @@ fn a_thousand_nodes_are_drawn_and_updated_ten_times_a_second() {
     let redraws = browser.body_number("redraws");
     let max_ms = browser.body_number("maxRenderMs");
     let last_ms = browser.body_number("renderMs");
+    // The last redraw that rebuilt the chain (the move to the tail).
+    let full_ms = browser.body_number("fullRenderMs");
     let dead = browser.eval("document.querySelectorAll('#chain .box.s-dead').length");
     browser.screenshot("5-thousand-nodes.png");
     stop.store(true, Ordering::Relaxed);
     publisher.join().unwrap();
     eprintln!(
         "1000 nodes: {applied} then {applied_later} messages applied, {redraws} redraws, \
-         slowest redraw {max_ms} ms, last {last_ms} ms"
+         slowest redraw {max_ms} ms, last full redraw {full_ms} ms, last {last_ms} ms"
     );
+    assert!(full_ms > 0.0, "no full redraw measured");
     assert_eq!(
         browser.body_number("nodes"),
         NODES as f64,

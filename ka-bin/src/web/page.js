@@ -20,7 +20,7 @@
   const lastUpstream = new Map();  // name -> its feeder while it had one
   let order = "";                  // the chain order drawn last
   let applied = 0, redraws = 0, maxRender = 0;
-  let redrawDue = false, lastRedraw = 0;
+  let redrawDue = false, lastRedraw = 0, rebuilt = false;
 
   function human(n) {
     const units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -126,6 +126,7 @@
       for (const [name, box] of boxes) if (!keep.has(name)) { box.el.remove(); boxes.delete(name); }
       chain.replaceChildren(frag);
       order = key;
+      rebuilt = true;
     }
     let previous = "source";
     for (const n of ordered) {
@@ -231,6 +232,7 @@
 
   function redraw() {
     redrawDue = false;
+    rebuilt = false;
     const t0 = performance.now();
     drawSummary();
     drawNodes();
@@ -243,6 +245,8 @@
     body.dataset.redraws = String(redraws);
     body.dataset.renderMs = ms.toFixed(2);
     body.dataset.maxRenderMs = maxRender.toFixed(2);
+    // A redraw that rebuilt the chain's order: the most a redraw costs.
+    if (rebuilt) body.dataset.fullRenderMs = ms.toFixed(2);
   }
 
   // Events change the picture before the next snapshot does.
