@@ -309,10 +309,28 @@ impl WebServer {
         if let Some(rt) = runtime {
             if !how_long.is_zero() {
                 eprintln!(
-                    "ka: the session is over; its web page stays up for {}",
+                    "ka: the session is over; its web page stays up for {} (Ctrl-C to leave now)",
                     humantime::format_duration(how_long)
                 );
-                std::thread::sleep(how_long);
+                // The session's signal handlers still hold SIGINT and
+                // SIGTERM: they must end the wait, not be swallowed by it.
+                rt.block_on(async {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let mut term = signal(SignalKind::terminate()).ok();
+                    let terminated = async {
+                        match &mut term {
+                            Some(t) => {
+                                t.recv().await;
+                            }
+                            None => std::future::pending::<()>().await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep(how_long) => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = terminated => {}
+                    }
+                });
             }
             rt.shutdown_timeout(Duration::from_millis(200));
         }
