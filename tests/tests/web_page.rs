@@ -36,10 +36,21 @@ fn artefacts() -> PathBuf {
 /// once and read as it changes, which shows updates arrive without a
 /// reload. Killed by PID when dropped, its profile directory removed.
 struct Browser {
-    _process: ChildGuard,
+    process: ChildGuard,
     _profile: tempfile::TempDir,
     page: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>,
     next_id: u64,
+}
+
+impl Drop for Browser {
+    /// Asks Chromium to quit (SIGTERM, by PID), so it reaps its own helper
+    /// processes; the guard kills it if it has not within 5 s.
+    fn drop(&mut self) {
+        let pid = self.process.child.id() as libc::pid_t;
+        // SAFETY: kill(2) on the PID of our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let _ = ka_tests::wait_timeout(&mut self.process.child, Duration::from_secs(5));
+    }
 }
 
 impl Browser {
@@ -109,7 +120,7 @@ impl Browser {
             s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         }
         Browser {
-            _process: guard,
+            process: guard,
             _profile: profile,
             page,
             next_id: 1,
