@@ -7,6 +7,8 @@
 //!   rendered from them, DHCP configuration and MAC harvesting.
 //! - [`netboot`]: the netboot image install-mode nodes boot, and what a node
 //!   does inside it (it joins through [`session`]).
+//! - [`web`]: `ka serve --http`, the session's live web page, its JSON,
+//!   event stream and metrics.
 //! - [`cli`]: one module per `ka` subcommand, turning its arguments into a
 //!   plan, running it, and ending with a [`cli::ExitStatus`].
 //!
@@ -40,6 +42,7 @@ pub mod boot;
 pub mod cli;
 pub mod netboot;
 pub mod session;
+pub mod web;
 
 /// The one atomic file writer (a temporary renamed over the file, the
 /// directory synced): the secret, DHCP configs, boot modes, the netboot

@@ -37,8 +37,11 @@ pub struct Display {
     /// Without bars or JSON (a journal, a file): when the last summary
     /// line was printed, so one goes out every [`PLAIN_PROGRESS_EVERY`].
     plain_progress_at: Option<Instant>,
-    /// The session's snapshot for `ka status`, when it has a place.
+    /// The session's snapshot for `ka status`, when it has a place, and
+    /// for the web page.
     status: Option<StatusWriter>,
+    /// The web page's feed, with `--http`.
+    web: Option<crate::web::WebFeed>,
 }
 
 /// How often a source without a terminal or `--json` prints a summary
@@ -67,12 +70,20 @@ impl Display {
             names: HashMap::new(),
             plain_progress_at: None,
             status: None,
+            web: None,
         }
     }
 
     /// Also publishes the session's snapshot for `ka status` as it goes.
     pub fn with_status(mut self, status: StatusWriter) -> Self {
         self.status = Some(status);
+        self
+    }
+
+    /// Also feeds the web page (`--http`): every event line and each
+    /// snapshot the status writer makes.
+    pub fn with_web(mut self, web: crate::web::WebFeed) -> Self {
+        self.web = Some(web);
         self
     }
 
@@ -84,6 +95,9 @@ impl Display {
                     self.names.insert(*node, name.clone());
                 }
                 self.log(source, e);
+                if let Some(web) = &self.web {
+                    web.event(self.event_json(source, e));
+                }
                 if self.json {
                     let line = self.event_json(source, e);
                     crate::outln!("{}", json_text(&line));
@@ -127,7 +141,9 @@ impl Display {
 
     fn refresh(&mut self, source: &Source) {
         if let Some(status) = &mut self.status {
-            status.publish(source);
+            if let (Some(snapshot), Some(web)) = (status.publish(source), &self.web) {
+                web.session(snapshot);
+            }
         }
         if self.json {
             self.json_progress(source);
@@ -409,6 +425,17 @@ fn outcome(n: &NodeReport) -> (bool, String) {
 pub fn print_report(report: &SourceReport, json: bool) {
     let secs = report.streaming.as_secs_f64().max(1e-9);
     if json {
+        crate::outln!("{}", report_json(report));
+        return;
+    }
+    print_report_table(report, secs);
+}
+
+/// The final report as `ka serve --json` prints it (and the web page
+/// shows it): `{"report": {…}}`.
+pub fn report_json(report: &SourceReport) -> serde_json::Value {
+    let secs = report.streaming.as_secs_f64().max(1e-9);
+    {
         let nodes: Vec<JsonNode> = report
             .nodes
             .iter()
@@ -428,13 +455,13 @@ pub fn print_report(report: &SourceReport, json: bool) {
                 }
             })
             .collect();
-        crate::outln!(
-            "{}",
-            json!({"report": {"size": report.size, "seconds": secs, "expected": report.expected,
-                              "aborted": report.aborted, "nodes": nodes}})
-        );
-        return;
+        json!({"report": {"size": report.size, "seconds": secs, "expected": report.expected,
+                          "aborted": report.aborted, "nodes": nodes}})
     }
+}
+
+/// The final report as a table for a terminal.
+fn print_report_table(report: &SourceReport, secs: f64) {
     crate::outln!(
         "{:<16} {:<4} {:>12} {:>9} {:>9}  reason",
         "node",

@@ -111,7 +111,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve an image to a session of nodes (the source; the original ka-d-server).
-    Serve(serve::ServeArgs),
+    // Boxed: its flags outweigh every other subcommand's.
+    Serve(Box<serve::ServeArgs>),
     /// Join a session and write its image to a target (a node; the original ka-d-client).
     Join(join::JoinArgs),
     /// Start a waiting session now with the nodes present (the original -g).
@@ -148,7 +149,7 @@ impl Command {
     /// Runs the command.
     pub fn run(self) -> anyhow::Result<ExitStatus> {
         match self {
-            Command::Serve(args) => serve::run(args),
+            Command::Serve(args) => serve::run(*args),
             Command::Join(args) => join::run(args),
             Command::Go(args) => go::run(args),
             Command::Status(args) => status::run(args),

@@ -10,8 +10,8 @@ use anyhow::{bail, Context};
 use ka_core::config::{SlowPolicy, SourceConfig};
 use ka_core::source::NodeReport;
 
-use super::display::{print_report, Display};
-use super::status::StatusWriter;
+use super::display::{print_report, report_json, Display};
+use super::status::{SessionStatus, StatusWriter};
 use super::ExitStatus;
 use crate::boot::flip::{Flipped, VerifiedFlip};
 use crate::boot::{BootState, Inventory, Mode};
@@ -19,6 +19,7 @@ use crate::netboot::cmdline::CloneKind;
 use crate::session::secret::{self, Secret};
 use crate::session::serve::{self as session, Input, Report, ServeOptions};
 use crate::session::{DEFAULT_PORT, DEFAULT_SESSION, DEFAULT_STATE_DIR};
+use crate::web::{WebFeed, WebServer};
 
 /// Real invocations under `ka serve --help` (a test parses each `ka` line).
 const EXAMPLES: &str = "\
@@ -29,6 +30,8 @@ Examples:
   ka serve --nodes 40 --system --exclude /var/tmp --secret-file /etc/ka/secret
   # A compressed image; start 10 minutes after listening if 30 nodes are there:
   ka serve --nodes 40 --command 'zcat /srv/golden.img.gz' --join-timeout 10m --min-nodes 30
+  # Watch it in a browser at http://127.0.0.1:8080/ (docs/web.md):
+  ka serve --nodes 40 --image /srv/golden.img --secret-file /etc/ka/secret --http 127.0.0.1:8080
   # Flip every node of the inventory whose copy is verified to local boot:
   ka serve --nodes 40 --image /srv/golden.img -i /etc/ka/cluster.toml --boot-state /var/lib/ka";
 
@@ -153,6 +156,23 @@ pub struct ServeArgs {
     /// and a final report) instead of the live display.
     #[arg(long)]
     pub json: bool,
+    /// Serve a live web page of the session at this address (e.g.
+    /// 127.0.0.1:8080): the chain drawn with every node's state, bytes,
+    /// rate and ETA, the events and the final report; also its JSON
+    /// (/api/session), event stream (/api/events) and Prometheus metrics
+    /// (/metrics). Read-only. An address other than loopback needs
+    /// --http-token-file (docs/web.md).
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+    /// With --http: the token every request must carry (`?token=T` or
+    /// `Authorization: Bearer T`), read from FILE, or made there (random,
+    /// mode 0600) if FILE is missing.
+    #[arg(long, value_name = "FILE", requires = "http")]
+    pub http_token_file: Option<PathBuf>,
+    /// With --http: how long the page stays up once the session is over,
+    /// so browsers get the final report.
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration, default_value = "5s", requires = "http")]
+    pub http_linger: Duration,
     /// Serve the session the inventory describes (docs/inventory.md): its
     /// [session] name, source address and clone kind, its nodes in install
     /// mode in --boot-state, in inventory order, and the secret beside it;
@@ -197,6 +217,10 @@ pub struct ServePlan {
     pub json: bool,
     /// Flips verified nodes to their after-clone boot mode, with `--inventory`.
     pub flip: Option<VerifiedFlip>,
+    /// The web page's address and token file, with `--http`.
+    pub http: Option<(SocketAddr, Option<PathBuf>)>,
+    /// How long the web page outlives the session.
+    pub http_linger: Duration,
 }
 
 impl ServePlan {
@@ -297,10 +321,13 @@ impl ServePlan {
                 spool_dir: args.spool_dir,
                 state_dir,
                 max_rate: args.max_rate,
+                web: None,
             },
             secret,
             json: args.json,
             flip,
+            http: args.http.map(|addr| (addr, args.http_token_file)),
+            http_linger: args.http_linger,
         })
     }
 }
@@ -524,8 +551,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitStatus> {
     let plan = ServePlan::from_args(args)?;
     let secret = obtain_secret(&plan.secret, &plan.options.config.session)?;
     let json = plan.json;
-    let report = serve(plan, &secret)?;
+    let linger = plan.http_linger;
+    let (report, web) = serve(plan, &secret)?;
     print_report(&report, json);
+    if let Some(web) = &web {
+        web.linger(linger);
+    }
     Ok(exit_status(&report))
 }
 
@@ -554,11 +585,60 @@ fn obtain_secret(from: &SecretFrom, session: &str) -> anyhow::Result<Secret> {
     Ok(secret)
 }
 
-/// Serves the session with the live display (and boot-mode flips) until it ends.
-fn serve(plan: ServePlan, secret: &Secret) -> anyhow::Result<Report> {
+/// What the session clones, in words for its status and web page.
+fn describe_input(input: &Input) -> String {
+    match input {
+        Input::File(p) => p.display().to_string(),
+        Input::Command(c) => format!("the output of `{c}`"),
+        Input::Tar(d) => format!("the tree {}", d.display()),
+        Input::Stdin => "standard input".into(),
+        Input::System(_) => "this machine (--system)".into(),
+    }
+}
+
+/// The web page's server for `--http`, bound before the session starts;
+/// says on standard error where to open it.
+fn web_server(
+    http: &Option<(SocketAddr, Option<PathBuf>)>,
+    session: &str,
+    image: &str,
+) -> anyhow::Result<Option<WebServer>> {
+    let Some((addr, token_file)) = http else {
+        return Ok(None);
+    };
+    let token = match token_file {
+        Some(file) => {
+            let (token, made) = crate::web::load_token(file)?;
+            if made {
+                eprintln!(
+                    "ka: made a new web token in {} (readable by root only)",
+                    file.display()
+                );
+            }
+            Some(token)
+        }
+        None => None,
+    };
+    let feed = WebFeed::new(SessionStatus::empty(session, Some(image.to_string())));
+    let server = WebServer::bind(*addr, token, feed)?;
+    eprintln!("ka: web page at {}", server.url());
+    Ok(Some(server))
+}
+
+/// Serves the session with the live display (and boot-mode flips) until it
+/// ends; returns its report and the web page still serving it.
+fn serve(mut plan: ServePlan, secret: &Secret) -> anyhow::Result<(Report, Option<WebServer>)> {
+    let session_name = plan.options.config.session.clone();
+    let image = describe_input(&plan.options.input);
+    let web = web_server(&plan.http, &session_name, &image)?;
+    plan.options.web = web.clone();
     let mut display = Display::new(plan.json);
-    if let Some(dir) = &plan.options.state_dir {
-        display = display.with_status(StatusWriter::new(dir, &plan.options.config.session));
+    let state_dir = plan.options.state_dir.as_deref();
+    if state_dir.is_some() || web.is_some() {
+        display = display.with_status(StatusWriter::new(state_dir, &session_name, Some(image)));
+    }
+    if let Some(web) = &web {
+        display = display.with_web(web.feed().clone());
     }
     let flip = plan.flip;
     let report = session::run(plan.options, secret, |s, e| {
@@ -570,7 +650,11 @@ fn serve(plan: ServePlan, secret: &Secret) -> anyhow::Result<Report> {
         display.update(s, e)
     });
     display.finish();
-    report
+    let report = report?;
+    if let Some(web) = &web {
+        web.feed().report(&report_json(&report));
+    }
+    Ok((report, web))
 }
 
 fn describe_flip(flipped: Option<(String, Flipped)>) -> Option<String> {
@@ -684,7 +768,7 @@ ip = "10.0.0.13"
         let cli =
             <crate::cli::Cli as clap::Parser>::try_parse_from(["ka", "serve"].iter().chain(args))?;
         match cli.command {
-            crate::cli::Command::Serve(args) => ServePlan::from_args(args),
+            crate::cli::Command::Serve(args) => ServePlan::from_args(*args),
             other => panic!("{other:?}"),
         }
     }

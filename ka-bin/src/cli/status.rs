@@ -43,10 +43,32 @@ pub struct SessionStatus {
     pub seconds: f64,
     /// The image's size, once known.
     pub image_size: Option<u64>,
+    /// What is cloned: the image's path, or the kind of stream.
+    #[serde(default)]
+    pub image: Option<String>,
     /// `waiting` (for nodes), `streaming`, `releasing`, `finished` or `aborted`.
     pub state: String,
     /// Every node that joined, in the order it joined.
     pub nodes: Vec<NodeStatus>,
+}
+
+impl SessionStatus {
+    /// A session that no node joined yet: what the web page shows before
+    /// the first snapshot.
+    pub fn empty(session: &str, image: Option<String>) -> SessionStatus {
+        SessionStatus {
+            session: session.into(),
+            pid: std::process::id(),
+            updated: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            seconds: 0.0,
+            image_size: None,
+            image,
+            state: "waiting".into(),
+            nodes: Vec::new(),
+        }
+    }
 }
 
 /// One node's line of a [`SessionStatus`].
@@ -67,11 +89,21 @@ pub struct NodeStatus {
     pub upstream: Option<String>,
     /// Why it failed, when it did.
     pub reason: String,
+    /// Seconds until it has the whole image at its current rate, when
+    /// both are known and it is still receiving.
+    #[serde(default)]
+    pub eta: Option<f64>,
+    /// How many times it was declared dead (and came back).
+    #[serde(default)]
+    pub deaths: u32,
 }
 
 /// `ka serve`'s side: writes the snapshot as the session goes.
 pub struct StatusWriter {
-    path: PathBuf,
+    /// The file `ka status` reads; `None`: snapshots for the web page only.
+    path: Option<PathBuf>,
+    /// What is cloned, for the snapshot.
+    image: Option<String>,
     started: Instant,
     last: Option<Instant>,
     /// Each node's bytes at the last snapshot, for its rate.
@@ -82,10 +114,13 @@ pub struct StatusWriter {
 }
 
 impl StatusWriter {
-    /// A writer of `<state_dir>/<session>.status.json`.
-    pub fn new(state_dir: &Path, session: &str) -> StatusWriter {
+    /// A writer of `<state_dir>/<session>.status.json` (with no
+    /// `state_dir`, of snapshots only, for the web page) describing the
+    /// cloned `image`.
+    pub fn new(state_dir: Option<&Path>, session: &str, image: Option<String>) -> StatusWriter {
         StatusWriter {
-            path: status_path(state_dir, session),
+            path: state_dir.map(|dir| status_path(dir, session)),
+            image,
             started: Instant::now(),
             last: None,
             bytes_before: HashMap::new(),
@@ -94,28 +129,34 @@ impl StatusWriter {
     }
 
     /// Writes the snapshot if [`PUBLISH_EVERY`] has passed, or at once when
-    /// the session reached a final state.
-    pub fn publish(&mut self, source: &Source) {
+    /// the session reached a final state; returns it when it made one (the
+    /// web page publishes the same).
+    pub fn publish(&mut self, source: &Source) -> Option<SessionStatus> {
         let now = Instant::now();
         let last_word = matches!(source.state(), SourceState::Finished | SourceState::Aborted);
         let due = self
             .last
             .is_none_or(|at| now.duration_since(at) >= PUBLISH_EVERY);
-        if self.failed || !(due || last_word) {
-            return;
+        if !(due || last_word) {
+            return None;
         }
         let interval = self.last.map(|at| now.duration_since(at).as_secs_f64());
         self.last = Some(now);
         let status = self.snapshot(source, interval);
-        if let Err(e) = write_atomically(&self.path, &status) {
-            self.failed = true;
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot write the session's status file; ka status will not see this session");
+        if let (Some(path), false) = (&self.path, self.failed) {
+            if let Err(e) = write_atomically(path, &status) {
+                self.failed = true;
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the session's status file; ka status will not see this session");
+            }
         }
+        Some(status)
     }
 
     /// Removes the snapshot: the session is over, and its report printed.
     pub fn remove(&self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     fn snapshot(&mut self, source: &Source, interval: Option<f64>) -> SessionStatus {
@@ -136,10 +177,17 @@ impl StatusWriter {
                     None => "source".to_string(),
                     Some(p) => names.get(&p).map_or(p.to_string(), |n| n.to_string()),
                 });
+                let state = node_state(source, r, bytes, size);
+                let eta = match size {
+                    Some(size) if state == "receiving" && rate > 0.0 => {
+                        Some(size.saturating_sub(bytes) as f64 / rate)
+                    }
+                    _ => None,
+                };
                 NodeStatus {
                     name: r.name.clone(),
                     id: r.node.0,
-                    state: node_state(source, r, bytes, size).into(),
+                    state: state.into(),
                     bytes,
                     rate,
                     upstream,
@@ -147,6 +195,8 @@ impl StatusWriter {
                         Some(Err(e)) => e.clone(),
                         _ => String::new(),
                     },
+                    eta,
+                    deaths: r.deaths,
                 }
             })
             .collect();
@@ -158,6 +208,7 @@ impl StatusWriter {
                 .map_or(0.0, |d| d.as_secs_f64()),
             seconds: self.started.elapsed().as_secs_f64(),
             image_size: size,
+            image: self.image.clone(),
             state: match source.state() {
                 SourceState::AwaitingNodes => "waiting",
                 SourceState::Streaming => "streaming",
@@ -332,6 +383,7 @@ mod tests {
             updated: 0.0,
             seconds: 3.0,
             image_size: Some(1 << 30),
+            image: Some("/srv/golden.img".into()),
             state: "streaming".into(),
             nodes: vec![NodeStatus {
                 name: "n1".into(),
@@ -341,6 +393,8 @@ mod tests {
                 rate: 2.0 * (1 << 20) as f64,
                 upstream: Some("source".into()),
                 reason: String::new(),
+                eta: Some(511.5),
+                deaths: 0,
             }],
         }
     }

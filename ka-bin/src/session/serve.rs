@@ -46,6 +46,9 @@ pub struct ServeOptions {
     pub state_dir: Option<PathBuf>,
     /// A cap on the source's total send rate, in bytes per second.
     pub max_rate: Option<u64>,
+    /// The web page (`--http`), served on the session's runtime, which it
+    /// keeps once the session ends (see [`crate::web::WebServer::linger`]).
+    pub web: Option<crate::web::WebServer>,
 }
 
 /// The default state directory, made ready for a session record; the
@@ -65,6 +68,7 @@ pub fn run(
     observe: impl FnMut(&Source, Option<&SourceEvent>),
 ) -> anyhow::Result<Report> {
     let session = opts.config.session.clone();
+    let web = opts.web.clone();
     let listen = opts.config.data_addr;
     let nodes = opts.config.expected_nodes;
     // A system's spool holds the whole machine: not in a /tmp that may be
@@ -107,6 +111,9 @@ pub fn run(
     };
     let rt = runtime()?;
     let report = rt.block_on(async {
+        if let Some(web) = web.clone() {
+            tokio::spawn(web.run());
+        }
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}: is another ka serve running?"))?;
@@ -129,6 +136,9 @@ pub fn run(
             .await
             .map_err(|e| anyhow!("{e}"))
     });
+    if let Some(web) = &web {
+        web.keep_runtime(rt);
+    }
     let _ = std::fs::remove_file(&spool);
     let changed = warnings.list();
     if !changed.is_empty() {
