@@ -270,6 +270,7 @@ fn describe(name: &dyn Fn(NodeId) -> String, event: &SourceEvent) -> Option<Stri
             format!("{} copy does not match: {reason}", name(*node))
         }
         SourceEvent::Failed { node, reason } => format!("{} failed: {reason}", name(*node)),
+        SourceEvent::JoinFailed(f) => format!("{} failed before joining: {}", f.name, f.reason),
         _ => return None,
     })
 }
@@ -283,7 +284,8 @@ fn event_node(event: &SourceEvent) -> Option<NodeId> {
         | SourceEvent::Slow { node, .. }
         | SourceEvent::Verified { node, .. }
         | SourceEvent::Failed { node, .. }
-        | SourceEvent::Released { node } => Some(*node),
+        | SourceEvent::Released { node }
+        | SourceEvent::NodeLog { node, .. } => Some(*node),
         _ => None,
     }
 }
@@ -386,6 +388,8 @@ struct JsonNode<'a> {
     restored: bool,
     /// The source released it; false for a node lost after it verified.
     released: bool,
+    /// It never joined: it reported it could not start (`reason` says why).
+    failed_before_join: bool,
 }
 
 /// Seconds from a node's join to its outcome.
@@ -425,6 +429,7 @@ pub fn print_report(report: &SourceReport, json: bool) {
                     resumed_from: n.resumed_from,
                     restored: n.restored,
                     released: n.released,
+                    failed_before_join: n.failed_before_join,
                 }
             })
             .collect();
@@ -464,6 +469,14 @@ pub fn print_report(report: &SourceReport, json: bool) {
         );
     }
     let ok = report.nodes.iter().filter(|n| n.is_ok()).count();
+    let before_join = report
+        .nodes
+        .iter()
+        .filter(|n| n.failed_before_join)
+        .count();
+    if before_join > 0 {
+        crate::outln!("{before_join} node(s) failed before joining (their reasons above)");
+    }
     let missing = (report.expected as usize).saturating_sub(report.nodes.len());
     if missing > 0 {
         crate::outln!(

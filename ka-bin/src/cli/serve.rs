@@ -620,6 +620,7 @@ mod tests {
             resumed_from: 0,
             restored: false,
             released: true,
+            failed_before_join: false,
         }
     }
 
