@@ -610,7 +610,10 @@ mod tests {
             proof,
             ..report.clone()
         };
-        assert!(tags_equal(&proof, &join_failed_proof(&*key, &nonce, &proved)));
+        assert!(tags_equal(
+            &proof,
+            &join_failed_proof(&*key, &nonce, &proved)
+        ));
         assert!(!tags_equal(
             &proof,
             &join_failed_proof(&*node_key(&root, "m"), &nonce, &report)

@@ -1179,7 +1179,8 @@ mod tests {
     }
 
     fn log() -> impl Strategy<Value = Message> {
-        proptest::collection::vec(text(), 0..=MAX_LOG_LINES).prop_map(|lines| Message::Log { lines })
+        proptest::collection::vec(text(), 0..=MAX_LOG_LINES)
+            .prop_map(|lines| Message::Log { lines })
     }
 
     fn join_failed() -> impl Strategy<Value = Message> {
@@ -1442,7 +1443,9 @@ mod tests {
             panic!("a full log message does not decode")
         };
         assert_eq!(lines.len(), MAX_LOG_LINES);
-        assert!(lines.iter().all(|l| l.len() <= MAX_STRING && l.ends_with('…')));
+        assert!(lines
+            .iter()
+            .all(|l| l.len() <= MAX_STRING && l.ends_with('…')));
         // A count above the bound is refused before anything is read.
         let mut buf = BytesMut::new();
         buf.put_u32(3);

@@ -36,8 +36,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::auth::{check_data_hello, join_proof, Channel, DataHello, DataRequest, Mac, Side};
 use crate::codec::{
-    Digest, ImageId, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream,
-    MAX_LOG_LINES, PROTOCOL_VERSION,
+    Digest, ImageId, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, MAX_LOG_LINES,
+    PROTOCOL_VERSION,
 };
 use crate::config::NodeConfig;
 use crate::ids::{ConnId, Epoch, NodeId};

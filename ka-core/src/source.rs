@@ -49,8 +49,8 @@ use core::time::Duration;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::auth::{
-    check_data_hello, go_proof, join_failed_proof, join_proof, link_ticket, node_key,
-    operator_key, source_data_key, tags_equal, Channel, DataRequest, Mac, Side,
+    check_data_hello, go_proof, join_failed_proof, join_proof, link_ticket, node_key, operator_key,
+    source_data_key, tags_equal, Channel, DataRequest, Mac, Side,
 };
 use crate::codec::{
     Digest, Join, JoinFailed, Message, Nonce, Progress, Refusal, RefusalCode, Upstream,
@@ -1230,7 +1230,11 @@ impl Source {
         }
         // A node already live under that name is somebody else's business:
         // the report cannot be its, it is joined.
-        if self.names.get(&report.name).is_some_and(|id| self.nodes[id].live()) {
+        if self
+            .names
+            .get(&report.name)
+            .is_some_and(|id| self.nodes[id].live())
+        {
             let detail = format!("node {:?} is joined", report.name);
             return self.refuse(conn, RefusalCode::NameInUse, detail);
         }
@@ -1939,7 +1943,10 @@ mod tests {
             },
         );
         assert!(logged(&mut src).is_empty());
-        assert!(!src.conns.contains_key(&ConnId(4)), "the data connection stays");
+        assert!(
+            !src.conns.contains_key(&ConnId(4)),
+            "the data connection stays"
+        );
         // A log in the clear on a node's sealed connection does not open:
         // the connection is not the node's any more.
         src.handle_message(
@@ -1969,7 +1976,10 @@ mod tests {
                 lines: vec![line.clone(); crate::codec::MAX_LOG_LINES],
             };
             src.handle_message(at, ConnId(1), ch.seal(log));
-            kept += logged(&mut src).iter().map(|(_, l)| l.len() as u64 + 1).sum::<u64>();
+            kept += logged(&mut src)
+                .iter()
+                .map(|(_, l)| l.len() as u64 + 1)
+                .sum::<u64>();
             at = at + Duration::from_millis(1);
         }
         assert!(kept <= budget, "{kept} bytes taken, budget {budget}");
@@ -1996,7 +2006,10 @@ mod tests {
         assert_eq!(lines.len(), 1);
         let (kept, note) = lines[0].1.split_once('…').expect("cut");
         assert!(kept.len() <= MAX_LOG_LINE);
-        assert_eq!(note, format!(" [{} bytes cut]", 2 * MAX_LOG_LINE - kept.len()));
+        assert_eq!(
+            note,
+            format!(" [{} bytes cut]", 2 * MAX_LOG_LINE - kept.len())
+        );
     }
 
     fn join_failed(name: &str, root: &dyn Mac) -> Message {
@@ -2023,11 +2036,16 @@ mod tests {
         assert!(events.iter().any(|e| matches!(e, SourceEvent::JoinFailed(f)
             if f.name == "b" && f.reason == "target is a directory" && f.mac == [2; 6])));
         assert!(
-            events.iter().any(|e| matches!(e, SourceEvent::Started { nodes: 1, .. })),
+            events
+                .iter()
+                .any(|e| matches!(e, SourceEvent::Started { nodes: 1, .. })),
             "the failed node counts towards the start: {events:?}"
         );
         let report = src.report();
-        let b = report.iter().find(|r| r.name == "b").expect("b is reported");
+        let b = report
+            .iter()
+            .find(|r| r.name == "b")
+            .expect("b is reported");
         assert!(b.failed_before_join && !b.is_ok());
         assert!(!src.conns.contains_key(&ConnId(2)));
     }

@@ -160,6 +160,11 @@ impl Proc {
         let mut cmd = Command::new(ka_bin());
         cmd.args(args)
             .current_dir(dir)
+            // Node logs stay in the test's directory, and the machine's
+            // system log is never written to (no socket there: ka says so
+            // once and goes on). A test may point either elsewhere.
+            .env("KA_LOG_DIR", dir.join("node-logs"))
+            .env("KA_SYSLOG_SOCKET", dir.join("no-syslog.sock"))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&err).unwrap());

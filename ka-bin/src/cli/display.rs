@@ -469,11 +469,7 @@ pub fn print_report(report: &SourceReport, json: bool) {
         );
     }
     let ok = report.nodes.iter().filter(|n| n.is_ok()).count();
-    let before_join = report
-        .nodes
-        .iter()
-        .filter(|n| n.failed_before_join)
-        .count();
+    let before_join = report.nodes.iter().filter(|n| n.failed_before_join).count();
     if before_join > 0 {
         crate::outln!("{before_join} node(s) failed before joining (their reasons above)");
     }

@@ -532,7 +532,7 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(&text).unwrap();
             kinds.insert(v["event"].as_str().unwrap().to_string());
         }
-        assert_eq!(kinds.len(), 13, "{kinds:?}");
+        assert_eq!(kinds.len(), 15, "{kinds:?}");
     }
 
     #[test]
