@@ -426,6 +426,9 @@ pub struct NodeResult {
     pub bytes: u64,
     /// How many times it was declared dead.
     pub deaths: u32,
+    /// It never joined: it reported it could not start.
+    #[serde(default)]
+    pub failed_before_join: bool,
 }
 
 /// Parses the final report out of `ka serve --json`'s standard output;

@@ -695,7 +695,7 @@ impl NodeDriver {
         on_event: &mut impl FnMut(&Node, &NodeEvent),
     ) -> NodeOutcome {
         loop {
-            if let Some(outcome) = self.drain(on_event) {
+            if let Some(outcome) = self.drain(on_event, &mut inputs.log) {
                 return outcome;
             }
             let deadline = self.node.poll_timeout().map(|(t, _)| self.clock.instant(t));
@@ -716,13 +716,30 @@ impl NodeDriver {
 
     /// Drains the machine's outputs: frames to their connections, events to
     /// `on_event`, actions carried out. The outcome once it exits.
-    fn drain(&mut self, on_event: &mut impl FnMut(&Node, &NodeEvent)) -> Option<NodeOutcome> {
+    fn drain(
+        &mut self,
+        on_event: &mut impl FnMut(&Node, &NodeEvent),
+        log: &mut Option<mpsc::Receiver<String>>,
+    ) -> Option<NodeOutcome> {
         self.send_transmits();
         while let Some(ev) = self.node.poll_event() {
             if let NodeEvent::Welcomed { resumed_from, .. } = &ev {
                 self.resumed_from = *resumed_from;
             }
             on_event(&self.node, &ev);
+        }
+        // The lines `on_event` just logged go before anything the events
+        // lead to (the exit above all), so a node's last words reach the
+        // source.
+        if let Some(rx) = log {
+            let mut lines = Vec::new();
+            while let Ok(line) = rx.try_recv() {
+                lines.push(line);
+            }
+            if !lines.is_empty() {
+                self.node.handle_log(self.clock.now(), lines);
+                self.send_transmits();
+            }
         }
         while let Some(action) = self.node.poll_action() {
             // An action handler may feed the machine (a sink that fails to
