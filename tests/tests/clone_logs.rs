@@ -38,7 +38,7 @@ impl Logged {
     fn new(size: usize) -> Logged {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("secret");
-        write_secret(&secret, u64::from(std::process::id()) ^ 0x10_6);
+        write_secret(&secret, u64::from(std::process::id()) ^ 0x0106);
         let image = dir.path().join("image.img");
         std::fs::File::create(&image)
             .unwrap()
