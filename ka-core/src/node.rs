@@ -791,7 +791,8 @@ impl Node {
         if !matches!(self.control, ControlState::Joined(_)) {
             return;
         }
-        if self.log_dropped > 0 && self.pending_log.len() < MAX_PENDING_LOG {
+        if self.log_dropped > 0 {
+            // Told after the lines kept, so it goes even over a full buffer.
             let note = format!(
                 "ka: {} lines dropped while the source was away",
                 self.log_dropped
