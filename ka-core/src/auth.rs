@@ -31,7 +31,7 @@
 //! its fresh nonce. The connecting side (the *client*) answers with a
 //! message carrying its own fresh nonce and a proof: a MAC with its key
 //! over the server's nonce and every other field of the message
-//! ([`join_proof`], [`hello_proof`], [`go_proof`]). The server checks it
+//! ([`join_proof`], [`hello_proof`], [`go_proof`], [`join_failed_proof`]). The server checks it
 //! with the key it derives for the name (or ticket, or operator) the
 //! message claims; then both ends derive the connection's keys from that
 //! key and both nonces ([`Channel`]). The server's first sealed message (a
