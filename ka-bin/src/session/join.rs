@@ -135,6 +135,13 @@ pub enum Joined {
 /// Joins the session and writes its image; reports on the console as it
 /// goes. An error means nothing was cloned (or the node could not go on).
 pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
+    // The MAC the identity gives the node (the netboot image's BOOTIF),
+    // for a report that it cannot start.
+    let identity_mac = opts
+        .identity
+        .as_ref()
+        .and_then(|i| i.mac)
+        .map_or([0; 6], |m| m.0);
     // Checked before cloning: a typo must not cost a whole clone.
     let identity = match opts.identity {
         Some(id) => {
@@ -165,15 +172,14 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
     // A node that cannot start still tells the source, so the source
     // reports it instead of waiting for it.
     if let Err(reason) = check_output(&opts.output) {
-        report_cannot_start(
-            &rt,
+        let cannot = CannotStart {
             server,
-            &opts.reach.session,
-            &name,
-            &reason,
-            &key,
-            opts.json,
-        );
+            session: &opts.reach.session,
+            name: &name,
+            mac: identity_mac,
+            reason: &reason,
+        };
+        cannot.report(&rt, &key, opts.json);
         return Ok(Joined::Failed);
     }
     let mut config = NodeConfig::new(
@@ -283,7 +289,7 @@ fn print_outcome(outcome: &NodeOutcome, json: bool) {
 
 /// Why `output` cannot take an image, found before joining: a target
 /// that is a directory, cannot be opened for writing, or whose directory
-/// is missing; a disk that is not there.
+/// is missing; a disk (a path under /dev) that is not there.
 pub fn check_output(output: &Output) -> Result<(), String> {
     match output {
         Output::Target(p) => match std::fs::metadata(p) {
@@ -296,6 +302,12 @@ pub fn check_output(output: &Output) -> Result<(), String> {
                 .open(p)
                 .map(drop)
                 .map_err(|e| format!("cannot write the target {}: {e}", p.display())),
+            // A device that is not there would be made a regular file in
+            // /dev (a RAM file system on the netboot image): no disk.
+            Err(_) if p.starts_with("/dev") => Err(format!(
+                "no disk {} on this node: check ka.target= (or --target) against the node's disks",
+                p.display()
+            )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
                 match dir {
@@ -319,40 +331,51 @@ pub fn check_output(output: &Output) -> Result<(), String> {
     }
 }
 
-/// Says on the console that node `name` cannot start and why, and tells
-/// the source at `server` (proved with the node's key).
-fn report_cannot_start(
-    rt: &tokio::runtime::Runtime,
+/// A node that cannot start, and why.
+struct CannotStart<'a> {
     server: SocketAddr,
-    session: &str,
-    name: &str,
-    reason: &str,
-    key: &ka_net::shell::NodeKey,
-    json: bool,
-) {
-    let told = rt.block_on(shell::report_join_failed(
-        server, session, name, [0; 6], reason, key,
-    ));
-    if json {
-        let line = NodeEventLine {
-            node: name.to_string(),
-            event: NodeLine::Leaving {
-                ok: false,
-                reason: format!("cannot start: {reason}"),
-            },
-        };
-        crate::outln!(
-            "{}",
-            serde_json::to_string(&line).expect("event lines serialize")
-        );
-    } else {
-        eprintln!("ka: {name}: cannot start: {reason}");
+    session: &'a str,
+    name: &'a str,
+    /// All zeros when unknown.
+    mac: [u8; 6],
+    reason: &'a str,
+}
+
+impl CannotStart<'_> {
+    /// Says on the console that the node cannot start and why, and tells
+    /// the source (proved with the node's `key`).
+    fn report(&self, rt: &tokio::runtime::Runtime, key: &ka_net::shell::NodeKey, json: bool) {
+        let CannotStart {
+            server,
+            session,
+            name,
+            mac,
+            reason,
+        } = *self;
+        let told = rt.block_on(shell::report_join_failed(
+            server, session, name, mac, reason, key,
+        ));
+        if json {
+            let line = NodeEventLine {
+                node: name.to_string(),
+                event: NodeLine::Leaving {
+                    ok: false,
+                    reason: format!("cannot start: {reason}"),
+                },
+            };
+            crate::outln!(
+                "{}",
+                serde_json::to_string(&line).expect("event lines serialize")
+            );
+        } else {
+            eprintln!("ka: {name}: cannot start: {reason}");
+        }
+        match told {
+            Ok(()) => eprintln!("ka: {name}: the source at {server} was told"),
+            Err(e) => eprintln!("ka: {name}: could not tell the source at {server}: {e}"),
+        }
+        eprintln!("ka: KO: {reason}");
     }
-    match told {
-        Ok(()) => eprintln!("ka: {name}: the source at {server} was told"),
-        Err(e) => eprintln!("ka: {name}: could not tell the source at {server}: {e}"),
-    }
-    eprintln!("ka: KO: {reason}");
 }
 
 /// One event of node `name`, as a JSON line or a line of text; the text
@@ -422,4 +445,28 @@ fn event_text(e: &NodeEvent) -> Option<String> {
         NodeEvent::Verified { ok: false, reason } => format!("copy does not match: {reason}"),
         NodeEvent::Left { .. } => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_that_cannot_take_the_image_is_found_before_joining() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = |p: PathBuf| check_output(&Output::Target(p));
+        let err = target(tmp.path().to_path_buf()).unwrap_err();
+        assert!(err.contains("is a directory"), "{err}");
+        let err = target(tmp.path().join("missing/x.img")).unwrap_err();
+        assert!(err.contains("does not exist"), "{err}");
+        let err = target(PathBuf::from("/dev/ka-no-such-disk")).unwrap_err();
+        assert!(err.contains("no disk"), "{err}");
+        assert_eq!(target(tmp.path().join("new.img")), Ok(()));
+        let existing = tmp.path().join("old.img");
+        std::fs::write(&existing, b"x").unwrap();
+        assert_eq!(target(existing), Ok(()));
+        let err =
+            check_output(&Output::System(vec![PathBuf::from("/dev/ka-no-such-disk")])).unwrap_err();
+        assert!(err.contains("no disk"), "{err}");
+    }
 }
