@@ -345,3 +345,50 @@ fn a_node_that_cannot_use_its_target_is_reported_failed_before_joining() {
         "{syslog:#?}"
     );
 }
+
+#[test]
+fn a_node_flooding_its_console_gets_only_its_budget_into_the_source_log() {
+    let mut s = Logged::new(6 << 20);
+    let started = Instant::now();
+    // About 3 s of streaming while the node's console floods.
+    let serve = s.serve(1, &["--max-rate", "2MiB", "--no-syslog"]);
+    let console_log = s.dir.path().join("flood-console.log");
+    {
+        let mut f = std::fs::File::create(&console_log).unwrap();
+        writeln!(f, "{}", "L".repeat(3000)).unwrap();
+        let line = "x".repeat(99);
+        for _ in 0..50_000 {
+            writeln!(f, "{line}").unwrap();
+        }
+    }
+    let node = s.join(
+        "flood",
+        &s.dir.path().join("flood.img"),
+        &s.secret,
+        &["--console-log", console_log.to_str().unwrap()],
+    );
+    let (code, out, err) = serve.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(node.finish(Duration::from_secs(30)).0, 0);
+    let seconds = started.elapsed().as_secs_f64();
+    let log = s.node_log("flood");
+    // 32 KiB of lines a second at most, plus each line's time stamp
+    // (about a quarter more on lines of 100 bytes), plus the source's own
+    // lines: the 5 MB flood never gets through.
+    let bound = (seconds + 1.0) * 32768.0 * 1.3 + 4096.0;
+    eprintln!(
+        "{} bytes of node log for {seconds:.1} s of session (bound {bound:.0}) from a 5 MB flood",
+        log.len()
+    );
+    assert!((log.len() as f64) < bound, "{} bytes", log.len());
+    assert!(
+        log.contains("lines dropped (over the log budget"),
+        "no note of the dropped lines"
+    );
+    let cut = log
+        .lines()
+        .find(|l| l.contains("LLLL"))
+        .expect("the long line arrives, cut");
+    assert!(cut.ends_with("bytes cut]"), "{cut}");
+    assert!(cut.len() < 700, "{}", cut.len());
+}
