@@ -243,6 +243,7 @@ fn every_nodes_lines_reach_its_log_file_the_system_log_and_ka_console() {
             "ka: joined as",
             "ka: fed by",
             "ka: receiving",
+            "ka: copy verified",
             "source: joined as",
             "source: released",
             "source: copy verified",
