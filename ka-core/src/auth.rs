@@ -31,7 +31,7 @@
 //! its fresh nonce. The connecting side (the *client*) answers with a
 //! message carrying its own fresh nonce and a proof: a MAC with its key
 //! over the server's nonce and every other field of the message
-//! ([`join_proof`], [`hello_proof`], [`go_proof`]). The server checks it
+//! ([`join_proof`], [`hello_proof`], [`go_proof`], [`join_failed_proof`]). The server checks it
 //! with the key it derives for the name (or ticket, or operator) the
 //! message claims; then both ends derive the connection's keys from that
 //! key and both nonces ([`Channel`]). The server's first sealed message (a
@@ -53,7 +53,7 @@
 //! makes a node leave (or look elsewhere) without writing, which anybody who
 //! can cut its connection can cause anyway.
 
-use crate::codec::{Join, Message, Nonce, RefusalCode, Tag, Ticket, PROTOCOL_VERSION};
+use crate::codec::{Join, JoinFailed, Message, Nonce, RefusalCode, Tag, Ticket, PROTOCOL_VERSION};
 use crate::ids::{Epoch, NodeId};
 
 /// The keyed primitives of one key, as the shell implements them (keyed
@@ -152,6 +152,22 @@ pub fn join_proof(key: &dyn Mac, server_nonce: &Nonce, join: &Join) -> Tag {
         "ka/join/v5",
         server_nonce,
         &Message::Join(Box::new(bare)),
+    )
+}
+
+/// The proof a node's report that it cannot join carries: its key over the
+/// server's nonce and every field of `report` but the proof. Its own
+/// domain keeps it from ever passing for a join's proof.
+pub fn join_failed_proof(key: &dyn Mac, server_nonce: &Nonce, report: &JoinFailed) -> Tag {
+    let bare = JoinFailed {
+        proof: Tag::default(),
+        ..report.clone()
+    };
+    message_proof(
+        key,
+        "ka/join-failed/v6",
+        server_nonce,
+        &Message::JoinFailed(Box::new(bare)),
     )
 }
 
@@ -573,6 +589,45 @@ mod tests {
         ] {
             assert!(!tags_equal(&proof, &join_proof(&*key, &nonce, &changed)));
         }
+    }
+
+    #[test]
+    fn a_join_failure_proof_covers_the_key_the_nonce_and_the_reason() {
+        let root = StandInKey(1);
+        let key = node_key(&root, "n");
+        let nonce = Nonce([7; 32]);
+        let report = JoinFailed {
+            version: PROTOCOL_VERSION,
+            session: "s".into(),
+            name: "n".into(),
+            mac: [1; 6],
+            reason: "target is a directory".into(),
+            nonce: Nonce([3; 32]),
+            proof: Tag::default(),
+        };
+        let proof = join_failed_proof(&*key, &nonce, &report);
+        let proved = JoinFailed {
+            proof,
+            ..report.clone()
+        };
+        assert!(tags_equal(
+            &proof,
+            &join_failed_proof(&*key, &nonce, &proved)
+        ));
+        assert!(!tags_equal(
+            &proof,
+            &join_failed_proof(&*node_key(&root, "m"), &nonce, &report)
+        ));
+        let other_reason = JoinFailed {
+            reason: "something else".into(),
+            ..report.clone()
+        };
+        assert!(!tags_equal(
+            &proof,
+            &join_failed_proof(&*key, &nonce, &other_reason)
+        ));
+        // Not a join's proof either.
+        assert!(!tags_equal(&proof, &join_proof(&*key, &nonce, &join("n"))));
     }
 
     #[test]

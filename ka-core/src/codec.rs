@@ -24,8 +24,13 @@ use crate::ids::{Epoch, NodeId};
 /// node ([`crate::auth`]): the connecting side's nonce in [`Join::nonce`],
 /// [`Message::DataHello`] and [`Message::Go`], the source's run in
 /// [`Message::Welcome`], the link ticket in [`Upstream::ticket`], and
-/// [`Message::Sealed`] around every message after the handshake.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// [`Message::Sealed`] around every message after the handshake. Version 6
+/// added the nodes' lines for the source's logs ([`Message::Log`]) and the
+/// report of a node that could not join ([`Message::JoinFailed`]).
+pub const PROTOCOL_VERSION: u16 = 6;
+/// The most lines one [`Message::Log`] carries: with every line at
+/// [`MAX_STRING`] the message still fits a frame.
+pub const MAX_LOG_LINES: usize = 32;
 /// The largest frame (tag and body) a peer may send.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// The longest string field in bytes.
@@ -225,6 +230,28 @@ pub struct Join {
     pub proof: Tag,
 }
 
+/// A node that could not join reports why, proved with its key like a
+/// join ([`crate::auth::join_failed_proof`]), so the source shows a node
+/// that failed before joining instead of just waiting for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinFailed {
+    /// The protocol version the node speaks.
+    pub version: u16,
+    /// The session it meant to join.
+    pub session: String,
+    /// Its name.
+    pub name: String,
+    /// Its MAC address, when it knows it (all zeros when not).
+    pub mac: [u8; 6],
+    /// Why it cannot join (its target is missing, too small, read-only…).
+    pub reason: String,
+    /// The node's fresh nonce (covered by the proof like every field).
+    pub nonce: Nonce,
+    /// MAC with the node's key over the server's nonce and every other
+    /// field ([`crate::auth::join_failed_proof`]).
+    pub proof: Tag,
+}
+
 /// Where a node's data stands, sent periodically; it doubles as the heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Progress {
@@ -366,6 +393,17 @@ pub enum Message {
         /// The offset the node asked for and was refused.
         from: u64,
     },
+    /// Node → source, on its sealed control connection: lines for its log
+    /// at the source (its own events, its console). At most
+    /// [`MAX_LOG_LINES`]; the source bounds their length and the bytes it
+    /// takes per node per second.
+    Log {
+        /// The lines, without line ends.
+        lines: Vec<String>,
+    },
+    /// Node → source, instead of a join: the node cannot start and says
+    /// why (boxed: large and rare).
+    JoinFailed(Box<JoinFailed>),
     /// Any message after the handshake, authenticated on its connection
     /// ([`crate::auth::Channel`]): `body` is the inner message's frame
     /// without its length prefix, `tag` a MAC over the sender's sequence
@@ -397,6 +435,8 @@ mod tag {
     pub const DATA_ACCEPTED: u8 = 16;
     pub const STRANDED: u8 = 17;
     pub const SEALED: u8 = 18;
+    pub const LOG: u8 = 19;
+    pub const JOIN_FAILED: u8 = 20;
 }
 
 impl Message {
@@ -564,6 +604,28 @@ impl Message {
                 out.put_u64(epoch.0);
                 out.put_u64(*from);
             }
+            Message::Log { lines } => {
+                out.put_u8(tag::LOG);
+                assert!(
+                    lines.len() <= MAX_LOG_LINES,
+                    "a log message of {} lines",
+                    lines.len()
+                );
+                out.put_u16(lines.len() as u16);
+                for line in lines {
+                    put_str(out, line);
+                }
+            }
+            Message::JoinFailed(f) => {
+                out.put_u8(tag::JOIN_FAILED);
+                out.put_u16(f.version);
+                put_str(out, &f.session);
+                put_str(out, &f.name);
+                out.put_slice(&f.mac);
+                put_str(out, &f.reason);
+                out.put_slice(&f.nonce.0);
+                out.put_slice(&f.proof.0);
+            }
             Message::Sealed { tag, body } => {
                 out.put_u8(tag::SEALED);
                 out.put_slice(&tag.0);
@@ -595,19 +657,22 @@ impl Message {
             Message::DataHello { .. } => "DataHello",
             Message::DataAccepted { .. } => "DataAccepted",
             Message::Stranded { .. } => "Stranded",
+            Message::Log { .. } => "Log",
+            Message::JoinFailed(_) => "JoinFailed",
             Message::Sealed { .. } => "Sealed",
         }
     }
 
     /// Whether this message opens a conversation or answers its challenge,
-    /// and so travels in the clear: a challenge, a join, a data hello, a
-    /// go. ([`Message::Refused`] also travels in the clear, but may come at
+    /// and so travels in the clear: a challenge, a join, a join failure, a
+    /// data hello, a go. ([`Message::Refused`] also travels in the clear, but may come at
     /// any point.)
     pub fn is_handshake(&self) -> bool {
         matches!(
             self,
             Message::Challenge { .. }
                 | Message::Join(_)
+                | Message::JoinFailed(_)
                 | Message::DataHello { .. }
                 | Message::Go { .. }
         )
@@ -909,6 +974,30 @@ impl Reader<'_> {
                 epoch: Epoch(self.u64()?),
                 from: self.u64()?,
             },
+            tag::LOG => {
+                let count = self.u16()? as usize;
+                if count > MAX_LOG_LINES {
+                    return Err(DecodeError::TooLong(count as u64));
+                }
+                // Every line takes at least its length prefix.
+                if count * 2 > self.0.len() {
+                    return Err(DecodeError::Invalid("list longer than its frame"));
+                }
+                let mut lines = Vec::with_capacity(count);
+                for _ in 0..count {
+                    lines.push(self.string()?);
+                }
+                Message::Log { lines }
+            }
+            tag::JOIN_FAILED => Message::JoinFailed(Box::new(JoinFailed {
+                version: self.u16()?,
+                session: self.string()?,
+                name: self.string()?,
+                mac: self.take(6)?.try_into().expect("6"),
+                reason: self.string()?,
+                nonce: Nonce(self.bytes32()?),
+                proof: Tag(self.bytes32()?),
+            })),
             tag::SEALED => {
                 let tag = Tag(self.bytes32()?);
                 let body = self.take(self.0.len())?.to_vec();
@@ -1084,7 +1173,35 @@ mod tests {
             any::<u64>().prop_map(|from| Message::DataAccepted { from }),
             stranded(),
             sealed(),
+            log(),
+            join_failed(),
         ]
+    }
+
+    fn log() -> impl Strategy<Value = Message> {
+        proptest::collection::vec(text(), 0..=MAX_LOG_LINES)
+            .prop_map(|lines| Message::Log { lines })
+    }
+
+    fn join_failed() -> impl Strategy<Value = Message> {
+        (
+            any::<u16>(),
+            (text(), text(), text()),
+            any::<[u8; 6]>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+        )
+            .prop_map(|(version, (session, name, reason), mac, nonce, proof)| {
+                Message::JoinFailed(Box::new(JoinFailed {
+                    version,
+                    session,
+                    name,
+                    mac,
+                    reason,
+                    nonce: Nonce(nonce),
+                    proof: Tag(proof),
+                }))
+            })
     }
 
     fn sealed() -> impl Strategy<Value = Message> {
@@ -1311,6 +1428,52 @@ mod tests {
         };
         assert!(!format!("{up:?}").contains("77"));
         assert!(hello.is_handshake() && !sealed.is_handshake());
+    }
+
+    #[test]
+    fn a_log_message_is_bounded_in_lines_and_line_length() {
+        // The most lines, each as long as a string may be, fit a frame.
+        let long = "x".repeat(5000);
+        let full = Message::Log {
+            lines: vec![long; MAX_LOG_LINES],
+        };
+        let bytes = full.to_bytes();
+        assert!(bytes.len() <= MAX_FRAME + 4);
+        let Ok(Message::Log { lines }) = Message::decode_exact(&bytes) else {
+            panic!("a full log message does not decode")
+        };
+        assert_eq!(lines.len(), MAX_LOG_LINES);
+        assert!(lines
+            .iter()
+            .all(|l| l.len() <= MAX_STRING && l.ends_with('…')));
+        // A count above the bound is refused before anything is read.
+        let mut buf = BytesMut::new();
+        buf.put_u32(3);
+        buf.put_u8(tag::LOG);
+        buf.put_u16(MAX_LOG_LINES as u16 + 1);
+        assert_eq!(
+            Message::decode(&mut buf),
+            Err(DecodeError::TooLong(MAX_LOG_LINES as u64 + 1))
+        );
+        // So is a count the frame cannot hold.
+        let mut buf = BytesMut::new();
+        buf.put_u32(5);
+        buf.put_u8(tag::LOG);
+        buf.put_u16(2);
+        buf.put_u16(0);
+        assert!(matches!(
+            Message::decode(&mut buf),
+            Err(DecodeError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    #[should_panic(expected = "a log message of 33 lines")]
+    fn encoding_too_many_log_lines_is_a_programming_error() {
+        let _ = Message::Log {
+            lines: vec![String::new(); MAX_LOG_LINES + 1],
+        }
+        .to_bytes();
     }
 
     #[test]

@@ -59,6 +59,11 @@ pub struct SourceConfig {
     /// from it ([`crate::auth::link_ticket`]), so none outlives the process
     /// that handed it out; the welcome tells it to each node.
     pub run: Nonce,
+    /// The bytes of log lines ([`crate::codec::Message::Log`]) the source
+    /// takes from one node per second; what a node sends beyond it is
+    /// dropped and counted, so no node can fill the source's disk or
+    /// occupy its CPU with logs.
+    pub log_bytes_per_sec: u32,
 }
 
 impl SourceConfig {
@@ -85,6 +90,7 @@ impl SourceConfig {
             image_size: None,
             image_id: ImageId::default(),
             run: Nonce::default(),
+            log_bytes_per_sec: 32 << 10,
         }
     }
 }

@@ -114,7 +114,8 @@
 //! first message of the connecting side says what it is: a
 //! [`codec::Message::Join`] (a node's control connection), a
 //! [`codec::Message::DataHello`] (a data connection from a downstream, after
-//! which raw [`record`]s flow), or a [`codec::Message::Go`] (an operator).
+//! which raw [`record`]s flow), a [`codec::Message::Go`] (an operator), or a
+//! [`codec::Message::JoinFailed`] (a node that cannot start, saying why).
 //! Each carries the connecting side's own nonce and a MAC with its key over
 //! the challenge's nonce and the message ([`auth`]), so strangers are
 //! refused before they get a place or a byte.

@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::auth::{check_data_hello, join_proof, Channel, DataHello, DataRequest, Mac, Side};
 use crate::codec::{
-    Digest, ImageId, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream,
+    Digest, ImageId, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, MAX_LOG_LINES,
     PROTOCOL_VERSION,
 };
 use crate::config::NodeConfig;
@@ -46,6 +46,9 @@ use crate::time::Time;
 use crate::timer::{TimerKind, TimerTable};
 use core::net::SocketAddr;
 use core::time::Duration;
+
+/// The most log lines a node keeps while the source has not welcomed it.
+pub const MAX_PENDING_LOG: usize = 256;
 
 /// Where the node's control conversation with the source stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,6 +370,11 @@ pub struct Node {
     /// When we last had the source (or started): `source_wait` runs from here.
     source_since: Time,
     timers: TimerTable<Timer, 6>,
+    /// Log lines waiting for the source to welcome us, at most
+    /// [`MAX_PENDING_LOG`].
+    pending_log: VecDeque<String>,
+    /// Lines dropped because the pending ones filled up, told when they go.
+    log_dropped: u32,
     transmits: VecDeque<(ConnId, Message)>,
     actions: VecDeque<NodeAction>,
     events: VecDeque<NodeEvent>,
@@ -418,6 +426,8 @@ impl Node {
             join_have: 0,
             source_since: now,
             timers,
+            pending_log: VecDeque::new(),
+            log_dropped: 0,
             transmits: VecDeque::new(),
             actions: VecDeque::new(),
             events: VecDeque::new(),
@@ -427,6 +437,21 @@ impl Node {
     }
 
     // ----- inputs -----
+
+    /// Lines for this node's log at the source (its own events, its
+    /// console): sent at once on the control connection when the source has
+    /// welcomed us, else kept until it does — at most [`MAX_PENDING_LOG`],
+    /// the newest dropped and counted beyond that.
+    pub fn handle_log(&mut self, _now: Time, lines: impl IntoIterator<Item = String>) {
+        for line in lines {
+            if self.pending_log.len() < MAX_PENDING_LOG {
+                self.pending_log.push_back(line);
+            } else {
+                self.log_dropped += 1;
+            }
+        }
+        self.flush_log();
+    }
 
     /// The control connection to the source is open; `nonce` must be fresh
     /// and unpredictable: the source will have to prove our key over it.
@@ -760,6 +785,28 @@ impl Node {
         self.actions.push_back(NodeAction::Close { conn });
     }
 
+    /// Sends the pending log lines, if we are joined, in messages of at
+    /// most [`MAX_LOG_LINES`].
+    fn flush_log(&mut self) {
+        if !matches!(self.control, ControlState::Joined(_)) {
+            return;
+        }
+        if self.log_dropped > 0 {
+            // Told after the lines kept, so it goes even over a full buffer.
+            let note = format!(
+                "ka: {} lines dropped while the source was away",
+                self.log_dropped
+            );
+            self.log_dropped = 0;
+            self.pending_log.push_back(note);
+        }
+        while !self.pending_log.is_empty() {
+            let n = self.pending_log.len().min(MAX_LOG_LINES);
+            let lines: Vec<String> = self.pending_log.drain(..n).collect();
+            self.send_control(Message::Log { lines });
+        }
+    }
+
     /// Queues `msg` for the source, sealed, if we are joined; whether we are.
     fn send_control(&mut self, msg: Message) -> bool {
         let (ControlState::Joined(c), Some(channel)) = (self.control, &mut self.control_channel)
@@ -940,6 +987,7 @@ impl Node {
                     resumed_from: resume_from.min(self.received.prefix_end()),
                 });
                 self.send_control(Message::Progress(self.progress()));
+                self.flush_log();
                 self.timers.set(Timer::Heartbeat, now + self.heartbeat);
                 self.timers.set(Timer::SourceSilence, now + self.dead_after);
                 // A source that restarted knows nothing of us: say again what we

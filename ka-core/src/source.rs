@@ -49,17 +49,35 @@ use core::time::Duration;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::auth::{
-    check_data_hello, go_proof, join_proof, link_ticket, node_key, operator_key, source_data_key,
-    tags_equal, Channel, DataRequest, Mac, Side,
+    check_data_hello, go_proof, join_failed_proof, join_proof, link_ticket, node_key, operator_key,
+    source_data_key, tags_equal, Channel, DataRequest, Mac, Side,
 };
 use crate::codec::{
-    Digest, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, PROTOCOL_VERSION,
+    Digest, Join, JoinFailed, Message, Nonce, Progress, Refusal, RefusalCode, Upstream,
+    PROTOCOL_VERSION,
 };
 use crate::config::{SlowPolicy, SourceConfig};
 use crate::ids::{ConnId, Epoch, NodeId};
 use crate::time::Time;
 use crate::timer::{TimerKind, TimerTable};
 use crate::topology::{Parent, Topology};
+
+/// The longest log line the source keeps, in bytes: a longer one is cut
+/// and says so, so one line cannot take a node's whole budget unseen.
+pub const MAX_LOG_LINE: usize = 512;
+
+/// `line`, or its first [`MAX_LOG_LINE`] bytes (at a character) followed
+/// by how much was cut.
+fn cut_log_line(line: String) -> String {
+    if line.len() <= MAX_LOG_LINE {
+        return line;
+    }
+    let mut end = MAX_LOG_LINE;
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [{} bytes cut]", &line[..end], line.len() - end)
+}
 
 /// What the source waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +228,52 @@ pub enum SourceEvent {
         /// Why.
         reason: String,
     },
+    /// Lines a node sent for its log, within its budget: its own events,
+    /// its console. Long lines are cut ([`MAX_LOG_LINE`]); lines over the
+    /// budget are dropped and one line of their count follows.
+    NodeLog {
+        /// The node.
+        node: NodeId,
+        /// Its name.
+        name: String,
+        /// The lines.
+        lines: Vec<String>,
+    },
+    /// A node could not start and said why, proved with its key.
+    JoinFailed(FailedBeforeJoin),
+}
+
+/// A node that reported it could not join ([`Message::JoinFailed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedBeforeJoin {
+    /// Its name.
+    pub name: String,
+    /// Its MAC address (all zeros when it did not know it).
+    pub mac: [u8; 6],
+    /// Why it could not join.
+    pub reason: String,
+    /// When the source heard it.
+    pub at: Time,
+}
+
+impl FailedBeforeJoin {
+    /// Its line in the final report, as node `id`.
+    fn report_line(&self, id: NodeId) -> NodeReport {
+        NodeReport {
+            node: id,
+            name: self.name.clone(),
+            mac: self.mac,
+            outcome: Some(Err(format!("failed before joining: {}", self.reason))),
+            received: 0,
+            joined_at: self.at,
+            finished_at: Some(self.at),
+            deaths: 0,
+            resumed_from: 0,
+            restored: false,
+            released: false,
+            failed_before_join: true,
+        }
+    }
 }
 
 /// A node's line in the final report.
@@ -242,6 +306,9 @@ pub struct NodeReport {
     /// verified node that died before its release is still OK (its copy
     /// checked), but was not released: an administrator should look at it.
     pub released: bool,
+    /// It never joined: it reported it could not start
+    /// ([`Message::JoinFailed`]), and `outcome` says why.
+    pub failed_before_join: bool,
 }
 
 impl NodeReport {
@@ -279,6 +346,19 @@ struct NodeRecord {
     /// it has its own copy, the source takes it over rather than keep that
     /// node waiting for it.
     moved_as_slow: bool,
+    /// Its log budget for the current second.
+    log: LogBudget,
+}
+
+/// What a node has spent of its log budget ([`SourceConfig::log_bytes_per_sec`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct LogBudget {
+    /// When the current one-second window began.
+    since: Time,
+    /// Bytes taken in it.
+    spent: u64,
+    /// Lines dropped in it, told when it ends.
+    dropped: u32,
 }
 
 impl NodeRecord {
@@ -381,6 +461,10 @@ pub struct Source {
     /// and have not come back, by name: no longer counted towards the start,
     /// but the report still names them (as failed).
     lost_before_start: BTreeMap<String, NodeReport>,
+    /// Nodes that reported they could not join and have not joined since,
+    /// by name: one entry per name, and only names whose key proved it, so
+    /// bounded by the nodes the secret covers.
+    failed_before_join: BTreeMap<String, (NodeId, FailedBeforeJoin)>,
     topology: Topology,
     epoch: Epoch,
     image: Option<(u64, Digest)>,
@@ -416,6 +500,7 @@ impl Source {
             nodes: BTreeMap::new(),
             names: BTreeMap::new(),
             lost_before_start: BTreeMap::new(),
+            failed_before_join: BTreeMap::new(),
             epoch: Epoch(0),
             image: None,
             read: 0,
@@ -504,6 +589,9 @@ impl Source {
                 self.send(conn, Message::GoAck { started, nodes });
                 self.forget_conn(conn);
             }
+            (ConnRole::Challenged(nonce), Message::JoinFailed(report)) => {
+                self.on_join_failed(now, conn, nonce, *report)
+            }
             (ConnRole::Challenged(nonce), hello @ Message::DataHello { .. }) => {
                 self.on_data_hello(conn, nonce, hello)
             }
@@ -591,6 +679,7 @@ impl Source {
                 resumed_from: received,
                 restored: true,
                 released: true,
+                failed_before_join: false,
             },
             data_addr: self.config.data_addr,
             wait_release: false,
@@ -607,6 +696,7 @@ impl Source {
             rate_samples: VecDeque::new(),
             slow_handled: true,
             moved_as_slow: false,
+            log: LogBudget::default(),
         };
         self.nodes.insert(id, record);
         self.names.insert(name, id);
@@ -740,9 +830,20 @@ impl Source {
             .values()
             .map(|r| r.report.clone())
             .chain(self.lost_before_start.values().cloned())
+            .chain(
+                self.failed_before_join
+                    .values()
+                    .map(|(id, f)| f.report_line(*id)),
+            )
             .collect();
         report.sort_by_key(|r| r.node);
         report
+    }
+
+    /// The nodes that reported they could not join and have not joined
+    /// since, by name.
+    pub fn failed_before_join(&self) -> impl Iterator<Item = &FailedBeforeJoin> + '_ {
+        self.failed_before_join.values().map(|(_, f)| f)
     }
 
     /// The session's configuration.
@@ -761,10 +862,17 @@ impl Source {
     /// restored as failed may be about to come back, so it waits to be counted
     /// until it does.
     fn present(&self) -> u32 {
-        self.nodes
+        let failed = self
+            .failed_before_join
+            .keys()
+            .filter(|name| !self.names.contains_key(*name))
+            .count();
+        (self
+            .nodes
             .values()
             .filter(|r| r.live() || (r.report.restored && r.report.is_ok()))
-            .count() as u32
+            .count()
+            + failed) as u32
     }
 
     /// Whether the whole image can be served (read to its end, or a file of
@@ -915,6 +1023,7 @@ impl Source {
                 resumed_from: have,
                 restored: false,
                 released: false,
+                failed_before_join: false,
             },
             data_addr: join.data_addr,
             wait_release: join.wait_release,
@@ -937,10 +1046,15 @@ impl Source {
             rate_samples: VecDeque::new(),
             slow_handled: false,
             moved_as_slow: false,
+            log: LogBudget {
+                since: now,
+                ..LogBudget::default()
+            },
         };
         // Any earlier record of this name was settled (dead) by now.
         self.nodes.insert(id, record);
         self.lost_before_start.remove(&join.name);
+        self.failed_before_join.remove(&join.name);
         self.unsettled += 1;
         self.names.insert(join.name.clone(), id);
         self.conns.insert(conn, ConnRole::Control(id));
@@ -1102,6 +1216,7 @@ impl Source {
             }
             Message::Stranded { epoch, from } => self.on_stranded(id, epoch, from),
             Message::Heartbeat => {}
+            Message::Log { lines } => self.on_log(now, id, lines),
             other => {
                 let reason = format!(
                     "protocol violation: unexpected {} from a joined node",
@@ -1109,6 +1224,117 @@ impl Source {
                 );
                 self.declare_dead(now, id, reason);
             }
+        }
+    }
+
+    /// Checks a node's report that it cannot join like a join (version,
+    /// session, the proof of the key of the node it names) and records it,
+    /// or refuses it like a join. The connection closes either way: the
+    /// node has nothing more to say.
+    fn on_join_failed(&mut self, now: Time, conn: ConnId, nonce: Nonce, report: JoinFailed) {
+        if report.version != PROTOCOL_VERSION || report.session != self.config.session {
+            let detail = format!(
+                "a join failure for session {:?} v{}; this is {:?} v{PROTOCOL_VERSION}",
+                report.session, report.version, self.config.session
+            );
+            return self.refuse(conn, RefusalCode::WrongSession, detail);
+        }
+        let key = node_key(&*self.key, &report.name);
+        if !tags_equal(&report.proof, &join_failed_proof(&*key, &nonce, &report)) {
+            let detail = format!(
+                "a join failure from {:?} without its key: give the node the source's secret file, or its own key",
+                report.name
+            );
+            return self.refuse(conn, RefusalCode::BadProof, detail);
+        }
+        // A node already live under that name is somebody else's business:
+        // the report cannot be its, it is joined.
+        if self
+            .names
+            .get(&report.name)
+            .is_some_and(|id| self.nodes[id].live())
+        {
+            let detail = format!("node {:?} is joined", report.name);
+            return self.refuse(conn, RefusalCode::NameInUse, detail);
+        }
+        let failed = FailedBeforeJoin {
+            name: report.name.clone(),
+            mac: report.mac,
+            reason: report.reason,
+            at: now,
+        };
+        let id = match self.failed_before_join.get(&report.name) {
+            Some((id, _)) => *id,
+            None => {
+                let id = NodeId(self.next_id);
+                self.next_id += 1;
+                id
+            }
+        };
+        self.failed_before_join
+            .insert(report.name, (id, failed.clone()));
+        self.events.push_back(SourceEvent::JoinFailed(failed));
+        self.forget_conn(conn);
+        // It counts towards the nodes the start waits for: it will not come.
+        if self.state == SourceState::AwaitingNodes && self.present() >= self.config.expected_nodes
+        {
+            self.start(now, StartTrigger::AllJoined);
+        }
+        self.check_complete(now);
+    }
+
+    /// Takes a node's log lines within its budget: lines are cut to
+    /// [`MAX_LOG_LINE`], and those over the second's budget are dropped and
+    /// counted (told once the second ends).
+    fn on_log(&mut self, now: Time, id: NodeId, lines: Vec<String>) {
+        self.end_log_window(now, id);
+        let budget = u64::from(self.config.log_bytes_per_sec);
+        let record = self.nodes.get_mut(&id).expect("caller checked");
+        let mut kept = Vec::new();
+        for line in lines {
+            let line = cut_log_line(line);
+            let cost = line.len() as u64 + 1;
+            if record.log.spent + cost > budget {
+                record.log.dropped += 1;
+            } else {
+                record.log.spent += cost;
+                kept.push(line);
+            }
+        }
+        if !kept.is_empty() {
+            let name = record.report.name.clone();
+            self.events.push_back(SourceEvent::NodeLog {
+                node: id,
+                name,
+                lines: kept,
+            });
+        }
+    }
+
+    /// Starts a new log window for `id` if its second is over, telling how
+    /// many lines the last one dropped.
+    fn end_log_window(&mut self, now: Time, id: NodeId) {
+        let budget = self.config.log_bytes_per_sec;
+        let Some(record) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        if now.saturating_since(record.log.since) < Duration::from_secs(1) {
+            return;
+        }
+        let dropped = record.log.dropped;
+        record.log = LogBudget {
+            since: now,
+            ..LogBudget::default()
+        };
+        if dropped > 0 {
+            let name = record.report.name.clone();
+            self.events.push_back(SourceEvent::NodeLog {
+                node: id,
+                name,
+                lines: vec![format!(
+                    "ka: {dropped} lines dropped (over the log budget of {budget} bytes/s)"
+                )],
+            });
         }
     }
 
@@ -1291,6 +1517,15 @@ impl Source {
             }
         }
         self.timers.set(Timer::Tick, now + self.config.heartbeat);
+        let flooded: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, r)| r.log.dropped > 0)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in flooded {
+            self.end_log_window(now, id);
+        }
         let dead_after = self.config.dead_after;
         let silent: Vec<(NodeId, Duration)> = self
             .nodes
@@ -1619,7 +1854,9 @@ impl Source {
             .chain(self.lost_before_start.values())
             .filter(|r| r.is_ok())
             .count() as u32;
-        let ko = (self.nodes.len() + self.lost_before_start.len()) as u32 - ok;
+        let ko = (self.nodes.len() + self.lost_before_start.len() + self.failed_before_join.len())
+            as u32
+            - ok;
         self.events.push_back(SourceEvent::Finished { ok, ko });
     }
 
@@ -1653,7 +1890,7 @@ mod tests {
     use super::*;
 
     use crate::auth::StandInKey;
-    use crate::codec::ImageId;
+    use crate::codec::{ImageId, Tag};
 
     const NONCE: Nonce = Nonce([5; 32]);
 
@@ -1714,6 +1951,205 @@ mod tests {
             Message::Join(Box::new(join(name))),
         );
         assert!(src.names.contains_key(name), "{name} was not admitted");
+    }
+
+    /// The node's end of the control connection `joined` opened for `name`.
+    fn node_channel(name: &str) -> Channel {
+        let key = node_key(&StandInKey(1), name);
+        Channel::new(&*key, &NONCE, &Nonce([6; 32]), Side::Client)
+    }
+
+    /// The lines of every `NodeLog` event queued, by node name.
+    fn logged(src: &mut Source) -> Vec<(String, String)> {
+        std::iter::from_fn(|| src.poll_event())
+            .filter_map(|e| match e {
+                SourceEvent::NodeLog { name, lines, .. } => Some((name, lines)),
+                _ => None,
+            })
+            .flat_map(|(name, lines)| lines.into_iter().map(move |l| (name.clone(), l)))
+            .collect()
+    }
+
+    #[test]
+    fn a_welcomed_nodes_log_lines_surface_with_its_name() {
+        let mut src = source(2);
+        joined(&mut src, 1, "a");
+        let mut ch = node_channel("a");
+        let log = Message::Log {
+            lines: vec!["ka: a: joined as node 1".into(), "console: hello".into()],
+        };
+        src.handle_message(Time::ZERO, ConnId(1), ch.seal(log));
+        assert_eq!(
+            logged(&mut src),
+            [
+                ("a".to_string(), "ka: a: joined as node 1".to_string()),
+                ("a".to_string(), "console: hello".to_string())
+            ]
+        );
+        assert!(src.is_live(NodeId(1)));
+    }
+
+    #[test]
+    fn log_lines_before_a_welcome_or_on_a_data_connection_are_refused() {
+        let mut src = source(2);
+        // In the clear, before any join.
+        src.handle_connected(Time::ZERO, ConnId(1), NONCE);
+        src.handle_message(
+            Time::ZERO,
+            ConnId(1),
+            Message::Log {
+                lines: vec!["forged".into()],
+            },
+        );
+        let events: Vec<SourceEvent> = std::iter::from_fn(|| src.poll_event()).collect();
+        assert!(
+            matches!(&events[..], [SourceEvent::Refused { refusal, .. }] if refusal.code == RefusalCode::NotExpected),
+            "{events:?}"
+        );
+        // On a data connection the source serves.
+        joined(&mut src, 2, "a");
+        joined(&mut src, 3, "b");
+        let _ = std::iter::from_fn(|| src.poll_event()).count();
+        let ticket = src
+            .data_key
+            .keyed(&link_ticket(&*src.data_key, &src.config.run, NodeId(1)).0);
+        let hello = crate::auth::DataHello {
+            session: "s".into(),
+            node: NodeId(1),
+            epoch: src.epoch,
+            from: 0,
+            nonce: Nonce([8; 32]),
+        };
+        src.handle_connected(Time::ZERO, ConnId(4), NONCE);
+        src.handle_message(Time::ZERO, ConnId(4), hello.proved(&*ticket, &NONCE));
+        assert!(matches!(src.conns.get(&ConnId(4)), Some(ConnRole::Data(_))));
+        src.handle_message(
+            Time::ZERO,
+            ConnId(4),
+            Message::Log {
+                lines: vec!["forged".into()],
+            },
+        );
+        assert!(logged(&mut src).is_empty());
+        assert!(
+            !src.conns.contains_key(&ConnId(4)),
+            "the data connection stays"
+        );
+        // A log in the clear on a node's sealed connection does not open:
+        // the connection is not the node's any more.
+        src.handle_message(
+            Time::ZERO,
+            ConnId(2),
+            Message::Log {
+                lines: vec!["forged".into()],
+            },
+        );
+        assert!(logged(&mut src).is_empty());
+        assert!(!src.is_live(NodeId(1)));
+    }
+
+    #[test]
+    fn a_flooding_node_gets_its_budget_per_second_and_one_note_of_the_rest() {
+        let mut src = source(2);
+        joined(&mut src, 1, "a");
+        let _ = std::iter::from_fn(|| src.poll_event()).count();
+        let budget = u64::from(src.config.log_bytes_per_sec);
+        let mut ch = node_channel("a");
+        let line = "x".repeat(99);
+        // Ten times the budget within one second.
+        let mut at = Time::ZERO;
+        let mut kept = 0u64;
+        for _ in 0..(10 * budget / 100 / crate::codec::MAX_LOG_LINES as u64) {
+            let log = Message::Log {
+                lines: vec![line.clone(); crate::codec::MAX_LOG_LINES],
+            };
+            src.handle_message(at, ConnId(1), ch.seal(log));
+            kept += logged(&mut src)
+                .iter()
+                .map(|(_, l)| l.len() as u64 + 1)
+                .sum::<u64>();
+            at = at + Duration::from_millis(1);
+        }
+        assert!(kept <= budget, "{kept} bytes taken, budget {budget}");
+        assert!(kept > budget - 200, "{kept} bytes taken, budget {budget}");
+        // The second ends: one line tells what was dropped.
+        src.handle_timeout(Time::ZERO + Duration::from_millis(1250));
+        let notes = logged(&mut src);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].1.contains("lines dropped"), "{notes:?}");
+        let dropped: u64 = notes[0].1.split(' ').nth(1).unwrap().parse().unwrap();
+        assert_eq!(dropped * 100 + kept, 10 * budget / 100 / 32 * 32 * 100);
+    }
+
+    #[test]
+    fn an_overlong_log_line_is_cut_and_says_so() {
+        let mut src = source(2);
+        joined(&mut src, 1, "a");
+        let mut ch = node_channel("a");
+        let log = Message::Log {
+            lines: vec!["é".repeat(MAX_LOG_LINE)],
+        };
+        src.handle_message(Time::ZERO, ConnId(1), ch.seal(log));
+        let lines = logged(&mut src);
+        assert_eq!(lines.len(), 1);
+        let (kept, note) = lines[0].1.split_once('…').expect("cut");
+        assert!(kept.len() <= MAX_LOG_LINE);
+        assert_eq!(
+            note,
+            format!(" [{} bytes cut]", 2 * MAX_LOG_LINE - kept.len())
+        );
+    }
+
+    fn join_failed(name: &str, root: &dyn Mac) -> Message {
+        let mut report = JoinFailed {
+            version: PROTOCOL_VERSION,
+            session: "s".into(),
+            name: name.into(),
+            mac: [2; 6],
+            reason: "target is a directory".into(),
+            nonce: Nonce([6; 32]),
+            proof: Tag::default(),
+        };
+        report.proof = join_failed_proof(&*node_key(root, name), &NONCE, &report);
+        Message::JoinFailed(Box::new(report))
+    }
+
+    #[test]
+    fn a_proved_join_failure_is_reported_counted_and_lets_the_others_start() {
+        let mut src = source(2);
+        joined(&mut src, 1, "a");
+        src.handle_connected(Time::ZERO, ConnId(2), NONCE);
+        src.handle_message(Time::ZERO, ConnId(2), join_failed("b", &StandInKey(1)));
+        let events: Vec<SourceEvent> = std::iter::from_fn(|| src.poll_event()).collect();
+        assert!(events.iter().any(|e| matches!(e, SourceEvent::JoinFailed(f)
+            if f.name == "b" && f.reason == "target is a directory" && f.mac == [2; 6])));
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, SourceEvent::Started { nodes: 1, .. })),
+            "the failed node counts towards the start: {events:?}"
+        );
+        let report = src.report();
+        let b = report
+            .iter()
+            .find(|r| r.name == "b")
+            .expect("b is reported");
+        assert!(b.failed_before_join && !b.is_ok());
+        assert!(!src.conns.contains_key(&ConnId(2)));
+    }
+
+    #[test]
+    fn a_join_failure_without_the_nodes_key_is_refused_and_not_recorded() {
+        let mut src = source(2);
+        src.handle_connected(Time::ZERO, ConnId(1), NONCE);
+        src.handle_message(Time::ZERO, ConnId(1), join_failed("b", &StandInKey(2)));
+        let events: Vec<SourceEvent> = std::iter::from_fn(|| src.poll_event()).collect();
+        assert!(
+            matches!(&events[..], [SourceEvent::Refused { refusal, .. }] if refusal.code == RefusalCode::BadProof),
+            "{events:?}"
+        );
+        assert!(src.report().is_empty());
+        assert_eq!(src.state(), SourceState::AwaitingNodes);
     }
 
     #[test]

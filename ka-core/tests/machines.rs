@@ -3094,3 +3094,107 @@ fn the_window_model_strands_and_feeds_from_the_source_beyond_the_arity() {
     assert!(world.seen.stranded_reports > 0, "{:?}", world.seen);
     assert!(world.seen.fed_by_source_beyond_arity, "{:?}", world.seen);
 }
+
+/// The lines of every `Log` message in `sent`.
+fn log_lines(sent: &[(ConnId, Message)]) -> Vec<String> {
+    sent.iter()
+        .filter_map(|(_, m)| match m {
+            Message::Log { lines } => Some(lines.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn a_nodes_log_lines_wait_for_its_welcome_and_then_go_sealed() {
+    let mut node = Node::new(
+        Time::ZERO,
+        NodeConfig::new("s", "a", addr(2)),
+        key_of("a"),
+        None,
+    );
+    node.handle_log(Time::ZERO, ["before the source".to_string()]);
+    assert!(
+        node.poll_transmit().is_none(),
+        "nothing goes before a welcome"
+    );
+    node.handle_source_connected(t(1), ConnId(1), Nonce([0x40; 32]));
+    node.say(
+        t(1),
+        ConnId(1),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([0; 32]),
+        },
+    );
+    assert!(log_lines(&sent(&mut node)).is_empty(), "nor with the join");
+    node.say(
+        t(1),
+        ConnId(1),
+        Message::Welcome {
+            node: NodeId(1),
+            heartbeat_ms: 250,
+            dead_after_ms: 1000,
+            image_size: None,
+            image: IMAGE,
+            resume_from: 0,
+            run: RUN,
+        },
+    );
+    // `sent` opens every sealed message: a log in the clear would not be
+    // a `Log` here but fail to open.
+    assert_eq!(log_lines(&sent(&mut node)), ["before the source"]);
+    let many: Vec<String> = (0..100).map(|i| format!("line {i}")).collect();
+    node.handle_log(t(2), many.clone());
+    let sent = sent(&mut node);
+    let messages = sent
+        .iter()
+        .filter(|(_, m)| matches!(m, Message::Log { .. }))
+        .count();
+    assert_eq!(messages, 4, "100 lines in messages of at most 32");
+    assert_eq!(log_lines(&sent), many);
+}
+
+#[test]
+fn a_node_keeps_a_bounded_number_of_lines_while_it_has_no_source() {
+    let mut node = welcomed_node(None, 1, 0);
+    sent(&mut node);
+    node.handle_closed(t(2), ConnId(1));
+    let flood: Vec<String> = (0..1000).map(|i| format!("line {i}")).collect();
+    node.handle_log(t(2), flood);
+    node.handle_source_connected(t(3), ConnId(2), Nonce([0x41; 32]));
+    node.say(
+        t(3),
+        ConnId(2),
+        Message::Challenge {
+            version: PROTOCOL_VERSION,
+            nonce: Nonce([1; 32]),
+        },
+    );
+    node.say(
+        t(3),
+        ConnId(2),
+        Message::Welcome {
+            node: NodeId(1),
+            heartbeat_ms: 250,
+            dead_after_ms: 1000,
+            image_size: None,
+            image: IMAGE,
+            resume_from: 0,
+            run: RUN,
+        },
+    );
+    let lines = log_lines(&sent(&mut node));
+    let kept = ka_core::node::MAX_PENDING_LOG;
+    assert_eq!(lines.len(), kept + 1, "the lines kept and one note");
+    assert_eq!(lines[0], "line 0");
+    assert_eq!(lines[kept - 1], format!("line {}", kept - 1));
+    assert_eq!(
+        lines[kept],
+        format!(
+            "ka: {} lines dropped while the source was away",
+            1000 - kept
+        )
+    );
+}

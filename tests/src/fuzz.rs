@@ -145,6 +145,18 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             epoch: ka_core::ids::Epoch(u64::MAX),
             from: u64::MAX,
         },
+        Message::Log {
+            lines: vec!["é".repeat(600); ka_core::codec::MAX_LOG_LINES],
+        },
+        Message::JoinFailed(Box::new(ka_core::codec::JoinFailed {
+            version: ka_core::codec::PROTOCOL_VERSION,
+            session: "s".into(),
+            name: "n".into(),
+            mac: [0xff; 6],
+            reason: "x".repeat(1024),
+            nonce: Default::default(),
+            proof: Default::default(),
+        })),
     ]
     .iter()
     .map(|m| {

@@ -160,6 +160,11 @@ impl Proc {
         let mut cmd = Command::new(ka_bin());
         cmd.args(args)
             .current_dir(dir)
+            // Node logs stay in the test's directory, and the machine's
+            // system log is never written to (no socket there: ka says so
+            // once and goes on). A test may point either elsewhere.
+            .env("KA_LOG_DIR", dir.join("node-logs"))
+            .env("KA_SYSLOG_SOCKET", dir.join("no-syslog.sock"))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&err).unwrap());
@@ -421,6 +426,9 @@ pub struct NodeResult {
     pub bytes: u64,
     /// How many times it was declared dead.
     pub deaths: u32,
+    /// It never joined: it reported it could not start.
+    #[serde(default)]
+    pub failed_before_join: bool,
 }
 
 /// Parses the final report out of `ka serve --json`'s standard output;

@@ -286,6 +286,7 @@ fn describe(name: &dyn Fn(NodeId) -> String, event: &SourceEvent) -> Option<Stri
             format!("{} copy does not match: {reason}", name(*node))
         }
         SourceEvent::Failed { node, reason } => format!("{} failed: {reason}", name(*node)),
+        SourceEvent::JoinFailed(f) => format!("{} failed before joining: {}", f.name, f.reason),
         _ => return None,
     })
 }
@@ -299,7 +300,8 @@ fn event_node(event: &SourceEvent) -> Option<NodeId> {
         | SourceEvent::Slow { node, .. }
         | SourceEvent::Verified { node, .. }
         | SourceEvent::Failed { node, .. }
-        | SourceEvent::Released { node } => Some(*node),
+        | SourceEvent::Released { node }
+        | SourceEvent::NodeLog { node, .. } => Some(*node),
         _ => None,
     }
 }
@@ -402,6 +404,8 @@ struct JsonNode<'a> {
     restored: bool,
     /// The source released it; false for a node lost after it verified.
     released: bool,
+    /// It never joined: it reported it could not start (`reason` says why).
+    failed_before_join: bool,
 }
 
 /// Seconds from a node's join to its outcome.
@@ -452,6 +456,7 @@ pub fn report_json(report: &SourceReport) -> serde_json::Value {
                     resumed_from: n.resumed_from,
                     restored: n.restored,
                     released: n.released,
+                    failed_before_join: n.failed_before_join,
                 }
             })
             .collect();
@@ -491,6 +496,10 @@ fn print_report_table(report: &SourceReport, secs: f64) {
         );
     }
     let ok = report.nodes.iter().filter(|n| n.is_ok()).count();
+    let before_join = report.nodes.iter().filter(|n| n.failed_before_join).count();
+    if before_join > 0 {
+        crate::outln!("{before_join} node(s) failed before joining (their reasons above)");
+    }
     let missing = (report.expected as usize).saturating_sub(report.nodes.len());
     if missing > 0 {
         crate::outln!(

@@ -124,6 +124,26 @@ pub enum SourceLine {
         /// Why.
         reason: String,
     },
+    /// Lines a node sent for its log (its own events, its console), as the
+    /// source keeps them: cut when too long, counted when over its budget.
+    Log {
+        /// The node.
+        node: String,
+        /// Its number.
+        id: u32,
+        /// The lines.
+        lines: Vec<String>,
+    },
+    /// A node could not start (its target missing, too small, read-only…)
+    /// and said so with its key; it counts as failed before joining.
+    JoinFailed {
+        /// The node.
+        node: String,
+        /// Its MAC address, when it knew it.
+        mac: Option<String>,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A source event with its time: seconds since `ka serve` started.
@@ -210,6 +230,20 @@ impl SourceLine {
             SourceEvent::Finished { ok, ko } => SourceLine::Finished { ok: *ok, ko: *ko },
             SourceEvent::Aborted { reason } => SourceLine::Aborted {
                 reason: reason.clone(),
+            },
+            SourceEvent::NodeLog {
+                node,
+                name: logged_by,
+                lines,
+            } => SourceLine::Log {
+                node: logged_by.clone(),
+                id: node.0,
+                lines: lines.clone(),
+            },
+            SourceEvent::JoinFailed(failed) => SourceLine::JoinFailed {
+                node: failed.name.clone(),
+                mac: mac_text(failed.mac),
+                reason: failed.reason.clone(),
             },
         }
     }
@@ -469,6 +503,17 @@ mod tests {
             SourceEvent::Aborted {
                 reason: "gone".into(),
             },
+            SourceEvent::NodeLog {
+                node,
+                name: "n3".into(),
+                lines: vec!["ka: n3: joined as node 3".into()],
+            },
+            SourceEvent::JoinFailed(ka_core::source::FailedBeforeJoin {
+                name: "n4".into(),
+                mac: [0, 1, 2, 3, 4, 5],
+                reason: "the target is a directory".into(),
+                at: ka_core::time::Time::ZERO,
+            }),
         ]
     }
 
@@ -487,7 +532,7 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(&text).unwrap();
             kinds.insert(v["event"].as_str().unwrap().to_string());
         }
-        assert_eq!(kinds.len(), 13, "{kinds:?}");
+        assert_eq!(kinds.len(), 15, "{kinds:?}");
     }
 
     #[test]

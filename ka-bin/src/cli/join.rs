@@ -86,6 +86,11 @@ pub struct JoinArgs {
     /// Print JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Send the lines of this file to the source as they are written (a
+    /// console log, as the netboot init writes it), besides this node's
+    /// own events: the source keeps them in the node's log.
+    #[arg(long, value_name = "FILE")]
+    pub console_log: Option<PathBuf>,
     /// Once the copy is verified, give it this node's identity: KEY=VALUE
     /// items hostname, domain, ip (ADDR/PREFIX), gateway, dns, mac (see docs/netboot.md).
     #[arg(long, value_name = "KEY=VALUE,…", value_delimiter = ',')]
@@ -128,6 +133,7 @@ pub fn plan(args: JoinArgs) -> anyhow::Result<JoinOptions> {
         root_partition: args.root_partition,
         window: args.window,
         data_port: args.data_port.unwrap_or(0),
+        console_log: args.console_log,
     })
 }
 

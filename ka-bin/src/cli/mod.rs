@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 use crate::session::reach::{Reach, DEFAULT_DISCOVER_TO};
 use crate::session::{DEFAULT_SESSION, DEFAULT_STATE_DIR};
 
+pub mod console;
 pub mod demo;
 pub mod dhcp;
 pub mod display;
@@ -119,6 +120,8 @@ pub enum Command {
     Go(go::GoArgs),
     /// Show a running session's table from another terminal.
     Status(status::StatusArgs),
+    /// Follow a node's (or every node's) log lines live at the source.
+    Console(console::ConsoleArgs),
     /// The keys of a session's nodes: derive one node's own key from the secret.
     Key(key::KeyArgs),
     /// Clone a generated image onto local nodes, verify every copy, print the report.
@@ -153,6 +156,7 @@ impl Command {
             Command::Join(args) => join::run(args),
             Command::Go(args) => go::run(args),
             Command::Status(args) => status::run(args),
+            Command::Console(args) => console::run(args),
             Command::Key(args) => key::run(args),
             Command::Demo(args) => demo::run(args),
             Command::Pxe(args) => pxe::run(args),

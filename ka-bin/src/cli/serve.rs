@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ka_core::config::{SlowPolicy, SourceConfig};
-use ka_core::source::NodeReport;
+use ka_core::ids::NodeId;
+use ka_core::source::{NodeReport, Source, SourceEvent};
 
 use super::display::{print_report, report_json, Display};
 use super::status::{SessionStatus, StatusWriter};
@@ -16,6 +17,7 @@ use super::ExitStatus;
 use crate::boot::flip::{Flipped, VerifiedFlip};
 use crate::boot::{BootState, Inventory, Mode};
 use crate::netboot::cmdline::CloneKind;
+use crate::session::nodelog::{default_log_dir, make_log_dir, NodeLogs};
 use crate::session::secret::{self, Secret};
 use crate::session::serve::{self as session, Input, Report, ServeOptions};
 use crate::session::{DEFAULT_PORT, DEFAULT_SESSION, DEFAULT_STATE_DIR};
@@ -173,6 +175,16 @@ pub struct ServeArgs {
     /// so browsers get the final report.
     #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration, default_value = "5s", requires = "http")]
     pub http_linger: Duration,
+    /// Keep one log file per node here, NODE.log: its events and console
+    /// lines as it sends them, and the source's events about it, each line
+    /// stamped with the time (`ka console` follows them). The directory is
+    /// made 0750, the files 0640. [default: /var/log/ka/SESSION, if usable]
+    #[arg(long, value_name = "DIR", env = "KA_LOG_DIR")]
+    pub log_dir: Option<PathBuf>,
+    /// Do not send the nodes' lines to the system log (/dev/log, tagged
+    /// `ka`, as `NODE: line`).
+    #[arg(long)]
+    pub no_syslog: bool,
     /// Serve the session the inventory describes (docs/inventory.md): its
     /// [session] name, source address and clone kind, its nodes in install
     /// mode in --boot-state, in inventory order, and the secret beside it;
@@ -221,6 +233,11 @@ pub struct ServePlan {
     pub http: Option<(SocketAddr, Option<PathBuf>)>,
     /// How long the web page outlives the session.
     pub http_linger: Duration,
+    /// Where the node logs go; `None`: no files (the default directory
+    /// could not be made).
+    pub log_dir: Option<PathBuf>,
+    /// Send the nodes' lines to the system log too.
+    pub syslog: bool,
 }
 
 impl ServePlan {
@@ -314,6 +331,23 @@ impl ServePlan {
             (None, _) => SecretFrom::Generated,
         };
         let flip = cluster.map(|c| VerifiedFlip::new(c.inventory, c.state));
+        let log_dir = match args.log_dir {
+            Some(dir) => {
+                make_log_dir(&dir).context("--log-dir")?;
+                Some(dir)
+            }
+            // Like the state directory's, the default is a convenience.
+            None => {
+                let dir = default_log_dir(&config.session);
+                match make_log_dir(&dir) {
+                    Ok(()) => Some(dir),
+                    Err(e) => {
+                        eprintln!("ka: {e:#}; going on without node log files (--log-dir)");
+                        None
+                    }
+                }
+            }
+        };
         Ok(ServePlan {
             options: ServeOptions {
                 config,
@@ -328,6 +362,8 @@ impl ServePlan {
             flip,
             http: args.http.map(|addr| (addr, args.http_token_file)),
             http_linger: args.http_linger,
+            log_dir,
+            syslog: !args.no_syslog,
         })
     }
 }
@@ -641,11 +677,15 @@ fn serve(mut plan: ServePlan, secret: &Secret) -> anyhow::Result<(Report, Option
         display = display.with_web(web.feed().clone());
     }
     let flip = plan.flip;
+    let mut logs = NodeLogs::new(plan.log_dir, plan.syslog);
     let report = session::run(plan.options, secret, |s, e| {
         if let (Some(flip), Some(e)) = (&flip, e) {
             if let Some(text) = describe_flip(flip.on_event(s, e)) {
                 display.note(&text);
             }
+        }
+        if let Some(e) = e {
+            log_event(&mut logs, s, e);
         }
         display.update(s, e)
     });
@@ -655,6 +695,72 @@ fn serve(mut plan: ServePlan, secret: &Secret) -> anyhow::Result<(Report, Option
         web.feed().report(&report_json(&report));
     }
     Ok((report, web))
+}
+
+/// Writes what `event` tells of a node to that node's log: the lines it
+/// sent, or the source's own word about it (`source: …`).
+fn log_event(logs: &mut NodeLogs, source: &Source, event: &SourceEvent) {
+    let name_of = |n: NodeId| {
+        source
+            .report()
+            .into_iter()
+            .find(|r| r.node == n)
+            .map_or_else(|| n.to_string(), |r| r.name)
+    };
+    let (node, line) = match event {
+        SourceEvent::NodeLog { name, lines, .. } => return logs.write(name, lines),
+        SourceEvent::JoinFailed(f) => (
+            f.name.clone(),
+            format!("failed before joining: {}", f.reason),
+        ),
+        SourceEvent::Joined {
+            node,
+            name,
+            rejoin,
+            resumed_from,
+            ..
+        } => (
+            name.clone(),
+            match (rejoin, resumed_from) {
+                (false, 0) => format!("joined as {node}"),
+                (_, 0) => format!("rejoined as {node}"),
+                (_, from) => format!("joined as {node}; the copy goes on from byte {from}"),
+            },
+        ),
+        SourceEvent::Relinked { node, upstream } => (
+            name_of(*node),
+            format!(
+                "now fed by {}",
+                upstream.map_or("the source".to_string(), name_of)
+            ),
+        ),
+        SourceEvent::Dead { node, reason } => (name_of(*node), format!("declared dead: {reason}")),
+        SourceEvent::Stranded {
+            node,
+            upstream,
+            from,
+        } => (
+            name_of(*node),
+            format!(
+                "lacks byte {from}, which left {}'s window: the source feeds it",
+                name_of(*upstream)
+            ),
+        ),
+        SourceEvent::Slow { node, policy } => (
+            name_of(*node),
+            format!("too slow: {}", super::events::slow_policy(*policy)),
+        ),
+        SourceEvent::Verified { node, ok: true, .. } => (name_of(*node), "copy verified".into()),
+        SourceEvent::Verified {
+            node,
+            ok: false,
+            reason,
+        } => (name_of(*node), format!("copy does not match: {reason}")),
+        SourceEvent::Failed { node, reason } => (name_of(*node), format!("failed: {reason}")),
+        SourceEvent::Released { node } => (name_of(*node), "released".into()),
+        _ => return,
+    };
+    logs.write(&node, &[format!("source: {line}")]);
 }
 
 fn describe_flip(flipped: Option<(String, Flipped)>) -> Option<String> {
@@ -705,6 +811,7 @@ mod tests {
             resumed_from: 0,
             restored: false,
             released: true,
+            failed_before_join: false,
         }
     }
 

@@ -15,8 +15,15 @@ mkdir -p /dev/pts /run /tmp
 mount -t devpts devpts /dev/pts
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
 mkdir -p /run/ka
+# What this init prints on the console goes to this file too; ka netboot
+# install copies its own lines there and its ka join sends the file to
+# the source (--console-log), which keeps it in the node's log.
+: > /run/ka/console.log
 
-say() { echo "ka-netboot: $*"; }
+say() {
+  echo "ka-netboot: $*"
+  echo "ka-netboot: $*" >> /run/ka/console.log
+}
 
 # Kernel chatter would break up the progress lines: warnings and worse only.
 dmesg -n 4 2>/dev/null

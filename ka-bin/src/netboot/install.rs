@@ -142,8 +142,18 @@ pub fn run(cmdline: &Path, dry_run: bool) -> Exit {
     }
 }
 
+/// The file the netboot init and this installer copy their console lines
+/// to; `ka join --console-log` sends it to the source.
+pub const CONSOLE_LOG: &str = "/run/ka/console.log";
+
+/// A line on the console, and in [`CONSOLE_LOG`] for the source.
 fn say(text: &str) {
-    eprintln!("ka-netboot: {text}");
+    let line = format!("ka-netboot: {text}");
+    eprintln!("{line}");
+    if let Ok(mut f) = fs::OpenOptions::new().append(true).open(CONSOLE_LOG) {
+        use std::io::Write;
+        let _ = writeln!(f, "{line}");
+    }
 }
 
 /// Prints why, waits the fail delay (a shell is on the second console
@@ -211,6 +221,9 @@ pub fn join_options(plan: &Plan, secret_file: &Path) -> anyhow::Result<JoinOptio
         root_partition: plan.root,
         window: ka_net::datapath::window::DEFAULT_WINDOW,
         data_port: plan.data_port,
+        // What the init and this installer print on the console, which
+        // the source keeps in this node's log.
+        console_log: Some(PathBuf::from(CONSOLE_LOG)),
     })
 }
 
@@ -431,8 +444,8 @@ mod tests {
         assert_eq!(
             o.command_line(),
             "--server 10.9.0.1:4715 --session lab --secret-file /run/ka/secret --name n01 \
-             --target /dev/vda --wait 30m --identity hostname=n01,ip=10.9.0.11/24,mac=52:54:00:09:00:01 \
-             --root-partition 1"
+             --target /dev/vda --wait 30m --console-log /run/ka/console.log \
+             --identity hostname=n01,ip=10.9.0.11/24,mac=52:54:00:09:00:01 --root-partition 1"
         );
         assert!(!o.wait_release);
         assert_eq!(o.output, Output::Target("/dev/vda".into()));
@@ -453,7 +466,7 @@ mod tests {
         assert_eq!(
             o.command_line(),
             "--server 10.9.0.1:4715 --session ka --secret-file /run/ka/secret --name n01 \
-             --system /dev/sda,/dev/sdb --wait 30m"
+             --system /dev/sda,/dev/sdb --wait 30m --console-log /run/ka/console.log"
         );
         // An image plan never becomes a system clone, nor the reverse.
         let mut image = plan.clone();

@@ -18,7 +18,7 @@ use std::fmt;
 pub const STAMP: &str = concat!(
     "ka-version-stamp:",
     env!("CARGO_PKG_VERSION"),
-    ":protocol=5:end"
+    ":protocol=6:end"
 );
 
 /// Keeps [`STAMP`] in the binary even though nothing else reads it.

@@ -68,6 +68,9 @@ pub struct JoinOptions {
     /// The port this node listens on for its downstream's data connection;
     /// 0: one the system chooses.
     pub data_port: u16,
+    /// A file whose lines (a console log the netboot init writes) go to
+    /// the source while the node runs, besides the node's own events.
+    pub console_log: Option<PathBuf>,
 }
 
 impl JoinOptions {
@@ -104,6 +107,9 @@ impl JoinOptions {
         if self.data_port != 0 {
             s.push_str(&format!(" --data-port {}", self.data_port));
         }
+        if let Some(log) = &self.console_log {
+            s.push_str(&format!(" --console-log {}", log.display()));
+        }
         if let Some(identity) = &self.identity {
             s.push_str(&format!(
                 " --identity {} --root-partition {}",
@@ -129,6 +135,13 @@ pub enum Joined {
 /// Joins the session and writes its image; reports on the console as it
 /// goes. An error means nothing was cloned (or the node could not go on).
 pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
+    // The MAC the identity gives the node (the netboot image's BOOTIF),
+    // for a report that it cannot start.
+    let identity_mac = opts
+        .identity
+        .as_ref()
+        .and_then(|i| i.mac)
+        .map_or([0; 6], |m| m.0);
     // Checked before cloning: a typo must not cost a whole clone.
     let identity = match opts.identity {
         Some(id) => {
@@ -156,6 +169,19 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
     let rt = runtime()?;
     let asker = ka_core::auth::Asker::Node(&name);
     let server = opts.reach.locate(&rt, opts.wait, asker, key.mac_key())?;
+    // A node that cannot start still tells the source, so the source
+    // reports it instead of waiting for it.
+    if let Err(reason) = check_output(&opts.output) {
+        let cannot = CannotStart {
+            server,
+            session: &opts.reach.session,
+            name: &name,
+            mac: identity_mac,
+            reason: &reason,
+        };
+        cannot.report(&rt, &key, opts.json);
+        return Ok(Joined::Failed);
+    }
     let mut config = NodeConfig::new(
         opts.reach.session.clone(),
         name.clone(),
@@ -187,6 +213,13 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
             window: opts.window,
         },
     };
+    // Room for bursts; a line that finds it full is dropped, never waited
+    // for: the clone does not slow down for its log.
+    let (log_tx, log_rx) = tokio::sync::mpsc::channel(1024);
+    let tail = opts
+        .console_log
+        .clone()
+        .map(|path| rt.spawn(super::console::tail_lines(path, log_tx.clone())));
     let node = NodeOptions {
         config,
         server,
@@ -197,9 +230,17 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
         wait: opts.wait,
         state_dir: Some(opts.state_dir),
         rediscover: opts.reach.rediscover(),
+        log: Some(log_rx),
     };
     let json = opts.json;
-    let outcome = rt.block_on(shell::run_node(node, |_, e| print_event(&name, e, json)));
+    let outcome = rt.block_on(shell::run_node(node, |_, e| {
+        if let Some(text) = print_event(&name, e, json) {
+            let _ = log_tx.try_send(format!("ka: {text}"));
+        }
+    }));
+    if let Some(tail) = tail {
+        tail.abort();
+    }
     let _ = std::fs::remove_file(&spool);
     let outcome = outcome?;
     if let Some(unpacked) = &outcome.unpacked {
@@ -246,8 +287,101 @@ fn print_outcome(outcome: &NodeOutcome, json: bool) {
     }
 }
 
-/// One event of node `name`, as a JSON line or a line of text.
-fn print_event(name: &str, e: &NodeEvent, json: bool) {
+/// Why `output` cannot take an image, found before joining: a target
+/// that is a directory, cannot be opened for writing, or whose directory
+/// is missing; a disk (a path under /dev) that is not there.
+pub fn check_output(output: &Output) -> Result<(), String> {
+    match output {
+        Output::Target(p) => match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => Err(format!(
+                "the target {} is a directory: give a file or a block device (--target)",
+                p.display()
+            )),
+            Ok(_) => std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .map(drop)
+                .map_err(|e| format!("cannot write the target {}: {e}", p.display())),
+            // A device that is not there would be made a regular file in
+            // /dev (a RAM file system on the netboot image): no disk.
+            Err(_) if p.starts_with("/dev") => Err(format!(
+                "no disk {} on this node: check ka.target= (or --target) against the node's disks",
+                p.display()
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+                match dir {
+                    Some(d) if !d.is_dir() => Err(format!(
+                        "the target's directory {} does not exist: create it or give another --target",
+                        d.display()
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            Err(e) => Err(format!("cannot look at the target {}: {e}", p.display())),
+        },
+        Output::System(disks) => match disks.iter().find(|d| !d.exists()) {
+            Some(d) => Err(format!(
+                "no disk {} on this node: check ka.target= (or --system) against the node's disks",
+                d.display()
+            )),
+            None => Ok(()),
+        },
+        Output::Command(_) | Output::Untar(_) => Ok(()),
+    }
+}
+
+/// A node that cannot start, and why.
+struct CannotStart<'a> {
+    server: SocketAddr,
+    session: &'a str,
+    name: &'a str,
+    /// All zeros when unknown.
+    mac: [u8; 6],
+    reason: &'a str,
+}
+
+impl CannotStart<'_> {
+    /// Says on the console that the node cannot start and why, and tells
+    /// the source (proved with the node's `key`).
+    fn report(&self, rt: &tokio::runtime::Runtime, key: &ka_net::shell::NodeKey, json: bool) {
+        let CannotStart {
+            server,
+            session,
+            name,
+            mac,
+            reason,
+        } = *self;
+        let told = rt.block_on(shell::report_join_failed(
+            server, session, name, mac, reason, key,
+        ));
+        if json {
+            let line = NodeEventLine {
+                node: name.to_string(),
+                event: NodeLine::Leaving {
+                    ok: false,
+                    reason: format!("cannot start: {reason}"),
+                },
+            };
+            crate::outln!(
+                "{}",
+                serde_json::to_string(&line).expect("event lines serialize")
+            );
+        } else {
+            eprintln!("ka: {name}: cannot start: {reason}");
+        }
+        match told {
+            Ok(()) => eprintln!("ka: {name}: the source at {server} was told"),
+            Err(e) => eprintln!("ka: {name}: could not tell the source at {server}: {e}"),
+        }
+        eprintln!("ka: KO: {reason}");
+    }
+}
+
+/// One event of node `name`, as a JSON line or a line of text; the text
+/// either way (without `ka: NAME: `), for the node's log at the source.
+fn print_event(name: &str, e: &NodeEvent, json: bool) -> Option<String> {
+    let text = event_text(e);
     if json {
         let line = NodeEventLine {
             node: name.to_string(),
@@ -257,9 +391,16 @@ fn print_event(name: &str, e: &NodeEvent, json: bool) {
             "{}",
             serde_json::to_string(&line).expect("event lines serialize")
         );
-        return;
+    } else if let Some(text) = &text {
+        eprintln!("ka: {name}: {text}");
     }
-    let text = match e {
+    text
+}
+
+/// The readable line of a node event; `None` for the last one, whose
+/// verdict follows as its own line (`OK`/`KO`).
+fn event_text(e: &NodeEvent) -> Option<String> {
+    Some(match e {
         NodeEvent::Welcomed {
             node, resumed_from, ..
         } if *resumed_from > 0 => {
@@ -302,8 +443,30 @@ fn print_event(name: &str, e: &NodeEvent, json: bool) {
         ),
         NodeEvent::Verified { ok: true, .. } => "copy verified".to_string(),
         NodeEvent::Verified { ok: false, reason } => format!("copy does not match: {reason}"),
-        // The verdict follows as its own line (`OK`/`KO`).
-        NodeEvent::Left { .. } => return,
-    };
-    eprintln!("ka: {name}: {text}");
+        NodeEvent::Left { .. } => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_that_cannot_take_the_image_is_found_before_joining() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = |p: PathBuf| check_output(&Output::Target(p));
+        let err = target(tmp.path().to_path_buf()).unwrap_err();
+        assert!(err.contains("is a directory"), "{err}");
+        let err = target(tmp.path().join("missing/x.img")).unwrap_err();
+        assert!(err.contains("does not exist"), "{err}");
+        let err = target(PathBuf::from("/dev/ka-no-such-disk")).unwrap_err();
+        assert!(err.contains("no disk"), "{err}");
+        assert_eq!(target(tmp.path().join("new.img")), Ok(()));
+        let existing = tmp.path().join("old.img");
+        std::fs::write(&existing, b"x").unwrap();
+        assert_eq!(target(existing), Ok(()));
+        let err =
+            check_output(&Output::System(vec![PathBuf::from("/dev/ka-no-such-disk")])).unwrap_err();
+        assert!(err.contains("no disk"), "{err}");
+    }
 }

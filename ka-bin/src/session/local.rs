@@ -61,6 +61,7 @@ pub fn run(
                 wait: Duration::from_secs(30),
                 state_dir: None,
                 rediscover: None,
+                log: None,
             };
             nodes.push(tokio::spawn(shell::run_node(opts, |_, _| {})));
         }

@@ -12,10 +12,12 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod console;
 pub mod go;
 pub mod identity;
 pub mod join;
 pub mod local;
+pub mod nodelog;
 pub mod reach;
 pub mod secret;
 pub mod serve;

@@ -54,6 +54,9 @@ pub struct NodeOptions {
     /// Where to broadcast for the source again after losing it, when it was
     /// found by broadcast (a restarted source may have moved).
     pub rediscover: Option<SocketAddr>,
+    /// Lines for this node's log at the source (its events as it prints
+    /// them, its console): sent sealed once the source welcomed it.
+    pub log: Option<mpsc::Receiver<String>>,
 }
 
 /// Where a node writes the image.
@@ -362,6 +365,55 @@ fn reopen(state: NodeState, target: &Path, key: &DigestKey) -> Result<Option<Res
     }))
 }
 
+/// Tells the source at `server` that node `name` cannot join and why,
+/// proved with the node's `key` ([`ka_core::auth::join_failed_proof`]), so
+/// the source reports it instead of waiting for it. `mac` is all zeros when
+/// unknown. Gives up after a few seconds: the node is failing anyway.
+pub async fn report_join_failed(
+    server: SocketAddr,
+    session: &str,
+    name: &str,
+    mac: [u8; 6],
+    reason: &str,
+    key: &NodeKey,
+) -> Result<(), String> {
+    use futures_util::{SinkExt, StreamExt};
+    use ka_core::codec::{JoinFailed, Message};
+    use tokio_util::codec::Framed;
+    let within = Duration::from_secs(5);
+    let stream = tokio::time::timeout(within, TcpStream::connect(server))
+        .await
+        .map_err(|_| format!("no answer from {server} within 5 s"))?
+        .map_err(|e| format!("cannot reach the source at {server}: {e}"))?;
+    let mut framed = Framed::new(stream, super::wire::MessageCodec);
+    let server_nonce = match tokio::time::timeout(within, framed.next()).await {
+        Ok(Some(Ok(Message::Challenge { nonce, .. }))) => nonce,
+        _ => return Err(format!("{server} did not challenge us as a ka source does")),
+    };
+    let mut report = JoinFailed {
+        version: ka_core::codec::PROTOCOL_VERSION,
+        session: session.to_string(),
+        name: name.to_string(),
+        mac,
+        reason: reason.to_string(),
+        nonce: nonce(),
+        proof: Default::default(),
+    };
+    report.proof = ka_core::auth::join_failed_proof(&*key.mac_key(), &server_nonce, &report);
+    framed
+        .send(Message::JoinFailed(Box::new(report)))
+        .await
+        .map_err(|e| format!("sending the report: {e}"))?;
+    // The source closes the connection once it took the report, or
+    // refuses it.
+    match tokio::time::timeout(within, framed.next()).await {
+        Ok(Some(Ok(Message::Refused(r)))) => Err(format!("the source refused it: {}", r.detail)),
+        Ok(None | Some(Err(_))) => Ok(()),
+        Ok(Some(Ok(other))) => Err(format!("unexpected answer {}", other.name())),
+        Err(_) => Err("the source did not answer within 5 s".into()),
+    }
+}
+
 /// Joins the session at `opts.server` and runs until released, refused or
 /// failed. `on_event` sees every event, for the console.
 pub async fn run_node(
@@ -490,6 +542,25 @@ struct Inputs {
     events: mpsc::UnboundedReceiver<Event>,
     /// From the driver's own background work.
     internal: mpsc::UnboundedReceiver<Internal>,
+    /// Lines for the node's log at the source, while their sender lives.
+    log: Option<mpsc::Receiver<String>>,
+}
+
+/// The next batch of log lines (up to one message's worth), or never once
+/// there is no sender.
+async fn next_log_lines(log: &mut Option<mpsc::Receiver<String>>) -> Vec<String> {
+    let Some(rx) = log else {
+        return std::future::pending().await;
+    };
+    let mut lines = Vec::new();
+    if rx
+        .recv_many(&mut lines, ka_core::codec::MAX_LOG_LINES)
+        .await
+        == 0
+    {
+        *log = None;
+    }
+    lines
 }
 
 /// A node's driver: owns the [`Node`] machine and the shell's state around
@@ -551,6 +622,7 @@ impl NodeDriver {
             target,
             key,
             rediscover,
+            log,
             ..
         } = opts;
         let session = config.session.clone();
@@ -605,7 +677,14 @@ impl NodeDriver {
             rebuild_gen: 0,
             rebuild_task: None,
         };
-        (driver, Inputs { events, internal })
+        (
+            driver,
+            Inputs {
+                events,
+                internal,
+                log,
+            },
+        )
     }
 
     /// Runs the machine until it exits.
@@ -616,7 +695,7 @@ impl NodeDriver {
         on_event: &mut impl FnMut(&Node, &NodeEvent),
     ) -> NodeOutcome {
         loop {
-            if let Some(outcome) = self.drain(on_event) {
+            if let Some(outcome) = self.drain(on_event, &mut inputs.log) {
                 return outcome;
             }
             let deadline = self.node.poll_timeout().map(|(t, _)| self.clock.instant(t));
@@ -629,6 +708,7 @@ impl NodeDriver {
                 }
                 Some(msg) = inputs.internal.recv() => self.internal(msg),
                 Some(event) = inputs.events.recv() => self.conn_event(event),
+                lines = next_log_lines(&mut inputs.log) => self.node.handle_log(self.clock.now(), lines),
                 _ = sleep_until(deadline) => self.node.handle_timeout(self.clock.now()),
             }
         }
@@ -636,13 +716,30 @@ impl NodeDriver {
 
     /// Drains the machine's outputs: frames to their connections, events to
     /// `on_event`, actions carried out. The outcome once it exits.
-    fn drain(&mut self, on_event: &mut impl FnMut(&Node, &NodeEvent)) -> Option<NodeOutcome> {
+    fn drain(
+        &mut self,
+        on_event: &mut impl FnMut(&Node, &NodeEvent),
+        log: &mut Option<mpsc::Receiver<String>>,
+    ) -> Option<NodeOutcome> {
         self.send_transmits();
         while let Some(ev) = self.node.poll_event() {
             if let NodeEvent::Welcomed { resumed_from, .. } = &ev {
                 self.resumed_from = *resumed_from;
             }
             on_event(&self.node, &ev);
+        }
+        // The lines `on_event` just logged go before anything the events
+        // lead to (the exit above all), so a node's last words reach the
+        // source.
+        if let Some(rx) = log {
+            let mut lines = Vec::new();
+            while let Ok(line) = rx.try_recv() {
+                lines.push(line);
+            }
+            if !lines.is_empty() {
+                self.node.handle_log(self.clock.now(), lines);
+                self.send_transmits();
+            }
         }
         while let Some(action) = self.node.poll_action() {
             // An action handler may feed the machine (a sink that fails to

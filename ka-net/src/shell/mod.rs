@@ -43,7 +43,7 @@ use std::time::Instant;
 
 use ka_core::time::Time;
 
-pub use join::{run_node, NodeOptions, NodeOutcome, Target};
+pub use join::{report_join_failed, run_node, NodeOptions, NodeOutcome, Target};
 pub use key::{
     load_key_file, load_or_generate_secret, session_key, KeyFile, NodeKey, Secret, SessionKey,
 };

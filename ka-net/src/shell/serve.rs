@@ -104,6 +104,9 @@ fn outcomes_text(source: &Source) -> String {
     .to_text()
 }
 
+/// How long a finished session still takes in its nodes' last lines.
+const LAST_WORDS: Duration = Duration::from_millis(100);
+
 /// How often the display is refreshed between events.
 const REFRESH: Duration = Duration::from_millis(200);
 
@@ -390,6 +393,7 @@ impl SourceDriver {
     ) -> Result<Option<String>, Error> {
         loop {
             if let Some(aborted) = self.drain(display) {
+                self.last_words(inputs, display).await;
                 return Ok(aborted);
             }
             let deadline = self
@@ -488,6 +492,23 @@ impl SourceDriver {
     }
 
     /// A connection's task reports.
+    /// Takes in, for a moment, what the nodes still send once the session
+    /// ended: a node's last log lines (its verdict as it printed it) follow
+    /// its last report on the wire, and belong in its log.
+    async fn last_words(
+        &mut self,
+        inputs: &mut Inputs,
+        display: &mut impl FnMut(&Source, Option<&SourceEvent>),
+    ) {
+        let until = tokio::time::Instant::now() + LAST_WORDS;
+        while let Ok(Some(event)) = tokio::time::timeout_at(until, inputs.events.recv()).await {
+            if matches!(event, Event::Frame(..)) {
+                self.conn_event(event);
+                let _ = self.drain(display);
+            }
+        }
+    }
+
     fn conn_event(&mut self, event: Event) {
         let now = self.clock.now();
         match event {

@@ -263,6 +263,12 @@ impl Sim {
             }
             match &r.outcome {
                 Some(Ok(())) => {
+                    if !self.logged.contains(&s.name) {
+                        let what = format!(
+                            "node{i} verified, but no line of its log surfaced at the source"
+                        );
+                        return self.violate(what);
+                    }
                     if s.data.content != self.source_data {
                         let what =
                             format!("node{i} reported OK but its copy differs from the source");

@@ -461,6 +461,9 @@ pub struct Sim {
     stranded: usize,
     /// See [`Outcome::source_children_max`].
     source_children_max: usize,
+    /// The nodes whose log lines surfaced at the source (any run of it),
+    /// by name: every node that verified must be among them.
+    logged: std::collections::BTreeSet<String>,
 }
 
 impl Sim {
@@ -539,6 +542,7 @@ impl Sim {
             window_drops: 0,
             stranded: 0,
             source_children_max: 0,
+            logged: std::collections::BTreeSet::new(),
         };
         for i in 0..sim.cfg.nodes {
             let delay = sim

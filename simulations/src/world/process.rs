@@ -158,6 +158,14 @@ impl Sim {
                 self.stranded += 1;
             }
             match &ev {
+                SourceEvent::NodeLog { name, lines, .. } => {
+                    // A node's lines surface under its own name only.
+                    let mine = format!("sim: {name} ");
+                    if let Some(stray) = lines.iter().find(|l| !l.starts_with(&mine)) {
+                        self.violate(format!("{stray:?} surfaced as {name}'s log line"));
+                    }
+                    self.logged.insert(name.clone());
+                }
                 SourceEvent::Relinked { node, upstream } => self.check_placement(*node, *upstream),
                 SourceEvent::Started { .. } => {
                     let placed: Vec<_> = self.source.topology().breadth_first().flatten().collect();
@@ -221,10 +229,16 @@ impl Sim {
     /// timer.
     fn drain_node(&mut self, i: usize) {
         let me = End::Node(i);
+        let mut log = Vec::new();
         loop {
             let Some(machine) = self.nodes[i].machine.as_mut() else {
                 return;
             };
+            // Each welcome is told in the node's log, as ka join does.
+            if !log.is_empty() {
+                machine.handle_log(self.now, std::mem::take(&mut log));
+                continue;
+            }
             if let Some((conn, msg)) = machine.poll_transmit() {
                 // A node refuses nothing but its would-be downstreams.
                 if matches!(msg, Message::Refused(_)) {
@@ -240,6 +254,9 @@ impl Sim {
             if let Some(ev) = machine.poll_event() {
                 if matches!(ev, NodeEvent::DownstreamEarly { .. }) {
                     self.early_downstreams += 1;
+                }
+                if let NodeEvent::Welcomed { node, .. } = &ev {
+                    log.push(format!("sim: {} welcomed as {node}", self.nodes[i].name));
                 }
                 let line = format!("{} {ev:?}", self.nodes[i].name);
                 self.trace(|| line);
