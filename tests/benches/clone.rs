@@ -408,7 +408,7 @@ fn ka(w: &Work, nodes: usize, digest_ready: bool) -> Outcome {
     let n = nodes.to_string();
     let secret = w.secret.to_str().expect("utf-8 path");
     let mut serve = Running::start(
-        Command::new(ka_binary()).args([
+        ka_tests::private_logs(&mut Command::new(ka_binary()), &w.dir).args([
             "serve",
             "--nodes",
             &n,

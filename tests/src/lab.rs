@@ -401,6 +401,7 @@ impl Lab {
             // What a process leaves in its temporary directory (a spool, a
             // node's mount points when it is killed) goes with the lab.
             .env("TMPDIR", &self.dir);
+        crate::private_logs(&mut cmd, &self.dir);
         KaProc::spawn(cmd, label)
     }
 

@@ -43,6 +43,14 @@ pub fn ka_bin() -> PathBuf {
     bin
 }
 
+/// Keeps what `cmd` (a `ka`) writes of node logs under `dir`, and off the
+/// machine's system log (no socket there: ka says so once and goes on), so
+/// a test leaves nothing in /var/log. A test may point either elsewhere.
+pub fn private_logs<'c>(cmd: &'c mut Command, dir: &Path) -> &'c mut Command {
+    cmd.env("KA_LOG_DIR", dir.join("node-logs"))
+        .env("KA_SYSLOG_SOCKET", dir.join("no-syslog.sock"))
+}
+
 /// The path of `tool`, or a panic naming the Debian package that provides it.
 pub fn require_tool(tool: &str, package: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -158,13 +166,9 @@ impl Proc {
         let out = dir.join(format!("{label}.out"));
         let err = dir.join(format!("{label}.err"));
         let mut cmd = Command::new(ka_bin());
-        cmd.args(args)
+        private_logs(&mut cmd, dir)
+            .args(args)
             .current_dir(dir)
-            // Node logs stay in the test's directory, and the machine's
-            // system log is never written to (no socket there: ka says so
-            // once and goes on). A test may point either elsewhere.
-            .env("KA_LOG_DIR", dir.join("node-logs"))
-            .env("KA_SYSLOG_SOCKET", dir.join("no-syslog.sock"))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&err).unwrap());

@@ -178,7 +178,7 @@ fn clones_get_their_own_identity_and_boot_local() {
 
     let serve_err = d.join("serve.err");
     let mut serve = ChildGuard {
-        child: Command::new(ka_bin())
+        child: ka_tests::private_logs(&mut Command::new(ka_bin()), d)
             .args([
                 "serve",
                 "--nodes",

@@ -715,15 +715,17 @@ fn an_image_that_is_a_fifo_or_missing_is_refused_before_anything_is_written() {
 /// (bounded: a serve that hangs is killed after 20 s).
 fn refused_serve(dir: &Path, nodes: &str, image: &Path) -> std::process::Output {
     let out = ka_tests::run(
-        Command::new(ka_bin()).current_dir(dir).args([
-            "serve",
-            "--nodes",
-            nodes,
-            "--listen",
-            "127.0.0.1:0",
-            "--image",
-            image.to_str().unwrap(),
-        ]),
+        ka_tests::private_logs(&mut Command::new(ka_bin()), dir)
+            .current_dir(dir)
+            .args([
+                "serve",
+                "--nodes",
+                nodes,
+                "--listen",
+                "127.0.0.1:0",
+                "--image",
+                image.to_str().unwrap(),
+            ]),
         Duration::from_secs(20),
     );
     let err = String::from_utf8_lossy(&out.stderr);

@@ -49,7 +49,7 @@ const BLOCK_FENCE: &str = "```sh first-install\n";
 
 /// The host directories the block writes, each replaced by a directory of
 /// the test bind-mounted on it inside the script's mount namespace.
-const MOUNTED: [&str; 3] = ["/etc/ka", "/srv/ka", "/var/lib/ka"];
+const MOUNTED: [&str; 4] = ["/etc/ka", "/srv/ka", "/var/lib/ka", "/var/log/ka"];
 
 /// What the test changes in the block, and why: `(README text, what runs
 /// instead, why)`. The `{…}` words are filled in by [`substitutions`].
@@ -396,7 +396,8 @@ fn the_readme_first_install_pxe_boots_clones_and_boots_two_vms() {
     for m in &mounted {
         fs::create_dir_all(m).unwrap();
     }
-    let (etc_ka, srv_ka, var_lib_ka) = (&mounted[0], &mounted[1], &mounted[2]);
+    let (etc_ka, srv_ka, var_lib_ka, var_log_ka) =
+        (&mounted[0], &mounted[1], &mounted[2], &mounted[3]);
     // The golden disk the block serves, where it says it is.
     let work = d.join("golden");
     fs::create_dir_all(&work).unwrap();
@@ -548,6 +549,29 @@ fn the_readme_first_install_pxe_boots_clones_and_boots_two_vms() {
             .find(|l| l.starts_with(&format!("{} ", n.name)))
             .unwrap_or_else(|| panic!("{} not in ka pxe show:\n{out}", n.name));
         assert!(shown.contains(" local "), "{shown}");
+    }
+    // Each node's log on the boot server tells its install: what the
+    // netboot image printed on its console, and its verified copy.
+    for n in &inventory.nodes {
+        let path = var_log_ka
+            .join(&inventory.session.name)
+            .join(format!("{}.log", n.name));
+        let log = fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}
+{}",
+                path.display(),
+                context(&first_install)
+            )
+        });
+        for want in ["ka-netboot: ", "ka: copy verified", "source: copy verified"] {
+            assert!(
+                log.contains(want),
+                "{}: no `{want}`:
+{log}",
+                path.display()
+            );
+        }
     }
     // Each node fetched its own key from ka tftp, which logs every request.
     let log = first_install.err();
