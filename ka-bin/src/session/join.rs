@@ -302,9 +302,11 @@ pub fn check_output(output: &Output) -> Result<(), String> {
                 .open(p)
                 .map(drop)
                 .map_err(|e| format!("cannot write the target {}: {e}", p.display())),
-            // A device that is not there would be made a regular file in
-            // /dev (a RAM file system on the netboot image): no disk.
-            Err(_) if p.starts_with("/dev") => Err(format!(
+            // A device that is not there would be made a regular file on
+            // /dev's own file system (RAM, on the netboot image): no disk.
+            // Another file system mounted below /dev (/dev/shm) takes
+            // files like any other.
+            Err(_) if on_the_dev_file_system(p) => Err(format!(
                 "no disk {} on this node: check ka.target= (or --target) against the node's disks",
                 p.display()
             )),
@@ -329,6 +331,19 @@ pub fn check_output(output: &Output) -> Result<(), String> {
         },
         Output::Command(_) | Output::Untar(_) => Ok(()),
     }
+}
+
+/// Whether the missing `target` would be made on the file system of /dev
+/// itself: its nearest existing directory is on /dev's device.
+fn on_the_dev_file_system(target: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(dev) = std::fs::metadata("/dev") else {
+        return false;
+    };
+    let existing = target.ancestors().skip(1).find(|d| d.is_dir());
+    existing
+        .and_then(|d| std::fs::metadata(d).ok())
+        .is_some_and(|m| m.dev() == dev.dev() && target.starts_with("/dev"))
 }
 
 /// A node that cannot start, and why.
@@ -462,6 +477,9 @@ mod tests {
         let err = target(PathBuf::from("/dev/ka-no-such-disk")).unwrap_err();
         assert!(err.contains("no disk"), "{err}");
         assert_eq!(target(tmp.path().join("new.img")), Ok(()));
+        // A file system of its own below /dev takes new files.
+        let shm = tempfile::tempdir_in("/dev/shm").expect("a /dev/shm to test with");
+        assert_eq!(target(shm.path().join("new.img")), Ok(()));
         let existing = tmp.path().join("old.img");
         std::fs::write(&existing, b"x").unwrap();
         assert_eq!(target(existing), Ok(()));
