@@ -26,8 +26,9 @@ use crate::ids::{Epoch, NodeId};
 /// [`Message::Welcome`], the link ticket in [`Upstream::ticket`], and
 /// [`Message::Sealed`] around every message after the handshake. Version 6
 /// added the nodes' lines for the source's logs ([`Message::Log`]) and the
-/// report of a node that could not join ([`Message::JoinFailed`]).
-pub const PROTOCOL_VERSION: u16 = 6;
+/// report of a node that could not join ([`Message::JoinFailed`]). Version 7
+/// added the stream's [`Encoding`] to [`Message::Welcome`].
+pub const PROTOCOL_VERSION: u16 = 7;
 /// The most lines one [`Message::Log`] carries: with every line at
 /// [`MAX_STRING`] the message still fits a frame.
 pub const MAX_LOG_LINES: usize = 32;
@@ -117,6 +118,28 @@ bytes32!(
     /// one per source process, since it cannot be read again the same.
     ImageId
 );
+
+/// How a session's stream encodes its image.
+///
+/// Whatever the encoding, offsets on data connections count bytes of the
+/// stream (what travels, what nodes forward and resume from), and the
+/// digest in [`Message::ImageDone`] is over the stream, so the chain's
+/// checks do not change. An encoded stream carries the image's own size
+/// and keyed digest at its end, which the node checks against what it
+/// decoded and wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Encoding {
+    /// The stream is the image.
+    #[default]
+    Plain,
+    /// The stream is a Zstandard stream of the image: compressed once at
+    /// the source, forwarded as received, decoded only to be written.
+    Zstd {
+        /// The decoded image's size, when the source knows it before
+        /// streaming, so a node can refuse a target too small at once.
+        image_size: Option<u64>,
+    },
+}
 
 /// Why a join, a data connection or a request was refused. The code lets the
 /// shell pick an exit status; the detail is for the operator.
@@ -300,6 +323,9 @@ pub enum Message {
         /// ticket of an earlier run, when node identifiers meant other
         /// nodes, is worth nothing.
         run: Nonce,
+        /// How the stream encodes the image, so the node knows before the
+        /// first byte whether it writes the stream or decodes it.
+        encoding: Encoding,
     },
     /// Any server → client: refused, with the reason.
     Refused(Refusal),
@@ -486,6 +512,7 @@ impl Message {
                 image,
                 resume_from,
                 run,
+                encoding,
             } => {
                 out.put_u8(tag::WELCOME);
                 out.put_u32(node.0);
@@ -495,6 +522,13 @@ impl Message {
                 out.put_slice(&image.0);
                 out.put_u64(*resume_from);
                 out.put_slice(&run.0);
+                match encoding {
+                    Encoding::Plain => out.put_u8(0),
+                    Encoding::Zstd { image_size } => {
+                        out.put_u8(1);
+                        out.put_u64(image_size.unwrap_or(u64::MAX));
+                    }
+                }
             }
             Message::Refused(r) => {
                 out.put_u8(tag::REFUSED);
@@ -886,6 +920,13 @@ impl Reader<'_> {
                 image: ImageId(self.bytes32()?),
                 resume_from: self.u64()?,
                 run: Nonce(self.bytes32()?),
+                encoding: match self.u8()? {
+                    0 => Encoding::Plain,
+                    1 => Encoding::Zstd {
+                        image_size: Some(self.u64()?).filter(|&s| s != u64::MAX),
+                    },
+                    _ => return Err(DecodeError::Invalid("unknown stream encoding")),
+                },
             },
             tag::REFUSED => {
                 let code = *RefusalCode::ALL
@@ -1098,18 +1139,26 @@ mod tests {
                 any::<[u8; 32]>(),
                 any::<u64>(),
                 any::<[u8; 32]>(),
+                prop_oneof![
+                    Just(Encoding::Plain),
+                    proptest::option::of(0..u64::MAX)
+                        .prop_map(|image_size| Encoding::Zstd { image_size }),
+                ],
             )
-                .prop_map(|(n, h, d, image_size, image, resume_from, run)| {
-                    Message::Welcome {
-                        node: NodeId(n),
-                        heartbeat_ms: h,
-                        dead_after_ms: d,
-                        image_size,
-                        image: ImageId(image),
-                        resume_from,
-                        run: Nonce(run),
+                .prop_map(
+                    |(n, h, d, image_size, image, resume_from, run, encoding)| {
+                        Message::Welcome {
+                            node: NodeId(n),
+                            heartbeat_ms: h,
+                            dead_after_ms: d,
+                            image_size,
+                            image: ImageId(image),
+                            resume_from,
+                            run: Nonce(run),
+                            encoding,
+                        }
                     }
-                }),
+                ),
             (0..RefusalCode::ALL.len(), text()).prop_map(|(c, detail)| Message::Refused(Refusal {
                 code: RefusalCode::ALL[c],
                 detail

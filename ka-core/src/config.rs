@@ -4,7 +4,7 @@
 use core::net::SocketAddr;
 use core::time::Duration;
 
-use crate::codec::{ImageId, Nonce};
+use crate::codec::{Encoding, ImageId, Nonce};
 
 /// What the source does with a node that stays too slow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +51,8 @@ pub struct SourceConfig {
     pub data_addr: SocketAddr,
     /// The image's size, when known before streaming (a file or device).
     pub image_size: Option<u64>,
+    /// How the stream encodes the image (told to each node in its welcome).
+    pub encoding: Encoding,
     /// The image's identity: a node holding a prefix of this image resumes
     /// from it; a prefix of any other starts over.
     pub image_id: ImageId,
@@ -88,6 +90,7 @@ impl SourceConfig {
             slow_window: Duration::from_secs(1),
             data_addr,
             image_size: None,
+            encoding: Encoding::Plain,
             image_id: ImageId::default(),
             run: Nonce::default(),
             log_bytes_per_sec: 32 << 10,

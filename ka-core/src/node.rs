@@ -36,8 +36,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::auth::{check_data_hello, join_proof, Channel, DataHello, DataRequest, Mac, Side};
 use crate::codec::{
-    Digest, ImageId, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream, MAX_LOG_LINES,
-    PROTOCOL_VERSION,
+    Digest, Encoding, ImageId, Join, Message, Nonce, Progress, Refusal, RefusalCode, Upstream,
+    MAX_LOG_LINES, PROTOCOL_VERSION,
 };
 use crate::config::NodeConfig;
 use crate::ids::{ConnId, Epoch, NodeId};
@@ -362,6 +362,8 @@ pub struct Node {
     stream_end: Option<(u64, Digest)>,
     verdict: Option<Result<(), String>>,
     image_size: Option<u64>,
+    /// How the stream encodes the image.
+    encoding: Encoding,
     /// The image our held prefix belongs to.
     image_id: Option<ImageId>,
     /// The prefix our last join claimed: a welcome resuming from less means
@@ -422,6 +424,7 @@ impl Node {
             stream_end: None,
             verdict: None,
             image_size: None,
+            encoding: Encoding::Plain,
             image_id: resume.filter(|r| r.have > 0).map(|r| r.image),
             join_have: 0,
             source_since: now,
@@ -706,6 +709,12 @@ impl Node {
         self.image_size.or(self.image.map(|(total, _)| total))
     }
 
+    /// How the stream encodes the image, as the source's welcome said
+    /// ([`Encoding::Plain`] until then).
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
     /// The image our copy belongs to: as a source last named it, or as a
     /// restart found it.
     pub fn image_id(&self) -> Option<ImageId> {
@@ -962,9 +971,16 @@ impl Node {
                     image,
                     resume_from,
                     run,
+                    encoding,
                 },
             ) => {
                 self.id = Some(node);
+                self.encoding = encoding;
+                if encoding != Encoding::Plain {
+                    // An encoded stream is unpacked from a window of it, so
+                    // this node serves only what its window still holds.
+                    self.config.readable = false;
+                }
                 self.run = Some(run);
                 self.unproven = None;
                 self.heartbeat = Duration::from_millis(u64::from(heartbeat_ms.max(10)));

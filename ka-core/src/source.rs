@@ -53,7 +53,7 @@ use crate::auth::{
     source_data_key, tags_equal, Channel, DataRequest, Mac, Side,
 };
 use crate::codec::{
-    Digest, Join, JoinFailed, Message, Nonce, Progress, Refusal, RefusalCode, Upstream,
+    Digest, Encoding, Join, JoinFailed, Message, Nonce, Progress, Refusal, RefusalCode, Upstream,
     PROTOCOL_VERSION,
 };
 use crate::config::{SlowPolicy, SourceConfig};
@@ -1027,7 +1027,9 @@ impl Source {
             },
             data_addr: join.data_addr,
             wait_release: join.wait_release,
-            readable: join.readable,
+            // A node unpacking an encoded stream keeps only a window of it,
+            // whatever its target.
+            readable: join.readable && self.config.encoding == Encoding::Plain,
             upstream: None,
             conn: Some(conn),
             data_conn: None,
@@ -1074,6 +1076,7 @@ impl Source {
                 image: self.config.image_id,
                 resume_from: have,
                 run: self.config.run,
+                encoding: self.config.encoding,
             },
         );
         self.events.push_back(SourceEvent::Joined {

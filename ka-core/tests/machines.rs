@@ -592,6 +592,7 @@ fn node_verifies_only_when_its_digest_matches() {
                 image: ImageId([3; 32]),
                 resume_from: 0,
                 run: RUN,
+                encoding: Default::default(),
             },
         );
         node.say(
@@ -751,6 +752,7 @@ fn a_node_that_lost_its_source_holds_a_downstream_the_new_source_placed() {
             image: IMAGE,
             resume_from: 0,
             run: new_run,
+            encoding: Default::default(),
         },
     );
     // That one proved a ticket of the old run: worth nothing now.
@@ -950,6 +952,7 @@ fn welcomed_node_with(
             image: IMAGE,
             resume_from,
             run: RUN,
+            encoding: Default::default(),
         },
     );
     node
@@ -1005,6 +1008,7 @@ fn restarted_node_resumes_from_its_durable_prefix() {
             image: IMAGE,
             resume_from: 400,
             run: RUN,
+            encoding: Default::default(),
         },
     );
     assert!(!actions(&mut node).contains(&NodeAction::StartOver));
@@ -1108,6 +1112,7 @@ fn node_that_loses_its_source_leaves_the_chain_keeps_its_copy_and_rejoins() {
             image: IMAGE,
             resume_from: 400,
             run: RUN,
+            encoding: Default::default(),
         },
     );
     // The new source's generations start again at 1: they must be obeyed.
@@ -1176,6 +1181,7 @@ fn verified_node_tells_a_restarted_source_its_verdict() {
             image: IMAGE,
             resume_from: 1000,
             run: RUN,
+            encoding: Default::default(),
         },
     );
     assert!(sent(&mut node)
@@ -1712,6 +1718,7 @@ fn welcome() -> Message {
         image: IMAGE,
         resume_from: 0,
         run: RUN,
+        encoding: Default::default(),
     }
 }
 
@@ -1991,6 +1998,7 @@ fn window_node(epoch: u64) -> Node {
             image: IMAGE,
             resume_from: 0,
             run: RUN,
+            encoding: Default::default(),
         },
     );
     node.say(t(2), ConnId(1), under_node_5(epoch));
@@ -2112,6 +2120,7 @@ fn a_restarted_window_node_serves_nothing_below_the_prefix_it_resumed_with() {
             image: IMAGE,
             resume_from: 400,
             run: RUN,
+            encoding: Default::default(),
         },
     );
     node.say(t(2), ConnId(1), under_node_5(1));
@@ -3140,6 +3149,7 @@ fn a_nodes_log_lines_wait_for_its_welcome_and_then_go_sealed() {
             image: IMAGE,
             resume_from: 0,
             run: RUN,
+            encoding: Default::default(),
         },
     );
     // `sent` opens every sealed message: a log in the clear would not be
@@ -3183,6 +3193,7 @@ fn a_node_keeps_a_bounded_number_of_lines_while_it_has_no_source() {
             image: IMAGE,
             resume_from: 0,
             run: RUN,
+            encoding: Default::default(),
         },
     );
     let lines = log_lines(&sent(&mut node));

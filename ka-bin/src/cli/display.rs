@@ -460,7 +460,7 @@ pub fn report_json(report: &SourceReport) -> serde_json::Value {
                 }
             })
             .collect();
-        json!({"report": {"size": report.size, "seconds": secs, "expected": report.expected,
+        json!({"report": {"size": report.size, "packed": report.packed, "seconds": secs, "expected": report.expected,
                           "aborted": report.aborted, "nodes": nodes}})
     }
 }
@@ -507,8 +507,15 @@ fn print_report_table(report: &SourceReport, secs: f64) {
             report.expected
         );
     }
+    let packed = report.packed.map_or(String::new(), |p| {
+        format!(
+            " (packed to {}, {:.2}:1)",
+            human(p),
+            report.size as f64 / p.max(1) as f64
+        )
+    });
     crate::outln!(
-        "{ok}/{} nodes OK; {} in {:.2} s of streaming ({:.1} MB/s per node){}",
+        "{ok}/{} nodes OK; {}{packed} in {:.2} s of streaming ({:.1} MB/s per node){}",
         report.nodes.len(),
         human(report.size),
         secs,

@@ -146,6 +146,16 @@ pub struct ServeArgs {
     /// second) or 100Mbit. Leaves room on a shared network, or paces a test.
     #[arg(long, value_name = "RATE", value_parser = ka_core::units::parse_rate)]
     pub max_rate: Option<u64>,
+    /// Pack the stream with Zstandard: compressed once here, forwarded as
+    /// it is by every node, unpacked only to be written; the digest stays
+    /// the image's own. `zstd` or `zstd:LEVEL` (1–19) always packs; `auto`
+    /// packs an image file whose sample shrinks by a fifth or more and
+    /// sends other images as they are (a command, tar or system stream is
+    /// packed only with `zstd`); `off` never packs. A `.zst` image is sent
+    /// as it is (with `off`, decoded first); gzip and xz images are
+    /// decoded here.
+    #[arg(long, value_name = "HOW", default_value = "auto")]
+    pub compress: ka_net::image::packed::Compression,
     /// Where the session's record is kept (nodes' outcomes), so that `ka
     /// serve` restarted with the same arguments on the same image goes on
     /// with the session: the nodes rejoin and resume, and nodes that had
@@ -355,6 +365,7 @@ impl ServePlan {
                 spool_dir: args.spool_dir,
                 state_dir,
                 max_rate: args.max_rate,
+                compression: args.compress,
                 web: None,
             },
             secret,

@@ -190,6 +190,12 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
     config.wait_release = opts.wait_release;
     config.verify_readback = opts.verify_readback;
     let spool = spool_path(opts.spool_dir.as_deref(), &format!("ka-node-{name}"));
+    // A rebuild's steps are `system` events; a packed stream's unpacking
+    // into a file target is `unpacked`.
+    let step_event = match opts.output {
+        Output::System(_) => "system",
+        _ => "unpacked",
+    };
     let target = match opts.output {
         Output::Target(p) => Target::File(p),
         Output::Command(c) => Target::Stream {
@@ -231,6 +237,7 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
         state_dir: Some(opts.state_dir),
         rediscover: opts.reach.rediscover(),
         log: Some(log_rx),
+        packed_spool: Some(spool.clone()),
     };
     let json = opts.json;
     let outcome = rt.block_on(shell::run_node(node, |_, e| {
@@ -246,7 +253,7 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
     if let Some(unpacked) = &outcome.unpacked {
         for step in &unpacked.steps {
             if json {
-                crate::outln!("{{\"node\":{name:?},\"event\":\"system\",\"step\":{step:?}}}");
+                crate::outln!("{{\"node\":{name:?},\"event\":\"{step_event}\",\"step\":{step:?}}}");
             } else {
                 eprintln!("ka: {name}: {step}");
             }

@@ -62,6 +62,7 @@ pub fn run(
                 state_dir: None,
                 rediscover: None,
                 log: None,
+                packed_spool: None,
             };
             nodes.push(tokio::spawn(shell::run_node(opts, |_, _| {})));
         }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context};
 use ka_core::config::SourceConfig;
 use ka_core::source::{Source, SourceEvent};
+use ka_net::image::packed::{plan_file, plan_stream, Compression, Plan};
 use ka_net::shell::{self, ImageInput, SourceOptions};
 use ka_net::SourceSpec;
 
@@ -46,6 +47,8 @@ pub struct ServeOptions {
     pub state_dir: Option<PathBuf>,
     /// A cap on the source's total send rate, in bytes per second.
     pub max_rate: Option<u64>,
+    /// Whether and how the image is packed for the wire.
+    pub compression: Compression,
     /// The web page (`--http`), served on the session's runtime, which it
     /// keeps once the session ends (see [`crate::web::WebServer::linger`]).
     pub web: Option<crate::web::WebServer>,
@@ -79,29 +82,71 @@ pub fn run(
     };
     let spool = spool_path(spool_dir.as_deref(), &format!("ka-source-{session}"));
     let warnings = ka_net::system::capture::Warnings::default();
-    let stream = |spec| ImageInput::Stream {
-        spec,
-        spool: spool.clone(),
+    let root = secret::key(secret, &session);
+    let digest_key = root.digest_key();
+    let compression = opts.compression;
+    let encoded = |plan: Plan, file: Option<PathBuf>| match plan {
+        Plan::File => ImageInput::File(file.expect("only a file is served as a file")),
+        Plan::Stream(source, encoding, stats) => ImageInput::Encoded {
+            source,
+            encoding,
+            stats,
+            spool: spool.clone(),
+        },
+    };
+    // A stream is packed only when asked: `auto` cannot sample it without
+    // holding it back.
+    let stream = |spec: SourceSpec| -> anyhow::Result<ImageInput> {
+        Ok(match compression {
+            Compression::Off | Compression::Auto => ImageInput::Stream {
+                spec,
+                spool: spool.clone(),
+            },
+            Compression::Zstd(_) => {
+                let source = ka_net::open_source(&spec).map_err(|e| anyhow!("{e}"))?;
+                encoded(
+                    plan_stream(source, compression, &digest_key).map_err(|e| anyhow!("{e}"))?,
+                    None,
+                )
+            }
+        })
     };
     let image = match opts.input {
-        Input::File(p) => ImageInput::File(p),
-        Input::Command(c) => stream(SourceSpec::Command(c)),
-        Input::Tar(d) => stream(SourceSpec::Tar(d)),
-        Input::Stdin => stream(SourceSpec::Stdin),
+        Input::File(p) => {
+            let plan = plan_file(&p, compression, &digest_key, &mut |line| {
+                eprintln!("ka: {line}")
+            })
+            .map_err(|e| anyhow!("{e}"))?;
+            encoded(plan, Some(p))
+        }
+        Input::Command(c) => stream(SourceSpec::Command(c))?,
+        Input::Tar(d) => stream(SourceSpec::Tar(d))?,
+        Input::Stdin => stream(SourceSpec::Stdin)?,
         Input::System(plan) => {
             let capture = ka_net::system::capture::Capture::new(&plan, vec![spool.clone()])
                 .map_err(|e| anyhow!("{e}"))?;
             for (i, part) in capture.parts.iter().enumerate() {
                 eprintln!("ka: system part {}: {}", i + 1, describe_part(part));
             }
-            ImageInput::System {
-                capture: Box::new(capture),
-                warnings: warnings.clone(),
-                spool: spool.clone(),
+            match compression {
+                Compression::Off | Compression::Auto => ImageInput::System {
+                    capture: Box::new(capture),
+                    warnings: warnings.clone(),
+                    spool: spool.clone(),
+                },
+                Compression::Zstd(_) => {
+                    let stream = Box::new(ka_net::image::sources::StreamSource::new(
+                        capture.reader(warnings.clone()),
+                    ));
+                    encoded(
+                        plan_stream(stream, compression, &digest_key)
+                            .map_err(|e| anyhow!("{e}"))?,
+                        None,
+                    )
+                }
             }
         }
     };
-    let root = secret::key(secret, &session);
     let source = SourceOptions {
         key: root.clone(),
         config: opts.config,

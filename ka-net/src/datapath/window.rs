@@ -313,3 +313,78 @@ mod tests {
         );
     }
 }
+
+/// Reads a windowed spool as the receiving thread writes it: what a node's
+/// unpacker (a system rebuild, a packed stream's decoder) consumes, each
+/// byte once, telling the window how far it got so its prefix can go.
+pub struct Follower {
+    spool: File,
+    written: tokio::sync::watch::Receiver<super::Written>,
+    window: Arc<Window>,
+    rt: tokio::runtime::Handle,
+    pos: u64,
+}
+
+impl Follower {
+    /// Follows `spool` from 0 as `written` says it grows. Blocking calls:
+    /// use it on a blocking thread of the runtime `rt`.
+    pub fn open(
+        spool: &std::path::Path,
+        written: tokio::sync::watch::Receiver<super::Written>,
+        window: Arc<Window>,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Self, Error> {
+        let spool = File::open(spool)
+            .map_err(|e| Error::io(format!("opening the spool {}", spool.display()), e))?;
+        Ok(Follower {
+            spool,
+            written,
+            window,
+            rt,
+            pos: 0,
+        })
+    }
+
+    /// Where the next read starts.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// The window it follows.
+    pub fn window(&self) -> &Window {
+        &self.window
+    }
+
+    /// The next written bytes (at most `buf.len()`), waiting for them;
+    /// `Ok(None)` once the stream is complete and all of it was read.
+    /// What the previous call returned counts as consumed.
+    pub fn next<'b>(&mut self, buf: &'b mut [u8]) -> Result<Option<&'b [u8]>, Error> {
+        use std::os::unix::fs::FileExt;
+        self.window.consumed(self.pos);
+        let upto = loop {
+            if self.window.is_closed() {
+                return Err(Error::Invalid("the node stopped unpacking".into()));
+            }
+            let w = *self.written.borrow_and_update();
+            if w.upto > self.pos {
+                break w.upto;
+            }
+            if w.size.is_some_and(|s| s <= self.pos) {
+                return Ok(None);
+            }
+            // Bounded, so a closed window is seen without a write.
+            let changed = self.rt.block_on(async {
+                tokio::time::timeout(Duration::from_millis(500), self.written.changed()).await
+            });
+            if matches!(changed, Ok(Err(_))) {
+                return Err(Error::Invalid("the node stopped receiving".into()));
+            }
+        };
+        let n = ((upto - self.pos) as usize).min(buf.len());
+        self.spool
+            .read_exact_at(&mut buf[..n], self.pos)
+            .map_err(|e| Error::io(format!("reading the spool at {}", self.pos), e))?;
+        self.pos += n as u64;
+        Ok(Some(&buf[..n]))
+    }
+}

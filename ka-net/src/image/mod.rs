@@ -16,6 +16,7 @@ pub mod atomic;
 pub mod blockdev;
 pub mod digest;
 pub mod mounts;
+pub mod packed;
 pub mod process;
 pub mod sinks;
 pub mod sources;

@@ -57,6 +57,10 @@ pub struct NodeOptions {
     /// Lines for this node's log at the source (its events as it prints
     /// them, its console): sent sealed once the source welcomed it.
     pub log: Option<mpsc::Receiver<String>>,
+    /// Where a file target's stream is spooled when the source packs it
+    /// (a bounded window: [`Target::Packed`]); `None`: in the temporary
+    /// directory.
+    pub packed_spool: Option<PathBuf>,
 }
 
 /// Where a node writes the image.
@@ -84,6 +88,18 @@ pub enum Target {
         /// The most of the stream held at once, in bytes.
         window: u64,
     },
+    /// What a [`Target::File`] becomes when the source packs its stream
+    /// ([`ka_core::codec::Encoding::Zstd`]): the stream is received into
+    /// `spool`, of which only a bounded window is kept, and unpacked into
+    /// `file` as it arrives ([`super::spool::unpack_following`]).
+    Packed {
+        /// The file or block device the image goes to.
+        file: PathBuf,
+        /// The spool file to create.
+        spool: PathBuf,
+        /// The most of the stream held at once, in bytes.
+        window: u64,
+    },
 }
 
 impl Target {
@@ -91,7 +107,9 @@ impl Target {
     pub fn file(&self) -> &std::path::Path {
         match self {
             Target::File(p) => p,
-            Target::Stream { spool, .. } | Target::System { spool, .. } => spool,
+            Target::Stream { spool, .. }
+            | Target::System { spool, .. }
+            | Target::Packed { spool, .. } => spool,
         }
     }
 }
@@ -206,7 +224,7 @@ impl Durable {
                 );
                 Ok(None)
             }
-            (None, _) => Ok(None),
+            (Some(_), Target::Packed { .. }) | (None, _) => Ok(None),
         }
     }
 
@@ -594,8 +612,16 @@ struct NodeDriver {
     /// Only the latest attempt to reach an upstream counts: the topology
     /// may have moved on while an older one was connecting.
     upstream_attempt: Option<ConnId>,
-    /// A system clone's bounded window, once receiving began.
+    /// A system clone's or a packed stream's bounded window, once
+    /// receiving began.
     window: Option<Arc<Window>>,
+    /// Where a file target's stream is spooled if the source packs it.
+    packed_spool: PathBuf,
+    /// The packed stream's digest as received, which a read-back request
+    /// is answered with: the unpacker read the target back itself.
+    packed_digest: Option<Digest>,
+    /// Whether the target is to be read back after writing.
+    read_back: bool,
     /// A system clone: the stream's end as received, until the rebuild is
     /// done too.
     system_end: Option<(u64, Digest)>,
@@ -623,9 +649,18 @@ impl NodeDriver {
             key,
             rediscover,
             log,
+            packed_spool,
             ..
         } = opts;
         let session = config.session.clone();
+        let read_back = config.verify_readback;
+        let packed_spool = packed_spool.unwrap_or_else(|| {
+            std::env::temp_dir().join(format!(
+                "ka-node-{}-{}.packed-spool",
+                config.name,
+                std::process::id()
+            ))
+        });
         let mut writer = None;
         let mut start = Written::default();
         let mut resume = None;
@@ -672,6 +707,9 @@ impl NodeDriver {
             discovering: false,
             upstream_attempt: None,
             window: None,
+            packed_spool,
+            packed_digest: None,
+            read_back,
             system_end: None,
             unpack: None,
             rebuild_gen: 0,
@@ -725,6 +763,7 @@ impl NodeDriver {
         while let Some(ev) = self.node.poll_event() {
             if let NodeEvent::Welcomed { resumed_from, .. } = &ev {
                 self.resumed_from = *resumed_from;
+                self.follow_encoding();
             }
             on_event(&self.node, &ev);
         }
@@ -863,6 +902,12 @@ impl NodeDriver {
     /// Computes the digest of what reads back from the target; the machine
     /// compares it with the source's.
     fn read_back(&mut self) {
+        if let (Target::Packed { .. }, Some(digest)) = (&self.target, self.packed_digest) {
+            // The unpacker read the target back and checked it against the
+            // stream's trailer before the stream's end reached the machine.
+            let _ = self.internal_tx.send(Internal::ReadBack(Ok(digest)));
+            return;
+        }
         let Some(w) = self.writer.take() else {
             self.node.handle_sink_error(
                 self.clock.now(),
@@ -1075,12 +1120,19 @@ impl NodeDriver {
                 self.system_end = Some((end.size, end.digest));
                 self.system_done();
             }
+            Target::Packed { .. } => {
+                self.packed_digest = Some(end.digest);
+                self.system_end = Some((end.size, end.digest));
+                self.system_done();
+            }
             Target::Stream { spec, spool } => {
                 // The sink gets the image only once all of it is here.
                 let (spec, spool, tx) = (spec.clone(), spool.clone(), self.internal_tx.clone());
+                let unpack = (self.node.encoding() != ka_core::codec::Encoding::Plain)
+                    .then(|| self.key.digest_key().clone());
                 tokio::task::spawn_blocking(move || {
-                    let result =
-                        super::spool::feed_sink(&spool, end.size, &spec).map_err(|e| e.to_string());
+                    let result = super::spool::feed_sink(&spool, end.size, &spec, unpack.as_ref())
+                        .map_err(|e| e.to_string());
                     let _ = tx.send(Internal::Fed {
                         result,
                         size: end.size,
@@ -1097,6 +1149,32 @@ impl NodeDriver {
         self.window.as_ref().map_or(0, |w| w.holds_from())
     }
 
+    /// Becomes a packed-stream node when the source's welcome says it packs
+    /// its stream, and a plain one again if a later source does not. A copy
+    /// under way starts over all the same (another source is another image).
+    fn follow_encoding(&mut self) {
+        let packed = self.node.encoding() != ka_core::codec::Encoding::Plain;
+        match &self.target {
+            Target::File(file) if packed => {
+                tracing::info!(
+                    "the source packs its stream: unpacking it into the target as it arrives"
+                );
+                if self.durable.take().is_some() {
+                    tracing::info!("a packed stream does not resume after a restart: a restarted node starts over");
+                }
+                self.target = Target::Packed {
+                    file: file.clone(),
+                    spool: self.packed_spool.clone(),
+                    window: crate::datapath::window::DEFAULT_WINDOW,
+                };
+            }
+            Target::Packed { file, .. } if !packed => {
+                self.target = Target::File(file.clone());
+            }
+            _ => {}
+        }
+    }
+
     /// A system clone is done once both the stream has ended (its digest is
     /// known) and the disks are rebuilt from it: only then is it checked.
     fn system_done(&mut self) {
@@ -1110,6 +1188,36 @@ impl NodeDriver {
     /// Opens the writer of the first receive; a system clone's also starts
     /// its window and the rebuild that follows the spool.
     fn first_writer(&mut self) -> Result<NodeWriter, Error> {
+        if let Target::Packed { file, spool, .. } = &self.target {
+            let (file, spool) = (file.clone(), spool.clone());
+            let win = self.system_window()?.expect("a packed target has a window");
+            let sink = open_sink(&SinkSpec::File(spool.clone()), None)?;
+            super::spool::reach_ahead(&spool)?;
+            let sink = Box::new(WindowedSink::new(sink, Arc::clone(&win)));
+            let writer = NodeWriter::new(sink, ImageHasher::new(self.key.digest_key()))?;
+            let to = super::spool::UnpackTo {
+                target: file,
+                key: self.key.digest_key().clone(),
+                expected: match self.node.encoding() {
+                    ka_core::codec::Encoding::Zstd { image_size } => image_size,
+                    ka_core::codec::Encoding::Plain => None,
+                },
+                read_back: self.read_back,
+            };
+            let (tx, written, w2) = (self.internal_tx.clone(), self.written_rx.clone(), win);
+            let rt = tokio::runtime::Handle::current();
+            let (gen, before) = (self.rebuild_gen, self.rebuild_task.take());
+            self.rebuild_task = Some(tokio::task::spawn_blocking(move || {
+                if let Some(before) = before {
+                    // The last unpacker must have let go of the target.
+                    let _ = rt.block_on(before);
+                }
+                let result = super::spool::unpack_following(&spool, written, w2, &to, rt)
+                    .map_err(|e| e.to_string());
+                let _ = tx.send(Internal::Unpacked { gen, result });
+            }));
+            return Ok(writer);
+        }
         let Target::System { rebuild, spool, .. } = &self.target else {
             return open_writer(
                 self.target.file(),
@@ -1118,6 +1226,12 @@ impl NodeDriver {
             );
         };
         let (spool, rebuild) = (spool.clone(), rebuild.clone());
+        let unpacker = match self.node.encoding() {
+            ka_core::codec::Encoding::Plain => None,
+            ka_core::codec::Encoding::Zstd { .. } => {
+                Some(crate::image::packed::Unpacker::new(self.key.digest_key())?)
+            }
+        };
         let win = self.system_window()?.expect("a system target has a window");
         let sink = open_sink(&SinkSpec::File(spool.clone()), None)?;
         super::spool::reach_ahead(&spool)?;
@@ -1131,7 +1245,7 @@ impl NodeDriver {
             if let Some(before) = before {
                 let _ = rt.block_on(before);
             }
-            let result = crate::system::unpack_following(&spool, written, w2, opts, rt)
+            let result = crate::system::unpack_following(&spool, written, w2, opts, unpacker, rt)
                 .map_err(|e| e.to_string());
             let _ = tx.send(Internal::Unpacked { gen, result });
         }));
@@ -1141,7 +1255,9 @@ impl NodeDriver {
     /// A system clone's window over its spool (made on first need: the
     /// first serving or the first receive); `None` for other targets.
     fn system_window(&mut self) -> Result<Option<Arc<Window>>, Error> {
-        let Target::System { spool, window, .. } = &self.target else {
+        let (Target::System { spool, window, .. } | Target::Packed { spool, window, .. }) =
+            &self.target
+        else {
             return Ok(None);
         };
         if let Some(w) = &self.window {

@@ -27,7 +27,6 @@ use crate::image::sources::{open_source, SourceSpec};
 use crate::Error;
 
 /// Where the image comes from.
-#[derive(Debug, Clone)]
 pub enum ImageInput {
     /// A regular file or a block device, served directly.
     File(PathBuf),
@@ -36,6 +35,20 @@ pub enum ImageInput {
     Stream {
         /// The stream.
         spec: SourceSpec,
+        /// The spool file to create.
+        spool: PathBuf,
+    },
+    /// A stream already opened, and how it encodes the image: a packed
+    /// or decoded image file, a packed command output
+    /// ([`crate::image::packed`]). Spooled like any stream.
+    Encoded {
+        /// The stream.
+        source: Box<dyn crate::ImageSource>,
+        /// How it encodes the image (told to every node).
+        encoding: ka_core::codec::Encoding,
+        /// The packing's counters, when it is packed here: the report
+        /// gives the image's size and the stream's.
+        stats: Option<std::sync::Arc<crate::image::packed::PackStats>>,
         /// The spool file to create.
         spool: PathBuf,
     },
@@ -76,6 +89,8 @@ pub struct SourceReport {
     pub nodes: Vec<NodeReport>,
     /// The image's size.
     pub size: u64,
+    /// The packed stream's size, when the stream was packed.
+    pub packed: Option<u64>,
     /// From the start of the stream to the end of the session.
     pub streaming: Duration,
     /// Why the session was aborted, if it was.
@@ -263,6 +278,8 @@ struct SourceDriver {
     conns: Conns,
     started_at: Option<Time>,
     refreshed: Time,
+    /// A packed stream's counters.
+    packing: Option<std::sync::Arc<crate::image::packed::PackStats>>,
     /// Connections refused beyond the refusal log's bound, whose
     /// [`SourceEvent::Refused`] the display does not see either.
     unshown_refusals: HashSet<ConnId>,
@@ -291,8 +308,9 @@ impl SourceDriver {
             });
             (spool.clone(), tx, rx, None, resume::random_identity())
         };
-        let (path, image_written, image_watch, size, image_id) = match &opts.image {
-            ImageInput::File(path) => {
+        let mut packing = None;
+        let (path, image_written, image_watch, size, image_id) = match opts.image {
+            ImageInput::File(ref path) => {
                 let size = open_source(&SourceSpec::File(path.clone()))?
                     .size()
                     .ok_or_else(|| {
@@ -320,11 +338,24 @@ impl SourceDriver {
                     resume::image_identity(path)?,
                 )
             }
-            ImageInput::Stream { spec, spool } => spool_stream(open_source(spec)?, spool),
-            ImageInput::System {
-                capture,
-                warnings,
+            ImageInput::Stream {
+                ref spec,
+                ref spool,
+            } => spool_stream(open_source(spec)?, spool),
+            ImageInput::Encoded {
+                source,
+                encoding,
+                stats,
                 spool,
+            } => {
+                opts.config.encoding = encoding;
+                packing = stats;
+                spool_stream(source, &spool)
+            }
+            ImageInput::System {
+                ref capture,
+                ref warnings,
+                ref spool,
             } => spool_stream(
                 Box::new(crate::image::sources::StreamSource::new(
                     capture.reader(warnings.clone()),
@@ -379,6 +410,7 @@ impl SourceDriver {
             recorder,
             conns: Conns::new(events_tx),
             started_at: None,
+            packing,
             unshown_refusals: HashSet::new(),
         };
         Ok((driver, inputs))
@@ -576,6 +608,7 @@ impl SourceDriver {
             recorder,
             conns,
             started_at,
+            packing,
             ..
         } = self;
         conns.finish().await;
@@ -584,9 +617,18 @@ impl SourceDriver {
         if let Some(recorder) = recorder {
             recorder.remove().await;
         }
+        let stream = size.unwrap_or_default();
+        let (size, packed) = match packing {
+            Some(p) => (
+                p.image.load(std::sync::atomic::Ordering::Relaxed),
+                Some(stream),
+            ),
+            None => (stream, None),
+        };
         SourceReport {
             nodes: source.report(),
-            size: size.unwrap_or_default(),
+            size,
+            packed,
             streaming,
             aborted,
             expected,

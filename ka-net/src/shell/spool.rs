@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use super::conn::Written;
 use crate::datapath::BUF_SIZE;
 use crate::image::digest::{DigestKey, ImageHasher};
+use crate::image::packed::{SinkWriter, Unpacker};
 use crate::image::sinks::{open_sink, ImageSink, SinkSpec};
 use crate::image::sources::{open_source, ImageSource, SourceSpec};
 use crate::Error;
@@ -84,8 +85,33 @@ pub fn spool_source(
 }
 
 /// Feeds the complete image in `spool` (of `size` bytes) to the sink `spec`
-/// and waits for it to finish (a command's exit status, tar's). Blocking.
-pub fn feed_sink(spool: &Path, size: u64, spec: &SinkSpec) -> Result<(), Error> {
+/// and waits for it to finish (a command's exit status, tar's). A packed
+/// stream is unpacked on the way with the digest key `unpack`, and its
+/// trailer checked before the sink is finished. Blocking.
+pub fn feed_sink(
+    spool: &Path,
+    size: u64,
+    spec: &SinkSpec,
+    unpack: Option<&DigestKey>,
+) -> Result<(), Error> {
+    if let Some(key) = unpack {
+        let mut file = std::fs::File::open(spool)
+            .map_err(|e| Error::io(format!("opening the spool {}", spool.display()), e))?;
+        let mut sink = open_sink(spec, None)?;
+        let mut writer = SinkWriter::new(sink.as_mut(), None);
+        let mut unpacker = Unpacker::new(key)?;
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut left = size;
+        while left > 0 {
+            let n = (left as usize).min(buf.len());
+            std::io::Read::read_exact(&mut file, &mut buf[..n])
+                .map_err(|e| Error::io("reading the spool", e))?;
+            unpacker.feed(&buf[..n], &mut |bytes| writer.write(bytes))?;
+            left -= n as u64;
+        }
+        let trailer = unpacker.finish()?;
+        return writer.finish(trailer.size);
+    }
     let mut source = open_source(&SourceSpec::File(spool.to_path_buf()))?;
     let mut sink = open_sink(spec, Some(size))?;
     let mut buf = vec![0u8; BUF_SIZE];
@@ -116,4 +142,71 @@ fn write_record(
         RecordKind::Zero => sink.write_zero(header.offset, header.len),
         RecordKind::End => sink.finish(header.offset),
     }
+}
+
+/// Where and how a packed stream is unpacked ([`unpack_following`]).
+#[derive(Debug, Clone)]
+pub struct UnpackTo {
+    /// The file or block device the image goes to.
+    pub target: std::path::PathBuf,
+    /// The session's digest key.
+    pub key: DigestKey,
+    /// The image size the source announced, so a target too small is
+    /// refused before a byte is written.
+    pub expected: Option<u64>,
+    /// Read the target back and check it again once written.
+    pub read_back: bool,
+}
+
+/// Unpacks a packed stream ([`crate::image::packed`]) into `to.target` as
+/// it is received into a windowed spool, following `written`, then checks
+/// the copy: its digest as written against the stream's trailer and, if
+/// asked, again as read back from the target. Blocking: run it on a
+/// blocking thread of the runtime `rt`.
+pub fn unpack_following(
+    spool: &Path,
+    written: watch::Receiver<Written>,
+    window: std::sync::Arc<crate::datapath::window::Window>,
+    to: &UnpackTo,
+    rt: tokio::runtime::Handle,
+) -> Result<crate::system::Unpacked, Error> {
+    let UnpackTo {
+        target,
+        key,
+        expected,
+        read_back,
+    } = to;
+    let (expected, read_back) = (*expected, *read_back);
+    let result = (|| {
+        let mut follower = crate::datapath::window::Follower::open(
+            spool,
+            written,
+            std::sync::Arc::clone(&window),
+            rt,
+        )?;
+        let mut sink = open_sink(&SinkSpec::File(target.to_path_buf()), expected)?;
+        let mut unpacker = Unpacker::new(key)?;
+        let mut writer = SinkWriter::new(sink.as_mut(), expected);
+        let mut buf = vec![0u8; BUF_SIZE];
+        while let Some(piece) = follower.next(&mut buf)? {
+            unpacker.feed(piece, &mut |bytes| writer.write(bytes))?;
+        }
+        let stream = follower.position();
+        let trailer = unpacker.finish()?;
+        writer.finish(trailer.size)?;
+        let mut steps = vec![format!(
+            "unpacked {} bytes from a stream of {stream} ({:.2}:1), digest checked",
+            trailer.size,
+            trailer.size as f64 / stream.max(1) as f64
+        )];
+        if read_back {
+            crate::datapath::verify_readback(sink.as_ref(), key, &trailer.digest)?;
+            steps.push("read back and checked again".into());
+        }
+        Ok(crate::system::Unpacked { steps })
+    })();
+    if result.is_err() {
+        window.close();
+    }
+    result
 }

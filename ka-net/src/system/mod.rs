@@ -60,14 +60,13 @@ pub use layout::{
     PartitionLayout, ReadOptions, TableKind,
 };
 
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::datapath::window::Window;
+use crate::datapath::window::{Follower, Window};
 use crate::datapath::Written;
 use crate::Error;
 use rebuild::{RebuildOptions, Rebuilder};
@@ -135,51 +134,53 @@ pub struct Unpacked {
 /// Rebuilds `opts.disks` from the stream being received into `spool`,
 /// following `written`, reading each byte once as it is written and
 /// telling `window` what is consumed, then finishes the system (boot
-/// loader, post-command, unmounted). Blocking: run it on a blocking thread
-/// of the runtime `rt`. Fails as soon as any step fails, naming it.
+/// loader, post-command, unmounted). A packed stream is unpacked on the
+/// way by `unpacker`, and its trailer checked before the system counts as
+/// rebuilt. Blocking: run it on a blocking thread of the runtime `rt`.
+/// Fails as soon as any step fails, naming it.
 pub fn unpack_following(
     spool: &Path,
-    mut written: watch::Receiver<Written>,
+    written: watch::Receiver<Written>,
     window: Arc<Window>,
     opts: RebuildOptions,
+    mut unpacker: Option<crate::image::packed::Unpacker>,
     rt: tokio::runtime::Handle,
 ) -> Result<Unpacked, Error> {
-    let file = std::fs::File::open(spool)
-        .map_err(|e| Error::io(format!("opening the spool {}", spool.display()), e))?;
+    let mut follower = Follower::open(spool, written, Arc::clone(&window), rt)?;
     let mut rebuilder = Rebuilder::new(opts);
     let mut decoder = Decoder::new();
     let mut buf = vec![0u8; crate::datapath::BUF_SIZE];
     let result = (|| {
         while !decoder.ended() {
-            let pos = decoder.position();
-            let upto = loop {
-                if window.is_closed() {
-                    return Err(Error::Invalid("the node stopped this rebuild".into()));
-                }
-                let w = *written.borrow_and_update();
-                if w.upto > pos {
-                    break w.upto;
-                }
-                if w.size.is_some_and(|s| s <= pos) {
-                    return Err(Error::Invalid(format!(
-                        "the stream ended at {pos} bytes before its END section: \
-                         is the source's image a system stream?"
-                    )));
-                }
-                // Bounded, so a closed window is seen without a write.
-                let changed = rt.block_on(async {
-                    tokio::time::timeout(std::time::Duration::from_millis(500), written.changed())
-                        .await
-                });
-                if matches!(changed, Ok(Err(_))) {
-                    return Err(Error::Invalid("the node stopped receiving".into()));
-                }
+            let Some(piece) = follower.next(&mut buf)? else {
+                return Err(Error::Invalid(format!(
+                    "the stream ended at {} bytes before its END section: \
+                     is the source's image a system stream?",
+                    follower.position()
+                )));
             };
-            let n = ((upto - pos) as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..n], pos)
-                .map_err(|e| Error::io(format!("reading the spool at {pos}"), e))?;
-            decoder.feed(&buf[..n], &mut |e| rebuilder.on_event(e))?;
-            window.consumed(decoder.position());
+            match &mut unpacker {
+                None => decoder.feed(piece, &mut |e| rebuilder.on_event(e))?,
+                Some(u) => u.feed(piece, &mut |bytes| {
+                    decoder.feed(bytes, &mut |e| rebuilder.on_event(e))
+                })?,
+            }
+        }
+        if let Some(mut u) = unpacker.take() {
+            // The trailer follows the END section: the image is checked
+            // whole before the system is finished.
+            while let Some(piece) = follower.next(&mut buf)? {
+                u.feed(piece, &mut |rest| {
+                    if rest.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(Error::Invalid(
+                            "the system stream goes on after its END section".into(),
+                        ))
+                    }
+                })?;
+            }
+            u.finish()?;
         }
         let steps = rebuilder.finish()?;
         Ok(Unpacked { steps })

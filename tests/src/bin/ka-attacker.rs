@@ -300,6 +300,7 @@ fn serve_one(mut conn: TcpStream, me: SocketAddr, stolen: &Stolen) {
                     image: ImageId([0xaa; 32]),
                     resume_from: 0,
                     run: Nonce([0x22; 32]),
+                    encoding: Default::default(),
                 },
                 Message::Topology {
                     epoch: Epoch(1),

@@ -1,0 +1,1022 @@
+//! Compressed streams: an image packed with Zstandard once at the source,
+//! forwarded as it is by every node, and unpacked only to be written.
+//!
+//! # The packed stream
+//!
+//! A packed stream is an ordinary Zstandard stream of the image (any number
+//! of frames; `zstd -d` reads it) followed by one *skippable frame*, the
+//! [`Trailer`], that carries the image's size and keyed digest
+//! ([`crate::image::digest`]). Everything the chain does with a stream —
+//! offsets, resumes, its digest in `ImageDone` — counts bytes of the packed
+//! stream; the trailer, covered by that digest, then tells a node what its
+//! unpacked copy must be. A node checks both: the stream against the
+//! source's digest, and its written copy against the trailer.
+//!
+//! Zstandard stores a block that does not shrink as it is (a raw block), so
+//! incompressible data costs five bytes per 128 KiB and a copy, not a
+//! second try. Blocks are not independently resumable, so a node resumes
+//! in stream offsets from what its upstream (or the source's spool) still
+//! holds, never by unpacking from the middle.
+//!
+//! # Images that are already compressed
+//!
+//! [`ImageFormat::sniff`] recognises an image file by its first bytes. A
+//! `.zst` image is sent as it is ([`PackedSource::passthrough`]): the
+//! source only decodes it once, beside the stream, for the digest. A gzip
+//! or xz image is decoded at the source and then either packed again or
+//! sent plain.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
+
+use ka_core::codec::Digest;
+use ka_core::record::RecordKind;
+use zstd::stream::raw::{Decoder as RawDecoder, InBuffer, Operation, OutBuffer};
+
+use super::digest::{DigestKey, ImageHasher};
+use super::sinks::ImageSink;
+use super::sources::ImageSource;
+use super::{is_zero, BLOCK};
+use crate::Error;
+
+/// The level `--compress zstd` and `auto` pack at: Zstandard's default,
+/// a few hundred MB/s per core, near the best ratio of the fast levels.
+pub const DEFAULT_LEVEL: i32 = 3;
+
+/// What a source does to its image's bytes before they travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// Send the image as it is (a compressed image file is decoded first).
+    #[default]
+    Off,
+    /// Pack with Zstandard at this level (1–19; negative levels are faster).
+    Zstd(i32),
+    /// Pack when a sample of the image shrinks by [`AUTO_MIN_RATIO`] or more,
+    /// send it as it is otherwise; a `.zst` image is always sent packed.
+    Auto,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let level = |l: &str| {
+            l.parse::<i32>()
+                .ok()
+                .filter(|l| (-7..=19).contains(l) && *l != 0)
+                .ok_or_else(|| {
+                    format!("zstd level {l:?}: give a number from 1 to 19 (or -7 to -1)")
+                })
+        };
+        match s {
+            "off" | "none" => Ok(Compression::Off),
+            "auto" => Ok(Compression::Auto),
+            "zstd" => Ok(Compression::Zstd(DEFAULT_LEVEL)),
+            _ => match s.strip_prefix("zstd:") {
+                Some(l) => level(l).map(Compression::Zstd),
+                None => Err(format!(
+                    "unknown compression {s:?}: use off, auto, zstd or zstd:LEVEL"
+                )),
+            },
+        }
+    }
+}
+
+/// `auto` packs an image whose sample shrinks at least this much: below it,
+/// the source's and the nodes' CPU buys less than a fifth of the wire.
+pub const AUTO_MIN_RATIO: f64 = 1.2;
+
+/// How an image file is stored, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// The image's own bytes.
+    Raw,
+    /// A Zstandard stream.
+    Zstd,
+    /// An xz stream.
+    Xz,
+    /// A gzip stream.
+    Gzip,
+}
+
+impl ImageFormat {
+    /// Recognises a file's format by its magic number. Block devices and
+    /// anything else without a known magic are [`ImageFormat::Raw`].
+    pub fn sniff(path: &Path) -> Result<Self, Error> {
+        let mut head = [0u8; 6];
+        let mut file =
+            File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let mut n = 0;
+        while n < head.len() {
+            match file.read(&mut head[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+            }
+        }
+        Ok(match &head[..n] {
+            [0x28, 0xb5, 0x2f, 0xfd, ..] => ImageFormat::Zstd,
+            [0xfd, b'7', b'z', b'X', b'Z', 0] => ImageFormat::Xz,
+            [0x1f, 0x8b, ..] => ImageFormat::Gzip,
+            _ => ImageFormat::Raw,
+        })
+    }
+}
+
+/// The end of a packed stream: the unpacked image's size and keyed digest,
+/// in a Zstandard skippable frame (decoders pass over it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trailer {
+    /// The image's size in bytes.
+    pub size: u64,
+    /// The image's keyed digest.
+    pub digest: Digest,
+}
+
+impl Trailer {
+    /// Encoded size: frame magic and length, a tag, the size, the digest.
+    pub const SIZE: usize = 4 + 4 + 8 + 8 + 32;
+    /// Skippable frame magic (0x184D2A50–5F are reserved for such frames).
+    const MAGIC: u32 = 0x184D_2A5B;
+    const TAG: &'static [u8; 8] = b"ka-image";
+
+    /// The frame's bytes.
+    pub fn encode(&self) -> [u8; Self::SIZE] {
+        let mut out = [0u8; Self::SIZE];
+        out[..4].copy_from_slice(&Self::MAGIC.to_le_bytes());
+        out[4..8].copy_from_slice(&((Self::SIZE - 8) as u32).to_le_bytes());
+        out[8..16].copy_from_slice(Self::TAG);
+        out[16..24].copy_from_slice(&self.size.to_le_bytes());
+        out[24..].copy_from_slice(&self.digest.0);
+        out
+    }
+
+    /// Reads the frame back; `None` if these bytes are not one.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes: &[u8; Self::SIZE] = bytes.try_into().ok()?;
+        let ok = bytes[..4] == Self::MAGIC.to_le_bytes()
+            && bytes[4..8] == ((Self::SIZE - 8) as u32).to_le_bytes()
+            && &bytes[8..16] == Self::TAG;
+        ok.then(|| Trailer {
+            size: u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes")),
+            digest: Digest(bytes[24..].try_into().expect("32 bytes")),
+        })
+    }
+}
+
+/// Zeros fed to the encoder for a zero record: Zstandard turns a run of
+/// them into a few bytes, so holes cost the wire nothing.
+static ZEROS: [u8; BLOCK as usize] = [0; BLOCK as usize];
+
+/// How far a packed source has got, for the operator: image bytes read,
+/// stream bytes produced.
+#[derive(Debug, Default)]
+pub struct PackStats {
+    /// Unpacked image bytes read so far.
+    pub image: std::sync::atomic::AtomicU64,
+    /// Packed stream bytes produced so far.
+    pub stream: std::sync::atomic::AtomicU64,
+}
+
+/// The packed stream of an image, as a byte stream (see the module docs):
+/// either an image read and compressed here, or a `.zst` file sent as it
+/// is. Wrap it in a [`super::sources::StreamSource`] to serve it; the
+/// source spools it like any stream, so any node can resume from any
+/// offset of it.
+pub struct PackedSource {
+    input: Input,
+    hasher: Option<ImageHasher>,
+    /// Produced and not yet read, from `out_at` on.
+    out: Vec<u8>,
+    out_at: usize,
+    /// The trailer has been queued: nothing follows.
+    done: bool,
+    stats: std::sync::Arc<PackStats>,
+}
+
+enum Input {
+    /// Image records, compressed here.
+    Pack {
+        source: Box<dyn ImageSource>,
+        encoder: zstd::stream::raw::Encoder<'static>,
+        buf: Vec<u8>,
+    },
+    /// A Zstandard file, sent as it is and decoded beside for its digest.
+    Passthrough {
+        file: File,
+        decoder: RawDecoder<'static>,
+        /// The decoder's last hint: 0 once a frame ended exactly.
+        hint: usize,
+        buf: Vec<u8>,
+        decoded: Vec<u8>,
+    },
+}
+
+impl PackedSource {
+    /// Packs the records of `source` at `level` with `workers` threads
+    /// (0: on the reading thread), digesting them with `key`.
+    pub fn pack(
+        source: Box<dyn ImageSource>,
+        level: i32,
+        workers: u32,
+        key: &DigestKey,
+    ) -> Result<Self, Error> {
+        let mut encoder = zstd::stream::raw::Encoder::new(level)
+            .map_err(|e| Error::io("starting the zstd encoder", e))?;
+        if workers > 0 {
+            use zstd::zstd_safe::CParameter;
+            encoder
+                .set_parameter(CParameter::NbWorkers(workers))
+                .map_err(|e| Error::io("starting zstd's workers", e))?;
+        }
+        // Nodes check the trailer's digest; a frame checksum would be a
+        // second, weaker check of the same bytes.
+        encoder
+            .set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(false))
+            .map_err(|e| Error::io("configuring the zstd encoder", e))?;
+        Ok(Self::new(
+            Input::Pack {
+                source,
+                encoder,
+                buf: vec![0u8; crate::datapath::BUF_SIZE],
+            },
+            key,
+        ))
+    }
+
+    /// Sends the Zstandard file `path` as it is.
+    pub fn passthrough(path: &Path, key: &DigestKey) -> Result<Self, Error> {
+        let file =
+            File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let decoder = RawDecoder::new().map_err(|e| Error::io("starting the zstd decoder", e))?;
+        Ok(Self::new(
+            Input::Passthrough {
+                file,
+                decoder,
+                hint: 0,
+                buf: vec![0u8; 1 << 20],
+                decoded: vec![0u8; zstd::zstd_safe::DCtx::out_size()],
+            },
+            key,
+        ))
+    }
+
+    fn new(input: Input, key: &DigestKey) -> Self {
+        PackedSource {
+            input,
+            hasher: Some(ImageHasher::new(key)),
+            out: Vec::new(),
+            out_at: 0,
+            done: false,
+            stats: Default::default(),
+        }
+    }
+
+    /// Its progress counters, shared.
+    pub fn stats(&self) -> std::sync::Arc<PackStats> {
+        std::sync::Arc::clone(&self.stats)
+    }
+
+    /// Produces more of the stream into `out`; sets `done` after the trailer.
+    fn produce(&mut self) -> Result<(), Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let hasher = self.hasher.as_mut().expect("hasher until the trailer");
+        let mut ended = None;
+        match &mut self.input {
+            Input::Pack {
+                source,
+                encoder,
+                buf,
+            } => match source.next_record(buf)? {
+                None => {
+                    return Err(Error::Truncated {
+                        at: hasher.position(),
+                    })
+                }
+                Some(h) => {
+                    match h.kind {
+                        RecordKind::Data => {
+                            let data = &buf[..h.len as usize];
+                            hasher.data(h.offset, data)?;
+                            compress(encoder, data, &mut self.out)?;
+                        }
+                        RecordKind::Zero => {
+                            hasher.zero(h.offset, h.len)?;
+                            let mut left = h.len;
+                            while left > 0 {
+                                let n = left.min(BLOCK) as usize;
+                                compress(encoder, &ZEROS[..n], &mut self.out)?;
+                                left -= n as u64;
+                            }
+                        }
+                        RecordKind::End => {
+                            finish(encoder, &mut self.out)?;
+                            ended = Some(h.offset);
+                        }
+                    }
+                    self.stats.image.fetch_add(h.len, Relaxed);
+                }
+            },
+            Input::Passthrough {
+                file,
+                decoder,
+                hint,
+                buf,
+                decoded,
+            } => {
+                let n = read_some(file, buf)?;
+                if n == 0 {
+                    if *hint != 0 {
+                        return Err(Error::Invalid(
+                            "the zstd image ends inside a frame: is it complete?".into(),
+                        ));
+                    }
+                    ended = Some(hasher.position());
+                } else {
+                    self.out.extend_from_slice(&buf[..n]);
+                    let mut input = InBuffer::around(&buf[..n]);
+                    loop {
+                        let mut output = OutBuffer::around(&mut decoded[..]);
+                        *hint = decoder
+                            .run(&mut input, &mut output)
+                            .map_err(|e| Error::Invalid(format!("the zstd image: {e}")))?;
+                        let got = output.pos();
+                        let at = hasher.position();
+                        hasher.data(at, &decoded[..got])?;
+                        self.stats.image.fetch_add(got as u64, Relaxed);
+                        // Done with this read once it is all in and the
+                        // decoder had room to spare: it holds nothing back.
+                        if input.pos == n && got < decoded.len() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(size) = ended {
+            let digest = self.hasher.take().expect("hasher").finish(size)?;
+            self.out
+                .extend_from_slice(&Trailer { size, digest }.encode());
+            self.done = true;
+        }
+        Ok(())
+    }
+}
+
+fn read_some(file: &mut File, buf: &mut [u8]) -> Result<usize, Error> {
+    loop {
+        match file.read(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("reading the zstd image", e)),
+        }
+    }
+}
+
+/// Runs `data` through the encoder, appending what it emits to `out`.
+fn compress(
+    encoder: &mut zstd::stream::raw::Encoder<'static>,
+    data: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), Error> {
+    let mut input = InBuffer::around(data);
+    while input.pos < data.len() {
+        let room = out.len();
+        out.resize(room + zstd::zstd_safe::CCtx::out_size(), 0);
+        let mut output = OutBuffer::around(&mut out[room..]);
+        encoder
+            .run(&mut input, &mut output)
+            .map_err(|e| Error::io("compressing", e))?;
+        let got = output.pos();
+        out.truncate(room + got);
+    }
+    Ok(())
+}
+
+/// Ends the encoder's frame, appending the rest to `out`.
+fn finish(
+    encoder: &mut zstd::stream::raw::Encoder<'static>,
+    out: &mut Vec<u8>,
+) -> Result<(), Error> {
+    loop {
+        let room = out.len();
+        out.resize(room + zstd::zstd_safe::CCtx::out_size(), 0);
+        let mut output = OutBuffer::around(&mut out[room..]);
+        let left = encoder
+            .finish(&mut output, true)
+            .map_err(|e| Error::io("compressing", e))?;
+        let got = output.pos();
+        out.truncate(room + got);
+        if left == 0 {
+            return Ok(());
+        }
+    }
+}
+
+impl Read for PackedSource {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.out_at == self.out.len() {
+            self.out.clear();
+            self.out_at = 0;
+            if self.done {
+                return Ok(0);
+            }
+            self.produce().map_err(io::Error::other)?;
+        }
+        let n = buf.len().min(self.out.len() - self.out_at);
+        buf[..n].copy_from_slice(&self.out[self.out_at..self.out_at + n]);
+        self.out_at += n;
+        self.stats
+            .stream
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// How well a sample of the image at `path` (of `size` bytes) compresses:
+/// up to 16 pieces of 1 MiB spread over it, all-zero pieces left out (holes
+/// cost nothing either way). `None` if every piece is zero.
+pub fn sample_ratio(path: &Path, size: u64) -> Result<Option<f64>, Error> {
+    use std::os::unix::fs::FileExt;
+    const PIECE: u64 = 1 << 20;
+    const PIECES: u64 = 16;
+    let file = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    let mut buf = vec![0u8; PIECE as usize];
+    let (mut raw, mut packed) = (0usize, 0usize);
+    for i in 0..PIECES {
+        let at = (size.saturating_sub(PIECE)) / PIECES.max(1) * i;
+        let n = (size - at.min(size)).min(PIECE) as usize;
+        if n == 0 {
+            break;
+        }
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(|e| Error::io(format!("sampling {}", path.display()), e))?;
+        if is_zero(&buf[..n]) {
+            continue;
+        }
+        raw += n;
+        packed += zstd::bulk::compress(&buf[..n], 1)
+            .map_err(|e| Error::io("compressing a sample", e))?
+            .len();
+    }
+    Ok((packed > 0).then(|| raw as f64 / packed as f64))
+}
+
+/// Unpacks a packed stream: fed the stream piece by piece
+/// ([`Unpacker::feed`]), it hands on the image's bytes as they come and
+/// digests them; at the end ([`Unpacker::finish`]) it checks them against
+/// the stream's [`Trailer`]. [`SinkWriter`] writes what it hands on to a
+/// file or device.
+pub struct Unpacker {
+    decoder: RawDecoder<'static>,
+    hint: usize,
+    hasher: ImageHasher,
+    /// The stream's last [`Trailer::SIZE`] bytes are not fed to the decoder
+    /// until more follows: at the end they are the trailer.
+    held: Vec<u8>,
+    decoded: Vec<u8>,
+    /// Image bytes handed on so far.
+    unpacked: u64,
+}
+
+impl Unpacker {
+    /// An unpacker digesting with `key`.
+    pub fn new(key: &DigestKey) -> Result<Self, Error> {
+        Ok(Unpacker {
+            decoder: RawDecoder::new().map_err(|e| Error::io("starting the zstd decoder", e))?,
+            hint: 0,
+            hasher: ImageHasher::new(key),
+            held: Vec::with_capacity(2 * Trailer::SIZE),
+            decoded: vec![0u8; zstd::zstd_safe::DCtx::out_size()],
+            unpacked: 0,
+        })
+    }
+
+    /// Takes the next piece of the packed stream, handing what it unpacks
+    /// to `out` in order.
+    pub fn feed(
+        &mut self,
+        piece: &[u8],
+        out: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        // Keep the last trailer's worth back; decode the rest.
+        self.held.extend_from_slice(piece);
+        if self.held.len() <= Trailer::SIZE {
+            return Ok(());
+        }
+        let mut held = std::mem::take(&mut self.held);
+        let feed = held.len() - Trailer::SIZE;
+        let result = self.decode(&held[..feed], out);
+        held.drain(..feed);
+        self.held = held;
+        result
+    }
+
+    fn decode(
+        &mut self,
+        bytes: &[u8],
+        out: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut input = InBuffer::around(bytes);
+        loop {
+            let mut output = OutBuffer::around(&mut self.decoded[..]);
+            self.hint = self
+                .decoder
+                .run(&mut input, &mut output)
+                .map_err(|e| Error::Invalid(format!("unpacking the stream: {e}")))?;
+            let got = output.pos();
+            if got > 0 {
+                let chunk = &self.decoded[..got];
+                self.hasher.data(self.unpacked, chunk)?;
+                self.unpacked += got as u64;
+                out(chunk)?;
+            }
+            if input.pos == bytes.len() && got < self.decoded.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The stream has ended: checks what was unpacked against its trailer,
+    /// which it returns.
+    pub fn finish(self) -> Result<Trailer, Error> {
+        let trailer = Trailer::decode(&self.held).ok_or_else(|| {
+            Error::Invalid(
+                "the stream does not end with ka's trailer: is the source's stream packed by ka?"
+                    .into(),
+            )
+        })?;
+        if self.hint != 0 {
+            return Err(Error::Invalid(
+                "the packed stream ends inside a zstd frame".into(),
+            ));
+        }
+        if self.unpacked != trailer.size {
+            return Err(Error::Invalid(format!(
+                "the stream unpacked to {} bytes, the image has {}",
+                self.unpacked, trailer.size
+            )));
+        }
+        let digest = self.hasher.finish(trailer.size)?;
+        if digest != trailer.digest {
+            return Err(Error::Invalid(
+                "the unpacked image's digest differs from the source's".into(),
+            ));
+        }
+        Ok(trailer)
+    }
+}
+
+/// Writes an unpacked image to a sink in whole blocks, so zero blocks are
+/// found as blocks and left as holes.
+pub struct SinkWriter<'s> {
+    sink: &'s mut dyn ImageSink,
+    pending: Vec<u8>,
+    written: u64,
+    /// The size the source announced, if it did: an image growing past it
+    /// is refused before it overruns the target.
+    expected: Option<u64>,
+}
+
+impl<'s> SinkWriter<'s> {
+    /// A writer to `sink` (at offset 0) of an image of `expected` bytes if
+    /// known.
+    pub fn new(sink: &'s mut dyn ImageSink, expected: Option<u64>) -> Self {
+        SinkWriter {
+            sink,
+            pending: Vec::with_capacity(crate::datapath::BUF_SIZE),
+            written: 0,
+            expected,
+        }
+    }
+
+    /// Takes the next bytes of the image.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.pending.extend_from_slice(bytes);
+        if self.pending.len() >= crate::datapath::BUF_SIZE {
+            self.flush(false)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the pending whole blocks (all of it when `all`).
+    fn flush(&mut self, all: bool) -> Result<(), Error> {
+        let len = self.pending.len();
+        let whole = if all { len } else { len - len % BLOCK as usize };
+        if let Some(max) = self.expected {
+            if self.written + whole as u64 > max {
+                return Err(Error::Invalid(format!(
+                    "the stream unpacks to more than the {max} bytes the source announced"
+                )));
+            }
+        }
+        let block = |i: usize| &self.pending[i..(i + BLOCK as usize).min(whole)];
+        let mut i = 0;
+        while i < whole {
+            let zero = is_zero(block(i));
+            let mut j = i;
+            while j < whole && is_zero(block(j)) == zero {
+                j = (j + BLOCK as usize).min(whole);
+            }
+            if zero {
+                self.sink.write_zero(self.written, (j - i) as u64)?;
+            } else {
+                self.sink.write_data(self.written, &self.pending[i..j])?;
+            }
+            self.written += (j - i) as u64;
+            i = j;
+        }
+        self.pending.drain(..whole);
+        Ok(())
+    }
+
+    /// Writes the rest and ends the image at `size` (durable once this
+    /// returns).
+    pub fn finish(mut self, size: u64) -> Result<(), Error> {
+        self.flush(true)?;
+        if self.written != size {
+            return Err(Error::Invalid(format!(
+                "unpacked {} bytes, the image has {size}",
+                self.written
+            )));
+        }
+        self.sink.finish(size)
+    }
+}
+
+impl std::fmt::Debug for PackedSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedSource")
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a source serves once its compression is decided.
+pub enum Plan {
+    /// The image file as it is, plain (served straight from the file).
+    File,
+    /// A stream to spool and serve, how it encodes the image, and the
+    /// packing's counters when it is packed.
+    Stream(
+        Box<dyn ImageSource>,
+        ka_core::codec::Encoding,
+        Option<std::sync::Arc<PackStats>>,
+    ),
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Plan::File => f.write_str("File"),
+            Plan::Stream(_, e, _) => write!(f, "Stream({e:?})"),
+        }
+    }
+}
+
+/// The zstd worker threads a packing source uses besides its reading
+/// thread: one per spare core, at most four (more do not pay at the rates
+/// one source's link carries).
+fn pack_workers() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    cores.saturating_sub(1).clamp(1, 4)
+}
+
+/// Packs `source` (its image size `size` if known) at `level`.
+fn pack(
+    source: Box<dyn ImageSource>,
+    level: i32,
+    size: Option<u64>,
+    key: &DigestKey,
+) -> Result<Plan, Error> {
+    let packed = PackedSource::pack(source, level, pack_workers(), key)?;
+    let stats = packed.stats();
+    Ok(Plan::Stream(
+        Box::new(super::sources::StreamSource::new(packed)),
+        ka_core::codec::Encoding::Zstd { image_size: size },
+        Some(stats),
+    ))
+}
+
+/// Decides how the image file at `path` travels under `compression`:
+/// a raw image as it is or packed (with `auto`, packed when a sample
+/// shrinks by [`AUTO_MIN_RATIO`]); a `.zst` image as it is, packed
+/// (decoded first with `off`); a gzip or xz image decoded, then packed
+/// unless `off`. `why` receives one line saying what was decided.
+pub fn plan_file(
+    path: &Path,
+    compression: Compression,
+    key: &DigestKey,
+    why: &mut dyn FnMut(String),
+) -> Result<Plan, Error> {
+    use super::sources::{FileSource, StreamSource};
+    let format = if std::fs::metadata(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
+        .file_type()
+        .is_file()
+    {
+        ImageFormat::sniff(path)?
+    } else {
+        ImageFormat::Raw
+    };
+    let open = || File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e));
+    let decoded: Box<dyn ImageSource> = match format {
+        ImageFormat::Raw => {
+            let level = match compression {
+                Compression::Off => return Ok(Plan::File),
+                Compression::Zstd(level) => level,
+                Compression::Auto => {
+                    let size = FileSource::open(path)?.size().unwrap_or(0);
+                    match sample_ratio(path, size)? {
+                        Some(r) if r >= AUTO_MIN_RATIO => {
+                            why(format!(
+                                "a sample of the image packs {r:.2}:1: sending it packed with zstd"
+                            ));
+                            DEFAULT_LEVEL
+                        }
+                        Some(r) => {
+                            why(format!(
+                                "a sample of the image packs only {r:.2}:1: sending it as it is"
+                            ));
+                            return Ok(Plan::File);
+                        }
+                        None => {
+                            why("the image's sample is all zeros (sent as holes anyway): sending it as it is".into());
+                            return Ok(Plan::File);
+                        }
+                    }
+                }
+            };
+            let source = FileSource::open(path)?;
+            let size = source.size();
+            return pack(Box::new(source), level, size, key);
+        }
+        ImageFormat::Zstd => {
+            if compression != Compression::Off {
+                why("the image is a zstd stream: sending it as it is".into());
+                let packed = PackedSource::passthrough(path, key)?;
+                let stats = packed.stats();
+                return Ok(Plan::Stream(
+                    Box::new(StreamSource::new(packed)),
+                    ka_core::codec::Encoding::Zstd { image_size: None },
+                    Some(stats),
+                ));
+            }
+            why("the image is a zstd stream: decoding it at the source (--compress off)".into());
+            let decoder = zstd::stream::read::Decoder::new(open()?)
+                .map_err(|e| Error::io("starting the zstd decoder", e))?;
+            Box::new(StreamSource::new(decoder))
+        }
+        ImageFormat::Gzip => {
+            why("the image is gzip: decoding it at the source".into());
+            Box::new(StreamSource::new(flate2::read::MultiGzDecoder::new(
+                io::BufReader::with_capacity(1 << 20, open()?),
+            )))
+        }
+        ImageFormat::Xz => {
+            why("the image is xz: decoding it at the source with xz -dc".into());
+            let mut xz = std::process::Command::new("xz");
+            xz.args(["-dc", "-T0", "--"]).arg(path);
+            Box::new(super::sources::CommandSource::spawn(
+                xz,
+                format!("xz -dc {}", path.display()),
+            )?)
+        }
+    };
+    match compression {
+        Compression::Off => Ok(Plan::Stream(decoded, ka_core::codec::Encoding::Plain, None)),
+        Compression::Zstd(level) => pack(decoded, level, None, key),
+        Compression::Auto => pack(decoded, DEFAULT_LEVEL, None, key),
+    }
+}
+
+/// Decides how a stream source (a command, a tar, stdin) travels: as it
+/// is with `off`, packed otherwise (a stream cannot be sampled without
+/// holding it back, and what streams are — file trees, dumps — packs).
+pub fn plan_stream(
+    source: Box<dyn ImageSource>,
+    compression: Compression,
+    key: &DigestKey,
+) -> Result<Plan, Error> {
+    match compression {
+        Compression::Off => Ok(Plan::Stream(source, ka_core::codec::Encoding::Plain, None)),
+        Compression::Zstd(level) => pack(source, level, None, key),
+        Compression::Auto => pack(source, DEFAULT_LEVEL, None, key),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::digest::digest_file;
+    use crate::image::sinks::FileSink;
+    use crate::image::sources::{FileSource, StreamSource};
+    use std::io::Write;
+
+    const KEY: DigestKey = DigestKey([9; 32]);
+
+    /// An image like a disk's: text that packs well, random bytes that do
+    /// not, written zeros and a hole at the end.
+    fn disk_like(path: &Path) -> Vec<u8> {
+        let mut img = Vec::new();
+        let words = [
+            "kernel ",
+            "module ",
+            "libc.so.6 ",
+            "/usr/lib ",
+            "systemd ",
+            "\n",
+        ];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        while img.len() < 3 << 20 {
+            img.extend_from_slice(words[(rand() % 6) as usize].as_bytes());
+        }
+        img.extend((0..(1 << 20)).map(|_| rand() as u8));
+        img.extend(std::iter::repeat_n(0u8, 1 << 20));
+        let mut f = File::create(path).unwrap();
+        f.write_all(&img).unwrap();
+        // A hole of 2 MiB at the end.
+        f.set_len(img.len() as u64 + (2 << 20)).unwrap();
+        img.resize(img.len() + (2 << 20), 0);
+        img
+    }
+
+    fn packed_bytes(mut source: PackedSource) -> Vec<u8> {
+        let mut out = Vec::new();
+        source.read_to_end(&mut out).unwrap();
+        out
+    }
+
+    fn unpack_to(stream: &[u8], target: &Path, pieces: usize) -> Result<Trailer, Error> {
+        let mut sink = FileSink::open(target, None)?;
+        let mut unpacker = Unpacker::new(&KEY)?;
+        let mut writer = SinkWriter::new(&mut sink, None);
+        for piece in stream.chunks(pieces) {
+            unpacker.feed(piece, &mut |b| writer.write(b))?;
+        }
+        let trailer = unpacker.finish()?;
+        writer.finish(trailer.size)?;
+        Ok(trailer)
+    }
+
+    #[test]
+    fn a_packed_image_unpacks_to_the_same_bytes_and_its_trailer_holds_the_images_own_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, target) = (dir.path().join("image"), dir.path().join("target"));
+        let bytes = disk_like(&image);
+        let source = FileSource::open(&image).unwrap();
+        let stream = packed_bytes(PackedSource::pack(Box::new(source), 3, 1, &KEY).unwrap());
+        assert!(
+            stream.len() < bytes.len() / 2,
+            "{} bytes packed to {}",
+            bytes.len(),
+            stream.len()
+        );
+        // Pieces of odd sizes: the trailer is found however the stream is cut.
+        let trailer = unpack_to(&stream, &target, 77_777).unwrap();
+        assert_eq!(trailer.size, bytes.len() as u64);
+        assert_eq!(trailer.digest, digest_file(&image, &KEY).unwrap());
+        assert_eq!(std::fs::read(&target).unwrap(), bytes);
+        // The written zeros and the hole stay holes in the copy.
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(&target).unwrap().blocks() * 512;
+        assert!(
+            blocks <= (4 << 20) + (256 << 10),
+            "{blocks} bytes allocated"
+        );
+        // `zstd -d` reads the stream as it is: the trailer is a skippable frame.
+        let plain = zstd::stream::decode_all(&stream[..]).unwrap();
+        assert_eq!(plain, bytes);
+    }
+
+    #[test]
+    fn a_zstd_file_is_sent_as_it_is_with_the_trailer_of_what_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, zst, target) = (
+            dir.path().join("image"),
+            dir.path().join("image.zst"),
+            dir.path().join("target"),
+        );
+        let bytes = disk_like(&image);
+        // Two frames, as `zstd` writes for concatenated files.
+        let mut file = zstd::stream::encode_all(&bytes[..1 << 20], 5).unwrap();
+        file.extend(zstd::stream::encode_all(&bytes[1 << 20..], 5).unwrap());
+        std::fs::write(&zst, &file).unwrap();
+        assert_eq!(ImageFormat::sniff(&zst).unwrap(), ImageFormat::Zstd);
+        assert_eq!(ImageFormat::sniff(&image).unwrap(), ImageFormat::Raw);
+        let stream = packed_bytes(PackedSource::passthrough(&zst, &KEY).unwrap());
+        assert_eq!(
+            &stream[..file.len()],
+            &file[..],
+            "the file's bytes, unchanged"
+        );
+        assert_eq!(stream.len(), file.len() + Trailer::SIZE);
+        let trailer = unpack_to(&stream, &target, 1 << 20).unwrap();
+        assert_eq!(trailer.digest, digest_file(&image, &KEY).unwrap());
+        assert_eq!(std::fs::read(&target).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_cut_or_altered_stream_is_refused_never_taken_for_the_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, target) = (dir.path().join("image"), dir.path().join("target"));
+        disk_like(&image);
+        let source = FileSource::open(&image).unwrap();
+        let stream = packed_bytes(PackedSource::pack(Box::new(source), 3, 0, &KEY).unwrap());
+        // Cut before the trailer: no trailer.
+        let cut = &stream[..stream.len() - Trailer::SIZE - 1000];
+        let e = unpack_to(cut, &target, 1 << 16).unwrap_err().to_string();
+        assert!(e.contains("trailer") || e.contains("frame"), "{e}");
+        // A trailer for another image.
+        let mut other = stream.clone();
+        let n = other.len();
+        other[n - 1] ^= 1;
+        let e = unpack_to(&other, &target, 1 << 16).unwrap_err().to_string();
+        assert!(e.contains("digest differs"), "{e}");
+        // A plain stream is not a packed one.
+        let e = unpack_to(&std::fs::read(&image).unwrap(), &target, 1 << 16)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unpacking") || e.contains("trailer"), "{e}");
+    }
+
+    #[test]
+    fn a_stream_of_records_packs_like_the_file_it_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, target) = (dir.path().join("image"), dir.path().join("target"));
+        let bytes = disk_like(&image);
+        let source = StreamSource::new(File::open(&image).unwrap());
+        let stream = packed_bytes(PackedSource::pack(Box::new(source), 1, 0, &KEY).unwrap());
+        let trailer = unpack_to(&stream, &target, 1 << 20).unwrap();
+        assert_eq!(trailer.digest, digest_file(&image, &KEY).unwrap());
+        assert_eq!(std::fs::read(&target).unwrap(), bytes);
+    }
+
+    #[test]
+    fn auto_finds_what_packs_and_what_does_not_from_a_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("text");
+        disk_like(&text);
+        assert!(sample_ratio(&text, std::fs::metadata(&text).unwrap().len())
+            .unwrap()
+            .is_some_and(|r| r > AUTO_MIN_RATIO));
+        let random = dir.path().join("random");
+        let mut x = 7u64;
+        let bytes: Vec<u8> = (0..(8 << 20))
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect();
+        std::fs::write(&random, &bytes).unwrap();
+        let r = sample_ratio(&random, bytes.len() as u64).unwrap().unwrap();
+        assert!(r < 1.01, "{r}");
+        let zeros = dir.path().join("zeros");
+        File::create(&zeros).unwrap().set_len(8 << 20).unwrap();
+        assert_eq!(sample_ratio(&zeros, 8 << 20).unwrap(), None);
+        let mut why = Vec::new();
+        let plan = plan_file(&random, Compression::Auto, &KEY, &mut |l| why.push(l)).unwrap();
+        assert!(matches!(plan, Plan::File), "{plan:?}");
+        assert!(why[0].contains("as it is"), "{why:?}");
+        let plan = plan_file(&text, Compression::Auto, &KEY, &mut |l| why.push(l)).unwrap();
+        assert!(
+            matches!(
+                plan,
+                Plan::Stream(
+                    _,
+                    ka_core::codec::Encoding::Zstd {
+                        image_size: Some(_)
+                    },
+                    Some(_)
+                )
+            ),
+            "{plan:?}"
+        );
+        assert!(matches!(
+            plan_file(&text, Compression::Off, &KEY, &mut |_| {}).unwrap(),
+            Plan::File
+        ));
+    }
+
+    #[test]
+    fn compression_settings_parse_or_say_what_to_give() {
+        assert_eq!("zstd".parse(), Ok(Compression::Zstd(DEFAULT_LEVEL)));
+        assert_eq!("zstd:19".parse(), Ok(Compression::Zstd(19)));
+        assert_eq!("auto".parse(), Ok(Compression::Auto));
+        assert_eq!("off".parse(), Ok(Compression::Off));
+        for bad in ["zstd:0", "zstd:20", "zstd:x", "gzip", ""] {
+            let e = bad.parse::<Compression>().unwrap_err();
+            assert!(e.contains("zstd"), "{bad}: {e}");
+        }
+    }
+}
