@@ -27,6 +27,19 @@ macro_rules! outln {
     }};
 }
 
+/// `eprintln!` in one write: a line that another process sharing the
+/// stream (a journal, a supervisor's pipe, `ka tftp` and `ka serve` started
+/// from one script) writes at the same moment never lands inside it, as it
+/// can between the pieces `eprintln!` writes one by one.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }};
+}
+
 /// `print!` that ignores a reader that has gone, as [`outln!`] does.
 macro_rules! out {
     ($($arg:tt)*) => {{
@@ -36,7 +49,7 @@ macro_rules! out {
     }};
 }
 
-pub(crate) use {out, outln};
+pub(crate) use {errln, out, outln};
 
 pub mod boot;
 pub mod cli;

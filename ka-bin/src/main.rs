@@ -35,7 +35,9 @@ fn finish(result: anyhow::Result<ExitStatus>) -> ExitCode {
     match result {
         Ok(status) => status.into(),
         Err(e) => {
-            eprintln!("ka: {e:#}");
+            // One write, as the library's lines are (see `errln!` there).
+            let line = format!("ka: {e:#}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             ExitStatus::CouldNotRun.into()
         }
     }

@@ -78,6 +78,15 @@ fn window_scenario() -> impl Strategy<Value = SimConfig> {
     })
 }
 
+/// A window scenario whose source packs its stream: the nodes join as
+/// file targets, and only their welcome tells them to keep a window.
+fn packed_scenario() -> impl Strategy<Value = SimConfig> {
+    window_scenario().prop_map(|mut cfg| {
+        cfg.packed = true;
+        cfg
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
@@ -104,6 +113,20 @@ proptest! {
         );
         prop_assert_eq!(out.failures.len(), out.ko);
         prop_assert!(out.failures.iter().all(|f| !f.ends_with(": ")));
+    }
+
+    #[test]
+    fn every_checker_holds_under_random_faults_when_the_source_packs(cfg in packed_scenario()) {
+        // The same checkers as with window nodes: a node that joined as a
+        // readable file target must serve, and be placed, as the window it
+        // became once welcomed.
+        let out = run(cfg.clone());
+        prop_assert!(
+            out.verdict.is_ok(),
+            "{:?}\nwindow {:?}\nfaults: {:?}\nlate: {:?}",
+            out.verdict, cfg.window, out.swarm.faults, out.swarm.late
+        );
+        prop_assert_eq!(out.failures.len(), out.ko);
     }
 }
 

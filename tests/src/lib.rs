@@ -404,11 +404,50 @@ pub fn strip_ansi(text: &str) -> String {
     out
 }
 
+/// `len` bytes that pack like a system's files: words of text (about 3:1
+/// with zstd) with a random run of 64 KiB in every MiB (which does not
+/// pack), deterministic for `seed`.
+pub fn system_like(len: usize, seed: u64) -> Vec<u8> {
+    const WORDS: [&str; 12] = [
+        "ld-linux-x86-64.so.2 ",
+        "GLIBC_2.34 ",
+        "/usr/lib/x86_64-linux-gnu ",
+        "ELF ",
+        "systemd ",
+        "kernel ",
+        "\n",
+        "module ",
+        "(void) ",
+        "return 0;\n",
+        "0x0000 ",
+        "#include ",
+    ];
+    let noise = pseudo_random(64 << 10, seed);
+    let mut out = Vec::with_capacity(len + (64 << 10));
+    let mut x = seed | 1;
+    let mut next_noise = 1 << 20;
+    while out.len() < len {
+        if out.len() >= next_noise {
+            out.extend_from_slice(&noise);
+            next_noise += 1 << 20;
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(WORDS[(x % WORDS.len() as u64) as usize].as_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 /// The final report `ka serve --json` prints as its last object.
 #[derive(Debug, serde::Deserialize)]
 pub struct FinalReport {
     /// The image's size.
     pub size: u64,
+    /// The size of the stream that travelled, when the source packed it.
+    #[serde(default)]
+    pub packed: Option<u64>,
     /// Seconds from the start of the stream to the end of the session.
     pub seconds: f64,
     /// Why the session was aborted, if it was.

@@ -35,7 +35,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitStatus> {
         .tempdir()
         .context("creating a work directory")?;
     let image = dir.path().join("image.img");
-    eprintln!(
+    crate::errln!(
         "ka demo: writing a {} image with data, zero runs and a sparse hole to {}",
         human(args.size),
         image.display()
@@ -55,8 +55,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitStatus> {
     for t in &targets {
         match file_digest(t) {
             Ok(d) if d == want => identical += 1,
-            Ok(_) => eprintln!("ka demo: {} differs from the image", t.display()),
-            Err(e) => eprintln!("ka demo: {}: {e:#}", t.display()),
+            Ok(_) => crate::errln!("ka demo: {} differs from the image", t.display()),
+            Err(e) => crate::errln!("ka demo: {}: {e:#}", t.display()),
         }
     }
     let allocated = |p: &Path| {

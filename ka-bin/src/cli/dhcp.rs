@@ -111,7 +111,7 @@ fn config(inventory: &Path, format: Format, output: Option<&Path>) -> Result<()>
         Some(path) => {
             crate::write_atomically(path, text.as_bytes(), 0o644)
                 .with_context(|| format!("writing {}", path.display()))?;
-            eprintln!("wrote {} ({} hosts)", path.display(), inv.nodes.len());
+            crate::errln!("wrote {} ({} hosts)", path.display(), inv.nodes.len());
         }
         None => crate::out!("{text}"),
     }
@@ -173,7 +173,7 @@ fn harvest(
     }
     let nodes = harvest::assign(&seen, pattern, ip_base, start, inv).map_err(anyhow::Error::msg)?;
     crate::out!("{}", harvest::to_toml(&nodes));
-    eprintln!(
+    crate::errln!(
         "{} MAC(s) seen, {} new{}",
         seen.len(),
         nodes.len(),

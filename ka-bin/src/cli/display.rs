@@ -103,8 +103,8 @@ impl Display {
                     crate::outln!("{}", json_text(&line));
                 } else if let Some(text) = describe(&|n| self.name_of(source, n), e) {
                     match &self.bars {
-                        Some(bars) => bars.multi.suspend(|| eprintln!("ka: {text}")),
-                        None => eprintln!("ka: {text}"),
+                        Some(bars) => bars.multi.suspend(|| crate::errln!("ka: {text}")),
+                        None => crate::errln!("ka: {text}"),
                     }
                 }
                 self.refresh(source);
@@ -117,8 +117,8 @@ impl Display {
     /// bars (e.g. a node's boot mode flipped after its clone verified).
     pub fn note(&self, text: &str) {
         match &self.bars {
-            Some(bars) => bars.multi.suspend(|| eprintln!("ka: {text}")),
-            None => eprintln!("ka: {text}"),
+            Some(bars) => bars.multi.suspend(|| crate::errln!("ka: {text}")),
+            None => crate::errln!("ka: {text}"),
         }
     }
 
@@ -202,7 +202,7 @@ impl Display {
             return;
         }
         self.plain_progress_at = Some(now);
-        eprintln!("ka: {}", summary(source, &report));
+        crate::errln!("ka: {}", summary(source, &report));
     }
 
     /// Logs an event in the span of the node it concerns (`RUST_LOG=info`).

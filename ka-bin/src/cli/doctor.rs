@@ -61,13 +61,13 @@ pub fn run(args: DoctorArgs) -> Result<ExitStatus> {
         .filter(|c| c.outcome == doctor::Outcome::NotRun)
         .count();
     if failed > 0 {
-        eprintln!(
+        crate::errln!(
             "ka doctor: {failed} of {} checks failed ({not_run} could not run): a node would fail there",
             checks.len()
         );
         Ok(ExitStatus::SomeFailed)
     } else {
-        eprintln!(
+        crate::errln!(
             "ka doctor: {} checks passed ({not_run} could not run)",
             checks.len() - not_run
         );

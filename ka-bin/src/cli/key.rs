@@ -62,7 +62,7 @@ fn derive(a: DeriveArgs) -> anyhow::Result<ExitStatus> {
     let key = secret::key(&secret, &a.session).node_key(&a.session, &a.name);
     secret::write_node_key(&key, &a.out)?;
     if a.out != std::path::Path::new("-") {
-        eprintln!(
+        crate::errln!(
             "ka: wrote the key of node {} in session {} to {}: give it to that node only (ka join --secret-file {})",
             a.name,
             a.session,

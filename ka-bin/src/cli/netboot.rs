@@ -259,9 +259,9 @@ fn print_built(opts: &BuildOptions, built: &build::Built) {
     let report = tools::missing_report(&built.missing_tools);
     if !report.is_empty() {
         for line in report {
-            eprintln!("ka netboot: warning: {line}");
+            crate::errln!("ka netboot: warning: {line}");
         }
-        eprintln!(
+        crate::errln!(
             "ka netboot: warning: or pass --no-system-tools to leave them all out of the image"
         );
     }

@@ -300,7 +300,7 @@ impl ServePlan {
             None => match session::default_state_dir() {
                 Ok(dir) => Some(dir),
                 Err(e) => {
-                    eprintln!("ka: {e}; going on without a session record");
+                    crate::errln!("ka: {e}; going on without a session record");
                     None
                 }
             },
@@ -352,7 +352,7 @@ impl ServePlan {
                 match make_log_dir(&dir) {
                     Ok(()) => Some(dir),
                     Err(e) => {
-                        eprintln!("ka: {e:#}; going on without node log files (--log-dir)");
+                        crate::errln!("ka: {e:#}; going on without node log files (--log-dir)");
                         None
                     }
                 }
@@ -435,7 +435,7 @@ impl FromInventory {
                 if listen == source {
                     note(format!("listen {listen}"), false);
                 } else {
-                    eprintln!(
+                    crate::errln!(
                         "ka: {} is not an address of this machine: listening on {listen}; \
                          nodes connect to {source} ([session] source), which must lead here",
                         source.ip()
@@ -615,7 +615,7 @@ fn obtain_secret(from: &SecretFrom, session: &str) -> anyhow::Result<Secret> {
         SecretFrom::Shared(file) => file,
         SecretFrom::Generated => {
             let (secret, path) = secret::generate(session)?;
-            eprintln!(
+            crate::errln!(
                 "ka: no --secret-file given; generated one and wrote it to {} — give that file to the nodes (ka join --secret-file)",
                 path.display()
             );
@@ -624,7 +624,7 @@ fn obtain_secret(from: &SecretFrom, session: &str) -> anyhow::Result<Secret> {
     };
     let (secret, made) = secret::load_or_create(file)?;
     if made {
-        eprintln!(
+        crate::errln!(
             "ka: made a new session secret in {} (readable by root only; ka tftp hands each install-mode node its own key from it)",
             file.display()
         );
@@ -657,7 +657,7 @@ fn web_server(
         Some(file) => {
             let (token, made) = crate::web::load_token(file)?;
             if made {
-                eprintln!(
+                crate::errln!(
                     "ka: made a new web token in {} (readable by root only)",
                     file.display()
                 );
@@ -668,7 +668,7 @@ fn web_server(
     };
     let feed = WebFeed::new(SessionStatus::empty(session, Some(image.to_string())));
     let server = WebServer::bind(*addr, token, feed)?;
-    eprintln!("ka: web page at {}", server.url());
+    crate::errln!("ka: web page at {}", server.url());
     Ok(Some(server))
 }
 
@@ -830,6 +830,7 @@ mod tests {
         Report {
             nodes,
             size: 0,
+            packed: None,
             streaming: Duration::ZERO,
             aborted: aborted.map(String::from),
             expected: 2,

@@ -224,7 +224,7 @@ fn plan(args: TftpArgs) -> Result<TftpPlan> {
         None => {
             let file = crate::session::secret::beside_inventory(&args.cluster.inventory);
             let (secret, made) = crate::session::secret::load_or_create(&file)?;
-            eprintln!(
+            crate::errln!(
                 "ka tftp: {} the session secret {} (ka serve -i reads the same)",
                 if made { "made" } else { "using" },
                 file.display()
@@ -300,12 +300,12 @@ fn serve(plan: TftpPlan) -> Result<()> {
             server.local_addr()
         );
         if has_secret {
-            eprintln!(
+            crate::errln!(
                 "ka tftp: handing each install-mode node its own key ({}), to its inventory address only",
                 keys::key_path("NAME")
             );
         } else {
-            eprintln!(
+            crate::errln!(
                 "ka tftp: --no-keys: nodes booting ka.secret=tftp (the default) get no key from here"
             );
         }

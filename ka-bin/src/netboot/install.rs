@@ -149,7 +149,7 @@ pub const CONSOLE_LOG: &str = "/run/ka/console.log";
 /// A line on the console, and in [`CONSOLE_LOG`] for the source.
 fn say(text: &str) {
     let line = format!("ka-netboot: {text}");
-    eprintln!("{line}");
+    crate::errln!("{line}");
     if let Ok(mut f) = fs::OpenOptions::new().append(true).open(CONSOLE_LOG) {
         use std::io::Write;
         let _ = writeln!(f, "{line}");

@@ -524,9 +524,9 @@ impl Step {
         match self.run() {
             Ok(applied) => {
                 for c in &applied.changes {
-                    eprintln!("ka: {node}: identity: {c} on {}", applied.device.display());
+                    crate::errln!("ka: {node}: identity: {c} on {}", applied.device.display());
                 }
-                eprintln!(
+                crate::errln!(
                     "ka: {node}: identity applied: host name {}",
                     self.identity.hostname
                 );
@@ -540,7 +540,9 @@ impl Step {
                 true
             }
             Err(e) => {
-                eprintln!("ka: {node}: the copy is verified but its identity was NOT applied: {e}");
+                crate::errln!(
+                    "ka: {node}: the copy is verified but its identity was NOT applied: {e}"
+                );
                 if json {
                     crate::outln!(
                         "{{\"event\":\"identity\",\"ok\":false,\"reason\":{:?}}}",

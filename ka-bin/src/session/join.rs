@@ -255,7 +255,7 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<Joined> {
             if json {
                 crate::outln!("{{\"node\":{name:?},\"event\":\"{step_event}\",\"step\":{step:?}}}");
             } else {
-                eprintln!("ka: {name}: {step}");
+                crate::errln!("ka: {name}: {step}");
             }
         }
     }
@@ -286,7 +286,7 @@ fn print_outcome(outcome: &NodeOutcome, json: bool) {
             serde_json::to_string(&line).expect("event lines serialize")
         );
     } else {
-        eprintln!(
+        crate::errln!(
             "ka: {}: {}",
             if outcome.ok { "OK" } else { "KO" },
             outcome.reason
@@ -390,13 +390,13 @@ impl CannotStart<'_> {
                 serde_json::to_string(&line).expect("event lines serialize")
             );
         } else {
-            eprintln!("ka: {name}: cannot start: {reason}");
+            crate::errln!("ka: {name}: cannot start: {reason}");
         }
         match told {
-            Ok(()) => eprintln!("ka: {name}: the source at {server} was told"),
-            Err(e) => eprintln!("ka: {name}: could not tell the source at {server}: {e}"),
+            Ok(()) => crate::errln!("ka: {name}: the source at {server} was told"),
+            Err(e) => crate::errln!("ka: {name}: could not tell the source at {server}: {e}"),
         }
-        eprintln!("ka: KO: {reason}");
+        crate::errln!("ka: KO: {reason}");
     }
 }
 
@@ -414,7 +414,7 @@ fn print_event(name: &str, e: &NodeEvent, json: bool) -> Option<String> {
             serde_json::to_string(&line).expect("event lines serialize")
         );
     } else if let Some(text) = &text {
-        eprintln!("ka: {name}: {text}");
+        crate::errln!("ka: {name}: {text}");
     }
     text
 }

@@ -91,7 +91,7 @@ impl Syslog {
             .unwrap_or_else(|| PathBuf::from("/dev/log"));
         let socket = UnixDatagram::unbound().ok()?;
         if let Err(e) = socket.connect(&path) {
-            eprintln!(
+            crate::errln!(
                 "ka: no system log at {} ({e}): node lines go to their log files only",
                 path.display()
             );
@@ -140,7 +140,7 @@ impl NodeLogs {
         if let Some(syslog) = &self.syslog {
             for line in lines {
                 if let Err(e) = syslog.send(name, line) {
-                    eprintln!(
+                    crate::errln!(
                         "ka: the system log at {} stopped taking lines ({e}): node lines go to their log files only",
                         syslog.path.display()
                     );
@@ -161,7 +161,7 @@ impl NodeLogs {
             text.push('\n');
         }
         if let Err(e) = file.write_all(text.as_bytes()) {
-            eprintln!("ka: writing the log of {name}: {e}");
+            crate::errln!("ka: writing the log of {name}: {e}");
         }
     }
 
@@ -182,7 +182,7 @@ impl NodeLogs {
                     self.files.insert(name.to_string(), f);
                 }
                 Err(e) => {
-                    eprintln!(
+                    crate::errln!(
                         "ka: cannot open the log of {name} at {} ({e}); not logging it",
                         path.display()
                     );

@@ -56,9 +56,10 @@ impl Reach {
         if let Some(s) = &self.server {
             return resolve(s);
         }
-        eprintln!(
+        crate::errln!(
             "ka: looking for the source of session {:?} by broadcast to {}",
-            self.session, self.discover_to
+            self.session,
+            self.discover_to
         );
         let found = rt
             .block_on(discovery::find(
@@ -69,7 +70,7 @@ impl Reach {
                 wait,
             ))
             .map_err(|e| anyhow!(e))?;
-        eprintln!("ka: found the source at {found}");
+        crate::errln!("ka: found the source at {found}");
         Ok(found)
     }
 

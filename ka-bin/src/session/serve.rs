@@ -114,7 +114,7 @@ pub fn run(
     let image = match opts.input {
         Input::File(p) => {
             let plan = plan_file(&p, compression, &digest_key, &mut |line| {
-                eprintln!("ka: {line}")
+                crate::errln!("ka: {line}")
             })
             .map_err(|e| anyhow!("{e}"))?;
             encoded(plan, Some(p))
@@ -126,7 +126,7 @@ pub fn run(
             let capture = ka_net::system::capture::Capture::new(&plan, vec![spool.clone()])
                 .map_err(|e| anyhow!("{e}"))?;
             for (i, part) in capture.parts.iter().enumerate() {
-                eprintln!("ka: system part {}: {}", i + 1, describe_part(part));
+                crate::errln!("ka: system part {}: {}", i + 1, describe_part(part));
             }
             match compression {
                 Compression::Off | Compression::Auto => ImageInput::System {
@@ -169,13 +169,13 @@ pub fn run(
             match shell::discovery::answer(discovery, session.clone(), bound.port(), root).await {
                 Ok(task) => Some(task),
                 Err(e) => {
-                    eprintln!(
+                    crate::errln!(
                         "ka: not answering discovery on UDP {discovery} ({e}); nodes need --server"
                     );
                     None
                 }
             };
-        eprintln!("ka: session {session:?} waiting for {nodes} nodes on {bound}");
+        crate::errln!("ka: session {session:?} waiting for {nodes} nodes on {bound}");
         let (_go, go_rx) = tokio::sync::mpsc::unbounded_channel();
         shell::run_source(source, listener, go_rx, observe)
             .await
@@ -187,12 +187,12 @@ pub fn run(
     let _ = std::fs::remove_file(&spool);
     let changed = warnings.list();
     if !changed.is_empty() {
-        eprintln!(
+        crate::errln!(
             "ka: {} files changed or vanished while the system was read (their copies are as read):",
             changed.len()
         );
         for w in changed.iter().take(50) {
-            eprintln!("ka:   {w}");
+            crate::errln!("ka:   {w}");
         }
     }
     report

@@ -276,7 +276,7 @@ impl WebServer {
         {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("ka: the web page is not served: {e}");
+                crate::errln!("ka: the web page is not served: {e}");
                 return;
             }
         };
@@ -285,7 +285,7 @@ impl WebServer {
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         };
         if let Err(e) = axum::serve(capped, router(self.feed, self.token)).await {
-            eprintln!("ka: the web page stopped: {e}");
+            crate::errln!("ka: the web page stopped: {e}");
         }
     }
 
@@ -308,7 +308,7 @@ impl WebServer {
             .take();
         if let Some(rt) = runtime {
             if !how_long.is_zero() {
-                eprintln!(
+                crate::errln!(
                     "ka: the session is over; its web page stays up for {} (Ctrl-C to leave now)",
                     humantime::format_duration(how_long)
                 );

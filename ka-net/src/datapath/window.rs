@@ -246,74 +246,6 @@ impl ImageSink for WindowedSink {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-    use std::os::unix::fs::{FileExt, MetadataExt};
-
-    fn spool(len: u64) -> (tempfile::NamedTempFile, Arc<Window>) {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        let chunk = vec![7u8; 1 << 20];
-        for _ in 0..len >> 20 {
-            f.write_all(&chunk).unwrap();
-        }
-        f.flush().unwrap();
-        let w = Window::new(f.reopen().unwrap(), 16 << 20);
-        (f, w)
-    }
-
-    #[test]
-    fn the_prefix_nobody_needs_is_punched_and_gives_its_blocks_back() {
-        let (f, w) = spool(32 << 20);
-        let before = f.as_file().metadata().unwrap().blocks();
-        w.consumed(20 << 20);
-        assert_eq!(w.holds_from(), 20 << 20);
-        let after = f.as_file().metadata().unwrap().blocks();
-        assert!(
-            after * 512 <= before * 512 - (19 << 20),
-            "blocks {before} → {after}"
-        );
-        let mut b = [1u8; 4];
-        f.as_file().read_exact_at(&mut b, 0).unwrap();
-        assert_eq!(b, [0; 4], "a punched offset reads as a hole");
-        f.as_file().read_exact_at(&mut b, 21 << 20).unwrap();
-        assert_eq!(b, [7; 4], "what is still needed stays");
-    }
-
-    #[test]
-    fn a_registered_reader_holds_the_window_until_it_moves_or_leaves() {
-        let (_f, w) = spool(32 << 20);
-        let r = w.register(1 << 20).expect("offset still held");
-        w.consumed(30 << 20);
-        assert_eq!(w.holds_from(), 0, "nothing above a reader is punched");
-        r.advance(10 << 20);
-        assert_eq!(w.holds_from(), 10 << 20);
-        assert!(w.register(5 << 20).is_none(), "a punched offset is refused");
-        drop(r);
-        assert_eq!(w.holds_from(), 30 << 20);
-    }
-
-    #[test]
-    fn the_writer_waits_for_room_and_goes_on_when_the_unpacker_moves() {
-        let (_f, w) = spool(0);
-        w.wait_room(16 << 20).unwrap();
-        let w2 = Arc::clone(&w);
-        let waiter = std::thread::spawn(move || w2.wait_room(40 << 20));
-        std::thread::sleep(Duration::from_millis(100));
-        assert!(!waiter.is_finished(), "40 MiB ahead of 0 is beyond 16 MiB");
-        w.consumed(30 << 20);
-        waiter.join().unwrap().unwrap();
-        let w3 = Arc::clone(&w);
-        let stuck = std::thread::spawn(move || w3.wait_room(100 << 20));
-        w.close();
-        assert!(
-            stuck.join().unwrap().is_err(),
-            "closing frees a waiting writer"
-        );
-    }
-}
-
 /// Reads a windowed spool as the receiving thread writes it: what a node's
 /// unpacker (a system rebuild, a packed stream's decoder) consumes, each
 /// byte once, telling the window how far it got so its prefix can go.
@@ -386,5 +318,73 @@ impl Follower {
             .map_err(|e| Error::io(format!("reading the spool at {}", self.pos), e))?;
         self.pos += n as u64;
         Ok(Some(&buf[..n]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    fn spool(len: u64) -> (tempfile::NamedTempFile, Arc<Window>) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..len >> 20 {
+            f.write_all(&chunk).unwrap();
+        }
+        f.flush().unwrap();
+        let w = Window::new(f.reopen().unwrap(), 16 << 20);
+        (f, w)
+    }
+
+    #[test]
+    fn the_prefix_nobody_needs_is_punched_and_gives_its_blocks_back() {
+        let (f, w) = spool(32 << 20);
+        let before = f.as_file().metadata().unwrap().blocks();
+        w.consumed(20 << 20);
+        assert_eq!(w.holds_from(), 20 << 20);
+        let after = f.as_file().metadata().unwrap().blocks();
+        assert!(
+            after * 512 <= before * 512 - (19 << 20),
+            "blocks {before} → {after}"
+        );
+        let mut b = [1u8; 4];
+        f.as_file().read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(b, [0; 4], "a punched offset reads as a hole");
+        f.as_file().read_exact_at(&mut b, 21 << 20).unwrap();
+        assert_eq!(b, [7; 4], "what is still needed stays");
+    }
+
+    #[test]
+    fn a_registered_reader_holds_the_window_until_it_moves_or_leaves() {
+        let (_f, w) = spool(32 << 20);
+        let r = w.register(1 << 20).expect("offset still held");
+        w.consumed(30 << 20);
+        assert_eq!(w.holds_from(), 0, "nothing above a reader is punched");
+        r.advance(10 << 20);
+        assert_eq!(w.holds_from(), 10 << 20);
+        assert!(w.register(5 << 20).is_none(), "a punched offset is refused");
+        drop(r);
+        assert_eq!(w.holds_from(), 30 << 20);
+    }
+
+    #[test]
+    fn the_writer_waits_for_room_and_goes_on_when_the_unpacker_moves() {
+        let (_f, w) = spool(0);
+        w.wait_room(16 << 20).unwrap();
+        let w2 = Arc::clone(&w);
+        let waiter = std::thread::spawn(move || w2.wait_room(40 << 20));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!waiter.is_finished(), "40 MiB ahead of 0 is beyond 16 MiB");
+        w.consumed(30 << 20);
+        waiter.join().unwrap().unwrap();
+        let w3 = Arc::clone(&w);
+        let stuck = std::thread::spawn(move || w3.wait_room(100 << 20));
+        w.close();
+        assert!(
+            stuck.join().unwrap().is_err(),
+            "closing frees a waiting writer"
+        );
     }
 }

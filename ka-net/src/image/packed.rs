@@ -339,10 +339,16 @@ impl PackedSource {
                     let mut input = InBuffer::around(&buf[..n]);
                     loop {
                         let mut output = OutBuffer::around(&mut decoded[..]);
-                        *hint = decoder
+                        let before = input.pos;
+                        let h = decoder
                             .run(&mut input, &mut output)
                             .map_err(|e| Error::Invalid(format!("the zstd image: {e}")))?;
                         let got = output.pos();
+                        // As in `Unpacker::decode`: only a call that did
+                        // something says where the stream stands.
+                        if input.pos > before || got > 0 {
+                            *hint = h;
+                        }
                         let at = hasher.position();
                         hasher.data(at, &decoded[..got])?;
                         self.stats.image.fetch_add(got as u64, Relaxed);
@@ -522,11 +528,18 @@ impl Unpacker {
         let mut input = InBuffer::around(bytes);
         loop {
             let mut output = OutBuffer::around(&mut self.decoded[..]);
-            self.hint = self
+            let before = input.pos;
+            let hint = self
                 .decoder
                 .run(&mut input, &mut output)
                 .map_err(|e| Error::Invalid(format!("unpacking the stream: {e}")))?;
             let got = output.pos();
+            // A call that moved nothing after a frame's end asks for the
+            // next frame's header: only calls that did something tell
+            // whether the stream stands at a frame's end.
+            if input.pos > before || got > 0 {
+                self.hint = hint;
+            }
             if got > 0 {
                 let chunk = &self.decoded[..got];
                 self.hasher.data(self.unpacked, chunk)?;

@@ -150,6 +150,11 @@ pub struct SimConfig {
     /// downstreams from (a node unpacking the stream as it arrives); `None`:
     /// every node serves from what it wrote. See the module docs.
     pub window: Option<u64>,
+    /// The source packs its stream (`Encoding::Zstd`): nodes join as
+    /// readable file targets and learn from their welcome that they keep
+    /// only their `window` of it, as a packing source's nodes do. Needs a
+    /// `window`.
+    pub packed: bool,
     /// Print one line per notable event.
     pub trace: bool,
 }
@@ -175,6 +180,7 @@ impl SimConfig {
             slow_policy: SlowPolicy::MoveToTail,
             control_jitter: Duration::ZERO,
             window: None,
+            packed: false,
             trace: false,
         }
     }

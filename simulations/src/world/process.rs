@@ -16,7 +16,9 @@
 //! for its name; every message after a handshake travels sealed, and data
 //! links are proved with the tickets the placements hand out, as over TCP.
 //!
-//! With windows, nodes are configured as not readable, and the world checks
+//! With windows, nodes are configured as not readable (or, when the source
+//! packs its stream, as readable file targets that the welcome makes
+//! windowed), and the world checks
 //! what their machines decide: nobody serves from below its window, and
 //! every placement the source announces (`Relinked`, and the layout at
 //! `Started`) names an upstream that holds the node's offset as far as the
@@ -70,6 +72,15 @@ pub(super) fn source_config(cfg: &SimConfig, addr: SocketAddr) -> SourceConfig {
     scfg.min_nodes = 1;
     scfg.image_id = IMAGE_ID;
     scfg.image_size = Some(cfg.size);
+    if cfg.packed {
+        assert!(
+            cfg.window.is_some(),
+            "a packed stream's nodes keep a window"
+        );
+        scfg.encoding = ka_core::codec::Encoding::Zstd {
+            image_size: Some(cfg.size),
+        };
+    }
     scfg.run = source_run(cfg.seed, 0);
     scfg
 }
@@ -360,7 +371,9 @@ impl Sim {
         s.timer_at = None;
         let mut cfg = NodeConfig::new(SESSION, s.name.clone(), s.addr);
         cfg.mac = [2, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8];
-        cfg.readable = self.cfg.window.is_none();
+        // A packed stream's node joins as a file target would: its
+        // machine learns from the welcome that it serves from a window.
+        cfg.readable = self.cfg.window.is_none() || self.cfg.packed;
         // What a restarted node finds: the prefix it last recorded as durable
         // (never more than it had copied; what lies beyond is written again).
         let copied = if s.data.copied >= self.granules {
