@@ -481,6 +481,9 @@ fn survivors_of_a_killed_node_and_a_late_node_are_rebuilt_whole() {
 /// The source killed mid-stream and started again with the same arguments:
 /// it reads the machine anew, its nodes rebuild their disks from the new
 /// stream's start, and both verify with the source's trees.
+/// The source packs its stream here (`--compress zstd`): the nodes unpack
+/// it on the way to their rebuild, and start over from the new source's
+/// stream as they would from a plain one.
 #[test]
 fn a_restarted_source_has_its_nodes_rebuild_from_its_new_stream() {
     let mut s = Session::new();
@@ -498,6 +501,8 @@ fn a_restarted_source_has_its_nodes_rebuild_from_its_new_stream() {
         &tmp,
         "--max-rate",
         "25MiB",
+        "--compress",
+        "zstd",
     ];
     let serve = s.serve("serve1", 2, &input);
     let port = s.port;
@@ -520,6 +525,9 @@ fn a_restarted_source_has_its_nodes_rebuild_from_its_new_stream() {
         eprintln!("exit {}\n{}\n{}", r.0, r.1, r.2);
     }
     assert_eq!(code, 0, "{out}\n{err}");
+    let report = ka_tests::final_report(&out);
+    let packed = report.packed.expect("the stream was packed");
+    assert!(packed < report.size, "{packed} of {}", report.size);
     for r in &results {
         assert_eq!(r.0, 0, "{}", r.2);
     }

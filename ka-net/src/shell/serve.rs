@@ -647,12 +647,14 @@ fn restore(source: &mut Source, clock: Clock, path: &Path, session: &str, image_
                 outcomes = st.outcomes.len(),
                 "going on with the session of an earlier run on this image"
             );
-            eprintln!(
+            // One write, so no other process's line lands inside it.
+            let line = format!(
                 "ka: going on with an interrupted session on this image: {} node outcome(s) restored from {} \
-                 (remove it to start a fresh session)",
+                 (remove it to start a fresh session)\n",
                 st.outcomes.len(),
                 path.display()
             );
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             for o in st.outcomes {
                 source.handle_restored(clock.now(), o.name, o.mac, o.outcome);
             }
