@@ -128,7 +128,7 @@ fn assert_copies(image: &[u8], targets: &[PathBuf]) {
     }
 }
 
-/// The default (`auto`) packs an image of system-like files and sends a
+/// `auto` packs an image of system-like files and sends a
 /// random one as it is; a packed clone is byte-identical on every node, keeps
 /// the image's holes, and costs the wire a fraction of the image.
 #[test]
@@ -145,7 +145,11 @@ fn auto_packs_what_packs_and_every_copy_is_identical() {
         .unwrap()
         .set_len(32 << 20)
         .unwrap();
-    let (serve, server) = s.serve(3, &["--image", image.to_str().unwrap()], &[]);
+    let (serve, server) = s.serve(
+        3,
+        &["--image", image.to_str().unwrap()],
+        &["--compress", "auto"],
+    );
     let (nodes, targets) = s.join_files(&server, &["n1", "n2", "n3"]);
     all_unpacked(nodes);
     let (code, out, err) = serve.finish(WAIT);
@@ -184,7 +188,11 @@ fn auto_packs_what_packs_and_every_copy_is_identical() {
     let image = s.path("random.img");
     let bytes = pseudo_random(8 << 20, 2);
     std::fs::write(&image, &bytes).unwrap();
-    let (serve, server) = s.serve(2, &["--image", image.to_str().unwrap()], &[]);
+    let (serve, server) = s.serve(
+        2,
+        &["--image", image.to_str().unwrap()],
+        &["--compress", "auto"],
+    );
     let (nodes, targets) = s.join_files(&server, &["r1", "r2"]);
     for node in nodes {
         let (code, out, err) = node.finish(WAIT);

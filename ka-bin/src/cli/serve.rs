@@ -152,9 +152,10 @@ pub struct ServeArgs {
     /// packs an image file whose sample shrinks by a fifth or more and
     /// sends other images as they are (a command, tar or system stream is
     /// packed only with `zstd`); `off` never packs. A `.zst` image is sent
-    /// as it is (with `off`, decoded first); gzip and xz images are
-    /// decoded here.
-    #[arg(long, value_name = "HOW", default_value = "auto")]
+    /// as it is (with `off`, decoded first); gzip and xz images are decoded
+    /// here. A node that restarts mid-copy starts a packed stream over (a
+    /// plain one goes on from its durable prefix), hence `off` by default.
+    #[arg(long, value_name = "HOW", default_value = "off")]
     pub compress: ka_net::image::packed::Compression,
     /// Where the session's record is kept (nodes' outcomes), so that `ka
     /// serve` restarted with the same arguments on the same image goes on
