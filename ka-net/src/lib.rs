@@ -8,8 +8,9 @@
 //!   [`is_zero`]), [`sources`](image::sources) that read an image as records
 //!   (files and block devices with their holes, commands, tar, stdin),
 //!   [`sinks`](image::sinks) that write one, the session
-//!   [`digest`](image::digest), block-device checks, command supervision,
-//!   atomic file replacement.
+//!   [`digest`](image::digest), [`packed`](image::packed) streams
+//!   (Zstandard on the wire, `ka serve --compress`), block-device checks,
+//!   command supervision, atomic file replacement.
 //! - [`datapath`]: how the bytes move. The node's receiving thread
 //!   ([`relay`]) and [`NodeWriter`] (sink, hasher thread, buffer pool),
 //!   sending a file that may still grow ([`send_growing`]), and forwarding

@@ -323,6 +323,11 @@ struct Outcome {
     cpu: f64,
     node_cpu: f64,
     node_rss_kib: u64,
+    /// The source's own CPU seconds.
+    source_cpu: f64,
+    /// The bytes that travelled per node: the packed stream's size when
+    /// the source packed it, else the image's.
+    wire: u64,
 }
 
 /// The files of a run: image, secret, outputs.
@@ -334,6 +339,11 @@ struct Work {
 }
 
 impl Work {
+    /// The image's size.
+    fn wire_size(&self) -> u64 {
+        std::fs::metadata(&self.image).map_or(0, |m| m.len())
+    }
+
     fn out(&self, i: usize) -> PathBuf {
         self.dir.join(format!("node{i}.img"))
     }
@@ -397,6 +407,8 @@ fn plain(w: &Work, hash: bool) -> Outcome {
         cpu: ru.cpu + su.cpu,
         node_cpu: ru.cpu,
         node_rss_kib: ru.max_rss_kib,
+        source_cpu: su.cpu,
+        wire: std::fs::metadata(&w.image).map_or(0, |m| m.len()),
     }
 }
 
@@ -404,22 +416,29 @@ fn plain(w: &Work, hash: bool) -> Outcome {
 /// With `digest_ready`, the nodes start only once the source has published
 /// its digest. Returns the outcome and the source's listening port.
 fn ka(w: &Work, nodes: usize, digest_ready: bool) -> Outcome {
+    ka_with(w, nodes, digest_ready, &[])
+}
+
+/// [`ka`], with more options for `ka serve` (`--compress`).
+fn ka_with(w: &Work, nodes: usize, digest_ready: bool, serve_args: &[&str]) -> Outcome {
     let deadline = Instant::now() + SCENARIO_LIMIT;
     let n = nodes.to_string();
     let secret = w.secret.to_str().expect("utf-8 path");
     let mut serve = Running::start(
-        ka_tests::private_logs(&mut Command::new(ka_binary()), &w.dir).args([
-            "serve",
-            "--nodes",
-            &n,
-            "--listen",
-            "127.0.0.1:0",
-            "--secret-file",
-            secret,
-            "--image",
-            w.image.to_str().expect("utf-8 path"),
-            "--json",
-        ]),
+        ka_tests::private_logs(&mut Command::new(ka_binary()), &w.dir)
+            .args([
+                "serve",
+                "--nodes",
+                &n,
+                "--listen",
+                "127.0.0.1:0",
+                "--secret-file",
+                secret,
+                "--image",
+                w.image.to_str().expect("utf-8 path"),
+                "--json",
+            ])
+            .args(serve_args),
         "ka serve",
     );
     let (_, line) = serve.expect("nodes on 127.0.0.1:", deadline);
@@ -467,6 +486,8 @@ fn ka(w: &Work, nodes: usize, digest_ready: bool) -> Outcome {
         cpu: 0.0,
         node_cpu: 0.0,
         node_rss_kib: 0,
+        source_cpu: 0.0,
+        wire: 0,
     };
     for j in joins {
         let what = j.what.clone();
@@ -476,13 +497,105 @@ fn ka(w: &Work, nodes: usize, digest_ready: bool) -> Outcome {
         outcome.node_cpu += u.cpu / nodes as f64;
         outcome.node_rss_kib = outcome.node_rss_kib.max(u.max_rss_kib);
     }
+    let (_, report) = serve.expect("\"report\"", deadline);
+    let report: serde_json::Value = serde_json::from_str(&report).expect("the report is JSON");
+    let report = &report["report"];
+    outcome.wire = report["packed"]
+        .as_u64()
+        .or(report["size"].as_u64())
+        .expect("the report's size");
     let (code, u) = serve.reap(deadline);
     assert_eq!(code, 0, "ka serve reported failed nodes");
     outcome.cpu += u.cpu;
+    outcome.source_cpu = u.cpu;
     for i in 0..nodes {
         w.check_and_remove(&format!("{nodes} nodes"), &w.out(i));
     }
     outcome
+}
+
+/// Packed streams (`ka serve --compress`) in a chain of 4, each beside the
+/// same chain sending the same image plain, in interleaved rounds: this
+/// machine's own files (a tar of /usr: programs, libraries, text), packed
+/// with zstd, and the incompressible image with `auto` (which should find
+/// it does not pack and send it plain). CPU is per GiB of image: the
+/// source's to pack, each node's to receive, forward, unpack and verify.
+fn packing(w: &Work, dir: &Path, size: u64, runs: usize) {
+    let system = dir.join("system-files");
+    let script = format!(
+        "tar -cf - -C /usr bin sbin lib share 2>/dev/null | head -c {size} > {}",
+        system.display()
+    );
+    let ok = Command::new("sh").args(["-c", &script]).status();
+    assert!(
+        ok.is_ok_and(|s| s.success()),
+        "making the system-files image"
+    );
+    let size = std::fs::metadata(&system)
+        .expect("system-files image")
+        .len();
+    let sys = work(dir, system);
+    type Run<'a> = Box<dyn Fn() -> Outcome + 'a>;
+    let scenarios: Vec<(&str, Run)> = vec![
+        (
+            "system files, plain",
+            Box::new(|| ka_with(&sys, 4, true, &[])),
+        ),
+        (
+            "system files, --compress zstd",
+            Box::new(|| ka_with(&sys, 4, true, &["--compress", "zstd"])),
+        ),
+        (
+            "incompressible, plain",
+            Box::new(|| ka_with(w, 4, true, &[])),
+        ),
+        (
+            "incompressible, --compress auto",
+            Box::new(|| ka_with(w, 4, true, &["--compress", "auto"])),
+        ),
+    ];
+    let mut rounds: Vec<Vec<Outcome>> = vec![Vec::new(); scenarios.len()];
+    for _ in 0..runs {
+        for (i, (_, run)) in scenarios.iter().enumerate() {
+            rounds[i].push(run());
+        }
+    }
+    println!();
+    println!(
+        "packed streams, chain of 4 (system files: {} MiB of /usr as tar; incompressible: the image above)",
+        size >> 20
+    );
+    println!(
+        "{:<32} {:>8} {:>8} {:>10} {:>13} {:>15}",
+        "scenario", "seconds", "vs plain", "wire MiB", "source s/GiB", "node CPU s/GiB"
+    );
+    let best: Vec<Outcome> = rounds
+        .iter()
+        .map(|r| {
+            *r.iter()
+                .min_by(|a, b| a.seconds.total_cmp(&b.seconds))
+                .expect("every scenario ran")
+        })
+        .collect();
+    for (i, ((name, _), o)) in scenarios.iter().zip(&best).enumerate() {
+        let image = if i < 2 { size } else { w.wire_size() };
+        let gib = image as f64 / (1u64 << 30) as f64;
+        let plain = best[i / 2 * 2].seconds;
+        println!(
+            "{name:<32} {:>8.3} {:>8.3} {:>10.1} {:>13.2} {:>15.2}",
+            o.seconds,
+            o.seconds / plain,
+            o.wire as f64 / (1u64 << 20) as f64,
+            o.source_cpu / gib,
+            o.node_cpu / gib
+        );
+    }
+    println!(
+        "seconds: best round; vs plain: against the plain row of the same image; on loopback \
+         the wire is not the limit, so this prices the CPU (the lab measures the wire: docs/lab.md)"
+    );
+    drop(scenarios);
+    std::fs::remove_file(&sys.image).expect("remove the system-files image");
 }
 
 /// Writes `size` bytes of incompressible data (xorshift) to `path`.
@@ -775,6 +888,7 @@ fn main() {
     );
     println!("CPU s/GiB: all processes, per GiB delivered (image size x nodes)");
     drop(scenarios);
+    packing(&w, tmp.path(), size, opts.runs);
     std::fs::remove_file(&w.image).expect("remove image");
 
     if opts.sparse_gib > 0 {

@@ -28,6 +28,11 @@
 //! slow one verified (against its own port's floor). The plain chain is as
 //! fast as its slowest port, for every node.
 //!
+//! `--image system` clones this machine's own files (a tar of /usr cut to
+//! the size) instead of random bytes, to both ka and the plain chain; with
+//! `--serve-args "--compress zstd"` it measures a packed stream against a
+//! plain chain that sends every byte.
+//!
 //! `--serve-args` passes more options to every `ka serve` (say, to pace
 //! the source), and `--direct-stats yes` prints each node's direct
 //! forwarding counts after its run; the nodes log them at info level, so
@@ -61,10 +66,12 @@ struct Args {
     hops: bool,
     /// One node whose port is slower than the others: its number and rate.
     slow: Option<(usize, Rate)>,
+    /// The image: random bytes, or this machine's own system files.
+    system_files: bool,
 }
 
 const USAGE: &str =
-    "usage: lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16] [--paired K] [--serve-args ARGS] [--direct-stats yes|no] [--hops yes|no] [--slow K:MBIT]";
+    "usage: lab_scale [--nodes 1,2,4,8,16] [--size-mib 64] [--rate-mbit 100] [--plain-nodes 16] [--paired K] [--serve-args ARGS] [--direct-stats yes|no] [--hops yes|no] [--slow K:MBIT] [--image random|system]";
 
 /// Prints one ka row of the table.
 fn print_row(n: usize, r: &Run, sim: f64, floor: f64, hop: f64) {
@@ -122,6 +129,7 @@ fn args() -> Args {
         direct_stats: false,
         hops: false,
         slow: None,
+        system_files: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -146,10 +154,37 @@ fn args() -> Args {
                     .unwrap_or_else(|| panic!("--slow takes K:MBIT; {USAGE}"));
                 a.slow = Some((parse(flag, k), Rate::mbit(parse(flag, mbit))));
             }
+            "--image" => {
+                a.system_files = match value.as_str() {
+                    "random" => false,
+                    "system" => true,
+                    _ => panic!("--image takes random or system; {USAGE}"),
+                }
+            }
             _ => panic!("unknown argument {flag}; {USAGE}"),
         }
     }
     a
+}
+
+/// The session every run of `a` clones: `--image system` replaces the
+/// random image with as much of this machine's own programs, libraries
+/// and text as fits (a tar of /usr: what a system image holds, packing
+/// about 3:1 with zstd), the same bytes for ka and the plain chain.
+fn session<'l>(lab: &'l Lab, a: &Args) -> ka_tests::lab::Session<'l> {
+    let s = lab.session(a.size);
+    if a.system_files {
+        let script = format!(
+            "tar -cf - -C /usr bin sbin lib share 2>/dev/null | head -c {} > {}",
+            a.size,
+            s.image.display()
+        );
+        let ok = Command::new("sh").args(["-c", &script]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "making the system image");
+        let len = std::fs::metadata(&s.image).expect("the image").len();
+        assert_eq!(len, a.size, "/usr holds less than the image size");
+    }
+    s
 }
 
 fn yes_or_no(flag: &str, value: &str) -> bool {
@@ -278,7 +313,7 @@ fn lag_growth(fin: &ka_tests::lab::Finished, n: usize, size: u64) -> Option<f64>
 /// One clean run of `n` nodes; `Err` names the nodes that failed and why.
 fn run(n: usize, a: &Args) -> Result<Run, String> {
     let lab = a.lab(n);
-    let s = lab.session(a.size);
+    let s = session(&lab, a);
     let serve = s.serve(n, &a.serve_args());
     wait_listening(&serve);
     let mut joins = s.join_all(&[]);
@@ -400,7 +435,7 @@ fn heal(a: &Args) -> Result<(usize, f64, f64), String> {
     let n = a.nodes.iter().copied().max().unwrap_or(8).clamp(3, 8);
     let victim = n / 2;
     let lab = Lab::new(n, a.rate);
-    let s = lab.session(a.size);
+    let s = session(&lab, a);
     let serve = s.serve(n, &a.serve_args());
     wait_listening(&serve);
     let joins = s.join_all(&[]);
@@ -513,7 +548,7 @@ fn plain_chain(n: usize, a: &Args) -> (f64, f64, f64) {
     let lab = a.lab(n);
     let me = std::env::current_exe().expect("own path");
     // The same image a ka session gets (its secret goes unused).
-    let session = lab.session(a.size);
+    let session = session(&lab, a);
     // From the tail back, so each relay's next one already listens.
     let mut relays = Vec::new();
     for i in (1..=n).rev() {

@@ -52,7 +52,10 @@ pub struct JoinArgs {
     /// With --system: the most of the stream this node holds at once.
     #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = ka_core::units::parse_size)]
     pub window: u64,
-    /// Where a --command or --untar image is received before it is fed on.
+    /// Where a --command or --untar image is received before it is fed
+    /// on, and where a --target node keeps its window of a packed stream
+    /// (`ka serve --compress`) while it unpacks it [default: the temporary
+    /// directory].
     #[arg(long, value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
     /// This node's name (default: the node named by the key file, or else
