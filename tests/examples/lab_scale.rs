@@ -367,6 +367,27 @@ fn run(n: usize, a: &Args) -> Result<Run, String> {
             }
         }
     }
+    // Start-up: from the last join (the stream may begin) until every node
+    // receives, as the harness saw the lines.
+    let last_join = fin.all("Joined").iter().map(|e| e.at).max();
+    let all_receiving = joins
+        .iter()
+        .map(|j| {
+            j.events()
+                .into_iter()
+                .find(|(_, e)| e.starts_with("Receiving"))
+                .map(|(at, _)| at)
+        })
+        .collect::<Option<Vec<Instant>>>()
+        .and_then(|v| v.into_iter().max());
+    if let (Some(joined), Some(receiving)) = (last_join, all_receiving) {
+        let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
+        println!(
+            "{n:>3} start: every node receiving {:.1} ms after the last join, {:.1} ms after Started",
+            ms(joined, receiving),
+            ms(started, receiving)
+        );
+    }
     let verified: Vec<Instant> = fin.all("Verified").iter().map(|e| e.at).collect();
     let last = *verified.iter().max().expect("verified");
     let first = *verified.iter().min().expect("verified");
