@@ -78,15 +78,6 @@ fn window_scenario() -> impl Strategy<Value = SimConfig> {
     })
 }
 
-/// A window scenario whose source packs its stream: the nodes join as
-/// file targets, and only their welcome tells them to keep a window.
-fn packed_scenario() -> impl Strategy<Value = SimConfig> {
-    window_scenario().prop_map(|mut cfg| {
-        cfg.packed = true;
-        cfg
-    })
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
@@ -100,33 +91,26 @@ proptest! {
     }
 
     #[test]
-    fn every_checker_holds_under_random_faults_with_window_nodes(cfg in window_scenario()) {
+    fn every_checker_holds_under_random_faults_with_window_nodes(
+        mut cfg in window_scenario(),
+        packed in any::<bool>(),
+    ) {
         // The checkers add, with windows: nobody serves from below its
         // window, nobody keeps receiving from an upstream whose window
         // passed it, and every placement names an upstream that holds the
         // node's offset or the source; at the end every survivor verified.
+        // When the source packs its stream, its nodes join as readable file
+        // targets and keep a window only once welcomed: they must serve,
+        // and be placed, as the window they became.
+        cfg.packed = packed;
         let out = run(cfg.clone());
         prop_assert!(
             out.verdict.is_ok(),
-            "{:?}\nwindow {:?}\nfaults: {:?}\nlate: {:?}",
-            out.verdict, cfg.window, out.swarm.faults, out.swarm.late
+            "{:?}\nwindow {:?} packed {}\nfaults: {:?}\nlate: {:?}",
+            out.verdict, cfg.window, cfg.packed, out.swarm.faults, out.swarm.late
         );
         prop_assert_eq!(out.failures.len(), out.ko);
         prop_assert!(out.failures.iter().all(|f| !f.ends_with(": ")));
-    }
-
-    #[test]
-    fn every_checker_holds_under_random_faults_when_the_source_packs(cfg in packed_scenario()) {
-        // The same checkers as with window nodes: a node that joined as a
-        // readable file target must serve, and be placed, as the window it
-        // became once welcomed.
-        let out = run(cfg.clone());
-        prop_assert!(
-            out.verdict.is_ok(),
-            "{:?}\nwindow {:?}\nfaults: {:?}\nlate: {:?}",
-            out.verdict, cfg.window, out.swarm.faults, out.swarm.late
-        );
-        prop_assert_eq!(out.failures.len(), out.ko);
     }
 }
 

@@ -569,14 +569,7 @@ fn packing(w: &Work, dir: &Path, size: u64, runs: usize) {
         "{:<32} {:>8} {:>8} {:>10} {:>13} {:>15}",
         "scenario", "seconds", "vs plain", "wire MiB", "source s/GiB", "node CPU s/GiB"
     );
-    let best: Vec<Outcome> = rounds
-        .iter()
-        .map(|r| {
-            *r.iter()
-                .min_by(|a, b| a.seconds.total_cmp(&b.seconds))
-                .expect("every scenario ran")
-        })
-        .collect();
+    let best = best_rounds(&rounds);
     for (i, ((name, _), o)) in scenarios.iter().zip(&best).enumerate() {
         let image = if i < 2 { size } else { w.wire_size() };
         let gib = image as f64 / (1u64 << 30) as f64;
@@ -746,6 +739,19 @@ fn parse_args(args: &[String]) -> Args {
     a
 }
 
+/// Each scenario's best (fastest) round: the one least disturbed by other
+/// load on a shared machine.
+fn best_rounds(rounds: &[Vec<Outcome>]) -> Vec<Outcome> {
+    rounds
+        .iter()
+        .map(|r| {
+            *r.iter()
+                .min_by(|a, b| a.seconds.total_cmp(&b.seconds))
+                .expect("every scenario ran")
+        })
+        .collect()
+}
+
 /// The middle value (the mean of the two middle ones for an even count).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -837,14 +843,7 @@ fn main() {
             rounds[i].push(run());
         }
     }
-    let best: Vec<Outcome> = rounds
-        .iter()
-        .map(|r| {
-            *r.iter()
-                .min_by(|a, b| a.seconds.total_cmp(&b.seconds))
-                .expect("every scenario ran")
-        })
-        .collect();
+    let best = best_rounds(&rounds);
     let gib = size as f64 / (1u64 << 30) as f64;
     let (base, hashed) = (best[0].seconds, best[1].seconds);
     let base_median = median(rounds[0].iter().map(|o| o.seconds).collect());
