@@ -436,6 +436,8 @@ fn ka_with(w: &Work, nodes: usize, digest_ready: bool, serve_args: &[&str]) -> O
                 secret,
                 "--image",
                 w.image.to_str().expect("utf-8 path"),
+                "--state-dir",
+                w.dir.to_str().expect("utf-8 path"),
                 "--json",
             ])
             .args(serve_args),
@@ -466,6 +468,8 @@ fn ka_with(w: &Work, nodes: usize, digest_ready: bool, serve_args: &[&str]) -> O
                     &name,
                     "--target",
                     out.to_str().expect("utf-8 path"),
+                    "--state-dir",
+                    w.dir.to_str().expect("utf-8 path"),
                     "--wait",
                     "60s",
                     "--json",

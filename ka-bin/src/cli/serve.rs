@@ -885,8 +885,13 @@ ip = "10.0.0.13"
     }
 
     fn plan(args: &[&str]) -> anyhow::Result<ServePlan> {
-        let cli =
-            <crate::cli::Cli as clap::Parser>::try_parse_from(["ka", "serve"].iter().chain(args))?;
+        // Node logs go to a directory of the test's own, gone once it is
+        // planned, not under /var/log/ka.
+        let logs = tempfile::tempdir().unwrap();
+        let logs = ["--log-dir", logs.path().to_str().unwrap()];
+        let cli = <crate::cli::Cli as clap::Parser>::try_parse_from(
+            ["ka", "serve"].iter().chain(&logs).chain(args),
+        )?;
         match cli.command {
             crate::cli::Command::Serve(args) => ServePlan::from_args(*args),
             other => panic!("{other:?}"),
