@@ -30,8 +30,11 @@ Examples:
   ka serve --nodes 40 --image /dev/sda --secret-file /etc/ka/secret
   # This running machine, file by file, with /var/tmp sent empty:
   ka serve --nodes 40 --system --exclude /var/tmp --secret-file /etc/ka/secret
-  # A compressed image; start 10 minutes after listening if 30 nodes are there:
-  ka serve --nodes 40 --command 'zcat /srv/golden.img.gz' --join-timeout 10m --min-nodes 30
+  # A gzip image, decoded here and packed with zstd for the wire (nodes unpack it);
+  # start 10 minutes after listening if 30 nodes are there:
+  ka serve --nodes 40 --image /srv/golden.img.gz --compress zstd --join-timeout 10m --min-nodes 30
+  # Another machine's disk, read over ssh and packed for the wire:
+  ka serve --nodes 40 --command 'ssh golden dd if=/dev/sda bs=4M' --compress zstd
   # Watch it in a browser at http://127.0.0.1:8080/ (docs/web.md):
   ka serve --nodes 40 --image /srv/golden.img --secret-file /etc/ka/secret --http 127.0.0.1:8080
   # Flip every node of the inventory whose copy is verified to local boot:
