@@ -297,7 +297,8 @@ fn a_key_stolen_from_one_node_serves_no_other_node_and_no_source() {
     let s = Session::new(1 << 20);
     let (a_key, b_key) = (s.node_key("a"), s.node_key("b"));
     // ka serve will not stand on a node's key.
-    let o = ka(&[
+    let mut serve = Command::new(ka_tests::ka_bin());
+    ka_tests::private_logs(&mut serve, s.dir.path()).args([
         "serve",
         "--secret-file",
         a_key.to_str().unwrap(),
@@ -307,7 +308,10 @@ fn a_key_stolen_from_one_node_serves_no_other_node_and_no_source() {
         "1",
         "--listen",
         "127.0.0.1:0",
+        "--state-dir",
+        s.dir.path().to_str().unwrap(),
     ]);
+    let o = ka_tests::run(&mut serve, Duration::from_secs(60));
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("not the session secret"), "{err}");
