@@ -192,6 +192,8 @@ fn clones_get_their_own_identity_and_boot_local() {
             .arg("--secret-file")
             .arg(&secret)
             .args(["-i", inv_s, "--boot-state", state_s])
+            .arg("--state-dir")
+            .arg(d)
             .stdin(Stdio::null())
             .stdout(fs::File::create(d.join("serve.out")).unwrap())
             .stderr(fs::File::create(&serve_err).unwrap())
@@ -222,6 +224,8 @@ fn clones_get_their_own_identity_and_boot_local() {
                 // The inventory's session, which ka serve -i serves.
                 .args(["--session", "t"])
                 .args(["--name", name, "--target", &lo.0, "--root-partition", root])
+                .arg("--state-dir")
+                .arg(d)
                 .arg("--identity")
                 .arg(format!(
                     "hostname={name},domain=lab.test,ip={ip}/24,gateway=10.9.0.1,dns=10.9.0.1,mac=52:54:00:09:00:0{}",

@@ -659,6 +659,8 @@ fn a_node_that_boots_before_its_source_keeps_looking_and_joins() {
             s.secret.to_str().unwrap(),
             "--image",
             s.image.to_str().unwrap(),
+            "--state-dir",
+            &s.state_dir(),
             "--json",
         ],
     );
@@ -803,6 +805,8 @@ fn a_source_without_a_secret_file_writes_one_for_its_nodes() {
             "127.0.0.1:0",
             "--image",
             s.image.to_str().unwrap(),
+            "--state-dir",
+            &s.state_dir(),
             "--json",
         ],
     );
@@ -831,6 +835,8 @@ fn a_source_without_a_secret_file_writes_one_for_its_nodes() {
             s.target("n").to_str().unwrap(),
             "--name",
             "n",
+            "--state-dir",
+            &s.state_dir(),
             "--wait",
             "30s",
         ],

@@ -583,6 +583,7 @@ fn the_page_needs_its_token_and_is_read_only() {
     let image = dir.path().join("image.img");
     std::fs::write(&image, pseudo_random(1 << 20, 9)).unwrap();
     let state = dir.path().join("state");
+    let logs = dir.path().join("node-logs");
     let base = |http: &str| -> Vec<String> {
         [
             "serve",
@@ -596,6 +597,8 @@ fn the_page_needs_its_token_and_is_read_only() {
             image.to_str().unwrap(),
             "--state-dir",
             state.to_str().unwrap(),
+            "--log-dir",
+            logs.to_str().unwrap(),
             "--http",
             http,
         ]
