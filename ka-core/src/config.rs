@@ -119,7 +119,10 @@ pub struct NodeConfig {
     /// refuses a downstream that asks for less
     /// ([`RefusalCode::CannotResume`](crate::codec::RefusalCode::CannotResume)).
     pub readable: bool,
-    /// Verify by reading the written target back, not only the received stream.
+    /// Verify by reading the written stream back, not only as received.
+    /// Only a readable node can ([`readable`](Self::readable)): a node that
+    /// keeps a window has unpacked the stream, and its unpacker checks what
+    /// it wrote (a packed stream's target is read back there when asked).
     pub verify_readback: bool,
     /// Delay before reconnecting to the source or an upstream after a loss.
     pub reconnect_delay: Duration,

@@ -1418,7 +1418,9 @@ impl Node {
                 Err("digest of the received image differs from the source's".into()),
             );
         }
-        if self.config.verify_readback {
+        // A windowed node's stream is gone but for its window: its unpacker
+        // has checked what it wrote before the stream's end reached us.
+        if self.config.verify_readback && self.config.readable {
             self.phase = Phase::AwaitingReadback;
             self.actions.push_back(NodeAction::ReadBack);
         } else {

@@ -11,7 +11,8 @@ use ka_core::auth::{
     join_proof, link_ticket, node_key, source_data_key, Channel, DataHello, Mac, Side,
 };
 use ka_core::codec::{
-    Digest, ImageId, Join, Message, Nonce, Progress, RefusalCode, Tag, Ticket, PROTOCOL_VERSION,
+    Digest, Encoding, ImageId, Join, Message, Nonce, Progress, RefusalCode, Tag, Ticket,
+    PROTOCOL_VERSION,
 };
 use ka_core::config::{NodeConfig, SlowPolicy, SourceConfig};
 use ka_core::ids::{ConnId, Epoch, NodeId};
@@ -610,6 +611,60 @@ fn node_verifies_only_when_its_digest_matches() {
         assert!(sent
             .iter()
             .any(|m| matches!(m, Message::Verified { ok: o, .. } if *o == ok)));
+    }
+}
+
+/// `--verify readback` reads the written stream back where it can: a node
+/// that joined as a file target and was welcomed to a plain stream reads
+/// back; one welcomed to a packed stream keeps only a window of it (its
+/// unpacker checked the target), so it concludes on the stream's digest.
+#[test]
+fn only_a_node_that_keeps_its_whole_stream_reads_it_back() {
+    for (encoding, reads_back) in [
+        (Encoding::Plain, true),
+        (Encoding::Zstd { image_size: None }, false),
+    ] {
+        let mut cfg = NodeConfig::new("s", "a", addr(2));
+        cfg.verify_readback = true;
+        let mut node = Node::new(Time::ZERO, cfg, key_of("a"), None);
+        assert_eq!(node.poll_action(), Some(NodeAction::ConnectSource));
+        node.handle_source_connected(Time::ZERO, ConnId(1), Nonce([0x40; 32]));
+        node.say(
+            Time::ZERO,
+            ConnId(1),
+            Message::Challenge {
+                version: PROTOCOL_VERSION,
+                nonce: Nonce([0; 32]),
+            },
+        );
+        node.say(
+            Time::ZERO,
+            ConnId(1),
+            Message::Welcome {
+                node: NodeId(1),
+                heartbeat_ms: 250,
+                dead_after_ms: 1000,
+                image_size: None,
+                image: ImageId([3; 32]),
+                resume_from: 0,
+                run: RUN,
+                encoding,
+            },
+        );
+        node.say(
+            t(1),
+            ConnId(1),
+            Message::ImageDone {
+                total: 10,
+                digest: Digest([5; 32]),
+            },
+        );
+        actions(&mut node);
+        node.handle_stream_end(t(2), 10, Digest([5; 32]));
+        let asked = actions(&mut node).contains(&NodeAction::ReadBack);
+        assert_eq!(asked, reads_back, "{encoding:?}");
+        let verdict = node.verdict().map(|v| v.is_ok());
+        assert_eq!(verdict, (!reads_back).then_some(true), "{encoding:?}");
     }
 }
 

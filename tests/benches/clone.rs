@@ -526,18 +526,7 @@ fn ka_with(w: &Work, nodes: usize, digest_ready: bool, serve_args: &[&str]) -> O
 /// source's to pack, each node's to receive, forward, unpack and verify.
 fn packing(w: &Work, dir: &Path, size: u64, runs: usize) {
     let system = dir.join("system-files");
-    let script = format!(
-        "tar -cf - -C /usr bin sbin lib share 2>/dev/null | head -c {size} > {}",
-        system.display()
-    );
-    let ok = Command::new("sh").args(["-c", &script]).status();
-    assert!(
-        ok.is_ok_and(|s| s.success()),
-        "making the system-files image"
-    );
-    let size = std::fs::metadata(&system)
-        .expect("system-files image")
-        .len();
+    let size = ka_tests::system_files_image(&system, size);
     let sys = work(dir, system);
     type Run<'a> = Box<dyn Fn() -> Outcome + 'a>;
     let scenarios: Vec<(&str, Run)> = vec![

@@ -174,14 +174,7 @@ fn args() -> Args {
 fn session<'l>(lab: &'l Lab, a: &Args) -> ka_tests::lab::Session<'l> {
     let s = lab.session(a.size);
     if a.system_files {
-        let script = format!(
-            "tar -cf - -C /usr bin sbin lib share 2>/dev/null | head -c {} > {}",
-            a.size,
-            s.image.display()
-        );
-        let ok = Command::new("sh").args(["-c", &script]).status();
-        assert!(ok.is_ok_and(|s| s.success()), "making the system image");
-        let len = std::fs::metadata(&s.image).expect("the image").len();
+        let len = ka_tests::system_files_image(&s.image, a.size);
         assert_eq!(len, a.size, "/usr holds less than the image size");
     }
     s

@@ -239,7 +239,18 @@ fn a_node_killed_mid_packed_stream_is_healed_around_and_restarts_from_scratch() 
     }
     nodes.remove(1).kill9();
     std::thread::sleep(Duration::from_millis(1500));
-    let again = s.join(&server, "n2", &["--target", targets[1].to_str().unwrap()]);
+    // Started again reading its target back too: its unpacker does that,
+    // since only a window of the packed stream is left to read.
+    let again = s.join(
+        &server,
+        "n2",
+        &[
+            "--target",
+            targets[1].to_str().unwrap(),
+            "--verify",
+            "readback",
+        ],
+    );
     nodes.insert(1, again);
     all_unpacked(nodes);
     let (code, out, err) = serve.finish(WAIT);

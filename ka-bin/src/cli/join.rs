@@ -65,7 +65,9 @@ pub struct JoinArgs {
     /// Stay until the source releases this node (the original -w).
     #[arg(long)]
     pub wait_release: bool,
-    /// Also read the written target back and check it.
+    /// Also read the written target back and check it (a --target file or
+    /// device, packed stream or not, and a --command or --untar node's
+    /// spool); a system clone's disks are checked as they are unpacked.
     #[arg(long, value_parser = ["readback"])]
     pub verify: Option<String>,
     /// Keep looking for the source this long, at the start and whenever it

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context};
 use ka_core::config::SourceConfig;
 use ka_core::source::{Source, SourceEvent};
-use ka_net::image::packed::{plan_file, plan_stream, Compression, Plan};
+use ka_net::image::packed::{pack_stream, plan_file, Compression, Plan};
 use ka_net::shell::{self, ImageInput, SourceOptions};
 use ka_net::SourceSpec;
 
@@ -85,65 +85,56 @@ pub fn run(
     let root = secret::key(secret, &session);
     let digest_key = root.digest_key();
     let compression = opts.compression;
-    let encoded = |plan: Plan, file: Option<PathBuf>| match plan {
-        Plan::File => ImageInput::File(file.expect("only a file is served as a file")),
-        Plan::Stream(source, encoding, stats) => ImageInput::Encoded {
-            source,
-            encoding,
-            stats,
-            spool: spool.clone(),
-        },
+    let encoded = |stream| ImageInput::Encoded {
+        stream,
+        spool: spool.clone(),
     };
+    let fail = |e: ka_net::Error| anyhow!("{e}");
     // A stream is packed only when asked: `auto` cannot sample it without
     // holding it back.
     let stream = |spec: SourceSpec| -> anyhow::Result<ImageInput> {
         Ok(match compression {
+            Compression::Zstd(level) => {
+                let source = ka_net::open_source(&spec).map_err(fail)?;
+                encoded(pack_stream(source, level, None, &digest_key).map_err(fail)?)
+            }
             Compression::Off | Compression::Auto => ImageInput::Stream {
                 spec,
                 spool: spool.clone(),
             },
-            Compression::Zstd(_) => {
-                let source = ka_net::open_source(&spec).map_err(|e| anyhow!("{e}"))?;
-                encoded(
-                    plan_stream(source, compression, &digest_key).map_err(|e| anyhow!("{e}"))?,
-                    None,
-                )
-            }
         })
     };
     let image = match opts.input {
         Input::File(p) => {
-            let plan = plan_file(&p, compression, &digest_key, &mut |line| {
+            match plan_file(&p, compression, &digest_key, &mut |line| {
                 crate::errln!("ka: {line}")
             })
-            .map_err(|e| anyhow!("{e}"))?;
-            encoded(plan, Some(p))
+            .map_err(fail)?
+            {
+                Plan::File => ImageInput::File(p),
+                Plan::Stream(stream) => encoded(stream),
+            }
         }
         Input::Command(c) => stream(SourceSpec::Command(c))?,
         Input::Tar(d) => stream(SourceSpec::Tar(d))?,
         Input::Stdin => stream(SourceSpec::Stdin)?,
         Input::System(plan) => {
-            let capture = ka_net::system::capture::Capture::new(&plan, vec![spool.clone()])
-                .map_err(|e| anyhow!("{e}"))?;
+            let capture =
+                ka_net::system::capture::Capture::new(&plan, vec![spool.clone()]).map_err(fail)?;
             for (i, part) in capture.parts.iter().enumerate() {
                 crate::errln!("ka: system part {}: {}", i + 1, describe_part(part));
             }
             match compression {
+                Compression::Zstd(level) => {
+                    let reader =
+                        ka_net::image::sources::StreamSource::new(capture.reader(warnings.clone()));
+                    encoded(pack_stream(Box::new(reader), level, None, &digest_key).map_err(fail)?)
+                }
                 Compression::Off | Compression::Auto => ImageInput::System {
                     capture: Box::new(capture),
                     warnings: warnings.clone(),
                     spool: spool.clone(),
                 },
-                Compression::Zstd(_) => {
-                    let stream = Box::new(ka_net::image::sources::StreamSource::new(
-                        capture.reader(warnings.clone()),
-                    ));
-                    encoded(
-                        plan_stream(stream, compression, &digest_key)
-                            .map_err(|e| anyhow!("{e}"))?,
-                        None,
-                    )
-                }
             }
         }
     };

@@ -282,11 +282,6 @@ impl Follower {
         self.pos
     }
 
-    /// The window it follows.
-    pub fn window(&self) -> &Window {
-        &self.window
-    }
-
     /// The next written bytes (at most `buf.len()`), waiting for them;
     /// `Ok(None)` once the stream is complete and all of it was read.
     /// What the previous call returned counts as consumed.

@@ -30,6 +30,11 @@ pub use atomic::write_atomically;
 /// `Data` header per block cost nothing (17 bytes per 64 KiB hashed).
 pub const BLOCK: u64 = 64 * 1024;
 
+/// A block of zeros, for what must take zero bytes as bytes: pipes, the
+/// unaligned edges of a zeroed block-device range, a packing encoder fed a
+/// hole (which it turns into a few bytes, so holes cost the wire nothing).
+pub(crate) static ZEROS: [u8; BLOCK as usize] = [0; BLOCK as usize];
+
 /// True when every byte of `bytes` is zero.
 ///
 /// Reduces 256-byte chunks with OR (which the compiler vectorises) and exits at

@@ -166,18 +166,71 @@ impl Trailer {
     }
 }
 
-/// Zeros fed to the encoder for a zero record: Zstandard turns a run of
-/// them into a few bytes, so holes cost the wire nothing.
-static ZEROS: [u8; BLOCK as usize] = [0; BLOCK as usize];
-
-/// How far a packed source has got, for the operator: image bytes read,
-/// stream bytes produced.
+/// How far a packed source has got: the image bytes it has read, so the
+/// source's report can give the image's size beside the stream's.
 #[derive(Debug, Default)]
 pub struct PackStats {
     /// Unpacked image bytes read so far.
     pub image: std::sync::atomic::AtomicU64,
-    /// Packed stream bytes produced so far.
-    pub stream: std::sync::atomic::AtomicU64,
+}
+
+/// A Zstandard decoder that also tells whether what it decoded ends at a
+/// frame's end, which a complete stream must.
+struct FrameDecoder {
+    decoder: RawDecoder<'static>,
+    /// The decoder's last hint: 0 once a frame ended exactly.
+    hint: usize,
+    out: Vec<u8>,
+    /// What is decoded, for errors.
+    what: &'static str,
+}
+
+impl FrameDecoder {
+    fn new(what: &'static str) -> Result<Self, Error> {
+        Ok(FrameDecoder {
+            decoder: RawDecoder::new().map_err(|e| Error::io("starting the zstd decoder", e))?,
+            hint: 0,
+            out: vec![0u8; zstd::zstd_safe::DCtx::out_size()],
+            what,
+        })
+    }
+
+    /// Decodes all of `bytes`, handing what comes out to `out` in order.
+    fn decode(
+        &mut self,
+        bytes: &[u8],
+        out: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut input = InBuffer::around(bytes);
+        loop {
+            let mut output = OutBuffer::around(&mut self.out[..]);
+            let before = input.pos;
+            let hint = self
+                .decoder
+                .run(&mut input, &mut output)
+                .map_err(|e| Error::Invalid(format!("{}: {e}", self.what)))?;
+            let got = output.pos();
+            // A call that moved nothing after a frame's end asks for the
+            // next frame's header: only calls that did something tell
+            // whether the stream stands at a frame's end.
+            if input.pos > before || got > 0 {
+                self.hint = hint;
+            }
+            if got > 0 {
+                out(&self.out[..got])?;
+            }
+            // Done once it is all in and the decoder had room to spare: it
+            // holds nothing back.
+            if input.pos == bytes.len() && got < self.out.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Whether what was decoded so far ends exactly at a frame's end.
+    fn at_frame_end(&self) -> bool {
+        self.hint == 0
+    }
 }
 
 /// The packed stream of an image, as a byte stream (see the module docs):
@@ -191,8 +244,6 @@ pub struct PackedSource {
     /// Produced and not yet read, from `out_at` on.
     out: Vec<u8>,
     out_at: usize,
-    /// The trailer has been queued: nothing follows.
-    done: bool,
     stats: std::sync::Arc<PackStats>,
 }
 
@@ -206,11 +257,8 @@ enum Input {
     /// A Zstandard file, sent as it is and decoded beside for its digest.
     Passthrough {
         file: File,
-        decoder: RawDecoder<'static>,
-        /// The decoder's last hint: 0 once a frame ended exactly.
-        hint: usize,
+        frames: FrameDecoder,
         buf: Vec<u8>,
-        decoded: Vec<u8>,
     },
 }
 
@@ -250,14 +298,11 @@ impl PackedSource {
     pub fn passthrough(path: &Path, key: &DigestKey) -> Result<Self, Error> {
         let file =
             File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        let decoder = RawDecoder::new().map_err(|e| Error::io("starting the zstd decoder", e))?;
         Ok(Self::new(
             Input::Passthrough {
                 file,
-                decoder,
-                hint: 0,
+                frames: FrameDecoder::new("the zstd image")?,
                 buf: vec![0u8; 1 << 20],
-                decoded: vec![0u8; zstd::zstd_safe::DCtx::out_size()],
             },
             key,
         ))
@@ -269,7 +314,6 @@ impl PackedSource {
             hasher: Some(ImageHasher::new(key)),
             out: Vec::new(),
             out_at: 0,
-            done: false,
             stats: Default::default(),
         }
     }
@@ -279,7 +323,8 @@ impl PackedSource {
         std::sync::Arc::clone(&self.stats)
     }
 
-    /// Produces more of the stream into `out`; sets `done` after the trailer.
+    /// Produces more of the stream into `out`, the trailer last (the
+    /// hasher goes with it: nothing follows).
     fn produce(&mut self) -> Result<(), Error> {
         use std::sync::atomic::Ordering::Relaxed;
         let hasher = self.hasher.as_mut().expect("hasher until the trailer");
@@ -307,7 +352,7 @@ impl PackedSource {
                             let mut left = h.len;
                             while left > 0 {
                                 let n = left.min(BLOCK) as usize;
-                                compress(encoder, &ZEROS[..n], &mut self.out)?;
+                                compress(encoder, &super::ZEROS[..n], &mut self.out)?;
                                 left -= n as u64;
                             }
                         }
@@ -319,16 +364,10 @@ impl PackedSource {
                     self.stats.image.fetch_add(h.len, Relaxed);
                 }
             },
-            Input::Passthrough {
-                file,
-                decoder,
-                hint,
-                buf,
-                decoded,
-            } => {
+            Input::Passthrough { file, frames, buf } => {
                 let n = read_some(file, buf)?;
                 if n == 0 {
-                    if *hint != 0 {
+                    if !frames.at_frame_end() {
                         return Err(Error::Invalid(
                             "the zstd image ends inside a frame: is it complete?".into(),
                         ));
@@ -336,28 +375,11 @@ impl PackedSource {
                     ended = Some(hasher.position());
                 } else {
                     self.out.extend_from_slice(&buf[..n]);
-                    let mut input = InBuffer::around(&buf[..n]);
-                    loop {
-                        let mut output = OutBuffer::around(&mut decoded[..]);
-                        let before = input.pos;
-                        let h = decoder
-                            .run(&mut input, &mut output)
-                            .map_err(|e| Error::Invalid(format!("the zstd image: {e}")))?;
-                        let got = output.pos();
-                        // As in `Unpacker::decode`: only a call that did
-                        // something says where the stream stands.
-                        if input.pos > before || got > 0 {
-                            *hint = h;
-                        }
-                        let at = hasher.position();
-                        hasher.data(at, &decoded[..got])?;
-                        self.stats.image.fetch_add(got as u64, Relaxed);
-                        // Done with this read once it is all in and the
-                        // decoder had room to spare: it holds nothing back.
-                        if input.pos == n && got < decoded.len() {
-                            break;
-                        }
-                    }
+                    let stats = &self.stats;
+                    frames.decode(&buf[..n], &mut |decoded| {
+                        stats.image.fetch_add(decoded.len() as u64, Relaxed);
+                        hasher.data(hasher.position(), decoded)
+                    })?;
                 }
             }
         }
@@ -365,7 +387,6 @@ impl PackedSource {
             let digest = self.hasher.take().expect("hasher").finish(size)?;
             self.out
                 .extend_from_slice(&Trailer { size, digest }.encode());
-            self.done = true;
         }
         Ok(())
     }
@@ -426,7 +447,8 @@ impl Read for PackedSource {
         while self.out_at == self.out.len() {
             self.out.clear();
             self.out_at = 0;
-            if self.done {
+            if self.hasher.is_none() {
+                // The trailer was produced and read: the stream is over.
                 return Ok(0);
             }
             self.produce().map_err(io::Error::other)?;
@@ -434,9 +456,6 @@ impl Read for PackedSource {
         let n = buf.len().min(self.out.len() - self.out_at);
         buf[..n].copy_from_slice(&self.out[self.out_at..self.out_at + n]);
         self.out_at += n;
-        self.stats
-            .stream
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(n)
     }
 }
@@ -476,13 +495,11 @@ pub fn sample_ratio(path: &Path, size: u64) -> Result<Option<f64>, Error> {
 /// the stream's [`Trailer`]. [`SinkWriter`] writes what it hands on to a
 /// file or device.
 pub struct Unpacker {
-    decoder: RawDecoder<'static>,
-    hint: usize,
+    frames: FrameDecoder,
     hasher: ImageHasher,
     /// The stream's last [`Trailer::SIZE`] bytes are not fed to the decoder
     /// until more follows: at the end they are the trailer.
     held: Vec<u8>,
-    decoded: Vec<u8>,
     /// Image bytes handed on so far.
     unpacked: u64,
 }
@@ -491,11 +508,9 @@ impl Unpacker {
     /// An unpacker digesting with `key`.
     pub fn new(key: &DigestKey) -> Result<Self, Error> {
         Ok(Unpacker {
-            decoder: RawDecoder::new().map_err(|e| Error::io("starting the zstd decoder", e))?,
-            hint: 0,
+            frames: FrameDecoder::new("unpacking the stream")?,
             hasher: ImageHasher::new(key),
             held: Vec::with_capacity(2 * Trailer::SIZE),
-            decoded: vec![0u8; zstd::zstd_safe::DCtx::out_size()],
             unpacked: 0,
         })
     }
@@ -512,44 +527,20 @@ impl Unpacker {
         if self.held.len() <= Trailer::SIZE {
             return Ok(());
         }
-        let mut held = std::mem::take(&mut self.held);
-        let feed = held.len() - Trailer::SIZE;
-        let result = self.decode(&held[..feed], out);
+        let feed = self.held.len() - Trailer::SIZE;
+        let Unpacker {
+            frames,
+            hasher,
+            held,
+            unpacked,
+        } = self;
+        frames.decode(&held[..feed], &mut |chunk| {
+            hasher.data(*unpacked, chunk)?;
+            *unpacked += chunk.len() as u64;
+            out(chunk)
+        })?;
         held.drain(..feed);
-        self.held = held;
-        result
-    }
-
-    fn decode(
-        &mut self,
-        bytes: &[u8],
-        out: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
-    ) -> Result<(), Error> {
-        let mut input = InBuffer::around(bytes);
-        loop {
-            let mut output = OutBuffer::around(&mut self.decoded[..]);
-            let before = input.pos;
-            let hint = self
-                .decoder
-                .run(&mut input, &mut output)
-                .map_err(|e| Error::Invalid(format!("unpacking the stream: {e}")))?;
-            let got = output.pos();
-            // A call that moved nothing after a frame's end asks for the
-            // next frame's header: only calls that did something tell
-            // whether the stream stands at a frame's end.
-            if input.pos > before || got > 0 {
-                self.hint = hint;
-            }
-            if got > 0 {
-                let chunk = &self.decoded[..got];
-                self.hasher.data(self.unpacked, chunk)?;
-                self.unpacked += got as u64;
-                out(chunk)?;
-            }
-            if input.pos == bytes.len() && got < self.decoded.len() {
-                return Ok(());
-            }
-        }
+        Ok(())
     }
 
     /// The stream has ended: checks what was unpacked against its trailer,
@@ -561,7 +552,7 @@ impl Unpacker {
                     .into(),
             )
         })?;
-        if self.hint != 0 {
+        if !self.frames.at_frame_end() {
             return Err(Error::Invalid(
                 "the packed stream ends inside a zstd frame".into(),
             ));
@@ -662,31 +653,37 @@ impl<'s> SinkWriter<'s> {
 impl std::fmt::Debug for PackedSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PackedSource")
-            .field("done", &self.done)
+            .field("ended", &self.hasher.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stream for a source to spool and serve, and how it encodes the image.
+pub struct EncodedStream {
+    /// The stream.
+    pub source: Box<dyn ImageSource>,
+    /// How it encodes the image (told to every node).
+    pub encoding: ka_core::codec::Encoding,
+    /// The packing's counters, when it is packed here: the report gives the
+    /// image's size beside the stream's.
+    pub stats: Option<std::sync::Arc<PackStats>>,
+}
+
+impl std::fmt::Debug for EncodedStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncodedStream")
+            .field("encoding", &self.encoding)
             .finish_non_exhaustive()
     }
 }
 
 /// What a source serves once its compression is decided.
+#[derive(Debug)]
 pub enum Plan {
     /// The image file as it is, plain (served straight from the file).
     File,
-    /// A stream to spool and serve, how it encodes the image, and the
-    /// packing's counters when it is packed.
-    Stream(
-        Box<dyn ImageSource>,
-        ka_core::codec::Encoding,
-        Option<std::sync::Arc<PackStats>>,
-    ),
-}
-
-impl std::fmt::Debug for Plan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Plan::File => f.write_str("File"),
-            Plan::Stream(_, e, _) => write!(f, "Stream({e:?})"),
-        }
-    }
+    /// A stream made of it: packed, or decoded from a compressed file.
+    Stream(EncodedStream),
 }
 
 /// The zstd worker threads a packing source uses besides its reading
@@ -698,19 +695,22 @@ fn pack_workers() -> u32 {
 }
 
 /// Packs `source` (its image size `size` if known) at `level`.
-fn pack(
+/// Packs `source` (an image of `size` bytes, if known) at `level`: what
+/// `--compress zstd` makes of a stream (a command, a tar, a system), and
+/// of an image file that [`plan_file`] decides to pack.
+pub fn pack_stream(
     source: Box<dyn ImageSource>,
     level: i32,
     size: Option<u64>,
     key: &DigestKey,
-) -> Result<Plan, Error> {
+) -> Result<EncodedStream, Error> {
     let packed = PackedSource::pack(source, level, pack_workers(), key)?;
     let stats = packed.stats();
-    Ok(Plan::Stream(
-        Box::new(super::sources::StreamSource::new(packed)),
-        ka_core::codec::Encoding::Zstd { image_size: size },
-        Some(stats),
-    ))
+    Ok(EncodedStream {
+        source: Box::new(super::sources::StreamSource::new(packed)),
+        encoding: ka_core::codec::Encoding::Zstd { image_size: size },
+        stats: Some(stats),
+    })
 }
 
 /// Decides how the image file at `path` travels under `compression`:
@@ -764,18 +764,18 @@ pub fn plan_file(
             };
             let source = FileSource::open(path)?;
             let size = source.size();
-            return pack(Box::new(source), level, size, key);
+            return pack_stream(Box::new(source), level, size, key).map(Plan::Stream);
         }
         ImageFormat::Zstd => {
             if compression != Compression::Off {
                 why("the image is a zstd stream: sending it as it is".into());
                 let packed = PackedSource::passthrough(path, key)?;
                 let stats = packed.stats();
-                return Ok(Plan::Stream(
-                    Box::new(StreamSource::new(packed)),
-                    ka_core::codec::Encoding::Zstd { image_size: None },
-                    Some(stats),
-                ));
+                return Ok(Plan::Stream(EncodedStream {
+                    source: Box::new(StreamSource::new(packed)),
+                    encoding: ka_core::codec::Encoding::Zstd { image_size: None },
+                    stats: Some(stats),
+                }));
             }
             why("the image is a zstd stream: decoding it at the source (--compress off)".into());
             let decoder = zstd::stream::read::Decoder::new(open()?)
@@ -799,24 +799,13 @@ pub fn plan_file(
         }
     };
     match compression {
-        Compression::Off => Ok(Plan::Stream(decoded, ka_core::codec::Encoding::Plain, None)),
-        Compression::Zstd(level) => pack(decoded, level, None, key),
-        Compression::Auto => pack(decoded, DEFAULT_LEVEL, None, key),
-    }
-}
-
-/// Decides how a stream source (a command, a tar, stdin) travels: as it
-/// is with `off`, packed otherwise (a stream cannot be sampled without
-/// holding it back, and what streams are — file trees, dumps — packs).
-pub fn plan_stream(
-    source: Box<dyn ImageSource>,
-    compression: Compression,
-    key: &DigestKey,
-) -> Result<Plan, Error> {
-    match compression {
-        Compression::Off => Ok(Plan::Stream(source, ka_core::codec::Encoding::Plain, None)),
-        Compression::Zstd(level) => pack(source, level, None, key),
-        Compression::Auto => pack(source, DEFAULT_LEVEL, None, key),
+        Compression::Off => Ok(Plan::Stream(EncodedStream {
+            source: decoded,
+            encoding: ka_core::codec::Encoding::Plain,
+            stats: None,
+        })),
+        Compression::Zstd(level) => pack_stream(decoded, level, None, key).map(Plan::Stream),
+        Compression::Auto => pack_stream(decoded, DEFAULT_LEVEL, None, key).map(Plan::Stream),
     }
 }
 
@@ -1005,13 +994,13 @@ mod tests {
         assert!(
             matches!(
                 plan,
-                Plan::Stream(
-                    _,
-                    ka_core::codec::Encoding::Zstd {
+                Plan::Stream(EncodedStream {
+                    encoding: ka_core::codec::Encoding::Zstd {
                         image_size: Some(_)
                     },
-                    Some(_)
-                )
+                    stats: Some(_),
+                    ..
+                })
             ),
             "{plan:?}"
         );

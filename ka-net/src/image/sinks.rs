@@ -24,9 +24,7 @@ use crate::image::sources::{FileSource, ImageSource};
 use crate::image::BLOCK;
 use crate::Error;
 
-/// Zeros for sinks that must receive zero bytes as bytes (pipes) and for the
-/// unaligned edges of a zeroed block-device range.
-static ZEROS: [u8; BLOCK as usize] = [0; BLOCK as usize];
+use super::ZEROS;
 
 /// Where to write an image.
 #[derive(Debug, Clone, PartialEq, Eq)]

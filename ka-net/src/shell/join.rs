@@ -114,6 +114,18 @@ impl Target {
     }
 }
 
+/// What unpacks a windowed target's spool as it grows (a system rebuild,
+/// a packed stream's unpacker), on a blocking thread of the runtime.
+type Unpack = Box<
+    dyn FnOnce(
+            &std::path::Path,
+            watch::Receiver<Written>,
+            Arc<Window>,
+            tokio::runtime::Handle,
+        ) -> Result<Unpacked, Error>
+        + Send,
+>;
+
 /// How a node's session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeOutcome {
@@ -617,9 +629,6 @@ struct NodeDriver {
     window: Option<Arc<Window>>,
     /// Where a file target's stream is spooled if the source packs it.
     packed_spool: PathBuf,
-    /// The packed stream's digest as received, which a read-back request
-    /// is answered with: the unpacker read the target back itself.
-    packed_digest: Option<Digest>,
     /// Whether the target is to be read back after writing.
     read_back: bool,
     /// A system clone: the stream's end as received, until the rebuild is
@@ -708,7 +717,6 @@ impl NodeDriver {
             upstream_attempt: None,
             window: None,
             packed_spool,
-            packed_digest: None,
             read_back,
             system_end: None,
             unpack: None,
@@ -829,7 +837,7 @@ impl NodeDriver {
             } => {
                 // A system clone's serving must hold its place in the window
                 // even when it begins before this node receives anything.
-                let window = match self.system_window() {
+                let window = match self.spool_window() {
                     Ok(w) => w,
                     Err(e) => {
                         self.node.handle_sink_error(self.clock.now(), e.to_string());
@@ -902,12 +910,6 @@ impl NodeDriver {
     /// Computes the digest of what reads back from the target; the machine
     /// compares it with the source's.
     fn read_back(&mut self) {
-        if let (Target::Packed { .. }, Some(digest)) = (&self.target, self.packed_digest) {
-            // The unpacker read the target back and checked it against the
-            // stream's trailer before the stream's end reached the machine.
-            let _ = self.internal_tx.send(Internal::ReadBack(Ok(digest)));
-            return;
-        }
         let Some(w) = self.writer.take() else {
             self.node.handle_sink_error(
                 self.clock.now(),
@@ -1116,12 +1118,7 @@ impl NodeDriver {
                 }
                 self.node.handle_stream_end(now, end.size, end.digest)
             }
-            Target::System { .. } => {
-                self.system_end = Some((end.size, end.digest));
-                self.system_done();
-            }
-            Target::Packed { .. } => {
-                self.packed_digest = Some(end.digest);
+            Target::System { .. } | Target::Packed { .. } => {
                 self.system_end = Some((end.size, end.digest));
                 self.system_done();
             }
@@ -1185,76 +1182,72 @@ impl NodeDriver {
         }
     }
 
-    /// Opens the writer of the first receive; a system clone's also starts
-    /// its window and the rebuild that follows the spool.
+    /// Opens the writer of the first receive. A windowed target (a system
+    /// clone, a packed stream) receives into its spool's window, and this
+    /// also starts what unpacks the spool as it grows.
     fn first_writer(&mut self) -> Result<NodeWriter, Error> {
-        if let Target::Packed { file, spool, .. } = &self.target {
-            let (file, spool) = (file.clone(), spool.clone());
-            let win = self.system_window()?.expect("a packed target has a window");
-            let sink = open_sink(&SinkSpec::File(spool.clone()), None)?;
-            super::spool::reach_ahead(&spool)?;
-            let sink = Box::new(WindowedSink::new(sink, Arc::clone(&win)));
-            let writer = NodeWriter::new(sink, ImageHasher::new(self.key.digest_key()))?;
-            let to = super::spool::UnpackTo {
-                target: file,
-                key: self.key.digest_key().clone(),
-                expected: match self.node.encoding() {
-                    ka_core::codec::Encoding::Zstd { image_size } => image_size,
+        let unpack: Unpack = match &self.target {
+            Target::File(_) | Target::Stream { .. } => {
+                return open_writer(
+                    self.target.file(),
+                    self.node.image_size(),
+                    self.key.digest_key(),
+                )
+            }
+            Target::Packed { file, .. } => {
+                let to = super::spool::UnpackTo {
+                    target: file.clone(),
+                    key: self.key.digest_key().clone(),
+                    expected: match self.node.encoding() {
+                        ka_core::codec::Encoding::Zstd { image_size } => image_size,
+                        ka_core::codec::Encoding::Plain => None,
+                    },
+                    read_back: self.read_back,
+                };
+                Box::new(move |spool, written, window, rt| {
+                    super::spool::unpack_following(spool, written, window, &to, rt)
+                })
+            }
+            Target::System { rebuild, .. } => {
+                let opts = rebuild.clone();
+                let unpacker = match self.node.encoding() {
                     ka_core::codec::Encoding::Plain => None,
-                },
-                read_back: self.read_back,
-            };
-            let (tx, written, w2) = (self.internal_tx.clone(), self.written_rx.clone(), win);
-            let rt = tokio::runtime::Handle::current();
-            let (gen, before) = (self.rebuild_gen, self.rebuild_task.take());
-            self.rebuild_task = Some(tokio::task::spawn_blocking(move || {
-                if let Some(before) = before {
-                    // The last unpacker must have let go of the target.
-                    let _ = rt.block_on(before);
-                }
-                let result = super::spool::unpack_following(&spool, written, w2, &to, rt)
-                    .map_err(|e| e.to_string());
-                let _ = tx.send(Internal::Unpacked { gen, result });
-            }));
-            return Ok(writer);
-        }
-        let Target::System { rebuild, spool, .. } = &self.target else {
-            return open_writer(
-                self.target.file(),
-                self.node.image_size(),
-                self.key.digest_key(),
-            );
-        };
-        let (spool, rebuild) = (spool.clone(), rebuild.clone());
-        let unpacker = match self.node.encoding() {
-            ka_core::codec::Encoding::Plain => None,
-            ka_core::codec::Encoding::Zstd { .. } => {
-                Some(crate::image::packed::Unpacker::new(self.key.digest_key())?)
+                    ka_core::codec::Encoding::Zstd { .. } => {
+                        Some(crate::image::packed::Unpacker::new(self.key.digest_key())?)
+                    }
+                };
+                Box::new(move |spool, written, window, rt| {
+                    crate::system::unpack_following(spool, written, window, opts, unpacker, rt)
+                })
             }
         };
-        let win = self.system_window()?.expect("a system target has a window");
+        let spool = self.target.file().to_path_buf();
+        let win = self
+            .spool_window()?
+            .expect("a windowed target has a window");
         let sink = open_sink(&SinkSpec::File(spool.clone()), None)?;
         super::spool::reach_ahead(&spool)?;
         let sink = Box::new(WindowedSink::new(sink, Arc::clone(&win)));
         let writer = NodeWriter::new(sink, ImageHasher::new(self.key.digest_key()))?;
-        let (opts, tx) = (rebuild, self.internal_tx.clone());
-        let (written, w2) = (self.written_rx.clone(), Arc::clone(&win));
+        let (tx, written) = (self.internal_tx.clone(), self.written_rx.clone());
         let rt = tokio::runtime::Handle::current();
         let (gen, before) = (self.rebuild_gen, self.rebuild_task.take());
         self.rebuild_task = Some(tokio::task::spawn_blocking(move || {
             if let Some(before) = before {
+                // The last unpacker must have let go of the target (a
+                // rebuild unmounts its disks before they are partitioned
+                // again).
                 let _ = rt.block_on(before);
             }
-            let result = crate::system::unpack_following(&spool, written, w2, opts, unpacker, rt)
-                .map_err(|e| e.to_string());
+            let result = unpack(&spool, written, win, rt).map_err(|e| e.to_string());
             let _ = tx.send(Internal::Unpacked { gen, result });
         }));
         Ok(writer)
     }
 
-    /// A system clone's window over its spool (made on first need: the
+    /// A windowed target's window over its spool (made on first need: the
     /// first serving or the first receive); `None` for other targets.
-    fn system_window(&mut self) -> Result<Option<Arc<Window>>, Error> {
+    fn spool_window(&mut self) -> Result<Option<Arc<Window>>, Error> {
         let (Target::System { spool, window, .. } | Target::Packed { spool, window, .. }) =
             &self.target
         else {

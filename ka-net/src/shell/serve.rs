@@ -42,13 +42,8 @@ pub enum ImageInput {
     /// or decoded image file, a packed command output
     /// ([`crate::image::packed`]). Spooled like any stream.
     Encoded {
-        /// The stream.
-        source: Box<dyn crate::ImageSource>,
-        /// How it encodes the image (told to every node).
-        encoding: ka_core::codec::Encoding,
-        /// The packing's counters, when it is packed here: the report
-        /// gives the image's size and the stream's.
-        stats: Option<std::sync::Arc<crate::image::packed::PackStats>>,
+        /// The stream, how it encodes the image, and its packing's counters.
+        stream: crate::image::packed::EncodedStream,
         /// The spool file to create.
         spool: PathBuf,
     },
@@ -342,15 +337,10 @@ impl SourceDriver {
                 ref spec,
                 ref spool,
             } => spool_stream(open_source(spec)?, spool),
-            ImageInput::Encoded {
-                source,
-                encoding,
-                stats,
-                spool,
-            } => {
-                opts.config.encoding = encoding;
-                packing = stats;
-                spool_stream(source, &spool)
+            ImageInput::Encoded { stream, spool } => {
+                opts.config.encoding = stream.encoding;
+                packing = stream.stats;
+                spool_stream(stream.source, &spool)
             }
             ImageInput::System {
                 ref capture,

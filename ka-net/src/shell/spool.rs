@@ -170,13 +170,6 @@ pub fn unpack_following(
     to: &UnpackTo,
     rt: tokio::runtime::Handle,
 ) -> Result<crate::system::Unpacked, Error> {
-    let UnpackTo {
-        target,
-        key,
-        expected,
-        read_back,
-    } = to;
-    let (expected, read_back) = (*expected, *read_back);
     let result = (|| {
         let mut follower = crate::datapath::window::Follower::open(
             spool,
@@ -184,9 +177,9 @@ pub fn unpack_following(
             std::sync::Arc::clone(&window),
             rt,
         )?;
-        let mut sink = open_sink(&SinkSpec::File(target.to_path_buf()), expected)?;
-        let mut unpacker = Unpacker::new(key)?;
-        let mut writer = SinkWriter::new(sink.as_mut(), expected);
+        let mut sink = open_sink(&SinkSpec::File(to.target.clone()), to.expected)?;
+        let mut unpacker = Unpacker::new(&to.key)?;
+        let mut writer = SinkWriter::new(sink.as_mut(), to.expected);
         let mut buf = vec![0u8; BUF_SIZE];
         while let Some(piece) = follower.next(&mut buf)? {
             unpacker.feed(piece, &mut |bytes| writer.write(bytes))?;
@@ -199,8 +192,8 @@ pub fn unpack_following(
             trailer.size,
             trailer.size as f64 / stream.max(1) as f64
         )];
-        if read_back {
-            crate::datapath::verify_readback(sink.as_ref(), key, &trailer.digest)?;
+        if to.read_back {
+            crate::datapath::verify_readback(sink.as_ref(), &to.key, &trailer.digest)?;
             steps.push("read back and checked again".into());
         }
         Ok(crate::system::Unpacked { steps })
