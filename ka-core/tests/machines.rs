@@ -566,45 +566,10 @@ fn releases_wait_for_the_session_and_are_paced() {
 #[test]
 fn node_verifies_only_when_its_digest_matches() {
     for (theirs, ok) in [(Digest([5; 32]), true), (Digest([6; 32]), false)] {
-        let mut node = Node::new(
-            Time::ZERO,
-            NodeConfig::new("s", "a", addr(2)),
-            key_of("a"),
-            None,
-        );
-        assert_eq!(node.poll_action(), Some(NodeAction::ConnectSource));
-        node.handle_source_connected(Time::ZERO, ConnId(1), Nonce([0x40; 32]));
-        node.say(
-            Time::ZERO,
-            ConnId(1),
-            Message::Challenge {
-                version: PROTOCOL_VERSION,
-                nonce: Nonce([0; 32]),
-            },
-        );
-        node.say(
-            Time::ZERO,
-            ConnId(1),
-            Message::Welcome {
-                node: NodeId(1),
-                heartbeat_ms: 250,
-                dead_after_ms: 1000,
-                image_size: None,
-                image: ImageId([3; 32]),
-                resume_from: 0,
-                run: RUN,
-                encoding: Default::default(),
-            },
-        );
-        node.say(
-            t(1),
-            ConnId(1),
-            Message::ImageDone {
-                total: 10,
-                digest: Digest([5; 32]),
-            },
-        );
-        node.handle_stream_end(t(2), 10, theirs);
+        let cfg = NodeConfig::new("s", "a", addr(2));
+        let mut node = welcomed_node_with(cfg, None, 1, 0, Encoding::Plain);
+        node.say(t(1), ConnId(1), image_done());
+        node.handle_stream_end(t(2), 1000, theirs);
         assert_eq!(node.verdict().map(|v| v.is_ok()), Some(ok));
         assert_eq!(node.phase(), &Phase::AwaitingRelease);
         let sent: Vec<Message> = sent(&mut node).into_iter().map(|x| x.1).collect();
@@ -626,45 +591,22 @@ fn only_a_node_that_keeps_its_whole_stream_reads_it_back() {
     ] {
         let mut cfg = NodeConfig::new("s", "a", addr(2));
         cfg.verify_readback = true;
-        let mut node = Node::new(Time::ZERO, cfg, key_of("a"), None);
-        assert_eq!(node.poll_action(), Some(NodeAction::ConnectSource));
-        node.handle_source_connected(Time::ZERO, ConnId(1), Nonce([0x40; 32]));
-        node.say(
-            Time::ZERO,
-            ConnId(1),
-            Message::Challenge {
-                version: PROTOCOL_VERSION,
-                nonce: Nonce([0; 32]),
-            },
-        );
-        node.say(
-            Time::ZERO,
-            ConnId(1),
-            Message::Welcome {
-                node: NodeId(1),
-                heartbeat_ms: 250,
-                dead_after_ms: 1000,
-                image_size: None,
-                image: ImageId([3; 32]),
-                resume_from: 0,
-                run: RUN,
-                encoding,
-            },
-        );
-        node.say(
-            t(1),
-            ConnId(1),
-            Message::ImageDone {
-                total: 10,
-                digest: Digest([5; 32]),
-            },
-        );
+        let mut node = welcomed_node_with(cfg, None, 1, 0, encoding);
+        node.say(t(1), ConnId(1), image_done());
         actions(&mut node);
-        node.handle_stream_end(t(2), 10, Digest([5; 32]));
+        node.handle_stream_end(t(2), 1000, Digest([5; 32]));
         let asked = actions(&mut node).contains(&NodeAction::ReadBack);
         assert_eq!(asked, reads_back, "{encoding:?}");
         let verdict = node.verdict().map(|v| v.is_ok());
         assert_eq!(verdict, (!reads_back).then_some(true), "{encoding:?}");
+    }
+}
+
+/// The source's end of the stream for [`welcomed_node`]'s image.
+fn image_done() -> Message {
+    Message::ImageDone {
+        total: 1000,
+        digest: Digest([5; 32]),
     }
 }
 
@@ -976,15 +918,18 @@ fn welcomed_node(resume: Option<ka_core::node::Resume>, conn: u64, resume_from: 
         resume,
         conn,
         resume_from,
+        Encoding::Plain,
     )
 }
 
-/// [`welcomed_node`], configured by `cfg`.
+/// [`welcomed_node`], configured by `cfg` and welcomed to a stream in
+/// `encoding`.
 fn welcomed_node_with(
     cfg: NodeConfig,
     resume: Option<ka_core::node::Resume>,
     conn: u64,
     resume_from: u64,
+    encoding: Encoding,
 ) -> Node {
     let mut node = Node::new(Time::ZERO, cfg, key_of("a"), resume);
     node.handle_source_connected(t(1), ConnId(conn), Nonce([0x40; 32]));
@@ -1007,7 +952,7 @@ fn welcomed_node_with(
             image: IMAGE,
             resume_from,
             run: RUN,
-            encoding: Default::default(),
+            encoding,
         },
     );
     node
@@ -1281,7 +1226,7 @@ fn a_verified_node_waits_out_a_silent_source_for_its_release() {
 fn a_verified_node_still_leaves_a_source_silent_for_source_wait() {
     let mut cfg = NodeConfig::new("s", "a", addr(2));
     cfg.source_wait = Duration::from_secs(2);
-    let mut node = welcomed_node_with(cfg, None, 1, 0);
+    let mut node = welcomed_node_with(cfg, None, 1, 0, Encoding::Plain);
     node.say(
         t(2),
         ConnId(1),
@@ -1310,7 +1255,7 @@ fn a_verified_node_still_leaves_a_source_silent_for_source_wait() {
 fn node_gives_up_when_the_source_stays_away() {
     let mut cfg = NodeConfig::new("s", "a", addr(2));
     cfg.source_wait = Duration::from_secs(2);
-    let mut node = welcomed_node_with(cfg, None, 1, 0);
+    let mut node = welcomed_node_with(cfg, None, 1, 0, Encoding::Plain);
     // Joined: the wait does not run.
     node.handle_timeout(t(3000));
     assert_ne!(node.phase(), &Phase::Done);

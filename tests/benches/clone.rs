@@ -27,8 +27,16 @@
 //!   source computes in the background while it waits for its nodes.
 //! - `ka 1 hop, cold start`: the node is started with the source, so the
 //!   stream begins at once and the source hashes the image alongside it.
+//! - `plain hashing relays, chain of N`: N plain receivers that hash, each
+//!   also sending every buffer on to the next (a `tee` into a socket), fed
+//!   by the plain sender: the least work a verifying chain does on this
+//!   machine, with as many processes sharing its cores as the ka chain has.
 //! - `ka chain of N`: N nodes, started once the digest is ready, each writing
 //!   to tmpfs and serving the next.
+//!
+//! A last line per chain compares a node's own CPU per GiB (the figure that
+//! carries over to real nodes) with the hashing relays' and the hashing
+//! receiver's.
 //!
 //! A ka row is timed from the source's `Started` event to the `Verified`
 //! event of the last node (each node compares its own digest of what it
@@ -265,11 +273,15 @@ fn plain_send(addr: &str, input: &Path) {
 /// thread also hashes every buffer with keyed BLAKE3 (the structure of a ka
 /// node, without records, zero blocks or forwarding), and the time runs
 /// until that digest is ready: the least work any verifying receiver does.
-fn plain_recv(out: &Path, hash: bool) {
+/// With `forward`, it is a relay of a plain chain: it also sends every
+/// buffer it has written on to that address (a `tee` into a socket).
+fn plain_recv(out: &Path, hash: bool, forward: Option<&str>) {
     /// Buffers between the receiving and the hashing thread.
     const RING: usize = 4;
     let l = TcpListener::bind("127.0.0.1:0").expect("listen");
     println!("PORT {}", l.local_addr().expect("address").port());
+    // The next relay listens already: relays are started from the tail.
+    let mut next = forward.map(|addr| TcpStream::connect(addr).expect("connect to the next relay"));
     let (mut s, _) = l.accept().expect("accept");
     let start = Instant::now();
     let mut f = std::fs::File::create(out).expect("create output");
@@ -299,6 +311,9 @@ fn plain_recv(out: &Path, hash: bool) {
             break;
         }
         f.write_all(&buf[..n]).expect("write output");
+        if let Some(next) = &mut next {
+            next.write_all(&buf[..n]).expect("forward");
+        }
         if hash {
             full_tx.send((buf, n)).expect("hasher alive");
         } else {
@@ -410,6 +425,66 @@ fn plain(w: &Work, hash: bool) -> Outcome {
         source_cpu: su.cpu,
         wire: std::fs::metadata(&w.image).map_or(0, |m| m.len()),
     }
+}
+
+/// A plain chain of `nodes` relays that hash (see [`plain_recv`]), fed by
+/// the plain sender: the least work any verifying chain does, so the
+/// baseline for a ka chain's node CPU. Timed from the sender's start to the
+/// last relay's digest.
+fn plain_chain(w: &Work, nodes: usize) -> Outcome {
+    let deadline = Instant::now() + SCENARIO_LIMIT;
+    let mut relays: Vec<Running> = Vec::new();
+    let mut next: Option<String> = None;
+    for i in (0..nodes).rev() {
+        let out = w.out(i);
+        let mut args = vec!["plain-recv", out.to_str().expect("utf-8 path"), "hash"];
+        if let Some(addr) = &next {
+            args.push(addr);
+        }
+        let mut relay = Running::start(&mut this(&args), &format!("plain relay {i}"));
+        let (_, port) = relay.expect("PORT ", deadline);
+        next = Some(format!("127.0.0.1:{}", &port["PORT ".len()..]));
+        relays.push(relay);
+    }
+    let first = next.expect("at least one relay");
+    let started = Instant::now();
+    let send = Running::start(
+        &mut this(&["plain-send", &first, w.image.to_str().expect("utf-8 path")]),
+        "plain sender",
+    );
+    let mut outcome = Outcome {
+        seconds: 0.0,
+        cpu: 0.0,
+        node_cpu: 0.0,
+        node_rss_kib: 0,
+        source_cpu: 0.0,
+        wire: w.wire_size(),
+    };
+    for mut relay in relays {
+        let (done, line) = relay.expect("SECONDS ", deadline);
+        outcome.seconds = outcome
+            .seconds
+            .max(done.duration_since(started).as_secs_f64());
+        let hwm_kib: u64 = line
+            .split_whitespace()
+            .nth(3)
+            .and_then(|v| v.parse().ok())
+            .expect("peak memory");
+        let what = relay.what.clone();
+        let (code, u) = relay.reap(deadline);
+        assert_eq!(code, 0, "{what} failed");
+        outcome.cpu += u.cpu;
+        outcome.node_cpu += u.cpu / nodes as f64;
+        outcome.node_rss_kib = outcome.node_rss_kib.max(u.max_rss_kib.max(hwm_kib));
+    }
+    let (code, u) = send.reap(deadline);
+    assert_eq!(code, 0, "the plain sender failed");
+    outcome.cpu += u.cpu;
+    outcome.source_cpu = u.cpu;
+    for i in 0..nodes {
+        w.check_and_remove(&format!("plain chain of {nodes}"), &w.out(i));
+    }
+    outcome
 }
 
 /// One ka session: `ka serve` of the image and `nodes` × `ka join`.
@@ -780,7 +855,13 @@ fn main() {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.first().copied() {
         Some("plain-send") => return plain_send(a[1], Path::new(a[2])),
-        Some("plain-recv") => return plain_recv(Path::new(a[1]), a.get(2) == Some(&"hash")),
+        Some("plain-recv") => {
+            return plain_recv(
+                Path::new(a[1]),
+                a.get(2) == Some(&"hash"),
+                a.get(3).copied(),
+            )
+        }
         Some("sparse-inner") => {
             let (dir, image) = (Path::new(a[1]), PathBuf::from(a[2]));
             return sparse_inner(&work(dir, image));
@@ -826,6 +907,10 @@ fn main() {
     ];
     for &n in &opts.chains {
         let w = &w;
+        scenarios.push((
+            format!("plain hashing relays, chain of {n}"),
+            Box::new(move || plain_chain(w, n)),
+        ));
         scenarios.push((format!("ka chain of {n}"), Box::new(move || ka(w, n, true))));
     }
     // Every round's outcome: the best round of each scenario is its row (the
@@ -841,7 +926,7 @@ fn main() {
     let (base, hashed) = (best[0].seconds, best[1].seconds);
     let base_median = median(rounds[0].iter().map(|o| o.seconds).collect());
     println!(
-        "{:<30} {:>7} {:>6} {:>7} {:>9} {:>10} {:>15} {:>14}",
+        "{:<34} {:>7} {:>6} {:>7} {:>9} {:>10} {:>15} {:>14}",
         "scenario",
         "MB/s",
         "ratio",
@@ -852,13 +937,13 @@ fn main() {
         "node peak RSS"
     );
     for (((name, _), o), runs) in scenarios.iter().zip(&best).zip(&rounds) {
-        let nodes = match name.strip_prefix("ka chain of ") {
-            Some(n) => n.parse::<f64>().expect("node count"),
+        let nodes = match name.split_once("chain of ") {
+            Some((_, n)) => n.parse::<f64>().expect("node count"),
             None => 1.0,
         };
         let typical = median(runs.iter().map(|o| o.seconds).collect());
         println!(
-            "{name:<30} {:>7.0} {:>6.2} {:>7.2} {:>9.2} {:>10.2} {:>15.2} {:>10} MiB",
+            "{name:<34} {:>7.0} {:>6.2} {:>7.2} {:>9.2} {:>10.2} {:>15.2} {:>10} MiB",
             size as f64 / o.seconds / 1e6,
             base / o.seconds,
             base_median / typical,
@@ -879,6 +964,28 @@ fn main() {
          receiver also hashes on a second thread (keyed BLAKE3, until the digest is ready)"
     );
     println!("CPU s/GiB: all processes, per GiB delivered (image size x nodes)");
+    // A node's own CPU, the figure that carries over to real nodes, against
+    // the least a verifying receiver and a verifying relay chain spend.
+    let node_cpu = |name: &str| {
+        scenarios
+            .iter()
+            .position(|(n, _)| n == name)
+            .map(|i| best[i].node_cpu / gib)
+    };
+    let receiver = node_cpu("plain copy + hash thread").expect("the hashed copy ran");
+    for &n in &opts.chains {
+        if let (Some(ka), Some(relays)) = (
+            node_cpu(&format!("ka chain of {n}")),
+            node_cpu(&format!("plain hashing relays, chain of {n}")),
+        ) {
+            println!(
+                "node CPU, chain of {n}: ka {ka:.2} s/GiB = {:.2} x the hashing relays' {relays:.2}, \
+                 {:.2} x the hashing receiver's {receiver:.2}",
+                ka / relays,
+                ka / receiver
+            );
+        }
+    }
     drop(scenarios);
     packing(&w, tmp.path(), size, opts.runs);
     std::fs::remove_file(&w.image).expect("remove image");
