@@ -840,6 +840,21 @@ impl Source {
         report
     }
 
+    /// The name `node` joined with (or reported failing to join under), if
+    /// it ever did: what a log line about it should call it.
+    pub fn name(&self, node: NodeId) -> Option<&str> {
+        if let Some(r) = self.nodes.get(&node) {
+            return Some(&r.report.name);
+        }
+        if let Some(r) = self.lost_before_start.values().find(|r| r.node == node) {
+            return Some(&r.name);
+        }
+        self.failed_before_join
+            .values()
+            .find(|(id, _)| *id == node)
+            .map(|(_, f)| f.name.as_str())
+    }
+
     /// The nodes that reported they could not join and have not joined
     /// since, by name.
     pub fn failed_before_join(&self) -> impl Iterator<Item = &FailedBeforeJoin> + '_ {
@@ -1971,6 +1986,16 @@ mod tests {
             })
             .flat_map(|(name, lines)| lines.into_iter().map(move |l| (name.clone(), l)))
             .collect()
+    }
+
+    #[test]
+    fn a_joined_node_is_named_by_its_id() {
+        let mut src = source(3);
+        joined(&mut src, 1, "a");
+        joined(&mut src, 2, "b");
+        assert_eq!(src.name(NodeId(1)), Some("a"));
+        assert_eq!(src.name(NodeId(2)), Some("b"));
+        assert_eq!(src.name(NodeId(3)), None);
     }
 
     #[test]

@@ -715,13 +715,7 @@ fn serve(mut plan: ServePlan, secret: &Secret) -> anyhow::Result<(Report, Option
 /// Writes what `event` tells of a node to that node's log: the lines it
 /// sent, or the source's own word about it (`source: …`).
 fn log_event(logs: &mut NodeLogs, source: &Source, event: &SourceEvent) {
-    let name_of = |n: NodeId| {
-        source
-            .report()
-            .into_iter()
-            .find(|r| r.node == n)
-            .map_or_else(|| n.to_string(), |r| r.name)
-    };
+    let name_of = |n: NodeId| source.name(n).map_or_else(|| n.to_string(), str::to_string);
     let (node, line) = match event {
         SourceEvent::NodeLog { name, lines, .. } => return logs.write(name, lines),
         SourceEvent::JoinFailed(f) => (

@@ -182,8 +182,13 @@ mod tests {
         let port = socket.local_addr().unwrap().port();
         let found = udp_port_use(IpAddr::V4(Ipv4Addr::LOCALHOST), port).unwrap();
         assert_eq!(found.sockets, 1, "{found:?}");
-        assert_eq!(found.holders.len(), 1, "{found:?}");
-        assert_eq!(found.holders[0].pid, std::process::id());
+        // Other tests of this process start commands: a child between its
+        // fork and its exec holds a copy of the socket too, so this process
+        // is one holder, not necessarily the only one.
+        assert!(
+            found.holders.iter().any(|h| h.pid == std::process::id()),
+            "{found:?}"
+        );
         // Another address of the machine is not served by that socket.
         let other = udp_port_use(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), port).unwrap();
         assert_eq!(other.sockets, 0);
