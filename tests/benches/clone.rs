@@ -345,6 +345,21 @@ struct Outcome {
     wire: u64,
 }
 
+impl Outcome {
+    /// Counts one of `nodes` nodes' processes.
+    fn add_node(&mut self, u: Usage, nodes: usize) {
+        self.cpu += u.cpu;
+        self.node_cpu += u.cpu / nodes as f64;
+        self.node_rss_kib = self.node_rss_kib.max(u.max_rss_kib);
+    }
+
+    /// Counts the source's (or plain sender's) process.
+    fn add_source(&mut self, u: Usage) {
+        self.cpu += u.cpu;
+        self.source_cpu = u.cpu;
+    }
+}
+
 /// The files of a run: image, secret, outputs.
 struct Work {
     dir: PathBuf,
@@ -361,6 +376,13 @@ impl Work {
 
     fn out(&self, i: usize) -> PathBuf {
         self.dir.join(format!("node{i}.img"))
+    }
+
+    /// Checks the outputs of nodes `0..nodes` and removes them.
+    fn check_outputs(&self, scenario: &str, nodes: usize) {
+        for i in 0..nodes {
+            self.check_and_remove(scenario, &self.out(i));
+        }
     }
 
     /// Checks that `out` holds the image, then removes it (tmpfs is memory).
@@ -473,17 +495,13 @@ fn plain_chain(w: &Work, nodes: usize) -> Outcome {
         let what = relay.what.clone();
         let (code, u) = relay.reap(deadline);
         assert_eq!(code, 0, "{what} failed");
-        outcome.cpu += u.cpu;
-        outcome.node_cpu += u.cpu / nodes as f64;
-        outcome.node_rss_kib = outcome.node_rss_kib.max(u.max_rss_kib.max(hwm_kib));
+        outcome.add_node(u, nodes);
+        outcome.node_rss_kib = outcome.node_rss_kib.max(hwm_kib);
     }
     let (code, u) = send.reap(deadline);
     assert_eq!(code, 0, "the plain sender failed");
-    outcome.cpu += u.cpu;
-    outcome.source_cpu = u.cpu;
-    for i in 0..nodes {
-        w.check_and_remove(&format!("plain chain of {nodes}"), &w.out(i));
-    }
+    outcome.add_source(u);
+    w.check_outputs(&format!("plain chain of {nodes}"), nodes);
     outcome
 }
 
@@ -572,9 +590,7 @@ fn ka_with(w: &Work, nodes: usize, digest_ready: bool, serve_args: &[&str]) -> O
         let what = j.what.clone();
         let (code, u) = j.reap(deadline);
         assert_eq!(code, 0, "{what} failed");
-        outcome.cpu += u.cpu;
-        outcome.node_cpu += u.cpu / nodes as f64;
-        outcome.node_rss_kib = outcome.node_rss_kib.max(u.max_rss_kib);
+        outcome.add_node(u, nodes);
     }
     let (_, report) = serve.expect("\"report\"", deadline);
     let report: serde_json::Value = serde_json::from_str(&report).expect("the report is JSON");
@@ -585,11 +601,8 @@ fn ka_with(w: &Work, nodes: usize, digest_ready: bool, serve_args: &[&str]) -> O
         .expect("the report's size");
     let (code, u) = serve.reap(deadline);
     assert_eq!(code, 0, "ka serve reported failed nodes");
-    outcome.cpu += u.cpu;
-    outcome.source_cpu = u.cpu;
-    for i in 0..nodes {
-        w.check_and_remove(&format!("{nodes} nodes"), &w.out(i));
-    }
+    outcome.add_source(u);
+    w.check_outputs(&format!("{nodes} nodes"), nodes);
     outcome
 }
 
