@@ -76,9 +76,9 @@ fn a_client_that_acks_the_oack_and_goes_silent_gets_little_and_is_dropped() {
     let started = Instant::now();
     sock.send_to(&[0, 4, 0, 0], from).unwrap();
 
-    // Silent for 6 s, counting what arrives.
+    // Silent for 7 s, counting what arrives.
     let (mut bytes, mut packets, mut ended) = (0usize, 0usize, None);
-    while started.elapsed() < Duration::from_secs(6) {
+    while started.elapsed() < Duration::from_secs(7) {
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         if let Ok((n, _)) = sock.recv_from(&mut buf) {
@@ -89,12 +89,14 @@ fn a_client_that_acks_the_oack_and_goes_silent_gets_little_and_is_dropped() {
             }
         }
     }
-    eprintln!("silent client: {packets} datagrams, {bytes} bytes in 6 s, given up after {ended:?}");
+    eprintln!("silent client: {packets} datagrams, {bytes} bytes in 7 s, given up after {ended:?}");
     // One window (16 blocks of 1468) and a probe or two, not gigabytes.
     assert!(bytes < 64 * 1024, "{bytes} bytes sent to a silent client");
-    let ended = ended.expect("the server never gave up the transfer");
+    // Given up at its 4 s lifetime, with room for a loaded machine's late
+    // timer; without the lifetime a transfer's retries last far longer.
+    let ended = ended.expect("the server never gave up the transfer within 7 s");
     assert!(
-        ended <= Duration::from_millis(4500),
+        ended >= Duration::from_secs(3) && ended <= Duration::from_secs(6),
         "given up after {ended:?}, lifetime 4 s"
     );
 }
