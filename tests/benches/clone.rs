@@ -445,7 +445,7 @@ fn plain(w: &Work, hash: bool) -> Outcome {
         node_cpu: ru.cpu,
         node_rss_kib: ru.max_rss_kib,
         source_cpu: su.cpu,
-        wire: std::fs::metadata(&w.image).map_or(0, |m| m.len()),
+        wire: w.wire_size(),
     }
 }
 

@@ -694,7 +694,6 @@ fn pack_workers() -> u32 {
     cores.saturating_sub(1).clamp(1, 4)
 }
 
-/// Packs `source` (its image size `size` if known) at `level`.
 /// Packs `source` (an image of `size` bytes, if known) at `level`: what
 /// `--compress zstd` makes of a stream (a command, a tar, a system), and
 /// of an image file that [`plan_file`] decides to pack.

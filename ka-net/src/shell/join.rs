@@ -140,7 +140,8 @@ pub struct NodeOutcome {
     pub resumed_from: u64,
     /// Bytes this process received from upstreams.
     pub received: u64,
-    /// A system clone's rebuild, when it completed.
+    /// A windowed target's unpacking (a system clone's rebuild, a packed
+    /// stream written out), when it completed.
     pub unpacked: Option<Unpacked>,
 }
 
@@ -168,7 +169,7 @@ enum Internal {
     },
     /// A broadcast for the source found it here (or nowhere).
     Discovered(Option<SocketAddr>),
-    /// A system clone's rebuild ended (of rebuild generation `gen`).
+    /// A windowed target's unpacking ended (of generation `gen`).
     Unpacked {
         gen: u64,
         result: Result<Unpacked, String>,
@@ -631,17 +632,17 @@ struct NodeDriver {
     packed_spool: PathBuf,
     /// Whether the target is to be read back after writing.
     read_back: bool,
-    /// A system clone: the stream's end as received, until the rebuild is
-    /// done too.
-    system_end: Option<(u64, Digest)>,
-    /// A system clone: how its rebuild ended.
+    /// A windowed target (a system clone, a packed stream): the stream's
+    /// end as received, until its unpacking is done too.
+    windowed_end: Option<(u64, Digest)>,
+    /// A windowed target: how its unpacking ended.
     unpack: Option<Result<Unpacked, String>>,
-    /// A system clone's rebuild generation: a start over begins another,
-    /// and the old one's result no longer counts.
-    rebuild_gen: u64,
-    /// The running rebuild, which the next one waits for (it must have
-    /// unmounted before the disks are partitioned again).
-    rebuild_task: Option<tokio::task::JoinHandle<()>>,
+    /// A windowed target's unpacking generation: a start over begins
+    /// another, and the old one's result no longer counts.
+    unpack_gen: u64,
+    /// The running unpacking, which the next one waits for (a rebuild must
+    /// have unmounted before the disks are partitioned again).
+    unpack_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl NodeDriver {
@@ -718,10 +719,10 @@ impl NodeDriver {
             window: None,
             packed_spool,
             read_back,
-            system_end: None,
+            windowed_end: None,
             unpack: None,
-            rebuild_gen: 0,
-            rebuild_task: None,
+            unpack_gen: 0,
+            unpack_task: None,
         };
         (
             driver,
@@ -863,12 +864,13 @@ impl NodeDriver {
             }
             NodeAction::StartOver => {
                 if let Some(w) = self.window.take() {
-                    // A system clone starts its rebuild over too: the old
-                    // one stops reading, unmounts and is forgotten.
+                    // A windowed target starts its unpacking over too: the
+                    // old one stops reading (a rebuild unmounts) and is
+                    // forgotten.
                     tracing::warn!("the source serves another system stream: rebuilding the disks from its start");
                     w.close();
-                    self.rebuild_gen += 1;
-                    self.system_end = None;
+                    self.unpack_gen += 1;
+                    self.windowed_end = None;
                     self.unpack = None;
                 }
                 tracing::warn!(
@@ -987,7 +989,7 @@ impl NodeDriver {
                     d.recorded(gen, result);
                 }
             }
-            Internal::Unpacked { gen, .. } if gen != self.rebuild_gen => {}
+            Internal::Unpacked { gen, .. } if gen != self.unpack_gen => {}
             Internal::Unpacked { result, .. } => {
                 if let Err(e) = &result {
                     // The stream is of no use any more: stop at once, KO.
@@ -997,7 +999,7 @@ impl NodeDriver {
                     self.node.handle_sink_error(now, e.clone());
                 }
                 self.unpack = Some(result);
-                self.system_done();
+                self.windowed_done();
             }
             Internal::ReadBack(Ok(d)) => self.node.handle_readback(now, d),
             Internal::Fed {
@@ -1119,8 +1121,8 @@ impl NodeDriver {
                 self.node.handle_stream_end(now, end.size, end.digest)
             }
             Target::System { .. } | Target::Packed { .. } => {
-                self.system_end = Some((end.size, end.digest));
-                self.system_done();
+                self.windowed_end = Some((end.size, end.digest));
+                self.windowed_done();
             }
             Target::Stream { spec, spool } => {
                 // The sink gets the image only once all of it is here.
@@ -1172,12 +1174,13 @@ impl NodeDriver {
         }
     }
 
-    /// A system clone is done once both the stream has ended (its digest is
-    /// known) and the disks are rebuilt from it: only then is it checked.
-    fn system_done(&mut self) {
-        if let (Some(Ok(_)), Some((size, digest))) = (&self.unpack, self.system_end) {
+    /// A windowed target is done once both the stream has ended (its
+    /// digest is known) and it is unpacked (the disks rebuilt, the target
+    /// written): only then is it checked.
+    fn windowed_done(&mut self) {
+        if let (Some(Ok(_)), Some((size, digest))) = (&self.unpack, self.windowed_end) {
             // Once: the stream's end is handed to the machine a single time.
-            self.system_end = None;
+            self.windowed_end = None;
             self.node.handle_stream_end(self.clock.now(), size, digest);
         }
     }
@@ -1231,8 +1234,8 @@ impl NodeDriver {
         let writer = NodeWriter::new(sink, ImageHasher::new(self.key.digest_key()))?;
         let (tx, written) = (self.internal_tx.clone(), self.written_rx.clone());
         let rt = tokio::runtime::Handle::current();
-        let (gen, before) = (self.rebuild_gen, self.rebuild_task.take());
-        self.rebuild_task = Some(tokio::task::spawn_blocking(move || {
+        let (gen, before) = (self.unpack_gen, self.unpack_task.take());
+        self.unpack_task = Some(tokio::task::spawn_blocking(move || {
             if let Some(before) = before {
                 // The last unpacker must have let go of the target (a
                 // rebuild unmounts its disks before they are partitioned
