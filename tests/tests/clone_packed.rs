@@ -109,16 +109,22 @@ impl Session {
 const WAIT: Duration = Duration::from_secs(60);
 
 /// Waits for every node, asserting it verified and unpacked.
-fn all_unpacked(nodes: Vec<Proc>) {
-    for node in nodes {
-        let label = node.guard.what.clone();
-        let (code, out, err) = node.finish(WAIT);
-        assert_eq!(code, 0, "{label}:\n{out}\n{err}");
-        assert!(
-            out.contains("\"event\":\"unpacked\""),
-            "{label} printed no unpacked step:\n{out}"
-        );
-    }
+/// Waits for every node to exit 0 having unpacked; returns each node's
+/// label and output.
+fn all_unpacked(nodes: Vec<Proc>) -> Vec<(String, String)> {
+    nodes
+        .into_iter()
+        .map(|node| {
+            let label = node.guard.what.clone();
+            let (code, out, err) = node.finish(WAIT);
+            assert_eq!(code, 0, "{label}:\n{out}\n{err}");
+            assert!(
+                out.contains("\"event\":\"unpacked\""),
+                "{label} printed no unpacked step:\n{out}"
+            );
+            (label, out)
+        })
+        .collect()
 }
 
 fn assert_copies(image: &[u8], targets: &[PathBuf]) {
@@ -252,7 +258,12 @@ fn a_node_killed_mid_packed_stream_is_healed_around_and_restarts_from_scratch() 
         ],
     );
     nodes.insert(1, again);
-    all_unpacked(nodes);
+    let outputs = all_unpacked(nodes);
+    let (label, out) = &outputs[1];
+    assert!(
+        out.contains("read back and checked again"),
+        "{label}, asked to read back, did not:\n{out}"
+    );
     let (code, out, err) = serve.finish(WAIT);
     assert_eq!(code, 0, "{out}\n{err}");
     let report = final_report(&out);
