@@ -29,18 +29,30 @@ pub struct PortUse {
     pub holders: Vec<Holder>,
 }
 
+/// How many times each socket table is read. The kernel hands a table out
+/// a page per `read(2)`, and each read finds its place again by counting
+/// sockets from the start: on a busy machine (a boot server answering TFTP
+/// transfers, each on a socket of its own) a socket closing before it
+/// shifts the rest, and one read can skip a socket that was there all
+/// along. A socket skipped by every one of several reads is very unlikely.
+const TABLE_READS: usize = 3;
+
 /// Who holds UDP `port` for datagrams to `ip`, from `/proc`.
 pub fn udp_port_use(ip: IpAddr, port: u16) -> std::io::Result<PortUse> {
     let mut inodes = Vec::new();
     for table in ["/proc/net/udp", "/proc/net/udp6"] {
-        let text = match std::fs::read_to_string(table) {
-            Ok(t) => t,
-            // No IPv6 on this machine.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && table.ends_with('6') => continue,
-            Err(e) => return Err(e),
-        };
-        inodes.extend(sockets_on(&text, ip, port));
+        for _ in 0..TABLE_READS {
+            let text = match std::fs::read_to_string(table) {
+                Ok(t) => t,
+                // No IPv6 on this machine.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && table.ends_with('6') => break,
+                Err(e) => return Err(e),
+            };
+            inodes.extend(sockets_on(&text, ip, port));
+        }
     }
+    inodes.sort_unstable();
+    inodes.dedup();
     let mut holders = Vec::new();
     if !inodes.is_empty() {
         for entry in std::fs::read_dir("/proc")?.flatten() {
