@@ -22,6 +22,15 @@
 //!   digest is ready. It measures what verification alone costs on this
 //!   machine: no verifying receiver does less work. The `vs hashed` column
 //!   compares every row with it.
+//! - `plain sendfile + hash thread`: the same hashing receiver, its sender
+//!   using `sendfile(2)` from the page cache, as ka's source sends. The
+//!   receiver's CPU depends on where its bytes come from: a `write` loop
+//!   hands it socket buffers it has just filled, still in a CPU cache, and
+//!   the receiver's copy out of them is cheap; `sendfile` hands it the
+//!   image's pages from memory, as a network card's writes reach a real
+//!   node. The same receiver costs markedly more fed this way
+//!   (docs/performance.md has the numbers), so this row, fed as ka's source
+//!   feeds a node, is the baseline for a node's CPU.
 //! - `ka 1 hop, digest ready`: one `ka join` writing to tmpfs. The node is
 //!   started once `ka serve` has published the image digest, which a file
 //!   source computes in the background while it waits for its nodes.
@@ -29,14 +38,16 @@
 //!   stream begins at once and the source hashes the image alongside it.
 //! - `plain hashing relays, chain of N`: N plain receivers that hash, each
 //!   also sending every buffer on to the next (a `tee` into a socket), fed
-//!   by the plain sender: the least work a verifying chain does on this
-//!   machine, with as many processes sharing its cores as the ka chain has.
+//!   by the plain sender with `sendfile`, as ka's source feeds its chain:
+//!   the least work a verifying chain does on this machine, with as many
+//!   processes sharing its cores as the ka chain has.
 //! - `ka chain of N`: N nodes, started once the digest is ready, each writing
 //!   to tmpfs and serving the next.
 //!
 //! A last line per chain compares a node's own CPU per GiB (the figure that
 //! carries over to real nodes) with the hashing relays' and the hashing
-//! receiver's.
+//! receiver's (fed by `sendfile`), and, to show what the feed alone moves,
+//! with the receiver fed by the `write` loop.
 //!
 //! A ka row is timed from the source's `Started` event to the `Verified`
 //! event of the last node (each node compares its own digest of what it
@@ -67,6 +78,10 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ka_tests::require_tool;
+
+/// The scenario whose receiver is the node-CPU baseline: it hashes, and
+/// its bytes come from the page cache by `sendfile`, as ka's source sends.
+const SENDFILE_HASHED: &str = "plain sendfile + hash thread";
 
 /// The plain copy's buffer.
 const BUF: usize = 1 << 20;
@@ -256,9 +271,35 @@ fn this(args: &[&str]) -> Command {
     c
 }
 
-fn plain_send(addr: &str, input: &Path) {
+/// How the plain sender puts the image on the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    /// `read` into a buffer, `write` it to the socket: the receiver copies
+    /// from socket buffers this sender has just written, still in a CPU
+    /// cache.
+    Copy,
+    /// `sendfile(2)` from the page cache, as ka's source sends: the
+    /// receiver copies from the image's pages in memory, like a real node
+    /// copying what its network card wrote.
+    Sendfile,
+}
+
+impl Feed {
+    fn arg(self) -> &'static str {
+        match self {
+            Feed::Copy => "copy",
+            Feed::Sendfile => "sendfile",
+        }
+    }
+}
+
+fn plain_send(addr: &str, input: &Path, feed: Feed) {
     let mut s = TcpStream::connect(addr).expect("connect");
     let mut f = std::fs::File::open(input).expect("open input");
+    if feed == Feed::Sendfile {
+        while nix::sys::sendfile::sendfile(&s, &f, None, BUF).expect("sendfile") > 0 {}
+        return;
+    }
     let mut buf = vec![0u8; BUF];
     loop {
         let n = f.read(&mut buf).expect("read input");
@@ -415,8 +456,9 @@ fn hash_file(p: &Path) -> blake3::Hash {
     }
 }
 
-/// The plain copy; with `hash`, its receiver also hashes what it receives.
-fn plain(w: &Work, hash: bool) -> Outcome {
+/// The plain copy, its sender feeding the socket as `feed` says; with
+/// `hash`, its receiver also hashes what it receives.
+fn plain(w: &Work, hash: bool, feed: Feed) -> Outcome {
     let deadline = Instant::now() + SCENARIO_LIMIT;
     let out = w.out(0);
     let mode = if hash { "hash" } else { "-" };
@@ -427,7 +469,12 @@ fn plain(w: &Work, hash: bool) -> Outcome {
     let (_, port) = recv.expect("PORT ", deadline);
     let addr = format!("127.0.0.1:{}", &port["PORT ".len()..]);
     let send = Running::start(
-        &mut this(&["plain-send", &addr, w.image.to_str().expect("utf-8 path")]),
+        &mut this(&[
+            "plain-send",
+            &addr,
+            w.image.to_str().expect("utf-8 path"),
+            feed.arg(),
+        ]),
         "plain sender",
     );
     let (_, line) = recv.expect("SECONDS ", deadline);
@@ -450,9 +497,10 @@ fn plain(w: &Work, hash: bool) -> Outcome {
 }
 
 /// A plain chain of `nodes` relays that hash (see [`plain_recv`]), fed by
-/// the plain sender: the least work any verifying chain does, so the
-/// baseline for a ka chain's node CPU. Timed from the sender's start to the
-/// last relay's digest.
+/// the plain sender with `sendfile`, as ka's source feeds its first node:
+/// the least work any verifying chain does, so the baseline for a ka
+/// chain's node CPU. Timed from the sender's start to the last relay's
+/// digest.
 fn plain_chain(w: &Work, nodes: usize) -> Outcome {
     let deadline = Instant::now() + SCENARIO_LIMIT;
     let mut relays: Vec<Running> = Vec::new();
@@ -471,7 +519,12 @@ fn plain_chain(w: &Work, nodes: usize) -> Outcome {
     let first = next.expect("at least one relay");
     let started = Instant::now();
     let send = Running::start(
-        &mut this(&["plain-send", &first, w.image.to_str().expect("utf-8 path")]),
+        &mut this(&[
+            "plain-send",
+            &first,
+            w.image.to_str().expect("utf-8 path"),
+            Feed::Sendfile.arg(),
+        ]),
         "plain sender",
     );
     let mut outcome = Outcome {
@@ -867,7 +920,13 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.first().copied() {
-        Some("plain-send") => return plain_send(a[1], Path::new(a[2])),
+        Some("plain-send") => {
+            let feed = match a.get(3) {
+                Some(&"sendfile") => Feed::Sendfile,
+                _ => Feed::Copy,
+            };
+            return plain_send(a[1], Path::new(a[2]), feed);
+        }
         Some("plain-recv") => {
             return plain_recv(
                 Path::new(a[1]),
@@ -906,11 +965,15 @@ fn main() {
     let mut scenarios: Vec<(String, Box<dyn Fn() -> Outcome>)> = vec![
         (
             "plain copy (read/write loop)".into(),
-            Box::new(|| plain(&w, false)),
+            Box::new(|| plain(&w, false, Feed::Copy)),
         ),
         (
             "plain copy + hash thread".into(),
-            Box::new(|| plain(&w, true)),
+            Box::new(|| plain(&w, true, Feed::Copy)),
+        ),
+        (
+            SENDFILE_HASHED.into(),
+            Box::new(|| plain(&w, true, Feed::Sendfile)),
         ),
         (
             "ka 1 hop, digest ready".into(),
@@ -985,7 +1048,8 @@ fn main() {
             .position(|(n, _)| n == name)
             .map(|i| best[i].node_cpu / gib)
     };
-    let receiver = node_cpu("plain copy + hash thread").expect("the hashed copy ran");
+    let receiver = node_cpu(SENDFILE_HASHED).expect("the hashed sendfile copy ran");
+    let hot_receiver = node_cpu("plain copy + hash thread").expect("the hashed copy ran");
     for &n in &opts.chains {
         if let (Some(ka), Some(relays)) = (
             node_cpu(&format!("ka chain of {n}")),
@@ -993,9 +1057,11 @@ fn main() {
         ) {
             println!(
                 "node CPU, chain of {n}: ka {ka:.2} s/GiB = {:.2} x the hashing relays' {relays:.2}, \
-                 {:.2} x the hashing receiver's {receiver:.2}",
+                 {:.2} x the hashing receiver's {receiver:.2} (both fed by sendfile, as ka's source \
+                 feeds its first node); {:.2} x the receiver fed by a read/write loop ({hot_receiver:.2})",
                 ka / relays,
-                ka / receiver
+                ka / receiver,
+                ka / hot_receiver
             );
         }
     }
