@@ -212,6 +212,37 @@ fn auto_packs_what_packs_and_every_copy_is_identical() {
     assert_copies(&bytes, &targets);
 }
 
+/// `auto` weighs packing against the link the source listens on: in the
+/// network-namespace lab the source's `eth0` is a veth, which reports
+/// 10000 Mbit/s, faster than this machine packs (a source with two cores
+/// packs a few hundred MB/s), so an image that packs well is sent as it is;
+/// told the link is 100 Mbit/s (the rate the lab shapes its ports to), the
+/// source packs it. Every copy is identical either way.
+#[test]
+fn auto_packs_only_when_the_source_outpaces_the_link_it_listens_on() {
+    use ka_tests::lab::{Lab, Rate};
+    let lab = Lab::new(2, Rate::mbit(100));
+    let image = lab.dir().join("system-like.img");
+    std::fs::write(&image, system_like(16 << 20, 6)).unwrap();
+    let s = lab.session_of(&image);
+    for (extra, decided) in [
+        (
+            &["--compress", "auto"][..],
+            "too slow for eth0's 10000 Mbit/s (1250 MB/s): sending it as it is",
+        ),
+        (
+            &["--compress", "auto", "--link-rate", "100Mbit"][..],
+            "more than --link-rate carries",
+        ),
+    ] {
+        let serve = s.serve(2, extra);
+        let joins = s.join_all(&[]);
+        let fin = serve.finish(Duration::from_secs(90));
+        assert!(fin.transcript.contains(decided), "{}", fin.transcript);
+        s.check(&fin, joins, &[]);
+    }
+}
+
 /// A node killed mid-stream: the chain heals around it, its downstream
 /// resumes in the packed stream from what its new upstream's window (or
 /// the source's spool) holds, and the killed node, started again, starts

@@ -152,14 +152,22 @@ pub struct ServeArgs {
     /// Pack the stream with Zstandard: compressed once here, forwarded as
     /// it is by every node, unpacked only to be written; the digest stays
     /// the image's own. `zstd` or `zstd:LEVEL` (1–19) always packs; `auto`
-    /// packs an image file whose sample shrinks by a fifth or more and
-    /// sends other images as they are (a command, tar or system stream is
+    /// packs an image file whose sample shrinks by a fifth or more, if this
+    /// machine packs it faster than the nodes' link carries (--link-rate),
+    /// and sends other images as they are (a command, tar or system stream is
     /// packed only with `zstd`); `off` never packs. A `.zst` image is sent
     /// as it is (with `off`, decoded first); gzip and xz images are decoded
     /// here. A node that restarts mid-copy starts a packed stream over (a
     /// plain one goes on from its durable prefix), hence `off` by default.
     #[arg(long, value_name = "HOW", default_value = "off")]
     pub compress: ka_net::image::packed::Compression,
+    /// The rate of the nodes' links, which `--compress auto` weighs packing
+    /// against: e.g. 10Gbit, 1Gbit. An image is packed only if this machine
+    /// packs it faster than that, else the copy would wait for the packing.
+    /// [default: the speed of the interface this listens on (the fastest
+    /// one when listening on every address), at most --max-rate]
+    #[arg(long, value_name = "RATE", value_parser = ka_core::units::parse_rate)]
+    pub link_rate: Option<u64>,
     /// Where the session's record is kept (nodes' outcomes), so that `ka
     /// serve` restarted with the same arguments on the same image goes on
     /// with the session: the nodes rejoin and resume, and nodes that had
@@ -370,6 +378,7 @@ impl ServePlan {
                 state_dir,
                 max_rate: args.max_rate,
                 compression: args.compress,
+                link_rate: args.link_rate,
                 web: None,
             },
             secret,

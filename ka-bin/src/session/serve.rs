@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context};
 use ka_core::config::SourceConfig;
 use ka_core::source::{Source, SourceEvent};
-use ka_net::image::packed::{pack_stream, plan_file, Compression, Plan};
+use ka_net::image::packed::{pack_stream, plan_file, Compression, LinkRate, Plan};
 use ka_net::shell::{self, ImageInput, SourceOptions};
 use ka_net::SourceSpec;
 
@@ -49,6 +49,9 @@ pub struct ServeOptions {
     pub max_rate: Option<u64>,
     /// Whether and how the image is packed for the wire.
     pub compression: Compression,
+    /// The nodes' link rate in bytes per second (`--link-rate`), which
+    /// `auto` weighs packing against; `None`: the listening interface's.
+    pub link_rate: Option<u64>,
     /// The web page (`--http`), served on the session's runtime, which it
     /// keeps once the session ends (see [`crate::web::WebServer::linger`]).
     pub web: Option<crate::web::WebServer>,
@@ -106,7 +109,11 @@ pub fn run(
     };
     let image = match opts.input {
         Input::File(p) => {
-            match plan_file(&p, compression, &digest_key, &mut |line| {
+            let link = match compression {
+                Compression::Auto => nodes_link(listen, opts.max_rate, opts.link_rate),
+                _ => None,
+            };
+            match plan_file(&p, compression, link.as_ref(), &digest_key, &mut |line| {
                 crate::errln!("ka: {line}")
             })
             .map_err(fail)?
@@ -209,5 +216,103 @@ fn describe_part(part: &ka_net::system::capture::Part) -> String {
             s
         }
         Part::Raw { device, len, .. } => format!("{} as raw bytes ({len} bytes)", device.display()),
+    }
+}
+
+/// The rate the nodes' links carry, for `--compress auto`: `--link-rate`
+/// if given, else the speed of the interface `listen` is on (the fastest
+/// interface when it listens on every address), capped by `--max-rate`.
+/// `None` when nothing says: loopback and most virtual interfaces report no
+/// speed.
+fn nodes_link(listen: SocketAddr, max_rate: Option<u64>, given: Option<u64>) -> Option<LinkRate> {
+    let found = match given {
+        Some(bytes_per_sec) => Some(LinkRate {
+            bytes_per_sec,
+            from: "--link-rate".into(),
+        }),
+        None => fastest_interface(&listen_interfaces(listen.ip())),
+    };
+    let capped = |bytes_per_sec| LinkRate {
+        bytes_per_sec,
+        from: "--max-rate".into(),
+    };
+    match (found, max_rate) {
+        (Some(l), Some(cap)) if cap < l.bytes_per_sec => Some(capped(cap)),
+        (None, Some(cap)) => Some(capped(cap)),
+        (found, _) => found,
+    }
+}
+
+/// The interfaces nodes reach `ip` through: the one holding it, or every
+/// interface that is up but loopback when `ip` is unspecified.
+fn listen_interfaces(ip: IpAddr) -> Vec<String> {
+    use nix::net::if_::InterfaceFlags;
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = addrs
+        .filter(|a| {
+            if ip.is_unspecified() {
+                return a.flags.contains(InterfaceFlags::IFF_UP)
+                    && !a.flags.contains(InterfaceFlags::IFF_LOOPBACK);
+            }
+            let held = a.address.as_ref().and_then(|s| {
+                s.as_sockaddr_in()
+                    .map(|v| IpAddr::from(v.ip()))
+                    .or_else(|| s.as_sockaddr_in6().map(|v| IpAddr::from(v.ip())))
+            });
+            held == Some(ip)
+        })
+        .map(|a| a.interface_name)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The fastest of the interfaces `names` by the speed the kernel reports
+/// for it (`/sys/class/net/NAME/speed`, Mbit/s); `None` if none reports one.
+fn fastest_interface(names: &[String]) -> Option<LinkRate> {
+    names
+        .iter()
+        .filter_map(|name| {
+            let speed = std::fs::read_to_string(format!("/sys/class/net/{name}/speed")).ok()?;
+            let mbit = u64::try_from(speed.trim().parse::<i64>().ok()?).ok()?;
+            (mbit > 0).then(|| LinkRate {
+                bytes_per_sec: mbit * 125_000,
+                from: format!("{name}'s {mbit} Mbit/s"),
+            })
+        })
+        .max_by_key(|l| l.bytes_per_sec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_link_auto_weighs_against_is_the_given_rate_capped_by_max_rate() {
+        let on_lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let given = nodes_link(on_lo, None, Some(1_250_000_000)).unwrap();
+        assert_eq!(
+            given,
+            LinkRate {
+                bytes_per_sec: 1_250_000_000,
+                from: "--link-rate".into()
+            }
+        );
+        let capped = nodes_link(on_lo, Some(12_500_000), Some(1_250_000_000)).unwrap();
+        assert_eq!(capped.bytes_per_sec, 12_500_000);
+        assert_eq!(capped.from, "--max-rate");
+        let faster_cap = nodes_link(on_lo, Some(u64::MAX), Some(1_250_000_000)).unwrap();
+        assert_eq!(faster_cap.from, "--link-rate");
+        // Loopback reports no speed (reading it fails): only a cap says.
+        assert_eq!(listen_interfaces("127.0.0.1".parse().unwrap()), ["lo"]);
+        assert_eq!(fastest_interface(&["lo".to_string()]), None);
+        assert_eq!(nodes_link(on_lo, None, None), None);
+        assert_eq!(
+            nodes_link(on_lo, Some(1000), None).unwrap().from,
+            "--max-rate"
+        );
     }
 }

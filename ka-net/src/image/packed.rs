@@ -52,8 +52,10 @@ pub enum Compression {
     Off,
     /// Pack with Zstandard at this level (1–19; negative levels are faster).
     Zstd(i32),
-    /// Pack when a sample of the image shrinks by [`AUTO_MIN_RATIO`] or more,
-    /// send it as it is otherwise; a `.zst` image is always sent packed.
+    /// Pack an image file when a sample of it shrinks by [`AUTO_MIN_RATIO`]
+    /// or more and packs faster than the nodes' link carries
+    /// ([`auto_packs`]), send it as it is otherwise; a `.zst` image is
+    /// always sent packed.
     Auto,
 }
 
@@ -460,16 +462,31 @@ impl Read for PackedSource {
     }
 }
 
-/// How well a sample of the image at `path` (of `size` bytes) compresses:
-/// up to 16 pieces of 1 MiB spread over it, all-zero pieces left out (holes
-/// cost nothing either way). `None` if every piece is zero.
-pub fn sample_ratio(path: &Path, size: u64) -> Result<Option<f64>, Error> {
+/// What a sample of an image says about packing it: how much it shrinks,
+/// and how fast this machine packs it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// Sampled bytes over their packed size.
+    pub ratio: f64,
+    /// Image bytes per second this source would pack at [`DEFAULT_LEVEL`]:
+    /// the sample's own speed on one core, times the zstd workers a packing
+    /// source runs here.
+    pub pack_rate: f64,
+}
+
+/// Samples the image at `path` (of `size` bytes): up to 16 pieces of 1 MiB
+/// spread over it, packed at [`DEFAULT_LEVEL`] and timed, all-zero pieces
+/// left out (holes cost nothing either way). `None` if every piece is zero.
+pub fn sample_image(path: &Path, size: u64) -> Result<Option<Sample>, Error> {
     use std::os::unix::fs::FileExt;
     const PIECE: u64 = 1 << 20;
     const PIECES: u64 = 16;
     let file = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     let mut buf = vec![0u8; PIECE as usize];
+    let mut compressor = zstd::bulk::Compressor::new(DEFAULT_LEVEL)
+        .map_err(|e| Error::io("starting the zstd encoder", e))?;
     let (mut raw, mut packed) = (0usize, 0usize);
+    let mut packing = std::time::Duration::ZERO;
     for i in 0..PIECES {
         let at = (size.saturating_sub(PIECE)) / PIECES.max(1) * i;
         let n = (size - at.min(size)).min(PIECE) as usize;
@@ -482,11 +499,86 @@ pub fn sample_ratio(path: &Path, size: u64) -> Result<Option<f64>, Error> {
             continue;
         }
         raw += n;
-        packed += zstd::bulk::compress(&buf[..n], 1)
+        let started = std::time::Instant::now();
+        packed += compressor
+            .compress(&buf[..n])
             .map_err(|e| Error::io("compressing a sample", e))?
             .len();
+        packing += started.elapsed();
     }
-    Ok((packed > 0).then(|| raw as f64 / packed as f64))
+    Ok((packed > 0).then(|| Sample {
+        ratio: raw as f64 / packed as f64,
+        pack_rate: raw as f64 / packing.as_secs_f64().max(1e-6) * f64::from(pack_workers()),
+    }))
+}
+
+/// The rate the nodes' links carry, which `auto` weighs packing against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkRate {
+    /// Bytes per second.
+    pub bytes_per_sec: u64,
+    /// Where the figure comes from, for the line that explains the choice
+    /// (`eth0's 10000 Mbit/s`, `--link-rate`).
+    pub from: String,
+}
+
+/// `auto` packs only when the sample packs this many times faster than the
+/// link carries: the sample times zstd alone, and the source's pipeline
+/// (reading, records, spooling) packs about a third slower than that.
+pub const AUTO_RATE_MARGIN: f64 = 1.5;
+
+/// `auto`'s choice for an image file: whether to pack it, and one line
+/// that says why. Packing pays when the image shrinks by
+/// [`AUTO_MIN_RATIO`] or more *and* the source packs faster than the link
+/// carries: a chain then moves `min(pack rate, ratio × link)` of image per
+/// second instead of `link`. Packing slower than the link would make the
+/// copy slower, however well the image packs. Without a known link rate the
+/// ratio decides alone.
+pub fn auto_packs(sample: Option<Sample>, link: Option<&LinkRate>) -> (bool, String) {
+    let Some(s) = sample else {
+        return (
+            false,
+            "the image's sample is all zeros (sent as holes anyway): sending it as it is".into(),
+        );
+    };
+    let r = s.ratio;
+    if r < AUTO_MIN_RATIO {
+        return (
+            false,
+            format!("a sample of the image packs only {r:.2}:1: sending it as it is"),
+        );
+    }
+    let mb = |rate: f64| rate / 1e6;
+    match link {
+        Some(l) if s.pack_rate < l.bytes_per_sec as f64 * AUTO_RATE_MARGIN => (
+            false,
+            format!(
+                "a sample of the image packs {r:.2}:1, but this source packs about {:.0} MB/s, \
+                 too slow for {} ({:.0} MB/s): sending it as it is (--compress zstd packs anyway)",
+                mb(s.pack_rate),
+                l.from,
+                mb(l.bytes_per_sec as f64)
+            ),
+        ),
+        Some(l) => (
+            true,
+            format!(
+                "a sample of the image packs {r:.2}:1 and this source packs about {:.0} MB/s, \
+                 more than {} carries ({:.0} MB/s): sending it packed with zstd",
+                mb(s.pack_rate),
+                l.from,
+                mb(l.bytes_per_sec as f64)
+            ),
+        ),
+        None => (
+            true,
+            format!(
+                "a sample of the image packs {r:.2}:1: sending it packed with zstd \
+                 (no link rate known to weigh this source's {:.0} MB/s against; --link-rate gives one)",
+                mb(s.pack_rate)
+            ),
+        ),
+    }
 }
 
 /// Unpacks a packed stream: fed the stream piece by piece
@@ -713,13 +805,14 @@ pub fn pack_stream(
 }
 
 /// Decides how the image file at `path` travels under `compression`:
-/// a raw image as it is or packed (with `auto`, packed when a sample
-/// shrinks by [`AUTO_MIN_RATIO`]); a `.zst` image as it is, packed
+/// a raw image as it is or packed (with `auto`, as [`auto_packs`] decides
+/// from a sample and the nodes' `link`); a `.zst` image as it is, packed
 /// (decoded first with `off`); a gzip or xz image decoded, then packed
 /// unless `off`. `why` receives one line saying what was decided.
 pub fn plan_file(
     path: &Path,
     compression: Compression,
+    link: Option<&LinkRate>,
     key: &DigestKey,
     why: &mut dyn FnMut(String),
 ) -> Result<Plan, Error> {
@@ -741,24 +834,12 @@ pub fn plan_file(
                 Compression::Zstd(level) => level,
                 Compression::Auto => {
                     let size = FileSource::open(path)?.size().unwrap_or(0);
-                    match sample_ratio(path, size)? {
-                        Some(r) if r >= AUTO_MIN_RATIO => {
-                            why(format!(
-                                "a sample of the image packs {r:.2}:1: sending it packed with zstd"
-                            ));
-                            DEFAULT_LEVEL
-                        }
-                        Some(r) => {
-                            why(format!(
-                                "a sample of the image packs only {r:.2}:1: sending it as it is"
-                            ));
-                            return Ok(Plan::File);
-                        }
-                        None => {
-                            why("the image's sample is all zeros (sent as holes anyway): sending it as it is".into());
-                            return Ok(Plan::File);
-                        }
+                    let (pack, line) = auto_packs(sample_image(path, size)?, link);
+                    why(line);
+                    if !pack {
+                        return Ok(Plan::File);
                     }
+                    DEFAULT_LEVEL
                 }
             };
             let source = FileSource::open(path)?;
@@ -966,9 +1047,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let text = dir.path().join("text");
         disk_like(&text);
-        assert!(sample_ratio(&text, std::fs::metadata(&text).unwrap().len())
+        let sampled = sample_image(&text, std::fs::metadata(&text).unwrap().len())
             .unwrap()
-            .is_some_and(|r| r > AUTO_MIN_RATIO));
+            .unwrap();
+        assert!(sampled.ratio > AUTO_MIN_RATIO, "{sampled:?}");
+        // A MB/s on the slowest machine, not a GB/s on the fastest.
+        assert!((1e6..1e11).contains(&sampled.pack_rate), "{sampled:?}");
         let random = dir.path().join("random");
         let mut x = 7u64;
         let bytes: Vec<u8> = (0..(8 << 20))
@@ -980,16 +1064,19 @@ mod tests {
             })
             .collect();
         std::fs::write(&random, &bytes).unwrap();
-        let r = sample_ratio(&random, bytes.len() as u64).unwrap().unwrap();
+        let r = sample_image(&random, bytes.len() as u64)
+            .unwrap()
+            .unwrap()
+            .ratio;
         assert!(r < 1.01, "{r}");
         let zeros = dir.path().join("zeros");
         File::create(&zeros).unwrap().set_len(8 << 20).unwrap();
-        assert_eq!(sample_ratio(&zeros, 8 << 20).unwrap(), None);
+        assert_eq!(sample_image(&zeros, 8 << 20).unwrap(), None);
         let mut why = Vec::new();
-        let plan = plan_file(&random, Compression::Auto, &KEY, &mut |l| why.push(l)).unwrap();
+        let plan = plan_file(&random, Compression::Auto, None, &KEY, &mut |l| why.push(l)).unwrap();
         assert!(matches!(plan, Plan::File), "{plan:?}");
         assert!(why[0].contains("as it is"), "{why:?}");
-        let plan = plan_file(&text, Compression::Auto, &KEY, &mut |l| why.push(l)).unwrap();
+        let plan = plan_file(&text, Compression::Auto, None, &KEY, &mut |l| why.push(l)).unwrap();
         assert!(
             matches!(
                 plan,
@@ -1004,9 +1091,58 @@ mod tests {
             "{plan:?}"
         );
         assert!(matches!(
-            plan_file(&text, Compression::Off, &KEY, &mut |_| {}).unwrap(),
+            plan_file(&text, Compression::Off, None, &KEY, &mut |_| {}).unwrap(),
             Plan::File
         ));
+    }
+
+    #[test]
+    fn auto_packs_only_what_this_source_packs_faster_than_the_link_carries() {
+        let link = |mbit: u64| LinkRate {
+            bytes_per_sec: mbit * 125_000,
+            from: format!("eth0's {mbit} Mbit/s"),
+        };
+        // 3:1 at 300 MB/s of image.
+        let packs_well = Some(Sample {
+            ratio: 3.0,
+            pack_rate: 300e6,
+        });
+        let (pack, why) = auto_packs(packs_well, Some(&link(1000)));
+        assert!(pack, "300 MB/s beats 1 Gbit/s: {why}");
+        assert!(why.contains("eth0's 1000 Mbit/s carries (125 MB/s)"), "{why}");
+        let (pack, why) = auto_packs(packs_well, Some(&link(10_000)));
+        assert!(!pack, "300 MB/s loses to 10 Gbit/s: {why}");
+        assert!(why.contains("too slow for eth0's 10000 Mbit/s"), "{why}");
+        assert!(why.contains("--compress zstd packs anyway"), "{why}");
+        // Within the margin: zstd alone would keep up, the source would not.
+        let (pack, _) = auto_packs(packs_well, Some(&link(2000)));
+        assert!(!pack, "300 MB/s is under 1.5 x 250 MB/s");
+        let (pack, why) = auto_packs(packs_well, None);
+        assert!(pack, "{why}");
+        assert!(why.contains("--link-rate"), "{why}");
+        let barely = Sample {
+            ratio: 1.1,
+            pack_rate: 300e6,
+        };
+        let (pack, why) = auto_packs(Some(barely), Some(&link(100)));
+        assert!(!pack, "1.1:1 is not worth packing: {why}");
+        assert!(!auto_packs(None, Some(&link(100))).0, "all zeros");
+        // Through plan_file: the text packs over a slow link and is sent as
+        // it is over one no source packs for.
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("text");
+        disk_like(&text);
+        let plan = |mbit| {
+            plan_file(
+                &text,
+                Compression::Auto,
+                Some(&link(mbit)),
+                &KEY,
+                &mut |_| {},
+            )
+        };
+        assert!(matches!(plan(10).unwrap(), Plan::Stream(_)));
+        assert!(matches!(plan(1 << 40).unwrap(), Plan::File));
     }
 
     #[test]
