@@ -1109,7 +1109,10 @@ mod tests {
         });
         let (pack, why) = auto_packs(packs_well, Some(&link(1000)));
         assert!(pack, "300 MB/s beats 1 Gbit/s: {why}");
-        assert!(why.contains("eth0's 1000 Mbit/s carries (125 MB/s)"), "{why}");
+        assert!(
+            why.contains("eth0's 1000 Mbit/s carries (125 MB/s)"),
+            "{why}"
+        );
         let (pack, why) = auto_packs(packs_well, Some(&link(10_000)));
         assert!(!pack, "300 MB/s loses to 10 Gbit/s: {why}");
         assert!(why.contains("too slow for eth0's 10000 Mbit/s"), "{why}");

@@ -867,7 +867,13 @@ impl NodeDriver {
                     // A windowed target starts its unpacking over too: the
                     // old one stops reading (a rebuild unmounts) and is
                     // forgotten.
-                    tracing::warn!("the source serves another system stream: rebuilding the disks from its start");
+                    let what = match self.target {
+                        Target::System { .. } => {
+                            "the source serves another system stream: rebuilding the disks from its start"
+                        }
+                        _ => "the source serves another packed stream: unpacking it from its start",
+                    };
+                    tracing::warn!("{what}");
                     w.close();
                     self.unpack_gen += 1;
                     self.windowed_end = None;
