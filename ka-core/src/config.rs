@@ -84,10 +84,13 @@ impl SourceConfig {
             release_delay: Duration::ZERO,
             slow_policy: SlowPolicy::MoveToTail,
             // A chain's neighbours differ by what their sockets hold, a few
-            // megabytes; a node that falls further behind at under half its
-            // upstream's rate for a second is slow whatever the image's size.
+            // megabytes; a node that falls further behind at under 40 % of
+            // its upstream's rate for half a second is slow whatever the
+            // image's size. Every tenth of a second it goes unnoticed costs
+            // the nodes behind it most of that tenth, so the window is as
+            // short as a few progress reports (one per 250 ms) allow.
             slow_lag: 4 << 20,
-            slow_window: Duration::from_secs(1),
+            slow_window: Duration::from_millis(500),
             data_addr,
             image_size: None,
             encoding: Encoding::Plain,

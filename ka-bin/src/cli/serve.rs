@@ -133,7 +133,7 @@ pub struct ServeArgs {
     pub slow_lag: u64,
     /// …for this long while receiving at under 40 % of its upstream's rate
     /// (or its fastest sibling's).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
     pub slow_window: Duration,
     /// Node names in chain order; others follow by address [default with
     /// --inventory: the inventory's order].
