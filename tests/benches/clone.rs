@@ -83,6 +83,8 @@ use ka_tests::require_tool;
 /// The scenario whose receiver is the node-CPU baseline: it hashes, and
 /// its bytes come from the page cache by `sendfile`, as ka's source sends.
 const SENDFILE_HASHED: &str = "plain sendfile + hash thread";
+/// The same hashing receiver fed by a `read`/`write` loop.
+const COPY_HASHED: &str = "plain copy + hash thread";
 
 /// The plain copy's buffer.
 const BUF: usize = 1 << 20;
@@ -286,12 +288,34 @@ enum Feed {
 }
 
 impl Feed {
+    /// The `plain-send` argument that names it.
     fn arg(self) -> &'static str {
         match self {
             Feed::Copy => "copy",
             Feed::Sendfile => "sendfile",
         }
     }
+
+    /// The feed an argument names (a missing one is a copy).
+    fn from_arg(arg: Option<&str>) -> Feed {
+        match arg {
+            Some(a) if a == Feed::Sendfile.arg() => Feed::Sendfile,
+            _ => Feed::Copy,
+        }
+    }
+}
+
+/// Starts the plain sender of the image to `addr`, feeding as `feed` says.
+fn start_sender(w: &Work, addr: &str, feed: Feed) -> Running {
+    Running::start(
+        &mut this(&[
+            "plain-send",
+            addr,
+            w.image.to_str().expect("utf-8 path"),
+            feed.arg(),
+        ]),
+        "plain sender",
+    )
 }
 
 fn plain_send(addr: &str, input: &Path, feed: Feed) {
@@ -469,15 +493,7 @@ fn plain(w: &Work, hash: bool, feed: Feed) -> Outcome {
     );
     let (_, port) = recv.expect("PORT ", deadline);
     let addr = format!("127.0.0.1:{}", &port["PORT ".len()..]);
-    let send = Running::start(
-        &mut this(&[
-            "plain-send",
-            &addr,
-            w.image.to_str().expect("utf-8 path"),
-            feed.arg(),
-        ]),
-        "plain sender",
-    );
+    let send = start_sender(w, &addr, feed);
     let (_, line) = recv.expect("SECONDS ", deadline);
     let words: Vec<&str> = line.split_whitespace().collect();
     let seconds: f64 = words[1].parse().expect("seconds");
@@ -519,15 +535,7 @@ fn plain_chain(w: &Work, nodes: usize) -> Outcome {
     }
     let first = next.expect("at least one relay");
     let started = Instant::now();
-    let send = Running::start(
-        &mut this(&[
-            "plain-send",
-            &first,
-            w.image.to_str().expect("utf-8 path"),
-            Feed::Sendfile.arg(),
-        ]),
-        "plain sender",
-    );
+    let send = start_sender(w, &first, Feed::Sendfile);
     let mut outcome = Outcome {
         seconds: 0.0,
         cpu: 0.0,
@@ -922,11 +930,7 @@ fn main() {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     match a.first().copied() {
         Some("plain-send") => {
-            let feed = match a.get(3) {
-                Some(&"sendfile") => Feed::Sendfile,
-                _ => Feed::Copy,
-            };
-            return plain_send(a[1], Path::new(a[2]), feed);
+            return plain_send(a[1], Path::new(a[2]), Feed::from_arg(a.get(3).copied()))
         }
         Some("plain-recv") => {
             return plain_recv(
@@ -968,10 +972,7 @@ fn main() {
             "plain copy (read/write loop)".into(),
             Box::new(|| plain(&w, false, Feed::Copy)),
         ),
-        (
-            "plain copy + hash thread".into(),
-            Box::new(|| plain(&w, true, Feed::Copy)),
-        ),
+        (COPY_HASHED.into(), Box::new(|| plain(&w, true, Feed::Copy))),
         (
             SENDFILE_HASHED.into(),
             Box::new(|| plain(&w, true, Feed::Sendfile)),
@@ -1000,13 +1001,9 @@ fn main() {
     }
     let best = best_rounds(&rounds);
     let gib = size as f64 / (1u64 << 30) as f64;
-    let by_name = |name: &str| {
-        scenarios
-            .iter()
-            .position(|(n, _)| n == name)
-            .unwrap_or_else(|| panic!("no scenario {name:?}"))
-    };
-    let (base, hashed) = (best[0].seconds, best[by_name(SENDFILE_HASHED)].seconds);
+    let find = |name: &str| scenarios.iter().position(|(n, _)| n == name);
+    let hashed_at = find(SENDFILE_HASHED).expect("the hashed sendfile copy is a scenario");
+    let (base, hashed) = (best[0].seconds, best[hashed_at].seconds);
     let base_median = median(rounds[0].iter().map(|o| o.seconds).collect());
     println!(
         "{:<34} {:>7} {:>6} {:>7} {:>9} {:>10} {:>15} {:>14}",
@@ -1050,14 +1047,9 @@ fn main() {
     println!("CPU s/GiB: all processes, per GiB delivered (image size x nodes)");
     // A node's own CPU, the figure that carries over to real nodes, against
     // the least a verifying receiver and a verifying relay chain spend.
-    let node_cpu = |name: &str| {
-        scenarios
-            .iter()
-            .position(|(n, _)| n == name)
-            .map(|i| best[i].node_cpu / gib)
-    };
+    let node_cpu = |name: &str| find(name).map(|i| best[i].node_cpu / gib);
     let receiver = node_cpu(SENDFILE_HASHED).expect("the hashed sendfile copy ran");
-    let hot_receiver = node_cpu("plain copy + hash thread").expect("the hashed copy ran");
+    let hot_receiver = node_cpu(COPY_HASHED).expect("the hashed copy ran");
     for &n in &opts.chains {
         if let (Some(ka), Some(relays)) = (
             node_cpu(&format!("ka chain of {n}")),

@@ -1,7 +1,8 @@
 //! Packed streams with real processes on loopback: `ka serve --compress`
 //! packs once, every `ka join` forwards the packed bytes and unpacks them
 //! into its target; checked by what lands on disk, by the reports, and by
-//! what travelled.
+//! what travelled. `auto`'s weighing of the link runs in the
+//! network-namespace lab instead, whose interfaces report a speed.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

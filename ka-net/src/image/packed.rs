@@ -548,37 +548,36 @@ pub fn auto_packs(sample: Option<Sample>, link: Option<&LinkRate>) -> (bool, Str
             format!("a sample of the image packs only {r:.2}:1: sending it as it is"),
         );
     }
-    let mb = |rate: f64| rate / 1e6;
-    match link {
-        Some(l) if s.pack_rate < l.bytes_per_sec as f64 * AUTO_RATE_MARGIN => (
+    let shrinks = format!("a sample of the image packs {r:.2}:1");
+    let packs = s.pack_rate / 1e6;
+    let Some(l) = link else {
+        return (
+            true,
+            format!(
+                "{shrinks}: sending it packed with zstd \
+                 (no link rate known to weigh this source's {packs:.0} MB/s against; --link-rate gives one)"
+            ),
+        );
+    };
+    let carries = l.bytes_per_sec as f64 / 1e6;
+    if s.pack_rate < l.bytes_per_sec as f64 * AUTO_RATE_MARGIN {
+        return (
             false,
             format!(
-                "a sample of the image packs {r:.2}:1, but this source packs about {:.0} MB/s, \
-                 too slow for {} ({:.0} MB/s): sending it as it is (--compress zstd packs anyway)",
-                mb(s.pack_rate),
-                l.from,
-                mb(l.bytes_per_sec as f64)
+                "{shrinks}, but this source packs about {packs:.0} MB/s, too slow for {} \
+                 ({carries:.0} MB/s): sending it as it is (--compress zstd packs anyway)",
+                l.from
             ),
-        ),
-        Some(l) => (
-            true,
-            format!(
-                "a sample of the image packs {r:.2}:1 and this source packs about {:.0} MB/s, \
-                 more than {} carries ({:.0} MB/s): sending it packed with zstd",
-                mb(s.pack_rate),
-                l.from,
-                mb(l.bytes_per_sec as f64)
-            ),
-        ),
-        None => (
-            true,
-            format!(
-                "a sample of the image packs {r:.2}:1: sending it packed with zstd \
-                 (no link rate known to weigh this source's {:.0} MB/s against; --link-rate gives one)",
-                mb(s.pack_rate)
-            ),
-        ),
+        );
     }
+    (
+        true,
+        format!(
+            "{shrinks} and this source packs about {packs:.0} MB/s, more than {} carries \
+             ({carries:.0} MB/s): sending it packed with zstd",
+            l.from
+        ),
+    )
 }
 
 /// Unpacks a packed stream: fed the stream piece by piece
