@@ -27,8 +27,10 @@ use crate::ids::{Epoch, NodeId};
 /// [`Message::Sealed`] around every message after the handshake. Version 6
 /// added the nodes' lines for the source's logs ([`Message::Log`]) and the
 /// report of a node that could not join ([`Message::JoinFailed`]). Version 7
-/// added the stream's [`Encoding`] to [`Message::Welcome`].
-pub const PROTOCOL_VERSION: u16 = 7;
+/// added the stream's [`Encoding`] to [`Message::Welcome`]. Version 8 added
+/// the unpacked image's digest to [`Message::ImageDone`], which is what an
+/// encoded stream's copy is checked by.
+pub const PROTOCOL_VERSION: u16 = 8;
 /// The most lines one [`Message::Log`] carries: with every line at
 /// [`MAX_STRING`] the message still fits a frame.
 pub const MAX_LOG_LINES: usize = 32;
@@ -122,11 +124,13 @@ bytes32!(
 /// How a session's stream encodes its image.
 ///
 /// Whatever the encoding, offsets on data connections count bytes of the
-/// stream (what travels, what nodes forward and resume from), and the
-/// digest in [`Message::ImageDone`] is over the stream, so the chain's
-/// checks do not change. An encoded stream carries the image's own size
-/// and keyed digest at its end, which the node checks against what it
-/// decoded and wrote.
+/// stream (what travels, what nodes forward and resume from). An encoded
+/// stream's copy is checked by the image it unpacks to: the source's
+/// [`Message::ImageDone`] carries that image's keyed digest beside the
+/// stream's, since a node that resumed after a restart holds the whole
+/// image but only the part of the stream it received since. The stream
+/// also carries the image's size and digest at its end, which the node
+/// checks what it decoded and wrote against as it finishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Encoding {
     /// The stream is the image.
@@ -340,10 +344,13 @@ pub enum Message {
     },
     /// Source → node: the image is complete; its size and keyed digest.
     ImageDone {
-        /// Total logical size of the image.
+        /// Total size of the stream (the image itself when plain).
         total: u64,
-        /// Keyed digest of the logical image.
+        /// Keyed digest of the stream.
         digest: Digest,
+        /// Keyed digest of the image an encoded stream unpacks to, which
+        /// its copies are checked by; `None` for a plain stream.
+        image_digest: Option<Digest>,
     },
     /// Source → node: you may leave now.
     Release,
@@ -570,10 +577,21 @@ impl Message {
                     out.put_u32(d.0);
                 }
             }
-            Message::ImageDone { total, digest } => {
+            Message::ImageDone {
+                total,
+                digest,
+                image_digest,
+            } => {
                 out.put_u8(tag::IMAGE_DONE);
                 out.put_u64(*total);
                 out.put_slice(&digest.0);
+                match image_digest {
+                    None => out.put_u8(0),
+                    Some(d) => {
+                        out.put_u8(1);
+                        out.put_slice(&d.0);
+                    }
+                }
             }
             Message::Release => out.put_u8(tag::RELEASE),
             Message::Abort { reason } => {
@@ -974,6 +992,11 @@ impl Reader<'_> {
             tag::IMAGE_DONE => Message::ImageDone {
                 total: self.u64()?,
                 digest: Digest(self.bytes32()?),
+                image_digest: match self.u8()? {
+                    0 => None,
+                    1 => Some(Digest(self.bytes32()?)),
+                    _ => return Err(DecodeError::Invalid("unknown image digest kind")),
+                },
             },
             tag::RELEASE => Message::Release,
             tag::ABORT => Message::Abort {
@@ -1175,10 +1198,16 @@ mod tests {
                         downstreams: d.into_iter().map(NodeId).collect(),
                     }
                 }),
-            (any::<u64>(), any::<[u8; 32]>()).prop_map(|(total, d)| Message::ImageDone {
-                total,
-                digest: Digest(d)
-            }),
+            (
+                any::<u64>(),
+                any::<[u8; 32]>(),
+                proptest::option::of(any::<[u8; 32]>())
+            )
+                .prop_map(|(total, d, image)| Message::ImageDone {
+                    total,
+                    digest: Digest(d),
+                    image_digest: image.map(Digest),
+                }),
             Just(Message::Release),
             text().prop_map(|reason| Message::Abort { reason }),
             Just(Message::Heartbeat),

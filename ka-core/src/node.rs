@@ -358,7 +358,10 @@ pub struct Node {
     /// Our upstream refused us for want of data at this placement and we
     /// told the source: wait for a new placement rather than knock again.
     stranded: Option<Epoch>,
-    image: Option<(u64, Digest)>,
+    /// The source's word on the stream's end: its size, its digest and an
+    /// encoded stream's image digest.
+    image: Option<(u64, Digest, Option<Digest>)>,
+    /// Our data plane's: the size and the digest of what it wrote.
     stream_end: Option<(u64, Digest)>,
     verdict: Option<Result<(), String>>,
     image_size: Option<u64>,
@@ -570,8 +573,11 @@ impl Node {
         self.holds_from = self.holds_from.max(progress.holds_from);
     }
 
-    /// The upstream sent the end of the image; everything up to `total` is
-    /// written and flushed, and `digest` is the keyed digest of what we wrote.
+    /// The upstream sent the end of the stream; everything up to `total` is
+    /// written and flushed, and `digest` is the keyed digest of what we
+    /// wrote: of the stream when it is plain, of the image unpacked from it
+    /// when it is encoded (the target holds that image whole, even after a
+    /// restart that left only part of the stream in this process).
     pub fn handle_stream_end(&mut self, now: Time, total: u64, digest: Digest) {
         self.received.insert(0..total);
         self.written.insert(0..total);
@@ -589,7 +595,7 @@ impl Node {
         if self.phase != Phase::AwaitingReadback {
             return;
         }
-        let expected = self.image.map(|(_, d)| d);
+        let expected = self.image.map(|(_, d, _)| d);
         let verdict = if expected == Some(digest) {
             Ok(())
         } else {
@@ -706,7 +712,7 @@ impl Node {
     /// The image's size, once the source said it (in its welcome, or with
     /// the end of the image).
     pub fn image_size(&self) -> Option<u64> {
-        self.image_size.or(self.image.map(|(total, _)| total))
+        self.image_size.or(self.image.map(|(total, ..)| total))
     }
 
     /// How the stream encodes the image, as the source's welcome said
@@ -1030,8 +1036,15 @@ impl Node {
                     downstreams,
                 },
             ) => self.on_topology(now, epoch, upstream, downstreams),
-            (ControlState::Joined(_), Message::ImageDone { total, digest }) => {
-                self.image = Some((total, digest));
+            (
+                ControlState::Joined(_),
+                Message::ImageDone {
+                    total,
+                    digest,
+                    image_digest,
+                },
+            ) => {
+                self.image = Some((total, digest, image_digest));
                 self.check_copy(now);
             }
             (ControlState::Joined(_), Message::Release) => {
@@ -1402,7 +1415,8 @@ impl Node {
         if self.phase != Phase::AwaitingImage {
             return;
         }
-        let (Some((total, digest)), Some((got_total, got_digest))) = (self.image, self.stream_end)
+        let (Some((total, digest, image_digest)), Some((got_total, got_digest))) =
+            (self.image, self.stream_end)
         else {
             return;
         };
@@ -1412,11 +1426,18 @@ impl Node {
                 Err(format!("received {got_total} bytes, the image has {total}")),
             );
         }
-        if got_digest != digest {
-            return self.conclude(
-                now,
-                Err("digest of the received image differs from the source's".into()),
-            );
+        let mismatch = match (self.encoding, image_digest) {
+            (Encoding::Plain, _) => {
+                (got_digest != digest).then_some("digest of the received image differs from the source's")
+            }
+            (_, Some(image_digest)) => (got_digest != image_digest)
+                .then_some("digest of the unpacked image differs from the source's"),
+            (_, None) => Some(
+                "the source sent no digest of the unpacked image to check the copy by: run the same ka version on both",
+            ),
+        };
+        if let Some(why) = mismatch {
+            return self.conclude(now, Err(why.into()));
         }
         // A windowed node's stream is gone but for its window: its unpacker
         // has checked what it wrote before the stream's end reached us.

@@ -467,7 +467,8 @@ pub struct Source {
     failed_before_join: BTreeMap<String, (NodeId, FailedBeforeJoin)>,
     topology: Topology,
     epoch: Epoch,
-    image: Option<(u64, Digest)>,
+    /// The stream's size and digest, and an encoded stream's image digest.
+    image: Option<(u64, Digest, Option<Digest>)>,
     /// How far the image has been read.
     read: u64,
     release_queue: VecDeque<NodeId>,
@@ -705,17 +706,32 @@ impl Source {
         }
     }
 
-    /// The data plane reached the end of the image and computed its digest.
-    pub fn handle_image_done(&mut self, now: Time, total: u64, digest: Digest) {
+    /// The data plane reached the end of the stream and computed its
+    /// digest; an encoded stream's unpacked image has `image_digest`
+    /// (which its nodes' copies are checked by), a plain one `None`.
+    pub fn handle_image_done(
+        &mut self,
+        now: Time,
+        total: u64,
+        digest: Digest,
+        image_digest: Option<Digest>,
+    ) {
         if self.image.is_some() {
             return;
         }
         self.read = total;
-        self.image = Some((total, digest));
+        self.image = Some((total, digest, image_digest));
         self.events.push_back(SourceEvent::ImageDone { total });
         let conns: Vec<ConnId> = self.nodes.values().filter_map(|r| r.conn).collect();
         for c in conns {
-            self.send(c, Message::ImageDone { total, digest });
+            self.send(
+                c,
+                Message::ImageDone {
+                    total,
+                    digest,
+                    image_digest,
+                },
+            );
         }
         self.check_complete(now);
     }
@@ -1101,8 +1117,15 @@ impl Source {
             resumed_from: have,
             discarded: join.have - have,
         });
-        if let Some((total, digest)) = self.image {
-            self.send(conn, Message::ImageDone { total, digest });
+        if let Some((total, digest, image_digest)) = self.image {
+            self.send(
+                conn,
+                Message::ImageDone {
+                    total,
+                    digest,
+                    image_digest,
+                },
+            );
         }
         if let Some(parent) = parent {
             self.topology.attach(id, parent);
@@ -1216,7 +1239,7 @@ impl Source {
                 record.report.finished_at = Some(now);
                 self.unsettled -= 1;
                 if ok {
-                    record.report.received = self.image.map_or(record.report.received, |(t, _)| t);
+                    record.report.received = self.image.map_or(record.report.received, |(t, ..)| t);
                 }
                 self.events.push_back(SourceEvent::Verified {
                     node: id,

@@ -462,7 +462,7 @@ fn nodes_that_fed_only_a_slow_node_are_released_once_verified_and_the_source_tak
     // The fast three get their copies; d still feeds b.
     let now = t(step * 250 + 100);
     let total = 2_000_000;
-    src.handle_image_done(now, total, Digest([1; 32]));
+    src.handle_image_done(now, total, Digest([1; 32]), None);
     for conn in [1, 3, 4] {
         src.say(now, ConnId(conn), progress(total));
     }
@@ -530,7 +530,7 @@ fn releases_wait_for_the_session_and_are_paced() {
             j.wait_release = true
         });
     }
-    src.handle_image_done(t(100), 10, Digest([1; 32]));
+    src.handle_image_done(t(100), 10, Digest([1; 32]), None);
     src.say(
         t(110),
         ConnId(1),
@@ -582,7 +582,7 @@ fn node_verifies_only_when_its_digest_matches() {
 /// `--verify readback` reads the written stream back where it can: a node
 /// that joined as a file target and was welcomed to a plain stream reads
 /// back; one welcomed to a packed stream keeps only a window of it (its
-/// unpacker checked the target), so it concludes on the stream's digest.
+/// unpacker checked the target), so it concludes on the image's digest.
 #[test]
 fn only_a_node_that_keeps_its_whole_stream_reads_it_back() {
     for (encoding, reads_back) in [
@@ -592,7 +592,7 @@ fn only_a_node_that_keeps_its_whole_stream_reads_it_back() {
         let mut cfg = NodeConfig::new("s", "a", addr(2));
         cfg.verify_readback = true;
         let mut node = welcomed_node_with(cfg, None, 1, 0, encoding);
-        node.say(t(1), ConnId(1), image_done());
+        node.say(t(1), ConnId(1), packed_image_done(Some(Digest([5; 32]))));
         actions(&mut node);
         node.handle_stream_end(t(2), 1000, Digest([5; 32]));
         let asked = actions(&mut node).contains(&NodeAction::ReadBack);
@@ -602,11 +602,47 @@ fn only_a_node_that_keeps_its_whole_stream_reads_it_back() {
     }
 }
 
+/// A packed stream's copy is checked by the image it unpacks to, whose
+/// digest the source sends beside the stream's: what the node wrote must
+/// match that one, not the stream's, and a source that sends none leaves
+/// nothing to check by.
+#[test]
+fn a_packed_copy_is_checked_by_the_unpacked_images_digest() {
+    let (stream, image, forged) = (Digest([5; 32]), Digest([6; 32]), Digest([7; 32]));
+    for (image_digest, wrote, ok, why) in [
+        (Some(image), image, true, ""),
+        (Some(image), stream, false, "digest of the unpacked image differs"),
+        (Some(forged), image, false, "digest of the unpacked image differs"),
+        (None, image, false, "sent no digest of the unpacked image"),
+    ] {
+        let encoding = Encoding::Zstd { image_size: None };
+        let mut node = welcomed_node_with(NodeConfig::new("s", "a", addr(2)), None, 1, 0, encoding);
+        node.say(t(1), ConnId(1), packed_image_done(image_digest));
+        node.handle_stream_end(t(2), 1000, wrote);
+        let verdict = node.verdict().cloned().expect("concluded");
+        assert_eq!(verdict.is_ok(), ok, "{image_digest:?} {wrote:?}: {verdict:?}");
+        if let Err(e) = verdict {
+            assert!(e.contains(why), "{e}");
+        }
+    }
+}
+
+/// The source's end of a packed stream of 1000 bytes that unpacks to an
+/// image of digest `image_digest`.
+fn packed_image_done(image_digest: Option<Digest>) -> Message {
+    Message::ImageDone {
+        total: 1000,
+        digest: Digest([5; 32]),
+        image_digest,
+    }
+}
+
 /// The source's end of the stream for [`welcomed_node`]'s image.
 fn image_done() -> Message {
     Message::ImageDone {
         total: 1000,
         digest: Digest([5; 32]),
+        image_digest: None,
     }
 }
 
@@ -1155,6 +1191,7 @@ fn verified_node_tells_a_restarted_source_its_verdict() {
         Message::ImageDone {
             total: 1000,
             digest: Digest([5; 32]),
+            image_digest: None,
         },
     );
     node.handle_stream_end(t(3), 1000, Digest([5; 32]));
@@ -1198,6 +1235,7 @@ fn a_verified_node_waits_out_a_silent_source_for_its_release() {
         Message::ImageDone {
             total: 1000,
             digest: Digest([5; 32]),
+            image_digest: None,
         },
     );
     node.handle_stream_end(t(3), 1000, Digest([5; 32]));
@@ -1233,6 +1271,7 @@ fn a_verified_node_still_leaves_a_source_silent_for_source_wait() {
         Message::ImageDone {
             total: 1000,
             digest: Digest([5; 32]),
+            image_digest: None,
         },
     );
     node.handle_stream_end(t(3), 1000, Digest([5; 32]));
@@ -1634,7 +1673,7 @@ fn a_verified_forged_by_a_relay_is_not_taken_and_costs_the_node_its_connection()
     ] {
         let mut src = source(1);
         join(&mut src, Time::ZERO, 1, "a", &ROOT);
-        src.handle_image_done(t(1), 10, Digest([5; 32]));
+        src.handle_image_done(t(1), 10, Digest([5; 32]), None);
         drain(&mut src);
         events(&mut src);
         src.handle_message(t(2), ConnId(1), forged);
@@ -2606,7 +2645,7 @@ mod model {
             cfg.slow_window = Duration::from_secs(1);
             let mut src = Source::new(Time::ZERO, cfg, Box::new(Key(1)));
             src.handle_image_progress(Time::ZERO, SIZE);
-            src.handle_image_done(Time::ZERO, SIZE, Digest([5; 32]));
+            src.handle_image_done(Time::ZERO, SIZE, Digest([5; 32]), None);
             let nodes = scenario
                 .nodes
                 .iter()

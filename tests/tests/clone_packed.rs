@@ -246,16 +246,18 @@ fn auto_packs_only_when_the_source_outpaces_the_link_it_listens_on() {
 
 /// A node killed mid-stream: the chain heals around it, its downstream
 /// resumes in the packed stream from what its new upstream's window (or
-/// the source's spool) holds, and the killed node, started again, starts
-/// its copy over (a packed stream is unpacked as it comes, so a restart
-/// has no prefix to keep) and verifies too.
+/// the source's spool) holds, and the killed node, started again, goes on
+/// from the last frame end it recorded (the source ends a frame every
+/// 64 MiB of image): it reads its target's prefix back, receives only the
+/// rest of the stream, and its copy is checked whole.
 #[test]
-fn a_node_killed_mid_packed_stream_is_healed_around_and_restarts_from_scratch() {
+fn a_node_killed_mid_packed_stream_goes_on_from_its_last_frame_end() {
     let s = Session::new(3);
     let image = s.path("image.img");
-    let bytes = system_like(48 << 20, 3);
+    let bytes = system_like(96 << 20, 3);
     std::fs::write(&image, &bytes).unwrap();
-    // About 16 MiB packed at 2 MiB/s: 8 s of streaming.
+    // About 12 MiB packed at 2 MiB/s: 6 s of streaming, the one frame end
+    // before the last at two thirds of the stream.
     let (serve, server) = s.serve(
         4,
         &["--image", image.to_str().unwrap()],
@@ -269,14 +271,21 @@ fn a_node_killed_mid_packed_stream_is_healed_around_and_restarts_from_scratch() 
         ],
     );
     let (mut nodes, targets) = s.join_files(&server, &["n1", "n2", "n3", "n4"]);
-    // Mid-stream: n2 has unpacked some of the image.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(&targets[1]).map_or(0, |m| m.len()) < 4 << 20 {
-        assert!(Instant::now() < deadline, "n2 never got 4 MiB in");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Once n2 has recorded the frame end at 64 MiB of image.
+    let state = ka_net::shell::resume::NodeState::path(s.dir.path(), "ka", "n2");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let recorded = loop {
+        if let Ok(Some(st)) = ka_net::shell::resume::NodeState::load(&state) {
+            if let Some(at) = st.unpacked {
+                break (st.durable, at);
+            }
+        }
+        assert!(Instant::now() < deadline, "n2 never recorded a frame end");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(recorded.1, 64 << 20, "n2 recorded {recorded:?}");
     nodes.remove(1).kill9();
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(1000));
     // Started again reading its target back too: its unpacker does that,
     // since only a window of the packed stream is left to read.
     let again = s.join(
@@ -292,20 +301,38 @@ fn a_node_killed_mid_packed_stream_is_healed_around_and_restarts_from_scratch() 
     nodes.insert(1, again);
     let outputs = all_unpacked(nodes);
     let (label, out) = &outputs[1];
-    assert!(
-        out.contains("read back and checked again"),
-        "{label}, asked to read back, did not:\n{out}"
-    );
+    for step in [
+        "read back and checked again",
+        "went on from a frame end at 67108864 bytes of image",
+    ] {
+        assert!(out.contains(step), "{label} did not say {step:?}:\n{out}");
+    }
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let welcomed = lines.iter().rfind(|v| v["event"] == "welcomed").unwrap();
+    let left = lines.iter().find(|v| v["event"] == "left").unwrap();
     let (code, out, err) = serve.finish(WAIT);
     assert_eq!(code, 0, "{out}\n{err}");
     let report = final_report(&out);
-    assert!(report.packed.is_some(), "{out}");
+    let stream = report.packed.expect("packed");
+    assert_eq!(welcomed["resumed_from"].as_u64(), Some(recorded.0), "{welcomed}");
+    let received = left["received"].as_u64().unwrap();
+    eprintln!("n2 recorded {recorded:?}, received {received} of a stream of {stream} once restarted");
+    assert!(
+        received <= stream - recorded.0,
+        "the restarted n2 received {received} bytes of the stream's {stream}, \
+         more than the {} after its frame end",
+        stream - recorded.0
+    );
     for n in &report.nodes {
         assert!(n.ok, "{n:?}");
     }
     let n2 = report.nodes.iter().find(|n| n.name == "n2").unwrap();
     assert!(n2.deaths >= 1, "n2 was killed: {n2:?}");
     assert_copies(&bytes, &targets);
+    assert!(!state.exists(), "n2's state outlived its check");
 }
 
 /// Images that are already compressed: a `.zst` image travels as it is (the

@@ -431,6 +431,7 @@ fn leave_prefix(s: &Session, name: &str, have: u64) {
         image: ka_net::shell::resume::image_identity(&s.image).unwrap(),
         size: Some(SIZE),
         durable: have,
+        unpacked: None,
     }
     .save(&s.state_file(name))
     .unwrap();

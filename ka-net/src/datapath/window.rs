@@ -73,10 +73,20 @@ impl Window {
     /// A window of `limit` bytes over `spool` (a handle to the file the
     /// node receives into), which starts at offset 0.
     pub fn new(spool: File, limit: u64) -> Arc<Self> {
+        Self::starting_at(spool, limit, 0)
+    }
+
+    /// A window whose stream starts at offset `from` (a node resumed after
+    /// a restart): nothing before it is held, or ever will be.
+    pub fn starting_at(spool: File, limit: u64, from: u64) -> Arc<Self> {
         Arc::new(Window {
             spool,
             limit: limit.max(2 * PUNCH_STEP),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                low: from,
+                consumed: from,
+                ..State::default()
+            }),
             moved: Condvar::new(),
         })
     }
@@ -258,14 +268,16 @@ pub struct Follower {
 }
 
 impl Follower {
-    /// Follows `spool` from 0 as `written` says it grows. Blocking calls:
-    /// use it on a blocking thread of the runtime `rt`.
+    /// Follows `spool` from where `window` starts (0 unless the node
+    /// resumed) as `written` says it grows. Blocking calls: use it on a
+    /// blocking thread of the runtime `rt`.
     pub fn open(
         spool: &std::path::Path,
         written: tokio::sync::watch::Receiver<super::Written>,
         window: Arc<Window>,
         rt: tokio::runtime::Handle,
     ) -> Result<Self, Error> {
+        let pos = window.lock().consumed;
         let spool = File::open(spool)
             .map_err(|e| Error::io(format!("opening the spool {}", spool.display()), e))?;
         Ok(Follower {
@@ -273,7 +285,7 @@ impl Follower {
             written,
             window,
             rt,
-            pos: 0,
+            pos,
         })
     }
 

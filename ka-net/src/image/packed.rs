@@ -14,17 +14,32 @@
 //!
 //! Zstandard stores a block that does not shrink as it is (a raw block), so
 //! incompressible data costs five bytes per 128 KiB and a copy, not a
-//! second try. Blocks are not independently resumable, so a node resumes
-//! in stream offsets from what its upstream (or the source's spool) still
-//! holds, never by unpacking from the middle.
+//! second try.
+//!
+//! # Resuming
+//!
+//! A node whose upstream is lost goes on in stream offsets from what its
+//! new upstream (or the source's spool) still holds: its own unpacker
+//! never stopped. A node whose *process* restarts has lost its decoder's
+//! state, and a decoder can only start at a frame's beginning. So a source
+//! ends a frame every [`FRAME_IMAGE`] bytes of image, and a node records
+//! the last frame end it has unpacked and made durable: the stream offset
+//! and the image offset there ([`FrameEnd`]). Started again, it asks for
+//! the stream from that offset, reads its target's prefix back to rebuild
+//! the image's digest, and unpacks on from there. Cutting the image into
+//! frames of 64 MiB costs nothing measurable in size: a frame at the
+//! default level refers back only 2 MiB anyway.
 //!
 //! # Images that are already compressed
 //!
 //! [`ImageFormat::sniff`] recognises an image file by its first bytes. A
 //! `.zst` image is sent as it is ([`PackedSource::passthrough`]): the
-//! source only decodes it once, beside the stream, for the digest. A gzip
-//! or xz image is decoded at the source and then either packed again or
-//! sent plain.
+//! source only decodes it once, beside the stream, for the digest. Its
+//! frames are the file's: what `zstd` writes is one frame, so a restarted
+//! node starts such an image over, while a file of many frames (`pzstd`,
+//! `zstd --split`-style tools, or concatenated `.zst` pieces) resumes at
+//! its frames' ends. A gzip or xz image is decoded at the source and then
+//! either packed again or sent plain.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -43,6 +58,20 @@ use crate::Error;
 /// The level `--compress zstd` and `auto` pack at: Zstandard's default,
 /// a few hundred MB/s per core, near the best ratio of the fast levels.
 pub const DEFAULT_LEVEL: i32 = 3;
+
+/// A packing source ends a Zstandard frame after this many bytes of image:
+/// a restarted node resumes from the last frame end it recorded, so this
+/// is the most it fetches again (see the module docs).
+pub const FRAME_IMAGE: u64 = 64 << 20;
+
+/// Where a frame of a packed stream ends: a decoder can start afresh here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FrameEnd {
+    /// Bytes of the packed stream before it.
+    pub stream: u64,
+    /// Bytes of the image before it.
+    pub image: u64,
+}
 
 /// What a source does to its image's bytes before they travel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -169,11 +198,14 @@ impl Trailer {
 }
 
 /// How far a packed source has got: the image bytes it has read, so the
-/// source's report can give the image's size beside the stream's.
+/// source's report can give the image's size beside the stream's, and the
+/// trailer once it is made, whose digest the nodes' copies are checked by.
 #[derive(Debug, Default)]
 pub struct PackStats {
     /// Unpacked image bytes read so far.
     pub image: std::sync::atomic::AtomicU64,
+    /// The stream's trailer, once produced.
+    pub trailer: std::sync::OnceLock<Trailer>,
 }
 
 /// A Zstandard decoder that also tells whether what it decoded ends at a
@@ -197,12 +229,15 @@ impl FrameDecoder {
         })
     }
 
-    /// Decodes all of `bytes`, handing what comes out to `out` in order.
-    fn decode(
+    /// Decodes `bytes`, handing what comes out to `out` in order, up to
+    /// the end of a frame or of `bytes`, whichever comes first; returns how
+    /// many bytes it used. (Stopping at a frame's end tells the caller
+    /// exactly where a decoder could start afresh.)
+    fn decode_some(
         &mut self,
         bytes: &[u8],
         out: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
-    ) -> Result<(), Error> {
+    ) -> Result<usize, Error> {
         let mut input = InBuffer::around(bytes);
         loop {
             let mut output = OutBuffer::around(&mut self.out[..]);
@@ -215,18 +250,36 @@ impl FrameDecoder {
             // A call that moved nothing after a frame's end asks for the
             // next frame's header: only calls that did something tell
             // whether the stream stands at a frame's end.
-            if input.pos > before || got > 0 {
+            let moved = input.pos > before || got > 0;
+            if moved {
                 self.hint = hint;
             }
             if got > 0 {
                 out(&self.out[..got])?;
             }
+            // A frame ended, everything of it handed on.
+            if moved && hint == 0 {
+                return Ok(input.pos);
+            }
             // Done once it is all in and the decoder had room to spare: it
             // holds nothing back.
             if input.pos == bytes.len() && got < self.out.len() {
-                return Ok(());
+                return Ok(input.pos);
             }
         }
+    }
+
+    /// Decodes all of `bytes`, handing what comes out to `out` in order.
+    fn decode(
+        &mut self,
+        bytes: &[u8],
+        out: &mut dyn FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let mut used = 0;
+        while used < bytes.len() {
+            used += self.decode_some(&bytes[used..], out)?;
+        }
+        Ok(())
     }
 
     /// Whether what was decoded so far ends exactly at a frame's end.
@@ -255,6 +308,9 @@ enum Input {
         source: Box<dyn ImageSource>,
         encoder: zstd::stream::raw::Encoder<'static>,
         buf: Vec<u8>,
+        /// Frames: how much image each holds, and how much the open one has.
+        frame: u64,
+        in_frame: u64,
     },
     /// A Zstandard file, sent as it is and decoded beside for its digest.
     Passthrough {
@@ -266,11 +322,13 @@ enum Input {
 
 impl PackedSource {
     /// Packs the records of `source` at `level` with `workers` threads
-    /// (0: on the reading thread), digesting them with `key`.
+    /// (0: on the reading thread), a frame per `frame` bytes of image
+    /// ([`FRAME_IMAGE`]), digesting them with `key`.
     pub fn pack(
         source: Box<dyn ImageSource>,
         level: i32,
         workers: u32,
+        frame: u64,
         key: &DigestKey,
     ) -> Result<Self, Error> {
         let mut encoder = zstd::stream::raw::Encoder::new(level)
@@ -291,6 +349,8 @@ impl PackedSource {
                 source,
                 encoder,
                 buf: vec![0u8; crate::datapath::BUF_SIZE],
+                frame: frame.max(1),
+                in_frame: 0,
             },
             key,
         ))
@@ -336,6 +396,8 @@ impl PackedSource {
                 source,
                 encoder,
                 buf,
+                frame,
+                in_frame,
             } => match source.next_record(buf)? {
                 None => {
                     return Err(Error::Truncated {
@@ -343,23 +405,32 @@ impl PackedSource {
                     })
                 }
                 Some(h) => {
+                    let mut framed = Framed {
+                        encoder,
+                        frame: *frame,
+                        in_frame,
+                        out: &mut self.out,
+                    };
                     match h.kind {
                         RecordKind::Data => {
                             let data = &buf[..h.len as usize];
                             hasher.data(h.offset, data)?;
-                            compress(encoder, data, &mut self.out)?;
+                            framed.compress(data)?;
                         }
                         RecordKind::Zero => {
                             hasher.zero(h.offset, h.len)?;
                             let mut left = h.len;
                             while left > 0 {
                                 let n = left.min(BLOCK) as usize;
-                                compress(encoder, &super::ZEROS[..n], &mut self.out)?;
+                                framed.compress(&super::ZEROS[..n])?;
                                 left -= n as u64;
                             }
                         }
                         RecordKind::End => {
-                            finish(encoder, &mut self.out)?;
+                            if *in_frame > 0 || h.offset == 0 {
+                                // An empty image is still one (empty) frame.
+                                finish(encoder, &mut self.out)?;
+                            }
                             ended = Some(h.offset);
                         }
                     }
@@ -387,8 +458,35 @@ impl PackedSource {
         }
         if let Some(size) = ended {
             let digest = self.hasher.take().expect("hasher").finish(size)?;
-            self.out
-                .extend_from_slice(&Trailer { size, digest }.encode());
+            let trailer = Trailer { size, digest };
+            self.out.extend_from_slice(&trailer.encode());
+            let _ = self.stats.trailer.set(trailer);
+        }
+        Ok(())
+    }
+}
+
+/// A packing encoder that ends its frame every `frame` bytes of image.
+struct Framed<'a> {
+    encoder: &'a mut zstd::stream::raw::Encoder<'static>,
+    frame: u64,
+    in_frame: &'a mut u64,
+    out: &'a mut Vec<u8>,
+}
+
+impl Framed<'_> {
+    /// Packs `data`, ending the frame wherever it reaches `frame` bytes.
+    fn compress(&mut self, mut data: &[u8]) -> Result<(), Error> {
+        while !data.is_empty() {
+            let room = (self.frame - *self.in_frame).min(data.len() as u64) as usize;
+            compress(self.encoder, &data[..room], self.out)?;
+            *self.in_frame += room as u64;
+            data = &data[room..];
+            if *self.in_frame == self.frame {
+                // The next bytes open a new frame, with the same settings.
+                finish(self.encoder, self.out)?;
+                *self.in_frame = 0;
+            }
         }
         Ok(())
     }
@@ -591,19 +689,39 @@ pub struct Unpacker {
     /// The stream's last [`Trailer::SIZE`] bytes are not fed to the decoder
     /// until more follows: at the end they are the trailer.
     held: Vec<u8>,
+    /// Stream bytes decoded so far (counted from the stream's start).
+    decoded: u64,
     /// Image bytes handed on so far.
     unpacked: u64,
+    /// The last frame end decoded.
+    frame_end: FrameEnd,
 }
 
 impl Unpacker {
     /// An unpacker digesting with `key`.
     pub fn new(key: &DigestKey) -> Result<Self, Error> {
+        Self::resume(ImageHasher::new(key), 0)
+    }
+
+    /// An unpacker going on from a frame end: the stream from offset
+    /// `stream` on unpacks to the image from `hasher`'s position on, and
+    /// `hasher` has digested the image before it.
+    pub fn resume(hasher: ImageHasher, stream: u64) -> Result<Self, Error> {
+        let image = hasher.position();
         Ok(Unpacker {
             frames: FrameDecoder::new("unpacking the stream")?,
-            hasher: ImageHasher::new(key),
+            hasher,
             held: Vec::with_capacity(2 * Trailer::SIZE),
-            unpacked: 0,
+            decoded: stream,
+            unpacked: image,
+            frame_end: FrameEnd { stream, image },
         })
+    }
+
+    /// The last frame end unpacked: everything before it in the image has
+    /// been handed on, and a decoder could start afresh there.
+    pub fn frame_end(&self) -> FrameEnd {
+        self.frame_end
     }
 
     /// Takes the next piece of the packed stream, handing what it unpacks
@@ -623,13 +741,25 @@ impl Unpacker {
             frames,
             hasher,
             held,
+            decoded,
             unpacked,
+            frame_end,
         } = self;
-        frames.decode(&held[..feed], &mut |chunk| {
-            hasher.data(*unpacked, chunk)?;
-            *unpacked += chunk.len() as u64;
-            out(chunk)
-        })?;
+        let mut used = 0;
+        while used < feed {
+            used += frames.decode_some(&held[used..feed], &mut |chunk| {
+                hasher.data(*unpacked, chunk)?;
+                *unpacked += chunk.len() as u64;
+                out(chunk)
+            })?;
+            if frames.at_frame_end() {
+                *frame_end = FrameEnd {
+                    stream: *decoded + used as u64,
+                    image: *unpacked,
+                };
+            }
+        }
+        *decoded += feed as u64;
         held.drain(..feed);
         Ok(())
     }
@@ -676,15 +806,24 @@ pub struct SinkWriter<'s> {
 }
 
 impl<'s> SinkWriter<'s> {
-    /// A writer to `sink` (at offset 0) of an image of `expected` bytes if
-    /// known.
+    /// A writer to `sink`, from where it stands (0 for a new image), of an
+    /// image of `expected` bytes if known.
     pub fn new(sink: &'s mut dyn ImageSink, expected: Option<u64>) -> Self {
+        let written = sink.position();
         SinkWriter {
             sink,
             pending: Vec::with_capacity(crate::datapath::BUF_SIZE),
-            written: 0,
+            written,
             expected,
         }
+    }
+
+    /// Writes what it holds of the image before `offset` to the sink
+    /// (not yet durable: that takes the sink's sync), so a frame end can be
+    /// recorded once the target is synced.
+    pub fn write_through(&mut self, offset: u64) -> Result<(), Error> {
+        let behind = offset.saturating_sub(self.written);
+        self.flush_bytes((behind as usize).min(self.pending.len()))
     }
 
     /// Takes the next bytes of the image.
@@ -699,7 +838,11 @@ impl<'s> SinkWriter<'s> {
     /// Writes the pending whole blocks (all of it when `all`).
     fn flush(&mut self, all: bool) -> Result<(), Error> {
         let len = self.pending.len();
-        let whole = if all { len } else { len - len % BLOCK as usize };
+        self.flush_bytes(if all { len } else { len - len % BLOCK as usize })
+    }
+
+    /// Writes the first `whole` pending bytes.
+    fn flush_bytes(&mut self, whole: usize) -> Result<(), Error> {
         if let Some(max) = self.expected {
             if self.written + whole as u64 > max {
                 return Err(Error::Invalid(format!(
@@ -794,7 +937,7 @@ pub fn pack_stream(
     size: Option<u64>,
     key: &DigestKey,
 ) -> Result<EncodedStream, Error> {
-    let packed = PackedSource::pack(source, level, pack_workers(), key)?;
+    let packed = PackedSource::pack(source, level, pack_workers(), FRAME_IMAGE, key)?;
     let stats = packed.stats();
     Ok(EncodedStream {
         source: Box::new(super::sources::StreamSource::new(packed)),
@@ -954,7 +1097,7 @@ mod tests {
         let (image, target) = (dir.path().join("image"), dir.path().join("target"));
         let bytes = disk_like(&image);
         let source = FileSource::open(&image).unwrap();
-        let stream = packed_bytes(PackedSource::pack(Box::new(source), 3, 1, &KEY).unwrap());
+        let stream = packed_bytes(PackedSource::pack(Box::new(source), 3, 1, FRAME_IMAGE, &KEY).unwrap());
         assert!(
             stream.len() < bytes.len() / 2,
             "{} bytes packed to {}",
@@ -976,6 +1119,76 @@ mod tests {
         // `zstd -d` reads the stream as it is: the trailer is a skippable frame.
         let plain = zstd::stream::decode_all(&stream[..]).unwrap();
         assert_eq!(plain, bytes);
+    }
+
+    /// Every frame end `stream` passes, fed in pieces of `piece` bytes.
+    fn frame_ends(stream: &[u8], piece: usize) -> Vec<FrameEnd> {
+        let mut unpacker = Unpacker::new(&KEY).unwrap();
+        let mut ends = vec![];
+        for p in stream.chunks(piece) {
+            unpacker.feed(p, &mut |_| Ok(())).unwrap();
+            if ends.last() != Some(&unpacker.frame_end()) {
+                ends.push(unpacker.frame_end());
+            }
+        }
+        unpacker.finish().unwrap();
+        ends
+    }
+
+    #[test]
+    fn a_packing_source_ends_a_frame_per_frame_of_image_and_a_node_goes_on_from_any_frame_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, target) = (dir.path().join("image"), dir.path().join("target"));
+        let bytes = disk_like(&image);
+        let size = bytes.len() as u64;
+        let frame = 1 << 20;
+        let source = FileSource::open(&image).unwrap();
+        let stream = packed_bytes(PackedSource::pack(Box::new(source), 3, 1, frame, &KEY).unwrap());
+        // Frame ends where the image reaches each MiB, the last one at the
+        // image's end. Fed in larger pieces, the unpacker tells the last
+        // frame end of each, one of the same.
+        let ends = frame_ends(&stream, 13);
+        let coarse = frame_ends(&stream, 77_777);
+        assert!(coarse.iter().all(|e| ends.contains(e)), "{coarse:?} {ends:?}");
+        assert_eq!(coarse.last(), ends.last());
+        let images: Vec<u64> = ends.iter().map(|e| e.image).collect();
+        let mut expected: Vec<u64> = (0..=size / frame).map(|k| k * frame).collect();
+        if size % frame != 0 {
+            expected.push(size);
+        }
+        assert_eq!(images[1..], expected[1..], "{ends:?}");
+        assert_eq!(ends.last().unwrap().stream, (stream.len() - Trailer::SIZE) as u64);
+        // A node that stopped at a frame end and kept the image before it
+        // goes on from there: the whole image and its digest come out.
+        let full = digest_file(&image, &KEY).unwrap();
+        for end in &ends[1..ends.len() - 1] {
+            std::fs::write(&target, &bytes[..end.image as usize]).unwrap();
+            let mut sink = FileSink::open(&target, None).unwrap();
+            sink.resume(end.image).unwrap();
+            let hasher = crate::datapath::rehash_written(&sink, &KEY).unwrap();
+            let mut unpacker = Unpacker::resume(hasher, end.stream).unwrap();
+            let mut writer = SinkWriter::new(&mut sink, None);
+            for p in stream[end.stream as usize..].chunks(100_000) {
+                unpacker.feed(p, &mut |b| writer.write(b)).unwrap();
+            }
+            let trailer = unpacker.finish().unwrap();
+            writer.finish(trailer.size).unwrap();
+            assert_eq!(trailer.digest, full, "from {end:?}");
+            assert!(std::fs::read(&target).unwrap() == bytes, "from {end:?}");
+        }
+        // One frame for the whole image: nowhere to go on from but the end.
+        let source = FileSource::open(&image).unwrap();
+        let one = packed_bytes(PackedSource::pack(Box::new(source), 3, 0, u64::MAX, &KEY).unwrap());
+        let ends = frame_ends(&one, 1 << 16);
+        assert_eq!(ends.len(), 2, "{ends:?}");
+        assert_eq!(ends[1].image, size);
+        // A resume from anywhere but a frame end is refused.
+        let mut unpacker = Unpacker::resume(ImageHasher::new(&KEY), 1000).unwrap();
+        let e = unpacker
+            .feed(&stream[1000..], &mut |_| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unpacking"), "{e}");
     }
 
     #[test]
@@ -1000,6 +1213,10 @@ mod tests {
             "the file's bytes, unchanged"
         );
         assert_eq!(stream.len(), file.len() + Trailer::SIZE);
+        // A node can go on from the end of the file's first frame.
+        let ends = frame_ends(&stream, 1 << 16);
+        assert_eq!(ends[1].image, 1 << 20, "{ends:?}");
+        assert_eq!(ends.len(), 3, "{ends:?}");
         let trailer = unpack_to(&stream, &target, 1 << 20).unwrap();
         assert_eq!(trailer.digest, digest_file(&image, &KEY).unwrap());
         assert_eq!(std::fs::read(&target).unwrap(), bytes);
@@ -1011,7 +1228,7 @@ mod tests {
         let (image, target) = (dir.path().join("image"), dir.path().join("target"));
         disk_like(&image);
         let source = FileSource::open(&image).unwrap();
-        let stream = packed_bytes(PackedSource::pack(Box::new(source), 3, 0, &KEY).unwrap());
+        let stream = packed_bytes(PackedSource::pack(Box::new(source), 3, 0, FRAME_IMAGE, &KEY).unwrap());
         // Cut before the trailer: no trailer.
         let cut = &stream[..stream.len() - Trailer::SIZE - 1000];
         let e = unpack_to(cut, &target, 1 << 16).unwrap_err().to_string();
@@ -1035,7 +1252,7 @@ mod tests {
         let (image, target) = (dir.path().join("image"), dir.path().join("target"));
         let bytes = disk_like(&image);
         let source = StreamSource::new(File::open(&image).unwrap());
-        let stream = packed_bytes(PackedSource::pack(Box::new(source), 1, 0, &KEY).unwrap());
+        let stream = packed_bytes(PackedSource::pack(Box::new(source), 1, 0, FRAME_IMAGE, &KEY).unwrap());
         let trailer = unpack_to(&stream, &target, 1 << 20).unwrap();
         assert_eq!(trailer.digest, digest_file(&image, &KEY).unwrap());
         assert_eq!(std::fs::read(&target).unwrap(), bytes);

@@ -21,6 +21,7 @@ use crate::datapath::forward::Downstreams;
 use crate::datapath::window::{Window, WindowedSink};
 use crate::datapath::{rehash_written, NodeWriter, RelayEnd};
 use crate::image::digest::{digest_source, DigestKey, ImageHasher};
+use crate::image::packed::FrameEnd;
 use crate::image::sinks::{open_sink, SinkSpec};
 use crate::system::rebuild::RebuildOptions;
 use crate::system::Unpacked;
@@ -157,11 +158,16 @@ enum Internal {
         reason: String,
     },
     ReadBack(Result<Digest, String>),
+    /// A spooled stream was fed to its sink; a packed one's result is the
+    /// digest of the image it unpacked to.
     Fed {
-        result: Result<(), String>,
+        result: Result<Option<Digest>, String>,
         size: u64,
         digest: Digest,
     },
+    /// A packed stream's unpacking (of generation `gen`) passed a frame
+    /// end, the image before it written to the target.
+    FrameEnded { gen: u64, end: FrameEnd },
     /// A durable prefix was recorded (or could not be), for state generation `gen`.
     Recorded {
         gen: u64,
@@ -191,6 +197,9 @@ struct Durable {
     recorded: u64,
     recorded_at: Instant,
     in_flight: bool,
+    /// A packed stream's frame end that came while a record was in flight:
+    /// recorded when that one is done.
+    frame_end: Option<(ImageId, FrameEnd)>,
     /// The latest record's task: awaited before the state is removed, so a
     /// late write cannot bring it back.
     last: Option<tokio::task::JoinHandle<()>>,
@@ -208,6 +217,7 @@ impl Durable {
             recorded: 0,
             recorded_at: Instant::now(),
             in_flight: false,
+            frame_end: None,
             last: None,
         }
     }
@@ -292,6 +302,39 @@ impl Durable {
         if !self.record_due(offset, synced, Instant::now()) {
             return;
         }
+        self.save(image, size, offset, None, synced, tx);
+    }
+
+    /// Records a packed stream's frame end of `image`: the target's image
+    /// before it is synced, and the stream resumes there after a restart.
+    /// Every frame end is recorded (they are [`FRAME_IMAGE`] apart), the
+    /// latest one after the record in flight.
+    ///
+    /// [`FRAME_IMAGE`]: crate::image::packed::FRAME_IMAGE
+    fn record_frame_end(
+        &mut self,
+        image: ImageId,
+        end: FrameEnd,
+        tx: &mpsc::UnboundedSender<Internal>,
+    ) {
+        if self.in_flight {
+            self.frame_end = Some((image, end));
+        } else if end.stream > self.recorded {
+            self.save(image, None, end.stream, Some(end.image), false, tx);
+        }
+    }
+
+    /// Saves the state (syncing the target first unless `synced`) on a
+    /// blocking thread that reports back with [`Internal::Recorded`].
+    fn save(
+        &mut self,
+        image: ImageId,
+        size: Option<u64>,
+        offset: u64,
+        unpacked: Option<u64>,
+        synced: bool,
+        tx: &mpsc::UnboundedSender<Internal>,
+    ) {
         self.in_flight = true;
         self.recorded_at = Instant::now();
         let state = NodeState {
@@ -301,6 +344,7 @@ impl Durable {
             image,
             size,
             durable: offset,
+            unpacked,
         };
         let (path, gen, tx) = (self.path.clone(), self.gen, tx.clone());
         self.last = Some(tokio::task::spawn_blocking(move || {
@@ -317,8 +361,13 @@ impl Durable {
     }
 
     /// A record of generation `gen` is done: it counts if the copy has not
-    /// started over since.
-    fn recorded(&mut self, gen: u64, result: Result<u64, String>) {
+    /// started over since. A frame end that waited for it goes next.
+    fn recorded(
+        &mut self,
+        gen: u64,
+        result: Result<u64, String>,
+        tx: &mpsc::UnboundedSender<Internal>,
+    ) {
         self.in_flight = false;
         if gen != self.gen {
             return;
@@ -327,6 +376,9 @@ impl Durable {
             Ok(at) => self.recorded = self.recorded.max(at),
             Err(e) => tracing::warn!(error = %e, "could not record the durable prefix"),
         }
+        if let Some((image, end)) = self.frame_end.take() {
+            self.record_frame_end(image, end, tx);
+        }
     }
 
     /// The copy starts over: what was recorded no longer holds. (A record
@@ -334,16 +386,21 @@ impl Durable {
     fn forget(&mut self) {
         self.gen += 1;
         self.recorded = 0;
+        self.frame_end = None;
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
 /// What a restart found on disk, ready to go on from.
 struct Resumed {
-    writer: NodeWriter,
+    /// The target's writer at its durable prefix; `None` for a packed
+    /// stream, whose writer (into a spool) opens when receiving begins.
+    writer: Option<NodeWriter>,
     resume: Resume,
     /// The digest of the whole image, when the prefix is all of it.
     complete: Option<(u64, Digest)>,
+    /// A packed stream's frame end to go on from.
+    frame_end: Option<FrameEnd>,
 }
 
 /// Checks the state against the target and rebuilds the running digest by
@@ -363,12 +420,28 @@ fn reopen(state: NodeState, target: &Path, key: &DigestKey) -> Result<Option<Res
         return Err("the state's prefix is longer than its image".into());
     }
     let meta = std::fs::metadata(target).map_err(|e| format!("{}: {e}", target.display()))?;
-    if meta.is_file() && meta.len() < state.durable {
+    let on_target = state.unpacked.unwrap_or(state.durable);
+    if meta.is_file() && meta.len() < on_target {
         return Err(format!(
-            "{} is shorter than the recorded prefix of {} bytes",
+            "{} is shorter than the recorded prefix of {on_target} bytes",
             target.display(),
-            state.durable
         ));
+    }
+    if let Some(image) = state.unpacked {
+        // A packed stream: its unpacker reads the target's prefix back
+        // once it knows the source still serves this stream.
+        return Ok(Some(Resumed {
+            writer: None,
+            resume: Resume {
+                image: state.image,
+                have: state.durable,
+            },
+            complete: None,
+            frame_end: Some(FrameEnd {
+                stream: state.durable,
+                image,
+            }),
+        }));
     }
     let mut sink =
         open_sink(&SinkSpec::File(target.to_path_buf()), state.size).map_err(|e| e.to_string())?;
@@ -387,12 +460,13 @@ fn reopen(state: NodeState, target: &Path, key: &DigestKey) -> Result<Option<Res
     };
     let writer = NodeWriter::new(sink, hasher).map_err(|e| e.to_string())?;
     Ok(Some(Resumed {
-        writer,
+        writer: Some(writer),
         resume: Resume {
             image: state.image,
             have: state.durable,
         },
         complete,
+        frame_end: None,
     }))
 }
 
@@ -643,6 +717,9 @@ struct NodeDriver {
     /// The running unpacking, which the next one waits for (a rebuild must
     /// have unmounted before the disks are partitioned again).
     unpack_task: Option<tokio::task::JoinHandle<()>>,
+    /// A restarted packed stream's node: the frame end its state recorded,
+    /// where its spool and its unpacking go on from.
+    frame_end: Option<FrameEnd>,
 }
 
 impl NodeDriver {
@@ -675,16 +752,25 @@ impl NodeDriver {
         let mut start = Written::default();
         let mut resume = None;
         let mut complete = None;
+        let mut frame_end = None;
         if let Some(r) = resumed {
-            tracing::info!(
-                from = r.resume.have,
-                "resuming the copy from its durable prefix (read back to rebuild its digest)"
-            );
+            match r.frame_end {
+                None => tracing::info!(
+                    from = r.resume.have,
+                    "resuming the copy from its durable prefix (read back to rebuild its digest)"
+                ),
+                Some(end) => tracing::info!(
+                    from = end.stream,
+                    image = end.image,
+                    "resuming a packed stream from the frame end it recorded"
+                ),
+            }
             start.upto = r.resume.have;
             start.size = r.complete.map(|(size, _)| size);
-            writer = Some(r.writer);
+            writer = r.writer;
             resume = Some(r.resume);
             complete = r.complete;
+            frame_end = r.frame_end;
             if let Some(d) = &mut durable {
                 d.recorded = r.resume.have;
             }
@@ -723,6 +809,7 @@ impl NodeDriver {
             unpack: None,
             unpack_gen: 0,
             unpack_task: None,
+            frame_end,
         };
         (
             driver,
@@ -887,6 +974,7 @@ impl NodeDriver {
                 }
                 self.loans.start_over();
                 self.written.send_replace(Written::default());
+                self.frame_end = None;
                 if let Some(d) = &mut self.durable {
                     d.forget();
                 }
@@ -992,7 +1080,13 @@ impl NodeDriver {
             }
             Internal::Recorded { gen, result } => {
                 if let Some(d) = &mut self.durable {
-                    d.recorded(gen, result);
+                    d.recorded(gen, result, &self.internal_tx);
+                }
+            }
+            Internal::FrameEnded { gen, .. } if gen != self.unpack_gen => {}
+            Internal::FrameEnded { end, .. } => {
+                if let (Some(d), Some(image)) = (&mut self.durable, self.node.image_id()) {
+                    d.record_frame_end(image, end, &self.internal_tx);
                 }
             }
             Internal::Unpacked { gen, .. } if gen != self.unpack_gen => {}
@@ -1009,10 +1103,12 @@ impl NodeDriver {
             }
             Internal::ReadBack(Ok(d)) => self.node.handle_readback(now, d),
             Internal::Fed {
-                result: Ok(()),
+                result: Ok(image),
                 size,
                 digest,
-            } => self.node.handle_stream_end(now, size, digest),
+            } => self
+                .node
+                .handle_stream_end(now, size, image.unwrap_or(digest)),
             Internal::Fed { result: Err(e), .. } => self.node.handle_sink_error(now, e),
             Internal::ReadBack(Err(e)) => self
                 .node
@@ -1043,7 +1139,9 @@ impl NodeDriver {
                             holds_from: self.holds_from(),
                         },
                     );
-                    if let Some(d) = &mut self.durable {
+                    // A packed stream's offsets are not where it can resume:
+                    // its frame ends are ([`Internal::FrameEnded`]).
+                    if let (Some(d), Target::File(_)) = (&mut self.durable, &self.target) {
                         let (image, size) = (self.node.image_id(), self.node.image_size());
                         d.maybe_record(image, size, offset, false, &self.internal_tx);
                     }
@@ -1164,9 +1262,6 @@ impl NodeDriver {
                 tracing::info!(
                     "the source packs its stream: unpacking it into the target as it arrives"
                 );
-                if self.durable.take().is_some() {
-                    tracing::info!("a packed stream does not resume after a restart: a restarted node starts over");
-                }
                 self.target = Target::Packed {
                     file: file.clone(),
                     spool: self.packed_spool.clone(),
@@ -1184,8 +1279,10 @@ impl NodeDriver {
     /// digest is known) and it is unpacked (the disks rebuilt, the target
     /// written): only then is it checked.
     fn windowed_done(&mut self) {
-        if let (Some(Ok(_)), Some((size, digest))) = (&self.unpack, self.windowed_end) {
+        if let (Some(Ok(unpacked)), Some((size, digest))) = (&self.unpack, self.windowed_end) {
             // Once: the stream's end is handed to the machine a single time.
+            // A packed stream's copy is the image it unpacked to.
+            let digest = unpacked.image.unwrap_or(digest);
             self.windowed_end = None;
             self.node.handle_stream_end(self.clock.now(), size, digest);
         }
@@ -1196,6 +1293,13 @@ impl NodeDriver {
     /// also starts what unpacks the spool as it grows.
     fn first_writer(&mut self) -> Result<NodeWriter, Error> {
         let unpack: Unpack = match &self.target {
+            Target::File(_) if self.frame_end.is_some() => {
+                return Err(Error::Invalid(
+                    "this node's state is of a packed stream, but the source sends it plain: \
+                     remove the node's state file (under --state-dir) and join again"
+                        .into(),
+                ))
+            }
             Target::File(_) | Target::Stream { .. } => {
                 return open_writer(
                     self.target.file(),
@@ -1212,9 +1316,13 @@ impl NodeDriver {
                         ka_core::codec::Encoding::Plain => None,
                     },
                     read_back: self.read_back,
+                    from: self.frame_end,
                 };
+                let (tx, gen) = (self.internal_tx.clone(), self.unpack_gen);
                 Box::new(move |spool, written, window, rt| {
-                    super::spool::unpack_following(spool, written, window, &to, rt)
+                    super::spool::unpack_following(spool, written, window, &to, rt, &mut |end| {
+                        let _ = tx.send(Internal::FrameEnded { gen, end });
+                    })
                 })
             }
             Target::System { rebuild, .. } => {
@@ -1234,10 +1342,19 @@ impl NodeDriver {
         let win = self
             .spool_window()?
             .expect("a windowed target has a window");
-        let sink = open_sink(&SinkSpec::File(spool.clone()), None)?;
+        let mut sink = open_sink(&SinkSpec::File(spool.clone()), None)?;
         super::spool::reach_ahead(&spool)?;
+        let mut hasher = ImageHasher::new(self.key.digest_key());
+        if let Some(end) = self.frame_end {
+            // A packed stream's copy is checked by the image it unpacks to,
+            // not by the stream's digest: the part of the stream an earlier
+            // process received counts as a hole, so that the writer stands
+            // where the stream goes on.
+            sink.resume(end.stream)?;
+            hasher.zero(0, end.stream)?;
+        }
         let sink = Box::new(WindowedSink::new(sink, Arc::clone(&win)));
-        let writer = NodeWriter::new(sink, ImageHasher::new(self.key.digest_key()))?;
+        let writer = NodeWriter::new(sink, hasher)?;
         let (tx, written) = (self.internal_tx.clone(), self.written_rx.clone());
         let rt = tokio::runtime::Handle::current();
         let (gen, before) = (self.unpack_gen, self.unpack_task.take());
@@ -1271,7 +1388,8 @@ impl NodeDriver {
             .truncate(false)
             .open(spool)
             .map_err(|e| Error::io(format!("creating {}", spool.display()), e))?;
-        let w = Window::new(handle, *window);
+        let from = self.frame_end.map_or(0, |end| end.stream);
+        let w = Window::starting_at(handle, *window, from);
         self.window = Some(Arc::clone(&w));
         Ok(Some(w))
     }
@@ -1347,8 +1465,12 @@ impl NodeDriver {
             conns,
             writer,
             mut durable,
+            target,
             ..
         } = self;
+        // A packed stream's spool position is no place to resume from: its
+        // frame ends are recorded as they are passed.
+        let plain = matches!(target, Target::File(_));
         conns.finish().await;
         let verdict_given = node.verdict().is_some();
         let image = node.image_id();
@@ -1357,8 +1479,8 @@ impl NodeDriver {
             let parts = w.into_parts().await;
             // Leaving without a verdict (the source never came back, the
             // session was aborted): record what is on disk.
-            if let (Some(d), Ok((sink, _)), Some(image), false) =
-                (&durable, parts, image, verdict_given)
+            if let (Some(d), Ok((sink, _)), Some(image), false, true) =
+                (&durable, parts, image, verdict_given, plain)
             {
                 let at = sink.position();
                 if at > d.recorded {
@@ -1370,6 +1492,7 @@ impl NodeDriver {
                         image,
                         size,
                         durable: at,
+                        unpacked: None,
                     };
                     let _ = tokio::task::spawn_blocking(move || {
                         resume::sync_target(&state.target).and_then(|()| state.save(&path))
@@ -1568,10 +1691,11 @@ mod tests {
     fn nothing_is_recorded_while_a_record_is_under_way_or_behind_the_record() {
         let dir = tempfile::tempdir().unwrap();
         let mut d = durable(dir.path());
+        let (tx, _rx) = mpsc::unbounded_channel();
         let t0 = d.recorded_at;
         d.in_flight = true;
         assert!(!d.record_due(RECORD_STEP, true, t0 + RECORD_EVERY));
-        d.recorded(d.gen, Ok(100));
+        d.recorded(d.gen, Ok(100), &tx);
         assert!(!d.in_flight);
         assert!(!d.record_due(100, true, t0 + RECORD_EVERY));
         assert!(d.record_due(101, true, t0 + RECORD_EVERY));
@@ -1581,19 +1705,20 @@ mod tests {
     fn a_record_made_before_a_start_over_does_not_count() {
         let dir = tempfile::tempdir().unwrap();
         let mut d = durable(dir.path());
+        let (tx, _rx) = mpsc::unbounded_channel();
         std::fs::write(&d.path, "old").unwrap();
         d.in_flight = true;
         let old = d.gen;
         d.forget();
         assert!(!d.path.exists(), "the old state is gone");
-        d.recorded(old, Ok(500));
+        d.recorded(old, Ok(500), &tx);
         assert_eq!(d.recorded, 0);
         assert!(!d.in_flight);
-        d.recorded(d.gen, Ok(500));
+        d.recorded(d.gen, Ok(500), &tx);
         assert_eq!(d.recorded, 500);
-        d.recorded(d.gen, Ok(200));
+        d.recorded(d.gen, Ok(200), &tx);
         assert_eq!(d.recorded, 500, "a late, shorter record never goes back");
-        d.recorded(d.gen, Err("disk full".into()));
+        d.recorded(d.gen, Err("disk full".into()), &tx);
         assert_eq!(d.recorded, 500);
     }
 }

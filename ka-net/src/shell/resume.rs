@@ -11,7 +11,11 @@
 //!   and the prefix of the target that is written *and durable* (the target is
 //!   `fdatasync`ed before the prefix is recorded). Written atomically (a
 //!   temporary file, flushed, renamed over the old one), at most a few times a
-//!   second, while the image arrives; removed once the copy is checked.
+//!   second, while the image arrives; removed once the copy is checked. A
+//!   packed stream's node records a frame end instead: the stream offset it
+//!   resumes from (`durable`) and the image bytes before it (`unpacked`),
+//!   under a header of version 2, which an older ka refuses rather than
+//!   misreads ([`crate::image::packed`] has the why).
 //! - `source-<session>-<image>.state`: the outcomes decided so far (node name,
 //!   MAC, OK or the reason it failed), rewritten as they are decided and
 //!   removed when the session ends.
@@ -54,6 +58,8 @@ use ka_core::codec::ImageId;
 use crate::Error;
 
 const NODE_HEADER: &str = "ka-node-state 1";
+/// The header of a packed stream's node state, which has `unpacked`.
+const PACKED_NODE_HEADER: &str = "ka-node-state 2";
 const SOURCE_HEADER: &str = "ka-source-state 1";
 
 /// How much of each end of a block device goes into its identity.
@@ -204,8 +210,12 @@ pub struct NodeState {
     pub image: ImageId,
     /// The image's size, when the source said it.
     pub size: Option<u64>,
-    /// The prefix of the target written and flushed to stable storage.
+    /// The prefix of the target written and flushed to stable storage;
+    /// of a packed stream, the offset of a frame end in the stream.
     pub durable: u64,
+    /// A packed stream's: the image bytes before that frame end, written
+    /// and flushed to the target. `None` for a plain stream.
+    pub unpacked: Option<u64>,
 }
 
 impl NodeState {
@@ -232,7 +242,8 @@ impl NodeState {
             return Ok(None);
         };
         let mut lines = text.lines();
-        if lines.next() != Some(NODE_HEADER) {
+        let header = lines.next();
+        if header != Some(NODE_HEADER) && header != Some(PACKED_NODE_HEADER) {
             return Err(format!(
                 "{} is not a state file this ka version reads",
                 path.display()
@@ -240,6 +251,7 @@ impl NodeState {
         }
         let (mut session, mut name, mut target, mut image, mut size, mut durable) =
             (None, None, None, None, None, None);
+        let mut unpacked = None;
         for line in lines {
             let (key, value) = line.split_once(' ').unwrap_or((line, ""));
             match key {
@@ -249,28 +261,47 @@ impl NodeState {
                 "image" => image = unhex::<32>(value).map(ImageId),
                 "size" => size = Some(value.parse::<u64>().ok()),
                 "durable" => durable = value.parse::<u64>().ok(),
+                "unpacked" => unpacked = Some(value.parse::<u64>().ok()),
                 _ => {}
             }
         }
-        match (session, name, target, image, size, durable) {
-            (Some(session), Some(name), Some(target), Some(image), Some(size), Some(durable)) => {
-                Ok(Some(NodeState {
-                    session,
-                    name,
-                    target,
-                    image,
-                    size,
-                    durable,
-                }))
-            }
+        // A packed stream's state has its frame end's image offset, and
+        // only it has.
+        let unpacked = match (header == Some(PACKED_NODE_HEADER), unpacked) {
+            (true, Some(Some(at))) => Some(Some(at)),
+            (false, None) => Some(None),
+            _ => None,
+        };
+        match (session, name, target, image, size, durable, unpacked) {
+            (
+                Some(session),
+                Some(name),
+                Some(target),
+                Some(image),
+                Some(size),
+                Some(durable),
+                Some(unpacked),
+            ) => Ok(Some(NodeState {
+                session,
+                name,
+                target,
+                image,
+                size,
+                durable,
+                unpacked,
+            })),
             _ => Err(format!("{} is incomplete or garbled", path.display())),
         }
     }
 
     /// Writes the state to `path` atomically.
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
-        let text = format!(
-            "{NODE_HEADER}\nsession {}\nname {}\ntarget {}\nimage {}\nsize {}\ndurable {}\n",
+        let header = match self.unpacked {
+            None => NODE_HEADER,
+            Some(_) => PACKED_NODE_HEADER,
+        };
+        let mut text = format!(
+            "{header}\nsession {}\nname {}\ntarget {}\nimage {}\nsize {}\ndurable {}\n",
             escape(&self.session),
             escape(&self.name),
             escape(&self.target.to_string_lossy()),
@@ -278,6 +309,9 @@ impl NodeState {
             self.size.map_or("unknown".to_string(), |s| s.to_string()),
             self.durable
         );
+        if let Some(at) = self.unpacked {
+            text.push_str(&format!("unpacked {at}\n"));
+        }
         crate::write_atomically(path, text.as_bytes(), 0o644)
     }
 }
@@ -426,15 +460,31 @@ mod tests {
             image: ImageId([7; 32]),
             size: Some(12345),
             durable: 4096,
+            unpacked: None,
         };
         state.save(&path).unwrap();
         assert_eq!(NodeState::load(&path), Ok(Some(state.clone())));
         let unknown = NodeState {
             size: None,
-            ..state
+            ..state.clone()
         };
         unknown.save(&path).unwrap();
         assert_eq!(NodeState::load(&path), Ok(Some(unknown)));
+        let packed = NodeState {
+            unpacked: Some(3 << 20),
+            ..state
+        };
+        packed.save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("ka-node-state 2\n"), "{text}");
+        assert_eq!(NodeState::load(&path), Ok(Some(packed)));
+        // A frame end without its header, or the header without it, is
+        // not read as either kind.
+        std::fs::write(&path, text.replace("ka-node-state 2", "ka-node-state 1")).unwrap();
+        assert!(NodeState::load(&path).is_err());
+        let cut: String = text.lines().filter(|l| !l.starts_with("unpacked")).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&path, cut).unwrap();
+        assert!(NodeState::load(&path).is_err());
         std::fs::write(&path, "ka-node-state 1\nsession x\n").unwrap();
         assert!(NodeState::load(&path).is_err());
         std::fs::write(&path, "something else").unwrap();
@@ -482,6 +532,7 @@ mod tests {
             image: ImageId([3; 32]),
             size: Some(10),
             durable: 4,
+            unpacked: None,
         };
         state.save(&path).unwrap();
         age_file(&path, STATE_MAX_AGE - Duration::from_secs(60));

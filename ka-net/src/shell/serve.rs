@@ -578,7 +578,19 @@ impl SourceDriver {
         match result {
             Ok((total, d)) => {
                 self.size = Some(total);
-                self.source.handle_image_done(self.clock.now(), total, d);
+                // A packed stream's copies are checked by the image in its
+                // trailer, made before the stream could end.
+                let image = self.packing.as_ref().map(|p| p.trailer.get().map(|t| t.digest));
+                match image {
+                    Some(None) => self.source.handle_image_failed(
+                        self.clock.now(),
+                        "the packed stream ended without its trailer".into(),
+                    ),
+                    image => {
+                        self.source
+                            .handle_image_done(self.clock.now(), total, d, image.flatten())
+                    }
+                }
             }
             Err(e) => self
                 .source

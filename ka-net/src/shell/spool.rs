@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use super::conn::Written;
 use crate::datapath::BUF_SIZE;
 use crate::image::digest::{DigestKey, ImageHasher};
-use crate::image::packed::{SinkWriter, Unpacker};
+use crate::image::packed::{FrameEnd, SinkWriter, Unpacker};
 use crate::image::sinks::{open_sink, ImageSink, SinkSpec};
 use crate::image::sources::{open_source, ImageSource, SourceSpec};
 use crate::Error;
@@ -87,13 +87,14 @@ pub fn spool_source(
 /// Feeds the complete image in `spool` (of `size` bytes) to the sink `spec`
 /// and waits for it to finish (a command's exit status, tar's). A packed
 /// stream is unpacked on the way with the digest key `unpack`, and its
-/// trailer checked before the sink is finished. Blocking.
+/// trailer checked before the sink is finished; the unpacked image's digest
+/// is returned. Blocking.
 pub fn feed_sink(
     spool: &Path,
     size: u64,
     spec: &SinkSpec,
     unpack: Option<&DigestKey>,
-) -> Result<(), Error> {
+) -> Result<Option<Digest>, Error> {
     if let Some(key) = unpack {
         let mut file = std::fs::File::open(spool)
             .map_err(|e| Error::io(format!("opening the spool {}", spool.display()), e))?;
@@ -110,7 +111,7 @@ pub fn feed_sink(
             left -= n as u64;
         }
         let trailer = unpacker.finish()?;
-        return writer.finish(trailer.size);
+        return writer.finish(trailer.size).map(|()| Some(trailer.digest));
     }
     let mut source = open_source(&SourceSpec::File(spool.to_path_buf()))?;
     let mut sink = open_sink(spec, Some(size))?;
@@ -126,7 +127,7 @@ pub fn feed_sink(
             _ => &[],
         };
         if header.kind == RecordKind::End {
-            return sink.finish(header.offset);
+            return sink.finish(header.offset).map(|()| None);
         }
         write_record(sink.as_mut(), &header, payload)?;
     }
@@ -156,19 +157,27 @@ pub struct UnpackTo {
     pub expected: Option<u64>,
     /// Read the target back and check it again once written.
     pub read_back: bool,
+    /// Where a restarted node goes on: the frame end it recorded, before
+    /// which the target holds the image already. `None`: from the start.
+    pub from: Option<FrameEnd>,
 }
 
 /// Unpacks a packed stream ([`crate::image::packed`]) into `to.target` as
 /// it is received into a windowed spool, following `written`, then checks
 /// the copy: its digest as written against the stream's trailer and, if
-/// asked, again as read back from the target. Blocking: run it on a
-/// blocking thread of the runtime `rt`.
+/// asked, again as read back from the target. Each frame end it passes is
+/// handed to `frame_ended` once the image before it is written to the
+/// target (not yet synced), for the node to record. A restarted node's
+/// unpacking goes on from `to.from`, whose image prefix it reads back from
+/// the target to rebuild the digest. Blocking: run it on a blocking thread
+/// of the runtime `rt`.
 pub fn unpack_following(
     spool: &Path,
     written: watch::Receiver<Written>,
     window: std::sync::Arc<crate::datapath::window::Window>,
     to: &UnpackTo,
     rt: tokio::runtime::Handle,
+    frame_ended: &mut dyn FnMut(FrameEnd),
 ) -> Result<crate::system::Unpacked, Error> {
     let result = (|| {
         let mut follower = crate::datapath::window::Follower::open(
@@ -178,25 +187,57 @@ pub fn unpack_following(
             rt,
         )?;
         let mut sink = open_sink(&SinkSpec::File(to.target.clone()), to.expected)?;
-        let mut unpacker = Unpacker::new(&to.key)?;
+        let mut steps = Vec::new();
+        let mut unpacker = match to.from {
+            None => Unpacker::new(&to.key)?,
+            Some(from) => {
+                sink.resume(from.image)?;
+                let hasher = crate::datapath::rehash_written(sink.as_ref(), &to.key)
+                    .map_err(|e| Error::Invalid(format!("reading the image's prefix back: {e}")))?;
+                steps.push(format!(
+                    "went on from a frame end at {} bytes of image ({} of the stream), its prefix read back",
+                    from.image, from.stream
+                ));
+                Unpacker::resume(hasher, from.stream)?
+            }
+        };
+        if follower.position() != unpacker.frame_end().stream {
+            return Err(Error::Invalid(format!(
+                "the spool starts at {}, the unpacking at {}",
+                follower.position(),
+                unpacker.frame_end().stream
+            )));
+        }
         let mut writer = SinkWriter::new(sink.as_mut(), to.expected);
         let mut buf = vec![0u8; BUF_SIZE];
+        let mut last = unpacker.frame_end();
         while let Some(piece) = follower.next(&mut buf)? {
             unpacker.feed(piece, &mut |bytes| writer.write(bytes))?;
+            if unpacker.frame_end() != last {
+                last = unpacker.frame_end();
+                writer.write_through(last.image)?;
+                frame_ended(last);
+            }
         }
         let stream = follower.position();
         let trailer = unpacker.finish()?;
         writer.finish(trailer.size)?;
-        let mut steps = vec![format!(
-            "unpacked {} bytes from a stream of {stream} ({:.2}:1), digest checked",
-            trailer.size,
-            trailer.size as f64 / stream.max(1) as f64
-        )];
+        steps.insert(
+            0,
+            format!(
+                "unpacked {} bytes from a stream of {stream} ({:.2}:1), digest checked",
+                trailer.size,
+                trailer.size as f64 / stream.max(1) as f64
+            ),
+        );
         if to.read_back {
             crate::datapath::verify_readback(sink.as_ref(), &to.key, &trailer.digest)?;
             steps.push("read back and checked again".into());
         }
-        Ok(crate::system::Unpacked { steps })
+        Ok(crate::system::Unpacked {
+            steps,
+            image: Some(trailer.digest),
+        })
     })();
     if result.is_err() {
         window.close();

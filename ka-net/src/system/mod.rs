@@ -129,6 +129,11 @@ pub fn check_saved_stream(path: &Path) -> Result<(), Error> {
 pub struct Unpacked {
     /// One line per step done.
     pub steps: Vec<String>,
+    /// The keyed digest of the image a packed stream unpacked to, checked
+    /// against its trailer: what the copy is checked by at the end
+    /// ([`ka_core::node::Node::handle_stream_end`]). `None` for a plain
+    /// stream.
+    pub image: Option<ka_core::codec::Digest>,
 }
 
 /// Rebuilds `opts.disks` from the stream being received into `spool`,
@@ -166,6 +171,7 @@ pub fn unpack_following(
                 })?,
             }
         }
+        let mut image = None;
         if let Some(mut u) = unpacker.take() {
             // The trailer follows the END section: the image is checked
             // whole before the system is finished.
@@ -180,10 +186,10 @@ pub fn unpack_following(
                     }
                 })?;
             }
-            u.finish()?;
+            image = Some(u.finish()?.digest);
         }
         let steps = rebuilder.finish()?;
-        Ok(Unpacked { steps })
+        Ok(Unpacked { steps, image })
     })();
     if result.is_err() {
         window.close();

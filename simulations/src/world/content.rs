@@ -79,6 +79,15 @@ impl Content {
 }
 
 impl Sim {
+    /// The digest of the image a packed stream unpacks to, which the source
+    /// sends with the stream's and packed nodes are checked by. The world
+    /// models no unpacking: a node's copy of the stream stands for the
+    /// image it unpacked, so its digest is what the node reports, and the
+    /// source's is the stream's own. `None` for a plain stream.
+    pub(super) fn image_digest(&self) -> Option<Digest> {
+        self.cfg.packed.then_some(self.source_digest)
+    }
+
     /// Brings a node's copy up to its offset now, copying the newly covered
     /// granules from its sender, which must hold them. Senders up the chain
     /// are brought up to date first, as far as needed.

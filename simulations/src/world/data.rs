@@ -468,8 +468,8 @@ impl Sim {
         if from_source && !self.image_done && self.source_incarnation == 0 {
             self.image_done = true;
             let (size, digest) = (self.cfg.size, self.source_digest);
-            let now = self.now;
-            self.source.handle_image_done(now, size, digest);
+            let (now, image) = (self.now, self.image_digest());
+            self.source.handle_image_done(now, size, digest, image);
             self.drain_source();
         }
         let digest = self.nodes[i].data.content.digest();

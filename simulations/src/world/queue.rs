@@ -177,7 +177,8 @@ impl Sim {
             Ev::SourceHashed { incarnation } => {
                 if incarnation == self.source_incarnation && !self.source_down {
                     let (size, digest, now) = (self.cfg.size, self.source_digest, self.now);
-                    self.source.handle_image_done(now, size, digest);
+                    let image = self.image_digest();
+                    self.source.handle_image_done(now, size, digest, image);
                     self.drain_source();
                 }
             }
