@@ -611,8 +611,18 @@ fn a_packed_copy_is_checked_by_the_unpacked_images_digest() {
     let (stream, image, forged) = (Digest([5; 32]), Digest([6; 32]), Digest([7; 32]));
     for (image_digest, wrote, ok, why) in [
         (Some(image), image, true, ""),
-        (Some(image), stream, false, "digest of the unpacked image differs"),
-        (Some(forged), image, false, "digest of the unpacked image differs"),
+        (
+            Some(image),
+            stream,
+            false,
+            "digest of the unpacked image differs",
+        ),
+        (
+            Some(forged),
+            image,
+            false,
+            "digest of the unpacked image differs",
+        ),
         (None, image, false, "sent no digest of the unpacked image"),
     ] {
         let encoding = Encoding::Zstd { image_size: None };
@@ -620,7 +630,11 @@ fn a_packed_copy_is_checked_by_the_unpacked_images_digest() {
         node.say(t(1), ConnId(1), packed_image_done(image_digest));
         node.handle_stream_end(t(2), 1000, wrote);
         let verdict = node.verdict().cloned().expect("concluded");
-        assert_eq!(verdict.is_ok(), ok, "{image_digest:?} {wrote:?}: {verdict:?}");
+        assert_eq!(
+            verdict.is_ok(),
+            ok,
+            "{image_digest:?} {wrote:?}: {verdict:?}"
+        );
         if let Err(e) = verdict {
             assert!(e.contains(why), "{e}");
         }

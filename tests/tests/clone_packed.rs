@@ -258,33 +258,82 @@ fn a_node_killed_mid_packed_stream_goes_on_from_its_last_frame_end() {
     std::fs::write(&image, &bytes).unwrap();
     // About 12 MiB packed at 2 MiB/s: 6 s of streaming, the one frame end
     // before the last at two thirds of the stream.
-    let (serve, server) = s.serve(
-        4,
-        &["--image", image.to_str().unwrap()],
-        &[
-            "--compress",
-            "zstd:3",
-            "--max-rate",
-            "2MiB",
-            "--order",
-            "n1,n2,n3,n4",
-        ],
+    let end =
+        kill_after_a_frame_end_and_restart(&s, &image, &bytes, &["--compress", "zstd:3"], 64 << 20);
+    assert_eq!(end, 64 << 20);
+}
+
+/// A `.zst` image of several frames (pieces packed apart and put end to
+/// end) travels as it is, and a node restarted in it goes on from one of
+/// its frame ends, here one that follows a run of zeros of an image whose
+/// size the nodes learn only at its end.
+#[test]
+fn a_node_restarted_in_a_zst_image_of_several_frames_goes_on_from_one() {
+    let s = Session::new(5);
+    let zstd = require_tool("zstd", "zstd");
+    const PIECE: usize = 16 << 20;
+    let mut bytes = system_like(4 * PIECE, 5);
+    bytes[PIECE..2 * PIECE].fill(0);
+    let image = s.path("image.img.zst");
+    let mut file = Vec::new();
+    for piece in bytes.chunks(PIECE) {
+        let raw = s.path("piece");
+        std::fs::write(&raw, piece).unwrap();
+        let o = std::process::Command::new(&zstd)
+            .args(["-q", "-c", "-3"])
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        file.extend_from_slice(&o.stdout);
+    }
+    std::fs::write(&image, &file).unwrap();
+    let end = kill_after_a_frame_end_and_restart(
+        &s,
+        &image,
+        &bytes,
+        &["--compress", "auto"],
+        2 * PIECE as u64,
     );
+    assert!(end % PIECE as u64 == 0 && end >= 2 * PIECE as u64, "{end}");
+}
+
+/// Serves `image` (of `bytes`) to four nodes with `compress`, paced so
+/// that the stream takes seconds; kills n2 once it has recorded a frame
+/// end at `at` bytes of image or more, starts it again, and checks that it
+/// went on from the frame end its state held, received no more than the
+/// stream after it, and that every copy is the image. Returns the image
+/// offset n2 went on from.
+fn kill_after_a_frame_end_and_restart(
+    s: &Session,
+    image: &Path,
+    bytes: &[u8],
+    compress: &[&str],
+    at: u64,
+) -> u64 {
+    let mut extra = vec!["--max-rate", "2MiB", "--order", "n1,n2,n3,n4"];
+    extra.extend_from_slice(compress);
+    let (serve, server) = s.serve(4, &["--image", image.to_str().unwrap()], &extra);
     let (mut nodes, targets) = s.join_files(&server, &["n1", "n2", "n3", "n4"]);
-    // Once n2 has recorded the frame end at 64 MiB of image.
     let state = ka_net::shell::resume::NodeState::path(s.dir.path(), "ka", "n2");
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let recorded = loop {
-        if let Ok(Some(st)) = ka_net::shell::resume::NodeState::load(&state) {
-            if let Some(at) = st.unpacked {
-                break (st.durable, at);
-            }
-        }
-        assert!(Instant::now() < deadline, "n2 never recorded a frame end");
-        std::thread::sleep(Duration::from_millis(20));
+    let frame_end = || {
+        ka_net::shell::resume::NodeState::load(&state)
+            .ok()
+            .flatten()
+            .and_then(|st| Some((st.durable, st.unpacked?)))
     };
-    assert_eq!(recorded.1, 64 << 20, "n2 recorded {recorded:?}");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while frame_end().is_none_or(|(_, image)| image < at) {
+        assert!(
+            Instant::now() < deadline,
+            "n2 never recorded a frame end at {at} or later: {:?}",
+            frame_end()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     nodes.remove(1).kill9();
+    // What the killed process left is what its successor goes on from.
+    let (stream_at, image_at) = frame_end().expect("the state outlives its node");
     std::thread::sleep(Duration::from_millis(1000));
     // Started again reading its target back too: its unpacker does that,
     // since only a window of the packed stream is left to read.
@@ -302,10 +351,10 @@ fn a_node_killed_mid_packed_stream_goes_on_from_its_last_frame_end() {
     let outputs = all_unpacked(nodes);
     let (label, out) = &outputs[1];
     for step in [
-        "read back and checked again",
-        "went on from a frame end at 67108864 bytes of image",
+        "read back and checked again".to_string(),
+        format!("went on from a frame end at {image_at} bytes of image"),
     ] {
-        assert!(out.contains(step), "{label} did not say {step:?}:\n{out}");
+        assert!(out.contains(&step), "{label} did not say {step:?}:\n{out}");
     }
     let lines: Vec<serde_json::Value> = out
         .lines()
@@ -317,22 +366,27 @@ fn a_node_killed_mid_packed_stream_goes_on_from_its_last_frame_end() {
     assert_eq!(code, 0, "{out}\n{err}");
     let report = final_report(&out);
     let stream = report.packed.expect("packed");
-    assert_eq!(welcomed["resumed_from"].as_u64(), Some(recorded.0), "{welcomed}");
+    assert_eq!(
+        welcomed["resumed_from"].as_u64(),
+        Some(stream_at),
+        "{welcomed}"
+    );
     let received = left["received"].as_u64().unwrap();
-    eprintln!("n2 recorded {recorded:?}, received {received} of a stream of {stream} once restarted");
+    eprintln!("n2 went on from {stream_at} of a stream of {stream} ({image_at} of image), received {received}");
     assert!(
-        received <= stream - recorded.0,
+        received <= stream - stream_at,
         "the restarted n2 received {received} bytes of the stream's {stream}, \
          more than the {} after its frame end",
-        stream - recorded.0
+        stream - stream_at
     );
     for n in &report.nodes {
         assert!(n.ok, "{n:?}");
     }
     let n2 = report.nodes.iter().find(|n| n.name == "n2").unwrap();
     assert!(n2.deaths >= 1, "n2 was killed: {n2:?}");
-    assert_copies(&bytes, &targets);
+    assert_copies(bytes, &targets);
     assert!(!state.exists(), "n2's state outlived its check");
+    image_at
 }
 
 /// Images that are already compressed: a `.zst` image travels as it is (the

@@ -18,7 +18,7 @@ use std::fmt;
 pub const STAMP: &str = concat!(
     "ka-version-stamp:",
     env!("CARGO_PKG_VERSION"),
-    ":protocol=7:end"
+    ":protocol=8:end"
 );
 
 /// Keeps [`STAMP`] in the binary even though nothing else reads it.

@@ -1097,7 +1097,8 @@ mod tests {
         let (image, target) = (dir.path().join("image"), dir.path().join("target"));
         let bytes = disk_like(&image);
         let source = FileSource::open(&image).unwrap();
-        let stream = packed_bytes(PackedSource::pack(Box::new(source), 3, 1, FRAME_IMAGE, &KEY).unwrap());
+        let stream =
+            packed_bytes(PackedSource::pack(Box::new(source), 3, 1, FRAME_IMAGE, &KEY).unwrap());
         assert!(
             stream.len() < bytes.len() / 2,
             "{} bytes packed to {}",
@@ -1149,7 +1150,10 @@ mod tests {
         // frame end of each, one of the same.
         let ends = frame_ends(&stream, 13);
         let coarse = frame_ends(&stream, 77_777);
-        assert!(coarse.iter().all(|e| ends.contains(e)), "{coarse:?} {ends:?}");
+        assert!(
+            coarse.iter().all(|e| ends.contains(e)),
+            "{coarse:?} {ends:?}"
+        );
         assert_eq!(coarse.last(), ends.last());
         let images: Vec<u64> = ends.iter().map(|e| e.image).collect();
         let mut expected: Vec<u64> = (0..=size / frame).map(|k| k * frame).collect();
@@ -1157,7 +1161,10 @@ mod tests {
             expected.push(size);
         }
         assert_eq!(images[1..], expected[1..], "{ends:?}");
-        assert_eq!(ends.last().unwrap().stream, (stream.len() - Trailer::SIZE) as u64);
+        assert_eq!(
+            ends.last().unwrap().stream,
+            (stream.len() - Trailer::SIZE) as u64
+        );
         // A node that stopped at a frame end and kept the image before it
         // goes on from there: the whole image and its digest come out.
         let full = digest_file(&image, &KEY).unwrap();
@@ -1228,7 +1235,8 @@ mod tests {
         let (image, target) = (dir.path().join("image"), dir.path().join("target"));
         disk_like(&image);
         let source = FileSource::open(&image).unwrap();
-        let stream = packed_bytes(PackedSource::pack(Box::new(source), 3, 0, FRAME_IMAGE, &KEY).unwrap());
+        let stream =
+            packed_bytes(PackedSource::pack(Box::new(source), 3, 0, FRAME_IMAGE, &KEY).unwrap());
         // Cut before the trailer: no trailer.
         let cut = &stream[..stream.len() - Trailer::SIZE - 1000];
         let e = unpack_to(cut, &target, 1 << 16).unwrap_err().to_string();
@@ -1252,7 +1260,8 @@ mod tests {
         let (image, target) = (dir.path().join("image"), dir.path().join("target"));
         let bytes = disk_like(&image);
         let source = StreamSource::new(File::open(&image).unwrap());
-        let stream = packed_bytes(PackedSource::pack(Box::new(source), 1, 0, FRAME_IMAGE, &KEY).unwrap());
+        let stream =
+            packed_bytes(PackedSource::pack(Box::new(source), 1, 0, FRAME_IMAGE, &KEY).unwrap());
         let trailer = unpack_to(&stream, &target, 1 << 20).unwrap();
         assert_eq!(trailer.digest, digest_file(&image, &KEY).unwrap());
         assert_eq!(std::fs::read(&target).unwrap(), bytes);

@@ -167,7 +167,10 @@ enum Internal {
     },
     /// A packed stream's unpacking (of generation `gen`) passed a frame
     /// end, the image before it written to the target.
-    FrameEnded { gen: u64, end: FrameEnd },
+    FrameEnded {
+        gen: u64,
+        end: FrameEnd,
+    },
     /// A durable prefix was recorded (or could not be), for state generation `gen`.
     Recorded {
         gen: u64,

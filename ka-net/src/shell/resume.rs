@@ -482,7 +482,11 @@ mod tests {
         // not read as either kind.
         std::fs::write(&path, text.replace("ka-node-state 2", "ka-node-state 1")).unwrap();
         assert!(NodeState::load(&path).is_err());
-        let cut: String = text.lines().filter(|l| !l.starts_with("unpacked")).map(|l| format!("{l}\n")).collect();
+        let cut: String = text
+            .lines()
+            .filter(|l| !l.starts_with("unpacked"))
+            .map(|l| format!("{l}\n"))
+            .collect();
         std::fs::write(&path, cut).unwrap();
         assert!(NodeState::load(&path).is_err());
         std::fs::write(&path, "ka-node-state 1\nsession x\n").unwrap();

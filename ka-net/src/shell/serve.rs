@@ -580,7 +580,10 @@ impl SourceDriver {
                 self.size = Some(total);
                 // A packed stream's copies are checked by the image in its
                 // trailer, made before the stream could end.
-                let image = self.packing.as_ref().map(|p| p.trailer.get().map(|t| t.digest));
+                let image = self
+                    .packing
+                    .as_ref()
+                    .map(|p| p.trailer.get().map(|t| t.digest));
                 match image {
                     Some(None) => self.source.handle_image_failed(
                         self.clock.now(),

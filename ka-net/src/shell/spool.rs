@@ -187,6 +187,11 @@ pub fn unpack_following(
             rt,
         )?;
         let mut sink = open_sink(&SinkSpec::File(to.target.clone()), to.expected)?;
+        if to.expected.is_none() {
+            // A frame end recorded after a run of zeros must not lie past
+            // the file's end, or a restart could not read its prefix back.
+            reach_ahead(&to.target)?;
+        }
         let mut steps = Vec::new();
         let mut unpacker = match to.from {
             None => Unpacker::new(&to.key)?,
