@@ -295,7 +295,10 @@ fn a_node_restarted_in_a_zst_image_of_several_frames_goes_on_from_one() {
         &["--compress", "auto"],
         2 * PIECE as u64,
     );
-    assert!(end % PIECE as u64 == 0 && end >= 2 * PIECE as u64, "{end}");
+    assert!(
+        end.is_multiple_of(PIECE as u64) && end >= 2 * PIECE as u64,
+        "{end}"
+    );
 }
 
 /// Serves `image` (of `bytes`) to four nodes with `compress`, paced so
