@@ -207,7 +207,7 @@ fn receive(variant: &str, out: &Path, bufsz: usize) {
             let sink = open_sink(&SinkSpec::File(out.to_owned()), Some(size)).expect("sink");
             let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).expect("writer");
             let end = relay(&up, &[], &mut w, None, |_| {}).await.expect("relay");
-            report(start, &end.digest.to_string());
+            report(start, &end.digest.expect("a hashing writer").to_string());
         });
     }
     let (s, _) = l.accept().expect("accept");

@@ -72,13 +72,15 @@ pub enum RelayEvent {
     Written(u64),
 }
 
-/// How a relay ended: the whole image was received, written, flushed and hashed.
+/// How a relay ended: the whole image was received, written, flushed and
+/// hashed (by a writer that hashes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayEnd {
     /// The image size (the `End` record's offset).
     pub size: u64,
-    /// The digest of the received stream (to compare with the source's).
-    pub digest: Digest,
+    /// The digest of the received stream (to compare with the source's);
+    /// `None` from a writer made [`NodeWriter::unhashed`].
+    pub digest: Option<Digest>,
 }
 
 /// What a receiving thread hands back when it stops.

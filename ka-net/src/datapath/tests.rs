@@ -258,9 +258,19 @@ async fn node(
     written: watch::Sender<Written>,
     direct: Option<Arc<Downstreams>>,
 ) -> (RelayEnd, Box<dyn ImageSink>) {
-    use std::sync::atomic::{AtomicU64, Ordering};
     let sink = open_sink(&SinkSpec::File(out), size).unwrap();
-    let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
+    let w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
+    node_writing(up, w, written, direct).await
+}
+
+/// [`node`] with the writer `w`.
+async fn node_writing(
+    up: TcpStream,
+    mut w: NodeWriter,
+    written: watch::Sender<Written>,
+    direct: Option<Arc<Downstreams>>,
+) -> (RelayEnd, Box<dyn ImageSink>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
     let last = Arc::new(AtomicU64::new(0));
     let (seen, publish) = (last.clone(), written.clone());
     let end = relay(
@@ -286,6 +296,35 @@ async fn node(
         size: Some(end.size),
     });
     (end, w.into_parts().await.unwrap().0)
+}
+
+/// A writer that does not hash (a packed stream's node, checked by the
+/// image it unpacks to) writes the same copy and ends with no digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhashed_writer_writes_the_whole_copy_and_ends_without_a_digest() {
+    tokio::time::timeout(DEADLINE, async {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, img) = image(dir.path());
+        let (mut src_out, n1_in) = pair().await;
+        let out = dir.path().join("n1");
+        let source = open_source(&SourceSpec::File(path.clone())).unwrap();
+        let size = source.size();
+        let sender = tokio::spawn(async move {
+            send_image(source, &mut src_out, None, |_| {})
+                .await
+                .unwrap()
+        });
+        let sink = open_sink(&SinkSpec::File(out.clone()), size).unwrap();
+        let w = NodeWriter::unhashed(sink).unwrap();
+        let (tx, _rx) = watch::channel(Written::default());
+        let (end, _) = node_writing(n1_in, w, tx, None).await;
+        sender.await.unwrap();
+        assert_eq!(end.size, img.len() as u64);
+        assert_eq!(end.digest, None);
+        assert!(std::fs::read(&out).unwrap() == img, "the copy differs");
+    })
+    .await
+    .expect("timed out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,11 +375,11 @@ async fn chain_of_two_nodes_copies_and_digests_agree() {
             "node 2 content differs"
         );
         assert_eq!(sent.size, img.len() as u64);
-        assert_eq!(Some(end1.digest), sent.digest);
-        assert_eq!(end2.digest, end1.digest);
+        assert_eq!(end1.digest, sent.digest);
+        assert_eq!(end2.digest.unwrap(), end1.digest.unwrap());
         let mut rb = sink1.readback().unwrap();
         let d = digest_source(rb.as_mut(), ImageHasher::new(&KEY), &mut vec![0; BUF_SIZE]).unwrap();
-        assert_eq!(d, end1.digest, "read-back digest differs");
+        assert_eq!(d, end1.digest.unwrap(), "read-back digest differs");
     })
     .await
     .expect("test timed out");
@@ -473,7 +512,7 @@ impl FedNode {
                 "{} differs",
                 copy.display()
             );
-            assert_eq!(copy_end.digest, end.digest);
+            assert_eq!(copy_end.digest.unwrap(), end.digest.unwrap());
         }
         self.direct.stats()
     }
@@ -522,8 +561,8 @@ async fn a_node_forwards_directly_while_its_downstream_keeps_up_and_from_disk_wh
             std::fs::read(&out2).unwrap() == *img,
             "node 2 content differs"
         );
-        assert_eq!(end2.digest, end1.digest);
-        assert_eq!(end1.digest, file_digest(&fed.path));
+        assert_eq!(end2.digest.unwrap(), end1.digest.unwrap());
+        assert_eq!(end1.digest.unwrap(), file_digest(&fed.path));
         let stats = fed.direct.stats();
         assert!(
             stats.bytes > img.len() as u64 / 4,
@@ -628,7 +667,7 @@ async fn a_lent_socket_is_closed_when_its_serving_task_is_dropped() {
         fed.upstream.await.unwrap();
         let (end1, _) = fed.node.await.unwrap();
         assert!(std::fs::read(&fed.out).unwrap() == fed.img);
-        assert_eq!(end1.digest, file_digest(&fed.path));
+        assert_eq!(end1.digest.unwrap(), file_digest(&fed.path));
     })
     .await
     .expect("test timed out");
@@ -660,9 +699,9 @@ async fn sendfile_and_buffered_sends_give_identical_output() {
             let (tx, _rx) = watch::channel(Written::default());
             let (end, _) = node(down, out.clone(), size, tx, None).await;
             let sent = sender.await.unwrap();
-            assert_eq!(Some(end.digest), sent.digest);
+            assert_eq!(end.digest, sent.digest);
             assert!(std::fs::read(&out).unwrap() == img, "copy {i} differs");
-            results.push(end.digest);
+            results.push(end.digest.unwrap());
         }
         assert_eq!(results[0], results[1]);
         assert_eq!(results[0], file_digest(&path));
@@ -752,7 +791,7 @@ async fn node_resumes_from_a_new_upstream_after_a_cut() {
         sender.await.unwrap();
         assert!(std::fs::read(&out).unwrap() == img, "resumed copy differs");
         let want = file_digest(&path);
-        assert_eq!(end.digest, want, "resumed digest differs");
+        assert_eq!(end.digest.unwrap(), want, "resumed digest differs");
     })
     .await
     .expect("test timed out");
@@ -798,7 +837,7 @@ async fn restarted_node_rehashes_what_it_has_and_fetches_only_the_rest() {
         assert_eq!(sent.size, img.len() as u64);
         assert!(std::fs::read(&out).unwrap() == img);
         let want = file_digest(&path);
-        assert_eq!(end.digest, want);
+        assert_eq!(end.digest.unwrap(), want);
     })
     .await
     .expect("test timed out");
@@ -837,9 +876,9 @@ async fn block_device_source_streams_by_sendfile_to_a_block_device_node() {
         let mut w = NodeWriter::new(sink, ImageHasher::new(&KEY)).unwrap();
         let end = relay(&down, &[], &mut w, None, |_| {}).await.unwrap();
         let sent = sender.await.unwrap();
-        assert_eq!(Some(end.digest), sent.digest);
+        assert_eq!(end.digest, sent.digest);
         let (sink, _) = w.into_parts().await.unwrap();
-        verify_readback(sink.as_ref(), &KEY, &end.digest).unwrap();
+        verify_readback(sink.as_ref(), &KEY, &end.digest.unwrap()).unwrap();
         drop(sink);
         let mut got = vec![0u8; 24 << 20];
         std::fs::File::open(&dst_dev.path)
@@ -903,7 +942,7 @@ async fn node_serves_a_late_downstream_from_its_own_disk() {
         sender.await.unwrap();
         assert!(std::fs::read(&out_b).unwrap() == img);
         let want = file_digest(&path);
-        assert_eq!(end.digest, want);
+        assert_eq!(end.digest.unwrap(), want);
     })
     .await
     .expect("test timed out");
@@ -1176,7 +1215,7 @@ async fn command_source_to_command_sink_through_a_node() {
         let end = relay(&down, &[], &mut w, None, |_| {}).await.unwrap();
         let sent = sender.await.unwrap();
         assert_eq!(end.size, 4_000_000);
-        assert_eq!(Some(end.digest), sent.digest);
+        assert_eq!(end.digest, sent.digest);
         assert!(std::fs::read(&out).unwrap() == std::fs::read(&src).unwrap());
     })
     .await

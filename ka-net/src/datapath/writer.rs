@@ -22,10 +22,11 @@ pub(super) enum HashJob {
     Data { offset: u64, buf: Buf, len: usize },
     /// Hash a run of zeros.
     Zero { offset: u64, len: u64 },
-    /// The image ends at `size`: reply with its digest, or the first error.
+    /// The image ends at `size`: reply with its digest (`None` from a
+    /// writer that does not hash), or the first error.
     End {
         size: u64,
-        reply: std_mpsc::Sender<Result<Digest, String>>,
+        reply: std_mpsc::Sender<Result<Option<Digest>, String>>,
     },
 }
 
@@ -55,7 +56,7 @@ impl Lent {
 pub struct NodeWriter {
     /// `None` while a relay's thread holds it, or after that thread was lost.
     lent: Option<Lent>,
-    hasher: Option<std::thread::JoinHandle<Result<ImageHasher, String>>>,
+    hasher: Option<std::thread::JoinHandle<Result<Option<ImageHasher>, String>>>,
     /// Where the sink stood when it was last at home.
     position: u64,
     failed: Option<String>,
@@ -80,6 +81,20 @@ impl NodeWriter {
                 got: sink.position(),
             });
         }
+        Self::start(sink, Some(hasher))
+    }
+
+    /// A writer that does not hash what it writes, from where `sink`
+    /// stands: for a stream whose copy is checked by something else (a
+    /// packed stream, by the image it unpacks to), where the stream's own
+    /// digest would be work nobody uses. Its relays end with no digest.
+    pub fn unhashed(sink: Box<dyn ImageSink>) -> Result<Self, Error> {
+        Self::start(sink, None)
+    }
+
+    /// Starts the thread that hashes behind the writes (or only hands the
+    /// buffers back, without a hasher).
+    fn start(sink: Box<dyn ImageSink>, hasher: Option<ImageHasher>) -> Result<Self, Error> {
         let position = sink.position();
         let (hash_tx, hash_rx) = std_mpsc::sync_channel(MAX_QUEUED_JOBS);
         let (free_tx, free_rx) = std_mpsc::channel();
@@ -140,8 +155,8 @@ impl NodeWriter {
     }
 
     /// Stops the hasher thread once it has hashed everything queued, and
-    /// returns the sink (e.g. to read it back) and the hasher.
-    pub async fn into_parts(mut self) -> Result<(Box<dyn ImageSink>, ImageHasher), Error> {
+    /// returns the sink (e.g. to read it back) and the hasher, if it has one.
+    pub async fn into_parts(mut self) -> Result<(Box<dyn ImageSink>, Option<ImageHasher>), Error> {
         let Lent { sink, hash, .. } = self.take_lent()?;
         drop(hash); // closes the queue: the hasher finishes it and returns
         let hasher = self
@@ -163,16 +178,16 @@ impl NodeWriter {
 /// forwarded, and the downstream (served from the written file) never waits
 /// for it. Returns the hasher, or the first error it met.
 fn hasher_thread(
-    mut hasher: ImageHasher,
+    mut hasher: Option<ImageHasher>,
     jobs: std_mpsc::Receiver<HashJob>,
     free: std_mpsc::Sender<Buf>,
-) -> Result<ImageHasher, String> {
+) -> Result<Option<ImageHasher>, String> {
     let mut failed: Option<String> = None;
     for job in jobs {
         match job {
             HashJob::Data { offset, buf, len } => {
-                if failed.is_none() {
-                    if let Err(e) = hasher.data(offset, buf.payload(len)) {
+                if let (Some(h), None) = (&mut hasher, &failed) {
+                    if let Err(e) = h.data(offset, buf.payload(len)) {
                         failed = Some(e.to_string());
                     }
                 }
@@ -180,16 +195,17 @@ fn hasher_thread(
                 let _ = free.send(buf);
             }
             HashJob::Zero { offset, len } => {
-                if failed.is_none() {
-                    if let Err(e) = hasher.zero(offset, len) {
+                if let (Some(h), None) = (&mut hasher, &failed) {
+                    if let Err(e) = h.zero(offset, len) {
                         failed = Some(e.to_string());
                     }
                 }
             }
             HashJob::End { size, reply } => {
-                let digest = match &failed {
-                    Some(why) => Err(why.clone()),
-                    None => hasher.clone().finish(size).map_err(|e| e.to_string()),
+                let digest = match (&failed, &hasher) {
+                    (Some(why), _) => Err(why.clone()),
+                    (None, None) => Ok(None),
+                    (None, Some(h)) => h.clone().finish(size).map(Some).map_err(|e| e.to_string()),
                 };
                 let _ = reply.send(digest);
             }

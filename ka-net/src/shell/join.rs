@@ -163,7 +163,7 @@ enum Internal {
     Fed {
         result: Result<Option<Digest>, String>,
         size: u64,
-        digest: Digest,
+        digest: Option<Digest>,
     },
     /// A packed stream's unpacking (of generation `gen`) passed a frame
     /// end, the image before it written to the target.
@@ -710,8 +710,9 @@ struct NodeDriver {
     /// Whether the target is to be read back after writing.
     read_back: bool,
     /// A windowed target (a system clone, a packed stream): the stream's
-    /// end as received, until its unpacking is done too.
-    windowed_end: Option<(u64, Digest)>,
+    /// end as received (and its digest, unless packed), until its
+    /// unpacking is done too.
+    windowed_end: Option<(u64, Option<Digest>)>,
     /// A windowed target: how its unpacking ended.
     unpack: Option<Result<Unpacked, String>>,
     /// A windowed target's unpacking generation: a start over begins
@@ -1109,9 +1110,7 @@ impl NodeDriver {
                 result: Ok(image),
                 size,
                 digest,
-            } => self
-                .node
-                .handle_stream_end(now, size, image.unwrap_or(digest)),
+            } => self.copy_ended(size, image.or(digest)),
             Internal::Fed { result: Err(e), .. } => self.node.handle_sink_error(now, e),
             Internal::ReadBack(Err(e)) => self
                 .node
@@ -1216,7 +1215,6 @@ impl NodeDriver {
 
     /// The whole image arrived, was written and hashed.
     fn stream_ended(&mut self, end: RelayEnd) {
-        let now = self.clock.now();
         match &self.target {
             Target::File(_) => {
                 // The sink's finish flushed it all: durable as it stands.
@@ -1225,7 +1223,7 @@ impl NodeDriver {
                     let (image, size) = (self.node.image_id(), self.node.image_size());
                     d.maybe_record(image, size, end.size, true, &self.internal_tx);
                 }
-                self.node.handle_stream_end(now, end.size, end.digest)
+                self.copy_ended(end.size, end.digest)
             }
             Target::System { .. } | Target::Packed { .. } => {
                 self.windowed_end = Some((end.size, end.digest));
@@ -1285,9 +1283,22 @@ impl NodeDriver {
         if let (Some(Ok(unpacked)), Some((size, digest))) = (&self.unpack, self.windowed_end) {
             // Once: the stream's end is handed to the machine a single time.
             // A packed stream's copy is the image it unpacked to.
-            let digest = unpacked.image.unwrap_or(digest);
+            let digest = unpacked.image.or(digest);
             self.windowed_end = None;
-            self.node.handle_stream_end(self.clock.now(), size, digest);
+            self.copy_ended(size, digest);
+        }
+    }
+
+    /// The copy is complete: the stream's `size`, and the digest it is
+    /// checked by (the stream's, or a packed stream's image's), which every
+    /// writer of a copy that needs one has made.
+    fn copy_ended(&mut self, size: u64, digest: Option<Digest>) {
+        let now = self.clock.now();
+        match digest {
+            Some(d) => self.node.handle_stream_end(now, size, d),
+            None => self
+                .node
+                .handle_sink_error(now, "the copy ended with no digest to check it by".into()),
         }
     }
 
@@ -1304,11 +1315,11 @@ impl NodeDriver {
                 ))
             }
             Target::File(_) | Target::Stream { .. } => {
-                return open_writer(
-                    self.target.file(),
-                    self.node.image_size(),
-                    self.key.digest_key(),
-                )
+                // A packed stream's copy is checked by the image it
+                // unpacks to: its own digest would be work nobody uses.
+                let key = (self.node.encoding() == ka_core::codec::Encoding::Plain)
+                    .then(|| self.key.digest_key());
+                return open_writer(self.target.file(), self.node.image_size(), key);
             }
             Target::Packed { file, .. } => {
                 let to = super::spool::UnpackTo {
@@ -1347,17 +1358,19 @@ impl NodeDriver {
             .expect("a windowed target has a window");
         let mut sink = open_sink(&SinkSpec::File(spool.clone()), None)?;
         super::spool::reach_ahead(&spool)?;
-        let mut hasher = ImageHasher::new(self.key.digest_key());
         if let Some(end) = self.frame_end {
-            // A packed stream's copy is checked by the image it unpacks to,
-            // not by the stream's digest: the part of the stream an earlier
-            // process received counts as a hole, so that the writer stands
-            // where the stream goes on.
             sink.resume(end.stream)?;
-            hasher.zero(0, end.stream)?;
         }
         let sink = Box::new(WindowedSink::new(sink, Arc::clone(&win)));
-        let writer = NodeWriter::new(sink, hasher)?;
+        // A packed stream's copy is checked by the image it unpacks to: its
+        // own digest would be work nobody uses (and a restarted node could
+        // not make it, holding only the stream after its frame end).
+        let writer = match self.node.encoding() {
+            ka_core::codec::Encoding::Plain => {
+                NodeWriter::new(sink, ImageHasher::new(self.key.digest_key()))?
+            }
+            ka_core::codec::Encoding::Zstd { .. } => NodeWriter::unhashed(sink)?,
+        };
         let (tx, written) = (self.internal_tx.clone(), self.written_rx.clone());
         let rt = tokio::runtime::Handle::current();
         let (gen, before) = (self.unpack_gen, self.unpack_task.take());
@@ -1537,17 +1550,22 @@ fn is_source_attempt(msg: &Internal) -> bool {
     )
 }
 
+/// Opens the writer of a target written whole (a file, a device, a spool),
+/// hashing what it writes with `key`, or not at all without one.
 fn open_writer(
     target: &std::path::Path,
     size: Option<u64>,
-    key: &DigestKey,
+    key: Option<&DigestKey>,
 ) -> Result<NodeWriter, Error> {
     let sink = open_sink(&SinkSpec::File(target.to_path_buf()), size)?;
     if size.is_none() {
         // Served to downstreams while its size is unknown: see reach_ahead.
         super::spool::reach_ahead(target)?;
     }
-    NodeWriter::new(sink, ImageHasher::new(key))
+    match key {
+        Some(key) => NodeWriter::new(sink, ImageHasher::new(key)),
+        None => NodeWriter::unhashed(sink),
+    }
 }
 
 /// A stream that stopped because of the upstream (closed, garbled) rather
