@@ -30,7 +30,9 @@
 //! .await?; // on error: reconnect and relay again from writer.position()
 //! written.send_replace(Written { upto: end.size, size: Some(end.size) });
 //! let (sink, _) = writer.into_parts().await?;
-//! verify_readback(sink.as_ref(), &key, &end.digest)?;
+//! // A writer made with a hasher ends with the stream's digest.
+//! let digest = end.digest.expect("a hashing writer");
+//! verify_readback(sink.as_ref(), &key, &digest)?;
 //! # Ok(()) }
 //! ```
 
