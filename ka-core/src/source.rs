@@ -724,16 +724,21 @@ impl Source {
         self.events.push_back(SourceEvent::ImageDone { total });
         let conns: Vec<ConnId> = self.nodes.values().filter_map(|r| r.conn).collect();
         for c in conns {
-            self.send(
-                c,
-                Message::ImageDone {
-                    total,
-                    digest,
-                    image_digest,
-                },
-            );
+            self.send_image_done(c);
         }
         self.check_complete(now);
+    }
+
+    /// Tells the node on `conn` the stream's end, once it is known.
+    fn send_image_done(&mut self, conn: ConnId) {
+        if let Some((total, digest, image_digest)) = self.image {
+            let done = Message::ImageDone {
+                total,
+                digest,
+                image_digest,
+            };
+            self.send(conn, done);
+        }
     }
 
     /// The image could not be read: nothing can succeed any more.
@@ -1117,16 +1122,7 @@ impl Source {
             resumed_from: have,
             discarded: join.have - have,
         });
-        if let Some((total, digest, image_digest)) = self.image {
-            self.send(
-                conn,
-                Message::ImageDone {
-                    total,
-                    digest,
-                    image_digest,
-                },
-            );
-        }
+        self.send_image_done(conn);
         if let Some(parent) = parent {
             self.topology.attach(id, parent);
             self.bump_epoch();

@@ -36,9 +36,8 @@
 //! `.zst` image is sent as it is ([`PackedSource::passthrough`]): the
 //! source only decodes it once, beside the stream, for the digest. Its
 //! frames are the file's: what `zstd` writes is one frame, so a restarted
-//! node starts such an image over, while a file of many frames (`pzstd`,
-//! `zstd --split`-style tools, or concatenated `.zst` pieces) resumes at
-//! its frames' ends. A gzip or xz image is decoded at the source and then
+//! node starts such an image over, while a file of many frames (`pzstd`'s,
+//! or concatenated `.zst` pieces) resumes at its frames' ends. A gzip or xz image is decoded at the source and then
 //! either packed again or sent plain.
 
 use std::fs::File;

@@ -396,14 +396,22 @@ impl Durable {
 
 /// What a restart found on disk, ready to go on from.
 struct Resumed {
-    /// The target's writer at its durable prefix; `None` for a packed
-    /// stream, whose writer (into a spool) opens when receiving begins.
-    writer: Option<NodeWriter>,
     resume: Resume,
-    /// The digest of the whole image, when the prefix is all of it.
-    complete: Option<(u64, Digest)>,
-    /// A packed stream's frame end to go on from.
-    frame_end: Option<FrameEnd>,
+    at: ResumedAt,
+}
+
+/// Where a restarted copy goes on.
+enum ResumedAt {
+    /// A plain stream's durable prefix.
+    Prefix {
+        /// The target's writer, standing there.
+        writer: NodeWriter,
+        /// The digest of the whole image, when the prefix is all of it.
+        complete: Option<(u64, Digest)>,
+    },
+    /// A packed stream's frame end; its writer (into a spool) opens when
+    /// receiving begins.
+    FrameEnd(FrameEnd),
 }
 
 /// Checks the state against the target and rebuilds the running digest by
@@ -434,13 +442,11 @@ fn reopen(state: NodeState, target: &Path, key: &DigestKey) -> Result<Option<Res
         // A packed stream: its unpacker reads the target's prefix back
         // once it knows the source still serves this stream.
         return Ok(Some(Resumed {
-            writer: None,
             resume: Resume {
                 image: state.image,
                 have: state.durable,
             },
-            complete: None,
-            frame_end: Some(FrameEnd {
+            at: ResumedAt::FrameEnd(FrameEnd {
                 stream: state.durable,
                 image,
             }),
@@ -463,13 +469,11 @@ fn reopen(state: NodeState, target: &Path, key: &DigestKey) -> Result<Option<Res
     };
     let writer = NodeWriter::new(sink, hasher).map_err(|e| e.to_string())?;
     Ok(Some(Resumed {
-        writer: Some(writer),
         resume: Resume {
             image: state.image,
             have: state.durable,
         },
-        complete,
-        frame_end: None,
+        at: ResumedAt::Prefix { writer, complete },
     }))
 }
 
@@ -758,23 +762,30 @@ impl NodeDriver {
         let mut complete = None;
         let mut frame_end = None;
         if let Some(r) = resumed {
-            match r.frame_end {
-                None => tracing::info!(
-                    from = r.resume.have,
-                    "resuming the copy from its durable prefix (read back to rebuild its digest)"
-                ),
-                Some(end) => tracing::info!(
-                    from = end.stream,
-                    image = end.image,
-                    "resuming a packed stream from the frame end it recorded"
-                ),
+            match r.at {
+                ResumedAt::Prefix {
+                    writer: w,
+                    complete: c,
+                } => {
+                    tracing::info!(
+                        from = r.resume.have,
+                        "resuming the copy from its durable prefix (read back to rebuild its digest)"
+                    );
+                    start.size = c.map(|(size, _)| size);
+                    writer = Some(w);
+                    complete = c;
+                }
+                ResumedAt::FrameEnd(end) => {
+                    tracing::info!(
+                        from = end.stream,
+                        image = end.image,
+                        "resuming a packed stream from the frame end it recorded"
+                    );
+                    frame_end = Some(end);
+                }
             }
             start.upto = r.resume.have;
-            start.size = r.complete.map(|(size, _)| size);
-            writer = r.writer;
             resume = Some(r.resume);
-            complete = r.complete;
-            frame_end = r.frame_end;
             if let Some(d) = &mut durable {
                 d.recorded = r.resume.have;
             }
@@ -1232,8 +1243,7 @@ impl NodeDriver {
             Target::Stream { spec, spool } => {
                 // The sink gets the image only once all of it is here.
                 let (spec, spool, tx) = (spec.clone(), spool.clone(), self.internal_tx.clone());
-                let unpack = (self.node.encoding() != ka_core::codec::Encoding::Plain)
-                    .then(|| self.key.digest_key().clone());
+                let unpack = self.packed().then(|| self.key.digest_key().clone());
                 tokio::task::spawn_blocking(move || {
                     let result = super::spool::feed_sink(&spool, end.size, &spec, unpack.as_ref())
                         .map_err(|e| e.to_string());
@@ -1247,6 +1257,11 @@ impl NodeDriver {
         }
     }
 
+    /// Whether the source packs its stream (as its welcome said).
+    fn packed(&self) -> bool {
+        self.node.encoding() != ka_core::codec::Encoding::Plain
+    }
+
     /// The lowest offset this node can still serve: a system clone's
     /// window's start, 0 for every other target.
     fn holds_from(&self) -> u64 {
@@ -1257,7 +1272,7 @@ impl NodeDriver {
     /// its stream, and a plain one again if a later source does not. A copy
     /// under way starts over all the same (another source is another image).
     fn follow_encoding(&mut self) {
-        let packed = self.node.encoding() != ka_core::codec::Encoding::Plain;
+        let packed = self.packed();
         match &self.target {
             Target::File(file) if packed => {
                 tracing::info!(
@@ -1306,20 +1321,14 @@ impl NodeDriver {
     /// clone, a packed stream) receives into its spool's window, and this
     /// also starts what unpacks the spool as it grows.
     fn first_writer(&mut self) -> Result<NodeWriter, Error> {
+        // A packed stream's copy is checked by the image it unpacks to: the
+        // stream's own digest would be work nobody uses (and a restarted
+        // node could not make it, holding only the stream after its frame
+        // end).
+        let hash = (!self.packed()).then(|| self.key.digest_key().clone());
         let unpack: Unpack = match &self.target {
-            Target::File(_) if self.frame_end.is_some() => {
-                return Err(Error::Invalid(
-                    "this node's state is of a packed stream, but the source sends it plain: \
-                     remove the node's state file (under --state-dir) and join again"
-                        .into(),
-                ))
-            }
             Target::File(_) | Target::Stream { .. } => {
-                // A packed stream's copy is checked by the image it
-                // unpacks to: its own digest would be work nobody uses.
-                let key = (self.node.encoding() == ka_core::codec::Encoding::Plain)
-                    .then(|| self.key.digest_key());
-                return open_writer(self.target.file(), self.node.image_size(), key);
+                return open_writer(self.target.file(), self.node.image_size(), hash.as_ref())
             }
             Target::Packed { file, .. } => {
                 let to = super::spool::UnpackTo {
@@ -1362,15 +1371,7 @@ impl NodeDriver {
             sink.resume(end.stream)?;
         }
         let sink = Box::new(WindowedSink::new(sink, Arc::clone(&win)));
-        // A packed stream's copy is checked by the image it unpacks to: its
-        // own digest would be work nobody uses (and a restarted node could
-        // not make it, holding only the stream after its frame end).
-        let writer = match self.node.encoding() {
-            ka_core::codec::Encoding::Plain => {
-                NodeWriter::new(sink, ImageHasher::new(self.key.digest_key()))?
-            }
-            ka_core::codec::Encoding::Zstd { .. } => NodeWriter::unhashed(sink)?,
-        };
+        let writer = node_writer(sink, hash.as_ref())?;
         let (tx, written) = (self.internal_tx.clone(), self.written_rx.clone());
         let rt = tokio::runtime::Handle::current();
         let (gen, before) = (self.unpack_gen, self.unpack_task.take());
@@ -1562,6 +1563,15 @@ fn open_writer(
         // Served to downstreams while its size is unknown: see reach_ahead.
         super::spool::reach_ahead(target)?;
     }
+    node_writer(sink, key)
+}
+
+/// A writer to `sink` hashing what it writes with `key`, or not at all
+/// without one.
+fn node_writer(
+    sink: Box<dyn crate::image::sinks::ImageSink>,
+    key: Option<&DigestKey>,
+) -> Result<NodeWriter, Error> {
     match key {
         Some(key) => NodeWriter::new(sink, ImageHasher::new(key)),
         None => NodeWriter::unhashed(sink),

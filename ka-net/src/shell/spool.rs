@@ -192,17 +192,12 @@ pub fn unpack_following(
             // the file's end, or a restart could not read its prefix back.
             reach_ahead(&to.target)?;
         }
-        let mut steps = Vec::new();
         let mut unpacker = match to.from {
             None => Unpacker::new(&to.key)?,
             Some(from) => {
                 sink.resume(from.image)?;
                 let hasher = crate::datapath::rehash_written(sink.as_ref(), &to.key)
                     .map_err(|e| Error::Invalid(format!("reading the image's prefix back: {e}")))?;
-                steps.push(format!(
-                    "went on from a frame end at {} bytes of image ({} of the stream), its prefix read back",
-                    from.image, from.stream
-                ));
                 Unpacker::resume(hasher, from.stream)?
             }
         };
@@ -227,14 +222,17 @@ pub fn unpack_following(
         let stream = follower.position();
         let trailer = unpacker.finish()?;
         writer.finish(trailer.size)?;
-        steps.insert(
-            0,
+        let mut steps = vec![format!(
+            "unpacked {} bytes from a stream of {stream} ({:.2}:1), digest checked",
+            trailer.size,
+            trailer.size as f64 / stream.max(1) as f64
+        )];
+        steps.extend(to.from.map(|from| {
             format!(
-                "unpacked {} bytes from a stream of {stream} ({:.2}:1), digest checked",
-                trailer.size,
-                trailer.size as f64 / stream.max(1) as f64
-            ),
-        );
+                "went on from a frame end at {} bytes of image ({} of the stream), its prefix read back",
+                from.image, from.stream
+            )
+        }));
         if to.read_back {
             crate::datapath::verify_readback(sink.as_ref(), &to.key, &trailer.digest)?;
             steps.push("read back and checked again".into());
